@@ -1,0 +1,126 @@
+"""The ``fleetbus`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fleetbus.bus.dev.kafka import LocalKafka, cache_root
+from fleetbus.bus.errors import FleetbusError
+from fleetbus.bus.settings import FleetbusSettings
+
+console = Console(stderr=True)
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+dev_app = typer.Typer(no_args_is_help=True, help="Developer tooling.")
+kafka_app = typer.Typer(
+    no_args_is_help=True, help="A local Apache Kafka (KRaft) on 127.0.0.1, jars from Maven."
+)
+app.add_typer(dev_app, name="dev")
+dev_app.add_typer(kafka_app, name="kafka")
+
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option(help="cluster state directory [default: ~/.cache/fleetbus/run/kafka-N]"),
+]
+BrokersOpt = Annotated[int, typer.Option(help="1, or 3 for replication factor 3")]
+BasePortOpt = Annotated[int, typer.Option(help="client port of node 1; node i uses base+2(i-1)")]
+
+
+def _cluster(home: Path | None, brokers: int, base_port: int) -> LocalKafka:
+    home = home or cache_root() / "run" / f"kafka-{brokers}"
+    return LocalKafka(home=home, brokers=brokers, base_port=base_port)
+
+
+@kafka_app.command("up")
+def kafka_up(home: HomeOpt = None, brokers: BrokersOpt = 1, base_port: BasePortOpt = 19092) -> None:
+    """Resolve the jars (first run only), start the cluster and wait until it answers."""
+    cluster = _cluster(home, brokers, base_port)
+    console.print(f"starting Kafka ({brokers} node(s)) in {cluster.home} …")
+    version = cluster.up()
+    console.print(f"Kafka {version} ready at [bold]{cluster.bootstrap}[/bold]")
+    typer.echo(cluster.bootstrap)
+
+
+@kafka_app.command("down")
+def kafka_down(
+    home: HomeOpt = None, brokers: BrokersOpt = 1, base_port: BasePortOpt = 19092
+) -> None:
+    """Stop the cluster's processes (data is kept; `up` resumes it)."""
+    _cluster(home, brokers, base_port).down()
+    console.print("Kafka stopped")
+
+
+@kafka_app.command("status")
+def kafka_status(
+    home: HomeOpt = None, brokers: BrokersOpt = 1, base_port: BasePortOpt = 19092
+) -> None:
+    """Print the cluster's processes and whether it answers metadata requests."""
+    typer.echo(json.dumps(_cluster(home, brokers, base_port).status(), indent=2))
+
+
+@app.command()
+def worker() -> None:
+    """Run the stream processors (settings from FLEETBUS_* environment variables)."""
+    import faust
+
+    from fleetbus.bus.topics import ensure_topics
+    from fleetbus.processors.app import create_app
+
+    settings = FleetbusSettings()
+    ensure_topics(
+        settings.kafka_bootstrap,
+        [settings.smoke_source, settings.smoke_sink],
+        partitions=settings.partitions,
+    )
+    faust_app = create_app(settings)
+    faust.Worker(faust_app, loglevel="INFO").execute_from_commandline()
+
+
+@app.command()
+def demo(
+    messages: Annotated[int, typer.Option(help="records to push through the pipeline")] = 200,
+    base_port: BasePortOpt = 19092,
+) -> None:
+    """Start Kafka and a worker, push records through the pipeline, print what flowed, stop."""
+    from fleetbus.bus.dev.smoke import run_smoke_demo
+
+    cluster = _cluster(None, 1, base_port)
+    started_kafka = not cluster.answers_metadata(timeout_s=2)
+    try:
+        if started_kafka:
+            console.print("[bold]1/4[/bold] starting Apache Kafka (KRaft) on 127.0.0.1 …")
+            version = cluster.up()
+            console.print(f"      Kafka {version} ready at {cluster.bootstrap}")
+        else:
+            console.print(f"[bold]1/4[/bold] using the Kafka running at {cluster.bootstrap}")
+        report = run_smoke_demo(cluster.bootstrap, messages=messages, console=console)
+    finally:
+        if started_kafka:
+            console.print("[bold]4/4[/bold] stopping Kafka")
+            cluster.down()
+    table = Table(title="fleetbus smoke pipeline")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in report.items():
+        table.add_row(key, str(value))
+    Console().print(table)
+    if report["received"] != report["sent"]:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except FleetbusError as exc:
+        console.print(f"[red]error[/red] ({exc.reason}): {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Developer tooling: a locally provisioned Apache Kafka for the demo and the tests."""

@@ -1,0 +1,439 @@
+"""A real Apache Kafka (KRaft) that the project provisions itself, for the demo and the tests.
+
+The broker's jars are Maven artifacts (``org.apache.kafka:kafka_2.13`` and its runtime
+dependencies); ``mvn`` resolves them once into a cache outside git. Each node is one JVM running
+broker and controller together, listening on 127.0.0.1 only, with topic auto-creation off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fleetbus.bus.errors import ConfigError, KafkaUnavailableError
+
+#: Tried in order until one resolves from Maven Central. 4.1.1 is the one we run and test on.
+KAFKA_VERSIONS: tuple[str, ...] = ("4.1.1", "4.1.0", "4.0.1")
+SCALA_VERSION = "2.13"
+#: slf4j 1.x binding so the broker's own log lines reach our log file.
+LOG4J_SLF4J_BINDING = ("org.apache.logging.log4j", "log4j-slf4j-impl", "2.24.3")
+
+_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>dev.fleetbus</groupId>
+  <artifactId>kafka-runtime</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka_{scala}</artifactId>
+      <version>{version}</version>
+    </dependency>
+    <dependency>
+      <groupId>{log_group}</groupId>
+      <artifactId>{log_artifact}</artifactId>
+      <version>{log_version}</version>
+    </dependency>
+  </dependencies>
+</project>
+"""
+
+_LOG4J2 = """status = warn
+appender.file.type = File
+appender.file.name = FILE
+appender.file.fileName = {log_file}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = FILE
+logger.kafka.name = kafka
+logger.kafka.level = INFO
+logger.apache.name = org.apache.kafka
+logger.apache.level = INFO
+"""
+
+
+def cache_root() -> Path:
+    """Where jars and default cluster state live: ``$FLEETBUS_CACHE`` or ``~/.cache/fleetbus``."""
+    env = os.environ.get("FLEETBUS_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fleetbus"
+
+
+def _require_tool(name: str, hint: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise ConfigError(f"'{name}' is not on PATH; {hint}")
+    return path
+
+
+def resolve_jars(
+    versions: Sequence[str] = KAFKA_VERSIONS, *, quiet: bool = True
+) -> tuple[str, Path]:
+    """Return ``(version, libs_dir)`` for the first Kafka version whose jars resolve.
+
+    A version already in the cache is used without touching the network.
+    """
+    root = cache_root() / "kafka"
+    for version in versions:
+        libs = root / version / "libs"
+        if (libs / ".complete").exists():
+            return version, libs
+    mvn = _require_tool("mvn", "install Maven (Debian: apt-get install maven)")
+    failures: list[str] = []
+    for version in versions:
+        vdir = root / version
+        vdir.mkdir(parents=True, exist_ok=True)
+        (vdir / "pom.xml").write_text(
+            _POM.format(
+                scala=SCALA_VERSION,
+                version=version,
+                log_group=LOG4J_SLF4J_BINDING[0],
+                log_artifact=LOG4J_SLF4J_BINDING[1],
+                log_version=LOG4J_SLF4J_BINDING[2],
+            )
+        )
+        staging = Path(tempfile.mkdtemp(prefix="libs-", dir=vdir))
+        cmd = [
+            mvn,
+            "-B",
+            *(["-q"] if quiet else []),
+            "-f",
+            str(vdir / "pom.xml"),
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={staging}",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
+        if proc.returncode != 0 or not any(staging.glob(f"kafka_{SCALA_VERSION}-*.jar")):
+            shutil.rmtree(staging, ignore_errors=True)
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+            failures.append(f"{version}: {' | '.join(tail)}")
+            continue
+        libs = vdir / "libs"
+        shutil.rmtree(libs, ignore_errors=True)
+        staging.rename(libs)
+        (libs / ".complete").write_text(version + "\n")
+        return version, libs
+    raise ConfigError("no Kafka version resolved from Maven: " + "; ".join(failures))
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def find_free_base_port(count: int, start: int = 29092, stop: int = 60000) -> int:
+    """A base port such that ``count`` consecutive ports from it are free on 127.0.0.1."""
+    for base in range(start, stop, 10):
+        if all(port_is_free(base + i) for i in range(count)):
+            return base
+    raise ConfigError(f"no {count} consecutive free ports between {start} and {stop}")
+
+
+@dataclass(frozen=True)
+class LocalKafka:
+    """A local KRaft cluster of ``brokers`` combined broker+controller nodes.
+
+    Node ``i`` (0-based) listens for clients on ``base_port + 2*i`` and for the controller
+    quorum on ``base_port + 2*i + 1``.
+    """
+
+    home: Path = field(default_factory=lambda: cache_root() / "run" / "kafka")
+    brokers: int = 1
+    base_port: int = 19092
+    heap_mb: int = 512
+
+    def __post_init__(self) -> None:
+        if self.brokers not in (1, 3):
+            raise ConfigError("brokers must be 1 or 3")
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(f"127.0.0.1:{self.client_port(i)}" for i in range(self.brokers))
+
+    def client_port(self, index: int) -> int:
+        return self.base_port + 2 * index
+
+    def controller_port(self, index: int) -> int:
+        return self.base_port + 2 * index + 1
+
+    def node_dir(self, index: int) -> Path:
+        return self.home / f"node-{index + 1}"
+
+    def pid_file(self, index: int) -> Path:
+        return self.node_dir(index) / "kafka.pid"
+
+    def log_file(self, index: int) -> Path:
+        return self.node_dir(index) / "server.log"
+
+    # -- configuration -------------------------------------------------------------------
+
+    def server_properties(self, index: int) -> str:
+        replication = 3 if self.brokers == 3 else 1
+        min_isr = 2 if self.brokers == 3 else 1
+        voters = ",".join(
+            f"{i + 1}@127.0.0.1:{self.controller_port(i)}" for i in range(self.brokers)
+        )
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": str(index + 1),
+            "controller.quorum.voters": voters,
+            "listeners": (
+                f"PLAINTEXT://127.0.0.1:{self.client_port(index)},"
+                f"CONTROLLER://127.0.0.1:{self.controller_port(index)}"
+            ),
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.client_port(index)}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self.node_dir(index) / "data"),
+            # Topics are created explicitly with declared partitions; never by accident.
+            "auto.create.topics.enable": "false",
+            "num.partitions": "1",
+            "default.replication.factor": str(replication),
+            "min.insync.replicas": str(min_isr),
+            "offsets.topic.replication.factor": str(replication),
+            "offsets.topic.num.partitions": "8",
+            "transaction.state.log.replication.factor": str(replication),
+            "transaction.state.log.min.isr": str(min_isr),
+            "transaction.state.log.num.partitions": "8",
+            "share.coordinator.state.topic.replication.factor": str(replication),
+            "share.coordinator.state.topic.min.isr": str(min_isr),
+            # Test and demo clusters: consumers join at once instead of after 3 s.
+            "group.initial.rebalance.delay.ms": "0",
+            "num.network.threads": "2",
+            "num.io.threads": "4",
+        }
+        return "".join(f"{k}={v}\n" for k, v in props.items())
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _pids(self) -> list[int | None]:
+        pids: list[int | None] = []
+        for i in range(self.brokers):
+            try:
+                pid = int(self.pid_file(i).read_text().strip())
+            except (OSError, ValueError):
+                pids.append(None)
+                continue
+            pids.append(pid if _alive(pid) else None)
+        return pids
+
+    def status(self) -> dict[str, object]:
+        pids = self._pids()
+        return {
+            "home": str(self.home),
+            "bootstrap": self.bootstrap,
+            "nodes": [
+                {"node_id": i + 1, "pid": pid, "port": self.client_port(i)}
+                for i, pid in enumerate(pids)
+            ],
+            "ready": all(p is not None for p in pids) and self.answers_metadata(timeout_s=3),
+        }
+
+    def up(self, *, timeout_s: float = 120.0, versions: Sequence[str] = KAFKA_VERSIONS) -> str:
+        """Start every node that is not running and wait until the cluster answers.
+
+        Returns the Kafka version started. Idempotent: a running cluster is left as it is.
+        """
+        java = _require_tool("java", "install a JDK >= 17 (Debian: openjdk-17-jdk-headless)")
+        version, libs = resolve_jars(versions)
+        pids = self._pids()
+        cluster_id_file = self.home / "cluster.id"
+        self.home.mkdir(parents=True, exist_ok=True)
+        if not cluster_id_file.exists():
+            # KRaft cluster ids are 16 random bytes, base64url without padding.
+            import base64
+
+            raw = uuid.uuid4().bytes
+            cluster_id_file.write_text(base64.urlsafe_b64encode(raw).decode().rstrip("=") + "\n")
+        cluster_id = cluster_id_file.read_text().strip()
+        classpath = f"{libs}/*"
+        for i, pid in enumerate(pids):
+            if pid is not None:
+                continue
+            for port in (self.client_port(i), self.controller_port(i)):
+                if not port_is_free(port):
+                    raise ConfigError(
+                        f"port {port} on 127.0.0.1 is taken by another process; "
+                        "stop it or choose another --base-port"
+                    )
+            ndir = self.node_dir(i)
+            ndir.mkdir(parents=True, exist_ok=True)
+            (ndir / "server.properties").write_text(self.server_properties(i))
+            (ndir / "log4j2.properties").write_text(_LOG4J2.format(log_file=self.log_file(i)))
+            if not (ndir / "data" / "meta.properties").exists():
+                fmt = subprocess.run(  # noqa: S603
+                    [
+                        java,
+                        "-cp",
+                        classpath,
+                        "kafka.tools.StorageTool",
+                        "format",
+                        "-t",
+                        cluster_id,
+                        "-c",
+                        str(ndir / "server.properties"),
+                        "--ignore-formatted",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                if fmt.returncode != 0:
+                    raise ConfigError(f"kafka storage format failed: {fmt.stdout}{fmt.stderr}")
+            with open(ndir / "stdout.log", "ab") as out:
+                proc = subprocess.Popen(  # noqa: S603
+                    [
+                        java,
+                        f"-Xms{min(256, self.heap_mb)}m",
+                        f"-Xmx{self.heap_mb}m",
+                        "-XX:+UseG1GC",
+                        "-Djava.awt.headless=true",
+                        f"-Dlog4j2.configurationFile={ndir / 'log4j2.properties'}",
+                        f"-Dkafka.logs.dir={ndir}",
+                        "-cp",
+                        classpath,
+                        "kafka.Kafka",
+                        str(ndir / "server.properties"),
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            self.pid_file(i).write_text(f"{proc.pid}\n")
+        (self.home / "version").write_text(version + "\n")
+        self.wait_ready(timeout_s=timeout_s)
+        return version
+
+    def wait_ready(self, *, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pids = self._pids()
+            if any(p is None for p in pids):
+                dead = [i + 1 for i, p in enumerate(pids) if p is None]
+                tail = _tail(self.node_dir(dead[0] - 1) / "stdout.log") + _tail(
+                    self.log_file(dead[0] - 1)
+                )
+                raise KafkaUnavailableError(f"kafka node(s) {dead} exited during start-up:\n{tail}")
+            if self.answers_metadata(timeout_s=5):
+                return
+            time.sleep(0.5)
+        raise KafkaUnavailableError(
+            f"kafka at {self.bootstrap} did not answer within {timeout_s:.0f}s; "
+            f"see {self.log_file(0)}"
+        )
+
+    def answers_metadata(self, *, timeout_s: float = 5.0) -> bool:
+        """True when every node is listed as a broker in a metadata response."""
+        return brokers_in_metadata(self.bootstrap, timeout_s=timeout_s) >= self.brokers
+
+    def down(self, *, timeout_s: float = 60.0) -> None:
+        """Stop every node (SIGTERM, then SIGKILL after ``timeout_s``) and remove pid files."""
+        pids = [p for p in self._pids() if p is not None]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in pids:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+        for i in range(self.brokers):
+            self.pid_file(i).unlink(missing_ok=True)
+
+    def kill_node(self, index: int, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Kill one node (for fault tests); ``up()`` restarts it with its data intact."""
+        pid = self._pids()[index]
+        if pid is not None:
+            os.killpg(pid, sig)
+            while _alive(pid):
+                time.sleep(0.1)
+            self.pid_file(index).unlink(missing_ok=True)
+
+    def destroy(self) -> None:
+        """Stop the cluster and delete its data."""
+        self.down()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def brokers_in_metadata(bootstrap: str, *, timeout_s: float = 5.0) -> int:
+    """How many brokers a metadata request to ``bootstrap`` lists; 0 when none answers."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap,
+            request_timeout_ms=int(timeout_s * 1000),
+            client_id="fleetbus-probe",
+        )
+    except (KafkaError, OSError, ValueError):
+        return 0
+    try:
+        cluster = admin.describe_cluster()
+        return len(cluster.get("brokers", []))
+    except (KafkaError, OSError):
+        return 0
+    finally:
+        admin.close()
+
+
+@contextlib.contextmanager
+def running_cluster(cluster: LocalKafka) -> Iterator[LocalKafka]:
+    """Start ``cluster`` for the duration of a block, then stop it."""
+    try:
+        cluster.up()
+        yield cluster
+    finally:
+        cluster.down()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as dead.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) + "\n"
+    except OSError:
+        return ""
+
+
+def status_json(cluster: LocalKafka) -> str:
+    return json.dumps(cluster.status(), indent=2)

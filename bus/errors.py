@@ -1,0 +1,59 @@
+"""Typed errors with machine-readable reason codes, reused by the DLQ, metrics and audit."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ReasonCode(StrEnum):
+    """Why a record was rejected. Values are stable: they appear in DLQ records and metrics."""
+
+    # Parsing
+    MALFORMED = "malformed"  # not CBOR, wrong types, duplicate map keys, missing fields
+    OVERSIZE = "oversize"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    # Authenticity
+    BAD_SIGNATURE = "bad_signature"
+    UNKNOWN_SIGNER = "unknown_signer"
+    SIGNER_EXPIRED = "signer_expired"
+    SIGNER_REVOKED = "signer_revoked"
+    # Binding and freshness
+    WRONG_RECIPIENT = "wrong_recipient"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    REPLAYED = "replayed"
+    DOWNGRADE = "downgrade"
+    TAMPERED = "tampered"  # AEAD open failed: ciphertext, associated data or header changed
+    UNKNOWN_KEY_ID = "unknown_key_id"
+    # Key paths
+    KEY_PROVIDER_FAILED = "key_provider_failed"
+    KEY_PATH_EXHAUSTED = "key_path_exhausted"
+    QKD_UNAVAILABLE = "qkd_unavailable"
+    # Policy
+    POLICY_DENIED = "policy_denied"
+    # Operations
+    CONFIG = "config"
+    KAFKA_UNAVAILABLE = "kafka_unavailable"
+
+
+class FleetbusError(Exception):
+    """Base error. `reason` is a bounded, secret-free code safe for metrics labels."""
+
+    reason: ReasonCode = ReasonCode.MALFORMED
+
+    def __init__(self, message: str, *, reason: ReasonCode | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class ConfigError(FleetbusError):
+    """Settings or environment are unusable; the message says which and how to fix it."""
+
+    reason = ReasonCode.CONFIG
+
+
+class KafkaUnavailableError(FleetbusError):
+    """No Kafka broker answered in time."""
+
+    reason = ReasonCode.KAFKA_UNAVAILABLE

@@ -1,0 +1,1 @@
+"""fleetbus.observability: metrics, tracing and logging set-up, dashboards and alert rules."""

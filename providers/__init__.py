@@ -1,0 +1,1 @@
+"""fleetbus.providers: key-provider and signer implementations, registered by entry point."""
