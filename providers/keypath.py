@@ -1,0 +1,418 @@
+"""Executing key paths and security profiles: combine, fail over, break circuits, reject downgrades.
+
+The rules (failover order, events, retry/backoff, downgrade ordering) are in ``docs/key-paths.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import partial
+from typing import TypeVar
+
+from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
+from fleetbus.bus.keys import (
+    Encapsulation,
+    KeyPath,
+    KeyProvider,
+    KeyProviderError,
+    PrivateKeySet,
+    RecipientKeys,
+    SecurityProfile,
+)
+from fleetbus.providers.combiner import combine
+
+__all__ = [
+    "REASON_CIRCUIT_OPEN",
+    "REASON_RECIPIENT_INCAPABLE",
+    "REASON_TIMEOUT",
+    "BreakerState",
+    "CircuitBreaker",
+    "FailoverEvent",
+    "KeyPathResult",
+    "KeyPathRunner",
+    "ProfileSealer",
+    "is_at_least",
+    "path_strength",
+]
+
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+#: Failover reasons that are not a provider's own ``ReasonCode`` (bounded set, metric-safe).
+REASON_CIRCUIT_OPEN = "circuit_open"
+REASON_RECIPIENT_INCAPABLE = "recipient_incapable"
+REASON_TIMEOUT = "timeout"
+
+_QKD_PROVIDERS = frozenset({"qkd-etsi014"})
+
+
+class KeyPathRunner:
+    """Runs every provider of a key path and combines their secrets into the message key."""
+
+    def __init__(self, providers: Mapping[str, KeyProvider]) -> None:
+        self._providers = dict(providers)
+
+    def provider(self, name: str) -> KeyProvider:
+        try:
+            return self._providers[name]
+        except KeyError:
+            raise ConfigError(
+                f"key path names provider {name!r}, which is not configured; "
+                f"configured: {', '.join(sorted(self._providers)) or 'none'}"
+            ) from None
+
+    def establish(
+        self, path: KeyPath, recipient: RecipientKeys, context: bytes
+    ) -> tuple[list[Encapsulation], bytes]:
+        """Sender side: one encapsulation per provider, in path order, and the combined key."""
+        encapsulations = [
+            self.provider(name).establish(recipient, context=context) for name in path.providers
+        ]
+        return encapsulations, combine(encapsulations, context)
+
+    def recover(
+        self,
+        path: KeyPath,
+        refs: Sequence[tuple[str, str, bytes]],
+        own: PrivateKeySet,
+        context: bytes,
+    ) -> bytes:
+        """Receiver side: the message key from the envelope's ``(provider, key_id, key_ref)``s.
+
+        ``refs`` must name exactly the providers of ``path``, in order.
+        """
+        if tuple(name for name, _, _ in refs) != path.providers:
+            raise KeyProviderError(
+                f"key refs do not match key path {path.name!r}", reason=ReasonCode.MALFORMED
+            )
+        encapsulations = [
+            Encapsulation(
+                provider=name,
+                key_id=key_id,
+                key_ref=key_ref,
+                shared_secret=self.provider(name).recover(key_ref, key_id, own, context=context),
+            )
+            for name, key_id, key_ref in refs
+        ]
+        return combine(encapsulations, context)
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """Per-provider breaker: opens after ``failure_threshold`` consecutive failures, lets a trial
+    call through (half-open) once ``reset_timeout_s`` has passed, and closes on a success."""
+
+    def __init__(
+        self,
+        *,
+        failure_threshold: int = 3,
+        reset_timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if failure_threshold < 1:
+            raise ConfigError("failure_threshold must be at least 1")
+        self.failure_threshold = failure_threshold
+        self.reset_timeout_s = reset_timeout_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._opened_at: float | None = None
+
+    @property
+    def state(self) -> BreakerState:
+        with self._lock:
+            return self._state_locked()
+
+    def _state_locked(self) -> BreakerState:
+        if self._opened_at is None:
+            return BreakerState.CLOSED
+        if self._clock() - self._opened_at >= self.reset_timeout_s:
+            return BreakerState.HALF_OPEN
+        return BreakerState.OPEN
+
+    def allow(self) -> bool:
+        """Whether a call may be attempted now (closed or half-open)."""
+        return self.state is not BreakerState.OPEN
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._failures = 0
+            self._opened_at = None
+
+    def record_failure(self) -> None:
+        with self._lock:
+            state = self._state_locked()
+            self._failures += 1
+            if state is BreakerState.HALF_OPEN or self._failures >= self.failure_threshold:
+                self._opened_at = self._clock()  # (re)open; a failed trial restarts the wait
+
+
+@dataclass(frozen=True)
+class FailoverEvent:
+    """A key path was skipped or failed. ``to_path`` is the path tried next (the same path when
+    a no-fallback profile retries it), or None when nothing is left to try.
+
+    ``reason`` is a ``ReasonCode`` value from the provider's error, or one of
+    ``circuit_open`` / ``recipient_incapable`` / ``timeout``.
+    """
+
+    profile: str
+    from_path: KeyPath
+    to_path: KeyPath | None
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True)
+class KeyPathResult:
+    """The key path that worked, its encapsulations (for the envelope) and the message key."""
+
+    path: KeyPath
+    encapsulations: tuple[Encapsulation, ...]
+    key: bytes = field(repr=False)
+
+
+class _PathFailed(Exception):
+    def __init__(self, provider: str, reason: str) -> None:
+        super().__init__(f"{provider}: {reason}")
+        self.provider = provider
+        self.reason = reason
+
+
+class ProfileSealer:
+    """Chooses and runs a key path of a ``SecurityProfile``, with breakers, timeouts, failover.
+
+    ``listeners`` receive every ``FailoverEvent`` (metrics, tracing, audit hook in here); a
+    listener that raises is logged and ignored so it cannot break sealing.
+    """
+
+    def __init__(
+        self,
+        runner: KeyPathRunner,
+        *,
+        listeners: Sequence[Callable[[FailoverEvent], None]] = (),
+        provider_timeout_s: float | None = 5.0,
+        retries: int = 2,
+        backoff_s: float = 0.2,
+        failure_threshold: int = 3,
+        reset_timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if retries < 0 or backoff_s < 0:
+            raise ConfigError("retries and backoff_s must not be negative")
+        self.runner = runner
+        self._listeners = list(listeners)
+        self.provider_timeout_s = provider_timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._failure_threshold = failure_threshold
+        self._reset_timeout_s = reset_timeout_s
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._sleep = sleep
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._breakers_lock = threading.Lock()
+
+    def add_listener(self, listener: Callable[[FailoverEvent], None]) -> None:
+        self._listeners.append(listener)
+
+    def breaker(self, provider: str) -> CircuitBreaker:
+        with self._breakers_lock:
+            if provider not in self._breakers:
+                self._breakers[provider] = CircuitBreaker(
+                    failure_threshold=self._failure_threshold,
+                    reset_timeout_s=self._reset_timeout_s,
+                    clock=self._clock,
+                )
+            return self._breakers[provider]
+
+    # -- public API -----------------------------------------------------------------------
+
+    def establish(
+        self, profile: SecurityProfile, recipient: RecipientKeys, context: bytes
+    ) -> KeyPathResult:
+        """Seal-side key establishment for ``recipient`` under ``profile``.
+
+        Raises ``KeyProviderError`` with ``KEY_PATH_EXHAUSTED`` when no path worked.
+        """
+        if not profile.key_paths:
+            raise ConfigError(f"profile {profile.name!r} has no key paths")
+        if profile.allow_fallback:
+            return self._with_fallback(profile, recipient, context)
+        return self._with_retries(profile, recipient, context)
+
+    # -- strategies -----------------------------------------------------------------------
+
+    def _with_fallback(
+        self, profile: SecurityProfile, recipient: RecipientKeys, context: bytes
+    ) -> KeyPathResult:
+        paths = list(profile.key_paths)
+        last_reason = ""
+        for index, path in enumerate(paths):
+            next_path = paths[index + 1] if index + 1 < len(paths) else None
+            reason = self._skip_reason(path, recipient)
+            if reason is None:
+                try:
+                    return self._run_path(path, recipient, context)
+                except _PathFailed as failure:
+                    reason = failure.reason
+            last_reason = reason
+            self._emit(profile, path, next_path, reason)
+        raise self._exhausted(profile, last_reason)
+
+    def _with_retries(
+        self, profile: SecurityProfile, recipient: RecipientKeys, context: bytes
+    ) -> KeyPathResult:
+        path = profile.key_paths[0]
+        attempts = self.retries + 1
+        last_reason = ""
+        for attempt in range(attempts):
+            reason = self._skip_reason(path, recipient)
+            if reason is None:
+                try:
+                    return self._run_path(path, recipient, context)
+                except _PathFailed as failure:
+                    reason = failure.reason
+            last_reason = reason
+            final = attempt == attempts - 1 or reason == REASON_RECIPIENT_INCAPABLE
+            self._emit(profile, path, None if final else path, reason)
+            if final:
+                break
+            self._sleep(self.backoff_s * (2**attempt))
+        raise self._exhausted(profile, last_reason)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _skip_reason(self, path: KeyPath, recipient: RecipientKeys) -> str | None:
+        providers = [self.runner.provider(name) for name in path.providers]
+        if not all(_recipient_can_use(p, recipient) for p in providers):
+            return REASON_RECIPIENT_INCAPABLE
+        if not all(self.breaker(name).allow() for name in path.providers):
+            return REASON_CIRCUIT_OPEN
+        return None
+
+    def _run_path(self, path: KeyPath, recipient: RecipientKeys, context: bytes) -> KeyPathResult:
+        encapsulations: list[Encapsulation] = []
+        for name in path.providers:
+            provider = self.runner.provider(name)
+            breaker = self.breaker(name)
+            try:
+                enc = self._call(partial(provider.establish, recipient, context=context))
+            except FutureTimeout:
+                breaker.record_failure()
+                raise _PathFailed(name, REASON_TIMEOUT) from None
+            except FleetbusError as exc:
+                breaker.record_failure()
+                raise _PathFailed(name, str(exc.reason)) from None
+            except Exception as exc:  # a provider bug must not take sealing down with it
+                breaker.record_failure()
+                _log.warning("key provider %s raised %s", name, type(exc).__name__)
+                raise _PathFailed(name, ReasonCode.KEY_PROVIDER_FAILED.value) from None
+            breaker.record_success()
+            encapsulations.append(enc)
+        key = combine(encapsulations, context)
+        return KeyPathResult(path=path, encapsulations=tuple(encapsulations), key=key)
+
+    def _call(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` under the provider timeout. A timed-out call keeps running in its daemon
+        thread (Python cannot cancel it); its result is discarded."""
+        if self.provider_timeout_s is None:
+            return fn()
+        future: Future[_T] = Future()
+
+        def work() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        threading.Thread(target=work, name="fleetbus-key-provider", daemon=True).start()
+        return future.result(timeout=self.provider_timeout_s)
+
+    def _emit(
+        self, profile: SecurityProfile, from_path: KeyPath, to_path: KeyPath | None, reason: str
+    ) -> None:
+        event = FailoverEvent(
+            profile=profile.name,
+            from_path=from_path,
+            to_path=to_path,
+            reason=reason,
+            at=self._wall_clock(),
+        )
+        _log.info(
+            "key path %s of profile %s failed (%s); next: %s",
+            from_path.name,
+            profile.name,
+            reason,
+            to_path.name if to_path else "none",
+        )
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                _log.exception("failover listener %r raised", listener)
+
+    @staticmethod
+    def _exhausted(profile: SecurityProfile, last_reason: str) -> KeyProviderError:
+        return KeyProviderError(
+            f"profile {profile.name!r}: no key path succeeded (last reason: {last_reason})",
+            reason=ReasonCode.KEY_PATH_EXHAUSTED,
+        )
+
+
+def _recipient_can_use(provider: KeyProvider, recipient: RecipientKeys) -> bool:
+    if provider.algorithm is not None:
+        return (
+            provider.algorithm in recipient.public_keys and provider.algorithm in recipient.key_ids
+        )
+    if provider.name in _QKD_PROVIDERS:
+        return recipient.qkd_sae_id is not None
+    return True
+
+
+# -- downgrade ordering ---------------------------------------------------------------------
+
+#: What each known provider contributes: (quantum-safe KEM, classical KEM, QKD).
+_PROPERTIES: Mapping[str, tuple[bool, bool, bool]] = {
+    "x25519": (False, True, False),
+    "mlkem768": (True, False, False),
+    "oqs": (True, False, False),
+    "xwing": (True, True, False),
+    "qkd-etsi014": (False, False, True),
+}
+
+
+def path_strength(path: KeyPath) -> int:
+    """A rank for display and ordering: 4 if a QKD key is mixed in, + 2 if a post-quantum KEM,
+    + 1 if a classical KEM (x25519=1, mlkem768=2, xwing=3, qkd+xwing=7). Unknown providers add
+    nothing. Downgrade checks use ``is_at_least``, not this number."""
+    pq = classical = qkd = False
+    for name in path.providers:
+        p, c, q = _PROPERTIES.get(name, (False, False, False))
+        pq, classical, qkd = pq or p, classical or c, qkd or q
+    return 4 * qkd + 2 * pq + 1 * classical
+
+
+def is_at_least(path: KeyPath, minimum: KeyPath) -> bool:
+    """True when ``path`` contains every provider of ``minimum`` (it may add more).
+
+    Adding a source to a CatKDF combination never weakens it, so containment is a safe partial
+    order; paths that merely have an equal or higher ``path_strength`` do not qualify.
+    """
+    return set(minimum.providers) <= set(path.providers)
