@@ -215,13 +215,19 @@ class MLDSA65Suite(SignatureSuite):
 # --- Composite ML-DSA-65 + Ed25519 ---------------------------------------------------------
 
 
-def composite_message_representative(message: bytes, context: bytes = b"") -> bytes:
-    """``M' = Prefix || Label || len(ctx) || ctx || SHA-512(M)`` for id-MLDSA65-Ed25519-SHA512."""
+def composite_message_representative(
+    message: bytes, context: bytes = b"", *, label: bytes = COMPOSITE_LABEL
+) -> bytes:
+    """``M' = Prefix || Label || len(ctx) || ctx || SHA-512(M)`` (id-MLDSA65-Ed25519-SHA512).
+
+    ``label`` is a parameter only so that the draft's published examples for other SHA-512
+    composites can check this construction; the suite always uses ``COMPOSITE_LABEL``.
+    """
     if len(context) > 255:
         raise FleetbusError("composite context longer than 255 bytes", reason=ReasonCode.MALFORMED)
     return (
         COMPOSITE_PREFIX
-        + COMPOSITE_LABEL
+        + label
         + bytes([len(context)])
         + context
         + hashlib.sha512(message).digest()
