@@ -1,0 +1,399 @@
+"""Key-path execution: failover order and events, circuit breakers, retries, timeouts, downgrade."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from fleetbus.bus.errors import ConfigError, ReasonCode
+from fleetbus.bus.keys import (
+    Encapsulation,
+    KeyPath,
+    KeyProvider,
+    KeyProviderError,
+    PrivateKeySet,
+    RecipientKeys,
+    SecurityProfile,
+)
+from fleetbus.providers.hpke import X25519Provider, XWingProvider
+from fleetbus.providers.keypath import (
+    BreakerState,
+    CircuitBreaker,
+    FailoverEvent,
+    KeyPathRunner,
+    ProfileSealer,
+    is_at_least,
+    path_strength,
+)
+
+QKD_XWING = KeyPath.parse("qkd-etsi014+xwing")
+XWING = KeyPath.parse("xwing")
+X25519 = KeyPath.parse("x25519")
+
+
+class FakeProvider(KeyProvider):
+    """Deterministic provider: secret = SHA-256(name || context); can fail, hang or raise."""
+
+    def __init__(
+        self,
+        name: str,
+        algorithm: str | None,
+        *,
+        fail: ReasonCode | None = None,
+        gate: threading.Event | None = None,
+        crash: bool = False,
+    ) -> None:
+        self.name = name
+        self.algorithm = algorithm
+        self.fail = fail
+        self.gate = gate
+        self.crash = crash
+        self.calls = 0
+
+    def _secret(self, context: bytes) -> bytes:
+        return hashlib.sha256(self.name.encode() + context).digest()
+
+    def establish(self, recipient: RecipientKeys, *, context: bytes) -> Encapsulation:
+        self.calls += 1
+        if self.gate is not None:
+            self.gate.wait(timeout=5)
+        if self.crash:
+            raise RuntimeError("provider bug")
+        if self.fail is not None:
+            raise KeyProviderError(f"{self.name} down", reason=self.fail)
+        return Encapsulation(
+            self.name, "kid-" + self.name, b"ref-" + self.name.encode(), self._secret(context)
+        )
+
+    def recover(self, key_ref: bytes, key_id: str, own: PrivateKeySet, *, context: bytes) -> bytes:
+        return self._secret(context)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[FailoverEvent] = []
+        self.sleeps: list[float] = []
+
+    def __call__(self, event: FailoverEvent) -> None:
+        self.events.append(event)
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+
+RECIPIENT = RecipientKeys(
+    principal_id="vehicle-1",
+    public_keys={"xwing": b"pk", "x25519": b"pk"},
+    key_ids={"xwing": "kid-x", "x25519": "kid-c"},
+    qkd_sae_id="SAE_VEHICLE_1",
+)
+
+
+def providers(**overrides: FakeProvider) -> dict[str, FakeProvider]:
+    base = {
+        "qkd-etsi014": FakeProvider("qkd-etsi014", None),
+        "xwing": FakeProvider("xwing", "xwing"),
+        "x25519": FakeProvider("x25519", "x25519"),
+    }
+    base.update({name.replace("_", "-"): p for name, p in overrides.items()})
+    return base
+
+
+def profile(*paths: KeyPath, fallback: bool = True, name: str = "standard") -> SecurityProfile:
+    return SecurityProfile(
+        name=name,
+        key_paths=list(paths),
+        signature_suite="composite-mldsa65-ed25519",
+        allow_fallback=fallback,
+        minimum_path=paths[-1],
+    )
+
+
+def sealer(
+    provs: dict[str, FakeProvider], recorder: Recorder, clock: FakeClock | None = None, **kw: object
+) -> ProfileSealer:
+    return ProfileSealer(
+        KeyPathRunner(provs),
+        listeners=[recorder],
+        sleep=recorder.sleep,
+        clock=clock or FakeClock(),
+        wall_clock=lambda: 42.0,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def gate() -> Iterator[threading.Event]:
+    event = threading.Event()
+    yield event
+    event.set()  # release any hung fake provider thread
+
+
+# -- runner -----------------------------------------------------------------------------------
+
+
+def test_runner_round_trip_and_ref_checks() -> None:
+    runner = KeyPathRunner(providers())
+    encs, key = runner.establish(QKD_XWING, RECIPIENT, b"ctx")
+    assert [e.provider for e in encs] == ["qkd-etsi014", "xwing"]
+    refs = [(e.provider, e.key_id, e.key_ref) for e in encs]
+    own = PrivateKeySet("vehicle-1", {})
+    assert runner.recover(QKD_XWING, refs, own, b"ctx") == key
+    assert runner.recover(QKD_XWING, refs, own, b"other") != key
+    with pytest.raises(KeyProviderError) as info:
+        runner.recover(QKD_XWING, list(reversed(refs)), own, b"ctx")
+    assert info.value.reason is ReasonCode.MALFORMED
+    with pytest.raises(KeyProviderError):
+        runner.recover(XWING, refs, own, b"ctx")  # stripped a source: refused, not ignored
+    with pytest.raises(ConfigError):
+        runner.establish(KeyPath.parse("nope"), RECIPIENT, b"ctx")
+
+
+def test_runner_with_real_hpke_providers() -> None:
+    xwing, classic = XWingProvider(), X25519Provider()
+    (xs, xp), (cs, cp) = xwing.generate_keypair(), classic.generate_keypair()
+    recipient = RecipientKeys("v", {"xwing": xp, "x25519": cp}, {"xwing": "a", "x25519": "b"})
+    own = PrivateKeySet("v", {"xwing": xs, "x25519": cs}, {"xwing": "a", "x25519": "b"})
+    runner = KeyPathRunner({"xwing": xwing, "x25519": classic})
+    path = KeyPath.parse("xwing+x25519")
+    encs, key = runner.establish(path, recipient, b"hdr")
+    refs = [(e.provider, e.key_id, e.key_ref) for e in encs]
+    assert runner.recover(path, refs, own, b"hdr") == key
+
+
+# -- failover ---------------------------------------------------------------------------------
+
+
+def test_failover_in_order_with_events() -> None:
+    provs = providers(
+        qkd_etsi014=FakeProvider("qkd-etsi014", None, fail=ReasonCode.QKD_UNAVAILABLE)
+    )
+    rec = Recorder()
+    result = sealer(provs, rec).establish(profile(QKD_XWING, XWING, X25519), RECIPIENT, b"c")
+    assert result.path == XWING
+    assert [e.provider for e in result.encapsulations] == ["xwing"]
+    assert rec.events == [FailoverEvent("standard", QKD_XWING, XWING, "qkd_unavailable", 42.0)]
+    assert provs["x25519"].calls == 0
+    assert result.key.hex() not in repr(result)
+
+
+def test_all_paths_fail_is_exhausted() -> None:
+    down = ReasonCode.KEY_PROVIDER_FAILED
+    provs = providers(
+        qkd_etsi014=FakeProvider("qkd-etsi014", None, fail=ReasonCode.QKD_UNAVAILABLE),
+        xwing=FakeProvider("xwing", "xwing", fail=down),
+    )
+    rec = Recorder()
+    with pytest.raises(KeyProviderError) as info:
+        sealer(provs, rec).establish(profile(QKD_XWING, XWING), RECIPIENT, b"c")
+    assert info.value.reason is ReasonCode.KEY_PATH_EXHAUSTED
+    assert "'standard'" in str(info.value)
+    assert "key_provider_failed" in str(info.value)
+    assert [(e.from_path, e.to_path, e.reason) for e in rec.events] == [
+        (QKD_XWING, XWING, "qkd_unavailable"),
+        (XWING, None, "key_provider_failed"),
+    ]
+
+
+def test_provider_crash_counts_as_failure() -> None:
+    provs = providers(xwing=FakeProvider("xwing", "xwing", crash=True))
+    rec = Recorder()
+    result = sealer(provs, rec).establish(profile(XWING, X25519), RECIPIENT, b"c")
+    assert result.path == X25519
+    assert rec.events[0].reason == "key_provider_failed"
+
+
+def test_listener_errors_do_not_break_sealing() -> None:
+    provs = providers(
+        qkd_etsi014=FakeProvider("qkd-etsi014", None, fail=ReasonCode.QKD_UNAVAILABLE)
+    )
+
+    def broken(event: FailoverEvent) -> None:
+        raise RuntimeError("metrics backend down")
+
+    rec = Recorder()
+    s = sealer(provs, rec)
+    s.add_listener(broken)
+    assert s.establish(profile(QKD_XWING, XWING), RECIPIENT, b"c").path == XWING
+
+
+# -- recipient capability ---------------------------------------------------------------------
+
+
+def test_recipient_incapable_paths_are_skipped() -> None:
+    provs = providers()
+    rec = Recorder()
+    no_qkd = RecipientKeys("legacy-1", {"x25519": b"pk"}, {"x25519": "k"})
+    result = sealer(provs, rec).establish(profile(QKD_XWING, XWING, X25519), no_qkd, b"c")
+    assert result.path == X25519
+    assert [(e.from_path, e.reason) for e in rec.events] == [
+        (QKD_XWING, "recipient_incapable"),
+        (XWING, "recipient_incapable"),
+    ]
+    assert provs["qkd-etsi014"].calls == 0
+    assert provs["xwing"].calls == 0
+
+
+def test_no_fallback_does_not_retry_an_incapable_recipient() -> None:
+    rec = Recorder()
+    no_qkd = RecipientKeys("v", {"xwing": b"pk"}, {"xwing": "k"})
+    with pytest.raises(KeyProviderError) as info:
+        sealer(providers(), rec, retries=3).establish(
+            profile(QKD_XWING, fallback=False, name="enclave"), no_qkd, b"c"
+        )
+    assert info.value.reason is ReasonCode.KEY_PATH_EXHAUSTED
+    assert "recipient_incapable" in str(info.value)
+    assert rec.sleeps == []
+
+
+# -- circuit breaker --------------------------------------------------------------------------
+
+
+def test_circuit_breaker_states() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=2, reset_timeout_s=10, clock=clock)
+    assert breaker.state is BreakerState.CLOSED
+    breaker.record_failure()
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.allow()
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN
+    assert not breaker.allow()
+    clock.now += 9.9
+    assert breaker.state is BreakerState.OPEN
+    clock.now += 0.1
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.allow()
+    breaker.record_failure()  # failed trial: open again, for a full timeout
+    assert breaker.state is BreakerState.OPEN
+    clock.now += 10
+    assert breaker.state is BreakerState.HALF_OPEN
+    breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED
+    breaker.record_failure()
+    assert breaker.state is BreakerState.CLOSED  # the failure count was reset
+
+
+def test_sealer_skips_open_circuit_then_half_opens() -> None:
+    qkd = FakeProvider("qkd-etsi014", None, fail=ReasonCode.QKD_UNAVAILABLE)
+    provs = providers(qkd_etsi014=qkd)
+    rec, clock = Recorder(), FakeClock()
+    s = sealer(provs, rec, clock, failure_threshold=2, reset_timeout_s=30)
+    prof = profile(QKD_XWING, XWING)
+    for _ in range(2):
+        assert s.establish(prof, RECIPIENT, b"c").path == XWING
+    assert qkd.calls == 2
+    assert s.breaker("qkd-etsi014").state is BreakerState.OPEN
+
+    assert s.establish(prof, RECIPIENT, b"c").path == XWING
+    assert qkd.calls == 2  # not called while open
+    assert rec.events[-1] == FailoverEvent("standard", QKD_XWING, XWING, "circuit_open", 42.0)
+
+    clock.now += 30
+    qkd.fail = None  # the KME came back
+    result = s.establish(prof, RECIPIENT, b"c")
+    assert result.path == QKD_XWING
+    assert qkd.calls == 3
+    assert s.breaker("qkd-etsi014").state is BreakerState.CLOSED
+
+
+# -- no fallback: retry with backoff ----------------------------------------------------------
+
+
+def test_no_fallback_retries_with_exponential_backoff_then_exhausts() -> None:
+    qkd = FakeProvider("qkd-etsi014", None, fail=ReasonCode.QKD_UNAVAILABLE)
+    provs = providers(qkd_etsi014=qkd)
+    rec = Recorder()
+    s = sealer(provs, rec, retries=3, backoff_s=0.1, failure_threshold=100)
+    with pytest.raises(KeyProviderError) as info:
+        s.establish(profile(QKD_XWING, XWING, fallback=False, name="enclave"), RECIPIENT, b"c")
+    assert info.value.reason is ReasonCode.KEY_PATH_EXHAUSTED
+    assert "'enclave'" in str(info.value)
+    assert "qkd_unavailable" in str(info.value)
+    assert rec.sleeps == pytest.approx([0.1, 0.2, 0.4])
+    assert qkd.calls == 4
+    assert provs["xwing"].calls == 0  # the fallback path of a no-fallback profile is never used
+    assert [e.to_path for e in rec.events] == [QKD_XWING, QKD_XWING, QKD_XWING, None]
+
+
+def test_no_fallback_recovers_on_retry() -> None:
+    qkd = FakeProvider("qkd-etsi014", None, fail=ReasonCode.QKD_UNAVAILABLE)
+    provs = providers(qkd_etsi014=qkd)
+    rec = Recorder()
+
+    def sleep_and_heal(seconds: float) -> None:
+        rec.sleeps.append(seconds)
+        qkd.fail = None
+
+    s = ProfileSealer(KeyPathRunner(provs), listeners=[rec], sleep=sleep_and_heal, backoff_s=0.5)
+    result = s.establish(profile(QKD_XWING, fallback=False), RECIPIENT, b"c")
+    assert result.path == QKD_XWING
+    assert rec.sleeps == [0.5]
+
+
+def test_no_fallback_sees_open_circuit_as_failure() -> None:
+    qkd = FakeProvider("qkd-etsi014", None, fail=ReasonCode.QKD_UNAVAILABLE)
+    rec = Recorder()
+    s = sealer(providers(qkd_etsi014=qkd), rec, retries=2, failure_threshold=1)
+    with pytest.raises(KeyProviderError):
+        s.establish(profile(QKD_XWING, fallback=False), RECIPIENT, b"c")
+    assert qkd.calls == 1
+    assert [e.reason for e in rec.events] == ["qkd_unavailable", "circuit_open", "circuit_open"]
+
+
+# -- timeouts ---------------------------------------------------------------------------------
+
+
+def test_slow_provider_times_out_and_counts_as_failure(gate: threading.Event) -> None:
+    slow = FakeProvider("qkd-etsi014", None, gate=gate)
+    rec = Recorder()
+    s = sealer(providers(qkd_etsi014=slow), rec, provider_timeout_s=0.05, failure_threshold=1)
+    result = s.establish(profile(QKD_XWING, XWING), RECIPIENT, b"c")
+    assert result.path == XWING
+    assert rec.events[0].reason == "timeout"
+    assert s.breaker("qkd-etsi014").state is BreakerState.OPEN
+
+
+def test_inline_calls_without_timeout() -> None:
+    rec = Recorder()
+    s = sealer(providers(), rec, provider_timeout_s=None)
+    assert s.establish(profile(QKD_XWING), RECIPIENT, b"c").path == QKD_XWING
+    assert rec.events == []
+
+
+# -- downgrade ordering -----------------------------------------------------------------------
+
+
+def test_is_at_least_is_containment() -> None:
+    assert is_at_least(QKD_XWING, XWING)
+    assert is_at_least(XWING, XWING)
+    assert not is_at_least(XWING, QKD_XWING)
+    assert not is_at_least(X25519, XWING)
+    assert not is_at_least(KeyPath.parse("mlkem768+x25519"), XWING)
+    assert is_at_least(KeyPath.parse("x25519+xwing"), XWING)
+
+
+def test_path_strength_ranks() -> None:
+    ranks = [
+        path_strength(KeyPath.parse(p))
+        for p in ("x25519", "mlkem768", "xwing", "qkd-etsi014+xwing")
+    ]
+    assert ranks == [1, 2, 3, 7]
+    assert path_strength(KeyPath.parse("unknown")) == 0
+
+
+def test_empty_profile_is_config_error() -> None:
+    empty = SecurityProfile("p", [], "ed25519", True, XWING)
+    with pytest.raises(ConfigError):
+        ProfileSealer(KeyPathRunner({})).establish(empty, RECIPIENT, b"c")
