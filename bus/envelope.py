@@ -256,11 +256,17 @@ def _uint(value: object, what: str, limit: int = _UINT64_MAX) -> int:
 
 
 def _array(value: object, what: str, length: int | None = None) -> list[Any]:
-    if type(value) is not list:
+    # cbor2 decodes arrays inside tags as tuples and maps as frozendicts; both are fine here.
+    if type(value) not in (list, tuple):
         raise _malformed(f"{what} must be an array")
-    if length is not None and len(value) != length:
+    items = list(value)  # type: ignore[call-overload]
+    if length is not None and len(items) != length:
         raise _malformed(f"{what} must have {length} elements")
-    return value
+    return items
+
+
+def _is_map(value: object) -> bool:
+    return type(value) in (dict, cbor2.frozendict)
 
 
 def _seconds_to_ms(value: float, what: str) -> int:
@@ -297,7 +303,7 @@ def encode_protected(header: ProtectedHeader) -> bytes:
 def decode_protected(protected: bytes) -> ProtectedHeader:
     """Strictly parse protected-header bytes; raises ``EnvelopeError`` (MALFORMED / version)."""
     fields = _strict_loads(protected, "protected header")
-    if type(fields) is not dict:
+    if not _is_map(fields):
         raise _malformed("protected header must be a map")
     version = fields.get(LABEL_VERSION)
     if type(version) is int and version != FORMAT_VERSION:
@@ -438,7 +444,7 @@ def decode_envelope(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> ParsedE
         raise _malformed("second element must be a tagged COSE_Encrypt0")
     cose = _array(encrypt0.value, "COSE_Encrypt0", 3)
     protected = _bytes(cose[0], "protected header")
-    if type(cose[1]) is not dict or cose[1]:
+    if not _is_map(cose[1]) or cose[1]:
         raise _malformed("unprotected header must be an empty map")
     ciphertext = _bytes(cose[2], "ciphertext")
     if len(ciphertext) < 16:
