@@ -1,0 +1,742 @@
+"""The key directory: root-signed key records for every principal, and the fleet root of trust.
+
+A hybrid fleet root key (composite ML-DSA-65 + Ed25519) signs one ``KeyRecord`` per principal key;
+vehicles pin the root public key. Rotation and revocation are records too. Records travel on a
+Kafka compacted topic keyed by ``principal_id/key_id``; revocation is never a tombstone.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import cbor2
+
+from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
+from fleetbus.bus.keys import (
+    KeyAlgorithm,
+    PrivateKeySet,
+    RecipientKeys,
+    Signer,
+    Verifier,
+)
+from fleetbus.bus.registry import load_key_provider, load_signature_suite
+
+#: The principal kinds a record may name.
+KINDS = frozenset({"dispatcher", "sealer", "vehicle", "edge", "approver", "root"})
+#: Public-key algorithms that are KEM (recipient) keys rather than signature keys.
+KEM_ALGORITHMS = (KeyAlgorithm.X25519.value, KeyAlgorithm.MLKEM768.value, KeyAlgorithm.XWING.value)
+SIGNATURE_ALGORITHMS = (KeyAlgorithm.ED25519.value, KeyAlgorithm.MLDSA65.value)
+#: Algorithms that resist a quantum adversary (for the automatic "pqc" capability).
+POST_QUANTUM_ALGORITHMS = frozenset(
+    {KeyAlgorithm.MLKEM768.value, KeyAlgorithm.XWING.value, KeyAlgorithm.MLDSA65.value}
+)
+ROOT_SUITE = "composite-mldsa65-ed25519"
+RECORD_FORMAT = 1
+#: Domain separation: the root signs ``RECORD_SIGNING_PREFIX || canonical CBOR(record)``.
+RECORD_SIGNING_PREFIX = b"fleetbus/key-directory/record/v1\x00"
+ROOT_PUBLIC_FORMAT = "fleetbus-root-public/v1"
+PRIVATE_KEY_FORMAT = "fleetbus-private-key/v1"
+RECORD_FIELDS = frozenset(
+    {"fmt", "principal", "kind", "version", "kid", "keys", "suite", "caps", "sae", "nbf", "naf"}
+    | {"revoked", "revoked_at", "groups", "overlap"}
+)
+
+
+def _malformed(message: str) -> FleetbusError:
+    return FleetbusError(message, reason=ReasonCode.MALFORMED)
+
+
+def canonical_cbor(value: Any) -> bytes:
+    """Deterministic CBOR (RFC 8949 canonical ordering, smallest float/int encodings)."""
+    return cbor2.dumps(value, canonical=True)
+
+
+def _loads(data: bytes, what: str) -> Any:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise _malformed(f"{what}: expected bytes")
+    try:
+        return cbor2.loads(bytes(data), allow_duplicate_keys=False, allow_indefinite=False)
+    except Exception as exc:
+        raise _malformed(f"{what}: not valid CBOR ({type(exc).__name__})") from None
+
+
+def derive_key_id(public_keys: Mapping[str, bytes]) -> str:
+    """A stable id for a set of public keys: ``k`` + 32 hex digits of SHA-256 over their CBOR."""
+    digest = hashlib.sha256(canonical_cbor({k: bytes(v) for k, v in public_keys.items()}))
+    return "k" + digest.hexdigest()[:32]
+
+
+# --- records -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """One key of one principal, as the fleet root vouches for it.
+
+    ``overlap_s`` is how long, after this record's ``not_before``, the principal's previous
+    versions stay valid for *verification* (the rotation overlap window).
+    """
+
+    principal_id: str
+    kind: str
+    version: int
+    key_id: str
+    public_keys: dict[str, bytes]
+    signature_suite: str
+    capabilities: frozenset[str] = frozenset()
+    qkd_sae_id: str | None = None
+    not_before: float = 0.0
+    not_after: float = math.inf
+    revoked: bool = False
+    revoked_at: float | None = None
+    groups: frozenset[str] = frozenset()
+    overlap_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.principal_id or not isinstance(self.principal_id, str):
+            raise _malformed("record: principal_id must be a non-empty string")
+        if "/" in self.principal_id:
+            raise _malformed("record: principal_id must not contain '/'")
+        if self.kind not in KINDS:
+            raise _malformed(f"record: unknown kind {self.kind!r}")
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+            raise _malformed("record: version must be an integer >= 1")
+        if not (self.not_before < self.not_after):
+            raise _malformed("record: not_before must be before not_after")
+        if self.overlap_s < 0:
+            raise _malformed("record: overlap_s must not be negative")
+        if self.revoked != (self.revoked_at is not None):
+            raise _malformed("record: revoked and revoked_at must come together")
+
+    def algorithms(self) -> list[str]:
+        return sorted(self.public_keys)
+
+    def to_map(self) -> dict[str, Any]:
+        """The record as a CBOR map with stable keys (what the root signs, canonically)."""
+        return {
+            "fmt": RECORD_FORMAT,
+            "principal": self.principal_id,
+            "kind": self.kind,
+            "version": self.version,
+            "kid": self.key_id,
+            "keys": {alg: bytes(raw) for alg, raw in self.public_keys.items()},
+            "suite": self.signature_suite,
+            "caps": sorted(self.capabilities),
+            "sae": self.qkd_sae_id,
+            "nbf": float(self.not_before),
+            "naf": float(self.not_after),
+            "revoked": self.revoked,
+            "revoked_at": None if self.revoked_at is None else float(self.revoked_at),
+            "groups": sorted(self.groups),
+            "overlap": float(self.overlap_s),
+        }
+
+    def to_cbor(self) -> bytes:
+        return canonical_cbor(self.to_map())
+
+    @classmethod
+    def from_map(cls, data: Any) -> KeyRecord:
+        if not isinstance(data, dict):
+            raise _malformed("record: expected a map")
+        if set(data) != RECORD_FIELDS:
+            raise _malformed("record: unexpected or missing fields")
+        if data["fmt"] != RECORD_FORMAT:
+            raise FleetbusError(
+                f"record: unsupported format {data['fmt']!r}", reason=ReasonCode.UNSUPPORTED_VERSION
+            )
+        keys = data["keys"]
+        if not isinstance(keys, dict) or not all(
+            isinstance(k, str) and isinstance(v, bytes) for k, v in keys.items()
+        ):
+            raise _malformed("record: keys must map algorithm names to bytes")
+        known = {a.value for a in KeyAlgorithm}
+        if not set(keys) <= known:
+            raise _malformed("record: unknown key algorithm")
+        for name in ("principal", "kind", "kid", "suite"):
+            if not isinstance(data[name], str):
+                raise _malformed(f"record: {name} must be text")
+        for name in ("caps", "groups"):
+            if not isinstance(data[name], list) or not all(isinstance(x, str) for x in data[name]):
+                raise _malformed(f"record: {name} must be a list of text")
+        if data["sae"] is not None and not isinstance(data["sae"], str):
+            raise _malformed("record: sae must be text or null")
+        if not isinstance(data["revoked"], bool):
+            raise _malformed("record: revoked must be a boolean")
+        for name in ("nbf", "naf", "overlap"):
+            if not isinstance(data[name], float):
+                raise _malformed(f"record: {name} must be a float")
+        if data["revoked_at"] is not None and not isinstance(data["revoked_at"], float):
+            raise _malformed("record: revoked_at must be a float or null")
+        if isinstance(data["version"], bool) or not isinstance(data["version"], int):
+            raise _malformed("record: version must be an integer")
+        return cls(
+            principal_id=data["principal"],
+            kind=data["kind"],
+            version=data["version"],
+            key_id=data["kid"],
+            public_keys=dict(keys),
+            signature_suite=data["suite"],
+            capabilities=frozenset(data["caps"]),
+            qkd_sae_id=data["sae"],
+            not_before=data["nbf"],
+            not_after=data["naf"],
+            revoked=data["revoked"],
+            revoked_at=data["revoked_at"],
+            groups=frozenset(data["groups"]),
+            overlap_s=data["overlap"],
+        )
+
+    @classmethod
+    def from_cbor(cls, data: bytes) -> KeyRecord:
+        record = cls.from_map(_loads(data, "record"))
+        if record.to_cbor() != bytes(data):
+            raise _malformed("record: not in canonical CBOR form")
+        return record
+
+    def revocation(self, *, at: float) -> KeyRecord:
+        """The revocation record for this key (same key id and version, ``revoked=True``)."""
+        return replace(self, revoked=True, revoked_at=float(at))
+
+
+@dataclass(frozen=True)
+class SignedKeyRecord:
+    """A record plus the fleet root's signature over ``RECORD_SIGNING_PREFIX || record_cbor``."""
+
+    record: KeyRecord
+    signature: bytes = field(repr=False)
+    root_key_id: str
+
+    @property
+    def record_cbor(self) -> bytes:
+        return self.record.to_cbor()
+
+    def to_cbor(self) -> bytes:
+        return canonical_cbor(
+            {
+                "fmt": RECORD_FORMAT,
+                "record": self.record_cbor,
+                "sig": self.signature,
+                "root_kid": self.root_key_id,
+            }
+        )
+
+    @classmethod
+    def from_cbor(cls, data: bytes) -> SignedKeyRecord:
+        outer = _loads(data, "signed record")
+        if not isinstance(outer, dict) or set(outer) != {"fmt", "record", "sig", "root_kid"}:
+            raise _malformed("signed record: unexpected or missing fields")
+        if outer["fmt"] != RECORD_FORMAT:
+            raise FleetbusError(
+                "signed record: unsupported format", reason=ReasonCode.UNSUPPORTED_VERSION
+            )
+        if not isinstance(outer["record"], bytes) or not isinstance(outer["sig"], bytes):
+            raise _malformed("signed record: record and sig must be bytes")
+        if not isinstance(outer["root_kid"], str):
+            raise _malformed("signed record: root_kid must be text")
+        signed = cls(KeyRecord.from_cbor(outer["record"]), outer["sig"], outer["root_kid"])
+        if signed.to_cbor() != bytes(data):
+            raise _malformed("signed record: not in canonical CBOR form")
+        return signed
+
+
+def signing_input(record: KeyRecord) -> bytes:
+    return RECORD_SIGNING_PREFIX + record.to_cbor()
+
+
+# --- Kafka compacted topic -----------------------------------------------------------------
+
+
+def kafka_key(record: KeyRecord) -> bytes:
+    """``principal_id/key_id``: compaction keeps the latest state of every key, not just one."""
+    return f"{record.principal_id}/{record.key_id}".encode()
+
+
+def to_kafka(signed: SignedKeyRecord) -> tuple[bytes, bytes]:
+    """``(key, value)`` for the key-directory topic; value is the canonical signed record."""
+    return kafka_key(signed.record), signed.to_cbor()
+
+
+def from_kafka(value: bytes | None) -> SignedKeyRecord:
+    """Parse a topic value. A tombstone (None / empty) is malformed: revocation is a record."""
+    if not value:
+        raise _malformed("key directory: tombstones are not used; revocation is a signed record")
+    return SignedKeyRecord.from_cbor(value)
+
+
+# --- root of trust -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RootPublicKey:
+    """The fleet root's public key(s), pinned by vehicles and every verifier of records."""
+
+    key_id: str
+    suite: str
+    public_keys: dict[str, bytes]
+
+    def verifier(self) -> Verifier:
+        return load_signature_suite(self.suite).verifier(self.public_keys)
+
+    def to_bytes(self) -> bytes:
+        return canonical_cbor(
+            {
+                "fmt": ROOT_PUBLIC_FORMAT,
+                "kid": self.key_id,
+                "suite": self.suite,
+                "keys": dict(self.public_keys),
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RootPublicKey:
+        outer = _loads(data, "root public key")
+        if not isinstance(outer, dict) or set(outer) != {"fmt", "kid", "suite", "keys"}:
+            raise _malformed("root public key: unexpected or missing fields")
+        if outer["fmt"] != ROOT_PUBLIC_FORMAT:
+            raise _malformed("root public key: unknown format")
+        keys = outer["keys"]
+        if not isinstance(keys, dict) or not all(
+            isinstance(k, str) and isinstance(v, bytes) for k, v in keys.items()
+        ):
+            raise _malformed("root public key: keys must map algorithm names to bytes")
+        if not isinstance(outer["kid"], str) or not isinstance(outer["suite"], str):
+            raise _malformed("root public key: kid and suite must be text")
+        if derive_key_id(keys) != outer["kid"]:
+            raise _malformed("root public key: key id does not match the keys")
+        return cls(outer["kid"], outer["suite"], dict(keys))
+
+
+class FleetRoot:
+    """The fleet root key (hybrid by default): signs key-directory records."""
+
+    def __init__(self, private_keys: Mapping[str, bytes], public: RootPublicKey) -> None:
+        self._signer: Signer = load_signature_suite(public.suite).signer(
+            private_keys, public.key_id
+        )
+        self._private_keys = dict(private_keys)
+        self.public = public
+
+    @classmethod
+    def generate(cls, suite: str = ROOT_SUITE) -> FleetRoot:
+        private, public = load_signature_suite(suite).generate()
+        return cls(private, RootPublicKey(derive_key_id(public), suite, public))
+
+    @property
+    def key_id(self) -> str:
+        return self.public.key_id
+
+    def sign(self, record: KeyRecord) -> SignedKeyRecord:
+        return SignedKeyRecord(record, self._signer.sign(signing_input(record)), self.key_id)
+
+    def key_file(self) -> PrincipalKeyFile:
+        return PrincipalKeyFile(
+            principal_id="root",
+            kind="root",
+            key_id=self.key_id,
+            signature_suite=self.public.suite,
+            private_keys=dict(self._private_keys),
+            public_keys=dict(self.public.public_keys),
+        )
+
+    @classmethod
+    def from_key_file(cls, key_file: PrincipalKeyFile) -> FleetRoot:
+        public = RootPublicKey(key_file.key_id, key_file.signature_suite, key_file.public_keys)
+        if derive_key_id(public.public_keys) != public.key_id:
+            raise _malformed("root key file: key id does not match the public keys")
+        return cls(key_file.private_keys, public)
+
+    def __repr__(self) -> str:
+        return f"FleetRoot(key_id={self.key_id!r}, suite={self.public.suite!r})"
+
+
+def verify_signed_record(signed: SignedKeyRecord, root: RootPublicKey) -> KeyRecord:
+    """Check the root signature and the key id; raise BAD_SIGNATURE / MALFORMED."""
+    if signed.root_key_id != root.key_id or not root.verifier().verify(
+        signing_input(signed.record), signed.signature
+    ):
+        raise FleetbusError(
+            f"key record for {signed.record.principal_id!r} is not signed by the fleet root",
+            reason=ReasonCode.BAD_SIGNATURE,
+        )
+    if derive_key_id(signed.record.public_keys) != signed.record.key_id:
+        raise _malformed("key record: key id does not match its public keys")
+    return signed.record
+
+
+# --- the directory -------------------------------------------------------------------------
+
+
+class KeyDirectory:
+    """Verified key records, with rotation overlap, immediate revocation and expiry."""
+
+    def __init__(self, root: RootPublicKey) -> None:
+        self.root = root
+        self._root_verifier = root.verifier()
+        self._by_key_id: dict[str, SignedKeyRecord] = {}
+        self._by_principal: dict[str, set[str]] = {}
+
+    def ingest(self, signed: SignedKeyRecord) -> KeyRecord:
+        """Verify and merge a record; revocation is sticky, a higher version of a key wins."""
+        record = verify_signed_record(signed, self.root)
+        existing = self._by_key_id.get(record.key_id)
+        if existing is not None:
+            old = existing.record
+            if old.principal_id != record.principal_id:
+                raise _malformed(f"key id {record.key_id} already belongs to another principal")
+            if old.revoked:
+                return old
+            if not (record.revoked or record.version > old.version):
+                return old
+        self._by_key_id[record.key_id] = signed
+        self._by_principal.setdefault(record.principal_id, set()).add(record.key_id)
+        return record
+
+    def ingest_kafka(self, value: bytes | None) -> KeyRecord:
+        return self.ingest(from_kafka(value))
+
+    def ingest_all(self, records: Iterable[SignedKeyRecord]) -> None:
+        for signed in records:
+            self.ingest(signed)
+
+    def signed_records(self) -> list[SignedKeyRecord]:
+        return sorted(
+            self._by_key_id.values(),
+            key=lambda s: (s.record.principal_id, s.record.version, s.record.key_id),
+        )
+
+    def record(self, key_id: str) -> KeyRecord | None:
+        signed = self._by_key_id.get(key_id)
+        return None if signed is None else signed.record
+
+    def records(self, principal_id: str | None = None) -> list[KeyRecord]:
+        return [
+            s.record
+            for s in self.signed_records()
+            if principal_id is None or s.record.principal_id == principal_id
+        ]
+
+    def principals(self) -> list[str]:
+        return sorted(self._by_principal)
+
+    def latest(self, principal_id: str) -> KeyRecord:
+        records = self.records(principal_id)
+        if not records:
+            raise FleetbusError(
+                f"no key record for principal {principal_id!r}", reason=ReasonCode.UNKNOWN_SIGNER
+            )
+        return max(records, key=lambda r: r.version)
+
+    def superseded_at(self, record: KeyRecord) -> float:
+        """When a newer version ends this one's validity (``math.inf`` if none does yet)."""
+        ends = [
+            newer.not_before + newer.overlap_s
+            for newer in self.records(record.principal_id)
+            if newer.version > record.version
+        ]
+        return min(ends, default=math.inf)
+
+    def _check_valid(self, record: KeyRecord, at: float) -> None:
+        if record.revoked:
+            raise FleetbusError(
+                f"key {record.key_id} of {record.principal_id!r} is revoked",
+                reason=ReasonCode.SIGNER_REVOKED,
+            )
+        if at < record.not_before:
+            raise FleetbusError(
+                f"key {record.key_id} of {record.principal_id!r} is not valid yet",
+                reason=ReasonCode.NOT_YET_VALID,
+            )
+        if at >= record.not_after:
+            raise FleetbusError(
+                f"key {record.key_id} of {record.principal_id!r} has expired",
+                reason=ReasonCode.SIGNER_EXPIRED,
+            )
+        if at >= self.superseded_at(record):
+            raise FleetbusError(
+                f"key {record.key_id} of {record.principal_id!r} was rotated out",
+                reason=ReasonCode.SIGNER_EXPIRED,
+            )
+
+    def verifier_for(self, principal_id: str, key_id: str, *, at: float) -> Verifier:
+        """A verifier for ``principal_id``'s key ``key_id`` if it is valid at time ``at``.
+
+        Raises ``FleetbusError`` with UNKNOWN_SIGNER, SIGNER_REVOKED, NOT_YET_VALID or
+        SIGNER_EXPIRED (expired, or rotated out after the overlap window).
+        """
+        record = self.record(key_id)
+        if record is None or record.principal_id != principal_id:
+            raise FleetbusError(
+                f"no key {key_id!r} for principal {principal_id!r}",
+                reason=ReasonCode.UNKNOWN_SIGNER,
+            )
+        self._check_valid(record, at)
+        return load_signature_suite(record.signature_suite).verifier(record.public_keys)
+
+    def current(self, principal_id: str, *, at: float) -> KeyRecord:
+        """The highest-version record of ``principal_id`` that is valid at ``at``."""
+        records = sorted(self.records(principal_id), key=lambda r: r.version, reverse=True)
+        if not records:
+            raise FleetbusError(
+                f"no key record for principal {principal_id!r}", reason=ReasonCode.UNKNOWN_KEY_ID
+            )
+        first_error: FleetbusError | None = None
+        for record in records:
+            if record.revoked or not (record.not_before <= at < record.not_after):
+                try:
+                    self._check_valid(record, at)
+                except FleetbusError as exc:
+                    first_error = first_error or exc
+                continue
+            return record
+        assert first_error is not None
+        raise first_error
+
+    def recipient_keys(self, principal_id: str, *, at: float) -> RecipientKeys:
+        """What a sealer needs to encrypt to ``principal_id`` at time ``at``."""
+        record = self.current(principal_id, at=at)
+        kem = {alg: raw for alg, raw in record.public_keys.items() if alg in KEM_ALGORITHMS}
+        return RecipientKeys(
+            principal_id=record.principal_id,
+            public_keys=kem,
+            key_ids={alg: record.key_id for alg in kem},
+            qkd_sae_id=record.qkd_sae_id,
+            capabilities=record.capabilities,
+        )
+
+
+# --- issuing keys --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrincipalKeyFile:
+    """A principal's private keys as stored on disk (0600); ``repr`` shows no key material."""
+
+    principal_id: str
+    kind: str
+    key_id: str
+    signature_suite: str
+    private_keys: dict[str, bytes] = field(repr=False)
+    public_keys: dict[str, bytes] = field(repr=False)
+    qkd_sae_id: str | None = None
+    version: int = 1
+
+    def key_set(self) -> PrivateKeySet:
+        return PrivateKeySet(
+            principal_id=self.principal_id,
+            private_keys=dict(self.private_keys),
+            key_ids={alg: self.key_id for alg in self.private_keys},
+            qkd_sae_id=self.qkd_sae_id,
+        )
+
+    def signer(self) -> Signer:
+        return load_signature_suite(self.signature_suite).signer(self.private_keys, self.key_id)
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": PRIVATE_KEY_FORMAT,
+            "principal_id": self.principal_id,
+            "kind": self.kind,
+            "key_id": self.key_id,
+            "version": self.version,
+            "signature_suite": self.signature_suite,
+            "qkd_sae_id": self.qkd_sae_id,
+            "key_ids": {alg: self.key_id for alg in sorted(self.private_keys)},
+            "private_keys": {
+                alg: base64.b64encode(raw).decode()
+                for alg, raw in sorted(self.private_keys.items())
+            },
+            "public_keys": {
+                alg: base64.b64encode(raw).decode() for alg, raw in sorted(self.public_keys.items())
+            },
+        }
+        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> PrincipalKeyFile:
+        try:
+            doc = json.loads(data)
+            if doc["format"] != PRIVATE_KEY_FORMAT:
+                raise ValueError("format")
+            private = {
+                k: base64.b64decode(v, validate=True) for k, v in doc["private_keys"].items()
+            }
+            public = {k: base64.b64decode(v, validate=True) for k, v in doc["public_keys"].items()}
+            key_file = cls(
+                principal_id=str(doc["principal_id"]),
+                kind=str(doc["kind"]),
+                key_id=str(doc["key_id"]),
+                signature_suite=str(doc["signature_suite"]),
+                private_keys=private,
+                public_keys=public,
+                qkd_sae_id=doc["qkd_sae_id"],
+                version=int(doc["version"]),
+            )
+        except Exception:
+            # The cause may quote file content, i.e. key material: keep it out of the message.
+            raise _malformed("private key file is not a fleetbus private key file") from None
+        if derive_key_id(public) != key_file.key_id:
+            raise _malformed("private key file: key id does not match the public keys")
+        return key_file
+
+    @classmethod
+    def from_record(cls, record: KeyRecord, private_keys: Mapping[str, bytes]) -> PrincipalKeyFile:
+        return cls(
+            principal_id=record.principal_id,
+            kind=record.kind,
+            key_id=record.key_id,
+            signature_suite=record.signature_suite,
+            private_keys=dict(private_keys),
+            public_keys=dict(record.public_keys),
+            qkd_sae_id=record.qkd_sae_id,
+            version=record.version,
+        )
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to a fresh 0600 file, then move it over ``path`` (atomic, never chmod)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_key_file(path: Path, key_file: PrincipalKeyFile) -> None:
+    write_private_file(path, key_file.to_json())
+
+
+def load_key_file(path: Path) -> PrincipalKeyFile:
+    """Load a private key file; refuse one that group or others can read or write."""
+    try:
+        mode = os.stat(path).st_mode
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"private key file {path} does not exist") from None
+    if stat.S_IMODE(mode) & 0o077:
+        raise ConfigError(
+            f"private key file {path} is accessible by group/others "
+            f"(mode {stat.S_IMODE(mode):04o}); it must be 0600"
+        )
+    return PrincipalKeyFile.from_json(data)
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A freshly issued key: the signed record to publish and the private file to hand over."""
+
+    signed: SignedKeyRecord
+    key_file: PrincipalKeyFile
+
+
+def generate_principal_keys(
+    signature_suite: str, kems: Iterable[str]
+) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """Fresh private/public keys: signature keys from the suite, KEM keys from the providers."""
+    private, public = load_signature_suite(signature_suite).generate()
+    for name in kems:
+        if name not in KEM_ALGORITHMS:
+            raise ConfigError(f"unknown KEM {name!r}; choose from {', '.join(KEM_ALGORITHMS)}")
+        provider = load_key_provider(name)
+        alg = provider.algorithm or name
+        private[alg], public[alg] = provider.generate_keypair()
+    return private, public
+
+
+def issue_key(
+    root: FleetRoot,
+    *,
+    principal_id: str,
+    kind: str,
+    version: int = 1,
+    signature_suite: str = ROOT_SUITE,
+    kems: Iterable[str] = (),
+    capabilities: Iterable[str] = (),
+    qkd_sae_id: str | None = None,
+    not_before: float,
+    not_after: float,
+    groups: Iterable[str] = (),
+    overlap_s: float = 0.0,
+) -> IssuedKey:
+    """Generate a principal's keys and have the root sign its record.
+
+    Capabilities get ``pqc`` when any key is post-quantum and ``qkd`` when a SAE id is given.
+    """
+    private, public = generate_principal_keys(signature_suite, kems)
+    caps = set(capabilities)
+    if POST_QUANTUM_ALGORITHMS & set(public):
+        caps.add("pqc")
+    if qkd_sae_id:
+        caps.add("qkd")
+    record = KeyRecord(
+        principal_id=principal_id,
+        kind=kind,
+        version=version,
+        key_id=derive_key_id(public),
+        public_keys=public,
+        signature_suite=signature_suite,
+        capabilities=frozenset(caps),
+        qkd_sae_id=qkd_sae_id,
+        not_before=float(not_before),
+        not_after=float(not_after),
+        groups=frozenset(groups),
+        overlap_s=float(overlap_s),
+    )
+    return IssuedKey(root.sign(record), PrincipalKeyFile.from_record(record, private))
+
+
+# --- directory file: one canonical CBOR array of signed records -----------------------------
+
+
+def read_directory_file(path: Path) -> list[SignedKeyRecord]:
+    """The signed records in a directory file (a CBOR array of byte strings)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"directory file {path} does not exist (run `keys init`)") from None
+    items = _loads(data, "directory file")
+    if not isinstance(items, list) or not all(isinstance(item, bytes) for item in items):
+        raise _malformed("directory file: expected an array of signed records")
+    return [SignedKeyRecord.from_cbor(item) for item in items]
+
+
+def write_directory_file(path: Path, records: Iterable[SignedKeyRecord]) -> None:
+    """Atomically replace the directory file with ``records`` (public data, mode 0644)."""
+    data = canonical_cbor([signed.to_cbor() for signed in records])
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def append_directory_file(path: Path, signed: SignedKeyRecord) -> None:
+    """Append one signed record to the directory file (read, extend, atomic rewrite)."""
+    write_directory_file(path, [*read_directory_file(path), signed])
+
+
+def load_directory(path: Path, root: RootPublicKey) -> KeyDirectory:
+    """Read and verify every record of a directory file against the pinned root."""
+    directory = KeyDirectory(root)
+    directory.ingest_all(read_directory_file(path))
+    return directory
