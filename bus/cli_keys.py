@@ -1,0 +1,267 @@
+"""``fleetbus keys``: create the fleet root, issue, rotate, revoke and show key records.
+
+Files in the key directory ``D``: ``root.key`` (0600, the root's private keys), ``root.pub`` (the
+pinned root public key), ``directory.cbor`` (all signed records) and ``<principal>.key`` (0600).
+``show`` reads only public files; it never prints private key material.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fleetbus.bus.directory import (
+    KINDS,
+    ROOT_SUITE,
+    FleetRoot,
+    KeyDirectory,
+    KeyRecord,
+    RootPublicKey,
+    append_directory_file,
+    issue_key,
+    load_directory,
+    load_key_file,
+    save_key_file,
+    write_directory_file,
+)
+from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
+
+keys_app = typer.Typer(no_args_is_help=True, help=__doc__)
+
+DirOpt = Annotated[Path, typer.Option("--dir", help="key directory (root, records, key files)")]
+PrincipalOpt = Annotated[str, typer.Option("--principal", help="principal id, e.g. veh-0001")]
+
+ROOT_KEY = "root.key"
+ROOT_PUB = "root.pub"
+DIRECTORY = "directory.cbor"
+_PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+DAY_S = 86400.0
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _check_principal(principal: str) -> None:
+    if not _PRINCIPAL_RE.match(principal) or principal == "root":
+        raise ConfigError(
+            f"invalid principal id {principal!r}: use letters, digits, '.', '_', ':', '-' "
+            "(not 'root')"
+        )
+
+
+def _load_root(directory: Path) -> FleetRoot:
+    root = FleetRoot.from_key_file(load_key_file(directory / ROOT_KEY))
+    pinned = RootPublicKey.from_bytes((directory / ROOT_PUB).read_bytes())
+    if pinned != root.public:
+        raise FleetbusError(
+            f"{directory / ROOT_KEY} does not match {directory / ROOT_PUB}",
+            reason=ReasonCode.BAD_SIGNATURE,
+        )
+    return root
+
+
+def _load_public(directory: Path) -> KeyDirectory:
+    try:
+        root = RootPublicKey.from_bytes((directory / ROOT_PUB).read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"{directory / ROOT_PUB} not found; run `fleetbus keys init`") from None
+    return load_directory(directory / DIRECTORY, root)
+
+
+def _key_path(directory: Path, principal: str) -> Path:
+    return directory / f"{principal}.key"
+
+
+@keys_app.command("init")
+def init(directory: DirOpt) -> None:
+    """Create the hybrid fleet root key (root.key 0600, root.pub) and an empty directory."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if (directory / ROOT_KEY).exists():
+        raise ConfigError(f"{directory / ROOT_KEY} already exists; refusing to replace the root")
+    root = FleetRoot.generate(ROOT_SUITE)
+    save_key_file(directory / ROOT_KEY, root.key_file())
+    (directory / ROOT_PUB).write_bytes(root.public.to_bytes())
+    if not (directory / DIRECTORY).exists():
+        write_directory_file(directory / DIRECTORY, [])
+    typer.echo(f"fleet root {root.key_id} ({root.public.suite}) created in {directory}")
+
+
+@keys_app.command("issue")
+def issue(
+    directory: DirOpt,
+    principal: PrincipalOpt,
+    kind: Annotated[str, typer.Option(help=f"one of: {', '.join(sorted(KINDS - {'root'}))}")],
+    suite: Annotated[str, typer.Option(help="signature suite")] = ROOT_SUITE,
+    kem: Annotated[
+        list[str] | None, typer.Option(help="KEM key to add (repeatable): xwing, x25519, mlkem768")
+    ] = None,
+    qkd_sae_id: Annotated[str | None, typer.Option(help="ETSI 014 SAE id of the principal")] = None,
+    valid_days: Annotated[float, typer.Option(help="validity from now, in days")] = 365.0,
+    capability: Annotated[
+        list[str] | None, typer.Option(help="capability (repeatable); pqc/qkd are added for you")
+    ] = None,
+    group: Annotated[list[str] | None, typer.Option(help="group (repeatable)")] = None,
+) -> None:
+    """Issue the first key of a principal: writes <principal>.key (0600) and a signed record."""
+    _check_principal(principal)
+    if kind not in KINDS - {"root"}:
+        raise ConfigError(f"unknown kind {kind!r}; choose from {', '.join(sorted(KINDS))}")
+    if valid_days <= 0:
+        raise ConfigError("--valid-days must be positive")
+    root = _load_root(directory)
+    current = _load_public(directory)
+    if current.records(principal):
+        raise ConfigError(f"principal {principal!r} already has keys; use `rotate`")
+    now = _now()
+    issued = issue_key(
+        root,
+        principal_id=principal,
+        kind=kind,
+        signature_suite=suite,
+        kems=kem or [],
+        capabilities=capability or [],
+        qkd_sae_id=qkd_sae_id,
+        not_before=now,
+        not_after=now + valid_days * DAY_S,
+        groups=group or [],
+    )
+    current.ingest(issued.signed)
+    save_key_file(_key_path(directory, principal), issued.key_file)
+    append_directory_file(directory / DIRECTORY, issued.signed)
+    record = issued.signed.record
+    typer.echo(f"issued {principal} v{record.version} key {record.key_id}")
+
+
+@keys_app.command("rotate")
+def rotate(
+    directory: DirOpt,
+    principal: PrincipalOpt,
+    overlap_hours: Annotated[
+        float, typer.Option(help="how long the previous key still verifies")
+    ] = 24.0,
+    valid_days: Annotated[float | None, typer.Option(help="default: same as before")] = None,
+) -> None:
+    """Issue a new version of a principal's key; the old one verifies for --overlap-hours more."""
+    _check_principal(principal)
+    if overlap_hours < 0:
+        raise ConfigError("--overlap-hours must not be negative")
+    root = _load_root(directory)
+    current = _load_public(directory)
+    latest = current.latest(principal)
+    now = _now()
+    lifetime = valid_days * DAY_S if valid_days else latest.not_after - latest.not_before
+    if not math.isfinite(lifetime) or lifetime <= 0:
+        lifetime = 365 * DAY_S
+    kems = [alg for alg in latest.public_keys if alg in ("x25519", "mlkem768", "xwing")]
+    issued = issue_key(
+        root,
+        principal_id=principal,
+        kind=latest.kind,
+        version=latest.version + 1,
+        signature_suite=latest.signature_suite,
+        kems=kems,
+        capabilities=latest.capabilities,
+        qkd_sae_id=latest.qkd_sae_id,
+        not_before=now,
+        not_after=now + lifetime,
+        groups=latest.groups,
+        overlap_s=overlap_hours * 3600.0,
+    )
+    current.ingest(issued.signed)
+    key_path = _key_path(directory, principal)
+    if key_path.exists():
+        # Keep the previous private key: messages sealed to it may arrive during the overlap.
+        os.replace(key_path, directory / f"{principal}.v{latest.version}.key")
+    save_key_file(key_path, issued.key_file)
+    append_directory_file(directory / DIRECTORY, issued.signed)
+    typer.echo(
+        f"rotated {principal} to v{issued.signed.record.version} key "
+        f"{issued.signed.record.key_id}; v{latest.version} ({latest.key_id}) verifies for "
+        f"{overlap_hours:g} h more"
+    )
+
+
+@keys_app.command("revoke")
+def revoke(
+    directory: DirOpt,
+    principal: PrincipalOpt,
+    key_id: Annotated[
+        str | None, typer.Option("--key-id", help="default: the principal's latest key")
+    ] = None,
+) -> None:
+    """Revoke a key now (a signed revocation record; it takes effect immediately)."""
+    root = _load_root(directory)
+    current = _load_public(directory)
+    record = current.latest(principal) if key_id is None else current.record(key_id)
+    if record is None or record.principal_id != principal:
+        raise FleetbusError(
+            f"no key {key_id!r} for principal {principal!r}", reason=ReasonCode.UNKNOWN_SIGNER
+        )
+    if record.revoked:
+        typer.echo(f"{principal} key {record.key_id} is already revoked")
+        return
+    signed = root.sign(record.revocation(at=_now()))
+    current.ingest(signed)
+    append_directory_file(directory / DIRECTORY, signed)
+    typer.echo(f"revoked {principal} v{record.version} key {record.key_id}")
+
+
+def _iso(ts: float) -> str:
+    if not math.isfinite(ts):
+        return "never"
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds")
+
+
+def _row(record: KeyRecord, directory: KeyDirectory) -> dict[str, Any]:
+    superseded = directory.superseded_at(record)
+    return {
+        "principal": record.principal_id,
+        "kind": record.kind,
+        "version": record.version,
+        "key_id": record.key_id,
+        "suite": record.signature_suite,
+        "algorithms": record.algorithms(),
+        "capabilities": sorted(record.capabilities),
+        "qkd_sae_id": record.qkd_sae_id,
+        "groups": sorted(record.groups),
+        "not_before": _iso(record.not_before),
+        "not_after": _iso(record.not_after),
+        "superseded_after": None if math.isinf(superseded) else _iso(superseded),
+        "revoked": record.revoked,
+        "revoked_at": None if record.revoked_at is None else _iso(record.revoked_at),
+    }
+
+
+@keys_app.command("show")
+def show(
+    directory: DirOpt,
+    principal: Annotated[str | None, typer.Option("--principal")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Print the verified records (public data only)."""
+    current = _load_public(directory)
+    rows = [_row(r, current) for r in current.records(principal)]
+    if as_json:
+        doc = {"root_key_id": current.root.key_id, "records": rows}
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    typer.echo(f"fleet root {current.root.key_id} ({current.root.suite})")
+    if not rows:
+        typer.echo("no records")
+    for row in rows:
+        state = "REVOKED " + str(row["revoked_at"]) if row["revoked"] else "active"
+        if row["superseded_after"] and not row["revoked"]:
+            state = f"superseded after {row['superseded_after']}"
+        typer.echo(
+            f"{row['principal']:<20} {row['kind']:<10} v{row['version']:<3} {row['key_id']}  "
+            f"{','.join(row['algorithms'])}  {row['not_before']} .. {row['not_after']}  {state}"
+        )
