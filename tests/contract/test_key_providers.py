@@ -7,15 +7,19 @@ fixture (a real ETSI 014 KME pair, from ``tests/fixtures_kme.py``).
 
 from __future__ import annotations
 
+import ctypes.util
 import dataclasses
 import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from contract.sides import ProviderSides
-from fleetbus.bus.errors import ReasonCode
+from fleetbus.bus.errors import ConfigError, ReasonCode
 from fleetbus.bus.keys import KeyProviderError, PrivateKeySet, RecipientKeys
 from fleetbus.bus.registry import KEY_PROVIDER_GROUP, available, load_key_provider
 from fleetbus.providers.oqs import liboqs_available
@@ -188,3 +192,40 @@ def test_property_random_refs_only_raise_key_provider_error(
     with pytest.raises(KeyProviderError) as info:  # anything else fails the test
         s.receiver.recover(junk, key_id, s.own, context=context)
     assert isinstance(info.value.reason, ReasonCode)
+
+
+# -- oqs detection (runs whether or not liboqs is installed) ---------------------------------
+
+
+def test_oqs_absent_is_a_clear_config_error_without_importing_oqs() -> None:
+    ok, reason = liboqs_available()
+    if ok:
+        pytest.skip("liboqs is installed here")
+    assert reason
+    with pytest.raises(ConfigError, match="'oqs' is unavailable"):
+        load_key_provider("oqs")
+    assert "oqs" not in sys.modules  # importing it would try to build liboqs and exit
+
+
+def test_oqs_detector_looks_for_the_shared_library(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def pretend_bindings(name: str, *args: Any) -> Any:
+        if name == "oqs":
+            return object()  # liboqs-python "installed"
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", pretend_bindings)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("OQS_INSTALL_PATH", str(tmp_path / "oqs"))
+    ok, reason = liboqs_available()
+    assert not ok
+    assert "shared library not found" in reason
+    (tmp_path / "oqs" / "lib").mkdir(parents=True)
+    (tmp_path / "oqs" / "lib" / "liboqs.so.0.14.0").write_bytes(b"")
+    ok, reason = liboqs_available()
+    assert ok
+    assert str(tmp_path / "oqs" / "lib") in reason
