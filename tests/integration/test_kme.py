@@ -602,3 +602,22 @@ def test_serve_exits_zero_on_sigterm(kme_pki: TestPKI, tmp_path: Any) -> None:
     assert set(urls) == {"kme_a", "kme_b", "admin"}
     assert stop_kme_process(proc, reader) == 0
     assert "stopped" in log.read_text()
+
+
+def test_admin_mtls_requires_the_admin_certificate(kme_pki: TestPKI, tmp_path: Any) -> None:
+    log = tmp_path / "kme.log"
+    proc, urls, reader = start_kme_process(
+        kme_pki.directory, log, "--sae-a", "sae-hub", "--sae-b", "sae-edge-1", "--admin-mtls"
+    )
+    try:
+        assert urls["admin"].startswith("https://127.0.0.1:")
+        runner = CliRunner()
+        denied = runner.invoke(kme_app, ["state", "--admin-url", urls["admin"]])
+        assert denied.exit_code == 2
+        allowed = runner.invoke(
+            kme_app, ["state", "--admin-url", urls["admin"], "--tls-dir", str(kme_pki.directory)]
+        )
+        assert allowed.exit_code == 0, allowed.output
+        assert '"link_up": true' in allowed.output
+    finally:
+        assert stop_kme_process(proc, reader) == 0
