@@ -90,7 +90,7 @@ class KeyRecord:
     kind: str
     version: int
     key_id: str
-    public_keys: dict[str, bytes]
+    public_keys: dict[str, bytes] = field(repr=False)
     signature_suite: str
     capabilities: frozenset[str] = frozenset()
     qkd_sae_id: str | None = None
