@@ -1,0 +1,178 @@
+"""`fleetbus keys` through typer's CliRunner: init, issue, rotate, revoke, show."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from fleetbus.bus.cli_keys import keys_app
+from fleetbus.bus.directory import (
+    RootPublicKey,
+    load_directory,
+    load_key_file,
+    read_directory_file,
+)
+from fleetbus.bus.errors import FleetbusError, ReasonCode
+
+runner = CliRunner()
+
+
+def _run(*args: str) -> Result:
+    return runner.invoke(keys_app, list(args))
+
+
+def _ok(*args: str) -> Result:
+    result = _run(*args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def keydir(tmp_path: Path) -> Path:
+    directory = tmp_path / "keys"
+    _ok("init", "--dir", str(directory))
+    return directory
+
+
+def _private_strings(paths: list[Path]) -> list[str]:
+    forms: list[str] = []
+    for path in paths:
+        for raw in load_key_file(path).private_keys.values():
+            forms += [raw.hex(), raw.hex().upper(), base64.b64encode(raw).decode()]
+            forms.append(base64.urlsafe_b64encode(raw).decode().rstrip("="))
+    return forms
+
+
+def test_init_creates_root_files(keydir: Path) -> None:
+    assert _mode(keydir / "root.key") == 0o600
+    root = RootPublicKey.from_bytes((keydir / "root.pub").read_bytes())
+    assert root.suite == "composite-mldsa65-ed25519"
+    assert read_directory_file(keydir / "directory.cbor") == []
+    assert load_key_file(keydir / "root.key").key_id == root.key_id
+    result = _run("init", "--dir", str(keydir))
+    assert result.exit_code != 0
+    assert isinstance(result.exception, FleetbusError)
+    assert result.exception.reason is ReasonCode.CONFIG
+
+
+def test_full_lifecycle(keydir: Path) -> None:
+    d = str(keydir)
+    _ok(
+        "issue", "--dir", d, "--principal", "veh-0001", "--kind", "vehicle",
+        "--kem", "xwing", "--kem", "x25519", "--qkd-sae-id", "SAE_VEH_0001",
+        "--valid-days", "90", "--capability", "ota",
+    )  # fmt: skip
+    _ok("issue", "--dir", d, "--principal", "dispatch-1", "--kind", "dispatcher")
+    assert _mode(keydir / "veh-0001.key") == 0o600
+    assert _mode(keydir / "dispatch-1.key") == 0o600
+
+    root = RootPublicKey.from_bytes((keydir / "root.pub").read_bytes())
+    directory = load_directory(keydir / "directory.cbor", root)
+    v1 = directory.latest("veh-0001")
+    assert v1.version == 1
+    assert set(v1.public_keys) == {"ed25519", "mldsa65", "xwing", "x25519"}
+    assert v1.capabilities == {"ota", "pqc", "qkd"}
+    assert v1.qkd_sae_id == "SAE_VEH_0001"
+    assert v1.not_after - v1.not_before == pytest.approx(90 * 86400)
+    key_file = load_key_file(keydir / "veh-0001.key")
+    assert key_file.key_id == v1.key_id
+    message = b"unlock"
+    verifier = directory.verifier_for("veh-0001", v1.key_id, at=v1.not_before + 1)
+    assert verifier.verify(message, key_file.signer().sign(message))
+
+    _ok("rotate", "--dir", d, "--principal", "veh-0001", "--overlap-hours", "2")
+    assert _mode(keydir / "veh-0001.key") == 0o600
+    assert _mode(keydir / "veh-0001.v1.key") == 0o600
+    directory = load_directory(keydir / "directory.cbor", root)
+    v2 = directory.latest("veh-0001")
+    assert v2.version == 2
+    assert v2.key_id != v1.key_id
+    assert v2.overlap_s == 2 * 3600
+    assert set(v2.public_keys) == set(v1.public_keys)
+    assert v2.qkd_sae_id == "SAE_VEH_0001"
+    assert load_key_file(keydir / "veh-0001.key").key_id == v2.key_id
+    assert load_key_file(keydir / "veh-0001.v1.key").key_id == v1.key_id
+    directory.verifier_for("veh-0001", v1.key_id, at=v2.not_before + 3600)
+    with pytest.raises(FleetbusError) as exc:
+        directory.verifier_for("veh-0001", v1.key_id, at=v2.not_before + 2 * 3600 + 1)
+    assert exc.value.reason is ReasonCode.SIGNER_EXPIRED
+
+    _ok("revoke", "--dir", d, "--principal", "veh-0001", "--key-id", v2.key_id)
+    directory = load_directory(keydir / "directory.cbor", root)
+    with pytest.raises(FleetbusError) as exc:
+        directory.verifier_for("veh-0001", v2.key_id, at=v2.not_before + 1)
+    assert exc.value.reason is ReasonCode.SIGNER_REVOKED
+
+    shown = _ok("show", "--dir", d).output
+    assert "veh-0001" in shown
+    assert "dispatch-1" in shown
+    assert v1.key_id in shown
+    assert v2.key_id in shown
+    assert "REVOKED" in shown
+    as_json = json.loads(_ok("show", "--dir", d, "--principal", "veh-0001", "--json").output)
+    assert as_json["root_key_id"] == root.key_id
+    rows = as_json["records"]
+    assert [r["version"] for r in rows] == [1, 2]
+    assert rows[1]["revoked"] is True
+    assert rows[0]["revoked"] is False
+    assert rows[0]["superseded_after"] is not None
+    assert rows[0]["algorithms"] == ["ed25519", "mldsa65", "x25519", "xwing"]
+
+    # No private key material (of any principal or the root) in any output form.
+    secrets = _private_strings(sorted(keydir.glob("*.key")))
+    assert len(secrets) >= 4 * 6
+    for output in (shown, json.dumps(as_json), _ok("show", "--dir", d, "--json").output):
+        for secret in secrets:
+            assert secret not in output
+
+
+def test_issue_errors(keydir: Path) -> None:
+    d = str(keydir)
+    _ok("issue", "--dir", d, "--principal", "veh-1", "--kind", "vehicle")
+    again = _run("issue", "--dir", d, "--principal", "veh-1", "--kind", "vehicle")
+    assert again.exit_code != 0
+    assert isinstance(again.exception, FleetbusError)
+    bad_kind = _run("issue", "--dir", d, "--principal", "x", "--kind", "spaceship")
+    assert isinstance(bad_kind.exception, FleetbusError)
+    bad_kem = _run("issue", "--dir", d, "--principal", "y", "--kind", "edge", "--kem", "rsa")
+    assert isinstance(bad_kem.exception, FleetbusError)
+    bad_name = _run("issue", "--dir", d, "--principal", "../etc", "--kind", "edge")
+    assert isinstance(bad_name.exception, FleetbusError)
+    assert not (keydir.parent / "etc.key").exists()
+
+
+def test_revoke_unknown_key(keydir: Path) -> None:
+    d = str(keydir)
+    _ok("issue", "--dir", d, "--principal", "veh-1", "--kind", "vehicle")
+    result = _run("revoke", "--dir", d, "--principal", "veh-1", "--key-id", "k-nope")
+    assert isinstance(result.exception, FleetbusError)
+    assert result.exception.reason is ReasonCode.UNKNOWN_SIGNER
+
+
+def test_tampered_directory_is_rejected(keydir: Path) -> None:
+    d = str(keydir)
+    _ok("issue", "--dir", d, "--principal", "veh-1", "--kind", "vehicle")
+    path = keydir / "directory.cbor"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01  # inside the last signed record (its root key id)
+    path.write_bytes(bytes(data))
+    result = _run("show", "--dir", d)
+    assert isinstance(result.exception, FleetbusError)
+    assert result.exception.reason in {ReasonCode.BAD_SIGNATURE, ReasonCode.MALFORMED}
+
+
+def test_loose_root_key_mode_is_refused(keydir: Path) -> None:
+    (keydir / "root.key").chmod(0o640)
+    result = _run("issue", "--dir", str(keydir), "--principal", "veh-1", "--kind", "vehicle")
+    assert isinstance(result.exception, FleetbusError)
+    assert result.exception.reason is ReasonCode.CONFIG
