@@ -95,7 +95,8 @@ class OQSProvider(KeyProvider):
         if kem_name not in enabled:
             raise ConfigError(f"liboqs does not enable KEM {kem_name!r}")
         self.kem_name = kem_name
-        self.algorithm = f"oqs:{kem_name}"
+        self._alg = f"oqs:{kem_name}"
+        self.algorithm = self._alg
         with self._oqs.KeyEncapsulation(kem_name) as kem:
             details: dict[str, Any] = dict(kem.details)
         self._ct_length = int(details["length_ciphertext"])
@@ -114,8 +115,8 @@ class OQSProvider(KeyProvider):
         return secret, public
 
     def establish(self, recipient: RecipientKeys, *, context: bytes) -> Encapsulation:
-        public = recipient.public_keys.get(self.algorithm)
-        key_id = recipient.key_ids.get(self.algorithm)
+        public = recipient.public_keys.get(self._alg)
+        key_id = recipient.key_ids.get(self._alg)
         if public is None or key_id is None:
             raise KeyProviderError(
                 f"oqs: recipient {recipient.principal_id!r} has no {self.algorithm} key",
@@ -140,8 +141,8 @@ class OQSProvider(KeyProvider):
         )
 
     def recover(self, key_ref: bytes, key_id: str, own: PrivateKeySet, *, context: bytes) -> bytes:
-        own_id = own.key_ids.get(self.algorithm)
-        private = own.private_keys.get(self.algorithm)
+        own_id = own.key_ids.get(self._alg)
+        private = own.private_keys.get(self._alg)
         if own_id is None or private is None or own_id != key_id:
             raise KeyProviderError(
                 f"oqs: no {self.algorithm} private key with id {key_id!r}",

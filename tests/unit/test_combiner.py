@@ -82,10 +82,11 @@ def test_changing_any_field_changes_key(index: int, field: str) -> None:
     original = combine(encs, transcript)
     value = getattr(encs[index], field)
     if isinstance(value, bytes):
-        changed: bytes | str = bytes([value[0] ^ 0x01]) + value[1:]
+        changed: object = bytes([value[0] ^ 0x01]) + value[1:]
     else:
         changed = value + "x"
-    encs[index] = dataclasses.replace(encs[index], **{field: changed})
+    changes: dict[str, Any] = {field: changed}
+    encs[index] = dataclasses.replace(encs[index], **changes)
     assert combine(encs, transcript) != original
 
 

@@ -260,29 +260,33 @@ def test_no_fallback_does_not_retry_an_incapable_recipient() -> None:
 # -- circuit breaker --------------------------------------------------------------------------
 
 
+def _state(breaker: CircuitBreaker) -> BreakerState:
+    return breaker.state  # a call, so mypy does not keep the narrowing across clock changes
+
+
 def test_circuit_breaker_states() -> None:
     clock = FakeClock()
     breaker = CircuitBreaker(failure_threshold=2, reset_timeout_s=10, clock=clock)
-    assert breaker.state is BreakerState.CLOSED
+    assert _state(breaker) is BreakerState.CLOSED
     breaker.record_failure()
-    assert breaker.state is BreakerState.CLOSED
+    assert _state(breaker) is BreakerState.CLOSED
     assert breaker.allow()
     breaker.record_failure()
-    assert breaker.state is BreakerState.OPEN
+    assert _state(breaker) is BreakerState.OPEN
     assert not breaker.allow()
     clock.now += 9.9
-    assert breaker.state is BreakerState.OPEN
+    assert _state(breaker) is BreakerState.OPEN
     clock.now += 0.1
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert _state(breaker) is BreakerState.HALF_OPEN
     assert breaker.allow()
     breaker.record_failure()  # failed trial: open again, for a full timeout
-    assert breaker.state is BreakerState.OPEN
+    assert _state(breaker) is BreakerState.OPEN
     clock.now += 10
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert _state(breaker) is BreakerState.HALF_OPEN
     breaker.record_success()
-    assert breaker.state is BreakerState.CLOSED
+    assert _state(breaker) is BreakerState.CLOSED
     breaker.record_failure()
-    assert breaker.state is BreakerState.CLOSED  # the failure count was reset
+    assert _state(breaker) is BreakerState.CLOSED  # the failure count was reset
 
 
 def test_sealer_skips_open_circuit_then_half_opens() -> None:
