@@ -24,22 +24,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from contract.sides import ProviderSides
 
-from fleetbus.bus.keys import KeyProvider, PrivateKeySet, RecipientKeys
+from fleetbus.bus.keys import PrivateKeySet, RecipientKeys
 from fleetbus.providers.pki import TestPKI, make_test_pki
 from fleetbus.providers.qkd import QKDProvider
-
-try:
-    from contract.sides import ProviderSides
-except ImportError:  # tests/contract/sides.py not written yet: a compatible stand-in
-
-    @dataclass(frozen=True)
-    class ProviderSides:  # type: ignore[no-redef]
-        sender: KeyProvider
-        receiver: KeyProvider
-        recipient: RecipientKeys
-        own: PrivateKeySet
-
 
 READY_PREFIX = "fleetbus-kme ready "
 START_TIMEOUT_S = 60.0
