@@ -257,9 +257,9 @@ def _uint(value: object, what: str, limit: int = _UINT64_MAX) -> int:
 
 def _array(value: object, what: str, length: int | None = None) -> list[Any]:
     # cbor2 decodes arrays inside tags as tuples and maps as frozendicts; both are fine here.
-    if type(value) not in (list, tuple):
+    if type(value) not in (list, tuple) or not isinstance(value, list | tuple):
         raise _malformed(f"{what} must be an array")
-    items = list(value)  # type: ignore[call-overload]
+    items: list[Any] = list(value)
     if length is not None and len(items) != length:
         raise _malformed(f"{what} must have {length} elements")
     return items
