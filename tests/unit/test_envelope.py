@@ -224,7 +224,7 @@ def test_profile_signature_suite_must_match_the_signer() -> None:
 def test_sealer_refuses_what_recipients_would_reject(changes: dict[str, object]) -> None:
     world = make_world(path="x25519")
     with pytest.raises(EnvelopeError) as info:
-        world.seal(**changes)
+        world.seal(**changes)  # type: ignore[arg-type]
     assert info.value.reason is ReasonCode.CONFIG
 
 

@@ -369,7 +369,7 @@ def test_tampered_header(world: World, change: str) -> None:
         "epoch_seq": {"epoch_seq": 7},
         "iv": {"iv": flip(parsed.header.iv, 0)},
     }[change]  # type: ignore[assignment]
-    protected = with_header(parsed, **changes)  # type: ignore[arg-type]
+    protected = with_header(parsed, **changes)
     if change == "topic":
         assert protected == parsed.protected
         return
