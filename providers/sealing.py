@@ -80,6 +80,7 @@ Clock = Callable[[], float]
 _SIGNER_REASONS = frozenset(
     {ReasonCode.UNKNOWN_SIGNER, ReasonCode.SIGNER_EXPIRED, ReasonCode.SIGNER_REVOKED}
 )
+_DIRECTORY_PASSTHROUGH = frozenset({ReasonCode.KAFKA_UNAVAILABLE, ReasonCode.CONFIG})
 # Recovery failures that are not evidence of tampering: the caller may retry or must fix config.
 _RECOVERY_PASSTHROUGH = frozenset(
     {ReasonCode.UNKNOWN_KEY_ID, ReasonCode.QKD_UNAVAILABLE, ReasonCode.CONFIG}
@@ -572,10 +573,21 @@ class EnvelopeOpener:
         try:
             verifier = self._directory.verifier_for(header.sender, header.sender_key_id, at=now)
         except FleetbusError as exc:
-            reason = exc.reason if exc.reason in _SIGNER_REASONS else ReasonCode.UNKNOWN_SIGNER
+            # An unreachable or misconfigured directory is an operational fault to retry, not
+            # evidence against this envelope; anything else means "not a signer we know".
+            reason = (
+                exc.reason
+                if exc.reason in _SIGNER_REASONS or exc.reason in _DIRECTORY_PASSTHROUGH
+                else ReasonCode.UNKNOWN_SIGNER
+            )
             raise EnvelopeError(
                 f"signer {header.sender!r} key {header.sender_key_id!r}: {reason.value}",
                 reason=reason,
+            ) from exc
+        except Exception as exc:
+            raise EnvelopeError(
+                f"signer {header.sender!r} key {header.sender_key_id!r}: unknown_signer",
+                reason=ReasonCode.UNKNOWN_SIGNER,
             ) from exc
         if verifier.suite != header.signature_suite:
             raise EnvelopeError(

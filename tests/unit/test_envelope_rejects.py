@@ -25,8 +25,8 @@ from fleetbus.bus.envelope import (
     decode_envelope,
     encode_envelope,
 )
-from fleetbus.bus.errors import ReasonCode
-from fleetbus.bus.keys import PrivateKeySet
+from fleetbus.bus.errors import FleetbusError, KafkaUnavailableError, ReasonCode
+from fleetbus.bus.keys import PrivateKeySet, Verifier
 from fleetbus.providers.sealing import EnvelopeOpener, EpochPolicy, SealRequest
 
 
@@ -203,6 +203,35 @@ def test_downgrade() -> None:
 def test_unknown_signer(world: World) -> None:
     world.directory.entries.clear()
     assert reason_of(world, world.seal()) is ReasonCode.UNKNOWN_SIGNER
+
+
+class _BrokenDirectory:
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def verifier_for(self, principal_id: str, key_id: str, *, at: float) -> Verifier:
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (KeyError("x"), ReasonCode.UNKNOWN_SIGNER),
+        (FleetbusError("odd", reason=ReasonCode.POLICY_DENIED), ReasonCode.UNKNOWN_SIGNER),
+        (KafkaUnavailableError("down"), ReasonCode.KAFKA_UNAVAILABLE),
+    ],
+)
+def test_directory_failures(world: World, exc: Exception, reason: ReasonCode) -> None:
+    opener = EnvelopeOpener(
+        world.vehicle.own,
+        _BrokenDirectory(exc),
+        world.runner,
+        world.profile.minimum_path,
+        clock=world.clock,
+    )
+    with pytest.raises(EnvelopeError) as info:
+        opener.open(world.seal(), topic=TOPIC)
+    assert info.value.reason is reason
 
 
 def test_expired_signer(world: World) -> None:
