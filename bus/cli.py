@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fleetbus.bus.cli_keys import keys_app
+from fleetbus.bus.cli_kme import kme_app
 from fleetbus.bus.dev.kafka import LocalKafka, cache_root
 from fleetbus.bus.errors import FleetbusError
 from fleetbus.bus.settings import FleetbusSettings
@@ -23,6 +25,8 @@ kafka_app = typer.Typer(
 )
 app.add_typer(dev_app, name="dev")
 dev_app.add_typer(kafka_app, name="kafka")
+app.add_typer(keys_app, name="keys")
+app.add_typer(kme_app, name="kme")
 
 HomeOpt = Annotated[
     Path | None,

@@ -44,4 +44,13 @@ def create_app(settings: FleetbusSettings | None = None) -> faust.App:
         async for event in stream.events():
             await sink.send(key=event.key, value=event.value)
 
+    # faust only sends inside a transaction to topics that the worker subscribes to and that
+    # are co-partitioned with the source (it needs their partition metadata and assignor group
+    # to pick the transactional producer); to any other topic it silently sends without one.
+    # Subscribing to the sink makes the forward exactly-once. See docs/kafka.md.
+    @app.agent(sink)
+    async def observe_forwarded(stream: faust.StreamT[bytes]) -> None:
+        async for _ in stream:
+            pass
+
     return app

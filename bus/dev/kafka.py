@@ -334,9 +334,11 @@ class LocalKafka:
                     self.log_file(dead[0] - 1)
                 )
                 raise KafkaUnavailableError(f"kafka node(s) {dead} exited during start-up:\n{tail}")
-            if self.answers_metadata(timeout_s=5):
+            # Probe the sockets first: a client started too early backs off for many seconds.
+            sockets_open = all(_port_accepts(self.client_port(i)) for i in range(self.brokers))
+            if sockets_open and self.answers_metadata(timeout_s=5):
                 return
-            time.sleep(0.5)
+            time.sleep(0.3)
         raise KafkaUnavailableError(
             f"kafka at {self.bootstrap} did not answer within {timeout_s:.0f}s; "
             f"see {self.log_file(0)}"
@@ -426,6 +428,12 @@ def _alive(pid: int) -> bool:
     except OSError:
         return True
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _port_accepts(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -24,11 +24,6 @@ from fleetbus.bus.keys import KeyProviderError, PrivateKeySet, RecipientKeys
 from fleetbus.bus.registry import KEY_PROVIDER_GROUP, available, load_key_provider
 from fleetbus.providers.oqs import liboqs_available
 
-# The KME fixtures are a plugin (tests/ is on sys.path via the root conftest); when it is not
-# there yet, the qkd cases skip (see provider_sides).
-if importlib.util.find_spec("fixtures_kme") is not None:
-    pytest_plugins = ["fixtures_kme"]
-
 PROVIDERS = ["x25519", "mlkem768", "xwing", "oqs", "qkd-etsi014"]
 QKD = "qkd-etsi014"
 KEY_ID = "vehicle-0001/kem/1"

@@ -1,0 +1,113 @@
+"""Shared fixtures: a real Kafka broker for the whole session, and unique topics per test.
+
+Broker resolution order: ``FLEETBUS_KAFKA_BOOTSTRAP`` (an existing cluster), then testcontainers
+when a Docker engine answers, then the Kafka this project provisions from Maven. Under CI=true a
+missing broker fails the run; it never silently skips.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from fleetbus.bus.dev.kafka import LocalKafka, find_free_base_port
+from fleetbus.bus.topics import ensure_topics
+
+pytest_plugins = ["fixtures_kme"]
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+@dataclass(frozen=True)
+class KafkaUnderTest:
+    bootstrap: str
+    origin: str  # "env" | "testcontainers" | "local <version>"
+    cluster: LocalKafka | None = None
+
+
+def _docker_engine_answers() -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:  # any failure means: no engine to use
+        return False
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaUnderTest]:
+    existing = os.environ.get("FLEETBUS_KAFKA_BOOTSTRAP")
+    if existing:
+        yield KafkaUnderTest(existing, "env")
+        return
+    if _docker_engine_answers():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer("apache/kafka:4.1.1").with_kraft() as container:
+            yield KafkaUnderTest(container.get_bootstrap_server(), "testcontainers")
+        return
+    cluster = LocalKafka(
+        home=tmp_path_factory.mktemp("kafka"), base_port=find_free_base_port(2), heap_mb=768
+    )
+    try:
+        version = cluster.up(timeout_s=180)
+    except Exception as exc:
+        cluster.down()
+        message = f"no Kafka broker for integration tests: {exc}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield KafkaUnderTest(cluster.bootstrap, f"local Apache Kafka {version}", cluster)
+    finally:
+        cluster.down()
+
+
+@pytest.fixture
+def kafka_bootstrap(kafka: KafkaUnderTest) -> str:
+    return kafka.bootstrap
+
+
+@pytest.fixture
+def make_topics(kafka_bootstrap: str) -> Callable[..., list[str]]:
+    """Create uniquely named topics for one test: ``make_topics("in", "out", partitions=2)``."""
+
+    def make(*names: str, partitions: int = 1, replication_factor: int = 1) -> list[str]:
+        run = uuid.uuid4().hex[:10]
+        full = [f"test.{run}.{name}" for name in names]
+        ensure_topics(
+            kafka_bootstrap, full, partitions=partitions, replication_factor=replication_factor
+        )
+        return full
+
+    return make
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in item.nodeid.split("/"):
+            item.add_marker(pytest.mark.integration)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    stats = terminalreporter.stats
+
+    def count(outcome: str) -> int:
+        return sum(
+            1
+            for rep in stats.get(outcome, [])
+            if getattr(rep, "when", "call") == "call" and "integration" in rep.keywords
+        )
+
+    terminalreporter.write_line(
+        f"integration tests against real services: {count('passed')} passed, "
+        f"{count('failed')} failed, {count('skipped')} skipped"
+    )

@@ -1,0 +1,50 @@
+"""The local KRaft cluster's configuration, without starting it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fleetbus.bus.dev.kafka import LocalKafka
+from fleetbus.bus.errors import ConfigError
+
+
+def _props(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if line)
+
+
+def test_single_node_listens_on_loopback_and_never_auto_creates(tmp_path: Path) -> None:
+    cluster = LocalKafka(home=tmp_path, base_port=30000)
+    props = _props(cluster.server_properties(0))
+    assert cluster.bootstrap == "127.0.0.1:30000"
+    assert props["listeners"] == "PLAINTEXT://127.0.0.1:30000,CONTROLLER://127.0.0.1:30001"
+    assert props["auto.create.topics.enable"] == "false"
+    assert props["process.roles"] == "broker,controller"
+    assert props["transaction.state.log.replication.factor"] == "1"
+
+
+def test_three_nodes_replicate_three_ways_with_two_in_sync(tmp_path: Path) -> None:
+    cluster = LocalKafka(home=tmp_path, brokers=3, base_port=30000)
+    assert cluster.bootstrap == "127.0.0.1:30000,127.0.0.1:30002,127.0.0.1:30004"
+    for node in range(3):
+        props = _props(cluster.server_properties(node))
+        assert props["node.id"] == str(node + 1)
+        assert props["controller.quorum.voters"] == (
+            "1@127.0.0.1:30001,2@127.0.0.1:30003,3@127.0.0.1:30005"
+        )
+        assert props["default.replication.factor"] == "3"
+        assert props["min.insync.replicas"] == "2"
+        assert props["transaction.state.log.min.isr"] == "2"
+        assert props["log.dirs"].startswith(str(tmp_path / f"node-{node + 1}"))
+
+
+def test_only_one_or_three_nodes(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        LocalKafka(home=tmp_path, brokers=2)
+
+
+def test_status_of_a_cluster_never_started(tmp_path: Path) -> None:
+    status = LocalKafka(home=tmp_path, base_port=30010).status()
+    assert status["ready"] is False
+    assert status["nodes"] == [{"node_id": 1, "pid": None, "port": 30010}]
