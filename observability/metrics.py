@@ -1,0 +1,103 @@
+"""Prometheus metrics of the bus: one definition per metric, shared by every process.
+
+Names follow Prometheus conventions (``fleetbus_`` prefix, base units, ``_total`` counters).
+Label values are bounded sets — stages, reason codes, profiles, key-path names, providers —
+never vehicle, command or principal ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+#: Buckets for in-process stages: 50 µs .. 2.5 s.
+STAGE_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5,
+)  # fmt: skip
+#: Buckets for dispatch-to-ack latency: 5 ms .. 60 s.
+E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+registry: CollectorRegistry = REGISTRY
+
+STAGE_LATENCY = Histogram(
+    "fleetbus_stage_duration_seconds",
+    "Time one record spends in a pipeline stage (authorize, seal, open, execute, track, ...).",
+    ["stage"],
+    buckets=STAGE_BUCKETS,
+)
+COMMAND_LATENCY = Histogram(
+    "fleetbus_command_e2e_latency_seconds",
+    "From the command's issued-at to the terminal status (succeeded, failed, rejected, expired).",
+    ["outcome"],
+    buckets=E2E_BUCKETS,
+)
+RECORDS = Counter(
+    "fleetbus_records_total",
+    "Records a stage finished, by outcome (ok, rejected, dlq).",
+    ["stage", "outcome"],
+)
+PRODUCE_RETRIES = Counter(
+    "fleetbus_kafka_produce_retries_total",
+    "Kafka produce or transaction attempts retried.",
+    ["stage"],
+)
+PRODUCE_ERRORS = Counter(
+    "fleetbus_kafka_produce_errors_total",
+    "Kafka produce or transaction attempts that failed.",
+    ["stage"],
+)
+KEYPATH_SELECTED = Counter(
+    "fleetbus_keypath_selected_total",
+    "Envelopes sealed, by security profile and the key path used.",
+    ["profile", "path"],
+)
+KEYPATH_FAILOVER = Counter(
+    "fleetbus_keypath_failover_total",
+    "Key-path failovers: a path was skipped or failed and the next one tried.",
+    ["profile", "from_path", "to_path", "reason"],
+)
+PROVIDER_UP = Gauge(
+    "fleetbus_provider_up",
+    "1 when the key provider's last health probe or operation succeeded, else 0.",
+    ["provider"],
+)
+CIRCUIT_STATE = Gauge(
+    "fleetbus_provider_circuit_state",
+    "Circuit breaker per provider: 0 closed, 1 half-open, 2 open.",
+    ["provider"],
+)
+QKD_KEY_POOL = Gauge(
+    "fleetbus_qkd_stored_keys",
+    "Keys available at the local KME for this SAE, from its ETSI 014 status.",
+    ["slave_sae"],
+)
+POLICY_DECISIONS = Counter(
+    "fleetbus_policy_decisions_total",
+    "Authorization decisions by outcome (allow, deny, pending) and reason code.",
+    ["outcome", "reason"],
+)
+DLQ_RECORDS = Counter(
+    "fleetbus_dlq_records_total",
+    "Records sent to the dead-letter queue, by stage and reason code.",
+    ["stage", "reason"],
+)
+ENVELOPE_REJECTS = Counter(
+    "fleetbus_envelope_rejects_total",
+    "Envelopes that failed to open, by the receiving role and reason code.",
+    ["role", "reason"],
+)
+KEY_EXPIRY = Gauge(
+    "fleetbus_key_expiry_seconds",
+    "Seconds until the soonest-expiring key of each principal kind in the key directory.",
+    ["kind"],
+)
+CONSUMER_LAG = Gauge(
+    "fleetbus_consumer_lag_records",
+    "Records between the committed offset and the end of each input topic, per stage.",
+    ["stage", "topic"],
+)
+AUDIT_RECORDS = Counter(
+    "fleetbus_audit_records_total",
+    "Audit records written, by event type.",
+    ["event"],
+)
