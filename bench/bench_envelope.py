@@ -4,10 +4,11 @@ bench/results/envelope.json. Not a test: numbers depend on the machine and its l
 
     .venv/bin/python bench/bench_envelope.py [--iterations 200] [--payload 512]
 
-QKD rows run only when both ends of a KME pair are configured, as JSON objects of
+QKD rows use a KME pair the benchmark starts itself (``fleetbus kme serve`` over mTLS on
+loopback), unless both ends of another KME pair are configured, as JSON objects of
 ``QKDProvider`` keyword arguments, in FLEETBUS_BENCH_QKD_SENDER and FLEETBUS_BENCH_QKD_RECIPIENT
-(the recipient's needs ``master_sae_id``) and the recipient's SAE id in
-FLEETBUS_BENCH_QKD_RECIPIENT_SAE; otherwise the table says "skipped: no KME".
+(the recipient's needs ``master_sae_id``) with the recipient's SAE id in
+FLEETBUS_BENCH_QKD_RECIPIENT_SAE. ``--no-kme`` skips them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from fleetbus.bus.dev.kme import KMEPairProcess
 from fleetbus.bus.keys import (
     KeyPath,
     KeyProvider,
@@ -71,12 +74,21 @@ class _Directory:
         return self._verifier
 
 
+_LOCAL_KME: KMEPairProcess | None = None
+
+
 def _qkd_providers() -> tuple[KeyProvider, KeyProvider, str] | None:
     sender_cfg = os.environ.get("FLEETBUS_BENCH_QKD_SENDER")
     recipient_cfg = os.environ.get("FLEETBUS_BENCH_QKD_RECIPIENT")
     recipient_sae = os.environ.get("FLEETBUS_BENCH_QKD_RECIPIENT_SAE")
     if not (sender_cfg and recipient_cfg and recipient_sae):
-        return None
+        if _LOCAL_KME is None:
+            return None
+        sender_cfg = json.dumps(_LOCAL_KME.provider_config("sae-hub"))
+        recipient_cfg = json.dumps(
+            _LOCAL_KME.provider_config("sae-edge-1", master_sae_id="sae-hub")
+        )
+        recipient_sae = "sae-edge-1"
     from fleetbus.providers.qkd import QKDProvider
 
     return (
@@ -192,9 +204,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--payload", type=int, default=512)
+    parser.add_argument(
+        "--no-kme",
+        action="store_true",
+        help="do not start a local KME pair for the qkd-etsi014 rows",
+    )
     args = parser.parse_args()
     payload = os.urandom(args.payload)
     n = args.iterations
+    global _LOCAL_KME
+    if not args.no_kme and "FLEETBUS_BENCH_QKD_SENDER" not in os.environ:
+        # A real KME pair over mTLS on loopback; each QKD establish is one enc_keys round trip.
+        _LOCAL_KME = KMEPairProcess(
+            Path(tempfile.mkdtemp(prefix="fleetbus-bench-kme-")), ["sae-hub"], ["sae-edge-1"]
+        ).start()
+    try:
+        run_all(args, payload, n)
+    finally:
+        if _LOCAL_KME is not None:
+            _LOCAL_KME.stop()
+
+
+def run_all(args: argparse.Namespace, payload: bytes, n: int) -> None:
 
     rows = [baseline(payload, n)]
     for path in PATHS:

@@ -1,0 +1,115 @@
+"""A KME pair (``fleetbus kme serve``) in a child process, with its test PKI, for the demo and
+the benchmarks. Tests use the fixtures in ``tests/fixtures_kme.py`` instead."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleetbus.bus.errors import ConfigError
+
+READY_PREFIX = "fleetbus-kme ready "
+
+
+@dataclass
+class KMEPairProcess:
+    """Two ETSI 014 KMEs joined by a simulated link, running until ``stop()``.
+
+    SAEs in ``sae_a`` sit behind KME-A (the sealing side, master), those in ``sae_b`` behind
+    KME-B (edge units, slaves). Certificates are written to ``workdir / "pki"``.
+    """
+
+    workdir: Path
+    sae_a: list[str]
+    sae_b: list[str]
+    key_rate_bps: float = 1_000_000.0
+    pool_size: int = 4096
+    urls: dict[str, str] = field(default_factory=dict)
+    _proc: subprocess.Popen[str] | None = field(default=None, repr=False)
+
+    @property
+    def pki(self) -> Path:
+        return self.workdir / "pki"
+
+    def start(self, timeout_s: float = 60.0) -> KMEPairProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cli = [sys.executable, "-m", "fleetbus.bus.cli_kme"]
+        saes = [arg for sae in (*self.sae_a, *self.sae_b) for arg in ("--sae", sae)]
+        subprocess.run(  # noqa: S603
+            [*cli, "certs", "--out", str(self.pki), *saes],
+            check=True,
+            capture_output=True,
+        )
+        args = [
+            *cli, "serve", "--cert-dir", str(self.pki),
+            "--port-a", "0", "--port-b", "0", "--admin-port", "0",
+            "--key-rate", str(self.key_rate_bps), "--pool-size", str(self.pool_size),
+            "--prefill", str(self.pool_size),
+            *[a for sae in self.sae_a for a in ("--sae-a", sae)],
+            *[a for sae in self.sae_b for a in ("--sae-b", sae)],
+        ]  # fmt: skip
+        log = open(self.workdir / "kme.log", "w")  # noqa: SIM115 - the child keeps it
+        self._proc = subprocess.Popen(  # noqa: S603
+            args, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
+        )
+        log.close()
+        found: dict[str, Any] = {}
+
+        def read() -> None:
+            assert self._proc is not None and self._proc.stdout is not None
+            for line in self._proc.stdout:
+                if line.startswith(READY_PREFIX) and not found:
+                    found.update(json.loads(line[len(READY_PREFIX) :]))
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        while not found:
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = (self.workdir / "kme.log").read_text(errors="replace")[-2000:]
+                raise ConfigError(f"the KME pair did not start:\n{tail}")
+            time.sleep(0.05)
+        self.urls = {k: str(v) for k, v in found.items()}
+        return self
+
+    def provider_config(self, sae_id: str, *, master_sae_id: str | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``QKDProvider`` acting as ``sae_id``."""
+        side = "kme_a" if sae_id in self.sae_a else "kme_b"
+        config: dict[str, Any] = {
+            "kme_url": self.urls[side],
+            "sae_id": sae_id,
+            "ca_file": str(self.pki / "ca.pem"),
+            "cert_file": str(self.pki / f"{sae_id}.pem"),
+            "key_file": str(self.pki / f"{sae_id}.key"),
+        }
+        if master_sae_id is not None:
+            config["master_sae_id"] = master_sae_id
+        return config
+
+    def admin(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST to the admin endpoint, e.g. ``admin("/admin/link", {"up": False})``."""
+        import urllib.request
+
+        req = urllib.request.Request(  # noqa: S310 - loopback admin URL we started
+            self.urls["admin"] + path, data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+            result: dict[str, Any] = json.loads(resp.read())
+        return result
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
