@@ -63,9 +63,11 @@ class KMEPairProcess:
         log.close()
         found: dict[str, Any] = {}
 
+        stdout = self._proc.stdout
+        assert stdout is not None
+
         def read() -> None:
-            assert self._proc is not None and self._proc.stdout is not None
-            for line in self._proc.stdout:
+            for line in stdout:
                 if line.startswith(READY_PREFIX) and not found:
                     found.update(json.loads(line[len(READY_PREFIX) :]))
 
