@@ -28,6 +28,54 @@ class TopicNames(BaseModel):
         return self.prefix + name
 
 
+class ProfileSettings(BaseModel):
+    """A security profile: key paths in preference order (``+`` joins providers)."""
+
+    key_paths: list[str] = Field(
+        description="key paths in preference order, e.g. qkd-etsi014+xwing"
+    )
+    allow_fallback: bool = Field(
+        default=True, description="False: only the first path; retry with backoff, then reject"
+    )
+    minimum_path: str = Field(description="the weakest path a recipient must accept")
+    signature_suite: str = Field(
+        default="composite-mldsa65-ed25519", description="suite the bus sealer signs with"
+    )
+
+
+class ProfileRule(BaseModel):
+    """First matching rule picks the profile of an (action criticality, vehicle) pair.
+
+    ``criticality`` None matches any; ``capability`` None matches any vehicle, otherwise the
+    vehicle's key record must carry it (``pqc``, ``qkd``).
+    """
+
+    profile: str
+    criticality: str | None = None
+    capability: str | None = None
+
+
+def _default_profiles() -> dict[str, ProfileSettings]:
+    return {
+        "enclave": ProfileSettings(
+            key_paths=["qkd-etsi014+xwing"], allow_fallback=False, minimum_path="qkd-etsi014+xwing"
+        ),
+        "standard": ProfileSettings(key_paths=["qkd-etsi014+xwing", "xwing"], minimum_path="xwing"),
+        "pqc": ProfileSettings(key_paths=["xwing"], minimum_path="xwing"),
+        # Only ever chosen for vehicles without the pqc capability (see profile_rules).
+        "legacy": ProfileSettings(key_paths=["x25519"], minimum_path="x25519"),
+    }
+
+
+def _default_rules() -> list[ProfileRule]:
+    return [
+        ProfileRule(profile="enclave", criticality="high", capability="qkd"),
+        ProfileRule(profile="standard", capability="qkd"),
+        ProfileRule(profile="pqc", capability="pqc"),
+        ProfileRule(profile="legacy"),
+    ]
+
+
 class FleetbusSettings(BaseSettings):
     """Process settings. Nested fields use ``__``: ``FLEETBUS_TOPICS__PREFIX=acme.``."""
 
@@ -53,3 +101,80 @@ class FleetbusSettings(BaseSettings):
     # Smoke pipeline (foundation demo): forwards `smoke_source` to `smoke_sink`.
     smoke_source: str = "fleet.smoke.in"
     smoke_sink: str = "fleet.smoke.out"
+
+    # --- command pipeline ------------------------------------------------------------------
+    pipeline: str = Field(
+        default="auto",
+        pattern="^(auto|on|off)$",
+        description="run authorize/seal/track/telemetry in the worker; auto: when keys_dir "
+        "holds a key directory",
+    )
+    keys_dir: str = Field(
+        default="~/.config/fleetbus/keys",
+        description="key directory made by `fleetbus keys` (root.pub, directory.cbor, *.key)",
+    )
+    sealer_principal: str = Field(
+        default="bus-sealer", description="principal whose keys seal commands and sign audit"
+    )
+    fleet_registry: str | None = Field(
+        default=None,
+        description="operators/vehicles/groups/actions file (JSON); default keys_dir/fleet.json",
+    )
+    policy_dir: str | None = Field(
+        default=None, description="folder of *.cedar policies; default: the packaged policies"
+    )
+    approval_window_s: float = Field(
+        default=300.0, gt=0, description="how long a high-criticality command waits for approvals"
+    )
+    approvals_required: int = Field(
+        default=1, ge=0, description="M of M-of-N: distinct approvers a high-criticality needs"
+    )
+    replay_ttl_s: float = Field(
+        default=86400.0,
+        gt=0,
+        description="longest command lifetime accepted; seen ids are kept until expiry + skew",
+    )
+    clock_skew_s: float = Field(default=30.0, ge=0, description="allowed clock skew")
+    max_message_bytes: int = Field(
+        default=32 * 1024, ge=1024, description="larger input records go to the DLQ (oversize)"
+    )
+    seal_epochs: bool = Field(
+        default=False, description="reuse one key establishment per (vehicle, profile) epoch"
+    )
+    epoch_max_age_s: float = Field(default=300.0, gt=0, description="key epoch lifetime")
+    epoch_max_messages: int = Field(default=10_000, ge=1, description="messages per key epoch")
+    batch_signing: bool = Field(
+        default=False, description="one signature over a Merkle root per sealed batch"
+    )
+    profiles: dict[str, ProfileSettings] = Field(
+        default_factory=_default_profiles, description="security profiles by name"
+    )
+    profile_rules: list[ProfileRule] = Field(
+        default_factory=_default_rules, description="first match picks the profile"
+    )
+    response_minimum_path: str = Field(
+        default="x25519", description="weakest key path accepted on responses and telemetry"
+    )
+    qkd_kme_url: str | None = Field(default=None, description="the bus's ETSI 014 KME (https)")
+    qkd_sae_id: str | None = Field(default=None, description="the bus's SAE id at its KME")
+    qkd_ca_file: str | None = Field(default=None, description="CA of the KME (PEM)")
+    qkd_cert_file: str | None = Field(default=None, description="client certificate (PEM)")
+    qkd_key_file: str | None = Field(default=None, description="client private key (PEM)")
+    provider_timeout_s: float = Field(default=5.0, gt=0, description="per key-provider call")
+    keypath_retries: int = Field(default=2, ge=0, description="retries of a no-fallback path")
+    audit_checkpoint_every: int = Field(
+        default=100, ge=1, description="records between signed audit checkpoints"
+    )
+    telemetry_consumer: str = Field(
+        default="analytics", description="consumer the telemetry export policy is evaluated for"
+    )
+    stage_batch_size: int = Field(
+        default=50, ge=1, description="input records per partition committed in one transaction"
+    )
+    tick_interval_s: float = Field(
+        default=1.0, gt=0, description="how often expiry and approval-window timers run"
+    )
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Prometheus /metrics port of the worker; 0: off"
+    )
+    metrics_bind: str = Field(default="127.0.0.1", description="address /metrics listens on")

@@ -1,0 +1,170 @@
+"""Who is who in the fleet for policy: operators and their roles, vehicles and their groups,
+actions and their criticality.
+
+Vehicles, groups and capabilities come from the key directory's records (the fleet root vouches
+for them); an optional registry file (JSON or YAML, ``keys_dir/fleet.json`` by default) adds
+operator roles, vehicle attributes, extra group memberships and the action catalogue.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleetbus.bus.errors import ConfigError
+
+__all__ = [
+    "CRITICALITIES",
+    "DEFAULT_ACTIONS",
+    "ActionSpec",
+    "FleetRegistry",
+    "Operator",
+    "Vehicle",
+]
+
+CRITICALITIES = ("routine", "elevated", "high")
+
+#: The action catalogue used when the registry file names none.
+DEFAULT_ACTIONS: Mapping[str, str] = {
+    "ping": "routine",
+    "lock_doors": "routine",
+    "set_climate": "routine",
+    "push_route": "routine",
+    "set_battery_profile": "elevated",
+    "unlock_doors": "high",
+    "disable_vehicle": "high",
+    "push_firmware": "high",
+}
+
+#: Roles an operator gets from its key-directory kind when the registry file is silent.
+_ROLES_BY_KIND: Mapping[str, frozenset[str]] = {
+    "dispatcher": frozenset({"dispatcher"}),
+    "approver": frozenset({"approver"}),
+}
+
+
+@dataclass(frozen=True)
+class Operator:
+    id: str
+    roles: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Vehicle:
+    id: str
+    groups: frozenset[str] = frozenset()
+    capabilities: frozenset[str] = frozenset()
+    attributes: Mapping[str, str | int | bool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    name: str
+    criticality: str
+
+
+@dataclass
+class FleetRegistry:
+    operators: dict[str, Operator] = field(default_factory=dict)
+    vehicles: dict[str, Vehicle] = field(default_factory=dict)
+    actions: dict[str, ActionSpec] = field(default_factory=dict)
+
+    def criticality(self, action: str) -> str | None:
+        spec = self.actions.get(action)
+        return None if spec is None else spec.criticality
+
+    def groups(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for vehicle in sorted(self.vehicles.values(), key=lambda v: v.id):
+            for group in vehicle.groups:
+                out.setdefault(group, []).append(vehicle.id)
+        return out
+
+    def group_members(self, group: str) -> list[str]:
+        return self.groups().get(group, [])
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_mapping(cls, doc: Mapping[str, Any]) -> FleetRegistry:
+        """Build from the registry file's document (see docs/policy.md for the format)."""
+        if not isinstance(doc, Mapping):
+            raise ConfigError("fleet registry: the document must be a map")
+        registry = cls()
+        try:
+            for op_id, spec in dict(doc.get("operators") or {}).items():
+                registry.operators[str(op_id)] = Operator(
+                    str(op_id), frozenset(str(r) for r in spec.get("roles", []))
+                )
+            for v_id, spec in dict(doc.get("vehicles") or {}).items():
+                registry.vehicles[str(v_id)] = Vehicle(
+                    str(v_id),
+                    groups=frozenset(str(g) for g in spec.get("groups", [])),
+                    capabilities=frozenset(str(c) for c in spec.get("capabilities", [])),
+                    attributes=dict(spec.get("attributes", {})),
+                )
+            actions = doc.get("actions")
+            if actions is None:
+                actions = {name: {"criticality": c} for name, c in DEFAULT_ACTIONS.items()}
+            for name, spec in dict(actions).items():
+                crit = spec if isinstance(spec, str) else str(spec.get("criticality", "routine"))
+                if crit not in CRITICALITIES:
+                    raise ConfigError(
+                        f"fleet registry: action {name!r} has criticality {crit!r}; "
+                        f"choose from {', '.join(CRITICALITIES)}"
+                    )
+                registry.actions[str(name)] = ActionSpec(str(name), crit)
+        except ConfigError:
+            raise
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ConfigError(f"fleet registry: unexpected structure ({exc})") from None
+        return registry
+
+    @classmethod
+    def load(cls, path: Path) -> FleetRegistry:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"fleet registry {path} does not exist") from None
+        if path.suffix in {".yaml", ".yml"}:
+            try:
+                import yaml
+            except ImportError:  # pragma: no cover - PyYAML is optional
+                raise ConfigError("a YAML fleet registry needs PyYAML; use JSON") from None
+            doc = yaml.safe_load(text)
+        else:
+            try:
+                doc = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"fleet registry {path}: invalid JSON ({exc.msg})") from None
+        return cls.from_mapping(doc or {})
+
+    def with_directory_records(self, records: Iterable[Any]) -> FleetRegistry:
+        """Merge key-directory records (``KeyRecord``): vehicles/edge units with their groups
+        and capabilities, dispatchers/approvers with roles from their kind. The file's entries
+        add to what the directory says; they never remove a directory group or capability."""
+        latest: dict[str, Any] = {}
+        for record in records:
+            current = latest.get(record.principal_id)
+            if current is None or record.version > current.version:
+                latest[record.principal_id] = record
+        merged = FleetRegistry(
+            operators=dict(self.operators), vehicles=dict(self.vehicles), actions=dict(self.actions)
+        )
+        for pid, record in latest.items():
+            if record.kind in {"vehicle", "edge"}:
+                extra = merged.vehicles.get(pid, Vehicle(pid))
+                merged.vehicles[pid] = Vehicle(
+                    pid,
+                    groups=frozenset(record.groups) | extra.groups,
+                    capabilities=frozenset(record.capabilities) | extra.capabilities,
+                    attributes={"kind": record.kind, **dict(extra.attributes)},
+                )
+            elif record.kind in _ROLES_BY_KIND:
+                extra_op = merged.operators.get(pid)
+                roles = _ROLES_BY_KIND[record.kind] if extra_op is None else extra_op.roles
+                merged.operators[pid] = Operator(pid, roles)
+        return merged
