@@ -1,0 +1,721 @@
+"""The vehicle / edge SDK: receive sealed commands, execute each at most once, answer signed.
+
+``VehicleAgent`` serves one or many vehicles (a simulator runs a thousand in one process) from
+``commands.outbound``; a handler per action does the work. Every answer is a ``Response`` sealed
+to the bus sealer as an envelope of kind ``rsp`` on ``commands.responses``. Telemetry goes the
+same way (kind ``tel``, ``telemetry.raw``). See ``docs/sdk.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from fleetbus.bus.commands import (
+    Command,
+    ParamValue,
+    Response,
+    SignedCommand,
+    Telemetry,
+    new_command_id,
+)
+from fleetbus.bus.directory import (
+    KeyDirectory,
+    PrincipalKeyFile,
+    RootPublicKey,
+    load_directory,
+    load_key_file,
+)
+from fleetbus.bus.envelope import DEFAULT_MAX_SIZE, MessageKind, decode_envelope
+from fleetbus.bus.errors import ConfigError, FleetbusError, KafkaUnavailableError, ReasonCode
+from fleetbus.bus.keys import KeyPath, KeyProvider, PrivateKeySet, SecurityProfile, Signer
+from fleetbus.bus.settings import FleetbusSettings
+
+if TYPE_CHECKING:
+    from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
+    from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer
+
+__all__ = [
+    "ExecutedStore",
+    "Handler",
+    "HandlerResult",
+    "VehicleAgent",
+    "VehicleIdentity",
+    "load_key_directory",
+]
+
+_log = logging.getLogger(__name__)
+
+#: Default uplink (response, telemetry) key path to the bus sealer.
+DEFAULT_UPLINK_PATHS: Final = (KeyPath(("xwing",)),)
+#: KEM providers every agent can recover with; QKD is added per edge unit.
+DEFAULT_KEM_PROVIDERS: Final = ("x25519", "mlkem768", "xwing")
+#: Lifetime of a response / telemetry envelope.
+UPLINK_TTL_S: Final = 300.0
+#: How long an executed command id is remembered after its expiry (envelopes expire first).
+STORE_GRACE_S: Final = 3600.0
+
+# Opener rejects raised *after* the signature of the sealer has verified (see the check order
+# in docs/wire-format.md): the envelope is authentic, so the vehicle may answer with a 4xx/5xx.
+_AUTHENTICATED_REJECTS: Final = frozenset(
+    {ReasonCode.UNKNOWN_KEY_ID, ReasonCode.TAMPERED, ReasonCode.QKD_UNAVAILABLE}
+)
+_STATUS_FOR_REJECT: Final = {
+    ReasonCode.UNKNOWN_KEY_ID: 400,
+    ReasonCode.TAMPERED: 400,
+    ReasonCode.QKD_UNAVAILABLE: 503,
+    ReasonCode.MALFORMED: 400,
+    ReasonCode.OVERSIZE: 413,
+    ReasonCode.UNSUPPORTED_VERSION: 400,
+    ReasonCode.WRONG_RECIPIENT: 400,
+    ReasonCode.EXPIRED: 408,
+    ReasonCode.BAD_SIGNATURE: 403,
+    ReasonCode.UNKNOWN_SIGNER: 403,
+    ReasonCode.SIGNER_EXPIRED: 403,
+    ReasonCode.SIGNER_REVOKED: 403,
+    ReasonCode.NOT_YET_VALID: 403,
+}
+
+
+@dataclass(frozen=True)
+class HandlerResult:
+    """What a handler reports: an HTTP-like status (2xx done, 4xx refused, 5xx failed)."""
+
+    status: int = 200
+    detail: str = ""
+
+
+#: A command handler. Returning None means 200; raising means 500 (the message is not sent).
+Handler = Callable[[Command], HandlerResult | None]
+
+
+@dataclass(frozen=True)
+class VehicleIdentity:
+    """One vehicle's (or edge unit's) own keys: KEM private keys to open, a signer to answer."""
+
+    vehicle_id: str
+    keys: PrivateKeySet
+    signer: Signer
+
+    @classmethod
+    def from_key_file(cls, key_file: PrincipalKeyFile) -> VehicleIdentity:
+        return cls(key_file.principal_id, key_file.key_set(), key_file.signer())
+
+    @classmethod
+    def load(cls, keys_dir: str | Path, vehicle_id: str) -> VehicleIdentity:
+        """Load ``<keys_dir>/<vehicle_id>.key`` (a ``fleetbus keys`` private key file)."""
+        key_file = load_key_file(Path(keys_dir).expanduser() / f"{vehicle_id}.key")
+        if key_file.principal_id != vehicle_id:
+            raise ConfigError(f"{vehicle_id}.key holds the keys of {key_file.principal_id!r}")
+        return cls.from_key_file(key_file)
+
+
+def load_key_directory(keys_dir: str | Path) -> KeyDirectory:
+    """The verified key directory of a ``fleetbus keys`` folder (root.pub, directory.cbor)."""
+    folder = Path(keys_dir).expanduser()
+    try:
+        root = RootPublicKey.from_bytes((folder / "root.pub").read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"{folder / 'root.pub'} not found; run `fleetbus keys init`") from None
+    return load_directory(folder / "directory.cbor", root)
+
+
+# --- durable record of executed commands ---------------------------------------------------
+
+
+class ExecutedStore:
+    """Which commands each vehicle has started and finished, and the response it gave.
+
+    SQLite with ``synchronous=FULL``: a commit is on disk (fsync) before it returns, so
+    ``begin`` before running a handler makes execution at most once across crashes, and
+    ``finish`` before producing the answer lets a redelivery be answered with the same response.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS executed ("
+            " vehicle_id TEXT NOT NULL, command_id TEXT NOT NULL,"
+            " state TEXT NOT NULL CHECK (state IN ('started', 'finished')),"
+            " response BLOB, keep_until REAL NOT NULL,"
+            " PRIMARY KEY (vehicle_id, command_id))"
+        )
+
+    def lookup(self, vehicle_id: str, command_id: str) -> tuple[str, bytes | None] | None:
+        """``(state, response bytes)`` of a command, or None if this vehicle never started it."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT state, response FROM executed WHERE vehicle_id = ? AND command_id = ?",
+                (vehicle_id, command_id),
+            ).fetchone()
+        return None if row is None else (str(row[0]), row[1])
+
+    def begin(self, vehicle_id: str, command_id: str, *, keep_until: float) -> bool:
+        """Record that execution starts; False if the command was already started."""
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO executed VALUES (?, ?, 'started', NULL, ?)",
+                (vehicle_id, command_id, keep_until),
+            )
+            return cursor.rowcount == 1
+
+    def finish(self, vehicle_id: str, command_id: str, response: bytes) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE executed SET state = 'finished', response = ?"
+                " WHERE vehicle_id = ? AND command_id = ?",
+                (response, vehicle_id, command_id),
+            )
+
+    def prune(self, now: float) -> int:
+        """Forget commands whose envelopes can no longer be opened (expired + grace)."""
+        with self._lock:
+            return self._db.execute("DELETE FROM executed WHERE keep_until < ?", (now,)).rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+# --- the agent -----------------------------------------------------------------------------
+
+
+@dataclass
+class AgentStats:
+    """Counters for the simulator's summary line and for tests."""
+
+    executed: int = 0
+    answered: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+    rejected: int = 0
+    telemetry: int = 0
+    errors: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Vehicle:
+    identity: VehicleIdentity
+    opener: EnvelopeOpener
+    sealer: EnvelopeSealer
+    profile: SecurityProfile
+
+
+class _RetryLater(Exception):
+    """Answering failed for an operational reason: redeliver the record (do not commit it)."""
+
+
+class VehicleAgent:
+    """Consumes ``commands.outbound`` for ``vehicles`` and answers on ``commands.responses``.
+
+    Delivery is at least once (offsets are committed after the answer is on the broker) and
+    execution at most once (``ExecutedStore``), so each command runs effectively once.
+
+    - ``vehicles``: identities (or private key files) of the vehicles this process serves.
+    - ``directory``: the verified key directory (issuers, the bus sealer, the vehicles).
+    - ``minimum_path``: the weakest key path the vehicles accept for commands.
+    - ``handlers``: action name -> handler; an action without a handler is answered 404.
+    - ``store_path``: the agent's SQLite file of executed commands.
+    - ``qkd_provider``: for QKD-connected edge units, a ``QKDProvider`` configured for the unit's
+      SAE (``sae_id`` = the unit, ``master_sae_id`` = the bus sealer's SAE), so that envelopes
+      sealed on a ``qkd-etsi014+...`` key path can be opened.
+    - ``group_id``: Kafka consumer group; by default one derived from the set of vehicle ids, so
+      a restarted agent resumes from its committed offsets and other agents are unaffected.
+    """
+
+    def __init__(
+        self,
+        settings: FleetbusSettings,
+        *,
+        vehicles: Iterable[VehicleIdentity | PrincipalKeyFile],
+        directory: KeyDirectory,
+        minimum_path: KeyPath | str,
+        handlers: Mapping[str, Handler],
+        store_path: str | Path,
+        sealer_principal: str = "bus-sealer",
+        uplink_paths: Sequence[KeyPath | str] = DEFAULT_UPLINK_PATHS,
+        qkd_provider: KeyProvider | None = None,
+        key_providers: Mapping[str, KeyProvider] | None = None,
+        group_id: str | None = None,
+        auto_offset_reset: str = "earliest",
+        max_message_bytes: int = DEFAULT_MAX_SIZE,
+        clock_skew_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        from fleetbus.bus.registry import load_key_provider
+        from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
+
+        self.settings = settings
+        self.directory = directory
+        self.handlers = dict(handlers)
+        self.sealer_principal = sealer_principal
+        self.stats = AgentStats()
+        self._clock = clock
+        self._skew_s = clock_skew_s
+        self._max_size = max_message_bytes
+        self._minimum = (
+            minimum_path if isinstance(minimum_path, KeyPath) else KeyPath.parse(minimum_path)
+        )
+        paths = [p if isinstance(p, KeyPath) else KeyPath.parse(p) for p in uplink_paths]
+        if not paths:
+            raise ConfigError("uplink_paths must name at least one key path")
+        self._uplink_paths = paths
+        providers: dict[str, KeyProvider] = (
+            dict(key_providers)
+            if key_providers is not None
+            else {name: load_key_provider(name) for name in DEFAULT_KEM_PROVIDERS}
+        )
+        if qkd_provider is not None:
+            providers[qkd_provider.name] = qkd_provider
+        self._runner: KeyPathRunner = KeyPathRunner(providers)
+        self._profile_sealer: ProfileSealer = ProfileSealer(self._runner)
+        self._vehicles: dict[str, _Vehicle] = {}
+        for item in vehicles:
+            identity = (
+                VehicleIdentity.from_key_file(item) if isinstance(item, PrincipalKeyFile) else item
+            )
+            if identity.vehicle_id in self._vehicles:
+                raise ConfigError(f"vehicle {identity.vehicle_id!r} is listed twice")
+            self._vehicles[identity.vehicle_id] = self._make_vehicle(identity)
+        if not self._vehicles:
+            raise ConfigError("a VehicleAgent needs at least one vehicle")
+        self._keys = {vid.encode(): vid for vid in self._vehicles}
+        digest = hashlib.sha256("\n".join(sorted(self._vehicles)).encode()).hexdigest()[:16]
+        self.group_id = group_id or f"{settings.app_id}.vehicles.{digest}"
+        self._auto_offset_reset = auto_offset_reset
+        self.store = ExecutedStore(store_path)
+        self._outbound = settings.topics.full(settings.topics.commands_outbound)
+        self._responses = settings.topics.full(settings.topics.commands_responses)
+        self._telemetry = settings.topics.full(settings.topics.telemetry_raw)
+        self._consumer: Any = None
+        self._producer: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_prune = 0.0
+
+    @property
+    def vehicle_ids(self) -> list[str]:
+        return sorted(self._vehicles)
+
+    def _make_vehicle(self, identity: VehicleIdentity) -> _Vehicle:
+        from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, ReplayCache
+
+        if identity.keys.principal_id != identity.vehicle_id:
+            raise ConfigError(f"keys of {identity.keys.principal_id!r} given for a different id")
+        opener = EnvelopeOpener(
+            identity.keys,
+            self.directory,
+            self._runner,
+            self._minimum,
+            max_size=self._max_size,
+            clock=self._clock,
+            skew_s=self._skew_s,
+            # Per vehicle: a group command reaches every member under the same message id.
+            replay_cache=ReplayCache(max_entries=10_000, clock=self._clock),
+        )
+        sealer = EnvelopeSealer(
+            identity.vehicle_id, identity.signer, self._profile_sealer, clock=self._clock
+        )
+        profile = SecurityProfile(
+            name="vehicle-uplink",
+            key_paths=tuple(self._uplink_paths),
+            signature_suite=identity.signer.suite,
+            allow_fallback=True,
+            minimum_path=self._uplink_paths[-1],
+        )
+        return _Vehicle(identity, opener, sealer, profile)
+
+    # -- Kafka ----------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        from kafka import KafkaConsumer, KafkaProducer
+        from kafka.errors import KafkaError
+
+        bootstrap = self.settings.kafka_bootstrap
+        try:
+            if self._producer is None:
+                self._producer = KafkaProducer(
+                    bootstrap_servers=bootstrap,
+                    client_id=f"fleetbus-vehicle-agent-{self.group_id}",
+                    acks="all",
+                    enable_idempotence=True,
+                    linger_ms=5,
+                    max_block_ms=10_000,
+                )
+            if self._consumer is None:
+                self._consumer = KafkaConsumer(
+                    self._outbound,
+                    bootstrap_servers=bootstrap,
+                    group_id=self.group_id,
+                    enable_auto_commit=False,
+                    auto_offset_reset=self._auto_offset_reset,
+                    max_partition_fetch_bytes=max(self._max_size * 4, 1 << 20),
+                    session_timeout_ms=int(self.settings.broker_session_timeout_s * 1000),
+                    heartbeat_interval_ms=int(self.settings.broker_heartbeat_interval_s * 1000),
+                )
+        except (KafkaError, OSError) as exc:
+            raise KafkaUnavailableError(
+                f"vehicle agent: Kafka at {bootstrap} did not answer ({type(exc).__name__})"
+            ) from exc
+
+    def _send(self, topic: str, key: str, value: bytes, headers: list[tuple[str, bytes]]) -> Any:
+        from kafka.errors import KafkaError
+
+        self._connect()
+        try:
+            return self._producer.send(topic, key=key.encode(), value=value, headers=headers)
+        except (KafkaError, OSError) as exc:
+            raise _RetryLater(f"producing to {topic}: {type(exc).__name__}") from exc
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def poll_once(self, timeout_s: float = 1.0) -> int:
+        """Fetch, handle and answer one batch of records; commit after the answers are
+        acknowledged. Returns how many records were read."""
+        from kafka import TopicPartition
+        from kafka.errors import KafkaError
+        from kafka.structs import OffsetAndMetadata
+
+        self._connect()
+        batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=500)
+        count = 0
+        done: dict[Any, int] = {}
+        pending: list[Any] = []
+        for tp, records in batches.items():
+            for record in records:
+                count += 1
+                try:
+                    pending.extend(self._handle_record(record))
+                except _RetryLater as exc:
+                    _log.warning(
+                        "will retry %s[%d]@%d: %s", tp.topic, tp.partition, record.offset, exc
+                    )
+                    self.stats.errors += 1
+                    self._consumer.seek(tp, record.offset)
+                    break
+                except Exception:
+                    # A bug must not stop the vehicles: log it, count it, move on.
+                    _log.exception(
+                        "unexpected error on %s[%d]@%d", tp.topic, tp.partition, record.offset
+                    )
+                    self.stats.errors += 1
+                done[tp] = record.offset + 1
+        try:
+            for future in pending:
+                future.get(timeout=30)
+        except KafkaError as exc:
+            # Answers not confirmed: commit nothing; the records come again after a seek.
+            _log.warning("responses not acknowledged (%s); redelivering", type(exc).__name__)
+            self.stats.errors += 1
+            for tp in done:
+                committed = self._consumer.committed(tp)
+                self._consumer.seek(tp, committed if committed is not None else 0)
+            return count
+        if done:
+            self._consumer.commit(
+                {
+                    TopicPartition(tp.topic, tp.partition): OffsetAndMetadata(offset, "", -1)
+                    for tp, offset in done.items()
+                }
+            )
+        now = self._clock()
+        if now - self._last_prune > 60:
+            self._last_prune = now
+            self.store.prune(now)
+        return count
+
+    def run(self, stop: threading.Event | None = None, *, poll_s: float = 0.5) -> None:
+        """Serve until ``stop`` (or ``self.stop()``) is set."""
+        stop_event = stop or self._stop
+        while not stop_event.is_set() and not self._stop.is_set():
+            self.poll_once(poll_s)
+
+    def start(self) -> VehicleAgent:
+        """Run in a background thread (``stop()`` ends it)."""
+        self._connect()
+        self._thread = threading.Thread(target=self.run, name="vehicle-agent", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def close(self) -> None:
+        """Stop, leave the consumer group, flush answers and close the store."""
+        self.stop()
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+        if self._producer is not None:
+            self._producer.flush(timeout=10)
+            self._producer.close(timeout=10)
+            self._producer = None
+        self.store.close()
+
+    def __enter__(self) -> VehicleAgent:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- one record -----------------------------------------------------------------------
+
+    def _handle_record(self, record: Any) -> list[Any]:
+        """Handle one outbound record; return the futures of what it produced."""
+        vehicle_id = self._keys.get(record.key) if isinstance(record.key, bytes) else None
+        if vehicle_id is None:
+            # Another process's vehicle (vehicles share partitions): never opened here.
+            self.stats.ignored += 1
+            return []
+        from opentelemetry import propagate, trace
+
+        parent = propagate.extract(
+            {
+                k: v.decode("ascii", "replace")
+                for k, v in (record.headers or [])
+                if isinstance(k, str) and isinstance(v, bytes)
+            }
+        )
+        tracer = trace.get_tracer("fleetbus")
+        with tracer.start_as_current_span(
+            f"process {record.topic}",
+            context=parent,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": record.topic,
+                "messaging.operation.type": "process",
+                "messaging.consumer.group.name": self.group_id,
+                "messaging.kafka.offset": record.offset,
+            },
+        ):
+            return self._handle(self._vehicles[vehicle_id], record.value, record.topic)
+
+    def _reject(self, reason: ReasonCode, detail: str) -> None:
+        from fleetbus.observability.metrics import ENVELOPE_REJECTS
+
+        self.stats.rejected += 1
+        ENVELOPE_REJECTS.labels(role="vehicle", reason=reason.value).inc()
+        _log.warning("vehicle rejected an envelope: %s (%s)", reason.value, detail)
+
+    def _handle(self, vehicle: _Vehicle, value: object, topic: str) -> list[Any]:
+        from fleetbus.providers.sealing import OpenedEnvelope
+
+        vid = vehicle.identity.vehicle_id
+        if type(value) is not bytes:
+            self._reject(ReasonCode.MALFORMED, "record without a value")
+            return []
+        try:
+            opened: OpenedEnvelope = vehicle.opener.open(value, topic=topic)
+        except FleetbusError as exc:
+            return self._rejected_envelope(vehicle, value, exc)
+        if opened.sender != self.sealer_principal or opened.kind is not MessageKind.COMMAND:
+            self._reject(ReasonCode.WRONG_RECIPIENT, "not a command from the bus sealer")
+            return self._answer(vehicle, opened.message_id, None, 400, "not a command envelope")
+        try:
+            signed = SignedCommand.decode(opened.payload, max_size=self._max_size)
+            command = signed.verify(self.directory, at=self._clock())
+            self._check_binding(vid, opened.message_id, opened.action, command)
+        except FleetbusError as exc:
+            self._reject(exc.reason, str(exc))
+            status = _STATUS_FOR_REJECT.get(exc.reason, 400)
+            return self._answer(vehicle, opened.message_id, None, status, exc.reason.value)
+        return self._execute(vehicle, command, opened.expires_at)
+
+    def _check_binding(self, vid: str, message_id: str, action: str, command: Command) -> None:
+        if command.id != message_id or command.action != action:
+            raise FleetbusError(
+                "inner command does not match the envelope's id or action",
+                reason=ReasonCode.TAMPERED,
+            )
+        target = command.target
+        if target.vehicle is not None:
+            if target.vehicle != vid:
+                raise FleetbusError(
+                    f"command is for {target.vehicle!r}", reason=ReasonCode.WRONG_RECIPIENT
+                )
+        else:
+            record = self.directory.current(vid, at=self._clock())
+            if target.group not in record.groups:
+                raise FleetbusError(
+                    f"vehicle is not in group {target.group!r}", reason=ReasonCode.WRONG_RECIPIENT
+                )
+        if command.is_expired(self._clock() - self._skew_s):
+            raise FleetbusError("command has expired", reason=ReasonCode.EXPIRED)
+
+    def _rejected_envelope(self, vehicle: _Vehicle, value: bytes, exc: FleetbusError) -> list[Any]:
+        vid = vehicle.identity.vehicle_id
+        if exc.reason is ReasonCode.REPLAYED:
+            # Authentic (the replay check follows the signature check) and seen before in this
+            # process: a redelivery. Answer it again if we have an answer.
+            message_id = decode_envelope(value, max_size=self._max_size).header.message_id
+            return self._answer_again(vehicle, message_id)
+        self._reject(exc.reason, str(exc))
+        if exc.reason not in _AUTHENTICATED_REJECTS:
+            # An unauthenticated sender must not be able to make vehicles talk.
+            return []
+        message_id = decode_envelope(value, max_size=self._max_size).header.message_id
+        status = _STATUS_FOR_REJECT.get(exc.reason, 400)
+        _log.info("answering %s for %s: %s", status, vid, exc.reason.value)
+        return self._answer(vehicle, message_id, None, status, exc.reason.value)
+
+    def _answer_again(self, vehicle: _Vehicle, command_id: str) -> list[Any]:
+        found = self.store.lookup(vehicle.identity.vehicle_id, command_id)
+        self.stats.duplicates += 1
+        if found is None or found[1] is None:
+            return []
+        return self._publish_response(vehicle, Response.decode(found[1]))
+
+    def _execute(self, vehicle: _Vehicle, command: Command, expires_at: float) -> list[Any]:
+        vid = vehicle.identity.vehicle_id
+        found = self.store.lookup(vid, command.id)
+        if found is not None:
+            self.stats.duplicates += 1
+            _state, stored = found
+            if stored is not None:
+                return self._publish_response(vehicle, Response.decode(stored))
+            # Started but never finished: the process died mid-handler. Never run it twice.
+            response = self._response(vid, command, 500, "execution was interrupted; not repeated")
+            self.store.finish(vid, command.id, response.encode())
+            return self._publish_response(vehicle, response)
+        keep_until = max(expires_at, command.expires_at) + self._skew_s + STORE_GRACE_S
+        if not self.store.begin(vid, command.id, keep_until=keep_until):
+            return self._answer_again(vehicle, command.id)
+        handler = self.handlers.get(command.action)
+        if handler is None:
+            response = self._response(vid, command, 404, f"no handler for {command.action!r}")
+        else:
+            try:
+                result = handler(command) or HandlerResult()
+                response = self._response(vid, command, result.status, result.detail)
+            except Exception as exc:
+                _log.exception("handler for %s failed on %s", command.action, vid)
+                response = self._response(vid, command, 500, f"handler raised {type(exc).__name__}")
+            self.stats.executed += 1
+        self.store.finish(vid, command.id, response.encode())
+        return self._publish_response(vehicle, response)
+
+    def _response(self, vid: str, command: Command, status: int, detail: str) -> Response:
+        if not 100 <= status <= 599:
+            status, detail = 500, f"handler returned an invalid status {status}"
+        return Response(
+            command_id=command.id,
+            correlation_id=command.correlation_id,
+            vehicle_id=vid,
+            status=status,
+            detail=detail[:1024],
+            executed_at=self._clock(),
+        )
+
+    def _answer(
+        self,
+        vehicle: _Vehicle,
+        command_id: str,
+        correlation_id: str | None,
+        status: int,
+        detail: str,
+    ) -> list[Any]:
+        response = Response(
+            command_id=command_id,
+            correlation_id=correlation_id,
+            vehicle_id=vehicle.identity.vehicle_id,
+            status=status,
+            detail=detail,
+            executed_at=self._clock(),
+        )
+        return self._publish_response(vehicle, response)
+
+    def _publish_response(self, vehicle: _Vehicle, response: Response) -> list[Any]:
+        self.stats.answered += 1
+        self.stats.by_status[response.status] = self.stats.by_status.get(response.status, 0) + 1
+        envelope = self._seal(
+            vehicle,
+            MessageKind.RESPONSE,
+            self._responses,
+            response.command_id,
+            "response",
+            response.encode(),
+        )
+        return [self._send(self._responses, response.command_id, envelope, _trace_headers())]
+
+    def _seal(
+        self,
+        vehicle: _Vehicle,
+        kind: MessageKind,
+        topic: str,
+        message_id: str,
+        action: str,
+        payload: bytes,
+    ) -> bytes:
+        now = self._clock()
+        try:
+            recipient = self.directory.recipient_keys(self.sealer_principal, at=now)
+            return vehicle.sealer.seal(
+                kind,
+                topic,
+                recipient,
+                message_id,
+                action,
+                payload,
+                now,
+                now + UPLINK_TTL_S,
+                vehicle.profile,
+            )
+        except FleetbusError as exc:
+            raise _RetryLater(f"sealing to {self.sealer_principal}: {exc.reason.value}") from exc
+
+    # -- telemetry ------------------------------------------------------------------------
+
+    def publish_telemetry(
+        self, vehicle_id: str, fields: Mapping[str, ParamValue], *, at: float | None = None
+    ) -> Any:
+        """Seal ``fields`` as a ``tel`` envelope to the bus sealer on ``telemetry.raw`` (key:
+        vehicle id). Returns the Kafka future; raises ``FleetbusError`` on bad input."""
+        vehicle = self._vehicles.get(vehicle_id)
+        if vehicle is None:
+            raise ConfigError(f"vehicle {vehicle_id!r} is not served by this agent")
+        telemetry = Telemetry(
+            vehicle_id=vehicle_id, at=self._clock() if at is None else at, fields=dict(fields)
+        )
+        try:
+            envelope = self._seal(
+                vehicle,
+                MessageKind.TELEMETRY,
+                self._telemetry,
+                new_command_id(),
+                "telemetry",
+                telemetry.encode(),
+            )
+            future = self._send(self._telemetry, vehicle_id, envelope, _trace_headers())
+        except _RetryLater as exc:
+            raise KafkaUnavailableError(f"telemetry of {vehicle_id}: {exc}") from exc
+        self.stats.telemetry += 1
+        return future
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        if self._producer is not None:
+            self._producer.flush(timeout=timeout_s)
+
+
+def _trace_headers() -> list[tuple[str, bytes]]:
+    from opentelemetry import propagate
+
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return [(k, v.encode("ascii", "replace")) for k, v in sorted(carrier.items())]
