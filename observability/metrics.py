@@ -7,7 +7,14 @@ never vehicle, command or principal ids.
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from typing import Final, Protocol
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import start_http_server as _start_http_server
 
 #: Buckets for in-process stages: 50 µs .. 2.5 s.
 STAGE_BUCKETS = (
@@ -101,3 +108,63 @@ AUDIT_RECORDS = Counter(
     "Audit records written, by event type.",
     ["event"],
 )
+BUILD_INFO = Info("fleetbus_build", "Version of the fleetbus package this process runs.")
+
+#: ``fleetbus_provider_circuit_state`` values by breaker state name.
+CIRCUIT_STATE_VALUES: Final = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class _KeyPathLike(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class FailoverEventLike(Protocol):
+    """What ``record_failover`` reads (``fleetbus.providers.keypath.FailoverEvent`` fits)."""
+
+    @property
+    def profile(self) -> str: ...
+    @property
+    def from_path(self) -> _KeyPathLike: ...
+    @property
+    def to_path(self) -> _KeyPathLike | None: ...
+    @property
+    def reason(self) -> str: ...
+
+
+def record_failover(event: FailoverEventLike) -> None:
+    """A ``ProfileSealer`` listener: count the failover (``to_path`` "none" when exhausted)."""
+    KEYPATH_FAILOVER.labels(
+        profile=event.profile,
+        from_path=event.from_path.name,
+        to_path=event.to_path.name if event.to_path is not None else "none",
+        reason=event.reason,
+    ).inc()
+
+
+def set_circuit_state(provider: str, state: str) -> None:
+    """Publish a breaker state (``closed``, ``half_open``, ``open``) and the provider's health."""
+    value = CIRCUIT_STATE_VALUES[str(state)]
+    CIRCUIT_STATE.labels(provider=provider).set(value)
+
+
+@contextmanager
+def observe_stage(stage: str) -> Iterator[None]:
+    """Time the block into ``fleetbus_stage_duration_seconds{stage}`` (also when it raises)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        STAGE_LATENCY.labels(stage=stage).observe(time.perf_counter() - start)
+
+
+def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - scraped from pods
+    """Serve ``/metrics`` of the default registry on ``port`` (0 disables) in a daemon thread."""
+    if port <= 0:
+        return
+    try:
+        version = metadata.version("fleetbus")
+    except metadata.PackageNotFoundError:  # running from a source tree without install
+        version = "unknown"
+    BUILD_INFO.info({"version": version})
+    _start_http_server(port, addr=addr)

@@ -1,0 +1,230 @@
+"""Logging (JSON, trace ids, redaction) and metric helpers, without I/O."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import REGISTRY
+
+from fleetbus.bus.errors import FleetbusError, ReasonCode
+from fleetbus.bus.keys import KeyPath
+from fleetbus.observability import metrics
+from fleetbus.observability.logging import (
+    REDACTED,
+    JsonFormatter,
+    RedactingFilter,
+    is_secret_key,
+    redact,
+)
+from fleetbus.observability.tracing import get_tracer, setup_tracing
+
+FAKE_PRIVATE_KEY = "-----BEGIN PRIVATE KEY-----MC4CAQAwBQYDK2VwBCIEIFAKEFAKEFAKE-----END"
+FAKE_KEY_BYTES = bytes(range(32))
+
+
+@pytest.fixture
+def capture() -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter(service="test"))
+    handler.addFilter(RedactingFilter())
+    logger = logging.getLogger("fleetbus.test.observability")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    yield logger, stream
+    logger.removeHandler(handler)
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_secret_extra_fields_never_reach_the_log_line(
+    capture: tuple[logging.Logger, io.StringIO],
+) -> None:
+    logger, stream = capture
+    logger.info(
+        "loaded principal %s",
+        "V-17",
+        extra={
+            "private_key": FAKE_PRIVATE_KEY,
+            "signing": {"seed": FAKE_PRIVATE_KEY, "alg": "ed25519"},
+            "api_token": "tok-" + FAKE_PRIVATE_KEY,
+            "material": FAKE_KEY_BYTES,
+            "envelope": [FAKE_KEY_BYTES, "ok"],
+            "key_id": "V-17/xwing/1",
+            "vehicle_id": "V-17",
+        },
+    )
+    raw = stream.getvalue()
+    assert "FAKEFAKE" not in raw
+    assert FAKE_KEY_BYTES.hex() not in raw
+    assert repr(FAKE_KEY_BYTES) not in raw
+    (line,) = _lines(stream)
+    assert line["message"] == "loaded principal V-17"
+    assert line["private_key"] == REDACTED
+    assert line["api_token"] == REDACTED
+    assert line["signing"] == {"seed": REDACTED, "alg": "ed25519"}
+    assert line["material"] == REDACTED
+    assert line["envelope"] == ["[32 bytes]", "ok"]
+    # Identifiers stay readable: an operator needs them.
+    assert line["key_id"] == "V-17/xwing/1"
+    assert line["vehicle_id"] == "V-17"
+    assert line["level"] == "info"
+    assert line["service"] == "test"
+
+
+def test_bytes_message_arguments_are_masked(capture: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, stream = capture
+    logger.warning("shared secret was %r", FAKE_KEY_BYTES)
+    (line,) = _lines(stream)
+    assert line["message"] == "shared secret was '[32 bytes]'"
+
+
+def test_lines_carry_the_current_trace_and_span_id(
+    capture: tuple[logging.Logger, io.StringIO],
+) -> None:
+    logger, stream = capture
+    provider = setup_tracing("t", exporter=InMemorySpanExporter(), set_global=False, environ={})
+    try:
+        with get_tracer(provider).start_as_current_span("seal") as span:
+            logger.info("inside")
+            ctx = span.get_span_context()
+        logger.info("outside")
+    finally:
+        provider.shutdown()
+    inside, outside = _lines(stream)
+    assert inside["trace_id"] == format(ctx.trace_id, "032x")
+    assert inside["span_id"] == format(ctx.span_id, "016x")
+    assert "trace_id" not in outside
+
+
+def test_exceptions_are_type_message_and_reason_only(
+    capture: tuple[logging.Logger, io.StringIO],
+) -> None:
+    logger, stream = capture
+    try:
+        raise FleetbusError("signature did not verify", reason=ReasonCode.BAD_SIGNATURE)
+    except FleetbusError:
+        logger.exception("open failed")
+    (line,) = _lines(stream)
+    assert line["error"] == {
+        "type": "FleetbusError",
+        "message": "signature did not verify",
+        "reason": "bad_signature",
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        ("private_key", True),
+        ("PrivateKey", True),
+        ("client_secret", True),
+        ("db_password", True),
+        ("passwd", True),
+        ("token", True),
+        ("shared_secret", True),
+        ("key_id", False),
+        ("keypath", False),
+        ("vehicle_id", False),
+        ("reason", False),
+    ],
+)
+def test_secret_key_names(name: str, secret: bool) -> None:
+    assert is_secret_key(name) is secret
+
+
+def test_redact_is_bounded_in_depth() -> None:
+    deep: dict[str, object] = {"a": "x"}
+    for _ in range(20):
+        deep = {"n": deep}
+    out = json.dumps(redact(deep))
+    assert "[...]" in out
+
+
+# -- metric helpers ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Event:
+    profile: str
+    from_path: KeyPath
+    to_path: KeyPath | None
+    reason: str
+
+
+def _value(name: str, labels: dict[str, str]) -> float:
+    value = REGISTRY.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_record_failover_counts_with_bounded_labels() -> None:
+    labels = {
+        "profile": "standard-unit",
+        "from_path": "qkd-etsi014+xwing",
+        "to_path": "xwing",
+        "reason": "qkd_unavailable",
+    }
+    before = _value("fleetbus_keypath_failover_total", labels)
+    metrics.record_failover(
+        _Event(
+            "standard-unit",
+            KeyPath.parse("qkd-etsi014+xwing"),
+            KeyPath.parse("xwing"),
+            "qkd_unavailable",
+        )
+    )
+    assert _value("fleetbus_keypath_failover_total", labels) == before + 1
+    exhausted = {**labels, "from_path": "xwing", "to_path": "none", "reason": "timeout"}
+    metrics.record_failover(_Event("standard-unit", KeyPath.parse("xwing"), None, "timeout"))
+    assert _value("fleetbus_keypath_failover_total", exhausted) >= 1
+
+
+def test_circuit_state_and_stage_timer() -> None:
+    metrics.set_circuit_state("unit-provider", "open")
+    assert _value("fleetbus_provider_circuit_state", {"provider": "unit-provider"}) == 2
+    metrics.set_circuit_state("unit-provider", "half_open")
+    assert _value("fleetbus_provider_circuit_state", {"provider": "unit-provider"}) == 1
+    with pytest.raises(KeyError):
+        metrics.set_circuit_state("unit-provider", "ajar")
+
+    before = _value("fleetbus_stage_duration_seconds_count", {"stage": "unit-stage"})
+    with pytest.raises(RuntimeError), metrics.observe_stage("unit-stage"):
+        raise RuntimeError("boom")
+    assert _value("fleetbus_stage_duration_seconds_count", {"stage": "unit-stage"}) == before + 1
+
+
+def test_metric_names_are_stable() -> None:
+    """Other code and the dashboard use these names; renaming one is a breaking change."""
+    names = {
+        m.describe()[0].name
+        for m in vars(metrics).values()
+        if hasattr(m, "describe") and hasattr(m, "_name")
+    }
+    assert {
+        "fleetbus_stage_duration_seconds",
+        "fleetbus_command_e2e_latency_seconds",
+        "fleetbus_records",
+        "fleetbus_kafka_produce_retries",
+        "fleetbus_kafka_produce_errors",
+        "fleetbus_keypath_selected",
+        "fleetbus_keypath_failover",
+        "fleetbus_provider_up",
+        "fleetbus_provider_circuit_state",
+        "fleetbus_qkd_stored_keys",
+        "fleetbus_policy_decisions",
+        "fleetbus_dlq_records",
+        "fleetbus_envelope_rejects",
+        "fleetbus_key_expiry_seconds",
+        "fleetbus_consumer_lag_records",
+        "fleetbus_audit_records",
+        "fleetbus_build",
+    } <= names
