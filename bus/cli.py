@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fleetbus.bus.cli_audit import audit_app
 from fleetbus.bus.cli_keys import keys_app
 from fleetbus.bus.cli_kme import kme_app
 from fleetbus.bus.dev.kafka import LocalKafka, cache_root
@@ -27,6 +29,23 @@ app.add_typer(dev_app, name="dev")
 dev_app.add_typer(kafka_app, name="kafka")
 app.add_typer(keys_app, name="keys")
 app.add_typer(kme_app, name="kme")
+app.add_typer(audit_app, name="audit")
+
+
+def _register_fleet_cli() -> None:
+    # `fleetbus.bus.cli_fleet` (from fleetbus.bus.cli_fleet import fleet_app, dispatch_app)
+    # belongs to the dispatch/vehicle SDK; register it when this build has it.
+    try:
+        module = importlib.import_module("fleetbus.bus.cli_fleet")
+    except ModuleNotFoundError as exc:
+        if exc.name != "fleetbus.bus.cli_fleet":
+            raise
+        return
+    app.add_typer(module.fleet_app, name="fleet")
+    app.add_typer(module.dispatch_app, name="dispatch")
+
+
+_register_fleet_cli()
 
 HomeOpt = Annotated[
     Path | None,
@@ -74,7 +93,7 @@ def worker() -> None:
     import faust
 
     from fleetbus.bus.topics import ensure_topics
-    from fleetbus.processors.app import create_app
+    from fleetbus.processors.app import create_app, pipeline_enabled, pipeline_topics
 
     settings = FleetbusSettings()
     ensure_topics(
@@ -82,6 +101,23 @@ def worker() -> None:
         [settings.smoke_source, settings.smoke_sink],
         partitions=settings.partitions,
     )
+    if pipeline_enabled(settings):
+        regular, compacted = pipeline_topics(settings)
+        ensure_topics(settings.kafka_bootstrap, regular, partitions=settings.partitions)
+        ensure_topics(
+            settings.kafka_bootstrap,
+            compacted,
+            partitions=settings.partitions,
+            configs={"cleanup.policy": "compact"},
+        )
+        # One partition: each chain's order is the log's order (docs/audit.md).
+        ensure_topics(
+            settings.kafka_bootstrap, [settings.topics.full(settings.topics.audit)], partitions=1
+        )
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.metrics_bind)
     faust_app = create_app(settings)
     faust.Worker(faust_app, loglevel="INFO").execute_from_commandline()
 

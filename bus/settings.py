@@ -38,9 +38,6 @@ class ProfileSettings(BaseModel):
         default=True, description="False: only the first path; retry with backoff, then reject"
     )
     minimum_path: str = Field(description="the weakest path a recipient must accept")
-    signature_suite: str = Field(
-        default="composite-mldsa65-ed25519", description="suite the bus sealer signs with"
-    )
 
 
 class ProfileRule(BaseModel):

@@ -1,13 +1,29 @@
-"""The faust application factory. There is no module-level app: every process builds its own."""
+"""The faust application factory. There is no module-level app: every process builds its own.
+
+``create_app(settings)`` wires the smoke forwarder (a faust agent) and, when a key directory is
+configured, the command pipeline: authorize, seal, track and telemetry, each a
+``TransactionalStage`` started and stopped with the faust worker as a ``mode.Service``.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import faust
+from mode import Service
 
+from fleetbus.bus.errors import ConfigError
 from fleetbus.bus.settings import FleetbusSettings
+
+_log = logging.getLogger(__name__)
+
+QKD_PROVIDER = "qkd-etsi014"
+KEM_PROVIDERS = ("x25519", "mlkem768", "xwing")
 
 
 def faust_config(settings: FleetbusSettings) -> dict[str, Any]:
@@ -30,7 +46,219 @@ def faust_config(settings: FleetbusSettings) -> dict[str, Any]:
     }
 
 
-def create_app(settings: FleetbusSettings | None = None) -> faust.App:
+def pipeline_enabled(settings: FleetbusSettings) -> bool:
+    """``pipeline`` on/off, or auto: on when ``keys_dir`` holds a key directory."""
+    if settings.pipeline == "off":
+        return False
+    if settings.pipeline == "on":
+        return True
+    return (Path(settings.keys_dir).expanduser() / "root.pub").exists()
+
+
+def state_topic(settings: FleetbusSettings, stage: str) -> str:
+    """The compacted changelog of one stage's partition state."""
+    return settings.topics.full(f"state.{settings.app_id}.{stage}")
+
+
+def pipeline_topics(settings: FleetbusSettings) -> tuple[list[str], list[str]]:
+    """(regular topics, compacted state topics) the pipeline needs."""
+    t = settings.topics
+    names = [
+        t.commands_requested,
+        t.commands_authorized,
+        t.commands_rejected,
+        t.commands_outbound,
+        t.commands_responses,
+        t.commands_approvals,
+        t.commands_status,
+        t.telemetry_raw,
+        t.telemetry_verified,
+        t.dlq,
+    ]
+    regular = [t.full(n) for n in names]
+    compacted = [state_topic(settings, s) for s in ("authorize", "seal", "track", "telemetry")]
+    return regular, compacted
+
+
+@dataclass
+class Pipeline:
+    """The stage runners of one worker."""
+
+    stages: list[Any]  # TransactionalStage
+
+
+def build_pipeline(settings: FleetbusSettings) -> Pipeline:
+    """Load keys, registry and policies once; build the four stages and their runners."""
+    from fleetbus.bus.cli_keys import DIRECTORY, ROOT_PUB
+    from fleetbus.bus.directory import RootPublicKey, load_directory, load_key_file
+    from fleetbus.bus.keys import KeyPath
+    from fleetbus.bus.registry import load_key_provider
+    from fleetbus.processors.eos import TransactionalStage
+    from fleetbus.processors.fleet_registry import FleetRegistry
+    from fleetbus.processors.policy import PolicyEngine
+    from fleetbus.processors.stages import (
+        AuthorizeStage,
+        PipelineTopics,
+        ProfileChoice,
+        SealStage,
+        TelemetryStage,
+        TrackStage,
+        profile_from_settings,
+    )
+    from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
+    from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy
+
+    keys_dir = Path(settings.keys_dir).expanduser()
+    try:
+        root = RootPublicKey.from_bytes((keys_dir / ROOT_PUB).read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"{keys_dir / ROOT_PUB} not found; set FLEETBUS_KEYS_DIR") from None
+    directory = load_directory(keys_dir / DIRECTORY, root)
+    sealer_file = load_key_file(keys_dir / f"{settings.sealer_principal}.key")
+    signer = sealer_file.signer()
+
+    registry_path = (
+        Path(settings.fleet_registry).expanduser()
+        if settings.fleet_registry
+        else keys_dir / "fleet.json"
+    )
+    base = FleetRegistry.load(registry_path) if registry_path.exists() else None
+    registry = (base or FleetRegistry.from_mapping({})).with_directory_records(directory.records())
+    policy_dir = Path(settings.policy_dir).expanduser() if settings.policy_dir else None
+    policy = PolicyEngine(registry, policy_dir=policy_dir)
+
+    providers: dict[str, Any] = {name: load_key_provider(name) for name in KEM_PROVIDERS}
+    if settings.qkd_kme_url:
+        providers[QKD_PROVIDER] = load_key_provider(
+            QKD_PROVIDER,
+            kme_url=settings.qkd_kme_url,
+            sae_id=settings.qkd_sae_id or settings.sealer_principal,
+            ca_file=settings.qkd_ca_file or "",
+            cert_file=settings.qkd_cert_file or "",
+            key_file=settings.qkd_key_file or "",
+            timeout_s=min(settings.provider_timeout_s, 5.0),
+        )
+    runner = KeyPathRunner(providers)
+
+    profiles = {}
+    for name, spec in settings.profiles.items():
+        paths = [p for p in spec.key_paths if set(KeyPath.parse(p).providers) <= set(providers)]
+        if paths != spec.key_paths:
+            _log.warning(
+                "profile %s: key paths %s need providers that are not configured; using %s",
+                name,
+                spec.key_paths,
+                paths or "none (profile disabled)",
+            )
+        if paths:
+            profiles[name] = profile_from_settings(
+                name, paths, spec.allow_fallback, spec.minimum_path, signer.suite
+            )
+    rules = [ProfileChoice(r.profile, r.criticality, r.capability) for r in settings.profile_rules]
+    topics = PipelineTopics.from_settings(settings.topics)
+
+    profile_sealer = ProfileSealer(
+        runner, provider_timeout_s=settings.provider_timeout_s, retries=settings.keypath_retries
+    )
+    epochs = (
+        EpochPolicy(settings.epoch_max_age_s, settings.epoch_max_messages)
+        if settings.seal_epochs
+        else None
+    )
+    envelope_sealer = EnvelopeSealer(
+        settings.sealer_principal,
+        signer,
+        profile_sealer,
+        epochs=epochs,
+        batch_signing=settings.batch_signing,
+    )
+
+    def opener() -> EnvelopeOpener:
+        return EnvelopeOpener(
+            sealer_file.key_set(),
+            directory,
+            runner,
+            KeyPath.parse(settings.response_minimum_path),
+            skew_s=settings.clock_skew_s,
+        )
+
+    seal = SealStage(
+        topics=topics,
+        directory=directory,
+        sealer=envelope_sealer,
+        profiles=profiles,
+        rules=rules,
+        clock_skew_s=settings.clock_skew_s,
+    )
+    profile_sealer.add_listener(seal.on_failover)
+    logics: list[Any] = [
+        AuthorizeStage(
+            topics=topics,
+            directory=directory,
+            policy=policy,
+            approvals_required=settings.approvals_required,
+            approval_window_s=settings.approval_window_s,
+            clock_skew_s=settings.clock_skew_s,
+            max_lifetime_s=settings.replay_ttl_s,
+            max_message_bytes=settings.max_message_bytes,
+        ),
+        seal,
+        TrackStage(
+            topics=topics,
+            opener=opener(),
+            clock_skew_s=settings.clock_skew_s,
+            max_message_bytes=settings.max_message_bytes,
+        ),
+        TelemetryStage(
+            topics=topics,
+            opener=opener(),
+            policy=policy,
+            consumer=settings.telemetry_consumer,
+            max_message_bytes=settings.max_message_bytes,
+        ),
+    ]
+    stages = [
+        TransactionalStage(
+            logic,
+            bootstrap=settings.kafka_bootstrap,
+            app_id=settings.app_id,
+            state_topic=state_topic(settings, logic.name),
+            audit_topic=topics.audit,
+            dlq_topic=topics.dlq,
+            audit_signer=signer,
+            audit_signer_principal=settings.sealer_principal,
+            checkpoint_every=settings.audit_checkpoint_every,
+            batch_size=settings.stage_batch_size,
+            tick_interval_s=settings.tick_interval_s,
+            consumer_options={
+                "session_timeout_ms": int(settings.broker_session_timeout_s * 1000),
+                "heartbeat_interval_ms": int(settings.broker_heartbeat_interval_s * 1000),
+            },
+        )
+        for logic in logics
+    ]
+    return Pipeline(stages)
+
+
+def _stage_service(stage: Any) -> type[Service]:
+    """A mode.Service class (faust instantiates @app.service classes) running one stage."""
+
+    class StageService(Service):
+        async def on_start(self) -> None:
+            self.add_future(stage.run())
+
+        async def on_stop(self) -> None:
+            await stage.stop()
+
+    StageService.__name__ = f"StageService_{stage.stage}"
+    return StageService
+
+
+def create_app(
+    settings: FleetbusSettings | None = None,
+    *,
+    pipeline_factory: Callable[[FleetbusSettings], Pipeline] | None = None,
+) -> faust.App:
     """Build the faust app with its agents wired to the configured topics."""
     settings = settings or FleetbusSettings()
     app = faust.App(settings.app_id, **faust_config(settings))
@@ -53,4 +281,8 @@ def create_app(settings: FleetbusSettings | None = None) -> faust.App:
         async for _ in stream:
             pass
 
+    if pipeline_enabled(settings):
+        pipeline = (pipeline_factory or build_pipeline)(settings)
+        for stage in pipeline.stages:
+            app.service(_stage_service(stage))
     return app

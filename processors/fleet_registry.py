@@ -131,7 +131,7 @@ class FleetRegistry:
             raise ConfigError(f"fleet registry {path} does not exist") from None
         if path.suffix in {".yaml", ".yml"}:
             try:
-                import yaml
+                import yaml  # type: ignore[import-untyped]
             except ImportError:  # pragma: no cover - PyYAML is optional
                 raise ConfigError("a YAML fleet registry needs PyYAML; use JSON") from None
             doc = yaml.safe_load(text)

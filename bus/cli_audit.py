@@ -1,0 +1,115 @@
+"""``fleetbus audit``: read the hash-chained audit trail back from Kafka and verify it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fleetbus.bus.errors import ConfigError
+from fleetbus.bus.settings import FleetbusSettings
+
+audit_app = typer.Typer(no_args_is_help=True, help=__doc__)
+
+
+def read_audit_topic(
+    bootstrap: str, topic: str, *, timeout_s: float = 30.0
+) -> list[tuple[int, bytes | None, bytes | None]]:
+    """Every committed record of the audit topic's partition 0, in offset order."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        consumer_timeout_ms=int(timeout_s * 1000),
+    )
+    try:
+        tp = TopicPartition(topic, 0)
+        if consumer.partitions_for_topic(topic) is None:
+            raise ConfigError(f"audit topic {topic} does not exist")
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        end = consumer.end_offsets([tp])[tp]
+        out: list[tuple[int, bytes | None, bytes | None]] = []
+        while consumer.position(tp) < end:
+            batch = consumer.poll(timeout_ms=1000)
+            for records in batch.values():
+                out.extend((r.offset, r.key, r.value) for r in records)
+            if not batch and consumer.position(tp) < end:
+                # Only transaction markers (or aborted records) are left before the end.
+                polled_again = consumer.poll(timeout_ms=2000)
+                if not polled_again:
+                    break
+                for records in polled_again.values():
+                    out.extend((r.offset, r.key, r.value) for r in records)
+        return out
+    finally:
+        consumer.close()
+
+
+@audit_app.command("verify")
+def verify(
+    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers")] = None,
+    topic: Annotated[str | None, typer.Option(help="audit topic [default: from settings]")] = None,
+    keys_dir: Annotated[
+        Path | None, typer.Option(help="key directory to verify checkpoint signatures")
+    ] = None,
+    signer: Annotated[
+        str | None, typer.Option(help="principal checkpoints must be signed by")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable report")] = False,
+) -> None:
+    """Verify every chain: OK, or the exact chain / seq / offset where it breaks (exit 1)."""
+    from fleetbus.bus.cli_keys import DIRECTORY, ROOT_PUB
+    from fleetbus.bus.directory import RootPublicKey, load_directory
+    from fleetbus.processors.audit import verify_entries
+
+    settings = FleetbusSettings()
+    bootstrap = bootstrap or settings.kafka_bootstrap
+    topic = topic or settings.topics.full(settings.topics.audit)
+    folder = (keys_dir or Path(settings.keys_dir)).expanduser()
+    if not (folder / ROOT_PUB).exists():
+        raise ConfigError(f"{folder / ROOT_PUB} not found: checkpoints cannot be verified")
+    directory = load_directory(
+        folder / DIRECTORY, RootPublicKey.from_bytes((folder / ROOT_PUB).read_bytes())
+    )
+    entries = read_audit_topic(bootstrap, topic)
+    report = verify_entries(
+        entries, directory, require_checkpoint_signer=signer or settings.sealer_principal
+    )
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "records": report.records,
+                    "checkpoints": report.checkpoints,
+                    "breaks": [
+                        {
+                            "chain": b.chain,
+                            "seq": b.seq,
+                            "offset": b.offset,
+                            "kind": b.kind,
+                            "detail": b.detail,
+                        }
+                        for b in report.breaks
+                    ],
+                },
+                indent=2,
+                sort_keys=True,
+            )
+        )
+    else:
+        for chain in sorted(report.records):
+            typer.echo(
+                f"chain {chain}: {report.records[chain]} records, "
+                f"{report.checkpoints.get(chain, 0)} signed checkpoints"
+            )
+        for brk in report.breaks:
+            typer.echo(f"BROKEN {brk}")
+        typer.echo("OK" if report.ok else f"FAILED: {len(report.breaks)} chain(s) broken")
+    if not report.ok:
+        raise typer.Exit(1)

@@ -1,0 +1,576 @@
+"""Exactly-once consume-transform-produce for the stages that re-key their records.
+
+``TransactionalStage`` reads its input topics with a read_committed consumer (manual commits,
+range assignment so that co-partitioned inputs land together) and keeps one transactional
+producer per assigned input partition number (``transactional.id = {app_id}-{stage}-{p}``):
+starting it fences any zombie of an earlier worker. Each batch of a partition's records —
+their outputs, DLQ and audit records, state-changelog writes and the input offsets — is
+committed in one Kafka transaction. See docs/pipeline.md ("Delivery guarantees").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import cbor2
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
+
+from fleetbus.bus.errors import FleetbusError, ReasonCode
+from fleetbus.bus.keys import Signer
+from fleetbus.observability.metrics import (
+    CONSUMER_LAG,
+    DLQ_RECORDS,
+    PRODUCE_ERRORS,
+    PRODUCE_RETRIES,
+    RECORDS,
+    STAGE_LATENCY,
+)
+from fleetbus.processors.audit import AuditChain, AuditEvent, ChainHead
+
+__all__ = [
+    "AUDIT_HEAD_KEY",
+    "DeadLetter",
+    "InputRecord",
+    "Output",
+    "PartitionState",
+    "StageLogic",
+    "StageResult",
+    "TransactionalStage",
+    "dead_letter_result",
+]
+
+_log = logging.getLogger(__name__)
+
+#: The state key under which a partition's audit chain head is kept.
+AUDIT_HEAD_KEY = "__audit_head__"
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int = 0
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True)
+class Output:
+    """One record to produce. ``partition`` None: the producer's default partitioner."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    partition: int | None = None
+
+
+@dataclass
+class StageResult:
+    outputs: list[Output] = field(default_factory=list)
+    audit: list[AuditEvent] = field(default_factory=list)
+    outcome: str = "ok"  # ok | rejected | dlq | pending (metrics label)
+
+    def extend(self, other: StageResult) -> None:
+        self.outputs.extend(other.outputs)
+        self.audit.extend(other.audit)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A DLQ record: where the input came from, why it was refused, and its original bytes."""
+
+    stage: str
+    source_topic: str
+    partition: int
+    offset: int
+    reason: ReasonCode
+    detail: str
+    key: bytes | None
+    value: bytes | None
+    at: float
+
+    def encode(self) -> bytes:
+        return cbor2.dumps(
+            {
+                "stage": self.stage,
+                "source_topic": self.source_topic,
+                "partition": self.partition,
+                "offset": self.offset,
+                "reason": str(self.reason),
+                "detail": self.detail[:1024],
+                "key": self.key,
+                "value": self.value,
+                "at": round(self.at * 1000),
+            },
+            canonical=True,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> DeadLetter:
+        m = cbor2.loads(data)
+        return cls(
+            stage=m["stage"],
+            source_topic=m["source_topic"],
+            partition=m["partition"],
+            offset=m["offset"],
+            reason=ReasonCode(m["reason"]),
+            detail=m["detail"],
+            key=m["key"],
+            value=m["value"],
+            at=m["at"] / 1000,
+        )
+
+
+def dead_letter_result(
+    stage: str,
+    dlq_topic: str,
+    record: InputRecord,
+    reason: ReasonCode,
+    detail: str,
+    *,
+    now: float,
+    actor: str = "bus",
+    command_id: str | None = None,
+) -> StageResult:
+    """The DLQ record plus its audit event for an input that cannot be processed."""
+    DLQ_RECORDS.labels(stage=stage, reason=reason.value).inc()
+    letter = DeadLetter(
+        stage,
+        record.topic,
+        record.partition,
+        record.offset,
+        reason,
+        detail,
+        record.key,
+        record.value,
+        now,
+    )
+    return StageResult(
+        outputs=[Output(dlq_topic, record.key, letter.encode())],
+        audit=[
+            AuditEvent(
+                actor=actor,
+                event="dead_lettered",
+                command_id=command_id,
+                reason=reason.value,
+                detail={
+                    "stage": stage,
+                    "topic": record.topic,
+                    "partition": record.partition,
+                    "offset": record.offset,
+                    "detail": detail[:256],
+                },
+            )
+        ],
+        outcome="dlq",
+    )
+
+
+class PartitionState:
+    """Key-value state of one input partition, changelogged to a compacted topic.
+
+    Writes go to an overlay that becomes visible to later reads at once and is committed or
+    rolled back with the Kafka transaction that carries its changelog records.
+    """
+
+    def __init__(self, committed: Mapping[str, bytes] | None = None) -> None:
+        self._committed: dict[str, bytes] = dict(committed or {})
+        self._pending: dict[str, bytes | None] = {}
+
+    def get(self, key: str) -> bytes | None:
+        if key in self._pending:
+            return self._pending[key]
+        return self._committed.get(key)
+
+    def put(self, key: str, value: bytes) -> None:
+        self._pending[key] = value
+
+    def delete(self, key: str) -> None:
+        if self.get(key) is not None:
+            self._pending[key] = None
+
+    def items(self) -> Iterator[tuple[str, bytes]]:
+        for key, value in self._committed.items():
+            if key not in self._pending:
+                yield key, value
+        for key, pending in list(self._pending.items()):
+            if pending is not None:
+                yield key, pending
+
+    def changes(self) -> dict[str, bytes | None]:
+        return dict(self._pending)
+
+    def commit(self) -> None:
+        for key, value in self._pending.items():
+            if value is None:
+                self._committed.pop(key, None)
+            else:
+                self._committed[key] = value
+        self._pending.clear()
+
+    def rollback(self) -> None:
+        self._pending.clear()
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.items())
+
+
+class StageLogic(Protocol):
+    """A stage's business logic: plain functions over records and partition state."""
+
+    name: str
+
+    def input_topics(self) -> Sequence[str]: ...
+
+    def process(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
+        """Outputs for one input record. Raising sends the record to the DLQ."""
+        ...
+
+    def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
+        """Timer work (expiry, approval windows); called every tick interval per partition."""
+        ...
+
+
+@dataclass
+class _Partition:
+    number: int
+    producer: AIOKafkaProducer
+    state: PartitionState
+    chain: AuditChain
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, stage: TransactionalStage) -> None:
+        self._stage = stage
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._stage._on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self._stage._on_assigned(assigned)
+
+
+class TransactionalStage:
+    """Runs one ``StageLogic`` exactly once against Kafka (see the module docstring)."""
+
+    def __init__(
+        self,
+        logic: StageLogic,
+        *,
+        bootstrap: str,
+        app_id: str,
+        state_topic: str,
+        audit_topic: str,
+        dlq_topic: str,
+        audit_signer: Signer | None = None,
+        audit_signer_principal: str = "",
+        checkpoint_every: int = 100,
+        batch_size: int = 50,
+        tick_interval_s: float = 1.0,
+        max_backoff_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
+        consumer_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.logic = logic
+        self.stage = logic.name
+        self.group_id = f"{app_id}-{self.stage}"
+        self._app_id = app_id
+        self._bootstrap = bootstrap
+        self._state_topic = state_topic
+        self._audit_topic = audit_topic
+        self._dlq_topic = dlq_topic
+        self._signer = audit_signer
+        self._signer_principal = audit_signer_principal
+        self._checkpoint_every = checkpoint_every
+        self._batch_size = batch_size
+        self._tick_s = tick_interval_s
+        self._max_backoff_s = max_backoff_s
+        self._clock = clock
+        self._consumer_options = dict(consumer_options or {})
+        self._parts: dict[int, _Partition] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._stopping = asyncio.Event()
+        self._failures = 0
+        self.transactions = 0
+
+    def transactional_id(self, partition: int) -> str:
+        return f"{self._app_id}-{self.stage}-{partition}"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Consume until ``stop``; Kafka errors are retried, never fatal."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            group_id=self.group_id,
+            client_id=f"{self.group_id}-consumer",
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            **self._consumer_options,
+        )
+        self._consumer = consumer
+        await consumer.start()
+        consumer.subscribe(list(self.logic.input_topics()), listener=_Rebalance(self))
+        next_tick = self._clock() + self._tick_s
+        try:
+            while not self._stopping.is_set():
+                try:
+                    batches = await consumer.getmany(
+                        timeout_ms=int(min(self._tick_s, 0.5) * 1000),
+                        max_records=self._batch_size,
+                    )
+                    for tp, records in batches.items():
+                        if records:
+                            await self._process_batch(tp, records)
+                    if self._clock() >= next_tick:
+                        next_tick = self._clock() + self._tick_s
+                        for number in sorted(self._parts):
+                            await self._tick(number)
+                        await self._observe_lag()
+                except KafkaError as exc:
+                    _log.warning("stage %s: Kafka error %s; retrying", self.stage, exc)
+                    await self._backoff()
+        finally:
+            await self._shutdown()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+
+    async def _shutdown(self) -> None:
+        for part in list(self._parts.values()):
+            with contextlib.suppress(Exception):
+                await part.producer.stop()
+        self._parts.clear()
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
+            self._consumer = None
+
+    async def _backoff(self) -> None:
+        self._failures += 1
+        delay = min(self._max_backoff_s, 0.1 * (2 ** min(self._failures, 10)))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+
+    # -- rebalances -----------------------------------------------------------------------
+
+    async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
+        numbers = {tp.partition for tp in revoked}
+        for number in sorted(numbers):
+            part = self._parts.pop(number, None)
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    await part.producer.stop()
+
+    async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        for number in sorted({tp.partition for tp in assigned}):
+            if number in self._parts:
+                continue
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self._bootstrap,
+                transactional_id=self.transactional_id(number),
+                client_id=self.transactional_id(number),
+                acks="all",
+            )
+            # init_transactions: fences an older producer with this id and aborts its open
+            # transaction, so the state read below holds only committed writes.
+            await producer.start()
+            committed = await self._restore(number)
+            state = PartitionState(committed)
+            head_bytes = state.get(AUDIT_HEAD_KEY)
+            head = ChainHead.from_cbor(head_bytes) if head_bytes else ChainHead()
+            chain = AuditChain(
+                f"{self.stage}-{number}",
+                head=head,
+                signer=self._signer,
+                signer_principal=self._signer_principal,
+                checkpoint_every=self._checkpoint_every,
+                clock=self._clock,
+            )
+            self._parts[number] = _Partition(number, producer, state, chain)
+            _log.info(
+                "stage %s: partition %d assigned, %d state entries restored",
+                self.stage,
+                number,
+                len(committed),
+            )
+
+    async def _restore(self, number: int) -> dict[str, bytes]:
+        tp = TopicPartition(self._state_topic, number)
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            client_id=f"{self.group_id}-restore",
+        )
+        await reader.start()
+        state: dict[str, bytes] = {}
+        try:
+            reader.assign([tp])
+            await reader.seek_to_beginning(tp)
+            end = (await reader.end_offsets([tp]))[tp]
+            while await reader.position(tp) < end:
+                batch = await reader.getmany(tp, timeout_ms=1000)
+                for record in batch.get(tp, []):
+                    if record.key is None:
+                        continue
+                    key = record.key.decode()
+                    if record.value is None:
+                        state.pop(key, None)
+                    else:
+                        state[key] = record.value
+        finally:
+            await reader.stop()
+        return state
+
+    # -- processing -----------------------------------------------------------------------
+
+    def _compute(self, part: _Partition, records: Sequence[Any]) -> StageResult:
+        total = StageResult()
+        for raw in records:
+            record = InputRecord(
+                topic=raw.topic,
+                partition=raw.partition,
+                offset=raw.offset,
+                key=raw.key,
+                value=raw.value,
+                timestamp_ms=raw.timestamp,
+                headers=tuple((k, v) for k, v in (raw.headers or ())),
+            )
+            started = time.perf_counter()
+            now = self._clock()
+            try:
+                result = self.logic.process(record, part.state, now)
+            except Exception as exc:
+                reason = exc.reason if isinstance(exc, FleetbusError) else ReasonCode.MALFORMED
+                detail = str(exc) if isinstance(exc, FleetbusError) else type(exc).__name__
+                if not isinstance(exc, FleetbusError):
+                    _log.exception("stage %s: unexpected error on %s", self.stage, record.topic)
+                result = dead_letter_result(
+                    self.stage, self._dlq_topic, record, reason, detail, now=now
+                )
+            STAGE_LATENCY.labels(stage=self.stage).observe(time.perf_counter() - started)
+            RECORDS.labels(stage=self.stage, outcome=result.outcome).inc()
+            total.extend(result)
+        return total
+
+    def _audit_outputs(self, part: _Partition, events: Sequence[AuditEvent]) -> list[Output]:
+        out: list[Output] = []
+        key = part.chain.chain.encode()
+        for event in events:
+            for value in part.chain.append(event):
+                out.append(Output(self._audit_topic, key, value, partition=0))
+        if events:
+            part.state.put(AUDIT_HEAD_KEY, part.chain.head.to_cbor())
+        return out
+
+    def _changelog(self, part: _Partition) -> list[Output]:
+        return [
+            Output(self._state_topic, key.encode(), value, partition=part.number)
+            for key, value in part.state.changes().items()
+        ]
+
+    async def _process_batch(self, tp: TopicPartition, records: Sequence[Any]) -> None:
+        part = self._parts.get(tp.partition)
+        if part is None:
+            # Our producer was fenced but the group still gives us the partition: start a new
+            # one (fencing the other in turn) and read the batch again.
+            assert self._consumer is not None
+            if tp in self._consumer.assignment():
+                self._consumer.seek(tp, records[0].offset)
+                await self._on_assigned([tp])
+            return
+        head_before = part.chain.head
+        result = await asyncio.to_thread(self._compute, part, records)
+        outputs = result.outputs + self._audit_outputs(part, result.audit)
+        outputs += self._changelog(part)
+        offsets = {tp: OffsetAndMetadata(records[-1].offset + 1, "")}
+        if not await self._commit(part, outputs, offsets, head_before):
+            # Nothing of the batch is visible; read it again from the committed offset.
+            assert self._consumer is not None
+            self._consumer.seek(tp, records[0].offset)
+
+    async def _tick(self, number: int) -> None:
+        part = self._parts.get(number)
+        if part is None:
+            return
+        head_before = part.chain.head
+        result = await asyncio.to_thread(self.logic.tick, number, part.state, self._clock())
+        outputs = result.outputs + self._audit_outputs(part, result.audit)
+        outputs += self._changelog(part)
+        if outputs:
+            await self._commit(part, outputs, None, head_before)
+
+    async def _commit(
+        self,
+        part: _Partition,
+        outputs: Sequence[Output],
+        offsets: dict[TopicPartition, OffsetAndMetadata] | None,
+        head_before: ChainHead,
+    ) -> bool:
+        producer = part.producer
+        try:
+            async with producer.transaction():
+                for out in outputs:
+                    await producer.send(
+                        out.topic,
+                        value=out.value,
+                        key=out.key,
+                        partition=out.partition,
+                        headers=list(out.headers) or None,
+                    )
+                if offsets:
+                    await producer.send_offsets_to_transaction(offsets, self.group_id)
+        except ProducerFenced:
+            # Another worker owns this partition now: drop it without touching its state.
+            PRODUCE_ERRORS.labels(stage=self.stage).inc()
+            _log.warning("stage %s: producer for partition %d fenced", self.stage, part.number)
+            self._parts.pop(part.number, None)
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            return False
+        except KafkaError as exc:
+            PRODUCE_ERRORS.labels(stage=self.stage).inc()
+            PRODUCE_RETRIES.labels(stage=self.stage).inc()
+            _log.warning("stage %s: transaction failed (%s); will retry", self.stage, exc)
+            part.state.rollback()
+            part.chain.head = head_before
+            await self._backoff()
+            return False
+        part.state.commit()
+        self._failures = 0
+        self.transactions += 1
+        return True
+
+    async def _observe_lag(self) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        lag: dict[str, int] = {}
+        for tp in consumer.assignment():
+            end = consumer.last_stable_offset(tp)
+            if end is None:
+                end = consumer.highwater(tp)
+            if end is None:
+                continue
+            try:
+                position = await consumer.position(tp)
+            except KafkaError:
+                continue
+            lag[tp.topic] = lag.get(tp.topic, 0) + max(0, end - position)
+        for topic, value in lag.items():
+            CONSUMER_LAG.labels(stage=self.stage, topic=topic).set(value)
