@@ -300,7 +300,6 @@ def read_status_events(
             enable_auto_commit=False,
             client_id="fleetbus-dispatch-status",
             request_timeout_ms=max(int(timeout_s * 1000), 5000) + 1000,
-            api_version_auto_timeout_ms=max(int(timeout_s * 1000), 2000),
         )
     except (KafkaError, OSError) as exc:
         raise _kafka_error("reading command status", bootstrap, exc) from exc

@@ -644,11 +644,13 @@ class VehicleAgent:
     def _publish_response(self, vehicle: _Vehicle, response: Response) -> list[Any]:
         self.stats.answered += 1
         self.stats.by_status[response.status] = self.stats.by_status.get(response.status, 0) + 1
+        # A fresh envelope id per answer: a re-sent stored answer is a new envelope carrying the
+        # same Response, which the bus deduplicates by (command id, vehicle id).
         envelope = self._seal(
             vehicle,
             MessageKind.RESPONSE,
             self._responses,
-            response.command_id,
+            new_command_id(),
             "response",
             response.encode(),
         )

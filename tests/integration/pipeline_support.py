@@ -122,7 +122,7 @@ class TestFleet:
         """An ``EnvelopeSealer`` signing as ``principal`` (default: the bus sealer)."""
         return EnvelopeSealer(principal, self.signer(principal), ProfileSealer(self.runner()))
 
-    def opener(self, principal: str = SEALER, *, minimum: str = "x25519") -> EnvelopeOpener:
+    def opener(self, principal: str = SEALER, *, minimum: str = "xwing") -> EnvelopeOpener:
         """An ``EnvelopeOpener`` for envelopes addressed to ``principal``."""
         return EnvelopeOpener(
             self.key_set(principal), self.directory, self.runner(), KeyPath.parse(minimum)
