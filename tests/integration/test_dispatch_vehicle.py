@@ -411,3 +411,100 @@ def test_telemetry_is_sealed_to_the_bus_sealer(
     telemetry = Telemetry.decode(opened.payload)
     assert telemetry.vehicle_id == V2
     assert telemetry.fields == {"soc": 0.81, "odometer_km": 12345, "doors_locked": True}
+
+
+# --- the CLIs ------------------------------------------------------------------------------
+
+
+def _cli_env(settings: FleetbusSettings) -> dict[str, str]:
+    import os
+
+    return {
+        **os.environ,
+        "FLEETBUS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "FLEETBUS_TOPICS__PREFIX": settings.topics.prefix,
+        "FLEETBUS_APP_ID": settings.app_id,
+    }
+
+
+def test_fleet_simulate_answers_commands_and_exits_cleanly_on_sigterm(
+    fleet: TestFleet, settings: FleetbusSettings, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    command, envelope = seal_command(fleet, settings, V2, action="set_battery_profile")
+    failing, failing_env = seal_command(fleet, settings, V1, action="fail")
+    send_outbound(settings, V2, envelope)
+    send_outbound(settings, V1, failing_env)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleetbus.bus.cli_fleet",
+            "fleet",
+            "simulate",
+            "--keys-dir",
+            str(fleet.keys_dir),
+            "--vehicles",
+            "3",
+            "--summary-every",
+            "1",
+            "--store",
+            str(tmp_path / "sim.sqlite"),
+        ],
+        env=_cli_env(settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        answers = {r.command_id: r for r in responses(fleet, settings, want=2)}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert answers[command.id].status == 200
+    assert answers[failing.id].status == 500
+    assert "executed=2" in out.strip().splitlines()[-1]
+
+
+def test_dispatch_send_prints_the_command_id(fleet: TestFleet, settings: FleetbusSettings) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fleetbus.bus.cli_fleet",
+            "dispatch",
+            "send",
+            "--keys-dir",
+            str(fleet.keys_dir),
+            "--principal",
+            DISPATCHER,
+            "--group",
+            "south",
+            "--action",
+            "set_climate",
+            "--param",
+            "temp=21.5",
+            "--param",
+            "fan=2",
+            "--param",
+            "auto=true",
+            "--no-wait",
+        ],
+        env=_cli_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    (record,) = read_all(settings, settings.topics.commands_requested, want=1)
+    command = SignedCommand.decode(record.value).verify(fleet.directory, at=time.time())
+    assert result.stdout.strip() == command.id
+    assert command.target == Target(group="south")
+    assert command.params == {"temp": 21.5, "fan": 2, "auto": True}

@@ -1,0 +1,258 @@
+"""``fleetbus fleet`` (simulated vehicles) and ``fleetbus dispatch`` (send and approve commands).
+
+Both read keys from a ``fleetbus keys`` folder (``--keys-dir``): ``root.pub``, ``directory.cbor``
+and ``<principal>.key``. Kafka and topic names come from the ``FLEETBUS_*`` settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from fleetbus.bus.commands import Command, ParamValue, Target
+from fleetbus.bus.dispatch import CommandPublisher, StatusTimeoutError
+from fleetbus.bus.errors import ConfigError, FleetbusError
+from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.bus.vehicle import (
+    Handler,
+    HandlerResult,
+    VehicleAgent,
+    VehicleIdentity,
+    load_key_directory,
+)
+
+fleet_app = typer.Typer(no_args_is_help=True, help="Simulated vehicles for demos and tests.")
+dispatch_app = typer.Typer(no_args_is_help=True, help="Send and approve commands.")
+
+KeysDirOpt = Annotated[
+    Path, typer.Option("--keys-dir", help="key folder made by `fleetbus keys` (root.pub, ...)")
+]
+_log = logging.getLogger(__name__)
+
+
+# --- fleet simulate ------------------------------------------------------------------------
+
+
+def default_handlers(fail_action: str = "fail") -> dict[str, Handler]:
+    """The simulator's handlers: the usual actions answer 200, ``fail_action`` raises."""
+
+    def ok(command: Command) -> HandlerResult:
+        return HandlerResult(200, f"{command.action} done")
+
+    def fail(command: Command) -> HandlerResult:
+        raise RuntimeError(f"simulated failure of {command.action}")
+
+    handlers: dict[str, Handler] = {
+        action: ok
+        for action in (
+            "unlock_doors",
+            "lock_doors",
+            "set_battery_profile",
+            "push_route",
+            "honk",
+            "flash_lights",
+            "set_climate",
+            "start_charging",
+            "stop_charging",
+            "immobilize",
+            "release_immobilizer",
+        )
+    }
+    handlers[fail_action] = fail
+    return handlers
+
+
+@fleet_app.command("simulate")
+def simulate(
+    keys_dir: KeysDirOpt,
+    vehicles: Annotated[int, typer.Option(help="simulate V-0001 .. V-N")] = 10,
+    vehicle: Annotated[
+        list[str] | None, typer.Option(help="explicit vehicle id (repeatable; overrides -n)")
+    ] = None,
+    store: Annotated[
+        Path | None,
+        typer.Option(help="SQLite file of executed commands [default: KEYS_DIR/fleet-sim.sqlite]"),
+    ] = None,
+    minimum_path: Annotated[str, typer.Option(help="weakest key path accepted")] = "xwing",
+    sealer: Annotated[str, typer.Option(help="bus sealer principal")] = "bus-sealer",
+    telemetry_every: Annotated[
+        float, typer.Option(help="seconds between telemetry rounds; 0: none")
+    ] = 0.0,
+    summary_every: Annotated[float, typer.Option(help="seconds between summary lines")] = 5.0,
+    duration: Annotated[float, typer.Option(help="stop after this many seconds; 0: run")] = 0.0,
+) -> None:
+    """Run simulated vehicles in one process until SIGTERM / Ctrl-C (or --duration)."""
+    settings = FleetbusSettings()
+    ids = list(vehicle or [f"V-{n:04d}" for n in range(1, vehicles + 1)])
+    if not ids:
+        raise ConfigError("no vehicles to simulate")
+    directory = load_key_directory(keys_dir)
+    identities = [VehicleIdentity.load(keys_dir, vid) for vid in ids]
+    agent = VehicleAgent(
+        settings,
+        vehicles=identities,
+        directory=directory,
+        minimum_path=minimum_path,
+        handlers=default_handlers(),
+        store_path=store or keys_dir / "fleet-sim.sqlite",
+        sealer_principal=sealer,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    typer.echo(f"simulating {len(ids)} vehicles (group {agent.group_id})", err=True)
+    started = last_summary = last_telemetry = time.monotonic()
+    try:
+        while not stop.is_set():
+            agent.poll_once(0.5)
+            now = time.monotonic()
+            if telemetry_every > 0 and now - last_telemetry >= telemetry_every:
+                last_telemetry = now
+                for vid in ids:
+                    agent.publish_telemetry(vid, _telemetry_sample(vid, now - started))
+            if now - last_summary >= summary_every:
+                last_summary = now
+                typer.echo(_summary(agent))
+            if duration > 0 and now - started >= duration:
+                break
+    finally:
+        agent.close()
+        typer.echo(_summary(agent))
+
+
+def _telemetry_sample(vid: str, elapsed: float) -> dict[str, ParamValue]:
+    seed = sum(vid.encode())
+    return {
+        "soc": round(0.2 + ((seed + elapsed) % 80) / 100, 3),
+        "speed_kmh": round((seed * 7 + elapsed * 3) % 120, 1),
+        "doors_locked": int(elapsed) % 2 == 0,
+    }
+
+
+def _summary(agent: VehicleAgent) -> str:
+    s = agent.stats
+    statuses = " ".join(f"{code}:{n}" for code, n in sorted(s.by_status.items())) or "-"
+    return (
+        f"vehicles={len(agent.vehicle_ids)} executed={s.executed} answered={s.answered} "
+        f"duplicates={s.duplicates} rejected={s.rejected} ignored={s.ignored} "
+        f"telemetry={s.telemetry} errors={s.errors} status[{statuses}]"
+    )
+
+
+# --- dispatch send / approve ---------------------------------------------------------------
+
+
+def parse_param(text: str) -> tuple[str, ParamValue]:
+    """``k=v``: v becomes a bool (true/false), an int, a float, or stays text."""
+    if "=" not in text:
+        raise typer.BadParameter(f"{text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    value: ParamValue
+    if raw in ("true", "false"):
+        value = raw == "true"
+    else:
+        try:
+            value = int(raw)
+        except ValueError:
+            try:
+                value = float(raw)
+            except ValueError:
+                value = raw
+    return key.strip(), value
+
+
+def _publisher(keys_dir: Path, principal: str) -> CommandPublisher:
+    return CommandPublisher(
+        FleetbusSettings(),
+        principal_id=principal,
+        private_key_file=keys_dir / f"{principal}.key",
+    )
+
+
+@dispatch_app.command("send")
+def send(
+    keys_dir: KeysDirOpt,
+    principal: Annotated[str, typer.Option(help="issuer principal id (its .key file signs)")],
+    action: Annotated[str, typer.Option(help="command action, e.g. unlock_doors")],
+    vehicle: Annotated[str | None, typer.Option(help="target vehicle id")] = None,
+    group: Annotated[str | None, typer.Option(help="target group name")] = None,
+    param: Annotated[list[str] | None, typer.Option(help="key=value (repeatable)")] = None,
+    ttl: Annotated[float, typer.Option(help="seconds until the command expires")] = 60.0,
+    priority: Annotated[int, typer.Option(help="-1000..1000")] = 0,
+    correlation_id: Annotated[str | None, typer.Option(help="your correlation id")] = None,
+    wait: Annotated[bool, typer.Option(help="wait for the final status")] = True,
+    timeout: Annotated[
+        float | None, typer.Option(help="seconds to wait [default: ttl + 30]")
+    ] = None,
+) -> None:
+    """Sign and publish a command; print its id, then (with --wait) its final status.
+
+    Exit code 0 when the command succeeded (or was published, with --no-wait), 1 otherwise.
+    """
+    if (vehicle is None) == (group is None):
+        raise typer.BadParameter("give exactly one of --vehicle or --group")
+    params = dict(parse_param(p) for p in param or [])
+    with _publisher(keys_dir, principal) as publisher:
+        handle = publisher.send(
+            Target(vehicle=vehicle, group=group),
+            action,
+            params,
+            ttl_s=ttl,
+            priority=priority,
+            correlation_id=correlation_id,
+        )
+    typer.echo(handle.command_id)
+    if not wait:
+        return
+    try:
+        event = handle.wait(timeout if timeout is not None else ttl + 30)
+    except StatusTimeoutError as exc:
+        typer.echo(f"timeout: {exc}", err=True)
+        raise typer.Exit(1) from None
+    reason = f" ({event.reason.value})" if event.reason else ""
+    detail = f": {event.detail}" if event.detail else ""
+    typer.echo(f"{event.state}{reason}{detail}")
+    raise typer.Exit(0 if event.state == "succeeded" else 1)
+
+
+@dispatch_app.command("approve")
+def approve(
+    keys_dir: KeysDirOpt,
+    principal: Annotated[str, typer.Option(help="approver principal id")],
+    command_id: Annotated[str, typer.Option("--command-id", help="the command to decide on")],
+    deny: Annotated[bool, typer.Option("--deny", help="deny instead of approve")] = False,
+) -> None:
+    """Sign and publish an approval (or denial) of one command id."""
+
+    with _publisher(keys_dir, principal) as publisher:
+        signed = publisher.approve(command_id, "deny" if deny else "approve")
+    typer.echo(f"{signed.approval.decision} {command_id} by {principal}")
+
+
+def _run(app: typer.Typer) -> None:
+    try:
+        app()
+    except FleetbusError as exc:
+        typer.echo(f"error ({exc.reason.value}): {exc}", err=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    import sys
+
+    logging.basicConfig(level=logging.WARNING)
+    root = typer.Typer(no_args_is_help=True)
+    root.add_typer(fleet_app, name="fleet")
+    root.add_typer(dispatch_app, name="dispatch")
+    _run(root if len(sys.argv) > 1 else fleet_app)
