@@ -1,0 +1,267 @@
+"""The Helm chart: `helm lint`, `helm template` (default values and existingSecret), every
+rendered manifest validated against the Kubernetes schemas (kubernetes-validate), CRD objects
+checked by hand, and the chart's copies of rules, dashboard and policies equal to the sources."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from unit.test_deploy_files import check_cli, is_settings_env
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "fleetbus"
+KUBERNETES_VERSION = "1.34.0"
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+#: Chart file -> the source it must equal byte for byte (Helm reads only files in the chart).
+CHART_COPIES = {
+    "files/grafana/fleetbus.json": "observability/grafana/fleetbus.json",
+    "files/prometheus/rules.yml": "observability/prometheus/rules.yml",
+    "files/kme-metrics-proxy.conf": "observability/prometheus/kme-metrics-proxy.conf",
+}
+
+
+def _missing(message: str) -> None:
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def helm_binary() -> str:
+    cache = Path(os.environ.get("FLEETBUS_CACHE", Path.home() / ".cache" / "fleetbus"))
+    for candidate in (shutil.which("helm"), cache / "bin" / "helm"):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    _missing("helm not found: run ./scripts/install-tools.sh (go install helm.sh/helm/v3)")
+    raise AssertionError("unreachable")
+
+
+def validator() -> Callable[..., str]:
+    try:
+        import kubernetes_validate
+    except ImportError:
+        _missing("kubernetes-validate not installed: pip install kubernetes-validate (dev extra)")
+        raise AssertionError("unreachable") from None
+    validate: Callable[..., str] = kubernetes_validate.validate
+    return validate
+
+
+def helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [helm_binary(), *args], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+
+
+def render(*sets: str) -> list[dict[str, Any]]:
+    flags = [f for s in sets for f in ("--set", s)]
+    result = helm(
+        "template", "fb", str(CHART), "--namespace", "fleet",
+        "--kube-version", KUBERNETES_VERSION, *flags,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for d in by_kind(docs, kind) if d["metadata"]["name"] == name]
+    return doc
+
+
+def validate_all(docs: list[dict[str, Any]]) -> None:
+    validate = validator()
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
+            check_crd(doc)
+            continue
+        validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def check_crd(doc: dict[str, Any]) -> None:
+    """No schema for CRDs in kubernetes-validate: check the fields the operator requires."""
+    assert doc["metadata"]["name"]
+    spec = doc["spec"]
+    if doc["kind"] == "ServiceMonitor":
+        assert spec["selector"]["matchLabels"]
+        assert spec["endpoints"]
+        for endpoint in spec["endpoints"]:
+            assert endpoint["port"] == "metrics"
+            assert endpoint["path"] == "/metrics"
+    else:
+        assert spec["groups"]
+        for group in spec["groups"]:
+            assert group["name"]
+            for rule in group["rules"]:
+                assert rule["expr"]
+                assert ("alert" in rule) != ("record" in rule)
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+
+def test_helm_lint() -> None:
+    result = helm("lint", str(CHART), "--strict", "--kube-version", KUBERNETES_VERSION)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+
+
+def test_default_values_render_valid_manifests() -> None:
+    docs = render()
+    kinds = {d["kind"] for d in docs}
+    assert kinds == {
+        "ConfigMap",
+        "Secret",
+        "Deployment",
+        "Service",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+    }
+    validate_all(docs)
+    assert {d["metadata"]["name"] for d in by_kind(docs, "Deployment")} == {
+        "fb-fleetbus-worker",
+        "fb-fleetbus-kme",
+    }
+
+
+def test_validation_catches_a_broken_manifest() -> None:
+    docs = render()
+    deployment = one(docs, "Deployment", "fb-fleetbus-worker")
+    deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "x"
+    with pytest.raises(Exception, match="containerPort"):
+        validate_all([deployment])
+
+
+def test_existing_secret_is_used_and_not_rendered() -> None:
+    docs = render("secrets.existingSecret=fleet-keys", "secrets.existingPkiSecret=fleet-pki")
+    validate_all(docs)
+    assert by_kind(docs, "Secret") == []
+    spec = one(docs, "Deployment", "fb-fleetbus-worker")["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    assert secrets == {"keys": "fleet-keys", "pki": "fleet-pki"}
+
+
+def test_key_material_from_values_lands_in_the_secret_only() -> None:
+    docs = render("secrets.keys.bus-sealer\\.key=c2VjcmV0LWtleQ==")
+    secret = one(docs, "Secret", "fb-fleetbus-keys")
+    assert secret["data"] == {"bus-sealer.key": "c2VjcmV0LWtleQ=="}
+    others = yaml.safe_dump_all([d for d in docs if d["kind"] != "Secret"])
+    assert "c2VjcmV0LWtleQ" not in others
+
+
+def test_values_schema_rejects_bad_values() -> None:
+    result = helm(
+        "template", "fb", str(CHART), "--kube-version", KUBERNETES_VERSION,
+        "--set", "worker.metricsPort=not-a-port",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "metricsPort" in result.stderr
+
+
+def test_pods_are_locked_down() -> None:
+    docs = render()
+    for deployment in by_kind(docs, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert pod["automountServiceAccountToken"] is False
+        for container in pod["containers"]:
+            name = f"{deployment['metadata']['name']}/{container['name']}"
+            ctx = container["securityContext"]
+            assert ctx["readOnlyRootFilesystem"] is True, name
+            assert ctx["allowPrivilegeEscalation"] is False, name
+            assert ctx["capabilities"]["drop"] == ["ALL"], name
+            assert container["resources"]["requests"], name
+            assert container["resources"]["limits"], name
+            assert container["livenessProbe"], name
+            assert container["readinessProbe"], name
+
+
+def test_every_settings_env_var_the_chart_sets_is_a_field() -> None:
+    docs = render("worker.otlpEndpoint=http://otel:4318")
+    names: set[str] = set(one(docs, "ConfigMap", "fb-fleetbus-settings")["data"])
+    for deployment in by_kind(docs, "Deployment"):
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            names |= {e["name"] for e in container.get("env", [])}
+    fleetbus = {n for n in names if n.startswith("FLEETBUS_")}
+    assert len(fleetbus) >= 10
+    bad = sorted(n for n in fleetbus if not is_settings_env(n))
+    assert bad == []
+    settings = one(docs, "ConfigMap", "fb-fleetbus-settings")["data"]
+    worker = one(docs, "Deployment", "fb-fleetbus-worker")["spec"]["template"]["spec"]
+    (port,) = worker["containers"][0]["ports"]
+    assert int(settings["FLEETBUS_METRICS_PORT"]) == port["containerPort"]
+    assert settings["FLEETBUS_METRICS_BIND"] == "0.0.0.0"
+
+
+def test_container_commands_are_real_cli_commands() -> None:
+    docs = render()
+    for deployment in by_kind(docs, "Deployment"):
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            if container["image"].startswith("fleetbus:"):
+                check_cli(container["args"])
+
+
+def test_prometheus_rule_equals_the_rules_file() -> None:
+    docs = render()
+    rule = one(docs, "PrometheusRule", "fb-fleetbus")
+    source = yaml.safe_load((ROOT / "observability/prometheus/rules.yml").read_text())
+    assert rule["spec"] == source
+    # Alert templates reach the cluster unrendered by Helm.
+    assert "{{ $labels.profile }}" in yaml.safe_dump(rule)
+
+
+def test_dashboard_configmap_equals_the_dashboard() -> None:
+    docs = render()
+    configmap = one(docs, "ConfigMap", "fb-fleetbus-dashboard")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    source = (ROOT / "observability/grafana/fleetbus.json").read_text()
+    assert json.loads(configmap["data"]["fleetbus.json"]) == json.loads(source)
+
+
+def test_policies_configmap_carries_every_policy() -> None:
+    docs = render()
+    data = one(docs, "ConfigMap", "fb-fleetbus-policies")["data"]
+    sources = {p.name: p.read_text() for p in (ROOT / "processors/policies").glob("*.cedar")}
+    assert sources
+    assert {k: v.rstrip("\n") for k, v in data.items()} == {
+        k: v.rstrip("\n") for k, v in sources.items()
+    }
+
+
+def test_chart_copies_equal_their_sources_byte_for_byte() -> None:
+    """Helm can read only files inside the chart: its copies must not drift from the sources.
+
+    Refresh with: cp processors/policies/*.cedar helm/fleetbus/files/policies/ (and the same
+    for the files in CHART_COPIES)."""
+    pairs = dict(CHART_COPIES)
+    chart_policies = {p.name for p in (CHART / "files/policies").glob("*.cedar")}
+    source_policies = {p.name for p in (ROOT / "processors/policies").glob("*.cedar")}
+    assert chart_policies == source_policies
+    for name in source_policies:
+        pairs[f"files/policies/{name}"] = f"processors/policies/{name}"
+    for copy, source in pairs.items():
+        assert (CHART / copy).read_bytes() == (ROOT / source).read_bytes(), f"{copy} drifted"
+
+
+def test_kme_can_be_disabled() -> None:
+    docs = render("kme.enabled=false")
+    validate_all(docs)
+    assert {d["metadata"]["name"] for d in by_kind(docs, "Deployment")} == {"fb-fleetbus-worker"}
+    assert len(by_kind(docs, "ServiceMonitor")) == 1
