@@ -644,13 +644,13 @@ class VehicleAgent:
     def _publish_response(self, vehicle: _Vehicle, response: Response) -> list[Any]:
         self.stats.answered += 1
         self.stats.by_status[response.status] = self.stats.by_status.get(response.status, 0) + 1
-        # A fresh envelope id per answer: a re-sent stored answer is a new envelope carrying the
-        # same Response, which the bus deduplicates by (command id, vehicle id).
+        # The envelope's message id is the command id (the bus checks that they match), so the
+        # bus's replay check drops a re-sent answer it already has and takes one it missed.
         envelope = self._seal(
             vehicle,
             MessageKind.RESPONSE,
             self._responses,
-            new_command_id(),
+            response.command_id,
             "response",
             response.encode(),
         )

@@ -275,12 +275,12 @@ def serve_until(agent: VehicleAgent, done: Callable[[], bool], timeout_s: float 
 
 
 def responses(fleet: TestFleet, settings: FleetbusSettings, want: int) -> list[Response]:
-    """Open every response envelope as the bus sealer would (fresh opener: no replay state)."""
-    opener = fleet.opener(SEALER)
+    """Open every response envelope as the bus sealer would (a fresh opener per record, so that
+    re-sent answers are not replays here)."""
     topic = settings.topics.full(settings.topics.commands_responses)
     out = []
     for record in read_all(settings, settings.topics.commands_responses, want=want):
-        opened = opener.open(record.value, topic=topic)
+        opened = fleet.opener(SEALER).open(record.value, topic=topic)
         response = Response.decode(opened.payload)
         assert record.key == response.command_id.encode()
         assert opened.sender == response.vehicle_id
@@ -326,6 +326,16 @@ def test_agent_executes_once_answers_signed_and_redelivery_does_not_execute_agai
     assert {(r.command_id, r.status, r.executed_at) for r in answers} == {
         (command.id, 200, first.executed_at)
     }
+    # Each answer's envelope id is the command id: one bus opener takes the first and drops
+    # the re-sent ones as replays.
+    opener = fleet.opener(SEALER)
+    topic = settings.topics.full(settings.topics.commands_responses)
+    records = read_all(settings, settings.topics.commands_responses, want=4)
+    assert opener.open(records[0].value, topic=topic).message_id == command.id
+    for record in records[1:]:
+        with pytest.raises(FleetbusError) as info:
+            opener.open(record.value, topic=topic)
+        assert info.value.reason is ReasonCode.REPLAYED
 
 
 def test_statuses_for_handler_results_unknown_actions_failures_and_groups(
