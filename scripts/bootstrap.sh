@@ -38,5 +38,8 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
     echo "$want" > "$stamp"
 fi
 
+# prometheus + promtool (Debian package) and helm (built from the Go module proxy, cached).
+./scripts/install-tools.sh
+
 say "resolving Apache Kafka jars from Maven Central (cached in ~/.cache/fleetbus)"
 .venv/bin/python -c 'from fleetbus.bus.dev.kafka import resolve_jars; v, p = resolve_jars(); print(f"Kafka {v}: {p}")'
