@@ -150,7 +150,11 @@ class FleetbusSettings(BaseSettings):
         default_factory=_default_rules, description="first match picks the profile"
     )
     response_minimum_path: str = Field(
-        default="x25519", description="weakest key path accepted on responses and telemetry"
+        default="xwing",
+        description="key path responses/telemetry of pqc-capable vehicles must contain",
+    )
+    legacy_minimum_path: str = Field(
+        default="x25519", description="the same for vehicles without the pqc capability"
     )
     qkd_kme_url: str | None = Field(default=None, description="the bus's ETSI 014 KME (https)")
     qkd_sae_id: str | None = Field(default=None, description="the bus's SAE id at its KME")

@@ -103,6 +103,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         SealStage,
         TelemetryStage,
         TrackStage,
+        UplinkOpener,
         profile_from_settings,
     )
     from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
@@ -173,13 +174,18 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         batch_signing=settings.batch_signing,
     )
 
-    def opener() -> EnvelopeOpener:
-        return EnvelopeOpener(
-            sealer_file.key_set(),
-            directory,
-            runner,
-            KeyPath.parse(settings.response_minimum_path),
-            skew_s=settings.clock_skew_s,
+    def opener() -> UplinkOpener:
+        def one(minimum: str) -> EnvelopeOpener:
+            return EnvelopeOpener(
+                sealer_file.key_set(),
+                directory,
+                runner,
+                KeyPath.parse(minimum),
+                skew_s=settings.clock_skew_s,
+            )
+
+        return UplinkOpener(
+            directory, one(settings.response_minimum_path), one(settings.legacy_minimum_path)
         )
 
     seal = SealStage(

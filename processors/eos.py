@@ -302,6 +302,7 @@ class TransactionalStage:
         self._parts: dict[int, _Partition] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._stopping = asyncio.Event()
+        self._assign_lock = asyncio.Lock()
         self._failures = 0
         self.transactions = 0
 
@@ -369,14 +370,19 @@ class TransactionalStage:
     # -- rebalances -----------------------------------------------------------------------
 
     async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
-        numbers = {tp.partition for tp in revoked}
-        for number in sorted(numbers):
-            part = self._parts.pop(number, None)
-            if part is not None:
-                with contextlib.suppress(Exception):
-                    await part.producer.stop()
+        async with self._assign_lock:
+            for number in sorted({tp.partition for tp in revoked}):
+                part = self._parts.pop(number, None)
+                if part is not None:
+                    with contextlib.suppress(Exception):
+                        await part.producer.stop()
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        # One producer per transactional id in this process: two would fence each other.
+        async with self._assign_lock:
+            await self._assign_locked(assigned)
+
+    async def _assign_locked(self, assigned: list[TopicPartition]) -> None:
         for number in sorted({tp.partition for tp in assigned}):
             if number in self._parts:
                 continue
@@ -485,13 +491,14 @@ class TransactionalStage:
         ]
 
     async def _process_batch(self, tp: TopicPartition, records: Sequence[Any]) -> None:
-        part = self._parts.get(tp.partition)
+        async with self._assign_lock:
+            part = self._parts.get(tp.partition)
         if part is None:
             # Our producer was fenced but the group still gives us the partition: start a new
             # one (fencing the other in turn) and read the batch again.
             assert self._consumer is not None
+            self._consumer.seek(tp, records[0].offset)
             if tp in self._consumer.assignment():
-                self._consumer.seek(tp, records[0].offset)
                 await self._on_assigned([tp])
             return
         head_before = part.chain.head

@@ -912,6 +912,33 @@ class SealStage:
         return StageResult()
 
 
+class UplinkOpener:
+    """Opens vehicle-to-bus envelopes with the minimum key path the sender's capabilities
+    allow: ``pqc_minimum`` for vehicles with the pqc capability, ``legacy_minimum`` otherwise.
+    (Key-path minimums are by containment, so one minimum cannot cover xwing and x25519.)"""
+
+    def __init__(
+        self, directory: Any, pqc_opener: Any, legacy_opener: Any, clock: Any = None
+    ) -> None:
+        import time
+
+        self.directory = directory
+        self.pqc = pqc_opener
+        self.legacy = legacy_opener
+        self._clock = clock or time.time
+
+    def open(self, data: bytes, *, topic: str) -> Any:
+        try:
+            sender = decode_envelope(data).header.sender
+            record = self.directory.current(sender, at=self._clock())
+            capable = "pqc" in record.capabilities
+        except EnvelopeError:
+            raise
+        except Exception:
+            capable = True  # unknown sender: the stricter opener rejects it with its reason
+        return (self.pqc if capable else self.legacy).open(data, topic=topic)
+
+
 # --- track ---------------------------------------------------------------------------------
 
 _ACTIVE: Final = frozenset({"authorized", "sealed", "delivered"})

@@ -1,0 +1,343 @@
+"""The command pipeline end to end on the real broker: `fleetbus worker` (authorize, seal,
+track, telemetry) between a CommandPublisher and a VehicleAgent."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from integration.pipeline_support import APPROVER, DISPATCHER, INTRUDER, TestFleet, make_test_fleet
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from fleetbus.bus.commands import Command, CommandState, SignedCommand, Target
+from fleetbus.bus.dev.smoke import WorkerProcess
+from fleetbus.bus.dispatch import CommandPublisher
+from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
+from fleetbus.processors.audit import verify_entries
+from fleetbus.processors.eos import DeadLetter
+
+FINAL = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED, CommandState.EXPIRED]
+
+
+def worker_env(
+    settings: FleetbusSettings, fleet: TestFleet, tmp_path: Path, **extra: str
+) -> dict[str, str]:
+    env = {
+        "FLEETBUS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "FLEETBUS_APP_ID": settings.app_id,
+        "FLEETBUS_PARTITIONS": str(settings.partitions),
+        "FLEETBUS_TOPICS__PREFIX": settings.topics.prefix,
+        "FLEETBUS_SMOKE_SOURCE": settings.topics.prefix + "smoke.in",
+        "FLEETBUS_SMOKE_SINK": settings.topics.prefix + "smoke.out",
+        "FLEETBUS_DATA_DIR": str(tmp_path / "state"),
+        "FLEETBUS_WEB_PORT": "0",
+        "FLEETBUS_KEYS_DIR": str(fleet.keys_dir),
+        "FLEETBUS_PIPELINE": "on",
+        "FLEETBUS_TICK_INTERVAL_S": "0.5",
+        "FLEETBUS_AUDIT_CHECKPOINT_EVERY": "5",
+    }
+    env.update(extra)
+    return env
+
+
+class Executions:
+    """Handlers that count how often each command ran on each vehicle."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.lock = threading.Lock()
+
+    def handler(self, command: Command) -> HandlerResult:
+        with self.lock:
+            self.counts[(command.id, command.target.vehicle or command.target.group or "")] += 1
+        return HandlerResult(200, "ok")
+
+
+@pytest.fixture
+def pipeline(
+    kafka_bootstrap: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[dict[str, Any]]:
+    extra: dict[str, str] = getattr(request, "param", {})
+    fleet = make_test_fleet(tmp_path, vehicles=4)
+    settings = fleet.settings_for(kafka_bootstrap)
+    worker = WorkerProcess(worker_env(settings, fleet, tmp_path, **extra), tmp_path / "worker.log")
+    executions = Executions()
+    agent = VehicleAgent(
+        settings,
+        vehicles=fleet.vehicles(),
+        directory=fleet.directory,
+        minimum_path="xwing",
+        handlers={a: executions.handler for a in ("ping", "lock_doors", "unlock_doors")},
+        store_path=tmp_path / "agent.sqlite",
+    ).start()
+    publisher = CommandPublisher(
+        settings, principal_id=DISPATCHER, private_key_file=fleet.key_file_path(DISPATCHER)
+    )
+    try:
+        yield {
+            "fleet": fleet,
+            "settings": settings,
+            "worker": worker,
+            "agent": agent,
+            "publisher": publisher,
+            "executions": executions,
+            "tmp_path": tmp_path,
+        }
+    finally:
+        publisher.close()
+        agent.stop()
+        worker.stop()
+
+
+def topic(settings: FleetbusSettings, name: str) -> str:
+    return settings.topics.full(getattr(settings.topics, name))
+
+
+def read_topic(bootstrap: str, name: str, *, idle_s: float = 3.0) -> list[Any]:
+    consumer = KafkaConsumer(
+        name,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        consumer_timeout_ms=int(idle_s * 1000),
+    )
+    try:
+        return list(consumer)
+    finally:
+        consumer.close()
+
+
+def dlq_letters(settings: FleetbusSettings) -> list[DeadLetter]:
+    return [
+        DeadLetter.decode(r.value)
+        for r in read_topic(settings.kafka_bootstrap, topic(settings, "dlq"))
+    ]
+
+
+def wait_final(handle: Any, worker: WorkerProcess, timeout_s: float = 60.0) -> Any:
+    try:
+        return handle.wait(timeout_s, until=FINAL)
+    except Exception:
+        letters = dlq_letters(handle.settings)
+        pytest.fail(
+            f"no final status; events {handle.events}; dlq {letters}:\n" + worker.output()[-3000:]
+        )
+
+
+def test_routine_command_succeeds_and_runs_exactly_once(pipeline: dict[str, Any]) -> None:
+    handle = pipeline["publisher"].send(Target(vehicle="V-0001"), "ping")
+    event = wait_final(handle, pipeline["worker"])
+    assert event.state is CommandState.SUCCEEDED, handle.events
+    assert event.vehicle_id == "V-0001"
+    time.sleep(2)
+    assert pipeline["executions"].counts[(handle.command_id, "V-0001")] == 1
+    states = [str(e.state) for e in handle.events]
+    assert "sealed" in states or "succeeded" in states
+
+
+def test_group_command_reaches_every_vehicle_of_the_group(pipeline: dict[str, Any]) -> None:
+    fleet: TestFleet = pipeline["fleet"]
+    settings: FleetbusSettings = pipeline["settings"]
+    handle = pipeline["publisher"].send(Target(group="north"), "lock_doors")
+    members = fleet.groups["north"]
+    deadline = time.monotonic() + 60
+    seen: set[str] = set()
+    while time.monotonic() < deadline and seen != set(members):
+        with pipeline["executions"].lock:
+            seen = {v for (cid, v) in pipeline["executions"].counts if cid == handle.command_id}
+        time.sleep(0.5)
+    assert seen == set(members), pipeline["worker"].output()[-3000:]
+    outbound = [
+        r
+        for r in read_topic(settings.kafka_bootstrap, topic(settings, "commands_outbound"))
+        if dict(r.headers).get("fleetbus-command-id") == handle.command_id.encode()
+    ]
+    assert sorted(r.key.decode() for r in outbound) == sorted(members)
+
+
+def test_rejections_reach_status_rejected_and_the_dlq(pipeline: dict[str, Any]) -> None:
+    fleet: TestFleet = pipeline["fleet"]
+    settings: FleetbusSettings = pipeline["settings"]
+    publisher: CommandPublisher = pipeline["publisher"]
+    worker: WorkerProcess = pipeline["worker"]
+
+    intruder = CommandPublisher(settings, principal_id=INTRUDER, signer=fleet.signer(INTRUDER))
+    try:
+        h_intruder = intruder.send(Target(vehicle="V-0001"), "ping")
+    finally:
+        intruder.close()
+    # An approver (known, but without the dispatcher role) may not send commands.
+    approver = CommandPublisher(settings, principal_id=APPROVER, signer=fleet.signer(APPROVER))
+    try:
+        h_denied = approver.send(Target(vehicle="V-0001"), "ping")
+    finally:
+        approver.close()
+    expired = Command.create(
+        issuer=DISPATCHER,
+        target=Target(vehicle="V-0001"),
+        action="ping",
+        ttl_s=1,
+        now=time.time() - 3600,
+    )
+    h_expired = publisher.publish(SignedCommand.sign(expired, fleet.signer(DISPATCHER)))
+    good = publisher.sign(Target(vehicle="V-0002"), "ping")
+    h_first = publisher.publish(good)
+    assert wait_final(h_first, worker).state is CommandState.SUCCEEDED
+    h_replay = publisher.publish(good)
+    forged_cmd = publisher.sign(Target(vehicle="V-0001"), "ping")
+    forged = SignedCommand(
+        forged_cmd.command,
+        forged_cmd.key_id,
+        forged_cmd.suite,
+        bytes(b ^ 0xFF for b in forged_cmd.signature),
+    )
+    h_forged = publisher.publish(forged)
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    producer.send(topic(settings, "commands_requested"), key=b"junk", value=b"\xff\x00garbage")
+    producer.flush()
+    producer.close()
+
+    expect = {
+        h_intruder: "unknown_signer",
+        h_denied: "policy_denied",
+        h_expired: "expired",
+        h_forged: "bad_signature",
+    }
+    for handle, reason in expect.items():
+        event = wait_final(handle, worker)
+        assert event.state is CommandState.REJECTED
+        assert event.reason is not None, (reason, event)
+        assert event.reason.value == reason, (reason, event)
+    replay = h_replay.wait(60, until=[CommandState.REJECTED])
+    assert replay.reason is not None
+    assert replay.reason.value == "replayed"
+
+    deadline = time.monotonic() + 30
+    reasons: Counter[str] = Counter()
+    while time.monotonic() < deadline:
+        reasons = Counter(d.reason.value for d in dlq_letters(settings))
+        if reasons["malformed"] >= 1 and reasons["replayed"] >= 1:
+            break
+    for reason in (
+        "unknown_signer",
+        "policy_denied",
+        "expired",
+        "bad_signature",
+        "replayed",
+        "malformed",
+    ):
+        assert reasons[reason] >= 1, reasons
+    junk = [d for d in dlq_letters(settings) if d.reason.value == "malformed"]
+    assert junk[0].value == b"\xff\x00garbage"
+    assert junk[0].source_topic == topic(settings, "commands_requested")
+    assert worker.running(), worker.output()[-3000:]
+    # The worker still works after all that.
+    assert (
+        wait_final(publisher.send(Target(vehicle="V-0003"), "ping"), worker).state
+        is CommandState.SUCCEEDED
+    )
+
+
+@pytest.mark.parametrize("pipeline", [{"FLEETBUS_APPROVAL_WINDOW_S": "4"}], indirect=True)
+def test_high_criticality_waits_for_an_approval(pipeline: dict[str, Any]) -> None:
+    fleet: TestFleet = pipeline["fleet"]
+    settings: FleetbusSettings = pipeline["settings"]
+    publisher: CommandPublisher = pipeline["publisher"]
+    worker: WorkerProcess = pipeline["worker"]
+
+    unapproved = publisher.send(Target(vehicle="V-0001"), "unlock_doors")
+    event = wait_final(unapproved, worker)
+    assert event.state is CommandState.REJECTED
+    assert event.reason is not None
+    assert event.reason.value == "policy_denied"
+    assert "approval window elapsed" in event.detail
+    assert any("pending" in e.detail for e in unapproved.events), unapproved.events
+
+    approved = publisher.send(Target(vehicle="V-0001"), "unlock_doors")
+    approver = CommandPublisher(settings, principal_id=APPROVER, signer=fleet.signer(APPROVER))
+    try:
+        approver.approve(approved.command_id)
+    finally:
+        approver.close()
+    assert wait_final(approved, worker).state is CommandState.SUCCEEDED
+    assert pipeline["executions"].counts[(unapproved.command_id, "V-0001")] == 0
+
+
+def test_audit_trail_verifies_and_cli_reports_ok(pipeline: dict[str, Any]) -> None:
+    settings: FleetbusSettings = pipeline["settings"]
+    fleet: TestFleet = pipeline["fleet"]
+    for _ in range(3):
+        wait_final(pipeline["publisher"].send(Target(vehicle="V-0001"), "ping"), pipeline["worker"])
+    records = read_topic(settings.kafka_bootstrap, topic(settings, "audit"))
+    report = verify_entries([(r.offset, r.key, r.value) for r in records], fleet.directory)
+    assert report.ok, report.breaks
+    assert sum(report.records.values()) >= 6
+    assert sum(report.checkpoints.values()) >= 1
+
+    from typer.testing import CliRunner
+
+    from fleetbus.bus.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "audit",
+            "verify",
+            "--bootstrap",
+            settings.kafka_bootstrap,
+            "--topic",
+            topic(settings, "audit"),
+            "--keys-dir",
+            str(fleet.keys_dir),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "OK" in result.output
+
+
+def test_exactly_once_outbound_across_a_worker_sigkill(pipeline: dict[str, Any]) -> None:
+    settings: FleetbusSettings = pipeline["settings"]
+    fleet: TestFleet = pipeline["fleet"]
+    tmp_path: Path = pipeline["tmp_path"]
+    worker: WorkerProcess = pipeline["worker"]
+    publisher: CommandPublisher = pipeline["publisher"]
+    ids = []
+    n = 40
+    for i in range(n):
+        ids.append(publisher.send(Target(vehicle=fleet.vehicle_ids[i % 4]), "ping").command_id)
+        if i == n // 2:
+            time.sleep(1.0)
+            worker.kill()
+    restarted = WorkerProcess(worker_env(settings, fleet, tmp_path), tmp_path / "worker2.log")
+    pipeline["worker"] = restarted
+    out_topic = topic(settings, "commands_outbound")
+    try:
+        deadline = time.monotonic() + 120
+        counts: Counter[str] = Counter()
+        while time.monotonic() < deadline:
+            records = read_topic(settings.kafka_bootstrap, out_topic, idle_s=2)
+            counts = Counter(
+                dict(r.headers).get("fleetbus-command-id", b"").decode() for r in records
+            )
+            if all(counts[c] >= 1 for c in ids):
+                break
+        assert all(counts[c] == 1 for c in ids), (
+            {c: counts[c] for c in ids if counts[c] != 1},
+            restarted.output()[-3000:],
+        )
+        consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+        try:
+            tps = [TopicPartition(out_topic, p) for p in range(settings.partitions)]
+            ends = sum(consumer.end_offsets(tps).values())
+        finally:
+            consumer.close()
+        assert ends > n  # commit markers: the outbound records were written in transactions
+    finally:
+        restarted.stop()
