@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import pytest
 from integration.pipeline_support import APPROVER, DISPATCHER, INTRUDER, TestFleet, make_test_fleet
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from fleetbus.bus.commands import Command, CommandState, SignedCommand, Target
+from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
 from fleetbus.bus.dev.smoke import WorkerProcess
 from fleetbus.bus.dispatch import CommandPublisher
 from fleetbus.bus.settings import FleetbusSettings
@@ -121,6 +122,11 @@ def dlq_letters(settings: FleetbusSettings) -> list[DeadLetter]:
     ]
 
 
+def status_events(settings: FleetbusSettings, command_id: str) -> list[StatusEvent]:
+    records = read_topic(settings.kafka_bootstrap, topic(settings, "commands_status"), idle_s=2)
+    return [StatusEvent.decode(r.value) for r in records if r.key == command_id.encode()]
+
+
 def wait_final(handle: Any, worker: WorkerProcess, timeout_s: float = 60.0) -> Any:
     try:
         return handle.wait(timeout_s, until=FINAL)
@@ -148,12 +154,16 @@ def test_group_command_reaches_every_vehicle_of_the_group(pipeline: dict[str, An
     handle = pipeline["publisher"].send(Target(group="north"), "lock_doors")
     members = fleet.groups["north"]
     deadline = time.monotonic() + 60
-    seen: set[str] = set()
-    while time.monotonic() < deadline and seen != set(members):
-        with pipeline["executions"].lock:
-            seen = {v for (cid, v) in pipeline["executions"].counts if cid == handle.command_id}
-        time.sleep(0.5)
-    assert seen == set(members), pipeline["worker"].output()[-3000:]
+    succeeded: set[str] = set()
+    while time.monotonic() < deadline and succeeded != set(members):
+        succeeded = {
+            e.vehicle_id or ""
+            for e in status_events(settings, handle.command_id)
+            if e.state is CommandState.SUCCEEDED
+        }
+    assert succeeded == set(members), pipeline["worker"].output()[-3000:]
+    # The shared handler ran once per member vehicle.
+    assert pipeline["executions"].counts[(handle.command_id, "north")] == len(members)
     outbound = [
         r
         for r in read_topic(settings.kafka_bootstrap, topic(settings, "commands_outbound"))
@@ -204,13 +214,13 @@ def test_rejections_reach_status_rejected_and_the_dlq(pipeline: dict[str, Any]) 
     producer.flush()
     producer.close()
 
-    expect = {
-        h_intruder: "unknown_signer",
-        h_denied: "policy_denied",
-        h_expired: "expired",
-        h_forged: "bad_signature",
-    }
-    for handle, reason in expect.items():
+    expect = [
+        (h_intruder, "unknown_signer"),
+        (h_denied, "policy_denied"),
+        (h_expired, "expired"),
+        (h_forged, "bad_signature"),
+    ]
+    for handle, reason in expect:
         event = wait_final(handle, worker)
         assert event.state is CommandState.REJECTED
         assert event.reason is not None, (reason, event)
@@ -270,10 +280,11 @@ def test_high_criticality_waits_for_an_approval(pipeline: dict[str, Any]) -> Non
     assert pipeline["executions"].counts[(unapproved.command_id, "V-0001")] == 0
 
 
+@pytest.mark.parametrize("pipeline", [{"FLEETBUS_AUDIT_CHECKPOINT_EVERY": "2"}], indirect=True)
 def test_audit_trail_verifies_and_cli_reports_ok(pipeline: dict[str, Any]) -> None:
     settings: FleetbusSettings = pipeline["settings"]
     fleet: TestFleet = pipeline["fleet"]
-    for _ in range(3):
+    for _ in range(4):
         wait_final(pipeline["publisher"].send(Target(vehicle="V-0001"), "ping"), pipeline["worker"])
     records = read_topic(settings.kafka_bootstrap, topic(settings, "audit"))
     report = verify_entries([(r.offset, r.key, r.value) for r in records], fleet.directory)
@@ -341,3 +352,100 @@ def test_exactly_once_outbound_across_a_worker_sigkill(pipeline: dict[str, Any])
         assert ends > n  # commit markers: the outbound records were written in transactions
     finally:
         restarted.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_qkd_link_outage_fails_over_to_xwing_visibly(
+    kafka_bootstrap: str, tmp_path: Path, kme_pair: Any
+) -> None:
+    import urllib.request
+
+    from fleetbus.bus.directory import append_directory_file, issue_key, save_key_file
+    from fleetbus.bus.envelope import decode_envelope
+
+    kme_pair.reset()
+    fleet = make_test_fleet(tmp_path, vehicles=2)
+    now = time.time()
+    edge = issue_key(
+        fleet.root, principal_id="E-0001", kind="edge", signature_suite="ed25519",
+        kems=["xwing", "x25519"], qkd_sae_id=kme_pair.slave_sae, groups=["depot"],
+        not_before=now - 3600, not_after=now + 86400,
+    )  # fmt: skip
+    append_directory_file(fleet.keys_dir / "directory.cbor", edge.signed)
+    save_key_file(fleet.keys_dir / "E-0001.key", edge.key_file)
+    fleet.key_files["E-0001"] = edge.key_file
+    fleet.reload_directory()
+    settings = fleet.settings_for(kafka_bootstrap)
+    master = kme_pair.pki.saes[kme_pair.master_sae]
+    port = _free_port()
+    env = worker_env(
+        settings, fleet, tmp_path,
+        FLEETBUS_QKD_KME_URL=kme_pair.kme_a_url,
+        FLEETBUS_QKD_SAE_ID=kme_pair.master_sae,
+        FLEETBUS_QKD_CA_FILE=str(kme_pair.pki.ca_cert),
+        FLEETBUS_QKD_CERT_FILE=str(master.cert),
+        FLEETBUS_QKD_KEY_FILE=str(master.key),
+        FLEETBUS_METRICS_PORT=str(port),
+    )  # fmt: skip
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    executions = Executions()
+    agent = VehicleAgent(
+        settings,
+        vehicles=[fleet.vehicle("E-0001")],
+        directory=fleet.directory,
+        minimum_path="xwing",
+        handlers={"ping": executions.handler},
+        store_path=tmp_path / "edge.sqlite",
+        qkd_provider=kme_pair.provider("b"),
+    ).start()
+    publisher = CommandPublisher(
+        settings, principal_id=DISPATCHER, private_key_file=fleet.key_file_path(DISPATCHER)
+    )
+    out_topic = topic(settings, "commands_outbound")
+
+    def key_path_of(command_id: str) -> str:
+        for r in read_topic(kafka_bootstrap, out_topic, idle_s=2):
+            if dict(r.headers).get("fleetbus-command-id") == command_id.encode():
+                return decode_envelope(r.value).header.key_path
+        return ""
+
+    try:
+        first = publisher.send(Target(vehicle="E-0001"), "ping")
+        assert wait_final(first, worker).state is CommandState.SUCCEEDED
+        assert key_path_of(first.command_id) == "qkd-etsi014+xwing"
+
+        kme_pair.admin("POST", "/admin/link", {"up": False})
+        second = publisher.send(Target(vehicle="E-0001"), "ping")
+        assert wait_final(second, worker).state is CommandState.SUCCEEDED
+        assert key_path_of(second.command_id) == "xwing"
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            metrics = resp.read().decode()
+        failovers = [
+            line for line in metrics.splitlines()
+            if line.startswith("fleetbus_keypath_failover_total{")
+            and 'profile="standard"' in line and 'to_path="xwing"' in line
+        ]  # fmt: skip
+        assert failovers, metrics[-2000:]
+        assert float(failovers[0].rsplit(" ", 1)[1]) >= 1
+        audit = read_topic(kafka_bootstrap, topic(settings, "audit"))
+        events = [cbor2.loads(cbor2.loads(r.value)["record"]) for r in audit]
+        failover_events = [
+            e for e in events
+            if e["event"] == "keypath_failover" and e["command_id"] == second.command_id
+        ]  # fmt: skip
+        assert failover_events
+        assert failover_events[0]["detail"]["to_path"] == "xwing"
+    finally:
+        kme_pair.reset()
+        publisher.close()
+        agent.stop()
+        worker.stop()
