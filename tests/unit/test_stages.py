@@ -52,7 +52,7 @@ from fleetbus.processors.stages import (
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer
 
-NOW = time.time()
+NOW = time.time() - 7200  # the openers get this clock too: results do not depend on run time
 TOPICS = PipelineTopics.from_settings(FleetbusSettings().topics)
 SUITE = "ed25519"
 
@@ -382,7 +382,11 @@ def authorized(
 def open_as(fleet: Fleet, vehicle: str, envelope: bytes, minimum: str = "x25519") -> Any:
     runner = KeyPathRunner({n: load_key_provider(n) for n in ("xwing", "x25519")})
     opener = EnvelopeOpener(
-        fleet.files[vehicle].key_set(), fleet.directory, runner, KeyPath.parse(minimum)
+        fleet.files[vehicle].key_set(),
+        fleet.directory,
+        runner,
+        KeyPath.parse(minimum),
+        clock=lambda: NOW,
     )
     return opener.open(envelope, topic=TOPICS.outbound)
 
@@ -449,10 +453,14 @@ def uplink(fleet: Fleet) -> UplinkOpener:
 
     def one(minimum: str) -> EnvelopeOpener:
         return EnvelopeOpener(
-            fleet.files["bus-sealer"].key_set(), fleet.directory, runner, KeyPath.parse(minimum)
+            fleet.files["bus-sealer"].key_set(),
+            fleet.directory,
+            runner,
+            KeyPath.parse(minimum),
+            clock=lambda: NOW,
         )
 
-    return UplinkOpener(fleet.directory, one("xwing"), one("x25519"))
+    return UplinkOpener(fleet.directory, one("xwing"), one("x25519"), clock=lambda: NOW)
 
 
 def vehicle_envelope(
