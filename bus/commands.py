@@ -686,6 +686,7 @@ class CommandState(StrEnum):
     """Lifecycle states of a command on ``commands.status``."""
 
     REQUESTED = "requested"
+    PENDING = "pending"  # waiting for M-of-N approvals
     AUTHORIZED = "authorized"
     REJECTED = "rejected"
     SEALED = "sealed"

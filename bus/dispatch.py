@@ -271,6 +271,10 @@ class CommandHandle:
             timeout_s=timeout_s,
         ):
             self.events.append(event)
+            # A re-submission of the same command id is rejected as a replay under that id;
+            # it says nothing about the original command's fate.
+            if event.reason == ReasonCode.REPLAYED:
+                continue
             if str(event.state) in wanted:
                 return event
         raise StatusTimeoutError(

@@ -59,8 +59,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-#: ``CommandState.PENDING`` when the models have it; "requested" with a detail otherwise.
-PENDING_STATE: Final = getattr(CommandState, "PENDING", CommandState.REQUESTED)
+PENDING_STATE: Final = CommandState.PENDING
 _SIGNER_REASONS: Final = frozenset(
     {
         ReasonCode.UNKNOWN_SIGNER,

@@ -409,10 +409,25 @@ def path_strength(path: KeyPath) -> int:
     return 4 * qkd + 2 * pq + 1 * classical
 
 
-def is_at_least(path: KeyPath, minimum: KeyPath) -> bool:
-    """True when ``path`` contains every provider of ``minimum`` (it may add more).
+#: The key-establishment components each provider contributes. X-Wing is, by construction,
+#: ML-KEM-768 and X25519 combined, so it covers both; any other provider is its own component.
+_COMPONENTS: dict[str, frozenset[str]] = {
+    "xwing": frozenset({"mlkem768", "x25519"}),
+}
 
-    Adding a source to a CatKDF combination never weakens it, so containment is a safe partial
-    order; paths that merely have an equal or higher ``path_strength`` do not qualify.
+
+def _components(path: KeyPath) -> frozenset[str]:
+    parts: set[str] = set()
+    for name in path.providers:
+        parts |= _COMPONENTS.get(name, frozenset({name}))
+    return frozenset(parts)
+
+
+def is_at_least(path: KeyPath, minimum: KeyPath) -> bool:
+    """True when ``path`` covers every component of ``minimum`` (it may add more).
+
+    Adding a source to a CatKDF combination never weakens it, so containment of components is a
+    safe partial order; ``xwing`` covers ``x25519`` and ``mlkem768`` because it is their hybrid.
+    Paths that merely have an equal or higher ``path_strength`` do not qualify.
     """
-    return set(minimum.providers) <= set(path.providers)
+    return _components(minimum) <= _components(path)

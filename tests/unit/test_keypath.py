@@ -379,13 +379,20 @@ def test_inline_calls_without_timeout() -> None:
 # -- downgrade ordering -----------------------------------------------------------------------
 
 
-def test_is_at_least_is_containment() -> None:
+def test_is_at_least_is_containment_of_components() -> None:
     assert is_at_least(QKD_XWING, XWING)
     assert is_at_least(XWING, XWING)
     assert not is_at_least(XWING, QKD_XWING)
     assert not is_at_least(X25519, XWING)
-    assert not is_at_least(KeyPath.parse("mlkem768+x25519"), XWING)
+    assert not is_at_least(KeyPath.parse("mlkem768"), XWING)
     assert is_at_least(KeyPath.parse("x25519+xwing"), XWING)
+    # X-Wing is the ML-KEM-768 + X25519 hybrid: it meets either component's minimum...
+    assert is_at_least(XWING, X25519)
+    assert is_at_least(XWING, KeyPath.parse("mlkem768"))
+    assert is_at_least(QKD_XWING, X25519)
+    # ...and two separate components meet each other's combination.
+    assert is_at_least(KeyPath.parse("mlkem768+x25519"), XWING)
+    assert not is_at_least(KeyPath.parse("qkd-etsi014"), X25519)
 
 
 def test_path_strength_ranks() -> None:
