@@ -3,11 +3,17 @@
 The broker's jars are Maven artifacts (``org.apache.kafka:kafka_2.13`` and its runtime
 dependencies); ``mvn`` resolves them once into a cache outside git. Each node is one JVM running
 broker and controller together, listening on 127.0.0.1 only, with topic auto-creation off.
+
+``security="mtls"`` makes every listener TLS with client certificates required (a throw-away CA
+under ``home/tls``), maps principals from certificate CNs and turns on KRaft's
+``StandardAuthorizer``: only the broker and ``admin`` are super users, everyone else needs ACLs
+(``LocalKafka.create_acls``, ``fleet_acls``). See docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import shutil
@@ -17,9 +23,10 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Final, Literal
 
 from fleetbus.bus.errors import ConfigError, KafkaUnavailableError
 
@@ -63,6 +70,15 @@ logger.kafka.level = INFO
 logger.apache.name = org.apache.kafka
 logger.apache.level = INFO
 """
+
+
+#: Principal (certificate CN) of the brokers themselves in ``security="mtls"`` mode.
+BROKER_PRINCIPAL: Final = "broker"
+#: Principal of the operator / test harness: a super user like the brokers.
+ADMIN_PRINCIPAL: Final = "admin"
+#: ``User:<CN>`` from a subject DN ``CN=<CN>`` (our certificates carry only a CN).
+PRINCIPAL_MAPPING_RULES: Final = "RULE:^CN=([^,]+)$/$1/,DEFAULT"
+Security = Literal["plaintext", "mtls"]
 
 
 def cache_root() -> Path:
@@ -159,10 +175,13 @@ class LocalKafka:
     brokers: int = 1
     base_port: int = 19092
     heap_mb: int = 512
+    security: Security = "plaintext"
 
     def __post_init__(self) -> None:
         if self.brokers not in (1, 3):
             raise ConfigError("brokers must be 1 or 3")
+        if self.security not in ("plaintext", "mtls"):
+            raise ConfigError("security must be 'plaintext' or 'mtls'")
 
     @property
     def bootstrap(self) -> str:
@@ -182,6 +201,76 @@ class LocalKafka:
 
     def log_file(self, index: int) -> Path:
         return self.node_dir(index) / "server.log"
+
+    # -- mutual TLS ----------------------------------------------------------------------
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.home / "tls"
+
+    def client_certificate(self, principal: str) -> tuple[Path, Path]:
+        """``(cert, key)`` PEM files of a client certificate whose CN is ``principal``.
+
+        Issued by the cluster's CA on first use (``security="mtls"`` only); the key is 0600.
+        """
+        if self.security != "mtls":
+            raise ConfigError("client certificates exist only with security='mtls'")
+        _ensure_ca(self.tls_dir)
+        return _issue_pair(self.tls_dir, principal, server=False)
+
+    def client_config(self, principal: str = ADMIN_PRINCIPAL) -> dict[str, Any]:
+        """kafka-python keyword arguments to connect as ``principal`` (nothing for plaintext).
+
+        aiokafka takes the same ``security_protocol`` plus an ``ssl_context``
+        (``aiokafka.helpers.create_ssl_context(cafile=..., certfile=..., keyfile=...)``).
+        """
+        if self.security != "mtls":
+            return {}
+        cert, key = self.client_certificate(principal)
+        return {
+            "security_protocol": "SSL",
+            "ssl_cafile": str(self.tls_dir / "ca.pem"),
+            "ssl_certfile": str(cert),
+            "ssl_keyfile": str(key),
+        }
+
+    def create_acls(self, grants: Iterable[AclGrant]) -> int:
+        """Create ALLOW bindings as the admin principal; returns how many the broker accepted."""
+        from kafka import KafkaAdminClient
+        from kafka.admin import (
+            ACL,
+            ACLOperation,
+            ACLPermissionType,
+            ACLResourcePatternType,
+            ResourcePattern,
+            ResourceType,
+        )
+
+        acls = [
+            ACL(
+                principal=f"User:{g.principal}",
+                host="*",
+                operation=ACLOperation[g.operation],
+                permission_type=ACLPermissionType.ALLOW,
+                resource_pattern=ResourcePattern(
+                    ResourceType[g.resource_type],
+                    g.name,
+                    ACLResourcePatternType[g.pattern],
+                ),
+            )
+            for g in grants
+        ]
+        admin = KafkaAdminClient(
+            bootstrap_servers=self.bootstrap, client_id="fleetbus-acls", **self.client_config()
+        )
+        try:
+            result = admin.create_acls(acls)
+        finally:
+            admin.close()
+        failed = result.get("failed", [])
+        if failed:
+            raise ConfigError(f"{len(failed)} ACL binding(s) refused: {failed[:3]}")
+        return len(result.get("succeeded", []))
 
     # -- configuration -------------------------------------------------------------------
 
@@ -221,7 +310,33 @@ class LocalKafka:
             "num.network.threads": "2",
             "num.io.threads": "4",
         }
+        if self.security == "mtls":
+            props.update(self._mtls_properties(index))
         return "".join(f"{k}={v}\n" for k, v in props.items())
+
+    def _mtls_properties(self, index: int) -> dict[str, str]:
+        # Every listener, the controller quorum included, is TLS with client certificates;
+        # brokers authenticate to each other with the broker certificate (a super user).
+        tls = self.tls_dir
+        return {
+            "listeners": (
+                f"SSL://127.0.0.1:{self.client_port(index)},"
+                f"CONTROLLER://127.0.0.1:{self.controller_port(index)}"
+            ),
+            "advertised.listeners": f"SSL://127.0.0.1:{self.client_port(index)}",
+            "inter.broker.listener.name": "SSL",
+            "listener.security.protocol.map": "SSL:SSL,CONTROLLER:SSL",
+            "ssl.client.auth": "required",
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(tls / "broker.keystore.pem"),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(tls / "ca.pem"),
+            "ssl.endpoint.identification.algorithm": "https",
+            "ssl.principal.mapping.rules": PRINCIPAL_MAPPING_RULES,
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": f"User:{BROKER_PRINCIPAL};User:{ADMIN_PRINCIPAL}",
+            "allow.everyone.if.no.acl.found": "false",
+        }
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -265,6 +380,12 @@ class LocalKafka:
             raw = uuid.uuid4().bytes
             cluster_id_file.write_text(base64.urlsafe_b64encode(raw).decode().rstrip("=") + "\n")
         cluster_id = cluster_id_file.read_text().strip()
+        if self.security == "mtls":
+            _ensure_ca(self.tls_dir)
+            cert, key = _issue_pair(self.tls_dir, BROKER_PRINCIPAL, server=True)
+            # Kafka's PEM key store: the private key followed by its certificate.
+            keystore = self.tls_dir / "broker.keystore.pem"
+            _write_private(keystore, key.read_bytes() + cert.read_bytes())
         classpath = f"{libs}/*"
         for i, pid in enumerate(pids):
             if pid is not None:
@@ -346,7 +467,10 @@ class LocalKafka:
 
     def answers_metadata(self, *, timeout_s: float = 5.0) -> bool:
         """True when every node is listed as a broker in a metadata response."""
-        return brokers_in_metadata(self.bootstrap, timeout_s=timeout_s) >= self.brokers
+        found = brokers_in_metadata(
+            self.bootstrap, timeout_s=timeout_s, client_config=self.client_config()
+        )
+        return found >= self.brokers
 
     def down(self, *, timeout_s: float = 60.0) -> None:
         """Stop every node (SIGTERM, then SIGKILL after ``timeout_s``) and remove pid files."""
@@ -379,7 +503,9 @@ class LocalKafka:
         shutil.rmtree(self.home, ignore_errors=True)
 
 
-def brokers_in_metadata(bootstrap: str, *, timeout_s: float = 5.0) -> int:
+def brokers_in_metadata(
+    bootstrap: str, *, timeout_s: float = 5.0, client_config: Mapping[str, Any] | None = None
+) -> int:
     """How many brokers a metadata request to ``bootstrap`` lists; 0 when none answers."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
@@ -389,6 +515,7 @@ def brokers_in_metadata(bootstrap: str, *, timeout_s: float = 5.0) -> int:
             bootstrap_servers=bootstrap,
             request_timeout_ms=int(timeout_s * 1000),
             client_id="fleetbus-probe",
+            **dict(client_config or {}),
         )
     except (KafkaError, OSError, ValueError):
         return 0
@@ -409,6 +536,196 @@ def running_cluster(cluster: LocalKafka) -> Iterator[LocalKafka]:
         yield cluster
     finally:
         cluster.down()
+
+
+# -- ACLs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AclGrant:
+    """One ALLOW binding: ``principal`` (a certificate CN) may ``operation`` on a resource.
+
+    Names are kafka-python enum member names: operation ``READ``/``WRITE``/``DESCRIBE``/...,
+    resource_type ``TOPIC``/``GROUP``/``CLUSTER``/``TRANSACTIONAL_ID``, pattern
+    ``LITERAL``/``PREFIXED``.
+    """
+
+    principal: str
+    operation: str
+    resource_type: str
+    name: str
+    pattern: str = "LITERAL"
+
+
+def fleet_acls(
+    topics: Any,
+    *,
+    app_id: str,
+    worker: str,
+    dispatchers: Sequence[str] = (),
+    vehicles: Sequence[str] = (),
+) -> list[AclGrant]:
+    """Least-privilege bindings for a fleet's principals (``topics`` is a ``TopicNames``).
+
+    - dispatchers: WRITE and DESCRIBE ``commands.requested`` and ``commands.approvals``; nothing
+      else (a dispatcher that waits for outcomes needs READ on ``commands.status`` in addition).
+    - vehicles (or a vehicle gateway / simulator principal): READ ``commands.outbound`` with a
+      consumer group named ``{app_id}.vehicles.*``; WRITE ``commands.responses`` and
+      ``telemetry.raw``.
+    - the worker: every topic under the prefix (it reads, writes and creates its state topics),
+      its groups and transactional ids (prefix ``{app_id}``), idempotent writes.
+    """
+
+    def full(name: str) -> str:
+        return str(topics.full(name))
+
+    grants: list[AclGrant] = []
+    for who in dispatchers:
+        for name in (topics.commands_requested, topics.commands_approvals):
+            grants += [
+                AclGrant(who, "WRITE", "TOPIC", full(name)),
+                AclGrant(who, "DESCRIBE", "TOPIC", full(name)),
+            ]
+    for who in vehicles:
+        grants += [
+            AclGrant(who, "READ", "TOPIC", full(topics.commands_outbound)),
+            AclGrant(who, "DESCRIBE", "TOPIC", full(topics.commands_outbound)),
+            AclGrant(who, "READ", "GROUP", f"{app_id}.vehicles.", "PREFIXED"),
+        ]
+        for name in (topics.commands_responses, topics.telemetry_raw):
+            grants += [
+                AclGrant(who, "WRITE", "TOPIC", full(name)),
+                AclGrant(who, "DESCRIBE", "TOPIC", full(name)),
+            ]
+    for op in ("READ", "WRITE", "DESCRIBE", "CREATE", "DESCRIBE_CONFIGS"):
+        grants.append(AclGrant(worker, op, "TOPIC", topics.prefix, "PREFIXED"))
+    grants += [
+        AclGrant(worker, "READ", "GROUP", app_id, "PREFIXED"),
+        AclGrant(worker, "DESCRIBE", "GROUP", app_id, "PREFIXED"),
+        AclGrant(worker, "WRITE", "TRANSACTIONAL_ID", f"{app_id}-", "PREFIXED"),
+        AclGrant(worker, "DESCRIBE", "TRANSACTIONAL_ID", f"{app_id}-", "PREFIXED"),
+        AclGrant(worker, "IDEMPOTENT_WRITE", "CLUSTER", "kafka-cluster"),
+    ]
+    return grants
+
+
+# -- the throw-away CA ----------------------------------------------------------------------
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _ensure_ca(tls_dir: Path) -> None:
+    """Write ``ca.pem`` / ``ca.key`` (EC P-256, 30 days) unless they exist."""
+    if (tls_dir / "ca.pem").exists() and (tls_dir / "ca.key").exists():
+        return
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleetbus dev Kafka CA")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(
+        tls_dir / "ca.key",
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    (tls_dir / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _issue_pair(tls_dir: Path, cn: str, *, server: bool) -> tuple[Path, Path]:
+    """``<cn>.pem`` / ``<cn>.key`` signed by the CA (subject ``CN=<cn>``), reused if present.
+
+    Broker certificates are for server and client use (brokers connect to each other) and
+    name ``127.0.0.1`` / ``localhost``; client certificates are for client use only.
+    """
+    import ipaddress
+    import re
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", cn):
+        raise ConfigError(f"invalid principal {cn!r} for a certificate CN")
+    cert_path, key_path = tls_dir / f"{cn}.pem", tls_dir / f"{cn}.key"
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path
+    ca_cert = x509.load_pem_x509_certificate((tls_dir / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((tls_dir / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    if server:
+        usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())
+    _write_private(
+        key_path,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
 
 
 def _alive(pid: int) -> bool:
