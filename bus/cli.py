@@ -10,7 +10,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from fleetbus.bus.cli_audit import audit_app
 from fleetbus.bus.cli_keys import keys_app
@@ -124,34 +123,68 @@ def worker() -> None:
 
 @app.command()
 def demo(
-    messages: Annotated[int, typer.Option(help="records to push through the pipeline")] = 200,
+    vehicles: Annotated[int, typer.Option(help="simulated vehicles (PQC and legacy)")] = 200,
+    commands: Annotated[int, typer.Option(help="routine commands (3 of them to groups)")] = 300,
+    legacy: Annotated[
+        int | None, typer.Option(help="vehicles without PQC [default: vehicles / 10]")
+    ] = None,
+    edge_units: Annotated[int, typer.Option(help="QKD-connected edge units")] = 4,
+    phase_seconds: Annotated[float, typer.Option(help="seconds of traffic per phase")] = 10.0,
+    bootstrap: Annotated[
+        str | None, typer.Option(help="use this Kafka (never started or stopped by the demo)")
+    ] = None,
     base_port: BasePortOpt = 19092,
+    kafka_home: HomeOpt = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="keys, logs and stores [default: a temp dir]")
+    ] = None,
+    keep_workdir: Annotated[bool, typer.Option(help="keep the temp dir afterwards")] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the summary as JSON here")
+    ] = None,
 ) -> None:
-    """Start Kafka and a worker, push records through the pipeline, print what flowed, stop."""
-    from fleetbus.bus.dev.smoke import run_smoke_demo
+    """Run the command pipeline on real parts through a mixed scenario; see docs/demo.md.
 
-    cluster = _cluster(None, 1, base_port)
-    started_kafka = not cluster.answers_metadata(timeout_s=2)
+    Starts (or reuses) Kafka, a KME pair, the worker and a simulated fleet; plays routine
+    traffic, approvals, attacks and a QKD link outage; prints a summary; stops everything.
+    Exit code 0 only if every expectation of the scenario held.
+    """
+    import signal
+
+    from fleetbus.bus.dev.demo import DemoOptions, run_demo, summary_tables
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)  # so that `finally` stops what the demo started
+    options = DemoOptions(
+        vehicles=vehicles,
+        commands=commands,
+        legacy=legacy,
+        edge_units=edge_units,
+        outage_s=phase_seconds,
+    )
     try:
-        if started_kafka:
-            console.print("[bold]1/4[/bold] starting Apache Kafka (KRaft) on 127.0.0.1 …")
-            version = cluster.up()
-            console.print(f"      Kafka {version} ready at {cluster.bootstrap}")
-        else:
-            console.print(f"[bold]1/4[/bold] using the Kafka running at {cluster.bootstrap}")
-        report = run_smoke_demo(cluster.bootstrap, messages=messages, console=console)
-    finally:
-        if started_kafka:
-            console.print("[bold]4/4[/bold] stopping Kafka")
-            cluster.down()
-    table = Table(title="fleetbus smoke pipeline")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in report.items():
-        table.add_row(key, str(value))
-    Console().print(table)
-    if report["received"] != report["sent"]:
+        report = run_demo(
+            options,
+            console=console,
+            bootstrap=bootstrap,
+            base_port=base_port,
+            kafka_home=kafka_home,
+            workdir=workdir,
+            keep_workdir=keep_workdir,
+        )
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    if json_out is not None:
+        json_out.write_text(report.to_json())
+    out = Console()
+    for table in summary_tables(report):
+        out.print(table)
+    if not report.ok:
+        out.print("[red]the scenario did not go as expected[/red]")
         raise typer.Exit(1)
+    out.print("[green]every expectation of the scenario held[/green]")
 
 
 def main() -> None:
