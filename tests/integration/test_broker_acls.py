@@ -1,0 +1,264 @@
+"""Broker security on a real Kafka: mutual TLS, principals from certificate CNs, and ACLs.
+
+A single-node ``LocalKafka(security="mtls")`` with ``StandardAuthorizer``: only the broker and
+``admin`` are super users; dispatchers, vehicles and the worker get ``fleet_acls`` bindings.
+Each test shows what a principal may do succeeding and what it may not do refused by the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import (
+    GroupAuthorizationFailedError,
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    TopicAuthorizationFailedError,
+)
+
+from fleetbus.bus.dev.kafka import ADMIN_PRINCIPAL, LocalKafka, find_free_base_port, fleet_acls
+from fleetbus.bus.settings import TopicNames
+
+APP_ID = "fleetbus"
+DISPATCHER = "dispatch-1"
+VEHICLES = "vehicle-gateway"
+WORKER = "fleetbus-worker"
+TOPICS = TopicNames()
+
+
+def full(name: str) -> str:
+    return TOPICS.full(getattr(TOPICS, name))
+
+
+@pytest.fixture(scope="module")
+def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+    cluster = LocalKafka(
+        home=Path(tmp_path_factory.mktemp("kafka-mtls")),
+        base_port=find_free_base_port(2, start=47092),
+        heap_mb=384,
+        security="mtls",
+    )
+    try:
+        cluster.up(timeout_s=180)
+        admin = KafkaAdminClient(bootstrap_servers=cluster.bootstrap, **cluster.client_config())
+        try:
+            names = [
+                TOPICS.full(getattr(TOPICS, n)) for n in TopicNames.model_fields if n != "prefix"
+            ]
+            admin.create_topics([NewTopic(n, 2, 1) for n in names])
+        finally:
+            admin.close()
+        created = cluster.create_acls(
+            fleet_acls(
+                TOPICS, app_id=APP_ID, worker=WORKER, dispatchers=[DISPATCHER], vehicles=[VEHICLES]
+            )
+        )
+        assert created >= 20
+        wait_until_acls_apply(cluster)
+        yield cluster
+    finally:
+        cluster.down()
+
+
+def wait_until_acls_apply(cluster: LocalKafka, timeout_s: float = 30.0) -> None:
+    """The controller commits bindings at once; brokers apply them from the metadata log."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            produce(cluster, DISPATCHER, full("commands_requested"), max_block_ms=2000)
+            return
+        except TopicAuthorizationFailedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def producer(cluster: LocalKafka, principal: str, max_block_ms: int = 10_000) -> KafkaProducer:
+    return KafkaProducer(
+        bootstrap_servers=cluster.bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        max_block_ms=max_block_ms,
+        **cluster.client_config(principal),
+    )
+
+
+def consumer(cluster: LocalKafka, principal: str, **options: Any) -> KafkaConsumer:
+    return KafkaConsumer(
+        bootstrap_servers=cluster.bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+        **options,
+        **cluster.client_config(principal),
+    )
+
+
+def assert_read_refused(cluster: LocalKafka, principal: str, topic: str) -> None:
+    """The admin reads records from ``topic``; ``principal`` is refused its offsets and fetches
+    nothing (kafka-python logs the fetch refusals instead of raising them)."""
+    partitions = [TopicPartition(topic, p) for p in range(2)]
+
+    def read(as_principal: str) -> int:
+        reader = consumer(cluster, as_principal)
+        try:
+            reader.assign(partitions)
+            reader.seek_to_beginning(*partitions)
+            found = 0
+            for _ in range(3):
+                found += sum(len(r) for r in reader.poll(timeout_ms=1000).values())
+            return found
+        finally:
+            reader.close()
+
+    assert read(ADMIN_PRINCIPAL) >= 1
+    assert read(principal) == 0
+    reader = consumer(cluster, principal)
+    try:
+        with pytest.raises(TopicAuthorizationFailedError):
+            reader.end_offsets(partitions)
+    finally:
+        reader.close()
+
+
+def produce(cluster: LocalKafka, principal: str, topic: str, max_block_ms: int = 10_000) -> None:
+    p = producer(cluster, principal, max_block_ms)
+    try:
+        p.send(topic, key=b"k", value=b"v").get(timeout=15)
+    finally:
+        p.close(timeout=5)
+
+
+def test_clients_need_a_certificate_of_the_cluster_ca(secure_kafka: LocalKafka) -> None:
+    config = secure_kafka.client_config(DISPATCHER)
+    without_certificate = {"security_protocol": "SSL", "ssl_cafile": config["ssl_cafile"]}
+    for options in (without_certificate, {}):  # a TLS client without a certificate; no TLS
+        p = KafkaProducer(
+            bootstrap_servers=secure_kafka.bootstrap,
+            max_block_ms=5000,
+            api_version=(3, 9),
+            **options,
+        )
+        try:
+            with pytest.raises((KafkaTimeoutError, KafkaConnectionError)):
+                p.send(full("commands_requested"), value=b"v").get(timeout=10)
+        finally:
+            p.close(timeout=1)
+
+
+def test_dispatcher_writes_requests_and_approvals_only(secure_kafka: LocalKafka) -> None:
+    produce(secure_kafka, DISPATCHER, full("commands_requested"))
+    produce(secure_kafka, DISPATCHER, full("commands_approvals"))
+    for name in ("commands_outbound", "commands_status", "commands_authorized", "audit"):
+        with pytest.raises(TopicAuthorizationFailedError):
+            produce(secure_kafka, DISPATCHER, full(name), max_block_ms=2000)
+    produce(secure_kafka, WORKER, full("commands_status"))
+    assert_read_refused(secure_kafka, DISPATCHER, full("commands_status"))
+
+
+def test_vehicles_read_outbound_and_answer_but_cannot_send_commands(
+    secure_kafka: LocalKafka,
+) -> None:
+    # The worker writes an outbound record; the vehicle gateway reads it with its group.
+    produce(secure_kafka, WORKER, full("commands_outbound"))
+    reader = consumer(secure_kafka, VEHICLES, group_id=f"{APP_ID}.vehicles.{uuid.uuid4().hex}")
+    try:
+        reader.subscribe([full("commands_outbound")])
+        records = list(reader)
+    finally:
+        reader.close()
+    assert records, "the vehicle gateway read nothing from commands.outbound"
+    produce(secure_kafka, VEHICLES, full("commands_responses"))
+    produce(secure_kafka, VEHICLES, full("telemetry_raw"))
+
+    for name in ("commands_requested", "commands_approvals", "commands_outbound"):
+        with pytest.raises(TopicAuthorizationFailedError):
+            produce(secure_kafka, VEHICLES, full(name), max_block_ms=2000)
+    # Another group (e.g. the worker's) is not the vehicles' to use.
+    thief = consumer(secure_kafka, VEHICLES, group_id=f"{APP_ID}-seal")
+    try:
+        thief.subscribe([full("commands_outbound")])
+        with pytest.raises(GroupAuthorizationFailedError):
+            thief.poll(timeout_ms=5000)
+    finally:
+        thief.close()
+    # Nor may vehicles read what the dispatchers sent.
+    assert_read_refused(secure_kafka, VEHICLES, full("commands_requested"))
+
+
+def test_worker_runs_consume_transform_produce_transactions(secure_kafka: LocalKafka) -> None:
+    """The worker principal's grants cover the EOS pattern of processors.eos: a read_committed
+    group consumer, a transactional producer under the ``{app_id}-`` prefix, offsets committed
+    in the transaction. A transactional id outside the prefix is refused."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka.errors import TransactionalIdAuthorizationFailed
+    from aiokafka.helpers import create_ssl_context
+    from aiokafka.structs import OffsetAndMetadata
+    from aiokafka.structs import TopicPartition as ATP
+
+    produce(secure_kafka, DISPATCHER, full("commands_requested"))
+    config = secure_kafka.client_config(WORKER)
+    context = create_ssl_context(
+        cafile=config["ssl_cafile"], certfile=config["ssl_certfile"], keyfile=config["ssl_keyfile"]
+    )
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    common = {
+        "bootstrap_servers": secure_kafka.bootstrap,
+        "security_protocol": "SSL",
+        "ssl_context": context,
+    }
+    group = f"{APP_ID}-authorize"
+
+    async def run() -> int:
+        source = AIOKafkaConsumer(
+            full("commands_requested"),
+            group_id=group,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            **common,
+        )
+        txn = AIOKafkaProducer(transactional_id=f"{APP_ID}-authorize-0", acks="all", **common)
+        await source.start()
+        await txn.start()
+        try:
+            batches: dict[Any, list[Any]] = {}
+            for _ in range(20):
+                batches = await source.getmany(timeout_ms=1000)
+                if batches:
+                    break
+            assert batches, "the worker read nothing from commands.requested"
+            offsets = {
+                ATP(tp.topic, tp.partition): OffsetAndMetadata(records[-1].offset + 1, "")
+                for tp, records in batches.items()
+            }
+            async with txn.transaction():
+                await txn.send(full("commands_authorized"), key=b"c", value=b"authorized")
+                await txn.send(full("audit"), value=b"audit record")
+                await txn.send_offsets_to_transaction(offsets, group)
+            return sum(len(r) for r in batches.values())
+        finally:
+            await txn.stop()
+            await source.stop()
+
+    assert asyncio.run(run()) >= 1
+
+    async def foreign_id() -> None:
+        txn = AIOKafkaProducer(transactional_id="someone-else-0", **common)
+        try:
+            await txn.start()
+        finally:
+            await txn.stop()
+
+    with pytest.raises(TransactionalIdAuthorizationFailed):
+        asyncio.run(foreign_id())
