@@ -256,8 +256,13 @@ class CommandHandle:
         timeout_s: float,
         *,
         until: Iterable[CommandState | str] = DEFAULT_UNTIL,
+        ignore_replays: bool = True,
     ) -> StatusEvent:
         """The first status event of this command whose state is in ``until``.
+
+        A re-submission of the same signed command is rejected as ``replayed`` under the same
+        command id; that says nothing about the original's fate, so such events are skipped
+        unless ``ignore_replays`` is False (to watch the re-submission itself).
 
         Reads ``commands.status`` without a consumer group, from shortly before the publish
         time. Every event seen is appended to ``events``. Raises ``StatusTimeoutError`` after
@@ -271,9 +276,7 @@ class CommandHandle:
             timeout_s=timeout_s,
         ):
             self.events.append(event)
-            # A re-submission of the same command id is rejected as a replay under that id;
-            # it says nothing about the original command's fate.
-            if event.reason == ReasonCode.REPLAYED:
+            if ignore_replays and event.reason == ReasonCode.REPLAYED:
                 continue
             if str(event.state) in wanted:
                 return event

@@ -225,7 +225,7 @@ def test_rejections_reach_status_rejected_and_the_dlq(pipeline: dict[str, Any]) 
         assert event.state is CommandState.REJECTED
         assert event.reason is not None, (reason, event)
         assert event.reason.value == reason, (reason, event)
-    replay = h_replay.wait(60, until=[CommandState.REJECTED])
+    replay = h_replay.wait(60, until=[CommandState.REJECTED], ignore_replays=False)
     assert replay.reason is not None
     assert replay.reason.value == "replayed"
 
