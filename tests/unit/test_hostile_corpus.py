@@ -341,3 +341,39 @@ def test_bombs_through_the_whole_stage_stay_under_10_mb(world: World) -> None:
             tracemalloc.stop()
         assert outcome.outcome == case.expect, case.name
         assert peak < MEMORY_LIMIT, (case.name, peak)
+
+
+# --- the whole corpus through one bus and one agent, as the integration test feeds it -------
+
+
+def test_every_case_in_corpus_order_through_one_bus(world: World) -> None:
+    """No case depends on running alone: one bus, every bus case in order (the integration
+    test's worker sees exactly this sequence, partitioned the same way)."""
+    bus = Bus(world)
+    wrong = {}
+    for case in CASES.values():
+        if case.target not in BUS_TARGETS or case.name in KNOWN_ISSUES:
+            continue
+        outcome = bus.feed(case)
+        expect = "ok" if case.after_approval_window else case.expect
+        if outcome.outcome != expect:
+            wrong[case.name] = outcome.outcome
+    assert not wrong
+    timers = bus.tick(NOW + WORKER["approval_window_s"] + 1)
+    assert timers.outcome == "policy_denied"  # the pending command, its window elapsed
+
+
+def test_every_vehicle_case_in_corpus_order_through_one_agent(world: World) -> None:
+    vehicles = Vehicles(world)
+    try:
+        wrong = {}
+        for case in CASES.values():
+            if case.target != VEHICLE_TARGET:
+                continue
+            outcome = vehicles.feed(case)
+            if outcome.outcome != case.expect:
+                wrong[case.name] = outcome.outcome
+        assert not wrong
+        assert sum(vehicles.executed.values()) == 1  # the control, once
+    finally:
+        vehicles.close()
