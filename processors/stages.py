@@ -45,6 +45,7 @@ from fleetbus.processors.eos import (
 )
 from fleetbus.processors.policy import PolicyEngine
 from fleetbus.providers.keypath import FailoverEvent
+from fleetbus.providers.sealing import PreparedEnvelope, SealRequest
 
 __all__ = [
     "AuthorizeStage",
@@ -759,6 +760,18 @@ class ProfileChoice:
         )
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A record of a seal batch whose envelope is encrypted and waits for the batch signature."""
+
+    record: InputRecord
+    auth: AuthorizedCommand
+    recipient: RecipientKeys
+    profile: SecurityProfile
+    envelope: PreparedEnvelope
+    failovers: list[AuditEvent]
+
+
 class SealStage:
     """commands.authorized → commands.outbound (key: vehicle id) + a "sealed" status event."""
 
@@ -805,6 +818,46 @@ class SealStage:
         )
 
     def process(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
+        result = self.process_batch([record], state, now)[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def process_batch(
+        self, records: Sequence[InputRecord], state: PartitionState, now: float
+    ) -> list[StageResult | Exception]:
+        """Seal every record of a batch, then sign them together: with batch signing on, one
+        signature over the Merkle root of the batch's envelopes (the runner commits them in one
+        transaction). Each record keeps its own checks, rejects and failover audit."""
+        results: list[StageResult | Exception | None] = [None] * len(records)
+        prepared: list[tuple[int, _Prepared]] = []
+        for index, record in enumerate(records):
+            try:
+                outcome = self._prepare(record, now)
+            except Exception as exc:
+                results[index] = exc
+                continue
+            if isinstance(outcome, StageResult):
+                results[index] = outcome
+            else:
+                prepared.append((index, outcome))
+        try:
+            envelopes = self.sealer.sign_prepared([p.envelope for _, p in prepared])
+        except FleetbusError as exc:
+            if len(prepared) == 1:
+                index, item = prepared[0]
+                results[index] = self._refused(item, exc, now)
+            else:
+                # One envelope of the batch cannot be completed (e.g. oversize): seal each
+                # record on its own so that only that one is refused.
+                for index, item in prepared:
+                    results[index] = self.process_batch([item.record], state, now)[0]
+            prepared, envelopes = [], []
+        for (index, item), envelope in zip(prepared, envelopes, strict=True):
+            results[index] = self._sealed(item, envelope, now)
+        return [r if r is not None else RuntimeError("unprocessed record") for r in results]
+
+    def _prepare(self, record: InputRecord, now: float) -> StageResult | _Prepared:
         try:
             auth = AuthorizedCommand.decode(record.value)
         except FleetbusError as exc:
@@ -825,20 +878,21 @@ class SealStage:
                 vehicle_id=vehicle,
             )
         self._failovers.clear()
-        profile: SecurityProfile | None = None
         try:
             recipient = self.directory.recipient_keys(vehicle, at=now)
             profile = self.choose_profile(auth.criticality, recipient)
-            envelope = self.sealer.seal(
-                "cmd",
-                self.topics.outbound,
-                recipient,
-                cid,
-                auth.action,
-                auth.signed_command,
-                auth.issued_at,
-                auth.expires_at,
-                profile,
+            envelope = self.sealer.prepare(
+                SealRequest(
+                    "cmd",
+                    self.topics.outbound,
+                    recipient,
+                    cid,
+                    auth.action,
+                    auth.signed_command,
+                    auth.issued_at,
+                    auth.expires_at,
+                    profile,
+                )
             )
         except FleetbusError as exc:
             result = _reject(
@@ -854,9 +908,31 @@ class SealStage:
             )
             result.audit = self._failover_audit(cid, vehicle) + result.audit
             return result
-        path = decode_envelope(envelope).header.key_path
+        return _Prepared(
+            record, auth, recipient, profile, envelope, self._failover_audit(cid, vehicle)
+        )
+
+    def _refused(self, item: _Prepared, exc: FleetbusError, now: float) -> StageResult:
+        auth = item.auth
+        result = _reject(
+            self.name,
+            self.topics,
+            item.record,
+            auth.command_id,
+            exc.reason,
+            f"cannot seal for {auth.vehicle_id}: {exc.reason.value}",
+            now,
+            issuer=auth.issuer,
+            vehicle_id=auth.vehicle_id,
+        )
+        result.audit = item.failovers + result.audit
+        return result
+
+    def _sealed(self, item: _Prepared, envelope: bytes, now: float) -> StageResult:
+        auth, profile, path = item.auth, item.profile, item.envelope.key_path
+        cid, vehicle = auth.command_id, auth.vehicle_id
         KEYPATH_SELECTED.labels(profile=profile.name, path=path).inc()
-        legacy = "pqc" not in recipient.capabilities
+        legacy = "pqc" not in item.recipient.capabilities
         detail = f"profile {profile.name}, key path {path}" + (
             " (legacy: vehicle has no pqc capability)" if legacy else ""
         )
@@ -873,7 +949,7 @@ class SealStage:
                 ),
             ],
             audit=[
-                *self._failover_audit(cid, vehicle),
+                *item.failovers,
                 AuditEvent(
                     actor="bus",
                     event="sealed",

@@ -68,6 +68,7 @@ __all__ = [
     "EpochPolicy",
     "OpenedEnvelope",
     "OpenerStats",
+    "PreparedEnvelope",
     "ReplayCache",
     "SealRequest",
     "SealerStats",
@@ -128,6 +129,15 @@ class SealRequest:
     issued_at: float
     expires_at: float
     profile: SecurityProfile
+
+
+@dataclass(frozen=True)
+class PreparedEnvelope:
+    """An encrypted, not yet signed envelope (``EnvelopeSealer.prepare``)."""
+
+    protected: bytes
+    ciphertext: bytes = field(repr=False)
+    key_path: str = ""  # the key path the envelope was sealed on (as in its header)
 
 
 @dataclass
@@ -217,9 +227,23 @@ class EnvelopeSealer:
 
     def seal_batch(self, requests: Sequence[SealRequest]) -> list[bytes]:
         """Seal several payloads; with batch signing on, sign them with one signature."""
-        if not requests:
+        return self.sign_prepared([self.prepare(request) for request in requests])
+
+    def prepare(self, request: SealRequest) -> PreparedEnvelope:
+        """The first half of sealing: key path (epoch), protected header, AEAD ciphertext.
+
+        ``sign_prepared`` signs a list of prepared envelopes (one Merkle-root signature with
+        batch signing on) and returns the envelope bytes. A caller that seals records one by
+        one but commits them together (a stage's transaction) prepares each record — errors and
+        failover events stay attributable to it — and signs the whole batch once.
+        """
+        return self._encrypt(request)
+
+    def sign_prepared(self, prepared: Sequence[PreparedEnvelope]) -> list[bytes]:
+        """Sign and encode prepared envelopes (see ``prepare``), in order."""
+        if not prepared:
             return []
-        sealed = [self._encrypt(request) for request in requests]
+        sealed = [(p.protected, p.ciphertext) for p in prepared]
         blocks: list[SignatureBlock]
         if self._batch:
             leaves = [leaf_hash(to_be_signed(p, c)) for p, c in sealed]
@@ -248,7 +272,7 @@ class EnvelopeSealer:
         self.stats.signatures += 1
         return self._signer.sign(message)
 
-    def _encrypt(self, request: SealRequest) -> tuple[bytes, bytes]:
+    def _encrypt(self, request: SealRequest) -> PreparedEnvelope:
         if request.profile.signature_suite != self._signer.suite:
             raise EnvelopeError(
                 f"profile {request.profile.name!r} wants signature suite "
@@ -290,7 +314,7 @@ class EnvelopeSealer:
             raise EnvelopeError(f"cannot seal: {exc}", reason=ReasonCode.CONFIG) from exc
         key = derive_message_key(epoch.key, protected)
         ciphertext = AESGCM(key).encrypt(header.iv, request.payload, enc_structure(protected))
-        return protected, ciphertext
+        return PreparedEnvelope(protected, ciphertext, epoch.path.name)
 
     def _next_in_epoch(
         self, recipient: RecipientKeys, profile: SecurityProfile
