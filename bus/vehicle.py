@@ -40,7 +40,7 @@ from fleetbus.bus.settings import FleetbusSettings
 
 if TYPE_CHECKING:
     from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
-    from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer
+    from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy
 
 __all__ = [
     "ExecutedStore",
@@ -232,6 +232,8 @@ class VehicleAgent:
     - ``qkd_provider``: for QKD-connected edge units, a ``QKDProvider`` configured for the unit's
       SAE (``sae_id`` = the unit, ``master_sae_id`` = the bus sealer's SAE), so that envelopes
       sealed on a ``qkd-etsi014+...`` key path can be opened.
+    - ``uplink_epochs``: key epochs for answers and telemetry (one key establishment per
+      vehicle per epoch instead of one per message, see ``EpochPolicy``); None: per message.
     - ``group_id``: Kafka consumer group; by default one derived from the set of vehicle ids, so
       a restarted agent resumes from its committed offsets and other agents are unaffected.
     """
@@ -249,6 +251,7 @@ class VehicleAgent:
         uplink_paths: Sequence[KeyPath | str] = DEFAULT_UPLINK_PATHS,
         qkd_provider: KeyProvider | None = None,
         key_providers: Mapping[str, KeyProvider] | None = None,
+        uplink_epochs: EpochPolicy | None = None,
         group_id: str | None = None,
         auto_offset_reset: str = "earliest",
         max_message_bytes: int = DEFAULT_MAX_SIZE,
@@ -273,6 +276,7 @@ class VehicleAgent:
         if not paths:
             raise ConfigError("uplink_paths must name at least one key path")
         self._uplink_paths = paths
+        self._uplink_epochs = uplink_epochs
         providers: dict[str, KeyProvider] = (
             dict(key_providers)
             if key_providers is not None
@@ -327,7 +331,11 @@ class VehicleAgent:
             replay_cache=ReplayCache(max_entries=10_000, clock=self._clock),
         )
         sealer = EnvelopeSealer(
-            identity.vehicle_id, identity.signer, self._profile_sealer, clock=self._clock
+            identity.vehicle_id,
+            identity.signer,
+            self._profile_sealer,
+            epochs=self._uplink_epochs,
+            clock=self._clock,
         )
         profile = SecurityProfile(
             name="vehicle-uplink",
