@@ -90,7 +90,7 @@ TOO_LONG_EXPIRES = 4_900_000_000.0  # lifetime above the worker's replay_ttl_s (
 REVOKED_AT = 1_750_000_000.0
 EXPIRED_KEY_NOT_AFTER = 1_751_328_000.0  # 2025-07-01
 #: What the worker of the integration test must be configured with for these cases.
-WORKER_SETTINGS = {"replay_ttl_s": 3e9, "approval_window_s": 6.0, "approvals_required": 1}
+WORKER_SETTINGS = {"replay_ttl_s": 3e9, "approval_window_s": 15.0, "approvals_required": 1}
 
 SEALER = "bus-sealer"
 DISPATCHER = "dispatch-1"
