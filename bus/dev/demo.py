@@ -481,6 +481,7 @@ class DemoReport:
     """Everything the summary shows; ``ok`` is the exit status."""
 
     fleet: dict[str, int] = field(default_factory=dict)
+    sent: dict[str, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     dlq_by_reason: dict[str, int] = field(default_factory=dict)
@@ -488,6 +489,7 @@ class DemoReport:
     edge_paths_by_phase: dict[str, dict[str, int]] = field(default_factory=dict)
     failovers: list[dict[str, Any]] = field(default_factory=list)
     latency_ms: dict[str, float] = field(default_factory=dict)
+    latency_split_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     processes: dict[str, int] = field(default_factory=dict)
@@ -934,9 +936,8 @@ def evaluate(
     rejected_ids = {e.command_id for e in cases if e.state != "succeeded"}
     replayed_ids = {e.command_id for e in cases if e.reason == ReasonCode.REPLAYED.value}
     bad_runs = sum(n for (cid, _), n in executions.items() if cid in rejected_ids - replayed_ids)
+    report.sent = dict(sorted(scenario.sent.items()))
     report.counts = {
-        "commands sent": sum(scenario.sent.values()),
-        **{f"  {kind}": n for kind, n in sorted(scenario.sent.items())},
         "routine deliveries expected (command x vehicle)": len(routine_pairs),
         "envelopes sealed to vehicles": len(paths),
         "delivered (answered by the vehicle)": len(succeeded) + len(failed),
@@ -949,9 +950,28 @@ def evaluate(
         "vehicle-side envelope rejects": int(fleet_stats.get("envelope_rejects", 0)),
     }
     report.failovers = failovers
-    report.latency_ms = percentiles(
-        [e.latency_s for e in routine if e.case != "warm-up" and e.held and e.latency_s is not None]
-    )
+    timed = [e for e in routine if e.case != "warm-up" and e.held and e.outcome is not None]
+    report.latency_ms = percentiles([e.outcome.at - e.sent_at for e in timed if e.outcome])
+    fan_out = Counter(e.command_id for e in routine)
+    singles = [e for e in timed if fan_out[e.command_id] == 1]
+    to_sealed: list[float] = []
+    sealed_to_done: list[float] = []
+    for e in timed:
+        sealed = next(
+            (x.at for x in scenario.follower.events(e.command_id)
+             if str(x.state) == "sealed" and x.vehicle_id == e.vehicle_id),
+            None,
+        )  # fmt: skip
+        if sealed is not None and e.outcome is not None:
+            to_sealed.append(sealed - e.sent_at)
+            sealed_to_done.append(e.outcome.at - sealed)
+    report.latency_split_ms = {
+        "single-vehicle commands": percentiles(
+            [e.outcome.at - e.sent_at for e in singles if e.outcome]
+        ),
+        "dispatch → sealed": percentiles(to_sealed),
+        "sealed → succeeded (vehicle and back)": percentiles(sealed_to_done),
+    }
 
     # --- checks ---------------------------------------------------------------------------
     ok_routine = [e for e in routine if e.held]
@@ -1025,6 +1045,9 @@ def summary_tables(report: DemoReport) -> list[Table]:
         f"{f.get('vehicles', 0)} vehicles ({f.get('pqc', 0)} PQC, {f.get('legacy', 0)} legacy) "
         f"+ {f.get('edge', 0)} QKD edge units",
     )
+    summary.add_row("commands sent", str(sum(report.sent.values())))
+    for kind, n in report.sent.items():
+        summary.add_row(f"  {kind}", str(n))
     for key, value in report.counts.items():
         summary.add_row(key, str(value))
     summary.add_row("rejected by reason", _fmt(report.rejected_by_reason))
@@ -1043,6 +1066,12 @@ def summary_tables(report: DemoReport) -> list[Table]:
             "end-to-end latency (dispatch → succeeded)",
             f"p50 {lat['p50']:.0f} ms  p95 {lat['p95']:.0f} ms  p99 {lat['p99']:.0f} ms",
         )
+    for what, split in report.latency_split_ms.items():
+        if split:
+            summary.add_row(
+                f"  {what}",
+                f"p50 {split['p50']:.0f} ms  p95 {split['p95']:.0f} ms  p99 {split['p99']:.0f} ms",
+            )
     for what, seconds in report.timings_s.items():
         summary.add_row(what, f"{seconds:.1f} s")
     verdict = Table(title="scenario expectations", title_justify="left")
