@@ -163,6 +163,9 @@ class FleetbusSettings(BaseSettings):
     qkd_key_file: str | None = Field(default=None, description="client private key (PEM)")
     provider_timeout_s: float = Field(default=5.0, gt=0, description="per key-provider call")
     keypath_retries: int = Field(default=2, ge=0, description="retries of a no-fallback path")
+    keypath_breaker_reset_s: float = Field(
+        default=30.0, gt=0, description="seconds an open provider circuit waits before a probe"
+    )
     audit_checkpoint_every: int = Field(
         default=100, ge=1, description="records between signed audit checkpoints"
     )

@@ -159,7 +159,10 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     topics = PipelineTopics.from_settings(settings.topics)
 
     profile_sealer = ProfileSealer(
-        runner, provider_timeout_s=settings.provider_timeout_s, retries=settings.keypath_retries
+        runner,
+        provider_timeout_s=settings.provider_timeout_s,
+        retries=settings.keypath_retries,
+        reset_timeout_s=settings.keypath_breaker_reset_s,
     )
     epochs = (
         EpochPolicy(settings.epoch_max_age_s, settings.epoch_max_messages)

@@ -1197,9 +1197,8 @@ def run_demo(
             kme = KMEPairProcess(work / "kme", sae_a=[HUB_SAE], sae_b=list(fleet.edge_sae.values()))
             running.kme = kme
             kme.start()
-            kme_proc = getattr(kme, "_proc", None)
-            if kme_proc is not None:
-                report.processes["kme"] = kme_proc.pid
+            if kme.pid is not None:
+                report.processes["kme"] = kme.pid
 
             # 3. topics and the worker
             settings = FleetbusSettings(
@@ -1220,6 +1219,8 @@ def run_demo(
                 "FLEETBUS_METRICS_PORT": str(metrics_port),
                 "FLEETBUS_APPROVAL_WINDOW_S": str(options.approval_window_s),
                 "FLEETBUS_TICK_INTERVAL_S": "0.5",
+                # Probe a tripped QKD path after 5 s, so recovery shows within the demo.
+                "FLEETBUS_KEYPATH_BREAKER_RESET_S": "5",
                 "FLEETBUS_AUDIT_CHECKPOINT_EVERY": "25",
                 "FLEETBUS_QKD_KME_URL": kme.urls["kme_a"],
                 "FLEETBUS_QKD_SAE_ID": HUB_SAE,

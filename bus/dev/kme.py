@@ -82,6 +82,11 @@ class KMEPairProcess:
         self.urls = {k: str(v) for k, v in found.items()}
         return self
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
     def provider_config(self, sae_id: str, *, master_sae_id: str | None = None) -> dict[str, Any]:
         """Keyword arguments for ``QKDProvider`` acting as ``sae_id``."""
         side = "kme_a" if sae_id in self.sae_a else "kme_b"
