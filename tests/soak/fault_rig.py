@@ -1,0 +1,527 @@
+"""A command pipeline on a three-broker cluster, with switches to break it and exact counts.
+
+Shared by ``tests/integration/test_faults.py`` (bounded, in CI) and ``tests/soak/run_soak.py``
+(longer). ``FaultRig`` holds: a ``LocalKafka(brokers=3)`` (RF 3, min ISR 2, every topic created
+with replication factor 3), a KME pair on fixed ports (so it can be stopped and restarted at the
+same address with the same PKI), a fleet of ``V-0001..V-NNNN`` vehicles plus one QKD edge unit
+``E-0001``, a ``fleetbus worker`` subprocess, one in-process ``VehicleAgent`` for all vehicles
+and one for the edge unit, and a ``CommandPublisher``.
+
+``run(fault, commands)`` streams commands while ``fault`` runs and returns ``FaultCounts``:
+counted from the handlers (every invocation), the agents' durable executed stores, and the
+``commands.responses`` / ``commands.status`` topics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from integration.pipeline_support import DISPATCHER, TestFleet, make_test_fleet
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+
+from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
+from fleetbus.bus.dev.kafka import LocalKafka, find_free_base_port
+from fleetbus.bus.dev.smoke import WorkerProcess
+from fleetbus.bus.directory import append_directory_file, issue_key, save_key_file
+from fleetbus.bus.dispatch import CommandPublisher
+from fleetbus.bus.errors import KafkaUnavailableError
+from fleetbus.bus.settings import FleetbusSettings, TopicNames
+from fleetbus.bus.topics import ensure_topics
+from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
+from fleetbus.processors.app import state_topic
+
+MASTER_SAE = "sae-hub"
+EDGE_SAE = "sae-edge-1"
+EDGE = "E-0001"
+STAGES = ("authorize", "seal", "track", "telemetry")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class KMEProcess:
+    """``fleetbus kme serve`` on fixed ports: ``stop()`` and ``start()`` keep its address."""
+
+    def __init__(self, workdir: Path) -> None:
+        from fleetbus.providers.pki import make_test_pki
+
+        self.workdir = workdir
+        self.pki = make_test_pki(workdir / "pki", [MASTER_SAE, EDGE_SAE])
+        self.ports = {"a": free_port(), "b": free_port(), "admin": free_port()}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url_a(self) -> str:
+        return f"https://127.0.0.1:{self.ports['a']}"
+
+    @property
+    def url_b(self) -> str:
+        return f"https://127.0.0.1:{self.ports['b']}"
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        log = self.workdir / "kme.out"
+        args = [
+            sys.executable, "-m", "fleetbus.bus.cli_kme", "serve",
+            "--cert-dir", str(self.pki.directory),
+            "--port-a", str(self.ports["a"]), "--port-b", str(self.ports["b"]),
+            "--admin-port", str(self.ports["admin"]),
+            "--sae-a", MASTER_SAE, "--sae-b", EDGE_SAE,
+            "--key-rate", "2000000", "--pool-size", "4096", "--max-key-per-request", "128",
+        ]  # fmt: skip
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout_s
+        while b"fleetbus-kme ready" not in log.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("KME did not start:\n" + log.read_text(errors="replace"))
+            time.sleep(0.1)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def admin(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.ports['admin']}{path}",
+            data=json.dumps(body).encode(),
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            result: dict[str, Any] = json.loads(resp.read())
+        return result
+
+
+class Executions:
+    """Counts every handler invocation per (command id, vehicle): the ground truth for
+    "executed twice", independent of the agents' own de-duplication."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def handler(self, command: Command) -> HandlerResult:
+        with self.lock:
+            self.counts[command.id] += 1
+        return HandlerResult(200, "ok")
+
+    def executed(self, ids: list[str]) -> int:
+        with self.lock:
+            return sum(1 for c in ids if self.counts[c] >= 1)
+
+
+@dataclass
+class FaultCounts:
+    fault: str
+    sent: int = 0
+    executed: int = 0
+    executed_twice: int = 0
+    lost: int = 0
+    store_finished: int = 0
+    responses: int = 0
+    answered: int = 0
+    status_succeeded: int = 0
+    status_succeeded_twice: int = 0
+    publish_retries: int = 0
+    via_edge: int = 0
+    drain_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FaultRig:
+    workdir: Path
+    vehicles: int = 500
+    partitions: int = 3
+    cluster: LocalKafka = field(init=False)
+    kme: KMEProcess = field(init=False)
+    fleet: TestFleet = field(init=False)
+    settings: FleetbusSettings = field(init=False)
+    worker: WorkerProcess = field(init=False)
+    executions: Executions = field(init=False)
+    agents: list[VehicleAgent] = field(init=False)
+    publisher: CommandPublisher = field(init=False)
+    _workers_started: int = 0
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def start(self) -> FaultRig:
+        self.cluster = LocalKafka(
+            home=self.workdir / "kafka",
+            brokers=3,
+            base_port=find_free_base_port(6, start=41092),
+            heap_mb=384,
+        )
+        self.cluster.up(timeout_s=180)
+        self.kme = KMEProcess(self.workdir / "kme")
+        self.kme.start()
+        self.fleet = make_test_fleet(self.workdir, vehicles=self.vehicles)
+        now = time.time()
+        edge = issue_key(
+            self.fleet.root, principal_id=EDGE, kind="edge", signature_suite="ed25519",
+            kems=["xwing", "x25519"], qkd_sae_id=EDGE_SAE, groups=["depot"],
+            not_before=now - 3600, not_after=now + 86400,
+        )  # fmt: skip
+        append_directory_file(self.fleet.keys_dir / "directory.cbor", edge.signed)
+        save_key_file(self.fleet.keys_dir / f"{EDGE}.key", edge.key_file)
+        self.fleet.key_files[EDGE] = edge.key_file
+        self.fleet.reload_directory()
+        self.settings = self._settings()
+        self.worker = self.start_worker()
+        self.executions = Executions()
+        self.agents = [self._vehicle_agent(), self._edge_agent()]
+        for agent in self.agents:
+            agent.start()
+        self.publisher = CommandPublisher(
+            self.settings,
+            principal_id=DISPATCHER,
+            private_key_file=self.fleet.key_file_path(DISPATCHER),
+        )
+        # Warm-up: one command each way, so that later counts measure faults, not start-up.
+        self.run(lambda: None, 4, rate_per_s=50)
+        return self
+
+    def _settings(self) -> FleetbusSettings:
+        run = uuid.uuid4().hex[:8]
+        topics = TopicNames(prefix=f"f{run}.")
+        settings = FleetbusSettings(
+            kafka_bootstrap=self.cluster.bootstrap,
+            app_id=f"fleetbus-faults-{run}",
+            partitions=self.partitions,
+            topics=topics,
+            keys_dir=str(self.fleet.keys_dir),
+        )
+        bootstrap = self.cluster.bootstrap
+        names = [topics.full(getattr(topics, n)) for n in TopicNames.model_fields if n != "prefix"]
+        regular = [n for n in names if n != topics.full(topics.keys)]
+        regular += [topics.prefix + "smoke.in", topics.prefix + "smoke.out"]
+        compacted = [topics.full(topics.keys), *(state_topic(settings, s) for s in STAGES)]
+        # Created here, with replication factor 3, before the worker would create them with 1.
+        ensure_topics(bootstrap, regular, partitions=self.partitions, replication_factor=3)
+        ensure_topics(
+            bootstrap,
+            compacted,
+            partitions=self.partitions,
+            replication_factor=3,
+            configs={"cleanup.policy": "compact"},
+        )
+        return settings
+
+    def worker_env(self) -> dict[str, str]:
+        s = self.settings
+        master = self.kme.pki.saes[MASTER_SAE]
+        return {
+            "FLEETBUS_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+            "FLEETBUS_APP_ID": s.app_id,
+            "FLEETBUS_PARTITIONS": str(s.partitions),
+            "FLEETBUS_TOPICS__PREFIX": s.topics.prefix,
+            "FLEETBUS_SMOKE_SOURCE": s.topics.prefix + "smoke.in",
+            "FLEETBUS_SMOKE_SINK": s.topics.prefix + "smoke.out",
+            "FLEETBUS_DATA_DIR": str(self.workdir / "state"),
+            "FLEETBUS_WEB_PORT": "0",
+            "FLEETBUS_KEYS_DIR": str(self.fleet.keys_dir),
+            "FLEETBUS_PIPELINE": "on",
+            "FLEETBUS_TICK_INTERVAL_S": "1.0",
+            "FLEETBUS_QKD_KME_URL": self.kme.url_a,
+            "FLEETBUS_QKD_SAE_ID": MASTER_SAE,
+            "FLEETBUS_QKD_CA_FILE": str(self.kme.pki.ca_cert),
+            "FLEETBUS_QKD_CERT_FILE": str(master.cert),
+            "FLEETBUS_QKD_KEY_FILE": str(master.key),
+        }
+
+    def start_worker(self) -> WorkerProcess:
+        self._workers_started += 1
+        return WorkerProcess(
+            self.worker_env(), self.workdir / f"worker-{self._workers_started}.log"
+        )
+
+    def _vehicle_agent(self) -> VehicleAgent:
+        ids = [v for v in self.fleet.vehicle_ids]
+        return VehicleAgent(
+            self.settings,
+            vehicles=self.fleet.vehicles(ids),
+            directory=self.fleet.directory,
+            minimum_path="xwing",
+            handlers={"ping": self.executions.handler},
+            store_path=self.workdir / "vehicles.sqlite",
+        )
+
+    def _edge_agent(self) -> VehicleAgent:
+        from fleetbus.providers.qkd import QKDProvider
+
+        pair = self.kme.pki.saes[EDGE_SAE]
+        qkd = QKDProvider(
+            kme_url=self.kme.url_b,
+            sae_id=EDGE_SAE,
+            ca_file=self.kme.pki.ca_cert,
+            cert_file=pair.cert,
+            key_file=pair.key,
+            master_sae_id=MASTER_SAE,
+        )
+        return VehicleAgent(
+            self.settings,
+            vehicles=[self.fleet.vehicle(EDGE)],
+            directory=self.fleet.directory,
+            minimum_path="xwing",
+            handlers={"ping": self.executions.handler},
+            store_path=self.workdir / "edge.sqlite",
+            qkd_provider=qkd,
+        )
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.publisher.close()
+        for agent in getattr(self, "agents", []):
+            with contextlib.suppress(Exception):
+                agent.close()
+        if hasattr(self, "worker"):
+            self.worker.stop()
+        if hasattr(self, "kme"):
+            self.kme.stop()
+        if hasattr(self, "cluster"):
+            self.cluster.down()
+
+    # -- faults ---------------------------------------------------------------------------
+
+    def topic(self, name: str) -> str:
+        return self.settings.topics.full(getattr(self.settings.topics, name))
+
+    def leader_of(self, topic: str, partition: int = 0) -> int:
+        """0-based index of the node leading ``topic``'s ``partition``."""
+        admin = KafkaAdminClient(bootstrap_servers=self.cluster.bootstrap)
+        try:
+            (desc,) = admin.describe_topics([topic])
+        finally:
+            admin.close()
+        for p in desc["partitions"]:
+            if p.get("partition_index", p.get("partition")) == partition:
+                return int(p.get("leader_id", p.get("leader"))) - 1
+        raise LookupError(f"{topic}[{partition}] has no leader")
+
+    def kill_leader(self, topic_name: str = "commands_outbound", down_s: float = 5.0) -> None:
+        index = self.leader_of(self.topic(topic_name))
+        self.cluster.kill_node(index, signal.SIGKILL)
+        time.sleep(down_s)
+        self.cluster.up(timeout_s=120)
+
+    def kill_worker(self, down_s: float = 2.0) -> None:
+        self.worker.kill()
+        time.sleep(down_s)
+        self.worker = self.start_worker()
+
+    def restart_kme(self, down_s: float = 4.0) -> None:
+        self.kme.stop(signal.SIGKILL)
+        time.sleep(down_s)
+        self.kme.start()
+
+    def cut_qkd_link(self, down_s: float = 4.0) -> None:
+        self.kme.admin("/admin/link", {"up": False})
+        time.sleep(down_s)
+        self.kme.admin("/admin/link", {"up": True})
+
+    # -- a run ----------------------------------------------------------------------------
+
+    def sign_commands(self, n: int, *, edge_every: int = 10) -> list[SignedCommand]:
+        """``n`` pings: every ``edge_every``-th to the QKD edge unit, the others spread over
+        the vehicles."""
+        out = []
+        for i in range(n):
+            vid = EDGE if i % edge_every == 0 else self.fleet.vehicle_ids[i % self.vehicles]
+            out.append(self.publisher.sign(Target(vehicle=vid), "ping", ttl_s=600))
+        return out
+
+    def publish(self, signed: SignedCommand) -> int:
+        """Publish until the broker acknowledges; returns the retries it took. A retry sends the
+        same signed command: if an unacknowledged attempt did land, the bus drops the copy."""
+        for attempt in range(30):
+            try:
+                self.publisher.publish(signed)
+                return attempt
+            except KafkaUnavailableError:
+                time.sleep(1.0)
+        raise RuntimeError(f"command {signed.command.id} could not be published")
+
+    def run(
+        self,
+        fault: Callable[[], None],
+        commands: int,
+        *,
+        name: str = "",
+        rate_per_s: float = 25.0,
+        fault_after: float = 0.3,
+        timeout_s: float = 180.0,
+    ) -> FaultCounts:
+        signed = self.sign_commands(commands)
+        ids = [s.command.id for s in signed]
+        retries = 0
+        slowest_publish = 0.0
+        fault_at = int(commands * fault_after)
+        fault_s: list[float] = []
+
+        def timed_fault() -> None:
+            began = time.monotonic()
+            fault()
+            fault_s.append(time.monotonic() - began)
+
+        fault_thread = threading.Thread(target=timed_fault, name=f"fault-{name}", daemon=True)
+        started = time.monotonic()
+        for i, command in enumerate(signed):
+            if i == fault_at:
+                fault_thread.start()
+            began = time.monotonic()
+            retries += self.publish(command)
+            slowest_publish = max(slowest_publish, time.monotonic() - began)
+            pause = started + (i + 1) / rate_per_s - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+        if not fault_thread.is_alive() and fault_thread.ident is None:
+            fault_thread.start()
+        fault_thread.join()
+        sent_done = time.monotonic()
+        deadline = sent_done + timeout_s
+        while self.executions.executed(ids) < len(ids) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        drain_s = time.monotonic() - sent_done
+        time.sleep(3.0)  # let late duplicates (if any) show up before counting
+        counts = self.count(name, signed, retries=retries, drain_s=drain_s)
+        counts.extra["fault_and_recovery_s"] = round(fault_s[0], 1) if fault_s else None
+        counts.extra["send_s"] = round(sent_done - started, 1)
+        counts.extra["slowest_publish_s"] = round(slowest_publish, 2)
+        return counts
+
+    def count(
+        self, name: str, signed: list[SignedCommand], *, retries: int = 0, drain_s: float = 0.0
+    ) -> FaultCounts:
+        ids = [s.command.id for s in signed]
+        wanted = set(ids)
+        with self.executions.lock:
+            runs = {c: self.executions.counts[c] for c in ids}
+        finished = 0
+        for store in ("vehicles.sqlite", "edge.sqlite"):
+            db = sqlite3.connect(f"file:{self.workdir / store}?mode=ro", uri=True)
+            try:
+                rows = db.execute("SELECT command_id FROM executed WHERE state = 'finished'")
+                finished += sum(1 for (cid,) in rows if cid in wanted)
+            finally:
+                db.close()
+        responses = Counter(
+            r.key.decode() for r in self.read("commands_responses") if r.key.decode() in wanted
+        )
+        succeeded: Counter[str] = Counter()
+        for r in self.read("commands_status"):
+            if r.key is None or r.key.decode() not in wanted:
+                continue
+            event = StatusEvent.decode(r.value)
+            if event.state is CommandState.SUCCEEDED:
+                succeeded[event.command_id] += 1
+        return FaultCounts(
+            fault=name,
+            sent=len(ids),
+            executed=sum(1 for c in ids if runs[c] >= 1),
+            executed_twice=sum(1 for c in ids if runs[c] >= 2),
+            lost=sum(1 for c in ids if runs[c] == 0),
+            store_finished=finished,
+            responses=sum(responses.values()),
+            answered=len(responses),
+            status_succeeded=len(succeeded),
+            status_succeeded_twice=sum(1 for n in succeeded.values() if n >= 2),
+            publish_retries=retries,
+            via_edge=sum(1 for s in signed if s.command.target.vehicle == EDGE),
+            drain_s=round(drain_s, 1),
+        )
+
+    def read(self, topic_name: str, idle_s: float = 3.0) -> Iterator[Any]:
+        consumer = KafkaConsumer(
+            self.topic(topic_name),
+            bootstrap_servers=self.cluster.bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            consumer_timeout_ms=int(idle_s * 1000),
+        )
+        try:
+            yield from consumer
+        finally:
+            consumer.close()
+
+    # -- back-pressure --------------------------------------------------------------------
+
+    def burst(self, signed: list[SignedCommand]) -> float:
+        """Publish pre-signed commands as fast as one producer can; returns the seconds."""
+        producer = KafkaProducer(
+            bootstrap_servers=self.cluster.bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+        )
+        topic = self.topic("commands_requested")
+        started = time.monotonic()
+        try:
+            futures = [
+                producer.send(topic, key=s.command.id.encode(), value=s.encode()) for s in signed
+            ]
+            producer.flush(timeout=120)
+            for f in futures:
+                f.get(timeout=60)
+        finally:
+            producer.close()
+        return time.monotonic() - started
+
+    def backlog(self, stage: str = "authorize") -> int:
+        """Records in ``commands.requested`` not yet committed by the authorize stage."""
+        topic = self.topic("commands_requested")
+        tps = [TopicPartition(topic, p) for p in range(self.partitions)]
+        consumer = KafkaConsumer(
+            bootstrap_servers=self.cluster.bootstrap,
+            group_id=f"{self.settings.app_id}-{stage}",
+            enable_auto_commit=False,
+        )
+        try:
+            ends = consumer.end_offsets(tps)
+            return sum(max(0, ends[tp] - (consumer.committed(tp) or 0)) for tp in tps)
+        finally:
+            consumer.close()
+
+    def wait_executed(self, ids: list[str], timeout_s: float) -> float:
+        started = time.monotonic()
+        deadline = started + timeout_s
+        while self.executions.executed(ids) < len(ids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return time.monotonic() - started
+
+
+def peak_rss_mb(pid: int) -> float:
+    """``VmHWM`` (peak resident set) of a live process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise LookupError(f"no VmHWM for pid {pid}")
