@@ -260,6 +260,7 @@ class VehicleAgent:
     ) -> None:
         from fleetbus.bus.registry import load_key_provider
         from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
+        from fleetbus.providers.sealing import VerifiedRoots
 
         self.settings = settings
         self.directory = directory
@@ -286,6 +287,9 @@ class VehicleAgent:
             providers[qkd_provider.name] = qkd_provider
         self._runner: KeyPathRunner = KeyPathRunner(providers)
         self._profile_sealer: ProfileSealer = ProfileSealer(self._runner)
+        # One cache of verified batch-signature roots for all vehicles of this process: a batch
+        # that reaches several of them is verified once (each envelope's proof still is).
+        self._roots = VerifiedRoots(4096)
         self._vehicles: dict[str, _Vehicle] = {}
         for item in vehicles:
             identity = (
@@ -329,6 +333,7 @@ class VehicleAgent:
             skew_s=self._skew_s,
             # Per vehicle: a group command reaches every member under the same message id.
             replay_cache=ReplayCache(max_entries=10_000, clock=self._clock),
+            root_cache=self._roots,
         )
         sealer = EnvelopeSealer(
             identity.vehicle_id,

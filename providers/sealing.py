@@ -73,6 +73,7 @@ __all__ = [
     "SealRequest",
     "SealerStats",
     "SignerDirectory",
+    "VerifiedRoots",
     "derive_message_key",
 ]
 
@@ -436,6 +437,15 @@ class _LRU:
                 self._data.popitem(last=False)
 
 
+class VerifiedRoots(_LRU):
+    """Batch-signature roots whose signature has verified: (sender, sender key id, suite, root,
+    tree size) -> True until the entry expires. One per opener by default; openers in one
+    process that use the same key directory (a ``VehicleAgent`` serving many vehicles) may
+    share one, so that a batch root is verified once per process, not once per recipient.
+    Signer validity (revocation, expiry) and each envelope's inclusion proof are still checked
+    on every open."""
+
+
 @dataclass(frozen=True)
 class OpenedEnvelope:
     """A verified, decrypted envelope. Times are seconds since the UNIX epoch (UTC)."""
@@ -487,6 +497,7 @@ class EnvelopeOpener:
         replay_cache: ReplayCache | None = None,
         epoch_key_ttl_s: float = 3600.0,
         cache_entries: int = 4096,
+        root_cache: VerifiedRoots | None = None,
     ) -> None:
         self._own = own
         self._directory = directory
@@ -498,7 +509,7 @@ class EnvelopeOpener:
         self._replay = replay_cache if replay_cache is not None else ReplayCache(clock=clock)
         self._epoch_ttl = epoch_key_ttl_s
         self._epoch_keys = _LRU(cache_entries)
-        self._roots = _LRU(cache_entries)
+        self._roots = root_cache if root_cache is not None else VerifiedRoots(cache_entries)
         self.stats = OpenerStats()
 
     def __repr__(self) -> str:
