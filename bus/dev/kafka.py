@@ -377,8 +377,11 @@ class LocalKafka:
             # KRaft cluster ids are 16 random bytes, base64url without padding.
             import base64
 
-            raw = uuid.uuid4().bytes
-            cluster_id_file.write_text(base64.urlsafe_b64encode(raw).decode().rstrip("=") + "\n")
+            # A leading "-" would be read as an option by kafka-storage's argument parser.
+            new_id = "-"
+            while new_id.startswith("-"):
+                new_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id_file.write_text(new_id + "\n")
         cluster_id = cluster_id_file.read_text().strip()
         if self.security == "mtls":
             _ensure_ca(self.tls_dir)
