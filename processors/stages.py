@@ -60,6 +60,12 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
+
+def _keyed_by(record: InputRecord, command_id: str) -> bool:
+    """True when the Kafka record key is exactly the command id."""
+    return record.key == command_id.encode()
+
+
 PENDING_STATE: Final = CommandState.PENDING
 _SIGNER_REASONS: Final = frozenset(
     {
@@ -378,6 +384,11 @@ class AuthorizeStage:
             return self._dlq(record, exc.reason, str(exc), now)
         command = signed.command
         cid, issuer = command.id, command.issuer
+        if not _keyed_by(record, cid):
+            # The replay set is per partition: a command re-published under another key would
+            # land on another partition and pass it. The key decides the partition, so it must
+            # be the command id.
+            return self._dlq(record, ReasonCode.MALFORMED, "record key must be the command id", now)
         try:
             signed.verify(self.directory, at=now)
         except FleetbusError as exc:
@@ -604,6 +615,9 @@ class AuthorizeStage:
             return self._dlq(record, exc.reason, str(exc), now)
         approval = signed.approval
         cid, approver = approval.command_id, approval.approver
+        if not _keyed_by(record, cid):
+            # Approvals must meet their command's pending state on the same partition.
+            return self._dlq(record, ReasonCode.MALFORMED, "record key must be the command id", now)
         try:
             signed.verify(self.directory, at=now)
         except FleetbusError as exc:

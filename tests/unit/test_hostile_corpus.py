@@ -48,11 +48,7 @@ PARTITIONS = 2
 TOPICS = PipelineTopics.from_settings(TopicNames(prefix=META["prefix"]))
 MEMORY_LIMIT = 10 * 1024 * 1024
 #: Cases the code under test does not handle yet (see docs/security-testing.md, "Findings").
-KNOWN_ISSUES = {
-    "cmd-replayed-under-other-key": "AuthorizeStage keeps its replay set per input partition and "
-    "does not check that the record key is the command id: a signed command re-published under "
-    "another key is authorized (and sealed) a second time",
-}
+KNOWN_ISSUES: dict[str, str] = {}
 
 
 def partition_of(key: bytes | None) -> int:

@@ -164,7 +164,20 @@ def signed(
 _offsets = iter(range(10**6))
 
 
-def rec(topic: str, value: bytes | None, key: bytes | None = b"k") -> InputRecord:
+def _command_id_key(topic: str, value: bytes | None) -> bytes:
+    """The key a well-behaved producer uses: the command id for commands and approvals."""
+    try:
+        if topic == TOPICS.requested and value is not None:
+            return SignedCommand.decode(value).command.id.encode()
+        if topic == TOPICS.approvals and value is not None:
+            return SignedApproval.decode(value).approval.command_id.encode()
+    except Exception:  # junk stays junk; the stage under test reports it
+        pass
+    return b"k"
+
+
+def rec(topic: str, value: bytes | None, key: bytes | None = None) -> InputRecord:
+    key = key if key is not None else _command_id_key(topic, value)
     return InputRecord(topic, 0, next(_offsets), key, value)
 
 
@@ -525,3 +538,16 @@ def test_telemetry_is_opened_and_filtered_by_the_export_policy(fleet: Fleet) -> 
     assert reasons(stage.process(rec(TOPICS.telemetry_raw, weak), PartitionState(), NOW)) == [
         "downgrade"
     ]
+
+
+def test_command_or_approval_under_another_key_goes_to_the_dlq(fleet: Fleet) -> None:
+    """The replay set is per partition, so the key (the partition) must be the command id."""
+    stage = authorize(fleet)
+    cmd = signed(fleet, Target(vehicle="V-1"))
+    result = stage.process(rec(TOPICS.requested, cmd.encode(), key=b"other"), PartitionState(), NOW)
+    assert reasons(result) == ["malformed"]
+    assert not outs(result, TOPICS.authorized)
+    result = stage.process(
+        rec(TOPICS.approvals, approval(fleet, cmd.command.id), key=b"other"), PartitionState(), NOW
+    )
+    assert reasons(result) == ["malformed"]

@@ -779,10 +779,9 @@ def build_approvals(c: Corpus) -> None:
         "changed to the pending one, not re-signed", "bad_signature",
         dumps([1, moved, *o[2:]]), category="replay")  # fmt: skip
     add("apr-verbatim-for-another-command", "a valid approval of another command published "
-        "under the pending command's key: it approves only the command it names, so the "
-        "pending command is rejected when its window elapses", "policy_denied",
-        other.encode(), category="replay", setup=["apr-setup-pending-command"],
-        dlq_of="apr-setup-pending-command", after_approval_window=True)  # fmt: skip
+        "under the pending command's key: the record key must be the command id the approval "
+        "names, so it goes to the DLQ and approves nothing", "malformed",
+        other.encode(), category="replay", setup=["apr-setup-pending-command"])  # fmt: skip
     add("apr-command-on-approvals", "the pending signed command published on "
         "commands.approvals", "malformed", victim.encode(), category="replay")  # fmt: skip
     add("apr-self-approval", "the issuer approves its own pending command", "policy_denied",
