@@ -143,6 +143,8 @@ class FaultCounts:
     executed: int = 0
     executed_twice: int = 0
     lost: int = 0
+    lost_to_vehicles: int = 0
+    failed_qkd_unavailable: int = 0
     store_finished: int = 0
     responses: int = 0
     answered: int = 0
@@ -408,8 +410,13 @@ class FaultRig:
         fault_thread.join()
         sent_done = time.monotonic()
         deadline = sent_done + timeout_s
-        while self.executions.executed(ids) < len(ids) and time.monotonic() < deadline:
-            time.sleep(0.5)
+        while time.monotonic() < deadline:
+            with self.executions.lock:
+                missing = {c for c in ids if self.executions.counts[c] == 0}
+            # A command that failed visibly (503 from the edge unit) will not run any more.
+            if not missing or missing <= self.failed_qkd(missing, idle_s=1.0):
+                break
+            time.sleep(2.0)
         drain_s = time.monotonic() - sent_done
         time.sleep(3.0)  # let late duplicates (if any) show up before counting
         counts = self.count(name, signed, retries=retries, drain_s=drain_s)
@@ -443,12 +450,16 @@ class FaultRig:
             event = StatusEvent.decode(r.value)
             if event.state is CommandState.SUCCEEDED:
                 succeeded[event.command_id] += 1
+        edge = {s.command.id for s in signed if s.command.target.vehicle == EDGE}
+        not_run = {c for c in ids if runs[c] == 0}
         return FaultCounts(
             fault=name,
             sent=len(ids),
             executed=sum(1 for c in ids if runs[c] >= 1),
             executed_twice=sum(1 for c in ids if runs[c] >= 2),
-            lost=sum(1 for c in ids if runs[c] == 0),
+            lost=len(not_run),
+            lost_to_vehicles=len(not_run - edge),
+            failed_qkd_unavailable=len(self.failed_qkd(not_run)) if not_run else 0,
             store_finished=finished,
             responses=sum(responses.values()),
             answered=len(responses),
@@ -458,6 +469,17 @@ class FaultRig:
             via_edge=sum(1 for s in signed if s.command.target.vehicle == EDGE),
             drain_s=round(drain_s, 1),
         )
+
+    def failed_qkd(self, wanted: set[str], idle_s: float = 3.0) -> set[str]:
+        """Commands of ``wanted`` that ended ``failed`` with the vehicle's 503 qkd_unavailable."""
+        failed = set()
+        for r in self.read("commands_status", idle_s=idle_s):
+            if r.key is None or r.key.decode() not in wanted:
+                continue
+            event = StatusEvent.decode(r.value)
+            if event.state is CommandState.FAILED and "503: qkd_unavailable" in event.detail:
+                failed.add(event.command_id)
+        return failed
 
     def read(self, topic_name: str, idle_s: float = 3.0) -> Iterator[Any]:
         consumer = KafkaConsumer(
