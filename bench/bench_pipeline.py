@@ -549,6 +549,15 @@ class Bench:
             if mode != "raw":
                 row["bytes_per_command"] = self.wire_bytes(config)
             return row
+        except Exception as exc:
+            print(f"   FAILED: {exc}\n{self.log_tail(config)}", file=sys.stderr, flush=True)
+            return {
+                "mode": mode,
+                "partitions": partitions,
+                "workers": workers,
+                "error": str(exc),
+                "load_average": load_average(),
+            }
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -562,11 +571,11 @@ class Bench:
 
     def warm_up(self, config: dict[str, Any], out_topic: str, pids: dict[str, list[int]]) -> None:
         """Until two rounds of commands come back complete (assignment settled, epochs up)."""
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         good = 0
         while good < 2:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"warm-up of {config['app_id']} did not finish; see logs")
+                raise RuntimeError(f"warm-up of {config['app_id']} did not finish")
             d = asyncio.run(
                 drive(
                     self.bootstrap,
@@ -575,10 +584,17 @@ class Bench:
                     self.commands(2 * VEHICLES),
                     rate=None,
                     pids=pids,
-                    drain_s=15,
+                    drain_s=60,
                 )
             )
             good = good + 1 if d.answered == d.sent else 0
+
+    def log_tail(self, config: dict[str, Any], lines: int = 15) -> str:
+        out = []
+        for log in sorted(self.work.glob(f"{config['app_id']}-*.log")):
+            text = log.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {log.name}\n" + "\n".join(text))
+        return "\n".join(out)
 
     def wire_bytes(self, config: dict[str, Any]) -> dict[str, float]:
         """Bytes (key + value + headers) per answered command on every topic of the run."""
@@ -674,6 +690,11 @@ def markdown(report: dict[str, Any]) -> str:
         if "bytes_per_command" in row:
             parts = ", ".join(f"{k}: {v}" for k, v in row["bytes_per_command"].items())
             lines.append(f"- {row['mode']} / {row['partitions']} partition(s): {parts}")
+    for row in report["failed"]:
+        lines.append(
+            f"- FAILED: {row['mode']} / {row['partitions']} partition(s): {row['error']} "
+            f"(load average {row['load_average']})"
+        )
     lines += ["", *[f"- {note}" for note in report["notes"]], ""]
     return "\n".join(lines)
 
@@ -737,10 +758,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.partitions = args.partitions or ([1] if args.quick else [1, 2, 4])
-    args.backlog = 600 if args.quick else 3000
+    args.backlog = 600 if args.quick else 2000
     args.raw_backlog = 5000 if args.quick else 30000
-    args.duration_s = 4.0 if args.quick else 15.0
-    args.drain_s = 5.0 if args.quick else 15.0
+    args.duration_s = 4.0 if args.quick else 10.0
+    args.drain_s = 5.0 if args.quick else 10.0
     if "plaintext" not in args.modes:
         parser.error("the plaintext mode is the reference; keep it in --modes")
 
@@ -769,6 +790,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             if cluster is not None:
                 cluster.down()
+    failed = [row for row in rows if "error" in row]
+    rows = [row for row in rows if "error" not in row]
     for row in rows:
         plain = next(
             (r for r in rows if r["mode"] == "plaintext" and r["partitions"] == row["partitions"]),
@@ -788,6 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_before": load_before,
         "load_after": load_average(),
         "rows": rows,
+        "failed": failed,
         "notes": [
             "ratio: saturation throughput of the mode / plaintext, same partitions and workers.",
             "workers: worker processes (authorize + seal) and as many VehicleAgent processes; "
