@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +82,10 @@ def pipeline_topics(settings: FleetbusSettings) -> tuple[list[str], list[str]]:
 
 @dataclass
 class Pipeline:
-    """The stage runners of one worker."""
+    """The stage runners of one worker, and services running beside them (health probes)."""
 
     stages: list[Any]  # TransactionalStage
+    services: list[Any] = field(default_factory=list)  # anything with async run() / stop()
 
 
 def build_pipeline(settings: FleetbusSettings) -> Pipeline:
@@ -95,6 +96,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     from fleetbus.bus.registry import load_key_provider
     from fleetbus.processors.eos import TransactionalStage
     from fleetbus.processors.fleet_registry import FleetRegistry
+    from fleetbus.processors.health import HealthReporter, init_stage_counters
     from fleetbus.processors.policy import PolicyEngine
     from fleetbus.processors.stages import (
         AuthorizeStage,
@@ -246,7 +248,9 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         )
         for logic in logics
     ]
-    return Pipeline(stages)
+    init_stage_counters(stage.stage for stage in stages)
+    health = HealthReporter(providers, profile_sealer, directory)
+    return Pipeline(stages, services=[health])
 
 
 def _stage_service(stage: Any) -> type[Service]:
@@ -292,6 +296,6 @@ def create_app(
 
     if pipeline_enabled(settings):
         pipeline = (pipeline_factory or build_pipeline)(settings)
-        for stage in pipeline.stages:
+        for stage in [*pipeline.stages, *pipeline.services]:
             app.service(_stage_service(stage))
     return app
