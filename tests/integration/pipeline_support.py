@@ -20,10 +20,15 @@ principal         kind        keys
 
 ``settings_for(bootstrap)`` makes ``FleetbusSettings`` with a unique topic prefix and app id and
 creates every topic of ``TopicNames`` on the broker (``keys`` compacted).
+
+For a ``fleetbus worker`` subprocess: ``worker_env(settings, fleet, workdir)`` is its
+``FLEETBUS_*`` environment, ``qkd_worker_env(kme_pair)`` adds the bus's QKD provider (the KME
+pair's master SAE at KME-A) and ``TestFleet.add_edge_unit`` issues a QKD-connected edge unit.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,6 +40,7 @@ from fleetbus.bus.directory import (
     FleetRoot,
     KeyDirectory,
     PrincipalKeyFile,
+    append_directory_file,
     issue_key,
     load_directory,
     save_key_file,
@@ -93,6 +99,35 @@ class TestFleet:
 
     def vehicles(self, ids: list[str] | None = None) -> list[VehicleIdentity]:
         return [self.vehicle(v) for v in (ids or self.vehicle_ids)]
+
+    def add_edge_unit(
+        self,
+        principal_id: str,
+        *,
+        qkd_sae_id: str,
+        group: str = "depot",
+        not_after: float | None = None,
+    ) -> None:
+        """Issue an edge unit (xwing/x25519 KEMs, ed25519) reachable over QKD at ``qkd_sae_id``,
+        append it to ``directory.cbor``, write its key file and reload the directory.
+        ``not_after`` defaults to 30 days from now."""
+        now = time.time()
+        edge = issue_key(
+            self.root,
+            principal_id=principal_id,
+            kind="edge",
+            signature_suite="ed25519",
+            kems=KEMS,
+            qkd_sae_id=qkd_sae_id,
+            groups=[group],
+            not_before=now - DAY_S,
+            not_after=now + 30 * DAY_S if not_after is None else not_after,
+        )
+        append_directory_file(self.keys_dir / "directory.cbor", edge.signed)
+        save_key_file(self.key_file_path(principal_id), edge.key_file)
+        self.key_files[principal_id] = edge.key_file
+        self.groups.setdefault(group, []).append(principal_id)
+        self.reload_directory()
 
     def reload_directory(self) -> KeyDirectory:
         """Read ``directory.cbor`` again (after a test appended records to it)."""
@@ -250,3 +285,47 @@ def settings_for(
         bootstrap, [keys_topic], partitions=partitions, configs={"cleanup.policy": "compact"}
     )
     return settings
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def worker_env(
+    settings: FleetbusSettings, fleet: TestFleet, workdir: Path, **extra: str
+) -> dict[str, str]:
+    """The environment of a ``fleetbus worker`` running the pipeline for ``fleet`` on
+    ``settings`` (state under ``workdir``, half-second ticks); ``extra`` adds or overrides."""
+    env = {
+        "FLEETBUS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "FLEETBUS_APP_ID": settings.app_id,
+        "FLEETBUS_PARTITIONS": str(settings.partitions),
+        "FLEETBUS_TOPICS__PREFIX": settings.topics.prefix,
+        "FLEETBUS_SMOKE_SOURCE": settings.topics.prefix + "smoke.in",
+        "FLEETBUS_SMOKE_SINK": settings.topics.prefix + "smoke.out",
+        "FLEETBUS_DATA_DIR": str(workdir / "state"),
+        "FLEETBUS_WEB_PORT": "0",
+        "FLEETBUS_KEYS_DIR": str(fleet.keys_dir),
+        "FLEETBUS_PIPELINE": "on",
+        "FLEETBUS_TICK_INTERVAL_S": "0.5",
+        "FLEETBUS_AUDIT_CHECKPOINT_EVERY": "5",
+    }
+    env.update(extra)
+    return env
+
+
+def qkd_worker_env(kme_pair: Any) -> dict[str, str]:
+    """``FLEETBUS_QKD_*`` for a worker that is the master SAE of a ``kme_pair`` (fixtures_kme):
+    profiles with ``qkd-etsi014`` paths then work for edge units behind KME-B."""
+    master = kme_pair.pki.saes[kme_pair.master_sae]
+    return {
+        "FLEETBUS_QKD_KME_URL": kme_pair.kme_a_url,
+        "FLEETBUS_QKD_SAE_ID": kme_pair.master_sae,
+        "FLEETBUS_QKD_CA_FILE": str(kme_pair.pki.ca_cert),
+        "FLEETBUS_QKD_CERT_FILE": str(master.cert),
+        "FLEETBUS_QKD_KEY_FILE": str(master.key),
+    }

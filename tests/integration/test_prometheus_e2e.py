@@ -1,21 +1,23 @@
-"""A real Prometheus scrapes a real KME and a real fleetbus process; every dashboard query and
-every alert rule is evaluated against what it scraped.
+"""A real Prometheus scrapes a running fleetbus deployment; every dashboard query and every alert
+rule is evaluated against what it scraped.
 
-Targets:
-- ``fleetbus kme serve`` (the session ``kme_pair`` fixture): its admin ``/metrics``.
-- The *metrics exerciser* at the bottom of this file, started as its own process. The command
-  pipeline's worker does not serve ``/metrics`` yet (``FleetbusSettings`` has no metrics port),
-  so the exerciser runs the real code paths the worker will run and records the metrics the
-  worker will record, then serves them with ``prometheus_client``: it seals envelopes with
-  ``EnvelopeSealer`` through ``ProfileSealer`` over a ``qkd-etsi014+xwing`` path against the
-  real KME (which the test switches off, so the sealer fails over to ``xwing`` and an
-  ``enclave`` profile without fallback is exhausted), opens them with ``EnvelopeOpener``
-  (plus tampered copies that are rejected), decides with a Cedar policy, produces every
-  envelope to a real Kafka topic with W3C trace headers and consumes half of them to measure
-  consumer lag. Swap it for ``python -m fleetbus.bus.cli worker`` once the worker serves
-  ``/metrics``.
+The deployment, all real and on loopback, set up once for this module:
+- Apache Kafka (the session's ``kafka`` broker) and ``fleetbus kme serve`` (``kme_pair``: two
+  ETSI 014 KMEs joined by a simulated QKD link; Prometheus scrapes its admin ``/metrics``);
+- ``python -m fleetbus.bus.cli worker`` (authorize, seal, track, telemetry) with
+  ``FLEETBUS_METRICS_PORT`` and the KME pair's master SAE as its QKD provider;
+- a ``VehicleAgent`` in this process for two PQC vehicles and an edge unit behind KME-B (its
+  ``qkd_sae_id`` is the pair's slave SAE, so the worker's ``standard`` and ``enclave``
+  profiles use ``qkd-etsi014+xwing`` for it); this process's registry is served as a third
+  target, for the vehicle-side series (``role="vehicle"`` envelope rejects).
 
-Bounded: the exerciser exits on its own after EXERCISER_LIFETIME_S; the test takes < 90 s.
+Traffic comes from ``CommandPublisher``: routine commands that succeed, an approved enclave
+command over QKD, a high-criticality command left pending, an intruder, an expired command,
+junk bytes and a tampered envelope injected on ``commands.outbound``. Then the QKD link goes
+down (KME admin switch): a routine command to the edge unit fails over to ``xwing`` and two
+approved enclave commands are rejected with ``key_path_exhausted``.
+
+Bounded: one worker and one Prometheus for the module; about a minute (< 150 s) in all.
 """
 
 from __future__ import annotations
@@ -25,25 +27,47 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from integration.pipeline_support import (
+    APPROVER,
+    DAY_S,
+    DISPATCHER,
+    INTRUDER,
+    TestFleet,
+    free_port,
+    make_test_fleet,
+    qkd_worker_env,
+    worker_env,
+)
+from kafka import KafkaConsumer, KafkaProducer
+from prometheus_client import REGISTRY, start_http_server
+
+from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
+from fleetbus.bus.dev.smoke import WorkerProcess
+from fleetbus.bus.dispatch import CommandHandle, CommandPublisher
+from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "observability" / "grafana" / "fleetbus.json"
 RULES = ROOT / "observability" / "prometheus" / "rules.yml"
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-EXERCISER_LIFETIME_S = 120.0
-DEADLINE_S = 60.0
+EDGE = "E-0001"
+QKD_PATH = "qkd-etsi014+xwing"
+FINAL = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED, CommandState.EXPIRED]
+#: The first command also waits for the worker to start (faust, one producer per partition).
+FIRST_COMMAND_TIMEOUT_S = 90.0
+COMMAND_TIMEOUT_S = 30.0
 #: Dashboard variables as Grafana would substitute them with "All" selected.
 DASHBOARD_VARIABLES = {
     "$__rate_interval": "20s",
@@ -52,6 +76,7 @@ DASHBOARD_VARIABLES = {
     "$job": ".*",
     "$kme_job": ".*",
 }
+VEHICLE_REJECTS = "fleetbus_envelope_rejects_total"
 
 
 def require_tool(name: str) -> str:
@@ -64,17 +89,8 @@ def require_tool(name: str) -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def http_json(url: str, data: bytes | None = None) -> Any:
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(req, timeout=5) as resp:
+def http_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as resp:
         return json.loads(resp.read())
 
 
@@ -92,106 +108,6 @@ def dashboard_queries() -> list[tuple[str, str]]:
     return out
 
 
-def stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
-
-
-@pytest.fixture
-def exerciser(
-    kme_pair: Any, kafka_bootstrap: str, make_topics: Any, tmp_path: Path
-) -> Iterator[int]:
-    (topic,) = make_topics("e2e.outbound")
-    port = free_port()
-    pki = kme_pair.pki
-    config = {
-        "port": port,
-        "lifetime_s": EXERCISER_LIFETIME_S,
-        "kafka_bootstrap": kafka_bootstrap,
-        "topic": topic,
-        "kme_a_url": kme_pair.kme_a_url,
-        "kme_b_url": kme_pair.kme_b_url,
-        "ca_file": str(pki.ca_cert),
-        "master_sae": kme_pair.master_sae,
-        "master_cert": str(pki.saes[kme_pair.master_sae].cert),
-        "master_key": str(pki.saes[kme_pair.master_sae].key),
-        "slave_sae": kme_pair.slave_sae,
-        "slave_cert": str(pki.saes[kme_pair.slave_sae].cert),
-        "slave_key": str(pki.saes[kme_pair.slave_sae].key),
-    }
-    log = (tmp_path / "exerciser.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "exercise", json.dumps(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
-    log.close()
-    kme_pair.reset()
-    try:
-        yield port
-    finally:
-        stop(proc)
-        kme_pair.reset()
-        print((tmp_path / "exerciser.log").read_text()[-3000:])
-
-
-@pytest.fixture
-def prometheus(kme_pair: Any, exerciser: int, tmp_path: Path) -> Iterator[str]:
-    binary = require_tool("prometheus")
-    port = free_port()
-    admin = urllib.parse.urlsplit(kme_pair.admin_url)
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [
-            {"job_name": "kme", "static_configs": [{"targets": [admin.netloc]}]},
-            {
-                "job_name": "fleetbus-worker",
-                "static_configs": [{"targets": [f"127.0.0.1:{exerciser}"]}],
-            },
-        ],
-    }
-    config_file = tmp_path / "prometheus.yml"
-    config_file.write_text(yaml.safe_dump(config))
-    log = (tmp_path / "prometheus.log").open("w")
-    proc = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config_file}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--storage.tsdb.retention.time=1h",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    log.close()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/-/ready", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(
-                    f"prometheus did not start:\n{(tmp_path / 'prometheus.log').read_text()}"
-                )
-            time.sleep(0.2)
-        yield url
-    finally:
-        stop(proc)
-
-
 def query(prom: str, expr: str) -> list[dict[str, Any]]:
     data = http_json(prom + "/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
     assert data["status"] == "success", data
@@ -199,7 +115,7 @@ def query(prom: str, expr: str) -> list[dict[str, Any]]:
     return result
 
 
-def wait_for(what: str, check: Any, timeout_s: float) -> Any:
+def wait_for(what: str, check: Callable[[], tuple[bool, Any]], timeout_s: float) -> Any:
     deadline = time.monotonic() + timeout_s
     last: Any = None
     while time.monotonic() < deadline:
@@ -210,91 +126,372 @@ def wait_for(what: str, check: Any, timeout_s: float) -> Any:
     pytest.fail(f"timed out waiting for {what}: {last}")
 
 
-def test_prometheus_scrapes_and_every_dashboard_query_has_data(
-    prometheus: str, kme_pair: Any
-) -> None:
-    start = time.monotonic()
+# --- the deployment ------------------------------------------------------------------------
 
-    def targets_up() -> tuple[bool, Any]:
-        active = http_json(prometheus + "/api/v1/targets")["data"]["activeTargets"]
-        health = {t["labels"]["job"]: t["health"] for t in active}
-        return health == {"kme": "up", "fleetbus-worker": "up"}, health
 
-    wait_for("both targets up", targets_up, 40)
-    # A few healthy rounds on the QKD path, then the link goes down: failovers from now on.
+class Prometheus:
+    """``prometheus`` on a free loopback port with its own TSDB, scraping ``targets`` every
+    second and evaluating ``rules.yml`` every second."""
+
+    def __init__(self, binary: str, targets: dict[str, str], workdir: Path) -> None:
+        port = free_port()
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(RULES)],
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": [target]}]}
+                for job, target in targets.items()
+            ],
+        }
+        config_file = workdir / "prometheus.yml"
+        config_file.write_text(yaml.safe_dump(config))
+        self.log = workdir / "prometheus.log"
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config_file}",
+                    f"--storage.tsdb.path={workdir / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--storage.tsdb.retention.time=1h",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.url = f"http://127.0.0.1:{port}"
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"prometheus did not start:\n{self.log.read_text()}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+
+
+@dataclass
+class Deployment:
+    """What the module's tests look at: Prometheus, and what the traffic did."""
+
+    prometheus: str
+    worker: WorkerProcess
+    #: ``fleetbus_envelope_rejects_total{role="vehicle"}`` of this process before the tamper
+    #: (other tests in this pytest process may have counted some already), by reason.
+    vehicle_rejects_before: dict[str, float]
+    outcomes: dict[str, StatusEvent] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+
+def vehicle_rejects() -> dict[str, float]:
+    """This process's vehicle-side envelope rejects by reason (from the default registry)."""
+    out: dict[str, float] = {}
+    for metric in REGISTRY.collect():
+        for sample in metric.samples:
+            if sample.name == VEHICLE_REJECTS and sample.labels.get("role") == "vehicle":
+                out[sample.labels["reason"]] = sample.value
+    return out
+
+
+class Traffic:
+    """The dispatchers and the waits of the scenario."""
+
+    def __init__(self, settings: FleetbusSettings, fleet: TestFleet, worker: WorkerProcess):
+        self.settings = settings
+        self.worker = worker
+        self.dispatch = CommandPublisher(
+            settings, principal_id=DISPATCHER, private_key_file=fleet.key_file_path(DISPATCHER)
+        )
+        self.approver = CommandPublisher(
+            settings, principal_id=APPROVER, private_key_file=fleet.key_file_path(APPROVER)
+        )
+        self.intruder = CommandPublisher(
+            settings, principal_id=INTRUDER, signer=fleet.signer(INTRUDER)
+        )
+
+    def close(self) -> None:
+        for publisher in (self.dispatch, self.approver, self.intruder):
+            publisher.close()
+
+    def final(self, handle: CommandHandle, timeout_s: float = COMMAND_TIMEOUT_S) -> StatusEvent:
+        try:
+            return handle.wait(timeout_s, until=FINAL)
+        except Exception as exc:
+            pytest.fail(
+                f"{handle.command.action} to {handle.command.target}: no final status ({exc}); "
+                f"events {handle.events}; worker log:\n{self.worker.output()[-3000:]}"
+            )
+
+    def approved(self, target: str, action: str = "unlock_doors") -> CommandHandle:
+        handle = self.dispatch.send(Target(vehicle=target), action)
+        self.approver.approve(handle.command_id)
+        return handle
+
+    def expired(self, target: str) -> CommandHandle:
+        old = Command.create(
+            issuer=DISPATCHER,
+            target=Target(vehicle=target),
+            action="ping",
+            ttl_s=30,
+            now=time.time() - 3600,
+        )
+        return self.dispatch.publish(SignedCommand.sign(old, self.dispatch.signer))
+
+    def produce(self, topic_name: str, key: bytes, value: bytes) -> None:
+        producer = KafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap)
+        try:
+            producer.send(self.settings.topics.full(topic_name), key=key, value=value).get(10)
+        finally:
+            producer.close()
+
+    def outbound_envelope(self, command_id: str) -> tuple[bytes, bytes]:
+        """(key, value) of the envelope the worker sealed for ``command_id``."""
+        consumer = KafkaConsumer(
+            self.settings.topics.full(self.settings.topics.commands_outbound),
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            consumer_timeout_ms=3000,
+        )
+        try:
+            for record in consumer:
+                if dict(record.headers).get("fleetbus-command-id") == command_id.encode():
+                    return record.key, record.value
+        finally:
+            consumer.close()
+        pytest.fail(f"no outbound envelope for {command_id}")
+
+
+def play(traffic: Traffic, fleet: TestFleet, kme_pair: Any, prom: str) -> dict[str, StatusEvent]:
+    """The scenario (see the module docstring); returns the final status of each case."""
+    pqc, other = fleet.vehicle_ids[0], fleet.vehicle_ids[1]
+    send = traffic.dispatch.send
+    out: dict[str, StatusEvent] = {}
+
+    # QKD link up. The first command also waits for the worker to come up.
+    out["routine"] = traffic.final(send(Target(vehicle=pqc), "ping"), FIRST_COMMAND_TIMEOUT_S)
+    routine_id = out["routine"].command_id
+    edge_ping = send(Target(vehicle=EDGE), "ping")
+    enclave = traffic.approved(EDGE)
+    # Left waiting for a second person: a "pending" policy decision.
+    traffic.dispatch.send(Target(vehicle=other), "unlock_doors")
+    intruder = traffic.intruder.send(Target(vehicle=pqc), "ping")
+    expired = traffic.expired(pqc)
+    traffic.produce(traffic.settings.topics.commands_requested, b"junk", b"\xff\x00 not a command")
+    for name, handle in [
+        ("edge routine, link up", edge_ping),
+        ("enclave, link up", enclave),
+        ("intruder", intruder),
+        ("expired", expired),
+    ]:
+        out[name] = traffic.final(handle)
+    # An attacker on the vehicle topic: one flipped byte in a real envelope's signature block.
+    key, envelope = traffic.outbound_envelope(routine_id)
+    tampered = envelope[:-20] + bytes([envelope[-20] ^ 1]) + envelope[-19:]
+    traffic.produce(traffic.settings.topics.commands_outbound, key, tampered)
+
+    # QKD link down: no QKD-keyed envelope is in flight any more (all answered above).
+    kme_pair.admin("POST", "/admin/link", {"up": False})
+    edge_failover = send(Target(vehicle=EDGE), "ping")
+    out["edge routine, link down"] = traffic.final(edge_failover)
+    out["enclave, link down"] = traffic.final(traffic.approved(EDGE))
+    # A second exhaustion once Prometheus has scraped the first: increase() sees the step.
     wait_for(
-        "QKD path used",
-        lambda: (
-            bool(
-                q := query(prometheus, 'fleetbus_keypath_selected_total{path="qkd-etsi014+xwing"}')
-            ),
-            q,
-        ),
+        "the first key_path_exhausted scraped",
+        lambda: (bool(q := query(prom, 'fleetbus_keypath_failover_total{to_path="none"}')), q),
         20,
     )
-    kme_pair.admin("POST", "/admin/link", {"up": False})
+    time.sleep(1.5)
+    out["enclave again, link down"] = traffic.final(traffic.approved(EDGE))
+    out["routine, link down"] = traffic.final(send(Target(vehicle=pqc), "ping"))
+    return out
 
+
+@pytest.fixture(scope="module")
+def deployment(
+    kafka: Any, kme_pair: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
+    binary = require_tool("prometheus")
+    started = time.monotonic()
+    workdir = tmp_path_factory.mktemp("prometheus-e2e")
+    kme_pair.reset()
+    fleet = make_test_fleet(workdir, vehicles=2)
+    # Expires in 3 days: FleetbusKeysExpiringSoon (7 days) must pick it up.
+    fleet.add_edge_unit(EDGE, qkd_sae_id=kme_pair.slave_sae, not_after=time.time() + 3 * DAY_S)
+    settings = fleet.settings_for(kafka.bootstrap)
+    worker_port, vehicle_port = free_port(), free_port()
+    env = worker_env(
+        settings,
+        fleet,
+        workdir,
+        FLEETBUS_METRICS_PORT=str(worker_port),
+        FLEETBUS_APPROVAL_WINDOW_S="60",
+        **qkd_worker_env(kme_pair),
+    )
+    vehicle_metrics, vehicle_metrics_thread = start_http_server(vehicle_port, addr="127.0.0.1")
+    prometheus = Prometheus(
+        binary,
+        {
+            "kme": urllib.parse.urlsplit(kme_pair.admin_url).netloc,
+            "fleetbus-worker": f"127.0.0.1:{worker_port}",
+            "fleetbus-vehicle": f"127.0.0.1:{vehicle_port}",
+        },
+        workdir,
+    )
+    worker = WorkerProcess(env, workdir / "worker.log")
+    agent: VehicleAgent | None = None
+    traffic: Traffic | None = None
+    try:
+        prometheus.wait_ready()
+        agent = VehicleAgent(
+            settings,
+            vehicles=fleet.vehicles([*fleet.vehicle_ids, EDGE]),
+            directory=fleet.directory,
+            minimum_path="xwing",
+            handlers={a: lambda c: HandlerResult(200, "ok") for a in ("ping", "unlock_doors")},
+            store_path=workdir / "agent.sqlite",
+            qkd_provider=kme_pair.provider("b"),
+        ).start()
+        traffic = Traffic(settings, fleet, worker)
+        before = vehicle_rejects()
+        outcomes = play(traffic, fleet, kme_pair, prometheus.url)
+        yield Deployment(prometheus.url, worker, before, outcomes, started)
+        assert worker.running(), worker.output()[-3000:]
+    finally:
+        if traffic is not None:
+            traffic.close()
+        if agent is not None:
+            agent.stop()
+        worker.stop()
+        prometheus.stop()
+        vehicle_metrics.shutdown()
+        vehicle_metrics.server_close()
+        vehicle_metrics_thread.join(timeout=5)
+        kme_pair.reset()
+        print(f"prometheus e2e module: {time.monotonic() - started:.1f} s")
+
+
+# --- the tests -----------------------------------------------------------------------------
+
+
+def test_scenario_outcomes_are_the_expected_ones(deployment: Deployment) -> None:
+    """The traffic did what the metrics below claim (otherwise they would prove little)."""
+    outcomes = {name: (str(e.state), e.reason.value if e.reason else None)
+                for name, e in deployment.outcomes.items()}  # fmt: skip
+    assert outcomes == {
+        "routine": ("succeeded", None),
+        "edge routine, link up": ("succeeded", None),
+        "enclave, link up": ("succeeded", None),
+        "intruder": ("rejected", "unknown_signer"),
+        "expired": ("rejected", "expired"),
+        "edge routine, link down": ("succeeded", None),
+        "enclave, link down": ("rejected", "key_path_exhausted"),
+        "enclave again, link down": ("rejected", "key_path_exhausted"),
+        "routine, link down": ("succeeded", None),
+    }
+
+
+def test_prometheus_scrapes_and_every_dashboard_query_has_data(deployment: Deployment) -> None:
+    prom = deployment.prometheus
+
+    def targets_up() -> tuple[bool, Any]:
+        active = http_json(prom + "/api/v1/targets")["data"]["activeTargets"]
+        health = {t["labels"]["job"]: t["health"] for t in active}
+        return health == dict.fromkeys(["kme", "fleetbus-worker", "fleetbus-vehicle"], "up"), health
+
+    wait_for("every target up", targets_up, 20)
     queries = dashboard_queries()
     assert len(queries) >= 20
 
     def all_have_data() -> tuple[bool, Any]:
-        empty = [(title, expr) for title, expr in queries if not query(prometheus, expr)]
+        empty = [(title, expr) for title, expr in queries if not query(prom, expr)]
         return not empty, empty
 
-    remaining = DEADLINE_S - (time.monotonic() - start)
-    wait_for("data for every dashboard query", all_have_data, max(remaining, 10))
+    wait_for("data for every dashboard query", all_have_data, 30)
 
     # Values that must reflect what happened, not just exist.
-    assert query(prometheus, "fleetbus_qkd_link_up == 0"), "link-down not scraped from the KME"
+    assert query(prom, "fleetbus_qkd_link_up == 0"), "link-down not scraped from the KME"
     failovers = query(
-        prometheus,
-        'sum by (from_path, to_path) (fleetbus_keypath_failover_total{profile="standard"})',
+        prom, 'sum by (from_path, to_path) (fleetbus_keypath_failover_total{profile="standard"})'
     )
     assert {(r["metric"]["from_path"], r["metric"]["to_path"]) for r in failovers} == {
-        ("qkd-etsi014+xwing", "xwing")
+        (QKD_PATH, "xwing")
     }
-    assert query(prometheus, 'fleetbus_keypath_selected_total{profile="standard",path="xwing"} > 0')
-    rejects = query(prometheus, 'fleetbus_envelope_rejects_total{role="vehicle"} > 0')
-    # A flipped byte in the signature block; every copy is rejected, never opened.
-    assert {r["metric"]["reason"] for r in rejects} == {"bad_signature"}
-    assert query(prometheus, 'fleetbus_dlq_records_total{reason="key_path_exhausted"} > 0')
-    assert query(prometheus, "fleetbus_consumer_lag_records > 0")
+    worker = '{job="fleetbus-worker"'
+    assert query(prom, f'fleetbus_keypath_selected_total{worker},path="{QKD_PATH}"}} > 0')
+    assert query(prom, f'fleetbus_keypath_selected_total{worker},profile="enclave"}} > 0')
+    assert query(prom, f'fleetbus_keypath_selected_total{worker},path="xwing"}} > 0')
+    exhausted = query(prom, f'fleetbus_dlq_records_total{worker},reason="key_path_exhausted"}}')
+    assert [float(r["value"][1]) for r in exhausted] == [2.0]
+    for reason in ("unknown_signer", "expired", "malformed"):
+        assert query(prom, f'fleetbus_dlq_records_total{worker},reason="{reason}"}} > 0'), reason
+    assert query(prom, f'fleetbus_policy_decisions_total{worker},outcome="pending"}} > 0')
+    # The worker's own health probe: QKD down, the KME's pool as the bus last saw it.
+    assert query(prom, f'fleetbus_provider_up{worker},provider="qkd-etsi014"}} == 0')
+    assert query(prom, f'fleetbus_provider_up{worker},provider="xwing"}} == 1')
+    assert query(prom, f"fleetbus_qkd_stored_keys{worker}}} > 0")
+    assert query(prom, f'fleetbus_key_expiry_seconds{worker},kind="edge"}} < 7 * 86400')
+    # Vehicle side: the tampered envelope, counted by the VehicleAgent in this process.
+    scraped = {
+        r["metric"]["reason"]: float(r["value"][1])
+        for r in query(prom, f'{VEHICLE_REJECTS}{{job="fleetbus-vehicle",role="vehicle"}}')
+    }
+    grown = {
+        reason
+        for reason, value in scraped.items()
+        if value > deployment.vehicle_rejects_before.get(reason, 0.0)
+    }
+    assert grown == {"bad_signature"}, (scraped, deployment.vehicle_rejects_before)
 
 
-def test_alert_rules_load_and_evaluate_against_scraped_data(prometheus: str, kme_pair: Any) -> None:
+def test_alert_rules_load_and_evaluate_against_scraped_data(deployment: Deployment) -> None:
+    prom = deployment.prometheus
+
     def rules_evaluated() -> tuple[bool, Any]:
-        groups = http_json(prometheus + "/api/v1/rules")["data"]["groups"]
+        groups = http_json(prom + "/api/v1/rules")["data"]["groups"]
         rules = [r for g in groups for r in g["rules"]]
         bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
         return bool(rules) and not bad, bad or len(rules)
 
-    count = wait_for("every rule evaluated without error", rules_evaluated, 40)
+    count = wait_for("every rule evaluated without error", rules_evaluated, 20)
     doc = yaml.safe_load(RULES.read_text())
     assert count == sum(len(g["rules"]) for g in doc["groups"])
-
-    wait_for(
-        "QKD path used",
-        lambda: (
-            bool(
-                q := query(prometheus, 'fleetbus_keypath_selected_total{path="qkd-etsi014+xwing"}')
-            ),
-            q,
-        ),
-        30,
-    )
-    kme_pair.admin("POST", "/admin/link", {"up": False})
+    # The SLO recording rules compute a ratio from the worker's latency histogram.
+    assert query(prom, "fleetbus:command_latency_slo_errors:ratio_rate5m")
 
     def alerts_active() -> tuple[bool, Any]:
-        alerts = http_json(prometheus + "/api/v1/alerts")["data"]["alerts"]
+        alerts = http_json(prom + "/api/v1/alerts")["data"]["alerts"]
         states = {a["labels"]["alertname"]: a["state"] for a in alerts}
-        wanted = {"FleetbusQKDLinkDown", "FleetbusKeyPathExhausted", "FleetbusProviderDown"}
+        wanted = {
+            "FleetbusQKDLinkDown",
+            "FleetbusKeyPathExhausted",
+            "FleetbusProviderDown",
+            "FleetbusKeysExpiringSoon",
+        }
         return wanted <= set(states), states
 
-    states = wait_for("alerts for the link that went down", alerts_active, 40)
+    states = wait_for("alerts for the link that went down", alerts_active, 30)
     assert states["FleetbusKeyPathExhausted"] == "firing"  # no `for:`
     assert states["FleetbusQKDLinkDown"] in {"pending", "firing"}
-    assert "FleetbusKeysExpiringSoon" in states  # the sealer key expires in 3 days
-    assert "FleetbusCommandLatencySLOBurnFast" not in states
+    assert states["FleetbusProviderDown"] in {"pending", "firing"}
+    assert "FleetbusKeyExpired" not in states
+    assert "FleetbusQKDQBERAboveThreshold" not in states
+    runtime = time.monotonic() - deployment.started
+    print(f"prometheus e2e: scenario and checks after {runtime:.1f} s")
 
 
 def test_dashboard_variables_cover_every_placeholder() -> None:
@@ -305,208 +502,3 @@ def test_dashboard_variables_cover_every_placeholder() -> None:
         for target in panel.get("targets", []):
             used |= set(re.findall(r"\$\{?\w+", target["expr"]))
     assert used <= set(DASHBOARD_VARIABLES)
-
-
-# ============================================================================================
-# The metrics exerciser (runs as `python test_prometheus_e2e.py exercise '<json>'`)
-
-
-def _exercise(config: dict[str, Any]) -> None:
-    import cedarpy
-    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-
-    from fleetbus.bus.errors import FleetbusError, ReasonCode
-    from fleetbus.bus.keys import (
-        KeyPath,
-        KeyProvider,
-        PrivateKeySet,
-        RecipientKeys,
-        SecurityProfile,
-        Verifier,
-    )
-    from fleetbus.observability import metrics as m
-    from fleetbus.observability.tracing import get_tracer, inject_headers, setup_tracing
-    from fleetbus.providers.hpke import MLKEM768Provider, X25519Provider, XWingProvider
-    from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
-    from fleetbus.providers.qkd import QKDProvider
-    from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer
-    from fleetbus.providers.signers import Ed25519Suite
-
-    deadline = time.monotonic() + float(config["lifetime_s"])
-    running = True
-
-    def on_term(*_: Any) -> None:
-        nonlocal running
-        running = False
-
-    signal.signal(signal.SIGTERM, on_term)
-    tracer = get_tracer(setup_tracing("fleetbus-exerciser", environ={}))
-
-    def qkd(side: str) -> QKDProvider:
-        kwargs: dict[str, Any] = {
-            "kme_url": config["kme_a_url"] if side == "a" else config["kme_b_url"],
-            "sae_id": config["master_sae"] if side == "a" else config["slave_sae"],
-            "ca_file": config["ca_file"],
-            "cert_file": config["master_cert"] if side == "a" else config["slave_cert"],
-            "key_file": config["master_key"] if side == "a" else config["slave_key"],
-            "timeout_s": 1.0,
-        }
-        if side == "b":
-            kwargs["master_sae_id"] = config["master_sae"]
-        return QKDProvider(**kwargs)
-
-    hpke: dict[str, KeyProvider] = {
-        "x25519": X25519Provider(),
-        "mlkem768": MLKEM768Provider(),
-        "xwing": XWingProvider(),
-    }
-    qkd_sender = qkd("a")
-    sender_runner = KeyPathRunner({**hpke, "qkd-etsi014": qkd_sender})
-    vehicle_runner = KeyPathRunner({**hpke, "qkd-etsi014": qkd("b")})
-    private: dict[str, bytes] = {}
-    public: dict[str, bytes] = {}
-    ids: dict[str, str] = {}
-    for name, provider in hpke.items():
-        private[name], public[name] = provider.generate_keypair()
-        ids[name] = f"V-17/{name}/1"
-    slave = config["slave_sae"]
-    own = PrivateKeySet("V-17", private, ids, qkd_sae_id=slave)
-    recipient = RecipientKeys(
-        "V-17", public, ids, qkd_sae_id=slave, capabilities=frozenset({"pqc"})
-    )
-
-    suite = Ed25519Suite()
-    sig_private, sig_public = suite.generate()
-    signer = suite.signer(sig_private, "bus-sealer-1/sig/1")
-    now = time.time()
-    validity = {"bus-sealer-1": now + 3 * 86400}
-
-    class Directory:
-        def verifier_for(self, principal_id: str, key_id: str, *, at: float) -> Verifier:
-            if (principal_id, key_id) != ("bus-sealer-1", signer.key_id):
-                raise FleetbusError("unknown signer", reason=ReasonCode.UNKNOWN_SIGNER)
-            return suite.verifier(sig_public)
-
-    profile_sealer = ProfileSealer(
-        sender_runner,
-        listeners=[m.record_failover],
-        provider_timeout_s=2.0,
-        retries=0,
-        reset_timeout_s=5.0,
-    )
-    sealer = EnvelopeSealer("bus-sealer-1", signer, profile_sealer)
-    qkd_xwing, xwing = KeyPath.parse("qkd-etsi014+xwing"), KeyPath.parse("xwing")
-    standard = SecurityProfile("standard", [qkd_xwing, xwing], suite.name, True, xwing)
-    enclave = SecurityProfile("enclave", [qkd_xwing], suite.name, False, qkd_xwing)
-    opener = EnvelopeOpener(own, Directory(), vehicle_runner, xwing)
-
-    # Parsed once and reused, as the authorize stage will (re-parsing per call is slow).
-    policies = cedarpy.PolicySet.from_str(
-        'permit(principal == User::"dispatch-1", action == Action::"doors.unlock", resource);'
-    )
-    entities = cedarpy.Entities.from_json_str("[]")
-
-    producer = KafkaProducer(bootstrap_servers=config["kafka_bootstrap"], acks="all")
-    tp = TopicPartition(config["topic"], 0)
-    consumer = KafkaConsumer(
-        bootstrap_servers=config["kafka_bootstrap"],
-        group_id="fleetbus-exerciser-vehicle",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    consumer.assign([tp])
-    for stage in ("seal", "open"):
-        m.PRODUCE_RETRIES.labels(stage=stage)
-        m.PRODUCE_ERRORS.labels(stage=stage)
-    for name in ("xwing", "qkd-etsi014"):
-        m.PROVIDER_UP.labels(provider=name).set(1)
-        m.set_circuit_state(name, "closed")
-
-    m.serve_metrics(int(config["port"]), addr="127.0.0.1")
-    print("exerciser serving on", config["port"], flush=True)
-    rounds = 0
-    while running and time.monotonic() < deadline:
-        rounds += 1
-        issued = time.time()
-        for profile in (standard, enclave):
-            with tracer.start_as_current_span(f"seal {profile.name}"):
-                try:
-                    with m.observe_stage("seal"):
-                        envelope = sealer.seal(
-                            "cmd", config["topic"], recipient, f"cmd-{rounds}-{profile.name}",
-                            "doors.unlock", b"unlock", issued, issued + 60, profile,
-                        )  # fmt: skip
-                except FleetbusError as exc:
-                    m.RECORDS.labels(stage="seal", outcome="dlq").inc()
-                    m.DLQ_RECORDS.labels(stage="seal", reason=str(exc.reason)).inc()
-                    m.AUDIT_RECORDS.labels(event="rejected").inc()
-                    continue
-                m.RECORDS.labels(stage="seal", outcome="ok").inc()
-                m.AUDIT_RECORDS.labels(event="sealed").inc()
-                headers = list(inject_headers([]))
-                producer.send(config["topic"], envelope, key=b"V-17", headers=headers)
-                # The vehicle side: open the real envelope and a tampered copy.
-                try:
-                    with m.observe_stage("open"):
-                        opened = opener.open(envelope, topic=config["topic"])
-                    m.KEYPATH_SELECTED.labels(profile=profile.name, path=opened.key_path.name).inc()
-                    m.RECORDS.labels(stage="open", outcome="ok").inc()
-                    m.COMMAND_LATENCY.labels(outcome="succeeded").observe(time.time() - issued)
-                except FleetbusError as exc:
-                    m.ENVELOPE_REJECTS.labels(role="vehicle", reason=str(exc.reason)).inc()
-                tampered = envelope[:-20] + bytes([envelope[-20] ^ 1]) + envelope[-19:]
-                try:
-                    opener.open(tampered, topic=config["topic"])
-                except FleetbusError as exc:
-                    m.ENVELOPE_REJECTS.labels(role="vehicle", reason=str(exc.reason)).inc()
-                    m.RECORDS.labels(stage="open", outcome="dlq").inc()
-                    m.DLQ_RECORDS.labels(stage="open", reason=str(exc.reason)).inc()
-        producer.flush(timeout=5)
-        # Policy decisions from Cedar.
-        for principal in ("dispatch-1", "dispatch-2"):
-            request = {
-                "principal": f'User::"{principal}"',
-                "action": 'Action::"doors.unlock"',
-                "resource": 'Vehicle::"V-17"',
-                "context": {},
-            }
-            with m.observe_stage("authorize"):
-                result = cedarpy.is_authorized(request, policies, entities)
-            allowed = result.decision == cedarpy.Decision.Allow
-            m.POLICY_DECISIONS.labels(
-                outcome="allow" if allowed else "deny",
-                reason="ok" if allowed else ReasonCode.POLICY_DENIED.value,
-            ).inc()
-            m.RECORDS.labels(stage="authorize", outcome="ok" if allowed else "rejected").inc()
-        # Provider health, breakers and the QKD pool as the bus sees it.
-        try:
-            status = qkd_sender.status(slave)
-            m.QKD_KEY_POOL.labels(slave_sae=slave).set(int(status["stored_key_count"]))
-            m.PROVIDER_UP.labels(provider="qkd-etsi014").set(1)
-        except FleetbusError:
-            m.PROVIDER_UP.labels(provider="qkd-etsi014").set(0)
-        for name in ("xwing", "qkd-etsi014"):
-            m.set_circuit_state(name, profile_sealer.breaker(name).state.value)
-        # Key expiry from the directory's validity windows.
-        for principal, not_after in validity.items():
-            m.KEY_EXPIRY.labels(kind="sealer" if principal.startswith("bus") else "vehicle").set(
-                not_after - time.time()
-            )
-        # The vehicle consumes every other round: a real, growing lag.
-        if rounds % 2 == 0:
-            consumer.poll(timeout_ms=200, max_records=1)
-            consumer.commit()
-        end = consumer.end_offsets([tp])[tp]
-        committed = consumer.committed(tp) or 0
-        m.CONSUMER_LAG.labels(stage="vehicle", topic=config["topic"]).set(end - committed)
-        time.sleep(0.3)
-    consumer.close()
-    producer.close(timeout=5)
-    print(f"exerciser done after {rounds} rounds", flush=True)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "exercise":
-        _exercise(json.loads(sys.argv[2]))
-    else:
-        sys.exit("usage: test_prometheus_e2e.py exercise '<json config>'")
