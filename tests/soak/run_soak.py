@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=160)
     results: list[FaultCounts] = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fleetbus-soak-") as tmp:
