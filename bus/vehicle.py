@@ -214,6 +214,10 @@ class _Vehicle:
     profile: SecurityProfile
 
 
+#: Seconds to wait before re-reading a record whose handling must be retried.
+RETRY_BACKOFF_S: Final = 1.0
+
+
 class _RetryLater(Exception):
     """Answering failed for an operational reason: redeliver the record (do not commit it)."""
 
@@ -313,6 +317,7 @@ class VehicleAgent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_prune = 0.0
+        self._retry_at = 0.0  # monotonic time before which a redelivered record is not retried
 
     @property
     def vehicle_ids(self) -> list[str]:
@@ -403,6 +408,9 @@ class VehicleAgent:
         from kafka.structs import OffsetAndMetadata
 
         self._connect()
+        wait = self._retry_at - time.monotonic()
+        if wait > 0:
+            time.sleep(min(wait, timeout_s))  # back off before retrying a redelivered record
         batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=500)
         count = 0
         done: dict[Any, int] = {}
@@ -418,6 +426,7 @@ class VehicleAgent:
                     )
                     self.stats.errors += 1
                     self._consumer.seek(tp, record.offset)
+                    self._retry_at = time.monotonic() + RETRY_BACKOFF_S
                     break
                 except Exception:
                     # A bug must not stop the vehicles: log it, count it, move on.
@@ -579,6 +588,12 @@ class VehicleAgent:
             # process: a redelivery. Answer it again if we have an answer.
             message_id = decode_envelope(value, max_size=self._max_size).header.message_id
             return self._answer_again(vehicle, message_id)
+        if exc.reason is ReasonCode.QKD_UNAVAILABLE:
+            # The key exists at our KME but cannot be fetched now (link or KME down): the
+            # command is authentic and still valid, so wait for the KME rather than fail it.
+            header = decode_envelope(value, max_size=self._max_size).header
+            if self._clock() * 1000 < header.expires_at_ms:
+                raise _RetryLater(f"QKD key for {header.message_id} unavailable; retrying")
         self._reject(exc.reason, str(exc))
         if exc.reason not in _AUTHENTICATED_REJECTS:
             # An unauthenticated sender must not be able to make vehicles talk.
