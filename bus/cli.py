@@ -92,9 +92,13 @@ def worker() -> None:
     import faust
 
     from fleetbus.bus.topics import ensure_topics
+    from fleetbus.observability.tracing import setup_tracing
     from fleetbus.processors.app import create_app, pipeline_enabled, pipeline_topics
 
     settings = FleetbusSettings()
+    # Spans get real ids (and go to OTLP or the console when OTEL_* asks for it), so the trace
+    # context each stage writes into its outputs names the worker's own spans.
+    setup_tracing("fleetbus-worker")
     ensure_topics(
         settings.kafka_bootstrap,
         [settings.smoke_source, settings.smoke_sink],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,6 +35,7 @@ from fleetbus.observability.metrics import (
     RECORDS,
     STAGE_LATENCY,
 )
+from fleetbus.observability.tracing import consume_span, get_tracer, inject_headers
 from fleetbus.processors.audit import AuditChain, AuditEvent, ChainHead
 
 __all__ = [
@@ -86,6 +88,22 @@ class StageResult:
     def extend(self, other: StageResult) -> None:
         self.outputs.extend(other.outputs)
         self.audit.extend(other.audit)
+
+
+def _with_trace_context(result: StageResult) -> StageResult:
+    """Carry the current span's W3C trace context in the headers of every output of a record,
+    so that dispatcher → authorize → seal → vehicle → track is one trace."""
+    carrier = tuple(inject_headers())
+    if not carrier:
+        return result
+    names = {name for name, _ in carrier}
+    result.outputs = [
+        dataclasses.replace(
+            out, headers=tuple(h for h in out.headers if h[0] not in names) + carrier
+        )
+        for out in result.outputs
+    ]
+    return result
 
 
 @dataclass(frozen=True)
@@ -496,6 +514,8 @@ class TransactionalStage:
                 for record, outcome in zip(inputs, results, strict=True):
                     if isinstance(outcome, Exception):
                         outcome = self._dead_letter(record, outcome, now)
+                    with self._record_span(record):
+                        outcome = _with_trace_context(outcome)
                     STAGE_LATENCY.labels(stage=self.stage).observe(each)
                     RECORDS.labels(stage=self.stage, outcome=outcome.outcome).inc()
                     total.extend(outcome)
@@ -503,14 +523,27 @@ class TransactionalStage:
         for record in inputs:
             started = time.perf_counter()
             now = self._clock()
-            try:
-                result = self.logic.process(record, part.state, now)
-            except Exception as exc:
-                result = self._dead_letter(record, exc, now)
+            with self._record_span(record):
+                try:
+                    result = self.logic.process(record, part.state, now)
+                except Exception as exc:
+                    result = self._dead_letter(record, exc, now)
+                result = _with_trace_context(result)
             STAGE_LATENCY.labels(stage=self.stage).observe(time.perf_counter() - started)
             RECORDS.labels(stage=self.stage, outcome=result.outcome).inc()
             total.extend(result)
         return total
+
+    def _record_span(self, record: InputRecord) -> contextlib.AbstractContextManager[Any]:
+        """A CONSUMER span for one input record, child of the trace context in its headers."""
+        return consume_span(
+            get_tracer(),
+            record.topic,
+            record.headers,
+            partition=record.partition,
+            offset=record.offset,
+            consumer_group=self.group_id,
+        )
 
     def _dead_letter(self, record: InputRecord, exc: Exception, now: float) -> StageResult:
         reason = exc.reason if isinstance(exc, FleetbusError) else ReasonCode.MALFORMED
