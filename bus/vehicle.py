@@ -379,6 +379,8 @@ class VehicleAgent:
                     bootstrap_servers=bootstrap,
                     group_id=self.group_id,
                     enable_auto_commit=False,
+                    # Only sealed records of committed seal transactions, never aborted ones.
+                    isolation_level="read_committed",
                     auto_offset_reset=self._auto_offset_reset,
                     max_partition_fetch_bytes=max(self._max_size * 4, 1 << 20),
                     session_timeout_ms=int(self.settings.broker_session_timeout_s * 1000),
