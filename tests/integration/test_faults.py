@@ -33,9 +33,10 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultRig]:
 
 def check(counts: FaultCounts, rig: FaultRig, *, qkd_window: bool = False) -> None:
     """Exactly once, none lost. With ``qkd_window`` (KME faults) an edge-unit command whose QKD
-    key could not be fetched while the KME was away may end *visibly* failed (503
-    qkd_unavailable, status ``failed``) instead of executed: a known limit of VehicleAgent
-    (docs/reliability.md). It must never run twice or vanish, and vehicles are unaffected."""
+    key could not be had may end *visibly* failed (503 qkd_unavailable, or 400 unknown_key_id
+    when the restarted simulated KME lost a reserved key; status ``failed``) instead of executed:
+    a known limit (docs/reliability.md). It must never run twice or vanish, and vehicles are
+    unaffected."""
     print(json.dumps(counts.as_dict()))  # the numbers in docs/reliability.md
     context = (counts.as_dict(), rig.worker.output()[-2000:])
     assert counts.executed_twice == 0, context

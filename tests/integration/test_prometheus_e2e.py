@@ -435,8 +435,14 @@ def test_prometheus_scrapes_and_every_dashboard_query_has_data(deployment: Deplo
     assert query(prom, f'fleetbus_keypath_selected_total{worker},path="{QKD_PATH}"}} > 0')
     assert query(prom, f'fleetbus_keypath_selected_total{worker},profile="enclave"}} > 0')
     assert query(prom, f'fleetbus_keypath_selected_total{worker},path="xwing"}} > 0')
-    exhausted = query(prom, f'fleetbus_dlq_records_total{worker},reason="key_path_exhausted"}}')
-    assert [float(r["value"][1]) for r in exhausted] == [2.0]
+    exhausted_query = f'fleetbus_dlq_records_total{worker},reason="key_path_exhausted"}}'
+
+    def both_exhausted_scraped() -> tuple[bool, Any]:
+        # The second one may land just after the last scrape: wait for the next.
+        values = [float(r["value"][1]) for r in query(prom, exhausted_query)]
+        return values == [2.0], values
+
+    wait_for("both key_path_exhausted records scraped", both_exhausted_scraped, 30)
     for reason in ("unknown_signer", "expired", "malformed"):
         assert query(prom, f'fleetbus_dlq_records_total{worker},reason="{reason}"}} > 0'), reason
     assert query(prom, f'fleetbus_policy_decisions_total{worker},outcome="pending"}} > 0')

@@ -471,13 +471,16 @@ class FaultRig:
         )
 
     def failed_qkd(self, wanted: set[str], idle_s: float = 3.0) -> set[str]:
-        """Commands of ``wanted`` that ended ``failed`` with the vehicle's 503 qkd_unavailable."""
+        """Commands of ``wanted`` that ended ``failed`` because their QKD key could not be had:
+        503 qkd_unavailable (never fetched before expiry), or 400 unknown_key_id (the restarted
+        simulated KME no longer knows a key reserved before it was killed)."""
         failed = set()
         for r in self.read("commands_status", idle_s=idle_s):
             if r.key is None or r.key.decode() not in wanted:
                 continue
             event = StatusEvent.decode(r.value)
-            if event.state is CommandState.FAILED and "503: qkd_unavailable" in event.detail:
+            qkd_loss = "qkd_unavailable" in event.detail or "unknown_key_id" in event.detail
+            if event.state is CommandState.FAILED and qkd_loss:
                 failed.add(event.command_id)
         return failed
 
