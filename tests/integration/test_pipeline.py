@@ -12,7 +12,15 @@ from typing import Any
 
 import cbor2
 import pytest
-from integration.pipeline_support import APPROVER, DISPATCHER, INTRUDER, TestFleet, make_test_fleet
+from integration.pipeline_support import (
+    APPROVER,
+    DISPATCHER,
+    INTRUDER,
+    TestFleet,
+    free_port,
+    make_test_fleet,
+    worker_env,
+)
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
@@ -24,27 +32,6 @@ from fleetbus.processors.audit import verify_entries
 from fleetbus.processors.eos import DeadLetter
 
 FINAL = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED, CommandState.EXPIRED]
-
-
-def worker_env(
-    settings: FleetbusSettings, fleet: TestFleet, tmp_path: Path, **extra: str
-) -> dict[str, str]:
-    env = {
-        "FLEETBUS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "FLEETBUS_APP_ID": settings.app_id,
-        "FLEETBUS_PARTITIONS": str(settings.partitions),
-        "FLEETBUS_TOPICS__PREFIX": settings.topics.prefix,
-        "FLEETBUS_SMOKE_SOURCE": settings.topics.prefix + "smoke.in",
-        "FLEETBUS_SMOKE_SINK": settings.topics.prefix + "smoke.out",
-        "FLEETBUS_DATA_DIR": str(tmp_path / "state"),
-        "FLEETBUS_WEB_PORT": "0",
-        "FLEETBUS_KEYS_DIR": str(fleet.keys_dir),
-        "FLEETBUS_PIPELINE": "on",
-        "FLEETBUS_TICK_INTERVAL_S": "0.5",
-        "FLEETBUS_AUDIT_CHECKPOINT_EVERY": "5",
-    }
-    env.update(extra)
-    return env
 
 
 class Executions:
@@ -354,15 +341,6 @@ def test_exactly_once_outbound_across_a_worker_sigkill(pipeline: dict[str, Any])
         restarted.stop()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_qkd_link_outage_fails_over_to_xwing_visibly(
     kafka_bootstrap: str, tmp_path: Path, kme_pair: Any
 ) -> None:
@@ -385,7 +363,7 @@ def test_qkd_link_outage_fails_over_to_xwing_visibly(
     fleet.reload_directory()
     settings = fleet.settings_for(kafka_bootstrap)
     master = kme_pair.pki.saes[kme_pair.master_sae]
-    port = _free_port()
+    port = free_port()
     env = worker_env(
         settings, fleet, tmp_path,
         FLEETBUS_QKD_KME_URL=kme_pair.kme_a_url,
