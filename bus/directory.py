@@ -383,6 +383,9 @@ class KeyDirectory:
         self._root_verifier = root.verifier()
         self._by_key_id: dict[str, SignedKeyRecord] = {}
         self._by_principal: dict[str, set[str]] = {}
+        # Parsing public keys costs more than a signature check; a key id names one set of
+        # public keys (it is their hash, checked on ingest), so its verifier never changes.
+        self._verifiers: dict[str, Verifier] = {}
 
     def ingest(self, signed: SignedKeyRecord) -> KeyRecord:
         """Verify and merge a record; revocation is sticky, a higher version of a key wins."""
@@ -479,7 +482,11 @@ class KeyDirectory:
                 reason=ReasonCode.UNKNOWN_SIGNER,
             )
         self._check_valid(record, at)
-        return load_signature_suite(record.signature_suite).verifier(record.public_keys)
+        verifier = self._verifiers.get(key_id)
+        if verifier is None:
+            suite = load_signature_suite(record.signature_suite)
+            verifier = self._verifiers[key_id] = suite.verifier(record.public_keys)
+        return verifier
 
     def current(self, principal_id: str, *, at: float) -> KeyRecord:
         """The highest-version record of ``principal_id`` that is valid at ``at``."""
