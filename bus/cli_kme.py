@@ -56,6 +56,28 @@ def serve(
     admin_mtls: Annotated[
         bool, typer.Option(help="require the kme-admin client certificate on the admin port")
     ] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            envvar="FLEETBUS_KME_METRICS_PORT",
+            help="serve GET /metrics (only) on this port too, 0 = any free [default: off]",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str,
+        typer.Option(
+            envvar="FLEETBUS_KME_METRICS_HOST",
+            help="address of the metrics-only listener (e.g. 0.0.0.0 for Prometheus)",
+        ),
+    ] = "127.0.0.1",
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FLEETBUS_KME_STATE_DIR",
+            help="keep the key pool and unfetched keys here across restarts (key material at "
+            "rest, mode 0600) [default: memory only]",
+        ),
+    ] = None,
     key_rate: Annotated[
         float, typer.Option(envvar="FLEETBUS_KME_KEY_RATE", help="secret key rate, bits/s")
     ] = 10_000.0,
@@ -82,7 +104,7 @@ def serve(
     """Run KME-A and KME-B joined by a simulated link until SIGTERM or SIGINT."""
     from pydantic import ValidationError
 
-    from fleetbus.providers.kme import KMEPairConfig, PairEndpoints, serve_pair
+    from fleetbus.providers.kme import KMEPairConfig, KMEStateError, PairEndpoints, serve_pair
 
     try:
         config = KMEPairConfig.from_cert_dir(
@@ -92,6 +114,9 @@ def serve(
             port_b=port_b,
             admin_port=admin_port,
             admin_mtls=admin_mtls,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            state_dir=state_dir,
             key_rate_bps=key_rate,
             max_key_count=pool_size,
             prefill_keys=prefill,
@@ -120,7 +145,7 @@ def serve(
 
     try:
         asyncio.run(main())
-    except (OSError, ssl.SSLError) as exc:
+    except (OSError, ssl.SSLError, KMEStateError) as exc:
         raise _fail(f"cannot start the KMEs: {exc}") from None
     typer.echo("fleetbus-kme stopped", err=True)
 
@@ -134,6 +159,12 @@ def certs(
     ] = None,
     days: Annotated[int, typer.Option(help="validity in days")] = 30,
     admin: Annotated[bool, typer.Option(help="also issue the kme-admin client cert")] = True,
+    san: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="extra DNS name or IP address for the KME server certs (repeat), e.g. kme"
+        ),
+    ] = None,
 ) -> None:
     """Write a test CA, KME-A/KME-B server certs and SAE client certs (keys mode 0600)."""
     from fleetbus.bus.errors import FleetbusError
@@ -141,7 +172,11 @@ def certs(
 
     try:
         pki = make_test_pki(
-            out, sae or [*DEFAULT_SAE_A, *DEFAULT_SAE_B], admin=admin, valid_days=days
+            out,
+            sae or [*DEFAULT_SAE_A, *DEFAULT_SAE_B],
+            admin=admin,
+            valid_days=days,
+            server_sans=san or (),
         )
     except FleetbusError as exc:
         raise _fail(str(exc)) from None

@@ -3,13 +3,16 @@
 KME-A serves the SAEs of site A, KME-B those of site B; both draw from one key pool that a
 simulated link fills at a configured key rate. Key bits come from ``os.urandom``: this is a
 simulator of the *interfaces and failure modes* of a QKD link, not of quantum physics, and its
-keys have no information-theoretic property at all. See ``docs/qkd.md``.
+keys have no information-theoretic property at all. With a state directory the pool and
+its reservations survive a restart (``PoolStateFile``). See ``docs/qkd.md``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -29,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fleetbus.bus.errors import ConfigError
 from fleetbus.providers.pki import ADMIN_CN, KME_NAMES
 
 API_PREFIX = "/api/v1/keys"
@@ -50,6 +54,9 @@ class KMEPairConfig(BaseModel):
     port_b: int = Field(8444, ge=0, le=65535)
     #: The admin and metrics port; always bound to 127.0.0.1.
     admin_port: int = Field(9464, ge=0, le=65535)
+    #: A second, metrics-only listener (GET /metrics, nothing else); None = off.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
     #: Require a client certificate with CN ``kme-admin`` on the admin port (served with KME-A's
     #: server certificate). Off by default: loopback-only plain HTTP, like most exporters.
     admin_mtls: bool = False
@@ -82,6 +89,8 @@ class KMEPairConfig(BaseModel):
     flush_on_eavesdropper: bool = False
     #: A key reserved by enc_keys and never fetched by the slave is dropped after this long.
     reservation_ttl_s: float = Field(600.0, gt=0)
+    #: Where the pool and its reservations are kept across restarts; None = memory only.
+    state_dir: Path | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -162,6 +171,114 @@ class _Reservation:
     reserved_at: float
 
 
+class KMEStateError(ConfigError):
+    """The pool's state directory is unusable: locked by another KME, unreadable or corrupt."""
+
+
+#: Format tag and version of the state file.
+STATE_FORMAT = "fleetbus-kme-pool"
+STATE_VERSION = 1
+
+
+def _digest(state: Mapping[str, Any]) -> str:
+    return hashlib.sha256(
+        json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+class PoolStateFile:
+    """The pool's durable state: one JSON file in a state directory, replaced atomically.
+
+    ``save`` writes a temporary file (mode 0600, created so), fsyncs it, ``os.replace``-s it over
+    the old one and fsyncs the directory, so a crash leaves the old or the new state, never a mix.
+    An exclusive ``flock`` on a lock file keeps a second KME process off the same directory (two
+    writers would hand out the same keys twice); the kernel drops it when the process dies.
+    """
+
+    FILE_NAME = "kme-pool.json"
+    LOCK_NAME = "kme-pool.lock"
+
+    def __init__(self, directory: Path) -> None:
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            lock_fd = os.open(directory / self.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise KMEStateError(f"KME state directory {directory} unusable: {exc}") from None
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock_fd)
+            raise KMEStateError(
+                f"KME state directory {directory} is in use by another KME process"
+            ) from None
+        self.directory = directory
+        self.path = directory / self.FILE_NAME
+        self._lock_fd: int | None = lock_fd
+        #: Writes done and the seconds they took (the cost of durability, see docs/qkd.md).
+        self.writes = 0
+        self.write_seconds = 0.0
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or None when there is none yet. Raises ``KMEStateError`` when the
+        file exists but cannot be trusted (truncated, edited, another format or version)."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise KMEStateError(f"cannot read KME state file {self.path}: {exc}") from None
+        problem = f"KME state file {self.path} is corrupt or truncated"
+        hint = "; move it away to start with a fresh pool (keys it holds are then lost)"
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise KMEStateError(problem + hint) from None
+        if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+            raise KMEStateError(problem + hint)
+        if doc.get("version") != STATE_VERSION:
+            raise KMEStateError(
+                f"KME state file {self.path} has version {doc.get('version')!r}, "
+                f"this KME reads version {STATE_VERSION}" + hint
+            )
+        state = doc.get("state")
+        if not isinstance(state, dict) or doc.get("sha256") != _digest(state):
+            raise KMEStateError(problem + " (checksum mismatch)" + hint)
+        return state
+
+    def save(self, state: Mapping[str, Any]) -> None:
+        began = time.perf_counter()
+        doc = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "sha256": _digest(state),
+            "state": state,
+        }
+        data = json.dumps(doc, separators=(",", ":")).encode()
+        tmp = self.directory / f".{self.FILE_NAME}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # the mode argument applies on creation only
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self.writes += 1
+        self.write_seconds += time.perf_counter() - began
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+
 class KeyPool:
     """Key material both ends of the simulated link hold, plus who each handed-out key is for.
 
@@ -169,6 +286,12 @@ class KeyPool:
     at or below the threshold, up to ``max_key_count * key_size`` bits. ``enc_keys`` takes
     material out of the pool and reserves it for one (master, slave) pair; ``dec_keys`` on the
     other KME hands it to that slave and forgets it. So every key is handed out once per side.
+
+    With a ``state_file`` the unreserved material and the reservations are written to it before
+    ``reserve``, ``deliver``, ``flush`` and ``reset`` return, and read back at start instead of
+    the initial fill: a key handed to the master before a restart is still fetchable by the
+    slave after it, and a key delivered to both sides is gone for good. Switches (link,
+    eavesdropper, rate) and the ``delivered`` counters start afresh.
     """
 
     def __init__(
@@ -183,7 +306,9 @@ class KeyPool:
         qber_threshold: float = 0.11,
         flush_on_eavesdropper: bool = False,
         reservation_ttl_s: float = 600.0,
+        state_file: PoolStateFile | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
         if key_size % 8 or key_size <= 0:
@@ -198,13 +323,21 @@ class KeyPool:
         #: Unfetched reservations beyond this many are dropped, oldest first.
         self.max_reserved = 4 * max_key_count
         self._clock = clock
+        self._wall_clock = wall_clock
         self._random = random_bytes
         self._lock = threading.Lock()
         self._initial_rate = float(key_rate_bps)
         self._initial_fill = max_key_count if prefill_keys is None else prefill_keys
         self._reserved: OrderedDict[str, _Reservation] = OrderedDict()
         self.delivered: dict[str, int] = {}
-        self.reset()
+        self.state_file = state_file
+        saved = state_file.load() if state_file is not None else None
+        if saved is None:
+            self.reset()
+        else:
+            with self._lock:
+                self._start_state()
+                self._restore(saved)
 
     # -- state and switches -------------------------------------------------------------
 
@@ -213,16 +346,95 @@ class KeyPool:
         return self.max_key_count * self.key_size // 8
 
     def reset(self) -> None:
-        """Back to the start-up state: link up, no eavesdropper, initial rate and fill."""
+        """Back to the start-up state: link up, no eavesdropper, initial rate and fill, no
+        reservations (also in the state file)."""
         with self._lock:
-            self._link_up = True
-            self._eavesdropper = False
-            self._rate = self._initial_rate
+            self._start_state()
             fill = min(self._initial_fill, self.max_key_count) * self.key_size // 8
             self._material = bytearray(self._random(fill))
-            self._carry_bits = 0.0
-            self._last = self._clock()
             self._reserved.clear()
+            self._persist()
+
+    def _start_state(self) -> None:
+        self._link_up = True
+        self._eavesdropper = False
+        self._rate = self._initial_rate
+        self._material = bytearray()
+        self._carry_bits = 0.0
+        self._last = self._clock()
+
+    # -- durability ----------------------------------------------------------------------
+
+    def _persist(self) -> None:
+        """Write the pool to the state file (caller holds the lock). Key material at rest."""
+        if self.state_file is None:
+            return
+        now = self._clock()
+        self.state_file.save(
+            {
+                "saved_at": self._wall_clock(),
+                "material": _b64(bytes(self._material)),
+                "reservations": [
+                    {
+                        "key_ID": r.key_id,
+                        "key": _b64(r.material),
+                        "master": r.master,
+                        "slave": r.slave,
+                        "source_kme": r.source_kme,
+                        "target_kme": r.target_kme,
+                        "age_s": max(0.0, now - r.reserved_at),
+                    }
+                    for r in self._reserved.values()
+                ],
+            }
+        )
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        """Take over a saved state (caller holds the lock); reservation ages keep running over
+        the time the KME was down."""
+        assert self.state_file is not None
+        where = self.state_file.path
+        try:
+            downtime = max(0.0, self._wall_clock() - float(state["saved_at"]))
+            material = base64.b64decode(state["material"], validate=True)
+            now = self._clock()
+            reserved: OrderedDict[str, _Reservation] = OrderedDict()
+            for entry in state["reservations"]:
+                fields = ("key_ID", "master", "slave", "source_kme", "target_kme")
+                key_id, master, slave, source, target = (str(entry[f]) for f in fields)
+                reserved[key_id] = _Reservation(
+                    key_id,
+                    base64.b64decode(entry["key"], validate=True),
+                    master,
+                    slave,
+                    source,
+                    target,
+                    now - float(entry["age_s"]) - downtime,
+                )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise KMEStateError(f"KME state file {where} has an unexpected shape: {exc}") from None
+        # A smaller --pool-size than before keeps the first keys of the pool, drops the rest.
+        self._material = bytearray(material[: self.capacity_bytes])
+        self._reserved = reserved
+        self._expire()
+
+    def close(self) -> None:
+        """Release the state directory (its lock); the pool stays usable in memory."""
+        if self.state_file is not None:
+            self.state_file.close()
+            self.state_file = None
+
+    def _persist_or_undo(self, undo: Callable[[], None]) -> None:
+        """Persist a change before it is answered; if the write fails, undo it and answer 503,
+        so no key is ever handed out (or forgotten) that the state file does not reflect."""
+        try:
+            self._persist()
+        except OSError as exc:
+            undo()
+            raise KMEUnavailable(
+                "key pool state could not be written",
+                [{"reason": "state_write_failed", "error": exc.strerror or type(exc).__name__}],
+            ) from None
 
     @property
     def qber(self) -> float:
@@ -257,6 +469,7 @@ class KeyPool:
             self._eavesdropper = on
             if on and self.flush_on_eavesdropper and self.qber > self.qber_threshold:
                 self._material.clear()
+                self._persist()
 
     def set_key_rate(self, bits_per_second: float) -> None:
         if bits_per_second < 0:
@@ -271,6 +484,7 @@ class KeyPool:
             self._refill()
             self._material.clear()
             self._carry_bits = 0.0
+            self._persist()
 
     def stored_key_count(self) -> int:
         """Unreserved keys of the default size in the pool (014 ``stored_key_count``)."""
@@ -343,6 +557,7 @@ class KeyPool:
             chunk = bytes(self._material[:needed])
             del self._material[:needed]
             self._expire()
+            before = OrderedDict(self._reserved)
             now = self._clock()
             step = size_bits // 8
             out: list[tuple[str, bytes]] = []
@@ -354,6 +569,12 @@ class KeyPool:
                 )
                 out.append((key_id, material))
             self._expire()
+
+            def undo() -> None:
+                self._material[:0] = chunk
+                self._reserved = before
+
+            self._persist_or_undo(undo)
             self.delivered[source_kme] = self.delivered.get(source_kme, 0) + number
             return out
 
@@ -385,7 +606,13 @@ class KeyPool:
                     bad.append({"key_ID": key_id, "reason": "unknown or not available"})
             if bad:
                 raise KMEBadRequest("key_ID not available to this SAE", bad)
+            before = OrderedDict(self._reserved)
             out = [(k, self._reserved.pop(k).material) for k in key_ids]
+
+            def undo() -> None:
+                self._reserved = before
+
+            self._persist_or_undo(undo)
             self.delivered[target_kme] = self.delivered.get(target_kme, 0) + len(out)
             return out
 
@@ -757,6 +984,22 @@ def admin_app(pool: KeyPool, registry: CollectorRegistry) -> web.Application:
     return app
 
 
+def metrics_app(registry: CollectorRegistry) -> web.Application:
+    """The metrics-only listener: ``GET /metrics`` and nothing else (404), no switches, so it
+    may bind to a non-loopback address for Prometheus while the admin listener stays local."""
+
+    async def only_metrics(request: web.Request) -> web.Response:
+        if request.path != "/metrics" or request.method not in ("GET", "HEAD"):
+            raise web.HTTPNotFound()
+        return web.Response(
+            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app.router.add_route("*", "/{tail:.*}", only_metrics)
+    return app
+
+
 def _admin_mtls_middleware() -> Any:
     @web.middleware
     async def check(
@@ -793,9 +1036,13 @@ class PairEndpoints:
     kme_a_url: str
     kme_b_url: str
     admin_url: str
+    metrics_url: str | None = None
 
     def as_dict(self) -> dict[str, str]:
-        return {"kme_a": self.kme_a_url, "kme_b": self.kme_b_url, "admin": self.admin_url}
+        out = {"kme_a": self.kme_a_url, "kme_b": self.kme_b_url, "admin": self.admin_url}
+        if self.metrics_url is not None:
+            out["metrics"] = self.metrics_url
+        return out
 
 
 class KMEPair:
@@ -803,6 +1050,7 @@ class KMEPair:
 
     def __init__(self, config: KMEPairConfig, *, clock: Callable[[], float] = time.monotonic):
         self.config = config
+        state_file = None if config.state_dir is None else PoolStateFile(config.state_dir)
         self.pool = KeyPool(
             key_size=config.key_size,
             max_key_count=config.max_key_count,
@@ -813,6 +1061,7 @@ class KMEPair:
             qber_threshold=config.qber_threshold,
             flush_on_eavesdropper=config.flush_on_eavesdropper,
             reservation_ttl_s=config.reservation_ttl_s,
+            state_file=state_file,
             clock=clock,
         )
         self.registry = CollectorRegistry()
@@ -856,12 +1105,18 @@ class KMEPair:
         port_b = await self._serve(self.kme_b.app(), cfg.host, cfg.port_b, ctx_b)
         # The switches and metrics have no SAE authentication: loopback only, always.
         port_admin = await self._serve(admin, "127.0.0.1", cfg.admin_port, admin_ctx)
-        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        metrics_url = None
+        if cfg.metrics_port is not None:
+            port = await self._serve(
+                metrics_app(self.registry), cfg.metrics_host, cfg.metrics_port, None
+            )
+            metrics_url = f"http://{_url_host(cfg.metrics_host)}:{port}"
         scheme = "https" if admin_ctx else "http"
         return PairEndpoints(
-            kme_a_url=f"https://{host}:{port_a}",
-            kme_b_url=f"https://{host}:{port_b}",
+            kme_a_url=f"https://{_url_host(cfg.host)}:{port_a}",
+            kme_b_url=f"https://{_url_host(cfg.host)}:{port_b}",
             admin_url=f"{scheme}://127.0.0.1:{port_admin}",
+            metrics_url=metrics_url,
         )
 
     async def _serve(
@@ -880,6 +1135,11 @@ class KMEPair:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        self.pool.close()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 async def serve_pair(
@@ -887,7 +1147,7 @@ async def serve_pair(
     stop: asyncio.Event,
     on_ready: Callable[[PairEndpoints], None] | None = None,
 ) -> None:
-    """Run both KMEs until ``stop`` is set, then close every listener."""
+    """Run both KMEs until ``stop`` is set, then close every listener (and the state dir)."""
     pair = KMEPair(config)
     try:
         endpoints = await pair.start()

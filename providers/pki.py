@@ -27,6 +27,9 @@ KME_NAMES: tuple[str, str] = ("kme-a", "kme-b")
 ADMIN_CN = "kme-admin"
 #: SAE ids become file names and certificate CNs, so they are restricted to a safe alphabet.
 _SAE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: SANs every KME server certificate carries.
+DEFAULT_SERVER_SANS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+_DNS_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,34 @@ def validate_sae_id(sae_id: str) -> str:
             f"and not one of {', '.join((*KME_NAMES, 'ca', 'admin'))}"
         )
     return sae_id
+
+
+def parse_san(value: str) -> x509.GeneralName:
+    """An IP address (v4 or v6, by ``ipaddress``) or a DNS host name as a SAN entry; anything
+    else (URLs, ports, wildcards, empty labels) raises ``ConfigError``."""
+    text = value.strip()
+    try:
+        return x509.IPAddress(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    name = text.rstrip(".").lower()
+    labels = name.split(".")
+    if not name or len(name) > 253 or not all(_DNS_LABEL_RE.match(label) for label in labels):
+        raise ConfigError(
+            f"invalid SAN {value!r}: give a DNS host name (e.g. kme, kme.fleet.svc) "
+            "or an IP address"
+        )
+    return x509.DNSName(name)
+
+
+def server_san_list(extra: Sequence[str] = ()) -> list[x509.GeneralName]:
+    """The default SANs plus ``extra``, parsed, without duplicates, in order."""
+    out: list[x509.GeneralName] = []
+    for value in (*DEFAULT_SERVER_SANS, *extra):
+        name = parse_san(value)
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -100,6 +131,7 @@ def _issue(
     ca_key: ec.EllipticCurvePrivateKey,
     server: bool,
     valid_days: int,
+    sans: Sequence[x509.GeneralName] = (),
 ) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
     builder = (
@@ -139,14 +171,7 @@ def _issue(
     )
     if server:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
-                    x509.IPAddress(ipaddress.IPv6Address("::1")),
-                ]
-            ),
-            critical=False,
+            x509.SubjectAlternativeName(list(sans) or server_san_list()), critical=False
         )
     return builder.sign(ca_key, hashes.SHA256())
 
@@ -190,13 +215,17 @@ def make_test_pki(
     admin: bool = True,
     valid_days: int = 30,
     ca_name: str = "fleetbus test KME CA",
+    server_sans: Sequence[str] = (),
 ) -> TestPKI:
     """Write a CA, server certs for both KMEs, one client cert per SAE id and an admin cert.
 
     Layout of ``out_dir``: ``ca.pem``, ``ca.key``, ``kme-a.{pem,key}``, ``kme-b.{pem,key}``,
     ``<sae_id>.{pem,key}`` and ``admin.{pem,key}``. KME server certs carry the SANs
-    ``localhost``, ``127.0.0.1`` and ``::1``; a client's SAE id is its certificate's subject CN.
+    ``localhost``, ``127.0.0.1`` and ``::1`` plus ``server_sans`` (DNS names or IP addresses,
+    e.g. the ``kme`` host name of a compose service); a client's SAE id is its certificate's
+    subject CN.
     """
+    sans = server_san_list(server_sans)  # before writing anything: a bad SAN writes nothing
     ids = [validate_sae_id(s) for s in sae_ids]
     if len(set(ids)) != len(ids):
         raise ConfigError("duplicate SAE id in the PKI request")
@@ -216,6 +245,7 @@ def make_test_pki(
             ca_key=ca_key,
             server=server,
             valid_days=valid_days,
+            sans=sans,
         )
         pair = CertKeyPair(out_dir / f"{file_stem}.pem", out_dir / f"{file_stem}.key")
         _write_private(pair.key, _key_pem(key))

@@ -1,9 +1,12 @@
-"""The simulated QKD link's key pool, without network: once-only handout, bounds, rate."""
+"""The simulated QKD link's key pool, without network: once-only handout, bounds, rate, and
+its state file (a restart keeps unfetched keys; a corrupt file stops the start)."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,9 @@ from fleetbus.providers.kme import (
     KeyPool,
     KMEBadRequest,
     KMEPairConfig,
+    KMEStateError,
     KMEUnavailable,
+    PoolStateFile,
     caller_sae_id,
 )
 
@@ -308,3 +313,153 @@ def test_pair_config_defaults_and_validation() -> None:
     ):
         with pytest.raises(ValidationError):
             _config(**bad)
+
+
+# -- the state file: a restart keeps what was not yet handed to both sides -------------------
+
+
+def durable_pool(state_dir: Path, clock: FakeClock, **kw: Any) -> KeyPool:
+    return make_pool(clock, state_file=PoolStateFile(state_dir), wall_clock=clock, **kw)
+
+
+def restart(pool: KeyPool, state_dir: Path, clock: FakeClock, **kw: Any) -> KeyPool:
+    """What a KME restart does to the pool: the old process lets go, a new one loads the file."""
+    pool.close()
+    return durable_pool(state_dir, clock, **kw)
+
+
+def test_a_reserved_key_survives_a_restart_and_is_delivered_exactly_once(tmp_path: Path) -> None:
+    clock = FakeClock()
+    pool = durable_pool(tmp_path, clock)
+    keys = reserve(pool, number=3)
+    pool = restart(pool, tmp_path, clock)
+    assert pool.reserved_key_count() == 3
+    assert pool.stored_key_count() == 7  # not refilled to the prefill: the pool is the saved one
+    assert deliver(pool, [keys[1][0]]) == [keys[1]]
+    pool = restart(pool, tmp_path, clock)
+    with pytest.raises(KMEBadRequest):
+        deliver(pool, [keys[1][0]])  # once-only holds across restarts
+    assert deliver(pool, [keys[0][0], keys[2][0]]) == [keys[0], keys[2]]
+    pool = restart(pool, tmp_path, clock)
+    assert pool.reserved_key_count() == 0
+    with pytest.raises(KMEBadRequest):
+        deliver(pool, [keys[0][0]])
+
+
+def test_unreserved_material_is_the_same_after_a_restart(tmp_path: Path) -> None:
+    clock = FakeClock()
+    pool = durable_pool(tmp_path, clock, max_key_count=4)
+    reserve(pool)  # persists the pool as it is
+    pool = restart(pool, tmp_path, clock, max_key_count=4)
+    reserved_after = reserve(pool, number=3)
+    fresh = make_pool(FakeClock(), max_key_count=4)  # same "random" stream, no state file
+    reserve(fresh)
+    assert [m for _, m in reserve(fresh, number=3)] == [m for _, m in reserved_after]
+
+
+def test_state_file_is_private_and_replaced_atomically(tmp_path: Path) -> None:
+    state_dir = tmp_path / "kme-state"
+    pool = durable_pool(state_dir, FakeClock())
+    ((key_id, _),) = reserve(pool)
+    files = sorted(p.name for p in state_dir.iterdir())
+    assert files == ["kme-pool.json", "kme-pool.lock"]  # no temporary file left behind
+    assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state_dir / "kme-pool.json").stat().st_mode) == 0o600
+    doc = json.loads((state_dir / "kme-pool.json").read_text())
+    assert doc["format"] == "fleetbus-kme-pool"
+    assert doc["version"] == 1
+    assert [r["key_ID"] for r in doc["state"]["reservations"]] == [key_id]
+    assert pool.state_file is not None
+    assert pool.state_file.writes == 2  # the start state, then the reservation
+
+
+def test_a_second_kme_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
+    pool = durable_pool(tmp_path, FakeClock())
+    with pytest.raises(KMEStateError, match="in use by another KME"):
+        PoolStateFile(tmp_path)
+    pool.close()
+    PoolStateFile(tmp_path).close()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda raw: raw[: len(raw) // 2], "corrupt or truncated"),
+        (lambda raw: b"", "corrupt or truncated"),
+        (lambda raw: raw.replace(b'"material":"', b'"material":"AAAA', 1), "checksum"),
+        (lambda raw: raw.replace(b'"version":1', b'"version":2', 1), "version 2"),
+        (lambda raw: b'{"format": "something else"}', "corrupt or truncated"),
+    ],
+    ids=["truncated", "empty", "edited", "future-version", "other-format"],
+)
+def test_a_damaged_state_file_stops_the_start_with_a_clear_error(
+    tmp_path: Path, damage: Any, message: str
+) -> None:
+    pool = durable_pool(tmp_path, FakeClock())
+    reserve(pool)
+    pool.close()
+    path = tmp_path / "kme-pool.json"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(KMEStateError, match=message) as err:
+        durable_pool(tmp_path, FakeClock())
+    assert str(path) in str(err.value)
+    assert "fresh pool" in str(err.value)
+
+
+def test_reservations_age_while_the_kme_is_down(tmp_path: Path) -> None:
+    clock = FakeClock()
+    pool = durable_pool(tmp_path, clock, reservation_ttl_s=60.0)
+    ((old, _),) = reserve(pool)
+    clock.advance(30.0)
+    ((young, _),) = reserve(pool)
+    pool.close()
+    clock.advance(40.0)  # down for 40 s: the first key is 70 s old, the second 40 s
+    pool = durable_pool(tmp_path, clock, reservation_ttl_s=60.0)
+    with pytest.raises(KMEBadRequest):
+        deliver(pool, [old])
+    assert len(deliver(pool, [young])) == 1
+
+
+def test_a_failed_write_hands_out_nothing_and_forgets_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = durable_pool(tmp_path, FakeClock())
+    ((key_id, material),) = reserve(pool)
+    assert pool.state_file is not None
+
+    def disk_full(state: Any) -> None:
+        raise OSError(28, os.strerror(28))
+
+    monkeypatch.setattr(pool.state_file, "save", disk_full)
+    with pytest.raises(KMEUnavailable) as err:
+        reserve(pool)
+    assert err.value.details[0]["reason"] == "state_write_failed"
+    assert pool.stored_key_count() == 9
+    with pytest.raises(KMEUnavailable):
+        deliver(pool, [key_id])
+    assert pool.reserved_key_count() == 1
+    monkeypatch.undo()
+    assert deliver(pool, [key_id]) == [(key_id, material)]
+
+
+def test_reset_and_flush_are_persisted_too(tmp_path: Path) -> None:
+    clock = FakeClock()
+    pool = durable_pool(tmp_path, clock)
+    ((key_id, _),) = reserve(pool)
+    pool.flush()
+    pool = restart(pool, tmp_path, clock)
+    assert pool.stored_key_count() == 0
+    assert pool.reserved_key_count() == 1
+    pool.reset()
+    pool = restart(pool, tmp_path, clock)
+    assert pool.stored_key_count() == 10
+    with pytest.raises(KMEBadRequest):
+        deliver(pool, [key_id])
+
+
+def test_pair_config_takes_a_state_dir_and_a_metrics_listener() -> None:
+    cfg = _config(state_dir=Path("/var/lib/kme"), metrics_port=9465, metrics_host="0.0.0.0")
+    assert cfg.state_dir == Path("/var/lib/kme")
+    assert _config().metrics_port is None  # off unless asked for
+    with pytest.raises(ValidationError):
+        _config(metrics_port=70000)

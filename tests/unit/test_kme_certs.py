@@ -1,0 +1,63 @@
+"""`fleetbus kme certs --san`: extra DNS names and IP addresses in the KME server certificates."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from typer.testing import CliRunner
+
+from fleetbus.bus.cli_kme import kme_app
+from fleetbus.bus.errors import ConfigError
+from fleetbus.providers.pki import parse_san
+
+
+def sans_of(cert_file: Path) -> tuple[set[str], set[str]]:
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    dns = set(san.get_values_for_type(x509.DNSName))
+    ips = {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    return dns, ips
+
+
+def test_san_options_end_up_in_both_kme_server_certificates(tmp_path: Path) -> None:
+    args = ["certs", "--out", str(tmp_path), "--sae", "sae-hub", "--sae", "sae-edge-1"]
+    args += ["--san", "kme", "--san", "kme.fleet.svc.cluster.local", "--san", "10.0.0.5"]
+    args += ["--san", "fd00::1", "--san", "KME"]  # a name twice (any case) is listed once
+    result = CliRunner().invoke(kme_app, args)
+    assert result.exit_code == 0, result.output
+    for name in ("kme-a", "kme-b"):
+        dns, ips = sans_of(tmp_path / f"{name}.pem")
+        assert dns == {"localhost", "kme", "kme.fleet.svc.cluster.local"}
+        assert ips == {"127.0.0.1", "::1", "10.0.0.5", "fd00::1"}
+    # Client certificates are identified by their CN and carry no server SANs.
+    client = x509.load_pem_x509_certificate((tmp_path / "sae-hub.pem").read_bytes())
+    with pytest.raises(x509.ExtensionNotFound):
+        client.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+
+
+def test_without_san_the_server_certificates_name_loopback_only(tmp_path: Path) -> None:
+    result = CliRunner().invoke(kme_app, ["certs", "--out", str(tmp_path), "--sae", "sae-hub"])
+    assert result.exit_code == 0, result.output
+    assert sans_of(tmp_path / "kme-a.pem") == ({"localhost"}, {"127.0.0.1", "::1"})
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "https://kme:8443", "kme:8443", "*.fleet.svc", "-kme", "a..b", "ké", "x" * 64]
+)
+def test_a_bad_san_is_refused_before_anything_is_written(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ConfigError, match="invalid SAN"):
+        parse_san(bad)
+    out = tmp_path / "pki"
+    result = CliRunner().invoke(kme_app, ["certs", "--out", str(out), "--san", bad])
+    assert result.exit_code == 2
+    assert "invalid SAN" in result.output
+    assert not out.exists()
+
+
+def test_ip_addresses_are_parsed_as_ip_sans() -> None:
+    assert parse_san("192.168.1.7") == x509.IPAddress(ipaddress.ip_address("192.168.1.7"))
+    assert parse_san("2001:db8::7") == x509.IPAddress(ipaddress.ip_address("2001:db8::7"))
+    assert parse_san("Kme.Fleet.") == x509.DNSName("kme.fleet")
