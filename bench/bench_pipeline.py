@@ -2,7 +2,7 @@
 broker, secure and in plaintext, side by side in one run. Not a test: numbers depend on the
 machine and its load (the load average is recorded with every measurement).
 
-    .venv/bin/python bench/bench_pipeline.py --quick            # < 3 minutes, 1 partition
+    .venv/bin/python bench/bench_pipeline.py --quick            # 1 partition, 3 interleaved rounds
     .venv/bin/python bench/bench_pipeline.py                    # 1, 2 and 4 partitions
     .venv/bin/python bench/bench_pipeline.py --bootstrap 127.0.0.1:9092
 
@@ -26,8 +26,13 @@ size and Kafka path in every mode) and a ``VehicleAgent`` process answering on
 - ``secure-epochs``: the same with ``seal_epochs`` and ``batch_signing`` on (and the vehicles'
   answers on key epochs: ``VehicleAgent(uplink_epochs=...)``).
 
+All modes of a partition count run side by side; ``--rounds`` saturation rounds are interleaved
+mode by mode so that the machine's changing load hits every mode alike, and each mode reports
+the median of its rounds and their spread (see bench/README.md).
+
 Measured per (mode, partitions): sustained throughput at saturation (a backlog of commands,
-completion rate between the 10th and 90th percentile of answers), end-to-end latency
+completion rate between the 10th and 90th percentile of answers; a round counts as saturated
+when the whole backlog was on the broker before that window opened), end-to-end latency
 (publish → response record read; scheduled send time, so no coordinated omission) at 25/50/80%
 of the plaintext ceiling of the same partition count (open-loop offered load), CPU seconds per
 command of the worker + vehicle processes (``/proc/<pid>/stat``) and bytes per command on every
@@ -295,14 +300,32 @@ class Drive:
     cpu_by_role: dict[str, float]
     duration_s: float
     load: list[float]
+    sent_s: float = 0.0  # when the last command was acknowledged by the broker
+    load_after: list[float] = field(default_factory=list)
 
-    def throughput(self) -> float | None:
-        """Answers per second between the 10th and 90th percentile of completions."""
+    def window(self) -> tuple[float, float] | None:
+        """The 10th and 90th percentile of completion times (seconds after the first send)."""
         done = sorted(self.completion_s)
         if len(done) < 20:
             return None
-        lo, hi = done[len(done) // 10], done[len(done) * 9 // 10]
-        return (len(done) * 9 // 10 - len(done) // 10) / (hi - lo) if hi > lo else None
+        return done[len(done) // 10], done[len(done) * 9 // 10]
+
+    def throughput(self) -> float | None:
+        """Answers per second between the 10th and 90th percentile of completions."""
+        window = self.window()
+        if window is None:
+            return None
+        n = len(self.completion_s)
+        lo, hi = window
+        return (n * 9 // 10 - n // 10) / (hi - lo) if hi > lo else None
+
+    def saturated(self) -> bool | None:
+        """A saturation drive measures the pipeline's ceiling only if its input never ran dry:
+        the whole backlog was on the broker before the measuring window opened."""
+        if self.offered_rate is not None:
+            return None
+        window = self.window()
+        return window is not None and self.sent_s <= window[0] and window[1] - window[0] >= 2.0
 
     def summary(self) -> dict[str, Any]:
         lat = self.latencies_ms
@@ -325,6 +348,16 @@ class Drive:
             if self.answered
             else {},
             "load_average": self.load,
+            "load_average_after": self.load_after,
+            **(
+                {}
+                if self.offered_rate is not None
+                else {
+                    "saturated": self.saturated(),
+                    "backlog_sent_s": _round(self.sent_s),
+                    "window_s": _round((w[1] - w[0]) if (w := self.window()) else None),
+                }
+            ),
         }
 
 
@@ -411,10 +444,80 @@ async def drive(
             cpu_by_role=cpu,
             duration_s=max(end - t0, sent_s),
             load=load,
+            sent_s=sent_s,
+            load_after=load_average(),
         )
     finally:
         await producer.stop()
         await consumer.stop()
+
+
+@dataclass
+class ModeRun:
+    """One mode's processes for one partition count, and its measurements round by round."""
+
+    mode: str
+    partitions: int
+    workers: int
+    config: dict[str, Any]
+    out_topic: str
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list, repr=False)
+    pids: dict[str, list[int]] = field(default_factory=dict)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    loads: list[dict[str, Any]] = field(default_factory=list)
+    bytes_per_command: dict[str, float] | None = None
+    error: str | None = None
+
+    def values(self, key: str) -> list[float]:
+        return [r[key] for r in self.rounds if r.get(key) is not None]
+
+    def median(self, key: str) -> float | None:
+        values = self.values(key)
+        return statistics.median(values) if values else None
+
+    def row(self) -> dict[str, Any]:
+        """The report row: ``saturation`` holds the medians over the rounds (throughput, CPU,
+        latency) and the round closest to the median throughput for the rest."""
+        if self.error is not None or not self.rounds:
+            return {
+                "mode": self.mode,
+                "partitions": self.partitions,
+                "workers": self.workers,
+                "error": self.error or "no round measured",
+                "rounds": self.rounds,
+                "load_average": load_average(),
+            }
+        tput = self.median("throughput")
+        closest = min(
+            self.rounds,
+            key=lambda r: abs((r["throughput"] or 0) - (tput or 0)),
+        )
+        saturation = dict(closest)
+        saturation.pop("round", None)
+        for key in ("throughput", "cpu_ms_per_command", "p50_ms", "p99_ms"):
+            saturation[key] = _round(self.median(key))
+        throughputs = self.values("throughput")
+        saturation["spread"] = {
+            "throughput_min": _round(min(throughputs)) if throughputs else None,
+            "throughput_max": _round(max(throughputs)) if throughputs else None,
+            "throughput_rel_spread": _round((max(throughputs) - min(throughputs)) / tput, 3)
+            if throughputs and tput
+            else None,
+            "cpu_ms_min": _round(min(self.values("cpu_ms_per_command"), default=None)),
+            "cpu_ms_max": _round(max(self.values("cpu_ms_per_command"), default=None)),
+            "saturated_rounds": sum(1 for r in self.rounds if r.get("saturated")),
+        }
+        row: dict[str, Any] = {
+            "mode": self.mode,
+            "partitions": self.partitions,
+            "workers": self.workers,
+            "saturation": saturation,
+            "rounds": self.rounds,
+            "loads": self.loads,
+        }
+        if self.bytes_per_command is not None:
+            row["bytes_per_command"] = self.bytes_per_command
+        return row
 
 
 class Bench:
@@ -487,87 +590,120 @@ class Bench:
         log.close()
         return proc
 
-    def run_config(self, mode: str, partitions: int, workers: int) -> dict[str, Any]:
-        print(f"== {mode}, {partitions} partition(s), {workers} worker(s)", flush=True)
+    def start_mode(self, mode: str, partitions: int, workers: int) -> ModeRun:
+        """Create the mode's topics, start its worker and vehicle processes and warm them up."""
+        print(f"== start {mode}, {partitions} partition(s), {workers} worker(s)", flush=True)
         config = self.topics(mode, partitions)
-        procs: list[subprocess.Popen[bytes]] = []
-        out_topic = config["requested"] if mode == "raw" else config["responses"]
+        run = ModeRun(
+            mode=mode,
+            partitions=partitions,
+            workers=workers if mode != "raw" else 0,
+            config=config,
+            out_topic=config["requested"] if mode == "raw" else config["responses"],
+        )
+        if mode != "raw":
+            for i in range(workers):
+                run.procs.append(self.spawn("worker", config, i))
+                vconf = {**config, "store": str(self.work / f"{config['app_id']}-{i}.sqlite")}
+                run.procs.append(self.spawn("vehicle", vconf, i))
+        run.pids = {
+            role: [p.pid for p in run.procs if p.args[2] == f"_{role}"]
+            for role in ("worker", "vehicle")
+        }
         try:
             if mode != "raw":
-                for i in range(workers):
-                    procs.append(self.spawn("worker", config, i))
-                    vconf = {**config, "store": str(self.work / f"{config['app_id']}-{i}.sqlite")}
-                    procs.append(self.spawn("vehicle", vconf, i))
-            pids = {
-                role: [p.pid for p in procs if p.args[2] == f"_{role}"]
-                for role in ("worker", "vehicle")
-            }
-            if mode != "raw":
-                self.warm_up(config, out_topic, pids)
-            sat_n = self.args.raw_backlog if mode == "raw" else self.args.backlog
+                self.warm_up(config, run.out_topic, run.pids)
+        except Exception as exc:
+            run.error = str(exc)
+            print(f"   FAILED: {exc}\n{self.log_tail(config)}", file=sys.stderr, flush=True)
+            self.stop_mode(run)
+        return run
+
+    def saturate(self, run: ModeRun, round_no: int) -> None:
+        """One saturation measurement: a backlog of commands published as fast as possible."""
+        backlog = self.args.raw_backlog if run.mode == "raw" else self.args.backlog
+        try:
             sat = asyncio.run(
                 drive(
                     self.bootstrap,
-                    config["requested"],
-                    out_topic,
-                    self.commands(sat_n),
+                    run.config["requested"],
+                    run.out_topic,
+                    self.commands(backlog),
                     rate=None,
-                    pids=pids,
+                    pids=run.pids,
                     drain_s=self.args.drain_s * 6,
                 )
             )
-            row: dict[str, Any] = {
-                "mode": mode,
-                "partitions": partitions,
-                "workers": workers if mode != "raw" else 0,
-                "saturation": sat.summary(),
-                "loads": [],
-            }
-            print(f"   saturation: {json.dumps(sat.summary())}", flush=True)
-            if mode == "plaintext" and sat.throughput():
-                self.ceiling[partitions] = float(sat.throughput() or 0)
-            ceiling = self.ceiling.get(partitions)
-            if ceiling:
-                row["plaintext_ceiling"] = round(ceiling, 1)
-                for fraction in LOAD_FRACTIONS:
-                    rate = fraction * ceiling
-                    n = max(10, int(rate * self.args.duration_s))
-                    d = asyncio.run(
-                        drive(
-                            self.bootstrap,
-                            config["requested"],
-                            out_topic,
-                            self.commands(n),
-                            rate=rate,
-                            pids=pids,
-                            drain_s=self.args.drain_s,
-                        )
-                    )
-                    summary = {"fraction": fraction, **d.summary()}
-                    row["loads"].append(summary)
-                    print(f"   {fraction:.0%}: {json.dumps(summary)}", flush=True)
-            if mode != "raw":
-                row["bytes_per_command"] = self.wire_bytes(config)
-            return row
         except Exception as exc:
-            print(f"   FAILED: {exc}\n{self.log_tail(config)}", file=sys.stderr, flush=True)
-            return {
-                "mode": mode,
-                "partitions": partitions,
-                "workers": workers,
-                "error": str(exc),
-                "load_average": load_average(),
-            }
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGTERM)
-            for p in procs:
+            run.error = f"round {round_no}: {exc}"
+            print(f"   FAILED: {run.error}\n{self.log_tail(run.config)}", file=sys.stderr)
+            self.stop_mode(run)
+            return
+        summary = {"round": round_no, **sat.summary()}
+        run.rounds.append(summary)
+        print(f"   round {round_no} {run.mode}: {json.dumps(summary)}", flush=True)
+
+    def offered_loads(self, run: ModeRun, ceiling: float) -> None:
+        """Latency at 25/50/80% of the plaintext ceiling (open-loop)."""
+        for fraction in LOAD_FRACTIONS:
+            rate = fraction * ceiling
+            n = max(10, int(rate * self.args.duration_s))
+            d = asyncio.run(
+                drive(
+                    self.bootstrap,
+                    run.config["requested"],
+                    run.out_topic,
+                    self.commands(n),
+                    rate=rate,
+                    pids=run.pids,
+                    drain_s=self.args.drain_s,
+                )
+            )
+            summary = {"fraction": fraction, **d.summary()}
+            run.loads.append(summary)
+            print(f"   {run.mode} {fraction:.0%}: {json.dumps(summary)}", flush=True)
+
+    def stop_mode(self, run: ModeRun) -> None:
+        for p in run.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in run.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        run.procs = []
+
+    def run_partitions(self, modes: Sequence[str], partitions: int, workers: int) -> list[ModeRun]:
+        """All modes of one partition count: start them all, then ``--rounds`` rounds of
+        saturation measurements interleaved mode by mode (plaintext, secure-epochs, plaintext,
+        ... so that a change of the machine's load hits every mode alike), then the latency
+        runs and the bytes per command of each mode."""
+        runs = [self.start_mode(mode, partitions, workers) for mode in modes]
+        try:
+            for round_no in range(1, self.args.rounds + 1):
+                print(f"== round {round_no}/{self.args.rounds}, load {load_average()}", flush=True)
+                for run in runs:
+                    if run.error is None:
+                        self.saturate(run, round_no)
+            plain = next((r for r in runs if r.mode == "plaintext" and r.error is None), None)
+            ceiling = plain.median("throughput") if plain else None
+            for run in runs:
+                if run.error is not None:
+                    continue
                 try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
+                    if ceiling:
+                        self.offered_loads(run, ceiling)
+                    if run.mode != "raw":
+                        run.bytes_per_command = self.wire_bytes(run.config)
+                except Exception as exc:
+                    run.error = str(exc)
+                    print(f"   FAILED: {exc}\n{self.log_tail(run.config)}", file=sys.stderr)
+        finally:
+            for run in runs:
+                self.stop_mode(run)
+        return runs
 
     def warm_up(self, config: dict[str, Any], out_topic: str, pids: dict[str, list[int]]) -> None:
         """Until two rounds of commands come back complete (assignment settled, epochs up)."""
@@ -655,19 +791,49 @@ def markdown(report: dict[str, Any]) -> str:
         f"load average before/after: {report['load_before']} / {report['load_after']}. "
         f"Mode: {'quick' if report['quick'] else 'full'}.",
         "",
-        "## Saturation",
+        "## Saturation (median of the rounds)",
         "",
-        "| mode | partitions | workers | commands/s | ratio to plaintext | CPU ms/command "
-        "| bytes/command | p50 ms (backlog) | load avg |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"{report['rounds']} rounds of {report['backlog']} commands per mode, interleaved.",
+        "",
+        "| mode | partitions | workers | commands/s (median) | min-max | ratio to plaintext "
+        "| ratio paired by round (min-max) | CPU ms/command (min-max) | CPU ratio "
+        "| bytes/command | p50 ms (backlog) | saturated rounds | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         sat = row["saturation"]
+        spread = sat["spread"]
+        paired = row.get("ratio_paired", {})
         lines.append(
             f"| {row['mode']} | {row['partitions']} | {row['workers']} | {sat['throughput']} "
-            f"| {row.get('ratio', '')} | {sat['cpu_ms_per_command'] or ''} "
+            f"| {spread['throughput_min']}-{spread['throughput_max']} | {row.get('ratio', '')} "
+            f"| {paired.get('median')} ({paired.get('min')}-{paired.get('max')}) "
+            f"| {sat['cpu_ms_per_command'] or ''} ({spread['cpu_ms_min']}-{spread['cpu_ms_max']}) "
+            f"| {row.get('ratio_cpu') or ''} "
             f"| {row.get('bytes_per_command', {}).get('total', '')} | {sat['p50_ms']} "
-            f"| {sat['load_average'][0]} |"
+            f"| {spread['saturated_rounds']}/{len(row['rounds'])} "
+            f"| {', '.join(str(r['load_average'][0]) for r in row['rounds'])} |"
+        )
+    lines += [
+        "",
+        "## Rounds",
+        "",
+        "| round | mode | partitions | commands/s | CPU ms/command (worker / vehicle) "
+        "| saturated | backlog sent s | window s | load avg before / after |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    ordered = sorted(
+        ((r["round"], row) for row in report["rows"] for r in row["rounds"]),
+        key=lambda item: (item[1]["partitions"], item[0]),
+    )
+    for round_no, row in ordered:
+        r = row["rounds"][round_no - 1]
+        roles = r.get("cpu_ms_per_command_by_role", {})
+        lines.append(
+            f"| {round_no} | {row['mode']} | {row['partitions']} | {r['throughput']} "
+            f"| {r['cpu_ms_per_command']} ({roles.get('worker')} / {roles.get('vehicle')}) "
+            f"| {r.get('saturated')} | {r.get('backlog_sent_s')} | {r.get('window_s')} "
+            f"| {r['load_average'][0]} / {(r.get('load_average_after') or [None])[0]} |"
         )
     lines += [
         "",
@@ -693,7 +859,7 @@ def markdown(report: dict[str, Any]) -> str:
     for row in report["failed"]:
         lines.append(
             f"- FAILED: {row['mode']} / {row['partitions']} partition(s): {row['error']} "
-            f"(load average {row['load_average']})"
+            f"(load average {row['load_average']}, {len(row['rounds'])} round(s) measured)"
         )
     lines += ["", *[f"- {note}" for note in report["notes"]], ""]
     return "\n".join(lines)
@@ -729,7 +895,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def print_table(report: dict[str, Any]) -> None:
     print()
     print(
-        f"{'mode':<14}{'P':>3}{'W':>3}{'cmd/s':>10}{'ratio':>7}{'cpu ms':>8}{'B/cmd':>8}"
+        f"{'mode':<14}{'P':>3}{'W':>3}{'cmd/s':>10}{'spread':>8}{'ratio':>7}{'paired':>8}"
+        f"{'cpu ms':>8}{'cpu r':>7}{'B/cmd':>8}"
         f"{'p50@25%':>9}{'p99@25%':>9}{'p50@50%':>9}{'p99@50%':>9}{'p50@80%':>9}{'p99@80%':>9}"
     )
     for row in report["rows"]:
@@ -740,25 +907,36 @@ def print_table(report: dict[str, Any]) -> None:
         cells += [None] * (6 - len(cells))
         print(
             f"{row['mode']:<14}{row['partitions']:>3}{row['workers']:>3}"
-            f"{sat['throughput'] or 0:>10.1f}{row.get('ratio') or 0:>7.2f}"
-            f"{sat['cpu_ms_per_command'] or 0:>8.2f}"
+            f"{sat['throughput'] or 0:>10.1f}{sat['spread']['throughput_rel_spread'] or 0:>8.2f}"
+            f"{row.get('ratio') or 0:>7.2f}{row['ratio_paired']['median'] or 0:>8.2f}"
+            f"{sat['cpu_ms_per_command'] or 0:>8.2f}{row.get('ratio_cpu') or 0:>7.2f}"
             f"{row.get('bytes_per_command', {}).get('total', 0):>8.0f}"
             + "".join(f"{c if c is not None else float('nan'):>9.1f}" for c in cells)
         )
+    print("spread: (max - min) / median of the rounds' throughput; paired: median per-round ratio")
     print()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 partition, short runs (< 3 min)")
+    parser.add_argument("--quick", action="store_true", help="1 partition, short runs")
     parser.add_argument("--bootstrap", help="use this Kafka instead of starting a LocalKafka")
     parser.add_argument("--partitions", type=int, nargs="*", help="default: 1 2 4 (quick: 1)")
     parser.add_argument("--max-workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="saturation rounds per mode, interleaved mode by mode (default 3; full run 5)",
+    )
+    parser.add_argument("--backlog", type=int, help="commands per saturation round")
     args = parser.parse_args(argv)
     args.partitions = args.partitions or ([1] if args.quick else [1, 2, 4])
-    args.backlog = 600 if args.quick else 2000
+    args.rounds = args.rounds or (3 if args.quick else 5)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    args.backlog = args.backlog or (1000 if args.quick else 3000)
     args.raw_backlog = 5000 if args.quick else 30000
     args.duration_s = 4.0 if args.quick else 10.0
     args.drain_s = 5.0 if args.quick else 10.0
@@ -781,17 +959,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             bootstrap = cluster.bootstrap
         try:
             bench = Bench(args, bootstrap, work)
-            rows = []
-            order = [m for m in ("plaintext", "raw", "secure", "secure-epochs") if m in args.modes]
+            runs: list[ModeRun] = []
+            order = [m for m in ("plaintext", "secure-epochs", "secure", "raw") if m in args.modes]
             for p in args.partitions:
-                workers = min(p, args.max_workers)
-                for mode in order:
-                    rows.append(bench.run_config(mode, p, workers))
+                runs += bench.run_partitions(order, p, min(p, args.max_workers))
         finally:
             if cluster is not None:
                 cluster.down()
-    failed = [row for row in rows if "error" in row]
-    rows = [row for row in rows if "error" not in row]
+    all_rows = [run.row() for run in runs]
+    failed = [row for row in all_rows if "error" in row]
+    rows = [row for row in all_rows if "error" not in row]
     for row in rows:
         plain = next(
             (r for r in rows if r["mode"] == "plaintext" and r["partitions"] == row["partitions"]),
@@ -799,9 +976,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         mine, ref = row["saturation"]["throughput"], plain and plain["saturation"]["throughput"]
         row["ratio"] = round(mine / ref, 3) if mine and ref else None
+        # Paired by round: the two modes measured back to back, under nearly the same load.
+        paired = [
+            mr["throughput"] / pr["throughput"]
+            for mr, pr in zip(row["rounds"], plain["rounds"] if plain else [], strict=False)
+            if mr["throughput"] and pr["throughput"]
+        ]
+        row["ratio_paired"] = {
+            "median": _round(statistics.median(paired), 3) if paired else None,
+            "min": _round(min(paired), 3) if paired else None,
+            "max": _round(max(paired), 3) if paired else None,
+        }
+        mine_cpu = row["saturation"]["cpu_ms_per_command"]
+        ref_cpu = plain and plain["saturation"]["cpu_ms_per_command"]
+        row["ratio_cpu"] = round(ref_cpu / mine_cpu, 3) if mine_cpu and ref_cpu else None
     report = {
         "started": started,
         "quick": args.quick,
+        "rounds": args.rounds,
+        "backlog": args.backlog,
         "kafka": "LocalKafka (started by the benchmark)" if cluster else args.bootstrap,
         "machine": {
             "cpus": os.cpu_count(),
@@ -813,7 +1006,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rows": rows,
         "failed": failed,
         "notes": [
-            "ratio: saturation throughput of the mode / plaintext, same partitions and workers.",
+            "ratio: median saturation throughput of the mode over the rounds / the plaintext "
+            "median, same partitions and workers; ratio_paired: the same per round (the two "
+            "modes measured back to back), median and range; ratio_cpu: plaintext CPU ms per "
+            "command / the mode's (medians).",
+            f"rounds: {args.rounds} saturation rounds per mode of {args.backlog} commands each, "
+            "interleaved (plaintext, secure-epochs, ... then again), every mode's processes "
+            "running for the whole partition count; the idle modes' processes only poll.",
+            "saturated: the whole backlog was acknowledged by the broker before the 10th "
+            "percentile of answers (the measuring window opens), and the window is >= 2 s.",
             "workers: worker processes (authorize + seal) and as many VehicleAgent processes; "
             f"capped at --max-workers={args.max_workers} (CPUs) — more processes than cores "
             "measure contention, not scaling.",
