@@ -28,7 +28,6 @@ CRD_KINDS = {
 CHART_COPIES = {
     "files/grafana/fleetbus.json": "observability/grafana/fleetbus.json",
     "files/prometheus/rules.yml": "observability/prometheus/rules.yml",
-    "files/kme-metrics-proxy.conf": "observability/prometheus/kme-metrics-proxy.conf",
 }
 
 
@@ -258,6 +257,49 @@ def test_chart_copies_equal_their_sources_byte_for_byte() -> None:
         pairs[f"files/policies/{name}"] = f"processors/policies/{name}"
     for copy, source in pairs.items():
         assert (CHART / copy).read_bytes() == (ROOT / source).read_bytes(), f"{copy} drifted"
+
+
+def _arg(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_kme_serves_metrics_itself_on_the_port_service_and_monitor_use() -> None:
+    docs = render("kme.metricsPort=9555")
+    pod = one(docs, "Deployment", "fb-fleetbus-kme")["spec"]["template"]["spec"]
+    (kme,) = pod["containers"]  # no metrics sidecar any more
+    assert kme["image"].startswith("fleetbus:")
+    args = kme["args"]
+    assert _arg(args, "--metrics-host") == "0.0.0.0"
+    assert _arg(args, "--metrics-port") == "9555"
+    assert _arg(args, "--admin-port") != "9555"  # the switches stay on loopback
+    ports = {p["name"]: p["containerPort"] for p in kme["ports"]}
+    assert ports["metrics"] == 9555
+    assert kme["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    service = one(docs, "Service", "fb-fleetbus-kme")
+    (metrics,) = [p for p in service["spec"]["ports"] if p["name"] == "metrics"]
+    assert (metrics["port"], metrics["targetPort"]) == (9555, "metrics")
+    monitor = one(docs, "ServiceMonitor", "fb-fleetbus-kme")
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert "nginx" not in yaml.safe_dump_all(docs)
+
+
+def test_kme_state_dir_is_a_volume_emptydir_or_the_claim_given() -> None:
+    for sets, expected in [
+        ((), {"emptyDir": {}}),
+        (
+            ("kme.persistence.existingClaim=kme-pool",),
+            {"persistentVolumeClaim": {"claimName": "kme-pool"}},
+        ),
+    ]:
+        docs = render(*sets)
+        validate_all(docs)
+        pod = one(docs, "Deployment", "fb-fleetbus-kme")["spec"]["template"]["spec"]
+        (kme,) = pod["containers"]
+        state_dir = _arg(kme["args"], "--state-dir")
+        (mount,) = [m for m in kme["volumeMounts"] if m["mountPath"] == state_dir]
+        assert not mount.get("readOnly", False)
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert {k: v for k, v in volume.items() if k != "name"} == expected
 
 
 def test_kme_can_be_disabled() -> None:

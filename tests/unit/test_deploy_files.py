@@ -12,6 +12,7 @@ import re
 import shlex
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import typer
@@ -28,7 +29,6 @@ EXPECTED_SERVICES = {
     "kafka",
     "init",
     "kme",
-    "kme-metrics",
     "worker",
     "fleet",
     "prometheus",
@@ -185,6 +185,41 @@ def test_worker_metrics_port_is_what_prometheus_scrapes() -> None:
     assert jobs["fleetbus-worker"]["dns_sd_configs"][0]["port"] == int(env["FLEETBUS_METRICS_PORT"])
     assert env["FLEETBUS_METRICS_BIND"] == "0.0.0.0"
     assert prom["rule_files"] == ["/etc/prometheus/rules.yml"]
+
+
+def _option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_kme_metrics_listener_is_what_prometheus_scrapes() -> None:
+    kme = services()["kme"]
+    argv = kme["command"]
+    prom = yaml.safe_load((ROOT / "observability/prometheus/prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in prom["scrape_configs"]}
+    (target,) = jobs["kme"]["static_configs"][0]["targets"]
+    assert target == f"{kme['hostname']}:{_option(argv, '--metrics-port')}"
+    assert _option(argv, "--metrics-host") == "0.0.0.0"
+    # The admin switches are not what is scraped, and no sidecar proxies them any more.
+    assert _option(argv, "--admin-port") != _option(argv, "--metrics-port")
+    assert not any("nginx" in str(s.get("image", "")) for s in services().values())
+
+
+def test_kme_keeps_its_pool_in_a_named_volume() -> None:
+    kme = services()["kme"]
+    state_dir = _option(kme["command"], "--state-dir")
+    mounts = dict(v.split(":")[:2] for v in kme["volumes"])
+    (volume,) = [src for src, dst in mounts.items() if state_dir.startswith(dst.rstrip("/") + "/")]
+    assert volume in compose()["volumes"]
+    assert "tmpfs" not in kme or not any(state_dir.startswith(t) for t in kme["tmpfs"])
+
+
+def test_kme_server_certs_name_the_host_workers_dial() -> None:
+    host = urlsplit(_environment(services()["worker"])["FLEETBUS_QKD_KME_URL"]).hostname
+    init = "\n".join(services()["init"]["command"])
+    (certs,) = [shlex.split(m) for m in re.findall(r"fleetbus (kme certs .*)", init)]
+    sans = [certs[i + 1] for i, arg in enumerate(certs) if arg == "--san"]
+    assert host in sans
+    assert services()["kme"]["hostname"] == host
 
 
 @pytest.mark.parametrize(
