@@ -99,23 +99,31 @@ def worker() -> None:
     # Spans get real ids (and go to OTLP or the console when OTEL_* asks for it), so the trace
     # context each stage writes into its outputs names the worker's own spans.
     setup_tracing("fleetbus-worker")
+    tls = settings.kafka_client_config()
     ensure_topics(
         settings.kafka_bootstrap,
         [settings.smoke_source, settings.smoke_sink],
         partitions=settings.partitions,
+        client_config=tls,
     )
     if pipeline_enabled(settings):
         regular, compacted = pipeline_topics(settings)
-        ensure_topics(settings.kafka_bootstrap, regular, partitions=settings.partitions)
+        ensure_topics(
+            settings.kafka_bootstrap, regular, partitions=settings.partitions, client_config=tls
+        )
         ensure_topics(
             settings.kafka_bootstrap,
             compacted,
             partitions=settings.partitions,
             configs={"cleanup.policy": "compact"},
+            client_config=tls,
         )
         # One partition: each chain's order is the log's order (docs/audit.md).
         ensure_topics(
-            settings.kafka_bootstrap, [settings.topics.full(settings.topics.audit)], partitions=1
+            settings.kafka_bootstrap,
+            [settings.topics.full(settings.topics.audit)],
+            partitions=1,
+            client_config=tls,
         )
     if settings.metrics_port:
         from prometheus_client import start_http_server

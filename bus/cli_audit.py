@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -15,7 +15,11 @@ audit_app = typer.Typer(no_args_is_help=True, help=__doc__)
 
 
 def read_audit_topic(
-    bootstrap: str, topic: str, *, timeout_s: float = 30.0
+    bootstrap: str,
+    topic: str,
+    *,
+    timeout_s: float = 30.0,
+    client_config: dict[str, Any] | None = None,
 ) -> list[tuple[int, bytes | None, bytes | None]]:
     """Every committed record of the audit topic's partition 0, in offset order."""
     from kafka import KafkaConsumer, TopicPartition
@@ -25,6 +29,7 @@ def read_audit_topic(
         isolation_level="read_committed",
         enable_auto_commit=False,
         consumer_timeout_ms=int(timeout_s * 1000),
+        **(client_config or {}),
     )
     try:
         tp = TopicPartition(topic, 0)
@@ -76,7 +81,7 @@ def verify(
     directory = load_directory(
         folder / DIRECTORY, RootPublicKey.from_bytes((folder / ROOT_PUB).read_bytes())
     )
-    entries = read_audit_topic(bootstrap, topic)
+    entries = read_audit_topic(bootstrap, topic, client_config=settings.kafka_client_config())
     report = verify_entries(
         entries, directory, require_checkpoint_signer=signer or settings.sealer_principal
     )

@@ -117,6 +117,7 @@ class CommandPublisher:
                 max_block_ms=int(timeout_s * 1000),
                 request_timeout_ms=int(timeout_s * 1000),
                 linger_ms=5,
+                **settings.kafka_client_config(),
             )
         except (KafkaError, OSError) as exc:
             raise _kafka_error("connecting the command producer", self._bootstrap, exc) from exc
@@ -307,13 +308,20 @@ def read_status_events(
             enable_auto_commit=False,
             client_id="fleetbus-dispatch-status",
             request_timeout_ms=max(int(timeout_s * 1000), 5000) + 1000,
+            **settings.kafka_client_config(),
         )
     except (KafkaError, OSError) as exc:
         raise _kafka_error("reading command status", bootstrap, exc) from exc
     try:
         partitions = consumer.partitions_for_topic(topic)
         if not partitions:
-            raise ConfigError(f"topic {topic} does not exist; create the pipeline topics first")
+            # The broker answers the same for a topic that is missing and for one this
+            # principal may not describe (ACLs): say both.
+            raise ConfigError(
+                f"topic {topic} does not exist or this principal is not authorized to read it "
+                "(create the pipeline topics; a dispatcher that waits needs READ and DESCRIBE "
+                "on it, see docs/reliability.md)"
+            )
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         # End offsets first: a record appended after this call is at or beyond them, so a

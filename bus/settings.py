@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+import ssl
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -82,6 +85,21 @@ class FleetbusSettings(BaseSettings):
 
     kafka_bootstrap: str = Field(
         default="127.0.0.1:19092", description="Kafka bootstrap servers, comma separated"
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL"] = Field(
+        default="PLAINTEXT",
+        description="PLAINTEXT, or SSL: TLS to the brokers, with a client certificate (mTLS) "
+        "when kafka_ssl_certfile/keyfile are set",
+    )
+    kafka_ssl_cafile: str | None = Field(
+        default=None, description="CA bundle (PEM) the broker certificates are checked against"
+    )
+    kafka_ssl_certfile: str | None = Field(
+        default=None, description="client certificate (PEM); its CN is the Kafka principal"
+    )
+    kafka_ssl_keyfile: str | None = Field(default=None, description="client private key (PEM)")
+    kafka_ssl_check_hostname: bool = Field(
+        default=True, description="check the broker certificate names the host connected to"
     )
     app_id: str = Field(default="fleetbus", description="faust application id / consumer group")
     partitions: int = Field(default=4, ge=1, description="partitions of the topics we create")
@@ -182,3 +200,47 @@ class FleetbusSettings(BaseSettings):
         default=0, ge=0, le=65535, description="Prometheus /metrics port of the worker; 0: off"
     )
     metrics_bind: str = Field(default="127.0.0.1", description="address /metrics listens on")
+
+    @model_validator(mode="after")
+    def _kafka_tls_complete(self) -> FleetbusSettings:
+        if self.kafka_security_protocol == "SSL":
+            if not self.kafka_ssl_cafile:
+                raise ValueError("kafka_security_protocol SSL needs kafka_ssl_cafile")
+            if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
+                raise ValueError("set both kafka_ssl_certfile and kafka_ssl_keyfile, or neither")
+        elif self.kafka_ssl_certfile or self.kafka_ssl_keyfile or self.kafka_ssl_cafile:
+            raise ValueError("kafka_ssl_* files are set but kafka_security_protocol is PLAINTEXT")
+        return self
+
+    def kafka_client_config(self) -> dict[str, Any]:
+        """Security keyword arguments for kafka-python clients (producer, consumer, admin)."""
+        if self.kafka_security_protocol == "PLAINTEXT":
+            return {}
+        config: dict[str, Any] = {
+            "security_protocol": "SSL",
+            "ssl_cafile": self.kafka_ssl_cafile,
+            "ssl_check_hostname": self.kafka_ssl_check_hostname,
+        }
+        if self.kafka_ssl_certfile:
+            config["ssl_certfile"] = self.kafka_ssl_certfile
+            config["ssl_keyfile"] = self.kafka_ssl_keyfile
+        return config
+
+    def kafka_ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for aiokafka and faust (None with PLAINTEXT): TLS 1.2+, the broker
+        verified against ``kafka_ssl_cafile``, our certificate presented when configured."""
+        if self.kafka_security_protocol == "PLAINTEXT":
+            return None
+        context = ssl.create_default_context(cafile=self.kafka_ssl_cafile)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.check_hostname = self.kafka_ssl_check_hostname
+        if self.kafka_ssl_certfile:
+            context.load_cert_chain(self.kafka_ssl_certfile, self.kafka_ssl_keyfile)
+        return context
+
+    def aiokafka_client_config(self) -> dict[str, Any]:
+        """Security keyword arguments for aiokafka clients."""
+        context = self.kafka_ssl_context()
+        if context is None:
+            return {}
+        return {"security_protocol": "SSL", "ssl_context": context}

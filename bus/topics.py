@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from fleetbus.bus.errors import KafkaUnavailableError
 
@@ -16,12 +17,14 @@ def ensure_topics(
     replication_factor: int = 1,
     configs: dict[str, str] | None = None,
     timeout_s: float = 30.0,
+    client_config: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Create the topics that do not exist yet; return the names created.
 
     An existing topic is left alone, even when its partition count differs: changing it would
     re-key vehicles onto other partitions, which is an operator's decision, not a start-up side
-    effect.
+    effect. ``client_config`` adds kafka-python security settings
+    (``FleetbusSettings.kafka_client_config()``).
     """
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
@@ -33,6 +36,7 @@ def ensure_topics(
             bootstrap_servers=bootstrap,
             request_timeout_ms=int(timeout_s * 1000),
             client_id="fleetbus-admin",
+            **dict(client_config or {}),
         )
     except (KafkaError, OSError) as exc:
         raise KafkaUnavailableError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc

@@ -372,6 +372,7 @@ class VehicleAgent:
                     enable_idempotence=True,
                     linger_ms=5,
                     max_block_ms=10_000,
+                    **self.settings.kafka_client_config(),
                 )
             if self._consumer is None:
                 self._consumer = KafkaConsumer(
@@ -385,6 +386,7 @@ class VehicleAgent:
                     max_partition_fetch_bytes=max(self._max_size * 4, 1 << 20),
                     session_timeout_ms=int(self.settings.broker_session_timeout_s * 1000),
                     heartbeat_interval_ms=int(self.settings.broker_heartbeat_interval_s * 1000),
+                    **self.settings.kafka_client_config(),
                 )
         except (KafkaError, OSError) as exc:
             raise KafkaUnavailableError(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from faust import SSLCredentials
 from mode import Service
 
 from fleetbus.bus.errors import ConfigError
@@ -28,7 +29,10 @@ KEM_PROVIDERS = ("x25519", "mlkem768", "xwing")
 
 def faust_config(settings: FleetbusSettings) -> dict[str, Any]:
     """faust settings derived from ours; kept in one place so tests and workers agree."""
+    context = settings.kafka_ssl_context()
+    tls: dict[str, Any] = {} if context is None else {"broker_credentials": SSLCredentials(context)}
     return {
+        **tls,
         "broker": [f"kafka://{hp.strip()}" for hp in settings.kafka_bootstrap.split(",")],
         "store": "memory://",
         "processing_guarantee": settings.processing_guarantee,
@@ -245,6 +249,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
                 "session_timeout_ms": int(settings.broker_session_timeout_s * 1000),
                 "heartbeat_interval_ms": int(settings.broker_heartbeat_interval_s * 1000),
             },
+            client_options=settings.aiokafka_client_config(),
         )
         for logic in logics
     ]

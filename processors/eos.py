@@ -314,6 +314,7 @@ class TransactionalStage:
         clock: Callable[[], float] = time.time,
         consumer_options: Mapping[str, Any] | None = None,
         producer_options: Mapping[str, Any] | None = None,
+        client_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.logic = logic
         self.stage = logic.name
@@ -330,12 +331,18 @@ class TransactionalStage:
         self._tick_s = tick_interval_s
         self._max_backoff_s = max_backoff_s
         self._clock = clock
-        self._consumer_options = dict(consumer_options or {})
+        # Security settings (TLS) for every client: group consumer, producers, state reader.
+        self._client_options = dict(client_options or {})
+        self._consumer_options = {**self._client_options, **(consumer_options or {})}
         # A transaction's first requests often meet CONCURRENT_TRANSACTIONS while the broker
         # still writes the previous one's markers; aiokafka then retries after
         # retry_backoff_ms (100 ms by default) — per transaction, i.e. per batch. 20 ms, as
         # aiokafka already uses for AddPartitionsToTxn, halves end-to-end latency here.
-        self._producer_options = {"retry_backoff_ms": 20, **(producer_options or {})}
+        self._producer_options = {
+            "retry_backoff_ms": 20,
+            **self._client_options,
+            **(producer_options or {}),
+        }
         self._parts: dict[int, _Partition] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._stopping = asyncio.Event()
@@ -460,6 +467,7 @@ class TransactionalStage:
             isolation_level="read_committed",
             enable_auto_commit=False,
             client_id=f"{self.group_id}-restore",
+            **self._client_options,
         )
         await reader.start()
         state: dict[str, bytes] = {}

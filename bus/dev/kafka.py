@@ -567,11 +567,17 @@ def fleet_acls(
     worker: str,
     dispatchers: Sequence[str] = (),
     vehicles: Sequence[str] = (),
+    status_readers: Sequence[str] = (),
 ) -> list[AclGrant]:
     """Least-privilege bindings for a fleet's principals (``topics`` is a ``TopicNames``).
 
     - dispatchers: WRITE and DESCRIBE ``commands.requested`` and ``commands.approvals``; nothing
-      else (a dispatcher that waits for outcomes needs READ on ``commands.status`` in addition).
+      else.
+    - status_readers: READ and DESCRIBE ``commands.status`` (no consumer group: the SDK assigns
+      partitions). A dispatch console that waits for outcomes (``CommandHandle.wait``) is in
+      both lists; a fire-and-forget dispatcher only in the first. Status events carry the
+      command ids, states, reason codes and vehicle ids of every dispatcher's commands (no
+      payloads), so READ on them is a grant of its own.
     - vehicles (or a vehicle gateway / simulator principal): READ ``commands.outbound`` with a
       consumer group named ``{app_id}.vehicles.*``; WRITE ``commands.responses`` and
       ``telemetry.raw``.
@@ -589,6 +595,11 @@ def fleet_acls(
                 AclGrant(who, "WRITE", "TOPIC", full(name)),
                 AclGrant(who, "DESCRIBE", "TOPIC", full(name)),
             ]
+    for who in status_readers:
+        grants += [
+            AclGrant(who, "READ", "TOPIC", full(topics.commands_status)),
+            AclGrant(who, "DESCRIBE", "TOPIC", full(topics.commands_status)),
+        ]
     for who in vehicles:
         grants += [
             AclGrant(who, "READ", "TOPIC", full(topics.commands_outbound)),

@@ -26,7 +26,7 @@ from kafka.errors import (
 )
 
 from fleetbus.bus.dev.kafka import ADMIN_PRINCIPAL, LocalKafka, find_free_base_port, fleet_acls
-from fleetbus.bus.settings import TopicNames
+from fleetbus.bus.settings import FleetbusSettings, TopicNames
 
 APP_ID = "fleetbus"
 DISPATCHER = "dispatch-1"
@@ -262,3 +262,112 @@ def test_worker_runs_consume_transform_produce_transactions(secure_kafka: LocalK
 
     with pytest.raises(TransactionalIdAuthorizationFailed):
         asyncio.run(foreign_id())
+
+
+def tls_settings(cluster: LocalKafka, principal: str, **fields: Any) -> FleetbusSettings:
+    """``FleetbusSettings`` of a process that connects as ``principal`` over mTLS."""
+    config = cluster.client_config(principal)
+    return FleetbusSettings(
+        kafka_bootstrap=cluster.bootstrap,
+        kafka_security_protocol="SSL",
+        kafka_ssl_cafile=config["ssl_cafile"],
+        kafka_ssl_certfile=config["ssl_certfile"],
+        kafka_ssl_keyfile=config["ssl_keyfile"],
+        **fields,
+    )
+
+
+def test_pipeline_runs_on_the_mtls_cluster_with_least_privilege_principals(
+    secure_kafka: LocalKafka, tmp_path: Path
+) -> None:
+    """The worker, a dispatch console and a vehicle agent — each its own principal with only
+    ``fleet_acls`` grants — take a command from request to a succeeded status over mTLS.
+    The console may wait on ``commands.status`` because it is a status reader; a
+    dispatcher that is not is refused that topic."""
+    from integration.pipeline_support import DISPATCHER as SIGNER
+    from integration.pipeline_support import make_test_fleet, worker_env
+
+    from fleetbus.bus.commands import CommandState, Target
+    from fleetbus.bus.dev.smoke import WorkerProcess
+    from fleetbus.bus.dispatch import CommandPublisher
+    from fleetbus.bus.errors import ConfigError
+    from fleetbus.bus.topics import ensure_topics
+    from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
+
+    console, fire_and_forget = "dispatch-console", "dispatch-batch"
+    app_id, topics = "fleetbus-mtls", TopicNames(prefix="mtls.")
+    names = [topics.full(getattr(topics, n)) for n in TopicNames.model_fields if n != "prefix"]
+    ensure_topics(
+        secure_kafka.bootstrap, names, partitions=2, client_config=secure_kafka.client_config()
+    )
+    secure_kafka.create_acls(
+        fleet_acls(
+            topics,
+            app_id=app_id,
+            worker=WORKER,
+            dispatchers=[console, fire_and_forget],
+            vehicles=[VEHICLES],
+            status_readers=[console],
+        )
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            produce(secure_kafka, fire_and_forget, topics.full(topics.commands_approvals))
+            break
+        except TopicAuthorizationFailedError:
+            assert time.monotonic() < deadline, "ACLs never applied"
+            time.sleep(0.5)
+
+    fleet = make_test_fleet(tmp_path, vehicles=2)
+    common: dict[str, Any] = {"app_id": app_id, "partitions": 2, "topics": topics}
+    worker_settings = tls_settings(secure_kafka, WORKER, keys_dir=str(fleet.keys_dir), **common)
+    env = worker_env(worker_settings, fleet, tmp_path)
+    env.update(
+        FLEETBUS_KAFKA_SECURITY_PROTOCOL="SSL",
+        FLEETBUS_KAFKA_SSL_CAFILE=str(worker_settings.kafka_ssl_cafile),
+        FLEETBUS_KAFKA_SSL_CERTFILE=str(worker_settings.kafka_ssl_certfile),
+        FLEETBUS_KAFKA_SSL_KEYFILE=str(worker_settings.kafka_ssl_keyfile),
+    )
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    ran: list[str] = []
+    agent = VehicleAgent(
+        tls_settings(secure_kafka, VEHICLES, **common),
+        vehicles=fleet.vehicles(),
+        directory=fleet.directory,
+        minimum_path="xwing",
+        handlers={"ping": lambda command: ran.append(command.id) or HandlerResult(200, "ok")},
+        store_path=tmp_path / "agent.sqlite",
+    ).start()
+    publisher = CommandPublisher(
+        tls_settings(secure_kafka, console, **common),
+        principal_id=SIGNER,
+        private_key_file=fleet.key_file_path(SIGNER),
+    )
+    try:
+        handle = publisher.send(Target(vehicle="V-0001"), "ping")
+        final = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED]
+        try:
+            event = handle.wait(120, until=final)
+        except Exception:
+            pytest.fail(f"no final status; events {handle.events}:\n{worker.output()[-4000:]}")
+        assert event.state is CommandState.SUCCEEDED, handle.events
+        assert ran == [handle.command_id]
+        assert worker.running()
+    finally:
+        publisher.close()
+        agent.stop()
+        worker.stop()
+    # The same wait from a dispatcher without the status grant is refused by the broker.
+    batch = CommandPublisher(
+        tls_settings(secure_kafka, fire_and_forget, **common),
+        principal_id=SIGNER,
+        private_key_file=fleet.key_file_path(SIGNER),
+    )
+    try:
+        refused = batch.send(Target(vehicle="V-0002"), "ping")
+        with pytest.raises(ConfigError) as caught:
+            refused.wait(10, until=final)
+        assert "not authorized to read" in str(caught.value)
+    finally:
+        batch.close()
