@@ -56,15 +56,6 @@ class StatusTimeoutError(FleetbusError, TimeoutError):
     reason = ReasonCode.EXPIRED
 
 
-def _trace_headers() -> list[tuple[str, bytes]]:
-    """W3C trace context of the current span (if any) as Kafka headers."""
-    from opentelemetry import propagate
-
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return [(k, v.encode("ascii", "replace")) for k, v in sorted(carrier.items())]
-
-
 def _kafka_error(action: str, bootstrap: str, exc: BaseException) -> KafkaUnavailableError:
     return KafkaUnavailableError(
         f"{action}: Kafka at {bootstrap} did not answer ({type(exc).__name__}: {exc})"
@@ -143,12 +134,18 @@ class CommandPublisher:
     def _publish(self, topic_name: str, key: str, value: bytes) -> Any:
         from kafka.errors import KafkaError
 
+        from fleetbus.observability.tracing import get_tracer, record_delivery, send_span
+
         topic = self.settings.topics.full(topic_name)
+        headers: list[tuple[str, bytes]] = []
         try:
-            future = self._producer.send(
-                topic, key=key.encode(), value=value, headers=_trace_headers()
-            )
-            return future.get(timeout=self.timeout_s)
+            # The PRODUCER span is where the command's trace starts (or joins the caller's);
+            # its W3C context goes into the record's headers for every later hop.
+            with send_span(get_tracer(), topic, headers, key=key) as span:
+                future = self._producer.send(topic, key=key.encode(), value=value, headers=headers)
+                metadata = future.get(timeout=self.timeout_s)
+                record_delivery(span, partition=metadata.partition, offset=metadata.offset)
+                return metadata
         except (KafkaError, OSError) as exc:
             raise _kafka_error(f"publishing to {topic}", self._bootstrap, exc) from exc
 

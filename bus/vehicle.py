@@ -37,6 +37,14 @@ from fleetbus.bus.envelope import DEFAULT_MAX_SIZE, MessageKind, decode_envelope
 from fleetbus.bus.errors import ConfigError, FleetbusError, KafkaUnavailableError, ReasonCode
 from fleetbus.bus.keys import KeyPath, KeyProvider, PrivateKeySet, SecurityProfile, Signer
 from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.observability.tracing import (
+    OP_PROCESS,
+    consume_span,
+    get_tracer,
+    record_reject,
+    send_span,
+    stage_span,
+)
 
 if TYPE_CHECKING:
     from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
@@ -509,27 +517,16 @@ class VehicleAgent:
             # Another process's vehicle (vehicles share partitions): never opened here.
             self.stats.ignored += 1
             return []
-        from opentelemetry import propagate, trace
-
-        parent = propagate.extract(
-            {
-                k: v.decode("ascii", "replace")
-                for k, v in (record.headers or [])
-                if isinstance(k, str) and isinstance(v, bytes)
-            }
-        )
-        tracer = trace.get_tracer("fleetbus")
-        with tracer.start_as_current_span(
-            f"process {record.topic}",
-            context=parent,
-            kind=trace.SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.destination.name": record.topic,
-                "messaging.operation.type": "process",
-                "messaging.consumer.group.name": self.group_id,
-                "messaging.kafka.offset": record.offset,
-            },
+        # A CONSUMER span, child of the seal stage's context in the record's headers.
+        with consume_span(
+            get_tracer(),
+            record.topic,
+            record.headers,
+            operation=OP_PROCESS,
+            key=vehicle_id,
+            partition=record.partition,
+            offset=record.offset,
+            consumer_group=self.group_id,
         ):
             return self._handle(self._vehicles[vehicle_id], record.value, record.topic)
 
@@ -538,6 +535,7 @@ class VehicleAgent:
 
         self.stats.rejected += 1
         ENVELOPE_REJECTS.labels(role="vehicle", reason=reason.value).inc()
+        record_reject(None, stage="vehicle", reason=reason.value, detail=detail)
         _log.warning("vehicle rejected an envelope: %s (%s)", reason.value, detail)
 
     def _handle(self, vehicle: _Vehicle, value: object, topic: str) -> list[Any]:
@@ -633,12 +631,16 @@ class VehicleAgent:
         if handler is None:
             response = self._response(vid, command, 404, f"no handler for {command.action!r}")
         else:
-            try:
-                result = handler(command) or HandlerResult()
-                response = self._response(vid, command, result.status, result.detail)
-            except Exception as exc:
-                _log.exception("handler for %s failed on %s", command.action, vid)
-                response = self._response(vid, command, 500, f"handler raised {type(exc).__name__}")
+            with stage_span(get_tracer(), "execute", **{"fleetbus.action": command.action}) as span:
+                try:
+                    result = handler(command) or HandlerResult()
+                    response = self._response(vid, command, result.status, result.detail)
+                except Exception as exc:
+                    _log.exception("handler for %s failed on %s", command.action, vid)
+                    response = self._response(
+                        vid, command, 500, f"handler raised {type(exc).__name__}"
+                    )
+                span.set_attribute("fleetbus.response.status", response.status)
             self.stats.executed += 1
         self.store.finish(vid, command.id, response.encode())
         return self._publish_response(vehicle, response)
@@ -686,7 +688,9 @@ class VehicleAgent:
             "response",
             response.encode(),
         )
-        return [self._send(self._responses, response.command_id, envelope, _trace_headers())]
+        headers: list[tuple[str, bytes]] = []
+        with send_span(get_tracer(), self._responses, headers, key=response.command_id):
+            return [self._send(self._responses, response.command_id, envelope, headers)]
 
     def _seal(
         self,

@@ -35,7 +35,12 @@ from fleetbus.observability.metrics import (
     RECORDS,
     STAGE_LATENCY,
 )
-from fleetbus.observability.tracing import consume_span, get_tracer, inject_headers
+from fleetbus.observability.tracing import (
+    consume_span,
+    get_tracer,
+    inject_headers,
+    record_reject,
+)
 from fleetbus.processors.audit import AuditChain, AuditEvent, ChainHead
 
 __all__ = [
@@ -165,6 +170,17 @@ def dead_letter_result(
 ) -> StageResult:
     """The DLQ record plus its audit event for an input that cannot be processed."""
     DLQ_RECORDS.labels(stage=stage, reason=reason.value).inc()
+    # Stages call this inside the input record's span: the reject shows in the command's trace
+    # and this line carries its trace_id (the detail stays in the DLQ record and the span).
+    record_reject(None, stage=stage, reason=reason.value, detail=detail)
+    _log.info(
+        "stage %s: %s[%d]@%d dead-lettered (%s)",
+        stage,
+        record.topic,
+        record.partition,
+        record.offset,
+        reason.value,
+    )
     letter = DeadLetter(
         stage,
         record.topic,
@@ -520,9 +536,9 @@ class TransactionalStage:
             else:
                 each = (time.perf_counter() - started) / len(inputs)
                 for record, outcome in zip(inputs, results, strict=True):
-                    if isinstance(outcome, Exception):
-                        outcome = self._dead_letter(record, outcome, now)
                     with self._record_span(record):
+                        if isinstance(outcome, Exception):
+                            outcome = self._dead_letter(record, outcome, now)
                         outcome = _with_trace_context(outcome)
                     STAGE_LATENCY.labels(stage=self.stage).observe(each)
                     RECORDS.labels(stage=self.stage, outcome=outcome.outcome).inc()

@@ -1,0 +1,394 @@
+"""One trace across every real hop: CommandPublisher → authorize → seal → VehicleAgent (handler,
+signed response) → track, on the real broker, with the production stage runners in this process.
+
+The stages are the ``TransactionalStage`` runners ``build_pipeline`` makes for ``fleetbus
+worker`` (the worker runs the same objects as faust services), driven here by an asyncio loop in
+a thread so that their spans reach this process's in-memory exporter. Typical runtime: 15 s
+once Kafka is up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from integration.pipeline_support import DISPATCHER, make_test_fleet
+from kafka import KafkaConsumer, KafkaProducer
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from fleetbus.bus.commands import Command, CommandState, StatusEvent, Target
+from fleetbus.bus.dispatch import CommandPublisher
+from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.bus.topics import ensure_topics
+from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
+from fleetbus.observability.tracing import (
+    EVENT_REJECT,
+    extract_context,
+    get_tracer,
+    inject_headers,
+    setup_tracing,
+)
+from fleetbus.processors.app import Pipeline, build_pipeline, pipeline_topics
+from fleetbus.processors.eos import DeadLetter
+
+FINAL = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED, CommandState.EXPIRED]
+VEHICLE = "V-0001"
+
+
+@pytest.fixture(scope="module")
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Every span this process finishes while the module runs.
+
+    The global TracerProvider can be set once per process, and the VehicleAgent, the publisher
+    and the stages all use the global one: install an SDK provider if nobody has, else add our
+    exporter to the one that is there. The exporter is shut down afterwards, so later tests do
+    not pile spans up in memory (the processor stays attached: the SDK cannot detach one).
+    """
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        setup_tracing("fleetbus-trace-e2e", environ={"OTEL_TRACES_EXPORTER": "none"})
+        provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider), "another SDK owns the global TracerProvider"
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.shutdown()
+
+
+class StageRunners:
+    """The pipeline's stage runners on one asyncio loop in a daemon thread."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.stages = pipeline.stages
+        self.loop = asyncio.new_event_loop()
+        self.results: list[Any] = []
+        self.thread = threading.Thread(target=self._run, name="trace-e2e-stages", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main() -> list[Any]:
+            return await asyncio.gather(*(s.run() for s in self.stages), return_exceptions=True)
+
+        self.results = self.loop.run_until_complete(main())
+
+    def group(self, stage: str) -> str:
+        (found,) = [s.group_id for s in self.stages if s.stage == stage]
+        return str(found)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            for stage in self.stages:
+                asyncio.run_coroutine_threadsafe(stage.stop(), self.loop).result(10)
+            self.thread.join(30)
+        assert not self.thread.is_alive(), "stage runners did not stop"
+        self.loop.close()
+        errors = [r for r in self.results if isinstance(r, BaseException)]
+        assert not errors, errors
+
+
+@pytest.fixture
+def pipeline(
+    kafka_bootstrap: str, tmp_path: Path, spans: InMemorySpanExporter
+) -> Iterator[dict[str, Any]]:
+    fleet = make_test_fleet(tmp_path, vehicles=2)
+    settings = fleet.settings_for(
+        kafka_bootstrap, partitions=1, tick_interval_s=0.5, audit_checkpoint_every=5
+    )
+    # The worker command creates the stages' compacted state topics; do as it does.
+    _regular, compacted = pipeline_topics(settings)
+    ensure_topics(kafka_bootstrap, compacted, partitions=1, configs={"cleanup.policy": "compact"})
+    runners = StageRunners(build_pipeline(settings))
+    executed: list[str] = []
+
+    def ping(command: Command) -> HandlerResult:
+        executed.append(command.id)
+        return HandlerResult(200, "pong")
+
+    agent = VehicleAgent(
+        settings,
+        vehicles=fleet.vehicles(),
+        directory=fleet.directory,
+        minimum_path="xwing",
+        handlers={"ping": ping},
+        store_path=tmp_path / "agent.sqlite",
+    ).start()
+    publisher = CommandPublisher(
+        settings, principal_id=DISPATCHER, private_key_file=fleet.key_file_path(DISPATCHER)
+    )
+    spans.clear()
+    try:
+        yield {
+            "fleet": fleet,
+            "settings": settings,
+            "runners": runners,
+            "agent": agent,
+            "publisher": publisher,
+            "executed": executed,
+        }
+    finally:
+        publisher.close()
+        agent.close()
+        runners.stop()
+
+
+def full(settings: FleetbusSettings, name: str) -> str:
+    return settings.topics.full(getattr(settings.topics, name))
+
+
+def read_topic(
+    settings: FleetbusSettings, name: str, *, want: int = 0, timeout_s: float = 3.0
+) -> list[Any]:
+    """Committed records of a topic: all that arrive within ``timeout_s`` of idleness, or
+    as soon as ``want`` of them are there."""
+    consumer = KafkaConsumer(
+        full(settings, name),
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        consumer_timeout_ms=int(timeout_s * 1000),
+    )
+    records: list[Any] = []
+    try:
+        for record in consumer:
+            records.append(record)
+            if want and len(records) >= want:
+                break
+    finally:
+        consumer.close()
+    return records
+
+
+def header_context(headers: Sequence[tuple[str, bytes]] | None) -> tuple[int, int]:
+    """(trace id, span id) of a record's ``traceparent``; (0, 0) when there is none."""
+    ctx = trace.get_current_span(extract_context(headers)).get_span_context()
+    return ctx.trace_id, ctx.span_id
+
+
+def one(found: list[ReadableSpan], what: str, all_spans: Sequence[ReadableSpan]) -> ReadableSpan:
+    assert len(found) == 1, f"{what}: {len(found)} spans in {[s.name for s in all_spans]}"
+    return found[0]
+
+
+def attrs(span: ReadableSpan) -> dict[str, Any]:
+    return dict(span.attributes or {})
+
+
+def kafka_spans(
+    spans: Sequence[ReadableSpan], kind: SpanKind, topic: str, group: str | None = None
+) -> list[ReadableSpan]:
+    return [
+        s
+        for s in spans
+        if s.kind is kind
+        and attrs(s).get("messaging.destination.name") == topic
+        and (group is None or attrs(s).get("messaging.consumer.group.name") == group)
+    ]
+
+
+def assert_child_of(child: ReadableSpan, parent: ReadableSpan) -> None:
+    assert child.parent is not None, f"{child.name} has no parent"
+    assert child.parent.trace_id == parent.context.trace_id
+    assert child.parent.span_id == parent.context.span_id, (
+        f"{child.name}'s parent is not {parent.name}"
+    )
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_a_command_is_one_trace_from_publisher_to_vehicle_and_back(
+    pipeline: dict[str, Any], spans: InMemorySpanExporter
+) -> None:
+    settings: FleetbusSettings = pipeline["settings"]
+    runners: StageRunners = pipeline["runners"]
+    publisher: CommandPublisher = pipeline["publisher"]
+
+    handle = publisher.send(Target(vehicle=VEHICLE), "ping")
+    event = handle.wait(45, until=FINAL)
+    assert event.state is CommandState.SUCCEEDED, handle.events
+    assert pipeline["executed"] == [handle.command_id]
+
+    requested, authorized = (
+        full(settings, "commands_requested"),
+        full(settings, "commands_authorized"),
+    )
+    outbound, responses = full(settings, "commands_outbound"), full(settings, "commands_responses")
+    prefix = settings.topics.prefix
+
+    # The dispatcher's PRODUCER span starts the trace (no span was current when send ran).
+    finished = spans.get_finished_spans()
+    publish = one(kafka_spans(finished, SpanKind.PRODUCER, requested), "publish", finished)
+    assert publish.parent is None
+    trace_id = publish.context.trace_id
+    assert attrs(publish) == {
+        "messaging.system": "kafka",
+        "messaging.destination.name": requested,
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "send",
+        "messaging.kafka.message.key": handle.command_id,
+        "messaging.destination.partition.id": str(handle.partition),
+        "messaging.kafka.destination.partition": handle.partition,
+        "messaging.kafka.offset": handle.offset,
+    }
+
+    # Every span about this run's topics is in that one trace: no hop lost the context.
+    ours = [
+        s
+        for s in finished
+        if str(attrs(s).get("messaging.destination.name", "")).startswith(prefix)
+    ]
+    assert {s.context.trace_id for s in ours} == {trace_id}, sorted(s.name for s in ours)
+    in_trace = [s for s in finished if s.context.trace_id == trace_id]
+    ids = {s.context.span_id for s in in_trace}
+    for span in in_trace:
+        if span is not publish:
+            assert span.parent is not None, span.name
+            assert span.parent.span_id in ids, span.name
+
+    # Each hop, and its parent.
+    authorize = one(
+        kafka_spans(in_trace, SpanKind.CONSUMER, requested, runners.group("authorize")),
+        "authorize",
+        in_trace,
+    )
+    assert_child_of(authorize, publish)
+    seal = one(
+        kafka_spans(in_trace, SpanKind.CONSUMER, authorized, runners.group("seal")),
+        "seal",
+        in_trace,
+    )
+    assert_child_of(seal, authorize)
+    track_authorized = one(
+        kafka_spans(in_trace, SpanKind.CONSUMER, authorized, runners.group("track")),
+        "track of authorized",
+        in_trace,
+    )
+    assert_child_of(track_authorized, authorize)
+    agent: VehicleAgent = pipeline["agent"]
+    receive = one(
+        kafka_spans(in_trace, SpanKind.CONSUMER, outbound, agent.group_id), "vehicle", in_trace
+    )
+    assert_child_of(receive, seal)
+    assert attrs(receive)["messaging.kafka.message.key"] == VEHICLE
+    handler = one(
+        [s for s in in_trace if s.kind is SpanKind.INTERNAL and s.name == "execute"],
+        "handler",
+        in_trace,
+    )
+    assert_child_of(handler, receive)
+    assert attrs(handler)["fleetbus.action"] == "ping"
+    assert attrs(handler)["fleetbus.response.status"] == 200
+    answer = one(kafka_spans(in_trace, SpanKind.PRODUCER, responses), "response", in_trace)
+    assert_child_of(answer, receive)
+    assert answer.start_time is not None
+    assert handler.end_time is not None
+    assert answer.start_time >= handler.end_time  # answered after the handler ran
+    assert attrs(answer)["messaging.kafka.message.key"] == handle.command_id
+    track_response = one(
+        kafka_spans(in_trace, SpanKind.CONSUMER, responses, runners.group("track")),
+        "track of the response",
+        in_trace,
+    )
+    assert_child_of(track_response, answer)
+
+    # Messaging semantic conventions on every consumer span, pointing at real records.
+    records = {
+        name: read_topic(settings, name)
+        for name in (
+            "commands_requested",
+            "commands_authorized",
+            "commands_outbound",
+            "commands_responses",
+            "commands_status",
+        )
+    }
+    positions = {(r.topic, r.partition, r.offset) for rs in records.values() for r in rs}
+    for span in (authorize, seal, track_authorized, receive, track_response):
+        a = attrs(span)
+        assert span.name == f"process {a['messaging.destination.name']}"
+        assert a["messaging.system"] == "kafka"
+        assert a["messaging.operation.type"] == "process"
+        assert a["messaging.operation.name"] == "process"
+        assert a["messaging.consumer.group.name"]
+        assert a["messaging.destination.partition.id"] == str(
+            a["messaging.kafka.destination.partition"]
+        )
+        where = (
+            a["messaging.destination.name"],
+            a["messaging.kafka.destination.partition"],
+            a["messaging.kafka.offset"],
+        )
+        assert where in positions, where
+
+    # The records themselves carry the trace, each naming the span that wrote it.
+    for name, rs in records.items():
+        assert rs, name
+        for record in rs:
+            assert header_context(record.headers)[0] == trace_id, (name, record.offset)
+    (sent,) = records["commands_requested"]
+    assert header_context(sent.headers) == (trace_id, publish.context.span_id)
+    (response_record,) = records["commands_responses"]
+    assert header_context(response_record.headers) == (trace_id, answer.context.span_id)
+    succeeded = [
+        r
+        for r in records["commands_status"]
+        if StatusEvent.decode(r.value).state is CommandState.SUCCEEDED
+    ]
+    assert len(succeeded) == 1
+    assert header_context(succeeded[0].headers) == (trace_id, track_response.context.span_id)
+
+
+def test_a_dead_lettered_record_shows_as_a_reject_event_in_its_trace(
+    pipeline: dict[str, Any], spans: InMemorySpanExporter
+) -> None:
+    settings: FleetbusSettings = pipeline["settings"]
+    runners: StageRunners = pipeline["runners"]
+    requested = full(settings, "commands_requested")
+
+    # A client with its own trace sends bytes that are no command.
+    with get_tracer().start_as_current_span("hostile client") as root:
+        headers = list(inject_headers())
+    trace_id = root.get_span_context().trace_id
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    try:
+        producer.send(requested, key=b"junk", value=b"\x00 not a command", headers=headers).get(20)
+    finally:
+        producer.close()
+
+    (letter_record,) = read_topic(settings, "dlq", want=1, timeout_s=30)
+    letter = DeadLetter.decode(letter_record.value)
+    assert letter.stage == "authorize"
+    assert header_context(letter_record.headers)[0] == trace_id
+
+    group = runners.group("authorize")
+
+    def authorize_span_finished() -> bool:
+        return bool(kafka_spans(spans.get_finished_spans(), SpanKind.CONSUMER, requested, group))
+
+    wait_for(authorize_span_finished, 10, "the authorize span")
+    finished = spans.get_finished_spans()
+    span = one(kafka_spans(finished, SpanKind.CONSUMER, requested, group), "authorize", finished)
+    assert span.context.trace_id == trace_id
+    assert span.status.status_code is StatusCode.ERROR
+    (reject,) = [e for e in span.events if e.name == EVENT_REJECT]
+    assert reject.attributes is not None
+    assert reject.attributes["fleetbus.stage"] == "authorize"
+    assert reject.attributes["fleetbus.reason"] == str(letter.reason.value)
+    assert span.status.description == str(letter.reason.value)
