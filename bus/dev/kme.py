@@ -24,7 +24,9 @@ class KMEPairProcess:
     """Two ETSI 014 KMEs joined by a simulated link, running until ``stop()``.
 
     SAEs in ``sae_a`` sit behind KME-A (the sealing side, master), those in ``sae_b`` behind
-    KME-B (edge units, slaves). Certificates are written to ``workdir / "pki"``.
+    KME-B (edge units, slaves). Certificates are written to ``workdir / "pki"``. With
+    ``durable=True`` the pool is kept in ``workdir / "kme-state"``, so a ``stop()`` then
+    ``start()`` keeps the keys handed out but not yet fetched (and the PKI is not re-issued).
     """
 
     workdir: Path
@@ -32,6 +34,7 @@ class KMEPairProcess:
     sae_b: list[str]
     key_rate_bps: float = 1_000_000.0
     pool_size: int = 4096
+    durable: bool = False
     urls: dict[str, str] = field(default_factory=dict)
     _proc: subprocess.Popen[str] | None = field(default=None, repr=False)
 
@@ -39,20 +42,26 @@ class KMEPairProcess:
     def pki(self) -> Path:
         return self.workdir / "pki"
 
+    @property
+    def state_dir(self) -> Path | None:
+        return self.workdir / "kme-state" if self.durable else None
+
     def start(self, timeout_s: float = 60.0) -> KMEPairProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cli = [sys.executable, "-m", "fleetbus.bus.cli_kme"]
         saes = [arg for sae in (*self.sae_a, *self.sae_b) for arg in ("--sae", sae)]
-        subprocess.run(  # noqa: S603
-            [*cli, "certs", "--out", str(self.pki), *saes],
-            check=True,
-            capture_output=True,
-        )
+        if not (self.durable and (self.pki / "ca.pem").is_file()):
+            subprocess.run(  # noqa: S603
+                [*cli, "certs", "--out", str(self.pki), *saes],
+                check=True,
+                capture_output=True,
+            )
+        state = [] if self.state_dir is None else ["--state-dir", str(self.state_dir)]
         args = [
             *cli, "serve", "--cert-dir", str(self.pki),
             "--port-a", "0", "--port-b", "0", "--admin-port", "0",
             "--key-rate", str(self.key_rate_bps), "--pool-size", str(self.pool_size),
-            "--prefill", str(self.pool_size),
+            "--prefill", str(self.pool_size), *state,
             *[a for sae in self.sae_a for a in ("--sae-a", sae)],
             *[a for sae in self.sae_b for a in ("--sae-b", sae)],
         ]  # fmt: skip

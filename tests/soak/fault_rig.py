@@ -3,7 +3,8 @@
 Shared by ``tests/integration/test_faults.py`` (bounded, in CI) and ``tests/soak/run_soak.py``
 (longer). ``FaultRig`` holds: a ``LocalKafka(brokers=3)`` (RF 3, min ISR 2, every topic created
 with replication factor 3), a KME pair on fixed ports (so it can be stopped and restarted at the
-same address with the same PKI), a fleet of ``V-0001..V-NNNN`` vehicles plus one QKD edge unit
+same address with the same PKI and the same state directory, so that keys handed out before a
+restart are still there after it), a fleet of ``V-0001..V-NNNN`` vehicles plus one QKD edge unit
 ``E-0001``, a ``fleetbus worker`` subprocess, one in-process ``VehicleAgent`` for all vehicles
 and one for the edge unit, and a ``CommandPublisher``.
 
@@ -60,7 +61,8 @@ def free_port() -> int:
 
 
 class KMEProcess:
-    """``fleetbus kme serve`` on fixed ports: ``stop()`` and ``start()`` keep its address."""
+    """``fleetbus kme serve`` on fixed ports: ``stop()`` and ``start()`` keep its address and its
+    state directory (the key pool and keys reserved but not yet fetched)."""
 
     def __init__(self, workdir: Path) -> None:
         from fleetbus.providers.pki import make_test_pki
@@ -68,6 +70,7 @@ class KMEProcess:
         self.workdir = workdir
         self.pki = make_test_pki(workdir / "pki", [MASTER_SAE, EDGE_SAE])
         self.ports = {"a": free_port(), "b": free_port(), "admin": free_port()}
+        self.state_dir = workdir / "state"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -85,6 +88,7 @@ class KMEProcess:
             "--cert-dir", str(self.pki.directory),
             "--port-a", str(self.ports["a"]), "--port-b", str(self.ports["b"]),
             "--admin-port", str(self.ports["admin"]),
+            "--state-dir", str(self.state_dir),
             "--sae-a", MASTER_SAE, "--sae-b", EDGE_SAE,
             "--key-rate", "2000000", "--pool-size", "4096", "--max-key-per-request", "128",
         ]  # fmt: skip
@@ -106,6 +110,11 @@ class KMEProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+    def reserved_in_state(self) -> int:
+        """Reserved, unfetched keys in the state file (read while the KME is down)."""
+        doc = json.loads((self.state_dir / "kme-pool.json").read_text())
+        return len(doc["state"]["reservations"])
 
     def admin(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         req = urllib.request.Request(
@@ -172,6 +181,8 @@ class FaultRig:
     executions: Executions = field(init=False)
     agents: list[VehicleAgent] = field(init=False)
     publisher: CommandPublisher = field(init=False)
+    #: Keys handed to the worker but not yet to the edge unit when the KME was last killed.
+    kme_reserved_at_kill: int | None = None
     _workers_started: int = 0
 
     # -- set-up ---------------------------------------------------------------------------
@@ -342,6 +353,7 @@ class FaultRig:
 
     def restart_kme(self, down_s: float = 4.0) -> None:
         self.kme.stop(signal.SIGKILL)
+        self.kme_reserved_at_kill = self.kme.reserved_in_state()
         time.sleep(down_s)
         self.kme.start()
 
@@ -472,8 +484,8 @@ class FaultRig:
 
     def failed_qkd(self, wanted: set[str], idle_s: float = 3.0) -> set[str]:
         """Commands of ``wanted`` that ended ``failed`` because their QKD key could not be had:
-        503 qkd_unavailable (never fetched before expiry), or 400 unknown_key_id (the restarted
-        simulated KME no longer knows a key reserved before it was killed)."""
+        503 qkd_unavailable (never fetched before expiry), or 400 unknown_key_id (a KME that no
+        longer knows a reserved key; the rig's KME keeps them in its state directory)."""
         failed = set()
         for r in self.read("commands_status", idle_s=idle_s):
             if r.key is None or r.key.decode() not in wanted:
