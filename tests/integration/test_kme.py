@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
 import re
 import socket
 import ssl
+import stat
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from fixtures_kme import KMEPairUnderTest, start_kme_process, stop_kme_process
@@ -599,7 +604,7 @@ def test_serve_exits_zero_on_sigterm(kme_pki: TestPKI, tmp_path: Any) -> None:
     proc, urls, reader = start_kme_process(
         kme_pki.directory, log, "--sae-a", "sae-hub", "--sae-b", "sae-edge-1"
     )
-    assert set(urls) == {"kme_a", "kme_b", "admin"}
+    assert set(urls) == {"kme_a", "kme_b", "admin"}  # no metrics-only listener unless asked
     assert stop_kme_process(proc, reader) == 0
     assert "stopped" in log.read_text()
 
@@ -621,3 +626,119 @@ def test_admin_mtls_requires_the_admin_certificate(kme_pki: TestPKI, tmp_path: A
         assert '"link_up": true' in allowed.output
     finally:
         assert stop_kme_process(proc, reader) == 0
+
+
+# -- metrics-only listener ----------------------------------------------------------------------
+
+
+def _http(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, str]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10)
+    try:
+        conn.request(method, parts.path or "/", body=body)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def test_metrics_listener_serves_get_metrics_and_nothing_else(
+    kme_pki: TestPKI, tmp_path: Any
+) -> None:
+    log = tmp_path / "kme.log"
+    proc, urls, reader = start_kme_process(
+        kme_pki.directory, log, "--sae-a", "sae-hub", "--sae-b", "sae-edge-1",
+        "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+    )  # fmt: skip
+    try:
+        metrics, admin = urls["metrics"], urls["admin"]
+        assert metrics.startswith("http://127.0.0.1:")
+        assert urlsplit(metrics).port != urlsplit(admin).port
+        status, text = _http(metrics + "/metrics")
+        assert status == 200
+        assert "fleetbus_qkd_key_pool_keys" in text
+        assert "fleetbus_qkd_link_up 1.0" in text
+        for method, path in [
+            ("GET", "/admin/state"),
+            ("POST", "/admin/link"),
+            ("POST", "/admin/reset"),
+            ("POST", "/metrics"),
+            ("GET", "/"),
+            ("GET", "/metrics/x"),
+        ]:
+            body = b'{"up": false}' if method == "POST" else None
+            status, _ = _http(metrics + path, method, body)
+            assert status == 404, (method, path, status)
+        # The switches were not reachable through it: the link is still up.
+        status, state = _http(admin + "/admin/state")
+        assert status == 200
+        assert json.loads(state)["link_up"] is True
+    finally:
+        assert stop_kme_process(proc, reader) == 0
+
+
+# -- durable pool: a real SIGKILL between enc_keys and dec_keys ------------------------------
+
+
+def _pair_from(urls: dict[str, str], proc: Any, pki: TestPKI, log: Any) -> KMEPairUnderTest:
+    return KMEPairUnderTest(
+        kme_a_url=urls["kme_a"], kme_b_url=urls["kme_b"], admin_url=urls["admin"],
+        pki=pki, process=proc, log_file=log,
+    )  # fmt: skip
+
+
+def test_keys_reserved_before_a_sigkill_are_fetched_once_after_the_restart(
+    kme_pki: TestPKI, tmp_path: Any
+) -> None:
+    state_dir = tmp_path / "state"
+    args = ("--sae-a", "sae-hub", "--sae-b", "sae-edge-1", "--state-dir", str(state_dir))
+    proc, urls, reader = start_kme_process(kme_pki.directory, tmp_path / "1.log", *args)
+    pair = _pair_from(urls, proc, kme_pki, tmp_path / "1.log")
+    try:
+        keys = enc(pair, number=2)
+        fetched = [keys[0]["key_ID"]]
+        status, data = pair.call(
+            pair.kme_b_url, pair.slave_sae, "POST", dec_path(pair.master_sae),
+            {"key_IDs": [{"key_ID": fetched[0]}]},
+        )  # fmt: skip
+        assert status == 200, data
+    finally:
+        proc.kill()  # SIGKILL: no chance to write anything on the way out
+        proc.wait(timeout=15)
+        reader.join(timeout=5)
+    assert stat.S_IMODE((state_dir / "kme-pool.json").stat().st_mode) == 0o600
+    proc, urls, reader = start_kme_process(kme_pki.directory, tmp_path / "2.log", *args)
+    pair = _pair_from(urls, proc, kme_pki, tmp_path / "2.log")
+    try:
+        status, data = pair.call(
+            pair.kme_b_url, pair.slave_sae, "POST", dec_path(pair.master_sae),
+            {"key_IDs": [{"key_ID": keys[1]["key_ID"]}]},
+        )  # fmt: skip
+        assert status == 200, data
+        assert data["keys"] == [keys[1]]  # the same bytes, after the restart
+        for key_id in (keys[1]["key_ID"], fetched[0]):  # each side got each key once
+            status, data = pair.call(
+                pair.kme_b_url, pair.slave_sae, "GET",
+                dec_path(pair.master_sae) + f"?key_ID={key_id}",
+            )  # fmt: skip
+            assert status == 400, data
+    finally:
+        assert stop_kme_process(proc, reader) == 0
+
+
+def test_a_corrupt_state_file_stops_serve_with_a_clear_error(
+    kme_pki: TestPKI, tmp_path: Any
+) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "kme-pool.json").write_text('{"format": "fleetbus-kme-pool", "vers')
+    result = subprocess.run(
+        [sys.executable, "-m", "fleetbus.bus.cli_kme", "serve", "--cert-dir",
+         str(kme_pki.directory), "--port-a", "0", "--port-b", "0", "--admin-port", "0",
+         "--sae-a", "sae-hub", "--sae-b", "sae-edge-1", "--state-dir", str(state_dir)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "corrupt or truncated" in result.stderr
+    assert str(state_dir / "kme-pool.json") in result.stderr
+    assert "fleetbus-kme ready" not in result.stdout
