@@ -8,12 +8,13 @@ same way (kind ``tel``, ``telemetry.raw``). See ``docs/sdk.md``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -144,6 +145,8 @@ class ExecutedStore:
     SQLite with ``synchronous=FULL``: a commit is on disk (fsync) before it returns, so
     ``begin`` before running a handler makes execution at most once across crashes, and
     ``finish`` before producing the answer lets a redelivery be answered with the same response.
+    ``begin_many`` / ``finish_many`` do the same for many commands in one transaction (one
+    fsync): ``VehicleAgent`` claims a whole poll batch at once and records its results at once.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -172,20 +175,49 @@ class ExecutedStore:
 
     def begin(self, vehicle_id: str, command_id: str, *, keep_until: float) -> bool:
         """Record that execution starts; False if the command was already started."""
-        with self._lock:
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO executed VALUES (?, ?, 'started', NULL, ?)",
-                (vehicle_id, command_id, keep_until),
-            )
-            return cursor.rowcount == 1
+        return bool(self.begin_many([(vehicle_id, command_id, keep_until)]))
+
+    def begin_many(self, claims: Sequence[tuple[str, str, float]]) -> set[tuple[str, str]]:
+        """Record that execution of each ``(vehicle_id, command_id, keep_until)`` starts, all in
+        one transaction (durable when this returns); the ``(vehicle_id, command_id)`` pairs that
+        were not started before. Nothing is recorded if it raises."""
+        started: set[tuple[str, str]] = set()
+        if not claims:
+            return started
+        with self._lock, self._transaction():
+            for vehicle_id, command_id, keep_until in claims:
+                cursor = self._db.execute(
+                    "INSERT OR IGNORE INTO executed VALUES (?, ?, 'started', NULL, ?)",
+                    (vehicle_id, command_id, keep_until),
+                )
+                if cursor.rowcount == 1:
+                    started.add((vehicle_id, command_id))
+        return started
 
     def finish(self, vehicle_id: str, command_id: str, response: bytes) -> None:
-        with self._lock:
-            self._db.execute(
+        self.finish_many([(vehicle_id, command_id, response)])
+
+    def finish_many(self, results: Sequence[tuple[str, str, bytes]]) -> None:
+        """Record ``(vehicle_id, command_id, response)`` of finished commands in one transaction
+        (durable when this returns)."""
+        if not results:
+            return
+        with self._lock, self._transaction():
+            self._db.executemany(
                 "UPDATE executed SET state = 'finished', response = ?"
                 " WHERE vehicle_id = ? AND command_id = ?",
-                (response, vehicle_id, command_id),
+                [(response, vid, cid) for vid, cid, response in results],
             )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def prune(self, now: float) -> int:
         """Forget commands whose envelopes can no longer be opened (expired + grace)."""
@@ -220,6 +252,20 @@ class _Vehicle:
     opener: EnvelopeOpener
     sealer: EnvelopeSealer
     profile: SecurityProfile
+
+
+@dataclass
+class _Execution:
+    """A command of the current poll batch that passed every check and waits for the batch's
+    claim (``command`` set), or a redelivery to answer again from the store (``command`` None)."""
+
+    vehicle: _Vehicle
+    command_id: str
+    command: Command | None
+    expires_at: float
+    position: tuple[Any, int] | None  # (topic partition, offset) of its record; None: no poll
+    context: Any  # the OpenTelemetry context of its record's span
+    response: Response | None = None
 
 
 #: Seconds to wait before re-reading a record whose handling must be retried.
@@ -326,6 +372,8 @@ class VehicleAgent:
         self._thread: threading.Thread | None = None
         self._last_prune = 0.0
         self._retry_at = 0.0  # monotonic time before which a redelivered record is not retried
+        self._batch: list[_Execution] | None = None  # executions of the poll batch being read
+        self._position: tuple[Any, int] | None = None  # the record being handled
 
     @property
     def vehicle_ids(self) -> list[str]:
@@ -427,9 +475,11 @@ class VehicleAgent:
         count = 0
         done: dict[Any, int] = {}
         pending: list[Any] = []
+        self._batch = []
         for tp, records in batches.items():
             for record in records:
                 count += 1
+                self._position = (tp, record.offset)
                 try:
                     pending.extend(self._handle_record(record))
                 except _RetryLater as exc:
@@ -447,6 +497,8 @@ class VehicleAgent:
                     )
                     self.stats.errors += 1
                 done[tp] = record.offset + 1
+        executions, self._batch, self._position = self._batch, None, None
+        pending.extend(self._run_executions(executions, done))
         try:
             for future in pending:
                 future.get(timeout=30)
@@ -606,27 +658,159 @@ class VehicleAgent:
         return self._answer(vehicle, message_id, None, status, exc.reason.value)
 
     def _answer_again(self, vehicle: _Vehicle, command_id: str) -> list[Any]:
-        found = self.store.lookup(vehicle.identity.vehicle_id, command_id)
         self.stats.duplicates += 1
+        if self._batch is not None:
+            # After the batch's results are recorded: its first copy may be in this batch.
+            self._batch.append(self._pending(vehicle, command_id, None, 0.0))
+            return []
+        return self._republish(vehicle, command_id)
+
+    def _republish(self, vehicle: _Vehicle, command_id: str) -> list[Any]:
+        found = self.store.lookup(vehicle.identity.vehicle_id, command_id)
         if found is None or found[1] is None:
             return []
         return self._publish_response(vehicle, Response.decode(found[1]))
 
+    def _pending(
+        self, vehicle: _Vehicle, command_id: str, command: Command | None, expires_at: float
+    ) -> _Execution:
+        from opentelemetry import context
+
+        return _Execution(
+            vehicle, command_id, command, expires_at, self._position, context.get_current()
+        )
+
     def _execute(self, vehicle: _Vehicle, command: Command, expires_at: float) -> list[Any]:
-        vid = vehicle.identity.vehicle_id
-        found = self.store.lookup(vid, command.id)
-        if found is not None:
+        """Execute an authentic, checked command at most once and answer it. Inside a poll the
+        command joins the batch's executions (``_run_executions``), run after the batch is read."""
+        item = self._pending(vehicle, command.id, command, expires_at)
+        if self._batch is not None:
+            self._batch.append(item)
+            return []
+        return self._run_executions([item], {})
+
+    def _run_executions(self, items: Sequence[_Execution], done: dict[Any, int]) -> list[Any]:
+        """Execute the commands of one poll batch and answer them; the futures of the answers.
+
+        At most once, with two durable writes per batch instead of two per command:
+
+        1. claim: every new command of the batch is recorded ``started`` in one transaction,
+           fsync'ed before any of their handlers runs. After a crash from here on, none of them
+           runs again (a redelivery is answered 500 "interrupted"), including those whose
+           handler had not started yet: the price of one fsync per batch.
+        2. the handlers run, in record order.
+        3. finish: every response is recorded in one transaction, fsync'ed before any answer is
+           produced and so before any offset is committed: a redelivery after a crash, or a
+           copy in the same batch, is answered with the same response.
+
+        An answer that cannot be produced (``_RetryLater``) or a store that fails moves the
+        partition back to that record (``done`` and a seek): it comes again and is answered
+        from the store, never executed again.
+        """
+        if not items:
+            return []
+        try:
+            self._claim_and_execute(items)
+        except sqlite3.Error as exc:
+            _log.error("executed-command store failed (%s); redelivering", type(exc).__name__)
+            self.stats.errors += 1
+            self._redeliver(items, done)
+            if items[0].position is None:
+                raise _RetryLater(f"executed-command store: {type(exc).__name__}") from exc
+            return []
+        futures: list[Any] = []
+        failed: list[_Execution] = []
+        failed_partitions: set[Any] = set()
+        for item in items:
+            tp, offset = item.position if item.position is not None else (None, -1)
+            if tp is not None and tp in failed_partitions:
+                continue  # comes again after the seek and is answered from the store then
+            with _attached(item.context):
+                try:
+                    if item.command is None:
+                        futures += self._republish(item.vehicle, item.command_id)
+                    else:
+                        assert item.response is not None
+                        futures += self._publish_response(item.vehicle, item.response)
+                except _RetryLater as exc:
+                    if tp is None:
+                        raise
+                    _log.warning("will retry %s[%d]@%d: %s", tp.topic, tp.partition, offset, exc)
+                    self.stats.errors += 1
+                    failed.append(item)
+                    failed_partitions.add(tp)
+        self._redeliver(failed, done)
+        return futures
+
+    def _claim_and_execute(self, items: Sequence[_Execution]) -> None:
+        """Steps 1-3 of ``_run_executions``: set ``response`` of every item with a command,
+        or turn it into a repeat (``command`` None) when it was executed before."""
+        claims: list[_Execution] = []
+        finished: list[tuple[str, str, bytes]] = []
+        seen: set[tuple[str, str]] = set()
+        for item in items:
+            command = item.command
+            if command is None:
+                continue
+            vid = item.vehicle.identity.vehicle_id
+            if (vid, command.id) in seen:
+                # A second copy in the same batch: answered from the store like any redelivery.
+                self.stats.duplicates += 1
+                item.command = None
+                continue
+            seen.add((vid, command.id))
+            found = self.store.lookup(vid, command.id)
+            if found is None:
+                claims.append(item)
+                continue
             self.stats.duplicates += 1
             _state, stored = found
             if stored is not None:
-                return self._publish_response(vehicle, Response.decode(stored))
-            # Started but never finished: the process died mid-handler. Never run it twice.
-            response = self._response(vid, command, 500, "execution was interrupted; not repeated")
-            self.store.finish(vid, command.id, response.encode())
-            return self._publish_response(vehicle, response)
-        keep_until = max(expires_at, command.expires_at) + self._skew_s + STORE_GRACE_S
-        if not self.store.begin(vid, command.id, keep_until=keep_until):
-            return self._answer_again(vehicle, command.id)
+                item.response = Response.decode(stored)
+                continue
+            # Started but never finished: the process died after the claim. Never run it twice.
+            item.response = self._response(
+                vid, command, 500, "execution was interrupted; not repeated"
+            )
+            finished.append((vid, command.id, item.response.encode()))
+        started = self.store.begin_many(
+            [
+                (
+                    item.vehicle.identity.vehicle_id,
+                    item.command_id,
+                    max(item.expires_at, item.command.expires_at) + self._skew_s + STORE_GRACE_S,
+                )
+                for item in claims
+                if item.command is not None
+            ]
+        )
+        for item in claims:
+            command = item.command
+            assert command is not None
+            vid = item.vehicle.identity.vehicle_id
+            if (vid, command.id) not in started:
+                # Started meanwhile by another agent on the same store: answer what it answers.
+                self.stats.duplicates += 1
+                item.command = None
+                continue
+            with _attached(item.context):
+                item.response = self._run_handler(vid, command)
+            finished.append((vid, command.id, item.response.encode()))
+        self.store.finish_many(finished)
+
+    def _redeliver(self, items: Sequence[_Execution], done: dict[Any, int]) -> None:
+        """Seek each partition of ``items`` back to its first record among them."""
+        first: dict[Any, int] = {}
+        for item in items:
+            if item.position is not None:
+                tp, offset = item.position
+                first[tp] = min(first.get(tp, offset), offset)
+        for tp, offset in first.items():
+            self._consumer.seek(tp, offset)
+            done[tp] = min(done.get(tp, offset), offset)
+            self._retry_at = time.monotonic() + RETRY_BACKOFF_S
+
+    def _run_handler(self, vid: str, command: Command) -> Response:
         handler = self.handlers.get(command.action)
         if handler is None:
             response = self._response(vid, command, 404, f"no handler for {command.action!r}")
@@ -642,8 +826,7 @@ class VehicleAgent:
                     )
                 span.set_attribute("fleetbus.response.status", response.status)
             self.stats.executed += 1
-        self.store.finish(vid, command.id, response.encode())
-        return self._publish_response(vehicle, response)
+        return response
 
     def _response(self, vid: str, command: Command, status: int, detail: str) -> Response:
         if not 100 <= status <= 599:
@@ -749,6 +932,18 @@ class VehicleAgent:
     def flush(self, timeout_s: float = 30.0) -> None:
         if self._producer is not None:
             self._producer.flush(timeout=timeout_s)
+
+
+@contextlib.contextmanager
+def _attached(ctx: Any) -> Iterator[None]:
+    """Run inside the OpenTelemetry context of a record's span (deferred work keeps its parent)."""
+    from opentelemetry import context
+
+    token = context.attach(ctx)
+    try:
+        yield
+    finally:
+        context.detach(token)
 
 
 def _trace_headers() -> list[tuple[str, bytes]]:

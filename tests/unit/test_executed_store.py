@@ -1,0 +1,298 @@
+"""The vehicle's execute-once store and the agent's per-poll-batch claim / finish (no Kafka: a
+fake consumer hands the agent records; commands skip the envelope, which other tests cover)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from envelope_support import make_vehicle
+
+from fleetbus.bus.commands import Command, Response, Target
+from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.bus.vehicle import ExecutedStore, HandlerResult, VehicleAgent, VehicleIdentity
+from fleetbus.providers.signers import Ed25519Suite
+
+V1, V2 = "V-1", "V-2"
+
+
+# --- the store ---------------------------------------------------------------------------
+
+
+def test_begin_many_claims_each_command_once_in_one_transaction(tmp_path: Path) -> None:
+    store = ExecutedStore(tmp_path / "executed.sqlite")
+    assert store.begin_many([(V1, "a", 1e12), (V1, "b", 1e12), (V2, "a", 1e12)]) == {
+        (V1, "a"),
+        (V1, "b"),
+        (V2, "a"),
+    }
+    assert store.begin_many([(V1, "a", 1e12), (V1, "c", 1e12)]) == {(V1, "c")}
+    assert not store.begin(V1, "b", keep_until=1e12)
+    store.finish_many([(V1, "a", b"ra"), (V2, "a", b"rb")])
+    assert store.lookup(V1, "a") == ("finished", b"ra")
+    assert store.lookup(V2, "a") == ("finished", b"rb")
+    assert store.lookup(V1, "b") == ("started", None)
+    assert store.lookup(V1, "zzz") is None
+    store.close()
+    # Durable: a new process sees the same states.
+    reopened = ExecutedStore(tmp_path / "executed.sqlite")
+    assert reopened.lookup(V1, "c") == ("started", None)
+    assert reopened.lookup(V1, "a") == ("finished", b"ra")
+    reopened.close()
+
+
+def test_a_failing_claim_records_nothing(tmp_path: Path) -> None:
+    store = ExecutedStore(tmp_path / "executed.sqlite")
+    with pytest.raises(sqlite3.Error):
+        # The third row cannot be stored: the whole claim rolls back.
+        store.begin_many([(V1, "a", 1e12), (V1, "b", 1e12), (V1, object(), 1e12)])  # type: ignore[list-item]
+    assert store.lookup(V1, "a") is None
+    assert store.lookup(V1, "b") is None
+    assert store.begin_many([(V1, "a", 1e12)]) == {(V1, "a")}  # usable afterwards
+    store.close()
+
+
+# --- the agent's batch -------------------------------------------------------------------
+
+
+@dataclass
+class _TP:
+    topic: str
+    partition: int
+
+    def __hash__(self) -> int:
+        return hash((self.topic, self.partition))
+
+
+@dataclass
+class _Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+class _Consumer:
+    def __init__(self, batches: list[dict[_TP, list[_Record]]]) -> None:
+        self.batches = batches
+        self.commits: list[dict[Any, Any]] = []
+        self.seeks: list[tuple[_TP, int]] = []
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[_TP, list[_Record]]:
+        return self.batches.pop(0) if self.batches else {}
+
+    def commit(self, offsets: dict[Any, Any]) -> None:
+        self.commits.append({tp.partition: meta.offset for tp, meta in offsets.items()})
+
+    def seek(self, tp: _TP, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+
+class _Agent(VehicleAgent):
+    """The real loop and store; records carry a command id instead of an envelope, answers are
+    recorded instead of sealed and produced."""
+
+    commands: dict[bytes, Command]
+    answers: list[Response]
+    events: list[str]
+
+    def _handle(self, vehicle: Any, value: object, topic: str) -> list[Any]:
+        assert isinstance(value, bytes)
+        command = self.commands[value]
+        self.events.append(f"open {command.params['n']}")
+        return self._execute(vehicle, command, command.expires_at)
+
+    def _publish_response(self, vehicle: Any, response: Response) -> list[Any]:
+        self.stats.answered += 1
+        self.events.append(f"answer {response.status}")
+        self.answers.append(response)
+        return []
+
+
+class _CountingStore(ExecutedStore):
+    def __init__(self, path: Path, events: list[str]) -> None:
+        super().__init__(path)
+        self.events = events
+
+    def begin_many(self, claims: Any) -> set[tuple[str, str]]:
+        self.events.append(f"claim {len(claims)}")
+        return super().begin_many(claims)
+
+    def finish_many(self, results: Any) -> None:
+        self.events.append(f"finish {len(results)}")
+        super().finish_many(results)
+
+
+def _identity(vid: str) -> VehicleIdentity:
+    private, _public = Ed25519Suite().generate()
+    return VehicleIdentity(vid, make_vehicle(vid).own, Ed25519Suite().signer(private, f"{vid}/sig"))
+
+
+def _make_agent(
+    tmp_path: Path, handler: Callable[[Command], HandlerResult | None], batches: list[Any]
+) -> _Agent:
+    settings = FleetbusSettings(kafka_bootstrap="127.0.0.1:1", app_id="unit")
+    agent = _Agent(
+        settings,
+        vehicles=[_identity(V1), _identity(V2)],
+        directory=None,  # type: ignore[arg-type]  # never consulted: _handle skips the envelope
+        minimum_path="xwing",
+        handlers={"ping": handler},
+        store_path=tmp_path / "executed.sqlite",
+    )
+    agent.events = []
+    agent.store.close()
+    agent.store = _CountingStore(tmp_path / "executed.sqlite", agent.events)
+    agent.commands = {}
+    agent.answers = []
+    agent._consumer = _Consumer(batches)
+    agent._producer = object()
+    return agent
+
+
+def _commands(n: int) -> list[Command]:
+    return [
+        Command.create(
+            issuer="dispatcher-1",
+            target=Target(vehicle=V1 if i % 2 == 0 else V2),
+            action="ping",
+            params={"n": i},
+            ttl_s=600.0,
+        )
+        for i in range(n)
+    ]
+
+
+def _batch(commands: list[Command], first_offset: int = 0) -> dict[_TP, list[_Record]]:
+    tp = _TP("outbound", 0)
+    records = [
+        _Record(
+            "outbound",
+            0,
+            first_offset + i,
+            (c.target.vehicle or "").encode(),
+            c.id.encode(),
+        )
+        for i, c in enumerate(commands)
+    ]
+    return {tp: records}
+
+
+def test_a_poll_batch_is_claimed_before_any_handler_and_finished_before_any_answer(
+    tmp_path: Path,
+) -> None:
+    commands = _commands(4)
+    calls: list[str] = []
+    agent = _make_agent(tmp_path, lambda c: calls.append(c.id) and None, [_batch(commands)])
+    agent.commands = {c.id.encode(): c for c in commands}
+    # A handler appends to events through the calls list: record order of everything.
+    original = agent.handlers["ping"]
+    agent.handlers["ping"] = lambda c: (agent.events.append(f"run {c.params['n']}"), original(c))[1]
+
+    assert agent.poll_once(0.01) == 4
+    assert agent.events == [
+        "open 0",
+        "open 1",
+        "open 2",
+        "open 3",
+        "claim 4",  # one durable write before any handler runs
+        "run 0",
+        "run 1",
+        "run 2",
+        "run 3",
+        "finish 4",  # one durable write before any answer is produced
+        "answer 200",
+        "answer 200",
+        "answer 200",
+        "answer 200",
+    ]
+    assert calls == [c.id for c in commands]
+    assert agent.stats.executed == 4
+    assert agent._consumer.commits == [{0: 4}]
+    for c in commands:
+        vid = c.target.vehicle or ""
+        state, stored = agent.store.lookup(vid, c.id) or ("", None)
+        assert state == "finished"
+        assert stored is not None
+        assert Response.decode(stored).status == 200
+
+
+def test_redelivery_in_the_same_and_a_later_batch_is_answered_from_the_store(
+    tmp_path: Path,
+) -> None:
+    commands = _commands(2)
+    calls: list[str] = []
+    # The first command twice in one poll batch, then both again in the next poll.
+    first = _batch([commands[0], commands[1], commands[0]])
+    again = _batch(commands, first_offset=3)
+    agent = _make_agent(tmp_path, lambda c: calls.append(c.id) and None, [first, again])
+    agent.commands = {c.id.encode(): c for c in commands}
+
+    agent.poll_once(0.01)
+    assert calls == [commands[0].id, commands[1].id]
+    assert [a.command_id for a in agent.answers] == [commands[0].id, commands[1].id, commands[0].id]
+    agent.poll_once(0.01)
+    assert calls == [commands[0].id, commands[1].id]  # never executed twice
+    assert len(agent.answers) == 5
+    assert {(a.command_id, a.status, a.executed_at) for a in agent.answers} == {
+        (a.command_id, a.status, a.executed_at) for a in agent.answers[:2]
+    }
+    assert agent.stats.duplicates == 3
+    assert agent._consumer.commits == [{0: 3}, {0: 5}]
+
+
+class _Crash(BaseException):
+    """The process dying inside a handler (not an Exception: nothing catches it)."""
+
+
+def test_a_crash_after_the_claim_never_runs_the_claimed_commands_again(tmp_path: Path) -> None:
+    commands = _commands(3)
+    calls: list[int] = []
+
+    def crashing(command: Command) -> None:
+        calls.append(int(command.params["n"]))  # type: ignore[arg-type]
+        if command.params["n"] == 1:
+            raise _Crash
+
+    agent = _make_agent(tmp_path, crashing, [_batch(commands)])
+    agent.commands = {c.id.encode(): c for c in commands}
+    with pytest.raises(_Crash):
+        agent.poll_once(0.01)
+    assert calls == [0, 1]
+    assert agent._consumer.commits == []  # nothing committed: the batch comes again
+    assert agent.answers == []
+    agent.store.close()
+
+    # A restarted agent on the same store gets the same records again.
+    restarted = _make_agent(tmp_path, lambda c: calls.append(-1) and None, [_batch(commands)])
+    restarted.commands = {c.id.encode(): c for c in commands}
+    restarted.poll_once(0.01)
+    assert calls == [0, 1]  # none of the claimed commands runs again, not even the third
+    assert [(a.command_id, a.status) for a in restarted.answers] == [(c.id, 500) for c in commands]
+    assert all("interrupted" in a.detail for a in restarted.answers)
+    assert restarted._consumer.commits == [{0: 3}]
+    restarted.store.close()
+
+
+def test_a_failing_store_claims_nothing_and_redelivers_the_batch(tmp_path: Path) -> None:
+    commands = _commands(2)
+    calls: list[str] = []
+    agent = _make_agent(tmp_path, lambda c: calls.append(c.id) and None, [_batch(commands)])
+    agent.commands = {c.id.encode(): c for c in commands}
+
+    def broken(claims: Any) -> set[tuple[str, str]]:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    agent.store.begin_many = broken  # type: ignore[method-assign]
+    agent.poll_once(0.01)
+    assert calls == []
+    assert agent.answers == []
+    assert agent.stats.errors == 1
+    assert [(tp.partition, offset) for tp, offset in agent._consumer.seeks] == [(0, 0)]
+    assert agent._consumer.commits == [{0: 0}]  # nothing of the batch counted as done
