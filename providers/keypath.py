@@ -27,6 +27,7 @@ from fleetbus.bus.keys import (
     SecurityProfile,
 )
 from fleetbus.providers.combiner import combine
+from fleetbus.providers.hpke import MLKEM768Provider, X25519Provider, XWingProvider
 
 __all__ = [
     "REASON_CIRCUIT_OPEN",
@@ -51,6 +52,16 @@ REASON_RECIPIENT_INCAPABLE = "recipient_incapable"
 REASON_TIMEOUT = "timeout"
 
 _QKD_PROVIDERS = frozenset({"qkd-etsi014"})
+_IN_PROCESS_PROVIDERS: frozenset[type[KeyProvider]] = frozenset(
+    {X25519Provider, MLKEM768Provider, XWingProvider}
+)
+
+
+def _computes_in_process(provider: KeyProvider) -> bool:
+    """True for this package's HPKE providers (X25519, ML-KEM-768, X-Wing): a pure computation
+    of a few hundred microseconds, no I/O, nothing to wait on, so nothing a timeout could catch.
+    Exact types: a subclass or a plug-in under the same name may do I/O and keeps the timeout."""
+    return type(provider) in _IN_PROCESS_PROVIDERS
 
 
 class KeyPathRunner:
@@ -311,7 +322,11 @@ class ProfileSealer:
             provider = self.runner.provider(name)
             breaker = self.breaker(name)
             try:
-                enc = self._call(partial(provider.establish, recipient, context=context))
+                if _computes_in_process(provider):
+                    # Inline: a thread per call cost more than the KEM itself (see _call).
+                    enc = provider.establish(recipient, context=context)
+                else:
+                    enc = self._call(partial(provider.establish, recipient, context=context))
             except FutureTimeout:
                 breaker.record_failure()
                 raise _PathFailed(name, REASON_TIMEOUT) from None
@@ -329,7 +344,9 @@ class ProfileSealer:
 
     def _call(self, fn: Callable[[], _T]) -> _T:
         """Run ``fn`` under the provider timeout. A timed-out call keeps running in its daemon
-        thread (Python cannot cancel it); its result is discarded."""
+        thread (Python cannot cancel it); its result is discarded. A fresh thread per call, not a
+        pool: a hung network provider (a KME that never answers) must not take a pool worker
+        that the next call waits for; only providers that can block come here."""
         if self.provider_timeout_s is None:
             return fn()
         future: Future[_T] = Future()

@@ -369,6 +369,38 @@ def test_slow_provider_times_out_and_counts_as_failure(gate: threading.Event) ->
     assert s.breaker("qkd-etsi014").state is BreakerState.OPEN
 
 
+class _NoThreads:
+    """Fails the test if a thread is started (replaces ``threading.Thread`` in keypath)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise AssertionError("a thread was started for an in-process provider")
+
+
+def test_in_process_hpke_providers_run_inline_and_network_providers_keep_the_timeout(
+    monkeypatch: pytest.MonkeyPatch, gate: threading.Event
+) -> None:
+    import fleetbus.providers.keypath as keypath
+
+    xwing = XWingProvider()
+    _private, public = xwing.generate_keypair()
+    recipient = RecipientKeys("vehicle-1", {"xwing": public}, {"xwing": "kid-x"})
+    rec = Recorder()
+    real = sealer({"xwing": xwing}, rec, provider_timeout_s=0.05)  # type: ignore[dict-item]
+    monkeypatch.setattr(keypath.threading, "Thread", _NoThreads)
+    result = real.establish(profile(XWING), recipient, b"c")
+    assert result.path == XWING
+    assert rec.events == []
+    monkeypatch.undo()
+    # A provider that is not one of the package's HPKE types, even under the name "xwing",
+    # still runs under the timeout.
+    slow = FakeProvider("xwing", "xwing", gate=gate)
+    rec = Recorder()
+    s = sealer(providers(xwing=slow), rec, provider_timeout_s=0.05, failure_threshold=1)
+    with pytest.raises(KeyProviderError):
+        s.establish(profile(XWING, fallback=False), RECIPIENT, b"c")
+    assert rec.events[0].reason == "timeout"
+
+
 def test_inline_calls_without_timeout() -> None:
     rec = Recorder()
     s = sealer(providers(), rec, provider_timeout_s=None)
