@@ -14,7 +14,7 @@ from rich.console import Console
 from fleetbus.bus.cli_audit import audit_app
 from fleetbus.bus.cli_keys import keys_app
 from fleetbus.bus.cli_kme import kme_app
-from fleetbus.bus.dev.kafka import LocalKafka, cache_root
+from fleetbus.bus.dev.kafka import ADMIN_PRINCIPAL, LocalKafka, cache_root
 from fleetbus.bus.errors import FleetbusError
 from fleetbus.bus.settings import FleetbusSettings
 
@@ -84,6 +84,64 @@ def kafka_status(
 ) -> None:
     """Print the cluster's processes and whether it answers metadata requests."""
     typer.echo(json.dumps(_cluster(home, brokers, base_port).status(), indent=2))
+
+
+@kafka_app.command("certs")
+def kafka_certs(
+    out: Annotated[Path, typer.Option(help="folder for the CA, broker and client files")],
+    san: Annotated[
+        list[str] | None,
+        typer.Option(help="extra DNS name or IP of the broker certificate (repeatable)"),
+    ] = None,
+    client: Annotated[
+        list[str] | None,
+        typer.Option(help="client certificate to issue; its CN is the Kafka principal"),
+    ] = None,
+    mounted_at: Annotated[
+        str | None, typer.Option(help="where clients will see --out (for <cn>.properties)")
+    ] = None,
+) -> None:
+    """A test PKI for a broker with mutual TLS (docker-compose): CA, broker certificate,
+    client certificates and PEM key stores. Keeps files that exist. Not for production."""
+    from fleetbus.bus.dev.kafka import write_pki
+
+    files = write_pki(
+        out,
+        broker_sans=san or [],
+        clients=[ADMIN_PRINCIPAL, *(client or [])],
+        mounted_at=mounted_at,
+    )
+    console.print(f"wrote {len(files)} files to {out}")
+
+
+@kafka_app.command("acls")
+def kafka_acls(
+    worker: Annotated[str, typer.Option(help="principal (certificate CN) of the workers")],
+    dispatcher: Annotated[
+        list[str] | None, typer.Option(help="principal that may only publish commands")
+    ] = None,
+    vehicles: Annotated[
+        list[str] | None, typer.Option(help="principal of a vehicle gateway / simulator")
+    ] = None,
+    status_reader: Annotated[
+        list[str] | None, typer.Option(help="principal that may read commands.status")
+    ] = None,
+) -> None:
+    """Create the least-privilege ACLs of docs/reliability.md for the topic prefix and app id
+    of FLEETBUS_* settings, connecting with FLEETBUS_KAFKA_SSL_* as a super user."""
+    from fleetbus.bus.dev.kafka import create_acls, fleet_acls
+
+    settings = FleetbusSettings()
+    grants = fleet_acls(
+        settings.topics,
+        app_id=settings.app_id,
+        worker=worker,
+        dispatchers=dispatcher or [],
+        vehicles=vehicles or [],
+        status_readers=status_reader or [],
+    )
+    count = create_acls(settings.kafka_bootstrap, grants, settings.kafka_client_config())
+    console.print(f"{count} ACL bindings in place on {settings.kafka_bootstrap}")
 
 
 @app.command()

@@ -236,41 +236,7 @@ class LocalKafka:
 
     def create_acls(self, grants: Iterable[AclGrant]) -> int:
         """Create ALLOW bindings as the admin principal; returns how many the broker accepted."""
-        from kafka import KafkaAdminClient
-        from kafka.admin import (
-            ACL,
-            ACLOperation,
-            ACLPermissionType,
-            ACLResourcePatternType,
-            ResourcePattern,
-            ResourceType,
-        )
-
-        acls = [
-            ACL(
-                principal=f"User:{g.principal}",
-                host="*",
-                operation=ACLOperation[g.operation],
-                permission_type=ACLPermissionType.ALLOW,
-                resource_pattern=ResourcePattern(
-                    ResourceType[g.resource_type],
-                    g.name,
-                    ACLResourcePatternType[g.pattern],
-                ),
-            )
-            for g in grants
-        ]
-        admin = KafkaAdminClient(
-            bootstrap_servers=self.bootstrap, client_id="fleetbus-acls", **self.client_config()
-        )
-        try:
-            result = admin.create_acls(acls)
-        finally:
-            admin.close()
-        failed = result.get("failed", [])
-        if failed:
-            raise ConfigError(f"{len(failed)} ACL binding(s) refused: {failed[:3]}")
-        return len(result.get("succeeded", []))
+        return create_acls(self.bootstrap, grants, self.client_config())
 
     # -- configuration -------------------------------------------------------------------
 
@@ -623,6 +589,85 @@ def fleet_acls(
     return grants
 
 
+def create_acls(
+    bootstrap: str, grants: Iterable[AclGrant], client_config: Mapping[str, Any] | None = None
+) -> int:
+    """Create ALLOW bindings (a super user's ``client_config``); how many the broker accepted.
+    Creating a binding that exists already is a no-op, so this is safe to repeat."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import (
+        ACL,
+        ACLOperation,
+        ACLPermissionType,
+        ACLResourcePatternType,
+        ResourcePattern,
+        ResourceType,
+    )
+
+    acls = [
+        ACL(
+            principal=f"User:{g.principal}",
+            host="*",
+            operation=ACLOperation[g.operation],
+            permission_type=ACLPermissionType.ALLOW,
+            resource_pattern=ResourcePattern(
+                ResourceType[g.resource_type],
+                g.name,
+                ACLResourcePatternType[g.pattern],
+            ),
+        )
+        for g in grants
+    ]
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap, client_id="fleetbus-acls", **dict(client_config or {})
+    )
+    try:
+        result = admin.create_acls(acls)
+    finally:
+        admin.close()
+    failed = result.get("failed", [])
+    if failed:
+        raise ConfigError(f"{len(failed)} ACL binding(s) refused: {failed[:3]}")
+    return len(result.get("succeeded", []))
+
+
+def write_pki(
+    out: Path,
+    *,
+    broker_sans: Sequence[str] = (),
+    clients: Sequence[str] = (),
+    mounted_at: str | None = None,
+) -> list[Path]:
+    """A broker PKI in ``out`` for a cluster outside this machine's tests (docker-compose):
+    ``ca.pem``/``ca.key``; the broker's ``broker.pem``/``.key`` naming ``localhost``,
+    ``127.0.0.1`` and ``broker_sans`` (DNS names or IP addresses); for every client
+    ``<cn>.pem``/``.key``; Kafka's PEM key store (key, then certificate) for each of them as
+    ``<cn>.keystore.pem``; and for every client a Java client config ``<cn>.properties``
+    (for Kafka's own tools, ``--command-config``) naming the files under ``mounted_at``
+    (default: ``out``). Existing files are kept. Returns the files; private ones are 0600."""
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _ensure_ca(out)
+    where = (mounted_at or str(out)).rstrip("/")
+    written = [out / "ca.pem", out / "ca.key"]
+    for cn, server in [(BROKER_PRINCIPAL, True), *((c, False) for c in clients)]:
+        cert, key = _issue_pair(out, cn, server=server, sans=broker_sans if server else ())
+        keystore = out / f"{cn}.keystore.pem"
+        if not keystore.exists():
+            _write_private(keystore, key.read_bytes() + cert.read_bytes())
+        written += [cert, key, keystore]
+        if not server:
+            config = out / f"{cn}.properties"
+            config.write_text(
+                "security.protocol=SSL\n"
+                "ssl.keystore.type=PEM\n"
+                f"ssl.keystore.location={where}/{cn}.keystore.pem\n"
+                "ssl.truststore.type=PEM\n"
+                f"ssl.truststore.location={where}/ca.pem\n"
+            )
+            written.append(config)
+    return written
+
+
 # -- the throw-away CA ----------------------------------------------------------------------
 
 
@@ -684,11 +729,14 @@ def _ensure_ca(tls_dir: Path) -> None:
     (tls_dir / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _issue_pair(tls_dir: Path, cn: str, *, server: bool) -> tuple[Path, Path]:
+def _issue_pair(
+    tls_dir: Path, cn: str, *, server: bool, sans: Sequence[str] = ()
+) -> tuple[Path, Path]:
     """``<cn>.pem`` / ``<cn>.key`` signed by the CA (subject ``CN=<cn>``), reused if present.
 
     Broker certificates are for server and client use (brokers connect to each other) and
-    name ``127.0.0.1`` / ``localhost``; client certificates are for client use only.
+    name ``127.0.0.1`` / ``localhost`` and ``sans``; client certificates are for client use
+    only.
     """
     import ipaddress
     import re
@@ -723,12 +771,18 @@ def _issue_pair(tls_dir: Path, cn: str, *, server: bool) -> tuple[Path, Path]:
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     )
     if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
+        names: list[x509.GeneralName] = [
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
+        ]
+        for san in sans:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(san)))
+            except ValueError:
+                if not re.fullmatch(r"[A-Za-z0-9*]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", san):
+                    raise ConfigError(f"invalid subject alternative name {san!r}") from None
+                names.append(x509.DNSName(san))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     _write_private(
         key_path,

@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 EXPECTED_SERVICES = {
+    "kafka-pki",
     "kafka",
+    "kafka-acls",
     "init",
     "kme",
     "worker",
@@ -39,7 +41,7 @@ EXPECTED_SERVICES = {
 #: Services that carry `healthcheck: {disable: true}` on purpose (reason in the compose file).
 NO_HEALTHCHECK = {"fleet", "otel-collector"}
 #: One-shot services (restart "no"): no healthcheck; others wait for completion instead.
-ONE_SHOT = {"init"}
+ONE_SHOT = {"init", "kafka-pki", "kafka-acls"}
 
 
 def settings_env_names(
@@ -329,3 +331,74 @@ def test_dockerfile_non_root_and_real_cli_command() -> None:
 def test_dockerignore_keeps_secrets_and_state_out() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "keys", "pki", "tests"} <= ignored
+
+
+def kafka_properties(env: dict[str, str]) -> dict[str, str]:
+    """The apache/kafka image's rendering of KAFKA_* variables into server.properties:
+    drop the prefix, lower-case, ``___`` → ``-``, ``__`` → ``_``, ``_`` → ``.``."""
+    skip = {"KAFKA_HEAP_OPTS", "KAFKA_OPTS", "KAFKA_JMX_OPTS", "KAFKA_LOG4J_OPTS"}
+    props: dict[str, str] = {}
+    for key, value in env.items():
+        if not key.startswith("KAFKA_") or key in skip:
+            continue
+        name = key[len("KAFKA_") :].lower()
+        name = name.replace("___", "-").replace("__", "\0").replace("_", ".").replace("\0", "_")
+        props[name] = value.replace("$$", "$")
+    return props
+
+
+def test_kafka_accepts_only_mutual_tls_and_authorizes_every_request() -> None:
+    props = kafka_properties(_environment(services()["kafka"]))
+    protocols = dict(item.split(":") for item in props["listener.security.protocol.map"].split(","))
+    listeners = [item.split("://")[0] for item in props["listeners"].split(",")]
+    assert set(listeners) == set(protocols)
+    assert set(protocols.values()) == {"SSL"}, "every listener, the controller's too, is TLS"
+    # The image demands a JKS key store for listener names containing SSL; ours is PEM.
+    assert not any("SSL" in name for name in protocols)
+    assert props["ssl.client.auth"] == "required"
+    assert props["ssl.keystore.type"] == props["ssl.truststore.type"] == "PEM"
+    assert props["ssl.endpoint.identification.algorithm"] == "https"
+    assert props["authorizer.class.name"].endswith("StandardAuthorizer")
+    assert props["allow.everyone.if.no.acl.found"] == "false"
+    assert props["super.users"] == "User:broker;User:admin"
+    assert props["ssl.principal.mapping.rules"] == "RULE:^CN=([^,]+)$/$1/,DEFAULT"
+
+
+def _kafka_pki_clients() -> set[str]:
+    (argv,) = [a for name, a in fleetbus_command_lines() if name == "kafka-pki"]
+    assert _option(argv, "--out") == _option(argv, "--mounted-at") == "/kafka-pki"
+    assert "kafka" in [argv[i + 1] for i, a in enumerate(argv) if a == "--san"]
+    return {"admin", *(argv[i + 1] for i, a in enumerate(argv) if a == "--client")}
+
+
+def test_every_kafka_client_connects_as_its_own_principal_over_tls() -> None:
+    """Each fleetbus service that talks to Kafka uses SSL with a certificate kafka-pki issued,
+    from the kafka-pki volume, and its principal has exactly its role in kafka-acls."""
+    issued = _kafka_pki_clients()
+    (acls,) = [a for name, a in fleetbus_command_lines() if name == "kafka-acls"]
+    role_of = {acls[i + 1]: acls[i] for i, a in enumerate(acls) if a.startswith("--")}
+    expected_role = {"worker": "--worker", "fleet": "--vehicles", "kafka-acls": None}
+    clients = 0
+    for name, service in services().items():
+        env = _environment(service)
+        if "FLEETBUS_KAFKA_BOOTSTRAP" not in env or name not in expected_role:
+            continue
+        clients += 1
+        assert env["FLEETBUS_KAFKA_SECURITY_PROTOCOL"] == "SSL", name
+        assert env["FLEETBUS_KAFKA_SSL_CAFILE"] == "/kafka-pki/ca.pem", name
+        cert, key = env["FLEETBUS_KAFKA_SSL_CERTFILE"], env["FLEETBUS_KAFKA_SSL_KEYFILE"]
+        principal = Path(cert).stem
+        assert (cert, key) == (f"/kafka-pki/{principal}.pem", f"/kafka-pki/{principal}.key")
+        assert principal in issued, f"{name}: no certificate for {principal}"
+        assert "kafka-pki:/kafka-pki:ro" in service["volumes"], name
+        if expected_role[name] is None:
+            assert principal == "admin"
+        else:
+            assert role_of.get(principal) == expected_role[name], (name, principal)
+    assert clients == 3
+    kafka = services()["kafka"]
+    assert "--command-config /kafka-pki/admin.properties" in " ".join(kafka["healthcheck"]["test"])
+    assert kafka["depends_on"]["kafka-pki"]["condition"] == "service_completed_successfully"
+    assert services()["worker"]["depends_on"]["kafka-acls"]["condition"] == (
+        "service_completed_successfully"
+    )
