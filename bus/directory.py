@@ -421,11 +421,12 @@ class KeyDirectory:
         return None if signed is None else signed.record
 
     def records(self, principal_id: str | None = None) -> list[KeyRecord]:
-        return [
-            s.record
-            for s in self.signed_records()
-            if principal_id is None or s.record.principal_id == principal_id
-        ]
+        if principal_id is None:
+            return [s.record for s in self.signed_records()]
+        # Only this principal's records (called per message: not a sort of the whole fleet).
+        signed = [self._by_key_id[k] for k in self._by_principal.get(principal_id, ())]
+        signed.sort(key=lambda s: (s.record.version, s.record.key_id))
+        return [s.record for s in signed]
 
     def principals(self) -> list[str]:
         return sorted(self._by_principal)

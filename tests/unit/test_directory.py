@@ -395,3 +395,27 @@ def test_record_repr_is_short(v1: IssuedKey) -> None:
     assert v1.signed.record.key_id in text
     assert repr(v1.signed.signature) not in text
     assert repr(v1.signed.record.public_keys["mldsa65"]) not in text
+
+
+def test_records_of_one_principal_are_the_fleet_records_filtered_in_the_same_order(
+    root: FleetRoot, v1: IssuedKey
+) -> None:
+    directory = KeyDirectory(root.public)
+    issued = [
+        v1,
+        _issue(root, version=3, not_before=T0 + 2 * DAY),
+        _issue(root, version=2, not_before=T0 + DAY),
+        _issue(root, "veh-0"),
+        _issue(root, "veh-2", version=2),
+    ]
+    for key in issued:
+        directory.ingest(key.signed)
+    everything = directory.records()
+    assert [r.principal_id for r in everything] == ["veh-0", "veh-1", "veh-1", "veh-1", "veh-2"]
+    for principal in ("veh-0", "veh-1", "veh-2"):
+        assert directory.records(principal) == [
+            r for r in everything if r.principal_id == principal
+        ]
+    assert [r.version for r in directory.records("veh-1")] == [1, 2, 3]
+    assert directory.records("nobody") == []
+    assert directory.latest("veh-1").version == 3
