@@ -16,6 +16,8 @@ import pytest
 import yaml
 from unit.test_deploy_files import check_cli, is_settings_env
 
+from fleetbus.bus.settings import FleetbusSettings
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "fleetbus"
 KUBERNETES_VERSION = "1.34.0"
@@ -148,12 +150,16 @@ def test_validation_catches_a_broken_manifest() -> None:
 
 
 def test_existing_secret_is_used_and_not_rendered() -> None:
-    docs = render("secrets.existingSecret=fleet-keys", "secrets.existingPkiSecret=fleet-pki")
+    docs = render(
+        "secrets.existingSecret=fleet-keys",
+        "secrets.existingPkiSecret=fleet-pki",
+        "kafkaTls.existingSecret=fleet-kafka-tls",
+    )
     validate_all(docs)
     assert by_kind(docs, "Secret") == []
     spec = one(docs, "Deployment", "fb-fleetbus-worker")["spec"]["template"]["spec"]
     secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
-    assert secrets == {"keys": "fleet-keys", "pki": "fleet-pki"}
+    assert secrets == {"keys": "fleet-keys", "pki": "fleet-pki", "kafka-tls": "fleet-kafka-tls"}
 
 
 def test_key_material_from_values_lands_in_the_secret_only() -> None:
@@ -307,3 +313,37 @@ def test_kme_can_be_disabled() -> None:
     validate_all(docs)
     assert {d["metadata"]["name"] for d in by_kind(docs, "Deployment")} == {"fb-fleetbus-worker"}
     assert len(by_kind(docs, "ServiceMonitor")) == 1
+
+
+def test_worker_connects_to_kafka_over_mutual_tls_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    docs = render("kafkaTls.files.ca\\.pem=Y2E=")
+    validate_all(docs)
+    settings_env = one(docs, "ConfigMap", "fb-fleetbus-settings")["data"]
+    for name, value in settings_env.items():
+        monkeypatch.setenv(name, value)
+    settings = FleetbusSettings()
+    client = settings.kafka_client_config()
+    assert client["security_protocol"] == "SSL"
+    assert client["ssl_check_hostname"] is True
+    files = {client["ssl_cafile"], client["ssl_certfile"], client["ssl_keyfile"]}
+    assert {Path(f).parent for f in files} == {Path("/kafka-tls")}
+    spec = one(docs, "Deployment", "fb-fleetbus-worker")["spec"]["template"]["spec"]
+    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "kafka-tls"]
+    assert mount == {"name": "kafka-tls", "mountPath": "/kafka-tls", "readOnly": True}
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "kafka-tls"]
+    assert volume["secret"]["secretName"] == "fb-fleetbus-kafka-tls"
+    assert volume["secret"]["defaultMode"] == 0o400
+    assert one(docs, "Secret", "fb-fleetbus-kafka-tls")["data"] == {"ca.pem": "Y2E="}
+
+
+def test_kafka_tls_can_be_disabled_for_a_plaintext_dev_cluster() -> None:
+    docs = render("kafkaTls.enabled=false")
+    validate_all(docs)
+    settings_env = one(docs, "ConfigMap", "fb-fleetbus-settings")["data"]
+    assert not any(name.startswith("FLEETBUS_KAFKA_SSL") for name in settings_env)
+    assert "FLEETBUS_KAFKA_SECURITY_PROTOCOL" not in settings_env
+    spec = one(docs, "Deployment", "fb-fleetbus-worker")["spec"]["template"]["spec"]
+    assert "kafka-tls" not in {v["name"] for v in spec["volumes"]}
+    assert "fb-fleetbus-kafka-tls" not in {d["metadata"]["name"] for d in by_kind(docs, "Secret")}

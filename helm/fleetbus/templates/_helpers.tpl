@@ -37,6 +37,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Values.secrets.existingPkiSecret | default (printf "%s-pki" (include "fleetbus.fullname" .)) -}}
 {{- end -}}
 
+{{- define "fleetbus.kafkaTlsSecret" -}}
+{{- .Values.kafkaTls.existingSecret | default (printf "%s-kafka-tls" (include "fleetbus.fullname" .)) -}}
+{{- end -}}
+
 {{- define "fleetbus.podSecurityContext" -}}
 runAsNonRoot: true
 runAsUser: 10001
