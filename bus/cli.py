@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -144,15 +145,31 @@ def kafka_acls(
     console.print(f"{count} ACL bindings in place on {settings.kafka_bootstrap}")
 
 
+LogFormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format", help="json or text on stderr [default: $FLEETBUS_LOG_FORMAT, else json]"
+    ),
+]
+LogLevelOpt = Annotated[
+    str | None, typer.Option("--log-level", help="[default: $FLEETBUS_LOG_LEVEL, else INFO]")
+]
+
+
 @app.command()
-def worker() -> None:
+def worker(log_format: LogFormatOpt = None, log_level: LogLevelOpt = None) -> None:
     """Run the stream processors (settings from FLEETBUS_* environment variables)."""
     import faust
 
     from fleetbus.bus.topics import ensure_topics
+    from fleetbus.observability.logging import LogFormat, configure_logging, resolve_log_format
     from fleetbus.observability.tracing import setup_tracing
     from fleetbus.processors.app import create_app, pipeline_enabled, pipeline_topics
 
+    # First, so that every record of this process — ours, faust's, aiokafka's, warnings — goes
+    # through the one redacting handler on stderr (JSON lines unless text is asked for).
+    fmt = resolve_log_format(log_format)
+    configure_logging("fleetbus-worker", log_format=fmt, level=log_level)
     settings = FleetbusSettings()
     # Spans get real ids (and go to OTLP or the console when OTEL_* asks for it), so the trace
     # context each stage writes into its outputs names the worker's own spans.
@@ -188,7 +205,17 @@ def worker() -> None:
 
         start_http_server(settings.metrics_port, addr=settings.metrics_bind)
     faust_app = create_app(settings)
-    faust.Worker(faust_app, loglevel="INFO").execute_from_commandline()
+    # faust's Worker would replace the root handlers with its own colour text handler and
+    # redirect stdout into the log: keep ours (override_logging=False). Without its spinner it
+    # logs "Ready" as a record; quiet keeps its few plain prints off stdout in JSON mode.
+    faust_worker = faust.Worker(
+        faust_app,
+        loglevel=logging.getLevelName(logging.getLogger().level),
+        override_logging=False,
+        quiet=fmt is LogFormat.JSON,
+    )
+    faust_worker.spinner = None
+    faust_worker.execute_from_commandline()
 
 
 @app.command()

@@ -87,8 +87,25 @@ def simulate(
     ] = 0.0,
     summary_every: Annotated[float, typer.Option(help="seconds between summary lines")] = 5.0,
     duration: Annotated[float, typer.Option(help="stop after this many seconds; 0: run")] = 0.0,
+    log_format: Annotated[
+        str | None,
+        typer.Option(help="json or text on stderr [default: $FLEETBUS_LOG_FORMAT, else json]"),
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="[default: $FLEETBUS_LOG_LEVEL, else INFO]")
+    ] = None,
 ) -> None:
-    """Run simulated vehicles in one process until SIGTERM / Ctrl-C (or --duration)."""
+    """Run simulated vehicles in one process until SIGTERM / Ctrl-C (or --duration).
+
+    Logs go to stderr (JSON lines by default, with the trace id of the command being handled);
+    the summary lines go to stdout.
+    """
+    from fleetbus.observability.logging import configure_logging
+    from fleetbus.observability.tracing import setup_tracing
+
+    configure_logging("fleetbus-fleet-sim", log_format=log_format, level=log_level)
+    # Real span ids for the vehicles' spans (exported when OTEL_* asks for it), as in the worker.
+    setup_tracing("fleetbus-fleet-sim")
     settings = FleetbusSettings()
     ids = list(vehicle or [f"V-{n:04d}" for n in range(1, vehicles + 1)])
     if not ids:
@@ -111,7 +128,7 @@ def simulate(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    typer.echo(f"simulating {len(ids)} vehicles (group {agent.group_id})", err=True)
+    _log.info("simulating %d vehicles (group %s)", len(ids), agent.group_id)
     started = last_summary = last_telemetry = time.monotonic()
     try:
         while not stop.is_set():
@@ -251,7 +268,8 @@ def _run(app: typer.Typer) -> None:
 if __name__ == "__main__":
     import sys
 
-    logging.basicConfig(level=logging.WARNING)
+    # No logging set-up here: `fleet simulate` configures its own (configure_logging); the
+    # interactive dispatch commands print their results and leave logging at Python's default.
     root = typer.Typer(no_args_is_help=True)
     root.add_typer(fleet_app, name="fleet")
     root.add_typer(dispatch_app, name="dispatch")

@@ -4,22 +4,43 @@ One JSON object per line: time, level, logger, message, the current span's ``tra
 ``span_id``, and the record's ``extra`` fields. Values of keys that look like secrets, and any
 ``bytes`` value, are masked before anything is formatted, so a mistaken
 ``log.info("...", extra={"private_key": ...})`` never reaches a log file.
+
+``configure_logging`` is what the long-running commands (``fleetbus worker``, ``fleetbus fleet
+simulate``) call: JSON lines by default, plain text (``FLEETBUS_LOG_FORMAT=text``) for a human at
+a terminal; both redacted.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, Final, TextIO
 
+from fleetbus.bus.errors import ConfigError
 from fleetbus.observability.tracing import current_ids
 
 #: What a masked value is replaced with.
 REDACTED: Final = "[redacted]"
+
+#: Environment variables of the process-wide log set-up (also read by the CLI options).
+LOG_FORMAT_ENV: Final = "FLEETBUS_LOG_FORMAT"
+LOG_LEVEL_ENV: Final = "FLEETBUS_LOG_LEVEL"
+#: The layout of ``--log-format text``: one line per record, trace id when there is one.
+TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class LogFormat(StrEnum):
+    """How a fleetbus process writes its log records to stderr."""
+
+    JSON = "json"
+    TEXT = "text"
+
 
 #: Key names whose values are never logged (matched case-insensitively, anywhere in the name):
 #: ``private_key``, ``api_token``, ``db_password``, ``client_secret``, ``key_material`` ...
@@ -118,21 +139,91 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(redact(out), default=str, ensure_ascii=False, sort_keys=False)
 
 
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT`` plus `` trace_id=...`` inside a span, and ``type: message`` (no
+    traceback, as in JSON) for exceptions."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            line = super().format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+        ids = current_ids()
+        if ids is not None:
+            line += f" trace_id={ids[0]}"
+        if record.exc_info and record.exc_info[0] is not None:
+            line += f" [{record.exc_info[0].__name__}: {record.exc_info[1]}]"
+        return line
+
+
 def setup_logging(
-    service: str, *, level: int | str = logging.INFO, stream: TextIO | None = None
+    service: str,
+    *,
+    level: int | str = logging.INFO,
+    stream: TextIO | None = None,
+    log_format: LogFormat | str = LogFormat.JSON,
 ) -> logging.Handler:
-    """Route the root logger to one JSON handler with the redaction filter; returns it.
+    """Route the root logger to one handler (JSON lines, or text) with the redaction filter;
+    returns it.
 
     Replaces handlers this function installed before (idempotent), leaves others alone.
     """
+    fmt = LogFormat(log_format)
     root = logging.getLogger()
     for existing in list(root.handlers):
         if getattr(existing, "_fleetbus_json", False):
             root.removeHandler(existing)
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter(service=service))
+    handler.setFormatter(
+        JsonFormatter(service=service) if fmt is LogFormat.JSON else TextFormatter()
+    )
     handler.addFilter(RedactingFilter())
     handler._fleetbus_json = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+    return handler
+
+
+def resolve_log_format(
+    log_format: LogFormat | str | None = None, *, environ: Mapping[str, str] | None = None
+) -> LogFormat:
+    """``log_format`` if given, else ``FLEETBUS_LOG_FORMAT``, else json."""
+    env = os.environ if environ is None else environ
+    raw = str(log_format if log_format is not None else env.get(LOG_FORMAT_ENV) or LogFormat.JSON)
+    try:
+        return LogFormat(raw.strip().lower())
+    except ValueError:
+        raise ConfigError(
+            f"log format {raw!r} ({LOG_FORMAT_ENV}) is not one of json, text"
+        ) from None
+
+
+def configure_logging(
+    service: str,
+    *,
+    log_format: LogFormat | str | None = None,
+    level: int | str | None = None,
+    default_level: int | str = logging.INFO,
+    environ: Mapping[str, str] | None = None,
+    stream: TextIO | None = None,
+) -> logging.Handler:
+    """The log set-up of a long-running fleetbus process: ``setup_logging`` with the format
+    and level given, else ``FLEETBUS_LOG_FORMAT`` (default json) and ``FLEETBUS_LOG_LEVEL``
+    (default ``default_level``). Python warnings become log records too, so that every line
+    the process writes to stderr is in the chosen format.
+    """
+    env = os.environ if environ is None else environ
+    fmt = resolve_log_format(log_format, environ=env)
+    lvl: int | str = level if level is not None else env.get(LOG_LEVEL_ENV) or default_level
+    if isinstance(lvl, str):
+        lvl = lvl.strip().upper()
+        if lvl not in logging.getLevelNamesMapping():
+            raise ConfigError(f"log level {lvl!r} ({LOG_LEVEL_ENV}) is not a logging level")
+    handler = setup_logging(service, level=lvl, stream=stream, log_format=fmt)
+    logging.captureWarnings(True)
     return handler

@@ -10,6 +10,11 @@ once Kafka is up.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.pipeline_support import DISPATCHER, make_test_fleet
+from integration.pipeline_support import DISPATCHER, make_test_fleet, worker_env
 from kafka import KafkaConsumer, KafkaProducer
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -25,7 +30,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from fleetbus.bus.commands import Command, CommandState, StatusEvent, Target
+from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
+from fleetbus.bus.dev.smoke import WorkerProcess
 from fleetbus.bus.dispatch import CommandPublisher
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.bus.topics import ensure_topics
@@ -97,10 +103,13 @@ class StageRunners:
         assert not errors, errors
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def pipeline(
-    kafka_bootstrap: str, tmp_path: Path, spans: InMemorySpanExporter
+    kafka: Any, tmp_path_factory: pytest.TempPathFactory, spans: InMemorySpanExporter
 ) -> Iterator[dict[str, Any]]:
+    """One pipeline (stages, vehicle agent, publisher) for the tests of this module."""
+    kafka_bootstrap = kafka.bootstrap
+    tmp_path = tmp_path_factory.mktemp("trace-e2e")
     fleet = make_test_fleet(tmp_path, vehicles=2)
     settings = fleet.settings_for(
         kafka_bootstrap, partitions=1, tick_interval_s=0.5, audit_checkpoint_every=5
@@ -126,7 +135,6 @@ def pipeline(
     publisher = CommandPublisher(
         settings, principal_id=DISPATCHER, private_key_file=fleet.key_file_path(DISPATCHER)
     )
-    spans.clear()
     try:
         yield {
             "fleet": fleet,
@@ -213,6 +221,24 @@ def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def send_junk(settings: FleetbusSettings) -> int:
+    """Bytes that are no command to ``commands.requested``, in a trace of their own; returns
+    that trace's id."""
+    with get_tracer().start_as_current_span("hostile client") as root:
+        headers = list(inject_headers())
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    try:
+        producer.send(
+            full(settings, "commands_requested"),
+            key=b"junk",
+            value=b"\x00 not a command",
+            headers=headers,
+        ).get(20)
+    finally:
+        producer.close()
+    return root.get_span_context().trace_id
+
+
 def test_a_command_is_one_trace_from_publisher_to_vehicle_and_back(
     pipeline: dict[str, Any], spans: InMemorySpanExporter
 ) -> None:
@@ -220,6 +246,7 @@ def test_a_command_is_one_trace_from_publisher_to_vehicle_and_back(
     runners: StageRunners = pipeline["runners"]
     publisher: CommandPublisher = pipeline["publisher"]
 
+    spans.clear()
     handle = publisher.send(Target(vehicle=VEHICLE), "ping")
     event = handle.wait(45, until=FINAL)
     assert event.state is CommandState.SUCCEEDED, handle.events
@@ -310,7 +337,7 @@ def test_a_command_is_one_trace_from_publisher_to_vehicle_and_back(
 
     # Messaging semantic conventions on every consumer span, pointing at real records.
     records = {
-        name: read_topic(settings, name)
+        name: read_topic(settings, name, timeout_s=1.0)
         for name in (
             "commands_requested",
             "commands_authorized",
@@ -361,17 +388,8 @@ def test_a_dead_lettered_record_shows_as_a_reject_event_in_its_trace(
     settings: FleetbusSettings = pipeline["settings"]
     runners: StageRunners = pipeline["runners"]
     requested = full(settings, "commands_requested")
-
-    # A client with its own trace sends bytes that are no command.
-    with get_tracer().start_as_current_span("hostile client") as root:
-        headers = list(inject_headers())
-    trace_id = root.get_span_context().trace_id
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    try:
-        producer.send(requested, key=b"junk", value=b"\x00 not a command", headers=headers).get(20)
-    finally:
-        producer.close()
-
+    spans.clear()
+    trace_id = send_junk(settings)
     (letter_record,) = read_topic(settings, "dlq", want=1, timeout_s=30)
     letter = DeadLetter.decode(letter_record.value)
     assert letter.stage == "authorize"
@@ -379,16 +397,137 @@ def test_a_dead_lettered_record_shows_as_a_reject_event_in_its_trace(
 
     group = runners.group("authorize")
 
-    def authorize_span_finished() -> bool:
-        return bool(kafka_spans(spans.get_finished_spans(), SpanKind.CONSUMER, requested, group))
+    def junk_spans() -> list[ReadableSpan]:
+        return [
+            s
+            for s in kafka_spans(spans.get_finished_spans(), SpanKind.CONSUMER, requested, group)
+            if s.context.trace_id == trace_id
+        ]
 
-    wait_for(authorize_span_finished, 10, "the authorize span")
-    finished = spans.get_finished_spans()
-    span = one(kafka_spans(finished, SpanKind.CONSUMER, requested, group), "authorize", finished)
-    assert span.context.trace_id == trace_id
+    wait_for(lambda: bool(junk_spans()), 10, "the authorize span")
+    span = one(junk_spans(), "authorize", spans.get_finished_spans())
     assert span.status.status_code is StatusCode.ERROR
     (reject,) = [e for e in span.events if e.name == EVENT_REJECT]
     assert reject.attributes is not None
     assert reject.attributes["fleetbus.stage"] == "authorize"
     assert reject.attributes["fleetbus.reason"] == str(letter.reason.value)
     assert span.status.description == str(letter.reason.value)
+
+
+def test_the_worker_writes_json_lines_with_the_trace_id_of_the_record_it_processed(
+    kafka_bootstrap: str, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    fleet = make_test_fleet(tmp_path, vehicles=1)
+    settings = fleet.settings_for(kafka_bootstrap, partitions=1)
+    worker = WorkerProcess(worker_env(settings, fleet, tmp_path), tmp_path / "worker.log")
+    try:
+        trace_id = send_junk(settings)
+        (letter,) = read_topic(settings, "dlq", want=1, timeout_s=60)
+        assert header_context(letter.headers)[0] == trace_id
+        wait_for(lambda: "dead-lettered" in worker.output(), 10, "the dead-letter log line")
+        assert worker.running(), worker.output()[-3000:]
+    finally:
+        code = worker.stop()
+    assert code == 0, worker.output()[-3000:]
+
+    lines = [line for line in worker.output().splitlines() if line.strip()]
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            pytest.fail(f"not a JSON line in the worker's output: {line!r}")
+        assert isinstance(record, dict), line
+        assert {"time", "level", "logger", "message"} <= record.keys(), line
+        assert record["service"] == "fleetbus-worker"
+        records.append(record)
+    loggers = {r["logger"] for r in records}
+    # faust's and aiokafka's own records come through the same handler.
+    assert any(name.startswith("faust") for name in loggers), loggers
+    assert any(name.startswith("aiokafka") for name in loggers), loggers
+    assert any(str(r["message"]).endswith("Ready") for r in records)
+    (dead,) = [r for r in records if "dead-lettered" in str(r["message"])]
+    assert dead["logger"] == "fleetbus.processors.eos"
+    assert dead["level"] == "info"
+    assert dead["trace_id"] == format(trace_id, "032x")
+    assert len(dead["span_id"]) == 16
+
+
+def test_fleet_simulate_writes_json_lines_with_the_trace_id_of_the_command(
+    kafka_bootstrap: str, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    """The vehicle process: its handler's failure is a JSON line in the command's trace."""
+    fleet = make_test_fleet(tmp_path, vehicles=1)
+    settings = fleet.settings_for(kafka_bootstrap, partitions=1)
+    outbound = full(settings, "commands_outbound")
+    now = time.time()
+    command = Command.create(
+        issuer=DISPATCHER, target=Target(vehicle=VEHICLE), action="fail", now=now, ttl_s=60
+    )
+    signed = SignedCommand.sign(command, fleet.signer(DISPATCHER))
+    envelope = fleet.sealer().seal(
+        "cmd",
+        outbound,
+        fleet.recipient_keys(VEHICLE),
+        command.id,
+        command.action,
+        signed.encode(),
+        now,
+        command.expires_at,
+        fleet.profile("xwing"),
+    )
+    # This test plays the seal stage: its span's context goes with the envelope.
+    with get_tracer().start_as_current_span("seal (test)") as seal:
+        headers = list(inject_headers())
+    trace_id = format(seal.get_span_context().trace_id, "032x")
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    try:
+        producer.send(outbound, key=VEHICLE.encode(), value=envelope, headers=headers).get(20)
+    finally:
+        producer.close()
+
+    env = {
+        **os.environ,
+        "FLEETBUS_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "FLEETBUS_TOPICS__PREFIX": settings.topics.prefix,
+        "FLEETBUS_APP_ID": settings.app_id,
+    }
+    env.pop("FLEETBUS_LOG_FORMAT", None)  # the default is what is tested
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "fleetbus.bus.cli_fleet", "fleet", "simulate",
+            "--keys-dir", str(fleet.keys_dir), "--vehicles", "1",
+            "--store", str(tmp_path / "sim.sqlite"), "--summary-every", "60",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        (answer,) = read_topic(settings, "commands_responses", want=1, timeout_s=60)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err[-3000:]
+    assert format(header_context(answer.headers)[0], "032x") == trace_id
+    assert "executed=1" in out.strip().splitlines()[-1]
+
+    records = []
+    for line in err.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            pytest.fail(f"not a JSON line on the simulator's stderr: {line!r}")
+        assert {"time", "level", "logger", "message"} <= record.keys(), line
+        assert record["service"] == "fleetbus-fleet-sim"
+        records.append(record)
+    assert any(str(r["message"]).startswith("simulating 1 vehicles") for r in records)
+    (failed,) = [r for r in records if str(r["message"]).startswith("handler for fail failed")]
+    assert failed["level"] == "error"
+    assert failed["logger"] == "fleetbus.bus.vehicle"
+    assert failed["trace_id"] == trace_id
+    assert failed["error"] == {"type": "RuntimeError", "message": "simulated failure of fail"}
+    assert "Traceback" not in err

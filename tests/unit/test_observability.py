@@ -12,15 +12,18 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 
-from fleetbus.bus.errors import FleetbusError, ReasonCode
+from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
 from fleetbus.bus.keys import KeyPath
 from fleetbus.observability import metrics
 from fleetbus.observability.logging import (
     REDACTED,
     JsonFormatter,
+    LogFormat,
     RedactingFilter,
+    configure_logging,
     is_secret_key,
     redact,
+    resolve_log_format,
 )
 from fleetbus.observability.tracing import get_tracer, setup_tracing
 
@@ -120,6 +123,83 @@ def test_exceptions_are_type_message_and_reason_only(
         "message": "signature did not verify",
         "reason": "bad_signature",
     }
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """Restore the root logger's handlers, level and warnings capture after a test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.captureWarnings(False)
+
+
+def test_process_logging_defaults_to_json_lines_and_reads_the_environment(
+    root_logging: None,
+) -> None:
+    stream = io.StringIO()
+    configure_logging("fleetbus-worker", environ={}, stream=stream)
+    assert logging.getLogger().level == logging.INFO
+    logging.getLogger("faust.worker").info("Ready")
+    logging.getLogger("fleetbus.x").debug("not at INFO")
+    (line,) = _lines(stream)
+    assert line["service"] == "fleetbus-worker"
+    assert (line["level"], line["logger"], line["message"]) == ("info", "faust.worker", "Ready")
+
+    # Called again (idempotent): the previous handler goes, one line per record.
+    stream = io.StringIO()
+    env = {"FLEETBUS_LOG_FORMAT": "TEXT", "FLEETBUS_LOG_LEVEL": "debug"}
+    configure_logging("fleetbus-worker", environ=env, stream=stream)
+    logging.getLogger("fleetbus.x").debug("now %s", "shown")
+    (text,) = stream.getvalue().splitlines()
+    assert text.endswith(" DEBUG fleetbus.x: now shown")
+    # An explicit argument (the CLI option) wins over the environment.
+    assert resolve_log_format("json", environ=env) is LogFormat.JSON
+    assert resolve_log_format(None, environ=env) is LogFormat.TEXT
+
+
+def test_process_logging_turns_warnings_into_records(root_logging: None) -> None:
+    import warnings
+
+    stream = io.StringIO()
+    configure_logging("svc", environ={}, stream=stream)
+    warnings.warn("faust setting deprecated", DeprecationWarning, stacklevel=1)
+    (line,) = _lines(stream)
+    assert line["logger"] == "py.warnings"
+    assert "faust setting deprecated" in str(line["message"])
+
+
+@pytest.mark.parametrize(("fmt", "level"), [("xml", None), ("json", "LOUD")])
+def test_process_logging_refuses_unknown_formats_and_levels(
+    root_logging: None, fmt: str, level: str | None
+) -> None:
+    with pytest.raises(ConfigError, match=r"FLEETBUS_LOG_(FORMAT|LEVEL)"):
+        configure_logging("svc", log_format=fmt, level=level, environ={}, stream=io.StringIO())
+
+
+def test_text_lines_are_redacted_and_carry_the_trace_id_without_tracebacks(
+    root_logging: None,
+) -> None:
+    stream = io.StringIO()
+    configure_logging("svc", log_format="text", environ={}, stream=stream)
+    log = logging.getLogger("fleetbus.test.text")
+    provider = setup_tracing("t", exporter=InMemorySpanExporter(), set_global=False, environ={})
+    try:
+        with get_tracer(provider).start_as_current_span("execute") as span:
+            log.info("derived %r", FAKE_KEY_BYTES)
+            try:
+                raise FleetbusError("tag mismatch", reason=ReasonCode.BAD_SIGNATURE)
+            except FleetbusError:
+                log.exception("open failed")
+            trace_id = format(span.get_span_context().trace_id, "032x")
+    finally:
+        provider.shutdown()
+    first, second = stream.getvalue().splitlines()
+    assert first.endswith(f"INFO fleetbus.test.text: derived '[32 bytes]' trace_id={trace_id}")
+    assert second.endswith(f"open failed trace_id={trace_id} [FleetbusError: tag mismatch]")
+    assert "Traceback" not in stream.getvalue()
 
 
 @pytest.mark.parametrize(
