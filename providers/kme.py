@@ -169,6 +169,9 @@ class _Reservation:
     source_kme: str
     target_kme: str
     reserved_at: float
+    #: Wall-clock time of the reservation: what the state file keeps, so the TTL keeps
+    #: running while the KME is down.
+    reserved_wall: float = 0.0
 
 
 class KMEStateError(ConfigError):
@@ -180,10 +183,12 @@ STATE_FORMAT = "fleetbus-kme-pool"
 STATE_VERSION = 1
 
 
-def _digest(state: Mapping[str, Any]) -> str:
-    return hashlib.sha256(
-        json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _digest(canonical_state: str) -> str:
+    return hashlib.sha256(canonical_state.encode()).hexdigest()
 
 
 class PoolStateFile:
@@ -241,19 +246,18 @@ class PoolStateFile:
                 f"this KME reads version {STATE_VERSION}" + hint
             )
         state = doc.get("state")
-        if not isinstance(state, dict) or doc.get("sha256") != _digest(state):
+        if not isinstance(state, dict) or doc.get("sha256") != _digest(_canonical(state)):
             raise KMEStateError(problem + " (checksum mismatch)" + hint)
         return state
 
-    def save(self, state: Mapping[str, Any]) -> None:
+    def save(self, canonical_state: str) -> None:
+        """Write ``canonical_state``: the state as ``json.dumps(..., sort_keys=True,
+        separators=(",", ":"))`` would give it (the checksum is taken over that form)."""
         began = time.perf_counter()
-        doc = {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "sha256": _digest(state),
-            "state": state,
-        }
-        data = json.dumps(doc, separators=(",", ":")).encode()
+        head = _canonical(
+            {"format": STATE_FORMAT, "version": STATE_VERSION, "sha256": _digest(canonical_state)}
+        )
+        data = (head[:-1] + ',"state":' + canonical_state + "}").encode()
         tmp = self.directory / f".{self.FILE_NAME}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -331,6 +335,8 @@ class KeyPool:
         self._reserved: OrderedDict[str, _Reservation] = OrderedDict()
         self.delivered: dict[str, int] = {}
         self.state_file = state_file
+        #: key_ID -> the reservation's canonical JSON, so a save re-encodes only new ones.
+        self._fragments: dict[str, str] = {}
         saved = state_file.load() if state_file is not None else None
         if saved is None:
             self.reset()
@@ -369,12 +375,11 @@ class KeyPool:
         """Write the pool to the state file (caller holds the lock). Key material at rest."""
         if self.state_file is None:
             return
-        now = self._clock()
-        self.state_file.save(
-            {
-                "saved_at": self._wall_clock(),
-                "material": _b64(bytes(self._material)),
-                "reservations": [
+        fragments = []
+        for r in self._reserved.values():
+            fragment = self._fragments.get(r.key_id)
+            if fragment is None:
+                fragment = self._fragments[r.key_id] = _canonical(
                     {
                         "key_ID": r.key_id,
                         "key": _b64(r.material),
@@ -382,26 +387,31 @@ class KeyPool:
                         "slave": r.slave,
                         "source_kme": r.source_kme,
                         "target_kme": r.target_kme,
-                        "age_s": max(0.0, now - r.reserved_at),
+                        "reserved_at": r.reserved_wall,
                     }
-                    for r in self._reserved.values()
-                ],
-            }
+                )
+            fragments.append(fragment)
+        if len(self._fragments) != len(fragments):  # drop delivered and expired ones
+            self._fragments = {k: self._fragments[k] for k in self._reserved}
+        # Keys in sorted order, compact: the same text as _canonical() of the parsed state.
+        material = _canonical(_b64(bytes(self._material)))
+        self.state_file.save(
+            '{"material":' + material + ',"reservations":[' + ",".join(fragments) + "]}"
         )
 
     def _restore(self, state: Mapping[str, Any]) -> None:
         """Take over a saved state (caller holds the lock); reservation ages keep running over
-        the time the KME was down."""
+        the time the KME was down (wall clock)."""
         assert self.state_file is not None
         where = self.state_file.path
         try:
-            downtime = max(0.0, self._wall_clock() - float(state["saved_at"]))
             material = base64.b64decode(state["material"], validate=True)
-            now = self._clock()
+            now, wall = self._clock(), self._wall_clock()
             reserved: OrderedDict[str, _Reservation] = OrderedDict()
             for entry in state["reservations"]:
                 fields = ("key_ID", "master", "slave", "source_kme", "target_kme")
                 key_id, master, slave, source, target = (str(entry[f]) for f in fields)
+                reserved_wall = float(entry["reserved_at"])
                 reserved[key_id] = _Reservation(
                     key_id,
                     base64.b64decode(entry["key"], validate=True),
@@ -409,7 +419,8 @@ class KeyPool:
                     slave,
                     source,
                     target,
-                    now - float(entry["age_s"]) - downtime,
+                    now - max(0.0, wall - reserved_wall),
+                    reserved_wall,
                 )
         except (KeyError, TypeError, ValueError) as exc:
             raise KMEStateError(f"KME state file {where} has an unexpected shape: {exc}") from None
@@ -558,14 +569,14 @@ class KeyPool:
             del self._material[:needed]
             self._expire()
             before = OrderedDict(self._reserved)
-            now = self._clock()
+            now, wall = self._clock(), self._wall_clock()
             step = size_bits // 8
             out: list[tuple[str, bytes]] = []
             for i in range(number):
                 key_id = str(uuid.uuid4())
                 material = chunk[i * step : (i + 1) * step]
                 self._reserved[key_id] = _Reservation(
-                    key_id, material, master, slave, source_kme, target_kme, now
+                    key_id, material, master, slave, source_kme, target_kme, now, wall
                 )
                 out.append((key_id, material))
             self._expire()
