@@ -423,7 +423,10 @@ class KeyPool:
                     reserved_wall,
                 )
         except (KeyError, TypeError, ValueError) as exc:
-            raise KMEStateError(f"KME state file {where} has an unexpected shape: {exc}") from None
+            raise KMEStateError(
+                f"KME state file {where} has an unexpected shape ({type(exc).__name__}); "
+                "move it away to start with a fresh pool (keys it holds are then lost)"
+            ) from None
         # A smaller --pool-size than before keeps the first keys of the pool, drops the rest.
         self._material = bytearray(material[: self.capacity_bytes])
         self._reserved = reserved

@@ -3,6 +3,7 @@ its state file (a restart keeps unfetched keys; a corrupt file stops the start).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -381,6 +382,14 @@ def test_a_second_kme_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
     PoolStateFile(tmp_path).close()
 
 
+def _valid_checksum_but_no_reservations_field(raw: bytes) -> bytes:
+    doc = json.loads(raw)
+    state = {"material": doc["state"]["material"]}
+    canonical = json.dumps(state, sort_keys=True, separators=(",", ":"))
+    doc["state"], doc["sha256"] = state, hashlib.sha256(canonical.encode()).hexdigest()
+    return json.dumps(doc).encode()
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -389,8 +398,9 @@ def test_a_second_kme_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
         (lambda raw: raw.replace(b'"material":"', b'"material":"AAAA', 1), "checksum"),
         (lambda raw: raw.replace(b'"version":1', b'"version":2', 1), "version 2"),
         (lambda raw: b'{"format": "something else"}', "corrupt or truncated"),
+        (_valid_checksum_but_no_reservations_field, "unexpected shape"),
     ],
-    ids=["truncated", "empty", "edited", "future-version", "other-format"],
+    ids=["truncated", "empty", "edited", "future-version", "other-format", "wrong-shape"],
 )
 def test_a_damaged_state_file_stops_the_start_with_a_clear_error(
     tmp_path: Path, damage: Any, message: str
