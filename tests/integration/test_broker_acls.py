@@ -339,11 +339,16 @@ def test_pipeline_runs_on_the_mtls_cluster_with_least_privilege_principals(
         handlers={"ping": lambda command: ran.append(command.id) or HandlerResult(200, "ok")},
         store_path=tmp_path / "agent.sqlite",
     ).start()
-    publisher = CommandPublisher(
-        tls_settings(secure_kafka, console, **common),
-        principal_id=SIGNER,
-        private_key_file=fleet.key_file_path(SIGNER),
-    )
+
+    def publisher_as(kafka_principal: str) -> CommandPublisher:
+        """Commands signed by the fleet's dispatcher key, sent as ``kafka_principal``."""
+        return CommandPublisher(
+            tls_settings(secure_kafka, kafka_principal, **common),
+            principal_id=SIGNER,
+            private_key_file=fleet.key_file_path(SIGNER),
+        )
+
+    publisher = publisher_as(console)
     try:
         handle = publisher.send(Target(vehicle="V-0001"), "ping")
         final = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED]
@@ -359,11 +364,7 @@ def test_pipeline_runs_on_the_mtls_cluster_with_least_privilege_principals(
         agent.stop()
         worker.stop()
     # The same wait from a dispatcher without the status grant is refused by the broker.
-    batch = CommandPublisher(
-        tls_settings(secure_kafka, fire_and_forget, **common),
-        principal_id=SIGNER,
-        private_key_file=fleet.key_file_path(SIGNER),
-    )
+    batch = publisher_as(fire_and_forget)
     try:
         refused = batch.send(Target(vehicle="V-0002"), "ping")
         with pytest.raises(ConfigError) as caught:
