@@ -78,6 +78,12 @@ def _uid(kind: str, ident: str) -> dict[str, str]:
     return {"type": kind, "id": ident}
 
 
+#: (allowed, reasons, errors) of one Cedar evaluation.
+_Evaluation = tuple[bool, tuple[str, ...], tuple[str, ...]]
+#: Distinct requests remembered per engine (cleared when full).
+_DECISION_CACHE_SIZE: Final = 4096
+
+
 class PolicyEngine:
     """Cedar decisions against a fleet registry; build once per process (or per reload)."""
 
@@ -101,6 +107,7 @@ class PolicyEngine:
         except ValueError as exc:
             raise ConfigError(f"fleet entities do not parse: {exc}") from None
         self._export_cache: dict[tuple[str, str], str] = {}
+        self._decisions: dict[tuple[Any, ...], _Evaluation] = {}
 
     def _entity_list(self) -> list[dict[str, Any]]:
         reg = self.registry
@@ -168,7 +175,35 @@ class PolicyEngine:
         action: str,
         resource: dict[str, str],
         context: dict[str, Any],
-    ) -> tuple[bool, tuple[str, ...], tuple[str, ...]]:
+    ) -> _Evaluation:
+        # Policies and entities are fixed for this engine's life and Cedar evaluation is a pure
+        # function of them and the request, so a request seen before (same principal, action,
+        # resource and every context value, the hour included) has the same answer: evaluated
+        # once, not skipped. Commands of a fleet repeat few request shapes.
+        key = (
+            principal["type"],
+            principal["id"],
+            action,
+            resource["type"],
+            resource["id"],
+            *sorted(context.items()),
+        )
+        cached = self._decisions.get(key)
+        if cached is not None:
+            return cached
+        evaluation = self._evaluate(principal, action, resource, context)
+        if len(self._decisions) >= _DECISION_CACHE_SIZE:
+            self._decisions.clear()
+        self._decisions[key] = evaluation
+        return evaluation
+
+    def _evaluate(
+        self,
+        principal: dict[str, str],
+        action: str,
+        resource: dict[str, str],
+        context: dict[str, Any],
+    ) -> _Evaluation:
         request = {
             "principal": principal,
             "action": _uid("Action", action),

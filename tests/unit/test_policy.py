@@ -150,3 +150,45 @@ def test_broken_policies_and_registries_are_config_errors() -> None:
         PolicyEngine(FleetRegistry.from_mapping({}), policy_text="permit (principal,")
     with pytest.raises(ConfigError):
         FleetRegistry.from_mapping({"actions": {"x": {"criticality": "extreme"}}})
+
+
+def test_a_repeated_request_is_evaluated_once_and_any_changed_input_is_evaluated_again(
+    engine: PolicyEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cedarpy
+
+    evaluated: list[dict[str, object]] = []
+    real = cedarpy.is_authorized
+
+    def counting(request: dict[str, object], *args: object, **kwargs: object) -> object:
+        evaluated.append(request)
+        return real(request, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cedarpy, "is_authorized", counting)
+    fresh = PolicyEngine(engine.registry)
+    first = decide(fresh, "dispatch-1", "unlock_doors")
+    assert first[0] == "pending"
+    assert decide(fresh, "dispatch-1", "unlock_doors") == first
+    assert len(evaluated) == 1
+    # Each changed input is a new request: approvals, principal, resource, action, hour.
+    assert decide(fresh, "dispatch-1", "unlock_doors", approvals=1)[0] == "allow"
+    assert decide(fresh, "intruder", "ping")[0] == "deny"
+    assert decide(fresh, "dispatch-1", "unlock_doors", vehicle=None, group="north")[0] in {
+        "pending",
+        "allow",
+    }
+    assert decide(fresh, "dispatch-1", "ping")[0] == "allow"
+    later = fresh.decide_command(
+        issuer="dispatch-1",
+        action="unlock_doors",
+        vehicle="V-1",
+        group=None,
+        approvals=0,
+        required_approvals=1,
+        now=NOW + 3600,
+    )
+    assert later.outcome == "pending"
+    assert len(evaluated) == 6
+    assert decide(fresh, "intruder", "ping")[0] == "deny"
+    assert decide(fresh, "dispatch-1", "unlock_doors", approvals=1)[0] == "allow"
+    assert len(evaluated) == 6
