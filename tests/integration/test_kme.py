@@ -742,3 +742,41 @@ def test_a_corrupt_state_file_stops_serve_with_a_clear_error(
     assert "corrupt or truncated" in result.stderr
     assert str(state_dir / "kme-pool.json") in result.stderr
     assert "fleetbus-kme ready" not in result.stdout
+
+
+# -- kme certs --san: a client verifies the KME under the extra name ---------------------------
+
+
+def test_a_san_added_by_kme_certs_is_what_lets_a_client_verify_another_address(
+    kme_pki: TestPKI, tmp_path: Any
+) -> None:
+    # 127.0.0.2 is loopback on Linux but not in the default SANs: a stand-in for `kme`.
+    with_san = tmp_path / "pki"
+    made = CliRunner().invoke(
+        kme_app, ["certs", "--out", str(with_san), "--sae", "sae-hub", "--sae", "sae-edge-1",
+                  "--san", "127.0.0.2"],
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    path = status_path("sae-edge-1")
+    for cert_dir, verifies in ((kme_pki.directory, False), (with_san, True)):
+        proc, urls, reader = start_kme_process(
+            cert_dir, tmp_path / "kme.log", "--host", "127.0.0.2",
+            "--sae-a", "sae-hub", "--sae-b", "sae-edge-1",
+        )  # fmt: skip
+        try:
+            assert urls["kme_a"].startswith("https://127.0.0.2:")
+            ctx = ssl.create_default_context(cafile=str(cert_dir / "ca.pem"))
+            ctx.load_cert_chain(str(cert_dir / "sae-hub.pem"), str(cert_dir / "sae-hub.key"))
+            parts = urlsplit(urls["kme_a"])
+            conn = http.client.HTTPSConnection("127.0.0.2", parts.port, context=ctx, timeout=10)
+            try:
+                if verifies:
+                    conn.request("GET", path)
+                    assert conn.getresponse().status == 200
+                else:
+                    with pytest.raises(ssl.SSLCertVerificationError, match=re.escape("127.0.0.2")):
+                        conn.request("GET", path)
+            finally:
+                conn.close()
+        finally:
+            assert stop_kme_process(proc, reader) == 0
