@@ -936,7 +936,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.rounds = args.rounds or (3 if args.quick else 5)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    args.backlog = args.backlog or (1000 if args.quick else 3000)
+    args.backlog = args.backlog or (2500 if args.quick else 6000)
     args.raw_backlog = 5000 if args.quick else 30000
     args.duration_s = 4.0 if args.quick else 10.0
     args.drain_s = 5.0 if args.quick else 10.0

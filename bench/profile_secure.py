@@ -1,6 +1,7 @@
 """Profile the secure command path in one process, without Kafka: the production authorize and
 seal stage logic (with their audit chains, as ``TransactionalStage`` runs them) and the
-``VehicleAgent``'s open → verify → execute → sealed answer, over the same test fleet as
+``VehicleAgent``'s open → verify → execute (claimed and recorded per batch, as its poll loop
+does) → sealed answer, over the same test fleet as
 bench/bench_pipeline.py. Prints the pyinstrument tree and a table of the top costs (own time of
 the hottest functions), and writes bench/results/profile_secure.{txt,json}.
 
@@ -142,8 +143,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             auth = [_Raw(authorized, i, o.key, o.value) for i, o in enumerate(outs)]
             auth = [r for r, o in zip(auth, outs, strict=True) if o.topic == authorized]
             outs = seal.batch(auth)
+            # As the agent's poll loop does: open and check the batch's records, then claim,
+            # execute, record and answer them together (VehicleAgent._run_executions).
+            agent._batch = []
             for o in (o for o in outs if o.topic == outbound):
                 agent._handle(agent._vehicles[o.key.decode()], o.value, outbound)
+            executions, agent._batch = agent._batch, None
+            agent._run_executions(executions, {})
         elapsed = time.perf_counter() - started
         cpu = time.process_time() - cpu_started
         if not args.no_profile:
