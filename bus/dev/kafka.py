@@ -13,7 +13,6 @@ under ``home/tls``), maps principals from certificate CNs and turns on KRaft's
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from fleetbus.bus.dev.pki import cn_name, issue_cert, key_pem, make_ca, san_list, write_private
 from fleetbus.bus.errors import ConfigError, KafkaUnavailableError
 
 #: Tried in order until one resolves from Maven Central. 4.1.1 is the one we run and test on.
@@ -354,7 +354,7 @@ class LocalKafka:
             cert, key = _issue_pair(self.tls_dir, BROKER_PRINCIPAL, server=True)
             # Kafka's PEM key store: the private key followed by its certificate.
             keystore = self.tls_dir / "broker.keystore.pem"
-            _write_private(keystore, key.read_bytes() + cert.read_bytes())
+            write_private(keystore, key.read_bytes() + cert.read_bytes())
         classpath = f"{libs}/*"
         for i, pid in enumerate(pids):
             if pid is not None:
@@ -653,7 +653,7 @@ def write_pki(
         cert, key = _issue_pair(out, cn, server=server, sans=broker_sans if server else ())
         keystore = out / f"{cn}.keystore.pem"
         if not keystore.exists():
-            _write_private(keystore, key.read_bytes() + cert.read_bytes())
+            write_private(keystore, key.read_bytes() + cert.read_bytes())
         written += [cert, key, keystore]
         if not server:
             config = out / f"{cn}.properties"
@@ -671,83 +671,37 @@ def write_pki(
 # -- the throw-away CA ----------------------------------------------------------------------
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
 def _ensure_ca(tls_dir: Path) -> None:
     """Write ``ca.pem`` / ``ca.key`` (EC P-256, 30 days) unless they exist."""
     if (tls_dir / "ca.pem").exists() and (tls_dir / "ca.key").exists():
         return
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from cryptography.hazmat.primitives import serialization
 
     tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleetbus dev Kafka CA")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    _write_private(
-        tls_dir / "ca.key",
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
+    cert, key = make_ca(cn_name("fleetbus dev Kafka CA"), 30)
+    write_private(tls_dir / "ca.key", key_pem(key))
     (tls_dir / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _issue_pair(
     tls_dir: Path, cn: str, *, server: bool, sans: Sequence[str] = ()
 ) -> tuple[Path, Path]:
-    """``<cn>.pem`` / ``<cn>.key`` signed by the CA (subject ``CN=<cn>``), reused if present.
+    """``<cn>.pem`` / ``<cn>.key`` signed by the CA (subject exactly ``CN=<cn>``, which
+    ``PRINCIPAL_MAPPING_RULES`` turn into ``User:<cn>``), reused if present.
 
     Broker certificates are for server and client use (brokers connect to each other) and
-    name ``127.0.0.1`` / ``localhost`` and ``sans``; client certificates are for client use
+    name ``localhost`` / ``127.0.0.1`` and ``sans``; client certificates are for client use
     only.
     """
-    import ipaddress
     import re
 
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", cn):
         raise ConfigError(f"invalid principal {cn!r} for a certificate CN")
+    names = san_list(["localhost", "127.0.0.1", *sans]) if server else []
     cert_path, key_path = tls_dir / f"{cn}.pem", tls_dir / f"{cn}.key"
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
@@ -755,43 +709,17 @@ def _issue_pair(
     ca_key = serialization.load_pem_private_key((tls_dir / "ca.key").read_bytes(), None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = ec.generate_private_key(ec.SECP256R1())
-    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-    if server:
-        usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    cert = issue_cert(
+        cn_name(cn),
+        key.public_key(),
+        ca_cert,
+        ca_key,
+        server=server,
+        client=True,
+        valid_days=30,
+        sans=names,
     )
-    if server:
-        names: list[x509.GeneralName] = [
-            x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
-        ]
-        for san in sans:
-            try:
-                names.append(x509.IPAddress(ipaddress.ip_address(san)))
-            except ValueError:
-                if not re.fullmatch(r"[A-Za-z0-9*]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", san):
-                    raise ConfigError(f"invalid subject alternative name {san!r}") from None
-                names.append(x509.DNSName(san))
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())
-    _write_private(
-        key_path,
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
+    write_private(key_path, key_pem(key))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
 
