@@ -39,6 +39,7 @@ from fleetbus.observability.tracing import (
     consume_span,
     get_tracer,
     inject_headers,
+    record_failover,
     record_reject,
 )
 from fleetbus.processors.audit import AuditChain, AuditEvent, ChainHead
@@ -93,6 +94,32 @@ class StageResult:
     def extend(self, other: StageResult) -> None:
         self.outputs.extend(other.outputs)
         self.audit.extend(other.audit)
+
+
+def _record_events(stage: str, result: StageResult) -> None:
+    """Failovers and the reject (if any) of one record's result as events of the current span
+    (the record's CONSUMER span), read from its audit events so that the batch path, which
+    computes results before the record spans exist, gets them too."""
+    rejected = False
+    for event in result.audit:
+        if event.event == "keypath_failover":
+            to_path = event.detail.get("to_path")
+            record_failover(
+                None,
+                profile=str(event.detail.get("profile", "")),
+                from_path=str(event.detail.get("from_path", "")),
+                to_path=str(to_path) if to_path else None,
+                reason=event.reason or "",
+            )
+        elif event.event in ("rejected", "dead_lettered") and not rejected:
+            rejected = True
+            detail = event.detail.get("detail")
+            record_reject(
+                None,
+                stage=stage,
+                reason=event.reason or "",
+                detail=str(detail) if detail else None,
+            )
 
 
 def _with_trace_context(result: StageResult) -> StageResult:
@@ -170,9 +197,8 @@ def dead_letter_result(
 ) -> StageResult:
     """The DLQ record plus its audit event for an input that cannot be processed."""
     DLQ_RECORDS.labels(stage=stage, reason=reason.value).inc()
-    # Stages call this inside the input record's span: the reject shows in the command's trace
-    # and this line carries its trace_id (the detail stays in the DLQ record and the span).
-    record_reject(None, stage=stage, reason=reason.value, detail=detail)
+    # The runner turns the audit event below into the span's reject event (_record_events).
+    # Logged inside the record's span on the one-by-one path, so the line carries its trace id.
     _log.info(
         "stage %s: %s[%d]@%d dead-lettered (%s)",
         stage,
@@ -539,6 +565,7 @@ class TransactionalStage:
                     with self._record_span(record):
                         if isinstance(outcome, Exception):
                             outcome = self._dead_letter(record, outcome, now)
+                        _record_events(self.stage, outcome)
                         outcome = _with_trace_context(outcome)
                     STAGE_LATENCY.labels(stage=self.stage).observe(each)
                     RECORDS.labels(stage=self.stage, outcome=outcome.outcome).inc()
@@ -552,6 +579,7 @@ class TransactionalStage:
                     result = self.logic.process(record, part.state, now)
                 except Exception as exc:
                     result = self._dead_letter(record, exc, now)
+                _record_events(self.stage, result)
                 result = _with_trace_context(result)
             STAGE_LATENCY.labels(stage=self.stage).observe(time.perf_counter() - started)
             RECORDS.labels(stage=self.stage, outcome=result.outcome).inc()

@@ -9,10 +9,17 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
-from fleetbus.observability.tracing import extract_context, inject_headers
+from fleetbus.bus.errors import FleetbusError, ReasonCode
+from fleetbus.observability.tracing import (
+    EVENT_FAILOVER,
+    EVENT_REJECT,
+    extract_context,
+    inject_headers,
+)
 from fleetbus.processors import eos
+from fleetbus.processors.audit import AuditEvent
 from fleetbus.processors.eos import InputRecord, Output, PartitionState, StageResult
 
 
@@ -96,3 +103,83 @@ def test_records_without_trace_context_start_a_trace_of_their_own(
                            "value": b"a", "timestamp": 0, "headers": None})()  # fmt: skip
     (out,) = stage._compute(part, [raw]).outputs
     assert any(name == "traceparent" for name, _ in out.headers)
+
+
+class BatchSeal:
+    """A batch stage like the seal stage: results computed before any record span exists."""
+
+    name = "seal"
+
+    def process(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
+        raise AssertionError("the runner must prefer process_batch")
+
+    def process_batch(
+        self, records: list[InputRecord], state: PartitionState, now: float
+    ) -> list[StageResult | Exception]:
+        failover = AuditEvent(
+            actor="bus",
+            event="keypath_failover",
+            command_id="c1",
+            reason="qkd_unavailable",
+            detail={"profile": "standard", "from_path": "qkd-etsi014+xwing", "to_path": "xwing"},
+        )
+        refused = eos.dead_letter_result(
+            "seal", "dlq", records[1], ReasonCode.KEY_PATH_EXHAUSTED, "no path left", now=now
+        )
+        refused.audit.insert(
+            0, AuditEvent(actor="bus", event="rejected", reason="key_path_exhausted")
+        )
+        return [
+            StageResult(outputs=[Output("out", b"c1", b"sealed")], audit=[failover]),
+            refused,
+            FleetbusError("undecodable", reason=ReasonCode.MALFORMED),
+        ]
+
+    def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
+        return StageResult()
+
+
+def test_failovers_and_rejects_are_events_of_their_records_span_in_batches(
+    exporter: InMemorySpanExporter,
+) -> None:
+    stage = eos.TransactionalStage(
+        BatchSeal(),  # type: ignore[arg-type]
+        bootstrap="127.0.0.1:1",
+        app_id="t",
+        state_topic="state",
+        audit_topic="audit",
+        dlq_topic="dlq",
+    )
+    part: Any = type("Part", (), {"state": PartitionState()})()
+    records = [
+        type("Raw", (), {"topic": "in", "partition": 0, "offset": i, "key": b"k",
+                         "value": b"v", "timestamp": 0, "headers": None})()
+        for i in range(3)
+    ]  # fmt: skip
+    stage._compute(part, records)
+
+    spans = sorted(
+        (s for s in exporter.get_finished_spans() if s.kind is SpanKind.CONSUMER),
+        key=lambda s: (s.attributes or {}).get("messaging.kafka.offset", 0),  # type: ignore[arg-type, return-value]
+    )
+    assert len(spans) == 3
+    events = [[(e.name, dict(e.attributes or {})) for e in s.events] for s in spans]
+    assert events[0] == [
+        (
+            EVENT_FAILOVER,
+            {
+                "fleetbus.profile": "standard",
+                "fleetbus.keypath.from": "qkd-etsi014+xwing",
+                "fleetbus.keypath.to": "xwing",
+                "fleetbus.reason": "qkd_unavailable",
+            },
+        )
+    ]
+    assert spans[0].status.status_code is StatusCode.UNSET
+    for span, reason in [(spans[1], "key_path_exhausted"), (spans[2], "malformed")]:
+        (event,) = span.events  # one reject event, though rejected + dead-lettered
+        assert event.name == EVENT_REJECT
+        assert event.attributes is not None
+        assert event.attributes["fleetbus.reason"] == reason
+        assert event.attributes["fleetbus.stage"] == "seal"
+        assert span.status.status_code is StatusCode.ERROR
