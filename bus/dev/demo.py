@@ -304,9 +304,11 @@ def run_fleet(spec_path: Path) -> int:
             super().__init__(**kwargs)
             self._journal = journal
 
-        def _execute(self, vehicle: Any, command: Command, expires_at: float) -> list[Any]:
-            self._journal.current.vehicle_id = vehicle.identity.vehicle_id
-            return super()._execute(vehicle, command, expires_at)
+        def _run_handler(self, vid: str, command: Command) -> Any:
+            # Handlers of a poll batch run after the whole batch was read and claimed: name
+            # the vehicle right where its handler runs.
+            self._journal.current.vehicle_id = vid
+            return super()._run_handler(vid, command)
 
     spec = json.loads(spec_path.read_text())
     keys_dir = Path(spec["keys_dir"])
