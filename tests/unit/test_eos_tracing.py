@@ -37,6 +37,20 @@ class Forward:
         return StageResult()
 
 
+def runner(logic: Any) -> tuple[eos.TransactionalStage, Any]:
+    """A stage runner for ``logic`` (never connected: the tests call ``_compute``) and a
+    partition with empty state."""
+    stage = eos.TransactionalStage(
+        logic,
+        bootstrap="127.0.0.1:1",
+        app_id="t",
+        state_topic="state",
+        audit_topic="audit",
+        dlq_topic="dlq",
+    )
+    return stage, type("Part", (), {"state": PartitionState()})()
+
+
 @pytest.fixture
 def exporter(monkeypatch: pytest.MonkeyPatch) -> InMemorySpanExporter:
     spans = InMemorySpanExporter()
@@ -55,15 +69,7 @@ def test_every_output_and_dead_letter_carries_the_inputs_trace(
         headers = tuple(inject_headers())
     trace_id = root.get_span_context().trace_id
 
-    stage = eos.TransactionalStage(
-        Forward(),  # type: ignore[arg-type]
-        bootstrap="127.0.0.1:1",
-        app_id="t",
-        state_topic="state",
-        audit_topic="audit",
-        dlq_topic="dlq",
-    )
-    part: Any = type("Part", (), {"state": PartitionState()})()
+    stage, part = runner(Forward())
     records = [
         type("Raw", (), {"topic": "in", "partition": 0, "offset": i, "key": b"k",
                          "value": value, "timestamp": 0, "headers": headers})()
@@ -90,15 +96,7 @@ def test_every_output_and_dead_letter_carries_the_inputs_trace(
 def test_records_without_trace_context_start_a_trace_of_their_own(
     exporter: InMemorySpanExporter,
 ) -> None:
-    stage = eos.TransactionalStage(
-        Forward(),  # type: ignore[arg-type]
-        bootstrap="127.0.0.1:1",
-        app_id="t",
-        state_topic="state",
-        audit_topic="audit",
-        dlq_topic="dlq",
-    )
-    part: Any = type("Part", (), {"state": PartitionState()})()
+    stage, part = runner(Forward())
     raw = type("Raw", (), {"topic": "in", "partition": 0, "offset": 0, "key": b"k",
                            "value": b"a", "timestamp": 0, "headers": None})()  # fmt: skip
     (out,) = stage._compute(part, [raw]).outputs
@@ -142,15 +140,7 @@ class BatchSeal:
 def test_failovers_and_rejects_are_events_of_their_records_span_in_batches(
     exporter: InMemorySpanExporter,
 ) -> None:
-    stage = eos.TransactionalStage(
-        BatchSeal(),  # type: ignore[arg-type]
-        bootstrap="127.0.0.1:1",
-        app_id="t",
-        state_topic="state",
-        audit_topic="audit",
-        dlq_topic="dlq",
-    )
-    part: Any = type("Part", (), {"state": PartitionState()})()
+    stage, part = runner(BatchSeal())
     records = [
         type("Raw", (), {"topic": "in", "partition": 0, "offset": i, "key": b"k",
                          "value": b"v", "timestamp": 0, "headers": None})()
