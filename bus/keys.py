@@ -76,6 +76,9 @@ class KeyProvider(abc.ABC):
     post_quantum: bool = False
     #: The ``KeyAlgorithm`` of the recipient key pair, or None when there is none (QKD).
     algorithm: str | None = None
+    #: False only for a pure in-process computation (no I/O, nothing to wait on): the sealer
+    #: then calls it inline instead of in a thread under the provider timeout.
+    may_block: bool = True
 
     def generate_keypair(self) -> tuple[bytes, bytes]:
         """Return ``(private_bytes, public_bytes)`` in the raw form the provider reads."""

@@ -65,6 +65,8 @@ class _HPKEWrapProvider(KeyProvider):
     """Wraps a fresh random secret to the recipient with HPKE base mode (shared logic)."""
 
     algorithm: str
+    #: A few hundred microseconds of computation, no I/O: called inline by the sealer.
+    may_block = False
     kem: ClassVar[hpke.KEM]
     private_length: ClassVar[int]
     public_length: ClassVar[int]

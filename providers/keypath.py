@@ -27,7 +27,6 @@ from fleetbus.bus.keys import (
     SecurityProfile,
 )
 from fleetbus.providers.combiner import combine
-from fleetbus.providers.hpke import MLKEM768Provider, X25519Provider, XWingProvider
 
 __all__ = [
     "REASON_CIRCUIT_OPEN",
@@ -52,16 +51,6 @@ REASON_RECIPIENT_INCAPABLE = "recipient_incapable"
 REASON_TIMEOUT = "timeout"
 
 _QKD_PROVIDERS = frozenset({"qkd-etsi014"})
-_IN_PROCESS_PROVIDERS: frozenset[type[KeyProvider]] = frozenset(
-    {X25519Provider, MLKEM768Provider, XWingProvider}
-)
-
-
-def _computes_in_process(provider: KeyProvider) -> bool:
-    """True for this package's HPKE providers (X25519, ML-KEM-768, X-Wing): a pure computation
-    of a few hundred microseconds, no I/O, nothing to wait on, so nothing a timeout could catch.
-    Exact types: a subclass or a plug-in under the same name may do I/O and keeps the timeout."""
-    return type(provider) in _IN_PROCESS_PROVIDERS
 
 
 class KeyPathRunner:
@@ -322,7 +311,7 @@ class ProfileSealer:
             provider = self.runner.provider(name)
             breaker = self.breaker(name)
             try:
-                if _computes_in_process(provider):
+                if not provider.may_block:
                     # Inline: a thread per call cost more than the KEM itself (see _call).
                     enc = provider.establish(recipient, context=context)
                 else:

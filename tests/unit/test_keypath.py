@@ -391,8 +391,8 @@ def test_in_process_hpke_providers_run_inline_and_network_providers_keep_the_tim
     assert result.path == XWING
     assert rec.events == []
     monkeypatch.undo()
-    # A provider that is not one of the package's HPKE types, even under the name "xwing",
-    # still runs under the timeout.
+    # A provider that does not declare may_block=False, even under the name "xwing", still
+    # runs under the timeout.
     slow = FakeProvider("xwing", "xwing", gate=gate)
     rec = Recorder()
     s = sealer(providers(xwing=slow), rec, provider_timeout_s=0.05, failure_threshold=1)
