@@ -77,14 +77,8 @@ def plain_stages(settings: Any) -> list[Any]:
     """authorize + seal without crypto and policy, run by the production TransactionalStage."""
     from fleetbus.bus.commands import CommandState, SignedCommand
     from fleetbus.bus.errors import FleetbusError, ReasonCode
-    from fleetbus.processors.app import state_topic
-    from fleetbus.processors.eos import (
-        InputRecord,
-        Output,
-        PartitionState,
-        StageResult,
-        TransactionalStage,
-    )
+    from fleetbus.processors.app import stage_runner
+    from fleetbus.processors.eos import InputRecord, Output, PartitionState, StageResult
     from fleetbus.processors.stages import AuthorizedCommand, PipelineTopics, _status
 
     topics = PipelineTopics.from_settings(settings.topics)
@@ -155,23 +149,7 @@ def plain_stages(settings: Any) -> list[Any]:
         def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
             return StageResult()
 
-    return [
-        TransactionalStage(
-            logic,
-            bootstrap=settings.kafka_bootstrap,
-            app_id=settings.app_id,
-            state_topic=state_topic(settings, logic.name),
-            audit_topic=topics.audit,
-            dlq_topic=topics.dlq,
-            batch_size=settings.stage_batch_size,
-            tick_interval_s=settings.tick_interval_s,
-            consumer_options={
-                "session_timeout_ms": int(settings.broker_session_timeout_s * 1000),
-                "heartbeat_interval_ms": int(settings.broker_heartbeat_interval_s * 1000),
-            },
-        )
-        for logic in (PlainAuthorize(), PlainSeal())
-    ]
+    return [stage_runner(settings, logic) for logic in (PlainAuthorize(), PlainSeal())]
 
 
 def settings_from(config: dict[str, Any]) -> Any:
@@ -552,8 +530,7 @@ class Bench:
         return out
 
     def topics(self, mode: str, partitions: int) -> dict[str, Any]:
-        from fleetbus.bus.topics import ensure_topics
-        from fleetbus.processors.app import pipeline_topics
+        from fleetbus.processors.app import ensure_pipeline_topics
 
         run = uuid.uuid4().hex[:8]
         config = {
@@ -565,16 +542,9 @@ class Bench:
             "mode": mode,
         }
         settings = settings_from(config)
-        regular, compacted = pipeline_topics(settings)
-        audit = settings.topics.full(settings.topics.audit)
-        ensure_topics(self.bootstrap, regular, partitions=partitions)
-        ensure_topics(
-            self.bootstrap, compacted, partitions=partitions, configs={"cleanup.policy": "compact"}
-        )
-        ensure_topics(self.bootstrap, [audit], partitions=1)
+        config["all_topics"] = ensure_pipeline_topics(settings)
         config["requested"] = settings.topics.full(settings.topics.commands_requested)
         config["responses"] = settings.topics.full(settings.topics.commands_responses)
-        config["all_topics"] = [*regular, *compacted, audit]
         return config
 
     def spawn(self, role: str, config: dict[str, Any], index: int) -> subprocess.Popen[bytes]:

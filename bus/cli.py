@@ -164,7 +164,7 @@ def worker(log_format: LogFormatOpt = None, log_level: LogLevelOpt = None) -> No
     from fleetbus.bus.topics import ensure_topics
     from fleetbus.observability.logging import LogFormat, configure_logging, resolve_log_format
     from fleetbus.observability.tracing import setup_tracing
-    from fleetbus.processors.app import create_app, pipeline_enabled, pipeline_topics
+    from fleetbus.processors.app import create_app, ensure_pipeline_topics, pipeline_enabled
 
     # First, so that every record of this process — ours, faust's, aiokafka's, warnings — goes
     # through the one redacting handler on stderr (JSON lines unless text is asked for).
@@ -174,32 +174,14 @@ def worker(log_format: LogFormatOpt = None, log_level: LogLevelOpt = None) -> No
     # Spans get real ids (and go to OTLP or the console when OTEL_* asks for it), so the trace
     # context each stage writes into its outputs names the worker's own spans.
     setup_tracing("fleetbus-worker")
-    tls = settings.kafka_client_config()
     ensure_topics(
         settings.kafka_bootstrap,
         [settings.smoke_source, settings.smoke_sink],
         partitions=settings.partitions,
-        client_config=tls,
+        client_config=settings.kafka_client_config(),
     )
     if pipeline_enabled(settings):
-        regular, compacted = pipeline_topics(settings)
-        ensure_topics(
-            settings.kafka_bootstrap, regular, partitions=settings.partitions, client_config=tls
-        )
-        ensure_topics(
-            settings.kafka_bootstrap,
-            compacted,
-            partitions=settings.partitions,
-            configs={"cleanup.policy": "compact"},
-            client_config=tls,
-        )
-        # One partition: each chain's order is the log's order (docs/audit.md).
-        ensure_topics(
-            settings.kafka_bootstrap,
-            [settings.topics.full(settings.topics.audit)],
-            partitions=1,
-            client_config=tls,
-        )
+        ensure_pipeline_topics(settings)
     if settings.metrics_port:
         from prometheus_client import start_http_server
 

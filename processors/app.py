@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 from faust import SSLCredentials
@@ -20,6 +20,9 @@ from mode import Service
 
 from fleetbus.bus.errors import ConfigError
 from fleetbus.bus.settings import FleetbusSettings
+
+if TYPE_CHECKING:
+    from fleetbus.processors.eos import TransactionalStage
 
 _log = logging.getLogger(__name__)
 
@@ -84,6 +87,56 @@ def pipeline_topics(settings: FleetbusSettings) -> tuple[list[str], list[str]]:
     return regular, compacted
 
 
+def ensure_pipeline_topics(settings: FleetbusSettings) -> list[str]:
+    """Create what the pipeline needs and does not exist yet: the regular topics, the compacted
+    state changelogs and the audit topic — one partition, so each chain's order is the log's
+    (docs/audit.md). Returns every name, in that order."""
+    from fleetbus.bus.topics import ensure_topics
+
+    regular, compacted = pipeline_topics(settings)
+    audit = settings.topics.full(settings.topics.audit)
+    bootstrap, partitions = settings.kafka_bootstrap, settings.partitions
+    tls = settings.kafka_client_config()
+    ensure_topics(bootstrap, regular, partitions=partitions, client_config=tls)
+    ensure_topics(
+        bootstrap,
+        compacted,
+        partitions=partitions,
+        configs={"cleanup.policy": "compact"},
+        client_config=tls,
+    )
+    ensure_topics(bootstrap, [audit], partitions=1, client_config=tls)
+    return [*regular, *compacted, audit]
+
+
+def stage_runner(
+    settings: FleetbusSettings, logic: Any, *, audit_signer: Any = None
+) -> TransactionalStage:
+    """The exactly-once runner of one stage ``logic`` as ``settings`` configure it: its state
+    changelog, audit and DLQ topics, batch size, ticks, group timing and Kafka security."""
+    from fleetbus.processors.eos import TransactionalStage
+
+    topics = settings.topics
+    return TransactionalStage(
+        logic,
+        bootstrap=settings.kafka_bootstrap,
+        app_id=settings.app_id,
+        state_topic=state_topic(settings, logic.name),
+        audit_topic=topics.full(topics.audit),
+        dlq_topic=topics.full(topics.dlq),
+        audit_signer=audit_signer,
+        audit_signer_principal=settings.sealer_principal,
+        checkpoint_every=settings.audit_checkpoint_every,
+        batch_size=settings.stage_batch_size,
+        tick_interval_s=settings.tick_interval_s,
+        consumer_options={
+            "session_timeout_ms": int(settings.broker_session_timeout_s * 1000),
+            "heartbeat_interval_ms": int(settings.broker_heartbeat_interval_s * 1000),
+        },
+        client_options=settings.aiokafka_client_config(),
+    )
+
+
 @dataclass
 class Pipeline:
     """The stage runners of one worker, and services running beside them (health probes)."""
@@ -98,7 +151,6 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     from fleetbus.bus.directory import RootPublicKey, load_directory, load_key_file
     from fleetbus.bus.keys import KeyPath
     from fleetbus.bus.registry import load_key_provider
-    from fleetbus.processors.eos import TransactionalStage
     from fleetbus.processors.fleet_registry import FleetRegistry
     from fleetbus.processors.health import HealthReporter, init_stage_counters
     from fleetbus.processors.policy import PolicyEngine
@@ -232,27 +284,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
             max_message_bytes=settings.max_message_bytes,
         ),
     ]
-    stages = [
-        TransactionalStage(
-            logic,
-            bootstrap=settings.kafka_bootstrap,
-            app_id=settings.app_id,
-            state_topic=state_topic(settings, logic.name),
-            audit_topic=topics.audit,
-            dlq_topic=topics.dlq,
-            audit_signer=signer,
-            audit_signer_principal=settings.sealer_principal,
-            checkpoint_every=settings.audit_checkpoint_every,
-            batch_size=settings.stage_batch_size,
-            tick_interval_s=settings.tick_interval_s,
-            consumer_options={
-                "session_timeout_ms": int(settings.broker_session_timeout_s * 1000),
-                "heartbeat_interval_ms": int(settings.broker_heartbeat_interval_s * 1000),
-            },
-            client_options=settings.aiokafka_client_config(),
-        )
-        for logic in logics
-    ]
+    stages = [stage_runner(settings, logic, audit_signer=signer) for logic in logics]
     init_stage_counters(stage.stage for stage in stages)
     health = HealthReporter(providers, profile_sealer, directory)
     return Pipeline(stages, services=[health])

@@ -1091,16 +1091,9 @@ def summary_tables(report: DemoReport) -> list[Table]:
 
 def _create_topics(settings: FleetbusSettings) -> None:
     """The topics the worker creates, created up front so the status follower can start."""
-    from fleetbus.bus.topics import ensure_topics
-    from fleetbus.processors.app import pipeline_topics
+    from fleetbus.processors.app import ensure_pipeline_topics
 
-    regular, compacted = pipeline_topics(settings)
-    ensure_topics(settings.kafka_bootstrap, regular, partitions=settings.partitions)
-    ensure_topics(settings.kafka_bootstrap, compacted, partitions=settings.partitions,
-                  configs={"cleanup.policy": "compact"})  # fmt: skip
-    # One partition: the audit chains' order is the log's order (docs/audit.md).
-    ensure_topics(settings.kafka_bootstrap, [settings.topics.full(settings.topics.audit)],
-                  partitions=1)  # fmt: skip
+    ensure_pipeline_topics(settings)
 
 
 def _delete_topics(bootstrap: str, prefix: str, app_id: str) -> None:
