@@ -21,7 +21,7 @@ principal         kind        keys
 ``settings_for(bootstrap)`` makes ``FleetbusSettings`` with a unique topic prefix and app id and
 creates every topic of ``TopicNames`` on the broker (``keys`` compacted).
 
-For a ``fleetbus worker`` subprocess: ``worker_env(settings, fleet, workdir)`` is its
+For a ``fleetbus worker`` subprocess: ``worker_env(settings, workdir)`` is its
 ``FLEETBUS_*`` environment, ``qkd_worker_env(kme_pair)`` adds the bus's QKD provider (the KME
 pair's master SAE at KME-A) and ``TestFleet.add_edge_unit`` issues a QKD-connected edge unit.
 """
@@ -295,11 +295,10 @@ def free_port() -> int:
         return port
 
 
-def worker_env(
-    settings: FleetbusSettings, fleet: TestFleet, workdir: Path, **extra: str
-) -> dict[str, str]:
-    """The environment of a ``fleetbus worker`` running the pipeline for ``fleet`` on
-    ``settings`` (state under ``workdir``, half-second ticks); ``extra`` adds or overrides."""
+def worker_env(settings: FleetbusSettings, workdir: Path, **extra: str) -> dict[str, str]:
+    """The environment of a ``fleetbus worker`` running the pipeline on ``settings`` (keys from
+    ``settings.keys_dir``, state under ``workdir``, half-second ticks); ``extra`` adds or
+    overrides."""
     env = {
         "FLEETBUS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
         "FLEETBUS_APP_ID": settings.app_id,
@@ -309,13 +308,20 @@ def worker_env(
         "FLEETBUS_SMOKE_SINK": settings.topics.prefix + "smoke.out",
         "FLEETBUS_DATA_DIR": str(workdir / "state"),
         "FLEETBUS_WEB_PORT": "0",
-        "FLEETBUS_KEYS_DIR": str(fleet.keys_dir),
+        "FLEETBUS_KEYS_DIR": settings.keys_dir,
         "FLEETBUS_PIPELINE": "on",
         "FLEETBUS_TICK_INTERVAL_S": "0.5",
         "FLEETBUS_AUDIT_CHECKPOINT_EVERY": "5",
     }
     env.update(extra)
     return env
+
+
+def read_topic(bootstrap: str, name: str, *, idle_s: float = 3.0) -> list[Any]:
+    """Every committed record of topic ``name``, read until ``idle_s`` pass without one."""
+    from fleetbus.bus.dev.demo import read_topic as read_committed
+
+    return read_committed(bootstrap, name, idle_s=idle_s)
 
 
 def qkd_worker_env(kme_pair: Any) -> dict[str, str]:

@@ -322,7 +322,7 @@ def test_pipeline_runs_on_the_mtls_cluster_with_least_privilege_principals(
     fleet = make_test_fleet(tmp_path, vehicles=2)
     common: dict[str, Any] = {"app_id": app_id, "partitions": 2, "topics": topics}
     worker_settings = tls_settings(secure_kafka, WORKER, keys_dir=str(fleet.keys_dir), **common)
-    env = worker_env(worker_settings, fleet, tmp_path)
+    env = worker_env(worker_settings, tmp_path)
     env.update(
         FLEETBUS_KAFKA_SECURITY_PROTOCOL="SSL",
         FLEETBUS_KAFKA_SSL_CAFILE=str(worker_settings.kafka_ssl_cafile),

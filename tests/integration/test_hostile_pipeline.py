@@ -9,7 +9,6 @@ keep running and still carry a valid command to success afterwards. Vehicle case
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import urllib.request
@@ -19,8 +18,8 @@ from typing import Any
 
 import cbor2
 import pytest
-from integration.pipeline_support import settings_for
-from kafka import KafkaConsumer, KafkaProducer
+from integration.pipeline_support import free_port, read_topic, settings_for, worker_env
+from kafka import KafkaProducer
 from vectors.hostile.corpus import BUS_TARGETS, VEHICLE_TARGET, Case, copy_fleet, load_cases
 from vectors.hostile.corpus import load_meta as corpus_meta
 
@@ -40,28 +39,6 @@ WORKER = META["worker_settings"]
 FINAL = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED, CommandState.EXPIRED]
 #: Same list as the unit test: cases the code does not handle yet (docs/security-testing.md).
 KNOWN_ISSUES: frozenset[str] = frozenset()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def read_topic(bootstrap: str, name: str, *, idle_s: float = 3.0) -> list[Any]:
-    consumer = KafkaConsumer(
-        name,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        consumer_timeout_ms=int(idle_s * 1000),
-    )
-    try:
-        return list(consumer)
-    finally:
-        consumer.close()
 
 
 class Executions:
@@ -89,25 +66,16 @@ def hostile(kafka: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[An
         sealer_principal="bus-sealer",
         replay_ttl_s=WORKER["replay_ttl_s"],
     )
-    port = _free_port()
-    env = {
-        "FLEETBUS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "FLEETBUS_APP_ID": settings.app_id,
-        "FLEETBUS_PARTITIONS": str(settings.partitions),
-        "FLEETBUS_TOPICS__PREFIX": settings.topics.prefix,
-        "FLEETBUS_SMOKE_SOURCE": settings.topics.prefix + "smoke.in",
-        "FLEETBUS_SMOKE_SINK": settings.topics.prefix + "smoke.out",
-        "FLEETBUS_DATA_DIR": str(tmp_path / "state"),
-        "FLEETBUS_WEB_PORT": "0",
-        "FLEETBUS_KEYS_DIR": str(keys),
-        "FLEETBUS_PIPELINE": "on",
-        "FLEETBUS_TICK_INTERVAL_S": "0.5",
-        "FLEETBUS_AUDIT_CHECKPOINT_EVERY": "20",
-        "FLEETBUS_REPLAY_TTL_S": str(WORKER["replay_ttl_s"]),
-        "FLEETBUS_APPROVAL_WINDOW_S": str(WORKER["approval_window_s"]),
-        "FLEETBUS_APPROVALS_REQUIRED": str(WORKER["approvals_required"]),
-        "FLEETBUS_METRICS_PORT": str(port),
-    }
+    port = free_port()
+    env = worker_env(
+        settings,
+        tmp_path,
+        FLEETBUS_AUDIT_CHECKPOINT_EVERY="20",
+        FLEETBUS_REPLAY_TTL_S=str(WORKER["replay_ttl_s"]),
+        FLEETBUS_APPROVAL_WINDOW_S=str(WORKER["approval_window_s"]),
+        FLEETBUS_APPROVALS_REQUIRED=str(WORKER["approvals_required"]),
+        FLEETBUS_METRICS_PORT=str(port),
+    )
     worker = WorkerProcess(env, tmp_path / "worker.log")
     executions = Executions()
     vehicles = [VehicleIdentity.load(keys, v) for v in ("V-0001", "V-0002")]

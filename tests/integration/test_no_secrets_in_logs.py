@@ -15,12 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.pipeline_support import DISPATCHER, make_test_fleet
+from integration.pipeline_support import (
+    DISPATCHER,
+    free_port,
+    make_test_fleet,
+    qkd_worker_env,
+    worker_env,
+)
 from kafka import KafkaConsumer
 
 from fleetbus.bus.commands import CommandState, SignedCommand, Target
 from fleetbus.bus.dev.smoke import WorkerProcess
-from fleetbus.bus.directory import append_directory_file, issue_key, save_key_file
 from fleetbus.bus.dispatch import CommandPublisher
 from fleetbus.bus.envelope import decode_envelope
 from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
@@ -55,51 +60,16 @@ def pem_secrets(path: Path) -> list[bytes]:
     return [base64.b64decode(body), *lines]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_no_secret_appears_in_any_log(
     kafka_bootstrap: str, tmp_path: Path, kme_pair: Any, capfd: pytest.CaptureFixture[str]
 ) -> None:
     kme_pair.reset()
     fleet = make_test_fleet(tmp_path, vehicles=2)
-    now = time.time()
-    edge = issue_key(
-        fleet.root, principal_id="E-0001", kind="edge", signature_suite="ed25519",
-        kems=["xwing", "x25519"], qkd_sae_id=kme_pair.slave_sae, groups=["depot"],
-        not_before=now - 3600, not_after=now + 86400,
-    )  # fmt: skip
-    append_directory_file(fleet.keys_dir / "directory.cbor", edge.signed)
-    save_key_file(fleet.keys_dir / "E-0001.key", edge.key_file)
-    fleet.key_files["E-0001"] = edge.key_file
-    fleet.reload_directory()
+    fleet.add_edge_unit("E-0001", qkd_sae_id=kme_pair.slave_sae)
     settings = fleet.settings_for(kafka_bootstrap)
-    master = kme_pair.pki.saes[kme_pair.master_sae]
-    env = {
-        "FLEETBUS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "FLEETBUS_APP_ID": settings.app_id,
-        "FLEETBUS_PARTITIONS": str(settings.partitions),
-        "FLEETBUS_TOPICS__PREFIX": settings.topics.prefix,
-        "FLEETBUS_SMOKE_SOURCE": settings.topics.prefix + "smoke.in",
-        "FLEETBUS_SMOKE_SINK": settings.topics.prefix + "smoke.out",
-        "FLEETBUS_DATA_DIR": str(tmp_path / "state"),
-        "FLEETBUS_WEB_PORT": "0",
-        "FLEETBUS_KEYS_DIR": str(fleet.keys_dir),
-        "FLEETBUS_PIPELINE": "on",
-        "FLEETBUS_TICK_INTERVAL_S": "0.5",
-        "FLEETBUS_METRICS_PORT": str(_free_port()),
-        "FLEETBUS_QKD_KME_URL": kme_pair.kme_a_url,
-        "FLEETBUS_QKD_SAE_ID": kme_pair.master_sae,
-        "FLEETBUS_QKD_CA_FILE": str(kme_pair.pki.ca_cert),
-        "FLEETBUS_QKD_CERT_FILE": str(master.cert),
-        "FLEETBUS_QKD_KEY_FILE": str(master.key),
-    }
+    env = worker_env(
+        settings, tmp_path, FLEETBUS_METRICS_PORT=str(free_port()), **qkd_worker_env(kme_pair)
+    )
     worker_log = tmp_path / "worker.log"
     worker = WorkerProcess(env, worker_log)
 

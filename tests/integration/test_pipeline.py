@@ -19,6 +19,8 @@ from integration.pipeline_support import (
     TestFleet,
     free_port,
     make_test_fleet,
+    qkd_worker_env,
+    read_topic,
     worker_env,
 )
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -54,7 +56,7 @@ def pipeline(
     extra: dict[str, str] = getattr(request, "param", {})
     fleet = make_test_fleet(tmp_path, vehicles=4)
     settings = fleet.settings_for(kafka_bootstrap)
-    worker = WorkerProcess(worker_env(settings, fleet, tmp_path, **extra), tmp_path / "worker.log")
+    worker = WorkerProcess(worker_env(settings, tmp_path, **extra), tmp_path / "worker.log")
     executions = Executions()
     agent = VehicleAgent(
         settings,
@@ -85,21 +87,6 @@ def pipeline(
 
 def topic(settings: FleetbusSettings, name: str) -> str:
     return settings.topics.full(getattr(settings.topics, name))
-
-
-def read_topic(bootstrap: str, name: str, *, idle_s: float = 3.0) -> list[Any]:
-    consumer = KafkaConsumer(
-        name,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        consumer_timeout_ms=int(idle_s * 1000),
-    )
-    try:
-        return list(consumer)
-    finally:
-        consumer.close()
 
 
 def dlq_letters(settings: FleetbusSettings) -> list[DeadLetter]:
@@ -313,7 +300,7 @@ def test_exactly_once_outbound_across_a_worker_sigkill(pipeline: dict[str, Any])
         if i == n // 2:
             time.sleep(1.0)
             worker.kill()
-    restarted = WorkerProcess(worker_env(settings, fleet, tmp_path), tmp_path / "worker2.log")
+    restarted = WorkerProcess(worker_env(settings, tmp_path), tmp_path / "worker2.log")
     pipeline["worker"] = restarted
     out_topic = topic(settings, "commands_outbound")
     try:
@@ -346,33 +333,16 @@ def test_qkd_link_outage_fails_over_to_xwing_visibly(
 ) -> None:
     import urllib.request
 
-    from fleetbus.bus.directory import append_directory_file, issue_key, save_key_file
     from fleetbus.bus.envelope import decode_envelope
 
     kme_pair.reset()
     fleet = make_test_fleet(tmp_path, vehicles=2)
-    now = time.time()
-    edge = issue_key(
-        fleet.root, principal_id="E-0001", kind="edge", signature_suite="ed25519",
-        kems=["xwing", "x25519"], qkd_sae_id=kme_pair.slave_sae, groups=["depot"],
-        not_before=now - 3600, not_after=now + 86400,
-    )  # fmt: skip
-    append_directory_file(fleet.keys_dir / "directory.cbor", edge.signed)
-    save_key_file(fleet.keys_dir / "E-0001.key", edge.key_file)
-    fleet.key_files["E-0001"] = edge.key_file
-    fleet.reload_directory()
+    fleet.add_edge_unit("E-0001", qkd_sae_id=kme_pair.slave_sae)
     settings = fleet.settings_for(kafka_bootstrap)
-    master = kme_pair.pki.saes[kme_pair.master_sae]
     port = free_port()
     env = worker_env(
-        settings, fleet, tmp_path,
-        FLEETBUS_QKD_KME_URL=kme_pair.kme_a_url,
-        FLEETBUS_QKD_SAE_ID=kme_pair.master_sae,
-        FLEETBUS_QKD_CA_FILE=str(kme_pair.pki.ca_cert),
-        FLEETBUS_QKD_CERT_FILE=str(master.cert),
-        FLEETBUS_QKD_KEY_FILE=str(master.key),
-        FLEETBUS_METRICS_PORT=str(port),
-    )  # fmt: skip
+        settings, tmp_path, FLEETBUS_METRICS_PORT=str(port), **qkd_worker_env(kme_pair)
+    )
     worker = WorkerProcess(env, tmp_path / "worker.log")
     executions = Executions()
     agent = VehicleAgent(

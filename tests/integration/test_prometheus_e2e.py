@@ -336,7 +336,6 @@ def deployment(
     worker_port, vehicle_port = free_port(), free_port()
     env = worker_env(
         settings,
-        fleet,
         workdir,
         FLEETBUS_METRICS_PORT=str(worker_port),
         FLEETBUS_APPROVAL_WINDOW_S="60",

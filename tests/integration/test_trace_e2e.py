@@ -419,7 +419,7 @@ def test_the_worker_writes_json_lines_with_the_trace_id_of_the_record_it_process
 ) -> None:
     fleet = make_test_fleet(tmp_path, vehicles=1)
     settings = fleet.settings_for(kafka_bootstrap, partitions=1)
-    worker = WorkerProcess(worker_env(settings, fleet, tmp_path), tmp_path / "worker.log")
+    worker = WorkerProcess(worker_env(settings, tmp_path), tmp_path / "worker.log")
     try:
         trace_id = send_junk(settings)
         (letter,) = read_topic(settings, "dlq", want=1, timeout_s=60)
