@@ -590,17 +590,28 @@ def fleet_acls(
 
 
 def create_acls(
-    bootstrap: str, grants: Iterable[AclGrant], client_config: Mapping[str, Any] | None = None
+    bootstrap: str,
+    grants: Iterable[AclGrant],
+    client_config: Mapping[str, Any] | None = None,
+    *,
+    apply_timeout_s: float = 30.0,
 ) -> int:
     """Create ALLOW bindings (a super user's ``client_config``); how many the broker accepted.
-    Creating a binding that exists already is a no-op, so this is safe to repeat."""
+    Creating a binding that exists already is a no-op, so this is safe to repeat.
+
+    The controller answers once the bindings are committed; a broker enforces them only after it
+    has applied the metadata log, and until then a client is refused (an idempotent producer
+    on InitProducerId, with ClusterAuthorizationFailed). So this returns only when a broker's
+    authorizer lists every binding, or raises ``ConfigError`` after ``apply_timeout_s``."""
     from kafka import KafkaAdminClient
     from kafka.admin import (
         ACL,
+        ACLFilter,
         ACLOperation,
         ACLPermissionType,
         ACLResourcePatternType,
         ResourcePattern,
+        ResourcePatternFilter,
         ResourceType,
     )
 
@@ -621,13 +632,32 @@ def create_acls(
     admin = KafkaAdminClient(
         bootstrap_servers=bootstrap, client_id="fleetbus-acls", **dict(client_config or {})
     )
+    everything = ACLFilter(
+        principal=None,
+        host=None,
+        operation=ACLOperation.ANY,
+        permission_type=ACLPermissionType.ANY,
+        resource_pattern=ResourcePatternFilter(ResourceType.ANY, None, ACLResourcePatternType.ANY),
+    )
     try:
         result = admin.create_acls(acls)
+        failed = result.get("failed", [])
+        if failed:
+            raise ConfigError(f"{len(failed)} ACL binding(s) refused: {failed[:3]}")
+        deadline = time.monotonic() + apply_timeout_s
+        while True:
+            listed, _ = admin.describe_acls(everything)
+            missing = set(acls) - set(listed)
+            if not missing:
+                break
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"{len(missing)} ACL binding(s) created but not applied by the broker "
+                    f"after {apply_timeout_s:.0f} s"
+                )
+            time.sleep(0.2)
     finally:
         admin.close()
-    failed = result.get("failed", [])
-    if failed:
-        raise ConfigError(f"{len(failed)} ACL binding(s) refused: {failed[:3]}")
     return len(result.get("succeeded", []))
 
 
