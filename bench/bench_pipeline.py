@@ -257,6 +257,13 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total / TICKS
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (every CPU, every process), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / TICKS
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     if not values:
         return None
@@ -276,6 +283,7 @@ class Drive:
     completion_s: list[float] = field(repr=False)
     cpu_s: float
     cpu_by_role: dict[str, float]
+    shared_cpu: dict[str, float]  # broker, driver (this process), machine: not in cpu_s
     duration_s: float
     load: list[float]
     sent_s: float = 0.0  # when the last command was acknowledged by the broker
@@ -325,6 +333,16 @@ class Drive:
             }
             if self.answered
             else {},
+            # Everything that ran on the machine meanwhile (broker, load generator, the idle
+            # modes' polling, other jobs): what the pipeline costs the machine per command.
+            "machine_cpu_ms_per_command": _round(1000 * self.shared_cpu["machine"] / self.answered)
+            if self.answered
+            else None,
+            "shared_cpu_ms_per_command": {
+                name: _round(1000 * cpu / self.answered) for name, cpu in self.shared_cpu.items()
+            }
+            if self.answered
+            else {},
             "load_average": self.load,
             "load_average_after": self.load_after,
             **(
@@ -352,9 +370,12 @@ async def drive(
     rate: float | None,
     pids: dict[str, list[int]],
     drain_s: float,
+    broker_pids: Sequence[int] = (),
 ) -> Drive:
     """Publish ``commands`` (key, value) to ``in_topic`` — as fast as possible, or open-loop at
-    ``rate`` per second — and time each key's first record on ``out_topic``."""
+    ``rate`` per second — and time each key's first record on ``out_topic``. CPU: the mode's
+    worker and vehicle processes; apart from them the broker's (``broker_pids``), this load
+    generator's, and the whole machine's."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
     from aiokafka.structs import TopicPartition
 
@@ -390,6 +411,12 @@ async def drive(
         collector = asyncio.create_task(collect())
         load = load_average()
         cpu0 = {role: cpu_seconds(p) for role, p in pids.items()}
+        shared = {
+            "broker": lambda: cpu_seconds(broker_pids),
+            "driver": time.process_time,
+            "machine": machine_busy_seconds,
+        }
+        shared0 = {name: read() for name, read in shared.items()}
         t0 = time.monotonic()
         futures = []
         for i, (key, value) in enumerate(commands):
@@ -412,6 +439,9 @@ async def drive(
             await collector
         end = max(received.values()) if received else time.monotonic()
         cpu = {role: cpu_seconds(p) - cpu0[role] for role, p in pids.items()}
+        shared_cpu = {name: read() - shared0[name] for name, read in shared.items()}
+        if not broker_pids:
+            del shared_cpu["broker"]
         return Drive(
             offered_rate=rate,
             sent=len(commands),
@@ -420,6 +450,7 @@ async def drive(
             completion_s=[t - t0 for t in received.values()],
             cpu_s=sum(cpu.values()),
             cpu_by_role=cpu,
+            shared_cpu=shared_cpu,
             duration_s=max(end - t0, sent_s),
             load=load,
             sent_s=sent_s,
@@ -472,7 +503,13 @@ class ModeRun:
         )
         saturation = dict(closest)
         saturation.pop("round", None)
-        for key in ("throughput", "cpu_ms_per_command", "p50_ms", "p99_ms"):
+        for key in (
+            "throughput",
+            "cpu_ms_per_command",
+            "machine_cpu_ms_per_command",
+            "p50_ms",
+            "p99_ms",
+        ):
             saturation[key] = _round(self.median(key))
         throughputs = self.values("throughput")
         saturation["spread"] = {
@@ -499,12 +536,19 @@ class ModeRun:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, bootstrap: str, work: Path) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        bootstrap: str,
+        work: Path,
+        broker_pids: Sequence[int] = (),
+    ) -> None:
         from integration.pipeline_support import DISPATCHER, make_test_fleet
 
         self.args = args
         self.bootstrap = bootstrap
         self.work = work
+        self.broker_pids = list(broker_pids)  # the LocalKafka's, when the benchmark started it
         self.fleet = make_test_fleet(work, vehicles=VEHICLES)
         self.signer = self.fleet.signer(DISPATCHER)
         self.dispatcher = DISPATCHER
@@ -601,6 +645,7 @@ class Bench:
                     self.commands(backlog),
                     rate=None,
                     pids=run.pids,
+                    broker_pids=self.broker_pids,
                     drain_s=self.args.drain_s * 6,
                 )
             )
@@ -626,6 +671,7 @@ class Bench:
                     self.commands(n),
                     rate=rate,
                     pids=run.pids,
+                    broker_pids=self.broker_pids,
                     drain_s=self.args.drain_s,
                 )
             )
@@ -767,8 +813,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| mode | partitions | workers | commands/s (median) | min-max | ratio to plaintext "
         "| ratio paired by round (min-max) | CPU ms/command (min-max) | CPU ratio "
-        "| bytes/command | p50 ms (backlog) | saturated rounds | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| machine CPU ms/command (broker) | bytes/command | p50 ms (backlog) "
+        "| saturated rounds | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         sat = row["saturation"]
@@ -780,6 +827,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {paired.get('median')} ({paired.get('min')}-{paired.get('max')}) "
             f"| {sat['cpu_ms_per_command'] or ''} ({spread['cpu_ms_min']}-{spread['cpu_ms_max']}) "
             f"| {row.get('ratio_cpu') or ''} "
+            f"| {sat.get('machine_cpu_ms_per_command')} "
+            f"({sat.get('shared_cpu_ms_per_command', {}).get('broker')}) "
             f"| {row.get('bytes_per_command', {}).get('total', '')} | {sat['p50_ms']} "
             f"| {spread['saturated_rounds']}/{len(row['rounds'])} "
             f"| {', '.join(str(r['load_average'][0]) for r in row['rounds'])} |"
@@ -789,8 +838,9 @@ def markdown(report: dict[str, Any]) -> str:
         "## Rounds",
         "",
         "| round | mode | partitions | commands/s | CPU ms/command (worker / vehicle) "
+        "| machine CPU ms/command (broker / load generator) "
         "| saturated | backlog sent s | window s | load avg before / after |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     ordered = sorted(
         ((r["round"], row) for row in report["rows"] for r in row["rounds"]),
@@ -799,9 +849,12 @@ def markdown(report: dict[str, Any]) -> str:
     for round_no, row in ordered:
         r = row["rounds"][round_no - 1]
         roles = r.get("cpu_ms_per_command_by_role", {})
+        shared = r.get("shared_cpu_ms_per_command", {})
         lines.append(
             f"| {round_no} | {row['mode']} | {row['partitions']} | {r['throughput']} "
             f"| {r['cpu_ms_per_command']} ({roles.get('worker')} / {roles.get('vehicle')}) "
+            f"| {r.get('machine_cpu_ms_per_command')} ({shared.get('broker')} / "
+            f"{shared.get('driver')}) "
             f"| {r.get('saturated')} | {r.get('backlog_sent_s')} | {r.get('window_s')} "
             f"| {r['load_average'][0]} / {(r.get('load_average_after') or [None])[0]} |"
         )
@@ -866,7 +919,7 @@ def print_table(report: dict[str, Any]) -> None:
     print()
     print(
         f"{'mode':<14}{'P':>3}{'W':>3}{'cmd/s':>10}{'spread':>8}{'ratio':>7}{'paired':>8}"
-        f"{'cpu ms':>8}{'cpu r':>7}{'B/cmd':>8}"
+        f"{'cpu ms':>8}{'cpu r':>7}{'mach ms':>8}{'B/cmd':>8}"
         f"{'p50@25%':>9}{'p99@25%':>9}{'p50@50%':>9}{'p99@50%':>9}{'p50@80%':>9}{'p99@80%':>9}"
     )
     for row in report["rows"]:
@@ -880,10 +933,12 @@ def print_table(report: dict[str, Any]) -> None:
             f"{sat['throughput'] or 0:>10.1f}{sat['spread']['throughput_rel_spread'] or 0:>8.2f}"
             f"{row.get('ratio') or 0:>7.2f}{row['ratio_paired']['median'] or 0:>8.2f}"
             f"{sat['cpu_ms_per_command'] or 0:>8.2f}{row.get('ratio_cpu') or 0:>7.2f}"
+            f"{sat.get('machine_cpu_ms_per_command') or 0:>8.2f}"
             f"{row.get('bytes_per_command', {}).get('total', 0):>8.0f}"
             + "".join(f"{c if c is not None else float('nan'):>9.1f}" for c in cells)
         )
     print("spread: (max - min) / median of the rounds' throughput; paired: median per-round ratio")
+    print("cpu ms: worker + vehicle processes; mach ms: the whole machine (broker, driver, all)")
     print()
 
 
@@ -928,7 +983,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             cluster.up()
             bootstrap = cluster.bootstrap
         try:
-            bench = Bench(args, bootstrap, work)
+            broker_pids = (
+                [n["pid"] for n in cluster.status()["nodes"] if n["pid"]]  # type: ignore[index]
+                if cluster is not None
+                else []
+            )
+            bench = Bench(args, bootstrap, work, broker_pids)
             runs: list[ModeRun] = []
             order = [m for m in ("plaintext", "secure-epochs", "secure", "raw") if m in args.modes]
             for p in args.partitions:
