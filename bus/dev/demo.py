@@ -15,7 +15,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -218,13 +217,6 @@ class ChildProcess:
 def _killpg(pgid: int, sig: signal.Signals) -> None:
     with suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def base_env(settings: FleetbusSettings, workdir: Path) -> dict[str, str]:
@@ -1140,7 +1132,7 @@ def run_demo(
     keep_workdir: bool = False,
 ) -> DemoReport:
     """Run the whole demo and return its report. Everything started here is stopped here."""
-    from fleetbus.bus.dev.kafka import LocalKafka, cache_root
+    from fleetbus.bus.dev.kafka import LocalKafka, cache_root, free_port
     from fleetbus.bus.dev.kme import KMEPairProcess
 
     options.check()

@@ -28,7 +28,6 @@ pair's master SAE at KME-A) and ``TestFleet.add_edge_unit`` issues a QKD-connect
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -285,14 +284,6 @@ def settings_for(
         bootstrap, [keys_topic], partitions=partitions, configs={"cleanup.policy": "compact"}
     )
     return settings
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def worker_env(settings: FleetbusSettings, workdir: Path, **extra: str) -> dict[str, str]:

@@ -44,7 +44,7 @@ def full(name: str) -> str:
 def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     cluster = LocalKafka(
         home=Path(tmp_path_factory.mktemp("kafka-mtls")),
-        base_port=find_free_base_port(2, start=47092),
+        base_port=find_free_base_port(2, start=25092),
         heap_mb=384,
         security="mtls",
     )

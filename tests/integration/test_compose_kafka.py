@@ -67,7 +67,7 @@ def run_cli(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
 @pytest.fixture(scope="module")
 def compose_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ComposeKafka, int]]:
     home = Path(tmp_path_factory.mktemp("compose-kafka"))
-    base = find_free_base_port(3, start=48092)
+    base = find_free_base_port(3, start=27092)
     probe = LocalKafka(home=home, base_port=base, security="mtls")
     # The kafka-pki service's command, into the folder the broker reads.
     (pki,) = [argv for name, argv in fleetbus_command_lines() if name == "kafka-pki"]

@@ -24,7 +24,7 @@ def cluster3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     cluster = LocalKafka(
         home=Path(tmp_path_factory.mktemp("kafka3")),
         brokers=3,
-        base_port=find_free_base_port(6, start=39092),
+        base_port=find_free_base_port(6, start=23092),
         heap_mb=384,
         security="mtls",
     )

@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from integration.pipeline_support import DISPATCHER, TestFleet, make_test_fleet
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
-from fleetbus.bus.dev.kafka import LocalKafka, find_free_base_port
+from fleetbus.bus.dev.kafka import LocalKafka, find_free_base_port, free_port
 from fleetbus.bus.dev.smoke import WorkerProcess
 from fleetbus.bus.directory import append_directory_file, issue_key, save_key_file
 from fleetbus.bus.dispatch import CommandPublisher
@@ -51,13 +50,6 @@ MASTER_SAE = "sae-hub"
 EDGE_SAE = "sae-edge-1"
 EDGE = "E-0001"
 STAGES = ("authorize", "seal", "track", "telemetry")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class KMEProcess:
@@ -191,7 +183,7 @@ class FaultRig:
         self.cluster = LocalKafka(
             home=self.workdir / "kafka",
             brokers=3,
-            base_port=find_free_base_port(6, start=41092),
+            base_port=find_free_base_port(6, start=21092),
             heap_mb=384,
         )
         self.cluster.up(timeout_s=180)

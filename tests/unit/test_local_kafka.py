@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fleetbus.bus.dev.kafka import LocalKafka
+from fleetbus.bus.dev import kafka
+from fleetbus.bus.dev.kafka import LocalKafka, find_free_base_port, free_port
 from fleetbus.bus.errors import ConfigError
 
 
@@ -48,3 +49,19 @@ def test_status_of_a_cluster_never_started(tmp_path: Path) -> None:
     status = LocalKafka(home=tmp_path, base_port=30010).status()
     assert status["ready"] is False
     assert status["nodes"] == [{"node_id": 1, "pid": None, "port": 30010}]
+
+
+def test_ports_are_chosen_outside_the_ephemeral_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's source port could take a free port in the ephemeral range between the check
+    and the broker's bind; base ports that overlap the kernel's range are never chosen."""
+    port_range = tmp_path / "ip_local_port_range"
+    port_range.write_text("20000\t20999\n")
+    monkeypatch.setattr(kafka, "EPHEMERAL_PORT_RANGE", port_range)
+    assert kafka.ephemeral_ports() == range(20000, 21000)
+    base = find_free_base_port(6, start=19996, stop=22000)
+    assert base >= 21000  # 19996-20001 overlaps the range, and so does everything to 20996
+    with pytest.raises(ConfigError, match="outside the ephemeral range 20000-20999"):
+        find_free_base_port(6, start=20000, stop=20990)
+    assert all(10000 <= free_port() < 19000 for _ in range(20))
