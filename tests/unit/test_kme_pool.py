@@ -3,11 +3,13 @@ its state file (a restart keeps unfetched keys; a corrupt file stops the start).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import json
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from fleetbus.providers.kme import (
     KeyPool,
     KMEBadRequest,
     KMEPairConfig,
+    KMEService,
     KMEStateError,
     KMEUnavailable,
     PoolStateFile,
@@ -473,3 +476,51 @@ def test_pair_config_takes_a_state_dir_and_a_metrics_listener() -> None:
     assert _config().metrics_port is None  # off unless asked for
     with pytest.raises(ValidationError):
         _config(metrics_port=70000)
+
+
+def test_a_durable_pool_writes_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a key hand-out waits for its state write, the KME's event loop keeps running (other
+    requests, /metrics); the hand-out still returns only after the write."""
+    pool = durable_pool(tmp_path, FakeClock())
+    save = PoolStateFile.save
+
+    def slow_save(self: PoolStateFile, canonical_state: str) -> None:
+        time.sleep(0.3)
+        save(self, canonical_state)
+
+    monkeypatch.setattr(PoolStateFile, "save", slow_save)
+    service = KMEService(
+        kme_id=A,
+        peer_kme_id=B,
+        local_saes=[HUB],
+        remote_saes=[EDGE],
+        pool=pool,
+        config=_config(),
+    )
+
+    async def scenario() -> tuple[int, list[Any]]:
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done.is_set():
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(ticker())
+        keys = await service._in_pool(
+            pool.reserve, source_kme=A, target_kme=B, master=HUB, slave=EDGE, number=2,
+            size_bits=256,
+        )  # fmt: skip
+        done.set()
+        await task
+        return ticks, keys
+
+    ticks, keys = asyncio.run(scenario())
+    assert len(keys) == 2
+    assert ticks >= 10  # the loop ran through the 0.3 s write (blocked, it would tick once)
+    pool = restart(pool, tmp_path, FakeClock())
+    assert pool.reserved_key_count() == 2  # and the write happened before the keys came back
