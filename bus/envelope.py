@@ -41,6 +41,7 @@ __all__ = [
     "encode_envelope",
     "encode_protected",
     "epoch_context",
+    "seal_protected",
     "to_be_signed",
 ]
 
@@ -275,34 +276,48 @@ def _seconds_to_ms(value: float, what: str) -> int:
     return round(value * 1000)
 
 
+def _header_map(header: ProtectedHeader) -> dict[int, Any]:
+    return {
+        LABEL_ALG: ALG_A256GCM,
+        LABEL_IV: header.iv,
+        LABEL_VERSION: header.version,
+        LABEL_KIND: str(header.kind),
+        LABEL_TOPIC: header.topic,
+        LABEL_RECIPIENT: header.recipient,
+        LABEL_MESSAGE_ID: header.message_id,
+        LABEL_ACTION: header.action,
+        LABEL_ISSUED_AT: header.issued_at_ms,
+        LABEL_EXPIRES_AT: header.expires_at_ms,
+        LABEL_KEY_PATH: header.key_path,
+        LABEL_KEY_REFS: [[r.provider, r.key_id, r.key_ref] for r in header.key_refs],
+        LABEL_SENDER: header.sender,
+        LABEL_SENDER_KEY_ID: header.sender_key_id,
+        LABEL_SIGNATURE_SUITE: header.signature_suite,
+        LABEL_EPOCH_ID: header.epoch_id,
+        LABEL_EPOCH_SEQ: header.epoch_seq,
+    }
+
+
 def encode_protected(header: ProtectedHeader) -> bytes:
     """The protected-header bytes (``bstr .cbor header-map`` content) for ``header``."""
-    return canonical_dumps(
-        {
-            LABEL_ALG: ALG_A256GCM,
-            LABEL_IV: header.iv,
-            LABEL_VERSION: header.version,
-            LABEL_KIND: str(header.kind),
-            LABEL_TOPIC: header.topic,
-            LABEL_RECIPIENT: header.recipient,
-            LABEL_MESSAGE_ID: header.message_id,
-            LABEL_ACTION: header.action,
-            LABEL_ISSUED_AT: header.issued_at_ms,
-            LABEL_EXPIRES_AT: header.expires_at_ms,
-            LABEL_KEY_PATH: header.key_path,
-            LABEL_KEY_REFS: [[r.provider, r.key_id, r.key_ref] for r in header.key_refs],
-            LABEL_SENDER: header.sender,
-            LABEL_SENDER_KEY_ID: header.sender_key_id,
-            LABEL_SIGNATURE_SUITE: header.signature_suite,
-            LABEL_EPOCH_ID: header.epoch_id,
-            LABEL_EPOCH_SEQ: header.epoch_seq,
-        }
-    )
+    return canonical_dumps(_header_map(header))
+
+
+def seal_protected(header: ProtectedHeader) -> bytes:
+    """``encode_protected`` for a sender: refuses (MALFORMED) a header that a recipient's
+    ``decode_protected`` would reject, by the same field checks, without decoding the bytes
+    again — they are deterministic CBOR by construction."""
+    fields = _header_map(header)
+    _read_header(fields)
+    return canonical_dumps(fields)
 
 
 def decode_protected(protected: bytes) -> ProtectedHeader:
     """Strictly parse protected-header bytes; raises ``EnvelopeError`` (MALFORMED / version)."""
-    fields = _strict_loads(protected, "protected header")
+    return _read_header(_strict_loads(protected, "protected header"))
+
+
+def _read_header(fields: Any) -> ProtectedHeader:
     if not _is_map(fields):
         raise _malformed("protected header must be a map")
     version = fields.get(LABEL_VERSION)

@@ -36,13 +36,12 @@ from fleetbus.bus.envelope import (
     batch_root_to_be_signed,
     canonical_dumps,
     decode_envelope,
-    decode_protected,
     enc_structure,
     encode_envelope,
-    encode_protected,
     epoch_context,
     header_times,
     key_refs_digest_input,
+    seal_protected,
     to_be_signed,
 )
 from fleetbus.bus.errors import FleetbusError, ReasonCode
@@ -308,9 +307,8 @@ class EnvelopeSealer:
             epoch_seq=seq,
             iv=os.urandom(IV_LENGTH),
         )
-        protected = encode_protected(header)
-        try:
-            decode_protected(protected)  # never emit what a recipient would reject as malformed
+        try:  # never emit what a recipient would reject as malformed
+            protected = seal_protected(header)
         except EnvelopeError as exc:
             raise EnvelopeError(f"cannot seal: {exc}", reason=ReasonCode.CONFIG) from exc
         key = derive_message_key(epoch.key, protected)

@@ -16,6 +16,9 @@ from fleetbus.bus.envelope import (
     MessageKind,
     SingleSignature,
     decode_envelope,
+    decode_protected,
+    encode_protected,
+    seal_protected,
 )
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.keys import KeyPath
@@ -226,6 +229,39 @@ def test_sealer_refuses_what_recipients_would_reject(changes: dict[str, object])
     with pytest.raises(EnvelopeError) as info:
         world.seal(**changes)  # type: ignore[arg-type]
     assert info.value.reason is ReasonCode.CONFIG
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"message_id": ""},
+        {"key_path": "x25519+xwing"},
+        {"epoch_id": b"short"},
+        {"iv": b"\x00" * 11},
+        {"expires_at_ms": 1},
+        {"action": "a" * 1000},
+    ],
+)
+def test_seal_protected_applies_exactly_the_recipients_checks(changes: dict[str, object]) -> None:
+    """The sealer checks its header without decoding its own bytes again: same verdict and same
+    bytes as encode_protected followed by decode_protected."""
+    world = make_world(path="x25519")
+    header = dataclasses.replace(
+        decode_envelope(world.seal()).header,
+        **changes,  # type: ignore[arg-type]
+    )
+    try:
+        expected: bytes | None = encode_protected(header)
+        assert decode_protected(expected) == header
+    except EnvelopeError:
+        expected = None
+    if expected is None:
+        with pytest.raises(EnvelopeError) as info:
+            seal_protected(header)
+        assert info.value.reason is ReasonCode.MALFORMED
+    else:
+        assert seal_protected(header) == expected
 
 
 def test_sealer_refuses_oversize_output() -> None:
