@@ -192,6 +192,113 @@ def bounds(pipeline: dict[str, Any], floor_ms: float, target: float) -> list[dic
     return out
 
 
+def floor_report(
+    pipeline: dict[str, Any],
+    *,
+    iterations: int = 2000,
+    repeats: int = 5,
+    batch: int = 50,
+    checkpoint_every: int = 100,
+    epoch_messages: int = 375,
+    target: float = 0.75,
+) -> dict[str, Any]:
+    """Measure the floor now and bound it against ``pipeline`` (a bench_pipeline report, or
+    ``{}``); bench_pipeline.py calls this at the end of its run, so that both come from the
+    machine in the same state."""
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    floor, baseline = measure(
+        argparse.Namespace(
+            iterations=iterations,
+            repeats=repeats,
+            batch=batch,
+            checkpoint_every=checkpoint_every,
+            epoch_messages=epoch_messages,
+        )
+    )
+    floor_us = sum(line.us_per_command for line in floor)
+    return {
+        "benchmark": "floor",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "load_before": load_before,
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "parameters": {
+            "iterations": iterations,
+            "repeats": repeats,
+            "batch": batch,
+            "checkpoint_every": checkpoint_every,
+            "epoch_messages": epoch_messages,
+            "target": target,
+        },
+        "floor_us_per_command": round(floor_us, 1),
+        "baseline_us_per_command": round(sum(line.us_per_command for line in baseline), 2),
+        "floor": [{**asdict(line), "us_per_command": line.us_per_command} for line in floor],
+        "baseline": [{**asdict(line), "us_per_command": line.us_per_command} for line in baseline],
+        "bounds": bounds(pipeline, floor_us / 1000, target),
+    }
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"\n{'where':<22}{'operation':<52}{'/cmd':>7}{'us each':>10}{'us/cmd':>9}")
+    for line in [*report["floor"], *report["baseline"]]:
+        print(
+            f"{line['where']:<22}{line['operation']:<52}{line['per_command']:>7.3f}"
+            f"{line['us_each']:>10.1f}{line['us_per_command']:>9.1f}"
+        )
+    print(f"\nfloor of secure-epochs: {report['floor_us_per_command']:.0f} us CPU per command")
+    print(f"AES-256-GCM-only baseline: {report['baseline_us_per_command']:.1f} us CPU per command")
+    if report["bounds"]:
+        print(f"\nagainst the pipeline run (target ratio {report['parameters']['target']}):")
+        print(
+            f"{'P':>3} {'basis':<18}{'plain ms':>9}{'secure ms':>10}{'floor ms':>9}"
+            f"{'best ratio':>11}{'budget ms':>10}{'overhead ms':>12}"
+        )
+        for b in report["bounds"]:
+            print(
+                f"{b['partitions']:>3} {b['basis']:<18}{b['plaintext_cpu_ms']:>9.2f}"
+                f"{b['secure_epochs_cpu_ms'] or float('nan'):>10.2f}{b['floor_ms']:>9.3f}"
+                f"{b['best_ratio']:>11.3f}{b['budget_at_target_ms']:>10.3f}"
+                f"{b['measured_overhead_ms'] or float('nan'):>12.2f}"
+            )
+        print(
+            "best ratio: plaintext / (plaintext + floor); budget: what the target leaves per "
+            "command for everything but the primitives (negative: out of reach)"
+        )
+
+
+def markdown(report: dict[str, Any]) -> list[str]:
+    """The floor as Markdown lines (bench_pipeline.py appends them to pipeline.md)."""
+    lines = [
+        "## Floor: the primitives alone (bench_floor.py, measured after the rounds)",
+        "",
+        f"Load average {report['load_before']} / {report['load_after']}. Floor of "
+        f"secure-epochs: **{report['floor_us_per_command']:.0f} µs** CPU per command; "
+        f"AES-256-GCM-only baseline: {report['baseline_us_per_command']:.1f} µs.",
+        "",
+        "| where | operation | per command | µs each | µs per command |",
+        "|---|---|---|---|---|",
+    ]
+    for line in [*report["floor"], *report["baseline"]]:
+        lines.append(
+            f"| {line['where']} | {line['operation']} | {line['per_command']:.3f} "
+            f"| {line['us_each']:.1f} | {line['us_per_command']:.1f} |"
+        )
+    if report["bounds"]:
+        lines += [
+            "",
+            "| partitions | basis | plaintext CPU ms | secure-epochs CPU ms | floor ms "
+            "| best ratio | left at the target, ms | measured overhead, ms |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for b in report["bounds"]:
+            lines.append(
+                f"| {b['partitions']} | {b['basis']} | {b['plaintext_cpu_ms']} "
+                f"| {b['secure_epochs_cpu_ms']} | {b['floor_ms']} | {b['best_ratio']} "
+                f"| {b['budget_at_target_ms']} | {b['measured_overhead_ms']} |"
+            )
+    return [*lines, ""]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=2000)
@@ -203,53 +310,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pipeline", type=Path, default=RESULTS / "pipeline.json")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-
-    load_before = [round(x, 2) for x in os.getloadavg()]
-    floor, baseline = measure(args)
-    floor_us = sum(line.us_per_command for line in floor)
-    baseline_us = sum(line.us_per_command for line in baseline)
     pipeline = json.loads(args.pipeline.read_text()) if args.pipeline.exists() else {}
-    limits = bounds(pipeline, floor_us / 1000, args.target)
-
-    print(f"\n{'where':<22}{'operation':<52}{'/cmd':>7}{'us each':>10}{'us/cmd':>9}")
-    for line in [*floor, *baseline]:
-        print(
-            f"{line.where:<22}{line.operation:<52}{line.per_command:>7.3f}"
-            f"{line.us_each:>10.1f}{line.us_per_command:>9.1f}"
-        )
-    print(f"\nfloor of secure-epochs: {floor_us:.0f} us CPU per command")
-    print(f"AES-256-GCM-only baseline: {baseline_us:.1f} us CPU per command")
-    if limits:
-        print(f"\nagainst {args.pipeline} (target ratio {args.target}):")
-        print(
-            f"{'P':>3} {'basis':<18}{'plain ms':>9}{'secure ms':>10}{'floor ms':>9}"
-            f"{'best ratio':>11}{'budget ms':>10}{'overhead ms':>12}"
-        )
-        for b in limits:
-            print(
-                f"{b['partitions']:>3} {b['basis']:<18}{b['plaintext_cpu_ms']:>9.2f}"
-                f"{b['secure_epochs_cpu_ms'] or float('nan'):>10.2f}{b['floor_ms']:>9.3f}"
-                f"{b['best_ratio']:>11.3f}{b['budget_at_target_ms']:>10.3f}"
-                f"{b['measured_overhead_ms'] or float('nan'):>12.2f}"
-            )
-        print(
-            "best ratio: plaintext / (plaintext + floor); budget: what the target leaves per "
-            "command for everything but the primitives (negative: out of reach)"
-        )
-    report = {
-        "benchmark": "floor",
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "load_before": load_before,
-        "load_after": [round(x, 2) for x in os.getloadavg()],
-        "parameters": {k: v for k, v in vars(args).items() if k not in ("out", "pipeline")},
-        "pipeline": str(args.pipeline) if pipeline else None,
-        "floor_us_per_command": round(floor_us, 1),
-        "baseline_us_per_command": round(baseline_us, 2),
-        "floor": [{**asdict(line), "us_per_command": line.us_per_command} for line in floor],
-        "baseline": [{**asdict(line), "us_per_command": line.us_per_command} for line in baseline],
-        "bounds": limits,
-    }
+    report = floor_report(
+        pipeline,
+        iterations=args.iterations,
+        repeats=args.repeats,
+        batch=args.batch,
+        checkpoint_every=args.checkpoint_every,
+        epoch_messages=args.epoch_messages,
+        target=args.target,
+    )
+    report["pipeline"] = str(args.pipeline) if pipeline else None
+    print_report(report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "floor.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out / 'floor.json'}")

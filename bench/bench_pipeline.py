@@ -65,6 +65,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the test fleet builder (integration.p
 RESULTS = Path(__file__).parent / "results"
 STAGES = ("authorize", "seal")
 MODES = ("raw", "plaintext", "secure", "secure-epochs")
+TARGET_RATIO = 0.75  # issue 6: secure-epochs / plaintext throughput
 LOAD_FRACTIONS = (0.25, 0.5, 0.8)
 VEHICLES = 16
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -885,6 +886,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"(load average {row['load_average']}, {len(row['rounds'])} round(s) measured)"
         )
     lines += ["", *[f"- {note}" for note in report["notes"]], ""]
+    if "floor" in report:
+        import bench_floor
+
+        lines += bench_floor.markdown(report["floor"])
     return "\n".join(lines)
 
 
@@ -1049,17 +1054,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"capped at --max-workers={args.max_workers} (CPUs) — more processes than cores "
             "measure contention, not scaling.",
             "CPU ms/command: user+system time of the worker and vehicle processes over the run "
-            "divided by answered commands (the broker and the load generator are not included).",
+            "divided by answered commands (the broker and the load generator are not included); "
+            "machine CPU ms/command: every CPU's busy time over the run (/proc/stat), broker "
+            "and load generator included, divided by answered commands.",
             "raw: aiokafka produce → consume on commands.requested with the same records; one "
             "hop, no transactions: the client stack's ceiling.",
             "The broker, the load generator and the processes share the machine's CPUs.",
         ],
     }
+    if "secure-epochs" in args.modes and "plaintext" in args.modes:
+        import bench_floor
+
+        print("== floor: the primitives of one secure-epochs command, timed alone", flush=True)
+        report["floor"] = bench_floor.floor_report(report, target=TARGET_RATIO)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "pipeline.md").write_text(markdown(report))
     plot(report, args.out / "latency.png")
     print_table(report)
+    if "floor" in report:
+        bench_floor.print_report(report["floor"])
     print(f"wrote {args.out / 'pipeline.json'}, pipeline.md, latency.png", flush=True)
     return 0
 
