@@ -339,6 +339,13 @@ class Drive:
             "machine_cpu_ms_per_command": _round(1000 * self.shared_cpu["machine"] / self.answered)
             if self.answered
             else None,
+            # The same less the machine's idle rate (measured just before, nothing published)
+            # times the run's duration: slower modes are not charged more of the idle polling.
+            "machine_net_cpu_ms_per_command": _round(
+                1000 * self.shared_cpu["machine_net"] / self.answered
+            )
+            if self.answered and "machine_net" in self.shared_cpu
+            else None,
             "shared_cpu_ms_per_command": {
                 name: _round(1000 * cpu / self.answered) for name, cpu in self.shared_cpu.items()
             }
@@ -372,6 +379,7 @@ async def drive(
     pids: dict[str, list[int]],
     drain_s: float,
     broker_pids: Sequence[int] = (),
+    idle_rates: dict[str, float] | None = None,
 ) -> Drive:
     """Publish ``commands`` (key, value) to ``in_topic`` — as fast as possible, or open-loop at
     ``rate`` per second — and time each key's first record on ``out_topic``. CPU: the mode's
@@ -418,6 +426,7 @@ async def drive(
             "machine": machine_busy_seconds,
         }
         shared0 = {name: read() for name, read in shared.items()}
+        w0 = time.monotonic()
         t0 = time.monotonic()
         futures = []
         for i, (key, value) in enumerate(commands):
@@ -441,6 +450,10 @@ async def drive(
         end = max(received.values()) if received else time.monotonic()
         cpu = {role: cpu_seconds(p) - cpu0[role] for role, p in pids.items()}
         shared_cpu = {name: read() - shared0[name] for name, read in shared.items()}
+        if idle_rates:  # what the machine burns anyway (idle polling of every mode, ...)
+            elapsed = time.monotonic() - w0
+            for name, rate in idle_rates.items():
+                shared_cpu[f"{name}_net"] = max(0.0, shared_cpu[name] - rate * elapsed)
         if not broker_pids:
             del shared_cpu["broker"]
         return Drive(
@@ -508,6 +521,7 @@ class ModeRun:
             "throughput",
             "cpu_ms_per_command",
             "machine_cpu_ms_per_command",
+            "machine_net_cpu_ms_per_command",
             "p50_ms",
             "p99_ms",
         ):
@@ -634,9 +648,22 @@ class Bench:
             self.stop_mode(run)
         return run
 
+    def idle_rates(self, seconds: float = 2.0) -> dict[str, float]:
+        """CPU seconds per second that the broker and the machine spend with nothing published
+        (every mode's processes polling, the broker's housekeeping, other jobs)."""
+        broker0, machine0 = cpu_seconds(self.broker_pids), machine_busy_seconds()
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        elapsed = time.monotonic() - t0
+        rates = {"machine": (machine_busy_seconds() - machine0) / elapsed}
+        if self.broker_pids:
+            rates["broker"] = (cpu_seconds(self.broker_pids) - broker0) / elapsed
+        return rates
+
     def saturate(self, run: ModeRun, round_no: int) -> None:
         """One saturation measurement: a backlog of commands published as fast as possible."""
         backlog = self.args.raw_backlog if run.mode == "raw" else self.args.backlog
+        idle = self.idle_rates()
         try:
             sat = asyncio.run(
                 drive(
@@ -647,6 +674,7 @@ class Bench:
                     rate=None,
                     pids=run.pids,
                     broker_pids=self.broker_pids,
+                    idle_rates=idle,
                     drain_s=self.args.drain_s * 6,
                 )
             )
@@ -814,9 +842,10 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| mode | partitions | workers | commands/s (median) | min-max | ratio to plaintext "
         "| ratio paired by round (min-max) | CPU ms/command (min-max) | CPU ratio "
-        "| machine CPU ms/command (broker) | bytes/command | p50 ms (backlog) "
+        "| machine CPU ms/command (broker) | the same less idle | bytes/command "
+        "| p50 ms (backlog) "
         "| saturated rounds | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         sat = row["saturation"]
@@ -830,6 +859,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {row.get('ratio_cpu') or ''} "
             f"| {sat.get('machine_cpu_ms_per_command')} "
             f"({sat.get('shared_cpu_ms_per_command', {}).get('broker')}) "
+            f"| {sat.get('machine_net_cpu_ms_per_command')} "
             f"| {row.get('bytes_per_command', {}).get('total', '')} | {sat['p50_ms']} "
             f"| {spread['saturated_rounds']}/{len(row['rounds'])} "
             f"| {', '.join(str(r['load_average'][0]) for r in row['rounds'])} |"
