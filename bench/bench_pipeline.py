@@ -452,8 +452,8 @@ async def drive(
         shared_cpu = {name: read() - shared0[name] for name, read in shared.items()}
         if idle_rates:  # what the machine burns anyway (idle polling of every mode, ...)
             elapsed = time.monotonic() - w0
-            for name, rate in idle_rates.items():
-                shared_cpu[f"{name}_net"] = max(0.0, shared_cpu[name] - rate * elapsed)
+            for name, idle in idle_rates.items():
+                shared_cpu[f"{name}_net"] = max(0.0, shared_cpu[name] - idle * elapsed)
         if not broker_pids:
             del shared_cpu["broker"]
         return Drive(
