@@ -243,6 +243,7 @@ class AgentStats:
     rejected: int = 0
     telemetry: int = 0
     errors: int = 0
+    consumer_resets: int = 0
     by_status: dict[int, int] = field(default_factory=dict)
 
 
@@ -270,6 +271,9 @@ class _Execution:
 
 #: Seconds to wait before re-reading a record whose handling must be retried.
 RETRY_BACKOFF_S: Final = 1.0
+
+#: Seconds of polls that return nothing while burning the CPU before the consumer is replaced.
+SPIN_RESET_S: Final = 15.0
 
 
 class _RetryLater(Exception):
@@ -372,6 +376,7 @@ class VehicleAgent:
         self._thread: threading.Thread | None = None
         self._last_prune = 0.0
         self._retry_at = 0.0  # monotonic time before which a redelivered record is not retried
+        self._spinning_since: float | None = None  # see _watch_spin
         self._batch: list[_Execution] | None = None  # executions of the poll batch being read
         self._position: tuple[Any, int] | None = None  # the record being handled
 
@@ -471,7 +476,10 @@ class VehicleAgent:
         wait = self._retry_at - time.monotonic()
         if wait > 0:
             time.sleep(min(wait, timeout_s))  # back off before retrying a redelivered record
+        wall, cpu = time.monotonic(), time.thread_time()
         batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=500)
+        if self._watch_spin(bool(batches), time.monotonic() - wall, time.thread_time() - cpu):
+            return 0
         count = 0
         done: dict[Any, int] = {}
         pending: list[Any] = []
@@ -522,6 +530,40 @@ class VehicleAgent:
             self._last_prune = now
             self.store.prune(now)
         return count
+
+    def _watch_spin(self, got_records: bool, wall_s: float, cpu_s: float) -> bool:
+        """Replace a consumer stuck in its group membership; True when it was replaced.
+
+        kafka-python 3.0.12's consumer can lose its group membership without noticing (the
+        broker lists the group as Empty) and then loops inside ``poll`` at 100% CPU, returning
+        nothing, forever (seen starting agents on a fresh broker in bench runs; upstream
+        dpkp/kafka-python#2695 fixed a loop of this kind). An idle healthy consumer sleeps in
+        ``poll``; so polls that return nothing while using most of their wall time as CPU, for
+        ``SPIN_RESET_S`` in a row, mean that: close the consumer (nothing is committed that
+        was not answered) and join the group again with a new one on the next poll."""
+        if got_records or wall_s < 0.05 or cpu_s < 0.5 * wall_s:
+            self._spinning_since = None
+            return False
+        now = time.monotonic()
+        if self._spinning_since is None:
+            self._spinning_since = now
+            return False
+        if now - self._spinning_since < SPIN_RESET_S:
+            return False
+        _log.warning(
+            "vehicle agent %s: the Kafka consumer polled for %.0f s without records at full "
+            "CPU (stuck outside its group); replacing it",
+            self.group_id,
+            now - self._spinning_since,
+        )
+        self.stats.consumer_resets += 1
+        self._spinning_since = None
+        consumer, self._consumer = self._consumer, None
+        try:
+            consumer.close(autocommit=False, timeout_ms=5000)
+        except Exception:  # a stuck client may fail to close; the new one joins regardless
+            _log.warning("closing the stuck consumer failed", exc_info=True)
+        return True
 
     def run(self, stop: threading.Event | None = None, *, poll_s: float = 0.5) -> None:
         """Serve until ``stop`` (or ``self.stop()``) is set."""

@@ -4,6 +4,7 @@ fake consumer hands the agent records; commands skip the envelope, which other t
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from envelope_support import make_vehicle
 
+from fleetbus.bus import vehicle as vehicle_module
 from fleetbus.bus.commands import Command, Response, Target
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.bus.vehicle import ExecutedStore, HandlerResult, VehicleAgent, VehicleIdentity
@@ -296,3 +298,55 @@ def test_a_failing_store_claims_nothing_and_redelivers_the_batch(tmp_path: Path)
     assert agent.stats.errors == 1
     assert [(tp.partition, offset) for tp, offset in agent._consumer.seeks] == [(0, 0)]
     assert agent._consumer.commits == [{0: 0}]  # nothing of the batch counted as done
+
+
+class _StuckConsumer(_Consumer):
+    """kafka-python's consumer outside its group: poll loops at full CPU and returns nothing."""
+
+    def __init__(self, busy: bool) -> None:
+        super().__init__([])
+        self.busy = busy
+        self.closed: list[bool] = []
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[_TP, list[_Record]]:
+        deadline = time.monotonic() + timeout_ms / 1000
+        while time.monotonic() < deadline:
+            if not self.busy:
+                time.sleep(deadline - time.monotonic())
+        return {}
+
+    def close(self, autocommit: bool = True, timeout_ms: int | None = None) -> None:
+        assert timeout_ms is not None  # a stuck client must not hold the agent
+        self.closed.append(autocommit)
+
+
+@pytest.mark.parametrize("busy", [True, False])
+def test_a_consumer_spinning_without_records_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, busy: bool
+) -> None:
+    """Polls that return nothing at full CPU for SPIN_RESET_S get the consumer closed (without
+    committing) and a new one made; an idle consumer, asleep in poll, is left alone."""
+    monkeypatch.setattr(vehicle_module, "SPIN_RESET_S", 0.3)
+    agent = _make_agent(tmp_path, lambda c: None, [])
+    stuck = _StuckConsumer(busy)
+    made: list[_Consumer] = []
+
+    def connect() -> None:
+        if agent._consumer is None:
+            agent._consumer = _Consumer([])
+            made.append(agent._consumer)
+
+    agent._consumer = stuck
+    monkeypatch.setattr(agent, "_connect", connect)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        agent.poll_once(0.06)
+    if busy:
+        assert stuck.closed == [False]
+        assert agent.stats.consumer_resets == 1
+        assert agent._consumer is made[0]
+    else:
+        assert stuck.closed == []
+        assert agent.stats.consumer_resets == 0
+        assert agent._consumer is stuck
+    agent.store.close()
