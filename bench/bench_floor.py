@@ -67,8 +67,10 @@ def cpu_us(fn: Callable[[], object], iterations: int, repeats: int) -> float:
     return statistics.median(runs)
 
 
-def measure(args: argparse.Namespace) -> tuple[list[Line], list[Line]]:
-    n, r = args.iterations, args.repeats
+def measure(
+    *, iterations: int, repeats: int, batch: int, checkpoint_every: int, epoch_messages: int
+) -> tuple[list[Line], list[Line]]:
+    n, r = iterations, repeats
     slow = max(20, n // 20)  # ML-DSA and X-Wing: fewer calls
     ed = load_signature_suite("ed25519")
     ed_sk, ed_pk = ed.generate()
@@ -119,7 +121,7 @@ def measure(args: argparse.Namespace) -> tuple[list[Line], list[Line]]:
             r,
         ),
     }
-    b, c, e = args.batch, args.checkpoint_every, args.epoch_messages
+    b, c, e = batch, checkpoint_every, epoch_messages
     depth = max(1, (b - 1).bit_length())  # inclusion path length in a tree of b leaves
     floor = [
         Line("bus: authorize", "Ed25519 verify (dispatcher's signature)", 1, us["ed_verify"]),
@@ -207,15 +209,14 @@ def floor_report(
     ``{}``); bench_pipeline.py calls this at the end of its run, so that both come from the
     machine in the same state."""
     load_before = [round(x, 2) for x in os.getloadavg()]
-    floor, baseline = measure(
-        argparse.Namespace(
-            iterations=iterations,
-            repeats=repeats,
-            batch=batch,
-            checkpoint_every=checkpoint_every,
-            epoch_messages=epoch_messages,
-        )
-    )
+    parameters = {
+        "iterations": iterations,
+        "repeats": repeats,
+        "batch": batch,
+        "checkpoint_every": checkpoint_every,
+        "epoch_messages": epoch_messages,
+    }
+    floor, baseline = measure(**parameters)
     floor_us = sum(line.us_per_command for line in floor)
     return {
         "benchmark": "floor",
@@ -223,14 +224,7 @@ def floor_report(
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "load_before": load_before,
         "load_after": [round(x, 2) for x in os.getloadavg()],
-        "parameters": {
-            "iterations": iterations,
-            "repeats": repeats,
-            "batch": batch,
-            "checkpoint_every": checkpoint_every,
-            "epoch_messages": epoch_messages,
-            "target": target,
-        },
+        "parameters": {**parameters, "target": target},
         "floor_us_per_command": round(floor_us, 1),
         "baseline_us_per_command": round(sum(line.us_per_command for line in baseline), 2),
         "floor": [{**asdict(line), "us_per_command": line.us_per_command} for line in floor],
@@ -312,15 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     pipeline = json.loads(args.pipeline.read_text()) if args.pipeline.exists() else {}
-    report = floor_report(
-        pipeline,
-        iterations=args.iterations,
-        repeats=args.repeats,
-        batch=args.batch,
-        checkpoint_every=args.checkpoint_every,
-        epoch_messages=args.epoch_messages,
-        target=args.target,
-    )
+    options = {k: v for k, v in vars(args).items() if k not in ("pipeline", "out")}
+    report = floor_report(pipeline, **options)
     report["pipeline"] = str(args.pipeline) if pipeline else None
     print_report(report)
     args.out.mkdir(parents=True, exist_ok=True)
