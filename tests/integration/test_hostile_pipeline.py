@@ -18,12 +18,13 @@ from typing import Any
 
 import cbor2
 import pytest
-from integration.pipeline_support import free_port, read_topic, settings_for, worker_env
+from integration.pipeline_support import read_topic, settings_for, worker_env
 from kafka import KafkaProducer
 from vectors.hostile.corpus import BUS_TARGETS, VEHICLE_TARGET, Case, copy_fleet, load_cases
 from vectors.hostile.corpus import load_meta as corpus_meta
 
 from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
+from fleetbus.bus.dev.kafka import free_port
 from fleetbus.bus.dev.smoke import WorkerProcess
 from fleetbus.bus.directory import RootPublicKey, load_directory
 from fleetbus.bus.dispatch import CommandPublisher

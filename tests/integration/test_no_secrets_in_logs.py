@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 from integration.pipeline_support import (
     DISPATCHER,
-    free_port,
     make_test_fleet,
     qkd_worker_env,
     worker_env,
@@ -25,6 +24,7 @@ from integration.pipeline_support import (
 from kafka import KafkaConsumer
 
 from fleetbus.bus.commands import CommandState, SignedCommand, Target
+from fleetbus.bus.dev.kafka import free_port
 from fleetbus.bus.dev.smoke import WorkerProcess
 from fleetbus.bus.dispatch import CommandPublisher
 from fleetbus.bus.envelope import decode_envelope

@@ -17,7 +17,6 @@ from integration.pipeline_support import (
     DISPATCHER,
     INTRUDER,
     TestFleet,
-    free_port,
     make_test_fleet,
     qkd_worker_env,
     read_topic,
@@ -26,6 +25,7 @@ from integration.pipeline_support import (
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
+from fleetbus.bus.dev.kafka import free_port
 from fleetbus.bus.dev.smoke import WorkerProcess
 from fleetbus.bus.dispatch import CommandPublisher
 from fleetbus.bus.settings import FleetbusSettings

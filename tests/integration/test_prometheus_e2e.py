@@ -44,7 +44,6 @@ from integration.pipeline_support import (
     DISPATCHER,
     INTRUDER,
     TestFleet,
-    free_port,
     make_test_fleet,
     qkd_worker_env,
     worker_env,
@@ -53,6 +52,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client import REGISTRY, start_http_server
 
 from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
+from fleetbus.bus.dev.kafka import free_port
 from fleetbus.bus.dev.smoke import WorkerProcess
 from fleetbus.bus.dispatch import CommandHandle, CommandPublisher
 from fleetbus.bus.settings import FleetbusSettings
