@@ -436,14 +436,6 @@ class FaultRig:
         wanted = set(ids)
         with self.executions.lock:
             runs = {c: self.executions.counts[c] for c in ids}
-        finished = 0
-        for store in ("vehicles.sqlite", "edge.sqlite"):
-            db = sqlite3.connect(f"file:{self.workdir / store}?mode=ro", uri=True)
-            try:
-                rows = db.execute("SELECT command_id FROM executed WHERE state = 'finished'")
-                finished += sum(1 for (cid,) in rows if cid in wanted)
-            finally:
-                db.close()
         responses = Counter(
             r.key.decode() for r in self.read("commands_responses") if r.key.decode() in wanted
         )
@@ -454,6 +446,16 @@ class FaultRig:
             event = StatusEvent.decode(r.value)
             if event.state is CommandState.SUCCEEDED:
                 succeeded[event.command_id] += 1
+        # The stores last: an agent records a command as finished before it answers, so every
+        # answer read above has its store row by now.
+        finished = 0
+        for store in ("vehicles.sqlite", "edge.sqlite"):
+            db = sqlite3.connect(f"file:{self.workdir / store}?mode=ro", uri=True)
+            try:
+                rows = db.execute("SELECT command_id FROM executed WHERE state = 'finished'")
+                finished += sum(1 for (cid,) in rows if cid in wanted)
+            finally:
+                db.close()
         edge = {s.command.id for s in signed if s.command.target.vehicle == EDGE}
         not_run = {c for c in ids if runs[c] == 0}
         return FaultCounts(
