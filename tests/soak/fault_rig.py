@@ -27,18 +27,17 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from integration.pipeline_support import DISPATCHER, TestFleet, make_test_fleet
+from integration.pipeline_support import DISPATCHER, TestFleet, make_test_fleet, read_topic
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
 from fleetbus.bus.dev.kafka import LocalKafka, find_free_base_port, free_port
 from fleetbus.bus.dev.smoke import WorkerProcess
-from fleetbus.bus.directory import append_directory_file, issue_key, save_key_file
 from fleetbus.bus.dispatch import CommandPublisher
 from fleetbus.bus.errors import KafkaUnavailableError
 from fleetbus.bus.settings import FleetbusSettings, TopicNames
@@ -190,16 +189,7 @@ class FaultRig:
         self.kme = KMEProcess(self.workdir / "kme")
         self.kme.start()
         self.fleet = make_test_fleet(self.workdir, vehicles=self.vehicles)
-        now = time.time()
-        edge = issue_key(
-            self.fleet.root, principal_id=EDGE, kind="edge", signature_suite="ed25519",
-            kems=["xwing", "x25519"], qkd_sae_id=EDGE_SAE, groups=["depot"],
-            not_before=now - 3600, not_after=now + 86400,
-        )  # fmt: skip
-        append_directory_file(self.fleet.keys_dir / "directory.cbor", edge.signed)
-        save_key_file(self.fleet.keys_dir / f"{EDGE}.key", edge.key_file)
-        self.fleet.key_files[EDGE] = edge.key_file
-        self.fleet.reload_directory()
+        self.fleet.add_edge_unit(EDGE, qkd_sae_id=EDGE_SAE)
         self.settings = self._settings()
         self.worker = self.start_worker()
         self.executions = Executions()
@@ -490,19 +480,8 @@ class FaultRig:
                 failed.add(event.command_id)
         return failed
 
-    def read(self, topic_name: str, idle_s: float = 3.0) -> Iterator[Any]:
-        consumer = KafkaConsumer(
-            self.topic(topic_name),
-            bootstrap_servers=self.cluster.bootstrap,
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            consumer_timeout_ms=int(idle_s * 1000),
-        )
-        try:
-            yield from consumer
-        finally:
-            consumer.close()
+    def read(self, topic_name: str, idle_s: float = 3.0) -> list[Any]:
+        return read_topic(self.cluster.bootstrap, self.topic(topic_name), idle_s=idle_s)
 
     # -- back-pressure --------------------------------------------------------------------
 
