@@ -1081,13 +1081,6 @@ def summary_tables(report: DemoReport) -> list[Table]:
 # --- orchestration -------------------------------------------------------------------------
 
 
-def _create_topics(settings: FleetbusSettings) -> None:
-    """The topics the worker creates, created up front so the status follower can start."""
-    from fleetbus.processors.app import ensure_pipeline_topics
-
-    ensure_pipeline_topics(settings)
-
-
 def _delete_topics(bootstrap: str, prefix: str, app_id: str) -> None:
     """Remove this run's topics from a broker (best effort)."""
     from kafka import KafkaAdminClient
@@ -1134,6 +1127,7 @@ def run_demo(
     """Run the whole demo and return its report. Everything started here is stopped here."""
     from fleetbus.bus.dev.kafka import LocalKafka, cache_root, free_port
     from fleetbus.bus.dev.kme import KMEPairProcess
+    from fleetbus.processors.app import ensure_pipeline_topics
 
     options.check()
     report = DemoReport()
@@ -1195,7 +1189,8 @@ def run_demo(
                 topics=TopicNames(prefix=f"demo-{run}."),
                 keys_dir=str(fleet.keys_dir),
             )
-            _create_topics(settings)
+            # The topics the worker creates, created up front so the status follower can start.
+            ensure_pipeline_topics(settings)
             metrics_port = free_port()
             env = base_env(settings, work)
             pki = kme.pki
