@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,6 +265,18 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / TICKS
 
 
+def cpu_readers(broker_pids: Sequence[int]) -> dict[str, Callable[[], float]]:
+    """CPU seconds so far, apart from the mode's processes: this load generator's ("driver"),
+    the whole machine's and, when its pids are known, the broker's."""
+    readers: dict[str, Callable[[], float]] = {
+        "driver": time.process_time,
+        "machine": machine_busy_seconds,
+    }
+    if broker_pids:
+        readers["broker"] = lambda: cpu_seconds(broker_pids)
+    return readers
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     if not values:
         return None
@@ -314,6 +326,12 @@ class Drive:
         window = self.window()
         return window is not None and self.sent_s <= window[0] and window[1] - window[0] >= 2.0
 
+    def per_command(self, cpu_s: float | None) -> float | None:
+        """CPU milliseconds per answered command."""
+        if cpu_s is None or not self.answered:
+            return None
+        return _round(1000 * cpu_s / self.answered)
+
     def summary(self) -> dict[str, Any]:
         lat = self.latencies_ms
         return {
@@ -326,28 +344,20 @@ class Drive:
             "p95_ms": _round(percentile(lat, 95)),
             "p99_ms": _round(percentile(lat, 99)),
             "mean_ms": _round(statistics.fmean(lat) if lat else None),
-            "cpu_ms_per_command": _round(1000 * self.cpu_s / self.answered)
-            if self.answered
-            else None,
+            "cpu_ms_per_command": self.per_command(self.cpu_s),
             "cpu_ms_per_command_by_role": {
-                role: _round(1000 * cpu / self.answered) for role, cpu in self.cpu_by_role.items()
+                role: self.per_command(cpu) for role, cpu in self.cpu_by_role.items()
             }
             if self.answered
             else {},
             # Everything that ran on the machine meanwhile (broker, load generator, the idle
             # modes' polling, other jobs): what the pipeline costs the machine per command.
-            "machine_cpu_ms_per_command": _round(1000 * self.shared_cpu["machine"] / self.answered)
-            if self.answered
-            else None,
+            "machine_cpu_ms_per_command": self.per_command(self.shared_cpu["machine"]),
             # The same less the machine's idle rate (measured just before, nothing published)
             # times the run's duration: slower modes are not charged more of the idle polling.
-            "machine_net_cpu_ms_per_command": _round(
-                1000 * self.shared_cpu["machine_net"] / self.answered
-            )
-            if self.answered and "machine_net" in self.shared_cpu
-            else None,
+            "machine_net_cpu_ms_per_command": self.per_command(self.shared_cpu.get("machine_net")),
             "shared_cpu_ms_per_command": {
-                name: _round(1000 * cpu / self.answered) for name, cpu in self.shared_cpu.items()
+                name: self.per_command(cpu) for name, cpu in self.shared_cpu.items()
             }
             if self.answered
             else {},
@@ -420,13 +430,8 @@ async def drive(
         collector = asyncio.create_task(collect())
         load = load_average()
         cpu0 = {role: cpu_seconds(p) for role, p in pids.items()}
-        shared = {
-            "broker": lambda: cpu_seconds(broker_pids),
-            "driver": time.process_time,
-            "machine": machine_busy_seconds,
-        }
+        shared = cpu_readers(broker_pids)
         shared0 = {name: read() for name, read in shared.items()}
-        w0 = time.monotonic()
         t0 = time.monotonic()
         futures = []
         for i, (key, value) in enumerate(commands):
@@ -451,11 +456,9 @@ async def drive(
         cpu = {role: cpu_seconds(p) - cpu0[role] for role, p in pids.items()}
         shared_cpu = {name: read() - shared0[name] for name, read in shared.items()}
         if idle_rates:  # what the machine burns anyway (idle polling of every mode, ...)
-            elapsed = time.monotonic() - w0
+            elapsed = time.monotonic() - t0
             for name, idle in idle_rates.items():
                 shared_cpu[f"{name}_net"] = max(0.0, shared_cpu[name] - idle * elapsed)
-        if not broker_pids:
-            del shared_cpu["broker"]
         return Drive(
             offered_rate=rate,
             sent=len(commands),
@@ -651,14 +654,13 @@ class Bench:
     def idle_rates(self, seconds: float = 2.0) -> dict[str, float]:
         """CPU seconds per second that the broker and the machine spend with nothing published
         (every mode's processes polling, the broker's housekeeping, other jobs)."""
-        broker0, machine0 = cpu_seconds(self.broker_pids), machine_busy_seconds()
+        readers = cpu_readers(self.broker_pids)
+        del readers["driver"]  # this process, asleep meanwhile
+        before = {name: read() for name, read in readers.items()}
         t0 = time.monotonic()
         time.sleep(seconds)
         elapsed = time.monotonic() - t0
-        rates = {"machine": (machine_busy_seconds() - machine0) / elapsed}
-        if self.broker_pids:
-            rates["broker"] = (cpu_seconds(self.broker_pids) - broker0) / elapsed
-        return rates
+        return {name: (read() - before[name]) / elapsed for name, read in readers.items()}
 
     def saturate(self, run: ModeRun, round_no: int) -> None:
         """One saturation measurement: a backlog of commands published as fast as possible."""
