@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,6 @@ from kafka.admin import NewTopic
 from kafka.errors import (
     GroupAuthorizationFailedError,
     KafkaConnectionError,
-    KafkaError,
     KafkaTimeoutError,
     TopicAuthorizationFailedError,
 )
@@ -64,32 +62,9 @@ def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafk
             )
         )
         assert created >= 20
-        wait_until_acls_apply(cluster)
         yield cluster
     finally:
         cluster.down()
-
-
-def wait_until_acls_apply(
-    cluster: LocalKafka,
-    principal: str = DISPATCHER,
-    topic: str | None = None,
-    timeout_s: float = 30.0,
-) -> None:
-    """The controller commits bindings at once; brokers apply them from the metadata log. Until
-    then an idempotent producer is refused either on the topic or, earlier still, on
-    InitProducerId (ClusterAuthorizationFailed, which kafka-python wraps in a plain KafkaError)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            produce(cluster, principal, topic or full("commands_requested"), max_block_ms=2000)
-            return
-        except KafkaError as exc:
-            if "AuthorizationFailed" not in f"{type(exc).__name__} {exc}":
-                raise
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def producer(cluster: LocalKafka, principal: str, max_block_ms: int = 10_000) -> KafkaProducer:
@@ -320,7 +295,6 @@ def test_pipeline_runs_on_the_mtls_cluster_with_least_privilege_principals(
             status_readers=[console],
         )
     )
-    wait_until_acls_apply(secure_kafka, fire_and_forget, topics.full(topics.commands_approvals))
 
     fleet = make_test_fleet(tmp_path, vehicles=2)
     common: dict[str, Any] = {"app_id": app_id, "partitions": 2, "topics": topics}
