@@ -8,6 +8,8 @@ missing broker fails the run; it never silently skips.
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +22,33 @@ from fleetbus.bus.topics import ensure_topics
 pytest_plugins = ["fixtures_kme"]
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def _kafka_client_threads(before: set[int | None]) -> list[str]:
+    """Threads of kafka-python clients (IO loop, producer sender) not in ``before``."""
+    return sorted(
+        t.name
+        for t in threading.enumerate()
+        if t.ident not in before
+        and (t.name.startswith("kafka-io-") or t.name.endswith("-network-thread"))
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_leaked_kafka_clients(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A module must close every Kafka client it opens (after its own fixtures' teardown).
+
+    A client left open keeps its threads heartbeating and logging into whatever logging
+    setup later tests install (CI once failed a logging unit test on a vehicle agent's
+    consumer that an integration test had stopped but not closed)."""
+    before = {t.ident for t in threading.enumerate()}
+    yield
+    deadline = time.monotonic() + 10
+    leaked = _kafka_client_threads(before)
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.1)
+        leaked = _kafka_client_threads(before)
+    assert not leaked, f"{request.module.__name__} left Kafka clients open: {leaked}"
 
 
 @dataclass(frozen=True)

@@ -338,7 +338,7 @@ def test_pipeline_runs_on_the_mtls_cluster_with_least_privilege_principals(
         assert worker.running()
     finally:
         publisher.close()
-        agent.stop()
+        agent.close()
         worker.stop()
     # The same wait from a dispatcher without the status grant is refused by the broker.
     batch = publisher_as(fire_and_forget)

@@ -158,7 +158,7 @@ def test_no_secret_appears_in_any_log(
         served_keys = [base64.b64decode(k["key"]) for k in served["keys"]]
     finally:
         publisher.close()
-        agent.stop()
+        agent.close()
         worker.stop()
         logging.getLogger().removeHandler(handler)
         logging.getLogger("fleetbus").setLevel(logging.NOTSET)

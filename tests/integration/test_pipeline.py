@@ -81,7 +81,7 @@ def pipeline(
         }
     finally:
         publisher.close()
-        agent.stop()
+        agent.close()
         worker.stop()
 
 
@@ -395,5 +395,5 @@ def test_qkd_link_outage_fails_over_to_xwing_visibly(
     finally:
         kme_pair.reset()
         publisher.close()
-        agent.stop()
+        agent.close()
         worker.stop()

@@ -374,7 +374,7 @@ def deployment(
         if traffic is not None:
             traffic.close()
         if agent is not None:
-            agent.stop()
+            agent.close()
         worker.stop()
         prometheus.stop()
         vehicle_metrics.shutdown()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -136,11 +138,22 @@ def root_logging() -> Iterator[None]:
     logging.captureWarnings(False)
 
 
+def configure_for_test(*args: Any, **kwargs: Any) -> None:
+    """``configure_logging``, keeping only this thread's records on the new root handlers.
+
+    The root logger is process-wide: a thread another test left behind (a Kafka client's IO
+    loop) would otherwise write into these streams."""
+    configure_logging(*args, **kwargs)
+    me = threading.get_ident()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: record.thread == me)
+
+
 def test_process_logging_defaults_to_json_lines_and_reads_the_environment(
     root_logging: None,
 ) -> None:
     stream = io.StringIO()
-    configure_logging("fleetbus-worker", environ={}, stream=stream)
+    configure_for_test("fleetbus-worker", environ={}, stream=stream)
     assert logging.getLogger().level == logging.INFO
     logging.getLogger("faust.worker").info("Ready")
     logging.getLogger("fleetbus.x").debug("not at INFO")
@@ -151,7 +164,7 @@ def test_process_logging_defaults_to_json_lines_and_reads_the_environment(
     # Called again (idempotent): the previous handler goes, one line per record.
     stream = io.StringIO()
     env = {"FLEETBUS_LOG_FORMAT": "TEXT", "FLEETBUS_LOG_LEVEL": "debug"}
-    configure_logging("fleetbus-worker", environ=env, stream=stream)
+    configure_for_test("fleetbus-worker", environ=env, stream=stream)
     logging.getLogger("fleetbus.x").debug("now %s", "shown")
     (text,) = stream.getvalue().splitlines()
     assert text.endswith(" DEBUG fleetbus.x: now shown")
@@ -164,7 +177,7 @@ def test_process_logging_turns_warnings_into_records(root_logging: None) -> None
     import warnings
 
     stream = io.StringIO()
-    configure_logging("svc", environ={}, stream=stream)
+    configure_for_test("svc", environ={}, stream=stream)
     warnings.warn("faust setting deprecated", DeprecationWarning, stacklevel=1)
     (line,) = _lines(stream)
     assert line["logger"] == "py.warnings"
@@ -183,7 +196,7 @@ def test_text_lines_are_redacted_and_carry_the_trace_id_without_tracebacks(
     root_logging: None,
 ) -> None:
     stream = io.StringIO()
-    configure_logging("svc", log_format="text", environ={}, stream=stream)
+    configure_for_test("svc", log_format="text", environ={}, stream=stream)
     log = logging.getLogger("fleetbus.test.text")
     provider = setup_tracing("t", exporter=InMemorySpanExporter(), set_global=False, environ={})
     try:
