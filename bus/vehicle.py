@@ -519,12 +519,24 @@ class VehicleAgent:
                 self._consumer.seek(tp, committed if committed is not None else 0)
             return count
         if done:
-            self._consumer.commit(
-                {
-                    TopicPartition(tp.topic, tp.partition): OffsetAndMetadata(offset, "", -1)
-                    for tp, offset in done.items()
-                }
-            )
+            try:
+                self._consumer.commit(
+                    {
+                        TopicPartition(tp.topic, tp.partition): OffsetAndMetadata(offset, "", -1)
+                        for tp, offset in done.items()
+                    }
+                )
+            except KafkaError as exc:
+                # The group went on without this consumer (evicted after a stall longer than
+                # the session timeout, or rebalanced): the answers are out, the records come
+                # again to whoever owns them now and are answered again from the store.
+                _log.warning(
+                    "vehicle agent %s: offsets not committed (%s); the records will be "
+                    "redelivered and answered again from the execute-once store",
+                    self.group_id,
+                    type(exc).__name__,
+                )
+                self.stats.errors += 1
         now = self._clock()
         if now - self._last_prune > 60:
             self._last_prune = now

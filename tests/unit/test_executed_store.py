@@ -3,6 +3,7 @@ fake consumer hands the agent records; commands skip the envelope, which other t
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 from envelope_support import make_vehicle
+from kafka.errors import CommitFailedError
 
 from fleetbus.bus import vehicle as vehicle_module
 from fleetbus.bus.commands import Command, Response, Target
@@ -247,6 +249,38 @@ def test_redelivery_in_the_same_and_a_later_batch_is_answered_from_the_store(
     }
     assert agent.stats.duplicates == 3
     assert agent._consumer.commits == [{0: 3}, {0: 5}]
+
+
+class _EvictedConsumer(_Consumer):
+    """A consumer the group has evicted: its first commit is refused, as kafka-python refuses
+    it after a stall past the session timeout (it then rejoins on the next poll)."""
+
+    def commit(self, offsets: dict[Any, Any]) -> None:
+        if not self.commits and not getattr(self, "refused", False):
+            self.refused = True
+            raise CommitFailedError("UnknownMemberIdError")
+        super().commit(offsets)
+
+
+def test_a_refused_commit_keeps_the_agent_serving_and_the_redelivery_is_answered_from_the_store(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    commands = _commands(2)
+    calls: list[str] = []
+    # After the refused commit the group hands the same records out again.
+    agent = _make_agent(tmp_path, lambda c: calls.append(c.id) and None, [])
+    agent._consumer = _EvictedConsumer([_batch(commands), _batch(commands)])
+    agent.commands = {c.id.encode(): c for c in commands}
+
+    with caplog.at_level(logging.WARNING, logger="fleetbus.bus.vehicle"):
+        assert agent.poll_once(0.01) == 2
+    assert any("offsets not committed (CommitFailedError)" in r.message for r in caplog.records)
+    assert agent.stats.errors == 1
+    assert agent.poll_once(0.01) == 2
+    assert calls == [c.id for c in commands]  # executed once
+    assert len(agent.answers) == 4  # answered again from the store
+    assert agent.stats.duplicates == 2
+    assert agent._consumer.commits == [{0: 2}]
 
 
 class _Crash(BaseException):
