@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fleetbus.bus.commands import Command, SignedCommand, Target
 from fleetbus.bus.directory import (
     ROOT_SUITE,
     FleetRoot,
@@ -326,3 +327,41 @@ def qkd_worker_env(kme_pair: Any) -> dict[str, str]:
         "FLEETBUS_QKD_CERT_FILE": str(master.cert),
         "FLEETBUS_QKD_KEY_FILE": str(master.key),
     }
+
+
+def seal_command(
+    fleet: TestFleet,
+    settings: FleetbusSettings,
+    vehicle: str,
+    *,
+    action: str = "unlock_doors",
+    target: Target | None = None,
+    issuer: str = DISPATCHER,
+    sender: str = SEALER,
+    path: str = "xwing",
+    age_s: float = 0.0,
+    ttl_s: float = 60.0,
+) -> tuple[Command, bytes]:
+    """A command to ``vehicle`` signed by ``issuer`` and sealed by ``sender`` as the seal stage
+    writes it to ``commands.outbound`` (created ``age_s`` ago)."""
+    now = time.time() - age_s
+    command = Command.create(
+        issuer=issuer,
+        target=target or Target(vehicle=vehicle),
+        action=action,
+        now=now,
+        ttl_s=ttl_s,
+    )
+    signed = SignedCommand.sign(command, fleet.signer(issuer))
+    envelope = fleet.sealer(sender).seal(
+        "cmd",
+        settings.topics.full(settings.topics.commands_outbound),
+        fleet.recipient_keys(vehicle),
+        command.id,
+        command.action,
+        signed.encode(),
+        now,
+        command.expires_at,
+        fleet.profile(path, principal=sender),
+    )
+    return command, envelope

@@ -20,6 +20,7 @@ from integration.pipeline_support import (
     SEALER,
     TestFleet,
     make_test_fleet,
+    seal_command,
 )
 from kafka import KafkaConsumer, KafkaProducer
 from opentelemetry.sdk.trace import TracerProvider
@@ -230,37 +231,6 @@ def make_agent(
     yield make
     for agent in agents:
         agent.close()
-
-
-def seal_command(
-    fleet: TestFleet,
-    settings: FleetbusSettings,
-    vehicle: str,
-    *,
-    action: str = "unlock_doors",
-    target: Target | None = None,
-    issuer: str = DISPATCHER,
-    sender: str = SEALER,
-    path: str = "xwing",
-    age_s: float = 0.0,
-) -> tuple[Command, bytes]:
-    now = time.time() - age_s
-    command = Command.create(
-        issuer=issuer, target=target or Target(vehicle=vehicle), action=action, now=now, ttl_s=60
-    )
-    signed = SignedCommand.sign(command, fleet.signer(issuer))
-    envelope = fleet.sealer(sender).seal(
-        "cmd",
-        settings.topics.full(settings.topics.commands_outbound),
-        fleet.recipient_keys(vehicle),
-        command.id,
-        command.action,
-        signed.encode(),
-        now,
-        command.expires_at,
-        fleet.profile(path, principal=sender),
-    )
-    return command, envelope
 
 
 def send_outbound(settings: FleetbusSettings, key: str, envelope: bytes) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.pipeline_support import DISPATCHER, make_test_fleet, worker_env
+from integration.pipeline_support import DISPATCHER, make_test_fleet, seal_command, worker_env
 from kafka import KafkaConsumer, KafkaProducer
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
+from fleetbus.bus.commands import Command, CommandState, StatusEvent, Target
 from fleetbus.bus.dev.smoke import WorkerProcess
 from fleetbus.bus.dispatch import CommandPublisher
 from fleetbus.bus.settings import FleetbusSettings
@@ -460,22 +460,7 @@ def test_fleet_simulate_writes_json_lines_with_the_trace_id_of_the_command(
     fleet = make_test_fleet(tmp_path, vehicles=1)
     settings = fleet.settings_for(kafka_bootstrap, partitions=1)
     outbound = full(settings, "commands_outbound")
-    now = time.time()
-    command = Command.create(
-        issuer=DISPATCHER, target=Target(vehicle=VEHICLE), action="fail", now=now, ttl_s=60
-    )
-    signed = SignedCommand.sign(command, fleet.signer(DISPATCHER))
-    envelope = fleet.sealer().seal(
-        "cmd",
-        outbound,
-        fleet.recipient_keys(VEHICLE),
-        command.id,
-        command.action,
-        signed.encode(),
-        now,
-        command.expires_at,
-        fleet.profile("xwing"),
-    )
+    _, envelope = seal_command(fleet, settings, VEHICLE, action="fail")
     # This test plays the seal stage: its span's context goes with the envelope.
     with get_tracer().start_as_current_span("seal (test)") as seal:
         headers = list(inject_headers())

@@ -19,15 +19,14 @@ from collections import Counter
 from pathlib import Path
 
 from integration.pipeline_support import (
-    DISPATCHER,
     TestFleet,
     make_test_fleet,
     read_topic,
+    seal_command,
     vehicle_id,
 )
 from kafka import KafkaProducer
 
-from fleetbus.bus.commands import Command, SignedCommand, Target
 from fleetbus.bus.settings import FleetbusSettings
 
 SESSION_TIMEOUT_S = 6  # the broker's group.min.session.timeout.ms
@@ -42,22 +41,7 @@ def send_commands(
     ids = []
     for i in range(n):
         vid = VEHICLES[i % len(VEHICLES)]
-        now = time.time()
-        command = Command.create(
-            issuer=DISPATCHER, target=Target(vehicle=vid), action="honk", now=now, ttl_s=300
-        )
-        signed = SignedCommand.sign(command, fleet.signer(DISPATCHER))
-        envelope = fleet.sealer().seal(
-            "cmd",
-            outbound,
-            fleet.recipient_keys(vid),
-            command.id,
-            command.action,
-            signed.encode(),
-            now,
-            command.expires_at,
-            fleet.profile("xwing"),
-        )
+        command, envelope = seal_command(fleet, settings, vid, action="honk", ttl_s=300)
         producer.send(outbound, key=vid.encode(), value=envelope)
         ids.append(command.id)
     producer.flush(20)
