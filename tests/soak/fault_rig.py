@@ -412,7 +412,6 @@ class FaultRig:
                 break
             time.sleep(2.0)
         drain_s = time.monotonic() - sent_done
-        time.sleep(3.0)  # let late duplicates (if any) show up before counting
         counts = self.count(name, signed, retries=retries, drain_s=drain_s)
         counts.extra["fault_and_recovery_s"] = round(fault_s[0], 1) if fault_s else None
         counts.extra["send_s"] = round(sent_done - started, 1)
@@ -420,8 +419,18 @@ class FaultRig:
         return counts
 
     def count(
-        self, name: str, signed: list[SignedCommand], *, retries: int = 0, drain_s: float = 0.0
+        self,
+        name: str,
+        signed: list[SignedCommand],
+        *,
+        retries: int = 0,
+        drain_s: float = 0.0,
+        settle_s: float = 3.0,
     ) -> FaultCounts:
+        """The counts for ``signed``, ``settle_s`` after the last handler ran: handlers run
+        before their batch is recorded as finished and answered, so the last batch finishes
+        (and late duplicates, if any, show up) before anything is read."""
+        time.sleep(settle_s)
         ids = [s.command.id for s in signed]
         wanted = set(ids)
         with self.executions.lock:
