@@ -36,7 +36,7 @@ VEHICLES = [vehicle_id(1), vehicle_id(2)]
 def send_commands(
     fleet: TestFleet, settings: FleetbusSettings, producer: KafkaProducer, n: int
 ) -> list[str]:
-    """``n`` sealed ``ping`` commands on ``commands.outbound``, as the seal stage writes them."""
+    """``n`` sealed ``honk`` commands on ``commands.outbound``, as the seal stage writes them."""
     outbound = settings.topics.full(settings.topics.commands_outbound)
     ids = []
     for i in range(n):

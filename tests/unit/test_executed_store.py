@@ -255,8 +255,10 @@ class _EvictedConsumer(_Consumer):
     """A consumer the group has evicted: its first commit is refused, as kafka-python refuses
     it after a stall past the session timeout (it then rejoins on the next poll)."""
 
+    refused = False
+
     def commit(self, offsets: dict[Any, Any]) -> None:
-        if not self.commits and not getattr(self, "refused", False):
+        if not self.refused:
             self.refused = True
             raise CommitFailedError("UnknownMemberIdError")
         super().commit(offsets)
