@@ -597,8 +597,9 @@ class KeyPool:
     ) -> list[tuple[str, bytes]]:
         """``dec_keys``: hand the keys ``master`` reserved for ``slave`` to it, once, all or none.
 
-        A key_ID that is unknown, already fetched, expired, or reserved for another pair is
-        rejected with the same answer, so the endpoint is no oracle for other SAEs' key_IDs.
+        A key_ID held for another slave SAE is refused with 401 (014 Table 7: the caller is not
+        the key's slave); one that is unknown, already fetched, expired, or held for this slave
+        under another master with 400. Nothing is handed out or used up by a refusal.
         """
         if not key_ids:
             raise KMEBadRequest("no key_ID given")
@@ -608,16 +609,16 @@ class KeyPool:
             if not self._link_up:
                 raise KMEUnavailable("QKD link down", [{"reason": "link_down", "kme": target_kme}])
             self._expire()
+            foreign: list[dict[str, Any]] = []
             bad: list[dict[str, Any]] = []
             for key_id in key_ids:
                 res = self._reserved.get(key_id)
-                if (
-                    res is None
-                    or res.master != master
-                    or res.slave != slave
-                    or res.target_kme != target_kme
-                ):
+                if res is not None and res.slave != slave:
+                    foreign.append({"key_ID": key_id, "reason": "not the slave SAE of this key"})
+                elif res is None or res.master != master or res.target_kme != target_kme:
                     bad.append({"key_ID": key_id, "reason": "unknown or not available"})
+            if foreign:
+                raise KMEUnauthorized(f"SAE {slave!r} is not the slave SAE of the key", foreign)
             if bad:
                 raise KMEBadRequest("key_ID not available to this SAE", bad)
             before = OrderedDict(self._reserved)
@@ -747,10 +748,13 @@ class KMEService:
     def _size(self, size: int | None) -> int:
         cfg = self.config
         size = cfg.key_size if size is None else size
-        if size % 8 or not cfg.min_key_size <= size <= cfg.max_key_size:
+        details = [{"parameter": "size", "value": size}]
+        if size % 8:
+            # The message is the one 014 clause 6.4 gives, word for word: clients match on it.
+            raise KMEBadRequest("size shall be a multiple of 8", details)
+        if not cfg.min_key_size <= size <= cfg.max_key_size:
             raise KMEBadRequest(
-                f"size must be a multiple of 8 between {cfg.min_key_size} and {cfg.max_key_size}",
-                [{"parameter": "size", "value": size}],
+                f"size shall be between {cfg.min_key_size} and {cfg.max_key_size}", details
             )
         return size
 
@@ -821,7 +825,7 @@ class KMEService:
             if mandatory:
                 names = sorted(str(k) for ext in mandatory if isinstance(ext, dict) for k in ext)
                 raise KMEBadRequest(
-                    "mandatory extension not supported",
+                    "not all extension_mandatory parameters are supported",  # 014 clause 6.4
                     [{"extension_mandatory_unsupported": names}],
                 )
             optional = body.get("extension_optional") or []

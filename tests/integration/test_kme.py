@@ -224,7 +224,7 @@ def test_unknown_key_id_is_400(kme_pair: KMEPairUnderTest) -> None:
     assert_error_body(data)
 
 
-def test_another_slave_cannot_fetch_the_key_and_the_right_one_still_can(
+def test_another_slave_is_401_and_the_right_one_still_can_fetch_the_key(
     kme_pair: KMEPairUnderTest,
 ) -> None:
     (key,) = enc(kme_pair)
@@ -232,10 +232,10 @@ def test_another_slave_cannot_fetch_the_key_and_the_right_one_still_can(
     status, data = kme_pair.call(
         kme_pair.kme_b_url, kme_pair.other_slave_sae, "POST", dec_path(kme_pair.master_sae), body
     )
-    # 014 answers requests naming key_IDs the caller may not have with 400 (bad request); the
-    # same answer as for an unknown key_ID, so other SAEs learn nothing about the key.
-    assert status == 400
+    # 014 clause 5.4, Table 7: an SAE that is not the key's slave is answered 401.
+    assert status == 401
     assert_error_body(data)
+    assert data["details"] == [{"key_ID": key["key_ID"], "reason": "not the slave SAE of this key"}]
     status, data = kme_pair.call(
         kme_pair.kme_b_url, kme_pair.slave_sae, "POST", dec_path(kme_pair.master_sae), body
     )
@@ -252,7 +252,7 @@ def test_master_cannot_fetch_its_key_as_slave_on_its_own_kme(kme_pair: KMEPairUn
         dec_path(kme_pair.slave_sae),
         {"key_IDs": [{"key_ID": key["key_ID"]}]},
     )
-    assert status == 400
+    assert status == 401  # the master is not the key's slave either
     assert_error_body(data)
 
 
@@ -299,6 +299,30 @@ def test_bad_enc_requests_are_400(kme_pair: KMEPairUnderTest, body: Any) -> None
     )
     assert status == 400
     assert_error_body(data)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"size": 100}, "size shall be a multiple of 8"),
+        (
+            {"extension_mandatory": [{"abc_route_type": "direct"}]},
+            "not all extension_mandatory parameters are supported",
+        ),
+    ],
+)
+def test_refusals_carry_the_014_messages(
+    kme_pair: KMEPairUnderTest, body: dict[str, Any], message: str
+) -> None:
+    # 014 clause 6.4 gives these two messages word for word; third-party clients match them.
+    status, data = kme_pair.call(
+        kme_pair.kme_a_url, kme_pair.master_sae, "POST", enc_path(kme_pair.slave_sae), body
+    )
+    assert (status, data["message"]) == (400, message)
+    status, data = kme_pair.call(
+        kme_pair.kme_a_url, kme_pair.master_sae, "GET", enc_path(kme_pair.slave_sae) + "?size=100"
+    )
+    assert (status, data["message"]) == (400, "size shall be a multiple of 8")
 
 
 def test_bad_query_is_400(kme_pair: KMEPairUnderTest) -> None:
