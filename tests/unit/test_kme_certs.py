@@ -45,7 +45,11 @@ def test_without_san_the_server_certificates_name_loopback_only(tmp_path: Path) 
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "https://kme:8443", "kme:8443", "*.fleet.svc", "-kme", "a..b", "ké", "x" * 64]
+    "bad",
+    [
+        *("", "https://kme:8443", "kme:8443", "*.fleet.svc", "-kme", "a..b", "ké", "x" * 64),
+        "kme\n.fleet",  # a label ending in a newline passed the `$`-anchored match
+    ],
 )
 def test_a_bad_san_is_refused_before_anything_is_written(tmp_path: Path, bad: str) -> None:
     with pytest.raises(ConfigError, match="invalid SAN"):
