@@ -555,12 +555,74 @@ def test_provider_needs_the_recipients_sae_id(kme_pair: KMEPairUnderTest) -> Non
     assert err.value.reason is ReasonCode.KEY_PROVIDER_FAILED
 
 
-def test_provider_maps_401_to_config(kme_pair: KMEPairUnderTest) -> None:
-    # The slave's certificate used against KME-A: authenticated, but not attached there.
-    wrong = kme_pair.provider("b", kme_url=kme_pair.kme_a_url)
-    with pytest.raises(KeyProviderError) as err:
-        wrong.recover(b"0f1e", "", PrivateKeySet("edge", {}), context=b"")
+def test_provider_maps_401_from_status_to_config(kme_pair: KMEPairUnderTest) -> None:
+    # A certificate of the KME's CA, but for an SAE attached to no KME.
+    outsider = kme_pair.pki.saes["sae-outsider"]
+    wrong = kme_pair.provider(
+        "a", sae_id="sae-outsider", cert_file=outsider.cert, key_file=outsider.key
+    )
+    with pytest.raises(KeyProviderError, match="HTTP 401") as err:
+        wrong.status(kme_pair.slave_sae)
     assert err.value.reason is ReasonCode.CONFIG
+
+
+def test_provider_reports_a_key_of_another_slave_as_unknown_key_id(
+    kme_pair: KMEPairUnderTest,
+) -> None:
+    sender = kme_pair.provider("a")
+    enc_ = sender.establish(
+        RecipientKeys("edge", {}, {}, qkd_sae_id=kme_pair.slave_sae), context=b""
+    )
+    other = kme_pair.pki.saes[kme_pair.other_slave_sae]
+    thief = kme_pair.provider(
+        "b", sae_id=kme_pair.other_slave_sae, cert_file=other.cert, key_file=other.key
+    )
+    own = PrivateKeySet("edge-2", {}, qkd_sae_id=kme_pair.other_slave_sae)
+    with pytest.raises(KeyProviderError, match="HTTP 401") as err:
+        thief.recover(enc_.key_ref, enc_.key_id, own, context=b"")
+    # The envelope's key is not this SAE's: a message error, not a broken configuration.
+    assert err.value.reason is ReasonCode.UNKNOWN_KEY_ID
+    mine = PrivateKeySet("edge", {}, qkd_sae_id=kme_pair.slave_sae)
+    assert kme_pair.provider("b").recover(enc_.key_ref, enc_.key_id, mine, context=b"") == (
+        enc_.shared_secret
+    )
+
+
+def requests_at(pair: KMEPairUnderTest, kme_id: str) -> float:
+    """014 requests the KME ``kme_id`` has answered so far, by its own counter."""
+    total = 0.0
+    for line in pair.metrics().splitlines():
+        if line.startswith("fleetbus_qkd_kme_requests_total{") and f'kme="{kme_id}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_provider_pointed_at_the_other_kme_fails_before_sending_a_request(
+    kme_pair: KMEPairUnderTest,
+) -> None:
+    # Same CA, same host, same SANs: only the KME ID in the certificate tells the KMEs apart
+    # (014 clause 5.1). The check runs after the handshake and before the request, so no
+    # key_ID reaches, and no key is drawn from, the wrong KME.
+    (key,) = enc(kme_pair)
+    before = requests_at(kme_pair, kme_pair.kme_a_id)
+    receiver = kme_pair.provider("b", kme_url=kme_pair.kme_a_url)  # expects KME-B
+    own = PrivateKeySet("edge", {}, qkd_sae_id=kme_pair.slave_sae)
+    with pytest.raises(KeyProviderError) as err:
+        receiver.recover(key["key_ID"].encode(), key["key_ID"], own, context=b"")
+    assert err.value.reason is ReasonCode.CONFIG
+    assert "KME ID 'KME-A', expected 'KME-B'" in str(err.value)
+    assert receiver.healthy() is False
+    assert requests_at(kme_pair, kme_pair.kme_a_id) == before
+
+    before = requests_at(kme_pair, kme_pair.kme_b_id)
+    sender = kme_pair.provider("a", kme_url=kme_pair.kme_b_url)  # expects KME-A
+    with pytest.raises(KeyProviderError, match="KME ID 'KME-B', expected 'KME-A'") as err:
+        sender.establish(RecipientKeys("e", {}, {}, qkd_sae_id=kme_pair.slave_sae), context=b"")
+    assert err.value.reason is ReasonCode.CONFIG
+    assert requests_at(kme_pair, kme_pair.kme_b_id) == before
+    # A right URL with a wrong expectation fails the same way.
+    with pytest.raises(KeyProviderError, match="expected 'KME-B'"):
+        kme_pair.provider("a", kme_id=kme_pair.kme_b_id).status(kme_pair.slave_sae)
 
 
 def test_provider_reports_refused_connection_as_qkd_unavailable(
