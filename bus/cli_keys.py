@@ -42,7 +42,8 @@ PrincipalOpt = Annotated[str, typer.Option("--principal", help="principal id, e.
 ROOT_KEY = "root.key"
 ROOT_PUB = "root.pub"
 DIRECTORY = "directory.cbor"
-_PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+#: Used with ``fullmatch`` (``$`` would let a trailing newline through).
+_PRINCIPAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 DAY_S = 86400.0
 
 
@@ -51,7 +52,7 @@ def _now() -> float:
 
 
 def _check_principal(principal: str) -> None:
-    if not _PRINCIPAL_RE.match(principal) or principal == "root":
+    if not _PRINCIPAL_RE.fullmatch(principal) or principal == "root":
         raise ConfigError(
             f"invalid principal id {principal!r}: use letters, digits, '.', '_', ':', '-' "
             "(not 'root')"

@@ -104,7 +104,8 @@ def serve(
     """Run KME-A and KME-B joined by a simulated link until SIGTERM or SIGINT."""
     from pydantic import ValidationError
 
-    from fleetbus.providers.kme import KMEPairConfig, KMEStateError, PairEndpoints, serve_pair
+    from fleetbus.bus.errors import ConfigError
+    from fleetbus.providers.kme import KMEPairConfig, PairEndpoints, serve_pair
 
     try:
         config = KMEPairConfig.from_cert_dir(
@@ -127,7 +128,7 @@ def serve(
             qber_threshold=qber_threshold,
             flush_on_eavesdropper=flush_on_eavesdropper,
         )
-    except ValidationError as exc:
+    except (ValidationError, ConfigError) as exc:
         raise _fail(f"invalid KME settings: {exc}") from None
     for path in (config.ca_file, config.kme_a_cert, config.kme_a_key):
         if not path.is_file():
@@ -145,7 +146,7 @@ def serve(
 
     try:
         asyncio.run(main())
-    except (OSError, ssl.SSLError, KMEStateError) as exc:
+    except (OSError, ssl.SSLError, ConfigError) as exc:  # ConfigError: KMEStateError too
         raise _fail(f"cannot start the KMEs: {exc}") from None
     typer.echo("fleetbus-kme stopped", err=True)
 
@@ -165,8 +166,17 @@ def certs(
             help="extra DNS name or IP address for the KME server certs (repeat), e.g. kme"
         ),
     ] = None,
+    kme_a_id: Annotated[
+        str, typer.Option(help="KME-A's KME ID: its server certificate's subject CN")
+    ] = "KME-A",
+    kme_b_id: Annotated[
+        str, typer.Option(help="KME-B's KME ID: its server certificate's subject CN")
+    ] = "KME-B",
 ) -> None:
-    """Write a test CA, KME-A/KME-B server certs and SAE client certs (keys mode 0600)."""
+    """Write a test CA, KME-A/KME-B server certs and SAE client certs (keys mode 0600).
+
+    `serve` reports the KME IDs the server certificates name; SAEs check them (ETSI 014 5.1).
+    """
     from fleetbus.bus.errors import FleetbusError
     from fleetbus.providers.pki import make_test_pki
 
@@ -177,6 +187,7 @@ def certs(
             admin=admin,
             valid_days=days,
             server_sans=san or (),
+            kme_ids=(kme_a_id, kme_b_id),
         )
     except FleetbusError as exc:
         raise _fail(str(exc)) from None

@@ -175,6 +175,11 @@ class FleetbusSettings(BaseSettings):
         default="x25519", description="the same for vehicles without the pqc capability"
     )
     qkd_kme_url: str | None = Field(default=None, description="the bus's ETSI 014 KME (https)")
+    qkd_kme_id: str | None = Field(
+        default=None,
+        description="KME ID the KME's server certificate must name (subject CN); required "
+        "with qkd_kme_url",
+    )
     qkd_sae_id: str | None = Field(default=None, description="the bus's SAE id at its KME")
     qkd_ca_file: str | None = Field(default=None, description="CA of the KME (PEM)")
     qkd_cert_file: str | None = Field(default=None, description="client certificate (PEM)")

@@ -191,6 +191,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         providers[QKD_PROVIDER] = load_key_provider(
             QKD_PROVIDER,
             kme_url=settings.qkd_kme_url,
+            kme_id=settings.qkd_kme_id,
             sae_id=settings.qkd_sae_id or settings.sealer_principal,
             ca_file=settings.qkd_ca_file or "",
             cert_file=settings.qkd_cert_file or "",

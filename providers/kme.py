@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from aiohttp import web
+from cryptography import x509
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -34,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fleetbus.bus.errors import ConfigError
 from fleetbus.providers.pki import ADMIN_CN, KME_NAMES
+from fleetbus.providers.qkd import kme_id_of_certificate
 
 API_PREFIX = "/api/v1/keys"
 #: Largest request body a KME or the admin endpoint reads, in bytes.
@@ -66,6 +68,8 @@ class KMEPairConfig(BaseModel):
     kme_a_key: Path
     kme_b_cert: Path
     kme_b_key: Path
+    #: The KME IDs (status ``source_KME_ID``); each must be the subject CN of its KME's server
+    #: certificate, which is what SAEs check (014 clause 5.1). ``from_cert_dir`` reads them.
     kme_a_id: str = "KME-A"
     kme_b_id: str = "KME-B"
     #: SAE ids (client-certificate subject CNs) attached to each KME.
@@ -111,16 +115,36 @@ class KMEPairConfig(BaseModel):
 
     @classmethod
     def from_cert_dir(cls, cert_dir: Path, **overrides: Any) -> KMEPairConfig:
-        """Config reading the file layout ``fleetbus kme certs`` writes."""
+        """Config reading the file layout ``fleetbus kme certs`` writes; the KME IDs are taken
+        from the server certificates when they exist (and not overridden)."""
         a, b = KME_NAMES
+        certs = {"kme_a": cert_dir / f"{a}.pem", "kme_b": cert_dir / f"{b}.pem"}
+        ids: dict[str, Any] = {
+            f"{side}_id": certificate_kme_id(pem)
+            for side, pem in certs.items()
+            if f"{side}_id" not in overrides and pem.is_file()
+        }
         return cls(
             ca_file=cert_dir / "ca.pem",
-            kme_a_cert=cert_dir / f"{a}.pem",
+            kme_a_cert=certs["kme_a"],
             kme_a_key=cert_dir / f"{a}.key",
-            kme_b_cert=cert_dir / f"{b}.pem",
+            kme_b_cert=certs["kme_b"],
             kme_b_key=cert_dir / f"{b}.key",
+            **ids,
             **overrides,
         )
+
+
+def certificate_kme_id(pem_file: Path) -> str:
+    """The KME ID a KME server certificate (PEM file) names; ``ConfigError`` if it names none."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem_file.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read KME certificate {pem_file}: {exc}") from None
+    kme_id = kme_id_of_certificate(cert)
+    if kme_id is None:
+        raise ConfigError(f"KME certificate {pem_file} has no single subject CN (its KME ID)")
+    return kme_id
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,8 +621,9 @@ class KeyPool:
     ) -> list[tuple[str, bytes]]:
         """``dec_keys``: hand the keys ``master`` reserved for ``slave`` to it, once, all or none.
 
-        A key_ID that is unknown, already fetched, expired, or reserved for another pair is
-        rejected with the same answer, so the endpoint is no oracle for other SAEs' key_IDs.
+        A key_ID held for another slave SAE is refused with 401 (014 Table 7: the caller is not
+        the key's slave); one that is unknown, already fetched, expired, or held for this slave
+        under another master with 400. Nothing is handed out or used up by a refusal.
         """
         if not key_ids:
             raise KMEBadRequest("no key_ID given")
@@ -608,16 +633,16 @@ class KeyPool:
             if not self._link_up:
                 raise KMEUnavailable("QKD link down", [{"reason": "link_down", "kme": target_kme}])
             self._expire()
+            foreign: list[dict[str, Any]] = []
             bad: list[dict[str, Any]] = []
             for key_id in key_ids:
                 res = self._reserved.get(key_id)
-                if (
-                    res is None
-                    or res.master != master
-                    or res.slave != slave
-                    or res.target_kme != target_kme
-                ):
+                if res is not None and res.slave != slave:
+                    foreign.append({"key_ID": key_id, "reason": "not the slave SAE of this key"})
+                elif res is None or res.master != master or res.target_kme != target_kme:
                     bad.append({"key_ID": key_id, "reason": "unknown or not available"})
+            if foreign:
+                raise KMEUnauthorized(f"SAE {slave!r} is not the slave SAE of the key", foreign)
             if bad:
                 raise KMEBadRequest("key_ID not available to this SAE", bad)
             before = OrderedDict(self._reserved)
@@ -747,10 +772,13 @@ class KMEService:
     def _size(self, size: int | None) -> int:
         cfg = self.config
         size = cfg.key_size if size is None else size
-        if size % 8 or not cfg.min_key_size <= size <= cfg.max_key_size:
+        details = [{"parameter": "size", "value": size}]
+        if size % 8:
+            # The message is the one 014 clause 6.4 gives, word for word: clients match on it.
+            raise KMEBadRequest("size shall be a multiple of 8", details)
+        if not cfg.min_key_size <= size <= cfg.max_key_size:
             raise KMEBadRequest(
-                f"size must be a multiple of 8 between {cfg.min_key_size} and {cfg.max_key_size}",
-                [{"parameter": "size", "value": size}],
+                f"size shall be between {cfg.min_key_size} and {cfg.max_key_size}", details
             )
         return size
 
@@ -821,7 +849,7 @@ class KMEService:
             if mandatory:
                 names = sorted(str(k) for ext in mandatory if isinstance(ext, dict) for k in ext)
                 raise KMEBadRequest(
-                    "mandatory extension not supported",
+                    "not all extension_mandatory parameters are supported",  # 014 clause 6.4
                     [{"extension_mandatory_unsupported": names}],
                 )
             optional = body.get("extension_optional") or []
@@ -1074,6 +1102,14 @@ class KMEPair:
     """Both KMEs, the pool between them and the admin endpoint, as aiohttp applications."""
 
     def __init__(self, config: KMEPairConfig, *, clock: Callable[[], float] = time.monotonic):
+        for cert, kme_id in (
+            (config.kme_a_cert, config.kme_a_id),
+            (config.kme_b_cert, config.kme_b_id),
+        ):
+            # A status source_KME_ID its own certificate contradicts would fail every SAE's
+            # KME ID check: refuse to start instead.
+            if certificate_kme_id(cert) != kme_id:
+                raise ConfigError(f"{cert} does not name KME ID {kme_id!r} (its subject CN)")
         self.config = config
         state_file = None if config.state_dir is None else PoolStateFile(config.state_dir)
         self.pool = KeyPool(

@@ -28,10 +28,13 @@ from fleetbus.bus.errors import ConfigError
 
 #: Names of the two simulated KMEs; their server certs are ``kme-a.pem`` / ``kme-b.pem``.
 KME_NAMES: tuple[str, str] = ("kme-a", "kme-b")
+#: Their default KME IDs: the subject CN of each server certificate, which SAEs check.
+DEFAULT_KME_IDS: tuple[str, str] = ("KME-A", "KME-B")
 #: Subject CN of the admin client certificate.
 ADMIN_CN = "kme-admin"
 #: SAE ids become file names and certificate CNs, so they are restricted to a safe alphabet.
-_SAE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Used with ``fullmatch`` (``$`` would let a trailing newline through).
+_SAE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: SANs every KME server certificate carries.
 DEFAULT_SERVER_SANS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 
@@ -60,7 +63,7 @@ class TestPKI:
 
 def validate_sae_id(sae_id: str) -> str:
     """Return ``sae_id`` when it is usable as a CN and a file name, else raise ``ConfigError``."""
-    if not _SAE_ID_RE.match(sae_id) or sae_id in KME_NAMES or sae_id in ("ca", "admin"):
+    if not _SAE_ID_RE.fullmatch(sae_id) or sae_id in KME_NAMES or sae_id in ("ca", "admin"):
         raise ConfigError(
             f"invalid SAE id {sae_id!r}: use 1-64 of [A-Za-z0-9._-], starting alphanumeric, "
             f"and not one of {', '.join((*KME_NAMES, 'ca', 'admin'))}"
@@ -85,6 +88,7 @@ def make_test_pki(
     valid_days: int = 30,
     ca_name: str = "fleetbus test KME CA",
     server_sans: Sequence[str] = (),
+    kme_ids: tuple[str, str] = DEFAULT_KME_IDS,
 ) -> TestPKI:
     """Write a CA, server certs for both KMEs, one client cert per SAE id and an admin cert.
 
@@ -92,12 +96,22 @@ def make_test_pki(
     ``<sae_id>.{pem,key}`` and ``admin.{pem,key}``. KME server certs carry the SANs
     ``localhost``, ``127.0.0.1`` and ``::1`` plus ``server_sans`` (DNS names or IP addresses,
     e.g. the ``kme`` host name of a compose service); a client's SAE id is its certificate's
-    subject CN.
+    subject CN, and a KME's ID (``kme_ids``, KME-A's then KME-B's) its server certificate's.
+    Both KMEs share the SANs (they usually share a host), so only the KME ID tells them apart.
     """
     sans = server_san_list(server_sans)  # before writing anything: a bad SAN writes nothing
     ids = [validate_sae_id(s) for s in sae_ids]
     if len(set(ids)) != len(ids):
         raise ConfigError("duplicate SAE id in the PKI request")
+    for kme_id in kme_ids:
+        if not _SAE_ID_RE.fullmatch(kme_id):
+            raise ConfigError(
+                f"invalid KME ID {kme_id!r}: use 1-64 of [A-Za-z0-9._-], starting alphanumeric"
+            )
+    # One name, one identity: a KME ID that is also an SAE id (in any case) invites confusion.
+    folded = [i.casefold() for i in (*kme_ids, *ids, ADMIN_CN)]
+    if len(set(folded)) != len(folded):
+        raise ConfigError("the two KME IDs, the SAE ids and the admin CN must all differ")
     out_dir.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = make_ca(_name(ca_name), valid_days)
     ca_pem = out_dir / "ca.pem"
@@ -122,7 +136,10 @@ def make_test_pki(
         pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return pair
 
-    kmes = {name: issue(name, name.upper(), server=True) for name in KME_NAMES}
+    kmes = {
+        name: issue(name, kme_id, server=True)
+        for name, kme_id in zip(KME_NAMES, kme_ids, strict=True)
+    }
     saes = {sae: issue(sae, sae, server=False) for sae in ids}
     admin_pair = issue("admin", ADMIN_CN, server=False) if admin else None
     return TestPKI(

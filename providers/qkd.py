@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.keys import (
     Encapsulation,
@@ -36,8 +39,26 @@ API_PREFIX = "/api/v1/keys"
 #: How long a status answer is trusted for the fail-fast check before ``enc_keys``.
 STATUS_CACHE_S = 1.0
 #: key_IDs are UUIDs in 014; accept any short printable token from another KME, nothing more.
-_KEY_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+#: Always used with ``fullmatch``: ``$`` would also match before a trailing newline.
+_KEY_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
 _MAX_RESPONSE_BYTES = 1 << 20
+
+
+def kme_id_of_certificate(cert: x509.Certificate | bytes) -> str | None:
+    """The KME ID a KME server certificate (or its DER bytes) names: its one subject CN.
+
+    fleetbus's choice for 014 clause 5.1, like an SAE id is its client certificate's CN. A
+    certificate with no CN, or with several, names no KME ID.
+    """
+    if isinstance(cert, bytes):
+        try:
+            cert = x509.load_der_x509_certificate(cert)
+        except ValueError:
+            return None
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1 or not isinstance(names[0].value, str):
+        return None
+    return names[0].value
 
 
 @dataclass(frozen=True)
@@ -51,7 +72,8 @@ class QKDProvider(KeyProvider):
 
     One instance speaks for one SAE at one KME. Senders need ``sae_id``; recipients also need
     ``master_sae_id`` (the SAE whose ``enc_keys`` call produced the key), because the 014
-    ``dec_keys`` URL names the master.
+    ``dec_keys`` URL names the master. ``kme_id`` is the KME ID the KME's server certificate
+    must name (its subject commonName, 014 clause 5.1); there is no default.
     """
 
     name = "qkd-etsi014"
@@ -65,6 +87,7 @@ class QKDProvider(KeyProvider):
         *,
         kme_url: str,
         sae_id: str,
+        kme_id: str | None = None,
         ca_file: str | Path,
         cert_file: str | Path,
         key_file: str | Path,
@@ -79,6 +102,13 @@ class QKDProvider(KeyProvider):
             raise KeyProviderError(
                 f"kme_url must be an https:// URL, got {kme_url!r}", reason=ReasonCode.CONFIG
             )
+        if not kme_id:
+            # Fail closed: CA and host name alone accept every KME the CA ever certified.
+            raise KeyProviderError(
+                "kme_id is required: the KME ID the KME's certificate must name "
+                "(ETSI GS QKD 014 clause 5.1)",
+                reason=ReasonCode.CONFIG,
+            )
         if key_size_bits <= 0 or key_size_bits % 8:
             raise KeyProviderError(
                 "key_size_bits must be a positive multiple of 8", reason=ReasonCode.CONFIG
@@ -87,6 +117,7 @@ class QKDProvider(KeyProvider):
         self._port = url.port or 443
         self._base = url.path.rstrip("/")
         self.kme_url = kme_url
+        self.kme_id = kme_id
         self.sae_id = sae_id
         self.master_sae_id = master_sae_id
         self.timeout_s = timeout_s
@@ -111,7 +142,9 @@ class QKDProvider(KeyProvider):
         self._healthy: bool | None = None
 
     def __repr__(self) -> str:
-        return f"QKDProvider(kme_url={self.kme_url!r}, sae_id={self.sae_id!r})"
+        return (
+            f"QKDProvider(kme_url={self.kme_url!r}, kme_id={self.kme_id!r}, sae_id={self.sae_id!r})"
+        )
 
     # -- HTTP ----------------------------------------------------------------------------
 
@@ -126,6 +159,9 @@ class QKDProvider(KeyProvider):
             self._host, self._port, context=self._ssl, timeout=self.timeout_s
         )
         try:
+            conn.connect()
+            # Before the request: a key_ID must not reach, nor a key be drawn from, another KME.
+            self._confirm_kme_id(conn.sock)
             conn.request(method, self._base + path, body=payload, headers=headers)
             resp = conn.getresponse()
             raw = resp.read(_MAX_RESPONSE_BYTES + 1)
@@ -158,6 +194,22 @@ class QKDProvider(KeyProvider):
             )
         return status, data
 
+    def _confirm_kme_id(self, sock: Any) -> None:
+        """014 clause 5.1: the SAE confirms the KME ID from the KME's certificate.
+
+        The CA and host-name checks only say "some KME of this CA at this address"; the two KMEs
+        of a link (or every KME of an operator) usually share both, so the ID is compared too.
+        """
+        der = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
+        presented = kme_id_of_certificate(der) if der else None
+        if presented != self.kme_id:
+            self._healthy = False
+            raise KeyProviderError(
+                f"KME {self.kme_url} presented a certificate for KME ID {presented!r}, "
+                f"expected {self.kme_id!r}",
+                reason=ReasonCode.CONFIG,
+            )
+
     def _fail(self, status: int, data: Mapping[str, Any], operation: str) -> KeyProviderError:
         # The 014 error body carries only "message" and "details"; never echo a key field.
         message = data.get("message")
@@ -165,11 +217,12 @@ class QKDProvider(KeyProvider):
         if status == 503:
             self._healthy = False
             reason = ReasonCode.QKD_UNAVAILABLE
-        elif status == 401:
-            reason = ReasonCode.CONFIG
-        elif status == 400 and operation == "dec_keys":
+        elif operation == "dec_keys" and status in (400, 401):
+            # 014 Table 7: 401 when this SAE is not the key's slave; 400 when the KME does not
+            # know the key_ID (any more). Either way this envelope's key is not ours to have.
+            # An SAE not attached to its KME also gets 401; healthy() (a status call) shows it.
             reason = ReasonCode.UNKNOWN_KEY_ID
-        elif status == 400:
+        elif status in (400, 401):
             reason = ReasonCode.CONFIG
         else:
             reason = ReasonCode.KEY_PROVIDER_FAILED
@@ -208,7 +261,7 @@ class QKDProvider(KeyProvider):
                 reason=ReasonCode.KEY_PROVIDER_FAILED,
             )
         got_id, encoded = keys[0].get("key_ID"), keys[0].get("key")
-        if not isinstance(got_id, str) or not _KEY_ID_RE.match(got_id):
+        if not isinstance(got_id, str) or not _KEY_ID_RE.fullmatch(got_id):
             raise KeyProviderError(
                 "KME returned no usable key_ID", reason=ReasonCode.KEY_PROVIDER_FAILED
             )
@@ -278,7 +331,7 @@ class QKDProvider(KeyProvider):
             ref = key_ref.decode("ascii")
         except UnicodeDecodeError:
             ref = ""
-        if not _KEY_ID_RE.match(ref):
+        if not _KEY_ID_RE.fullmatch(ref):
             raise KeyProviderError("malformed QKD key_ID in envelope", reason=ReasonCode.MALFORMED)
         if key_id and key_id != ref:
             raise KeyProviderError(

@@ -27,7 +27,7 @@ import pytest
 from contract.sides import ProviderSides
 
 from fleetbus.bus.keys import PrivateKeySet, RecipientKeys
-from fleetbus.providers.pki import TestPKI, make_test_pki
+from fleetbus.providers.pki import DEFAULT_KME_IDS, TestPKI, make_test_pki
 from fleetbus.providers.qkd import QKDProvider
 
 READY_PREFIX = "fleetbus-kme ready "
@@ -54,6 +54,8 @@ class KMEPairUnderTest:
     master_sae: str = MASTER_SAE
     slave_sae: str = SLAVE_SAE
     other_slave_sae: str = OTHER_SLAVE_SAE
+    kme_a_id: str = DEFAULT_KME_IDS[0]
+    kme_b_id: str = DEFAULT_KME_IDS[1]
     pool_keys: int = POOL_KEYS
     key_rate_bps: int = KEY_RATE_BPS
     _reader: threading.Thread | None = field(default=None, repr=False)
@@ -114,6 +116,7 @@ class KMEPairUnderTest:
         pair = self.pki.saes[sae]
         kwargs: dict[str, Any] = {
             "kme_url": self.kme_a_url if side == "a" else self.kme_b_url,
+            "kme_id": self.kme_a_id if side == "a" else self.kme_b_id,
             "sae_id": sae,
             "ca_file": self.pki.ca_cert,
             "cert_file": pair.cert,

@@ -1205,6 +1205,7 @@ def run_demo(
                 "FLEETBUS_KEYPATH_BREAKER_RESET_S": "5",
                 "FLEETBUS_AUDIT_CHECKPOINT_EVERY": "25",
                 "FLEETBUS_QKD_KME_URL": kme.urls["kme_a"],
+                "FLEETBUS_QKD_KME_ID": kme.kme_id("kme_a"),
                 "FLEETBUS_QKD_SAE_ID": HUB_SAE,
                 "FLEETBUS_QKD_CA_FILE": str(pki / "ca.pem"),
                 "FLEETBUS_QKD_CERT_FILE": str(pki / f"{HUB_SAE}.pem"),

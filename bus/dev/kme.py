@@ -96,11 +96,18 @@ class KMEPairProcess:
         """The server's process id while it runs."""
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
+    def kme_id(self, side: str) -> str:
+        """The KME ID of ``side`` ("kme_a" or "kme_b"), read from its server certificate."""
+        from fleetbus.providers.kme import certificate_kme_id
+
+        return certificate_kme_id(self.pki / f"{side.replace('_', '-')}.pem")
+
     def provider_config(self, sae_id: str, *, master_sae_id: str | None = None) -> dict[str, Any]:
         """Keyword arguments for ``QKDProvider`` acting as ``sae_id``."""
         side = "kme_a" if sae_id in self.sae_a else "kme_b"
         config: dict[str, Any] = {
             "kme_url": self.urls[side],
+            "kme_id": self.kme_id(side),
             "sae_id": sae_id,
             "ca_file": str(self.pki / "ca.pem"),
             "cert_file": str(self.pki / f"{sae_id}.pem"),

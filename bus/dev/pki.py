@@ -20,7 +20,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleetbus.bus.errors import ConfigError
 
-_DNS_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+#: Used with ``fullmatch``: ``$`` would let a label end in a newline ("kme\n.fleet").
+_DNS_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -60,7 +61,7 @@ def parse_san(value: str) -> x509.GeneralName:
         pass
     name = text.rstrip(".").lower()
     labels = name.split(".")
-    if not name or len(name) > 253 or not all(_DNS_LABEL_RE.match(label) for label in labels):
+    if not name or len(name) > 253 or not all(_DNS_LABEL_RE.fullmatch(label) for label in labels):
         raise ConfigError(
             f"invalid SAN {value!r}: give a DNS host name (e.g. kme, kme.fleet.svc) "
             "or an IP address"

@@ -322,6 +322,7 @@ def qkd_worker_env(kme_pair: Any) -> dict[str, str]:
     master = kme_pair.pki.saes[kme_pair.master_sae]
     return {
         "FLEETBUS_QKD_KME_URL": kme_pair.kme_a_url,
+        "FLEETBUS_QKD_KME_ID": kme_pair.kme_a_id,
         "FLEETBUS_QKD_SAE_ID": kme_pair.master_sae,
         "FLEETBUS_QKD_CA_FILE": str(kme_pair.pki.ca_cert),
         "FLEETBUS_QKD_CERT_FILE": str(master.cert),

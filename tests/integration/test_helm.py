@@ -17,6 +17,7 @@ import yaml
 from unit.test_deploy_files import check_cli, is_settings_env
 
 from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.providers.pki import DEFAULT_KME_IDS
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "fleetbus"
@@ -306,6 +307,16 @@ def test_kme_state_dir_is_a_volume_emptydir_or_the_claim_given() -> None:
         assert not mount.get("readOnly", False)
         (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
         assert {k: v for k, v in volume.items() if k != "name"} == expected
+
+
+def test_worker_expects_the_kme_id_of_the_bundled_kme_a() -> None:
+    # ETSI 014 clause 5.1: the worker checks the KME ID in the KME's certificate; the bundled
+    # simulator's KME-A (the port the URL names) is `kme certs`'s default KME-A.
+    settings = one(render(), "ConfigMap", "fb-fleetbus-settings")["data"]
+    assert settings["FLEETBUS_QKD_KME_URL"].endswith(":8443")
+    assert settings["FLEETBUS_QKD_KME_ID"] == DEFAULT_KME_IDS[0]
+    own = one(render("settings.qkd_kme_id=depot-kme"), "ConfigMap", "fb-fleetbus-settings")
+    assert own["data"]["FLEETBUS_QKD_KME_ID"] == "depot-kme"
 
 
 def test_kme_can_be_disabled() -> None:

@@ -224,7 +224,7 @@ def test_unknown_key_id_is_400(kme_pair: KMEPairUnderTest) -> None:
     assert_error_body(data)
 
 
-def test_another_slave_cannot_fetch_the_key_and_the_right_one_still_can(
+def test_another_slave_is_401_and_the_right_one_still_can_fetch_the_key(
     kme_pair: KMEPairUnderTest,
 ) -> None:
     (key,) = enc(kme_pair)
@@ -232,10 +232,10 @@ def test_another_slave_cannot_fetch_the_key_and_the_right_one_still_can(
     status, data = kme_pair.call(
         kme_pair.kme_b_url, kme_pair.other_slave_sae, "POST", dec_path(kme_pair.master_sae), body
     )
-    # 014 answers requests naming key_IDs the caller may not have with 400 (bad request); the
-    # same answer as for an unknown key_ID, so other SAEs learn nothing about the key.
-    assert status == 400
+    # 014 clause 5.4, Table 7: an SAE that is not the key's slave is answered 401.
+    assert status == 401
     assert_error_body(data)
+    assert data["details"] == [{"key_ID": key["key_ID"], "reason": "not the slave SAE of this key"}]
     status, data = kme_pair.call(
         kme_pair.kme_b_url, kme_pair.slave_sae, "POST", dec_path(kme_pair.master_sae), body
     )
@@ -252,7 +252,7 @@ def test_master_cannot_fetch_its_key_as_slave_on_its_own_kme(kme_pair: KMEPairUn
         dec_path(kme_pair.slave_sae),
         {"key_IDs": [{"key_ID": key["key_ID"]}]},
     )
-    assert status == 400
+    assert status == 401  # the master is not the key's slave either
     assert_error_body(data)
 
 
@@ -299,6 +299,30 @@ def test_bad_enc_requests_are_400(kme_pair: KMEPairUnderTest, body: Any) -> None
     )
     assert status == 400
     assert_error_body(data)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"size": 100}, "size shall be a multiple of 8"),
+        (
+            {"extension_mandatory": [{"abc_route_type": "direct"}]},
+            "not all extension_mandatory parameters are supported",
+        ),
+    ],
+)
+def test_refusals_carry_the_014_messages(
+    kme_pair: KMEPairUnderTest, body: dict[str, Any], message: str
+) -> None:
+    # 014 clause 6.4 gives these two messages word for word; third-party clients match them.
+    status, data = kme_pair.call(
+        kme_pair.kme_a_url, kme_pair.master_sae, "POST", enc_path(kme_pair.slave_sae), body
+    )
+    assert (status, data["message"]) == (400, message)
+    status, data = kme_pair.call(
+        kme_pair.kme_a_url, kme_pair.master_sae, "GET", enc_path(kme_pair.slave_sae) + "?size=100"
+    )
+    assert (status, data["message"]) == (400, "size shall be a multiple of 8")
 
 
 def test_bad_query_is_400(kme_pair: KMEPairUnderTest) -> None:
@@ -531,12 +555,74 @@ def test_provider_needs_the_recipients_sae_id(kme_pair: KMEPairUnderTest) -> Non
     assert err.value.reason is ReasonCode.KEY_PROVIDER_FAILED
 
 
-def test_provider_maps_401_to_config(kme_pair: KMEPairUnderTest) -> None:
-    # The slave's certificate used against KME-A: authenticated, but not attached there.
-    wrong = kme_pair.provider("b", kme_url=kme_pair.kme_a_url)
-    with pytest.raises(KeyProviderError) as err:
-        wrong.recover(b"0f1e", "", PrivateKeySet("edge", {}), context=b"")
+def test_provider_maps_401_from_status_to_config(kme_pair: KMEPairUnderTest) -> None:
+    # A certificate of the KME's CA, but for an SAE attached to no KME.
+    outsider = kme_pair.pki.saes["sae-outsider"]
+    wrong = kme_pair.provider(
+        "a", sae_id="sae-outsider", cert_file=outsider.cert, key_file=outsider.key
+    )
+    with pytest.raises(KeyProviderError, match="HTTP 401") as err:
+        wrong.status(kme_pair.slave_sae)
     assert err.value.reason is ReasonCode.CONFIG
+
+
+def test_provider_reports_a_key_of_another_slave_as_unknown_key_id(
+    kme_pair: KMEPairUnderTest,
+) -> None:
+    sender = kme_pair.provider("a")
+    enc_ = sender.establish(
+        RecipientKeys("edge", {}, {}, qkd_sae_id=kme_pair.slave_sae), context=b""
+    )
+    other = kme_pair.pki.saes[kme_pair.other_slave_sae]
+    thief = kme_pair.provider(
+        "b", sae_id=kme_pair.other_slave_sae, cert_file=other.cert, key_file=other.key
+    )
+    own = PrivateKeySet("edge-2", {}, qkd_sae_id=kme_pair.other_slave_sae)
+    with pytest.raises(KeyProviderError, match="HTTP 401") as err:
+        thief.recover(enc_.key_ref, enc_.key_id, own, context=b"")
+    # The envelope's key is not this SAE's: a message error, not a broken configuration.
+    assert err.value.reason is ReasonCode.UNKNOWN_KEY_ID
+    mine = PrivateKeySet("edge", {}, qkd_sae_id=kme_pair.slave_sae)
+    assert kme_pair.provider("b").recover(enc_.key_ref, enc_.key_id, mine, context=b"") == (
+        enc_.shared_secret
+    )
+
+
+def requests_at(pair: KMEPairUnderTest, kme_id: str) -> float:
+    """014 requests the KME ``kme_id`` has answered so far, by its own counter."""
+    total = 0.0
+    for line in pair.metrics().splitlines():
+        if line.startswith("fleetbus_qkd_kme_requests_total{") and f'kme="{kme_id}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_provider_pointed_at_the_other_kme_fails_before_sending_a_request(
+    kme_pair: KMEPairUnderTest,
+) -> None:
+    # Same CA, same host, same SANs: only the KME ID in the certificate tells the KMEs apart
+    # (014 clause 5.1). The check runs after the handshake and before the request, so no
+    # key_ID reaches, and no key is drawn from, the wrong KME.
+    (key,) = enc(kme_pair)
+    before = requests_at(kme_pair, kme_pair.kme_a_id)
+    receiver = kme_pair.provider("b", kme_url=kme_pair.kme_a_url)  # expects KME-B
+    own = PrivateKeySet("edge", {}, qkd_sae_id=kme_pair.slave_sae)
+    with pytest.raises(KeyProviderError) as err:
+        receiver.recover(key["key_ID"].encode(), key["key_ID"], own, context=b"")
+    assert err.value.reason is ReasonCode.CONFIG
+    assert "KME ID 'KME-A', expected 'KME-B'" in str(err.value)
+    assert receiver.healthy() is False
+    assert requests_at(kme_pair, kme_pair.kme_a_id) == before
+
+    before = requests_at(kme_pair, kme_pair.kme_b_id)
+    sender = kme_pair.provider("a", kme_url=kme_pair.kme_b_url)  # expects KME-A
+    with pytest.raises(KeyProviderError, match="KME ID 'KME-B', expected 'KME-A'") as err:
+        sender.establish(RecipientKeys("e", {}, {}, qkd_sae_id=kme_pair.slave_sae), context=b"")
+    assert err.value.reason is ReasonCode.CONFIG
+    assert requests_at(kme_pair, kme_pair.kme_b_id) == before
+    # A right URL with a wrong expectation fails the same way.
+    with pytest.raises(KeyProviderError, match="expected 'KME-B'"):
+        kme_pair.provider("a", kme_id=kme_pair.kme_b_id).status(kme_pair.slave_sae)
 
 
 def test_provider_reports_refused_connection_as_qkd_unavailable(

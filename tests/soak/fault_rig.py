@@ -44,6 +44,7 @@ from fleetbus.bus.settings import FleetbusSettings, TopicNames
 from fleetbus.bus.topics import ensure_topics
 from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
 from fleetbus.processors.app import state_topic
+from fleetbus.providers.pki import DEFAULT_KME_IDS
 
 MASTER_SAE = "sae-hub"
 EDGE_SAE = "sae-edge-1"
@@ -247,6 +248,7 @@ class FaultRig:
             "FLEETBUS_PIPELINE": "on",
             "FLEETBUS_TICK_INTERVAL_S": "1.0",
             "FLEETBUS_QKD_KME_URL": self.kme.url_a,
+            "FLEETBUS_QKD_KME_ID": DEFAULT_KME_IDS[0],
             "FLEETBUS_QKD_SAE_ID": MASTER_SAE,
             "FLEETBUS_QKD_CA_FILE": str(self.kme.pki.ca_cert),
             "FLEETBUS_QKD_CERT_FILE": str(master.cert),
@@ -276,6 +278,7 @@ class FaultRig:
         pair = self.kme.pki.saes[EDGE_SAE]
         qkd = QKDProvider(
             kme_url=self.kme.url_b,
+            kme_id=DEFAULT_KME_IDS[1],
             sae_id=EDGE_SAE,
             ca_file=self.kme.pki.ca_cert,
             cert_file=pair.cert,

@@ -176,3 +176,11 @@ def test_loose_root_key_mode_is_refused(keydir: Path) -> None:
     result = _run("issue", "--dir", str(keydir), "--principal", "veh-1", "--kind", "vehicle")
     assert isinstance(result.exception, FleetbusError)
     assert result.exception.reason is ReasonCode.CONFIG
+
+
+def test_a_principal_id_with_a_trailing_newline_is_refused(keydir: Path) -> None:
+    # The pattern ended with `$`, which also matches before a final newline.
+    result = _run("issue", "--dir", str(keydir), "--principal", "veh-1\n", "--kind", "vehicle")
+    assert isinstance(result.exception, FleetbusError)
+    assert "invalid principal id" in str(result.exception)
+    assert not (keydir / "veh-1\n.key").exists()

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from fleetbus.bus.cli import app as cli_app
 from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.providers.pki import DEFAULT_KME_IDS
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -222,6 +223,17 @@ def test_kme_server_certs_name_the_host_workers_dial() -> None:
     sans = [certs[i + 1] for i, arg in enumerate(certs) if arg == "--san"]
     assert host in sans
     assert services()["kme"]["hostname"] == host
+
+
+def test_workers_expect_the_kme_id_of_the_kme_they_dial() -> None:
+    env = _environment(services()["worker"])
+    port = urlsplit(env["FLEETBUS_QKD_KME_URL"]).port
+    init = "\n".join(services()["init"]["command"])
+    (certs,) = [shlex.split(m) for m in re.findall(r"fleetbus (kme certs .*)", init)]
+    # The worker dials KME-A's port; KME-A's certificate names --kme-a-id (default KME-A).
+    assert str(port) == _option(services()["kme"]["command"], "--port-a")
+    expected = _option(certs, "--kme-a-id") if "--kme-a-id" in certs else DEFAULT_KME_IDS[0]
+    assert env["FLEETBUS_QKD_KME_ID"] == expected
 
 
 @pytest.mark.parametrize(

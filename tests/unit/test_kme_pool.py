@@ -22,6 +22,7 @@ from fleetbus.providers.kme import (
     KMEPairConfig,
     KMEService,
     KMEStateError,
+    KMEUnauthorized,
     KMEUnavailable,
     PoolStateFile,
     caller_sae_id,
@@ -109,8 +110,15 @@ def test_deliver_returns_the_same_bytes_once_only() -> None:
 def test_reservation_is_for_one_slave_at_the_other_kme_only() -> None:
     pool = make_pool(FakeClock())
     ((key_id, material),) = reserve(pool)
-    with pytest.raises(KMEBadRequest):
+    # 014 Table 7: an SAE that is not the key's slave is unauthorized (401), not a bad request.
+    with pytest.raises(KMEUnauthorized) as err:
         deliver(pool, [key_id], slave=EDGE2)
+    assert err.value.status == 401
+    assert err.value.details == [{"key_ID": key_id, "reason": "not the slave SAE of this key"}]
+    ((own_id, _),) = reserve(pool, slave=EDGE2)
+    with pytest.raises(KMEUnauthorized):  # also in a batch with a key of its own: nothing out
+        deliver(pool, [own_id, key_id], slave=EDGE2)
+    assert pool.reserved_key_count() == 2
     with pytest.raises(KMEBadRequest):
         deliver(pool, [key_id], target=A)  # the master's own KME is not the slave's
     with pytest.raises(KMEBadRequest):
@@ -266,7 +274,7 @@ def test_snapshot_and_errors_carry_no_key_material() -> None:
     text = json.dumps(pool.snapshot())
     assert material.hex() not in text
     assert key_id not in text
-    with pytest.raises(KMEBadRequest) as err:
+    with pytest.raises(KMEUnauthorized) as err:
         deliver(pool, [key_id], slave=EDGE2)
     assert material.hex() not in json.dumps(err.value.body())
 
