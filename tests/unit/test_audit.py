@@ -274,6 +274,12 @@ def test_the_cadence_is_signed_and_bounded_by_the_verifier(fleet: Fleet) -> None
     report = verify(_entries(values), fleet.directory, max_every=4)
     assert [(b.seq, b.kind) for b in report.breaks] == [(0, "bad_checkpoint")]
     assert "at most 4 accepted" in report.breaks[0].detail
+    # A format 1 checkpoint (no cadence under its signature) is not accepted at all.
+    doc = cbor2.loads(values[-1])
+    doc["v"] = 1
+    del doc["every"]
+    report = verify(_entries([values[0], cbor2.dumps(doc, canonical=True)]), fleet.directory)
+    assert [(b.offset, b.kind) for b in report.breaks] == [(1, "malformed")]
 
 
 def test_the_unsigned_tail_is_reported_and_can_be_required_empty(fleet: Fleet) -> None:
