@@ -63,11 +63,32 @@ def verify(
         Path | None, typer.Option(help="key directory to verify checkpoint signatures")
     ] = None,
     signer: Annotated[
-        str | None, typer.Option(help="principal checkpoints must be signed by")
+        str | None,
+        typer.Option(
+            help="principal (of the sealer role) checkpoints must be signed by "
+            "[default: the settings' sealer principal]"
+        ),
+    ] = None,
+    max_checkpoint_every: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="most records a chain may have before its first checkpoint, and largest "
+            "cadence a checkpoint may promise [default: the settings' audit_checkpoint_every]",
+        ),
+    ] = None,
+    max_unsigned_tail: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="fail a chain whose last N+1 records no checkpoint covers "
+            "(0: every record must be signed, for a stopped pipeline)",
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable report")] = False,
 ) -> None:
-    """Verify every chain: OK, or the exact chain / seq / offset where it breaks (exit 1)."""
+    """Verify every chain: OK, or the exact chain / seq / offset where it breaks (exit 1).
+    Prints, per chain, how many records at the tail no signed checkpoint covers."""
     from fleetbus.bus.cli_keys import DIRECTORY, ROOT_PUB
     from fleetbus.bus.directory import RootPublicKey, load_directory
     from fleetbus.processors.audit import verify_entries
@@ -83,7 +104,11 @@ def verify(
     )
     entries = read_audit_topic(bootstrap, topic, client_config=settings.kafka_client_config())
     report = verify_entries(
-        entries, directory, require_checkpoint_signer=signer or settings.sealer_principal
+        entries,
+        directory,
+        checkpoint_signer=signer or settings.sealer_principal,
+        max_checkpoint_every=max_checkpoint_every or settings.audit_checkpoint_every,
+        max_unsigned_tail=max_unsigned_tail,
     )
     if as_json:
         typer.echo(
@@ -92,6 +117,7 @@ def verify(
                     "ok": report.ok,
                     "records": report.records,
                     "checkpoints": report.checkpoints,
+                    "unsigned_tail": report.unsigned_tail,
                     "breaks": [
                         {
                             "chain": b.chain,
@@ -109,9 +135,11 @@ def verify(
         )
     else:
         for chain in sorted(report.records):
+            tail = report.unsigned_tail.get(chain)
             typer.echo(
                 f"chain {chain}: {report.records[chain]} records, "
                 f"{report.checkpoints.get(chain, 0)} signed checkpoints"
+                + ("" if tail is None else f", {tail} at the tail not covered by a signature")
             )
         for brk in report.breaks:
             typer.echo(f"BROKEN {brk}")

@@ -440,6 +440,8 @@ class TransactionalStage:
     async def _shutdown(self) -> None:
         for part in list(self._parts.values()):
             with contextlib.suppress(Exception):
+                await self._seal_audit(part)
+            with contextlib.suppress(Exception):
                 await part.producer.stop()
         self._parts.clear()
         if self._consumer is not None:
@@ -609,15 +611,19 @@ class TransactionalStage:
             )
         return dead_letter_result(self.stage, self._dlq_topic, record, reason, detail, now=now)
 
-    def _audit_outputs(self, part: _Partition, events: Sequence[AuditEvent]) -> list[Output]:
-        out: list[Output] = []
-        key = part.chain.chain.encode()
-        for event in events:
-            for value in part.chain.append(event):
-                out.append(Output(self._audit_topic, key, value, partition=0))
-        if events:
+    def _audit_outputs(
+        self, part: _Partition, events: Sequence[AuditEvent], *, seal: bool = False
+    ) -> list[Output]:
+        """The audit values of ``events``; with ``seal``, then a checkpoint over any unsigned
+        records (ticks and the end of a run: the chain's tail is signed while the writer
+        lives, not only every ``checkpoint_every`` records)."""
+        values = [value for event in events for value in part.chain.append(event)]
+        if seal:
+            values += part.chain.seal()
+        if values:
             part.state.put(AUDIT_HEAD_KEY, part.chain.head.to_cbor())
-        return out
+        key = part.chain.chain.encode()
+        return [Output(self._audit_topic, key, value, partition=0) for value in values]
 
     def _changelog(self, part: _Partition) -> list[Output]:
         return [
@@ -652,10 +658,19 @@ class TransactionalStage:
             return
         head_before = part.chain.head
         result = await asyncio.to_thread(self.logic.tick, number, part.state, self._clock())
-        outputs = result.outputs + self._audit_outputs(part, result.audit)
+        outputs = result.outputs + self._audit_outputs(part, result.audit, seal=True)
         outputs += self._changelog(part)
         if outputs:
             await self._commit(part, outputs, None, head_before)
+
+    async def _seal_audit(self, part: _Partition) -> None:
+        """End of a run: sign the chain's unsigned tail in a last transaction. (Not on
+        revocation: a batch may still be in flight then; the next owner signs the restored
+        head before its first record, or at its first tick.)"""
+        head_before = part.chain.head
+        outputs = self._audit_outputs(part, (), seal=True)
+        if outputs:
+            await self._commit(part, outputs + self._changelog(part), None, head_before)
 
     async def _commit(
         self,

@@ -1011,13 +1011,17 @@ def evaluate(
                         enclave_path == QKD_PATH))  # fmt: skip
     audit = read_topic(bootstrap, t.full(t.audit))
     verdict = verify_entries(
-        [(r.offset, r.key, r.value) for r in audit], load_key_directory(fleet.keys_dir)
+        [(r.offset, r.key, r.value) for r in audit],
+        load_key_directory(fleet.keys_dir),
+        checkpoint_signer=settings.sealer_principal,
+        max_checkpoint_every=settings.audit_checkpoint_every,
     )
     records = sum(verdict.records.values())
     checkpoints = sum(verdict.checkpoints.values())
+    unsigned = sum(verdict.unsigned_tail.values())
     checks.append(Check("audit trail verifies (hash chain + signed checkpoints)", "OK",
                         f"{'OK' if verdict.ok else 'BROKEN'}: {records} records, "
-                        f"{checkpoints} checkpoints",
+                        f"{checkpoints} checkpoints, {unsigned} not yet signed",
                         verdict.ok and records > 0 and checkpoints > 0))  # fmt: skip
 
 

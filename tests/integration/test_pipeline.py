@@ -30,7 +30,7 @@ from fleetbus.bus.dev.smoke import WorkerProcess
 from fleetbus.bus.dispatch import CommandPublisher
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
-from fleetbus.processors.audit import verify_entries
+from fleetbus.processors.audit import VerifyReport, verify_entries
 from fleetbus.processors.eos import DeadLetter
 
 FINAL = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED, CommandState.EXPIRED]
@@ -260,8 +260,18 @@ def test_audit_trail_verifies_and_cli_reports_ok(pipeline: dict[str, Any]) -> No
     fleet: TestFleet = pipeline["fleet"]
     for _ in range(4):
         wait_final(pipeline["publisher"].send(Target(vehicle="V-0001"), "ping"), pipeline["worker"])
-    records = read_topic(settings.kafka_bootstrap, topic(settings, "audit"))
-    report = verify_entries([(r.offset, r.key, r.value) for r in records], fleet.directory)
+
+    def audit_report(max_unsigned_tail: int | None = None) -> VerifyReport:
+        records = read_topic(settings.kafka_bootstrap, topic(settings, "audit"))
+        return verify_entries(
+            [(r.offset, r.key, r.value) for r in records],
+            fleet.directory,
+            checkpoint_signer=settings.sealer_principal,
+            max_checkpoint_every=2,
+            max_unsigned_tail=max_unsigned_tail,
+        )
+
+    report = audit_report()
     assert report.ok, report.breaks
     assert sum(report.records.values()) >= 6
     assert sum(report.checkpoints.values()) >= 1
@@ -285,6 +295,13 @@ def test_audit_trail_verifies_and_cli_reports_ok(pipeline: dict[str, Any]) -> No
     )
     assert result.exit_code == 0, result.output
     assert "OK" in result.output
+    assert "at the tail not covered by a signature" in result.output
+
+    # The end of the worker's run signs every chain's tail: nothing is left unsigned.
+    pipeline["worker"].stop()
+    report = audit_report(max_unsigned_tail=0)
+    assert report.ok, report.breaks
+    assert set(report.unsigned_tail.values()) == {0}
 
 
 def test_exactly_once_outbound_across_a_worker_sigkill(pipeline: dict[str, Any]) -> None:
