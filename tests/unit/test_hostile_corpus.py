@@ -97,7 +97,13 @@ class Bus:
 
         def opener(minimum: str) -> EnvelopeOpener:
             return EnvelopeOpener(
-                sealer_keys, world.directory, runner(), KeyPath.parse(minimum), clock=lambda: NOW
+                sealer_keys,
+                world.directory,
+                runner(),
+                KeyPath.parse(minimum),
+                clock=lambda: NOW,
+                max_lifetime_s=WORKER["uplink_max_lifetime_s"],
+                check_replay=False,  # the stages own it, as in the worker
             )
 
         def uplink() -> UplinkOpener:
