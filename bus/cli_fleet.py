@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -233,14 +233,21 @@ def send(
     if not wait:
         return
     try:
-        event = handle.wait(timeout if timeout is not None else ttl + 30)
+        outcome = handle.wait(timeout if timeout is not None else ttl + 30)
     except StatusTimeoutError as exc:
         typer.echo(f"timeout: {exc}", err=True)
         raise typer.Exit(1) from None
-    reason = f" ({event.reason.value})" if event.reason else ""
-    detail = f": {event.detail}" if event.detail else ""
-    typer.echo(f"{event.state}{reason}{detail}")
-    raise typer.Exit(0 if event.state == "succeeded" else 1)
+
+    def line(event: Any) -> str:
+        reason = f" ({event.reason.value})" if event.reason else ""
+        detail = f": {event.detail}" if event.detail else ""
+        return f"{event.state}{reason}{detail}"
+
+    if len(outcome.vehicles) > 1:
+        for vid, event in outcome.vehicles.items():
+            typer.echo(f"{vid}: {line(event)}")
+    typer.echo(line(outcome.event))
+    raise typer.Exit(0 if outcome.state == "succeeded" else 1)
 
 
 @dispatch_app.command("approve")

@@ -5,7 +5,7 @@
     publisher = CommandPublisher(settings, principal_id="dispatch-1",
                                  private_key_file="keys/dispatch-1.key")
     handle = publisher.send(Target(vehicle="V-0017"), "unlock_doors", {"door": "driver"})
-    event = handle.wait(30)
+    outcome = handle.wait(30)  # outcome.state; outcome.vehicles: each vehicle's final event
 
 Commands go to ``commands.requested`` keyed by command id; approvals to ``commands.approvals``;
 outcomes are read from ``commands.status``. See ``docs/sdk.md``.
@@ -38,7 +38,14 @@ from fleetbus.bus.errors import ConfigError, FleetbusError, KafkaUnavailableErro
 from fleetbus.bus.keys import Signer
 from fleetbus.bus.settings import FleetbusSettings
 
-__all__ = ["CommandHandle", "CommandPublisher", "StatusTimeoutError", "read_status_events"]
+__all__ = [
+    "CommandHandle",
+    "CommandOutcome",
+    "CommandPublisher",
+    "StatusTimeoutError",
+    "read_status_events",
+    "status_partition",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -230,6 +237,68 @@ class CommandPublisher:
         return signed
 
 
+#: Overall state of a command from its vehicles' states: the first of these any vehicle is in
+#: (so ``succeeded`` only when every target succeeded).
+_OVERALL_ORDER: Final = (
+    CommandState.REJECTED,
+    CommandState.FAILED,
+    CommandState.EXPIRED,
+    CommandState.REQUESTED,
+    CommandState.PENDING,
+    CommandState.AUTHORIZED,
+    CommandState.SEALED,
+    CommandState.DELIVERED,
+    CommandState.SUCCEEDED,
+)
+
+
+@dataclass(frozen=True)
+class CommandOutcome:
+    """What ``CommandHandle.wait`` saw: each target vehicle's status event, and an overall view.
+
+    ``vehicles``: vehicle id → the first event of that vehicle whose state was wanted. Empty
+    when the command was settled before the bus named any vehicle (for example a group command
+    rejected by policy): then ``event`` is that command-level event. ``state``, ``reason``,
+    ``detail`` and ``vehicle_id`` are those of ``event``, the deciding event: the vehicle in the
+    first of rejected, failed, expired, ..., succeeded — so a group command ``succeeded`` only
+    when every vehicle did.
+    """
+
+    command_id: str
+    vehicles: Mapping[str, StatusEvent]
+    event: StatusEvent
+
+    @property
+    def state(self) -> CommandState:
+        return self.event.state
+
+    @property
+    def reason(self) -> ReasonCode | None:
+        return self.event.reason
+
+    @property
+    def detail(self) -> str:
+        return self.event.detail
+
+    @property
+    def vehicle_id(self) -> str | None:
+        return self.event.vehicle_id
+
+    @property
+    def final(self) -> bool:
+        return all(e.final for e in self.vehicles.values()) and self.event.final
+
+    @classmethod
+    def of(
+        cls, command_id: str, vehicles: Mapping[str, StatusEvent], command_event: StatusEvent | None
+    ) -> CommandOutcome:
+        events = list(vehicles.values()) or ([command_event] if command_event else [])
+        if not events:
+            raise ValueError("an outcome needs at least one event")
+        deciding = min(events, key=lambda e: _OVERALL_ORDER.index(e.state))
+        return cls(command_id, dict(sorted(vehicles.items())), deciding)
+
+
 @dataclass
 class CommandHandle:
     """A published command: its id, and a way to wait for its status events."""
@@ -255,32 +324,181 @@ class CommandHandle:
         *,
         until: Iterable[CommandState | str] = DEFAULT_UNTIL,
         ignore_replays: bool = True,
-    ) -> StatusEvent:
-        """The first status event of this command whose state is in ``until``.
+    ) -> CommandOutcome:
+        """Wait until every target vehicle of this command has a status event whose state is in
+        ``until``; return each vehicle's event and the overall state (``CommandOutcome``).
+
+        The targets are the command's vehicle, or for a group command the vehicles the bus
+        authorized (one ``authorized`` event each, all written in one transaction, so they are
+        all known once the reader has caught up with them). An event without a vehicle id
+        (rejected before the bus named any vehicle, pending approval) settles every target, or
+        the command itself when no target is known yet.
 
         A re-submission of the same signed command is rejected as ``replayed`` under the same
         command id; that says nothing about the original's fate, so such events are skipped
         unless ``ignore_replays`` is False (to watch the re-submission itself).
 
-        Reads ``commands.status`` without a consumer group, from shortly before the publish
+        Reads only the command's partition of ``commands.status`` (the topic is keyed by command
+        id), committed records only, without a consumer group, from shortly before the publish
         time. Every event seen is appended to ``events``. Raises ``StatusTimeoutError`` after
         ``timeout_s`` and ``KafkaUnavailableError`` when Kafka does not answer.
         """
         wanted = {str(CommandState(s)) for s in until}
-        for event in read_status_events(
+        single = self.command.target.vehicle
+        targets: set[str] = {single} if single is not None else set()
+        reached: dict[str, StatusEvent] = {}
+        command_event: StatusEvent | None = None
+        with _StatusReader(
             self.settings,
             self.command_id,
             since_ms=self.published_at_ms - STATUS_LOOKBACK_MS,
             timeout_s=timeout_s,
-        ):
-            self.events.append(event)
-            if ignore_replays and event.reason == ReasonCode.REPLAYED:
-                continue
-            if str(event.state) in wanted:
-                return event
+        ) as reader:
+            while reader.time_left():
+                for event in reader.poll():
+                    self.events.append(event)
+                    if ignore_replays and event.reason == ReasonCode.REPLAYED:
+                        continue
+                    vid = event.vehicle_id
+                    if vid is None:
+                        if str(event.state) in wanted:
+                            command_event = command_event or event
+                            for target in targets:
+                                reached.setdefault(target, event)
+                        continue
+                    if single is not None and vid != single:
+                        continue  # the bus names only the target; anything else is not ours
+                    targets.add(vid)
+                    if str(event.state) in wanted:
+                        reached.setdefault(vid, event)
+                settled = targets <= set(reached) and (bool(targets) or command_event is not None)
+                # A group's authorized events are one transaction: once the reader has caught
+                # up, every target of the command is known.
+                if settled and (single is not None or reader.caught_up()):
+                    return CommandOutcome.of(self.command_id, reached, command_event)
         raise StatusTimeoutError(
-            f"no status in {sorted(wanted)} for command {self.command_id} within {timeout_s} s"
+            f"no status in {sorted(wanted)} for every vehicle of command {self.command_id} "
+            f"within {timeout_s} s (reached: {sorted(reached) or 'none'})"
         )
+
+
+def status_partition(command_id: str, partitions: Iterable[int]) -> int:
+    """The partition of ``commands.status`` that holds ``command_id``'s events: Kafka's default
+    partitioner (murmur2 of the key, as the bus's aiokafka producers use it)."""
+    from kafka.partitioner.default import murmur2
+
+    ordered = sorted(partitions)
+    index: int = (murmur2(command_id.encode()) & 0x7FFFFFFF) % len(ordered)
+    return ordered[index]
+
+
+class _StatusReader:
+    """The committed status events of one command, from its partition of ``commands.status``."""
+
+    def __init__(
+        self, settings: FleetbusSettings, command_id: str, *, since_ms: int, timeout_s: float
+    ) -> None:
+        self._settings = settings
+        self._command_id = command_id
+        self._key = command_id.encode()
+        self._since_ms = since_ms
+        self._timeout_s = timeout_s
+        self._topic = settings.topics.full(settings.topics.commands_status)
+        self._deadline = time.monotonic() + timeout_s
+        self._consumer: Any = None
+        self._tp: Any = None
+
+    def __enter__(self) -> _StatusReader:
+        from kafka import KafkaConsumer, TopicPartition
+        from kafka.errors import KafkaError
+
+        bootstrap = self._settings.kafka_bootstrap
+        try:
+            self._consumer = KafkaConsumer(
+                bootstrap_servers=bootstrap,
+                group_id=None,
+                enable_auto_commit=False,
+                # Events of aborted bus transactions never happened: they are written again.
+                isolation_level="read_committed",
+                client_id="fleetbus-dispatch-status",
+                request_timeout_ms=max(int(self._timeout_s * 1000), 5000) + 1000,
+                **self._settings.kafka_client_config(),
+            )
+        except (KafkaError, OSError) as exc:
+            raise _kafka_error("reading command status", bootstrap, exc) from exc
+        try:
+            partitions = self._consumer.partitions_for_topic(self._topic)
+            if not partitions:
+                # The broker answers the same for a topic that is missing and for one this
+                # principal may not describe (ACLs): say both.
+                raise ConfigError(
+                    f"topic {self._topic} does not exist or this principal is not authorized to "
+                    "read it (create the pipeline topics; a dispatcher that waits needs READ and "
+                    "DESCRIBE on it, see docs/reliability.md)"
+                )
+            tp = TopicPartition(self._topic, status_partition(self._command_id, partitions))
+            self._tp = tp
+            self._consumer.assign([tp])
+            # End offset first: a record appended after this call is at or beyond it, so a
+            # partition without records since ``since_ms`` can safely start there.
+            end = self._consumer.end_offsets([tp])[tp]
+            found = self._consumer.offsets_for_times({tp: max(self._since_ms, 0)}).get(tp)
+            self._consumer.seek(tp, found.offset if found is not None else end)
+        except KafkaError as exc:
+            self.close()
+            raise _kafka_error("reading command status", bootstrap, exc) from exc
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+    def time_left(self) -> float:
+        return max(0.0, self._deadline - time.monotonic())
+
+    def poll(self) -> list[StatusEvent]:
+        """The command's events of one poll (at most 500 ms or the time left)."""
+        from kafka.errors import KafkaError
+
+        left = self.time_left()
+        out: list[StatusEvent] = []
+        try:
+            batches = self._consumer.poll(timeout_ms=max(1, min(int(left * 1000), 500)))
+        except KafkaError as exc:
+            raise _kafka_error(
+                "reading command status", self._settings.kafka_bootstrap, exc
+            ) from exc
+        for records in batches.values():
+            for record in records:
+                if record.key != self._key or record.value is None:
+                    continue
+                try:
+                    event = StatusEvent.decode(record.value)
+                except FleetbusError as exc:
+                    _log.warning("skipping unreadable status record: %s", exc.reason.value)
+                    continue
+                if event.command_id == self._command_id:
+                    out.append(event)
+        return out
+
+    def caught_up(self) -> bool:
+        """Whether every committed record of the partition so far has been read."""
+        from kafka.errors import KafkaError
+
+        try:
+            end = self._consumer.end_offsets([self._tp])[self._tp]
+            return bool(self._consumer.position(self._tp) >= end)
+        except KafkaError as exc:
+            raise _kafka_error(
+                "reading command status", self._settings.kafka_bootstrap, exc
+            ) from exc
 
 
 def read_status_events(
@@ -290,59 +508,9 @@ def read_status_events(
     since_ms: int,
     timeout_s: float,
 ) -> Iterator[StatusEvent]:
-    """Yield the status events of ``command_id`` stamped at or after ``since_ms``, until
-    ``timeout_s`` has passed (a generator; closing it closes the consumer)."""
-    from kafka import KafkaConsumer, TopicPartition
-    from kafka.errors import KafkaError
-
-    topic = settings.topics.full(settings.topics.commands_status)
-    bootstrap = settings.kafka_bootstrap
-    deadline = time.monotonic() + timeout_s
-    try:
-        consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            client_id="fleetbus-dispatch-status",
-            request_timeout_ms=max(int(timeout_s * 1000), 5000) + 1000,
-            **settings.kafka_client_config(),
-        )
-    except (KafkaError, OSError) as exc:
-        raise _kafka_error("reading command status", bootstrap, exc) from exc
-    try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            # The broker answers the same for a topic that is missing and for one this
-            # principal may not describe (ACLs): say both.
-            raise ConfigError(
-                f"topic {topic} does not exist or this principal is not authorized to read it "
-                "(create the pipeline topics; a dispatcher that waits needs READ and DESCRIBE "
-                "on it, see docs/reliability.md)"
-            )
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        # End offsets first: a record appended after this call is at or beyond them, so a
-        # partition without records since ``since_ms`` can safely start there.
-        ends = consumer.end_offsets(tps)
-        starts = consumer.offsets_for_times({tp: max(since_ms, 0) for tp in tps})
-        for tp in tps:
-            found = starts.get(tp)
-            consumer.seek(tp, found.offset if found is not None else ends[tp])
-        key = command_id.encode()
-        while (left := deadline - time.monotonic()) > 0:
-            batches = consumer.poll(timeout_ms=max(1, min(int(left * 1000), 500)))
-            for records in batches.values():
-                for record in records:
-                    if record.key != key or record.value is None:
-                        continue
-                    try:
-                        event = StatusEvent.decode(record.value)
-                    except FleetbusError as exc:
-                        _log.warning("skipping unreadable status record: %s", exc.reason.value)
-                        continue
-                    if event.command_id == command_id:
-                        yield event
-    except KafkaError as exc:
-        raise _kafka_error("reading command status", bootstrap, exc) from exc
-    finally:
-        consumer.close()
+    """Yield the committed status events of ``command_id`` stamped at or after ``since_ms``
+    (read from the command's partition only), until ``timeout_s`` has passed (a generator;
+    closing it closes the consumer)."""
+    with _StatusReader(settings, command_id, since_ms=since_ms, timeout_s=timeout_s) as reader:
+        while reader.time_left():
+            yield from reader.poll()

@@ -22,6 +22,9 @@ class ReasonCode(StrEnum):
     EXPIRED = "expired"
     NOT_YET_VALID = "not_yet_valid"
     REPLAYED = "replayed"
+    # The sender's share of a replay or hold state is full: its records are refused (fail
+    # closed, for that sender only) until some of its entries expire.
+    SENDER_STATE_FULL = "sender_state_full"
     DOWNGRADE = "downgrade"
     TAMPERED = "tampered"  # AEAD open failed: ciphertext, associated data or header changed
     UNKNOWN_KEY_ID = "unknown_key_id"

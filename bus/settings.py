@@ -150,6 +150,24 @@ class FleetbusSettings(BaseSettings):
         description="longest command lifetime accepted; seen ids are kept until expiry + skew",
     )
     clock_skew_s: float = Field(default=30.0, ge=0, description="allowed clock skew")
+    uplink_max_lifetime_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="longest time ahead a response/telemetry envelope may expire; later is "
+        "refused (policy_denied), so replay ids are kept at most this long + skew",
+    )
+    uplink_ids_per_sender: int = Field(
+        default=10_000,
+        ge=1,
+        description="live uplink message ids one vehicle may have in one partition's replay "
+        "state; more are refused (sender_state_full) for that vehicle only",
+    )
+    uplink_held_per_sender: int = Field(
+        default=100,
+        ge=1,
+        description="responses one vehicle may have held (their command's authorized record "
+        "not yet seen) in one partition; more are refused (sender_state_full)",
+    )
     max_message_bytes: int = Field(
         default=32 * 1024, ge=1024, description="larger input records go to the DLQ (oversize)"
     )

@@ -74,9 +74,15 @@ STORE_GRACE_S: Final = 3600.0
 # Opener rejects raised *after* the signature of the sealer has verified (see the check order
 # in docs/wire-format.md): the envelope is authentic, so the vehicle may answer with a 4xx/5xx.
 _AUTHENTICATED_REJECTS: Final = frozenset(
-    {ReasonCode.UNKNOWN_KEY_ID, ReasonCode.TAMPERED, ReasonCode.QKD_UNAVAILABLE}
+    {
+        ReasonCode.UNKNOWN_KEY_ID,
+        ReasonCode.TAMPERED,
+        ReasonCode.QKD_UNAVAILABLE,
+        ReasonCode.SENDER_STATE_FULL,
+    }
 )
 _STATUS_FOR_REJECT: Final = {
+    ReasonCode.SENDER_STATE_FULL: 503,
     ReasonCode.UNKNOWN_KEY_ID: 400,
     ReasonCode.TAMPERED: 400,
     ReasonCode.QKD_UNAVAILABLE: 503,
@@ -404,7 +410,10 @@ class VehicleAgent:
             clock=self._clock,
             skew_s=self._skew_s,
             # Per vehicle: a group command reaches every member under the same message id.
-            replay_cache=ReplayCache(max_entries=10_000, clock=self._clock),
+            # Per sender inside, no eviction (a full sender is refused); lifetimes bounded by
+            # the longest command lifetime the bus accepts, so entries always drain.
+            replay_cache=ReplayCache(max_per_sender=10_000, clock=self._clock),
+            max_lifetime_s=self.settings.replay_ttl_s,
             root_cache=self._roots,
         )
         sealer = EnvelopeSealer(

@@ -164,6 +164,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         UplinkOpener,
         profile_from_settings,
     )
+    from fleetbus.processors.uplink import UplinkLimits
     from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
     from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy
 
@@ -244,12 +245,20 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
                 runner,
                 KeyPath.parse(minimum),
                 skew_s=settings.clock_skew_s,
+                max_lifetime_s=settings.uplink_max_lifetime_s,
+                # The stages keep the replay state in their transactional partition state.
+                check_replay=False,
             )
 
         return UplinkOpener(
             directory, one(settings.response_minimum_path), one(settings.legacy_minimum_path)
         )
 
+    uplink_limits = UplinkLimits(
+        max_lifetime_s=settings.uplink_max_lifetime_s,
+        ids_per_sender=settings.uplink_ids_per_sender,
+        held_per_sender=settings.uplink_held_per_sender,
+    )
     seal = SealStage(
         topics=topics,
         directory=directory,
@@ -276,6 +285,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
             opener=opener(),
             clock_skew_s=settings.clock_skew_s,
             max_message_bytes=settings.max_message_bytes,
+            limits=uplink_limits,
         ),
         TelemetryStage(
             topics=topics,
@@ -283,6 +293,8 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
             policy=policy,
             consumer=settings.telemetry_consumer,
             max_message_bytes=settings.max_message_bytes,
+            clock_skew_s=settings.clock_skew_s,
+            limits=uplink_limits,
         ),
     ]
     stages = [stage_runner(settings, logic, audit_signer=signer) for logic in logics]

@@ -27,7 +27,7 @@ from fleetbus.bus.commands import (
     uuid7_timestamp_ms,
 )
 from fleetbus.bus.envelope import EnvelopeError, decode_envelope
-from fleetbus.bus.errors import FleetbusError, ReasonCode
+from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
 from fleetbus.bus.keys import KeyPath, RecipientKeys, SecurityProfile
 from fleetbus.observability.metrics import (
     COMMAND_LATENCY,
@@ -44,6 +44,14 @@ from fleetbus.processors.eos import (
     dead_letter_result,
 )
 from fleetbus.processors.policy import PolicyEngine
+from fleetbus.processors.uplink import (
+    DeadlineIndex,
+    UplinkLimits,
+    UplinkReplay,
+    add_to_count,
+    read_count,
+    sender_key,
+)
 from fleetbus.providers.keypath import FailoverEvent
 from fleetbus.providers.sealing import PreparedEnvelope, SealRequest
 
@@ -1004,7 +1012,11 @@ class SealStage:
 class UplinkOpener:
     """Opens vehicle-to-bus envelopes with the minimum key path the sender's capabilities
     allow: ``pqc_minimum`` for vehicles with the pqc capability, ``legacy_minimum`` otherwise.
-    (Key-path minimums are by containment, so one minimum cannot cover xwing and x25519.)"""
+    (Key-path minimums are by containment, so one minimum cannot cover xwing and x25519.)
+
+    The openers must not check replays themselves (``check_replay=False``): the stage that
+    reads the topic owns that check, in its transactional partition state (``UplinkReplay``).
+    """
 
     def __init__(
         self, directory: Any, pqc_opener: Any, legacy_opener: Any, clock: Any = None
@@ -1015,6 +1027,10 @@ class UplinkOpener:
         self.pqc = pqc_opener
         self.legacy = legacy_opener
         self._clock = clock or time.time
+
+    @property
+    def checks_replay(self) -> bool:
+        return any(getattr(o, "checks_replay", False) for o in (self.pqc, self.legacy))
 
     def open(self, data: bytes, *, topic: str) -> Any:
         try:
@@ -1028,17 +1044,55 @@ class UplinkOpener:
         return (self.pqc if capable else self.legacy).open(data, topic=topic)
 
 
+def _stage_owns_replay(stage: str, opener: Any) -> None:
+    if getattr(opener, "checks_replay", False):
+        # An in-memory replay set is not rolled back with an aborted transaction: the batch,
+        # read again, would be refused as replayed and its responses lost (issue 14, item 2).
+        raise ConfigError(
+            f"{stage} stage: its opener keeps its own replay set; build the openers with "
+            "check_replay=False (the stage keeps the replay state in its partition state)"
+        )
+
+
+def _refusal_detail(reason: ReasonCode, sender: str, message_id: str, limits: UplinkLimits) -> str:
+    if reason is ReasonCode.REPLAYED:
+        return f"message id {message_id} from {sender} was already accepted"
+    return (
+        f"{sender} has {limits.ids_per_sender} live message ids in this partition's replay "
+        "state; refused until some expire"
+    )
+
+
 # --- track ---------------------------------------------------------------------------------
 
 _ACTIVE: Final = frozenset({"authorized", "sealed", "delivered"})
 _FINAL: Final = frozenset({"succeeded", "failed", "rejected", "expired"})
+#: ``hold/<command id>/<vehicle key>``: a response from a vehicle no authorized record names yet.
+_HOLD: Final = "hold/"
+#: ``up/h/<vehicle key>``: held responses of that vehicle in this partition.
+_HELD_COUNT: Final = "up/h/"
+
+
+def _held_until(_key: str, raw: bytes) -> int:
+    until: int = cbor2.loads(raw)["until"]
+    return until
 
 
 class TrackStage:
     """authorized + status + responses → delivered / succeeded / failed / expired events.
 
-    State ``cmd/<id>``: issued/expiry times and each vehicle's state. The tick marks vehicles
-    still active after expiry + skew as expired.
+    State ``cmd/<id>``: issued/expiry times, each target vehicle's state and ``single`` (the
+    command names one vehicle, so the target set is complete with its authorized record).
+
+    A response counts only from a vehicle the command was sealed to — one that an authorized
+    record or a ``sealed`` status event names. The three topics race, so a response from any
+    other vehicle is held (``hold/<id>/<vehicle>``, at most ``held_per_sender`` per vehicle)
+    until that vehicle's authorized record or sealed event arrives (then it counts) or the
+    response expires (then it goes to the DLQ as ``policy_denied``); once the target set is
+    known to be complete it is refused at once. Responses must be keyed by their command id
+    (their replay state and their command's state live on that partition); the replay state is
+    ``UplinkReplay`` in this partition state. The tick marks vehicles still active after
+    expiry + skew as expired, judges expired held responses and forgets expired replay ids.
     """
 
     name = "track"
@@ -1047,16 +1101,21 @@ class TrackStage:
         self,
         *,
         topics: PipelineTopics,
-        opener: Any,  # EnvelopeOpener of the bus sealer principal
+        opener: Any,  # UplinkOpener of the bus sealer principal, without its own replay check
         clock_skew_s: float,
         max_message_bytes: int,
         retention_s: float = 300.0,
+        limits: UplinkLimits | None = None,
     ) -> None:
+        _stage_owns_replay(self.name, opener)
         self.topics = topics
         self.opener = opener
         self.skew_s = clock_skew_s
         self.max_bytes = max_message_bytes
         self.retention_s = retention_s
+        self.limits = limits or UplinkLimits()
+        self.replay = UplinkReplay(limits=self.limits, skew_s=clock_skew_s)
+        self._held = DeadlineIndex((_HOLD,), _held_until)
 
     def input_topics(self) -> Sequence[str]:
         return [self.topics.authorized, self.topics.status, self.topics.responses]
@@ -1073,18 +1132,28 @@ class TrackStage:
     def _store(state: PartitionState, cid: str, entry: Mapping[str, Any]) -> None:
         state.put(f"cmd/{cid}", _dumps(dict(entry)))
 
+    @staticmethod
+    def _hold_key(cid: str, vid: str) -> str:
+        return f"{_HOLD}{cid}/{sender_key('', vid)}"
+
     def process(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
         if record.topic == self.topics.authorized:
-            auth = AuthorizedCommand.decode(record.value)
-            entry = self._load(state, auth.command_id)
-            entry["issued_at"] = _ms(auth.issued_at)
-            entry["expires_at"] = _ms(auth.expires_at)
-            entry["vehicles"].setdefault(auth.vehicle_id, "authorized")
-            self._store(state, auth.command_id, entry)
-            return StageResult()
+            return self._authorized(record, state, now)
         if record.topic == self.topics.status:
             return self._status(record, state, now)
         return self._response(record, state, now)
+
+    def _authorized(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
+        auth = AuthorizedCommand.decode(record.value)
+        target = SignedCommand.decode(auth.signed_command, max_size=self.max_bytes).command.target
+        entry = self._load(state, auth.command_id)
+        entry["issued_at"] = _ms(auth.issued_at)
+        entry["expires_at"] = _ms(auth.expires_at)
+        entry["vehicles"].setdefault(auth.vehicle_id, "authorized")
+        if target.vehicle is not None:
+            entry["single"] = True
+        self._store(state, auth.command_id, entry)
+        return self._release_held(state, auth.command_id, auth.vehicle_id, now)
 
     def _status(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
         event = StatusEvent.decode(record.value or b"", max_size=self.max_bytes)
@@ -1106,6 +1175,9 @@ class TrackStage:
         if not entry["expires_at"]:
             entry["expires_at"] = _ms(now + self.retention_s)
         self._store(state, cid, entry)
+        if state_name == "sealed" and event.vehicle_id:
+            # The bus sealed the command to this vehicle: a response it sent first now counts.
+            return self._release_held(state, cid, event.vehicle_id, now)
         return StageResult()
 
     def _observe(self, cid: str, entry: Mapping[str, Any], outcome: str, now: float) -> None:
@@ -1116,8 +1188,10 @@ class TrackStage:
         COMMAND_LATENCY.labels(outcome=outcome).observe(max(0.0, now - issued))
 
     def _response(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
-        def dlq(reason: ReasonCode, detail: str) -> StageResult:
-            return dead_letter_result(self.name, self.topics.dlq, record, reason, detail, now=now)
+        def dlq(reason: ReasonCode, detail: str, **kw: Any) -> StageResult:
+            return dead_letter_result(
+                self.name, self.topics.dlq, record, reason, detail, now=now, **kw
+            )
 
         if record.value is None:
             return dlq(ReasonCode.MALFORMED, "empty record")
@@ -1133,12 +1207,136 @@ class TrackStage:
         if response.vehicle_id != opened.sender or response.command_id != opened.message_id:
             return dlq(ReasonCode.WRONG_RECIPIENT, "response names another vehicle or command")
         cid, vid = response.command_id, response.vehicle_id
+        if not _keyed_by(record, cid):
+            # The command's state and the response's replay state live on the partition of the
+            # command id: under another key the response would meet neither.
+            return dlq(ReasonCode.MALFORMED, "record key must be the command id")
+        refused = self.replay.admit(state, vid, opened.message_id, opened.expires_at, now)
+        if refused is not None:
+            ENVELOPE_REJECTS.labels(role="bus", reason=refused.value).inc()
+            detail = _refusal_detail(refused, vid, opened.message_id, self.limits)
+            return dlq(refused, detail, actor=vid, command_id=cid)
         entry = self._load(state, cid)
+        if vid in entry["vehicles"]:
+            return self._apply(state, entry, response, opened.key_path.name, now)
+        if entry.get("single") or "" in entry["vehicles"]:
+            # The target set is complete (one vehicle, or rejected before any was named).
+            return dlq(
+                ReasonCode.POLICY_DENIED,
+                f"{vid} was not a target of this command",
+                actor=vid,
+                command_id=cid,
+            )
+        return self._hold(record, state, response, opened, now)
+
+    def _hold(
+        self,
+        record: InputRecord,
+        state: PartitionState,
+        response: Response,
+        opened: Any,
+        now: float,
+    ) -> StageResult:
+        cid, vid = response.command_id, response.vehicle_id
+        key = self._hold_key(cid, vid)
+        result = StageResult()
+        old = state.get(key)
+        if old is not None:
+            # An expired hold of an earlier envelope with this id that the tick has not judged
+            # yet: judge it now rather than overwrite it.
+            result.extend(self._judge_held(state, key, cbor2.loads(old), now))
+        count_key = sender_key(_HELD_COUNT, vid)
+        if read_count(state, count_key) >= self.limits.held_per_sender:
+            full = dead_letter_result(
+                self.name,
+                self.topics.dlq,
+                record,
+                ReasonCode.SENDER_STATE_FULL,
+                f"{vid} has {self.limits.held_per_sender} held responses in this partition; "
+                "refused until some are judged",
+                now=now,
+                actor=vid,
+                command_id=cid,
+            )
+            ENVELOPE_REJECTS.labels(role="bus", reason=ReasonCode.SENDER_STATE_FULL.value).inc()
+            result.extend(full)
+            result.outcome = full.outcome
+            return result
+        add_to_count(state, count_key, 1)
+        until = _ms(opened.expires_at + self.skew_s)
+        held = {
+            "until": until,
+            "command_id": cid,
+            "vehicle": vid,
+            "payload": opened.payload,
+            "key_path": opened.key_path.name,
+            "topic": record.topic,
+            "partition": record.partition,
+            "offset": record.offset,
+            "key": record.key,
+            "value": record.value,
+        }
+        state.put(key, _dumps(held))
+        self._held.add(state, key, until)
+        result.audit.append(
+            AuditEvent(
+                actor=vid,
+                event="response_held",
+                command_id=cid,
+                detail={"reason": "no authorized record names this vehicle yet"},
+            )
+        )
+        result.outcome = "pending"
+        return result
+
+    def _release_held(self, state: PartitionState, cid: str, vid: str, now: float) -> StageResult:
+        """The response ``vid`` sent before it was known as a target, counted now."""
+        key = self._hold_key(cid, vid)
+        raw = state.get(key)
+        if raw is None:
+            return StageResult()
+        return self._judge_held(state, key, cbor2.loads(raw), now)
+
+    def _judge_held(
+        self, state: PartitionState, key: str, held: Mapping[str, Any], now: float
+    ) -> StageResult:
+        cid, vid = str(held["command_id"]), str(held["vehicle"])
+        state.delete(key)
+        add_to_count(state, sender_key(_HELD_COUNT, vid), -1)
+        entry = self._load(state, cid)
+        if vid in entry["vehicles"]:
+            response = Response.decode(bytes(held["payload"]), max_size=self.max_bytes)
+            return self._apply(state, entry, response, str(held["key_path"]), now)
+        record = InputRecord(
+            str(held["topic"]),
+            int(held["partition"]),
+            int(held["offset"]),
+            held["key"],
+            held["value"],
+        )
+        return dead_letter_result(
+            self.name,
+            self.topics.dlq,
+            record,
+            ReasonCode.POLICY_DENIED,
+            f"{vid} was not a target of this command (no authorized record named it before "
+            "its response expired)",
+            now=now,
+            actor=vid,
+            command_id=cid,
+        )
+
+    def _apply(
+        self,
+        state: PartitionState,
+        entry: dict[str, Any],
+        response: Response,
+        key_path: str,
+        now: float,
+    ) -> StageResult:
+        cid, vid = response.command_id, response.vehicle_id
         vehicles: dict[str, str] = entry["vehicles"]
-        current = vehicles.get(vid)
-        if current is None and vehicles:
-            return dlq(ReasonCode.POLICY_DENIED, f"{vid} was not a target of this command")
-        if current in _FINAL:
+        if vehicles.get(vid) in _FINAL:
             return StageResult(audit=[AuditEvent(vid, "duplicate_response", cid)])
         if response.status in (102, 202):
             new_state = CommandState.DELIVERED
@@ -1147,8 +1345,6 @@ class TrackStage:
         else:
             new_state = CommandState.FAILED
         vehicles[vid] = str(new_state)
-        if not entry["expires_at"]:
-            entry["expires_at"] = _ms(opened.expires_at)
         self._store(state, cid, entry)
         if new_state is not CommandState.DELIVERED:
             self._observe(cid, entry, str(new_state), now)
@@ -1170,13 +1366,23 @@ class TrackStage:
                     actor=vid,
                     event=str(new_state),
                     command_id=cid,
-                    detail={"status": response.status, "key_path": opened.key_path.name},
+                    detail={"status": response.status, "key_path": key_path},
                 )
             ],
         )
 
     def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
         result = StageResult()
+        now_ms = _ms(now)
+        # Held responses first: one received before expiry counts before "expired" is decided.
+        for key in self._held.due(state, now_ms):
+            raw = state.get(key)
+            if raw is None:
+                continue
+            held = cbor2.loads(raw)
+            if held["until"] < now_ms:
+                result.extend(self._judge_held(state, key, held, now))
+        self.replay.expire(state, now)
         for key, raw in list(state.items()):
             if not key.startswith("cmd/"):
                 continue
@@ -1219,7 +1425,12 @@ class TrackStage:
 
 
 class TelemetryStage:
-    """telemetry.raw (envelopes of kind tel) → telemetry.verified (JSON after export policy)."""
+    """telemetry.raw (envelopes of kind tel) → telemetry.verified (JSON after export policy).
+
+    Records must be keyed by the sending vehicle: its replay state (``UplinkReplay``, in this
+    stage's changelogged partition state) lives on that partition, so a captured envelope
+    re-published later, after a restart or a rebalance, is refused as ``replayed``.
+    """
 
     name = "telemetry"
 
@@ -1227,23 +1438,30 @@ class TelemetryStage:
         self,
         *,
         topics: PipelineTopics,
-        opener: Any,
+        opener: Any,  # UplinkOpener without its own replay check
         policy: PolicyEngine,
         consumer: str,
         max_message_bytes: int,
+        clock_skew_s: float = 30.0,
+        limits: UplinkLimits | None = None,
     ) -> None:
+        _stage_owns_replay(self.name, opener)
         self.topics = topics
         self.opener = opener
         self.policy = policy
         self.consumer = consumer
         self.max_bytes = max_message_bytes
+        self.limits = limits or UplinkLimits()
+        self.replay = UplinkReplay(limits=self.limits, skew_s=clock_skew_s)
 
     def input_topics(self) -> Sequence[str]:
         return [self.topics.telemetry_raw]
 
     def process(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
-        def dlq(reason: ReasonCode, detail: str) -> StageResult:
-            return dead_letter_result(self.name, self.topics.dlq, record, reason, detail, now=now)
+        def dlq(reason: ReasonCode, detail: str, **kw: Any) -> StageResult:
+            return dead_letter_result(
+                self.name, self.topics.dlq, record, reason, detail, now=now, **kw
+            )
 
         if record.value is None:
             return dlq(ReasonCode.MALFORMED, "empty record")
@@ -1258,6 +1476,16 @@ class TelemetryStage:
             return dlq(exc.reason, f"telemetry payload: {exc}")
         if telemetry.vehicle_id != opened.sender:
             return dlq(ReasonCode.WRONG_RECIPIENT, "telemetry names another vehicle")
+        sender = opened.sender
+        if record.key != sender.encode():
+            # The replay state is per partition: under another key the envelope would land on
+            # a partition that has not seen it.
+            return dlq(ReasonCode.MALFORMED, "record key must be the sending vehicle")
+        refused = self.replay.admit(state, sender, opened.message_id, opened.expires_at, now)
+        if refused is not None:
+            ENVELOPE_REJECTS.labels(role="bus", reason=refused.value).inc()
+            detail = _refusal_detail(refused, sender, opened.message_id, self.limits)
+            return dlq(refused, detail, actor=sender)
         exported = self.policy.export(self.consumer, telemetry.fields)
         doc = {
             "vehicle_id": telemetry.vehicle_id,
@@ -1272,6 +1500,7 @@ class TelemetryStage:
         )
 
     def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
+        self.replay.expire(state, now)
         return StageResult()
 
 

@@ -8,6 +8,7 @@ specified, with the check order of ``open``, in ``docs/wire-format.md``.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import os
 import threading
 import time
@@ -366,46 +367,67 @@ class SignerDirectory(Protocol):
 class ReplayCache:
     """Message ids already opened, per sender, each kept until its message would be expired.
 
-    Bounded: when full of unexpired ids, the id closest to expiry is dropped (counted in
-    ``evictions``; size the cache for the peak rate times the longest message lifetime).
+    In memory, for one process (a vehicle's opener). Bounded per sender: a sender whose live ids
+    fill its share (``max_per_sender``) is refused with ``sender_state_full`` until some of them
+    expire — fail closed for that sender only; no sender can make another's ids go (there is
+    no eviction). Expiry runs off a heap ordered by deadline, so ``add`` costs O(log n) and
+    never scans. The opener bounds how far ahead a deadline can lie (``max_lifetime_s``), so a
+    full share always drains.
     """
 
-    def __init__(self, max_entries: int = 100_000, *, clock: Clock = time.time) -> None:
-        self._max = max_entries
+    def __init__(self, max_per_sender: int = 10_000, *, clock: Clock = time.time) -> None:
+        if max_per_sender < 1:
+            raise EnvelopeError(
+                "a replay cache needs max_per_sender >= 1", reason=ReasonCode.CONFIG
+            )
+        self._max = max_per_sender
         self._clock = clock
-        self._entries: dict[tuple[str, str], float] = {}
+        self._ids: dict[str, dict[str, float]] = {}
+        self._deadlines: list[tuple[float, str, str]] = []
+        self._size = 0
         self._lock = threading.Lock()
-        self.evictions = 0
+        self.refusals = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._size
 
     def seen(self, sender: str, message_id: str) -> bool:
         with self._lock:
-            until = self._entries.get((sender, message_id))
+            until = self._ids.get(sender, {}).get(message_id)
             return until is not None and until >= self._clock()
 
     def add(self, sender: str, message_id: str, *, until: float) -> bool:
-        """Record an opened id; False when it was already there (a concurrent replay)."""
+        """Record an opened id; False when it was already there (a concurrent replay).
+
+        Raises ``EnvelopeError`` (``sender_state_full``) when ``sender`` has no room left.
+        """
         now = self._clock()
         with self._lock:
-            key = (sender, message_id)
-            previous = self._entries.get(key)
-            if previous is not None and previous >= now:
-                return False
-            if len(self._entries) >= self._max:
-                self._purge(now)
-            self._entries[key] = until
+            self._expire(now)
+            ids = self._ids.get(sender)
+            if ids is not None and message_id in ids:
+                return False  # still live: _expire dropped every expired id
+            if ids is not None and len(ids) >= self._max:
+                self.refusals += 1
+                raise EnvelopeError(
+                    f"replay state of {sender!r} is full ({self._max} live message ids)",
+                    reason=ReasonCode.SENDER_STATE_FULL,
+                )
+            self._ids.setdefault(sender, {})[message_id] = until
+            heapq.heappush(self._deadlines, (until, sender, message_id))
+            self._size += 1
             return True
 
-    def _purge(self, now: float) -> None:
-        expired = [key for key, until in self._entries.items() if until < now]
-        for key in expired:
-            del self._entries[key]
-        while len(self._entries) >= self._max:
-            oldest = min(self._entries, key=self._entries.__getitem__)
-            del self._entries[oldest]
-            self.evictions += 1
+    def _expire(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] < now:
+            until, sender, message_id = heapq.heappop(self._deadlines)
+            ids = self._ids.get(sender)
+            if ids is None or ids.get(message_id) != until:
+                continue
+            del ids[message_id]
+            self._size -= 1
+            if not ids:
+                del self._ids[sender]
 
 
 class _LRU:
@@ -480,6 +502,13 @@ class EnvelopeOpener:
     """Opens envelopes addressed to ``own.principal_id``; checks in the documented order.
 
     ``open`` raises only ``EnvelopeError``; its ``reason`` is the DLQ / metrics reason code.
+
+    ``max_lifetime_s``: an envelope whose expiry lies further ahead than this (plus the skew)
+    is refused (``policy_denied``), which bounds how long anyone must remember its message id.
+    ``check_replay`` False: no replay check here; the caller owns it. The bus's stages do that
+    in their transactional partition state (docs/pipeline.md, "Uplink replay protection"): an
+    in-memory set would outlive an aborted transaction and reject its records when they are
+    read again.
     """
 
     def __init__(
@@ -493,10 +522,17 @@ class EnvelopeOpener:
         clock: Clock = time.time,
         skew_s: float = 30.0,
         replay_cache: ReplayCache | None = None,
+        check_replay: bool = True,
+        max_lifetime_s: float | None = None,
         epoch_key_ttl_s: float = 3600.0,
         cache_entries: int = 4096,
         root_cache: VerifiedRoots | None = None,
     ) -> None:
+        if not check_replay and replay_cache is not None:
+            raise EnvelopeError(
+                "a replay cache was given to an opener that does not check replays",
+                reason=ReasonCode.CONFIG,
+            )
         self._own = own
         self._directory = directory
         self._runner = runner
@@ -504,7 +540,10 @@ class EnvelopeOpener:
         self._max_size = max_size
         self._clock = clock
         self._skew_ms = round(skew_s * 1000)
-        self._replay = replay_cache if replay_cache is not None else ReplayCache(clock=clock)
+        self._replay: ReplayCache | None = None
+        if check_replay:
+            self._replay = replay_cache if replay_cache is not None else ReplayCache(clock=clock)
+        self._max_lifetime_ms = None if max_lifetime_s is None else round(max_lifetime_s * 1000)
         self._epoch_ttl = epoch_key_ttl_s
         self._epoch_keys = _LRU(cache_entries)
         self._roots = root_cache if root_cache is not None else VerifiedRoots(cache_entries)
@@ -512,6 +551,11 @@ class EnvelopeOpener:
 
     def __repr__(self) -> str:
         return f"EnvelopeOpener(principal={self._own.principal_id!r})"
+
+    @property
+    def checks_replay(self) -> bool:
+        """Whether ``open`` refuses message ids it has opened before (see the class doc)."""
+        return self._replay is not None
 
     def open(self, data: bytes, *, topic: str) -> OpenedEnvelope:
         """Verify and decrypt ``data`` read from ``topic``; raise ``EnvelopeError`` otherwise."""
@@ -536,14 +580,15 @@ class EnvelopeOpener:
         path = self._check_path(header)
         verifier = self._verifier(header, now)
         self._verify_signature(parsed, verifier, now)
-        if self._replay.seen(header.sender, header.message_id):
+        replay = self._replay
+        if replay is not None and replay.seen(header.sender, header.message_id):
             raise EnvelopeError(
                 f"message id {header.message_id!r} from {header.sender!r} was already opened",
                 reason=ReasonCode.REPLAYED,
             )
         payload = self._decrypt(parsed)
         until = (header.expires_at_ms + self._skew_ms) / 1000
-        if not self._replay.add(header.sender, header.message_id, until=until):
+        if replay is not None and not replay.add(header.sender, header.message_id, until=until):
             raise EnvelopeError(
                 f"message id {header.message_id!r} from {header.sender!r} was already opened",
                 reason=ReasonCode.REPLAYED,
@@ -588,6 +633,13 @@ class EnvelopeOpener:
             )
         if now_ms > header.expires_at_ms + self._skew_ms:
             raise EnvelopeError("envelope has expired", reason=ReasonCode.EXPIRED)
+        limit = self._max_lifetime_ms
+        if limit is not None and header.expires_at_ms > now_ms + limit + self._skew_ms:
+            raise EnvelopeError(
+                f"envelope expires more than {limit / 1000:.0f} s ahead (the longest lifetime "
+                "accepted here)",
+                reason=ReasonCode.POLICY_DENIED,
+            )
 
     def _check_path(self, header: ProtectedHeader) -> KeyPath:
         path = KeyPath(header.providers)

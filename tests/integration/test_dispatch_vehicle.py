@@ -35,7 +35,7 @@ from fleetbus.bus.commands import (
     Target,
     Telemetry,
 )
-from fleetbus.bus.dispatch import CommandPublisher, StatusTimeoutError
+from fleetbus.bus.dispatch import CommandPublisher, StatusTimeoutError, status_partition
 from fleetbus.bus.errors import ConfigError, FleetbusError, KafkaUnavailableError, ReasonCode
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
@@ -136,6 +136,42 @@ def test_wait_returns_the_first_final_status_of_its_own_command(
     assert handle.wait(30, until={"delivered"}).state == "delivered"
     with pytest.raises(StatusTimeoutError):
         other.wait(2, until={"expired"})
+
+
+def test_wait_reports_each_vehicle_of_a_group_and_reads_only_its_partition(
+    fleet: TestFleet, settings: FleetbusSettings
+) -> None:
+    with CommandPublisher(
+        settings, principal_id=DISPATCHER, signer=fleet.signer(DISPATCHER)
+    ) as publisher:
+        handle = publisher.send(Target(group="north"), "honk")
+    cid = handle.command_id
+    topic = settings.topics.full(settings.topics.commands_status)
+    own = status_partition(cid, range(settings.partitions))
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+
+    def status(state: str, vehicle: str, partition: int = own) -> None:
+        event = StatusEvent(command_id=cid, state=state, at=time.time(), vehicle_id=vehicle)  # type: ignore[arg-type]
+        producer.send(topic, key=cid.encode(), value=event.encode(), partition=partition).get(20)
+
+    try:
+        # Keyed by the command id but not on its partition: no bus producer writes it there.
+        status("failed", V3, partition=(own + 1) % settings.partitions)
+        status("authorized", V1)
+        status("authorized", V3)
+        status("succeeded", V1)
+        with pytest.raises(StatusTimeoutError):
+            handle.wait(3)  # V3 has no final state yet
+        status("succeeded", V3)
+        outcome = handle.wait(30)
+    finally:
+        producer.close()
+    assert outcome.state == "succeeded"
+    assert {v: str(e.state) for v, e in outcome.vehicles.items()} == {
+        V1: "succeeded",
+        V3: "succeeded",
+    }
+    assert all(e.state != "failed" for e in handle.events)
 
 
 def test_approve_publishes_a_signed_approval_bound_to_the_command(

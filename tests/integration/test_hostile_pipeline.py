@@ -73,6 +73,7 @@ def hostile(kafka: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[An
         tmp_path,
         FLEETBUS_AUDIT_CHECKPOINT_EVERY="20",
         FLEETBUS_REPLAY_TTL_S=str(WORKER["replay_ttl_s"]),
+        FLEETBUS_UPLINK_MAX_LIFETIME_S=str(WORKER["uplink_max_lifetime_s"]),
         FLEETBUS_APPROVAL_WINDOW_S=str(WORKER["approval_window_s"]),
         FLEETBUS_APPROVALS_REQUIRED=str(WORKER["approvals_required"]),
         FLEETBUS_METRICS_PORT=str(port),

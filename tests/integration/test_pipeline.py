@@ -138,6 +138,12 @@ def test_group_command_reaches_every_vehicle_of_the_group(pipeline: dict[str, An
     assert succeeded == set(members), pipeline["worker"].output()[-3000:]
     # The shared handler ran once per member vehicle.
     assert pipeline["executions"].counts[(handle.command_id, "north")] == len(members)
+    # wait() reports each member's final state (the group's targets come from the bus).
+    outcome = wait_final(handle, pipeline["worker"])
+    assert outcome.state is CommandState.SUCCEEDED
+    assert {v: e.state for v, e in outcome.vehicles.items()} == dict.fromkeys(
+        members, CommandState.SUCCEEDED
+    )
     outbound = [
         r
         for r in read_topic(settings.kafka_bootstrap, topic(settings, "commands_outbound"))

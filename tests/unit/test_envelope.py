@@ -22,7 +22,7 @@ from fleetbus.bus.envelope import (
 )
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.keys import KeyPath
-from fleetbus.providers.sealing import EpochPolicy, ReplayCache, SealRequest
+from fleetbus.providers.sealing import EpochPolicy, SealRequest
 
 
 def requests(
@@ -293,25 +293,6 @@ def test_reprs_hold_no_secrets() -> None:
     assert "TOPSECRET" not in repr(opened)
     assert "TOPSECRET" not in repr(world.sealer)
     assert world.sender in repr(world.sealer)
-
-
-def test_replay_cache_expires_and_is_bounded() -> None:
-    now = [100.0]
-    cache = ReplayCache(max_entries=3, clock=lambda: now[0])
-    assert cache.add("s", "a", until=110)
-    assert not cache.add("s", "a", until=110)
-    assert cache.seen("s", "a")
-    assert not cache.seen("other", "a")
-    now[0] = 111
-    assert not cache.seen("s", "a")
-    assert cache.add("s", "a", until=200)
-    cache.add("s", "b", until=150)
-    cache.add("s", "c", until=300)
-    cache.add("s", "d", until=400)  # full of live ids: the one closest to expiry goes
-    assert cache.evictions == 1
-    assert len(cache) == 3
-    assert not cache.seen("s", "b")
-    assert cache.seen("s", "d")
 
 
 def test_epoch_policy_validates() -> None:

@@ -37,6 +37,7 @@ from fleetbus.processors.stages import (
     TrackStage,
     UplinkOpener,
 )
+from fleetbus.processors.uplink import UplinkLimits
 from fleetbus.providers.keypath import KeyPathRunner
 from fleetbus.providers.sealing import EnvelopeOpener
 
@@ -97,7 +98,13 @@ class Bus:
 
         def opener(minimum: str) -> EnvelopeOpener:
             return EnvelopeOpener(
-                sealer_keys, world.directory, runner(), KeyPath.parse(minimum), clock=lambda: NOW
+                sealer_keys,
+                world.directory,
+                runner(),
+                KeyPath.parse(minimum),
+                clock=lambda: NOW,
+                max_lifetime_s=WORKER["uplink_max_lifetime_s"],
+                check_replay=False,  # the stages own it, as in the worker
             )
 
         def uplink() -> UplinkOpener:
@@ -113,8 +120,13 @@ class Bus:
             max_lifetime_s=WORKER["replay_ttl_s"],
             max_message_bytes=32 * 1024,
         )
+        limits = UplinkLimits(max_lifetime_s=WORKER["uplink_max_lifetime_s"])
         self.track = TrackStage(
-            topics=TOPICS, opener=uplink(), clock_skew_s=30, max_message_bytes=32 * 1024
+            topics=TOPICS,
+            opener=uplink(),
+            clock_skew_s=30,
+            max_message_bytes=32 * 1024,
+            limits=limits,
         )
         self.telemetry = TelemetryStage(
             topics=TOPICS,
@@ -122,6 +134,7 @@ class Bus:
             policy=world.policy,
             consumer="analytics",
             max_message_bytes=32 * 1024,
+            limits=limits,
         )
         self.states: dict[tuple[str, int], PartitionState] = {}
         self.offsets: Counter[str] = Counter()
@@ -166,7 +179,9 @@ class Vehicles:
     """A VehicleAgent (in-memory store, no Kafka) for V-0001 and V-0002."""
 
     def __init__(self, world: World) -> None:
-        settings = FleetbusSettings(topics=TopicNames(prefix=META["prefix"]))
+        settings = FleetbusSettings(
+            topics=TopicNames(prefix=META["prefix"]), replay_ttl_s=WORKER["replay_ttl_s"]
+        )
         self.executed: Counter[str] = Counter()
         self.agent = VehicleAgent(
             settings,

@@ -22,6 +22,7 @@ from fleetbus.bus.commands import (
     Telemetry,
 )
 from fleetbus.bus.directory import FleetRoot, KeyDirectory, PrincipalKeyFile, issue_key
+from fleetbus.bus.envelope import decode_envelope
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.keys import (
     Encapsulation,
@@ -165,12 +166,17 @@ _offsets = iter(range(10**6))
 
 
 def _command_id_key(topic: str, value: bytes | None) -> bytes:
-    """The key a well-behaved producer uses: the command id for commands and approvals."""
+    """The key a well-behaved producer uses: the command id for commands, approvals and
+    responses (their envelope's message id), the sending vehicle for telemetry."""
     try:
         if topic == TOPICS.requested and value is not None:
             return SignedCommand.decode(value).command.id.encode()
         if topic == TOPICS.approvals and value is not None:
             return SignedApproval.decode(value).approval.command_id.encode()
+        if topic == TOPICS.responses and value is not None:
+            return decode_envelope(value).header.message_id.encode()
+        if topic == TOPICS.telemetry_raw and value is not None:
+            return decode_envelope(value).header.sender.encode()
     except Exception:  # junk stays junk; the stage under test reports it
         pass
     return b"k"
@@ -471,6 +477,8 @@ def uplink(fleet: Fleet) -> UplinkOpener:
             runner,
             KeyPath.parse(minimum),
             clock=lambda: NOW,
+            max_lifetime_s=900,
+            check_replay=False,  # the stages own the replay check, as the worker builds them
         )
 
     return UplinkOpener(fleet.directory, one("xwing"), one("x25519"), clock=lambda: NOW)

@@ -90,7 +90,12 @@ TOO_LONG_EXPIRES = 4_900_000_000.0  # lifetime above the worker's replay_ttl_s (
 REVOKED_AT = 1_750_000_000.0
 EXPIRED_KEY_NOT_AFTER = 1_751_328_000.0  # 2025-07-01
 #: What the worker of the integration test must be configured with for these cases.
-WORKER_SETTINGS = {"replay_ttl_s": 3e9, "approval_window_s": 15.0, "approvals_required": 1}
+WORKER_SETTINGS = {
+    "replay_ttl_s": 3e9,
+    "approval_window_s": 15.0,
+    "approvals_required": 1,
+    "uplink_max_lifetime_s": 3e9,  # the envelopes expire in 2099; TOO_LONG_EXPIRES is beyond
+}
 
 SEALER = "bus-sealer"
 DISPATCHER = "dispatch-1"
@@ -588,6 +593,7 @@ def build(fleet: Fleet) -> Corpus:
         build_responses(c)
         build_telemetry(c)
         build_outbound(c)
+        build_uplink(c)
     return c
 
 
@@ -811,8 +817,9 @@ def build_responses(c: Corpus) -> None:
         t, name, kw.pop("category", "signature"), desc, expect, value=value,
         key=kw.pop("key", key), **kw,
     )  # fmt: skip
-    add("rsp-ok-base", "control: V-0001's valid response envelope (xwing, Ed25519)", "ok",
-        base, category="control")  # fmt: skip
+    add("rsp-ok-base", "control: V-0001's valid response envelope (xwing, Ed25519), for a "
+        "command no authorized record has named V-0001 a target of yet: held, not an outcome",
+        "pending", base, category="control")  # fmt: skip
     fields, ct, block = split_envelope(base)
     prot = dumps(fields)
     signer_v1 = c.fleet.signer(V1)
@@ -1110,6 +1117,33 @@ def build_outbound(c: Corpus) -> None:
           value_gen=[[base.hex(), 1], ["00", 70000 - len(base)]], key=key)  # fmt: skip
     add("veh-tombstone", "a null value", "malformed", None, category="parse")
     bombs(c, t, key)
+
+
+# --- uplink replay and lifetimes (issue 11 findings 3, 6, 7) -------------------------------
+# Kept in its own block, drawn after every other case, so that its ids do not move theirs.
+# The ordering race of finding 3 (a non-target vehicle answering before the authorized record)
+# needs two topics and is covered by tests/unit/test_uplink_replay.py.
+
+
+def build_uplink(c: Corpus) -> None:
+    cid = c.ids.new()
+    rsp_key = cid.encode()
+    fresh = c.response(command_id=cid)
+    c.add(RESPONSES, "rsp-under-another-key", "replay", "a valid response published under "
+          "a Kafka key that is not its command id (another partition: neither its command's "
+          "state nor its replay state is there)", "malformed", value=fresh,
+          key=other_partition_key(rsp_key))  # fmt: skip
+    c.add(RESPONSES, "rsp-expiry-beyond-uplink-lifetime", "freshness", "a response expiring "
+          "further ahead than uplink_max_lifetime_s (its id would have to be kept that long)",
+          "policy_denied", value=c.response(expires=TOO_LONG_EXPIRES),
+          key=rsp_key)  # fmt: skip
+    tel = c.telemetry()
+    c.add(TELEMETRY, "tel-under-another-key", "replay", "V-0001's telemetry published under "
+          "V-0002's key (another partition, whose replay state has not seen it)", "malformed",
+          value=tel, key=V2.encode())  # fmt: skip
+    c.add(TELEMETRY, "tel-expiry-beyond-uplink-lifetime", "freshness", "telemetry expiring "
+          "further ahead than uplink_max_lifetime_s", "policy_denied",
+          value=c.telemetry(expires=TOO_LONG_EXPIRES), key=V1.encode())  # fmt: skip
 
 
 # --- writing -------------------------------------------------------------------------------
