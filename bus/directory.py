@@ -570,11 +570,11 @@ class KeyDirectory:
     """Verified key records, with rotation overlap, immediate revocation and expiry.
 
     A directory is *anchored* once it has a head (from a file, the key topic, or ``head_store``,
-    which also keeps the highest accepted head across restarts; ``require_head`` anchors it with
-    none yet). An anchored directory answers only from record sets whose records match the
-    current head exactly; a set that does not match (records missing, or replayed older records)
-    raises ``DIRECTORY_ROLLBACK`` until it does. A revocation is in force as soon as it is
-    verified, head or not. Without a head (a root holder building records in memory) every
+    which also keeps the highest accepted head across restarts), once it reads the key topic, or
+    with ``require_head``. An anchored directory answers only from record sets whose records
+    match the current head exactly; a set that does not match (records missing, or replayed
+    older records) raises ``DIRECTORY_ROLLBACK`` until it does. A revocation is in force as soon
+    as it is verified, head or not. Unanchored (a root holder building records in memory), every
     verified record is used.
     """
 
@@ -736,7 +736,12 @@ class KeyDirectory:
     def ingest_kafka(
         self, value: bytes | None, key: bytes | None = None
     ) -> KeyRecord | DirectoryHead:
-        """Ingest one value of the key topic (a record or a head); ``key``, if given, must match."""
+        """Ingest one value of the key topic (a record or a head); ``key``, if given, must match.
+
+        The topic is untrusted storage (compaction, re-publication): reading it anchors the
+        directory, so nothing read from it is used until a head covers it.
+        """
+        self._anchored = True
         item = from_kafka(value)
         expected = (
             HEAD_KAFKA_KEY if isinstance(item, SignedDirectoryHead) else kafka_key(item.record)

@@ -492,6 +492,14 @@ def test_republished_issuance_on_a_live_topic_leaves_the_key_revoked(
     assert _reason(exc) is ReasonCode.SIGNER_REVOKED
 
 
+def test_a_topic_consumer_without_a_head_uses_nothing(root: FleetRoot, history: History) -> None:
+    """After compaction the topic may hold only the re-published issuance: no head, no use."""
+    directory = KeyDirectory(root.public)
+    key, value = to_kafka(history.dispatcher)
+    assert directory.ingest_kafka(value, key) == history.dispatcher.record
+    _rollback(lambda: directory.verifier_for("dispatch-1", history.kid, at=T0 + 1))
+
+
 def test_restart_on_a_compacted_topic_refuses_the_republished_issuance(
     tmp_path: Path, root: FleetRoot, history: History
 ) -> None:
