@@ -32,6 +32,7 @@ from fleetbus.bus.directory import (
     issue_key,
     load_directory,
     load_key_file,
+    next_head,
     read_directory_file,
     save_key_file,
     sign_directory,
@@ -87,8 +88,8 @@ def _publish(
 ) -> None:
     """Add ``signed`` and write it under the next head (file first, then the accepted head)."""
     current.ingest(signed)
-    head, records = sign_directory(root, current.signed_records(), previous=current.head)
-    write_directory_file(directory / DIRECTORY, head, records)
+    head = next_head(root, current, previous=current.head)
+    write_directory_file(directory / DIRECTORY, head, current.signed_records())
     current.ingest_head(head)
 
 

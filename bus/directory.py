@@ -598,6 +598,7 @@ class KeyDirectory:
         self._store = head_store
         self._buckets = DEFAULT_VEHICLE_BUCKETS
         self._members: dict[int, set[str]] = {}
+        self._index: dict[str, int] = {}  # key id -> its set (a hash per vehicle: cache it)
         # Sets whose records matched the current head, as they were then; a set whose records
         # changed since is re-checked lazily (at the next lookup), so a burst of records costs
         # one digest per set, not one per record.
@@ -633,12 +634,12 @@ class KeyDirectory:
                 return old
             if not (record.revoked or record.version > old.version):
                 return old
-            self._members[record_set(old, self._buckets)].discard(old.key_id)
-            self._dirty.add(record_set(old, self._buckets))
+            self._members[self._index[old.key_id]].discard(old.key_id)
+            self._dirty.add(self._index[old.key_id])
         self._by_key_id[record.key_id] = signed
         self._by_principal.setdefault(record.principal_id, set()).add(record.key_id)
         self._digests[record.key_id] = record_digest(record)
-        index = record_set(record, self._buckets)
+        index = self._index[record.key_id] = record_set(record, self._buckets)
         self._members.setdefault(index, set()).add(record.key_id)
         self._dirty.add(index)
         return record
@@ -681,9 +682,8 @@ class KeyDirectory:
             self._buckets = head.vehicle_buckets
             self._members = {}
             for key_id, stored in self._by_key_id.items():
-                self._members.setdefault(record_set(stored.record, self._buckets), set()).add(
-                    key_id
-                )
+                index = self._index[key_id] = record_set(stored.record, self._buckets)
+                self._members.setdefault(index, set()).add(key_id)
             self._accepted = {}
             self._dirty = set(range(1 + head.vehicle_buckets))
         else:
@@ -718,11 +718,25 @@ class KeyDirectory:
             return [0]
         return [i for i in range(1 + head.vehicle_buckets) if self._settle(i) is None]
 
+    def compute_head(self, *, seq: int, at: float, vehicle_buckets: int) -> DirectoryHead:
+        """The head over every verified record held (for the root holder signing the next one);
+        uses the record digests computed on ingest."""
+        entries: list[list[tuple[str, bytes]]] = [[] for _ in range(1 + vehicle_buckets)]
+        for key_id, signed in self._by_key_id.items():
+            index = (
+                self._index[key_id]
+                if vehicle_buckets == self._buckets
+                else record_set(signed.record, vehicle_buckets)
+            )
+            entries[index].append((key_id, self._digests[key_id]))
+        sets = tuple((len(items), set_digest(items)) for items in entries)
+        return DirectoryHead(seq, float(at), vehicle_buckets, sets)
+
     def _usable(self, key_id: str) -> SignedKeyRecord | None:
         signed = self._by_key_id.get(key_id)
         if signed is None or not self._anchored or signed.record.revoked:
             return signed
-        index = record_set(signed.record, self._buckets)
+        index = self._index[key_id]
         accepted = self._settle(index)
         if accepted is None:
             seq = "none" if self.head is None else str(self.head.seq)
@@ -1172,14 +1186,23 @@ def sign_directory(
     """
     merged = KeyDirectory(root.public)
     merged.ingest_all(records)
-    signed = merged.signed_records()
-    head = build_head(
-        [s.record for s in signed],
+    return next_head(root, merged, previous=previous, at=at), merged.signed_records()
+
+
+def next_head(
+    root: FleetRoot,
+    directory: KeyDirectory,
+    *,
+    previous: DirectoryHead | None,
+    at: float | None = None,
+) -> SignedDirectoryHead:
+    """The root's head after ``previous`` (1 if None) over every record ``directory`` holds."""
+    head = directory.compute_head(
         seq=1 if previous is None else previous.seq + 1,
         at=time.time() if at is None else at,
         vehicle_buckets=DEFAULT_VEHICLE_BUCKETS if previous is None else previous.vehicle_buckets,
     )
-    return root.sign_head(head), signed
+    return root.sign_head(head)
 
 
 def publish_directory_file(
