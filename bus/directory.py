@@ -1100,7 +1100,14 @@ class HeadStore:
         return signed
 
     def save(self, signed: SignedDirectoryHead) -> None:
+        """Keep ``signed`` unless the file already holds a higher head (another process of the
+        same folder got further)."""
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            if SignedDirectoryHead.from_cbor(self.path.read_bytes()).head.seq > signed.head.seq:
+                return
+        except (FileNotFoundError, FleetbusError):
+            pass  # nothing (valid) to keep; load() verifies whatever is there at the next start
         _write_atomic(self.path, signed.to_cbor(), 0o644)
 
 

@@ -702,6 +702,9 @@ def test_head_store_is_verified_on_load(tmp_path: Path, root: FleetRoot, other_r
     with pytest.raises(FleetbusError) as exc:
         KeyDirectory(other_root.public, head_store=store)
     assert _reason(exc) is ReasonCode.CONFIG
+    # A process that got less far does not lower what another one stored.
+    store.save(history.heads[1])
+    assert store.load(root.public) == history.heads[2]
     store.path.write_bytes(b"\xa0")
     with pytest.raises(FleetbusError) as exc:
         KeyDirectory(root.public, head_store=store)
