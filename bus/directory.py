@@ -715,7 +715,7 @@ class KeyDirectory:
         """Sets whose records do not match the current head (all of them when there is none)."""
         head = self.head
         if head is None:
-            return [0]
+            return list(range(1 + self._buckets))
         return [i for i in range(1 + head.vehicle_buckets) if self._settle(i) is None]
 
     def compute_head(self, *, seq: int, at: float, vehicle_buckets: int) -> DirectoryHead:
