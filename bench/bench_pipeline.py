@@ -162,6 +162,7 @@ def settings_from(config: dict[str, Any]) -> Any:
         partitions=config["partitions"],
         topics=TopicNames(prefix=config["prefix"]),
         keys_dir=config["keys_dir"],
+        data_dir=str(Path(config["keys_dir"]).parent / "state"),
         sealer_principal="bus-sealer",
         pipeline="on",
         web_port=0,

@@ -1,8 +1,10 @@
 """``fleetbus keys``: create the fleet root, issue, rotate, revoke and show key records.
 
 Files in the key directory ``D``: ``root.key`` (0600, the root's private keys), ``root.pub`` (the
-pinned root public key), ``directory.cbor`` (all signed records) and ``<principal>.key`` (0600).
-``show`` reads only public files; it never prints private key material.
+pinned root public key), ``directory.cbor`` (the signed directory head and all signed records),
+``directory-head.<root kid>.cbor`` (the highest head accepted here) and ``<principal>.key``
+(0600). Every change signs a new head with the next sequence number. ``show`` never prints
+private key material.
 """
 
 from __future__ import annotations
@@ -25,11 +27,15 @@ from fleetbus.bus.directory import (
     KeyDirectory,
     KeyRecord,
     RootPublicKey,
-    append_directory_file,
+    SignedKeyRecord,
+    head_store_for,
     issue_key,
     load_directory,
     load_key_file,
+    next_head,
+    read_directory_file,
     save_key_file,
+    sign_directory,
     write_directory_file,
 )
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
@@ -75,7 +81,17 @@ def _load_public(directory: Path) -> KeyDirectory:
         root = RootPublicKey.from_bytes((directory / ROOT_PUB).read_bytes())
     except FileNotFoundError:
         raise ConfigError(f"{directory / ROOT_PUB} not found; run `fleetbus keys init`") from None
-    return load_directory(directory / DIRECTORY, root)
+    return load_directory(directory / DIRECTORY, root, head_store=head_store_for(directory, root))
+
+
+def _publish(
+    directory: Path, root: FleetRoot, current: KeyDirectory, signed: SignedKeyRecord
+) -> None:
+    """Add ``signed`` and write it under the next head (file first, then the accepted head)."""
+    current.ingest(signed)
+    head = next_head(root, current, previous=current.head)
+    write_directory_file(directory / DIRECTORY, head, current.signed_records())
+    current.ingest_head(head)
 
 
 def _key_path(directory: Path, principal: str) -> Path:
@@ -92,7 +108,9 @@ def init(directory: DirOpt) -> None:
     save_key_file(directory / ROOT_KEY, root.key_file())
     (directory / ROOT_PUB).write_bytes(root.public.to_bytes())
     if not (directory / DIRECTORY).exists():
-        write_directory_file(directory / DIRECTORY, [])
+        head, records = sign_directory(root, [])
+        write_directory_file(directory / DIRECTORY, head, records)
+        head_store_for(directory, root.public).save(head)
     typer.echo(f"fleet root {root.key_id} ({root.public.suite}) created in {directory}")
 
 
@@ -135,9 +153,8 @@ def issue(
         not_after=now + valid_days * DAY_S,
         groups=group or [],
     )
-    current.ingest(issued.signed)
     save_key_file(_key_path(directory, principal), issued.key_file)
-    append_directory_file(directory / DIRECTORY, issued.signed)
+    _publish(directory, root, current, issued.signed)
     record = issued.signed.record
     typer.echo(f"issued {principal} v{record.version} key {record.key_id}")
 
@@ -177,13 +194,12 @@ def rotate(
         groups=latest.groups,
         overlap_s=overlap_hours * 3600.0,
     )
-    current.ingest(issued.signed)
     key_path = _key_path(directory, principal)
     if key_path.exists():
         # Keep the previous private key: messages sealed to it may arrive during the overlap.
         os.replace(key_path, directory / f"{principal}.v{latest.version}.key")
     save_key_file(key_path, issued.key_file)
-    append_directory_file(directory / DIRECTORY, issued.signed)
+    _publish(directory, root, current, issued.signed)
     typer.echo(
         f"rotated {principal} to v{issued.signed.record.version} key "
         f"{issued.signed.record.key_id}; v{latest.version} ({latest.key_id}) verifies for "
@@ -210,10 +226,38 @@ def revoke(
     if record.revoked:
         typer.echo(f"{principal} key {record.key_id} is already revoked")
         return
-    signed = root.sign(record.revocation(at=_now()))
-    current.ingest(signed)
-    append_directory_file(directory / DIRECTORY, signed)
+    _publish(directory, root, current, root.sign(record.revocation(at=_now())))
     typer.echo(f"revoked {principal} v{record.version} key {record.key_id}")
+
+
+@keys_app.command("migrate")
+def migrate(directory: DirOpt) -> None:
+    """Sign the first directory head over a directory.cbor written before heads existed.
+
+    Run it once, on the root's own copy: the head vouches for exactly the records in that file,
+    so a copy missing a revocation would make the missing revocation permanent.
+    """
+    root = _load_root(directory)
+    content = read_directory_file(directory / DIRECTORY)
+    if content.head is not None:
+        raise ConfigError(
+            f"{directory / DIRECTORY} already has a head (seq {content.head.head.seq})"
+        )
+    store = head_store_for(directory, root.public)
+    if store.load(root.public) is not None:
+        raise FleetbusError(
+            f"{store.path} holds a head although {directory / DIRECTORY} has none: "
+            "the file was replaced by an older copy",
+            reason=ReasonCode.DIRECTORY_ROLLBACK,
+        )
+    head, records = sign_directory(root, content.records)
+    write_directory_file(directory / DIRECTORY, head, records)
+    store.save(head)
+    revoked = sum(1 for signed in records if signed.record.revoked)
+    typer.echo(
+        f"signed directory head 1 over {len(records)} records ({revoked} revoked) in "
+        f"{directory / DIRECTORY}"
+    )
 
 
 def _iso(ts: float) -> str:
@@ -250,12 +294,19 @@ def show(
 ) -> None:
     """Print the verified records (public data only)."""
     current = _load_public(directory)
+    head = current.head
+    assert head is not None  # load_directory refuses a file without one
     rows = [_row(r, current) for r in current.records(principal)]
     if as_json:
-        doc = {"root_key_id": current.root.key_id, "records": rows}
+        doc = {
+            "root_key_id": current.root.key_id,
+            "head": {"seq": head.seq, "issued_at": _iso(head.issued_at)},
+            "records": rows,
+        }
         typer.echo(json.dumps(doc, indent=2))
         return
     typer.echo(f"fleet root {current.root.key_id} ({current.root.suite})")
+    typer.echo(f"directory head {head.seq} of {_iso(head.issued_at)}, {head.record_count} records")
     if not rows:
         typer.echo("no records")
     for row in rows:

@@ -2,17 +2,21 @@
 
 A hybrid fleet root key (composite ML-DSA-65 + Ed25519) signs one ``KeyRecord`` per principal key;
 vehicles pin the root public key. Rotation and revocation are records too. Records travel on a
-Kafka compacted topic keyed by ``principal_id/key_id``; revocation is never a tombstone.
+Kafka compacted topic keyed by ``principal_id/key_id``; revocation is never a tombstone. A
+root-signed, monotonically numbered ``DirectoryHead`` commits to the whole record set, so older
+signed material (a record from before its revocation, an older file) cannot be replayed.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import math
 import os
 import stat
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,6 +47,17 @@ ROOT_SUITE = "composite-mldsa65-ed25519"
 RECORD_FORMAT = 1
 #: Domain separation: the root signs ``RECORD_SIGNING_PREFIX || canonical CBOR(record)``.
 RECORD_SIGNING_PREFIX = b"fleetbus/key-directory/record/v1\x00"
+#: Domain separation: the root signs ``HEAD_SIGNING_PREFIX || canonical CBOR(head)``.
+HEAD_SIGNING_PREFIX = b"fleetbus/key-directory/head/v1\x00"
+#: Domain separation of a record set's digest inside a head.
+SET_DIGEST_PREFIX = b"fleetbus/key-directory/set/v1\x00"
+HEAD_FORMAT = 1
+#: The Kafka key of the head on the key topic; record keys always contain a ``/``.
+HEAD_KAFKA_KEY = b"head"
+#: Vehicle records are split into this many sets (a head may choose another count): a process
+#: that holds only some vehicles' records can still check them whole against the head.
+DEFAULT_VEHICLE_BUCKETS = 16
+DIRECTORY_FILE_FORMAT = "fleetbus-directory/v2"
 ROOT_PUBLIC_FORMAT = "fleetbus-root-public/v1"
 PRIVATE_KEY_FORMAT = "fleetbus-private-key/v1"
 RECORD_FIELDS = frozenset(
@@ -252,6 +267,165 @@ def signing_input(record: KeyRecord) -> bytes:
     return RECORD_SIGNING_PREFIX + record.to_cbor()
 
 
+# --- directory head: the root's commitment to the whole record set ---------------------------
+
+
+def record_set(record: KeyRecord, vehicle_buckets: int) -> int:
+    """The set a record belongs to: 0 for every non-vehicle key, ``1 + bucket`` for vehicles.
+
+    Set 0 is what every process needs (sealers, dispatchers, approvers, edge units); a vehicle's
+    bucket is a hash of its principal id, so all versions of one vehicle land in one set.
+    """
+    if record.kind != "vehicle":
+        return 0
+    digest = hashlib.sha256(record.principal_id.encode()).digest()
+    return 1 + int.from_bytes(digest[:8], "big") % vehicle_buckets
+
+
+def record_digest(record: KeyRecord) -> bytes:
+    """SHA-256 of the canonical record: what a head commits to (not the randomized signature)."""
+    return hashlib.sha256(record.to_cbor()).digest()
+
+
+def set_digest(entries: Iterable[tuple[str, bytes]]) -> bytes:
+    """Digest of one record set: SHA-256 over the sorted ``[key_id, record digest]`` pairs."""
+    pairs = sorted([key_id, digest] for key_id, digest in entries)
+    return hashlib.sha256(SET_DIGEST_PREFIX + canonical_cbor(pairs)).digest()
+
+
+@dataclass(frozen=True)
+class DirectoryHead:
+    """Sequence ``seq`` of the directory: ``(count, digest)`` of every record set.
+
+    ``sets[0]`` is the non-vehicle set, ``sets[1 + i]`` vehicle bucket ``i``. The root signs a new
+    head with ``seq + 1`` for every change; loaders never accept a lower ``seq`` than they have.
+    """
+
+    seq: int
+    issued_at: float
+    vehicle_buckets: int
+    sets: tuple[tuple[int, bytes], ...]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seq, bool) or not isinstance(self.seq, int) or self.seq < 1:
+            raise _malformed("head: seq must be an integer >= 1")
+        buckets = self.vehicle_buckets
+        if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
+            raise _malformed("head: vehicle_buckets must be an integer >= 1")
+        if len(self.sets) != 1 + buckets:
+            raise _malformed("head: expected one set digest per bucket plus the common set")
+        for count, digest in self.sets:
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise _malformed("head: set counts must be integers >= 0")
+            if not isinstance(digest, bytes) or len(digest) != 32:
+                raise _malformed("head: set digests must be 32 bytes")
+
+    @property
+    def record_count(self) -> int:
+        return sum(count for count, _ in self.sets)
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "fmt": HEAD_FORMAT,
+            "seq": self.seq,
+            "at": float(self.issued_at),
+            "buckets": self.vehicle_buckets,
+            "sets": [[count, digest] for count, digest in self.sets],
+        }
+
+    def to_cbor(self) -> bytes:
+        return canonical_cbor(self.to_map())
+
+    @classmethod
+    def from_cbor(cls, data: bytes) -> DirectoryHead:
+        doc = _loads(data, "head")
+        if not isinstance(doc, dict) or set(doc) != {"fmt", "seq", "at", "buckets", "sets"}:
+            raise _malformed("head: unexpected or missing fields")
+        if doc["fmt"] != HEAD_FORMAT:
+            raise FleetbusError("head: unsupported format", reason=ReasonCode.UNSUPPORTED_VERSION)
+        if not isinstance(doc["at"], float):
+            raise _malformed("head: at must be a float")
+        sets = doc["sets"]
+        if not isinstance(sets, list) or not all(
+            isinstance(item, list) and len(item) == 2 for item in sets
+        ):
+            raise _malformed("head: sets must be a list of [count, digest]")
+        head = cls(doc["seq"], doc["at"], doc["buckets"], tuple((c, d) for c, d in sets))
+        if head.to_cbor() != bytes(data):
+            raise _malformed("head: not in canonical CBOR form")
+        return head
+
+
+def build_head(
+    records: Iterable[KeyRecord], *, seq: int, at: float, vehicle_buckets: int
+) -> DirectoryHead:
+    """The head committing to exactly ``records`` (one merged record per key id)."""
+    entries: list[list[tuple[str, bytes]]] = [[] for _ in range(1 + vehicle_buckets)]
+    seen: set[str] = set()
+    for record in records:
+        if record.key_id in seen:
+            raise _malformed(f"head: key id {record.key_id} appears twice; merge records first")
+        seen.add(record.key_id)
+        entries[record_set(record, vehicle_buckets)].append((record.key_id, record_digest(record)))
+    sets = tuple((len(items), set_digest(items)) for items in entries)
+    return DirectoryHead(seq, float(at), vehicle_buckets, sets)
+
+
+@dataclass(frozen=True)
+class SignedDirectoryHead:
+    """A head plus the fleet root's signature over ``HEAD_SIGNING_PREFIX || head_cbor``."""
+
+    head: DirectoryHead
+    signature: bytes = field(repr=False)
+    root_key_id: str
+
+    def to_cbor(self) -> bytes:
+        return canonical_cbor(
+            {
+                "fmt": HEAD_FORMAT,
+                "head": self.head.to_cbor(),
+                "sig": self.signature,
+                "root_kid": self.root_key_id,
+            }
+        )
+
+    @classmethod
+    def from_map(cls, outer: Any) -> SignedDirectoryHead:
+        if not isinstance(outer, dict) or set(outer) != {"fmt", "head", "sig", "root_kid"}:
+            raise _malformed("signed head: unexpected or missing fields")
+        if outer["fmt"] != HEAD_FORMAT:
+            raise FleetbusError(
+                "signed head: unsupported format", reason=ReasonCode.UNSUPPORTED_VERSION
+            )
+        if not isinstance(outer["head"], bytes) or not isinstance(outer["sig"], bytes):
+            raise _malformed("signed head: head and sig must be bytes")
+        if not isinstance(outer["root_kid"], str):
+            raise _malformed("signed head: root_kid must be text")
+        return cls(DirectoryHead.from_cbor(outer["head"]), outer["sig"], outer["root_kid"])
+
+    @classmethod
+    def from_cbor(cls, data: bytes) -> SignedDirectoryHead:
+        signed = cls.from_map(_loads(data, "signed head"))
+        if signed.to_cbor() != bytes(data):
+            raise _malformed("signed head: not in canonical CBOR form")
+        return signed
+
+
+def head_signing_input(head: DirectoryHead) -> bytes:
+    return HEAD_SIGNING_PREFIX + head.to_cbor()
+
+
+def verify_signed_head(signed: SignedDirectoryHead, root: RootPublicKey) -> DirectoryHead:
+    """Check the root signature over a head; raise BAD_SIGNATURE."""
+    if signed.root_key_id != root.key_id or not root.verifier().verify(
+        head_signing_input(signed.head), signed.signature
+    ):
+        raise FleetbusError(
+            "directory head is not signed by the fleet root", reason=ReasonCode.BAD_SIGNATURE
+        )
+    return signed.head
+
+
 # --- Kafka compacted topic -----------------------------------------------------------------
 
 
@@ -265,10 +439,24 @@ def to_kafka(signed: SignedKeyRecord) -> tuple[bytes, bytes]:
     return kafka_key(signed.record), signed.to_cbor()
 
 
-def from_kafka(value: bytes | None) -> SignedKeyRecord:
-    """Parse a topic value. A tombstone (None / empty) is malformed: revocation is a record."""
+def head_to_kafka(signed: SignedDirectoryHead) -> tuple[bytes, bytes]:
+    """``(key, value)`` of a head: one Kafka key, so compaction keeps the newest head."""
+    return HEAD_KAFKA_KEY, signed.to_cbor()
+
+
+def from_kafka(value: bytes | None) -> SignedKeyRecord | SignedDirectoryHead:
+    """Parse a topic value: a signed record or a signed head (told apart by their fields).
+
+    A tombstone (None / empty) is malformed: revocation is a record, never a deletion.
+    """
     if not value:
         raise _malformed("key directory: tombstones are not used; revocation is a signed record")
+    outer = _loads(value, "key topic value")
+    if isinstance(outer, dict) and "head" in outer:
+        signed_head = SignedDirectoryHead.from_map(outer)
+        if signed_head.to_cbor() != bytes(value):
+            raise _malformed("signed head: not in canonical CBOR form")
+        return signed_head
     return SignedKeyRecord.from_cbor(value)
 
 
@@ -337,6 +525,9 @@ class FleetRoot:
     def sign(self, record: KeyRecord) -> SignedKeyRecord:
         return SignedKeyRecord(record, self._signer.sign(signing_input(record)), self.key_id)
 
+    def sign_head(self, head: DirectoryHead) -> SignedDirectoryHead:
+        return SignedDirectoryHead(head, self._signer.sign(head_signing_input(head)), self.key_id)
+
     def key_file(self) -> PrincipalKeyFile:
         return PrincipalKeyFile(
             principal_id="root",
@@ -376,9 +567,24 @@ def verify_signed_record(signed: SignedKeyRecord, root: RootPublicKey) -> KeyRec
 
 
 class KeyDirectory:
-    """Verified key records, with rotation overlap, immediate revocation and expiry."""
+    """Verified key records, with rotation overlap, immediate revocation and expiry.
 
-    def __init__(self, root: RootPublicKey) -> None:
+    A directory is *anchored* once it has a head (from a file, the key topic, or ``head_store``,
+    which also keeps the highest accepted head across restarts), once it reads the key topic, or
+    with ``require_head``. An anchored directory answers only from record sets whose records
+    match the current head exactly; a set that does not match (records missing, or replayed
+    older records) raises ``DIRECTORY_ROLLBACK`` until it does. A revocation is in force as soon
+    as it is verified, head or not. Unanchored (a root holder building records in memory), every
+    verified record is used.
+    """
+
+    def __init__(
+        self,
+        root: RootPublicKey,
+        *,
+        head_store: HeadStore | None = None,
+        require_head: bool = False,
+    ) -> None:
         self.root = root
         self._root_verifier = root.verifier()
         self._by_key_id: dict[str, SignedKeyRecord] = {}
@@ -386,9 +592,38 @@ class KeyDirectory:
         # Parsing public keys costs more than a signature check; a key id names one set of
         # public keys (it is their hash, checked on ingest), so its verifier never changes.
         self._verifiers: dict[str, Verifier] = {}
+        self._digests: dict[str, bytes] = {}
+        self._signed_head: SignedDirectoryHead | None = None
+        self._anchored = require_head or head_store is not None
+        self._store = head_store
+        self._buckets = DEFAULT_VEHICLE_BUCKETS
+        self._members: dict[int, set[str]] = {}
+        self._index: dict[str, int] = {}  # key id -> its set (a hash per vehicle: cache it)
+        # Sets whose records matched the current head, as they were then; a set whose records
+        # changed since is re-checked lazily (at the next lookup), so a burst of records costs
+        # one digest per set, not one per record.
+        self._accepted: dict[int, dict[str, SignedKeyRecord]] = {}
+        self._dirty: set[int] = set()
+        if head_store is not None:
+            stored = head_store.load(root)
+            if stored is not None:
+                self._set_head(stored)
+
+    @property
+    def head(self) -> DirectoryHead | None:
+        """The highest head accepted (None: no head yet)."""
+        return None if self._signed_head is None else self._signed_head.head
+
+    @property
+    def signed_head(self) -> SignedDirectoryHead | None:
+        return self._signed_head
 
     def ingest(self, signed: SignedKeyRecord) -> KeyRecord:
-        """Verify and merge a record; revocation is sticky, a higher version of a key wins."""
+        """Verify and merge a record; revocation is sticky, a higher version of a key wins.
+
+        In an anchored directory a record the current head does not cover is held, without
+        effect, until a head covers it (records are published before their head).
+        """
         record = verify_signed_record(signed, self.root)
         existing = self._by_key_id.get(record.key_id)
         if existing is not None:
@@ -399,37 +634,165 @@ class KeyDirectory:
                 return old
             if not (record.revoked or record.version > old.version):
                 return old
+            self._members[self._index[old.key_id]].discard(old.key_id)
+            self._dirty.add(self._index[old.key_id])
         self._by_key_id[record.key_id] = signed
         self._by_principal.setdefault(record.principal_id, set()).add(record.key_id)
+        self._digests[record.key_id] = record_digest(record)
+        index = self._index[record.key_id] = record_set(record, self._buckets)
+        self._members.setdefault(index, set()).add(record.key_id)
+        self._dirty.add(index)
         return record
 
-    def ingest_kafka(self, value: bytes | None) -> KeyRecord:
-        return self.ingest(from_kafka(value))
+    def ingest_head(self, signed: SignedDirectoryHead) -> DirectoryHead:
+        """Verify and accept a head; one older than the highest accepted is DIRECTORY_ROLLBACK.
+
+        The same ``seq`` is accepted again only with the same content: two different heads with
+        one sequence number mean the root's history forked (an issuing folder restored from an
+        old copy), and neither can be trusted over the other.
+        """
+        head = verify_signed_head(signed, self.root)
+        current = self.head
+        if current is not None:
+            if head.seq < current.seq:
+                raise FleetbusError(
+                    f"directory head {head.seq} is older than head {current.seq} already "
+                    "accepted: refusing rolled-back key material",
+                    reason=ReasonCode.DIRECTORY_ROLLBACK,
+                )
+            if head.seq == current.seq:
+                if head.to_cbor() != current.to_cbor():
+                    raise FleetbusError(
+                        f"two different directory heads carry seq {head.seq}: the issuing "
+                        "root's history forked",
+                        reason=ReasonCode.DIRECTORY_ROLLBACK,
+                    )
+                return current
+        self._set_head(signed)
+        if self._store is not None:
+            self._store.save(signed)
+        return head
+
+    def _set_head(self, signed: SignedDirectoryHead) -> None:
+        previous = self.head
+        head = signed.head
+        self._signed_head = signed
+        self._anchored = True
+        if head.vehicle_buckets != self._buckets:
+            self._buckets = head.vehicle_buckets
+            self._members = {}
+            for key_id, stored in self._by_key_id.items():
+                index = self._index[key_id] = record_set(stored.record, self._buckets)
+                self._members.setdefault(index, set()).add(key_id)
+            self._accepted = {}
+            self._dirty = set(range(1 + head.vehicle_buckets))
+        else:
+            for index in range(1 + head.vehicle_buckets):
+                if previous is None or previous.sets[index] != head.sets[index]:
+                    self._accepted.pop(index, None)
+                    self._dirty.add(index)
+        # Settle now what already matches, so records that arrive after this head are held
+        # (not used) rather than making their set unusable until the next head.
+        for index in sorted(self._dirty):
+            self._settle(index)
+
+    def _settle(self, index: int) -> dict[str, SignedKeyRecord] | None:
+        """The records of set ``index`` that match the current head, or None if they do not."""
+        head = self.head
+        if head is None:
+            return None
+        if index in self._dirty:
+            self._dirty.discard(index)
+            members = self._members.get(index, set())
+            count, digest = head.sets[index]
+            if len(members) == count and hmac.compare_digest(
+                set_digest((k, self._digests[k]) for k in members), digest
+            ):
+                self._accepted[index] = {k: self._by_key_id[k] for k in members}
+        return self._accepted.get(index)
+
+    def unsettled_sets(self) -> list[int]:
+        """Sets whose records do not match the current head (all of them when there is none)."""
+        head = self.head
+        if head is None:
+            return list(range(1 + self._buckets))
+        return [i for i in range(1 + head.vehicle_buckets) if self._settle(i) is None]
+
+    def compute_head(self, *, seq: int, at: float, vehicle_buckets: int) -> DirectoryHead:
+        """The head over every verified record held (for the root holder signing the next one);
+        uses the record digests computed on ingest."""
+        entries: list[list[tuple[str, bytes]]] = [[] for _ in range(1 + vehicle_buckets)]
+        for key_id, signed in self._by_key_id.items():
+            index = (
+                self._index[key_id]
+                if vehicle_buckets == self._buckets
+                else record_set(signed.record, vehicle_buckets)
+            )
+            entries[index].append((key_id, self._digests[key_id]))
+        sets = tuple((len(items), set_digest(items)) for items in entries)
+        return DirectoryHead(seq, float(at), vehicle_buckets, sets)
+
+    def _usable(self, key_id: str) -> SignedKeyRecord | None:
+        signed = self._by_key_id.get(key_id)
+        if signed is None or not self._anchored or signed.record.revoked:
+            return signed
+        index = self._index[key_id]
+        accepted = self._settle(index)
+        if accepted is None:
+            seq = "none" if self.head is None else str(self.head.seq)
+            raise FleetbusError(
+                f"key records of set {index} do not match directory head {seq} (records missing "
+                "or replayed from before a newer head); refusing their keys",
+                reason=ReasonCode.DIRECTORY_ROLLBACK,
+            )
+        return accepted.get(key_id)
+
+    def ingest_kafka(
+        self, value: bytes | None, key: bytes | None = None
+    ) -> KeyRecord | DirectoryHead:
+        """Ingest one value of the key topic (a record or a head); ``key``, if given, must match.
+
+        The topic is untrusted storage (compaction, re-publication): reading it anchors the
+        directory, so nothing read from it is used until a head covers it.
+        """
+        self._anchored = True
+        item = from_kafka(value)
+        expected = (
+            HEAD_KAFKA_KEY if isinstance(item, SignedDirectoryHead) else kafka_key(item.record)
+        )
+        if key is not None and bytes(key) != expected:
+            raise _malformed("key topic: the Kafka key does not name the record it carries")
+        if isinstance(item, SignedDirectoryHead):
+            return self.ingest_head(item)
+        return self.ingest(item)
 
     def ingest_all(self, records: Iterable[SignedKeyRecord]) -> None:
         for signed in records:
             self.ingest(signed)
 
     def signed_records(self) -> list[SignedKeyRecord]:
+        """Every verified record held (merged per key id), covered by the head or not yet."""
         return sorted(
             self._by_key_id.values(),
             key=lambda s: (s.record.principal_id, s.record.version, s.record.key_id),
         )
 
     def record(self, key_id: str) -> KeyRecord | None:
-        signed = self._by_key_id.get(key_id)
+        signed = self._usable(key_id)
         return None if signed is None else signed.record
 
     def records(self, principal_id: str | None = None) -> list[KeyRecord]:
         if principal_id is None:
-            return [s.record for s in self.signed_records()]
-        # Only this principal's records (called per message: not a sort of the whole fleet).
-        signed = [self._by_key_id[k] for k in self._by_principal.get(principal_id, ())]
-        signed.sort(key=lambda s: (s.record.version, s.record.key_id))
+            key_ids: Iterable[str] = list(self._by_key_id)
+        else:
+            # Only this principal's records (called per message: not a sort of the whole fleet).
+            key_ids = self._by_principal.get(principal_id, ())
+        signed = [s for s in map(self._usable, key_ids) if s is not None]
+        signed.sort(key=lambda s: (s.record.principal_id, s.record.version, s.record.key_id))
         return [s.record for s in signed]
 
     def principals(self) -> list[str]:
-        return sorted(self._by_principal)
+        return sorted({r.principal_id for r in self.records()})
 
     def latest(self, principal_id: str) -> KeyRecord:
         records = self.records(principal_id)
@@ -707,26 +1070,91 @@ def issue_key(
     return IssuedKey(root.sign(record), PrincipalKeyFile.from_record(record, private))
 
 
-# --- directory file: one canonical CBOR array of signed records -----------------------------
+# --- the highest accepted head, kept across restarts ----------------------------------------
 
 
-def read_directory_file(path: Path) -> list[SignedKeyRecord]:
-    """The signed records in a directory file (a CBOR array of byte strings)."""
+class HeadStore:
+    """The highest directory head a loader has accepted, in one file, kept across restarts.
+
+    The file holds the signed head, so it is re-verified against the pinned root at each start.
+    It protects against older material handed to the loader (a stale ``directory.cbor``, a
+    replayed topic), not against someone who can rewrite the loader's own state folder.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def load(self, root: RootPublicKey) -> SignedDirectoryHead | None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            signed = SignedDirectoryHead.from_cbor(data)
+            verify_signed_head(signed, root)
+        except FleetbusError as exc:
+            raise ConfigError(
+                f"{self.path} does not hold a directory head signed by the pinned root "
+                f"({exc.reason}); delete it only if the fleet root was deliberately replaced"
+            ) from None
+        return signed
+
+    def save(self, signed: SignedDirectoryHead) -> None:
+        """Keep ``signed`` unless the file already holds a higher head (another process of the
+        same folder got further)."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            if SignedDirectoryHead.from_cbor(self.path.read_bytes()).head.seq > signed.head.seq:
+                return
+        except (FileNotFoundError, FleetbusError):
+            pass  # nothing (valid) to keep; load() verifies whatever is there at the next start
+        _write_atomic(self.path, signed.to_cbor(), 0o644)
+
+
+def head_store_for(folder: Path, root: RootPublicKey) -> HeadStore:
+    """The head store of loaders of ``root``'s directory in ``folder`` (one file per root, so
+    a state folder that outlives a fleet root never mixes two fleets' sequences)."""
+    return HeadStore(Path(folder) / f"directory-head.{root.key_id}.cbor")
+
+
+# --- directory file: the head and the signed records it covers ------------------------------
+
+
+@dataclass(frozen=True)
+class DirectoryFile:
+    """The content of ``directory.cbor``; ``head`` is None in a file written before heads."""
+
+    head: SignedDirectoryHead | None
+    records: list[SignedKeyRecord]
+
+
+def read_directory_file(path: Path) -> DirectoryFile:
+    """Parse a directory file: ``{"fmt", "head", "records"}`` (or the headless array of v1)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"directory file {path} does not exist (run `keys init`)") from None
-    items = _loads(data, "directory file")
+    doc = _loads(data, "directory file")
+    if isinstance(doc, list):
+        items, head = doc, None
+    elif isinstance(doc, dict) and set(doc) == {"fmt", "head", "records"}:
+        if doc["fmt"] != DIRECTORY_FILE_FORMAT:
+            raise FleetbusError(
+                "directory file: unsupported format", reason=ReasonCode.UNSUPPORTED_VERSION
+            )
+        if not isinstance(doc["head"], bytes):
+            raise _malformed("directory file: head must be bytes")
+        items, head = doc["records"], SignedDirectoryHead.from_cbor(doc["head"])
+    else:
+        raise _malformed("directory file: expected a head and an array of signed records")
     if not isinstance(items, list) or not all(isinstance(item, bytes) for item in items):
         raise _malformed("directory file: expected an array of signed records")
-    return [SignedKeyRecord.from_cbor(item) for item in items]
+    return DirectoryFile(head, [SignedKeyRecord.from_cbor(item) for item in items])
 
 
-def write_directory_file(path: Path, records: Iterable[SignedKeyRecord]) -> None:
-    """Atomically replace the directory file with ``records`` (public data, mode 0644)."""
-    data = canonical_cbor([signed.to_cbor() for signed in records])
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -738,13 +1166,99 @@ def write_directory_file(path: Path, records: Iterable[SignedKeyRecord]) -> None
         raise
 
 
-def append_directory_file(path: Path, signed: SignedKeyRecord) -> None:
-    """Append one signed record to the directory file (read, extend, atomic rewrite)."""
-    write_directory_file(path, [*read_directory_file(path), signed])
+def write_directory_file(
+    path: Path, head: SignedDirectoryHead, records: Iterable[SignedKeyRecord]
+) -> None:
+    """Atomically replace the directory file with a head and its records (public, mode 0644)."""
+    data = canonical_cbor(
+        {
+            "fmt": DIRECTORY_FILE_FORMAT,
+            "head": head.to_cbor(),
+            "records": [signed.to_cbor() for signed in records],
+        }
+    )
+    _write_atomic(path, data, 0o644)
 
 
-def load_directory(path: Path, root: RootPublicKey) -> KeyDirectory:
-    """Read and verify every record of a directory file against the pinned root."""
-    directory = KeyDirectory(root)
-    directory.ingest_all(read_directory_file(path))
+def sign_directory(
+    root: FleetRoot,
+    records: Iterable[SignedKeyRecord],
+    *,
+    previous: DirectoryHead | None = None,
+    at: float | None = None,
+) -> tuple[SignedDirectoryHead, list[SignedKeyRecord]]:
+    """Merge ``records`` (revocation sticky) and sign the next head over them.
+
+    Returns the head (``previous.seq + 1``, or 1) and the merged records it covers.
+    """
+    merged = KeyDirectory(root.public)
+    merged.ingest_all(records)
+    return next_head(root, merged, previous=previous, at=at), merged.signed_records()
+
+
+def next_head(
+    root: FleetRoot,
+    directory: KeyDirectory,
+    *,
+    previous: DirectoryHead | None,
+    at: float | None = None,
+) -> SignedDirectoryHead:
+    """The root's head after ``previous`` (1 if None) over every record ``directory`` holds."""
+    head = directory.compute_head(
+        seq=1 if previous is None else previous.seq + 1,
+        at=time.time() if at is None else at,
+        vehicle_buckets=DEFAULT_VEHICLE_BUCKETS if previous is None else previous.vehicle_buckets,
+    )
+    return root.sign_head(head)
+
+
+def publish_directory_file(
+    path: Path, root: FleetRoot, records: Iterable[SignedKeyRecord], *, at: float | None = None
+) -> SignedDirectoryHead:
+    """Write ``records`` under the next head after the file's current one (1 for a new file).
+
+    For tools that hold the root (the CLI, devtools, test fleets); the existing file's head is
+    verified before its sequence number is continued.
+    """
+    previous = None
+    if path.exists():
+        current = read_directory_file(path).head
+        if current is not None:
+            previous = verify_signed_head(current, root.public)
+    head, merged = sign_directory(root, records, previous=previous, at=at)
+    write_directory_file(path, head, merged)
+    return head
+
+
+def load_directory(
+    path: Path, root: RootPublicKey, *, head_store: HeadStore | None = None
+) -> KeyDirectory:
+    """Read and verify a directory file: its head, and records that match the head exactly.
+
+    Refused with DIRECTORY_ROLLBACK: a head older than ``head_store``'s, records that do not
+    match the head (one missing, e.g. a revocation, or one replayed). A file without a head is
+    a CONFIG error telling how to migrate (DIRECTORY_ROLLBACK if this loader has seen a head).
+    """
+    content = read_directory_file(path)
+    directory = KeyDirectory(root, head_store=head_store, require_head=True)
+    if content.head is None:
+        if directory.head is not None:
+            raise FleetbusError(
+                f"directory file {path} has no signed head, but head {directory.head.seq} was "
+                "accepted before: refusing rolled-back key material",
+                reason=ReasonCode.DIRECTORY_ROLLBACK,
+            )
+        raise ConfigError(
+            f"directory file {path} has no signed directory head (written before heads "
+            "existed); on the root's own copy run `fleetbus keys migrate --dir <folder>`"
+        )
+    directory.ingest_all(content.records)
+    directory.ingest_head(content.head)
+    unsettled = directory.unsettled_sets()
+    if unsettled:
+        raise FleetbusError(
+            f"directory file {path}: the records of set(s) {unsettled} do not match head "
+            f"{content.head.head.seq} (a record missing or replaced by an older one)",
+            reason=ReasonCode.DIRECTORY_ROLLBACK,
+        )
     return directory

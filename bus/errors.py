@@ -17,6 +17,9 @@ class ReasonCode(StrEnum):
     UNKNOWN_SIGNER = "unknown_signer"
     SIGNER_EXPIRED = "signer_expired"
     SIGNER_REVOKED = "signer_revoked"
+    # Signed material older than what the loader has accepted (a directory head below the
+    # highest seen, records that do not match the current head): rollback of signed material.
+    DIRECTORY_ROLLBACK = "directory_rollback"
     # Binding and freshness
     WRONG_RECIPIENT = "wrong_recipient"
     EXPIRED = "expired"

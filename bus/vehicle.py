@@ -31,6 +31,7 @@ from fleetbus.bus.directory import (
     KeyDirectory,
     PrincipalKeyFile,
     RootPublicKey,
+    head_store_for,
     load_directory,
     load_key_file,
 )
@@ -132,14 +133,21 @@ class VehicleIdentity:
         return cls.from_key_file(key_file)
 
 
-def load_key_directory(keys_dir: str | Path) -> KeyDirectory:
-    """The verified key directory of a ``fleetbus keys`` folder (root.pub, directory.cbor)."""
+def load_key_directory(
+    keys_dir: str | Path, *, state_dir: str | Path | None = None
+) -> KeyDirectory:
+    """The verified key directory of a ``fleetbus keys`` folder (root.pub, directory.cbor).
+
+    The highest directory head accepted is kept in ``state_dir`` (default: the keys folder), so
+    a restart with an older directory file is refused.
+    """
     folder = Path(keys_dir).expanduser()
     try:
         root = RootPublicKey.from_bytes((folder / "root.pub").read_bytes())
     except FileNotFoundError:
         raise ConfigError(f"{folder / 'root.pub'} not found; run `fleetbus keys init`") from None
-    return load_directory(folder / "directory.cbor", root)
+    state = Path(state_dir).expanduser() if state_dir else folder
+    return load_directory(folder / "directory.cbor", root, head_store=head_store_for(state, root))
 
 
 # --- durable record of executed commands ---------------------------------------------------

@@ -148,7 +148,12 @@ class Pipeline:
 def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     """Load keys, registry and policies once; build the four stages and their runners."""
     from fleetbus.bus.cli_keys import DIRECTORY, ROOT_PUB
-    from fleetbus.bus.directory import RootPublicKey, load_directory, load_key_file
+    from fleetbus.bus.directory import (
+        RootPublicKey,
+        head_store_for,
+        load_directory,
+        load_key_file,
+    )
     from fleetbus.bus.keys import KeyPath
     from fleetbus.bus.registry import load_key_provider
     from fleetbus.processors.fleet_registry import FleetRegistry
@@ -173,7 +178,9 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         root = RootPublicKey.from_bytes((keys_dir / ROOT_PUB).read_bytes())
     except FileNotFoundError:
         raise ConfigError(f"{keys_dir / ROOT_PUB} not found; set FLEETBUS_KEYS_DIR") from None
-    directory = load_directory(keys_dir / DIRECTORY, root)
+    # The keys folder may be a read-only mount: the highest accepted head lives with the state.
+    head_store = head_store_for(Path(settings.data_dir).expanduser(), root)
+    directory = load_directory(keys_dir / DIRECTORY, root, head_store=head_store)
     sealer_file = load_key_file(keys_dir / f"{settings.sealer_principal}.key")
     signer = sealer_file.signer()
 

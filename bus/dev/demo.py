@@ -48,6 +48,7 @@ from fleetbus.bus.directory import (
     FleetRoot,
     issue_key,
     save_key_file,
+    sign_directory,
     write_directory_file,
 )
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
@@ -158,7 +159,9 @@ def build_demo_keys(keys_dir: Path, options: DemoOptions) -> DemoFleet:
         )  # fmt: skip
     # A well-formed key whose record another root signed: not in the directory.
     intruder = issue(INTRUDER, "dispatcher", "ed25519", by=FleetRoot.generate("ed25519"))
-    write_directory_file(keys_dir / "directory.cbor", [i.signed for i in issued])
+    # A new root starts a new history: head 1, whatever an earlier demo left in the folder.
+    head, records = sign_directory(root, [i.signed for i in issued])
+    write_directory_file(keys_dir / "directory.cbor", head, records)
     for item in [*issued, intruder]:
         save_key_file(keys_dir / f"{item.key_file.principal_id}.key", item.key_file)
     return DemoFleet(

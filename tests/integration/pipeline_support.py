@@ -40,11 +40,11 @@ from fleetbus.bus.directory import (
     FleetRoot,
     KeyDirectory,
     PrincipalKeyFile,
-    append_directory_file,
     issue_key,
     load_directory,
+    publish_directory_file,
+    read_directory_file,
     save_key_file,
-    write_directory_file,
 )
 from fleetbus.bus.keys import KeyPath, PrivateKeySet, RecipientKeys, SecurityProfile, Signer
 from fleetbus.bus.settings import FleetbusSettings, TopicNames
@@ -123,7 +123,8 @@ class TestFleet:
             not_before=now - DAY_S,
             not_after=now + 30 * DAY_S if not_after is None else not_after,
         )
-        append_directory_file(self.keys_dir / "directory.cbor", edge.signed)
+        path = self.keys_dir / "directory.cbor"
+        publish_directory_file(path, self.root, [*read_directory_file(path).records, edge.signed])
         save_key_file(self.key_file_path(principal_id), edge.key_file)
         self.key_files[principal_id] = edge.key_file
         self.groups.setdefault(group, []).append(principal_id)
@@ -172,6 +173,8 @@ class TestFleet:
             overrides.setdefault("keys_dir", str(self.keys_dir))
         if "sealer_principal" in fields:
             overrides.setdefault("sealer_principal", SEALER)
+        # Worker state (the highest directory head accepted) stays with the fleet, not in ~.
+        overrides.setdefault("data_dir", str(self.keys_dir.parent / "state"))
         return settings_for(bootstrap, prefix, **overrides)
 
 
@@ -242,7 +245,7 @@ def make_test_fleet(
         signature_suite=dispatcher_suite,
         **window,
     )
-    write_directory_file(keys_dir / "directory.cbor", [i.signed for i in issued])
+    publish_directory_file(keys_dir / "directory.cbor", root, [i.signed for i in issued])
     key_files: dict[str, PrincipalKeyFile] = {}
     for item in [*issued, intruder]:
         key_files[item.key_file.principal_id] = item.key_file

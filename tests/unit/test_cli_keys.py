@@ -14,6 +14,7 @@ from typer.testing import CliRunner, Result
 from fleetbus.bus.cli_keys import keys_app
 from fleetbus.bus.directory import (
     RootPublicKey,
+    head_store_for,
     load_directory,
     load_key_file,
     read_directory_file,
@@ -57,7 +58,10 @@ def test_init_creates_root_files(keydir: Path) -> None:
     assert _mode(keydir / "root.key") == 0o600
     root = RootPublicKey.from_bytes((keydir / "root.pub").read_bytes())
     assert root.suite == "composite-mldsa65-ed25519"
-    assert read_directory_file(keydir / "directory.cbor") == []
+    content = read_directory_file(keydir / "directory.cbor")
+    assert content.records == []
+    assert content.head is not None
+    assert content.head.head.seq == 1
     assert load_key_file(keydir / "root.key").key_id == root.key_id
     result = _run("init", "--dir", str(keydir))
     assert result.exit_code != 0
@@ -121,6 +125,9 @@ def test_full_lifecycle(keydir: Path) -> None:
     assert "REVOKED" in shown
     as_json = json.loads(_ok("show", "--dir", d, "--principal", "veh-0001", "--json").output)
     assert as_json["root_key_id"] == root.key_id
+    # init, two issues, a rotation and a revocation: one head each.
+    assert as_json["head"]["seq"] == 5
+    assert "directory head 5" in shown
     rows = as_json["records"]
     assert [r["version"] for r in rows] == [1, 2]
     assert rows[1]["revoked"] is True
@@ -184,3 +191,76 @@ def test_a_principal_id_with_a_trailing_newline_is_refused(keydir: Path) -> None
     assert isinstance(result.exception, FleetbusError)
     assert "invalid principal id" in str(result.exception)
     assert not (keydir / "veh-1\n.key").exists()
+
+
+def test_every_change_publishes_a_new_head_over_the_records(keydir: Path) -> None:
+    d = str(keydir)
+    root = RootPublicKey.from_bytes((keydir / "root.pub").read_bytes())
+    seqs = []
+    for args in (
+        ("issue", "--principal", "dispatch-1", "--kind", "dispatcher"),
+        ("rotate", "--principal", "dispatch-1"),
+        ("revoke", "--principal", "dispatch-1"),
+    ):
+        _ok(args[0], "--dir", d, *args[1:])
+        content = read_directory_file(keydir / "directory.cbor")
+        assert content.head is not None
+        seqs.append(content.head.head.seq)
+        # The folder remembers the head it wrote.
+        stored = head_store_for(keydir, root).load(root)
+        assert stored is not None
+        assert stored.head == content.head.head
+    assert seqs == [2, 3, 4]
+    assert load_directory(keydir / "directory.cbor", root).unsettled_sets() == []
+
+
+def test_an_older_directory_file_is_refused_by_the_keys_commands(keydir: Path) -> None:
+    d = str(keydir)
+    _ok("issue", "--dir", d, "--principal", "dispatch-1", "--kind", "dispatcher")
+    before_revocation = (keydir / "directory.cbor").read_bytes()
+    _ok("revoke", "--dir", d, "--principal", "dispatch-1")
+    (keydir / "directory.cbor").write_bytes(before_revocation)
+    for args in (("show",), ("issue", "--principal", "dispatch-2", "--kind", "dispatcher")):
+        result = _run(args[0], "--dir", d, *args[1:])
+        assert result.exit_code != 0
+        assert isinstance(result.exception, FleetbusError)
+        assert result.exception.reason is ReasonCode.DIRECTORY_ROLLBACK
+    # Signing a new head over the rolled-back records would make the rollback permanent.
+    assert read_directory_file(keydir / "directory.cbor").records != []
+    content = read_directory_file(keydir / "directory.cbor")
+    assert content.head is not None
+    assert content.head.head.seq == 2
+
+
+def test_migrate_signs_the_first_head_of_a_headless_directory(keydir: Path) -> None:
+    import cbor2
+
+    d = str(keydir)
+    _ok("issue", "--dir", d, "--principal", "dispatch-1", "--kind", "dispatcher")
+    _ok("revoke", "--dir", d, "--principal", "dispatch-1")
+    content = read_directory_file(keydir / "directory.cbor")
+    root = RootPublicKey.from_bytes((keydir / "root.pub").read_bytes())
+    # A folder as an older fleetbus left it: a bare array of records, no head, no head state.
+    legacy = cbor2.dumps([s.to_cbor() for s in content.records], canonical=True)
+    (keydir / "directory.cbor").write_bytes(legacy)
+    head_store_for(keydir, root).path.unlink()
+    result = _run("show", "--dir", d)
+    assert result.exit_code != 0
+    assert isinstance(result.exception, FleetbusError)
+    assert result.exception.reason is ReasonCode.CONFIG
+    assert "keys migrate" in str(result.exception)
+    out = _ok("migrate", "--dir", d).output
+    assert "1 records (1 revoked)" in out
+    directory = load_directory(keydir / "directory.cbor", root)
+    assert directory.head is not None
+    assert directory.head.seq == 1
+    assert directory.latest("dispatch-1").revoked
+    again = _run("migrate", "--dir", d)
+    assert again.exit_code != 0
+    assert isinstance(again.exception, FleetbusError)
+    assert again.exception.reason is ReasonCode.CONFIG
+    # Migrating a headless copy after the folder has seen a head is a rollback, not a migration.
+    (keydir / "directory.cbor").write_bytes(legacy)
+    result = _run("migrate", "--dir", d)
+    assert isinstance(result.exception, FleetbusError)
+    assert result.exception.reason is ReasonCode.DIRECTORY_ROLLBACK

@@ -12,20 +12,28 @@ import cbor2
 import pytest
 
 from fleetbus.bus.directory import (
+    DirectoryHead,
     FleetRoot,
+    HeadStore,
     IssuedKey,
     KeyDirectory,
     KeyRecord,
     PrincipalKeyFile,
     RootPublicKey,
-    append_directory_file,
+    SignedDirectoryHead,
+    SignedKeyRecord,
+    build_head,
     derive_key_id,
     from_kafka,
+    head_to_kafka,
     issue_key,
     load_directory,
     load_key_file,
+    publish_directory_file,
     read_directory_file,
+    record_set,
     save_key_file,
+    sign_directory,
     to_kafka,
     write_directory_file,
 )
@@ -366,13 +374,20 @@ def test_private_key_file_garbage_is_malformed_without_echo() -> None:
 
 def test_directory_file_round_trip(tmp_path: Path, root: FleetRoot, v1: IssuedKey) -> None:
     path = tmp_path / "directory.cbor"
-    write_directory_file(path, [])
-    assert read_directory_file(path) == []
-    append_directory_file(path, v1.signed)
+    first = publish_directory_file(path, root, [], at=T0)
+    assert read_directory_file(path).records == []
+    assert first.head.seq == 1
+    assert first.head.record_count == 0
+    publish_directory_file(path, root, [v1.signed], at=T0 + 1)
     revocation = root.sign(v1.signed.record.revocation(at=T0 + 1))
-    append_directory_file(path, revocation)
-    assert read_directory_file(path) == [v1.signed, revocation]
+    third = publish_directory_file(path, root, [v1.signed, revocation], at=T0 + 2)
+    content = read_directory_file(path)
+    # Merged: the revocation replaced the issuance; the head covers exactly that.
+    assert content.records == [revocation]
+    assert content.head == third
+    assert third.head.seq == 3
     directory = load_directory(path, root.public)
+    assert directory.head == third.head
     record = directory.record(v1.signed.record.key_id)
     assert record is not None
     assert record.revoked
@@ -382,9 +397,9 @@ def test_directory_file_with_forged_record_fails_to_load(
     tmp_path: Path, root: FleetRoot, other_root: FleetRoot, v1: IssuedKey
 ) -> None:
     path = tmp_path / "directory.cbor"
-    write_directory_file(
-        path, [v1.signed, other_root.sign(_issue(other_root, "veh-9").signed.record)]
-    )
+    head, records = sign_directory(root, [v1.signed], at=T0)
+    forged = other_root.sign(_issue(other_root, "veh-9").signed.record)
+    write_directory_file(path, head, [*records, forged])
     with pytest.raises(FleetbusError) as exc:
         load_directory(path, root.public)
     assert _reason(exc) is ReasonCode.BAD_SIGNATURE
@@ -419,3 +434,278 @@ def test_records_of_one_principal_are_the_fleet_records_filtered_in_the_same_ord
     assert [r.version for r in directory.records("veh-1")] == [1, 2, 3]
     assert directory.records("nobody") == []
     assert directory.latest("veh-1").version == 3
+
+
+# --- directory head: rollback of signed material ---------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class History:
+    """A dispatcher issued (head 1), a vehicle added (head 2), the dispatcher revoked (head 3)."""
+
+    dispatcher: SignedKeyRecord
+    vehicle: SignedKeyRecord
+    revocation: SignedKeyRecord
+    heads: list[SignedDirectoryHead]
+
+    @property
+    def kid(self) -> str:
+        return self.dispatcher.record.key_id
+
+
+@pytest.fixture(scope="module")
+def history(root: FleetRoot) -> History:
+    dispatcher = _issue(root, "dispatch-1", kind="dispatcher", kems=[]).signed
+    vehicle = _issue(root, "veh-7").signed
+    revocation = root.sign(dispatcher.record.revocation(at=T0 + 2 * DAY))
+    h1, _ = sign_directory(root, [dispatcher], at=T0)
+    h2, _ = sign_directory(root, [dispatcher, vehicle], previous=h1.head, at=T0 + 1)
+    h3, _ = sign_directory(root, [dispatcher, vehicle, revocation], previous=h2.head, at=T0 + 2)
+    return History(dispatcher, vehicle, revocation, [h1, h2, h3])
+
+
+def _value(item: SignedKeyRecord | SignedDirectoryHead) -> bytes:
+    return item.to_cbor()
+
+
+def _rollback(call: object) -> None:
+    assert callable(call)
+    with pytest.raises(FleetbusError) as exc:
+        call()
+    assert _reason(exc) is ReasonCode.DIRECTORY_ROLLBACK
+
+
+def test_republished_issuance_on_a_live_topic_leaves_the_key_revoked(
+    root: FleetRoot, history: History
+) -> None:
+    directory = KeyDirectory(root.public)
+    for item in (history.dispatcher, history.heads[0], history.vehicle, history.heads[1]):
+        directory.ingest_kafka(_value(item))
+    directory.verifier_for("dispatch-1", history.kid, at=T0 + 1)
+    directory.ingest_kafka(_value(history.revocation))
+    directory.ingest_kafka(_value(history.heads[2]))
+    # The attacker re-publishes the genuine issuance record under its Kafka key.
+    key, value = to_kafka(history.dispatcher)
+    directory.ingest_kafka(value, key)
+    with pytest.raises(FleetbusError) as exc:
+        directory.verifier_for("dispatch-1", history.kid, at=T0 + 1)
+    assert _reason(exc) is ReasonCode.SIGNER_REVOKED
+
+
+def test_a_topic_consumer_without_a_head_uses_nothing(root: FleetRoot, history: History) -> None:
+    """After compaction the topic may hold only the re-published issuance: no head, no use."""
+    directory = KeyDirectory(root.public)
+    key, value = to_kafka(history.dispatcher)
+    assert directory.ingest_kafka(value, key) == history.dispatcher.record
+    _rollback(lambda: directory.verifier_for("dispatch-1", history.kid, at=T0 + 1))
+
+
+def test_restart_on_a_compacted_topic_refuses_the_republished_issuance(
+    tmp_path: Path, root: FleetRoot, history: History
+) -> None:
+    """Compaction let the re-published issuance replace the revocation (same Kafka key)."""
+    store = HeadStore(tmp_path / "head.cbor")
+    store.save(history.heads[2])
+    # What a consumer reading the compacted topic from the start sees.
+    compacted = [history.vehicle, history.heads[2], history.dispatcher]
+    directory = KeyDirectory(root.public, head_store=store)
+    for item in compacted:
+        directory.ingest_kafka(_value(item))
+    _rollback(lambda: directory.verifier_for("dispatch-1", history.kid, at=T0 + 1))
+    _rollback(lambda: directory.latest("dispatch-1"))
+    # The other record set is untouched: vehicles still resolve.
+    assert directory.recipient_keys("veh-7", at=T0 + 1).principal_id == "veh-7"
+    # With head 3 remembered, the older head is refused outright.
+    _rollback(lambda: directory.ingest_kafka(_value(history.heads[1])))
+    assert directory.head == history.heads[2].head
+
+
+def test_directory_file_without_the_revocation_is_refused(
+    tmp_path: Path, root: FleetRoot, history: History
+) -> None:
+    path = tmp_path / "directory.cbor"
+    # The current head, but the revocation dropped from the records.
+    write_directory_file(path, history.heads[2], [history.dispatcher, history.vehicle])
+    _rollback(lambda: load_directory(path, root.public))
+    # An older (genuine) head whose records are consistent, after head 3 was seen.
+    store = HeadStore(tmp_path / "head.cbor")
+    store.save(history.heads[2])
+    write_directory_file(path, history.heads[1], [history.dispatcher, history.vehicle])
+    load_directory(path, root.public)  # nothing remembered: head 2 is all this loader knows
+    _rollback(lambda: load_directory(path, root.public, head_store=store))
+    # No head at all (the format before heads): a migration error, or rollback after a head.
+    path.write_bytes(cbor2.dumps([history.dispatcher.to_cbor(), history.vehicle.to_cbor()]))
+    with pytest.raises(FleetbusError) as exc:
+        load_directory(path, root.public)
+    assert _reason(exc) is ReasonCode.CONFIG
+    assert "keys migrate" in str(exc.value)
+    _rollback(lambda: load_directory(path, root.public, head_store=store))
+    # An extra record the head does not cover (here: an issuance never published) is refused.
+    stray = _issue(root, "veh-8").signed
+    write_directory_file(path, history.heads[2], [history.revocation, history.vehicle, stray])
+    _rollback(lambda: load_directory(path, root.public))
+
+
+def test_restart_with_an_older_directory_file_is_refused(
+    tmp_path: Path, root: FleetRoot, history: History
+) -> None:
+    from fleetbus.bus.vehicle import load_key_directory
+
+    (tmp_path / "root.pub").write_bytes(root.public.to_bytes())
+    path = tmp_path / "directory.cbor"
+    write_directory_file(path, history.heads[2], [history.revocation, history.vehicle])
+    directory = load_key_directory(tmp_path)
+    assert directory.head == history.heads[2].head
+    # The file is swapped for the one from before the revocation; the process restarts.
+    write_directory_file(path, history.heads[1], [history.dispatcher, history.vehicle])
+    _rollback(lambda: load_key_directory(tmp_path))
+    # The same head again is fine (an idempotent restart).
+    write_directory_file(path, history.heads[2], [history.revocation, history.vehicle])
+    assert load_key_directory(tmp_path).head == history.heads[2].head
+
+
+def test_records_wait_for_their_head_but_revocations_do_not(
+    root: FleetRoot, history: History
+) -> None:
+    directory = KeyDirectory(root.public)
+    directory.ingest_kafka(_value(history.dispatcher))
+    directory.ingest_kafka(_value(history.heads[0]))
+    # Published before its head: held, not usable yet.
+    directory.ingest_kafka(_value(history.vehicle))
+    with pytest.raises(FleetbusError) as exc:
+        directory.recipient_keys("veh-7", at=T0 + 1)
+    assert _reason(exc) is ReasonCode.UNKNOWN_KEY_ID
+    directory.ingest_kafka(_value(history.heads[1]))
+    directory.recipient_keys("veh-7", at=T0 + 1)
+    # A revocation is in force before the head that covers it.
+    directory.ingest_kafka(_value(history.revocation))
+    with pytest.raises(FleetbusError) as exc:
+        directory.verifier_for("dispatch-1", history.kid, at=T0 + 1)
+    assert _reason(exc) is ReasonCode.SIGNER_REVOKED
+    directory.ingest_kafka(_value(history.heads[2]))
+    assert directory.unsettled_sets() == []
+
+
+def test_a_head_before_its_records_fails_closed_until_they_arrive(
+    root: FleetRoot, history: History
+) -> None:
+    directory = KeyDirectory(root.public)
+    for item in (history.dispatcher, history.vehicle, history.heads[1]):
+        directory.ingest_kafka(_value(item))
+    directory.verifier_for("dispatch-1", history.kid, at=T0 + 1)
+    # Head 3 says the non-vehicle set changed; its record (the revocation) is not here yet.
+    directory.ingest_kafka(_value(history.heads[2]))
+    _rollback(lambda: directory.verifier_for("dispatch-1", history.kid, at=T0 + 1))
+    directory.recipient_keys("veh-7", at=T0 + 1)  # the vehicle set did not change
+    directory.ingest_kafka(_value(history.revocation))
+    with pytest.raises(FleetbusError) as exc:
+        directory.verifier_for("dispatch-1", history.kid, at=T0 + 1)
+    assert _reason(exc) is ReasonCode.SIGNER_REVOKED
+    assert directory.unsettled_sets() == []
+
+
+def test_a_subset_holder_checks_only_the_sets_it_holds(root: FleetRoot, history: History) -> None:
+    """What issue 12's per-partition holders do: the non-vehicle set alone settles."""
+    directory = KeyDirectory(root.public)
+    directory.ingest_kafka(_value(history.heads[1]))
+    directory.ingest_kafka(_value(history.dispatcher))
+    directory.verifier_for("dispatch-1", history.kid, at=T0 + 1)
+    vehicle_set = record_set(history.vehicle.record, history.heads[1].head.vehicle_buckets)
+    assert vehicle_set != 0
+    assert directory.unsettled_sets() == [vehicle_set]
+
+
+def test_two_heads_with_one_sequence_number_are_refused(root: FleetRoot, history: History) -> None:
+    directory = KeyDirectory(root.public)
+    directory.ingest_head(history.heads[1])
+    fork, _ = sign_directory(root, [history.dispatcher], previous=history.heads[0].head, at=T0 + 9)
+    assert fork.head.seq == history.heads[1].head.seq
+    _rollback(lambda: directory.ingest_head(fork))
+    # The same head again is idempotent, whatever its signature bytes.
+    again = root.sign_head(history.heads[1].head)
+    assert directory.ingest_head(again) == history.heads[1].head
+
+
+def test_head_wire_format_is_strict(
+    root: FleetRoot, other_root: FleetRoot, history: History
+) -> None:
+    signed = history.heads[1]
+    key, value = head_to_kafka(signed)
+    assert key == b"head"
+    assert from_kafka(value) == signed
+    assert SignedDirectoryHead.from_cbor(value).to_cbor() == value
+    # Signed by another root, or a signature over another head.
+    forged = other_root.sign_head(signed.head)
+    with pytest.raises(FleetbusError) as exc:
+        KeyDirectory(root.public).ingest_head(dataclasses.replace(forged, root_key_id=root.key_id))
+    assert _reason(exc) is ReasonCode.BAD_SIGNATURE
+    swapped = dataclasses.replace(signed, head=history.heads[2].head)
+    with pytest.raises(FleetbusError) as exc:
+        KeyDirectory(root.public).ingest_head(swapped)
+    assert _reason(exc) is ReasonCode.BAD_SIGNATURE
+    # Malformed heads.
+    outer = cbor2.loads(value)
+    inner = cbor2.loads(outer["head"])
+    bad_inners = [
+        {**inner, "seq": 0},
+        {**inner, "seq": True},
+        {**inner, "extra": 1},
+        {**inner, "sets": inner["sets"][:-1]},
+        {**inner, "sets": [[c, d[:31]] for c, d in inner["sets"]]},
+        {**inner, "at": 1},
+    ]
+    for bad in bad_inners:
+        blob = cbor2.dumps({**outer, "head": cbor2.dumps(bad, canonical=True)}, canonical=True)
+        with pytest.raises(FleetbusError) as exc:
+            from_kafka(blob)
+        assert _reason(exc) is ReasonCode.MALFORMED, bad
+    with pytest.raises(FleetbusError) as exc:
+        from_kafka(cbor2.dumps({**outer, "fmt": 2}, canonical=True))
+    assert _reason(exc) is ReasonCode.UNSUPPORTED_VERSION
+    with pytest.raises(FleetbusError) as exc:
+        from_kafka(cbor2.dumps(dict(reversed(outer.items()))))  # keys not in canonical order
+    assert _reason(exc) is ReasonCode.MALFORMED
+    # A record under the head's Kafka key, or a head under a record's key.
+    directory = KeyDirectory(root.public)
+    with pytest.raises(FleetbusError) as exc:
+        directory.ingest_kafka(history.vehicle.to_cbor(), b"head")
+    assert _reason(exc) is ReasonCode.MALFORMED
+    with pytest.raises(FleetbusError) as exc:
+        directory.ingest_kafka(value, to_kafka(history.vehicle)[0])
+    assert _reason(exc) is ReasonCode.MALFORMED
+
+
+def test_head_commits_to_every_record_field(root: FleetRoot, history: History) -> None:
+    records = [history.dispatcher.record, history.vehicle.record]
+    head = build_head(records, seq=1, at=T0, vehicle_buckets=4)
+    assert head.record_count == 2
+    assert len(head.sets) == 5
+    assert head.sets[0][0] == 1  # the dispatcher; the vehicle is in one of the buckets
+    changed = dataclasses.replace(history.dispatcher.record, groups=frozenset({"x"}))
+    other = build_head([changed, history.vehicle.record], seq=1, at=T0, vehicle_buckets=4)
+    assert other.sets[0] != head.sets[0]
+    assert other.sets[1:] == head.sets[1:]
+    with pytest.raises(FleetbusError):
+        build_head([*records, history.dispatcher.record], seq=1, at=T0, vehicle_buckets=4)
+    assert DirectoryHead.from_cbor(head.to_cbor()) == head
+
+
+def test_head_store_is_verified_on_load(tmp_path: Path, root: FleetRoot, other_root: FleetRoot,
+                                        history: History) -> None:  # fmt: skip
+    store = HeadStore(tmp_path / "state" / "head.cbor")
+    assert store.load(root.public) is None
+    directory = KeyDirectory(root.public, head_store=store)
+    directory.ingest_head(history.heads[2])
+    assert store.load(root.public) == history.heads[2]
+    # A later process starts from it.
+    assert KeyDirectory(root.public, head_store=store).head == history.heads[2].head
+    with pytest.raises(FleetbusError) as exc:
+        KeyDirectory(other_root.public, head_store=store)
+    assert _reason(exc) is ReasonCode.CONFIG
+    # A process that got less far does not lower what another one stored.
+    store.save(history.heads[1])
+    assert store.load(root.public) == history.heads[2]
+    store.path.write_bytes(b"\xa0")
+    with pytest.raises(FleetbusError) as exc:
+        KeyDirectory(root.public, head_store=store)
+    assert _reason(exc) is ReasonCode.CONFIG

@@ -2,7 +2,8 @@
 
 ``commands.requested`` / ``commands.approvals`` go through ``AuthorizeStage``, responses
 through ``TrackStage`` and telemetry through ``TelemetryStage`` (both with the worker's
-``UplinkOpener``), ``commands.outbound`` through a ``VehicleAgent``'s record handler. Kafka's
+``UplinkOpener``), ``commands.outbound`` through a ``VehicleAgent``'s record handler, ``keys``
+through a ``KeyDirectory`` loaded from the corpus fleet's ``directory.cbor``. Kafka's
 partitioning is simulated (murmur2 of the key over 2 partitions, each with its own state), as the
 integration test's worker sees it. The clock is the corpus's fixed ``open_at``.
 """
@@ -17,10 +18,24 @@ from typing import Any
 
 import pytest
 from kafka.partitioner import murmur2
-from vectors.hostile.corpus import BUS_TARGETS, FLEET, VEHICLE_TARGET, Case, load_cases, load_meta
+from vectors.hostile.corpus import (
+    BUS_TARGETS,
+    FLEET,
+    KEYS_TARGET,
+    VEHICLE_TARGET,
+    Case,
+    load_cases,
+    load_meta,
+)
 
 from fleetbus.bus.commands import SignedApproval, SignedCommand
-from fleetbus.bus.directory import KeyDirectory, PrincipalKeyFile, RootPublicKey, load_directory
+from fleetbus.bus.directory import (
+    KeyDirectory,
+    KeyRecord,
+    PrincipalKeyFile,
+    RootPublicKey,
+    load_directory,
+)
 from fleetbus.bus.envelope import decode_envelope
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.bus.keys import KeyPath
@@ -232,8 +247,31 @@ class Vehicles:
         self.agent.store.close()
 
 
-def run_case(world: World, case: Case) -> tuple[Outcome, Bus | Vehicles]:
-    """Feed the case's setup cases, then the case, to a fresh bus or vehicle agent."""
+class KeyTopic:
+    """A loader following the key topic, started from the fleet's directory file (head 2)."""
+
+    def __init__(self) -> None:
+        root = RootPublicKey.from_bytes((FLEET / "root.pub").read_bytes())
+        self.directory = load_directory(FLEET / "directory.cbor", root)
+
+    def feed(self, case: Case) -> Outcome:
+        """The reason ingest refuses the value with, else the reason its key is refused with."""
+        try:
+            item = self.directory.ingest_kafka(case.value, case.key)
+            if isinstance(item, KeyRecord):
+                self.directory.verifier_for(item.principal_id, item.key_id, at=NOW)
+        except FleetbusError as exc:
+            return Outcome(exc.reason.value)
+        return Outcome("ok")
+
+
+def run_case(world: World, case: Case) -> tuple[Outcome, Bus | Vehicles | KeyTopic]:
+    """Feed the case's setup cases, then the case, to a fresh bus, vehicle agent or loader."""
+    if case.target == KEYS_TARGET:
+        keys = KeyTopic()
+        for name in case.setup:
+            assert keys.feed(CASES[name]).outcome == CASES[name].expect, name
+        return keys.feed(case), keys
     if case.target == VEHICLE_TARGET:
         vehicles = Vehicles(world)
         for name in case.setup:
@@ -259,7 +297,7 @@ def test_corpus_size_and_reason_codes() -> None:
     codes = {r.value for r in ReasonCode}
     for case in CASES.values():
         assert case.expect in codes or case.expect in ("ok", "pending"), case.name
-        assert case.target in (*BUS_TARGETS, VEHICLE_TARGET), case.name
+        assert case.target in (*BUS_TARGETS, VEHICLE_TARGET, KEYS_TARGET), case.name
         assert case.description, case.name
     # The attack classes the corpus must keep covering.
     categories = Counter(c.category for c in hostile)
@@ -277,9 +315,10 @@ def test_corpus_size_and_reason_codes() -> None:
         "merkle",
         "compression-bomb",
         "tamper",
+        "rollback",
     ):
         assert categories[needed] >= 1, needed
-    for target in (*BUS_TARGETS, VEHICLE_TARGET):
+    for target in (*BUS_TARGETS, VEHICLE_TARGET, KEYS_TARGET):
         assert any(c.target == target for c in hostile), target
 
 
@@ -302,6 +341,15 @@ def test_case_gets_its_expected_outcome(world: World, name: str) -> None:
         assert outcome.outcome == case.expect, (case.description, outcome)
         if case.target == VEHICLE_TARGET:
             assert outcome.executed == (1 if case.expect == "ok" else 0)
+        elif case.target == KEYS_TARGET:
+            assert isinstance(side, KeyTopic)
+            # Whatever was fed, the fleet's revocations hold and its head did not go back.
+            assert side.directory.head is not None
+            assert side.directory.head.seq == 2
+            for principal in ("dispatch-revoked", "V-0099"):
+                with pytest.raises(FleetbusError) as exc:
+                    side.directory.current(principal, at=NOW)
+                assert exc.value.reason is ReasonCode.SIGNER_REVOKED
         elif case.hostile:
             assert outcome.authorized == 0
             expected_value = CASES[case.dlq_of].value if case.dlq_of else case.value

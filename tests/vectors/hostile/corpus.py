@@ -20,6 +20,8 @@ FLEET = HERE / "fleet"
 #: Targets the worker reads (authorize, track, telemetry stages) and the one a vehicle reads.
 BUS_TARGETS = ("commands.requested", "commands.approvals", "commands.responses", "telemetry.raw")
 VEHICLE_TARGET = "commands.outbound"
+#: The compacted key topic, as a loader following it sees it (a ``KeyDirectory``).
+KEYS_TARGET = "keys"
 #: Outcomes that are not reason codes: accepted, or waiting for approvals.
 NON_REJECTIONS = ("ok", "pending")
 

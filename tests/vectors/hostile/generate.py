@@ -25,13 +25,15 @@ Case file (JSON)::
 
 Targets: ``commands.requested`` / ``commands.approvals`` (authorize stage),
 ``commands.responses`` (track stage), ``telemetry.raw`` (telemetry stage) — all the worker's —
-and ``commands.outbound`` (a VehicleAgent). Topic names carry the fixed prefix ``hostile.``
+and ``commands.outbound`` (a VehicleAgent); ``keys`` (a ``KeyDirectory`` following the key
+topic from the fleet's ``directory.cbor``). Topic names carry the fixed prefix ``hostile.``
 because envelopes bind the full topic name.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import filecmp
 import hashlib
 import json
@@ -59,12 +61,15 @@ from fleetbus.bus.commands import (
     UUIDv7Generator,
 )
 from fleetbus.bus.directory import (
+    HEAD_KAFKA_KEY,
     FleetRoot,
     KeyDirectory,
     KeyRecord,
     PrincipalKeyFile,
     RootPublicKey,
     derive_key_id,
+    sign_directory,
+    to_kafka,
     write_directory_file,
 )
 from fleetbus.bus.keys import KeyPath, RecipientKeys, SecurityProfile
@@ -112,6 +117,7 @@ def topic(name: str) -> str:
 
 REQUESTED = "commands.requested"
 APPROVALS = "commands.approvals"
+KEYS = "keys"
 RESPONSES = "commands.responses"
 TELEMETRY = "telemetry.raw"
 OUTBOUND = "commands.outbound"
@@ -240,15 +246,22 @@ class Fleet:
             not_before=KEY_NOT_BEFORE,
             not_after=KEY_NOT_AFTER,
         )
-        stranger.sign(record)
+        self.intruder_record = stranger.sign(record)
+        self.stranger = stranger
         self.files[INTRUDER] = PrincipalKeyFile.from_record(record, private)
         self.directory = KeyDirectory(self.root.public)
         self.directory.ingest_all(self.signed)
+        # Directory heads: 1 before the revocations, 2 (the fleet's file) after them.
+        issuances = [s for s in self.signed if not s.record.revoked]
+        self.head_before, _ = sign_directory(self.root, issuances, at=KEY_NOT_BEFORE)
+        self.head, self.records = sign_directory(
+            self.root, self.signed, previous=self.head_before.head, at=REVOKED_AT
+        )
 
     def write(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "root.pub").write_bytes(self.root.public.to_bytes())
-        write_directory_file(folder / "directory.cbor", self.signed)
+        write_directory_file(folder / "directory.cbor", self.head, self.records)
         for name, key_file in sorted(self.files.items()):
             (folder / f"{name}.key").write_bytes(key_file.to_json())
 
@@ -594,6 +607,7 @@ def build(fleet: Fleet) -> Corpus:
         build_telemetry(c)
         build_outbound(c)
         build_uplink(c)
+        build_keys(c)
     return c
 
 
@@ -1144,6 +1158,50 @@ def build_uplink(c: Corpus) -> None:
     c.add(TELEMETRY, "tel-expiry-beyond-uplink-lifetime", "freshness", "telemetry expiring "
           "further ahead than uplink_max_lifetime_s", "policy_denied",
           value=c.telemetry(expires=TOO_LONG_EXPIRES), key=V1.encode())  # fmt: skip
+
+
+# --- key topic: rollback of signed material (directory heads) --------------------------------
+# Cases for a loader following the compacted key topic, which starts from the fleet's
+# directory.cbor (head 2). Outcome: the reason ingest refuses the value with, else the reason
+# the record's key is refused with at OPEN_AT, else ok.
+
+
+def build_keys(c: Corpus) -> None:
+    t, fleet = KEYS, c.fleet
+    issued = [s for s in fleet.signed if not s.record.revoked]
+    [revoked] = [s for s in issued if s.record.principal_id == REVOKED_DISPATCHER]
+    key, issuance = to_kafka(revoked)
+    rb = "rollback"
+    c.add(t, "keys-current-head-again", "control", "the fleet's current head (2) again", "ok",
+          value=fleet.head.to_cbor(), key=HEAD_KAFKA_KEY)  # fmt: skip
+    c.add(t, "keys-republished-issuance", rb, "the genuine issuance record of dispatch-revoked "
+          "re-published under its Kafka key (compaction would drop the revocation)",
+          "signer_revoked", value=issuance, key=key)  # fmt: skip
+    c.add(t, "keys-older-head", rb, "head 1, signed before the revocations", "directory_rollback",
+          value=fleet.head_before.to_cbor(), key=HEAD_KAFKA_KEY)  # fmt: skip
+    fork, _ = sign_directory(
+        fleet.root, issued, previous=fleet.head_before.head, at=REVOKED_AT,
+    )  # fmt: skip
+    c.add(t, "keys-forked-head", rb, "a root-signed head 2 over the records without the "
+          "revocations (a second history)", "directory_rollback", value=fork.to_cbor(),
+          key=HEAD_KAFKA_KEY)  # fmt: skip
+    c.add(t, "keys-head-other-root", "signature", "head 3 signed by another root",
+          "bad_signature",
+          value=dataclasses.replace(
+              fleet.stranger.sign_head(dataclasses.replace(fleet.head.head, seq=3)),
+              root_key_id=fleet.root.key_id,
+          ).to_cbor(), key=HEAD_KAFKA_KEY)  # fmt: skip
+    c.add(t, "keys-record-other-root", "signature", "the intruder's record (another root)",
+          "bad_signature", value=fleet.intruder_record.to_cbor(),
+          key=to_kafka(fleet.intruder_record)[0])  # fmt: skip
+    c.add(t, "keys-head-under-record-key", "replay", "the current head under a record's key",
+          "malformed", value=fleet.head.to_cbor(), key=key)  # fmt: skip
+    outer = cbor2.loads(fleet.head.to_cbor())
+    c.add(t, "keys-head-non-canonical", "non-canonical", "the current head, map keys unsorted",
+          "malformed", value=cbor2.dumps(dict(reversed(outer.items()))),
+          key=HEAD_KAFKA_KEY)  # fmt: skip
+    c.add(t, "keys-tombstone", "parse", "a null value (deleting a record would un-revoke it)",
+          "malformed", value=None, key=key)  # fmt: skip
 
 
 # --- writing -------------------------------------------------------------------------------
