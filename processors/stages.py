@@ -737,11 +737,14 @@ class AuthorizeStage:
         refusal = self._judge(record.value, signed_command.command, entry, now)
         if refusal is not None:
             return self._dlq(record, *refusal, now, actor=approver, command_id=cid)
-        prior = next((h for h in entry.approvals if h.approver == approver), None)
-        if prior is not None and not held.deny:
-            return StageResult(audit=[AuditEvent(approver, "approval_duplicate", cid)])
-        # A held deny would have vetoed already, so ``prior`` is an approval: a deny replaces it.
+        duplicate = any(h.approver == approver for h in entry.approvals)
+        # The newest passing record of an approver replaces its older one (whose key may have
+        # lapsed since): a deny so vetoes below, an approval leaves the count as it was. A held
+        # deny would have vetoed already, so an approval never replaces one here.
         entry.approvals = [h for h in entry.approvals if h.approver != approver] + [held]
+        if duplicate and not held.deny:
+            state.put(f"cmd/{cid}", entry.encode())
+            return StageResult(audit=[AuditEvent(approver, "approval_duplicate", cid)])
         command_record = InputRecord(
             self.topics.requested, entry.partition, entry.offset, cid.encode(), entry.signed
         )

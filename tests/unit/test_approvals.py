@@ -477,3 +477,29 @@ def test_decided_commands_keep_no_approval_bytes(fleet: Fleet) -> None:
     [(key, raw)] = list(run.state.items())
     assert key == f"cmd/{cmd.command.id}"
     assert approval(fleet, cmd) not in raw
+
+
+def test_an_approvers_newer_approval_replaces_one_whose_key_lapsed(fleet: Fleet) -> None:
+    """approver-short approves at NOW + 1, its key is rotated, it approves again with the new
+    key: when dispatch-3 completes the quorum its newer approval counts (the older one, whose
+    key is rotated out, is not judged any more)."""
+    renewed = issue_key(
+        fleet.root,
+        principal_id="approver-short",
+        kind="approver",
+        version=2,
+        signature_suite=SUITE,
+        not_before=NOW - 3600,
+        not_after=NOW + 86400,
+    )
+    directory = fleet.directory()
+    run, cmd = Run(authorize(fleet, required=2, directory=directory)), command(fleet)
+    run.command(cmd)
+    run.approval(approval(fleet, cmd, "approver-short"), cmd, NOW + 1)
+    directory.ingest(renewed.signed)  # rotation: version 1 is superseded from now on
+    again = Approval(cmd.command.id, "approver-short", Decision.APPROVE, NOW + 20)
+    run.approval(SignedApproval.sign(again, renewed.key_file.signer()).encode(), cmd, NOW + 20)
+    run.approval(approval(fleet, cmd, "dispatch-3"), cmd, NOW + 40)
+    [auth] = run.authorized()
+    assert sorted(auth.approvers) == ["approver-short", "dispatch-3"]
+    assert not run.letters()
