@@ -17,6 +17,7 @@ from typing import Any, Final
 import cbor2
 
 from fleetbus.bus.commands import (
+    Approval,
     Command,
     CommandState,
     Decision,
@@ -734,7 +735,8 @@ class AuthorizeStage:
                 ]
             )
         signed_command = SignedCommand.decode(entry.signed, max_size=self.max_bytes)
-        refusal = self._judge(record.value, signed_command.command, entry, now)
+        # Signature, key and issue time were checked above at this same ``now``.
+        refusal = self._rules(approval, signed_command.command, entry, now)
         if refusal is not None:
             return self._dlq(record, *refusal, now, actor=approver, command_id=cid)
         duplicate = any(h.approver == approver for h in entry.approvals)
@@ -761,7 +763,7 @@ class AuthorizeStage:
                 now,
                 issuer=entry.issuer,
             )
-        result, counted = self._settle(command_record, signed_command, entry, state, now)
+        result, counted = self._settle(command_record, signed_command, entry, state, now, held)
         if not held.deny:
             result.audit.insert(0, AuditEvent(approver, "approved", cid, detail={"count": counted}))
         return result
@@ -817,7 +819,12 @@ class AuthorizeStage:
         except FleetbusError as exc:
             reason = exc.reason if exc.reason in _SIGNER_REASONS else ReasonCode.UNKNOWN_SIGNER
             return reason, f"approval not verified: {reason.value}"
-        approval = signed.approval
+        return self._rules(signed.approval, command, entry, now)
+
+    def _rules(
+        self, approval: Approval, command: Command, entry: _CommandEntry, now: float
+    ) -> tuple[ReasonCode, str] | None:
+        """``_judge`` after the signature: issue time, issuer, Cedar ``approve``, window."""
         if approval.issued_at > now + self.skew_s:
             return ReasonCode.NOT_YET_VALID, "approval issued in the future"
         if approval.approver == command.issuer:
@@ -848,17 +855,18 @@ class AuthorizeStage:
         entry: _CommandEntry,
         state: PartitionState,
         now: float,
+        judged: _HeldApproval | None = None,
     ) -> tuple[StageResult, int]:
-        """Judge every held approval of a pending command now: a valid deny vetoes, the valid
-        approvals are counted, the others go to the DLQ; then decide. Returns the result and
-        the number of approvals counted."""
+        """Judge every held approval of a pending command now (but ``judged``, which the caller
+        judged at this ``now``): a valid deny vetoes, the valid approvals are counted, the
+        others go to the DLQ; then decide. Returns the result and the number counted."""
         command = signed.command
         cid = command.id
         result = StageResult()
         counted: list[_HeldApproval] = []
         veto: _HeldApproval | None = None
         for held in entry.approvals:
-            refusal = self._judge(held.value, command, entry, now)
+            refusal = None if held is judged else self._judge(held.value, command, entry, now)
             if refusal is not None:
                 dlq_record = held.record(self.topics.approvals, cid)
                 result.extend(
