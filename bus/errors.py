@@ -37,6 +37,7 @@ class ReasonCode(StrEnum):
     QKD_UNAVAILABLE = "qkd_unavailable"
     # Policy
     POLICY_DENIED = "policy_denied"
+    TOO_MANY_APPROVALS = "too_many_approvals"  # a command id's early-approval slots are full
     # Operations
     CONFIG = "config"
     KAFKA_UNAVAILABLE = "kafka_unavailable"

@@ -17,6 +17,8 @@ from typing import Any, Final
 import cbor2
 
 from fleetbus.bus.commands import (
+    Approval,
+    Command,
     CommandState,
     Decision,
     Response,
@@ -245,6 +247,13 @@ def _status(
     return Output(topics.status, command_id.encode(), event.encode())
 
 
+def _then(first: StageResult, then: StageResult) -> StageResult:
+    """``first``'s outputs and audit followed by ``then``'s; the outcome is ``then``'s."""
+    first.extend(then)
+    first.outcome = then.outcome
+    return first
+
+
 def _reject(
     stage: str,
     topics: PipelineTopics,
@@ -294,6 +303,56 @@ def _reject(
 
 # --- authorize -----------------------------------------------------------------------------
 
+#: Early approvals (and denies) one command id may hold before its command arrives, one per
+#: approver: filling them takes this many distinct principal keys, and the excess is refused.
+MAX_EARLY_APPROVALS: Final = 8
+
+
+@dataclass(frozen=True)
+class _HeldApproval:
+    """A signed approval or deny the authorize stage keeps until it judges it against its
+    command: the original bytes (verified again at every decision), where they came from (for
+    the DLQ record) and, for one that came before its command, when it stops being held."""
+
+    approver: str
+    deny: bool
+    value: bytes = field(repr=False)
+    partition: int
+    offset: int
+    until: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "approver": self.approver,
+            "deny": self.deny,
+            "value": self.value,
+            "partition": self.partition,
+            "offset": self.offset,
+            "until": _ms(self.until),
+        }
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> _HeldApproval:
+        return cls(
+            approver=str(m["approver"]),
+            deny=bool(m["deny"]),
+            value=bytes(m["value"]),
+            partition=int(m["partition"]),
+            offset=int(m["offset"]),
+            until=m["until"] / 1000,
+        )
+
+    def record(self, topic: str, command_id: str) -> InputRecord:
+        return InputRecord(topic, self.partition, self.offset, command_id.encode(), self.value)
+
+
+def _held_list(raw: bytes | None) -> list[_HeldApproval]:
+    """The held approvals of an ``apr/<id>`` state value. A value written before approvals were
+    kept as signed bytes holds bare names, which cannot be judged: it holds none."""
+    if raw is None:
+        return []
+    return [_HeldApproval.from_wire(a) for a in cbor2.loads(raw).get("approvals", [])]
+
 
 @dataclass
 class _CommandEntry:
@@ -304,9 +363,13 @@ class _CommandEntry:
     issuer: str
     window_until: float = 0.0
     signed: bytes = b""
-    approvers: list[str] = field(default_factory=list)
+    approvals: list[_HeldApproval] = field(default_factory=list)
     offset: int = -1
     partition: int = -1
+
+    def close(self, status: str) -> None:
+        """Decided: the replay set needs only the id, not the command or its approvals."""
+        self.status, self.signed, self.approvals = status, b"", []
 
     def encode(self) -> bytes:
         return _dumps(
@@ -316,7 +379,7 @@ class _CommandEntry:
                 "issuer": self.issuer,
                 "window_until": _ms(self.window_until),
                 "signed": self.signed,
-                "approvers": self.approvers,
+                "approvals": [a.to_wire() for a in self.approvals],
                 "offset": self.offset,
                 "partition": self.partition,
             }
@@ -331,7 +394,9 @@ class _CommandEntry:
             issuer=m["issuer"],
             window_until=m["window_until"] / 1000,
             signed=bytes(m["signed"]),
-            approvers=list(m["approvers"]),
+            # Entries written before approvals were kept as signed bytes carry bare approver
+            # names ("approvers"), which cannot be judged again: such a command needs new ones.
+            approvals=[_HeldApproval.from_wire(a) for a in m.get("approvals", [])],
             offset=m["offset"],
             partition=m["partition"],
         )
@@ -341,8 +406,14 @@ class AuthorizeStage:
     """commands.requested + commands.approvals → authorized (one per vehicle) | rejected.
 
     State per partition (changelogged): ``cmd/<id>`` for every command id whose signature
-    verified (the replay set, kept until expiry + skew; pending commands with their approvals)
-    and ``apr/<id>`` for approvals that arrived before their command.
+    verified (the replay set, kept until expiry + skew; a pending command with its signed
+    approvals) and ``apr/<id>`` for signed approvals and denies that arrived before their
+    command (at most ``max_early_approvals``, one per approver, each held for one window).
+
+    The two topics race, so an approval is never trusted for having been checked once: every
+    decision judges every held approval again, at that moment, against that command (signature
+    and key validity, not the issuer, Cedar ``approve`` on its vehicle or group, window). A
+    valid deny vetoes; what fails is dead-lettered with its reason when it is judged.
     """
 
     name = "authorize"
@@ -358,6 +429,7 @@ class AuthorizeStage:
         clock_skew_s: float,
         max_lifetime_s: float,
         max_message_bytes: int,
+        max_early_approvals: int = MAX_EARLY_APPROVALS,
     ) -> None:
         self.topics = topics
         self.directory = directory
@@ -367,6 +439,8 @@ class AuthorizeStage:
         self.skew_s = clock_skew_s
         self.max_lifetime_s = max_lifetime_s
         self.max_bytes = max_message_bytes
+        # Never fewer slots than a quorum: M approvers publishing early must all fit.
+        self.max_early = max(max_early_approvals, approvals_required)
 
     def input_topics(self) -> Sequence[str]:
         return [self.topics.requested, self.topics.approvals]
@@ -465,12 +539,15 @@ class AuthorizeStage:
             offset=record.offset,
             partition=record.partition,
         )
-        early = state.get(f"apr/{cid}")
-        if early is not None:
-            entry.approvers = [a for a in cbor2.loads(early)["approvers"] if a != issuer]
-            state.delete(f"apr/{cid}")
-        result = self._decide(record, signed, entry, state, now)
-        return result
+        result = StageResult()
+        for held in _held_list(state.get(f"apr/{cid}")):
+            if held.until < now:  # the timer may not have run yet: the outcome must not differ
+                result.extend(self._unclaimed(held, cid, now))
+            else:
+                entry.approvals.append(held)
+        state.delete(f"apr/{cid}")
+        settled, _ = self._settle(record, signed, entry, state, now)
+        return _then(result, settled)
 
     def _decide(
         self,
@@ -488,7 +565,7 @@ class AuthorizeStage:
         if target.vehicle is not None:
             vehicles = [target.vehicle]
             if target.vehicle not in self.policy.registry.vehicles:
-                entry.status = "rejected"
+                entry.close("rejected")
                 state.put(key, entry.encode())
                 return _reject(
                     self.name,
@@ -503,7 +580,7 @@ class AuthorizeStage:
         else:
             vehicles = self.policy.registry.group_members(str(target.group))
             if not vehicles:
-                entry.status = "rejected"
+                entry.close("rejected")
                 state.put(key, entry.encode())
                 return _reject(
                     self.name,
@@ -520,12 +597,12 @@ class AuthorizeStage:
             action=command.action,
             vehicle=target.vehicle,
             group=target.group,
-            approvals=len(entry.approvers),
+            approvals=len(entry.approvals),
             required_approvals=self.approvals_required,
             now=now,
         )
         if decision.outcome == "deny":
-            entry.status = "rejected"
+            entry.close("rejected")
             state.put(key, entry.encode())
             return _reject(
                 self.name,
@@ -557,15 +634,15 @@ class AuthorizeStage:
                         command_id=cid,
                         detail={
                             "action": command.action,
-                            "approvals": len(entry.approvers),
+                            "approvals": len(entry.approvals),
                             "required": self.approvals_required,
                         },
                     )
                 ],
                 outcome="pending",
             )
-        entry.status = "authorized"
-        entry.signed = b""  # the replay set needs only the id
+        approvers = tuple(a.approver for a in entry.approvals)
+        entry.close("authorized")
         state.put(key, entry.encode())
         outputs = [
             Output(
@@ -581,7 +658,7 @@ class AuthorizeStage:
                     expires_at=command.expires_at,
                     signed_command=signed.encode(),
                     decision=decision.detail,
-                    approvers=tuple(entry.approvers),
+                    approvers=approvers,
                     authorized_at=now,
                 ).encode(),
             )
@@ -605,7 +682,7 @@ class AuthorizeStage:
                         "criticality": decision.criticality,
                         "target": str(target),
                         "vehicles": len(vehicles),
-                        "approvers": ",".join(entry.approvers),
+                        "approvers": ",".join(approvers),
                         "policies": ",".join(decision.policies),
                     },
                 )
@@ -647,24 +724,17 @@ class AuthorizeStage:
                 actor=approver,
                 command_id=cid,
             )
+        held = _HeldApproval(
+            approver=approver,
+            deny=approval.decision is Decision.DENY,
+            value=record.value,
+            partition=record.partition,
+            offset=record.offset,
+            until=now + self.window_s,
+        )
         raw = state.get(f"cmd/{cid}")
         if raw is None:
-            # Approval before its command: keep it for one window.
-            early_raw = state.get(f"apr/{cid}")
-            early: dict[str, Any] = (
-                cbor2.loads(early_raw) if early_raw else {"approvers": [], "until": 0}
-            )
-            if approval.decision is Decision.APPROVE and approver not in early["approvers"]:
-                early["approvers"].append(approver)
-            early["until"] = _ms(now + self.window_s)
-            state.put(f"apr/{cid}", _dumps(early))
-            return StageResult(
-                audit=[
-                    AuditEvent(
-                        approver, "approval_early", cid, detail={"decision": str(approval.decision)}
-                    )
-                ]
-            )
+            return self._hold(record, held, cid, state, now)
         entry = _CommandEntry.decode(raw)
         if entry.status != "pending":
             return StageResult(
@@ -673,59 +743,173 @@ class AuthorizeStage:
                 ]
             )
         signed_command = SignedCommand.decode(entry.signed, max_size=self.max_bytes)
-        target = signed_command.command.target
-        if approver == entry.issuer:
-            return self._dlq(
-                record,
-                ReasonCode.POLICY_DENIED,
-                "an issuer cannot approve its own command",
-                now,
-                actor=approver,
-                command_id=cid,
-            )
-        if not self.policy.may_approve(approver, vehicle=target.vehicle, group=target.group):
-            return self._dlq(
-                record,
-                ReasonCode.POLICY_DENIED,
-                f"{approver} may not approve this command",
-                now,
-                actor=approver,
-                command_id=cid,
-            )
-        if now > entry.window_until or approval.issued_at > entry.window_until:
-            return self._dlq(
-                record,
-                ReasonCode.POLICY_DENIED,
-                "approval arrived after the window",
-                now,
-                actor=approver,
-                command_id=cid,
-            )
+        # Signature, key and issue time were checked above at this same ``now``.
+        refusal = self._rules(approval, signed_command.command, entry, now)
+        if refusal is not None:
+            return self._dlq(record, *refusal, now, actor=approver, command_id=cid)
+        duplicate = any(h.approver == approver for h in entry.approvals)
+        # The newest passing record of an approver replaces its older one (whose key may have
+        # lapsed since): a deny so vetoes below, an approval leaves the count as it was. A held
+        # deny would have vetoed already, so an approval never replaces one here.
+        entry.approvals = [h for h in entry.approvals if h.approver != approver] + [held]
+        if duplicate and not held.deny:
+            state.put(f"cmd/{cid}", entry.encode())
+            return StageResult(audit=[AuditEvent(approver, "approval_duplicate", cid)])
         command_record = InputRecord(
             self.topics.requested, entry.partition, entry.offset, cid.encode(), entry.signed
         )
-        if approval.decision is Decision.DENY:
-            entry.status = "rejected"
-            entry.signed = b""
+        stale = self._recheck_command(signed_command, now)
+        if stale is not None:
+            entry.close("rejected")
             state.put(f"cmd/{cid}", entry.encode())
             return _reject(
                 self.name,
                 self.topics,
                 command_record,
                 cid,
-                ReasonCode.POLICY_DENIED,
-                f"denied by approver {approver}",
+                *stale,
                 now,
                 issuer=entry.issuer,
             )
-        if approver in entry.approvers:
-            return StageResult(audit=[AuditEvent(approver, "approval_duplicate", cid)])
-        entry.approvers.append(approver)
-        result = self._decide(command_record, signed_command, entry, state, now)
-        result.audit.insert(
-            0, AuditEvent(approver, "approved", cid, detail={"count": len(entry.approvers)})
-        )
+        result, counted = self._settle(command_record, signed_command, entry, state, now, held)
+        if not held.deny:
+            result.audit.insert(0, AuditEvent(approver, "approved", cid, detail={"count": counted}))
         return result
+
+    def _hold(
+        self, record: InputRecord, held: _HeldApproval, cid: str, state: PartitionState, now: float
+    ) -> StageResult:
+        """Keep an approval or deny that came before its command, to be judged when it comes.
+
+        One entry per approver: a newer one of the same decision replaces it (its hold starts
+        again), a deny replaces an approval, an approval never replaces a deny.
+        """
+        early = _held_list(state.get(f"apr/{cid}"))
+        decision = "deny" if held.deny else "approve"
+        prior = next((h for h in early if h.approver == held.approver), None)
+        if prior is not None and prior.deny and not held.deny:
+            duplicate = AuditEvent(
+                held.approver, "approval_duplicate", cid, detail={"held": "deny"}
+            )
+            return StageResult(audit=[duplicate])
+        if prior is None and len(early) >= self.max_early:
+            return self._dlq(
+                record,
+                ReasonCode.TOO_MANY_APPROVALS,
+                f"{len(early)} approvals are already held for this command id before its command",
+                now,
+                actor=held.approver,
+                command_id=cid,
+            )
+        early = [h for h in early if h.approver != held.approver] + [held]
+        state.put(f"apr/{cid}", _dumps({"approvals": [h.to_wire() for h in early]}))
+        return StageResult(
+            audit=[
+                AuditEvent(
+                    held.approver,
+                    "approval_early",
+                    cid,
+                    detail={"decision": decision, "replaces": prior is not None},
+                )
+            ]
+        )
+
+    def _judge(
+        self, value: bytes, command: Command, entry: _CommandEntry, now: float
+    ) -> tuple[ReasonCode, str] | None:
+        """Why this signed approval does not count for ``command`` now (None: it counts).
+
+        Every approval goes through here each time approvals are counted, whenever it arrived.
+        """
+        try:
+            signed = SignedApproval.decode(value, max_size=self.max_bytes)
+            signed.verify(self.directory, at=now)
+        except FleetbusError as exc:
+            reason = exc.reason if exc.reason in _SIGNER_REASONS else ReasonCode.UNKNOWN_SIGNER
+            return reason, f"approval not verified: {reason.value}"
+        return self._rules(signed.approval, command, entry, now)
+
+    def _rules(
+        self, approval: Approval, command: Command, entry: _CommandEntry, now: float
+    ) -> tuple[ReasonCode, str] | None:
+        """``_judge`` after the signature: issue time, issuer, Cedar ``approve``, window."""
+        if approval.issued_at > now + self.skew_s:
+            return ReasonCode.NOT_YET_VALID, "approval issued in the future"
+        if approval.approver == command.issuer:
+            return ReasonCode.POLICY_DENIED, "an issuer cannot approve its own command"
+        approver, target = approval.approver, command.target
+        if not self.policy.may_approve(approver, vehicle=target.vehicle, group=target.group):
+            return ReasonCode.POLICY_DENIED, f"{approver} may not approve this command"
+        if now > entry.window_until or approval.issued_at > entry.window_until:
+            return ReasonCode.POLICY_DENIED, "approval arrived after the window"
+        return None
+
+    def _recheck_command(self, signed: SignedCommand, now: float) -> tuple[ReasonCode, str] | None:
+        """Why a pending command may no longer be authorized now: its issuer's key was revoked
+        or expired, or the command expired, while it waited for approvals."""
+        try:
+            signed.verify(self.directory, at=now)
+        except FleetbusError as exc:
+            reason = exc.reason if exc.reason in _SIGNER_REASONS else ReasonCode.UNKNOWN_SIGNER
+            return reason, f"issuer no longer verified: {reason.value}"
+        if now > signed.command.expires_at + self.skew_s:
+            return ReasonCode.EXPIRED, "command expired while waiting for approvals"
+        return None
+
+    def _settle(
+        self,
+        record: InputRecord,
+        signed: SignedCommand,
+        entry: _CommandEntry,
+        state: PartitionState,
+        now: float,
+        judged: _HeldApproval | None = None,
+    ) -> tuple[StageResult, int]:
+        """Judge every held approval of a pending command now (but ``judged``, which the caller
+        judged at this ``now``): a valid deny vetoes, the valid approvals are counted, the
+        others go to the DLQ; then decide. Returns the result and the number counted."""
+        command = signed.command
+        cid = command.id
+        result = StageResult()
+        counted: list[_HeldApproval] = []
+        veto: _HeldApproval | None = None
+        for held in entry.approvals:
+            refusal = None if held is judged else self._judge(held.value, command, entry, now)
+            if refusal is not None:
+                dlq_record = held.record(self.topics.approvals, cid)
+                result.extend(
+                    self._dlq(dlq_record, *refusal, now, actor=held.approver, command_id=cid)
+                )
+            elif held.deny:
+                veto = veto or held
+            else:
+                counted.append(held)
+        entry.approvals = counted
+        if veto is not None:
+            entry.close("rejected")
+            state.put(f"cmd/{cid}", entry.encode())
+            rejected = _reject(
+                self.name,
+                self.topics,
+                record,
+                cid,
+                ReasonCode.POLICY_DENIED,
+                f"denied by approver {veto.approver}",
+                now,
+                issuer=command.issuer,
+            )
+            return _then(result, rejected), len(counted)
+        return _then(result, self._decide(record, signed, entry, state, now)), len(counted)
+
+    def _unclaimed(self, held: _HeldApproval, cid: str, now: float) -> StageResult:
+        return self._dlq(
+            held.record(self.topics.approvals, cid),
+            ReasonCode.EXPIRED,
+            f"approval held {self.window_s:.0f} s; its command did not arrive",
+            now,
+            actor=held.approver,
+            command_id=cid,
+        )
 
     # -- timers ---------------------------------------------------------------------------
 
@@ -733,29 +917,43 @@ class AuthorizeStage:
         result = StageResult()
         for key, raw in list(state.items()):
             if key.startswith("apr/"):
-                if cbor2.loads(raw)["until"] / 1000 < now:
+                cid = key.removeprefix("apr/")
+                held = _held_list(raw)
+                live = [h for h in held if h.until >= now]
+                for gone in held:
+                    if gone.until < now:
+                        result.extend(self._unclaimed(gone, cid, now))
+                if not live:
                     state.delete(key)
+                elif len(live) < len(held):
+                    state.put(key, _dumps({"approvals": [h.to_wire() for h in live]}))
                 continue
             if not key.startswith("cmd/"):
                 continue
             entry = _CommandEntry.decode(raw)
             cid = key.removeprefix("cmd/")
-            if entry.status == "pending" and now > entry.window_until:
-                entry.status = "rejected"
-                signed, entry.signed = entry.signed, b""
+            if entry.status == "pending" and now > min(entry.window_until, entry.until):
+                counted = len(entry.approvals)
+                signed = entry.signed
+                entry.close("rejected")
                 state.put(key, entry.encode())
                 record = InputRecord(
                     self.topics.requested, entry.partition, entry.offset, cid.encode(), signed
                 )
+                if now > entry.until:
+                    reason = ReasonCode.EXPIRED
+                    detail = f"command expired while waiting for approvals ({counted} of "
+                else:
+                    reason = ReasonCode.POLICY_DENIED
+                    detail = f"approval window elapsed ({counted} of "
                 result.extend(
                     _reject(
                         self.name,
                         self.topics,
                         record,
                         cid,
-                        ReasonCode.POLICY_DENIED,
-                        f"approval window elapsed ({len(entry.approvers)} of "
-                        f"{self.approvals_required} approvals)",
+                        reason,
+                        f"{detail}{self.approvals_required} approvals)",
                         now,
                         issuer=entry.issuer,
                     )

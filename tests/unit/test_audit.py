@@ -13,7 +13,7 @@ from typing import Any
 import cbor2
 import pytest
 
-from fleetbus.bus.directory import FleetRoot, KeyDirectory, issue_key, write_directory_file
+from fleetbus.bus.directory import FleetRoot, KeyDirectory, issue_key, publish_directory_file
 from fleetbus.bus.keys import Signer
 from fleetbus.processors import eos
 from fleetbus.processors.audit import (
@@ -31,6 +31,7 @@ Entries = list[tuple[int, bytes | None, bytes | None]]
 
 @dataclass(frozen=True)
 class Fleet:
+    root: FleetRoot
     directory: KeyDirectory
     sealer: Signer
     other_sealer: Signer  # "mallory": a sealer key, but not the principal a verifier trusts
@@ -52,7 +53,7 @@ def fleet() -> Fleet:
     directory = KeyDirectory(root.public)
     directory.ingest_all([key.signed for key in issued.values()])
     signers = {name: key.key_file.signer() for name, key in issued.items()}
-    return Fleet(directory, signers["bus-sealer"], signers["mallory"], signers["dispatch-1"])
+    return Fleet(root, directory, signers["bus-sealer"], signers["mallory"], signers["dispatch-1"])
 
 
 @pytest.fixture(scope="module")
@@ -410,7 +411,7 @@ def test_the_cli_fails_a_stripped_chain_and_reports_the_unsigned_tail(
     from fleetbus.bus.cli_keys import DIRECTORY, ROOT_PUB
 
     (tmp_path / ROOT_PUB).write_bytes(fleet.directory.root.to_bytes())
-    write_directory_file(tmp_path / DIRECTORY, fleet.directory.signed_records())
+    publish_directory_file(tmp_path / DIRECTORY, fleet.root, fleet.directory.signed_records())
     monkeypatch.setenv("FLEETBUS_AUDIT_CHECKPOINT_EVERY", "4")
     topic: list[Entries] = []
     monkeypatch.setattr(cli_audit, "read_audit_topic", lambda *_a, **_k: topic[-1])

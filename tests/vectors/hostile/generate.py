@@ -608,6 +608,7 @@ def build(fleet: Fleet) -> Corpus:
         build_outbound(c)
         build_uplink(c)
         build_keys(c)
+        build_approval_races(c)
     return c
 
 
@@ -820,6 +821,61 @@ def build_approvals(c: Corpus) -> None:
         "decision: ignored", "bad_signature", dumps([*a[:4], flip(a[4], 1)]),
         headers=[("fleetbus-approver", APPROVER.encode()), ("fleetbus-decision", b"approve"),
                  ("fleetbus-verified", b"1")], category="header-injection")  # fmt: skip
+
+
+# --- approval races between commands.requested and commands.approvals (issue 11, 1-2) -----
+
+
+def build_approval_races(c: Corpus) -> None:
+    """Approvals and denies that reach the authorize stage before their command. Each case is
+    the command, fed after its early approval (the setup case, held: ``ok``); the same outcome
+    is required when the command comes first (the integration test produces commands first).
+    Own id stream, so that cases added elsewhere do not change these bytes, nor these theirs."""
+    ids = UUIDv7Generator(clock_ms=lambda: ms(ISSUED), random_bytes=Drbg(b"approval races"))
+
+    def early(name: str, desc: str, approver: str, decision: Decision) -> SignedCommand:
+        command = Command(ids.new(), DISPATCHER, Target(vehicle=V1), "unlock_doors", {}, ISSUED,
+                          EXPIRES)  # fmt: skip
+        victim = SignedCommand.sign(command, c.fleet.signer(DISPATCHER))
+        signed = SignedApproval.sign(
+            Approval(victim.command.id, approver, decision, ISSUED), c.fleet.signer(approver)
+        )
+        c.add(APPROVALS, name, "control", desc, "ok", value=signed.encode(),
+              key=victim.command.id.encode())  # fmt: skip
+        return victim
+
+    by_vehicle = early("race-setup-vehicle-approves-first", "V-0001 approves a high-criticality "
+                       "command to itself before the command arrives: held, not counted",
+                       V1, Decision.APPROVE)  # fmt: skip
+    c.add(REQUESTED, "race-vehicle-approval-before-command", "ordering-race",
+          "the command V-0001 approved first: its approval is judged when the command arrives "
+          "(a vehicle may not approve) and dead-lettered; the command waits for a real approver",
+          "policy_denied", value=by_vehicle.encode(), key=by_vehicle.command.id.encode(),
+          setup=["race-setup-vehicle-approves-first"],
+          dlq_of="race-setup-vehicle-approves-first")  # fmt: skip
+    by_issuer = early("race-setup-issuer-approves-first", "dispatch-1 approves its own command "
+                      "before the command arrives: held, not counted", DISPATCHER,
+                      Decision.APPROVE)  # fmt: skip
+    c.add(REQUESTED, "race-self-approval-before-command", "ordering-race",
+          "the command its issuer approved first: the self-approval is dead-lettered when the "
+          "command arrives", "policy_denied", value=by_issuer.encode(),
+          key=by_issuer.command.id.encode(), setup=["race-setup-issuer-approves-first"],
+          dlq_of="race-setup-issuer-approves-first")  # fmt: skip
+    vetoed = early("race-setup-approver-denies-first", "dispatch-2 (an approver) denies a "
+                   "command before it arrives: held", APPROVER, Decision.DENY)  # fmt: skip
+    c.add(REQUESTED, "race-deny-before-command", "ordering-race",
+          "the command an approver denied first: rejected (vetoed) on arrival, not left to "
+          "wait for an approval", "policy_denied", value=vetoed.encode(),
+          key=vetoed.command.id.encode(),
+          setup=["race-setup-approver-denies-first"])  # fmt: skip
+    no_veto = early("race-setup-vehicle-denies-first", "V-0002 denies a command before it "
+                    "arrives: held", V2, Decision.DENY)  # fmt: skip
+    c.add(REQUESTED, "race-vehicle-deny-before-command", "ordering-race",
+          "the command a vehicle denied first: the deny vetoes nothing (a vehicle may not "
+          "approve) and is dead-lettered when the command arrives", "policy_denied",
+          value=no_veto.encode(), key=no_veto.command.id.encode(),
+          setup=["race-setup-vehicle-denies-first"],
+          dlq_of="race-setup-vehicle-denies-first")  # fmt: skip
 
 
 def build_responses(c: Corpus) -> None:
