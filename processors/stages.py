@@ -1239,7 +1239,20 @@ class UplinkOpener:
             raise
         except Exception:
             capable = True  # unknown sender: the stricter opener rejects it with its reason
-        return (self.pqc if capable else self.legacy).open(data, topic=topic)
+        opened = (self.pqc if capable else self.legacy).open(data, topic=topic)
+        # The sender is authenticated now; its key being in the directory is not enough: only
+        # the fleet's side (vehicles, edge units) speaks on the uplink. A dispatcher's or the
+        # sealer's key must not produce telemetry or outcomes, even under its own id.
+        kind = self.directory.current(opened.sender, at=self._clock()).kind
+        if kind not in _UPLINK_KINDS:
+            raise EnvelopeError(
+                f"uplink sender {opened.sender!r} is a {kind}, not a vehicle or edge unit",
+                reason=ReasonCode.POLICY_DENIED,
+            )
+        return opened
+
+
+_UPLINK_KINDS: Final = frozenset({"vehicle", "edge"})
 
 
 def _stage_owns_replay(stage: str, opener: Any) -> None:

@@ -445,3 +445,21 @@ def test_the_opener_refuses_lifetimes_beyond_its_maximum(fleet: Fleet) -> None:
         opener.open(env, topic=TOPICS.telemetry_raw)
     assert caught.value.reason is ReasonCode.POLICY_DENIED
     assert opener.open(telemetry(fleet, "V-1"), topic=TOPICS.telemetry_raw).sender == "V-1"
+
+
+def test_only_vehicles_and_edge_units_may_send_uplink(fleet: Fleet) -> None:
+    # A dispatcher's valid directory key sealing telemetry and a response under its own id: the
+    # uplink is the fleet's side of the bus, so the sender's role is checked, not only its key.
+    stage = telemetry_stage(fleet)
+    env = telemetry(fleet, "dispatch-1")
+    result = stage.process(rec(TOPICS.telemetry_raw, env, "dispatch-1"), PartitionState(), NOW)
+    assert reasons(result) == ["policy_denied"]
+    assert exported(result) == 0
+    cid, auth = authorized(fleet, Target(vehicle="V-1"), "V-1")
+    tracker, state = track(fleet), PartitionState()
+    tracker.process(rec(TOPICS.authorized, auth, cid), state, NOW)
+    answer = tracker.process(
+        rec(TOPICS.responses, response(fleet, "dispatch-1", cid), cid), state, NOW
+    )
+    assert reasons(answer) == ["policy_denied"]
+    assert statuses(answer) == []
