@@ -90,6 +90,7 @@ _STATUS_FOR_REJECT: Final = {
     ReasonCode.SIGNER_EXPIRED: 403,
     ReasonCode.SIGNER_REVOKED: 403,
     ReasonCode.NOT_YET_VALID: 403,
+    ReasonCode.INTERNAL: 500,
 }
 
 

@@ -18,7 +18,7 @@ import cbor2
 
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.bus.keys import Signer, Verifier
-from fleetbus.observability.metrics import AUDIT_RECORDS
+from fleetbus.observability.metrics import AUDIT_RECORDS, on_commit
 
 __all__ = [
     "AUDIT_FORMAT",
@@ -261,7 +261,7 @@ class AuditChain:
         )
         value, digest = encode_record_entry(record)
         self.head = ChainHead(record.seq + 1, digest)
-        AUDIT_RECORDS.labels(event=event.event).inc()
+        on_commit(AUDIT_RECORDS.labels(event=event.event).inc)
         out = [value]
         if self._signer is not None and self.head.next_seq % self._every == 0:
             out.append(self.checkpoint(at))
@@ -294,7 +294,7 @@ class AuditChain:
             suite=self._signer.suite,
             signature=self._signer.sign(tbs),
         )
-        AUDIT_RECORDS.labels(event="checkpoint").inc()
+        on_commit(AUDIT_RECORDS.labels(event="checkpoint").inc)
         return encode_checkpoint_entry(cp)
 
 

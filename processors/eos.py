@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import cbor2
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
@@ -30,10 +30,13 @@ from fleetbus.bus.keys import Signer
 from fleetbus.observability.metrics import (
     CONSUMER_LAG,
     DLQ_RECORDS,
+    INTERNAL_ERRORS,
     PRODUCE_ERRORS,
     PRODUCE_RETRIES,
     RECORDS,
     STAGE_LATENCY,
+    held_until_commit,
+    on_commit,
 )
 from fleetbus.observability.tracing import (
     consume_span,
@@ -196,7 +199,7 @@ def dead_letter_result(
     command_id: str | None = None,
 ) -> StageResult:
     """The DLQ record plus its audit event for an input that cannot be processed."""
-    DLQ_RECORDS.labels(stage=stage, reason=reason.value).inc()
+    on_commit(DLQ_RECORDS.labels(stage=stage, reason=reason.value).inc)
     # The runner turns the audit event below into the span's reject event (_record_events).
     # Logged inside the record's span on the one-by-one path, so the line carries its trace id.
     _log.info(
@@ -322,6 +325,16 @@ class _Partition:
     producer: AIOKafkaProducer
     state: PartitionState
     chain: AuditChain
+
+
+_T = TypeVar("_T")
+
+
+def _holding_metrics(fn: Callable[..., _T], *args: Any) -> tuple[_T, list[Callable[[], None]]]:
+    """``fn(*args)`` with its outcome metrics held for the commit (run in the worker thread:
+    a context variable set there is not seen by the event loop's context)."""
+    with held_until_commit() as held:
+        return fn(*args), held
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -557,7 +570,9 @@ class TransactionalStage:
                     raise RuntimeError("process_batch returned the wrong number of results")
             except Exception:
                 # The batch as a whole failed: nothing of it counts; redo it record by record.
+                # process_batch must return an exception per bad record, so this is our bug.
                 _log.exception("stage %s: batch processing failed; one by one", self.stage)
+                INTERNAL_ERRORS.labels(stage=self.stage).inc()
                 part.state.rollback()
             else:
                 each = (time.perf_counter() - started) / len(inputs)
@@ -568,7 +583,7 @@ class TransactionalStage:
                         _record_events(self.stage, outcome)
                         outcome = _with_trace_context(outcome)
                     STAGE_LATENCY.labels(stage=self.stage).observe(each)
-                    RECORDS.labels(stage=self.stage, outcome=outcome.outcome).inc()
+                    on_commit(RECORDS.labels(stage=self.stage, outcome=outcome.outcome).inc)
                     total.extend(outcome)
                 return total
         for record in inputs:
@@ -582,7 +597,7 @@ class TransactionalStage:
                 _record_events(self.stage, result)
                 result = _with_trace_context(result)
             STAGE_LATENCY.labels(stage=self.stage).observe(time.perf_counter() - started)
-            RECORDS.labels(stage=self.stage, outcome=result.outcome).inc()
+            on_commit(RECORDS.labels(stage=self.stage, outcome=result.outcome).inc)
             total.extend(result)
         return total
 
@@ -598,13 +613,21 @@ class TransactionalStage:
         )
 
     def _dead_letter(self, record: InputRecord, exc: Exception, now: float) -> StageResult:
-        reason = exc.reason if isinstance(exc, FleetbusError) else ReasonCode.MALFORMED
+        """The DLQ result of a record whose logic raised. Stages turn bad input into typed
+        rejects themselves; an exception that is not a ``FleetbusError`` (or one without a
+        reason) is a fault of ours, filed as ``internal``, never as ``malformed``."""
+        reason = exc.reason if isinstance(exc, FleetbusError) else ReasonCode.INTERNAL
         detail = str(exc) if isinstance(exc, FleetbusError) else type(exc).__name__
-        if not isinstance(exc, FleetbusError):
+        if reason is ReasonCode.INTERNAL:
+            # Counted as it happens, not on commit: the fault occurred whether or not the
+            # transaction commits.
+            INTERNAL_ERRORS.labels(stage=self.stage).inc()
             _log.error(
-                "stage %s: unexpected error on %s",
+                "stage %s: internal error on %s[%d]@%d",
                 self.stage,
                 record.topic,
+                record.partition,
+                record.offset,
                 exc_info=(type(exc), exc, exc.__traceback__),
             )
         return dead_letter_result(self.stage, self._dlq_topic, record, reason, detail, now=now)
@@ -637,11 +660,12 @@ class TransactionalStage:
                 await self._on_assigned([tp])
             return
         head_before = part.chain.head
-        result = await asyncio.to_thread(self._compute, part, records)
-        outputs = result.outputs + self._audit_outputs(part, result.audit)
+        result, held = await asyncio.to_thread(_holding_metrics, self._compute, part, records)
+        with held_until_commit() as held_audit:
+            outputs = result.outputs + self._audit_outputs(part, result.audit)
         outputs += self._changelog(part)
         offsets = {tp: OffsetAndMetadata(records[-1].offset + 1, "")}
-        if not await self._commit(part, outputs, offsets, head_before):
+        if not await self._commit(part, outputs, offsets, head_before, held + held_audit):
             # Nothing of the batch is visible; read it again from the committed offset.
             assert self._consumer is not None
             self._consumer.seek(tp, records[0].offset)
@@ -651,11 +675,14 @@ class TransactionalStage:
         if part is None:
             return
         head_before = part.chain.head
-        result = await asyncio.to_thread(self.logic.tick, number, part.state, self._clock())
-        outputs = result.outputs + self._audit_outputs(part, result.audit)
+        result, held = await asyncio.to_thread(
+            _holding_metrics, self.logic.tick, number, part.state, self._clock()
+        )
+        with held_until_commit() as held_audit:
+            outputs = result.outputs + self._audit_outputs(part, result.audit)
         outputs += self._changelog(part)
         if outputs:
-            await self._commit(part, outputs, None, head_before)
+            await self._commit(part, outputs, None, head_before, held + held_audit)
 
     async def _commit(
         self,
@@ -663,7 +690,10 @@ class TransactionalStage:
         outputs: Sequence[Output],
         offsets: dict[TopicPartition, OffsetAndMetadata] | None,
         head_before: ChainHead,
+        metrics: Sequence[Callable[[], None]] = (),
     ) -> bool:
+        """Commit one transaction; then apply the batch's outcome ``metrics`` (on_commit). On
+        failure nothing of it counts: the records are read and counted again."""
         producer = part.producer
         try:
             async with producer.transaction():
@@ -694,6 +724,8 @@ class TransactionalStage:
             await self._backoff()
             return False
         part.state.commit()
+        for update in metrics:
+            update()
         self._failures = 0
         self.transactions += 1
         return True
