@@ -27,6 +27,7 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.bus.keys import Signer
+from fleetbus.bus.topics import check_copartitioned
 from fleetbus.observability.metrics import (
     CONSUMER_LAG,
     DLQ_RECORDS,
@@ -424,6 +425,11 @@ class TransactionalStage:
         )
         self._consumer = consumer
         await consumer.start()
+        try:
+            await self._check_copartitioned(consumer)
+        except BaseException:
+            await self._shutdown()
+            raise
         consumer.subscribe(list(self.logic.input_topics()), listener=_Rebalance(self))
         next_tick = self._clock() + self._tick_s
         try:
@@ -449,6 +455,18 @@ class TransactionalStage:
 
     async def stop(self) -> None:
         self._stopping.set()
+
+    async def _check_copartitioned(self, consumer: AIOKafkaConsumer) -> None:
+        """Refuse to start (``ConfigError``) unless the inputs and the state changelog have
+        equal partition counts on the broker (``check_copartitioned``)."""
+        topics = [*self.logic.input_topics(), self._state_topic]
+        # The consumer only knows the metadata of what it subscribed to so far: ask for all.
+        cluster = await consumer._client.fetch_all_metadata()
+        counts: dict[str, int | None] = {}
+        for topic in topics:
+            partitions = cluster.partitions_for_topic(topic)
+            counts[topic] = None if partitions is None else len(partitions)
+        check_copartitioned(f"stage {self.stage}", counts)
 
     async def _shutdown(self) -> None:
         for part in list(self._parts.values()):

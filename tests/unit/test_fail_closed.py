@@ -284,3 +284,66 @@ def test_a_batch_retried_after_an_abort_is_counted_once() -> None:
     assert producer.committed.count("dlq") == 1
     after = (ok._value.get(), dlq._value.get(), audited._value.get())
     assert [a - b for a, b in zip(after, before, strict=True)] == [2, 1, 2]
+
+
+# --- item 4: co-partitioned topics must agree on their partition count ---------------------
+
+
+class Cluster:
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.counts = counts
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        n = self.counts.get(topic)
+        return None if n is None else set(range(n))
+
+
+class MetadataConsumer:
+    """What ``_check_copartitioned`` reads of an AIOKafkaConsumer: its client's metadata."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        async def fetch_all_metadata() -> Cluster:
+            return Cluster(counts)
+
+        self._client = type("Client", (), {"fetch_all_metadata": staticmethod(fetch_all_metadata)})
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+class Track(Forward):
+    name = "track-test"
+
+    def input_topics(self) -> list[str]:
+        return ["authorized", "status", "responses"]
+
+
+def test_a_stage_whose_inputs_differ_in_partitions_refuses_to_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    counts = {"authorized": 4, "status": 4, "responses": 8, "state": 4}
+    monkeypatch.setattr(eos, "AIOKafkaConsumer", lambda **_: MetadataConsumer(counts))
+    stage = eos.TransactionalStage(
+        Track(),
+        bootstrap="127.0.0.1:1",
+        app_id="t",
+        state_topic="state",
+        audit_topic="audit",
+        dlq_topic="dlq",
+    )
+    with pytest.raises(ConfigError) as refused:
+        asyncio.run(stage.run())
+    message = str(refused.value)
+    assert "stage track-test" in message
+    assert "authorized has 4, status has 4, responses has 8, state has 4" in message
+
+
+def test_equal_counts_and_missing_topics_are_not_a_mismatch() -> None:
+    from fleetbus.bus.topics import check_copartitioned
+
+    check_copartitioned("stage seal", {"authorized": 4, "state": 4, "not-yet-created": None})
+    with pytest.raises(ConfigError, match="a has 2, b has 3"):
+        check_copartitioned("stage x", {"a": 2, "b": 3})
