@@ -196,6 +196,12 @@ class FleetbusSettings(BaseSettings):
     tick_interval_s: float = Field(
         default=1.0, gt=0, description="how often expiry and approval-window timers run"
     )
+    vehicle_confine_partitions: bool = Field(
+        default=False,
+        description="vehicle agents read only the commands.outbound partitions their own "
+        "vehicles hash to (explicit assignment, no consumer group rebalancing) instead of "
+        "joining a group over the whole topic; see docs/sdk.md",
+    )
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="Prometheus /metrics port of the worker; 0: off"
     )

@@ -347,3 +347,79 @@ def test_equal_counts_and_missing_topics_are_not_a_mismatch() -> None:
     check_copartitioned("stage seal", {"authorized": 4, "state": 4, "not-yet-created": None})
     with pytest.raises(ConfigError, match="a has 2, b has 3"):
         check_copartitioned("stage x", {"a": 2, "b": 3})
+
+
+# --- item 7: a vehicle gateway confined to its vehicles' partitions -----------------------
+
+
+def test_outbound_partition_is_where_the_seal_stages_producer_puts_a_vehicle() -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from fleetbus.bus.vehicle import outbound_partition
+
+    for partitions in (1, 2, 3, 4, 12, 64):
+        everything = list(range(partitions))
+        for n in range(500):
+            vid = f"V-{n:04d}"
+            produced = DefaultPartitioner()(vid.encode(), everything, everything)
+            assert outbound_partition(vid, partitions) == produced
+
+
+class FakeConsumer:
+    """A kafka-python consumer that records how it was asked to read."""
+
+    partitions = 4
+
+    def __init__(self, *topics: str, **_: Any) -> None:
+        self.topics = topics
+        self.assigned: list[list[Any]] = []
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return set(range(FakeConsumer.partitions))
+
+    def assign(self, partitions: list[Any]) -> None:
+        self.assigned.append(partitions)
+
+    def close(self, **_: Any) -> None:
+        pass
+
+
+def test_a_confined_agent_assigns_only_its_vehicles_partitions_and_follows_repartitions(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import kafka
+
+    from fleetbus.bus.vehicle import VehicleAgent, outbound_partition
+
+    fleet = make_test_fleet(tmp_path, vehicles=3)
+    monkeypatch.setattr(kafka, "KafkaConsumer", FakeConsumer)
+    monkeypatch.setattr(kafka, "KafkaProducer", lambda **_: object())
+    settings = FleetbusSettings(vehicle_confine_partitions=True)
+    outbound = settings.topics.full(settings.topics.commands_outbound)
+    mine = ["V-0001", "V-0003"]
+    agent = VehicleAgent(
+        settings,
+        vehicles=fleet.vehicles(mine),
+        directory=fleet.directory,
+        minimum_path="xwing",
+        handlers={},
+        store_path=tmp_path / "agent.sqlite",
+    )
+    try:
+        agent._connect()
+        consumer = agent._consumer
+        assert consumer.topics == ()  # no group subscription to the whole topic
+        [first] = consumer.assigned
+        assert {(tp.topic, tp.partition) for tp in first} == {
+            (outbound, outbound_partition(v, 4)) for v in mine
+        }
+        agent._connect()
+        assert len(consumer.assigned) == 1  # unchanged topic: no reassignment
+        FakeConsumer.partitions = 7
+        agent._connect()
+        assert {tp.partition for tp in consumer.assigned[-1]} == {
+            outbound_partition(v, 7) for v in mine
+        }
+    finally:
+        FakeConsumer.partitions = 4
+        agent.store.close()
