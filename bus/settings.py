@@ -208,6 +208,20 @@ class FleetbusSettings(BaseSettings):
     metrics_bind: str = Field(default="127.0.0.1", description="address /metrics listens on")
 
     @model_validator(mode="after")
+    def _qkd_trust_complete(self) -> FleetbusSettings:
+        # Without a CA file the TLS context would trust the system store: any public CA could
+        # then vouch for "the KME" and receive our SAE's requests for keys.
+        if self.qkd_kme_url:
+            missing = [
+                name
+                for name in ("qkd_ca_file", "qkd_cert_file", "qkd_key_file")
+                if not getattr(self, name)
+            ]
+            if missing:
+                raise ValueError(f"qkd_kme_url is set but {', '.join(missing)} are not")
+        return self
+
+    @model_validator(mode="after")
     def _kafka_tls_complete(self) -> FleetbusSettings:
         if self.kafka_security_protocol == "SSL":
             if not self.kafka_ssl_cafile:

@@ -423,3 +423,34 @@ def test_a_confined_agent_assigns_only_its_vehicles_partitions_and_follows_repar
     finally:
         FakeConsumer.partitions = 4
         agent.store.close()
+
+
+# --- item 1, the sweep: a missing setting never widens whom we trust ------------------------
+
+
+def test_a_kme_url_without_its_ca_and_client_files_is_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="qkd_ca_file, qkd_cert_file, qkd_key_file"):
+        FleetbusSettings(qkd_kme_url="https://kme.example:8443")
+    with pytest.raises(ValidationError, match="but qkd_ca_file are not"):
+        FleetbusSettings(
+            qkd_kme_url="https://kme.example:8443", qkd_cert_file="c.pem", qkd_key_file="c.key"
+        )
+
+
+def test_the_qkd_provider_never_falls_back_to_the_system_trust_store(tmp_path: Path) -> None:
+    from fleetbus.bus.keys import KeyProviderError
+    from fleetbus.providers.pki import make_test_pki
+    from fleetbus.providers.qkd import QKDProvider
+
+    client = make_test_pki(tmp_path, ["sae-hub"], admin=False).saes["sae-hub"]
+    with pytest.raises(KeyProviderError, match="system trust store") as refused:
+        QKDProvider(
+            kme_url="https://kme.example:8443",
+            sae_id="sae-hub",
+            ca_file="",
+            cert_file=client.cert,
+            key_file=client.key,
+        )
+    assert refused.value.reason is ReasonCode.CONFIG
