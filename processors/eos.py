@@ -583,16 +583,22 @@ class TransactionalStage:
             started = time.perf_counter()
             now = self._clock()
             try:
-                results: Sequence[StageResult | Exception] = process_batch(inputs, part.state, now)
+                with held_until_commit() as batch_metrics:
+                    results: Sequence[StageResult | Exception] = process_batch(
+                        inputs, part.state, now
+                    )
                 if len(results) != len(inputs):
                     raise RuntimeError("process_batch returned the wrong number of results")
             except Exception:
-                # The batch as a whole failed: nothing of it counts; redo it record by record.
-                # process_batch must return an exception per bad record, so this is our bug.
+                # The batch as a whole failed: nothing of it counts (its outcome metrics are
+                # dropped too); redo it record by record. process_batch must return an
+                # exception per bad record, so this is our bug.
                 _log.exception("stage %s: batch processing failed; one by one", self.stage)
                 INTERNAL_ERRORS.labels(stage=self.stage).inc()
                 part.state.rollback()
             else:
+                for update in batch_metrics:
+                    on_commit(update)
                 each = (time.perf_counter() - started) / len(inputs)
                 for record, outcome in zip(inputs, results, strict=True):
                     with self._record_span(record):
@@ -701,6 +707,9 @@ class TransactionalStage:
         outputs += self._changelog(part)
         if outputs:
             await self._commit(part, outputs, None, head_before, held + held_audit)
+        else:
+            for update in held + held_audit:  # nothing to commit: what was counted stands
+                update()
 
     async def _commit(
         self,

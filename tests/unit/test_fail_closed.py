@@ -454,3 +454,48 @@ def test_the_qkd_provider_never_falls_back_to_the_system_trust_store(tmp_path: P
             key_file=client.key,
         )
     assert refused.value.reason is ReasonCode.CONFIG
+
+
+class BatchThatFails:
+    """A batch stage with a bug: its batch path counts outcomes and then raises."""
+
+    name = "batch-bug-test"
+
+    def input_topics(self) -> list[str]:
+        return ["in"]
+
+    def process(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
+        return eos.dead_letter_result(self.name, "dlq", record, ReasonCode.MALFORMED, "x", now=now)
+
+    def process_batch(
+        self, records: list[InputRecord], state: PartitionState, now: float
+    ) -> list[StageResult | Exception]:
+        for record in records:
+            self.process(record, state, now)
+        raise RuntimeError("a bug after the outcomes were counted")
+
+    def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
+        return StageResult()
+
+
+def test_a_failed_batch_redone_one_by_one_counts_each_record_once() -> None:
+    from fleetbus.observability.metrics import held_until_commit
+
+    stage = eos.TransactionalStage(
+        BatchThatFails(),
+        bootstrap="127.0.0.1:1",
+        app_id="t",
+        state_topic="state",
+        audit_topic="audit",
+        dlq_topic="dlq",
+    )
+    part = type("Part", (), {"state": PartitionState()})()
+    dlq = DLQ_RECORDS.labels(stage="batch-bug-test", reason="malformed")
+    internal = INTERNAL_ERRORS.labels(stage="batch-bug-test")
+    before = (dlq._value.get(), internal._value.get())
+    with held_until_commit() as held:
+        result = stage._compute(part, [raw(0, b"a"), raw(1, b"b")])
+    for update in held:  # the transaction commits
+        update()
+    assert [o.topic for o in result.outputs] == ["dlq", "dlq"]
+    assert (dlq._value.get() - before[0], internal._value.get() - before[1]) == (2, 1)
