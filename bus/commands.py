@@ -225,10 +225,12 @@ def _to_ms(seconds: float) -> int:
 def _check_time(value: object, what: str) -> float:
     """Validate a model time and round it to the millisecond it travels as."""
     if type(value) not in (int, float):
-        raise FleetbusError(f"{what} must be an epoch time in seconds")
+        raise FleetbusError(f"{what} must be an epoch time in seconds", reason=ReasonCode.MALFORMED)
     assert isinstance(value, int | float)
     if not math.isfinite(value) or not 0 <= round(value * 1000) <= _MAX_MS:
-        raise FleetbusError(f"{what} must be a finite, non-negative epoch time")
+        raise FleetbusError(
+            f"{what} must be a finite, non-negative epoch time", reason=ReasonCode.MALFORMED
+        )
     return round(value * 1000) / 1000
 
 
@@ -259,7 +261,10 @@ def _check_params(params: object, what: str) -> dict[str, ParamValue]:
 
 def _check_model_text(value: object, what: str, limit: int = MAX_TEXT) -> None:
     if type(value) is not str or not value or len(value) > limit:
-        raise FleetbusError(f"{what} must be a non-empty text string of at most {limit} chars")
+        raise FleetbusError(
+            f"{what} must be a non-empty text string of at most {limit} chars",
+            reason=ReasonCode.MALFORMED,
+        )
 
 
 # --- target --------------------------------------------------------------------------------
@@ -274,7 +279,9 @@ class Target:
 
     def __post_init__(self) -> None:
         if (self.vehicle is None) == (self.group is None):
-            raise FleetbusError("a target names exactly one of vehicle or group")
+            raise FleetbusError(
+                "a target names exactly one of vehicle or group", reason=ReasonCode.MALFORMED
+            )
         _check_model_text(self.vehicle or self.group, "target")
 
     def to_wire(self) -> dict[str, str]:
@@ -333,24 +340,30 @@ class Command:
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not _UUID_RE.fullmatch(self.id):
-            raise FleetbusError("command id must be a canonical lowercase UUIDv7")
+            raise FleetbusError(
+                "command id must be a canonical lowercase UUIDv7", reason=ReasonCode.MALFORMED
+            )
         _check_model_text(self.issuer, "issuer")
         if not isinstance(self.target, Target):
-            raise FleetbusError("target must be a Target")
+            raise FleetbusError("target must be a Target", reason=ReasonCode.MALFORMED)
         if not isinstance(self.action, str) or not _ACTION_RE.fullmatch(self.action):
             raise FleetbusError(
-                "action must be 1..64 characters of a-z, 0-9, '_', '.', '-', starting with a letter"
+                "action must be 1..64 characters of a-z, 0-9, '_', '.', '-', "
+                "starting with a letter",
+                reason=ReasonCode.MALFORMED,
             )
         try:
             object.__setattr__(self, "params", _check_params(dict(self.params), "params"))
         except FleetbusError as exc:
-            raise FleetbusError(str(exc)) from None
+            raise FleetbusError(str(exc), reason=exc.reason) from None
         object.__setattr__(self, "issued_at", _check_time(self.issued_at, "issued_at"))
         object.__setattr__(self, "expires_at", _check_time(self.expires_at, "expires_at"))
         if self.expires_at < self.issued_at:
-            raise FleetbusError("expires_at is before issued_at")
+            raise FleetbusError("expires_at is before issued_at", reason=ReasonCode.MALFORMED)
         if type(self.priority) is not int or not -1000 <= self.priority <= 1000:
-            raise FleetbusError("priority must be an integer in -1000..1000")
+            raise FleetbusError(
+                "priority must be an integer in -1000..1000", reason=ReasonCode.MALFORMED
+            )
         for name in ("correlation_id", "idempotency_key"):
             value = getattr(self, name)
             if value is not None:
@@ -373,7 +386,9 @@ class Command:
     ) -> Command:
         """A new command with a fresh UUIDv7 id, issued now and expiring ``ttl_s`` later."""
         if not math.isfinite(ttl_s) or ttl_s <= 0:
-            raise FleetbusError("ttl_s must be a positive number of seconds")
+            raise FleetbusError(
+                "ttl_s must be a positive number of seconds", reason=ReasonCode.MALFORMED
+            )
         issued = time.time() if now is None else now
         return cls(
             id=command_id or new_command_id(),
@@ -540,12 +555,17 @@ class Approval:
 
     def __post_init__(self) -> None:
         if not isinstance(self.command_id, str) or not _UUID_RE.fullmatch(self.command_id):
-            raise FleetbusError("approval command id must be a canonical lowercase UUIDv7")
+            raise FleetbusError(
+                "approval command id must be a canonical lowercase UUIDv7",
+                reason=ReasonCode.MALFORMED,
+            )
         _check_model_text(self.approver, "approver")
         try:
             object.__setattr__(self, "decision", Decision(self.decision))
         except ValueError:
-            raise FleetbusError("decision must be 'approve' or 'deny'") from None
+            raise FleetbusError(
+                "decision must be 'approve' or 'deny'", reason=ReasonCode.MALFORMED
+            ) from None
         object.__setattr__(self, "issued_at", _check_time(self.issued_at, "issued_at"))
 
     def approves(self, command_id: str) -> bool:
@@ -646,9 +666,14 @@ class Response:
         _check_model_text(self.command_id, "command id")
         _check_model_text(self.vehicle_id, "vehicle id")
         if type(self.status) is not int or not 100 <= self.status <= 599:
-            raise FleetbusError("status must be an HTTP-like code in 100..599")
+            raise FleetbusError(
+                "status must be an HTTP-like code in 100..599", reason=ReasonCode.MALFORMED
+            )
         if not isinstance(self.detail, str) or len(self.detail) > MAX_DETAIL:
-            raise FleetbusError(f"detail must be text of at most {MAX_DETAIL} characters")
+            raise FleetbusError(
+                f"detail must be text of at most {MAX_DETAIL} characters",
+                reason=ReasonCode.MALFORMED,
+            )
         if self.correlation_id is not None:
             _check_model_text(self.correlation_id, "correlation id")
         object.__setattr__(self, "executed_at", _check_time(self.executed_at, "executed_at"))
@@ -723,10 +748,15 @@ class StatusEvent:
             if self.reason is not None:
                 object.__setattr__(self, "reason", ReasonCode(self.reason))
         except ValueError:
-            raise FleetbusError("unknown state or reason code") from None
+            raise FleetbusError(
+                "unknown state or reason code", reason=ReasonCode.MALFORMED
+            ) from None
         object.__setattr__(self, "at", _check_time(self.at, "at"))
         if not isinstance(self.detail, str) or len(self.detail) > MAX_DETAIL:
-            raise FleetbusError(f"detail must be text of at most {MAX_DETAIL} characters")
+            raise FleetbusError(
+                f"detail must be text of at most {MAX_DETAIL} characters",
+                reason=ReasonCode.MALFORMED,
+            )
         if self.vehicle_id is not None:
             _check_model_text(self.vehicle_id, "vehicle id")
 
@@ -783,7 +813,7 @@ class Telemetry:
         try:
             object.__setattr__(self, "fields", _check_params(dict(self.fields), "fields"))
         except FleetbusError as exc:
-            raise FleetbusError(str(exc)) from None
+            raise FleetbusError(str(exc), reason=exc.reason) from None
 
     def encode(self) -> bytes:
         return _dumps(

@@ -41,12 +41,19 @@ class ReasonCode(StrEnum):
     # Operations
     CONFIG = "config"
     KAFKA_UNAVAILABLE = "kafka_unavailable"
+    # A fault of fleetbus itself (a bug, an unexpected exception in stage logic), never of the
+    # input: alerted on (fleetbus_internal_errors_total), unlike the reasons above.
+    INTERNAL = "internal"
 
 
 class FleetbusError(Exception):
-    """Base error. `reason` is a bounded, secret-free code safe for metrics labels."""
+    """Base error. `reason` is a bounded, secret-free code safe for metrics labels.
 
-    reason: ReasonCode = ReasonCode.MALFORMED
+    A raise site that gives no reason (and whose class sets none) gets ``INTERNAL``: a
+    forgotten reason is our fault, and must be alerted on, not filed as bad input.
+    """
+
+    reason: ReasonCode = ReasonCode.INTERNAL
 
     def __init__(self, message: str, *, reason: ReasonCode | None = None) -> None:
         super().__init__(message)

@@ -219,10 +219,30 @@ class FleetbusSettings(BaseSettings):
     tick_interval_s: float = Field(
         default=1.0, gt=0, description="how often expiry and approval-window timers run"
     )
+    vehicle_confine_partitions: bool = Field(
+        default=False,
+        description="vehicle agents read only the commands.outbound partitions their own "
+        "vehicles hash to (explicit assignment, no consumer group rebalancing) instead of "
+        "joining a group over the whole topic; see docs/sdk.md",
+    )
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="Prometheus /metrics port of the worker; 0: off"
     )
     metrics_bind: str = Field(default="127.0.0.1", description="address /metrics listens on")
+
+    @model_validator(mode="after")
+    def _qkd_trust_complete(self) -> FleetbusSettings:
+        # Without a CA file the TLS context would trust the system store: any public CA could
+        # then vouch for "the KME" and receive our SAE's requests for keys.
+        if self.qkd_kme_url:
+            missing = [
+                name
+                for name in ("qkd_ca_file", "qkd_cert_file", "qkd_key_file")
+                if not getattr(self, name)
+            ]
+            if missing:
+                raise ValueError(f"qkd_kme_url is set but {', '.join(missing)} are not")
+        return self
 
     @model_validator(mode="after")
     def _kafka_tls_complete(self) -> FleetbusSettings:

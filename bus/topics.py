@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from fleetbus.bus.errors import KafkaUnavailableError
+from fleetbus.bus.errors import ConfigError, KafkaUnavailableError
 
 
 def ensure_topics(
@@ -60,3 +60,21 @@ def ensure_topics(
         return missing
     finally:
         admin.close()
+
+
+def check_copartitioned(what: str, counts: Mapping[str, int | None]) -> None:
+    """Refuse to run ``what`` when the topics it joins by partition number (``counts``: topic ->
+    partition count from the broker, None when the topic does not exist) differ in count.
+
+    Range assignment gives one worker partition p of every input, and the stage's state for p
+    lives in partition p of its changelog: with unequal counts a command's records would meet
+    different state on different workers, or none. ``ensure_topics`` does not repartition an
+    existing topic, so this is checked at start against the broker's metadata. A missing topic
+    is not a mismatch (the worker waits for it, as for any input)."""
+    present = {topic: n for topic, n in counts.items() if n is not None}
+    if len(set(present.values())) > 1:
+        listed = ", ".join(f"{topic} has {n}" for topic, n in present.items())
+        raise ConfigError(
+            f"{what}: co-partitioned topics must have equal partition counts, but {listed}; "
+            "repartition them to one count (docs/kafka.md) before starting"
+        )

@@ -59,6 +59,7 @@ __all__ = [
     "VehicleAgent",
     "VehicleIdentity",
     "load_key_directory",
+    "outbound_partition",
 ]
 
 _log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ _STATUS_FOR_REJECT: Final = {
     ReasonCode.SIGNER_EXPIRED: 403,
     ReasonCode.SIGNER_REVOKED: 403,
     ReasonCode.NOT_YET_VALID: 403,
+    ReasonCode.INTERNAL: 500,
 }
 
 
@@ -296,6 +298,15 @@ SPIN_RESET_S: Final = 15.0
 SPIN_CPU_SHARE: Final = 0.2
 
 
+def outbound_partition(vehicle_id: str, partitions: int) -> int:
+    """The partition of ``commands.outbound`` that holds ``vehicle_id``'s records: the seal stage
+    keys them by vehicle id and its producer uses Kafka's default partitioner, the Java client's
+    murmur2 of the key bytes (positive part) modulo the partition count."""
+    from kafka.partitioner.default import murmur2
+
+    return (int(murmur2(vehicle_id.encode())) & 0x7FFFFFFF) % partitions
+
+
 class _RetryLater(Exception):
     """Answering failed for an operational reason: redeliver the record (do not commit it)."""
 
@@ -318,6 +329,11 @@ class VehicleAgent:
       vehicle per epoch instead of one per message, see ``EpochPolicy``); None: per message.
     - ``group_id``: Kafka consumer group; by default one derived from the set of vehicle ids, so
       a restarted agent resumes from its committed offsets and other agents are unaffected.
+    - ``confine_partitions``: read only the partitions of ``commands.outbound`` that this
+      agent's vehicles hash to (``outbound_partition``), by explicit assignment, instead of
+      subscribing with the group to every partition (default: the setting
+      ``vehicle_confine_partitions``). Offsets are still committed under ``group_id``. Two
+      agents must then not serve the same vehicles: nothing balances them. docs/sdk.md.
     """
 
     def __init__(
@@ -335,6 +351,7 @@ class VehicleAgent:
         key_providers: Mapping[str, KeyProvider] | None = None,
         uplink_epochs: EpochPolicy | None = None,
         group_id: str | None = None,
+        confine_partitions: bool | None = None,
         auto_offset_reset: str = "earliest",
         max_message_bytes: int = DEFAULT_MAX_SIZE,
         clock_skew_s: float = 30.0,
@@ -388,6 +405,12 @@ class VehicleAgent:
         self._auto_offset_reset = auto_offset_reset
         self.store = ExecutedStore(store_path)
         self._outbound = settings.topics.full(settings.topics.commands_outbound)
+        self._confine = (
+            settings.vehicle_confine_partitions
+            if confine_partitions is None
+            else confine_partitions
+        )
+        self._confined_to: tuple[int, frozenset[int]] | None = None  # (topic partitions, ours)
         self._responses = settings.topics.full(settings.topics.commands_responses)
         self._telemetry = settings.topics.full(settings.topics.telemetry_raw)
         self._consumer: Any = None
@@ -460,7 +483,7 @@ class VehicleAgent:
                 )
             if self._consumer is None:
                 self._consumer = KafkaConsumer(
-                    self._outbound,
+                    *(() if self._confine else (self._outbound,)),
                     bootstrap_servers=bootstrap,
                     group_id=self.group_id,
                     enable_auto_commit=False,
@@ -472,10 +495,37 @@ class VehicleAgent:
                     heartbeat_interval_ms=int(self.settings.broker_heartbeat_interval_s * 1000),
                     **self.settings.kafka_client_config(),
                 )
+                self._confined_to = None
+            if self._confine:
+                self._assign_own_partitions()
         except (KafkaError, OSError) as exc:
             raise KafkaUnavailableError(
                 f"vehicle agent: Kafka at {bootstrap} did not answer ({type(exc).__name__})"
             ) from exc
+
+    def _assign_own_partitions(self) -> None:
+        """Assign the outbound partitions our vehicles hash to; again whenever the topic's
+        partition count changes (after a repartition the vehicles hash elsewhere, and keeping
+        the old assignment would silently miss their commands)."""
+        from kafka import TopicPartition
+
+        count = len(self._consumer.partitions_for_topic(self._outbound))
+        if count == 0 and self._confined_to is None:
+            raise ConfigError(
+                f"vehicle agent: topic {self._outbound} does not exist or is not readable"
+            )
+        if self._confined_to is not None and self._confined_to[0] in (count, 0):
+            return  # unchanged, or metadata briefly without the topic: keep what we read
+        ours = frozenset(outbound_partition(vid, count) for vid in self._vehicles)
+        self._consumer.assign([TopicPartition(self._outbound, p) for p in sorted(ours)])
+        self._confined_to = (count, ours)
+        _log.info(
+            "vehicle agent %s: reading %d of %d partitions of %s (confined to its vehicles)",
+            self.group_id,
+            len(ours),
+            count,
+            self._outbound,
+        )
 
     def _send(self, topic: str, key: str, value: bytes, headers: list[tuple[str, bytes]]) -> Any:
         from kafka.errors import KafkaError

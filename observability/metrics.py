@@ -8,8 +8,9 @@ never vehicle, command or principal ids.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from importlib import metadata
 from typing import Final, Protocol
 
@@ -103,6 +104,12 @@ CONSUMER_LAG = Gauge(
     "Records between the committed offset and the end of each input topic, per stage.",
     ["stage", "topic"],
 )
+INTERNAL_ERRORS = Counter(
+    "fleetbus_internal_errors_total",
+    "Faults of fleetbus itself (an unexpected exception in stage logic), by stage; the records "
+    "concerned go to the DLQ with reason internal. Never caused by bad input: alerted on.",
+    ["stage"],
+)
 AUDIT_RECORDS = Counter(
     "fleetbus_audit_records_total",
     "Audit records written, by event type.",
@@ -130,6 +137,36 @@ class FailoverEventLike(Protocol):
     def to_path(self) -> _KeyPathLike | None: ...
     @property
     def reason(self) -> str: ...
+
+
+#: Metric updates held back until the transaction that carries their records commits.
+_on_commit: ContextVar[list[Callable[[], None]] | None] = ContextVar(
+    "fleetbus_metrics_on_commit", default=None
+)
+
+
+def on_commit(update: Callable[[], None]) -> None:
+    """Apply a metric ``update`` that counts what a record became (an outcome: DLQ, reject,
+    sealed path, policy decision, latency to a terminal state) when the transaction holding the
+    record commits: inside ``held_until_commit()`` it waits for that; elsewhere it applies now.
+    A transaction that aborts is retried, and its records would otherwise be counted twice."""
+    held = _on_commit.get()
+    if held is None:
+        update()
+    else:
+        held.append(update)
+
+
+@contextmanager
+def held_until_commit() -> Iterator[list[Callable[[], None]]]:
+    """Collect the ``on_commit`` updates made in the block (in this thread or task); the caller
+    runs them after its commit and drops them on abort."""
+    held: list[Callable[[], None]] = []
+    token = _on_commit.set(held)
+    try:
+        yield held
+    finally:
+        _on_commit.reset(token)
 
 
 def record_failover(event: FailoverEventLike) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,7 @@ from fleetbus.bus.errors import ConfigError
 from fleetbus.bus.settings import FleetbusSettings
 
 if TYPE_CHECKING:
+    from fleetbus.bus.keys import SecurityProfile
     from fleetbus.processors.eos import TransactionalStage
 
 _log = logging.getLogger(__name__)
@@ -137,6 +138,74 @@ def stage_runner(
     )
 
 
+def servable_profiles(
+    settings: FleetbusSettings, configured: Collection[str], suite: str
+) -> tuple[dict[str, SecurityProfile], dict[str, SecurityProfile]]:
+    """(profiles this worker can seal with, profiles it cannot), given the ``configured``
+    key providers. Never a weaker profile in place of one that cannot be served:
+
+    - a rule naming an undefined profile, or a profile with a key path below its own
+      ``minimum_path``, is a ``ConfigError`` (the worker does not start);
+    - a profile whose usable paths are gone (``allow_fallback`` False and its first path needs a
+      provider that is not configured, or no path at all is servable) is unservable: logged as
+      an error now, and every command a rule routes to it is refused at seal time
+      (``key_path_exhausted``), as a permanent outage of its provider would be;
+    - a fallback profile keeps the paths it can serve, all of which it declares acceptable and
+      all at least its minimum; the missing preferred paths are logged.
+
+    See docs/key-paths.md ("Profiles a worker cannot serve")."""
+    from fleetbus.processors.stages import profile_from_settings
+    from fleetbus.providers.keypath import is_at_least
+
+    undefined = sorted({r.profile for r in settings.profile_rules} - set(settings.profiles))
+    if undefined:
+        raise ConfigError(f"profile_rules name undefined profiles: {', '.join(undefined)}")
+    ruled = {r.profile for r in settings.profile_rules}
+    available = set(configured)
+    profiles: dict[str, SecurityProfile] = {}
+    unservable: dict[str, SecurityProfile] = {}
+    for name, spec in settings.profiles.items():
+        declared = profile_from_settings(
+            name, spec.key_paths, spec.allow_fallback, spec.minimum_path, suite
+        )
+        if not declared.key_paths:
+            raise ConfigError(f"profile {name}: no key paths")
+        below = [p.name for p in declared.key_paths if not is_at_least(p, declared.minimum_path)]
+        if below:
+            raise ConfigError(
+                f"profile {name}: key paths {', '.join(below)} are below its minimum_path "
+                f"{declared.minimum_path.name}"
+            )
+        candidates = declared.key_paths if spec.allow_fallback else declared.key_paths[:1]
+        paths = [p.name for p in candidates if set(p.providers) <= available]
+        missing = sorted({n for p in declared.key_paths for n in p.providers} - available)
+        if not paths:
+            unservable[name] = declared
+            # Loud when a rule can route commands here, quieter when nothing can.
+            _log.log(
+                logging.ERROR if name in ruled else logging.WARNING,
+                "profile %s cannot be served: its key paths need providers that are not "
+                "configured (%s); commands chosen for it are refused (key_path_exhausted), "
+                "never sealed under another profile",
+                name,
+                ", ".join(missing),
+            )
+            continue
+        if len(paths) != len(declared.key_paths):
+            _log.warning(
+                "profile %s: key paths %s need providers that are not configured (%s); "
+                "sealing with %s",
+                name,
+                ", ".join(p.name for p in declared.key_paths),
+                ", ".join(missing) or "none",
+                ", ".join(paths),
+            )
+        profiles[name] = profile_from_settings(
+            name, paths, spec.allow_fallback, spec.minimum_path, suite
+        )
+    return profiles, unservable
+
+
 @dataclass
 class Pipeline:
     """The stage runners of one worker, and services running beside them (health probes)."""
@@ -167,7 +236,6 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         TelemetryStage,
         TrackStage,
         UplinkOpener,
-        profile_from_settings,
     )
     from fleetbus.processors.uplink import UplinkLimits
     from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
@@ -208,20 +276,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         )
     runner = KeyPathRunner(providers)
 
-    profiles = {}
-    for name, spec in settings.profiles.items():
-        paths = [p for p in spec.key_paths if set(KeyPath.parse(p).providers) <= set(providers)]
-        if paths != spec.key_paths:
-            _log.warning(
-                "profile %s: key paths %s need providers that are not configured; using %s",
-                name,
-                spec.key_paths,
-                paths or "none (profile disabled)",
-            )
-        if paths:
-            profiles[name] = profile_from_settings(
-                name, paths, spec.allow_fallback, spec.minimum_path, signer.suite
-            )
+    profiles, unservable = servable_profiles(settings, providers, signer.suite)
     rules = [ProfileChoice(r.profile, r.criticality, r.capability) for r in settings.profile_rules]
     topics = PipelineTopics.from_settings(settings.topics)
 
@@ -273,6 +328,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         profiles=profiles,
         rules=rules,
         clock_skew_s=settings.clock_skew_s,
+        unservable=unservable,
     )
     profile_sealer.add_listener(seal.on_failover)
     logics: list[Any] = [

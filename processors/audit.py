@@ -20,7 +20,7 @@ import cbor2
 from fleetbus.bus.directory import KeyRecord
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.bus.keys import Signer, Verifier
-from fleetbus.observability.metrics import AUDIT_RECORDS
+from fleetbus.observability.metrics import AUDIT_RECORDS, on_commit
 
 __all__ = [
     "AUDIT_FORMAT",
@@ -305,7 +305,7 @@ class AuditChain:
         )
         value, digest = encode_record_entry(record)
         self.head = ChainHead(record.seq + 1, digest, self.head.signed_through)
-        AUDIT_RECORDS.labels(event=event.event).inc()
+        on_commit(AUDIT_RECORDS.labels(event=event.event).inc)
         out.append(value)
         if self._signer is not None and self.head.unsigned >= self._every:
             out.append(self.checkpoint(at))
@@ -347,7 +347,7 @@ class AuditChain:
             signature=self._signer.sign(tbs),
         )
         self.head = ChainHead(self.head.next_seq, self.head.last_hash, self.head.next_seq)
-        AUDIT_RECORDS.labels(event="checkpoint").inc()
+        on_commit(AUDIT_RECORDS.labels(event="checkpoint").inc)
         return encode_checkpoint_entry(cp)
 
 

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import cbor2
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
@@ -27,13 +27,17 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.bus.keys import Signer
+from fleetbus.bus.topics import check_copartitioned
 from fleetbus.observability.metrics import (
     CONSUMER_LAG,
     DLQ_RECORDS,
+    INTERNAL_ERRORS,
     PRODUCE_ERRORS,
     PRODUCE_RETRIES,
     RECORDS,
     STAGE_LATENCY,
+    held_until_commit,
+    on_commit,
 )
 from fleetbus.observability.tracing import (
     consume_span,
@@ -196,7 +200,7 @@ def dead_letter_result(
     command_id: str | None = None,
 ) -> StageResult:
     """The DLQ record plus its audit event for an input that cannot be processed."""
-    DLQ_RECORDS.labels(stage=stage, reason=reason.value).inc()
+    on_commit(DLQ_RECORDS.labels(stage=stage, reason=reason.value).inc)
     # The runner turns the audit event below into the span's reject event (_record_events).
     # Logged inside the record's span on the one-by-one path, so the line carries its trace id.
     _log.info(
@@ -324,6 +328,16 @@ class _Partition:
     chain: AuditChain
 
 
+_T = TypeVar("_T")
+
+
+def _holding_metrics(fn: Callable[..., _T], *args: Any) -> tuple[_T, list[Callable[[], None]]]:
+    """``fn(*args)`` with its outcome metrics held for the commit (run in the worker thread:
+    a context variable set there is not seen by the event loop's context)."""
+    with held_until_commit() as held:
+        return fn(*args), held
+
+
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, stage: TransactionalStage) -> None:
         self._stage = stage
@@ -411,6 +425,11 @@ class TransactionalStage:
         )
         self._consumer = consumer
         await consumer.start()
+        try:
+            await self._check_copartitioned(consumer)
+        except BaseException:
+            await self._shutdown()
+            raise
         consumer.subscribe(list(self.logic.input_topics()), listener=_Rebalance(self))
         next_tick = self._clock() + self._tick_s
         try:
@@ -436,6 +455,18 @@ class TransactionalStage:
 
     async def stop(self) -> None:
         self._stopping.set()
+
+    async def _check_copartitioned(self, consumer: AIOKafkaConsumer) -> None:
+        """Refuse to start (``ConfigError``) unless the inputs and the state changelog have
+        equal partition counts on the broker (``check_copartitioned``)."""
+        topics = [*self.logic.input_topics(), self._state_topic]
+        # The consumer only knows the metadata of what it subscribed to so far: ask for all.
+        cluster = await consumer._client.fetch_all_metadata()
+        counts: dict[str, int | None] = {}
+        for topic in topics:
+            partitions = cluster.partitions_for_topic(topic)
+            counts[topic] = None if partitions is None else len(partitions)
+        check_copartitioned(f"stage {self.stage}", counts)
 
     async def _shutdown(self) -> None:
         for part in list(self._parts.values()):
@@ -554,14 +585,22 @@ class TransactionalStage:
             started = time.perf_counter()
             now = self._clock()
             try:
-                results: Sequence[StageResult | Exception] = process_batch(inputs, part.state, now)
+                with held_until_commit() as batch_metrics:
+                    results: Sequence[StageResult | Exception] = process_batch(
+                        inputs, part.state, now
+                    )
                 if len(results) != len(inputs):
                     raise RuntimeError("process_batch returned the wrong number of results")
             except Exception:
-                # The batch as a whole failed: nothing of it counts; redo it record by record.
+                # The batch as a whole failed: nothing of it counts (its outcome metrics are
+                # dropped too); redo it record by record. process_batch must return an
+                # exception per bad record, so this is our bug.
                 _log.exception("stage %s: batch processing failed; one by one", self.stage)
+                INTERNAL_ERRORS.labels(stage=self.stage).inc()
                 part.state.rollback()
             else:
+                for update in batch_metrics:
+                    on_commit(update)
                 each = (time.perf_counter() - started) / len(inputs)
                 for record, outcome in zip(inputs, results, strict=True):
                     with self._record_span(record):
@@ -570,7 +609,7 @@ class TransactionalStage:
                         _record_events(self.stage, outcome)
                         outcome = _with_trace_context(outcome)
                     STAGE_LATENCY.labels(stage=self.stage).observe(each)
-                    RECORDS.labels(stage=self.stage, outcome=outcome.outcome).inc()
+                    on_commit(RECORDS.labels(stage=self.stage, outcome=outcome.outcome).inc)
                     total.extend(outcome)
                 return total
         for record in inputs:
@@ -584,7 +623,7 @@ class TransactionalStage:
                 _record_events(self.stage, result)
                 result = _with_trace_context(result)
             STAGE_LATENCY.labels(stage=self.stage).observe(time.perf_counter() - started)
-            RECORDS.labels(stage=self.stage, outcome=result.outcome).inc()
+            on_commit(RECORDS.labels(stage=self.stage, outcome=result.outcome).inc)
             total.extend(result)
         return total
 
@@ -600,13 +639,21 @@ class TransactionalStage:
         )
 
     def _dead_letter(self, record: InputRecord, exc: Exception, now: float) -> StageResult:
-        reason = exc.reason if isinstance(exc, FleetbusError) else ReasonCode.MALFORMED
+        """The DLQ result of a record whose logic raised. Stages turn bad input into typed
+        rejects themselves; an exception that is not a ``FleetbusError`` (or one without a
+        reason) is a fault of ours, filed as ``internal``, never as ``malformed``."""
+        reason = exc.reason if isinstance(exc, FleetbusError) else ReasonCode.INTERNAL
         detail = str(exc) if isinstance(exc, FleetbusError) else type(exc).__name__
-        if not isinstance(exc, FleetbusError):
+        if reason is ReasonCode.INTERNAL:
+            # Counted as it happens, not on commit: the fault occurred whether or not the
+            # transaction commits.
+            INTERNAL_ERRORS.labels(stage=self.stage).inc()
             _log.error(
-                "stage %s: unexpected error on %s",
+                "stage %s: internal error on %s[%d]@%d",
                 self.stage,
                 record.topic,
+                record.partition,
+                record.offset,
                 exc_info=(type(exc), exc, exc.__traceback__),
             )
         return dead_letter_result(self.stage, self._dlq_topic, record, reason, detail, now=now)
@@ -643,11 +690,12 @@ class TransactionalStage:
                 await self._on_assigned([tp])
             return
         head_before = part.chain.head
-        result = await asyncio.to_thread(self._compute, part, records)
-        outputs = result.outputs + self._audit_outputs(part, result.audit)
+        result, held = await asyncio.to_thread(_holding_metrics, self._compute, part, records)
+        with held_until_commit() as held_audit:
+            outputs = result.outputs + self._audit_outputs(part, result.audit)
         outputs += self._changelog(part)
         offsets = {tp: OffsetAndMetadata(records[-1].offset + 1, "")}
-        if not await self._commit(part, outputs, offsets, head_before):
+        if not await self._commit(part, outputs, offsets, head_before, held + held_audit):
             # Nothing of the batch is visible; read it again from the committed offset.
             assert self._consumer is not None
             self._consumer.seek(tp, records[0].offset)
@@ -657,20 +705,27 @@ class TransactionalStage:
         if part is None:
             return
         head_before = part.chain.head
-        result = await asyncio.to_thread(self.logic.tick, number, part.state, self._clock())
-        outputs = result.outputs + self._audit_outputs(part, result.audit, seal=True)
+        result, held = await asyncio.to_thread(
+            _holding_metrics, self.logic.tick, number, part.state, self._clock()
+        )
+        with held_until_commit() as held_audit:
+            outputs = result.outputs + self._audit_outputs(part, result.audit, seal=True)
         outputs += self._changelog(part)
         if outputs:
-            await self._commit(part, outputs, None, head_before)
+            await self._commit(part, outputs, None, head_before, held + held_audit)
+        else:
+            for update in held + held_audit:  # nothing to commit: what was counted stands
+                update()
 
     async def _seal_audit(self, part: _Partition) -> None:
         """End of a run: sign the chain's unsigned tail in a last transaction. (Not on
         revocation: a batch may still be in flight then; the next owner signs the restored
         head before its first record, or at its first tick.)"""
         head_before = part.chain.head
-        outputs = self._audit_outputs(part, (), seal=True)
+        with held_until_commit() as held:
+            outputs = self._audit_outputs(part, (), seal=True)
         if outputs:
-            await self._commit(part, outputs + self._changelog(part), None, head_before)
+            await self._commit(part, outputs + self._changelog(part), None, head_before, held)
 
     async def _commit(
         self,
@@ -678,7 +733,10 @@ class TransactionalStage:
         outputs: Sequence[Output],
         offsets: dict[TopicPartition, OffsetAndMetadata] | None,
         head_before: ChainHead,
+        metrics: Sequence[Callable[[], None]] = (),
     ) -> bool:
+        """Commit one transaction; then apply the batch's outcome ``metrics`` (on_commit). On
+        failure nothing of it counts: the records are read and counted again."""
         producer = part.producer
         try:
             async with producer.transaction():
@@ -709,6 +767,8 @@ class TransactionalStage:
             await self._backoff()
             return False
         part.state.commit()
+        for update in metrics:
+            update()
         self._failures = 0
         self.transactions += 1
         return True

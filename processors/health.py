@@ -21,6 +21,7 @@ from fleetbus.bus.directory import KeyDirectory
 from fleetbus.bus.errors import FleetbusError
 from fleetbus.bus.keys import KeyProvider
 from fleetbus.observability.metrics import (
+    INTERNAL_ERRORS,
     KEY_EXPIRY,
     PRODUCE_ERRORS,
     PRODUCE_RETRIES,
@@ -49,10 +50,13 @@ class BreakerSource(Protocol):
 
 
 def init_stage_counters(stages: Iterable[str]) -> None:
-    """Create the per-stage produce retry/error series at zero (absent series read as gaps)."""
+    """Create the per-stage produce retry/error and internal-error series at zero (absent series
+    read as gaps, and ``increase()`` does not see the first increment of a new series: the
+    first internal error would not fire FleetbusInternalError)."""
     for stage in stages:
         PRODUCE_RETRIES.labels(stage=stage)
         PRODUCE_ERRORS.labels(stage=stage)
+        INTERNAL_ERRORS.labels(stage=stage)
 
 
 class HealthReporter:

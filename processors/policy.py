@@ -18,7 +18,7 @@ from typing import Any, Final
 import cedarpy
 
 from fleetbus.bus.errors import ConfigError
-from fleetbus.observability.metrics import POLICY_DECISIONS
+from fleetbus.observability.metrics import POLICY_DECISIONS, on_commit
 from fleetbus.processors.fleet_registry import CRITICALITIES, FleetRegistry
 
 __all__ = [
@@ -230,7 +230,7 @@ class PolicyEngine:
         """Allow, deny, or pending (high criticality still waiting for approvals)."""
         criticality = self.registry.criticality(action)
         if criticality is None:
-            POLICY_DECISIONS.labels(outcome="deny", reason="policy_denied").inc()
+            on_commit(POLICY_DECISIONS.labels(outcome="deny", reason="policy_denied").inc)
             return CommandDecision(
                 "deny", "unknown", (), f"action {action!r} is not in the catalogue"
             )
@@ -256,9 +256,11 @@ class PolicyEngine:
             detail = f"no policy permits {issuer} to {action} {resource['type'].lower()}"
             if errors:
                 detail += f" (policy errors: {len(errors)})"
-        POLICY_DECISIONS.labels(
-            outcome=outcome, reason="ok" if outcome == "allow" else "policy_denied"
-        ).inc()
+        on_commit(
+            POLICY_DECISIONS.labels(
+                outcome=outcome, reason="ok" if outcome == "allow" else "policy_denied"
+            ).inc
+        )
         return CommandDecision(outcome, criticality, reasons, detail)
 
     def may_approve(self, approver: str, *, vehicle: str | None, group: str | None) -> bool:

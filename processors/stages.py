@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final
 
 import cbor2
@@ -36,6 +37,7 @@ from fleetbus.observability.metrics import (
     ENVELOPE_REJECTS,
     KEYPATH_FAILOVER,
     KEYPATH_SELECTED,
+    on_commit,
 )
 from fleetbus.processors.audit import AuditEvent
 from fleetbus.processors.eos import (
@@ -54,7 +56,7 @@ from fleetbus.processors.uplink import (
     read_count,
     sender_key,
 )
-from fleetbus.providers.keypath import FailoverEvent
+from fleetbus.providers.keypath import REASON_NOT_CONFIGURED, FailoverEvent
 from fleetbus.providers.sealing import PreparedEnvelope, SealRequest
 
 __all__ = [
@@ -77,12 +79,18 @@ def _keyed_by(record: InputRecord, command_id: str) -> bool:
 
 
 PENDING_STATE: Final = CommandState.PENDING
+#: What a failed issuer or approver verification reports as is: the directory's verdict on the
+#: key (a key whose validity has not begun is ``not_yet_valid``, not unknown) and our own faults.
+#: Anything else means "not a signer we know".
 _SIGNER_REASONS: Final = frozenset(
     {
         ReasonCode.UNKNOWN_SIGNER,
         ReasonCode.SIGNER_REVOKED,
         ReasonCode.SIGNER_EXPIRED,
+        ReasonCode.NOT_YET_VALID,
         ReasonCode.BAD_SIGNATURE,
+        ReasonCode.CONFIG,
+        ReasonCode.INTERNAL,
     }
 )
 
@@ -1006,11 +1014,14 @@ class SealStage:
         profiles: Mapping[str, SecurityProfile],
         rules: Sequence[ProfileChoice],
         clock_skew_s: float,
+        unservable: Mapping[str, SecurityProfile] | None = None,
     ) -> None:
         self.topics = topics
         self.directory = directory
         self.sealer = sealer
         self.profiles = dict(profiles)
+        # Profiles as declared whose providers this worker lacks (``servable_profiles``).
+        self.unservable = dict(unservable or {})
         self.rules = list(rules)
         self.skew_s = clock_skew_s
         self._failovers: list[FailoverEvent] = []
@@ -1028,10 +1039,34 @@ class SealStage:
     def input_topics(self) -> Sequence[str]:
         return [self.topics.authorized]
 
-    def choose_profile(self, criticality: str, recipient: RecipientKeys) -> SecurityProfile:
+    def choose_profile(
+        self, criticality: str, recipient: RecipientKeys, now: float
+    ) -> SecurityProfile:
+        """The profile of the first rule that matches. When this worker cannot serve it, the
+        command is refused (``key_path_exhausted``, counted and audited as a failover to
+        nothing): a later rule names a weaker profile, and falling through to it would be the
+        downgrade the first rule exists to prevent."""
         for rule in self.rules:
-            if rule.matches(criticality, recipient.capabilities) and rule.profile in self.profiles:
-                return self.profiles[rule.profile]
+            if not rule.matches(criticality, recipient.capabilities):
+                continue
+            profile = self.profiles.get(rule.profile)
+            if profile is not None:
+                return profile
+            declared = self.unservable.get(rule.profile)
+            if declared is not None:
+                self.on_failover(
+                    FailoverEvent(
+                        profile=declared.name,
+                        from_path=declared.key_paths[0],
+                        to_path=None,
+                        reason=REASON_NOT_CONFIGURED,
+                        at=now,
+                    )
+                )
+            raise FleetbusError(
+                f"profile {rule.profile} cannot be served by this worker",
+                reason=ReasonCode.KEY_PATH_EXHAUSTED,
+            )
         raise FleetbusError(
             f"no security profile rule matches {criticality} for this vehicle",
             reason=ReasonCode.KEY_PATH_EXHAUSTED,
@@ -1100,7 +1135,7 @@ class SealStage:
         self._failovers.clear()
         try:
             recipient = self.directory.recipient_keys(vehicle, at=now)
-            profile = self.choose_profile(auth.criticality, recipient)
+            profile = self.choose_profile(auth.criticality, recipient, now)
             envelope = self.sealer.prepare(
                 SealRequest(
                     "cmd",
@@ -1151,7 +1186,7 @@ class SealStage:
     def _sealed(self, item: _Prepared, envelope: bytes, now: float) -> StageResult:
         auth, profile, path = item.auth, item.profile, item.envelope.key_path
         cid, vehicle = auth.command_id, auth.vehicle_id
-        KEYPATH_SELECTED.labels(profile=profile.name, path=path).inc()
+        on_commit(KEYPATH_SELECTED.labels(profile=profile.name, path=path).inc)
         legacy = "pqc" not in item.recipient.capabilities
         detail = f"profile {profile.name}, key path {path}" + (
             " (legacy: vehicle has no pqc capability)" if legacy else ""
@@ -1396,7 +1431,7 @@ class TrackStage:
             issued = entry["issued_at"] / 1000 or uuid7_timestamp_ms(cid) / 1000
         except FleetbusError:
             return
-        COMMAND_LATENCY.labels(outcome=outcome).observe(max(0.0, now - issued))
+        on_commit(partial(COMMAND_LATENCY.labels(outcome=outcome).observe, max(0.0, now - issued)))
 
     def _response(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
         def dlq(reason: ReasonCode, detail: str, **kw: Any) -> StageResult:
@@ -1409,7 +1444,7 @@ class TrackStage:
         try:
             opened = self.opener.open(record.value, topic=self.topics.responses)
         except EnvelopeError as exc:
-            ENVELOPE_REJECTS.labels(role="bus", reason=exc.reason.value).inc()
+            on_commit(ENVELOPE_REJECTS.labels(role="bus", reason=exc.reason.value).inc)
             return dlq(exc.reason, f"response envelope rejected: {exc.reason.value}")
         try:
             response = Response.decode(opened.payload, max_size=self.max_bytes)
@@ -1679,7 +1714,7 @@ class TelemetryStage:
         try:
             opened = self.opener.open(record.value, topic=self.topics.telemetry_raw)
         except EnvelopeError as exc:
-            ENVELOPE_REJECTS.labels(role="bus", reason=exc.reason.value).inc()
+            on_commit(ENVELOPE_REJECTS.labels(role="bus", reason=exc.reason.value).inc)
             return dlq(exc.reason, f"telemetry envelope rejected: {exc.reason.value}")
         try:
             telemetry = Telemetry.decode(opened.payload, max_size=self.max_bytes)

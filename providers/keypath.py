@@ -30,6 +30,7 @@ from fleetbus.providers.combiner import combine
 
 __all__ = [
     "REASON_CIRCUIT_OPEN",
+    "REASON_NOT_CONFIGURED",
     "REASON_RECIPIENT_INCAPABLE",
     "REASON_TIMEOUT",
     "BreakerState",
@@ -49,6 +50,8 @@ _T = TypeVar("_T")
 REASON_CIRCUIT_OPEN = "circuit_open"
 REASON_RECIPIENT_INCAPABLE = "recipient_incapable"
 REASON_TIMEOUT = "timeout"
+#: The profile needs a provider this process does not have (e.g. no KME configured for QKD).
+REASON_NOT_CONFIGURED = "provider_not_configured"
 
 _QKD_PROVIDERS = frozenset({"qkd-etsi014"})
 
@@ -165,7 +168,7 @@ class FailoverEvent:
     a no-fallback profile retries it), or None when nothing is left to try.
 
     ``reason`` is a ``ReasonCode`` value from the provider's error, or one of
-    ``circuit_open`` / ``recipient_incapable`` / ``timeout``.
+    ``circuit_open`` / ``recipient_incapable`` / ``timeout`` / ``provider_not_configured``.
     """
 
     profile: str

@@ -124,6 +124,12 @@ class QKDProvider(KeyProvider):
         self.key_size_bits = key_size_bits
         self.check_status = check_status
         self._clock = clock
+        if not str(ca_file):
+            # create_default_context(cafile="") would fall back to the system trust store.
+            raise KeyProviderError(
+                "ca_file must name the KME's CA; the system trust store is not used",
+                reason=ReasonCode.CONFIG,
+            )
         try:
             ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2

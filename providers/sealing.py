@@ -80,9 +80,16 @@ __all__ = [
 Clock = Callable[[], float]
 
 _SIGNER_REASONS = frozenset(
-    {ReasonCode.UNKNOWN_SIGNER, ReasonCode.SIGNER_EXPIRED, ReasonCode.SIGNER_REVOKED}
+    {
+        ReasonCode.UNKNOWN_SIGNER,
+        ReasonCode.SIGNER_EXPIRED,
+        ReasonCode.SIGNER_REVOKED,
+        ReasonCode.NOT_YET_VALID,
+    }
 )
-_DIRECTORY_PASSTHROUGH = frozenset({ReasonCode.KAFKA_UNAVAILABLE, ReasonCode.CONFIG})
+_DIRECTORY_PASSTHROUGH = frozenset(
+    {ReasonCode.KAFKA_UNAVAILABLE, ReasonCode.CONFIG, ReasonCode.INTERNAL}
+)
 # Recovery failures that are not evidence of tampering: the caller may retry or must fix config.
 _RECOVERY_PASSTHROUGH = frozenset(
     {ReasonCode.UNKNOWN_KEY_ID, ReasonCode.QKD_UNAVAILABLE, ReasonCode.CONFIG}

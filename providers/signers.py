@@ -262,7 +262,7 @@ class CompositeMLDSA65Ed25519Verifier(Verifier):
         self._mldsa = _mldsa65_public(public_keys)
         self._ed25519 = _ed25519_public(public_keys)
         if len(context) > 255:
-            raise FleetbusError("composite context longer than 255 bytes")
+            raise FleetbusError("composite context longer than 255 bytes", reason=ReasonCode.CONFIG)
         self._context = bytes(context)
 
     def verify(self, message: bytes, signature: bytes) -> bool:
@@ -293,7 +293,7 @@ class CompositeMLDSA65Ed25519Suite(SignatureSuite):
 
     def __init__(self, *, context: bytes = b"") -> None:
         if len(context) > 255:
-            raise FleetbusError("composite context longer than 255 bytes")
+            raise FleetbusError("composite context longer than 255 bytes", reason=ReasonCode.CONFIG)
         self._context = bytes(context)
 
     def generate(self) -> tuple[dict[str, bytes], dict[str, bytes]]:

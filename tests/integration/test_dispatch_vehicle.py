@@ -38,7 +38,7 @@ from fleetbus.bus.commands import (
 from fleetbus.bus.dispatch import CommandPublisher, StatusTimeoutError, status_partition
 from fleetbus.bus.errors import ConfigError, FleetbusError, KafkaUnavailableError, ReasonCode
 from fleetbus.bus.settings import FleetbusSettings
-from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
+from fleetbus.bus.vehicle import HandlerResult, VehicleAgent, outbound_partition
 
 V1, V2, V3 = "V-0001", "V-0002", "V-0003"  # V1, V3 north; V2 south
 
@@ -524,3 +524,48 @@ def test_dispatch_send_prints_the_command_id(fleet: TestFleet, settings: Fleetbu
     assert result.stdout.strip() == command.id
     assert command.target == Target(group="south")
     assert command.params == {"temp": 21.5, "fan": 2, "auto": True}
+
+
+def test_a_confined_agent_reads_only_its_vehicles_partitions(
+    fleet: TestFleet,
+    settings: FleetbusSettings,
+    calls: Calls,
+    make_agent: Callable[..., VehicleAgent],
+) -> None:
+    """``confine_partitions``: the gateway of V1 is assigned V1's partition of
+    commands.outbound (where the producer's partitioner put it) and never fetches another's."""
+    partitions = settings.partitions
+    elsewhere = next(
+        f"V-9{n:03d}"
+        for n in range(1000)
+        if outbound_partition(f"V-9{n:03d}", partitions) != outbound_partition(V1, partitions)
+    )
+    command, envelope = seal_command(fleet, settings, V1)
+    send_outbound(settings, V1, envelope)
+    for _ in range(3):
+        send_outbound(settings, elsewhere, b"another vehicle's envelope")
+    landed = {
+        record.key.decode(): record.partition
+        for record in read_all(settings, settings.topics.commands_outbound, want=4)
+    }
+    assert landed == {
+        V1: outbound_partition(V1, partitions),
+        elsewhere: outbound_partition(elsewhere, partitions),
+    }
+
+    agent = make_agent(vehicles=fleet.vehicles([V1]), confine_partitions=True)
+    read = 0
+
+    def answered() -> bool:
+        nonlocal read
+        read += agent.poll_once(0.5)
+        return agent.stats.answered >= 1
+
+    deadline = time.monotonic() + 30
+    while not answered():
+        assert time.monotonic() < deadline, agent.stats
+    for _ in range(3):  # what else there is to fetch would come now
+        read += agent.poll_once(0.5)
+    assert calls.count(command.id) == 1
+    assert read == 1  # V1's record only: the other partition was never fetched
+    assert {tp.partition for tp in agent._consumer.assignment()} == {landed[V1]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from fleetbus.bus.dev.kafka import free_port
 from fleetbus.bus.dev.smoke import WorkerProcess
 from fleetbus.bus.dispatch import CommandPublisher
 from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.bus.topics import ensure_topics
 from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
 from fleetbus.processors.audit import VerifyReport, verify_entries
 from fleetbus.processors.eos import DeadLetter
@@ -419,4 +421,37 @@ def test_qkd_link_outage_fails_over_to_xwing_visibly(
         kme_pair.reset()
         publisher.close()
         agent.close()
+        worker.stop()
+
+
+def test_worker_refuses_to_start_when_co_partitioned_topics_differ(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """commands.responses made earlier with other partitions than commands.authorized and
+    commands.status, which the track stage joins by partition: the worker must not start."""
+    fleet = make_test_fleet(tmp_path, vehicles=1)
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    wide = 3  # settings_for makes the others with 2
+    ensure_topics(kafka_bootstrap, [f"{prefix}commands.responses"], partitions=wide)
+    settings = fleet.settings_for(kafka_bootstrap, prefix)
+    responses = topic(settings, "commands_responses")
+    assert settings.partitions != wide
+    worker = WorkerProcess(worker_env(settings, tmp_path), tmp_path / "worker.log")
+    try:
+        expected = (
+            f"{topic(settings, 'commands_status')} has {settings.partitions}, "
+            f"{responses} has {wide}"
+        )
+        deadline = time.monotonic() + 90
+        while worker.running() and expected not in worker.output():
+            assert time.monotonic() < deadline, worker.output()[-3000:]
+            time.sleep(0.5)
+        assert "stage track: co-partitioned topics must have equal partition counts" in (
+            worker.output()
+        ), worker.output()[-3000:]
+        assert expected in worker.output()
+        # Refusing means not serving: the process ends on its own.
+        worker.proc.wait(timeout=60)
+        assert worker.proc.returncode != 0
+    finally:
         worker.stop()

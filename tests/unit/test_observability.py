@@ -319,5 +319,6 @@ def test_metric_names_are_stable() -> None:
         "fleetbus_key_expiry_seconds",
         "fleetbus_consumer_lag_records",
         "fleetbus_audit_records",
+        "fleetbus_internal_errors",
         "fleetbus_build",
     } <= names

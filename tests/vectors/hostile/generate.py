@@ -249,6 +249,7 @@ class Fleet:
         self.intruder_record = stranger.sign(record)
         self.stranger = stranger
         self.files[INTRUDER] = PrincipalKeyFile.from_record(record, private)
+        add_not_yet_valid_principals(self, kems)
         self.directory = KeyDirectory(self.root.public)
         self.directory.ingest_all(self.signed)
         # Directory heads: 1 before the revocations, 2 (the fleet's file) after them.
@@ -609,6 +610,7 @@ def build(fleet: Fleet) -> Corpus:
         build_uplink(c)
         build_keys(c)
         build_approval_races(c)
+        build_not_yet_valid_signers(c)
     return c
 
 
@@ -1261,6 +1263,62 @@ def build_keys(c: Corpus) -> None:
 
 
 # --- writing -------------------------------------------------------------------------------
+
+
+# --- fail closed (issue 14): signer keys whose validity has not begun ----------------------
+# Reported as not_yet_valid, not folded into unknown_signer (authorize stage and opener).
+
+LATE_DISPATCHER = "dispatch-not-yet-valid"
+LATE_VEHICLE = "V-0098"
+LATE_KEY_NOT_BEFORE = 4_090_000_000.0  # 2099-08: after every time the corpus is opened at
+
+
+def add_not_yet_valid_principals(fleet: Fleet, kems: tuple[str, ...]) -> None:
+    """A dispatcher and a vehicle, in the directory and root-signed, not valid before 2099."""
+    for pid, kind, kem_list in [
+        (LATE_DISPATCHER, "dispatcher", ()),
+        (LATE_VEHICLE, "vehicle", kems),
+    ]:
+        private, public = principal_keys(pid, kem_list)
+        record = KeyRecord(
+            principal_id=pid,
+            kind=kind,
+            version=1,
+            key_id=derive_key_id(public),
+            public_keys=public,
+            signature_suite=SUITE,
+            capabilities=frozenset({"pqc"} if "xwing" in public else ()),
+            not_before=LATE_KEY_NOT_BEFORE,
+            not_after=KEY_NOT_AFTER,
+            groups=frozenset({"north"} if kind == "vehicle" else ()),
+        )
+        fleet.signed.append(fleet.root.sign(record))
+        fleet.files[pid] = PrincipalKeyFile.from_record(record, private)
+
+
+def build_not_yet_valid_signers(c: Corpus) -> None:
+    late = c.command(issuer=LATE_DISPATCHER)
+    c.add(REQUESTED, "cmd-signer-not-yet-valid", "signature", "signed by dispatch-not-yet-valid, "
+          "whose key is valid from 2099-08 only", "not_yet_valid", value=late.encode(),
+          key=late.command.id.encode())  # fmt: skip
+    pending = c.cases["apr-setup-pending-command"]
+    early = SignedApproval.sign(
+        Approval(
+            bytes.fromhex(pending["key"]).decode(),
+            LATE_DISPATCHER,
+            Decision.APPROVE,
+            ISSUED,
+        ),
+        c.fleet.signer(LATE_DISPATCHER),
+    )
+    c.add(APPROVALS, "apr-approver-not-yet-valid", "signature", "approval by "
+          "dispatch-not-yet-valid, whose key is valid from 2099-08 only", "not_yet_valid",
+          value=early.encode(), key=bytes.fromhex(pending["key"]),
+          setup=["apr-setup-pending-command"])  # fmt: skip
+    rcid = c.ids.new()
+    c.add(RESPONSES, "rsp-vehicle-not-yet-valid", "signature", "response by V-0098, whose key "
+          "is valid from 2099-08 only", "not_yet_valid",
+          value=c.response(LATE_VEHICLE, command_id=rcid), key=rcid.encode())  # fmt: skip
 
 
 def write(out: Path) -> int:
