@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,6 +109,7 @@ def kafka_container(name: str | None = None) -> Iterator[str]:
     from testcontainers.core.container import DockerContainer
     from testcontainers.core.wait_strategies import LogMessageWaitStrategy
 
+    name = name or f"fbtest-kafka-{uuid.uuid4().hex[:8]}"  # test.sh's leak check: fbtest*
     client, controller = free_port(), free_port()
     while controller == client:
         controller = free_port()
