@@ -164,7 +164,7 @@ kafka_jars() {
         say "resolving Kafka $KAFKA_VERSION jars (broker and tools) from Maven Central"
         rm -rf "$context"
         mkdir -p "$context"
-        mvn -B -q -f scripts/containers/kafka/pom.xml -Dkafka.version="$KAFKA_VERSION" \
+        mvn -B -q -Dstyle.color=never -f scripts/containers/kafka/pom.xml -Dkafka.version="$KAFKA_VERSION" \
             dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$context/libs.tmp" >&2
         mv "$context/libs.tmp" "$context/libs"
         touch "$context/libs/.complete"
