@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetbus.bus.dev.kafka import free_port
+from fleetbus.bus.dev.kafka import LocalKafka, find_free_base_port
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "fleetbus:0.1.0"
@@ -97,6 +97,11 @@ def process_uid(container: str) -> int:
     return int(line.split()[1])
 
 
+def kafka_env_name(prop: str) -> str:
+    """The apache/kafka image's variable for a broker property (its rule, reversed)."""
+    return "KAFKA_" + prop.replace("-", "___").replace("_", "__").replace(".", "_").upper()
+
+
 @contextmanager
 def kafka_container(name: str | None = None) -> Iterator[str]:
     """A single-node KRaft broker in the apache/kafka image through testcontainers.
@@ -110,26 +115,14 @@ def kafka_container(name: str | None = None) -> Iterator[str]:
     from testcontainers.core.wait_strategies import LogMessageWaitStrategy
 
     name = name or f"fbtest-kafka-{uuid.uuid4().hex[:8]}"  # test.sh's leak check: fbtest*
-    client, controller = free_port(), free_port()
-    while controller == client:
-        controller = free_port()
-    env = {
-        "KAFKA_NODE_ID": "1",
-        "KAFKA_PROCESS_ROLES": "broker,controller",
-        "KAFKA_LISTENERS": f"PLAINTEXT://127.0.0.1:{client},CONTROLLER://127.0.0.1:{controller}",
-        "KAFKA_ADVERTISED_LISTENERS": f"PLAINTEXT://127.0.0.1:{client}",
-        "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-        "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
-        "KAFKA_CONTROLLER_QUORUM_VOTERS": f"1@127.0.0.1:{controller}",
-        "KAFKA_INTER_BROKER_LISTENER_NAME": "PLAINTEXT",
-        # As the provisioned broker: topics are created explicitly, replication factor 1.
-        "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false",
-        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
-        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
-        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
-        "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
-        "KAFKA_HEAP_OPTS": "-Xmx512m -Xms256m",
-    }
+    # The very broker configuration the jar fixture runs (LocalKafka), on free loopback
+    # ports, as the image's KAFKA_* variables: the two fixture paths differ only in where the
+    # broker runs.
+    spec = LocalKafka(home=Path("/var/lib/kafka"), base_port=find_free_base_port(2))
+    props = dict(line.split("=", 1) for line in spec.server_properties(0).splitlines())
+    props["log.dirs"] = "/var/lib/kafka/data"
+    env = {kafka_env_name(key): value for key, value in props.items()}
+    env["KAFKA_HEAP_OPTS"] = f"-Xmx{spec.heap_mb}m -Xms256m"
     testcontainers_config.ryuk_disabled = True
     container = (
         DockerContainer(KAFKA_IMAGE, name=name)
@@ -139,4 +132,4 @@ def kafka_container(name: str | None = None) -> Iterator[str]:
     for key, value in env.items():
         container = container.with_env(key, value)
     with container:
-        yield f"127.0.0.1:{client}"
+        yield spec.bootstrap
