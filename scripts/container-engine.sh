@@ -87,7 +87,8 @@ stop_engine() {
     [[ -f "$PIDFILE" ]] || { say "no dockerd started by this script"; return; }
     local pid
     pid=$(cat "$PIDFILE")
-    if kill -0 "$pid" 2>/dev/null; then
+    # A stale pid file may name a process that reused the number: end only a dockerd.
+    if [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "dockerd" ]]; then
         say "stopping dockerd (pid $pid)"
         kill -TERM "$pid"
         local i
