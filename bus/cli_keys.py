@@ -317,3 +317,43 @@ def show(
             f"{row['principal']:<20} {row['kind']:<10} v{row['version']:<3} {row['key_id']}  "
             f"{','.join(row['algorithms'])}  {row['not_before']} .. {row['not_after']}  {state}"
         )
+
+
+@keys_app.command("export")
+def export(
+    directory: DirOpt,
+    out: Annotated[Path, typer.Option("--out", help="the service's key folder to write")],
+    principal: Annotated[
+        list[str] | None,
+        typer.Option("--principal", help="principal whose private key goes along (repeatable)"),
+    ] = None,
+) -> None:
+    """Write what one service may hold: root.pub, directory.cbor and its principals' own keys.
+
+    Never root.key or another principal's key. Private keys of earlier exports that this one
+    does not name are removed from OUT, so a service loses a key by exporting again.
+    """
+    from fleetbus.bus.directory import write_private_file
+
+    if out.resolve() == directory.resolve():
+        raise ConfigError("--out must be another folder than --dir")
+    current = _load_public(directory)  # verifies every record against the pinned root
+    keys: dict[str, bytes] = {}
+    for name in principal or []:
+        _check_principal(name)
+        if not current.records(name):
+            raise ConfigError(f"principal {name!r} has no keys in {directory}")
+        # Rotated predecessors too: messages sealed to them may still arrive in the overlap.
+        for path in [_key_path(directory, name), *directory.glob(f"{name}.v*.key")]:
+            if load_key_file(path).principal_id != name:  # also refuses group/other access
+                raise ConfigError(f"{path} holds another principal's key")
+            keys[path.name] = path.read_bytes()
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for stale in out.glob("*.key"):
+        if stale.name not in keys:
+            stale.unlink()
+    for name in (ROOT_PUB, DIRECTORY):
+        write_private_file(out / name, (directory / name).read_bytes())
+    for name, data in keys.items():
+        write_private_file(out / name, data)
+    typer.echo(f"exported {ROOT_PUB}, {DIRECTORY} and {len(keys)} private key file(s) to {out}")

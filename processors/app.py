@@ -214,6 +214,26 @@ class Pipeline:
     services: list[Any] = field(default_factory=list)  # anything with async run() / stop()
 
 
+def warn_if_root_private_key(keys_dir: Path) -> bool:
+    """Warn when the worker's key folder holds the fleet root's private key.
+
+    A worker needs only root.pub, the directory and its sealer's key (``fleetbus keys
+    export``); anyone who takes over a worker holding root.key can issue keys for any
+    principal. Only a warning: a one-host development folder (the demo's) holds everything.
+    """
+    from fleetbus.bus.cli_keys import ROOT_KEY
+
+    if not (keys_dir / ROOT_KEY).exists():
+        return False
+    _log.warning(
+        "%s holds the fleet root's private key; a worker needs only a public export "
+        "(fleetbus keys export --principal <sealer>): keep %s with whoever issues keys",
+        keys_dir,
+        ROOT_KEY,
+    )
+    return True
+
+
 def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     """Load keys, registry and policies once; build the four stages and their runners."""
     from fleetbus.bus.cli_keys import DIRECTORY, ROOT_PUB
@@ -242,6 +262,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy
 
     keys_dir = Path(settings.keys_dir).expanduser()
+    warn_if_root_private_key(keys_dir)
     try:
         root = RootPublicKey.from_bytes((keys_dir / ROOT_PUB).read_bytes())
     except FileNotFoundError:

@@ -1,8 +1,11 @@
 """Shared fixtures: a real Kafka broker for the whole session, and unique topics per test.
 
-Broker resolution order: ``FLEETBUS_KAFKA_BOOTSTRAP`` (an existing cluster), then testcontainers
-when a Docker engine answers, then the Kafka this project provisions from Maven. Under CI=true a
-missing broker fails the run; it never silently skips.
+Broker resolution order: ``FLEETBUS_KAFKA_BOOTSTRAP`` (an existing cluster); a broker in the
+apache/kafka container through testcontainers when ``FLEETBUS_KAFKA_FIXTURE=testcontainers``
+(integration/container_support.py); else the Kafka this project provisions from Maven, which
+needs no Docker engine. The container path also runs in every suite run, in
+``integration/test_containers.py``. Under CI=true a missing broker fails the run; it never
+silently skips.
 """
 
 from __future__ import annotations
@@ -58,30 +61,18 @@ class KafkaUnderTest:
     cluster: LocalKafka | None = None
 
 
-def _docker_engine_answers() -> bool:
-    try:
-        import docker
-
-        client = docker.from_env(timeout=2)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception:  # any failure means: no engine to use
-        return False
-
-
 @pytest.fixture(scope="session")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaUnderTest]:
     existing = os.environ.get("FLEETBUS_KAFKA_BOOTSTRAP")
     if existing:
         yield KafkaUnderTest(existing, "env")
         return
-    if _docker_engine_answers():
-        from testcontainers.kafka import KafkaContainer
+    if os.environ.get("FLEETBUS_KAFKA_FIXTURE") == "testcontainers":
+        from integration.container_support import kafka_container, require_engine
 
-        with KafkaContainer("apache/kafka:4.1.1").with_kraft() as container:
-            yield KafkaUnderTest(container.get_bootstrap_server(), "testcontainers")
+        require_engine()
+        with kafka_container() as bootstrap:
+            yield KafkaUnderTest(bootstrap, "testcontainers")
         return
     cluster = LocalKafka(
         home=tmp_path_factory.mktemp("kafka"), base_port=find_free_base_port(2), heap_mb=768

@@ -2,8 +2,10 @@
 
 Checks: the services exist, images are pinned, every FLEETBUS_* variable is a real field of
 FleetbusSettings, every `fleetbus ...` command line resolves to a real CLI command with real
-options, mounted host files exist, host ports are unique, healthchecks are present and
-depends_on names existing services.
+options and all its required ones, mounted host files exist, host ports are unique and bound to
+loopback, healthchecks are present and depends_on names existing services; key material goes
+only where it is needed; the image installs from the dependency lock. The file runs for real
+in tests/integration/test_compose_kafka.py.
 """
 
 from __future__ import annotations
@@ -104,10 +106,16 @@ def resolve_cli(args: list[str]) -> tuple[Any, list[str]]:
 def check_cli(args: list[str]) -> None:
     command, rest = resolve_cli(args)
     known = {opt for p in command.params for opt in (*p.opts, *p.secondary_opts)}
-    for token in rest:
-        if token.startswith("--"):
-            option = token.split("=", 1)[0]
-            assert option in known, f"`fleetbus {' '.join(args)}`: unknown option {option}"
+    given = {token.split("=", 1)[0] for token in rest if token.startswith("--")}
+    for option in given:
+        assert option in known, f"`fleetbus {' '.join(args)}`: unknown option {option}"
+    # The CLI refuses a command line without its required options (an environment variable
+    # does not stand in for one unless the option names it).
+    for param in command.params:
+        if param.required and not param.envvar and param.opts[0].startswith("--"):
+            assert given & set(param.opts), (
+                f"`fleetbus {' '.join(args)}`: missing required option {param.opts[0]}"
+            )
 
 
 def fleetbus_command_lines() -> list[tuple[str, list[str]]]:
@@ -251,6 +259,8 @@ def test_cli_checker_rejects_unknown_commands_and_options() -> None:
         check_cli(["kme", "explode"])
     with pytest.raises(AssertionError, match="unknown option"):
         check_cli(["kme", "serve", "--warp-drive", "9"])
+    with pytest.raises(AssertionError, match="missing required option --keys-dir"):
+        check_cli(["fleet", "simulate"])
 
 
 def test_mounted_host_files_exist() -> None:
@@ -414,3 +424,135 @@ def test_every_kafka_client_connects_as_its_own_principal_over_tls() -> None:
     assert services()["worker"]["depends_on"]["kafka-acls"]["condition"] == (
         "service_completed_successfully"
     )
+
+
+# -- what each service may hold, and what it exposes ------------------------------------------
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Named volume → mount point (read-only flags dropped)."""
+    out = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if not source.startswith((".", "/")):
+            out[source] = target
+    return out
+
+
+def _init_lines(prefix: str) -> list[list[str]]:
+    return [
+        argv for name, argv in fleetbus_command_lines() if name == "init" and argv[:2] == prefix
+    ]
+
+
+def _options(argv: list[str], name: str) -> list[str]:
+    return [argv[i + 1] for i, token in enumerate(argv[:-1]) if token == name]
+
+
+def _volume_at(service: str, target: str) -> str:
+    (volume,) = [v for v, t in _mounts(services()[service]).items() if t == target]
+    return volume
+
+
+def test_only_init_mounts_the_fleet_root() -> None:
+    (init_argv,) = _init_lines(["keys", "init"])
+    root_volume = _volume_at("init", _option(init_argv, "--dir"))
+    holders = [name for name, svc in services().items() if root_volume in _mounts(svc)]
+    assert holders == ["init"], f"root.key's volume {root_volume} is mounted by {holders}"
+
+
+def _export_to(service: str) -> list[str]:
+    """The principals whose keys init exports into the volume ``service`` mounts at /keys."""
+    volume = _volume_at(service, "/keys")
+    init_mounts = _mounts(services()["init"])
+    for argv in _init_lines(["keys", "export"]):
+        if init_mounts.get(volume) == _option(argv, "--out"):
+            return _options(argv, "--principal")
+    raise AssertionError(f"{service}'s /keys volume {volume} is no export of init")
+
+
+def test_the_worker_holds_only_its_sealer_key() -> None:
+    sealer = FleetbusSettings.model_fields["sealer_principal"].default
+    assert _export_to("worker") == [sealer]
+
+
+def test_the_fleet_simulates_the_vehicles_init_issues_and_exports() -> None:
+    (argv,) = [a for name, a in fleetbus_command_lines() if name == "fleet"]
+    vehicles = _options(argv, "--vehicle")
+    assert vehicles, "fleet simulate names its vehicles"
+    assert _option(argv, "--keys-dir") == "/keys"
+    issued = {_option(a, "--principal") for a in _init_lines(["keys", "issue"])}
+    assert set(vehicles) <= issued
+    assert _export_to("fleet") == vehicles
+    # Its store of executed commands survives a restart: on a volume, not the read-only root.
+    store = _option(argv, "--store")
+    assert any(store.startswith(t + "/") for t in _mounts(services()["fleet"]).values())
+
+
+def test_the_worker_pki_holds_its_own_client_key_and_no_ca_key() -> None:
+    worker = services()["worker"]
+    env = _environment(worker)
+    wanted = {Path(env[f"FLEETBUS_QKD_{kind}_FILE"]).name for kind in ("CA", "CERT", "KEY")}
+    pki_volume = _volume_at("worker", "/pki")
+    out_dir = _mounts(services()["init"])[pki_volume]
+    script = "\n".join(services()["init"]["command"])
+    (copy,) = [ln.split() for ln in script.splitlines() if ln.strip().startswith("cp ")]
+    assert copy[-1].rstrip("/") == out_dir
+    assert {Path(f).name for f in copy[1:-1]} == wanted
+
+
+def test_published_ports_bind_loopback_only() -> None:
+    for name, service in services().items():
+        for mapping in service.get("ports", []):
+            assert str(mapping).startswith("127.0.0.1:"), f"{name} publishes {mapping}"
+
+
+def test_dev_services_expose_no_admin_surface() -> None:
+    assert "--web.enable-lifecycle" not in services()["prometheus"]["command"]
+    grafana = _environment(services()["grafana"])
+    # No login form and no basic auth: the image's default admin password opens nothing.
+    assert grafana["GF_AUTH_DISABLE_LOGIN_FORM"] == "true"
+    assert grafana["GF_AUTH_BASIC_ENABLED"] == "false"
+    assert grafana.get("GF_AUTH_ANONYMOUS_ORG_ROLE", "Viewer") == "Viewer"
+
+
+def test_state_tmpfs_belongs_to_the_image_user() -> None:
+    for name, service in services().items():
+        for entry in service.get("tmpfs", []):
+            path, _, options = entry.partition(":")
+            if path.startswith("/var/lib/fleetbus"):
+                assert {"uid=10001", "gid=10001"} <= set(options.split(",")), name
+
+
+def test_kafka_pki_keeps_an_existing_pki() -> None:
+    # It drops CAP_DAC_OVERRIDE: a second run could not read the files it handed to uid 1000.
+    first = services()["kafka-pki"]["command"][0].strip().splitlines()[0]
+    assert first == "if [ -f /kafka-pki/ca.pem ]; then exit 0; fi"
+
+
+def test_kafka_data_is_on_its_volume() -> None:
+    kafka = services()["kafka"]
+    assert _environment(kafka)["KAFKA_LOG_DIRS"] == _mounts(kafka)["kafka-data"]
+
+
+def _requirement_name(spec: str) -> str:
+    return re.split(r"[\[<>=!~;\s]", spec, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_image_installs_locked_versions() -> None:
+    import tomllib
+
+    lock: dict[str, str] = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not pinned with =="
+            lock[_requirement_name(name)] = version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = [*project["project"]["dependencies"], *project["build-system"]["requires"]]
+    missing = {_requirement_name(spec) for spec in needed} - set(lock)
+    assert not missing, f"not in constraints.txt: {sorted(missing)}"
+    instructions = _dockerfile_instructions()
+    env = " ".join(rest for kw, rest in instructions if kw == "ENV")
+    assert "PIP_CONSTRAINT=/src/constraints.txt" in env
+    assert ("COPY", "constraints.txt ./") in instructions
