@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from fleetbus.bus.commands import Command, ParamValue, Target
+from fleetbus.bus.commands import Command, ParamValue, StatusEvent, Target
 from fleetbus.bus.dispatch import CommandPublisher, StatusTimeoutError
 from fleetbus.bus.errors import ConfigError, FleetbusError
 from fleetbus.bus.settings import FleetbusSettings
@@ -232,15 +232,24 @@ def send(
     typer.echo(handle.command_id)
     if not wait:
         return
+    wait_s = timeout if timeout is not None else ttl + 30
+    typer.echo(f"waiting up to {wait_s:g} s for the final status ...", err=True)
     try:
-        event = handle.wait(timeout if timeout is not None else ttl + 30)
+        # Each state goes to stderr as it arrives, so that a command held for an approval
+        # (pending) or for an offline vehicle (sealed) is visible while it waits.
+        event = handle.wait(wait_s, on_event=lambda e: typer.echo(f"  {_describe(e)}", err=True))
     except StatusTimeoutError as exc:
         typer.echo(f"timeout: {exc}", err=True)
         raise typer.Exit(1) from None
+    typer.echo(_describe(event))
+    raise typer.Exit(0 if event.state == "succeeded" else 1)
+
+
+def _describe(event: StatusEvent) -> str:
+    vehicle = f" [{event.vehicle_id}]" if event.vehicle_id else ""
     reason = f" ({event.reason.value})" if event.reason else ""
     detail = f": {event.detail}" if event.detail else ""
-    typer.echo(f"{event.state}{reason}{detail}")
-    raise typer.Exit(0 if event.state == "succeeded" else 1)
+    return f"{event.state}{vehicle}{reason}{detail}"
 
 
 @dispatch_app.command("approve")

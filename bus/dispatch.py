@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -105,6 +105,9 @@ class CommandPublisher:
                 client_id=client_id or f"fleetbus-dispatch-{principal_id}",
                 acks="all",
                 enable_idempotence=True,
+                # kafka-python waits bootstrap_timeout_ms (30 s) for the first metadata answer
+                # unless told otherwise: the constructor too must give up within timeout_s.
+                bootstrap_timeout_ms=int(timeout_s * 1000),
                 max_block_ms=int(timeout_s * 1000),
                 request_timeout_ms=int(timeout_s * 1000),
                 linger_ms=5,
@@ -255,6 +258,7 @@ class CommandHandle:
         *,
         until: Iterable[CommandState | str] = DEFAULT_UNTIL,
         ignore_replays: bool = True,
+        on_event: Callable[[StatusEvent], None] | None = None,
     ) -> StatusEvent:
         """The first status event of this command whose state is in ``until``.
 
@@ -263,8 +267,10 @@ class CommandHandle:
         unless ``ignore_replays`` is False (to watch the re-submission itself).
 
         Reads ``commands.status`` without a consumer group, from shortly before the publish
-        time. Every event seen is appended to ``events``. Raises ``StatusTimeoutError`` after
-        ``timeout_s`` and ``KafkaUnavailableError`` when Kafka does not answer.
+        time. Every event seen is appended to ``events`` and passed to ``on_event`` (progress
+        for a waiting user: ``pending`` means the command waits for an approval). Raises
+        ``StatusTimeoutError`` after ``timeout_s`` (naming the last state seen) and
+        ``KafkaUnavailableError`` when Kafka does not answer.
         """
         wanted = {str(CommandState(s)) for s in until}
         for event in read_status_events(
@@ -274,12 +280,16 @@ class CommandHandle:
             timeout_s=timeout_s,
         ):
             self.events.append(event)
+            if on_event is not None:
+                on_event(event)
             if ignore_replays and event.reason == ReasonCode.REPLAYED:
                 continue
             if str(event.state) in wanted:
                 return event
+        last = f"; last state seen: {self.events[-1].state}" if self.events else "; no status seen"
         raise StatusTimeoutError(
             f"no status in {sorted(wanted)} for command {self.command_id} within {timeout_s} s"
+            + last
         )
 
 
@@ -304,6 +314,7 @@ def read_status_events(
             group_id=None,
             enable_auto_commit=False,
             client_id="fleetbus-dispatch-status",
+            bootstrap_timeout_ms=max(int(timeout_s * 1000), 1),
             request_timeout_ms=max(int(timeout_s * 1000), 5000) + 1000,
             **settings.kafka_client_config(),
         )
