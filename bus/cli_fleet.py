@@ -52,10 +52,15 @@ def default_handlers(fail_action: str = "fail") -> dict[str, Handler]:
     handlers: dict[str, Handler] = {
         action: ok
         for action in (
+            # The bus's built-in action catalogue (docs/policy.md) first, then extras that a
+            # registry file may list.
+            "ping",
             "unlock_doors",
             "lock_doors",
             "set_battery_profile",
             "push_route",
+            "disable_vehicle",
+            "push_firmware",
             "honk",
             "flash_lights",
             "set_climate",
