@@ -17,7 +17,7 @@ from fleetbus.bus.cli_keys import keys_app
 from fleetbus.bus.cli_kme import kme_app
 from fleetbus.bus.dev.kafka import ADMIN_PRINCIPAL, LocalKafka, cache_root
 from fleetbus.bus.errors import FleetbusError
-from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.bus.settings import FleetbusSettings, settings_reference, settings_rows
 
 console = Console(stderr=True)
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -30,6 +30,41 @@ dev_app.add_typer(kafka_app, name="kafka")
 app.add_typer(keys_app, name="keys")
 app.add_typer(kme_app, name="kme")
 app.add_typer(audit_app, name="audit")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"fleetbus {version('fleetbus')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """The ``fleetbus`` command line."""
+
+
+@app.command("settings")
+def settings_command() -> None:
+    """Print every FLEETBUS_* variable with its type, default and meaning (docs/settings.md)."""
+    typer.echo(settings_reference(), nl=False)
+
+
+def _settings_epilog() -> str:
+    # Click rewraps epilog paragraphs; \b keeps this one's lines as they are.
+    names = [row[0] for row in settings_rows()]
+    return (
+        "Settings (environment; `fleetbus settings` or docs/settings.md say what each means):"
+        "\n\n\b\n" + "\n".join(names)
+    )
 
 
 def _register_fleet_cli() -> None:
@@ -156,7 +191,7 @@ LogLevelOpt = Annotated[
 ]
 
 
-@app.command()
+@app.command(epilog=_settings_epilog())
 def worker(log_format: LogFormatOpt = None, log_level: LogLevelOpt = None) -> None:
     """Run the stream processors (settings from FLEETBUS_* environment variables)."""
     import faust

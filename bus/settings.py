@@ -2,29 +2,49 @@
 
 from __future__ import annotations
 
+import json
 import ssl
+import types
+import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class TopicNames(BaseModel):
     """Kafka topic names. The prefix lets several fleets share one cluster."""
 
-    prefix: str = "fleet."
-    commands_requested: str = "commands.requested"
-    commands_authorized: str = "commands.authorized"
-    commands_rejected: str = "commands.rejected"
-    commands_outbound: str = "commands.outbound"
-    commands_responses: str = "commands.responses"
-    commands_approvals: str = "commands.approvals"
-    commands_status: str = "commands.status"
-    telemetry_raw: str = "telemetry.raw"
-    telemetry_verified: str = "telemetry.verified"
-    keys: str = "keys"
-    audit: str = "audit"
-    dlq: str = "dlq"
+    prefix: str = Field(default="fleet.", description="put before every topic name below")
+    commands_requested: str = Field(
+        default="commands.requested", description="signed commands from dispatchers"
+    )
+    commands_authorized: str = Field(
+        default="commands.authorized", description="commands the policy allowed, per vehicle"
+    )
+    commands_rejected: str = Field(
+        default="commands.rejected", description="commands refused, with the reason"
+    )
+    commands_outbound: str = Field(
+        default="commands.outbound", description="sealed envelopes, keyed by vehicle id"
+    )
+    commands_responses: str = Field(
+        default="commands.responses", description="sealed answers of vehicles"
+    )
+    commands_approvals: str = Field(
+        default="commands.approvals", description="signed approvals of high-criticality commands"
+    )
+    commands_status: str = Field(
+        default="commands.status", description="lifecycle events, keyed by command id"
+    )
+    telemetry_raw: str = Field(default="telemetry.raw", description="sealed vehicle telemetry")
+    telemetry_verified: str = Field(
+        default="telemetry.verified", description="opened telemetry, filtered by policy"
+    )
+    keys: str = Field(default="keys", description="the key directory (compacted)")
+    audit: str = Field(default="audit", description="the hash-chained audit trail")
+    dlq: str = Field(default="dlq", description="dead letters, with a reason code")
 
     def full(self, name: str) -> str:
         """The topic as it is named on the broker, e.g. ``fleet.commands.requested``."""
@@ -103,24 +123,28 @@ class FleetbusSettings(BaseSettings):
     )
     app_id: str = Field(default="fleetbus", description="faust application id / consumer group")
     partitions: int = Field(default=4, ge=1, description="partitions of the topics we create")
-    processing_guarantee: str = Field(
-        default="exactly_once", pattern="^(exactly_once|at_least_once)$"
+    processing_guarantee: Literal["exactly_once", "at_least_once"] = Field(
+        default="exactly_once", description="Kafka transactions per stage batch, or not"
     )
     data_dir: str = Field(
         default="~/.local/state/fleetbus", description="faust table state directory"
     )
     web_port: int = Field(default=6066, ge=0, le=65535, description="faust web / metrics port")
-    broker_session_timeout_s: float = Field(default=10.0, gt=0)
-    broker_heartbeat_interval_s: float = Field(default=1.0, gt=0)
-    topics: TopicNames = Field(default_factory=TopicNames)
-    # Smoke pipeline (foundation demo): forwards `smoke_source` to `smoke_sink`.
-    smoke_source: str = "fleet.smoke.in"
-    smoke_sink: str = "fleet.smoke.out"
+    broker_session_timeout_s: float = Field(
+        default=10.0, gt=0, description="consumer-group session timeout"
+    )
+    broker_heartbeat_interval_s: float = Field(
+        default=1.0, gt=0, description="consumer-group heartbeat interval"
+    )
+    topics: TopicNames = Field(default_factory=TopicNames, description="topic names")
+    smoke_source: str = Field(
+        default="fleet.smoke.in", description="the smoke pipeline's input (forwarded as is)"
+    )
+    smoke_sink: str = Field(default="fleet.smoke.out", description="the smoke pipeline's output")
 
     # --- command pipeline ------------------------------------------------------------------
-    pipeline: str = Field(
+    pipeline: Literal["auto", "on", "off"] = Field(
         default="auto",
-        pattern="^(auto|on|off)$",
         description="run authorize/seal/track/telemetry in the worker; auto: when keys_dir "
         "holds a key directory",
     )
@@ -249,3 +273,94 @@ class FleetbusSettings(BaseSettings):
         if context is None:
             return {}
         return {"security_protocol": "SSL", "ssl_context": context}
+
+
+# --- the settings reference (docs/settings.md) ---------------------------------------------
+
+ENV_PREFIX: typing.Final = "FLEETBUS_"
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return " \\| ".join(f"`{value}`" for value in typing.get_args(annotation))
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        names = [_type_name(a) for a in typing.get_args(annotation) if a is not type(None)]
+        return " \\| ".join(names) + " (optional)"
+    if typing.get_origin(annotation) in (dict, list):
+        return "JSON"
+    return str(getattr(annotation, "__name__", annotation))
+
+
+def _limits(info: FieldInfo) -> str:
+    words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    found = []
+    for item in info.metadata:
+        for attribute, word in words.items():
+            if getattr(item, attribute, None) is not None:
+                found.append(f"{word} {getattr(item, attribute)}")
+    return ", ".join(found)
+
+
+def _default(info: FieldInfo) -> str:
+    value = info.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    elif isinstance(value, list | dict):
+        value = json.loads(
+            json.dumps(value, default=lambda v: v.model_dump(exclude_defaults=False))
+        )
+    if value is None:
+        return "unset"
+    if isinstance(value, list | dict):
+        return f"`{json.dumps(value, separators=(',', ':'))}`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    return f"`{value}`"
+
+
+def settings_rows(
+    model: type[BaseModel] | None = None, prefix: str = ENV_PREFIX
+) -> list[tuple[str, str, str, str, str]]:
+    """(variable, setting, type, default, meaning) of every setting, nested ones expanded."""
+    model = model or FleetbusSettings
+    rows: list[tuple[str, str, str, str, str]] = []
+    for name, info in model.model_fields.items():
+        variable = f"{prefix}{name.upper()}"
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            rows.extend(settings_rows(info.annotation, f"{variable}__"))
+            continue
+        kind = _type_name(info.annotation)
+        limits = _limits(info)
+        rows.append(
+            (
+                variable,
+                name,
+                f"{kind} ({limits})" if limits else kind,
+                _default(info),
+                info.description or "",
+            )
+        )
+    return rows
+
+
+def settings_reference() -> str:
+    """The settings reference as Markdown: docs/settings.md is this text, checked by a test."""
+    lines = [
+        "# Settings reference",
+        "",
+        "<!-- Generated from fleetbus.bus.settings.FleetbusSettings by `fleetbus settings > "
+        "docs/settings.md`; tests/unit/test_settings_reference.py checks that it is current. -->",
+        "",
+        "Every fleetbus process (worker, dispatch and vehicle SDKs, CLI) reads these from the",
+        "environment. Nested settings use `__` (`FLEETBUS_TOPICS__PREFIX=acme.`); `JSON` values",
+        "are given as JSON text (`FLEETBUS_PROFILES='{\"pqc\": {...}}'`). A value that does not",
+        "parse or is out of range stops the process with one line naming the variable, the value",
+        "and what is allowed.",
+        "",
+        "| variable | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for variable, _name, kind, default, meaning in settings_rows():
+        meaning = meaning.replace("|", "\\|")
+        lines.append(f"| `{variable}` | {kind} | {default} | {meaning} |")
+    return "\n".join(lines) + "\n"
