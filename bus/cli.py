@@ -11,13 +11,19 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fleetbus.bus.cli_audit import audit_app
 from fleetbus.bus.cli_keys import keys_app
 from fleetbus.bus.cli_kme import kme_app
 from fleetbus.bus.dev.kafka import ADMIN_PRINCIPAL, LocalKafka, cache_root
 from fleetbus.bus.errors import FleetbusError
-from fleetbus.bus.settings import FleetbusSettings, settings_reference, settings_rows
+from fleetbus.bus.settings import (
+    FleetbusSettings,
+    load_settings,
+    settings_reference,
+    settings_rows,
+)
 
 console = Console(stderr=True)
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -205,7 +211,8 @@ def worker(log_format: LogFormatOpt = None, log_level: LogLevelOpt = None) -> No
     # through the one redacting handler on stderr (JSON lines unless text is asked for).
     fmt = resolve_log_format(log_format)
     configure_logging("fleetbus-worker", log_format=fmt, level=log_level)
-    settings = FleetbusSettings()
+    # strict: a misspelt FLEETBUS_* variable stops the worker instead of being ignored.
+    settings = load_settings(strict=True)
     # Spans get real ids (and go to OTLP or the console when OTEL_* asks for it), so the trace
     # context each stage writes into its outputs names the worker's own spans.
     setup_tracing("fleetbus-worker")
@@ -302,10 +309,23 @@ def demo(
 
 
 def main() -> None:
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from fleetbus.bus.settings import describe_settings_error
+
     try:
         app()
+    except (ValidationError, SettingsError) as exc:
+        # Settings are read by every command; a bad FLEETBUS_* value is a configuration error,
+        # said in one line per variable, not a traceback.
+        if isinstance(exc, ValidationError) and exc.title != "FleetbusSettings":
+            raise
+        message = escape(describe_settings_error(exc))
+        console.print(f"[red]error[/red] (config): {message}", soft_wrap=True)
+        sys.exit(2)
     except FleetbusError as exc:
-        console.print(f"[red]error[/red] ({exc.reason}): {exc}")
+        console.print(f"[red]error[/red] ({exc.reason}): {escape(str(exc))}", soft_wrap=True)
         sys.exit(2)
 
 

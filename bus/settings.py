@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
+import re
 import ssl
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from fleetbus.bus.errors import ConfigError
 
 
 class TopicNames(BaseModel):
@@ -94,6 +100,9 @@ def _default_rules() -> list[ProfileRule]:
         ProfileRule(profile="pqc", capability="pqc"),
         ProfileRule(profile="legacy"),
     ]
+
+
+_HOST_PORT = re.compile(r"(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
 
 
 class FleetbusSettings(BaseSettings):
@@ -230,6 +239,17 @@ class FleetbusSettings(BaseSettings):
     )
     metrics_bind: str = Field(default="127.0.0.1", description="address /metrics listens on")
 
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_is_host_port_list(cls, value: str) -> str:
+        # A typo here otherwise surfaces as a connection timeout, or as a DNS lookup of
+        # "kafka://broker" (a URL where kafka-python wants host:port), after 30 s.
+        for entry in value.split(","):
+            match = _HOST_PORT.fullmatch(entry.strip())
+            if match is None or not 0 < int(match.group("port")) < 65536:
+                raise ValueError(f"{entry.strip()!r} is not host:port (port 1..65535)")
+        return value
+
     @model_validator(mode="after")
     def _kafka_tls_complete(self) -> FleetbusSettings:
         if self.kafka_security_protocol == "SSL":
@@ -364,3 +384,92 @@ def settings_reference() -> str:
         meaning = meaning.replace("|", "\\|")
         lines.append(f"| `{variable}` | {kind} | {default} | {meaning} |")
     return "\n".join(lines) + "\n"
+
+
+# --- loading with errors a person can act on ---------------------------------------------
+
+#: ``FLEETBUS_*`` variables that are not settings but are read elsewhere: log set-up, the dev
+#: tooling's cache, the KME simulator's options, the benchmarks, helm and fuzzing in CI.
+OTHER_VARIABLES: typing.Final = frozenset(
+    {"FLEETBUS_LOG_FORMAT", "FLEETBUS_LOG_LEVEL", "FLEETBUS_CACHE", "FLEETBUS_HELM_VERSION"}
+)
+OTHER_PREFIXES: typing.Final = ("FLEETBUS_KME_", "FLEETBUS_BENCH_", "FLEETBUS_FUZZ_")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``FLEETBUS_*`` names in ``environ`` that no setting and no other part of fleetbus reads
+    (``extra="ignore"`` would otherwise drop a misspelt setting without a word)."""
+    known = {row[0] for row in settings_rows()} | OTHER_VARIABLES
+    return sorted(
+        name
+        for name in environ
+        if name.upper().startswith(ENV_PREFIX)
+        and name.upper() not in known
+        and not name.upper().startswith(OTHER_PREFIXES)
+    )
+
+
+def _variable(loc: tuple[int | str, ...]) -> tuple[str, FieldInfo | None]:
+    """The environment variable of a validation error's location, and its field if known."""
+    if not loc:
+        return "FLEETBUS_*", None
+    name = str(loc[0])
+    info = FleetbusSettings.model_fields.get(name)
+    variable = f"{ENV_PREFIX}{name.upper()}"
+    if info is not None and isinstance(info.annotation, type) and len(loc) > 1:
+        nested = getattr(info.annotation, "model_fields", {}).get(str(loc[1]))
+        if nested is not None:
+            return f"{variable}__{str(loc[1]).upper()}", nested
+    if len(loc) > 1:
+        variable += " (at " + ".".join(str(part) for part in loc[1:]) + ")"
+    return variable, info
+
+
+def _allowed(info: FieldInfo | None) -> str:
+    if info is None:
+        return ""
+    kind = _type_name(info.annotation).replace("\\|", "|").replace("`", "")
+    limits = _limits(info)
+    if kind == "str" and not limits:
+        return ""  # the message itself says what the text must look like
+    return f" (allowed: {kind}{', ' + limits if limits else ''})"
+
+
+def describe_settings_error(exc: ValidationError | SettingsError) -> str:
+    """One line per problem: the variable, the value given and what is allowed."""
+    if isinstance(exc, SettingsError):
+        # pydantic-settings says only 'error parsing value for field "x"': a JSON setting
+        # whose text is not JSON.
+        match = re.search(r'field "(?P<name>[a-z_]+)"', str(exc))
+        name = match.group("name") if match else "?"
+        value = os.environ.get(f"{ENV_PREFIX}{name.upper()}", "")
+        allowed = _allowed(FleetbusSettings.model_fields.get(name))
+        return f"{ENV_PREFIX}{name.upper()}={value!r}: not valid JSON{allowed}"
+    lines = []
+    for error in exc.errors(include_url=False):
+        variable, info = _variable(tuple(error["loc"]))
+        given = error.get("input")
+        value = f"={given!r}" if isinstance(given, str | int | float) else ""
+        message = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"{variable}{value}: {message}{_allowed(info)}")
+    return "\n".join(lines)
+
+
+def load_settings(*, strict: bool = False, **overrides: Any) -> FleetbusSettings:
+    """``FleetbusSettings()`` whose errors are one ``ConfigError`` line per bad variable, naming
+    the variable, the value and what is allowed. ``strict`` also refuses ``FLEETBUS_*``
+    variables that nothing reads (a typo), with the closest known name."""
+    if strict and (unknown := unknown_variables(os.environ)):
+        known = [row[0] for row in settings_rows()]
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name.upper(), known, n=1)
+            hints.append(f"{name}" + (f" (did you mean {close[0]}?)" if close else ""))
+        raise ConfigError(
+            "unknown FLEETBUS_* variable(s): " + ", ".join(hints) + "; `fleetbus settings` "
+            "lists the settings"
+        )
+    try:
+        return FleetbusSettings(**overrides)
+    except (ValidationError, SettingsError) as exc:
+        raise ConfigError(describe_settings_error(exc)) from None
