@@ -205,7 +205,13 @@ def worker(log_format: LogFormatOpt = None, log_level: LogLevelOpt = None) -> No
     from fleetbus.bus.topics import ensure_topics
     from fleetbus.observability.logging import LogFormat, configure_logging, resolve_log_format
     from fleetbus.observability.tracing import setup_tracing
-    from fleetbus.processors.app import create_app, ensure_pipeline_topics, pipeline_enabled
+    from fleetbus.processors.app import (
+        Pipeline,
+        build_pipeline,
+        create_app,
+        ensure_pipeline_topics,
+    )
+    from fleetbus.processors.probes import WorkerProbes, serve_probes
 
     # First, so that every record of this process — ours, faust's, aiokafka's, warnings — goes
     # through the one redacting handler on stderr (JSON lines unless text is asked for).
@@ -216,19 +222,36 @@ def worker(log_format: LogFormatOpt = None, log_level: LogLevelOpt = None) -> No
     # Spans get real ids (and go to OTLP or the console when OTEL_* asks for it), so the trace
     # context each stage writes into its outputs names the worker's own spans.
     setup_tracing("fleetbus-worker")
+    # Build everything that reads local configuration (keys, registry, Cedar policies) before
+    # the first connection to Kafka: a bad file is reported at once, not after a broker wait.
+    pipelines: list[Pipeline] = []
+
+    def build(pipeline_settings: FleetbusSettings) -> Pipeline:
+        pipelines.append(build_pipeline(pipeline_settings))
+        return pipelines[-1]
+
+    faust_app = create_app(settings, pipeline_factory=build)
+    not_ready = None
+    if settings.pipeline == "auto" and not pipelines:
+        not_ready = (
+            f"pipeline=auto found no key directory ({settings.keys_dir}/root.pub): this worker "
+            "runs no command pipeline; mount the keys or set FLEETBUS_PIPELINE=off"
+        )
+        logging.getLogger("fleetbus.worker").warning("not ready: %s", not_ready)
+    if settings.metrics_port:
+        # Before Kafka is reached: a worker waiting for its brokers is live but not ready.
+        probes = WorkerProbes(
+            stages=[stage for p in pipelines for stage in p.stages], not_ready_reason=not_ready
+        )
+        serve_probes(probes, settings.metrics_port, settings.metrics_bind)
     ensure_topics(
         settings.kafka_bootstrap,
         [settings.smoke_source, settings.smoke_sink],
         partitions=settings.partitions,
         client_config=settings.kafka_client_config(),
     )
-    if pipeline_enabled(settings):
+    if pipelines:
         ensure_pipeline_topics(settings)
-    if settings.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.metrics_port, addr=settings.metrics_bind)
-    faust_app = create_app(settings)
     # faust's Worker would replace the root handlers with its own colour text handler and
     # redirect stdout into the log: keep ours (override_logging=False). Without its spinner it
     # logs "Ready" as a record; quiet keeps its few plain prints off stdout in JSON mode.
