@@ -65,8 +65,22 @@ def helm(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def render(*sets: str) -> list[dict[str, Any]]:
-    flags = [f for s in sets for f in ("--set", s)]
+def _files(values: str, *names: str) -> tuple[str, ...]:
+    return tuple(f"{values}.{name.replace('.', chr(92) + '.')}=eA==" for name in names)
+
+
+#: The files each chart-created Secret must hold (the render fails without them).
+KEY_FILES = _files("secrets.keys", "root.pub", "directory.cbor", "bus-sealer.key")
+SECRET_FILES = (
+    *KEY_FILES,
+    *_files("secrets.pki", "ca.pem", "sae-dispatch-hub.pem", "sae-dispatch-hub.key"),
+    *_files("kafkaTls.files", "ca.pem", "tls.crt", "tls.key"),
+    *_files("kme.pki", "ca.pem", "kme-a.pem", "kme-a.key", "kme-b.pem", "kme-b.key"),
+)
+
+
+def render(*sets: str, base: tuple[str, ...] = SECRET_FILES) -> list[dict[str, Any]]:
+    flags = [f for s in (*base, *sets) for f in ("--set", s)]
     result = helm(
         "template", "fb", str(CHART), "--namespace", "fleet",
         "--kube-version", KUBERNETES_VERSION, *flags,
@@ -155,9 +169,13 @@ def test_existing_secret_is_used_and_not_rendered() -> None:
         "secrets.existingSecret=fleet-keys",
         "secrets.existingPkiSecret=fleet-pki",
         "kafkaTls.existingSecret=fleet-kafka-tls",
+        "kme.existingPkiSecret=fleet-kme-pki",
+        base=(),
     )
     validate_all(docs)
     assert by_kind(docs, "Secret") == []
+    kme = one(docs, "Deployment", "fb-fleetbus-kme")["spec"]["template"]["spec"]
+    assert kme["volumes"][0]["secret"]["secretName"] == "fleet-kme-pki"
     spec = one(docs, "Deployment", "fb-fleetbus-worker")["spec"]["template"]["spec"]
     secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
     assert secrets == {"keys": "fleet-keys", "pki": "fleet-pki", "kafka-tls": "fleet-kafka-tls"}
@@ -166,7 +184,7 @@ def test_existing_secret_is_used_and_not_rendered() -> None:
 def test_key_material_from_values_lands_in_the_secret_only() -> None:
     docs = render("secrets.keys.bus-sealer\\.key=c2VjcmV0LWtleQ==")
     secret = one(docs, "Secret", "fb-fleetbus-keys")
-    assert secret["data"] == {"bus-sealer.key": "c2VjcmV0LWtleQ=="}
+    assert secret["data"]["bus-sealer.key"] == "c2VjcmV0LWtleQ=="
     others = yaml.safe_dump_all([d for d in docs if d["kind"] != "Secret"])
     assert "c2VjcmV0LWtleQ" not in others
 
@@ -346,7 +364,7 @@ def test_worker_connects_to_kafka_over_mutual_tls_by_default(
     (volume,) = [v for v in spec["volumes"] if v["name"] == "kafka-tls"]
     assert volume["secret"]["secretName"] == "fb-fleetbus-kafka-tls"
     assert volume["secret"]["defaultMode"] == 0o400
-    assert one(docs, "Secret", "fb-fleetbus-kafka-tls")["data"] == {"ca.pem": "Y2E="}
+    assert one(docs, "Secret", "fb-fleetbus-kafka-tls")["data"]["ca.pem"] == "Y2E="
 
 
 def test_kafka_tls_can_be_disabled_for_a_plaintext_dev_cluster() -> None:
@@ -358,3 +376,73 @@ def test_kafka_tls_can_be_disabled_for_a_plaintext_dev_cluster() -> None:
     spec = one(docs, "Deployment", "fb-fleetbus-worker")["spec"]["template"]["spec"]
     assert "kafka-tls" not in {v["name"] for v in spec["volumes"]}
     assert "fb-fleetbus-kafka-tls" not in {d["metadata"]["name"] for d in by_kind(docs, "Secret")}
+
+
+# -- a misconfigured deploy must not look healthy ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ((), "secrets.keys lacks root.pub, directory.cbor, bus-sealer.key"),
+        (
+            _files("secrets.keys", "directory.cbor", "bus-sealer.key"),
+            "secrets.keys lacks root.pub (or set secrets.existingSecret",
+        ),
+        (KEY_FILES, "secrets.pki lacks ca.pem, sae-dispatch-hub.pem, sae-dispatch-hub.key"),
+        (
+            (*KEY_FILES, "secrets.existingPkiSecret=p"),
+            "kafkaTls.files lacks ca.pem, tls.crt, tls.key",
+        ),
+        (
+            (*KEY_FILES, "secrets.existingPkiSecret=p", "kafkaTls.existingSecret=t"),
+            "kme.pki lacks ca.pem, kme-a.pem, kme-a.key, kme-b.pem, kme-b.key (or set "
+            "kme.existingPkiSecret",
+        ),
+    ],
+)
+def test_a_secret_the_chart_creates_without_its_files_fails_the_render(
+    sets: tuple[str, ...], message: str
+) -> None:
+    flags = [f for s in sets for f in ("--set", s)]
+    result = helm("template", "fb", str(CHART), "--kube-version", KUBERNETES_VERSION, *flags)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_the_kme_pki_secret_the_kme_mounts_is_rendered() -> None:
+    docs = render()
+    kme = one(docs, "Deployment", "fb-fleetbus-kme")["spec"]["template"]["spec"]
+    (volume,) = [v for v in kme["volumes"] if v["name"] == "pki"]
+    secret = one(docs, "Secret", volume["secret"]["secretName"])
+    assert set(secret["data"]) == {"ca.pem", "kme-a.pem", "kme-a.key", "kme-b.pem", "kme-b.key"}
+
+
+def test_a_changed_key_in_a_rendered_secret_rolls_the_pods() -> None:
+    def checksums(*sets: str) -> dict[str, str]:
+        docs = render(*sets)
+        return {
+            d["metadata"]["name"]: d["spec"]["template"]["metadata"]["annotations"][
+                "checksum/secrets"
+            ]
+            for d in by_kind(docs, "Deployment")
+        }
+
+    before = checksums()
+    after = checksums("secrets.keys.bus-sealer\\.key=cm90YXRlZA==")
+    assert before.keys() == after.keys() == {"fb-fleetbus-worker", "fb-fleetbus-kme"}
+    assert all(before[name] != after[name] for name in before)
+
+
+def test_worker_probes_are_liveness_and_readiness_not_metrics() -> None:
+    worker = one(render(), "Deployment", "fb-fleetbus-worker")["spec"]["template"]["spec"]
+    (container,) = worker["containers"]
+    paths = {
+        probe: container[probe]["httpGet"]["path"]
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe")
+    }
+    assert paths == {
+        "startupProbe": "/healthz",
+        "livenessProbe": "/healthz",
+        "readinessProbe": "/readyz",
+    }

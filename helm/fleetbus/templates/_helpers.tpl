@@ -57,3 +57,39 @@ runAsNonRoot: true
 capabilities:
   drop: [ALL]
 {{- end -}}
+
+{{- define "fleetbus.kmePkiSecret" -}}
+{{- .Values.kme.existingPkiSecret | default (printf "%s-kme-pki" (include "fleetbus.fullname" .)) -}}
+{{- end -}}
+
+{{/*
+Fail the render when the chart is to create a Secret without the files its pod needs: an empty
+key Secret once gave a worker that ran no pipeline and passed every probe. Existing Secrets are
+not read here (no cluster access at render time); the worker's /readyz covers them.
+*/}}
+{{- define "fleetbus.requireFiles" -}}
+{{- $missing := list -}}
+{{- range .files -}}
+{{- if not (hasKey $.given .) -}}{{- $missing = append $missing . -}}{{- end -}}
+{{- end -}}
+{{- if $missing -}}
+{{- fail (printf "%s lacks %s (or set %s to a Secret you created)" .values (join ", " $missing) .existing) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "fleetbus.validateSecrets" -}}
+{{- if not .Values.secrets.existingSecret -}}
+{{- $sealer := printf "%s.key" (.Values.settings.sealer_principal | default "bus-sealer") -}}
+{{- include "fleetbus.requireFiles" (dict "given" .Values.secrets.keys "files" (list "root.pub" "directory.cbor" $sealer) "values" "secrets.keys" "existing" "secrets.existingSecret") -}}
+{{- end -}}
+{{- if and .Values.settings.qkd_sae_id (not .Values.secrets.existingPkiSecret) -}}
+{{- $sae := .Values.settings.qkd_sae_id -}}
+{{- include "fleetbus.requireFiles" (dict "given" .Values.secrets.pki "files" (list "ca.pem" (printf "%s.pem" $sae) (printf "%s.key" $sae)) "values" "secrets.pki" "existing" "secrets.existingPkiSecret") -}}
+{{- end -}}
+{{- if and .Values.kafkaTls.enabled (not .Values.kafkaTls.existingSecret) -}}
+{{- include "fleetbus.requireFiles" (dict "given" .Values.kafkaTls.files "files" (list "ca.pem" "tls.crt" "tls.key") "values" "kafkaTls.files" "existing" "kafkaTls.existingSecret") -}}
+{{- end -}}
+{{- if and .Values.kme.enabled (not .Values.kme.existingPkiSecret) -}}
+{{- include "fleetbus.requireFiles" (dict "given" .Values.kme.pki "files" (list "ca.pem" "kme-a.pem" "kme-a.key" "kme-b.pem" "kme-b.key") "values" "kme.pki" "existing" "kme.existingPkiSecret") -}}
+{{- end -}}
+{{- end -}}
