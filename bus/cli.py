@@ -111,21 +111,41 @@ def kafka_up(home: HomeOpt = None, brokers: BrokersOpt = 1, base_port: BasePortO
     typer.echo(cluster.bootstrap)
 
 
+RecordedPortOpt = Annotated[
+    int | None,
+    typer.Option(help="client port of node 1 [default: as `up` set up the cluster in its home]"),
+]
+
+
+def _recorded(home: Path | None, brokers: int, base_port: int | None) -> LocalKafka:
+    # status and down act on the cluster `up` made: its ports are in its home, whatever
+    # --base-port `up` was given.
+    cluster_home = home or cache_root() / "run" / f"kafka-{brokers}"
+    recorded = LocalKafka.recorded(cluster_home)
+    if recorded is not None and base_port is None:
+        return recorded
+    return _cluster(home, brokers, 19092 if base_port is None else base_port)
+
+
 @kafka_app.command("down")
 def kafka_down(
-    home: HomeOpt = None, brokers: BrokersOpt = 1, base_port: BasePortOpt = 19092
+    home: HomeOpt = None, brokers: BrokersOpt = 1, base_port: RecordedPortOpt = None
 ) -> None:
     """Stop the cluster's processes (data is kept; `up` resumes it)."""
-    _cluster(home, brokers, base_port).down()
+    _recorded(home, brokers, base_port).down()
     console.print("Kafka stopped")
 
 
 @kafka_app.command("status")
 def kafka_status(
-    home: HomeOpt = None, brokers: BrokersOpt = 1, base_port: BasePortOpt = 19092
+    home: HomeOpt = None, brokers: BrokersOpt = 1, base_port: RecordedPortOpt = None
 ) -> None:
-    """Print the cluster's processes and whether it answers metadata requests."""
-    typer.echo(json.dumps(_cluster(home, brokers, base_port).status(), indent=2))
+    """Print the cluster's processes and whether it answers metadata requests; exit code 0
+    when it is ready, 1 when not."""
+    status = _recorded(home, brokers, base_port).status()
+    typer.echo(json.dumps(status, indent=2))
+    if not status["ready"]:
+        raise typer.Exit(1)
 
 
 @kafka_app.command("certs")
