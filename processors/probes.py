@@ -24,12 +24,14 @@ from http.server import ThreadingHTTPServer
 from typing import Any, Protocol
 
 from prometheus_client import REGISTRY
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import MetricsHandler
+from prometheus_client.registry import Collector
 
 from fleetbus.observability.metrics import set_build_info
 from fleetbus.processors.eos import StageHealth
 
-__all__ = ["STALL_AFTER_S", "WorkerProbes", "serve_probes"]
+__all__ = ["STALL_AFTER_S", "WorkerProbes", "WorkerStateCollector", "serve_probes"]
 
 #: A stage loop polls at least every 0.5 s; a minute without coming round is a hang (a blocked
 #: event loop, a deadlock), not load.
@@ -76,6 +78,33 @@ class WorkerProbes:
         return not waiting, body
 
 
+class WorkerStateCollector(Collector):
+    """Readiness as metrics, computed at scrape time, so that alerts see what the probes see:
+    ``fleetbus_worker_ready`` (0/1) and ``fleetbus_stage_assigned_partitions{stage}``."""
+
+    def __init__(self, probes: WorkerProbes) -> None:
+        self.probes = probes
+
+    def collect(self) -> Any:
+        ready = GaugeMetricFamily(
+            "fleetbus_worker_ready",
+            "1 when this worker's /readyz answers 200 (every stage in its group with its "
+            "producers up), else 0.",
+        )
+        ready.add_metric([], 1.0 if self.probes.ready()[0] else 0.0)
+        yield ready
+        assigned = GaugeMetricFamily(
+            "fleetbus_stage_assigned_partitions",
+            "Input partitions of each stage assigned to this worker (sum over workers: a stage "
+            "with none anywhere processes nothing).",
+            labels=["stage"],
+        )
+        for stage in self.probes.stages:
+            health = stage.health()
+            assigned.add_metric([health.stage], float(len(health.assigned)))
+        yield assigned
+
+
 def _handler(probes: WorkerProbes) -> type[MetricsHandler]:
     routes: dict[str, Callable[[], tuple[bool, dict[str, Any]]]] = {
         "/healthz": probes.live,
@@ -112,6 +141,7 @@ def serve_probes(probes: WorkerProbes, port: int, addr: str = "127.0.0.1") -> Th
     """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on a daemon thread; returns the server
     (``server.server_address`` has the port when ``port`` was 0)."""
     set_build_info()
+    REGISTRY.register(WorkerStateCollector(probes))
     server = ThreadingHTTPServer((addr, port), _handler(probes))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="fleetbus-probes", daemon=True).start()

@@ -446,3 +446,12 @@ def test_worker_probes_are_liveness_and_readiness_not_metrics() -> None:
         "livenessProbe": "/healthz",
         "readinessProbe": "/readyz",
     }
+
+
+def test_runbook_urls_are_absolute_under_the_chart_value() -> None:
+    base = "https://runbooks.acme.example/fleetbus/observability.html"
+    rule = one(render(f"monitoring.runbookBaseUrl={base}"), "PrometheusRule", "fb-fleetbus")
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert alerts
+    for alert in alerts:
+        assert alert["annotations"]["runbook_url"] == f"{base}#{alert['alert'].lower()}"

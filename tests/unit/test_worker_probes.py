@@ -10,7 +10,7 @@ import pytest
 from fleetbus.bus.errors import ConfigError
 from fleetbus.processors.eos import StageHealth
 from fleetbus.processors.policy import load_policy_text
-from fleetbus.processors.probes import WorkerProbes
+from fleetbus.processors.probes import WorkerProbes, WorkerStateCollector
 
 
 class FakeStage:
@@ -81,3 +81,18 @@ def test_policy_error_names_file_and_line(tmp_path: Path) -> None:
     assert str(info.value) == (
         f"{tmp_path / 'b.cedar'}:7: Cedar policy does not parse: unexpected token `}}`"
     )
+
+
+def test_readiness_is_exported_as_metrics_at_scrape_time() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    stage = FakeStage(producers=[0])
+    probes = WorkerProbes(stages=[stage, FakeStage(stage="track", assigned=[2], producers=[2])])
+    registry = CollectorRegistry()
+    registry.register(WorkerStateCollector(probes))
+    text = generate_latest(registry).decode()
+    assert "fleetbus_worker_ready 0.0" in text
+    assert 'fleetbus_stage_assigned_partitions{stage="seal"} 2.0' in text
+    assert 'fleetbus_stage_assigned_partitions{stage="track"} 1.0' in text
+    stage.snapshot = StageHealth("seal", True, True, [0, 1], [0, 1], 0.1)
+    assert "fleetbus_worker_ready 1.0" in generate_latest(registry).decode()
