@@ -38,6 +38,13 @@ COMMAND_LATENCY = Histogram(
     ["outcome"],
     buckets=E2E_BUCKETS,
 )
+BUS_LATENCY = Histogram(
+    "fleetbus_command_bus_latency_seconds",
+    "The bus's own part of a command's latency: from its authorization (after any approval) "
+    "to the vehicle's answer at the bus, for vehicles that answered (succeeded, failed).",
+    ["outcome"],
+    buckets=E2E_BUCKETS,
+)
 RECORDS = Counter(
     "fleetbus_records_total",
     "Records a stage finished, by outcome (ok, rejected, dlq).",
