@@ -99,6 +99,11 @@ def simulate(
     log_level: Annotated[
         str | None, typer.Option(help="[default: $FLEETBUS_LOG_LEVEL, else INFO]")
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="serve /metrics (vehicle-side rejects) on this port; default: none"),
+    ] = None,
+    metrics_bind: Annotated[str, typer.Option(help="address of --metrics-port")] = "127.0.0.1",
 ) -> None:
     """Run simulated vehicles in one process until SIGTERM / Ctrl-C (or --duration).
 
@@ -125,6 +130,8 @@ def simulate(
         handlers=default_handlers(),
         store_path=store or keys_dir / "fleet-sim.sqlite",
         sealer_principal=sealer,
+        metrics_port=metrics_port,
+        metrics_bind=metrics_bind,
     )
     stop = threading.Event()
 

@@ -96,13 +96,14 @@ class CommandPublisher:
         self.signer = signer
         self.timeout_s = timeout_s
         self._bootstrap = settings.kafka_bootstrap
+        self.client_id = client_id or f"fleetbus-dispatch-{principal_id}"
         from kafka import KafkaProducer
         from kafka.errors import KafkaError
 
         try:
             self._producer = KafkaProducer(
                 bootstrap_servers=self._bootstrap,
-                client_id=client_id or f"fleetbus-dispatch-{principal_id}",
+                client_id=self.client_id,
                 acks="all",
                 enable_idempotence=True,
                 # kafka-python waits bootstrap_timeout_ms (30 s) for the first metadata answer
@@ -144,7 +145,14 @@ class CommandPublisher:
         try:
             # The PRODUCER span is where the command's trace starts (or joins the caller's);
             # its W3C context goes into the record's headers for every later hop.
-            with send_span(get_tracer(), topic, headers, key=key) as span:
+            with send_span(
+                get_tracer(),
+                topic,
+                headers,
+                key=key,
+                bootstrap=self._bootstrap,
+                client_id=self.client_id,
+            ) as span:
                 future = self._producer.send(topic, key=key.encode(), value=value, headers=headers)
                 metadata = future.get(timeout=self.timeout_s)
                 record_delivery(span, partition=metadata.partition, offset=metadata.offset)

@@ -630,6 +630,8 @@ class TransactionalStage:
             partition=record.partition,
             offset=record.offset,
             consumer_group=self.group_id,
+            bootstrap=self._bootstrap,
+            client_id=f"{self.group_id}-consumer",
         )
 
     def _dead_letter(self, record: InputRecord, exc: Exception, now: float) -> StageResult:
