@@ -1,13 +1,30 @@
 {{- define "fleetbus.name" -}}
-{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- .Values.nameOverride | default .Chart.Name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
 {{- define "fleetbus.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "fleetbus.name" . -}}
+{{- if contains $name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "fleetbus.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (include "fleetbus.fullname" .) -}}
+{{- else -}}
+{{- .Values.serviceAccount.name | default "default" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "fleetbus.kmeImage" -}}
+{{ .Values.kme.image.repository | default .Values.image.repository }}:{{ .Values.kme.image.tag | default .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
 {{- define "fleetbus.labels" -}}
@@ -17,6 +34,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: fleetbus
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
 {{- define "fleetbus.selectorLabels" -}}
@@ -42,12 +62,28 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{- define "fleetbus.podSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: 10001
-runAsGroup: 10001
-fsGroup: 10001
-seccompProfile:
-  type: RuntimeDefault
+{{- toYaml .Values.podSecurityContext -}}
+{{- end -}}
+
+{{/* Settings the chart itself sets (from volumes, ports, kafkaTls): refused in .Values.settings by
+values.schema.json too; checked here so that a schema-less install cannot duplicate a key. */}}
+{{- define "fleetbus.validateValues" -}}
+{{- range $name := list "keys_dir" "data_dir" "policy_dir" "metrics_port" "metrics_bind" "qkd_ca_file" "qkd_cert_file" "qkd_key_file" "kafka_security_protocol" "kafka_ssl_cafile" "kafka_ssl_certfile" "kafka_ssl_keyfile" -}}
+{{- if hasKey $.Values.settings $name -}}
+{{- fail (printf "settings.%s is set by the chart itself (see values.yaml); remove it" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- with .Values.worker.autoscaling -}}
+{{- if .enabled -}}
+{{- if gt (int .minReplicas) (int .maxReplicas) -}}
+{{- fail (printf "worker.autoscaling.minReplicas (%d) > maxReplicas (%d)" (int .minReplicas) (int .maxReplicas)) -}}
+{{- end -}}
+{{- $partitions := int ($.Values.settings.partitions | default 4) -}}
+{{- if gt (int .maxReplicas) $partitions -}}
+{{- fail (printf "worker.autoscaling.maxReplicas (%d) > settings.partitions (%d): workers beyond the partition count get no partition and sit idle" (int .maxReplicas) $partitions) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "fleetbus.containerSecurityContext" -}}
