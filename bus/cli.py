@@ -11,13 +11,19 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fleetbus.bus.cli_audit import audit_app
 from fleetbus.bus.cli_keys import keys_app
 from fleetbus.bus.cli_kme import kme_app
 from fleetbus.bus.dev.kafka import ADMIN_PRINCIPAL, LocalKafka, cache_root
 from fleetbus.bus.errors import FleetbusError
-from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.bus.settings import (
+    FleetbusSettings,
+    load_settings,
+    settings_reference,
+    settings_rows,
+)
 
 console = Console(stderr=True)
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -30,6 +36,41 @@ dev_app.add_typer(kafka_app, name="kafka")
 app.add_typer(keys_app, name="keys")
 app.add_typer(kme_app, name="kme")
 app.add_typer(audit_app, name="audit")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"fleetbus {version('fleetbus')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """The ``fleetbus`` command line."""
+
+
+@app.command("settings")
+def settings_command() -> None:
+    """Print every FLEETBUS_* variable with its type, default and meaning (docs/settings.md)."""
+    typer.echo(settings_reference(), nl=False)
+
+
+def _settings_epilog() -> str:
+    # Click rewraps epilog paragraphs; \b keeps this one's lines as they are.
+    names = [row[0] for row in settings_rows()]
+    return (
+        "Settings (environment; `fleetbus settings` or docs/settings.md say what each means):"
+        "\n\n\b\n" + "\n".join(names)
+    )
 
 
 def _register_fleet_cli() -> None:
@@ -70,21 +111,41 @@ def kafka_up(home: HomeOpt = None, brokers: BrokersOpt = 1, base_port: BasePortO
     typer.echo(cluster.bootstrap)
 
 
+RecordedPortOpt = Annotated[
+    int | None,
+    typer.Option(help="client port of node 1 [default: as `up` set up the cluster in its home]"),
+]
+
+
+def _recorded(home: Path | None, brokers: int, base_port: int | None) -> LocalKafka:
+    # status and down act on the cluster `up` made: its ports are in its home, whatever
+    # --base-port `up` was given.
+    cluster_home = home or cache_root() / "run" / f"kafka-{brokers}"
+    recorded = LocalKafka.recorded(cluster_home)
+    if recorded is not None and base_port is None:
+        return recorded
+    return _cluster(home, brokers, 19092 if base_port is None else base_port)
+
+
 @kafka_app.command("down")
 def kafka_down(
-    home: HomeOpt = None, brokers: BrokersOpt = 1, base_port: BasePortOpt = 19092
+    home: HomeOpt = None, brokers: BrokersOpt = 1, base_port: RecordedPortOpt = None
 ) -> None:
     """Stop the cluster's processes (data is kept; `up` resumes it)."""
-    _cluster(home, brokers, base_port).down()
+    _recorded(home, brokers, base_port).down()
     console.print("Kafka stopped")
 
 
 @kafka_app.command("status")
 def kafka_status(
-    home: HomeOpt = None, brokers: BrokersOpt = 1, base_port: BasePortOpt = 19092
+    home: HomeOpt = None, brokers: BrokersOpt = 1, base_port: RecordedPortOpt = None
 ) -> None:
-    """Print the cluster's processes and whether it answers metadata requests."""
-    typer.echo(json.dumps(_cluster(home, brokers, base_port).status(), indent=2))
+    """Print the cluster's processes and whether it answers metadata requests; exit code 0
+    when it is ready, 1 when not."""
+    status = _recorded(home, brokers, base_port).status()
+    typer.echo(json.dumps(status, indent=2))
+    if not status["ready"]:
+        raise typer.Exit(1)
 
 
 @kafka_app.command("certs")
@@ -156,7 +217,7 @@ LogLevelOpt = Annotated[
 ]
 
 
-@app.command()
+@app.command(epilog=_settings_epilog())
 def worker(log_format: LogFormatOpt = None, log_level: LogLevelOpt = None) -> None:
     """Run the stream processors (settings from FLEETBUS_* environment variables)."""
     import faust
@@ -164,29 +225,53 @@ def worker(log_format: LogFormatOpt = None, log_level: LogLevelOpt = None) -> No
     from fleetbus.bus.topics import ensure_topics
     from fleetbus.observability.logging import LogFormat, configure_logging, resolve_log_format
     from fleetbus.observability.tracing import setup_tracing
-    from fleetbus.processors.app import create_app, ensure_pipeline_topics, pipeline_enabled
+    from fleetbus.processors.app import (
+        Pipeline,
+        build_pipeline,
+        create_app,
+        ensure_pipeline_topics,
+    )
+    from fleetbus.processors.probes import WorkerProbes, serve_probes
 
     # First, so that every record of this process — ours, faust's, aiokafka's, warnings — goes
     # through the one redacting handler on stderr (JSON lines unless text is asked for).
     fmt = resolve_log_format(log_format)
     configure_logging("fleetbus-worker", log_format=fmt, level=log_level)
-    settings = FleetbusSettings()
+    # strict: a misspelt FLEETBUS_* variable stops the worker instead of being ignored.
+    settings = load_settings(strict=True)
     # Spans get real ids (and go to OTLP or the console when OTEL_* asks for it), so the trace
     # context each stage writes into its outputs names the worker's own spans.
     setup_tracing("fleetbus-worker")
+    # Build everything that reads local configuration (keys, registry, Cedar policies) before
+    # the first connection to Kafka: a bad file is reported at once, not after a broker wait.
+    pipelines: list[Pipeline] = []
+
+    def build(pipeline_settings: FleetbusSettings) -> Pipeline:
+        pipelines.append(build_pipeline(pipeline_settings))
+        return pipelines[-1]
+
+    faust_app = create_app(settings, pipeline_factory=build)
+    not_ready = None
+    if settings.pipeline == "auto" and not pipelines:
+        not_ready = (
+            f"pipeline=auto found no key directory ({settings.keys_dir}/root.pub): this worker "
+            "runs no command pipeline; mount the keys or set FLEETBUS_PIPELINE=off"
+        )
+        logging.getLogger("fleetbus.worker").warning("not ready: %s", not_ready)
+    if settings.metrics_port:
+        # Before Kafka is reached: a worker waiting for its brokers is live but not ready.
+        probes = WorkerProbes(
+            stages=[stage for p in pipelines for stage in p.stages], not_ready_reason=not_ready
+        )
+        serve_probes(probes, settings.metrics_port, settings.metrics_bind)
     ensure_topics(
         settings.kafka_bootstrap,
         [settings.smoke_source, settings.smoke_sink],
         partitions=settings.partitions,
         client_config=settings.kafka_client_config(),
     )
-    if pipeline_enabled(settings):
+    if pipelines:
         ensure_pipeline_topics(settings)
-    if settings.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.metrics_port, addr=settings.metrics_bind)
-    faust_app = create_app(settings)
     # faust's Worker would replace the root handlers with its own colour text handler and
     # redirect stdout into the log: keep ours (override_logging=False). Without its spinner it
     # logs "Ready" as a record; quiet keeps its few plain prints off stdout in JSON mode.
@@ -267,10 +352,23 @@ def demo(
 
 
 def main() -> None:
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from fleetbus.bus.settings import describe_settings_error
+
     try:
         app()
+    except (ValidationError, SettingsError) as exc:
+        # Settings are read by every command; a bad FLEETBUS_* value is a configuration error,
+        # said in one line per variable, not a traceback.
+        if isinstance(exc, ValidationError) and exc.title != "FleetbusSettings":
+            raise
+        message = escape(describe_settings_error(exc))
+        console.print(f"[red]error[/red] (config): {message}", soft_wrap=True)
+        sys.exit(2)
     except FleetbusError as exc:
-        console.print(f"[red]error[/red] ({exc.reason}): {exc}")
+        console.print(f"[red]error[/red] ({exc.reason}): {escape(str(exc))}", soft_wrap=True)
         sys.exit(2)
 
 

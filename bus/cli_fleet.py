@@ -12,11 +12,11 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from fleetbus.bus.commands import Command, ParamValue, Target
+from fleetbus.bus.commands import Command, ParamValue, StatusEvent, Target
 from fleetbus.bus.dispatch import CommandPublisher, StatusTimeoutError
 from fleetbus.bus.errors import ConfigError, FleetbusError
 from fleetbus.bus.settings import FleetbusSettings
@@ -52,10 +52,15 @@ def default_handlers(fail_action: str = "fail") -> dict[str, Handler]:
     handlers: dict[str, Handler] = {
         action: ok
         for action in (
+            # The bus's built-in action catalogue (docs/policy.md) first, then extras that a
+            # registry file may list.
+            "ping",
             "unlock_doors",
             "lock_doors",
             "set_battery_profile",
             "push_route",
+            "disable_vehicle",
+            "push_firmware",
             "honk",
             "flash_lights",
             "set_climate",
@@ -94,6 +99,11 @@ def simulate(
     log_level: Annotated[
         str | None, typer.Option(help="[default: $FLEETBUS_LOG_LEVEL, else INFO]")
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="serve /metrics (vehicle-side rejects) on this port; default: none"),
+    ] = None,
+    metrics_bind: Annotated[str, typer.Option(help="address of --metrics-port")] = "127.0.0.1",
 ) -> None:
     """Run simulated vehicles in one process until SIGTERM / Ctrl-C (or --duration).
 
@@ -120,6 +130,8 @@ def simulate(
         handlers=default_handlers(),
         store_path=store or keys_dir / "fleet-sim.sqlite",
         sealer_principal=sealer,
+        metrics_port=metrics_port,
+        metrics_bind=metrics_bind,
     )
     stop = threading.Event()
 
@@ -232,22 +244,27 @@ def send(
     typer.echo(handle.command_id)
     if not wait:
         return
+    wait_s = timeout if timeout is not None else ttl + 30
+    typer.echo(f"waiting up to {wait_s:g} s for the final status ...", err=True)
     try:
-        outcome = handle.wait(timeout if timeout is not None else ttl + 30)
+        # Each state goes to stderr as it arrives, so that a command held for an approval
+        # (pending) or for an offline vehicle (sealed) is visible while it waits.
+        outcome = handle.wait(wait_s, on_event=lambda e: typer.echo(f"  {_describe(e)}", err=True))
     except StatusTimeoutError as exc:
         typer.echo(f"timeout: {exc}", err=True)
         raise typer.Exit(1) from None
-
-    def line(event: Any) -> str:
-        reason = f" ({event.reason.value})" if event.reason else ""
-        detail = f": {event.detail}" if event.detail else ""
-        return f"{event.state}{reason}{detail}"
-
-    if len(outcome.vehicles) > 1:
-        for vid, event in outcome.vehicles.items():
-            typer.echo(f"{vid}: {line(event)}")
-    typer.echo(line(outcome.event))
+    if len(outcome.vehicles) > 1:  # a group command: each vehicle's final state, then the verdict
+        for event in outcome.vehicles.values():
+            typer.echo(_describe(event))
+    typer.echo(_describe(outcome.event))
     raise typer.Exit(0 if outcome.state == "succeeded" else 1)
+
+
+def _describe(event: StatusEvent) -> str:
+    vehicle = f" [{event.vehicle_id}]" if event.vehicle_id else ""
+    reason = f" ({event.reason.value})" if event.reason else ""
+    detail = f": {event.detail}" if event.detail else ""
+    return f"{event.state}{vehicle}{reason}{detail}"
 
 
 @dispatch_app.command("approve")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -103,15 +103,19 @@ class CommandPublisher:
         self.signer = signer
         self.timeout_s = timeout_s
         self._bootstrap = settings.kafka_bootstrap
+        self.client_id = client_id or f"fleetbus-dispatch-{principal_id}"
         from kafka import KafkaProducer
         from kafka.errors import KafkaError
 
         try:
             self._producer = KafkaProducer(
                 bootstrap_servers=self._bootstrap,
-                client_id=client_id or f"fleetbus-dispatch-{principal_id}",
+                client_id=self.client_id,
                 acks="all",
                 enable_idempotence=True,
+                # kafka-python waits bootstrap_timeout_ms (30 s) for the first metadata answer
+                # unless told otherwise: the constructor too must give up within timeout_s.
+                bootstrap_timeout_ms=int(timeout_s * 1000),
                 max_block_ms=int(timeout_s * 1000),
                 request_timeout_ms=int(timeout_s * 1000),
                 linger_ms=5,
@@ -148,7 +152,14 @@ class CommandPublisher:
         try:
             # The PRODUCER span is where the command's trace starts (or joins the caller's);
             # its W3C context goes into the record's headers for every later hop.
-            with send_span(get_tracer(), topic, headers, key=key) as span:
+            with send_span(
+                get_tracer(),
+                topic,
+                headers,
+                key=key,
+                bootstrap=self._bootstrap,
+                client_id=self.client_id,
+            ) as span:
                 future = self._producer.send(topic, key=key.encode(), value=value, headers=headers)
                 metadata = future.get(timeout=self.timeout_s)
                 record_delivery(span, partition=metadata.partition, offset=metadata.offset)
@@ -324,6 +335,7 @@ class CommandHandle:
         *,
         until: Iterable[CommandState | str] = DEFAULT_UNTIL,
         ignore_replays: bool = True,
+        on_event: Callable[[StatusEvent], None] | None = None,
     ) -> CommandOutcome:
         """Wait until every target vehicle of this command has a status event whose state is in
         ``until``; return each vehicle's event and the overall state (``CommandOutcome``).
@@ -340,8 +352,10 @@ class CommandHandle:
 
         Reads only the command's partition of ``commands.status`` (the topic is keyed by command
         id), committed records only, without a consumer group, from shortly before the publish
-        time. Every event seen is appended to ``events``. Raises ``StatusTimeoutError`` after
-        ``timeout_s`` and ``KafkaUnavailableError`` when Kafka does not answer.
+        time. Every event seen is appended to ``events`` and passed to ``on_event`` (progress
+        for a waiting user: ``pending`` means the command waits for an approval). Raises
+        ``StatusTimeoutError`` after ``timeout_s`` (naming the last state seen) and
+        ``KafkaUnavailableError`` when Kafka does not answer.
         """
         wanted = {str(CommandState(s)) for s in until}
         single = self.command.target.vehicle
@@ -357,6 +371,8 @@ class CommandHandle:
             while reader.time_left():
                 for event in reader.poll():
                     self.events.append(event)
+                    if on_event is not None:
+                        on_event(event)
                     if ignore_replays and event.reason == ReasonCode.REPLAYED:
                         continue
                     vid = event.vehicle_id
@@ -376,9 +392,10 @@ class CommandHandle:
                 # up, every target of the command is known.
                 if settled and (single is not None or reader.caught_up()):
                     return CommandOutcome.of(self.command_id, reached, command_event)
+        last = f"last state seen: {self.events[-1].state}" if self.events else "no status seen"
         raise StatusTimeoutError(
             f"no status in {sorted(wanted)} for every vehicle of command {self.command_id} "
-            f"within {timeout_s} s (reached: {sorted(reached) or 'none'})"
+            f"within {timeout_s} s (reached: {sorted(reached) or 'none'}; {last})"
         )
 
 
@@ -421,6 +438,7 @@ class _StatusReader:
                 # Events of aborted bus transactions never happened: they are written again.
                 isolation_level="read_committed",
                 client_id="fleetbus-dispatch-status",
+                bootstrap_timeout_ms=max(int(self._timeout_s * 1000), 1),
                 request_timeout_ms=max(int(self._timeout_s * 1000), 5000) + 1000,
                 **self._settings.kafka_client_config(),
             )

@@ -43,12 +43,15 @@ from fleetbus.observability.tracing import (
     OP_PROCESS,
     consume_span,
     get_tracer,
+    record_delivery,
     record_reject,
     send_span,
     stage_span,
 )
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
     from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
     from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy
 
@@ -248,6 +251,19 @@ class ExecutedStore:
 # --- the agent -----------------------------------------------------------------------------
 
 
+def _end_delivered(span: Span, metadata: Any) -> None:
+    """Producer callback (kafka-python's IO thread): the answer is on the broker."""
+    record_delivery(span, partition=metadata.partition, offset=metadata.offset)
+    span.end()
+
+
+def _end_failed(span: Span, exc: BaseException) -> None:
+    from opentelemetry.trace import Status, StatusCode
+
+    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+    span.end()
+
+
 @dataclass
 class AgentStats:
     """Counters for the simulator's summary line and for tests."""
@@ -334,6 +350,9 @@ class VehicleAgent:
       subscribing with the group to every partition (default: the setting
       ``vehicle_confine_partitions``). Offsets are still committed under ``group_id``. Two
       agents must then not serve the same vehicles: nothing balances them. docs/sdk.md.
+    - ``metrics_port``: serve this process's Prometheus metrics (the vehicle-side
+      ``fleetbus_envelope_rejects_total{role="vehicle"}`` and the build info) on
+      ``metrics_bind:metrics_port``; None: no endpoint (the host application may serve its own).
     """
 
     def __init__(
@@ -356,6 +375,8 @@ class VehicleAgent:
         max_message_bytes: int = DEFAULT_MAX_SIZE,
         clock_skew_s: float = 30.0,
         clock: Callable[[], float] = time.time,
+        metrics_port: int | None = None,
+        metrics_bind: str = "127.0.0.1",
     ) -> None:
         from fleetbus.bus.registry import load_key_provider
         from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
@@ -402,6 +423,7 @@ class VehicleAgent:
         self._keys = {vid.encode(): vid for vid in self._vehicles}
         digest = hashlib.sha256("\n".join(sorted(self._vehicles)).encode()).hexdigest()[:16]
         self.group_id = group_id or f"{settings.app_id}.vehicles.{digest}"
+        self._client_id = f"fleetbus-vehicle-agent-{self.group_id}"
         self._auto_offset_reset = auto_offset_reset
         self.store = ExecutedStore(store_path)
         self._outbound = settings.topics.full(settings.topics.commands_outbound)
@@ -422,6 +444,10 @@ class VehicleAgent:
         self._spinning_since: float | None = None  # see _watch_spin
         self._batch: list[_Execution] | None = None  # executions of the poll batch being read
         self._position: tuple[Any, int] | None = None  # the record being handled
+        if metrics_port is not None:
+            from fleetbus.observability.metrics import serve_metrics
+
+            serve_metrics(metrics_port, metrics_bind)
 
     @property
     def vehicle_ids(self) -> list[str]:
@@ -474,7 +500,7 @@ class VehicleAgent:
             if self._producer is None:
                 self._producer = KafkaProducer(
                     bootstrap_servers=bootstrap,
-                    client_id=f"fleetbus-vehicle-agent-{self.group_id}",
+                    client_id=self._client_id,
                     acks="all",
                     enable_idempotence=True,
                     linger_ms=5,
@@ -707,6 +733,8 @@ class VehicleAgent:
             partition=record.partition,
             offset=record.offset,
             consumer_group=self.group_id,
+            bootstrap=self.settings.kafka_bootstrap,
+            client_id=self._client_id,
         ):
             return self._handle(self._vehicles[vehicle_id], record.value, record.topic)
 
@@ -1000,8 +1028,26 @@ class VehicleAgent:
             response.encode(),
         )
         headers: list[tuple[str, bytes]] = []
-        with send_span(get_tracer(), self._responses, headers, key=response.command_id):
-            return [self._send(self._responses, response.command_id, envelope, headers)]
+        # The span ends when the broker acknowledged the answer, with its partition and offset.
+        with send_span(
+            get_tracer(),
+            self._responses,
+            headers,
+            key=response.command_id,
+            bootstrap=self.settings.kafka_bootstrap,
+            client_id=self._client_id,
+            end_on_exit=False,
+        ) as span:
+            try:
+                future = self._send(self._responses, response.command_id, envelope, headers)
+            except BaseException:
+                span.end()
+                raise
+        if hasattr(future, "add_callback"):
+            future.add_callback(_end_delivered, span).add_errback(_end_failed, span)
+        else:
+            span.end()  # a stand-in producer without delivery reports: nothing to wait for
+        return [future]
 
     def _seal(
         self,

@@ -39,6 +39,13 @@ COMMAND_LATENCY = Histogram(
     ["outcome"],
     buckets=E2E_BUCKETS,
 )
+BUS_LATENCY = Histogram(
+    "fleetbus_command_bus_latency_seconds",
+    "The bus's own part of a command's latency: from its authorization (after any approval) "
+    "to the vehicle's answer at the bus, for vehicles that answered (succeeded, failed).",
+    ["outcome"],
+    buckets=E2E_BUCKETS,
+)
 RECORDS = Counter(
     "fleetbus_records_total",
     "Records a stage finished, by outcome (ok, rejected, dlq).",
@@ -199,9 +206,14 @@ def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - scr
     """Serve ``/metrics`` of the default registry on ``port`` (0 disables) in a daemon thread."""
     if port <= 0:
         return
+    set_build_info()
+    _start_http_server(port, addr=addr)
+
+
+def set_build_info() -> None:
+    """``fleetbus_build_info{version}``: every process that serves metrics calls this."""
     try:
         version = metadata.version("fleetbus")
     except metadata.PackageNotFoundError:  # running from a source tree without install
         version = "unknown"
     BUILD_INFO.info({"version": version})
-    _start_http_server(port, addr=addr)

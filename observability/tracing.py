@@ -44,6 +44,9 @@ MESSAGING_KAFKA_MESSAGE_KEY: Final = "messaging.kafka.message.key"
 MESSAGING_KAFKA_DESTINATION_PARTITION: Final = "messaging.kafka.destination.partition"
 MESSAGING_KAFKA_OFFSET: Final = "messaging.kafka.offset"
 MESSAGING_KAFKA_TOMBSTONE: Final = "messaging.kafka.message.tombstone"
+MESSAGING_CLIENT_ID: Final = "messaging.client.id"
+SERVER_ADDRESS: Final = "server.address"
+SERVER_PORT: Final = "server.port"
 
 #: Operation types. The conventions renamed ``publish`` to ``send`` (semconv 1.27); we follow
 #: the current name.
@@ -164,6 +167,8 @@ def _kafka_attributes(
     partition: int | None,
     offset: int | None,
     consumer_group: str | None,
+    bootstrap: str | None = None,
+    client_id: str | None = None,
 ) -> dict[str, str | int | bool]:
     attrs: dict[str, str | int | bool] = {
         MESSAGING_SYSTEM: "kafka",
@@ -171,6 +176,15 @@ def _kafka_attributes(
         MESSAGING_OPERATION_TYPE: operation_type,
         MESSAGING_OPERATION_NAME: operation_name,
     }
+    if bootstrap:
+        # The semantic conventions want the broker the client talks to; a client knows its
+        # bootstrap list, not which broker leads the partition: the first entry is named.
+        host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+        attrs[SERVER_ADDRESS] = host.strip("[]") or port
+        if host and port.isdigit():
+            attrs[SERVER_PORT] = int(port)
+    if client_id:
+        attrs[MESSAGING_CLIENT_ID] = client_id
     if key is not None:
         attrs[MESSAGING_KAFKA_MESSAGE_KEY] = key
     if partition is not None:
@@ -191,17 +205,31 @@ def send_span(
     *,
     key: str | None = None,
     partition: int | None = None,
+    bootstrap: str | None = None,
+    client_id: str | None = None,
+    end_on_exit: bool = True,
 ) -> Iterator[Span]:
     """A PRODUCER span ``send <topic>`` whose context is injected into ``headers``.
 
     ``key`` is the record key (vehicle or command ids are fine in spans; never pass secrets).
-    Set the partition and offset later with :func:`record_delivery` once the broker answered.
+    ``bootstrap`` and ``client_id`` give ``server.address``/``server.port`` and
+    ``messaging.client.id``. Set the partition and offset later with :func:`record_delivery`
+    once the broker answered; with ``end_on_exit=False`` the caller ends the span then (a send
+    acknowledged asynchronously).
     """
     attrs = _kafka_attributes(
-        OP_SEND, "send", topic, key=key, partition=partition, offset=None, consumer_group=None
+        OP_SEND,
+        "send",
+        topic,
+        key=key,
+        partition=partition,
+        offset=None,
+        consumer_group=None,
+        bootstrap=bootstrap,
+        client_id=client_id,
     )
     with tracer.start_as_current_span(
-        f"send {topic}", kind=SpanKind.PRODUCER, attributes=attrs
+        f"send {topic}", kind=SpanKind.PRODUCER, attributes=attrs, end_on_exit=end_on_exit
     ) as span:
         inject_headers(headers)
         yield span
@@ -225,6 +253,8 @@ def consume_span(
     partition: int | None = None,
     offset: int | None = None,
     consumer_group: str | None = None,
+    bootstrap: str | None = None,
+    client_id: str | None = None,
 ) -> Iterator[Span]:
     """A CONSUMER span ``process <topic>`` (or ``receive``), child of the producer's context.
 
@@ -240,6 +270,8 @@ def consume_span(
         partition=partition,
         offset=offset,
         consumer_group=consumer_group,
+        bootstrap=bootstrap,
+        client_id=client_id,
     )
     parent = extract_context(headers)
     with tracer.start_as_current_span(

@@ -321,6 +321,23 @@ class BatchStageLogic(StageLogic, Protocol):
 
 
 @dataclass
+class StageHealth:
+    """What a probe needs to know about one stage (``TransactionalStage.health``)."""
+
+    stage: str
+    running: bool  # the group consumer is started
+    in_group: bool  # at least one assignment arrived (it may be empty: more workers than
+    # partitions), so the consumer is a member of its group
+    assigned: list[int]  # input partition numbers
+    producers: list[int]  # partition numbers with a started transactional producer
+    since_poll_s: float  # seconds since the stage loop last came round
+
+    @property
+    def ready(self) -> bool:
+        return self.running and self.in_group and self.assigned == self.producers
+
+
+@dataclass
 class _Partition:
     number: int
     producer: AIOKafkaProducer
@@ -405,6 +422,8 @@ class TransactionalStage:
         self._assign_lock = asyncio.Lock()
         self._failures = 0
         self.transactions = 0
+        self._in_group = False
+        self._last_poll = time.monotonic()
 
     def transactional_id(self, partition: int) -> str:
         return f"{self._app_id}-{self.stage}-{partition}"
@@ -439,6 +458,7 @@ class TransactionalStage:
                         timeout_ms=int(min(self._tick_s, 0.5) * 1000),
                         max_records=self._batch_size,
                     )
+                    self._last_poll = time.monotonic()
                     for tp, records in batches.items():
                         if records:
                             await self._process_batch(tp, records)
@@ -467,6 +487,20 @@ class TransactionalStage:
             partitions = cluster.partitions_for_topic(topic)
             counts[topic] = None if partitions is None else len(partitions)
         check_copartitioned(f"stage {self.stage}", counts)
+
+    def health(self) -> StageHealth:
+        """A snapshot for the worker's probes (read from the probe server's thread: only
+        copies of plain attributes are taken)."""
+        consumer = self._consumer
+        assigned = sorted({tp.partition for tp in consumer.assignment()}) if consumer else []
+        return StageHealth(
+            stage=self.stage,
+            running=consumer is not None,
+            in_group=self._in_group,
+            assigned=assigned,
+            producers=sorted(list(self._parts)),
+            since_poll_s=time.monotonic() - self._last_poll,
+        )
 
     async def _shutdown(self) -> None:
         for part in list(self._parts.values()):
@@ -500,6 +534,7 @@ class TransactionalStage:
         # One producer per transactional id in this process: two would fence each other.
         async with self._assign_lock:
             await self._assign_locked(assigned)
+        self._in_group = True
 
     async def _assign_locked(self, assigned: list[TopicPartition]) -> None:
         for number in sorted({tp.partition for tp in assigned}):
@@ -636,6 +671,8 @@ class TransactionalStage:
             partition=record.partition,
             offset=record.offset,
             consumer_group=self.group_id,
+            bootstrap=self._bootstrap,
+            client_id=f"{self.group_id}-consumer",
         )
 
     def _dead_letter(self, record: InputRecord, exc: Exception, now: float) -> StageResult:

@@ -44,12 +44,41 @@ DEFAULT_TELEMETRY_FIELD_SETS: Mapping[str, tuple[str, ...]] = {
 
 
 def load_policy_text(policy_dir: Path | None = None) -> str:
-    """All ``*.cedar`` files of ``policy_dir`` (default: the packaged ones), in name order."""
+    """All ``*.cedar`` files of ``policy_dir`` (default: the packaged ones), in name order.
+
+    Each file is parsed on its own first, so that an error names its file and line (cedarpy
+    reports neither)."""
     folder = policy_dir or DEFAULT_POLICY_DIR
     files = sorted(folder.glob("*.cedar"))
     if not files:
         raise ConfigError(f"no *.cedar policy files in {folder}")
+    for path in files:
+        check_policy_file(path)
     return "\n".join(f"// --- {f.name}\n{f.read_text()}" for f in files)
+
+
+def check_policy_file(path: Path) -> None:
+    """Raise ``ConfigError`` ``<file>:<line>: <Cedar's message>`` when ``path`` does not parse.
+
+    The line is the first at which the file's leading lines fail as the whole file does (a
+    prefix that merely stops mid-policy fails with "unexpected end of input" instead), so it
+    is the line holding the offending token.
+    """
+    text = path.read_text()
+    try:
+        cedarpy.PolicySet.from_str(text)
+    except ValueError as exc:
+        message = str(exc)
+        lines = text.split("\n")
+        for count in range(1, len(lines) + 1):
+            try:
+                cedarpy.PolicySet.from_str("\n".join(lines[:count]))
+            except ValueError as prefix_exc:
+                if str(prefix_exc) == message:
+                    raise ConfigError(
+                        f"{path}:{count}: Cedar policy does not parse: {message}"
+                    ) from None
+        raise ConfigError(f"{path}: Cedar policy does not parse: {message}") from None
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from fleetbus.bus.envelope import EnvelopeError, decode_envelope
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
 from fleetbus.bus.keys import KeyPath, RecipientKeys, SecurityProfile
 from fleetbus.observability.metrics import (
+    BUS_LATENCY,
     COMMAND_LATENCY,
     ENVELOPE_REJECTS,
     KEYPATH_FAILOVER,
@@ -1395,6 +1396,8 @@ class TrackStage:
         entry = self._load(state, auth.command_id)
         entry["issued_at"] = _ms(auth.issued_at)
         entry["expires_at"] = _ms(auth.expires_at)
+        # Where the bus's own latency starts: after any approval wait (docs/observability.md).
+        entry.setdefault("authorized_at", _ms(now))
         entry["vehicles"].setdefault(auth.vehicle_id, "authorized")
         if target.vehicle is not None:
             entry["single"] = True
@@ -1594,6 +1597,9 @@ class TrackStage:
         self._store(state, cid, entry)
         if new_state is not CommandState.DELIVERED:
             self._observe(cid, entry, str(new_state), now)
+            if entry.get("authorized_at"):
+                latency = max(0.0, now - entry["authorized_at"] / 1000)
+                on_commit(partial(BUS_LATENCY.labels(outcome=str(new_state)).observe, latency))
         detail = f"status {response.status}" + (f": {response.detail}" if response.detail else "")
         return StageResult(
             outputs=[

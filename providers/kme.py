@@ -953,9 +953,11 @@ class _PairCollector(Collector):
             value=pool.reserved_key_count(),
         )
         yield GaugeMetricFamily(
-            "fleetbus_qkd_key_rate_bits_per_second",
-            "Current secret key rate of the link (0 while down or above the QBER threshold).",
-            value=pool.key_rate_bps if pool.generating else 0.0,
+            # Prometheus base unit: bytes (promtool check metrics refuses bits).
+            "fleetbus_qkd_key_rate_bytes_per_second",
+            "Current secret key rate of the link in bytes per second (0 while down or above "
+            "the QBER threshold).",
+            value=pool.key_rate_bps / 8 if pool.generating else 0.0,
         )
         yield GaugeMetricFamily(
             "fleetbus_qkd_link_up", "1 while the simulated QKD link is up.", value=pool.link_up

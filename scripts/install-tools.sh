@@ -32,7 +32,9 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
     fi
 fi
 
-helm_bin="$BIN/helm-$HELM_VERSION"
+# "-stamped": built with the version information helm's own Makefile links in (see below); an
+# older unstamped build in the cache is left alone and no longer linked.
+helm_bin="$BIN/helm-$HELM_VERSION-stamped"
 if [[ ! -x "$helm_bin" ]]; then
     if ! command -v go >/dev/null 2>&1; then
         for candidate in /usr/local/go/bin/go /usr/lib/go/bin/go; do
@@ -47,10 +49,25 @@ if [[ ! -x "$helm_bin" ]]; then
     mkdir -p "$BIN"
     tmp_bin=$(mktemp -d)
     trap 'rm -rf "$tmp_bin"' EXIT
+    # `go install` alone links none of the -X variables helm's Makefile sets: `helm version`
+    # then says nothing useful and the default Kubernetes version is v1.20.0, so `helm template`
+    # without --kube-version refuses any chart requiring a newer one. Link the same values:
+    # helm's version, and the Kubernetes minor of the client-go module it was built against.
+    helm_mod=$(go mod download -json "helm.sh/helm/v3@$HELM_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+    k8s_minor=$(sed -n 's/^[[:space:]]*k8s.io\/client-go v0\.\([0-9]*\)\..*/\1/p' "$helm_mod")
+    if [[ -z "$k8s_minor" ]]; then
+        say "error: no k8s.io/client-go version in $helm_mod"
+        exit 1
+    fi
+    ldflags="-w -s -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+    ldflags+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+    for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+        ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$k8s_minor"
+    done
     GOBIN="$tmp_bin" GOFLAGS="-buildvcs=false" CGO_ENABLED=0 \
-        go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+        go install -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
     mv "$tmp_bin/helm" "$helm_bin"
 fi
-ln -sfn "helm-$HELM_VERSION" "$BIN/helm"
+ln -sfn "$(basename "$helm_bin")" "$BIN/helm"
 
 echo "promtool=$(command -v promtool) prometheus=$(command -v prometheus) helm=$BIN/helm"

@@ -228,6 +228,24 @@ class LocalKafka:
     def node_dir(self, index: int) -> Path:
         return self.home / f"node-{index + 1}"
 
+    @classmethod
+    def recorded(cls, home: Path) -> LocalKafka | None:
+        """The cluster as ``up`` configured it in ``home`` (its node count, ports and
+        security, from the nodes' server.properties), or None when none was set up there."""
+        nodes = sorted(home.glob("node-*/server.properties"))
+        if not nodes:
+            return None
+        props = dict(
+            line.split("=", 1) for line in nodes[0].read_text().splitlines() if "=" in line
+        )
+        listener = props.get("advertised.listeners", "")
+        try:
+            port = int(listener.rsplit(":", 1)[1])
+        except (IndexError, ValueError):
+            return None
+        security: Security = "mtls" if listener.startswith("SSL://") else "plaintext"
+        return cls(home=home, brokers=len(nodes), base_port=port, security=security)
+
     def pid_file(self, index: int) -> Path:
         return self.node_dir(index) / "kafka.pid"
 
@@ -514,6 +532,8 @@ def brokers_in_metadata(
     try:
         admin = KafkaAdminClient(
             bootstrap_servers=bootstrap,
+            # Without it kafka-python waits 30 s for a first answer, whatever timeout_s says.
+            bootstrap_timeout_ms=int(timeout_s * 1000),
             request_timeout_ms=int(timeout_s * 1000),
             client_id="fleetbus-probe",
             **dict(client_config or {}),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -22,6 +23,11 @@ from fleetbus.providers.pki import DEFAULT_KME_IDS
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "fleetbus"
 KUBERNETES_VERSION = "1.34.0"
+#: The Prometheus Operator's kinds, as a cluster that has its CRDs announces them.
+OPERATOR_APIS = (
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "monitoring.coreos.com/v1/PrometheusRule",
+)
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 CRD_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
@@ -40,9 +46,20 @@ def _missing(message: str) -> None:
     pytest.skip(message)
 
 
+def helm_version() -> str:
+    """The helm version scripts/install-tools.sh builds."""
+    script = (ROOT / "scripts" / "install-tools.sh").read_text()
+    match = re.search(r'HELM_VERSION="\$\{FLEETBUS_HELM_VERSION:-(v[0-9.]+)\}"', script)
+    assert match is not None
+    return match.group(1)
+
+
 def helm_binary() -> str:
     cache = Path(os.environ.get("FLEETBUS_CACHE", Path.home() / ".cache" / "fleetbus"))
-    for candidate in (shutil.which("helm"), cache / "bin" / "helm"):
+    # The stamped build of install-tools.sh first: an older checkout's script may have pointed
+    # the bin/helm link back at an unstamped one.
+    stamped = cache / "bin" / f"helm-{helm_version()}-stamped"
+    for candidate in (stamped, shutil.which("helm"), cache / "bin" / "helm"):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
     _missing("helm not found: run ./scripts/install-tools.sh (go install helm.sh/helm/v3)")
@@ -65,8 +82,25 @@ def helm(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def render(*sets: str) -> list[dict[str, Any]]:
-    flags = [f for s in sets for f in ("--set", s)]
+def _files(values: str, *names: str) -> tuple[str, ...]:
+    return tuple(f"{values}.{name.replace('.', chr(92) + '.')}=eA==" for name in names)
+
+
+#: The files each chart-created Secret must hold (the render fails without them).
+KEY_FILES = _files("secrets.keys", "root.pub", "directory.cbor", "bus-sealer.key")
+SECRET_FILES = (
+    *KEY_FILES,
+    *_files("secrets.pki", "ca.pem", "sae-dispatch-hub.pem", "sae-dispatch-hub.key"),
+    *_files("kafkaTls.files", "ca.pem", "tls.crt", "tls.key"),
+    *_files("kme.pki", "ca.pem", "kme-a.pem", "kme-a.key", "kme-b.pem", "kme-b.key"),
+)
+
+
+def render(
+    *sets: str, base: tuple[str, ...] = SECRET_FILES, apis: tuple[str, ...] = OPERATOR_APIS
+) -> list[dict[str, Any]]:
+    flags = [f for s in (*base, *sets) for f in ("--set", s)]
+    flags += [f for api in apis for f in ("--api-versions", api)]
     result = helm(
         "template", "fb", str(CHART), "--namespace", "fleet",
         "--kube-version", KUBERNETES_VERSION, *flags,
@@ -129,11 +163,13 @@ def test_default_values_render_valid_manifests() -> None:
         "Secret",
         "Deployment",
         "Service",
+        "ServiceAccount",
         "ServiceMonitor",
         "PrometheusRule",
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
         "NetworkPolicy",
+        "Pod",  # the helm test hook
     }
     validate_all(docs)
     assert {d["metadata"]["name"] for d in by_kind(docs, "Deployment")} == {
@@ -155,9 +191,13 @@ def test_existing_secret_is_used_and_not_rendered() -> None:
         "secrets.existingSecret=fleet-keys",
         "secrets.existingPkiSecret=fleet-pki",
         "kafkaTls.existingSecret=fleet-kafka-tls",
+        "kme.existingPkiSecret=fleet-kme-pki",
+        base=(),
     )
     validate_all(docs)
     assert by_kind(docs, "Secret") == []
+    kme = one(docs, "Deployment", "fb-fleetbus-kme")["spec"]["template"]["spec"]
+    assert kme["volumes"][0]["secret"]["secretName"] == "fleet-kme-pki"
     spec = one(docs, "Deployment", "fb-fleetbus-worker")["spec"]["template"]["spec"]
     secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
     assert secrets == {"keys": "fleet-keys", "pki": "fleet-pki", "kafka-tls": "fleet-kafka-tls"}
@@ -166,7 +206,7 @@ def test_existing_secret_is_used_and_not_rendered() -> None:
 def test_key_material_from_values_lands_in_the_secret_only() -> None:
     docs = render("secrets.keys.bus-sealer\\.key=c2VjcmV0LWtleQ==")
     secret = one(docs, "Secret", "fb-fleetbus-keys")
-    assert secret["data"] == {"bus-sealer.key": "c2VjcmV0LWtleQ=="}
+    assert secret["data"]["bus-sealer.key"] == "c2VjcmV0LWtleQ=="
     others = yaml.safe_dump_all([d for d in docs if d["kind"] != "Secret"])
     assert "c2VjcmV0LWtleQ" not in others
 
@@ -346,7 +386,7 @@ def test_worker_connects_to_kafka_over_mutual_tls_by_default(
     (volume,) = [v for v in spec["volumes"] if v["name"] == "kafka-tls"]
     assert volume["secret"]["secretName"] == "fb-fleetbus-kafka-tls"
     assert volume["secret"]["defaultMode"] == 0o400
-    assert one(docs, "Secret", "fb-fleetbus-kafka-tls")["data"] == {"ca.pem": "Y2E="}
+    assert one(docs, "Secret", "fb-fleetbus-kafka-tls")["data"]["ca.pem"] == "Y2E="
 
 
 def test_kafka_tls_can_be_disabled_for_a_plaintext_dev_cluster() -> None:
@@ -358,3 +398,234 @@ def test_kafka_tls_can_be_disabled_for_a_plaintext_dev_cluster() -> None:
     spec = one(docs, "Deployment", "fb-fleetbus-worker")["spec"]["template"]["spec"]
     assert "kafka-tls" not in {v["name"] for v in spec["volumes"]}
     assert "fb-fleetbus-kafka-tls" not in {d["metadata"]["name"] for d in by_kind(docs, "Secret")}
+
+
+# -- a misconfigured deploy must not look healthy ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ((), "secrets.keys lacks root.pub, directory.cbor, bus-sealer.key"),
+        (
+            _files("secrets.keys", "directory.cbor", "bus-sealer.key"),
+            "secrets.keys lacks root.pub (or set secrets.existingSecret",
+        ),
+        (KEY_FILES, "secrets.pki lacks ca.pem, sae-dispatch-hub.pem, sae-dispatch-hub.key"),
+        (
+            (*KEY_FILES, "secrets.existingPkiSecret=p"),
+            "kafkaTls.files lacks ca.pem, tls.crt, tls.key",
+        ),
+        (
+            (*KEY_FILES, "secrets.existingPkiSecret=p", "kafkaTls.existingSecret=t"),
+            "kme.pki lacks ca.pem, kme-a.pem, kme-a.key, kme-b.pem, kme-b.key (or set "
+            "kme.existingPkiSecret",
+        ),
+    ],
+)
+def test_a_secret_the_chart_creates_without_its_files_fails_the_render(
+    sets: tuple[str, ...], message: str
+) -> None:
+    flags = [f for s in sets for f in ("--set", s)]
+    result = helm("template", "fb", str(CHART), "--kube-version", KUBERNETES_VERSION, *flags)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_the_kme_pki_secret_the_kme_mounts_is_rendered() -> None:
+    docs = render()
+    kme = one(docs, "Deployment", "fb-fleetbus-kme")["spec"]["template"]["spec"]
+    (volume,) = [v for v in kme["volumes"] if v["name"] == "pki"]
+    secret = one(docs, "Secret", volume["secret"]["secretName"])
+    assert set(secret["data"]) == {"ca.pem", "kme-a.pem", "kme-a.key", "kme-b.pem", "kme-b.key"}
+
+
+def test_a_changed_key_in_a_rendered_secret_rolls_the_pods() -> None:
+    def checksums(*sets: str) -> dict[str, str]:
+        docs = render(*sets)
+        return {
+            d["metadata"]["name"]: d["spec"]["template"]["metadata"]["annotations"][
+                "checksum/secrets"
+            ]
+            for d in by_kind(docs, "Deployment")
+        }
+
+    before = checksums()
+    after = checksums("secrets.keys.bus-sealer\\.key=cm90YXRlZA==")
+    assert before.keys() == after.keys() == {"fb-fleetbus-worker", "fb-fleetbus-kme"}
+    assert all(before[name] != after[name] for name in before)
+
+
+def test_worker_probes_are_liveness_and_readiness_not_metrics() -> None:
+    worker = one(render(), "Deployment", "fb-fleetbus-worker")["spec"]["template"]["spec"]
+    (container,) = worker["containers"]
+    paths = {
+        probe: container[probe]["httpGet"]["path"]
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe")
+    }
+    assert paths == {
+        "startupProbe": "/healthz",
+        "livenessProbe": "/healthz",
+        "readinessProbe": "/readyz",
+    }
+
+
+def test_runbook_urls_are_absolute_under_the_chart_value() -> None:
+    base = "https://runbooks.acme.example/fleetbus/observability.html"
+    rule = one(render(f"monitoring.runbookBaseUrl={base}"), "PrometheusRule", "fb-fleetbus")
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert alerts
+    for alert in alerts:
+        assert alert["annotations"]["runbook_url"] == f"{base}#{alert['alert'].lower()}"
+
+
+# -- chart conventions ---------------------------------------------------------------------
+
+
+def test_helm_is_stamped_and_renders_without_kube_version() -> None:
+    """A `go install` build without helm's ldflags defaults to Kubernetes v1.20.0 and refuses
+    the chart's kubeVersion unless --kube-version is given."""
+    assert helm("version", "--short").stdout.startswith(helm_version())
+    result = helm("template", "fb", str(CHART), *[f for s in SECRET_FILES for f in ("--set", s)])
+    assert result.returncode == 0, result.stderr
+
+
+def _template(*sets: str) -> subprocess.CompletedProcess[str]:
+    flags = [f for s in (*SECRET_FILES, *sets) for f in ("--set", s)]
+    return helm("template", "fb", str(CHART), "--kube-version", KUBERNETES_VERSION, *flags)
+
+
+def test_settings_are_checked_against_the_settings_model() -> None:
+    typo = _template("settings.kafka_bootstap=kafka:9092")
+    assert typo.returncode != 0
+    assert "kafka_bootstap" in typo.stderr
+    bad_choice = _template("settings.pipeline=maybe")
+    assert bad_choice.returncode != 0
+    assert "pipeline" in bad_choice.stderr
+    # A field the chart sets itself would be a second key of the same name.
+    duplicate = _template("settings.keys_dir=/elsewhere")
+    assert duplicate.returncode != 0
+    assert "keys_dir" in duplicate.stderr
+
+
+def test_the_settings_configmap_has_no_duplicate_keys() -> None:
+    result = _template("settings.qkd_kme_url=https://kme.example:8443", "kafkaTls.enabled=true")
+    assert result.returncode == 0, result.stderr
+    (configmap,) = [
+        doc
+        for doc in result.stdout.split("\n---")
+        if "# Source: fleetbus/templates/configmap-settings.yaml" in doc
+    ]
+    keys = re.findall(r"^  (FLEETBUS_\w+):", configmap, re.MULTILINE)
+    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
+    data = yaml.safe_load(configmap)["data"]
+    assert data["FLEETBUS_QKD_KME_URL"] == "https://kme.example:8443"
+
+
+def test_autoscaler_stays_within_the_partitions() -> None:
+    docs = render()
+    hpa = one(docs, "HorizontalPodAutoscaler", "fb-fleetbus-worker")["spec"]
+    settings = one(docs, "ConfigMap", "fb-fleetbus-settings")["data"]
+    assert hpa["minReplicas"] <= hpa["maxReplicas"] <= int(settings["FLEETBUS_PARTITIONS"])
+    inverted = _template("worker.autoscaling.minReplicas=4", "worker.autoscaling.maxReplicas=3")
+    assert inverted.returncode != 0
+    assert "minReplicas (4) > maxReplicas (3)" in inverted.stderr
+    idle = _template("worker.autoscaling.maxReplicas=8")
+    assert idle.returncode != 0
+    assert "maxReplicas (8) > settings.partitions (4)" in idle.stderr
+    assert _template("worker.autoscaling.maxReplicas=8", "settings.partitions=8").returncode == 0
+
+
+def test_the_usual_knobs() -> None:
+    docs = render(
+        "fullnameOverride=fleet",
+        "commonLabels.team=mobility",
+        "worker.podLabels.tier=bus",
+        "serviceAccount.name=fleet-sa",
+        "serviceAccount.annotations.iam\\.example/role=fleet",
+        "podSecurityContext.runAsUser=20000",
+        "podSecurityContext.runAsNonRoot=true",
+        "worker.priorityClassName=high",
+        "worker.topologySpreadConstraints[0].maxSkew=1",
+        "worker.topologySpreadConstraints[0].topologyKey=topology.kubernetes.io/zone",
+        "worker.topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway",
+        "worker.extraVolumes[0].name=ca",
+        "worker.extraVolumes[0].configMap.name=corp-ca",
+        "worker.extraVolumeMounts[0].name=ca",
+        "worker.extraVolumeMounts[0].mountPath=/etc/corp-ca",
+        "kme.image.repository=registry.example/kme",
+        "kme.image.tag=1.2",
+        "kme.nodeSelector.site=depot",
+        "kme.tolerations[0].key=dedicated",
+        "kme.tolerations[0].operator=Exists",
+    )
+    validate_all(docs)
+    assert all(d["metadata"]["labels"]["team"] == "mobility" for d in docs)
+    worker = one(docs, "Deployment", "fleet-worker")["spec"]["template"]
+    assert worker["metadata"]["labels"]["tier"] == "bus"
+    pod = worker["spec"]
+    assert pod["serviceAccountName"] == "fleet-sa"
+    assert pod["securityContext"]["runAsUser"] == 20000
+    assert pod["priorityClassName"] == "high"
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "worker"
+    assert {"name": "ca", "configMap": {"name": "corp-ca"}} in pod["volumes"]
+    assert {"name": "ca", "mountPath": "/etc/corp-ca"} in pod["containers"][0]["volumeMounts"]
+    account = one(docs, "ServiceAccount", "fleet-sa")
+    assert account["metadata"]["annotations"] == {"iam.example/role": "fleet"}
+    assert account["automountServiceAccountToken"] is False
+    kme = one(docs, "Deployment", "fleet-kme")["spec"]["template"]["spec"]
+    assert kme["containers"][0]["image"] == "registry.example/kme:1.2"
+    assert kme["nodeSelector"] == {"site": "depot"}
+    assert kme["tolerations"] == [{"key": "dedicated", "operator": "Exists"}]
+    renamed = render("nameOverride=bus")
+    assert {d["metadata"]["name"] for d in by_kind(renamed, "Deployment")} == {
+        "fb-bus-worker",
+        "fb-bus-kme",
+    }
+
+
+def test_operator_objects_render_only_where_the_operator_is() -> None:
+    without = render(apis=())
+    validate_all(without)
+    assert by_kind(without, "ServiceMonitor") == by_kind(without, "PrometheusRule") == []
+    with_operator = render()
+    assert len(by_kind(with_operator, "ServiceMonitor")) == 2
+    assert len(by_kind(with_operator, "PrometheusRule")) == 1
+
+
+def test_helm_test_hook_asks_the_workers_readiness() -> None:
+    (pod,) = by_kind(render(), "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = pod["spec"]["containers"]
+    assert container["command"][-1] == "http://fb-fleetbus-worker:9100/readyz"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_notes_render_with_the_release_and_the_readiness_check(tmp_path: Path) -> None:
+    # helm renders NOTES.txt only on install (which needs a cluster): render it through a copy
+    # of the chart where a ConfigMap carries it.
+    chart = tmp_path / "fleetbus"
+    shutil.copytree(CHART, chart)
+    shutil.copy(chart / "templates" / "NOTES.txt", chart / "files" / "notes.txt")
+    (chart / "templates" / "notes-check.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
+        'data:\n  notes: {{ tpl (.Files.Get "files/notes.txt") . | quote }}\n'
+    )
+    flags = [f for s in SECRET_FILES for f in ("--set", s)]
+    result = helm(
+        "template", "fb", str(chart), "--kube-version", KUBERNETES_VERSION,
+        "--show-only", "templates/notes-check.yaml", *flags,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    notes = yaml.safe_load(result.stdout)["data"]["notes"]
+    assert "deployment/fb-fleetbus-worker" in notes
+    assert "/readyz" in notes
+    assert "Prometheus Operator's CRDs were not found" in notes
+
+
+def test_chart_readme_is_shown_by_helm() -> None:
+    result = helm("show", "readme", str(CHART))
+    assert result.returncode == 0, result.stderr
+    for value in ("existingSecret", "runbookBaseUrl", "helm test", "release:"):
+        assert value in result.stdout, value

@@ -667,7 +667,7 @@ def test_metrics_expose_the_pool_gauge(kme_pair: KMEPairUnderTest) -> None:
     assert level is not None
     assert float(level.group(1)) == kme_pair.pool_keys - 5
     assert re.search(r"^fleetbus_qkd_link_up 1\.0$", text, re.MULTILINE)
-    assert re.search(r"^fleetbus_qkd_key_rate_bits_per_second 0\.0$", text, re.MULTILINE)
+    assert re.search(r"^fleetbus_qkd_key_rate_bytes_per_second 0\.0$", text, re.MULTILINE)
     assert re.search(r'^fleetbus_qkd_keys_delivered_total\{kme="KME-A"\} \d', text, re.MULTILINE)
     assert "fleetbus_qkd_qber " in text
 

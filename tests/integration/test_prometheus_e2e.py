@@ -49,7 +49,7 @@ from integration.pipeline_support import (
     worker_env,
 )
 from kafka import KafkaConsumer, KafkaProducer
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY
 
 from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
 from fleetbus.bus.dev.kafka import free_port
@@ -73,7 +73,9 @@ DASHBOARD_VARIABLES = {
     "$__rate_interval": "20s",
     "$__interval": "5s",
     "$__range": "5m",
+    "$namespace": ".*",
     "$job": ".*",
+    "$instance": ".*",
     "$kme_job": ".*",
 }
 VEHICLE_REJECTS = "fleetbus_envelope_rejects_total"
@@ -194,6 +196,8 @@ class Deployment:
     vehicle_rejects_before: dict[str, float]
     outcomes: dict[str, StatusEvent] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
+    #: job -> the /metrics URL Prometheus scrapes
+    scrape_urls: dict[str, str] = field(default_factory=dict)
 
 
 def vehicle_rejects() -> dict[str, float]:
@@ -341,16 +345,12 @@ def deployment(
         FLEETBUS_APPROVAL_WINDOW_S="60",
         **qkd_worker_env(kme_pair),
     )
-    vehicle_metrics, vehicle_metrics_thread = start_http_server(vehicle_port, addr="127.0.0.1")
-    prometheus = Prometheus(
-        binary,
-        {
-            "kme": urllib.parse.urlsplit(kme_pair.admin_url).netloc,
-            "fleetbus-worker": f"127.0.0.1:{worker_port}",
-            "fleetbus-vehicle": f"127.0.0.1:{vehicle_port}",
-        },
-        workdir,
-    )
+    targets = {
+        "kme": urllib.parse.urlsplit(kme_pair.admin_url).netloc,
+        "fleetbus-worker": f"127.0.0.1:{worker_port}",
+        "fleetbus-vehicle": f"127.0.0.1:{vehicle_port}",
+    }
+    prometheus = Prometheus(binary, targets, workdir)
     worker = WorkerProcess(env, workdir / "worker.log")
     agent: VehicleAgent | None = None
     traffic: Traffic | None = None
@@ -364,11 +364,14 @@ def deployment(
             handlers={a: lambda c: HandlerResult(200, "ok") for a in ("ping", "unlock_doors")},
             store_path=workdir / "agent.sqlite",
             qkd_provider=kme_pair.provider("b"),
+            # The agent's own endpoint: vehicle-side rejects become scrapeable.
+            metrics_port=vehicle_port,
         ).start()
         traffic = Traffic(settings, fleet, worker)
         before = vehicle_rejects()
         outcomes = play(traffic, fleet, kme_pair, prometheus.url)
-        yield Deployment(prometheus.url, worker, before, outcomes, started)
+        urls = {job: f"http://{target}/metrics" for job, target in targets.items()}
+        yield Deployment(prometheus.url, worker, before, outcomes, started, urls)
         assert worker.running(), worker.output()[-3000:]
     finally:
         if traffic is not None:
@@ -377,9 +380,6 @@ def deployment(
             agent.close()
         worker.stop()
         prometheus.stop()
-        vehicle_metrics.shutdown()
-        vehicle_metrics.server_close()
-        vehicle_metrics_thread.join(timeout=5)
         kme_pair.reset()
         print(f"prometheus e2e module: {time.monotonic() - started:.1f} s")
 
@@ -497,6 +497,23 @@ def test_alert_rules_load_and_evaluate_against_scraped_data(deployment: Deployme
     assert "FleetbusQKDQBERAboveThreshold" not in states
     runtime = time.monotonic() - deployment.started
     print(f"prometheus e2e: scenario and checks after {runtime:.1f} s")
+
+
+def test_promtool_check_metrics_passes_on_every_live_scrape(deployment: Deployment) -> None:
+    """Names, units and help of what each process really exports (worker, KME, vehicle agent),
+    not of a list kept beside the code."""
+    promtool = require_tool("promtool")
+    assert set(deployment.scrape_urls) == {"kme", "fleetbus-worker", "fleetbus-vehicle"}
+    for job, url in deployment.scrape_urls.items():
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            text = answer.read()
+        assert b"fleetbus_" in text, job
+        result = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, timeout=60
+        )
+        assert result.returncode == 0, (job, result.stdout + result.stderr)
+    worker = urllib.request.urlopen(deployment.scrape_urls["fleetbus-worker"], timeout=10)
+    assert re.search(rb'^fleetbus_build_info\{version="[^"]+"\} 1', worker.read(), re.MULTILINE)
 
 
 def test_dashboard_variables_cover_every_placeholder() -> None:

@@ -273,6 +273,9 @@ def test_a_command_is_one_trace_from_publisher_to_vehicle_and_back(
         "messaging.destination.partition.id": str(handle.partition),
         "messaging.kafka.destination.partition": handle.partition,
         "messaging.kafka.offset": handle.offset,
+        "messaging.client.id": "fleetbus-dispatch-dispatch-1",
+        "server.address": "127.0.0.1",
+        "server.port": int(settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1]),
     }
 
     # Every span about this run's topics is in that one trace: no hop lost the context.
@@ -373,6 +376,14 @@ def test_a_command_is_one_trace_from_publisher_to_vehicle_and_back(
     assert header_context(sent.headers) == (trace_id, publish.context.span_id)
     (response_record,) = records["commands_responses"]
     assert header_context(response_record.headers) == (trace_id, answer.context.span_id)
+    # The vehicle's answer span ends at the broker's acknowledgement, naming where it landed.
+    assert (
+        attrs(answer)["messaging.kafka.destination.partition"],
+        attrs(answer)["messaging.kafka.offset"],
+    ) == (response_record.partition, response_record.offset)
+    for span in (publish, authorize, receive, answer, track_response):
+        assert attrs(span)["server.address"] == "127.0.0.1", span.name
+        assert attrs(span)["messaging.client.id"], span.name
     succeeded = [
         r
         for r in records["commands_status"]

@@ -65,3 +65,47 @@ def test_ports_are_chosen_outside_the_ephemeral_range(
     with pytest.raises(ConfigError, match="outside the ephemeral range 20000-20999"):
         find_free_base_port(6, start=20000, stop=20990)
     assert all(10000 <= free_port() < 19000 for _ in range(20))
+
+
+# --- dev kafka status: the cluster `up` made, quickly, with an exit code ----------------------
+
+
+def _set_up(cluster: LocalKafka) -> None:
+    """Write the nodes' configuration as ``up`` does, without starting them."""
+    for node in range(cluster.brokers):
+        cluster.node_dir(node).mkdir(parents=True)
+        (cluster.node_dir(node) / "server.properties").write_text(cluster.server_properties(node))
+
+
+def test_recorded_cluster_is_the_one_up_configured(tmp_path: Path) -> None:
+    assert LocalKafka.recorded(tmp_path) is None
+    cluster = LocalKafka(home=tmp_path, brokers=3, base_port=31000)
+    _set_up(cluster)
+    assert LocalKafka.recorded(tmp_path) == cluster
+
+
+def test_status_reports_the_recorded_port_and_exits_1_when_not_ready(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fleetbus.bus.cli import app
+
+    _set_up(LocalKafka(home=tmp_path, base_port=31010))
+    result = CliRunner().invoke(app, ["dev", "kafka", "status", "--home", str(tmp_path)])
+    assert result.exit_code == 1
+    assert '"bootstrap": "127.0.0.1:31010"' in result.stdout
+    assert '"ready": false' in result.stdout
+
+
+def test_metadata_probe_gives_up_within_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kafka as kafka_python
+
+    seen: list[dict[str, object]] = []
+    defaults = kafka_python.KafkaAdminClient.DEFAULT_CONFIG
+
+    def admin(**config: object) -> None:
+        seen.append({**defaults, **config})
+        raise OSError("no broker in a unit test")
+
+    monkeypatch.setattr(kafka_python, "KafkaAdminClient", admin)
+    assert kafka.brokers_in_metadata("127.0.0.1:9", timeout_s=3) == 0
+    assert seen[0]["bootstrap_timeout_ms"] == 3000

@@ -1,0 +1,127 @@
+"""``fleetbus dispatch send`` shows each state while it waits and names the last one on timeout.
+
+The publisher is replaced by one whose handle replays a fixed list of status events through
+``CommandHandle.wait`` itself (only the Kafka read is replaced), so the CLI's own output is what
+is checked.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from fleetbus.bus import cli_fleet, dispatch
+from fleetbus.bus.commands import (
+    Command,
+    CommandState,
+    SignedCommand,
+    StatusEvent,
+    Target,
+)
+from fleetbus.bus.dispatch import CommandHandle
+from fleetbus.bus.registry import load_signature_suite
+from fleetbus.bus.settings import FleetbusSettings
+
+
+def handle_with(events: list[tuple[CommandState, str]]) -> CommandHandle:
+    suite = load_signature_suite("ed25519")
+    private, _ = suite.generate()
+    command = Command.create(
+        issuer="dispatch-1", target=Target(vehicle="V-0017"), action="unlock_doors"
+    )
+    signed = SignedCommand.sign(command, suite.signer(private, "k1"))
+    handle = CommandHandle(
+        signed=signed,
+        settings=FleetbusSettings(),
+        published_at_ms=round(time.time() * 1000),
+        partition=0,
+        offset=0,
+    )
+    handle.script = [  # type: ignore[attr-defined]
+        StatusEvent(command.id, state, time.time(), detail) for state, detail in events
+    ]
+    return handle
+
+
+class FakePublisher:
+    def __init__(self, handle: CommandHandle) -> None:
+        self.handle = handle
+
+    def __enter__(self) -> FakePublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def send(self, *args: Any, **kwargs: Any) -> CommandHandle:
+        return self.handle
+
+
+class ScriptedReader:
+    """Stands in for the status reader: the script's events in one poll, then nothing until
+    the timeout."""
+
+    def __init__(self, events: list[StatusEvent], timeout_s: float) -> None:
+        self._events = list(events)
+        self._deadline = time.monotonic() + timeout_s
+
+    def __enter__(self) -> ScriptedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def time_left(self) -> float:
+        return max(0.0, self._deadline - time.monotonic())
+
+    def poll(self) -> list[StatusEvent]:
+        events, self._events = self._events, []
+        if not events:
+            time.sleep(0.05)
+        return events
+
+    def caught_up(self) -> bool:
+        return True
+
+
+def run_send(monkeypatch: pytest.MonkeyPatch, handle: CommandHandle) -> Any:
+    def reader(settings: Any, command_id: str, *, since_ms: int, timeout_s: float) -> Any:
+        return ScriptedReader(handle.script, timeout_s)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(dispatch, "_StatusReader", reader)
+    monkeypatch.setattr(cli_fleet, "_publisher", lambda keys_dir, principal: FakePublisher(handle))
+    args = ["send", "--keys-dir", str(Path("keys")), "--principal", "dispatch-1"]
+    args += ["--vehicle", "V-0017", "--action", "unlock_doors", "--timeout", "1"]
+    return CliRunner().invoke(cli_fleet.dispatch_app, args)
+
+
+def test_send_prints_each_state_while_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    handle = handle_with(
+        [
+            (CommandState.REQUESTED, ""),
+            (CommandState.PENDING, "pending: approval-required within 300 s"),
+            (CommandState.AUTHORIZED, ""),
+            (CommandState.SUCCEEDED, "unlocked"),
+        ]
+    )
+    result = run_send(monkeypatch, handle)
+    assert result.exit_code == 0
+    assert result.stdout.splitlines() == [handle.command_id, "succeeded: unlocked"]
+    progress = [line.strip() for line in result.stderr.splitlines()[1:]]
+    assert progress == [
+        "requested",
+        "pending: pending: approval-required within 300 s",
+        "authorized",
+        "succeeded: unlocked",
+    ]
+
+
+def test_send_names_the_last_state_on_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    handle = handle_with([(CommandState.REQUESTED, ""), (CommandState.PENDING, "")])
+    result = run_send(monkeypatch, handle)
+    assert result.exit_code == 1
+    assert "last state seen: pending" in result.stderr.splitlines()[-1]
