@@ -721,14 +721,27 @@ class AuthorizeStage:
 
     # -- timers ---------------------------------------------------------------------------
 
+    def deadline(self, key: str, value: bytes) -> float | None:
+        """When ``tick`` must look at a state entry: a pending command when its approval window
+        closes, any other command when its replay window ends, an early approval when it
+        expires (the conditions ``tick`` checks, from the same rounded values)."""
+        if key.startswith("apr/"):
+            until_ms: int = cbor2.loads(value)["until"]
+            return until_ms / 1000
+        if not key.startswith("cmd/"):
+            return None
+        entry = _CommandEntry.decode(value)
+        return entry.window_until if entry.status == "pending" else entry.until
+
     def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
         result = StageResult()
-        for key, raw in list(state.items()):
+        for key in state.due(now, self.deadline):
+            raw = state.get(key)
+            if raw is None:
+                continue
             if key.startswith("apr/"):
                 if cbor2.loads(raw)["until"] / 1000 < now:
                     state.delete(key)
-                continue
-            if not key.startswith("cmd/"):
                 continue
             entry = _CommandEntry.decode(raw)
             cid = key.removeprefix("cmd/")
@@ -1175,10 +1188,24 @@ class TrackStage:
             ],
         )
 
+    def deadline(self, key: str, value: bytes) -> float | None:
+        """When ``tick`` must look at a command: at expiry + skew while a vehicle is still
+        active (to expire it), then at the end of the retention (to forget the command)."""
+        if not key.startswith("cmd/"):
+            return None
+        entry: dict[str, Any] = cbor2.loads(value)
+        expires: float = entry["expires_at"] / 1000
+        if not expires:
+            return None
+        if any(state in _ACTIVE for state in entry["vehicles"].values()):
+            return expires + self.skew_s
+        return expires + self.skew_s + self.retention_s
+
     def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
         result = StageResult()
-        for key, raw in list(state.items()):
-            if not key.startswith("cmd/"):
+        for key in state.due(now, self.deadline):
+            raw = state.get(key)
+            if raw is None:
                 continue
             cid = key.removeprefix("cmd/")
             entry: dict[str, Any] = cbor2.loads(raw)
