@@ -573,8 +573,15 @@ class TransactionalStage:
             # every earlier transaction of these partitions (ours or an evicted owner's) has
             # completed; aiokafka may have fetched them while one was still in flight. The
             # seeks and the new generation take effect together, with no await in between.
-            positions = await self._committed_positions(sorted(assigned, key=str))
-            self._seek(positions)
+            numbers = sorted({tp.partition for tp in assigned})
+            try:
+                positions = await self._committed_positions(sorted(assigned, key=str))
+            except Exception as exc:
+                _log.warning("stage %s: committed offsets not read (%r)", self.stage, exc)
+                for number in numbers:  # opened again, with their positions, by _open
+                    await self._close(number)
+            else:
+                self._seek(positions)
             self._generation += 1
 
     async def _committed_positions(
