@@ -26,17 +26,12 @@ from unit.test_stages import (
     uplink,
     vehicle_envelope,
 )
-from unit.test_stages import fleet as fleet  # noqa: F401 - the module-scoped fixture
+from unit.test_stages import fleet as fleet
 
 from fleetbus.bus.commands import Response, StatusEvent, Target
 from fleetbus.bus.errors import ReasonCode
-from fleetbus.processors.eos import PartitionState
-from fleetbus.processors.stages import (
-    AuthorizedCommand,
-    AuthorizeStage,
-    RejectedCommand,
-    TrackStage,
-)
+from fleetbus.processors.eos import AUDIT_HEAD_KEY, PartitionState
+from fleetbus.processors.stages import AuthorizedCommand, RejectedCommand, TrackStage
 
 MS = 0.001  # state times are kept in milliseconds: "just after" a deadline is one ms later
 
@@ -122,7 +117,7 @@ def _deadline(stage: Any, state: PartitionState, key: str) -> float:
 
 @pytest.mark.parametrize("restore", [False, True])
 def test_a_pending_command_is_rejected_just_after_its_approval_window(
-    fleet: Fleet,  # noqa: F811
+    fleet: Fleet,
     restore: bool,
 ) -> None:
     stage, state = authorize(fleet, window_s=5), PartitionState()
@@ -149,7 +144,7 @@ def test_a_pending_command_is_rejected_just_after_its_approval_window(
     assert state.changes() == {key: None}
 
 
-def test_an_expiry_seen_by_an_aborted_tick_happens_at_the_next_tick(fleet: Fleet) -> None:  # noqa: F811
+def test_an_expiry_seen_by_an_aborted_tick_happens_at_the_next_tick(fleet: Fleet) -> None:
     stage, state = authorize(fleet, window_s=5), PartitionState()
     cmd = signed(fleet, Target(vehicle="V-1"), "push_firmware", ttl_s=60)
     stage.process(rec(TOPICS.requested, cmd.encode()), state, NOW)
@@ -167,7 +162,7 @@ def test_an_expiry_seen_by_an_aborted_tick_happens_at_the_next_tick(fleet: Fleet
 
 @pytest.mark.parametrize("restore", [False, True])
 def test_an_authorized_command_is_forgotten_just_after_expiry_plus_skew(
-    fleet: Fleet,  # noqa: F811
+    fleet: Fleet,
     restore: bool,
 ) -> None:
     stage, state = authorize(fleet), PartitionState()
@@ -188,7 +183,7 @@ def test_an_authorized_command_is_forgotten_just_after_expiry_plus_skew(
     assert state.changes() == {key: None}
 
 
-def test_an_early_approval_is_forgotten_just_after_its_window(fleet: Fleet) -> None:  # noqa: F811
+def test_an_early_approval_is_forgotten_just_after_its_window(fleet: Fleet) -> None:
     stage, state = authorize(fleet, window_s=5), PartitionState()
     cmd = signed(fleet, Target(vehicle="V-1"), "unlock_doors")
     key = f"apr/{cmd.command.id}"
@@ -201,10 +196,12 @@ def test_an_early_approval_is_forgotten_just_after_its_window(fleet: Fleet) -> N
     assert state.changes() == {key: None}
 
 
-def test_authorize_deadlines_follow_what_tick_checks(fleet: Fleet) -> None:  # noqa: F811
-    stage = authorize(fleet)
-    assert stage.deadline("__audit_head__", b"\xa0") is None
-    assert isinstance(stage, AuthorizeStage)
+def test_entries_that_are_no_timers_have_no_deadline(fleet: Fleet) -> None:
+    head = cbor2.dumps({"seq": 1})
+    assert authorize(fleet).deadline(AUDIT_HEAD_KEY, head) is None
+    assert _track(fleet).deadline(AUDIT_HEAD_KEY, head) is None
+    no_expiry = cbor2.dumps({"issued_at": 0, "expires_at": 0, "vehicles": {}})
+    assert _track(fleet).deadline("cmd/x", no_expiry) is None  # never expired, as before
 
 
 # --- track -----------------------------------------------------------------------------------
@@ -222,7 +219,7 @@ def _track(fleet: Fleet) -> TrackStage:
 
 @pytest.mark.parametrize("restore", [False, True])
 def test_track_expires_active_vehicles_just_after_expiry_and_forgets_after_retention(
-    fleet: Fleet,  # noqa: F811
+    fleet: Fleet,
     restore: bool,
 ) -> None:
     stage, state = _track(fleet), PartitionState()
@@ -248,7 +245,7 @@ def test_track_expires_active_vehicles_just_after_expiry_and_forgets_after_reten
 
 
 def test_track_forgets_a_finished_command_after_retention_without_expiring_it(
-    fleet: Fleet,  # noqa: F811
+    fleet: Fleet,
 ) -> None:
     stage, state = _track(fleet), PartitionState()
     value = authorized(fleet, "V-1")
@@ -266,7 +263,7 @@ def test_track_forgets_a_finished_command_after_retention_without_expiring_it(
     assert state.changes() == {f"cmd/{cid}": None}
 
 
-def test_an_expiry_rolled_back_is_reported_once_by_the_next_tick(fleet: Fleet) -> None:  # noqa: F811
+def test_an_expiry_rolled_back_is_reported_once_by_the_next_tick(fleet: Fleet) -> None:
     stage, state = _track(fleet), PartitionState()
     value = authorized(fleet, "V-2")
     stage.process(rec(TOPICS.authorized, value), state, NOW)
