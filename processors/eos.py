@@ -316,20 +316,20 @@ class PartitionState:
         for key, value in self._pending.items():
             if value is None or key in seen:
                 continue
-            written = deadline_of(key, value)
+            written = _deadline(deadline_of, key, value)
             if written is not None and written < now:
                 seen.add(key)
                 keys.append(key)
         return keys
 
     def _build(self, deadline_of: DeadlineOf) -> None:
-        self._deadline_of = deadline_of
         for key, value in self._committed.items():
-            deadline = deadline_of(key, value)
+            deadline = _deadline(deadline_of, key, value)
             if deadline is not None:
                 self._deadlines[key] = deadline
         self._heap = [(deadline, key) for key, deadline in self._deadlines.items()]
         heapq.heapify(self._heap)
+        self._deadline_of = deadline_of
 
     def commit(self) -> None:
         for key, value in self._pending.items():
@@ -343,7 +343,7 @@ class PartitionState:
 
     def _index(self, deadline_of: DeadlineOf) -> None:
         for key, value in self._pending.items():
-            deadline = None if value is None else deadline_of(key, value)
+            deadline = None if value is None else _deadline(deadline_of, key, value)
             if deadline is None:
                 self._deadlines.pop(key, None)
             elif self._deadlines.get(key) != deadline:
@@ -368,6 +368,16 @@ class PartitionState:
 
     def __len__(self) -> int:
         return sum(1 for _ in self.items())
+
+
+def _deadline(deadline_of: DeadlineOf, key: str, value: bytes) -> float | None:
+    """``deadline_of(key, value)``; an entry it cannot read is logged and left without a timer
+    rather than failing the commit that wrote it (the stage wrote it: that is a bug, not input)."""
+    try:
+        return deadline_of(key, value)
+    except Exception:
+        _log.exception("state entry %r has no readable deadline; not indexed", key)
+        return None
 
 
 class StageLogic(Protocol):

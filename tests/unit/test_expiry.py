@@ -273,3 +273,13 @@ def test_an_expiry_rolled_back_is_reported_once_by_the_next_tick(fleet: Fleet) -
     assert len(outs(stage.tick(0, state, NOW + 3601), TOPICS.status)) == 1
     state.commit()
     assert not outs(stage.tick(0, state, NOW + 3602), TOPICS.status)
+
+
+def test_an_entry_without_a_readable_deadline_is_left_out_of_the_index_not_fatal() -> None:
+    state = PartitionState({"bad": b"\xff", "a": cbor2.dumps(1.0)})
+    assert state.due(5.0, _deadline_in_value) == ["a"]  # the build goes on past "bad"
+    state.put("worse", b"\xff")
+    state.put("b", cbor2.dumps(2.0))
+    assert state.due(5.0, _deadline_in_value) == ["a", "b"]
+    state.commit()  # and so does the commit that wrote it
+    assert state.due(5.0, _deadline_in_value) == ["a", "b"]
