@@ -5,7 +5,8 @@ range assignment so that co-partitioned inputs land together) and keeps one tran
 producer per assigned input partition number (``transactional.id = {app_id}-{stage}-{p}``):
 starting it fences any zombie of an earlier worker. Each batch of a partition's records —
 their outputs, DLQ and audit records, state-changelog writes and the input offsets — is
-committed in one Kafka transaction. See docs/pipeline.md ("Delivery guarantees").
+committed in one Kafka transaction, and a revocation waits for the transaction in flight. See
+docs/pipeline.md ("Delivery guarantees", "Rebalances").
 """
 
 from __future__ import annotations
