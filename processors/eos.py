@@ -5,7 +5,8 @@ range assignment so that co-partitioned inputs land together) and keeps one tran
 producer per assigned input partition number (``transactional.id = {app_id}-{stage}-{p}``):
 starting it fences any zombie of an earlier worker. Each batch of a partition's records —
 their outputs, DLQ and audit records, state-changelog writes and the input offsets — is
-committed in one Kafka transaction. See docs/pipeline.md ("Delivery guarantees").
+committed in one Kafka transaction, and a revocation waits for the transaction in flight. See
+docs/pipeline.md ("Delivery guarantees", "Rebalances").
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import heapq
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -52,6 +54,7 @@ __all__ = [
     "AUDIT_HEAD_KEY",
     "BatchStageLogic",
     "DeadLetter",
+    "DeadlineOf",
     "InputRecord",
     "Output",
     "PartitionState",
@@ -65,6 +68,10 @@ _log = logging.getLogger(__name__)
 
 #: The state key under which a partition's audit chain head is kept.
 AUDIT_HEAD_KEY = "__audit_head__"
+
+#: A stage's expiry rule: the time after which ``tick`` must look at an entry, from its key and
+#: value alone (None: never).
+DeadlineOf = Callable[[str, bytes], float | None]
 
 
 @dataclass(frozen=True)
@@ -248,11 +255,29 @@ class PartitionState:
 
     Writes go to an overlay that becomes visible to later reads at once and is committed or
     rolled back with the Kafka transaction that carries its changelog records.
+
+    Timers: ``due(now, deadline_of)`` lists the keys whose deadline has passed, from an index
+    ordered by deadline (a heap), so that a stage's ``tick`` costs O(due · log n) instead of a
+    decode of every entry. The deadline of an entry is a function of its value alone
+    (``deadline_of(key, value)``, the stage's), so the index needs no changelog records of its
+    own: the first ``due`` builds it from the committed entries (a state is made afresh from
+    the changelog on every assignment), ``commit`` updates it for the keys the transaction
+    wrote, ``rollback`` restores the entries ``due`` took out of it, and entries written by
+    the open transaction are read from the overlay.
     """
 
     def __init__(self, committed: Mapping[str, bytes] | None = None) -> None:
         self._committed: dict[str, bytes] = dict(committed or {})
         self._pending: dict[str, bytes | None] = {}
+        self._deadline_of: DeadlineOf | None = None
+        # The committed deadline of every indexed key; the heap holds one (deadline, key) pair
+        # for each, plus stale pairs of keys whose deadline changed since (skipped when popped,
+        # dropped when the heap outgrows the index twice over).
+        self._deadlines: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+        # Pairs popped by ``due`` in the open transaction: back on the heap on rollback, and on
+        # commit those still current.
+        self._taken: list[tuple[float, str]] = []
 
     def get(self, key: str) -> bytes | None:
         if key in self._pending:
@@ -277,19 +302,87 @@ class PartitionState:
     def changes(self) -> dict[str, bytes | None]:
         return dict(self._pending)
 
+    def due(self, now: float, deadline_of: DeadlineOf) -> list[str]:
+        """Keys whose deadline is before ``now``, soonest first (this transaction's own writes
+        last). A due key stays due until the transaction that sees it rewrites or deletes it
+        and commits. ``deadline_of`` must be the same function at every call."""
+        if self._deadline_of is None:
+            self._build(deadline_of)
+        self._restore_taken()  # an earlier call of this transaction took them out
+        keys: list[str] = []
+        seen: set[str] = set()
+        while self._heap and self._heap[0][0] < now:
+            deadline, key = heapq.heappop(self._heap)
+            self._taken.append((deadline, key))
+            current = self._deadlines.get(key) == deadline and key not in self._pending
+            if current and key not in seen:
+                seen.add(key)
+                keys.append(key)
+        for key, value in self._pending.items():
+            if value is None or key in seen:
+                continue
+            written = _deadline(deadline_of, key, value)
+            if written is not None and written < now:
+                seen.add(key)
+                keys.append(key)
+        return keys
+
+    def _build(self, deadline_of: DeadlineOf) -> None:
+        for key, value in self._committed.items():
+            deadline = _deadline(deadline_of, key, value)
+            if deadline is not None:
+                self._deadlines[key] = deadline
+        self._heap = [(deadline, key) for key, deadline in self._deadlines.items()]
+        heapq.heapify(self._heap)
+        self._deadline_of = deadline_of
+
     def commit(self) -> None:
         for key, value in self._pending.items():
             if value is None:
                 self._committed.pop(key, None)
             else:
                 self._committed[key] = value
+        if self._deadline_of is not None:
+            self._index(self._deadline_of)
         self._pending.clear()
+
+    def _index(self, deadline_of: DeadlineOf) -> None:
+        for key, value in self._pending.items():
+            deadline = None if value is None else _deadline(deadline_of, key, value)
+            if deadline is None:
+                self._deadlines.pop(key, None)
+            elif self._deadlines.get(key) != deadline:
+                self._deadlines[key] = deadline
+                heapq.heappush(self._heap, (deadline, key))
+        for pair in set(self._taken):
+            if self._deadlines.get(pair[1]) == pair[0]:
+                heapq.heappush(self._heap, pair)
+        self._taken.clear()
+        if len(self._heap) > 2 * len(self._deadlines) + 1024:
+            self._heap = [(deadline, key) for key, deadline in self._deadlines.items()]
+            heapq.heapify(self._heap)
 
     def rollback(self) -> None:
         self._pending.clear()
+        self._restore_taken()
+
+    def _restore_taken(self) -> None:
+        for pair in self._taken:
+            heapq.heappush(self._heap, pair)
+        self._taken.clear()
 
     def __len__(self) -> int:
         return sum(1 for _ in self.items())
+
+
+def _deadline(deadline_of: DeadlineOf, key: str, value: bytes) -> float | None:
+    """``deadline_of(key, value)``; an entry it cannot read is logged and left without a timer
+    rather than failing the commit that wrote it (the stage wrote it: that is a bug, not input)."""
+    try:
+        return deadline_of(key, value)
+    except Exception:
+        _log.exception("state entry %r has no readable deadline; not indexed", key)
+        return None
 
 
 class StageLogic(Protocol):
@@ -419,7 +512,16 @@ class TransactionalStage:
         self._parts: dict[int, _Partition] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._stopping = asyncio.Event()
+        # Held by every batch and tick from its first read of partition state to the end of its
+        # transaction, and by the rebalance callbacks: a revocation waits for the transaction
+        # in flight instead of stopping its producer under it. See docs/pipeline.md.
         self._assign_lock = asyncio.Lock()
+        # The input partitions the group gives this runner (kept by the rebalance callbacks).
+        self._assigned: set[TopicPartition] = set()
+        # Changes at every revocation and at the end of every assignment. A batch fetched under
+        # an earlier generation is dropped: the positions of its partitions were reset with the
+        # assignment (to the committed offsets), so whoever owns them reads it again.
+        self._generation = 0
         self._failures = 0
         self.transactions = 0
         self._in_group = False
@@ -459,16 +561,23 @@ class TransactionalStage:
                         max_records=self._batch_size,
                     )
                     self._last_poll = time.monotonic()
+                    generation = self._generation
                     for tp, records in batches.items():
                         if records:
-                            await self._process_batch(tp, records)
+                            await self._process_batch(tp, records, generation)
                     if self._clock() >= next_tick:
                         next_tick = self._clock() + self._tick_s
+                        await self._reopen_closed()
                         for number in sorted(self._parts):
                             await self._tick(number)
                         await self._observe_lag()
                 except KafkaError as exc:
                     _log.warning("stage %s: Kafka error %s; retrying", self.stage, exc)
+                    await self._backoff()
+                except Exception:
+                    # Batches and ticks handle their own failures; this is the last line that
+                    # keeps one unexpected fault from ending the stage for good.
+                    _log.exception("stage %s: unexpected error in the runner; retrying", self.stage)
                     await self._backoff()
         finally:
             await self._shutdown()
@@ -523,52 +632,121 @@ class TransactionalStage:
     # -- rebalances -----------------------------------------------------------------------
 
     async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
+        # Waits for the batch or tick in flight (it holds the lock) to commit or abort.
         async with self._assign_lock:
-            for number in sorted({tp.partition for tp in revoked}):
-                part = self._parts.pop(number, None)
-                if part is not None:
-                    with contextlib.suppress(Exception):
-                        await part.producer.stop()
+            self._generation += 1
+            self._assigned.difference_update(revoked)
+            kept = {tp.partition for tp in self._assigned}
+            for number in sorted({tp.partition for tp in revoked} - kept):
+                await self._close(number)
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         # One producer per transactional id in this process: two would fence each other.
         async with self._assign_lock:
-            await self._assign_locked(assigned)
+            self._assigned.update(assigned)
+            for number in sorted({tp.partition for tp in assigned}):
+                if number not in self._parts:
+                    await self._open(number, rewind=False)
+            # Positions from the offsets committed once every producer has started, i.e. after
+            # every earlier transaction of these partitions (ours or an evicted owner's) has
+            # completed; aiokafka may have fetched them while one was still in flight. The
+            # seeks and the new generation take effect together, with no await in between.
+            numbers = sorted({tp.partition for tp in assigned})
+            try:
+                positions = await self._committed_positions(sorted(assigned, key=str))
+            except Exception as exc:
+                _log.warning("stage %s: committed offsets not read (%r)", self.stage, exc)
+                for number in numbers:  # opened again, with their positions, by _open
+                    await self._close(number)
+            else:
+                self._seek(positions)
+            self._generation += 1
         self._in_group = True
 
-    async def _assign_locked(self, assigned: list[TopicPartition]) -> None:
-        for number in sorted({tp.partition for tp in assigned}):
-            if number in self._parts:
-                continue
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self._bootstrap,
-                transactional_id=self.transactional_id(number),
-                client_id=self.transactional_id(number),
-                acks="all",
-                **self._producer_options,
-            )
+    async def _committed_positions(
+        self, tps: Sequence[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        """Where each of ``tps`` resumes: its committed offset, or the log start when nothing
+        was committed yet (``auto_offset_reset`` is earliest)."""
+        assert self._consumer is not None
+        positions: dict[TopicPartition, int] = {}
+        for tp in tps:
+            offset = await self._consumer.committed(tp)
+            if offset is not None:
+                positions[tp] = offset
+        missing = [tp for tp in tps if tp not in positions]
+        if missing:
+            positions.update(await self._consumer.beginning_offsets(missing))
+        return positions
+
+    def _seek(self, positions: Mapping[TopicPartition, int]) -> None:
+        assert self._consumer is not None
+        assignment = self._consumer.assignment()
+        for tp, offset in positions.items():
+            if tp in assignment:
+                self._consumer.seek(tp, offset)
+
+    async def _open(self, number: int, *, rewind: bool = True) -> bool:
+        """Start partition ``number``'s producer (fencing any other holder of its transactional
+        id and completing or aborting that one's open transaction), restore its state and audit
+        head from the committed changelog and, with ``rewind``, move its input partitions back
+        to their committed offsets. False (after a back-off) if that failed; a later batch or
+        tick of the partition tries again."""
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            transactional_id=self.transactional_id(number),
+            client_id=self.transactional_id(number),
+            acks="all",
+            **self._producer_options,
+        )
+        try:
             # init_transactions: fences an older producer with this id and aborts its open
             # transaction, so the state read below holds only committed writes.
             await producer.start()
             committed = await self._restore(number)
-            state = PartitionState(committed)
-            head_bytes = state.get(AUDIT_HEAD_KEY)
-            head = ChainHead.from_cbor(head_bytes) if head_bytes else ChainHead()
-            chain = AuditChain(
-                f"{self.stage}-{number}",
-                head=head,
-                signer=self._signer,
-                signer_principal=self._signer_principal,
-                checkpoint_every=self._checkpoint_every,
-                clock=self._clock,
+            if rewind:
+                tps = sorted((tp for tp in self._assigned if tp.partition == number), key=str)
+                self._seek(await self._committed_positions(tps))
+        except Exception as exc:
+            _log.warning(
+                "stage %s: partition %d not opened (%r); will retry", self.stage, number, exc
             )
-            self._parts[number] = _Partition(number, producer, state, chain)
-            _log.info(
-                "stage %s: partition %d assigned, %d state entries restored",
-                self.stage,
-                number,
-                len(committed),
-            )
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            await self._backoff()
+            return False
+        state = PartitionState(committed)
+        head_bytes = state.get(AUDIT_HEAD_KEY)
+        head = ChainHead.from_cbor(head_bytes) if head_bytes else ChainHead()
+        chain = AuditChain(
+            f"{self.stage}-{number}",
+            head=head,
+            signer=self._signer,
+            signer_principal=self._signer_principal,
+            checkpoint_every=self._checkpoint_every,
+            clock=self._clock,
+        )
+        self._parts[number] = _Partition(number, producer, state, chain)
+        _log.info(
+            "stage %s: partition %d assigned, %d state entries restored",
+            self.stage,
+            number,
+            len(committed),
+        )
+        return True
+
+    async def _close(self, number: int) -> None:
+        part = self._parts.pop(number, None)
+        if part is not None:
+            with contextlib.suppress(Exception):
+                await part.producer.stop()
+
+    async def _reopen_closed(self) -> None:
+        """Open the assigned partitions whose producer was fenced or failed, so that their
+        ticks run even while no input arrives."""
+        async with self._assign_lock:
+            for number in sorted({tp.partition for tp in self._assigned} - set(self._parts)):
+                await self._open(number)
 
     async def _restore(self, number: int) -> dict[str, bytes]:
         tp = TopicPartition(self._state_topic, number)
@@ -715,54 +893,74 @@ class TransactionalStage:
             for key, value in part.state.changes().items()
         ]
 
-    async def _process_batch(self, tp: TopicPartition, records: Sequence[Any]) -> None:
+    async def _process_batch(
+        self, tp: TopicPartition, records: Sequence[Any], generation: int
+    ) -> None:
         async with self._assign_lock:
+            if generation != self._generation or tp not in self._assigned:
+                # Fetched before a rebalance: read again from the committed offset by whoever
+                # owns the partition now (this runner too: the assignment reset its position).
+                return
             part = self._parts.get(tp.partition)
-        if part is None:
-            # Our producer was fenced but the group still gives us the partition: start a new
-            # one (fencing the other in turn) and read the batch again.
-            assert self._consumer is not None
-            self._consumer.seek(tp, records[0].offset)
-            if tp in self._consumer.assignment():
-                await self._on_assigned([tp])
-            return
-        head_before = part.chain.head
-        result, held = await asyncio.to_thread(_holding_metrics, self._compute, part, records)
-        with held_until_commit() as held_audit:
-            outputs = result.outputs + self._audit_outputs(part, result.audit)
-        outputs += self._changelog(part)
-        offsets = {tp: OffsetAndMetadata(records[-1].offset + 1, "")}
-        if not await self._commit(part, outputs, offsets, head_before, held + held_audit):
-            # Nothing of the batch is visible; read it again from the committed offset.
-            assert self._consumer is not None
-            self._consumer.seek(tp, records[0].offset)
+            if part is None:
+                # Our producer was fenced or failed but the group still gives us the partition:
+                # start a new one (fencing the other in turn) and read from the committed offset.
+                await self._open(tp.partition)
+                return
+            offsets = {tp: OffsetAndMetadata(records[-1].offset + 1, "")}
+            if not await self._transact(part, lambda: self._compute(part, records), offsets):
+                # Nothing of the batch is visible; read it again from its first offset. (The
+                # lock kept the partition assigned: revocations wait for it.)
+                self._seek({tp: records[0].offset})
 
     async def _tick(self, number: int) -> None:
-        part = self._parts.get(number)
-        if part is None:
-            return
+        async with self._assign_lock:
+            part = self._parts.get(number)
+            if part is None:
+                return
+            now = self._clock()
+            await self._transact(
+                part, lambda: self.logic.tick(number, part.state, now), None, seal=True
+            )
+
+    async def _transact(
+        self,
+        part: _Partition,
+        work: Callable[[], StageResult],
+        offsets: dict[TopicPartition, OffsetAndMetadata] | None,
+        *,
+        seal: bool = False,
+    ) -> bool:
+        """Run ``work`` on the partition's state (in a thread) and commit its outputs, audit
+        records, changelog and ``offsets`` in one transaction; on any failure, roll the state
+        and audit head back and return False."""
         head_before = part.chain.head
-        result, held = await asyncio.to_thread(
-            _holding_metrics, self.logic.tick, number, part.state, self._clock()
-        )
-        with held_until_commit() as held_audit:
-            outputs = result.outputs + self._audit_outputs(part, result.audit, seal=True)
-        outputs += self._changelog(part)
-        if outputs:
-            await self._commit(part, outputs, None, head_before, held + held_audit)
-        else:
+        try:
+            result, held = await asyncio.to_thread(_holding_metrics, work)
+            with held_until_commit() as held_audit:
+                outputs = result.outputs + self._audit_outputs(part, result.audit, seal=seal)
+            outputs += self._changelog(part)
+        except Exception:
+            _log.exception(
+                "stage %s: partition %d: work failed; will retry", self.stage, part.number
+            )
+            part.state.rollback()
+            part.chain.head = head_before
+            await self._backoff()
+            return False
+        if not outputs and not offsets:
+            part.state.commit()  # nothing written; keeps the expiry index of what tick saw
             for update in held + held_audit:  # nothing to commit: what was counted stands
                 update()
+            return True
+        return await self._commit(part, outputs, offsets, head_before, held + held_audit)
 
     async def _seal_audit(self, part: _Partition) -> None:
         """End of a run: sign the chain's unsigned tail in a last transaction. (Not on
         revocation: a batch may still be in flight then; the next owner signs the restored
         head before its first record, or at its first tick.)"""
-        head_before = part.chain.head
-        with held_until_commit() as held:
-            outputs = self._audit_outputs(part, (), seal=True)
-        if outputs:
-            await self._commit(part, outputs + self._changelog(part), None, head_before, held)
+        async with self._assign_lock:
+            await self._transact(part, StageResult, None, seal=True)
 
     async def _commit(
         self,
@@ -788,12 +986,12 @@ class TransactionalStage:
                 if offsets:
                     await producer.send_offsets_to_transaction(offsets, self.group_id)
         except ProducerFenced:
-            # Another worker owns this partition now: drop it without touching its state.
+            # Another worker owns this partition now: drop it without writing.
             PRODUCE_ERRORS.labels(stage=self.stage).inc()
             _log.warning("stage %s: producer for partition %d fenced", self.stage, part.number)
-            self._parts.pop(part.number, None)
-            with contextlib.suppress(Exception):
-                await producer.stop()
+            part.state.rollback()
+            part.chain.head = head_before
+            await self._close(part.number)
             return False
         except KafkaError as exc:
             PRODUCE_ERRORS.labels(stage=self.stage).inc()
@@ -801,6 +999,17 @@ class TransactionalStage:
             _log.warning("stage %s: transaction failed (%s); will retry", self.stage, exc)
             part.state.rollback()
             part.chain.head = head_before
+            await self._backoff()
+            return False
+        except Exception:
+            # A producer in a state no retry leaves (aiokafka raises AssertionError or
+            # IllegalOperation after a fatal error): drop it; the partition is opened again
+            # with a new one, its state and offsets read back from what was committed.
+            PRODUCE_ERRORS.labels(stage=self.stage).inc()
+            _log.exception("stage %s: producer for partition %d failed", self.stage, part.number)
+            part.state.rollback()
+            part.chain.head = head_before
+            await self._close(part.number)
             await self._backoff()
             return False
         part.state.commit()

@@ -922,9 +922,26 @@ class AuthorizeStage:
 
     # -- timers ---------------------------------------------------------------------------
 
+    def deadline(self, key: str, value: bytes) -> float | None:
+        """When ``tick`` must look at a state entry: a pending command when its approval window
+        closes, any other command when its replay window ends, an early approval when it
+        expires (the conditions ``tick`` checks, from the same rounded values)."""
+        if key.startswith("apr/"):
+            held = _held_list(value)
+            return min(h.until for h in held) if held else 0.0
+        if not key.startswith("cmd/"):
+            return None
+        entry = _CommandEntry.decode(value)
+        if entry.status == "pending":  # rejected when its window closes or it expires
+            return min(entry.window_until, entry.until)
+        return entry.until
+
     def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
         result = StageResult()
-        for key, raw in list(state.items()):
+        for key in state.due(now, self.deadline):
+            raw = state.get(key)
+            if raw is None:
+                continue
             if key.startswith("apr/"):
                 cid = key.removeprefix("apr/")
                 held = _held_list(raw)
@@ -936,8 +953,6 @@ class AuthorizeStage:
                     state.delete(key)
                 elif len(live) < len(held):
                     state.put(key, _dumps({"approvals": [h.to_wire() for h in live]}))
-                continue
-            if not key.startswith("cmd/"):
                 continue
             entry = _CommandEntry.decode(raw)
             cid = key.removeprefix("cmd/")
@@ -1623,6 +1638,19 @@ class TrackStage:
             ],
         )
 
+    def deadline(self, key: str, value: bytes) -> float | None:
+        """When ``tick`` must look at a command: at expiry + skew while a vehicle is still
+        active (to expire it), then at the end of the retention (to forget the command)."""
+        if not key.startswith("cmd/"):
+            return None
+        entry: dict[str, Any] = cbor2.loads(value)
+        expires: float = entry["expires_at"] / 1000
+        if not expires:
+            return None
+        if any(state in _ACTIVE for state in entry["vehicles"].values()):
+            return expires + self.skew_s
+        return expires + self.skew_s + self.retention_s
+
     def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
         result = StageResult()
         now_ms = _ms(now)
@@ -1635,8 +1663,9 @@ class TrackStage:
             if held["until"] < now_ms:
                 result.extend(self._judge_held(state, key, held, now))
         self.replay.expire(state, now)
-        for key, raw in list(state.items()):
-            if not key.startswith("cmd/"):
+        for key in state.due(now, self.deadline):
+            raw = state.get(key)
+            if raw is None:
                 continue
             cid = key.removeprefix("cmd/")
             entry: dict[str, Any] = cbor2.loads(raw)

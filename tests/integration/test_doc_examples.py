@@ -7,7 +7,7 @@ approver), with the ``FLEETBUS_*`` variables of the run set. Python blocks of a 
 namespace and must not raise; shell blocks run under ``bash -euo pipefail`` with ``fleetbus`` on
 the PATH and must exit 0. A block may declare text its output must contain
 (``<!-- run; prints: ... -->``); blocks that cannot run are marked with the reason
-(``tests/doc_blocks.py``; ``tests/unit/test_doc_examples.py`` checks the marks).
+(``tests/doc_blocks.py``; ``tests/unit/test_doc_example_marks.py`` checks the marks).
 """
 
 from __future__ import annotations

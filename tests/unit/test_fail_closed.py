@@ -183,7 +183,13 @@ def runner(producer: Any = None) -> eos.TransactionalStage:
     )
     if producer is not None:
         stage._parts[0] = eos._Partition(0, producer, PartitionState(), AuditChain("t-0"))
-        stage._consumer = type("Consumer", (), {"seek": lambda self, tp, offset: None})()
+        assigned = {TopicPartition("in", 0)}
+        stage._assigned.update(assigned)
+        stage._consumer = type(
+            "Consumer",
+            (),
+            {"seek": lambda self, tp, offset: None, "assignment": lambda self: assigned},
+        )()
     return stage
 
 
@@ -276,7 +282,7 @@ def test_a_batch_retried_after_an_abort_is_counted_once() -> None:
 
     async def twice() -> None:
         for _ in range(2):  # aborted, then read again from the committed offset and committed
-            await stage._process_batch(TopicPartition("in", 0), batch)
+            await stage._process_batch(TopicPartition("in", 0), batch, stage._generation)
 
     asyncio.run(twice())
 
