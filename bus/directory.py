@@ -16,6 +16,7 @@ import json
 import math
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -280,6 +281,32 @@ def record_set(record: KeyRecord, vehicle_buckets: int) -> int:
         return 0
     digest = hashlib.sha256(record.principal_id.encode()).digest()
     return 1 + int.from_bytes(digest[:8], "big") % vehicle_buckets
+
+
+@dataclass(frozen=True)
+class DirectoryScope:
+    """Which record sets a process holds: set 0 always, vehicle buckets ``buckets`` (None: all).
+
+    ``own`` names principals whose records are kept although their set is not held (a vehicle
+    agent's own vehicles, for group membership): they are checked by the root signature and
+    revocation stickiness, not against the head, because checking a set needs all of it.
+    """
+
+    buckets: frozenset[int] | None = None
+    own: frozenset[str] = frozenset()
+
+    def holds(self, index: int) -> bool:
+        return index == 0 or self.buckets is None or index - 1 in self.buckets
+
+
+#: Everything (the root holder, tools, a single-process deployment).
+WHOLE_DIRECTORY = DirectoryScope()
+
+
+def vehicle_agent_scope(vehicle_ids: Iterable[str]) -> DirectoryScope:
+    """Set 0 (root, sealers, dispatchers, approvers, edge units) plus the agent's own vehicles:
+    never other vehicles' records, whatever the fleet's size."""
+    return DirectoryScope(buckets=frozenset(), own=frozenset(vehicle_ids))
 
 
 def record_digest(record: KeyRecord) -> bytes:
@@ -576,6 +603,10 @@ class KeyDirectory:
     older records) raises ``DIRECTORY_ROLLBACK`` until it does. A revocation is in force as soon
     as it is verified, head or not. Unanchored (a root holder building records in memory), every
     verified record is used.
+
+    ``scope`` limits what is held: a record of a set outside it is neither verified nor kept
+    (``ingest`` returns None) and its keys are unknown here, and only held sets must match the
+    head. Readers and the one writer (a key-topic follower) may be on different threads.
     """
 
     def __init__(
@@ -584,8 +615,11 @@ class KeyDirectory:
         *,
         head_store: HeadStore | None = None,
         require_head: bool = False,
+        scope: DirectoryScope = WHOLE_DIRECTORY,
     ) -> None:
         self.root = root
+        self.scope = scope
+        self._lock = threading.RLock()
         self._root_verifier = root.verifier()
         self._by_key_id: dict[str, SignedKeyRecord] = {}
         self._by_principal: dict[str, set[str]] = {}
@@ -618,13 +652,30 @@ class KeyDirectory:
     def signed_head(self) -> SignedDirectoryHead | None:
         return self._signed_head
 
-    def ingest(self, signed: SignedKeyRecord) -> KeyRecord:
+    def holds(self, record: KeyRecord) -> bool:
+        """Whether ``record`` is in this directory's scope (its set, or one of ``scope.own``)."""
+        return (
+            self.scope.holds(record_set(record, self._buckets))
+            or record.principal_id in self.scope.own
+        )
+
+    def ingest(self, signed: SignedKeyRecord) -> KeyRecord | None:
         """Verify and merge a record; revocation is sticky, a higher version of a key wins.
 
         In an anchored directory a record the current head does not cover is held, without
-        effect, until a head covers it (records are published before their head).
+        effect, until a head covers it (records are published before their head). A record
+        outside ``scope`` is ignored (None), unverified.
         """
-        record = verify_signed_record(signed, self.root)
+        with self._lock:
+            if not self.holds(signed.record):
+                return None
+            existing = self._by_key_id.get(signed.record.key_id)
+            if existing is not None and existing == signed:
+                # Already verified, byte for byte (re-reading the topic from its start).
+                return existing.record
+            return self._merge(verify_signed_record(signed, self.root), signed)
+
+    def _merge(self, record: KeyRecord, signed: SignedKeyRecord) -> KeyRecord:
         existing = self._by_key_id.get(record.key_id)
         if existing is not None:
             old = existing.record
@@ -651,6 +702,10 @@ class KeyDirectory:
         one sequence number mean the root's history forked (an issuing folder restored from an
         old copy), and neither can be trusted over the other.
         """
+        with self._lock:
+            return self._ingest_head(signed)
+
+    def _ingest_head(self, signed: SignedDirectoryHead) -> DirectoryHead:
         head = verify_signed_head(signed, self.root)
         current = self.head
         if current is not None:
@@ -694,7 +749,8 @@ class KeyDirectory:
         # Settle now what already matches, so records that arrive after this head are held
         # (not used) rather than making their set unusable until the next head.
         for index in sorted(self._dirty):
-            self._settle(index)
+            if self.scope.holds(index):
+                self._settle(index)
 
     def _settle(self, index: int) -> dict[str, SignedKeyRecord] | None:
         """The records of set ``index`` that match the current head, or None if they do not."""
@@ -713,14 +769,19 @@ class KeyDirectory:
 
     def unsettled_sets(self) -> list[int]:
         """Sets whose records do not match the current head (all of them when there is none)."""
-        head = self.head
-        if head is None:
-            return list(range(1 + self._buckets))
-        return [i for i in range(1 + head.vehicle_buckets) if self._settle(i) is None]
+        with self._lock:
+            head = self.head
+            buckets = self._buckets if head is None else head.vehicle_buckets
+            held = [i for i in range(1 + buckets) if self.scope.holds(i)]
+            if head is None:
+                return held
+            return [i for i in held if self._settle(i) is None]
 
     def compute_head(self, *, seq: int, at: float, vehicle_buckets: int) -> DirectoryHead:
         """The head over every verified record held (for the root holder signing the next one);
         uses the record digests computed on ingest."""
+        if self.scope != WHOLE_DIRECTORY:
+            raise ConfigError("only a directory holding every record can compute a head")
         entries: list[list[tuple[str, bytes]]] = [[] for _ in range(1 + vehicle_buckets)]
         for key_id, signed in self._by_key_id.items():
             index = (
@@ -733,10 +794,16 @@ class KeyDirectory:
         return DirectoryHead(seq, float(at), vehicle_buckets, sets)
 
     def _usable(self, key_id: str) -> SignedKeyRecord | None:
+        with self._lock:
+            return self._usable_locked(key_id)
+
+    def _usable_locked(self, key_id: str) -> SignedKeyRecord | None:
         signed = self._by_key_id.get(key_id)
         if signed is None or not self._anchored or signed.record.revoked:
             return signed
         index = self._index[key_id]
+        if not self.scope.holds(index):
+            return signed  # one of scope.own: verified by signature, not against the head
         accepted = self._settle(index)
         if accepted is None:
             seq = "none" if self.head is None else str(self.head.seq)
@@ -749,7 +816,7 @@ class KeyDirectory:
 
     def ingest_kafka(
         self, value: bytes | None, key: bytes | None = None
-    ) -> KeyRecord | DirectoryHead:
+    ) -> KeyRecord | DirectoryHead | None:
         """Ingest one value of the key topic (a record or a head); ``key``, if given, must match.
 
         The topic is untrusted storage (compaction, re-publication): reading it anchors the
@@ -772,8 +839,10 @@ class KeyDirectory:
 
     def signed_records(self) -> list[SignedKeyRecord]:
         """Every verified record held (merged per key id), covered by the head or not yet."""
+        with self._lock:
+            held = list(self._by_key_id.values())
         return sorted(
-            self._by_key_id.values(),
+            held,
             key=lambda s: (s.record.principal_id, s.record.version, s.record.key_id),
         )
 
@@ -782,12 +851,13 @@ class KeyDirectory:
         return None if signed is None else signed.record
 
     def records(self, principal_id: str | None = None) -> list[KeyRecord]:
-        if principal_id is None:
-            key_ids: Iterable[str] = list(self._by_key_id)
-        else:
-            # Only this principal's records (called per message: not a sort of the whole fleet).
-            key_ids = self._by_principal.get(principal_id, ())
-        signed = [s for s in map(self._usable, key_ids) if s is not None]
+        with self._lock:
+            if principal_id is None:
+                key_ids: Iterable[str] = list(self._by_key_id)
+            else:
+                # Only this principal's records (called per message: not a sort of the fleet).
+                key_ids = list(self._by_principal.get(principal_id, ()))
+            signed = [s for s in map(self._usable_locked, key_ids) if s is not None]
         signed.sort(key=lambda s: (s.record.principal_id, s.record.version, s.record.key_id))
         return [s.record for s in signed]
 
@@ -1231,16 +1301,21 @@ def publish_directory_file(
 
 
 def load_directory(
-    path: Path, root: RootPublicKey, *, head_store: HeadStore | None = None
+    path: Path,
+    root: RootPublicKey,
+    *,
+    head_store: HeadStore | None = None,
+    scope: DirectoryScope = WHOLE_DIRECTORY,
 ) -> KeyDirectory:
-    """Read and verify a directory file: its head, and records that match the head exactly.
+    """Read and verify a directory file: its head, and the records of ``scope`` (every record by
+    default), which must match the head exactly.
 
     Refused with DIRECTORY_ROLLBACK: a head older than ``head_store``'s, records that do not
     match the head (one missing, e.g. a revocation, or one replayed). A file without a head is
     a CONFIG error telling how to migrate (DIRECTORY_ROLLBACK if this loader has seen a head).
     """
     content = read_directory_file(path)
-    directory = KeyDirectory(root, head_store=head_store, require_head=True)
+    directory = KeyDirectory(root, head_store=head_store, require_head=True, scope=scope)
     if content.head is None:
         if directory.head is not None:
             raise FleetbusError(

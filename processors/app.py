@@ -68,7 +68,8 @@ def state_topic(settings: FleetbusSettings, stage: str) -> str:
 
 
 def pipeline_topics(settings: FleetbusSettings) -> tuple[list[str], list[str]]:
-    """(regular topics, compacted state topics) the pipeline needs."""
+    """(regular topics, compacted topics: the stages' state changelogs and the key topic) the
+    pipeline needs."""
     t = settings.topics
     names = [
         t.commands_requested,
@@ -84,7 +85,7 @@ def pipeline_topics(settings: FleetbusSettings) -> tuple[list[str], list[str]]:
     ]
     regular = [t.full(n) for n in names]
     compacted = [state_topic(settings, s) for s in ("authorize", "seal", "track", "telemetry")]
-    return regular, compacted
+    return regular, [*compacted, t.full(t.keys)]
 
 
 def ensure_pipeline_topics(settings: FleetbusSettings) -> list[str]:
@@ -158,6 +159,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     from fleetbus.bus.registry import load_key_provider
     from fleetbus.processors.fleet_registry import FleetRegistry
     from fleetbus.processors.health import HealthReporter, init_stage_counters
+    from fleetbus.processors.keytopic import KeyTopicService
     from fleetbus.processors.policy import PolicyEngine
     from fleetbus.processors.stages import (
         AuthorizeStage,
@@ -183,6 +185,10 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     directory = load_directory(keys_dir / DIRECTORY, root, head_store=head_store)
     sealer_file = load_key_file(keys_dir / f"{settings.sealer_principal}.key")
     signer = sealer_file.signer()
+    # Live key changes (docs/key-management.md): read the topic up to now before any stage
+    # starts, so a revocation already published is in force for the first record.
+    key_topic = KeyTopicService(settings, directory, audit_signer=signer)
+    key_topic.catch_up()
 
     registry_path = (
         Path(settings.fleet_registry).expanduser()
@@ -307,7 +313,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     stages = [stage_runner(settings, logic, audit_signer=signer) for logic in logics]
     init_stage_counters(stage.stage for stage in stages)
     health = HealthReporter(providers, profile_sealer, directory)
-    return Pipeline(stages, services=[health])
+    return Pipeline(stages, services=[key_topic, health])
 
 
 def _stage_service(stage: Any) -> type[Service]:
