@@ -30,6 +30,7 @@ from fleetbus.observability.metrics import KEY_DIRECTORY_HEAD, KEY_TOPIC_ITEMS
 
 _log = logging.getLogger(__name__)
 
+_AGAIN = "the folder is written: run `fleetbus keys publish` to publish it again"
 #: The partition every key-topic item is written to (one total order of records and heads).
 KEY_TOPIC_PARTITION: Final = 0
 
@@ -173,7 +174,8 @@ def publish_key_change(
         )
     except (KafkaError, OSError) as exc:
         raise KafkaUnavailableError(
-            f"key topic: Kafka at {settings.kafka_bootstrap} did not answer ({type(exc).__name__})"
+            f"key topic: Kafka at {settings.kafka_bootstrap} did not answer "
+            f"({type(exc).__name__}); {_AGAIN}"
         ) from exc
     try:
         *body, last = items
@@ -187,8 +189,7 @@ def publish_key_change(
         )
     except (KafkaError, OSError) as exc:
         raise KafkaUnavailableError(
-            f"key topic {topic}: publishing failed ({type(exc).__name__}); the folder is "
-            "written, run `fleetbus keys publish` to publish it again"
+            f"key topic {topic}: publishing failed ({type(exc).__name__}); {_AGAIN}"
         ) from exc
     finally:
         producer.close(timeout=timeout_s)
