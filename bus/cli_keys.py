@@ -94,7 +94,10 @@ def _load_public(directory: Path) -> KeyDirectory:
         root = RootPublicKey.from_bytes((directory / ROOT_PUB).read_bytes())
     except FileNotFoundError:
         raise ConfigError(f"{directory / ROOT_PUB} not found; run `fleetbus keys init`") from None
-    return load_directory(directory / DIRECTORY, root, head_store=head_store_for(directory, root))
+    # The root holder writes these records on (the next file, the topic): each is verified.
+    return load_directory(
+        directory / DIRECTORY, root, head_store=head_store_for(directory, root), verify_each=True
+    )
 
 
 def _publish(

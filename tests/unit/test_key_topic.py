@@ -27,6 +27,7 @@ from fleetbus.bus.directory import (
     sign_directory,
     to_kafka,
     vehicle_agent_scope,
+    write_directory_file,
 )
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
 from fleetbus.bus.keytopic import (
@@ -315,3 +316,75 @@ def test_keys_revoke_publishes_the_revocation_and_the_new_head(
     assert result.exit_code == 0, result.output
     assert len(sent[-1][1]) == 1
     assert sent[-1][2] == head
+
+
+def test_a_file_set_matching_its_head_is_authenticated_by_the_head(
+    tmp_path: Path, root: FleetRoot, fleet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per-record signatures are not checked one by one where the root-signed head commits to
+    the records' digests; the root holder (verify_each) and a mismatching set still check."""
+    from fleetbus.bus import directory as directory_module
+
+    path = tmp_path / "directory.cbor"
+    head = publish_directory_file(path, root, fleet["records"])
+    checked: list[str] = []
+    real = directory_module.verify_signed_record
+
+    def counting(signed: SignedKeyRecord, *args: Any) -> Any:
+        checked.append(signed.record.principal_id)
+        return real(signed, *args)
+
+    monkeypatch.setattr(directory_module, "verify_signed_record", counting)
+    loaded = load_directory(path, root.public)
+    assert checked == []
+    assert len(loaded.records()) == len(fleet["records"])
+    load_directory(path, root.public, verify_each=True)
+    assert len(checked) == len(fleet["records"])
+
+    # A record whose own signature is garbage: the head still vouches for its content...
+    damaged = [
+        SignedKeyRecord(s.record, b"\x01" * 64, s.root_key_id) if i == 0 else s
+        for i, s in enumerate(fleet["records"])
+    ]
+    write_directory_file(path, head, damaged)
+    assert load_directory(path, root.public).latest(damaged[0].record.principal_id)
+    # ...but the root holder, which passes records on, refuses it.
+    with pytest.raises(FleetbusError) as exc:
+        load_directory(path, root.public, verify_each=True)
+    assert exc.value.reason is ReasonCode.BAD_SIGNATURE
+    # A set that does not match its head is checked record by record: a forged extra record
+    # is refused for its signature, a missing one for the rollback it is.
+    stranger = FleetRoot.generate("ed25519")
+    extra = _issue(stranger, "dispatch-x", "dispatcher").signed
+    forged = SignedKeyRecord(extra.record, extra.signature, root.key_id)
+    write_directory_file(path, head, [*fleet["records"], forged])
+    with pytest.raises(FleetbusError) as exc:
+        load_directory(path, root.public)
+    assert exc.value.reason is ReasonCode.BAD_SIGNATURE
+    write_directory_file(path, head, fleet["records"][1:])
+    with pytest.raises(FleetbusError) as exc:
+        load_directory(path, root.public)
+    assert exc.value.reason is ReasonCode.DIRECTORY_ROLLBACK
+
+
+def test_an_identical_topic_value_is_not_parsed_again(
+    root: FleetRoot, fleet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleetbus.bus import directory as directory_module
+
+    follower, _ = _follower(root, fleet)
+    parsed: list[bytes] = []
+    real = directory_module.from_kafka
+
+    def counting(value: bytes | None) -> Any:
+        parsed.append(value or b"")
+        return real(value)
+
+    monkeypatch.setattr(directory_module, "from_kafka", counting)
+    signed = fleet["records"][0]
+    key, value = to_kafka(signed)
+    assert follower.apply(Topic().add(key, value)) == "applied"
+    assert parsed == []
+    # The same key with other bytes is parsed (and judged) as usual.
+    assert follower.apply(Topic().add(key, value[:-1] + b"\x00")) == "refused"
+    assert len(parsed) == 1
