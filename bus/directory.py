@@ -61,6 +61,7 @@ DEFAULT_VEHICLE_BUCKETS = 16
 DIRECTORY_FILE_FORMAT = "fleetbus-directory/v2"
 ROOT_PUBLIC_FORMAT = "fleetbus-root-public/v1"
 PRIVATE_KEY_FORMAT = "fleetbus-private-key/v1"
+_KNOWN_ALGORITHMS = frozenset(a.value for a in KeyAlgorithm)
 RECORD_FIELDS = frozenset(
     {"fmt", "principal", "kind", "version", "kid", "keys", "suite", "caps", "sae", "nbf", "naf"}
     | {"revoked", "revoked_at", "groups", "overlap"}
@@ -174,8 +175,7 @@ class KeyRecord:
             isinstance(k, str) and isinstance(v, bytes) for k, v in keys.items()
         ):
             raise _malformed("record: keys must map algorithm names to bytes")
-        known = {a.value for a in KeyAlgorithm}
-        if not set(keys) <= known:
+        if not set(keys) <= _KNOWN_ALGORITHMS:
             raise _malformed("record: unknown key algorithm")
         for name in ("principal", "kind", "kid", "suite"):
             if not isinstance(data[name], str):
@@ -711,33 +711,38 @@ class KeyDirectory:
         with self._lock:
             head = verify_signed_head(signed_head, self.root, self._root_verifier)
             buckets = head.vehicle_buckets
-            by_set: dict[int, dict[str, SignedKeyRecord]] = {}
+            by_set: dict[int, dict[str, tuple[SignedKeyRecord, bytes]]] = {}
             for signed in records:
                 record = signed.record
                 index = record_set(record, buckets)
                 if self.scope.holds(index) or record.principal_id in self.scope.own:
-                    by_set.setdefault(index, {})[record.key_id] = signed
+                    digest = hashlib.sha256(signed.record_cbor).digest()
+                    by_set.setdefault(index, {})[record.key_id] = (signed, digest)
             for index, items in sorted(by_set.items()):
-                count, digest = head.sets[index]
+                count, expected = head.sets[index]
                 committed = (
                     buckets == self._buckets
                     and self.scope.holds(index)
                     and not self._members.get(index)
                     and len(items) == count
                     and hmac.compare_digest(
-                        set_digest(
-                            (k, hashlib.sha256(s.record_cbor).digest()) for k, s in items.items()
-                        ),
-                        digest,
+                        set_digest((k, d) for k, (_, d) in items.items()), expected
                     )
                 )
-                for signed in items.values():
+                for signed, digest in items.values():
                     if committed:
-                        self._merge(signed.record, signed)
+                        self._merge(signed.record, signed, digest=digest, index=index)
                     else:
                         self.ingest(signed)
 
-    def _merge(self, record: KeyRecord, signed: SignedKeyRecord) -> KeyRecord:
+    def _merge(
+        self,
+        record: KeyRecord,
+        signed: SignedKeyRecord,
+        *,
+        digest: bytes | None = None,
+        index: int | None = None,
+    ) -> KeyRecord:
         existing = self._by_key_id.get(record.key_id)
         if existing is not None:
             old = existing.record
@@ -751,8 +756,10 @@ class KeyDirectory:
             self._dirty.add(self._index[old.key_id])
         self._by_key_id[record.key_id] = signed
         self._by_principal.setdefault(record.principal_id, set()).add(record.key_id)
-        self._digests[record.key_id] = hashlib.sha256(signed.record_cbor).digest()
-        index = self._index[record.key_id] = record_set(record, self._buckets)
+        self._digests[record.key_id] = digest or hashlib.sha256(signed.record_cbor).digest()
+        if index is None:
+            index = record_set(record, self._buckets)
+        self._index[record.key_id] = index
         self._members.setdefault(index, set()).add(record.key_id)
         self._dirty.add(index)
         return record
