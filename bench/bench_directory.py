@@ -8,7 +8,7 @@ Per fleet size, each in a fresh process (so resident memory is that process's ow
   vehicle), time, RSS and the size of the directory state it keeps;
 * lookups in the worker's directory: ``recipient_keys`` of a random vehicle, ``verifier_for`` of
   a dispatcher, per call;
-* with ``--propagation``: revocations published to a local Kafka broker while 2 worker
+* with ``--propagation SIZES``: revocations published to a local Kafka broker while 2 worker
   processes (each holding the whole fleet) and 100 vehicle agents' key-topic readers (set 0,
   in 2 processes) follow the topic; the time from the revocation record's producer timestamp
   to its being in force in each.
@@ -22,7 +22,8 @@ A composite root makes every record 3.2 KB larger (its signature); a loader no l
 record signatures one by one when the head covers them, so that changes bytes read and held,
 not signature work. Prints a table and writes bench/results/directory.json.
 
-    .venv/bin/python bench/bench_directory.py [--sizes 10000,100000,1000000] [--propagation]
+    .venv/bin/python bench/bench_directory.py [--sizes 10000,100000,1000000]
+        [--propagation 10000,100000] [--revocations 10]
 """
 
 from __future__ import annotations
@@ -359,7 +360,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--verify-each-max", type=int, default=100_000)
-    parser.add_argument("--propagation", action="store_true")
+    parser.add_argument(
+        "--propagation",
+        default="",
+        help="fleet sizes (comma separated) at which to measure revocation propagation",
+    )
     parser.add_argument("--revocations", type=int, default=10)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--follow", help=argparse.SUPPRESS)
@@ -382,7 +387,8 @@ def main() -> None:
             row = run_child(mode, n)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
-    prop = [propagation(n, args.revocations) for n in sizes] if args.propagation else []
+    prop_sizes = [int(s) for s in args.propagation.split(",") if s]
+    prop = [propagation(n, args.revocations) for n in prop_sizes]
     print(f"{'mode':<20} {'vehicles':>9} {'start s':>8} {'RSS MB':>8} {'held':>9} {'state MB':>9}")
     for row in rows:
         print(

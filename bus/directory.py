@@ -18,7 +18,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -291,10 +291,29 @@ def record_set(record: KeyRecord, vehicle_buckets: int) -> int:
     Set 0 is what every process needs (sealers, dispatchers, approvers, edge units); a vehicle's
     bucket is a hash of its principal id, so all versions of one vehicle land in one set.
     """
-    if record.kind != "vehicle":
+    return principal_set(record.principal_id, record.kind, vehicle_buckets)
+
+
+def principal_set(principal_id: str, kind: str, vehicle_buckets: int) -> int:
+    """``record_set`` from a record's principal id and kind alone."""
+    if kind != "vehicle":
         return 0
-    digest = hashlib.sha256(record.principal_id.encode()).digest()
+    digest = hashlib.sha256(principal_id.encode()).digest()
     return 1 + int.from_bytes(digest[:8], "big") % vehicle_buckets
+
+
+def peek_record(value: bytes) -> tuple[str, str] | None:
+    """``(principal id, kind)`` named by a signed record's bytes, unchecked (None: not a
+    readable record). Only for skipping records outside a scope: a skipped record has no
+    effect, so a lie here can only make its own record ignored."""
+    try:
+        inner = cbor2.loads(cbor2.loads(value)["record"])
+        principal, kind = inner["principal"], inner["kind"]
+    except Exception:
+        return None
+    if not isinstance(principal, str) or not isinstance(kind, str):
+        return None
+    return principal, kind
 
 
 @dataclass(frozen=True)
@@ -676,9 +695,14 @@ class KeyDirectory:
 
     def holds(self, record: KeyRecord) -> bool:
         """Whether ``record`` is in this directory's scope (its set, or one of ``scope.own``)."""
-        return (
-            self.scope.holds(record_set(record, self._buckets))
-            or record.principal_id in self.scope.own
+        return self.wants(record.principal_id, record.kind)
+
+    def wants(self, principal_id: str, kind: str) -> bool:
+        """Whether a record of ``principal_id`` of ``kind`` would be in this directory's scope."""
+        if self.scope.buckets is None or principal_id in self.scope.own or kind != "vehicle":
+            return True
+        return bool(self.scope.buckets) and self.scope.holds(
+            principal_set(principal_id, kind, self._buckets)
         )
 
     def ingest(self, signed: SignedKeyRecord) -> KeyRecord | None:
@@ -902,6 +926,11 @@ class KeyDirectory:
                 and held.to_cbor() == bytes(value)
             ):
                 return held.record
+        if value and self.scope.buckets is not None and bytes(key or b"") != HEAD_KAFKA_KEY:
+            # Outside the scope: skipped before parsing (a vehicle agent reading a fleet's topic).
+            named = peek_record(bytes(value))
+            if named is not None and not self.wants(*named):
+                return None
         item = from_kafka(value)
         expected = (
             HEAD_KAFKA_KEY if isinstance(item, SignedDirectoryHead) else kafka_key(item.record)
@@ -1277,8 +1306,14 @@ class DirectoryFile:
     records: list[SignedKeyRecord]
 
 
-def read_directory_file(path: Path) -> DirectoryFile:
-    """Parse a directory file: ``{"fmt", "head", "records"}`` (or the headless array of v1)."""
+def read_directory_file(
+    path: Path, *, keep: Callable[[str, str], bool] | None = None
+) -> DirectoryFile:
+    """Parse a directory file: ``{"fmt", "head", "records"}`` (or the headless array of v1).
+
+    ``keep(principal_id, kind)``: records it declines are skipped before they are parsed and
+    checked (a process holding part of the directory does not pay for the rest).
+    """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -1298,6 +1333,8 @@ def read_directory_file(path: Path) -> DirectoryFile:
         raise _malformed("directory file: expected a head and an array of signed records")
     if not isinstance(items, list) or not all(isinstance(item, bytes) for item in items):
         raise _malformed("directory file: expected an array of signed records")
+    if keep is not None:
+        items = [item for item in items if (named := peek_record(item)) is None or keep(*named)]
     return DirectoryFile(head, [SignedKeyRecord.from_cbor(item) for item in items])
 
 
@@ -1398,8 +1435,10 @@ def load_directory(
     match the head (one missing, e.g. a revocation, or one replayed). A file without a head is
     a CONFIG error telling how to migrate (DIRECTORY_ROLLBACK if this loader has seen a head).
     """
-    content = read_directory_file(path)
     directory = KeyDirectory(root, head_store=head_store, require_head=True, scope=scope)
+    # Only when no vehicle bucket is held is the choice independent of the file's bucket count.
+    no_vehicles = scope.buckets == frozenset()
+    content = read_directory_file(path, keep=directory.wants if no_vehicles else None)
     if content.head is None:
         if directory.head is not None:
             raise FleetbusError(

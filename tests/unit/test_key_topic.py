@@ -388,3 +388,32 @@ def test_an_identical_topic_value_is_not_parsed_again(
     # The same key with other bytes is parsed (and judged) as usual.
     assert follower.apply(Topic().add(key, value[:-1] + b"\x00")) == "refused"
     assert len(parsed) == 1
+
+
+def test_a_vehicle_agent_does_not_parse_other_vehicles_records(
+    tmp_path: Path, root: FleetRoot, fleet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its start-up cost follows what it holds: other vehicles are skipped before the strict
+    parse, from the file and from the topic."""
+    path = tmp_path / "directory.cbor"
+    publish_directory_file(path, root, fleet["records"])
+    parsed: list[str] = []
+    real = SignedKeyRecord.from_cbor.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[SignedKeyRecord], data: bytes) -> SignedKeyRecord:
+        signed: SignedKeyRecord = real(cls, data)
+        parsed.append(signed.record.principal_id)
+        return signed
+
+    monkeypatch.setattr(SignedKeyRecord, "from_cbor", classmethod(counting))
+    scope = vehicle_agent_scope(["V-0007"])
+    directory = load_directory(path, root.public, scope=scope)
+    assert sorted(parsed) == ["V-0007", "bus-sealer", "dispatch-1"]
+    assert directory.unsettled_sets() == []
+    parsed.clear()
+    follower = KeyTopicFollower(directory, role="test")
+    follower.finish_catch_up()
+    topic = Topic()
+    outcomes = [follower.apply(topic.add(*to_kafka(s))) for s in fleet["records"]]
+    assert outcomes.count("skipped") == len(fleet["records"]) - 3
+    assert parsed == []  # the three held were identical to what it had
