@@ -137,11 +137,12 @@ def fleet_folder(n: int) -> Path:
             (r.record for r in records), seq=1, at=T0, vehicle_buckets=DEFAULT_VEHICLE_BUCKETS
         )
     )
-    write_directory_file(folder / "directory.cbor", head, records)
     save_key_file(folder / "root.key", root.key_file())
     (folder / "root.pub").write_bytes(root.public.to_bytes())
     for item in common:
         save_key_file(folder / f"{item.key_file.principal_id}.key", item.key_file)
+    # Last: its presence means the fleet is complete.
+    write_directory_file(folder / "directory.cbor", head, records)
     print(f"generated fleet {n} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return folder
 
