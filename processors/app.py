@@ -200,6 +200,20 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     policy_dir = Path(settings.policy_dir).expanduser() if settings.policy_dir else None
     policy = PolicyEngine(registry, policy_dir=policy_dir)
 
+    def refresh_policy() -> None:
+        # A principal issued live gets its roles and groups (and a new vehicle becomes a
+        # known target) with the head that covers it, not at the next restart.
+        fleet = (base or FleetRegistry.from_mapping({})).with_directory_records(directory.records())
+        policy.refresh(fleet)
+        _log.info(
+            "policy: fleet registry refreshed after a new directory head (%d vehicles, "
+            "%d operators)",
+            len(fleet.vehicles),
+            len(fleet.operators),
+        )
+
+    key_topic.on_head = refresh_policy
+
     providers: dict[str, Any] = {name: load_key_provider(name) for name in KEM_PROVIDERS}
     if settings.qkd_kme_url:
         providers[QKD_PROVIDER] = load_key_provider(

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from fleetbus.bus.directory import KeyDirectory
+from fleetbus.bus.directory import HEAD_KAFKA_KEY, KeyDirectory
 from fleetbus.bus.keys import Signer
 from fleetbus.bus.keytopic import KeyTopicFollower, KeyTopicItem, KeyTopicReader, KeyTopicRefusal
 from fleetbus.bus.settings import FleetbusSettings
@@ -36,7 +36,9 @@ class KeyTopicService:
 
     A refused item goes to the DLQ (stage ``keys``, its reason code, its original bytes) and
     into the audit trail: this run's own chain ``keys-<run id>``, signed by the audit signer
-    right after each refusal (refusals are rare; nothing is left unsigned).
+    right after each refusal (refusals are rare; nothing is left unsigned). ``on_head`` runs in
+    a thread after a new head is accepted (the worker refreshes its policy's entities with it),
+    never two at once: heads that arrive meanwhile make it run once more.
     """
 
     stage = STAGE
@@ -47,6 +49,7 @@ class KeyTopicService:
         directory: KeyDirectory,
         *,
         audit_signer: Signer | None = None,
+        on_head: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -67,6 +70,10 @@ class KeyTopicService:
         self._positions: dict[int, int] = {}
         self._stopping = asyncio.Event()
         self._producer: AIOKafkaProducer | None = None
+        # Work that follows a new head (the policy's entities), off the event loop, coalesced.
+        self.on_head = on_head
+        self._head_changed = False
+        self._refresh: asyncio.Task[None] | None = None
 
     def catch_up(self, timeout_s: float = 60.0) -> None:
         """Read the topic up to its current end (blocking; before the stages start). What was
@@ -99,11 +106,14 @@ class KeyTopicService:
                     batches = await consumer.getmany(timeout_ms=500, max_records=1000)
                     for tp, records in batches.items():
                         for record in records:
-                            self.follower.apply(
+                            outcome = self.follower.apply(
                                 KeyTopicItem(
                                     tp.topic, tp.partition, record.offset, record.key, record.value
                                 )
                             )
+                            if outcome == "applied" and record.key == HEAD_KAFKA_KEY:
+                                self._head_changed = True
+                    self._start_refresh()
                     failures = 0
                 except Exception as exc:  # Kafka down, DLQ unreachable: retry, never stop
                     failures += 1
@@ -113,11 +123,29 @@ class KeyTopicService:
                             self._stopping.wait(), timeout=min(5.0, 0.1 * 2**failures)
                         )
         finally:
+            if self._refresh is not None:
+                with contextlib.suppress(Exception):
+                    await self._refresh
             with contextlib.suppress(Exception):
                 await consumer.stop()
             if self._producer is not None:
                 with contextlib.suppress(Exception):
                     await self._producer.stop()
+
+    def _start_refresh(self) -> None:
+        if self.on_head is None or not self._head_changed:
+            return
+        if self._refresh is not None and not self._refresh.done():
+            return  # runs again when this one is done: the flag stays set
+        self._head_changed = False
+        self._refresh = asyncio.create_task(self._run_refresh(self.on_head))
+
+    @staticmethod
+    async def _run_refresh(on_head: Callable[[], None]) -> None:
+        try:
+            await asyncio.to_thread(on_head)
+        except Exception:
+            _log.exception("key topic: refreshing after a new directory head failed")
 
     async def _assign(self, consumer: AIOKafkaConsumer) -> None:
         """Continue where the catch-up ended (a partition added since: from its start)."""

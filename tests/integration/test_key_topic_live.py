@@ -150,6 +150,28 @@ def test_a_revocation_is_in_force_at_the_bus_and_the_vehicles_within_seconds(
         assert stale.wait(60, until=[CommandState.SEALED]).state is CommandState.SEALED
 
         # Wall-clock instants (one machine, one clock) of each revocation reaching each place.
+        # A dispatcher issued live commands at once: keys at the bus and the vehicle, and its
+        # role in the policy, without a restart.
+        refreshed = worker.output().count("fleet registry refreshed")
+        args = ["issue", "--dir", str(fleet.keys_dir), "--principal", "dispatch-live"]
+        args += ["--kind", "dispatcher", "--suite", "ed25519", "--bootstrap", kafka_bootstrap]
+        result = runner.invoke(keys_app, args)
+        assert result.exit_code == 0, result.output
+        deadline = time.monotonic() + 30
+        while worker.output().count("fleet registry refreshed") == refreshed:
+            assert time.monotonic() < deadline, worker.output()[-3000:]
+            time.sleep(0.1)
+        while not running.directory.records("dispatch-live"):
+            assert time.monotonic() < deadline, "the vehicle agent never got the new dispatcher"
+            time.sleep(0.05)
+        with CommandPublisher(
+            settings,
+            principal_id="dispatch-live",
+            private_key_file=fleet.key_file_path("dispatch-live"),
+        ) as live:
+            handle = live.send(Target(vehicle="V-0001"), "ping")
+            assert handle.wait(60, until=FINAL).state is CommandState.SUCCEEDED, handle.events
+
         bus_at: list[float] = []
         vehicle_at: list[float] = []
         rejected_at: list[float] = []
