@@ -965,7 +965,9 @@ class KeyDirectory:
             else:
                 # Only this principal's records (called per message: not a sort of the fleet).
                 key_ids = list(self._by_principal.get(principal_id, ()))
-            signed = [s for s in map(self._usable_locked, key_ids) if s is not None]
+        # The lock is taken per record: a thread listing the whole fleet (the policy refresh)
+        # must not hold up the stages' lookups for the length of the list.
+        signed = [s for s in map(self._usable, key_ids) if s is not None]
         signed.sort(key=lambda s: (s.record.principal_id, s.record.version, s.record.key_id))
         return [s.record for s in signed]
 
