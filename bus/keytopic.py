@@ -229,23 +229,28 @@ class KeyTopicReader:
                 f"key topic: Kafka at {self.settings.kafka_bootstrap} did not answer "
                 f"({type(exc).__name__})"
             ) from exc
-        deadline = time.monotonic() + timeout_s
-        partitions = consumer.partitions_for_topic(self.topic)
-        while not partitions and time.monotonic() < deadline:
-            time.sleep(0.1)
+        try:
+            deadline = time.monotonic() + timeout_s
             partitions = consumer.partitions_for_topic(self.topic)
-        if not partitions:
-            consumer.close()
-            raise KafkaUnavailableError(f"key topic {self.topic} does not exist")
-        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        self._consumer = consumer
-        self._end = {tp: off for tp, off in consumer.end_offsets(tps).items() if off > 0}
-        while not self._caught_up() and time.monotonic() < deadline:
-            self.poll(0.2)
-        if not self._caught_up():
-            raise KafkaUnavailableError(f"key topic {self.topic}: catch-up did not finish")
+            while not partitions and time.monotonic() < deadline:
+                time.sleep(0.1)
+                partitions = consumer.partitions_for_topic(self.topic)
+            if not partitions:
+                raise KafkaUnavailableError(f"key topic {self.topic} does not exist")
+            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            self._consumer = consumer
+            self._end = {tp: off for tp, off in consumer.end_offsets(tps).items() if off > 0}
+            while not self._caught_up() and time.monotonic() < deadline:
+                self.poll(0.2)
+            if not self._caught_up():
+                raise KafkaUnavailableError(f"key topic {self.topic}: catch-up did not finish")
+        except BaseException:
+            # A caller retries start(): never leave a consumer behind.
+            self._consumer = None
+            consumer.close(autocommit=False)
+            raise
 
     def _caught_up(self) -> bool:
         if not self.follower.catching_up:
