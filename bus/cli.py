@@ -127,6 +127,10 @@ def kafka_acls(
     status_reader: Annotated[
         list[str] | None, typer.Option(help="principal that may read commands.status")
     ] = None,
+    key_publisher: Annotated[
+        list[str] | None,
+        typer.Option(help="principal that publishes key changes (fleetbus keys --bootstrap)"),
+    ] = None,
 ) -> None:
     """Create the least-privilege ACLs of docs/reliability.md for the topic prefix and app id
     of FLEETBUS_* settings, connecting with FLEETBUS_KAFKA_SSL_* as a super user."""
@@ -140,6 +144,7 @@ def kafka_acls(
         dispatchers=dispatcher or [],
         vehicles=vehicles or [],
         status_readers=status_reader or [],
+        key_publishers=key_publisher or [],
     )
     count = create_acls(settings.kafka_bootstrap, grants, settings.kafka_client_config())
     console.print(f"{count} ACL bindings in place on {settings.kafka_bootstrap}")

@@ -417,3 +417,20 @@ def test_a_vehicle_agent_does_not_parse_other_vehicles_records(
     outcomes = [follower.apply(topic.add(*to_kafka(s))) for s in fleet["records"]]
     assert outcomes.count("skipped") == len(fleet["records"]) - 3
     assert parsed == []  # the three held were identical to what it had
+
+
+def test_acls_let_vehicles_read_and_only_key_publishers_write_the_key_topic() -> None:
+    from fleetbus.bus.dev.kafka import fleet_acls
+    from fleetbus.bus.settings import TopicNames
+
+    topics = TopicNames(prefix="f.")
+    grants = fleet_acls(
+        topics,
+        app_id="fb",
+        worker="w",
+        dispatchers=["d"],
+        vehicles=["v"],
+        key_publishers=["k"],
+    )
+    on_keys = {(g.principal, g.operation) for g in grants if g.name == "f.keys"}
+    assert on_keys == {("v", "READ"), ("v", "DESCRIBE"), ("k", "WRITE"), ("k", "DESCRIBE")}
