@@ -357,6 +357,14 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"p50": q(0.5), "p99": q(0.99), "max": round(ordered[-1], 4)}
 
 
+def _merged(
+    old: list[dict[str, Any]], new: list[dict[str, Any]], key: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    replaced = {tuple(row[k] for k in key) for row in new}
+    kept = [row for row in old if tuple(row[k] for k in key) not in replaced]
+    return sorted(kept + new, key=lambda row: tuple(row[k] for k in key[::-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
@@ -410,8 +418,9 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "root": "ed25519 (synthetic fleet; see the module docstring)",
-        "rows": rows or previous.get("rows", []),
-        "propagation": prop or previous.get("propagation", []),
+        # A run over some sizes replaces those rows and keeps the others.
+        "rows": _merged(previous.get("rows", []), rows, ("mode", "vehicles")),
+        "propagation": _merged(previous.get("propagation", []), prop, ("vehicles",)),
     }
     RESULTS.write_text(json.dumps(doc, indent=1) + "\n")
 
