@@ -101,21 +101,35 @@ def fleet_folder(n: int) -> Path:
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     started = time.perf_counter()
     root = FleetRoot.generate("ed25519")
-    window = {"not_before": T0 - YEAR, "not_after": T0 + 10 * YEAR}
-    common = [issue_key(root, principal_id="bus-sealer", kind="sealer", kems=["xwing"], **window)]
+    common = [
+        issue_key(
+            root,
+            principal_id="bus-sealer",
+            kind="sealer",
+            kems=["xwing"],
+            not_before=T0 - YEAR,
+            not_after=T0 + 10 * YEAR,
+        )
+    ]
     common += [
         issue_key(
             root,
             principal_id=f"dispatch-{d}",
             kind="dispatcher",
             signature_suite="ed25519",
-            **window,
+            not_before=T0 - YEAR,
+            not_after=T0 + 10 * YEAR,
         )
         for d in range(DISPATCHERS)
     ]
     common += [
         issue_key(
-            root, principal_id=f"approver-{a}", kind="approver", signature_suite="ed25519", **window
+            root,
+            principal_id=f"approver-{a}",
+            kind="approver",
+            signature_suite="ed25519",
+            not_before=T0 - YEAR,
+            not_after=T0 + 10 * YEAR,
         )
         for a in range(APPROVERS)
     ]

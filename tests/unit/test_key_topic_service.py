@@ -36,9 +36,13 @@ class RecordingProducer:
 @pytest.fixture
 def worker() -> dict[str, Any]:
     root = FleetRoot.generate("ed25519")
-    window = {"not_before": T0 - 10, "not_after": T0 + 86400}
     sealer = issue_key(
-        root, principal_id="bus-sealer", kind="sealer", signature_suite="ed25519", **window
+        root,
+        principal_id="bus-sealer",
+        kind="sealer",
+        signature_suite="ed25519",
+        not_before=T0 - 10,
+        not_after=T0 + 86400,
     )
     head, records = sign_directory(root, [sealer.signed], at=T0)
     directory = KeyDirectory(root.public, require_head=True)
@@ -57,7 +61,7 @@ def test_a_refused_item_is_dead_lettered_and_audited_in_a_signed_chain(
 ) -> None:
     service: KeyTopicService = worker["service"]
     producer = RecordingProducer()
-    service._producer = producer  # type: ignore[assignment]
+    service._producer = producer
     bad = KeyTopicItem("t.keys", 0, 41, b"dispatch-1/k", b"\xffnot cbor")
     assert service.follower.apply(bad) == "refused"
     asyncio.run(service._report())
@@ -83,7 +87,7 @@ def test_a_refused_item_is_dead_lettered_and_audited_in_a_signed_chain(
 def test_a_failed_report_is_retried_whole(worker: dict[str, Any]) -> None:
     service: KeyTopicService = worker["service"]
     producer = RecordingProducer(fail_after=1)  # the DLQ record goes, the audit record fails
-    service._producer = producer  # type: ignore[assignment]
+    service._producer = producer
     service.follower.apply(KeyTopicItem("t.keys", 0, 7, b"x/y", None))
     with pytest.raises(ConnectionError):
         asyncio.run(service._report())
