@@ -170,6 +170,7 @@ def publish_key_change(
             acks="all",
             enable_idempotence=True,
             max_block_ms=int(timeout_s * 1000),
+            bootstrap_timeout_ms=int(timeout_s * 1000),
             **settings.kafka_client_config(),
         )
     except (KafkaError, OSError) as exc:

@@ -14,6 +14,7 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from integration.pipeline_support import DAY_S, make_test_fleet, worker_env
@@ -240,8 +241,16 @@ def test_a_revocation_is_in_force_at_the_bus_and_the_vehicles_within_seconds(
         worker.stop()
 
 
-def test_cli_publish_is_refused_cleanly_without_a_broker(tmp_path: Path) -> None:
+def test_cli_publish_is_refused_cleanly_without_a_broker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Kafka down: the folder is written and the error names the way to publish again."""
+    from fleetbus.bus import cli_keys
+
+    def quick(settings: FleetbusSettings, records: Any, head: Any) -> None:
+        publish_key_change(settings, records, head, timeout_s=2.0)
+
+    monkeypatch.setattr(cli_keys, "publish_key_change", quick)
     runner = CliRunner()
     folder = str(tmp_path / "keys")
     assert runner.invoke(keys_app, ["init", "--dir", folder]).exit_code == 0
