@@ -188,6 +188,10 @@ def kafka_acls(
     status_reader: Annotated[
         list[str] | None, typer.Option(help="principal that may read commands.status")
     ] = None,
+    key_publisher: Annotated[
+        list[str] | None,
+        typer.Option(help="principal that publishes key changes (fleetbus keys --bootstrap)"),
+    ] = None,
 ) -> None:
     """Create the least-privilege ACLs of docs/reliability.md for the topic prefix and app id
     of FLEETBUS_* settings, connecting with FLEETBUS_KAFKA_SSL_* as a super user."""
@@ -201,6 +205,7 @@ def kafka_acls(
         dispatchers=dispatcher or [],
         vehicles=vehicles or [],
         status_readers=status_reader or [],
+        key_publishers=key_publisher or [],
     )
     count = create_acls(settings.kafka_bootstrap, grants, settings.kafka_client_config())
     console.print(f"{count} ACL bindings in place on {settings.kafka_bootstrap}")
@@ -272,6 +277,8 @@ def worker(log_format: LogFormatOpt = None, log_level: LogLevelOpt = None) -> No
     )
     if pipelines:
         ensure_pipeline_topics(settings)
+        for pipeline in pipelines:
+            pipeline.catch_up()  # revocations already published are in force before any record
     # faust's Worker would replace the root handlers with its own colour text handler and
     # redirect stdout into the log: keep ours (override_logging=False). Without its spinner it
     # logs "Ready" as a record; quiet keeps its few plain prints off stdout in JSON mode.

@@ -3,7 +3,10 @@
 Files in the key directory ``D``: ``root.key`` (0600, the root's private keys), ``root.pub`` (the
 pinned root public key), ``directory.cbor`` (the signed directory head and all signed records),
 ``directory-head.<root kid>.cbor`` (the highest head accepted here) and ``<principal>.key``
-(0600). Every change signs a new head with the next sequence number. ``show`` never prints
+(0600). Every change signs a new head with the next sequence number. With a Kafka bootstrap
+(``--bootstrap`` or ``FLEETBUS_KAFKA_BOOTSTRAP``), ``issue``, ``rotate`` and ``revoke`` also
+publish the change — its records, then the new head — to the compacted key topic that workers
+and vehicle agents follow; ``publish`` sends the whole folder again. ``show`` never prints
 private key material.
 """
 
@@ -39,11 +42,21 @@ from fleetbus.bus.directory import (
     write_directory_file,
 )
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
+from fleetbus.bus.keytopic import publish_key_change
 
 keys_app = typer.Typer(no_args_is_help=True, help=__doc__)
 
 DirOpt = Annotated[Path, typer.Option("--dir", help="key directory (root, records, key files)")]
 PrincipalOpt = Annotated[str, typer.Option("--principal", help="principal id, e.g. veh-0001")]
+BootstrapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--bootstrap",
+        envvar="FLEETBUS_KAFKA_BOOTSTRAP",
+        help="Kafka bootstrap: also publish the change to the key topic (topic names and TLS "
+        "from the FLEETBUS_* settings)",
+    ),
+]
 
 ROOT_KEY = "root.key"
 ROOT_PUB = "root.pub"
@@ -81,17 +94,33 @@ def _load_public(directory: Path) -> KeyDirectory:
         root = RootPublicKey.from_bytes((directory / ROOT_PUB).read_bytes())
     except FileNotFoundError:
         raise ConfigError(f"{directory / ROOT_PUB} not found; run `fleetbus keys init`") from None
-    return load_directory(directory / DIRECTORY, root, head_store=head_store_for(directory, root))
+    # The root holder writes these records on (the next file, the topic): each is verified.
+    return load_directory(
+        directory / DIRECTORY, root, head_store=head_store_for(directory, root), verify_each=True
+    )
 
 
 def _publish(
-    directory: Path, root: FleetRoot, current: KeyDirectory, signed: SignedKeyRecord
+    directory: Path,
+    root: FleetRoot,
+    current: KeyDirectory,
+    signed: SignedKeyRecord,
+    bootstrap: str | None,
 ) -> None:
-    """Add ``signed`` and write it under the next head (file first, then the accepted head)."""
+    """Add ``signed`` and write it under the next head (file first, then the accepted head),
+    then, with a bootstrap, send the record and the head to the key topic."""
     current.ingest(signed)
     head = next_head(root, current, previous=current.head)
     write_directory_file(directory / DIRECTORY, head, current.signed_records())
     current.ingest_head(head)
+    if bootstrap:
+        publish_key_change(_settings(bootstrap), [signed], head)
+
+
+def _settings(bootstrap: str) -> Any:
+    from fleetbus.bus.settings import FleetbusSettings
+
+    return FleetbusSettings(kafka_bootstrap=bootstrap)
 
 
 def _key_path(directory: Path, principal: str) -> Path:
@@ -129,6 +158,7 @@ def issue(
         list[str] | None, typer.Option(help="capability (repeatable); pqc/qkd are added for you")
     ] = None,
     group: Annotated[list[str] | None, typer.Option(help="group (repeatable)")] = None,
+    bootstrap: BootstrapOpt = None,
 ) -> None:
     """Issue the first key of a principal: writes <principal>.key (0600) and a signed record."""
     _check_principal(principal)
@@ -154,7 +184,7 @@ def issue(
         groups=group or [],
     )
     save_key_file(_key_path(directory, principal), issued.key_file)
-    _publish(directory, root, current, issued.signed)
+    _publish(directory, root, current, issued.signed, bootstrap)
     record = issued.signed.record
     typer.echo(f"issued {principal} v{record.version} key {record.key_id}")
 
@@ -167,6 +197,7 @@ def rotate(
         float, typer.Option(help="how long the previous key still verifies")
     ] = 24.0,
     valid_days: Annotated[float | None, typer.Option(help="default: same as before")] = None,
+    bootstrap: BootstrapOpt = None,
 ) -> None:
     """Issue a new version of a principal's key; the old one verifies for --overlap-hours more."""
     _check_principal(principal)
@@ -199,7 +230,7 @@ def rotate(
         # Keep the previous private key: messages sealed to it may arrive during the overlap.
         os.replace(key_path, directory / f"{principal}.v{latest.version}.key")
     save_key_file(key_path, issued.key_file)
-    _publish(directory, root, current, issued.signed)
+    _publish(directory, root, current, issued.signed, bootstrap)
     typer.echo(
         f"rotated {principal} to v{issued.signed.record.version} key "
         f"{issued.signed.record.key_id}; v{latest.version} ({latest.key_id}) verifies for "
@@ -214,8 +245,10 @@ def revoke(
     key_id: Annotated[
         str | None, typer.Option("--key-id", help="default: the principal's latest key")
     ] = None,
+    bootstrap: BootstrapOpt = None,
 ) -> None:
-    """Revoke a key now (a signed revocation record; it takes effect immediately)."""
+    """Revoke a key now: a signed revocation record and a new head, in force at every worker
+    and vehicle agent following the key topic within seconds of its publication."""
     root = _load_root(directory)
     current = _load_public(directory)
     record = current.latest(principal) if key_id is None else current.record(key_id)
@@ -226,8 +259,26 @@ def revoke(
     if record.revoked:
         typer.echo(f"{principal} key {record.key_id} is already revoked")
         return
-    _publish(directory, root, current, root.sign(record.revocation(at=_now())))
+    _publish(directory, root, current, root.sign(record.revocation(at=_now())), bootstrap)
     typer.echo(f"revoked {principal} v{record.version} key {record.key_id}")
+
+
+@keys_app.command("publish")
+def publish(
+    directory: DirOpt,
+    bootstrap: Annotated[
+        str,
+        typer.Option("--bootstrap", envvar="FLEETBUS_KAFKA_BOOTSTRAP", help="Kafka bootstrap"),
+    ],
+) -> None:
+    """Publish every record of the folder and its current head to the key topic (first set-up,
+    or after a publication failed or someone re-published old records)."""
+    current = _load_public(directory)
+    head = current.signed_head
+    assert head is not None  # load_directory refuses a file without one
+    records = current.signed_records()
+    publish_key_change(_settings(bootstrap), records, head)
+    typer.echo(f"published {len(records)} records and directory head {head.head.seq}")
 
 
 @keys_app.command("migrate")

@@ -16,8 +16,9 @@ import json
 import math
 import os
 import stat
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ DEFAULT_VEHICLE_BUCKETS = 16
 DIRECTORY_FILE_FORMAT = "fleetbus-directory/v2"
 ROOT_PUBLIC_FORMAT = "fleetbus-root-public/v1"
 PRIVATE_KEY_FORMAT = "fleetbus-private-key/v1"
+_KNOWN_ALGORITHMS = frozenset(a.value for a in KeyAlgorithm)
 RECORD_FIELDS = frozenset(
     {"fmt", "principal", "kind", "version", "kid", "keys", "suite", "caps", "sae", "nbf", "naf"}
     | {"revoked", "revoked_at", "groups", "overlap"}
@@ -173,8 +175,7 @@ class KeyRecord:
             isinstance(k, str) and isinstance(v, bytes) for k, v in keys.items()
         ):
             raise _malformed("record: keys must map algorithm names to bytes")
-        known = {a.value for a in KeyAlgorithm}
-        if not set(keys) <= known:
+        if not set(keys) <= _KNOWN_ALGORITHMS:
             raise _malformed("record: unknown key algorithm")
         for name in ("principal", "kind", "kid", "suite"):
             if not isinstance(data[name], str):
@@ -229,10 +230,23 @@ class SignedKeyRecord:
     record: KeyRecord
     signature: bytes = field(repr=False)
     root_key_id: str
+    #: The record's canonical CBOR as parsed or signed (None: encode it when needed). Hashing
+    #: and verifying these bytes instead of re-encoding the record saves most of a load's time.
+    #: Not an init field, so ``dataclasses.replace`` (a changed record) never carries it over.
+    encoded: bytes | None = field(default=None, init=False, repr=False, compare=False)
+
+    @classmethod
+    def encoded_as(
+        cls, record: KeyRecord, signature: bytes, root_key_id: str, encoded: bytes
+    ) -> SignedKeyRecord:
+        """A signed record whose ``encoded`` is ``record``'s canonical CBOR (the caller knows)."""
+        signed = cls(record, signature, root_key_id)
+        object.__setattr__(signed, "encoded", encoded)
+        return signed
 
     @property
     def record_cbor(self) -> bytes:
-        return self.record.to_cbor()
+        return self.record.to_cbor() if self.encoded is None else self.encoded
 
     def to_cbor(self) -> bytes:
         return canonical_cbor(
@@ -257,7 +271,8 @@ class SignedKeyRecord:
             raise _malformed("signed record: record and sig must be bytes")
         if not isinstance(outer["root_kid"], str):
             raise _malformed("signed record: root_kid must be text")
-        signed = cls(KeyRecord.from_cbor(outer["record"]), outer["sig"], outer["root_kid"])
+        record = KeyRecord.from_cbor(outer["record"])  # checks that the bytes are canonical
+        signed = cls.encoded_as(record, outer["sig"], outer["root_kid"], outer["record"])
         if signed.to_cbor() != bytes(data):
             raise _malformed("signed record: not in canonical CBOR form")
         return signed
@@ -276,10 +291,55 @@ def record_set(record: KeyRecord, vehicle_buckets: int) -> int:
     Set 0 is what every process needs (sealers, dispatchers, approvers, edge units); a vehicle's
     bucket is a hash of its principal id, so all versions of one vehicle land in one set.
     """
-    if record.kind != "vehicle":
+    return principal_set(record.principal_id, record.kind, vehicle_buckets)
+
+
+def principal_set(principal_id: str, kind: str, vehicle_buckets: int) -> int:
+    """``record_set`` from a record's principal id and kind alone."""
+    if kind != "vehicle":
         return 0
-    digest = hashlib.sha256(record.principal_id.encode()).digest()
+    digest = hashlib.sha256(principal_id.encode()).digest()
     return 1 + int.from_bytes(digest[:8], "big") % vehicle_buckets
+
+
+def peek_record(value: bytes) -> tuple[str, str] | None:
+    """``(principal id, kind)`` named by a signed record's bytes, unchecked (None: not a
+    readable record). Only for skipping records outside a scope: a skipped record has no
+    effect, so a lie here can only make its own record ignored."""
+    try:
+        inner = cbor2.loads(cbor2.loads(value)["record"])
+        principal, kind = inner["principal"], inner["kind"]
+    except Exception:
+        return None
+    if not isinstance(principal, str) or not isinstance(kind, str):
+        return None
+    return principal, kind
+
+
+@dataclass(frozen=True)
+class DirectoryScope:
+    """Which record sets a process holds: set 0 always, vehicle buckets ``buckets`` (None: all).
+
+    ``own`` names principals whose records are kept although their set is not held (a vehicle
+    agent's own vehicles, for group membership): they are checked by the root signature and
+    revocation stickiness, not against the head, because checking a set needs all of it.
+    """
+
+    buckets: frozenset[int] | None = None
+    own: frozenset[str] = frozenset()
+
+    def holds(self, index: int) -> bool:
+        return index == 0 or self.buckets is None or index - 1 in self.buckets
+
+
+#: Everything (the root holder, tools, a single-process deployment).
+WHOLE_DIRECTORY = DirectoryScope()
+
+
+def vehicle_agent_scope(vehicle_ids: Iterable[str]) -> DirectoryScope:
+    """Set 0 (root, sealers, dispatchers, approvers, edge units) plus the agent's own vehicles:
+    never other vehicles' records, whatever the fleet's size."""
+    return DirectoryScope(buckets=frozenset(), own=frozenset(vehicle_ids))
 
 
 def record_digest(record: KeyRecord) -> bytes:
@@ -415,9 +475,12 @@ def head_signing_input(head: DirectoryHead) -> bytes:
     return HEAD_SIGNING_PREFIX + head.to_cbor()
 
 
-def verify_signed_head(signed: SignedDirectoryHead, root: RootPublicKey) -> DirectoryHead:
-    """Check the root signature over a head; raise BAD_SIGNATURE."""
-    if signed.root_key_id != root.key_id or not root.verifier().verify(
+def verify_signed_head(
+    signed: SignedDirectoryHead, root: RootPublicKey, verifier: Verifier | None = None
+) -> DirectoryHead:
+    """Check the root signature over a head (``verifier``: the root's, if already parsed);
+    raise BAD_SIGNATURE."""
+    if signed.root_key_id != root.key_id or not (verifier or root.verifier()).verify(
         head_signing_input(signed.head), signed.signature
     ):
         raise FleetbusError(
@@ -523,7 +586,9 @@ class FleetRoot:
         return self.public.key_id
 
     def sign(self, record: KeyRecord) -> SignedKeyRecord:
-        return SignedKeyRecord(record, self._signer.sign(signing_input(record)), self.key_id)
+        encoded = record.to_cbor()
+        signature = self._signer.sign(RECORD_SIGNING_PREFIX + encoded)
+        return SignedKeyRecord.encoded_as(record, signature, self.key_id, encoded)
 
     def sign_head(self, head: DirectoryHead) -> SignedDirectoryHead:
         return SignedDirectoryHead(head, self._signer.sign(head_signing_input(head)), self.key_id)
@@ -549,10 +614,13 @@ class FleetRoot:
         return f"FleetRoot(key_id={self.key_id!r}, suite={self.public.suite!r})"
 
 
-def verify_signed_record(signed: SignedKeyRecord, root: RootPublicKey) -> KeyRecord:
-    """Check the root signature and the key id; raise BAD_SIGNATURE / MALFORMED."""
-    if signed.root_key_id != root.key_id or not root.verifier().verify(
-        signing_input(signed.record), signed.signature
+def verify_signed_record(
+    signed: SignedKeyRecord, root: RootPublicKey, verifier: Verifier | None = None
+) -> KeyRecord:
+    """Check the root signature (``verifier``: the root's, if already parsed) and the key id;
+    raise BAD_SIGNATURE / MALFORMED."""
+    if signed.root_key_id != root.key_id or not (verifier or root.verifier()).verify(
+        RECORD_SIGNING_PREFIX + signed.record_cbor, signed.signature
     ):
         raise FleetbusError(
             f"key record for {signed.record.principal_id!r} is not signed by the fleet root",
@@ -576,6 +644,10 @@ class KeyDirectory:
     older records) raises ``DIRECTORY_ROLLBACK`` until it does. A revocation is in force as soon
     as it is verified, head or not. Unanchored (a root holder building records in memory), every
     verified record is used.
+
+    ``scope`` limits what is held: a record of a set outside it is neither verified nor kept
+    (``ingest`` returns None) and its keys are unknown here, and only held sets must match the
+    head. Readers and the one writer (a key-topic follower) may be on different threads.
     """
 
     def __init__(
@@ -584,8 +656,11 @@ class KeyDirectory:
         *,
         head_store: HeadStore | None = None,
         require_head: bool = False,
+        scope: DirectoryScope = WHOLE_DIRECTORY,
     ) -> None:
         self.root = root
+        self.scope = scope
+        self._lock = threading.RLock()
         self._root_verifier = root.verifier()
         self._by_key_id: dict[str, SignedKeyRecord] = {}
         self._by_principal: dict[str, set[str]] = {}
@@ -618,13 +693,80 @@ class KeyDirectory:
     def signed_head(self) -> SignedDirectoryHead | None:
         return self._signed_head
 
-    def ingest(self, signed: SignedKeyRecord) -> KeyRecord:
+    def holds(self, record: KeyRecord) -> bool:
+        """Whether ``record`` is in this directory's scope (its set, or one of ``scope.own``)."""
+        return self.wants(record.principal_id, record.kind)
+
+    def wants(self, principal_id: str, kind: str) -> bool:
+        """Whether a record of ``principal_id`` of ``kind`` would be in this directory's scope."""
+        if self.scope.buckets is None or principal_id in self.scope.own or kind != "vehicle":
+            return True
+        return bool(self.scope.buckets) and self.scope.holds(
+            principal_set(principal_id, kind, self._buckets)
+        )
+
+    def ingest(self, signed: SignedKeyRecord) -> KeyRecord | None:
         """Verify and merge a record; revocation is sticky, a higher version of a key wins.
 
         In an anchored directory a record the current head does not cover is held, without
-        effect, until a head covers it (records are published before their head).
+        effect, until a head covers it (records are published before their head). A record
+        outside ``scope`` is ignored (None), unverified.
         """
-        record = verify_signed_record(signed, self.root)
+        with self._lock:
+            if not self.holds(signed.record):
+                return None
+            existing = self._by_key_id.get(signed.record.key_id)
+            if existing is not None and existing == signed:
+                # Already verified, byte for byte (re-reading the topic from its start).
+                return existing.record
+            return self._merge(verify_signed_record(signed, self.root, self._root_verifier), signed)
+
+    def ingest_committed(
+        self, records: Iterable[SignedKeyRecord], signed_head: SignedDirectoryHead
+    ) -> None:
+        """Bulk-load ``records`` under the head that covers them (a directory file).
+
+        The head is verified first. A held set whose records match it exactly is authenticated
+        by the head — the root signed the digest of each of its records — so its records are
+        not verified one by one (that is most of a large fleet's start-up time). The records of
+        a set that does not match, and ``scope.own`` records outside the held sets, are
+        verified one by one as ``ingest`` does; a set that does not match stays refused.
+        """
+        with self._lock:
+            head = verify_signed_head(signed_head, self.root, self._root_verifier)
+            buckets = head.vehicle_buckets
+            by_set: dict[int, dict[str, tuple[SignedKeyRecord, bytes]]] = {}
+            for signed in records:
+                record = signed.record
+                index = record_set(record, buckets)
+                if self.scope.holds(index) or record.principal_id in self.scope.own:
+                    digest = hashlib.sha256(signed.record_cbor).digest()
+                    by_set.setdefault(index, {})[record.key_id] = (signed, digest)
+            for index, items in sorted(by_set.items()):
+                count, expected = head.sets[index]
+                committed = (
+                    buckets == self._buckets
+                    and self.scope.holds(index)
+                    and not self._members.get(index)
+                    and len(items) == count
+                    and hmac.compare_digest(
+                        set_digest((k, d) for k, (_, d) in items.items()), expected
+                    )
+                )
+                for signed, digest in items.values():
+                    if committed:
+                        self._merge(signed.record, signed, digest=digest, index=index)
+                    else:
+                        self.ingest(signed)
+
+    def _merge(
+        self,
+        record: KeyRecord,
+        signed: SignedKeyRecord,
+        *,
+        digest: bytes | None = None,
+        index: int | None = None,
+    ) -> KeyRecord:
         existing = self._by_key_id.get(record.key_id)
         if existing is not None:
             old = existing.record
@@ -638,8 +780,10 @@ class KeyDirectory:
             self._dirty.add(self._index[old.key_id])
         self._by_key_id[record.key_id] = signed
         self._by_principal.setdefault(record.principal_id, set()).add(record.key_id)
-        self._digests[record.key_id] = record_digest(record)
-        index = self._index[record.key_id] = record_set(record, self._buckets)
+        self._digests[record.key_id] = digest or hashlib.sha256(signed.record_cbor).digest()
+        if index is None:
+            index = record_set(record, self._buckets)
+        self._index[record.key_id] = index
         self._members.setdefault(index, set()).add(record.key_id)
         self._dirty.add(index)
         return record
@@ -651,7 +795,11 @@ class KeyDirectory:
         one sequence number mean the root's history forked (an issuing folder restored from an
         old copy), and neither can be trusted over the other.
         """
-        head = verify_signed_head(signed, self.root)
+        with self._lock:
+            return self._ingest_head(signed)
+
+    def _ingest_head(self, signed: SignedDirectoryHead) -> DirectoryHead:
+        head = verify_signed_head(signed, self.root, self._root_verifier)
         current = self.head
         if current is not None:
             if head.seq < current.seq:
@@ -694,7 +842,8 @@ class KeyDirectory:
         # Settle now what already matches, so records that arrive after this head are held
         # (not used) rather than making their set unusable until the next head.
         for index in sorted(self._dirty):
-            self._settle(index)
+            if self.scope.holds(index):
+                self._settle(index)
 
     def _settle(self, index: int) -> dict[str, SignedKeyRecord] | None:
         """The records of set ``index`` that match the current head, or None if they do not."""
@@ -713,14 +862,19 @@ class KeyDirectory:
 
     def unsettled_sets(self) -> list[int]:
         """Sets whose records do not match the current head (all of them when there is none)."""
-        head = self.head
-        if head is None:
-            return list(range(1 + self._buckets))
-        return [i for i in range(1 + head.vehicle_buckets) if self._settle(i) is None]
+        with self._lock:
+            head = self.head
+            buckets = self._buckets if head is None else head.vehicle_buckets
+            held = [i for i in range(1 + buckets) if self.scope.holds(i)]
+            if head is None:
+                return held
+            return [i for i in held if self._settle(i) is None]
 
     def compute_head(self, *, seq: int, at: float, vehicle_buckets: int) -> DirectoryHead:
         """The head over every verified record held (for the root holder signing the next one);
         uses the record digests computed on ingest."""
+        if self.scope != WHOLE_DIRECTORY:
+            raise ConfigError("only a directory holding every record can compute a head")
         entries: list[list[tuple[str, bytes]]] = [[] for _ in range(1 + vehicle_buckets)]
         for key_id, signed in self._by_key_id.items():
             index = (
@@ -733,10 +887,16 @@ class KeyDirectory:
         return DirectoryHead(seq, float(at), vehicle_buckets, sets)
 
     def _usable(self, key_id: str) -> SignedKeyRecord | None:
+        with self._lock:
+            return self._usable_locked(key_id)
+
+    def _usable_locked(self, key_id: str) -> SignedKeyRecord | None:
         signed = self._by_key_id.get(key_id)
         if signed is None or not self._anchored or signed.record.revoked:
             return signed
         index = self._index[key_id]
+        if not self.scope.holds(index):
+            return signed  # one of scope.own: verified by signature, not against the head
         accepted = self._settle(index)
         if accepted is None:
             seq = "none" if self.head is None else str(self.head.seq)
@@ -749,13 +909,28 @@ class KeyDirectory:
 
     def ingest_kafka(
         self, value: bytes | None, key: bytes | None = None
-    ) -> KeyRecord | DirectoryHead:
+    ) -> KeyRecord | DirectoryHead | None:
         """Ingest one value of the key topic (a record or a head); ``key``, if given, must match.
 
         The topic is untrusted storage (compaction, re-publication): reading it anchors the
         directory, so nothing read from it is used until a head covers it.
         """
         self._anchored = True
+        if key is not None and value:
+            # Re-reading the topic from its start (every restart): a value identical to the
+            # record held under its key id was parsed and verified before.
+            held = self._by_key_id.get(bytes(key).rpartition(b"/")[2].decode(errors="replace"))
+            if (
+                held is not None
+                and kafka_key(held.record) == bytes(key)
+                and held.to_cbor() == bytes(value)
+            ):
+                return held.record
+        if value and self.scope.buckets is not None and bytes(key or b"") != HEAD_KAFKA_KEY:
+            # Outside the scope: skipped before parsing (a vehicle agent reading a fleet's topic).
+            named = peek_record(bytes(value))
+            if named is not None and not self.wants(*named):
+                return None
         item = from_kafka(value)
         expected = (
             HEAD_KAFKA_KEY if isinstance(item, SignedDirectoryHead) else kafka_key(item.record)
@@ -772,8 +947,10 @@ class KeyDirectory:
 
     def signed_records(self) -> list[SignedKeyRecord]:
         """Every verified record held (merged per key id), covered by the head or not yet."""
+        with self._lock:
+            held = list(self._by_key_id.values())
         return sorted(
-            self._by_key_id.values(),
+            held,
             key=lambda s: (s.record.principal_id, s.record.version, s.record.key_id),
         )
 
@@ -782,11 +959,14 @@ class KeyDirectory:
         return None if signed is None else signed.record
 
     def records(self, principal_id: str | None = None) -> list[KeyRecord]:
-        if principal_id is None:
-            key_ids: Iterable[str] = list(self._by_key_id)
-        else:
-            # Only this principal's records (called per message: not a sort of the whole fleet).
-            key_ids = self._by_principal.get(principal_id, ())
+        with self._lock:
+            if principal_id is None:
+                key_ids: Iterable[str] = list(self._by_key_id)
+            else:
+                # Only this principal's records (called per message: not a sort of the fleet).
+                key_ids = list(self._by_principal.get(principal_id, ()))
+        # The lock is taken per record: a thread listing the whole fleet (the policy refresh)
+        # must not hold up the stages' lookups for the length of the list.
         signed = [s for s in map(self._usable, key_ids) if s is not None]
         signed.sort(key=lambda s: (s.record.principal_id, s.record.version, s.record.key_id))
         return [s.record for s in signed]
@@ -1128,8 +1308,14 @@ class DirectoryFile:
     records: list[SignedKeyRecord]
 
 
-def read_directory_file(path: Path) -> DirectoryFile:
-    """Parse a directory file: ``{"fmt", "head", "records"}`` (or the headless array of v1)."""
+def read_directory_file(
+    path: Path, *, keep: Callable[[str, str], bool] | None = None
+) -> DirectoryFile:
+    """Parse a directory file: ``{"fmt", "head", "records"}`` (or the headless array of v1).
+
+    ``keep(principal_id, kind)``: records it declines are skipped before they are parsed and
+    checked (a process holding part of the directory does not pay for the rest).
+    """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -1149,6 +1335,8 @@ def read_directory_file(path: Path) -> DirectoryFile:
         raise _malformed("directory file: expected a head and an array of signed records")
     if not isinstance(items, list) or not all(isinstance(item, bytes) for item in items):
         raise _malformed("directory file: expected an array of signed records")
+    if keep is not None:
+        items = [item for item in items if (named := peek_record(item)) is None or keep(*named)]
     return DirectoryFile(head, [SignedKeyRecord.from_cbor(item) for item in items])
 
 
@@ -1231,16 +1419,28 @@ def publish_directory_file(
 
 
 def load_directory(
-    path: Path, root: RootPublicKey, *, head_store: HeadStore | None = None
+    path: Path,
+    root: RootPublicKey,
+    *,
+    head_store: HeadStore | None = None,
+    scope: DirectoryScope = WHOLE_DIRECTORY,
+    verify_each: bool = False,
 ) -> KeyDirectory:
-    """Read and verify a directory file: its head, and records that match the head exactly.
+    """Read and verify a directory file: its head, and the records of ``scope`` (every record by
+    default), which must match the head exactly.
+
+    A record set that matches the root-signed head is authenticated by it
+    (``KeyDirectory.ingest_committed``); ``verify_each`` checks every record's own signature
+    too (the root holder, which writes them on to the next file and the topic).
 
     Refused with DIRECTORY_ROLLBACK: a head older than ``head_store``'s, records that do not
     match the head (one missing, e.g. a revocation, or one replayed). A file without a head is
     a CONFIG error telling how to migrate (DIRECTORY_ROLLBACK if this loader has seen a head).
     """
-    content = read_directory_file(path)
-    directory = KeyDirectory(root, head_store=head_store, require_head=True)
+    directory = KeyDirectory(root, head_store=head_store, require_head=True, scope=scope)
+    # Only when no vehicle bucket is held is the choice independent of the file's bucket count.
+    no_vehicles = scope.buckets == frozenset()
+    content = read_directory_file(path, keep=directory.wants if no_vehicles else None)
     if content.head is None:
         if directory.head is not None:
             raise FleetbusError(
@@ -1252,7 +1452,10 @@ def load_directory(
             f"directory file {path} has no signed directory head (written before heads "
             "existed); on the root's own copy run `fleetbus keys migrate --dir <folder>`"
         )
-    directory.ingest_all(content.records)
+    if verify_each:
+        directory.ingest_all(content.records)
+    else:
+        directory.ingest_committed(content.records, content.head)
     directory.ingest_head(content.head)
     unsettled = directory.unsettled_sets()
     if unsettled:

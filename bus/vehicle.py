@@ -28,12 +28,14 @@ from fleetbus.bus.commands import (
     new_command_id,
 )
 from fleetbus.bus.directory import (
+    WHOLE_DIRECTORY,
     KeyDirectory,
     PrincipalKeyFile,
     RootPublicKey,
     head_store_for,
     load_directory,
     load_key_file,
+    vehicle_agent_scope,
 )
 from fleetbus.bus.envelope import DEFAULT_MAX_SIZE, MessageKind, decode_envelope
 from fleetbus.bus.errors import ConfigError, FleetbusError, KafkaUnavailableError, ReasonCode
@@ -52,6 +54,7 @@ from fleetbus.observability.tracing import (
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
+    from fleetbus.bus.keytopic import KeyTopicReader, KeyTopicRefusal
     from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
     from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy
 
@@ -139,12 +142,17 @@ class VehicleIdentity:
 
 
 def load_key_directory(
-    keys_dir: str | Path, *, state_dir: str | Path | None = None
+    keys_dir: str | Path,
+    *,
+    state_dir: str | Path | None = None,
+    vehicles: Iterable[str] | None = None,
 ) -> KeyDirectory:
     """The verified key directory of a ``fleetbus keys`` folder (root.pub, directory.cbor).
 
     The highest directory head accepted is kept in ``state_dir`` (default: the keys folder), so
-    a restart with an older directory file is refused.
+    a restart with an older directory file is refused. With ``vehicles`` (the ids an agent
+    serves) only what an agent needs is held: the common set (root, sealers, dispatchers,
+    approvers, edge units) and those vehicles' own records, never the rest of the fleet.
     """
     folder = Path(keys_dir).expanduser()
     try:
@@ -152,7 +160,10 @@ def load_key_directory(
     except FileNotFoundError:
         raise ConfigError(f"{folder / 'root.pub'} not found; run `fleetbus keys init`") from None
     state = Path(state_dir).expanduser() if state_dir else folder
-    return load_directory(folder / "directory.cbor", root, head_store=head_store_for(state, root))
+    scope = WHOLE_DIRECTORY if vehicles is None else vehicle_agent_scope(vehicles)
+    return load_directory(
+        folder / "directory.cbor", root, head_store=head_store_for(state, root), scope=scope
+    )
 
 
 # --- durable record of executed commands ---------------------------------------------------
@@ -353,6 +364,9 @@ class VehicleAgent:
     - ``metrics_port``: serve this process's Prometheus metrics (the vehicle-side
       ``fleetbus_envelope_rejects_total{role="vehicle"}`` and the build info) on
       ``metrics_bind:metrics_port``; None: no endpoint (the host application may serve its own).
+    - ``follow_key_topic``: read the compacted key topic into ``directory`` (catch up before the
+      first command, then between polls), so a revocation reaches the vehicles within seconds;
+      give it a directory from ``load_key_directory(..., vehicles=ids)`` to hold set 0 only.
     """
 
     def __init__(
@@ -377,7 +391,9 @@ class VehicleAgent:
         clock: Callable[[], float] = time.time,
         metrics_port: int | None = None,
         metrics_bind: str = "127.0.0.1",
+        follow_key_topic: bool = False,
     ) -> None:
+        from fleetbus.bus.keytopic import KeyTopicFollower, KeyTopicReader
         from fleetbus.bus.registry import load_key_provider
         from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
         from fleetbus.providers.sealing import VerifiedRoots
@@ -448,6 +464,11 @@ class VehicleAgent:
             from fleetbus.observability.metrics import serve_metrics
 
             serve_metrics(metrics_port, metrics_bind)
+        self._key_reader: KeyTopicReader | None = None
+        if follow_key_topic:
+            follower = KeyTopicFollower(directory, role="vehicle", on_refused=_key_refused)
+            self._key_reader = KeyTopicReader(settings, follower)
+        self._key_reader_started = False
 
     @property
     def vehicle_ids(self) -> list[str]:
@@ -496,6 +517,10 @@ class VehicleAgent:
         from kafka.errors import KafkaError
 
         bootstrap = self.settings.kafka_bootstrap
+        if self._key_reader is not None and not self._key_reader_started:
+            # Before the first command: a revocation already published is in force for it.
+            self._key_reader.start()
+            self._key_reader_started = True
         try:
             if self._producer is None:
                 self._producer = KafkaProducer(
@@ -572,6 +597,8 @@ class VehicleAgent:
         from kafka.structs import OffsetAndMetadata
 
         self._connect()
+        if self._key_reader is not None:
+            self._key_reader.poll(0)
         wait = self._retry_at - time.monotonic()
         if wait > 0:
             time.sleep(min(wait, timeout_s))  # back off before retrying a redelivered record
@@ -699,6 +726,8 @@ class VehicleAgent:
     def close(self) -> None:
         """Stop, leave the consumer group, flush answers and close the store."""
         self.stop()
+        if self._key_reader is not None:
+            self._key_reader.close()
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
@@ -1106,6 +1135,12 @@ class VehicleAgent:
     def flush(self, timeout_s: float = 30.0) -> None:
         if self._producer is not None:
             self._producer.flush(timeout=timeout_s)
+
+
+def _key_refused(refusal: KeyTopicRefusal) -> None:
+    """A vehicle has no DLQ: a refused key-topic item is a reject event on the trace (and the
+    follower's metric and log line), as for an envelope it refuses."""
+    record_reject(None, stage="vehicle-keys", reason=refusal.reason.value, detail=refusal.detail)
 
 
 @contextlib.contextmanager

@@ -122,6 +122,17 @@ AUDIT_RECORDS = Counter(
     "Audit records written, by event type.",
     ["event"],
 )
+KEY_TOPIC_ITEMS = Counter(
+    "fleetbus_key_topic_items_total",
+    "Items read from the compacted key topic, by reading role, outcome (applied, skipped: "
+    "outside this process's record sets, refused) and reason code of a refusal.",
+    ["role", "outcome", "reason"],
+)
+KEY_DIRECTORY_HEAD = Gauge(
+    "fleetbus_key_directory_head_seq",
+    "Sequence number of the highest key-directory head this process accepted.",
+    ["role"],
+)
 BUILD_INFO = Info("fleetbus_build", "Version of the fleetbus package this process runs.")
 
 #: ``fleetbus_provider_circuit_state`` values by breaker state name.

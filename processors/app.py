@@ -69,7 +69,8 @@ def state_topic(settings: FleetbusSettings, stage: str) -> str:
 
 
 def pipeline_topics(settings: FleetbusSettings) -> tuple[list[str], list[str]]:
-    """(regular topics, compacted state topics) the pipeline needs."""
+    """(regular topics, compacted topics: the stages' state changelogs and the key topic) the
+    pipeline needs."""
     t = settings.topics
     names = [
         t.commands_requested,
@@ -85,7 +86,7 @@ def pipeline_topics(settings: FleetbusSettings) -> tuple[list[str], list[str]]:
     ]
     regular = [t.full(n) for n in names]
     compacted = [state_topic(settings, s) for s in ("authorize", "seal", "track", "telemetry")]
-    return regular, compacted
+    return regular, [*compacted, t.full(t.keys)]
 
 
 def ensure_pipeline_topics(settings: FleetbusSettings) -> list[str]:
@@ -213,6 +214,14 @@ class Pipeline:
     stages: list[Any]  # TransactionalStage
     services: list[Any] = field(default_factory=list)  # anything with async run() / stop()
 
+    def catch_up(self) -> None:
+        """Bring the services that follow a topic (the key topic) up to its end, blocking: call
+        it once the topics exist and before the stages start."""
+        for service in self.services:
+            catch_up = getattr(service, "catch_up", None)
+            if catch_up is not None:
+                catch_up()
+
 
 def warn_if_root_private_key(keys_dir: Path) -> bool:
     """Warn when the worker's key folder holds the fleet root's private key.
@@ -247,6 +256,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     from fleetbus.bus.registry import load_key_provider
     from fleetbus.processors.fleet_registry import FleetRegistry
     from fleetbus.processors.health import HealthReporter, init_stage_counters
+    from fleetbus.processors.keytopic import KeyTopicService
     from fleetbus.processors.policy import PolicyEngine
     from fleetbus.processors.stages import (
         AuthorizeStage,
@@ -272,6 +282,10 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     directory = load_directory(keys_dir / DIRECTORY, root, head_store=head_store)
     sealer_file = load_key_file(keys_dir / f"{settings.sealer_principal}.key")
     signer = sealer_file.signer()
+    # Live key changes (docs/key-management.md): the worker reads the topic up to now before
+    # any stage starts (Pipeline.catch_up), so a revocation already published is in force for
+    # the first record. Not here: building reads only local files, before any connection.
+    key_topic = KeyTopicService(settings, directory, audit_signer=signer)
 
     registry_path = (
         Path(settings.fleet_registry).expanduser()
@@ -282,6 +296,20 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     registry = (base or FleetRegistry.from_mapping({})).with_directory_records(directory.records())
     policy_dir = Path(settings.policy_dir).expanduser() if settings.policy_dir else None
     policy = PolicyEngine(registry, policy_dir=policy_dir)
+
+    def refresh_policy() -> None:
+        # A principal issued live gets its roles and groups (and a new vehicle becomes a
+        # known target) with the head that covers it, not at the next restart.
+        fleet = (base or FleetRegistry.from_mapping({})).with_directory_records(directory.records())
+        policy.refresh(fleet)
+        _log.info(
+            "policy: fleet registry refreshed after a new directory head (%d vehicles, "
+            "%d operators)",
+            len(fleet.vehicles),
+            len(fleet.operators),
+        )
+
+    key_topic.on_head = refresh_policy
 
     providers: dict[str, Any] = {name: load_key_provider(name) for name in KEM_PROVIDERS}
     if settings.qkd_kme_url:
@@ -384,7 +412,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     stages = [stage_runner(settings, logic, audit_signer=signer) for logic in logics]
     init_stage_counters(stage.stage for stage in stages)
     health = HealthReporter(providers, profile_sealer, directory)
-    return Pipeline(stages, services=[health])
+    return Pipeline(stages, services=[key_topic, health])
 
 
 def _stage_service(stage: Any) -> type[Service]:

@@ -138,8 +138,20 @@ class PolicyEngine:
         self._export_cache: dict[tuple[str, str], str] = {}
         self._decisions: dict[tuple[Any, ...], _Evaluation] = {}
 
-    def _entity_list(self) -> list[dict[str, Any]]:
-        reg = self.registry
+    def refresh(self, registry: FleetRegistry) -> None:
+        """Decide against ``registry`` from now on (the key directory changed: a principal
+        issued live gets its roles and groups). The new entities are built before anything is
+        swapped, so a registry that does not parse leaves the current one in force."""
+        try:
+            entities = cedarpy.Entities.from_json_str(json.dumps(self._entity_list(registry)))
+        except ValueError as exc:
+            raise ConfigError(f"fleet entities do not parse: {exc}") from None
+        self.registry = registry
+        self._entities = entities
+        self._decisions = {}
+
+    def _entity_list(self, registry: FleetRegistry | None = None) -> list[dict[str, Any]]:
+        reg = registry or self.registry
         entities: list[dict[str, Any]] = []
         roles = sorted({r for op in reg.operators.values() for r in op.roles})
         entities += [{"uid": _uid("Role", r), "attrs": {}, "parents": []} for r in roles]

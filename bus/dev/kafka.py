@@ -586,6 +586,7 @@ def fleet_acls(
     dispatchers: Sequence[str] = (),
     vehicles: Sequence[str] = (),
     status_readers: Sequence[str] = (),
+    key_publishers: Sequence[str] = (),
 ) -> list[AclGrant]:
     """Least-privilege bindings for a fleet's principals (``topics`` is a ``TopicNames``).
 
@@ -598,7 +599,9 @@ def fleet_acls(
       payloads), so READ on them is a grant of its own.
     - vehicles (or a vehicle gateway / simulator principal): READ ``commands.outbound`` with a
       consumer group named ``{app_id}.vehicles.*``; WRITE ``commands.responses`` and
-      ``telemetry.raw``.
+      ``telemetry.raw``; READ the key topic (no group: every agent reads all of it).
+    - key_publishers (whoever runs ``fleetbus keys ... --bootstrap``): WRITE and DESCRIBE the
+      key topic, nothing else — the only writer besides the workers' prefix grant.
     - the worker: every topic under the prefix (it reads, writes and creates its state topics),
       its groups and transactional ids (prefix ``{app_id}``), idempotent writes.
     """
@@ -629,6 +632,15 @@ def fleet_acls(
                 AclGrant(who, "WRITE", "TOPIC", full(name)),
                 AclGrant(who, "DESCRIBE", "TOPIC", full(name)),
             ]
+        grants += [
+            AclGrant(who, "READ", "TOPIC", full(topics.keys)),
+            AclGrant(who, "DESCRIBE", "TOPIC", full(topics.keys)),
+        ]
+    for who in key_publishers:
+        grants += [
+            AclGrant(who, "WRITE", "TOPIC", full(topics.keys)),
+            AclGrant(who, "DESCRIBE", "TOPIC", full(topics.keys)),
+        ]
     for op in ("READ", "WRITE", "DESCRIBE", "CREATE", "DESCRIBE_CONFIGS"):
         grants.append(AclGrant(worker, op, "TOPIC", topics.prefix, "PREFIXED"))
     grants += [

@@ -1,0 +1,443 @@
+"""The key directory at fleet scale: synthetic fleets of 10^4, 10^5 and 10^6 vehicles.
+
+Per fleet size, each in a fresh process (so resident memory is that process's own):
+* worker start-up: ``load_directory`` of the whole ``directory.cbor`` (what ``build_pipeline``
+  does), time and RSS; and, for comparison where it fits in time, the same load verifying every
+  record's own root signature (``verify_each``, the path every loader took before);
+* vehicle agent start-up: ``load_key_directory(..., vehicles=[one id])`` (set 0 and its own
+  vehicle), time, RSS and the size of the directory state it keeps;
+* lookups in the worker's directory: ``recipient_keys`` of a random vehicle, ``verifier_for`` of
+  a dispatcher, per call;
+* with ``--propagation SIZES``: revocations published to a local Kafka broker while 2 worker
+  processes (each holding the whole fleet) and 100 vehicle agents' key-topic readers (set 0,
+  in 2 processes) follow the topic; the time from the revocation record's producer timestamp
+  to its being in force in each.
+
+The synthetic fleet: a fleet root with an **Ed25519** signature (not the composite
+ML-DSA-65 + Ed25519 root of a real fleet: 10^6 composite signatures take hours on 2 cores), one
+sealer, 20 dispatchers, 5 approvers (real keys), and vehicles whose public keys are **random
+bytes of the real sizes** (Ed25519 32 B, X-Wing 1216 B, X25519 32 B; never used to encrypt).
+Records are signed in 2 processes once and cached under ``~/.cache/fleetbus/bench-directory``.
+A composite root makes every record 3.2 KB larger (its signature); a loader no longer checks
+record signatures one by one when the head covers them, so that changes bytes read and held,
+not signature work. Prints a table and writes bench/results/directory.json.
+
+    .venv/bin/python bench/bench_directory.py [--sizes 10000,100000,1000000]
+        [--propagation 10000,100000] [--revocations 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from fleetbus.bus.dev.kafka import cache_root
+from fleetbus.bus.directory import (
+    DEFAULT_VEHICLE_BUCKETS,
+    FleetRoot,
+    KeyRecord,
+    RootPublicKey,
+    SignedKeyRecord,
+    build_head,
+    derive_key_id,
+    issue_key,
+    load_directory,
+    load_key_file,
+    save_key_file,
+    write_directory_file,
+)
+
+RESULTS = Path(__file__).parent / "results" / "directory.json"
+CACHE = cache_root() / "bench-directory"
+T0 = 1_800_000_000.0
+YEAR = 365 * 86400.0
+DISPATCHERS = 20
+APPROVERS = 5
+KEY_SIZES = {"ed25519": 32, "xwing": 1216, "x25519": 32}
+
+
+def vehicle_id(i: int) -> str:
+    return f"V-{i:07d}"
+
+
+def _sign_chunk(args: tuple[dict[str, bytes], dict[str, Any], int, int]) -> list[bytes]:
+    private, public_doc, start, stop = args
+    root = FleetRoot(private, RootPublicKey(**public_doc))
+    rng = random.Random(start)  # noqa: S311 - synthetic public keys, never used to encrypt
+    out = []
+    for i in range(start, stop):
+        keys = {alg: rng.randbytes(size) for alg, size in KEY_SIZES.items()}
+        record = KeyRecord(
+            principal_id=vehicle_id(i),
+            kind="vehicle",
+            version=1,
+            key_id=derive_key_id(keys),
+            public_keys=keys,
+            signature_suite="ed25519",
+            capabilities=frozenset({"pqc"}),
+            not_before=T0 - YEAR,
+            not_after=T0 + 10 * YEAR,
+            groups=frozenset({f"depot-{i % 100:02d}"}),
+        )
+        out.append(root.sign(record).to_cbor())
+    return out
+
+
+def fleet_folder(n: int) -> Path:
+    """The cached synthetic fleet of ``n`` vehicles (generated on first use)."""
+    folder = CACHE / f"fleet-{n}"
+    if (folder / "directory.cbor").exists():
+        return folder
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    started = time.perf_counter()
+    root = FleetRoot.generate("ed25519")
+    common = [
+        issue_key(
+            root,
+            principal_id="bus-sealer",
+            kind="sealer",
+            kems=["xwing"],
+            not_before=T0 - YEAR,
+            not_after=T0 + 10 * YEAR,
+        )
+    ]
+    common += [
+        issue_key(
+            root,
+            principal_id=f"dispatch-{d}",
+            kind="dispatcher",
+            signature_suite="ed25519",
+            not_before=T0 - YEAR,
+            not_after=T0 + 10 * YEAR,
+        )
+        for d in range(DISPATCHERS)
+    ]
+    common += [
+        issue_key(
+            root,
+            principal_id=f"approver-{a}",
+            kind="approver",
+            signature_suite="ed25519",
+            not_before=T0 - YEAR,
+            not_after=T0 + 10 * YEAR,
+        )
+        for a in range(APPROVERS)
+    ]
+    public_doc = {
+        "key_id": root.public.key_id,
+        "suite": root.public.suite,
+        "public_keys": root.public.public_keys,
+    }
+    private = root.key_file().private_keys
+    step = 20_000
+    chunks = [(private, public_doc, s, min(s + step, n)) for s in range(0, n, step)]
+    values: list[bytes] = []
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        for part in pool.map(_sign_chunk, chunks):
+            values.extend(part)
+    records = [c.signed for c in common] + [SignedKeyRecord.from_cbor(v) for v in values]
+    head = root.sign_head(
+        build_head(
+            (r.record for r in records), seq=1, at=T0, vehicle_buckets=DEFAULT_VEHICLE_BUCKETS
+        )
+    )
+    save_key_file(folder / "root.key", root.key_file())
+    (folder / "root.pub").write_bytes(root.public.to_bytes())
+    for item in common:
+        save_key_file(folder / f"{item.key_file.principal_id}.key", item.key_file)
+    # Last: its presence means the fleet is complete.
+    write_directory_file(folder / "directory.cbor", head, records)
+    print(f"generated fleet {n} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return folder
+
+
+# --- measurements, each in a child process -------------------------------------------------
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(mode: str, n: int) -> dict[str, Any]:
+    from fleetbus.bus.vehicle import load_key_directory
+
+    folder = fleet_folder(n)
+    root = RootPublicKey.from_bytes((folder / "root.pub").read_bytes())
+    base = rss_mb()
+    started = time.perf_counter()
+    if mode == "agent":
+        directory = load_key_directory(
+            folder, state_dir=CACHE / "state-none", vehicles=["V-0000001"]
+        )
+    else:
+        directory = load_directory(
+            folder / "directory.cbor", root, verify_each=mode == "worker-verify-each"
+        )
+    seconds = time.perf_counter() - started
+    held = directory.signed_records()
+    out: dict[str, Any] = {
+        "mode": mode,
+        "vehicles": n,
+        "start_s": round(seconds, 3),
+        "rss_mb": round(rss_mb(), 1),
+        "rss_growth_mb": round(rss_mb() - base, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "records_held": len(held),
+        "state_bytes": sum(len(s.to_cbor()) for s in held),
+    }
+    if mode == "worker":
+        rng = random.Random(7)  # noqa: S311 - which vehicles to look up
+        ids = [vehicle_id(rng.randrange(n)) for _ in range(20_000)]
+        t = time.perf_counter()
+        for vid in ids:
+            directory.recipient_keys(vid, at=T0)
+        out["recipient_keys_us"] = round((time.perf_counter() - t) / len(ids) * 1e6, 2)
+        kid = directory.latest("dispatch-3").key_id
+        t = time.perf_counter()
+        for _ in range(20_000):
+            directory.verifier_for("dispatch-3", kid, at=T0)
+        out["verifier_for_us"] = round((time.perf_counter() - t) / 20_000 * 1e6, 2)
+    return out
+
+
+def run_child(mode: str, n: int) -> dict[str, Any]:
+    proc = subprocess.run(  # noqa: S603 - this script, with its own arguments
+        [sys.executable, __file__, "--child", mode, "--sizes", str(n)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+# --- revocation propagation on a real broker ----------------------------------------------
+
+
+def follower_process(role: str, n: int, bootstrap: str, prefix: str, readers: int) -> None:
+    """A worker (whole fleet) or ``readers`` vehicle agents (set 0 each) following the topic;
+    prints ``{"kid", "at"}`` for every revocation in force, per reader."""
+    from fleetbus.bus.directory import vehicle_agent_scope
+    from fleetbus.bus.keytopic import KeyTopicFollower, KeyTopicReader
+    from fleetbus.bus.settings import FleetbusSettings, TopicNames
+
+    folder = fleet_folder(n)
+    root = RootPublicKey.from_bytes((folder / "root.pub").read_bytes())
+    settings = FleetbusSettings(kafka_bootstrap=bootstrap, topics=TopicNames(prefix=prefix))
+    scope = vehicle_agent_scope(["V-0000001"]) if role == "agent" else None
+    started = []
+    for _ in range(readers):
+        directory = (
+            load_directory(folder / "directory.cbor", root, scope=scope)
+            if scope is not None
+            else load_directory(folder / "directory.cbor", root)
+        )
+        reader = KeyTopicReader(settings, KeyTopicFollower(directory, role=role))
+        reader.start()
+        started.append((reader, directory))
+    kids = {directory.latest(f"dispatch-{d}").key_id for d in range(DISPATCHERS)}
+    seen: list[set[str]] = [set() for _ in started]
+    print(json.dumps({"ready": role, "readers": readers}), flush=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and any(len(s) < len(kids) for s in seen):
+        for index, (reader, directory) in enumerate(started):
+            reader.poll(0.0 if readers > 1 else 0.05)
+            for kid in kids - seen[index]:
+                record = directory.record(kid)
+                if record is not None and record.revoked:
+                    seen[index].add(kid)
+                    print(json.dumps({"kid": kid, "at": time.time(), "role": role}), flush=True)
+        if readers > 1:
+            time.sleep(0.005)
+
+
+def propagation(n: int, revocations: int) -> dict[str, Any]:
+    import threading
+    import uuid
+
+    from fleetbus.bus.dev.kafka import LocalKafka, find_free_base_port
+    from fleetbus.bus.directory import KeyDirectory, next_head, read_directory_file
+    from fleetbus.bus.keytopic import publish_key_change
+    from fleetbus.bus.settings import FleetbusSettings, TopicNames
+    from fleetbus.bus.topics import ensure_topics
+
+    folder = fleet_folder(n)
+    root = FleetRoot.from_key_file(load_key_file(folder / "root.key"))
+    content = read_directory_file(folder / "directory.cbor")
+    assert content.head is not None
+    holder = KeyDirectory(root.public)
+    holder.ingest_committed(content.records, content.head)
+    holder.ingest_head(content.head)
+    home = CACHE / "kafka"
+    cluster = LocalKafka(home=home, base_port=find_free_base_port(2), heap_mb=768)
+    cluster.up(timeout_s=180)
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        prefix = f"b{uuid.uuid4().hex[:8]}."
+        settings = FleetbusSettings(
+            kafka_bootstrap=cluster.bootstrap, topics=TopicNames(prefix=prefix)
+        )
+        topic = settings.topics.full(settings.topics.keys)
+        ensure_topics(
+            cluster.bootstrap, [topic], partitions=2, configs={"cleanup.policy": "compact"}
+        )
+        # The topic holds set 0 and the head; the workers load the vehicles from the file.
+        common = [s for s in holder.signed_records() if s.record.kind != "vehicle"]
+        publish_key_change(settings, common, content.head)
+        layout = [("worker", 1), ("worker", 1), ("agent", 50), ("agent", 50)]
+        for role, readers in layout:
+            command = [sys.executable, __file__, "--follow", role, "--sizes", str(n)]
+            command += ["--bootstrap", cluster.bootstrap, "--prefix", prefix]
+            procs.append(
+                subprocess.Popen(  # noqa: S603 - this script, with its own arguments
+                    [*command, "--readers", str(readers)],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        lines: list[dict[str, Any]] = []
+        lock = threading.Lock()
+
+        def pump(proc: subprocess.Popen[str]) -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                with lock:
+                    lines.append(json.loads(line))
+
+        for proc in procs:
+            threading.Thread(target=pump, args=(proc,), daemon=True).start()
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            with lock:
+                if sum(1 for line in lines if "ready" in line) == len(layout):
+                    break
+            time.sleep(0.2)
+        published: dict[str, float] = {}
+        previous = content.head.head
+        for d in range(revocations):
+            record = holder.latest(f"dispatch-{d}")
+            revocation = root.sign(record.revocation(at=time.time()))
+            holder.ingest(revocation)
+            head = next_head(root, holder, previous=previous)
+            holder.ingest_head(head)
+            previous = head.head
+            published[record.key_id] = time.time()
+            publish_key_change(settings, [revocation], head)
+            time.sleep(1.0)
+        expected = revocations * (2 + 100)
+        while time.monotonic() < deadline:
+            with lock:
+                done = [line for line in lines if line.get("kid") in published]
+            if len(done) >= expected:
+                break
+            time.sleep(0.2)
+        samples: dict[str, list[float]] = {"worker": [], "agent": []}
+        for line in done:
+            samples[line["role"]].append(line["at"] - published[line["kid"]])
+        return {
+            "vehicles": n,
+            "revocations": revocations,
+            "workers": 2,
+            "vehicle_agents": 100,
+            "in_force_samples": len(done),
+            "expected_samples": expected,
+            **{f"{role}_in_force_s": summary(values) for role, values in samples.items() if values},
+        }
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        cluster.down()
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+
+    def q(p: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))], 4)
+
+    return {"p50": q(0.5), "p99": q(0.99), "max": round(ordered[-1], 4)}
+
+
+def _merged(
+    old: list[dict[str, Any]], new: list[dict[str, Any]], key: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    replaced = {tuple(row[k] for k in key) for row in new}
+    kept = [row for row in old if tuple(row[k] for k in key) not in replaced]
+    return sorted(kept + new, key=lambda row: tuple(row[k] for k in key[::-1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--verify-each-max", type=int, default=100_000)
+    parser.add_argument(
+        "--propagation",
+        default="",
+        help="fleet sizes (comma separated) at which to measure revocation propagation",
+    )
+    parser.add_argument("--revocations", type=int, default=10)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--follow", help=argparse.SUPPRESS)
+    parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", help=argparse.SUPPRESS)
+    parser.add_argument("--readers", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.child:
+        print(json.dumps(child(args.child, sizes[0])))
+        return
+    if args.follow:
+        follower_process(args.follow, sizes[0], args.bootstrap, args.prefix, args.readers)
+        return
+    rows = []
+    for n in sizes:
+        fleet_folder(n)
+        modes = ["worker", "agent"] + (["worker-verify-each"] if n <= args.verify_each_max else [])
+        for mode in modes:
+            row = run_child(mode, n)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    prop_sizes = [int(s) for s in args.propagation.split(",") if s]
+    prop = [propagation(n, args.revocations) for n in prop_sizes]
+    print(f"{'mode':<20} {'vehicles':>9} {'start s':>8} {'RSS MB':>8} {'held':>9} {'state MB':>9}")
+    for row in rows:
+        print(
+            f"{row['mode']:<20} {row['vehicles']:>9} {row['start_s']:>8} {row['rss_mb']:>8} "
+            f"{row['records_held']:>9} {row['state_bytes'] / 2**20:>9.2f}"
+        )
+    for row in rows:
+        if "recipient_keys_us" in row:
+            print(
+                f"lookups at {row['vehicles']}: recipient_keys {row['recipient_keys_us']} us, "
+                f"verifier_for {row['verifier_for_us']} us"
+            )
+    for item in prop:
+        print(f"propagation at {item['vehicles']}: {json.dumps(item)}")
+    RESULTS.parent.mkdir(exist_ok=True)
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    doc = {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "root": "ed25519 (synthetic fleet; see the module docstring)",
+        # A run over some sizes replaces those rows and keeps the others.
+        "rows": _merged(previous.get("rows", []), rows, ("mode", "vehicles")),
+        "propagation": _merged(previous.get("propagation", []), prop, ("vehicles",)),
+    }
+    RESULTS.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
