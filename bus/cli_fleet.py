@@ -120,7 +120,10 @@ def simulate(
     ids = list(vehicle or [f"V-{n:04d}" for n in range(1, vehicles + 1)])
     if not ids:
         raise ConfigError("no vehicles to simulate")
-    directory = load_key_directory(keys_dir)
+    store_path = store or keys_dir / "fleet-sim.sqlite"
+    # The highest directory head accepted lives with the executed store (writable, kept across
+    # restarts), not in the keys folder, which a deployment mounts read-only.
+    directory = load_key_directory(keys_dir, state_dir=store_path.parent)
     identities = [VehicleIdentity.load(keys_dir, vid) for vid in ids]
     agent = VehicleAgent(
         settings,
@@ -128,7 +131,7 @@ def simulate(
         directory=directory,
         minimum_path=minimum_path,
         handlers=default_handlers(),
-        store_path=store or keys_dir / "fleet-sim.sqlite",
+        store_path=store_path,
         sealer_principal=sealer,
         metrics_port=metrics_port,
         metrics_bind=metrics_bind,

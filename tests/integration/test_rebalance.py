@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 from integration.pipeline_support import read_topic
 
+from fleetbus.bus.directory import FleetRoot, KeyDirectory, issue_key
 from fleetbus.processors.audit import AuditEvent, verify_entries
 from fleetbus.processors.eos import (
     InputRecord,
@@ -106,6 +108,19 @@ def test_revocations_mid_batch_lose_and_double_nothing(
     source, out, state, dlq = make_topics("in", "out", "state", "dlq", partitions=PARTITIONS)
     (audit,) = make_topics("audit")
     sent: list[bytes] = []
+    # The chains are signed as the worker signs them, so that the verifier can require it.
+    root = FleetRoot.generate("ed25519")
+    now = time.time()
+    sealer = issue_key(
+        root,
+        principal_id="bus-sealer",
+        kind="sealer",
+        signature_suite="ed25519",
+        not_before=now - 3600,
+        not_after=now + 86400,
+    )
+    directory = KeyDirectory(root.public)
+    directory.ingest_all([sealer.signed])
 
     def runner(logic: ParkedStage) -> ObservedStage:
         return ObservedStage(
@@ -116,7 +131,9 @@ def test_revocations_mid_batch_lose_and_double_nothing(
             audit_topic=audit,
             dlq_topic=dlq,
             batch_size=10,
-            checkpoint_every=10_000,
+            checkpoint_every=100,
+            audit_signer=sealer.key_file.signer(),
+            audit_signer_principal="bus-sealer",
             consumer_options={"heartbeat_interval_ms": 300, "session_timeout_ms": 10_000},
         )
 
@@ -188,6 +205,8 @@ def test_revocations_mid_batch_lose_and_double_nothing(
     assert not doubled, f"{len(doubled)} records forwarded more than once"
     assert read_topic(kafka_bootstrap, dlq) == []
     entries = [(r.offset, r.key, r.value) for r in read_topic(kafka_bootstrap, audit)]
-    report = verify_entries(entries, None)
+    report = verify_entries(
+        entries, directory, checkpoint_signer="bus-sealer", max_checkpoint_every=100
+    )
     assert report.ok, report.breaks
     assert sum(report.records.values()) == len(sent)
