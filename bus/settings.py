@@ -179,6 +179,11 @@ class FleetbusSettings(BaseSettings):
     batch_signing: bool = Field(
         default=False, description="one signature over a Merkle root per sealed batch"
     )
+    wire_version: Literal[1, 2] = Field(
+        default=1,
+        description="envelope format the bus writes to vehicles whose directory record has the "
+        "capability wire2 (docs/wire-format.md V2.10); every reader accepts both",
+    )
     profiles: dict[str, ProfileSettings] = Field(
         default_factory=_default_profiles, description="security profiles by name"
     )

@@ -36,6 +36,7 @@ from fleetbus.bus.directory import (
     load_key_file,
 )
 from fleetbus.bus.envelope import DEFAULT_MAX_SIZE, MessageKind, decode_envelope
+from fleetbus.bus.envelope_v2 import ParsedEstablishment, decode_record, record_version
 from fleetbus.bus.errors import ConfigError, FleetbusError, KafkaUnavailableError, ReasonCode
 from fleetbus.bus.keys import KeyPath, KeyProvider, PrivateKeySet, SecurityProfile, Signer
 from fleetbus.bus.settings import FleetbusSettings
@@ -50,7 +51,8 @@ from fleetbus.observability.tracing import (
 
 if TYPE_CHECKING:
     from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
-    from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy
+    from fleetbus.providers.sealing import EnvelopeSealer, EpochPolicy
+    from fleetbus.providers.sealing_v2 import EpochOpener, EpochUnknownError
 
 __all__ = [
     "ExecutedStore",
@@ -70,6 +72,10 @@ DEFAULT_UPLINK_PATHS: Final = (KeyPath(("xwing",)),)
 DEFAULT_KEM_PROVIDERS: Final = ("x25519", "mlkem768", "xwing")
 #: Lifetime of a response / telemetry envelope.
 UPLINK_TTL_S: Final = 300.0
+#: Wire format v2 messages of an unknown epoch kept per vehicle while the establishment is asked
+#: for again (docs/wire-format.md V2.7), and the seconds between two statuses of one vehicle.
+HELD_PER_VEHICLE: Final = 64
+STATUS_INTERVAL_S: Final = 5.0
 #: How long an executed command id is remembered after its expiry (envelopes expire first).
 STORE_GRACE_S: Final = 3600.0
 
@@ -260,13 +266,15 @@ class AgentStats:
     telemetry: int = 0
     errors: int = 0
     consumer_resets: int = 0
+    epochs: int = 0  # v2 establishments accepted
+    epoch_statuses: int = 0  # epoch_unknown statuses sent
     by_status: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
 class _Vehicle:
     identity: VehicleIdentity
-    opener: EnvelopeOpener
+    opener: EpochOpener  # v2 records, and v1 envelopes through its v1 opener
     sealer: EnvelopeSealer
     profile: SecurityProfile
 
@@ -360,6 +368,7 @@ class VehicleAgent:
         from fleetbus.bus.registry import load_key_provider
         from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
         from fleetbus.providers.sealing import VerifiedRoots
+        from fleetbus.providers.sealing_v2 import SqliteEpochStore
 
         self.settings = settings
         self.directory = directory
@@ -389,6 +398,11 @@ class VehicleAgent:
         # One cache of verified batch-signature roots for all vehicles of this process: a batch
         # that reaches several of them is verified once (each envelope's proof still is).
         self._roots = VerifiedRoots(4096)
+        # Wire format v2 epochs live in the same durable file as the executed commands.
+        self.epochs = SqliteEpochStore(store_path)
+        # (epoch id, sequence, expires-at, record, topic) of v2 messages whose epoch is unknown.
+        self._held: dict[str, list[tuple[bytes, int, float, bytes, str]]] = {}
+        self._status_at: dict[str, float] = {}
         self._vehicles: dict[str, _Vehicle] = {}
         for item in vehicles:
             identity = (
@@ -429,10 +443,11 @@ class VehicleAgent:
 
     def _make_vehicle(self, identity: VehicleIdentity) -> _Vehicle:
         from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, ReplayCache
+        from fleetbus.providers.sealing_v2 import EpochOpener
 
         if identity.keys.principal_id != identity.vehicle_id:
             raise ConfigError(f"keys of {identity.keys.principal_id!r} given for a different id")
-        opener = EnvelopeOpener(
+        v1_opener = EnvelopeOpener(
             identity.keys,
             self.directory,
             self._runner,
@@ -444,6 +459,19 @@ class VehicleAgent:
             # Per sender inside, no eviction (a full sender is refused); lifetimes bounded by
             # the longest command lifetime the bus accepts, so entries always drain.
             replay_cache=ReplayCache(max_per_sender=10_000, clock=self._clock),
+            max_lifetime_s=self.settings.replay_ttl_s,
+            root_cache=self._roots,
+        )
+        opener = EpochOpener(
+            identity.keys,
+            self.directory,
+            self._runner,
+            self._minimum,
+            store=self.epochs,
+            v1=v1_opener,
+            max_size=self._max_size,
+            clock=self._clock,
+            skew_s=self._skew_s,
             max_lifetime_s=self.settings.replay_ttl_s,
             root_cache=self._roots,
         )
@@ -614,6 +642,7 @@ class VehicleAgent:
         if now - self._last_prune > 60:
             self._last_prune = now
             self.store.prune(now)
+            self.epochs.prune(now, self._skew_s)
         return count
 
     def _watch_spin(self, got_records: bool, wall_s: float, cpu_s: float) -> bool:
@@ -681,6 +710,7 @@ class VehicleAgent:
             self._producer.close(timeout=10)
             self._producer = None
         self.store.close()
+        self.epochs.close()
 
     def __enter__(self) -> VehicleAgent:
         return self
@@ -719,16 +749,26 @@ class VehicleAgent:
         _log.warning("vehicle rejected an envelope: %s (%s)", reason.value, detail)
 
     def _handle(self, vehicle: _Vehicle, value: object, topic: str) -> list[Any]:
-        from fleetbus.providers.sealing import OpenedEnvelope
+        from fleetbus.providers.sealing_v2 import AcceptedEpoch
 
         vid = vehicle.identity.vehicle_id
         if type(value) is not bytes:
             self._reject(ReasonCode.MALFORMED, "record without a value")
             return []
         try:
-            opened: OpenedEnvelope = vehicle.opener.open(value, topic=topic)
+            opened = vehicle.opener.open(value, topic=topic)
         except FleetbusError as exc:
-            return self._rejected_envelope(vehicle, value, exc)
+            return self._rejected_envelope(vehicle, value, exc, topic)
+        if isinstance(opened, AcceptedEpoch):
+            if opened.sender != self.sealer_principal:
+                # Verified, but only the bus sealer sends commands: its epochs are the only
+                # ones that can ever carry one.
+                self._forget_epoch(vehicle, opened.epoch_id)
+                self._reject(ReasonCode.WRONG_RECIPIENT, "an epoch not from the bus sealer")
+                return []
+            if opened.new:
+                self.stats.epochs += 1
+            return self._release_held(vehicle, opened.epoch_id)
         if opened.sender != self.sealer_principal or opened.kind is not MessageKind.COMMAND:
             self._reject(ReasonCode.WRONG_RECIPIENT, "not a command from the bus sealer")
             return self._answer(vehicle, opened.message_id, None, 400, "not a command envelope")
@@ -763,24 +803,107 @@ class VehicleAgent:
         if command.is_expired(self._clock() - self._skew_s):
             raise FleetbusError("command has expired", reason=ReasonCode.EXPIRED)
 
-    def _rejected_envelope(self, vehicle: _Vehicle, value: bytes, exc: FleetbusError) -> list[Any]:
+    def _forget_epoch(self, vehicle: _Vehicle, epoch_id: bytes) -> None:
+        self.epochs.erase(vehicle.identity.vehicle_id, epoch_id)
+
+    def _hold_for_epoch(
+        self, vehicle: _Vehicle, value: bytes, topic: str, exc: EpochUnknownError
+    ) -> list[Any]:
+        """Keep a v2 message whose epoch is unknown and ask the bus for the establishment
+        (docs/wire-format.md V2.7). Nothing of it is trusted yet: it is bounded in number,
+        kept only until its clear expiry, and executed only once its epoch is verified."""
+        from fleetbus.providers.sealing_v2 import make_status, sign_status
+
         vid = vehicle.identity.vehicle_id
+        now = self._clock()
+        held = [h for h in self._held.get(vid, []) if h[2] + self._skew_s >= now]
+        if len(held) >= HELD_PER_VEHICLE:
+            self._reject(ReasonCode.EPOCH_UNKNOWN, f"{vid}: held messages full; dropped")
+            self._held[vid] = held
+            return []
+        held.append((exc.epoch_id, exc.sequence, exc.expires_at, value, topic))
+        self._held[vid] = held
+        _log.info("%s: message of unknown epoch %s held", vid, exc.epoch_id.hex())
+        if now - self._status_at.get(vid, float("-inf")) < STATUS_INTERVAL_S:
+            return []
+        self._status_at[vid] = now
+        status = make_status(
+            topic=self._responses,
+            recipient=self.sealer_principal,
+            epoch_id=exc.epoch_id,
+            sequence=exc.sequence,
+            at=now,
+        )
+        record = sign_status(vehicle.identity.signer, vid, status)
+        self.stats.epoch_statuses += 1
+        return [self._send(self._responses, vid, record, [])]
+
+    def _release_held(self, vehicle: _Vehicle, epoch_id: bytes) -> list[Any]:
+        vid = vehicle.identity.vehicle_id
+        held = self._held.get(vid, [])
+        ready = sorted((h for h in held if h[0] == epoch_id), key=lambda h: h[1])
+        if not ready:
+            return []
+        self._held[vid] = [h for h in held if h[0] != epoch_id]
+        self._status_at.pop(vid, None)
+        out: list[Any] = []
+        for _epoch, _seq, _expires, value, topic in ready:
+            out.extend(self._handle(vehicle, value, topic))
+        return out
+
+    def _version_of(self, value: bytes) -> int:
+        """The record's format version; 0 for a record that has none we read."""
+        try:
+            return record_version(value, max_size=self._max_size)
+        except FleetbusError:
+            return 0
+
+    def _authenticated_id(self, value: bytes, exc: FleetbusError) -> str | None:
+        """The message id of a refused record whose sender is authenticated, else None."""
+        from fleetbus.providers.sealing_v2 import AuthenticatedRejectError
+
+        if isinstance(exc, AuthenticatedRejectError):
+            return exc.message_id
+        if self._version_of(value) != 1:
+            return None  # v2: only a message that passed the AEAD names its sender's id
+        if exc.reason is not ReasonCode.REPLAYED and exc.reason not in _AUTHENTICATED_REJECTS:
+            return None
+        return decode_envelope(value, max_size=self._max_size).header.message_id
+
+    def _rejected_envelope(
+        self, vehicle: _Vehicle, value: bytes, exc: FleetbusError, topic: str
+    ) -> list[Any]:
+        from fleetbus.providers.sealing_v2 import EpochUnknownError
+
+        vid = vehicle.identity.vehicle_id
+        if isinstance(exc, EpochUnknownError):
+            return self._hold_for_epoch(vehicle, value, topic, exc)
+        if exc.reason is ReasonCode.QKD_UNAVAILABLE and self._version_of(value) == 2:
+            parsed = decode_record(value, max_size=self._max_size)
+            if (
+                isinstance(parsed, ParsedEstablishment)
+                and self._clock() * 1000 < parsed.establishment.not_after_ms
+            ):
+                raise _RetryLater("QKD key of an epoch establishment unavailable; retrying")
         if exc.reason is ReasonCode.REPLAYED:
-            # Authentic (the replay check follows the signature check) and seen before in this
-            # process: a redelivery. Answer it again if we have an answer.
-            message_id = decode_envelope(value, max_size=self._max_size).header.message_id
-            return self._answer_again(vehicle, message_id)
-        if exc.reason is ReasonCode.QKD_UNAVAILABLE:
+            replayed_id = self._authenticated_id(value, exc)
+            if replayed_id is None:
+                self._reject(exc.reason, str(exc))
+                return []
+            # Authentic (the replay check follows the signature check, or the AEAD in v2) and
+            # seen before: a redelivery. Answer it again if we have an answer.
+            return self._answer_again(vehicle, replayed_id)
+        if exc.reason is ReasonCode.QKD_UNAVAILABLE and self._version_of(value) == 1:
             # The key exists at our KME but cannot be fetched now (link or KME down): the
             # command is authentic and still valid, so wait for the KME rather than fail it.
             header = decode_envelope(value, max_size=self._max_size).header
             if self._clock() * 1000 < header.expires_at_ms:
                 raise _RetryLater(f"QKD key for {header.message_id} unavailable; retrying")
         self._reject(exc.reason, str(exc))
-        if exc.reason not in _AUTHENTICATED_REJECTS:
+        message_id = self._authenticated_id(value, exc)
+        if message_id is None:
             # An unauthenticated sender must not be able to make vehicles talk.
             return []
-        message_id = decode_envelope(value, max_size=self._max_size).header.message_id
         status = _STATUS_FOR_REJECT.get(exc.reason, 400)
         _log.info("answering %s for %s: %s", status, vid, exc.reason.value)
         return self._answer(vehicle, message_id, None, status, exc.reason.value)

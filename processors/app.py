@@ -240,6 +240,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     from fleetbus.processors.uplink import UplinkLimits
     from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
     from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy
+    from fleetbus.providers.sealing_v2 import EpochSealer
 
     keys_dir = Path(settings.keys_dir).expanduser()
     try:
@@ -299,6 +300,20 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         batch_signing=settings.batch_signing,
     )
 
+    # Wire format v2 (docs/wire-format.md V2.10): written only to vehicles announcing wire2.
+    # Epochs always bound here: v2's per-message saving is the epoch.
+    epoch_sealer = (
+        EpochSealer(
+            settings.sealer_principal,
+            signer,
+            profile_sealer,
+            epochs=EpochPolicy(settings.epoch_max_age_s, settings.epoch_max_messages),
+            batch_signing=settings.batch_signing,
+        )
+        if settings.wire_version == 2
+        else None
+    )
+
     def opener() -> UplinkOpener:
         def one(minimum: str) -> EnvelopeOpener:
             return EnvelopeOpener(
@@ -329,6 +344,8 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         rules=rules,
         clock_skew_s=settings.clock_skew_s,
         unservable=unservable,
+        sealer_v2=epoch_sealer,
+        wire_version=settings.wire_version,
     )
     profile_sealer.add_listener(seal.on_failover)
     logics: list[Any] = [
@@ -349,6 +366,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
             clock_skew_s=settings.clock_skew_s,
             max_message_bytes=settings.max_message_bytes,
             limits=uplink_limits,
+            sealer_principal=settings.sealer_principal,
         ),
         TelemetryStage(
             topics=topics,

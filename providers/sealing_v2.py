@@ -88,6 +88,7 @@ from fleetbus.providers.sealing import (
 __all__ = [
     "REPLAY_WINDOW",
     "AcceptedEpoch",
+    "AuthenticatedRejectError",
     "EpochOpener",
     "EpochSealer",
     "EpochStore",
@@ -582,6 +583,15 @@ class EpochUnknownError(EnvelopeError):
         self.recipient = recipient
 
 
+class AuthenticatedRejectError(EnvelopeError):
+    """A v2 message that authenticated (AEAD) and is refused all the same: ``message_id`` is
+    the sender's, so the recipient may answer it (a redelivery is answered again)."""
+
+    def __init__(self, message: str, *, reason: ReasonCode, message_id: str) -> None:
+        super().__init__(message, reason=reason)
+        self.message_id = message_id
+
+
 class EpochOpener:
     """Opens v2 establishments and messages addressed to ``own.principal_id`` (and v1 envelopes
     through ``v1``, when given). ``open`` raises only ``EnvelopeError``."""
@@ -814,12 +824,10 @@ class EpochOpener:
                 reason=ReasonCode.EPOCH_EXHAUSTED,
             )
         self._verifier(epoch.sender, epoch.sender_key_id, epoch.signature_suite, now)
-        if not window_admits(epoch, header.sequence):
-            raise EnvelopeError(
-                f"sequence {header.sequence} of epoch {header.epoch_id.hex()} was already "
-                "opened or is older than the replay window",
-                reason=ReasonCode.REPLAYED,
-            )
+        # The window is consulted before decryption but enforced after it: a redelivered
+        # message is authentic, and its recipient answers it again (by message id) from its
+        # store of executed commands instead of dropping it silently.
+        fresh = window_admits(epoch, header.sequence)
         key, nonce = derive_message_key_nonce(epoch.secret, header.sequence)
         try:
             plaintext = AESGCM(key).decrypt(nonce, parsed.ciphertext, message_aad(parsed.protected))
@@ -829,15 +837,23 @@ class EpochOpener:
                 reason=ReasonCode.TAMPERED,
             ) from exc
         plain = decode_plaintext(plaintext, header)
+        replayed = (
+            f"sequence {header.sequence} of epoch {header.epoch_id.hex()} was already opened "
+            "or is older than the replay window"
+        )
+        if not fresh:
+            raise AuthenticatedRejectError(
+                replayed, reason=ReasonCode.REPLAYED, message_id=plain.message_id
+            )
         if plain.issued_at_ms > now_ms + self._skew_ms:
-            raise EnvelopeError(
+            raise AuthenticatedRejectError(
                 "message is issued in the future (beyond the clock-skew allowance)",
                 reason=ReasonCode.NOT_YET_VALID,
+                message_id=plain.message_id,
             )
         if not self.store.record(own, header.epoch_id, header.sequence):
-            raise EnvelopeError(
-                f"sequence {header.sequence} of epoch {header.epoch_id.hex()} was already opened",
-                reason=ReasonCode.REPLAYED,
+            raise AuthenticatedRejectError(
+                replayed, reason=ReasonCode.REPLAYED, message_id=plain.message_id
             )
         return OpenedEnvelope(
             kind=header.kind,

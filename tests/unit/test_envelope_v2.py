@@ -30,6 +30,7 @@ from fleetbus.providers.sealing import EpochPolicy, SealRequest
 from fleetbus.providers.sealing_v2 import (
     REPLAY_WINDOW,
     AcceptedEpoch,
+    AuthenticatedRejectError,
     EpochOpener,
     EpochSealer,
     EpochUnknownError,
@@ -163,7 +164,11 @@ def test_reused_sequence_is_replayed_and_window_allows_reordering(world: World) 
     messages = [r[-1] for r in records]
     opener.open(messages[2], topic=TOPIC)
     opener.open(messages[1], topic=TOPIC)  # late but inside the window: fine
-    assert reason_of(opener, messages[1]) is ReasonCode.REPLAYED
+    with pytest.raises(AuthenticatedRejectError) as info:
+        opener.open(messages[1], topic=TOPIC)
+    # Refused after authentication: the recipient may answer the redelivery by its id.
+    assert info.value.reason is ReasonCode.REPLAYED
+    assert info.value.message_id == "cmd-1"
     opener.open(messages[-1], topic=TOPIC)  # jumps ahead: 0 falls out of the window
     assert reason_of(opener, messages[0]) is ReasonCode.REPLAYED
 

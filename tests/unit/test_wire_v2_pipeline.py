@@ -1,0 +1,301 @@
+"""Wire format v2 in the pipeline, without Kafka: the seal stage writes establishment + message
+to vehicles announcing ``wire2``, the vehicle agent keeps epochs and answers ``epoch_unknown``,
+the track stage re-delivers the establishment, and nothing is executed twice
+(docs/wire-format.md V2.7, V2.10)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from fleetbus.bus.commands import Command, SignedCommand, Target
+from fleetbus.bus.directory import FleetRoot, KeyDirectory, PrincipalKeyFile, issue_key
+from fleetbus.bus.envelope_v2 import (
+    Message,
+    ParsedEstablishment,
+    decode_record,
+    record_version,
+)
+from fleetbus.bus.keys import KeyPath
+from fleetbus.bus.registry import load_key_provider
+from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.bus.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
+from fleetbus.observability.metrics import held_until_commit
+from fleetbus.processors.eos import DeadLetter, InputRecord, PartitionState, StageResult
+from fleetbus.processors.stages import (
+    AuthorizedCommand,
+    PipelineTopics,
+    ProfileChoice,
+    SealStage,
+    TrackStage,
+    UplinkOpener,
+    profile_from_settings,
+)
+from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
+from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy
+from fleetbus.providers.sealing_v2 import EpochSealer
+
+NOW = time.time() - 7200
+SETTINGS = FleetbusSettings()
+TOPICS = PipelineTopics.from_settings(SETTINGS.topics)
+SUITE = "ed25519"
+
+
+@dataclass
+class Fleet:
+    directory: KeyDirectory
+    files: dict[str, PrincipalKeyFile]
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Fleet:
+    root = FleetRoot.generate(SUITE)
+    w = {"not_before": NOW - 3600, "not_after": NOW + 86400}
+    kems = ["xwing", "x25519"]
+    issued = [
+        issue_key(root, principal_id="bus-sealer", kind="sealer", signature_suite=SUITE,
+                  kems=kems, **w),
+        issue_key(root, principal_id="dispatch-1", kind="dispatcher", signature_suite=SUITE, **w),
+        issue_key(root, principal_id="V-1", kind="vehicle", signature_suite=SUITE, kems=kems,
+                  capabilities=["wire2"], **w),
+        issue_key(root, principal_id="V-3", kind="vehicle", signature_suite=SUITE, kems=kems,
+                  **w),
+    ]  # fmt: skip
+    directory = KeyDirectory(root.public)
+    directory.ingest_all([i.signed for i in issued])
+    return Fleet(directory, {i.key_file.principal_id: i.key_file for i in issued})
+
+
+def seal_stage(fleet: Fleet, wire_version: int = 2) -> SealStage:
+    runner = KeyPathRunner({n: load_key_provider(n) for n in ("xwing", "x25519")})
+    profiles = {
+        name: profile_from_settings(name, p.key_paths, p.allow_fallback, p.minimum_path, SUITE)
+        for name, p in SETTINGS.profiles.items()
+        if not any("qkd" in path for path in p.key_paths)
+    }
+    rules = [ProfileChoice("standard")]
+    profiles["standard"] = profile_from_settings("standard", ["xwing"], True, "xwing", SUITE)
+    profile_sealer = ProfileSealer(runner, retries=0, sleep=lambda _: None)
+    signer = fleet.files["bus-sealer"].signer()
+    return SealStage(
+        topics=TOPICS,
+        directory=fleet.directory,
+        sealer=EnvelopeSealer("bus-sealer", signer, profile_sealer),
+        profiles=profiles,
+        rules=rules,
+        clock_skew_s=30,
+        sealer_v2=EpochSealer(
+            "bus-sealer", signer, profile_sealer, epochs=EpochPolicy(300, 1000), clock=lambda: NOW
+        ),
+        wire_version=wire_version,
+    )
+
+
+def track_stage(fleet: Fleet) -> TrackStage:
+    runner = KeyPathRunner({n: load_key_provider(n) for n in ("xwing", "x25519")})
+
+    def one(minimum: str) -> EnvelopeOpener:
+        return EnvelopeOpener(
+            fleet.files["bus-sealer"].key_set(),
+            fleet.directory,
+            runner,
+            KeyPath.parse(minimum),
+            check_replay=False,
+            clock=lambda: NOW,
+        )
+
+    return TrackStage(
+        topics=TOPICS,
+        opener=UplinkOpener(fleet.directory, one("xwing"), one("x25519"), clock=lambda: NOW),
+        clock_skew_s=30,
+        max_message_bytes=64 * 1024,
+        sealer_principal="bus-sealer",
+    )
+
+
+_offsets = iter(range(10**6))
+
+
+def authorized(fleet: Fleet, vehicle: str, action: str = "ping") -> InputRecord:
+    command = Command.create(
+        issuer="dispatch-1", target=Target(vehicle=vehicle), action=action, ttl_s=600, now=NOW
+    )
+    cmd = SignedCommand.sign(command, fleet.files["dispatch-1"].signer())
+    value = AuthorizedCommand(
+        command.id, vehicle, "dispatch-1", action, "routine", command.issued_at,
+        command.expires_at, cmd.encode(),
+    ).encode()  # fmt: skip
+    return InputRecord(TOPICS.authorized, 0, next(_offsets), command.id.encode(), value)
+
+
+def outputs(result: StageResult, topic: str) -> list[Any]:
+    return [o for o in result.outputs if o.topic == topic]
+
+
+class Vehicles:
+    """A VehicleAgent fed by hand: what it executes and what it sends."""
+
+    def __init__(self, fleet: Fleet, tmp_path: Path) -> None:
+        self.executed: Counter[str] = Counter()
+        self.sent: list[tuple[str, str, bytes]] = []
+        self.agent = VehicleAgent(
+            SETTINGS,
+            vehicles=[VehicleIdentity.from_key_file(fleet.files[v]) for v in ("V-1", "V-3")],
+            directory=fleet.directory,
+            minimum_path="xwing",
+            handlers={"ping": self.handle},
+            store_path=tmp_path / "agent.sqlite",
+            clock=lambda: NOW,
+        )
+        self.agent._send = self._send  # type: ignore[method-assign]
+
+    def _send(self, topic: str, key: str, value: bytes, headers: Any) -> None:
+        self.sent.append((topic, key, value))
+
+    def handle(self, command: Any) -> HandlerResult:
+        self.executed[command.id] += 1
+        return HandlerResult(200, "ok")
+
+    def feed(self, value: bytes, key: bytes) -> None:
+        record = SimpleNamespace(
+            topic=TOPICS.outbound, key=key, value=value, headers=[], partition=0, offset=0
+        )
+        self.agent._handle_record(record)
+
+    def statuses(self) -> list[tuple[str, bytes]]:
+        return [
+            (key, value)
+            for topic, key, value in self.sent
+            if topic == TOPICS.responses and record_version(value) == 2
+        ]
+
+
+def test_seal_stage_writes_v2_to_wire2_vehicles_with_establishment_first(fleet: Fleet) -> None:
+    stage = seal_stage(fleet)
+    first = stage.process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    est, message = outputs(first, TOPICS.outbound)
+    assert (est.key, message.key) == (b"V-1", b"V-1")
+    assert isinstance(decode_record(est.value), ParsedEstablishment)
+    assert isinstance(decode_record(message.value), Message)
+    assert message.headers == ()  # the command id is not in a Kafka header any more
+    [copy] = outputs(first, TOPICS.responses)
+    assert (copy.key, copy.value) == (b"V-1", est.value)
+    assert first.audit[-1].detail["wire"] == 2
+    second = stage.process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    [only] = outputs(second, TOPICS.outbound)
+    assert isinstance(decode_record(only.value), Message)
+    assert not outputs(second, TOPICS.responses)
+    assert len(only.value) < 600  # vs ~1.3 KB + a KEM ciphertext for v1 on xwing
+    # Not announced: v1.
+    legacy = stage.process(authorized(fleet, "V-3"), PartitionState(), NOW)
+    [v1] = outputs(legacy, TOPICS.outbound)
+    assert record_version(v1.value) == 1
+    assert v1.headers[0][0] == "fleetbus-command-id"
+    # The setting off: v1 even for a wire2 vehicle.
+    [off] = outputs(
+        seal_stage(fleet, wire_version=1).process(authorized(fleet, "V-1"), PartitionState(), NOW),
+        TOPICS.outbound,
+    )
+    assert record_version(off.value) == 1
+
+
+def test_an_aborted_establishment_is_sent_again(fleet: Fleet) -> None:
+    stage = seal_stage(fleet)
+    with held_until_commit():  # the transaction aborts: the held updates are dropped
+        aborted = stage.process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    assert len(outputs(aborted, TOPICS.outbound)) == 2
+    with held_until_commit() as held:
+        again = stage.process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    for update in held:
+        update()
+    assert len(outputs(again, TOPICS.outbound)) == 2  # same epoch, establishment again
+    after = stage.process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    assert len(outputs(after, TOPICS.outbound)) == 1
+
+
+def test_vehicle_opens_executes_once_and_answers_redelivery(fleet: Fleet, tmp_path: Path) -> None:
+    stage, vehicles = seal_stage(fleet), Vehicles(fleet, tmp_path)
+    result = stage.process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    for out in outputs(result, TOPICS.outbound):
+        vehicles.feed(out.value, out.key)
+    assert list(vehicles.executed.values()) == [1]
+    assert vehicles.agent.stats.epochs == 1
+    answers = [s for s in vehicles.sent if s[0] == TOPICS.responses]
+    assert len(answers) == 1
+    vehicles.feed(outputs(result, TOPICS.outbound)[-1].value, b"V-1")  # redelivered
+    assert list(vehicles.executed.values()) == [1]
+    assert len([s for s in vehicles.sent if s[0] == TOPICS.responses]) == 2  # answered again
+
+
+def test_lost_epoch_is_recovered_through_status_and_redelivery(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    seal, track, vehicles = seal_stage(fleet), track_stage(fleet), Vehicles(fleet, tmp_path)
+    track_state = PartitionState()
+    first = seal.process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    # The track stage keeps the copy of the establishment (same key as the vehicle's status).
+    [copy] = outputs(first, TOPICS.responses)
+    kept = track.process(
+        InputRecord(TOPICS.responses, 0, 1, copy.key, copy.value), track_state, NOW
+    )
+    assert not kept.outputs
+    # The vehicle missed the establishment: it holds the message and reports the epoch.
+    message = outputs(first, TOPICS.outbound)[-1]
+    vehicles.feed(message.value, b"V-1")
+    assert not vehicles.executed
+    [(key, status)] = vehicles.statuses()
+    assert key == "V-1"
+    answer = track.process(
+        InputRecord(TOPICS.responses, 0, 2, key.encode(), status), track_state, NOW
+    )
+    [redelivered] = outputs(answer, TOPICS.outbound)
+    assert (redelivered.key, redelivered.value) == (b"V-1", copy.value)
+    assert [e.event for e in answer.audit] == ["epoch_redelivered"]
+    # A second status inside the interval is not answered again.
+    again = track.process(
+        InputRecord(TOPICS.responses, 0, 3, key.encode(), status), track_state, NOW
+    )
+    assert not again.outputs
+    vehicles.feed(redelivered.value, b"V-1")
+    assert list(vehicles.executed.values()) == [1]
+    # Establishment once more (re-delivery is idempotent) and the message again: no second run.
+    vehicles.feed(redelivered.value, b"V-1")
+    vehicles.feed(message.value, b"V-1")
+    assert list(vehicles.executed.values()) == [1]
+
+
+def test_track_stage_refuses_foreign_establishments_and_unknown_epochs(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    track, vehicles = track_stage(fleet), Vehicles(fleet, tmp_path)
+    state = PartitionState()
+    first = seal_stage(fleet).process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    [copy] = outputs(first, TOPICS.responses)
+    # Under another vehicle's key: not kept.
+    wrong = track.process(InputRecord(TOPICS.responses, 0, 1, b"V-3", copy.value), state, NOW)
+    [dlq] = outputs(wrong, TOPICS.dlq)
+    assert DeadLetter.decode(dlq.value).reason.value == "wrong_recipient"
+    # A status for an epoch this partition does not hold: audited, nothing sent.
+    vehicles.feed(outputs(first, TOPICS.outbound)[-1].value, b"V-1")
+    [(_key, status)] = vehicles.statuses()
+    result = track.process(InputRecord(TOPICS.responses, 0, 2, b"V-1", status), state, NOW)
+    assert not result.outputs
+    assert [e.event for e in result.audit] == ["epoch_unknown"]
+    # A status under another key than its signer's: dead-lettered.
+    bad = track.process(InputRecord(TOPICS.responses, 0, 3, b"V-3", status), state, NOW)
+    assert DeadLetter.decode(outputs(bad, TOPICS.dlq)[0].value).reason.value == "malformed"
+    # Tampered status: bad signature.
+    tampered = status[:-1] + bytes([status[-1] ^ 1])
+    bad = track.process(InputRecord(TOPICS.responses, 0, 4, b"V-1", tampered), state, NOW)
+    assert DeadLetter.decode(outputs(bad, TOPICS.dlq)[0].value).reason.value == "bad_signature"
+    # Held establishment copies end with their epoch.
+    track.process(InputRecord(TOPICS.responses, 0, 5, copy.key, copy.value), state, NOW)
+    assert any(k.startswith("est/") for k, _ in state.items())
+    track.tick(0, state, NOW + 400)
+    assert not any(k.startswith("est/") for k, _ in state.items())
