@@ -179,8 +179,10 @@ class FleetbusSettings(BaseSettings):
     batch_signing: bool = Field(
         default=False, description="one signature over a Merkle root per sealed batch"
     )
-    wire_version: Literal[1, 2] = Field(
+    wire_version: int = Field(
         default=1,
+        ge=1,
+        le=2,
         description="envelope format the bus writes to vehicles whose directory record has the "
         "capability wire2 (docs/wire-format.md V2.10); every reader accepts both",
     )

@@ -154,6 +154,63 @@ def test_group_command_reaches_every_vehicle_of_the_group(pipeline: dict[str, An
     assert sorted(r.key.decode() for r in outbound) == sorted(members)
 
 
+def test_wire_v2_commands_run_exactly_once_with_one_establishment_per_vehicle(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The worker writes wire format v2 to vehicles whose records announce wire2: routine and
+    group commands succeed, each runs once, and each vehicle's partition carries one
+    establishment followed by small messages that name no command in clear."""
+    from fleetbus.bus.envelope_v2 import Message, ParsedEstablishment, decode_record
+
+    fleet = make_test_fleet(tmp_path, vehicles=4, vehicle_capabilities=["wire2"])
+    settings = fleet.settings_for(kafka_bootstrap)
+    worker = WorkerProcess(
+        worker_env(settings, tmp_path, FLEETBUS_WIRE_VERSION="2"), tmp_path / "worker.log"
+    )
+    executions = Executions()
+    agent = VehicleAgent(
+        settings,
+        vehicles=fleet.vehicles(),
+        directory=fleet.directory,
+        minimum_path="xwing",
+        handlers={a: executions.handler for a in ("ping", "lock_doors")},
+        store_path=tmp_path / "agent.sqlite",
+    ).start()
+    publisher = CommandPublisher(
+        settings, principal_id=DISPATCHER, private_key_file=fleet.key_file_path(DISPATCHER)
+    )
+    try:
+        handles = [
+            publisher.send(Target(vehicle="V-0001"), "ping"),
+            publisher.send(Target(vehicle="V-0001"), "ping"),
+            publisher.send(Target(group="north"), "lock_doors"),
+        ]
+        for handle in handles:
+            outcome = wait_final(handle, worker)
+            assert outcome.state is CommandState.SUCCEEDED, handle.events
+        time.sleep(2)
+        assert executions.counts[(handles[0].command_id, "V-0001")] == 1
+        assert executions.counts[(handles[1].command_id, "V-0001")] == 1
+        members = fleet.groups["north"]
+        assert executions.counts[(handles[2].command_id, "north")] == len(members)
+        records = read_topic(settings.kafka_bootstrap, topic(settings, "commands_outbound"))
+        kinds: Counter[tuple[str, str]] = Counter()
+        for r in records:
+            parsed = decode_record(r.value)
+            kinds[
+                (r.key.decode(), "est" if isinstance(parsed, ParsedEstablishment) else "msg")
+            ] += 1
+            assert isinstance(parsed, ParsedEstablishment | Message)
+            assert "fleetbus-command-id" not in dict(r.headers)
+            assert handles[0].command_id.encode() not in r.value
+        assert kinds[("V-0001", "est")] == 1
+        assert kinds[("V-0001", "msg")] == 2 + ("V-0001" in members)
+    finally:
+        publisher.close()
+        agent.close()
+        worker.stop()
+
+
 def test_rejections_reach_status_rejected_and_the_dlq(pipeline: dict[str, Any]) -> None:
     fleet: TestFleet = pipeline["fleet"]
     settings: FleetbusSettings = pipeline["settings"]

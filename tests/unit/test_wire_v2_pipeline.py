@@ -299,3 +299,11 @@ def test_track_stage_refuses_foreign_establishments_and_unknown_epochs(
     assert any(k.startswith("est/") for k, _ in state.items())
     track.tick(0, state, NOW + 400)
     assert not any(k.startswith("est/") for k, _ in state.items())
+
+
+def test_wire_version_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEETBUS_WIRE_VERSION", "2")
+    assert FleetbusSettings().wire_version == 2
+    monkeypatch.setenv("FLEETBUS_WIRE_VERSION", "3")
+    with pytest.raises(ValueError, match="wire_version"):
+        FleetbusSettings()
