@@ -823,6 +823,7 @@ class VehicleAgent:
             return []
         held.append((exc.epoch_id, exc.sequence, exc.expires_at, value, topic))
         self._held[vid] = held
+        self._reject(ReasonCode.EPOCH_UNKNOWN, f"{vid}: held until its epoch is delivered again")
         _log.info("%s: message of unknown epoch %s held", vid, exc.epoch_id.hex())
         if now - self._status_at.get(vid, float("-inf")) < STATUS_INTERVAL_S:
             return []
