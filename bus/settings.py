@@ -217,6 +217,18 @@ class FleetbusSettings(BaseSettings):
     audit_checkpoint_every: int = Field(
         default=100, ge=1, description="records between signed audit checkpoints"
     )
+    telemetry_batch_readings: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description="vehicle SDK, wire v2 uplink: readings per telemetry batch (flushed then)",
+    )
+    telemetry_batch_bytes: int = Field(
+        default=8192, ge=256, description="... or when the batch's readings reach this many bytes"
+    )
+    telemetry_batch_age_s: float = Field(
+        default=5.0, gt=0, description="... or when its oldest reading is this old"
+    )
     telemetry_consumer: str = Field(
         default="analytics", description="consumer the telemetry export policy is evaluated for"
     )

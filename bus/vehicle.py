@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -25,6 +26,7 @@ from fleetbus.bus.commands import (
     Response,
     SignedCommand,
     Telemetry,
+    TelemetryBatch,
     new_command_id,
 )
 from fleetbus.bus.directory import (
@@ -52,7 +54,7 @@ from fleetbus.observability.tracing import (
 if TYPE_CHECKING:
     from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
     from fleetbus.providers.sealing import EnvelopeSealer, EpochPolicy
-    from fleetbus.providers.sealing_v2 import EpochOpener, EpochUnknownError
+    from fleetbus.providers.sealing_v2 import EpochOpener, EpochSealer, EpochUnknownError
 
 __all__ = [
     "ExecutedStore",
@@ -75,6 +77,8 @@ UPLINK_TTL_S: Final = 300.0
 #: Wire format v2 messages of an unknown epoch kept per vehicle while the establishment is asked
 #: for again (docs/wire-format.md V2.7), and the seconds between two statuses of one vehicle.
 HELD_PER_VEHICLE: Final = 64
+#: Directory capability of the bus sealer (and vehicles) announcing wire format v2.
+WIRE2_CAPABILITY: Final = "wire2"
 STATUS_INTERVAL_S: Final = 5.0
 #: How long an executed command id is remembered after its expiry (envelopes expire first).
 STORE_GRACE_S: Final = 3600.0
@@ -277,6 +281,10 @@ class _Vehicle:
     opener: EpochOpener  # v2 records, and v1 envelopes through its v1 opener
     sealer: EnvelopeSealer
     profile: SecurityProfile
+    uplink_v2: EpochSealer  # telemetry batches when the bus announces wire2
+    readings: list[tuple[float, dict[str, ParamValue]]] = field(default_factory=list)
+    batch_bytes: int = 0
+    batch_started: float = 0.0
 
 
 @dataclass
@@ -442,8 +450,9 @@ class VehicleAgent:
         return sorted(self._vehicles)
 
     def _make_vehicle(self, identity: VehicleIdentity) -> _Vehicle:
+        from fleetbus.bus.envelope_v2 import Direction
         from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, ReplayCache
-        from fleetbus.providers.sealing_v2 import EpochOpener
+        from fleetbus.providers.sealing_v2 import EpochOpener, EpochSealer
 
         if identity.keys.principal_id != identity.vehicle_id:
             raise ConfigError(f"keys of {identity.keys.principal_id!r} given for a different id")
@@ -489,7 +498,15 @@ class VehicleAgent:
             allow_fallback=True,
             minimum_path=self._uplink_paths[-1],
         )
-        return _Vehicle(identity, opener, sealer, profile)
+        uplink_v2 = EpochSealer(
+            identity.vehicle_id,
+            identity.signer,
+            self._profile_sealer,
+            direction=Direction.UPLINK,
+            epochs=self._uplink_epochs,
+            clock=self._clock,
+        )
+        return _Vehicle(identity, opener, sealer, profile, uplink_v2)
 
     # -- Kafka ----------------------------------------------------------------------------
 
@@ -639,6 +656,9 @@ class VehicleAgent:
                 )
                 self.stats.errors += 1
         now = self._clock()
+        # Batches whose oldest reading waited long enough go now; their delivery is the
+        # producer's, as for every telemetry record.
+        self.flush_telemetry(older_than_s=self.settings.telemetry_batch_age_s)
         if now - self._last_prune > 60:
             self._last_prune = now
             self.store.prune(now)
@@ -1166,6 +1186,10 @@ class VehicleAgent:
         telemetry = Telemetry(
             vehicle_id=vehicle_id, at=self._clock() if at is None else at, fields=dict(fields)
         )
+        if self._uplink_v2(self._clock()) is not None:
+            # v2: this reading and any queued ones go now, as one batch.
+            vehicle.readings.append((telemetry.at, dict(telemetry.fields)))
+            return self._flush_readings(vehicle)
         try:
             envelope = self._seal(
                 vehicle,
@@ -1181,9 +1205,104 @@ class VehicleAgent:
         self.stats.telemetry += 1
         return future
 
+    def add_reading(
+        self, vehicle_id: str, fields: Mapping[str, ParamValue], *, at: float | None = None
+    ) -> Any:
+        """Queue one reading of ``vehicle_id``. With wire format v2 (the bus sealer's record
+        announces ``wire2``) readings are batched — flushed as one v2 message when the batch
+        reaches ``telemetry_batch_readings`` readings or ``telemetry_batch_bytes`` bytes, or its
+        oldest reading ``telemetry_batch_age_s`` (``poll_once`` and ``flush_telemetry`` check
+        the age) — and the future of the batch that this reading completed is returned, else
+        None. Without v2 every reading is sent at once (``publish_telemetry``)."""
+        vehicle = self._vehicles.get(vehicle_id)
+        if vehicle is None:
+            raise ConfigError(f"vehicle {vehicle_id!r} is not served by this agent")
+        now = self._clock()
+        when = now if at is None else at
+        # Validated here, so that one bad reading is refused alone and never sinks its batch.
+        reading = Telemetry(vehicle_id=vehicle_id, at=when, fields=dict(fields))
+        if self._uplink_v2(now) is None:
+            return self.publish_telemetry(vehicle_id, fields, at=when)
+        if not vehicle.readings:
+            vehicle.batch_started = now
+        vehicle.readings.append((reading.at, dict(reading.fields)))
+        vehicle.batch_bytes += len(reading.encode()) - len(vehicle_id)
+        settings = self.settings
+        if (
+            len(vehicle.readings) >= settings.telemetry_batch_readings
+            or vehicle.batch_bytes >= settings.telemetry_batch_bytes
+        ):
+            return self._flush_readings(vehicle)
+        return None
+
+    def flush_telemetry(self, *, older_than_s: float | None = None) -> list[Any]:
+        """Send every queued batch (or only those whose oldest reading is older than
+        ``older_than_s``); returns the futures of the batches sent."""
+        now = self._clock()
+        futures = []
+        for vehicle in self._vehicles.values():
+            if vehicle.readings and (
+                older_than_s is None or now - vehicle.batch_started >= older_than_s
+            ):
+                futures.append(self._flush_readings(vehicle))
+        return futures
+
+    def _uplink_v2(self, now: float) -> Any:
+        """The bus sealer's keys when it announces wire format v2, else None."""
+        try:
+            keys = self.directory.recipient_keys(self.sealer_principal, at=now)
+        except FleetbusError:
+            return None
+        return keys if WIRE2_CAPABILITY in keys.capabilities else None
+
+    def _flush_readings(self, vehicle: _Vehicle) -> Any:
+        from fleetbus.providers.sealing import SealRequest
+
+        vid = vehicle.identity.vehicle_id
+        readings, vehicle.readings, vehicle.batch_bytes = vehicle.readings, [], 0
+        now = self._clock()
+        batch = TelemetryBatch(vid, tuple(readings))
+        try:
+            recipient = self._uplink_v2(now)
+            if recipient is None:
+                raise FleetbusError("the bus no longer announces wire2", reason=ReasonCode.CONFIG)
+            prepared = vehicle.uplink_v2.prepare(
+                SealRequest(
+                    MessageKind.TELEMETRY,
+                    self._telemetry,
+                    recipient,
+                    new_command_id(),
+                    "",
+                    batch.encode(),
+                    now,
+                    now + UPLINK_TTL_S,
+                    vehicle.profile,
+                )
+            )
+            [records] = vehicle.uplink_v2.records_for([prepared])
+        except FleetbusError as exc:
+            raise KafkaUnavailableError(f"telemetry of {vid}: {exc.reason.value}") from exc
+        future = None
+        for value in records:
+            future = self._send(self._telemetry, vid, value, _trace_headers())
+        if len(records) > 1:
+            # Messages go without the establishment only once the broker has it.
+            announce = partial(_announce, vehicle.uplink_v2, prepared.epoch_id)
+            if future is None:
+                announce(None)
+            else:
+                future.add_callback(announce)
+        self.stats.telemetry += len(readings)
+        return future
+
     def flush(self, timeout_s: float = 30.0) -> None:
+        self.flush_telemetry()
         if self._producer is not None:
             self._producer.flush(timeout=timeout_s)
+
+
+def _announce(sealer: EpochSealer, epoch_id: bytes, _metadata: object) -> None:
+    sealer.announced([epoch_id])
 
 
 @contextlib.contextmanager

@@ -223,6 +223,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         load_directory,
         load_key_file,
     )
+    from fleetbus.bus.envelope_v2 import Direction
     from fleetbus.bus.keys import KeyPath
     from fleetbus.bus.registry import load_key_provider
     from fleetbus.processors.fleet_registry import FleetRegistry
@@ -240,7 +241,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     from fleetbus.processors.uplink import UplinkLimits
     from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
     from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy
-    from fleetbus.providers.sealing_v2 import EpochSealer
+    from fleetbus.providers.sealing_v2 import EpochOpener, EpochSealer
 
     keys_dir = Path(settings.keys_dir).expanduser()
     try:
@@ -331,6 +332,18 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
             directory, one(settings.response_minimum_path), one(settings.legacy_minimum_path)
         )
 
+    def v2_opener(minimum: str) -> EpochOpener:
+        # Stores come per partition from the stage (StateEpochStore); this one is never used.
+        return EpochOpener(
+            sealer_file.key_set(),
+            directory,
+            runner,
+            KeyPath.parse(minimum),
+            direction=Direction.UPLINK,
+            skew_s=settings.clock_skew_s,
+            max_lifetime_s=settings.uplink_max_lifetime_s,
+        )
+
     uplink_limits = UplinkLimits(
         max_lifetime_s=settings.uplink_max_lifetime_s,
         ids_per_sender=settings.uplink_ids_per_sender,
@@ -376,6 +389,10 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
             max_message_bytes=settings.max_message_bytes,
             clock_skew_s=settings.clock_skew_s,
             limits=uplink_limits,
+            v2_openers=(
+                v2_opener(settings.response_minimum_path),
+                v2_opener(settings.legacy_minimum_path),
+            ),
         ),
     ]
     stages = [stage_runner(settings, logic, audit_signer=signer) for logic in logics]

@@ -27,9 +27,10 @@ from fleetbus.bus.commands import (
     SignedCommand,
     StatusEvent,
     Telemetry,
+    TelemetryBatch,
     uuid7_timestamp_ms,
 )
-from fleetbus.bus.envelope import EnvelopeError, decode_envelope
+from fleetbus.bus.envelope import EnvelopeError, MessageKind, decode_envelope
 from fleetbus.bus.envelope_v2 import (
     Direction,
     Message,
@@ -57,10 +58,13 @@ from fleetbus.processors.eos import (
 )
 from fleetbus.processors.policy import PolicyEngine
 from fleetbus.processors.uplink import (
+    EPOCH_PREFIX,
     DeadlineIndex,
+    StateEpochStore,
     UplinkLimits,
     UplinkReplay,
     add_to_count,
+    epoch_until,
     read_count,
     sender_key,
 )
@@ -1869,6 +1873,7 @@ class TelemetryStage:
         max_message_bytes: int,
         clock_skew_s: float = 30.0,
         limits: UplinkLimits | None = None,
+        v2_openers: tuple[Any, Any] | None = None,  # EpochOpener (pqc minimum, legacy minimum)
     ) -> None:
         _stage_owns_replay(self.name, opener)
         self.topics = topics
@@ -1878,6 +1883,11 @@ class TelemetryStage:
         self.max_bytes = max_message_bytes
         self.limits = limits or UplinkLimits()
         self.replay = UplinkReplay(limits=self.limits, skew_s=clock_skew_s)
+        # Wire format v2 uplink: epochs in the partition state, secrets only in memory.
+        self.v2_openers = v2_openers
+        self.skew_ms = _ms(clock_skew_s)
+        self._secrets: dict[bytes, bytes] = {}
+        self._epochs = DeadlineIndex((EPOCH_PREFIX,), epoch_until)
 
     def input_topics(self) -> Sequence[str]:
         return [self.topics.telemetry_raw]
@@ -1890,6 +1900,12 @@ class TelemetryStage:
 
         if record.value is None:
             return dlq(ReasonCode.MALFORMED, "empty record")
+        try:
+            version = record_version(record.value, max_size=self.max_bytes)
+        except EnvelopeError:
+            version = 1  # the opener refuses it with its own reason
+        if version == 2:
+            return self._v2(record, state, now)
         try:
             opened = self.opener.open(record.value, topic=self.topics.telemetry_raw)
         except EnvelopeError as exc:
@@ -1911,21 +1927,81 @@ class TelemetryStage:
             ENVELOPE_REJECTS.labels(role="bus", reason=refused.value).inc()
             detail = _refusal_detail(refused, sender, opened.message_id, self.limits)
             return dlq(refused, detail, actor=sender)
+        return StageResult(outputs=[self._export(telemetry, opened.key_path.name)])
+
+    def _export(self, telemetry: Telemetry, key_path: str) -> Output:
         exported = self.policy.export(self.consumer, telemetry.fields)
         doc = {
             "vehicle_id": telemetry.vehicle_id,
             "at": telemetry.at,
             "consumer": self.consumer,
-            "key_path": opened.key_path.name,
+            "key_path": key_path,
             "fields": exported,
         }
         value = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-        return StageResult(
-            outputs=[Output(self.topics.telemetry_verified, telemetry.vehicle_id.encode(), value)]
+        return Output(self.topics.telemetry_verified, telemetry.vehicle_id.encode(), value)
+
+    def _v2(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
+        """A wire-v2 uplink record: a vehicle's establishment (its epoch goes into this
+        partition's state) or a message carrying a ``TelemetryBatch`` (exported per reading).
+        The replay window of the epoch, in the same state, replaces ``UplinkReplay`` here."""
+
+        def dlq(reason: ReasonCode, detail: str, **kw: Any) -> StageResult:
+            on_commit(ENVELOPE_REJECTS.labels(role="bus", reason=reason.value).inc)
+            return dead_letter_result(
+                self.name, self.topics.dlq, record, reason, detail, now=now, **kw
+            )
+
+        if self.v2_openers is None:
+            return dlq(ReasonCode.UNSUPPORTED_VERSION, "wire format v2 is not read by this stage")
+        value, topic = record.value or b"", self.topics.telemetry_raw
+        directory = self.opener.directory
+        pqc, legacy = self.v2_openers
+        store = StateEpochStore(
+            state, self._secrets, pqc.rederive, skew_ms=self.skew_ms, index=self._epochs
         )
+        try:
+            parsed = decode_record(value, max_size=self.max_bytes)
+            if isinstance(parsed, ParsedEstablishment):
+                sender = parsed.establishment.sender
+                if record.key != sender.encode():
+                    raise EnvelopeError(
+                        "record key must be the sending vehicle", reason=ReasonCode.MALFORMED
+                    )
+                entry = directory.current(sender, at=now)
+                if entry.kind not in _UPLINK_KINDS:
+                    raise EnvelopeError(
+                        f"uplink sender {sender!r} is a {entry.kind}, not a vehicle or edge unit",
+                        reason=ReasonCode.POLICY_DENIED,
+                    )
+                opener = pqc if "pqc" in entry.capabilities else legacy
+                opener.open(value, topic=topic, store=store)
+                return StageResult()
+            if not isinstance(parsed, Message):
+                raise EnvelopeError("a status record on telemetry.raw", reason=ReasonCode.MALFORMED)
+            opened = pqc.open(value, topic=topic, store=store)
+        except FleetbusError as exc:
+            return dlq(exc.reason, f"telemetry v2 record rejected: {exc.reason.value}")
+        sender = opened.sender
+        if record.key != sender.encode():
+            return dlq(ReasonCode.MALFORMED, "record key must be the sending vehicle")
+        if opened.kind is not MessageKind.TELEMETRY:
+            return dlq(ReasonCode.WRONG_RECIPIENT, "not a telemetry message")
+        try:
+            batch = TelemetryBatch.decode(opened.payload, max_size=self.max_bytes)
+        except FleetbusError as exc:
+            return dlq(exc.reason, f"telemetry batch: {exc}", actor=sender)
+        if batch.vehicle_id != sender:
+            return dlq(ReasonCode.WRONG_RECIPIENT, "telemetry names another vehicle")
+        path = opened.key_path.name
+        return StageResult(outputs=[self._export(t, path) for t in batch.telemetry()])
 
     def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
         self.replay.expire(state, now)
+        for key in self._epochs.due(state, _ms(now)):
+            raw = state.get(key)
+            if raw is not None and epoch_until(key, raw) < _ms(now):
+                state.delete(key)  # the epoch ended: its window and record go
         return StageResult()
 
 

@@ -397,6 +397,9 @@ class StoredEpoch:
     secret: bytes = field(repr=False)
     highest: int = -1
     window: int = 0  # bit i set: sequence highest - i was accepted
+    # The establishment record, for a store that keeps no secret and re-derives it
+    # (``EpochOpener.rederive``); stores that keep the secret need not keep it.
+    record: bytes = field(default=b"", repr=False)
 
 
 def window_admits(epoch: StoredEpoch, sequence: int) -> bool:
@@ -635,8 +638,14 @@ class EpochOpener:
     def checks_replay(self) -> bool:
         return self.v1 is not None and self.v1.checks_replay
 
-    def open(self, data: bytes, *, topic: str) -> OpenedEnvelope | AcceptedEpoch:
-        """An establishment (stored: ``AcceptedEpoch``) or a message / v1 envelope (opened)."""
+    def open(
+        self, data: bytes, *, topic: str, store: EpochStore | None = None
+    ) -> OpenedEnvelope | AcceptedEpoch:
+        """An establishment (stored: ``AcceptedEpoch``) or a message / v1 envelope (opened).
+
+        ``store``: the epochs to use for this call instead of the opener's own (a stage passes
+        the one of the record's partition)."""
+        epochs = store if store is not None else self.store
         try:
             if record_version(data, max_size=self._max_size) == 1:
                 if self.v1 is None:
@@ -647,9 +656,9 @@ class EpochOpener:
                 return self.v1.open(data, topic=topic)
             parsed = decode_record(data, max_size=self._max_size)
             if isinstance(parsed, ParsedEstablishment):
-                return self._accept(parsed, topic)
+                return self._accept(parsed, topic, epochs, data)
             if isinstance(parsed, Message):
-                return self._open_message(parsed, topic)
+                return self._open_message(parsed, topic, epochs)
             raise EnvelopeError(
                 "a status record is not addressed to this reader", reason=ReasonCode.MALFORMED
             )
@@ -663,7 +672,17 @@ class EpochOpener:
 
     # -- establishment ------------------------------------------------------------------
 
-    def _accept(self, parsed: ParsedEstablishment, topic: str) -> AcceptedEpoch:
+    def rederive(self, record: bytes) -> bytes:
+        """The epoch secret of a stored establishment record (already accepted once), for a
+        store that keeps no secrets: the key path is recovered again."""
+        parsed = decode_record(record, max_size=self._max_size)
+        if not isinstance(parsed, ParsedEstablishment):
+            raise EnvelopeError("not an establishment", reason=ReasonCode.MALFORMED)
+        return derive_epoch_secret(self._recover(parsed.establishment), parsed.body)
+
+    def _accept(
+        self, parsed: ParsedEstablishment, topic: str, epochs: EpochStore, data: bytes
+    ) -> AcceptedEpoch:
         est = parsed.establishment
         if est.recipient != self._own.principal_id:
             raise EnvelopeError(
@@ -702,7 +721,7 @@ class EpochOpener:
         verifier = self._verifier(est.sender, est.sender_key_id, est.signature_suite, now)
         self._verify_signed(parsed, verifier, est.sender, est.sender_key_id, now)
         digest = hashlib.sha256(parsed.body).digest()
-        stored = self.store.get(est.recipient, est.epoch_id)
+        stored = epochs.get(est.recipient, est.epoch_id)
         if stored is not None:
             if stored.sender == est.sender and stored.est_digest == digest:
                 return AcceptedEpoch(
@@ -714,7 +733,7 @@ class EpochOpener:
             )
         self._check_key_ids(est)
         secret = derive_epoch_secret(self._recover(est), parsed.body)
-        self.store.put(
+        epochs.put(
             StoredEpoch(
                 recipient=est.recipient,
                 epoch_id=est.epoch_id,
@@ -729,6 +748,7 @@ class EpochOpener:
                 max_messages=est.max_messages,
                 est_digest=digest,
                 secret=secret,
+                record=data,
             )
         )
         return AcceptedEpoch(
@@ -783,7 +803,7 @@ class EpochOpener:
 
     # -- message ------------------------------------------------------------------------
 
-    def _open_message(self, parsed: Message, topic: str) -> OpenedEnvelope:
+    def _open_message(self, parsed: Message, topic: str, epochs: EpochStore) -> OpenedEnvelope:
         header = parsed.header
         own = self._own.principal_id
         if header.recipient != own:
@@ -801,7 +821,7 @@ class EpochOpener:
                 f"message expires more than {limit / 1000:.0f} s ahead",
                 reason=ReasonCode.POLICY_DENIED,
             )
-        epoch = self.store.get(own, header.epoch_id)
+        epoch = epochs.get(own, header.epoch_id)
         if epoch is None:
             raise EpochUnknownError(
                 f"no epoch {header.epoch_id.hex()} for {own!r}",
@@ -816,7 +836,7 @@ class EpochOpener:
                 reason=ReasonCode.WRONG_RECIPIENT,
             )
         if now_ms > epoch.not_after_ms + self._skew_ms:
-            self.store.erase(own, header.epoch_id)
+            epochs.erase(own, header.epoch_id)
             raise EnvelopeError("the message's epoch has ended", reason=ReasonCode.EXPIRED)
         if header.sequence >= epoch.max_messages:
             raise EnvelopeError(
@@ -851,7 +871,7 @@ class EpochOpener:
                 reason=ReasonCode.NOT_YET_VALID,
                 message_id=plain.message_id,
             )
-        if not self.store.record(own, header.epoch_id, header.sequence):
+        if not epochs.record(own, header.epoch_id, header.sequence):
             raise AuthenticatedRejectError(
                 replayed, reason=ReasonCode.REPLAYED, message_id=plain.message_id
             )

@@ -5,6 +5,7 @@ the track stage re-delivers the establishment, and nothing is executed twice
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -12,11 +13,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import cbor2
 import pytest
 
 from fleetbus.bus.commands import Command, SignedCommand, Target
 from fleetbus.bus.directory import FleetRoot, KeyDirectory, PrincipalKeyFile, issue_key
 from fleetbus.bus.envelope_v2 import (
+    Direction,
     Message,
     ParsedEstablishment,
     decode_record,
@@ -28,18 +31,21 @@ from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.bus.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
 from fleetbus.observability.metrics import held_until_commit
 from fleetbus.processors.eos import DeadLetter, InputRecord, PartitionState, StageResult
+from fleetbus.processors.fleet_registry import FleetRegistry
+from fleetbus.processors.policy import PolicyEngine
 from fleetbus.processors.stages import (
     AuthorizedCommand,
     PipelineTopics,
     ProfileChoice,
     SealStage,
+    TelemetryStage,
     TrackStage,
     UplinkOpener,
     profile_from_settings,
 )
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy
-from fleetbus.providers.sealing_v2 import EpochSealer
+from fleetbus.providers.sealing_v2 import EpochOpener, EpochSealer
 
 NOW = time.time() - 7200
 SETTINGS = FleetbusSettings()
@@ -60,7 +66,7 @@ def fleet() -> Fleet:
     kems = ["xwing", "x25519"]
     issued = [
         issue_key(root, principal_id="bus-sealer", kind="sealer", signature_suite=SUITE,
-                  kems=kems, **w),
+                  kems=kems, capabilities=["wire2"], **w),
         issue_key(root, principal_id="dispatch-1", kind="dispatcher", signature_suite=SUITE, **w),
         issue_key(root, principal_id="V-1", kind="vehicle", signature_suite=SUITE, kems=kems,
                   capabilities=["wire2"], **w),
@@ -307,3 +313,90 @@ def test_wire_version_is_read_from_the_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("FLEETBUS_WIRE_VERSION", "3")
     with pytest.raises(ValueError, match="wire_version"):
         FleetbusSettings()
+
+
+def telemetry_stage(fleet: Fleet) -> TelemetryStage:
+    runner = KeyPathRunner({n: load_key_provider(n) for n in ("xwing", "x25519")})
+
+    def v1(minimum: str) -> EnvelopeOpener:
+        return EnvelopeOpener(
+            fleet.files["bus-sealer"].key_set(), fleet.directory, runner,
+            KeyPath.parse(minimum), check_replay=False, clock=lambda: NOW,
+        )  # fmt: skip
+
+    def v2(minimum: str) -> EpochOpener:
+        return EpochOpener(
+            fleet.files["bus-sealer"].key_set(), fleet.directory, runner,
+            KeyPath.parse(minimum), direction=Direction.UPLINK, clock=lambda: NOW,
+        )  # fmt: skip
+
+    return TelemetryStage(
+        topics=TOPICS,
+        opener=UplinkOpener(fleet.directory, v1("xwing"), v1("x25519"), clock=lambda: NOW),
+        policy=PolicyEngine(
+            FleetRegistry.from_mapping({}).with_directory_records(fleet.directory.records())
+        ),
+        consumer="analytics",
+        max_message_bytes=64 * 1024,
+        v2_openers=(v2("xwing"), v2("x25519")),
+    )
+
+
+def telemetry_records(vehicles: Vehicles) -> list[tuple[str, bytes]]:
+    return [(k, v) for t, k, v in vehicles.sent if t == TOPICS.telemetry_raw]
+
+
+def test_telemetry_batches_are_exported_per_reading(fleet: Fleet, tmp_path: Path) -> None:
+    vehicles, stage, state = Vehicles(fleet, tmp_path), telemetry_stage(fleet), PartitionState()
+    agent = vehicles.agent
+    for i in range(SETTINGS.telemetry_batch_readings * 2):
+        agent.add_reading("V-1", {"speed_kmh": 40 + i, "soc_pct": 80}, at=NOW + i)
+    sent = telemetry_records(vehicles)
+    assert [record_version(v) for _, v in sent] == [2, 2, 2]  # establishment + two batches
+    assert isinstance(decode_record(sent[0][1]), ParsedEstablishment)
+    exported: list[Any] = []
+    for offset, (key, value) in enumerate(sent):
+        result = stage.process(
+            InputRecord(TOPICS.telemetry_raw, 0, offset, key.encode(), value), state, NOW
+        )
+        assert not outputs(result, TOPICS.dlq)
+        exported += outputs(result, TOPICS.telemetry_verified)
+    assert len(exported) == SETTINGS.telemetry_batch_readings * 2
+    docs = [json.loads(o.value) for o in exported]
+    assert {d["vehicle_id"] for d in docs} == {"V-1"}
+    assert [d["at"] for d in docs] == [round((NOW + i) * 1000) / 1000 for i in range(len(docs))]
+    assert agent.stats.telemetry == len(docs)
+    # The same batch again: refused by the epoch's replay window in the partition state.
+    again = stage.process(InputRecord(TOPICS.telemetry_raw, 0, 9, b"V-1", sent[1][1]), state, NOW)
+    assert DeadLetter.decode(outputs(again, TOPICS.dlq)[0].value).reason.value == "replayed"
+    # A restarted worker (no secret in memory) re-derives the epoch secret from the state.
+    agent.add_reading("V-1", {"speed_kmh": 1}, at=NOW)
+    agent.flush_telemetry()
+    key, value = telemetry_records(vehicles)[-1]
+    fresh = telemetry_stage(fleet).process(
+        InputRecord(TOPICS.telemetry_raw, 0, 10, key.encode(), value), state, NOW
+    )
+    assert len(outputs(fresh, TOPICS.telemetry_verified)) == 1
+    # The state holds the epoch's public fields and window, never its secret.
+    [(ep_key, ep_raw)] = [(k, v) for k, v in state.items() if k.startswith("up/ep/")]
+    assert "secret" not in cbor2.loads(ep_raw)
+    stage.tick(0, state, NOW + 400)
+    assert state.get(ep_key) is None
+
+
+def test_telemetry_v2_rejects(fleet: Fleet, tmp_path: Path) -> None:
+    vehicles, stage = Vehicles(fleet, tmp_path), telemetry_stage(fleet)
+    vehicles.agent.publish_telemetry("V-1", {"speed_kmh": 3}, at=NOW)
+    (_, est), (_, message) = telemetry_records(vehicles)
+
+    def reason(key: bytes, value: bytes, state: PartitionState) -> str:
+        result = stage.process(InputRecord(TOPICS.telemetry_raw, 0, 0, key, value), state, NOW)
+        return DeadLetter.decode(outputs(result, TOPICS.dlq)[0].value).reason.value
+
+    assert reason(b"V-1", message, PartitionState()) == "epoch_unknown"
+    assert reason(b"V-3", est, PartitionState()) == "malformed"  # under another vehicle's key
+    state = PartitionState()
+    stage.process(InputRecord(TOPICS.telemetry_raw, 0, 1, b"V-1", est), state, NOW)
+    flipped = message[:-1] + bytes([message[-1] ^ 1])
+    assert reason(b"V-1", flipped, state) == "tampered"
+    assert reason(b"V-3", message, state) == "malformed"
