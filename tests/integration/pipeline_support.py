@@ -188,6 +188,7 @@ def make_test_fleet(
     sealer_suite: str = ROOT_SUITE,
     now: float | None = None,
     vehicle_capabilities: Sequence[str] = (),
+    sealer_capabilities: Sequence[str] = (),
 ) -> TestFleet:
     """Create the keys folder ``tmp_path / "keys"`` and return the fleet (see module doc).
 
@@ -209,6 +210,7 @@ def make_test_fleet(
             kind="sealer",
             signature_suite=sealer_suite,
             kems=KEMS,
+            capabilities=sealer_capabilities,
             **window,
         ),
         issue_key(

@@ -162,7 +162,9 @@ def test_wire_v2_commands_run_exactly_once_with_one_establishment_per_vehicle(
     establishment followed by small messages that name no command in clear."""
     from fleetbus.bus.envelope_v2 import Message, ParsedEstablishment, decode_record
 
-    fleet = make_test_fleet(tmp_path, vehicles=4, vehicle_capabilities=["wire2"])
+    fleet = make_test_fleet(
+        tmp_path, vehicles=4, vehicle_capabilities=["wire2"], sealer_capabilities=["wire2"]
+    )
     settings = fleet.settings_for(kafka_bootstrap)
     worker = WorkerProcess(
         worker_env(settings, tmp_path, FLEETBUS_WIRE_VERSION="2"), tmp_path / "worker.log"
@@ -205,6 +207,20 @@ def test_wire_v2_commands_run_exactly_once_with_one_establishment_per_vehicle(
             assert handles[0].command_id.encode() not in r.value
         assert kinds[("V-0001", "est")] == 1
         assert kinds[("V-0001", "msg")] == 2 + ("V-0001" in members)
+        # Telemetry: ten readings, one v2 batch (after the vehicle's uplink establishment),
+        # exported per reading.
+        for i in range(10):
+            agent.add_reading("V-0002", {"speed_kmh": 50 + i})
+        agent.flush()
+        deadline = time.monotonic() + 60
+        verified: list[Any] = []
+        while time.monotonic() < deadline and len(verified) < 10:
+            verified = read_topic(
+                settings.kafka_bootstrap, topic(settings, "telemetry_verified"), idle_s=2
+            )
+        assert len(verified) == 10, worker.output()[-3000:]
+        raw = read_topic(settings.kafka_bootstrap, topic(settings, "telemetry_raw"), idle_s=1)
+        assert len(raw) == 2  # establishment + one batch
     finally:
         publisher.close()
         agent.close()
