@@ -35,6 +35,7 @@ from fleetbus.bus.commands import (
     StatusEvent,
     Target,
     Telemetry,
+    TelemetryBatch,
 )
 from fleetbus.bus.envelope_v2 import Direction
 from fleetbus.bus.keys import KeyPath, PrivateKeySet, RecipientKeys, SecurityProfile
@@ -202,12 +203,8 @@ def readings(count: int, start: float) -> list[dict[str, Any]]:
 
 
 def batch_payload(vehicle: str, items: list[dict[str, Any]]) -> bytes:
-    # The v2 telemetry batch of the vehicle SDK: one vehicle id, then per reading its time and
-    # fields (docs/sdk.md). Deterministic CBOR, as every fleetbus payload.
-    return cbor2.dumps(
-        {"vehicle_id": vehicle, "readings": [[r["at"], r["fields"]] for r in items]},
-        canonical=True,
-    )
+    """The vehicle SDK's ``TelemetryBatch`` (docs/sdk.md, "Telemetry batching")."""
+    return TelemetryBatch(vehicle, tuple((r["at"] / 1000, r["fields"]) for r in items)).encode()
 
 
 def telemetry(vehicles: int, seconds: float) -> list[dict[str, Any]]:
@@ -267,10 +264,9 @@ def telemetry(vehicles: int, seconds: float) -> list[dict[str, Any]]:
         index = 0
         while time.perf_counter() - start < seconds and index < len(messages):
             opened = opener.open(messages[index], topic=TELEMETRY)
-            batch = cbor2.loads(opened.payload)  # type: ignore[union-attr]
-            for at, fields in batch["readings"]:
-                Telemetry(batch["vehicle_id"], at / 1000, fields)  # per-reading export model
-                opened_readings += 1
+            # What the telemetry stage does before its export policy: decode, one per reading.
+            batch = TelemetryBatch.decode(opened.payload)  # type: ignore[union-attr]
+            opened_readings += len(batch.telemetry())
             index += 1
         cpu_s = time.thread_time() - cpu
         rows.append(

@@ -180,11 +180,11 @@ class FleetbusSettings(BaseSettings):
         default=False, description="one signature over a Merkle root per sealed batch"
     )
     wire_version: int = Field(
-        default=1,
+        default=2,
         ge=1,
         le=2,
-        description="envelope format the bus writes to vehicles whose directory record has the "
-        "capability wire2 (docs/wire-format.md V2.10); every reader accepts both",
+        description="2: the bus writes wire format v2 to vehicles whose directory record has the "
+        "capability wire2, v1 to the others; 1: v1 to all (docs/wire-format.md V2.10)",
     )
     profiles: dict[str, ProfileSettings] = Field(
         default_factory=_default_profiles, description="security profiles by name"

@@ -29,6 +29,7 @@ from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEv
 from fleetbus.bus.dev.kafka import free_port
 from fleetbus.bus.dev.smoke import WorkerProcess
 from fleetbus.bus.dispatch import CommandPublisher
+from fleetbus.bus.envelope_v2 import Message, decode_record
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.bus.topics import ensure_topics
 from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
@@ -56,7 +57,8 @@ def pipeline(
     kafka_bootstrap: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[dict[str, Any]]:
     extra: dict[str, str] = getattr(request, "param", {})
-    fleet = make_test_fleet(tmp_path, vehicles=4)
+    # The pipeline runs on wire format v2 (the default): every vehicle announces wire2.
+    fleet = make_test_fleet(tmp_path, vehicles=4, vehicle_capabilities=["wire2"])
     settings = fleet.settings_for(kafka_bootstrap)
     worker = WorkerProcess(worker_env(settings, tmp_path, **extra), tmp_path / "worker.log")
     executions = Executions()
@@ -146,12 +148,14 @@ def test_group_command_reaches_every_vehicle_of_the_group(pipeline: dict[str, An
     assert {v: e.state for v, e in outcome.vehicles.items()} == dict.fromkeys(
         members, CommandState.SUCCEEDED
     )
-    outbound = [
-        r
-        for r in read_topic(settings.kafka_bootstrap, topic(settings, "commands_outbound"))
-        if dict(r.headers).get("fleetbus-command-id") == handle.command_id.encode()
+    # Sealed once per member (wire v2 names no command on commands.outbound: the bus's status
+    # events and audit records do).
+    sealed = [
+        e.vehicle_id
+        for e in status_events(settings, handle.command_id)
+        if e.state is CommandState.SEALED
     ]
-    assert sorted(r.key.decode() for r in outbound) == sorted(members)
+    assert sorted(v or "" for v in sealed) == sorted(members)
 
 
 def test_wire_v2_commands_run_exactly_once_with_one_establishment_per_vehicle(
@@ -406,11 +410,13 @@ def test_exactly_once_outbound_across_a_worker_sigkill(pipeline: dict[str, Any])
         counts: Counter[str] = Counter()
         while time.monotonic() < deadline:
             records = read_topic(settings.kafka_bootstrap, out_topic, idle_s=2)
-            counts = Counter(
-                dict(r.headers).get("fleetbus-command-id", b"").decode() for r in records
-            )
-            if all(counts[c] >= 1 for c in ids):
+            # Wire v2: commands are the messages (establishments aside); which command each
+            # carries is inside the ciphertext, so the vehicles' executions name them.
+            messages = [r for r in records if isinstance(decode_record(r.value), Message)]
+            counts = Counter(c for (c, _v) in pipeline["executions"].counts.elements())
+            if all(counts[c] >= 1 for c in ids) and len(messages) >= n:
                 break
+        assert len(messages) == n, (len(messages), restarted.output()[-3000:])
         assert all(counts[c] == 1 for c in ids), (
             {c: counts[c] for c in ids if counts[c] != 1},
             restarted.output()[-3000:],
