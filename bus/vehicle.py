@@ -77,9 +77,9 @@ UPLINK_TTL_S: Final = 300.0
 #: Wire format v2 messages of an unknown epoch kept per vehicle while the establishment is asked
 #: for again (docs/wire-format.md V2.7), and the seconds between two statuses of one vehicle.
 HELD_PER_VEHICLE: Final = 64
+STATUS_INTERVAL_S: Final = 5.0
 #: Directory capability of the bus sealer (and vehicles) announcing wire format v2.
 WIRE2_CAPABILITY: Final = "wire2"
-STATUS_INTERVAL_S: Final = 5.0
 #: How long an executed command id is remembered after its expiry (envelopes expire first).
 STORE_GRACE_S: Final = 3600.0
 
@@ -658,7 +658,12 @@ class VehicleAgent:
         now = self._clock()
         # Batches whose oldest reading waited long enough go now; their delivery is the
         # producer's, as for every telemetry record.
-        self.flush_telemetry(older_than_s=self.settings.telemetry_batch_age_s)
+        try:
+            self.flush_telemetry(older_than_s=self.settings.telemetry_batch_age_s)
+        except FleetbusError as exc:
+            # Sealing failed (the bus's keys, a key provider): the readings stay queued.
+            _log.warning("telemetry batch not sent (%s); kept for the next poll", exc.reason.value)
+            self.stats.errors += 1
         if now - self._last_prune > 60:
             self._last_prune = now
             self.store.prune(now)
@@ -1190,6 +1195,10 @@ class VehicleAgent:
             # v2: this reading and any queued ones go now, as one batch.
             vehicle.readings.append((telemetry.at, dict(telemetry.fields)))
             return self._flush_readings(vehicle)
+        return self._publish_v1(vehicle, telemetry)
+
+    def _publish_v1(self, vehicle: _Vehicle, telemetry: Telemetry) -> Any:
+        vehicle_id = vehicle.identity.vehicle_id
         try:
             envelope = self._seal(
                 vehicle,
@@ -1256,16 +1265,23 @@ class VehicleAgent:
         return keys if WIRE2_CAPABILITY in keys.capabilities else None
 
     def _flush_readings(self, vehicle: _Vehicle) -> Any:
+        """Send the queued readings of ``vehicle`` as one v2 batch; on a sealing failure they
+        stay queued (``KafkaUnavailableError``), so none is lost."""
         from fleetbus.providers.sealing import SealRequest
 
         vid = vehicle.identity.vehicle_id
-        readings, vehicle.readings, vehicle.batch_bytes = vehicle.readings, [], 0
+        readings = vehicle.readings
         now = self._clock()
+        recipient = self._uplink_v2(now)
+        if recipient is None:
+            # The bus stopped announcing wire2 (its record was re-issued): v1, one by one.
+            vehicle.readings, vehicle.batch_bytes = [], 0
+            future = None
+            for at, fields in readings:
+                future = self._publish_v1(vehicle, Telemetry(vid, at, fields))
+            return future
         batch = TelemetryBatch(vid, tuple(readings))
         try:
-            recipient = self._uplink_v2(now)
-            if recipient is None:
-                raise FleetbusError("the bus no longer announces wire2", reason=ReasonCode.CONFIG)
             prepared = vehicle.uplink_v2.prepare(
                 SealRequest(
                     MessageKind.TELEMETRY,
@@ -1282,18 +1298,18 @@ class VehicleAgent:
             [records] = vehicle.uplink_v2.records_for([prepared])
         except FleetbusError as exc:
             raise KafkaUnavailableError(f"telemetry of {vid}: {exc.reason.value}") from exc
-        future = None
-        for value in records:
-            future = self._send(self._telemetry, vid, value, _trace_headers())
+        vehicle.readings, vehicle.batch_bytes = [], 0
+        futures = [self._send(self._telemetry, vid, value, _trace_headers()) for value in records]
         if len(records) > 1:
-            # Messages go without the establishment only once the broker has it.
+            # Batches go without the establishment only once the broker acknowledged it; until
+            # then every batch carries it again.
             announce = partial(_announce, vehicle.uplink_v2, prepared.epoch_id)
-            if future is None:
+            if futures[0] is None:
                 announce(None)
             else:
-                future.add_callback(announce)
+                futures[0].add_callback(announce)
         self.stats.telemetry += len(readings)
-        return future
+        return futures[-1]
 
     def flush(self, timeout_s: float = 30.0) -> None:
         self.flush_telemetry()

@@ -16,7 +16,7 @@ from typing import Any
 import cbor2
 import pytest
 
-from fleetbus.bus.commands import Command, SignedCommand, Target
+from fleetbus.bus.commands import Command, SignedCommand, Target, TelemetryBatch
 from fleetbus.bus.directory import FleetRoot, KeyDirectory, PrincipalKeyFile, issue_key
 from fleetbus.bus.envelope_v2 import (
     Direction,
@@ -400,3 +400,60 @@ def test_telemetry_v2_rejects(fleet: Fleet, tmp_path: Path) -> None:
     flipped = message[:-1] + bytes([message[-1] ^ 1])
     assert reason(b"V-1", flipped, state) == "tampered"
     assert reason(b"V-3", message, state) == "malformed"
+
+
+class _Pending:
+    """A Kafka future that never completes (the broker has not acknowledged)."""
+
+    def add_callback(self, fn: Any) -> None:
+        pass
+
+
+def test_a_failed_batch_keeps_its_readings_and_an_unacknowledged_establishment_is_resent(
+    fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleetbus.bus.envelope import EnvelopeError
+    from fleetbus.bus.errors import KafkaUnavailableError, ReasonCode
+
+    vehicles = Vehicles(fleet, tmp_path)
+    agent = vehicles.agent
+    vehicle = agent._vehicles["V-1"]
+    real_prepare = vehicle.uplink_v2.prepare
+
+    def broken(request: Any) -> Any:
+        raise EnvelopeError("key path down", reason=ReasonCode.KEY_PATH_EXHAUSTED)
+
+    monkeypatch.setattr(vehicle.uplink_v2, "prepare", broken)
+    n = SETTINGS.telemetry_batch_readings
+    for i in range(n - 1):
+        agent.add_reading("V-1", {"i": i}, at=NOW)
+    with pytest.raises(KafkaUnavailableError):
+        agent.add_reading("V-1", {"i": n - 1}, at=NOW)
+    assert len(vehicle.readings) == n  # nothing lost
+    monkeypatch.setattr(vehicle.uplink_v2, "prepare", real_prepare)
+    # The broker does not acknowledge the establishment: the next batch carries it again.
+    sent: list[bytes] = []
+
+    def send(topic: str, key: str, value: bytes, headers: Any) -> _Pending:
+        sent.append(value)
+        return _Pending()
+
+    agent._send = send  # type: ignore[method-assign,assignment]
+    agent.flush_telemetry()
+    agent.add_reading("V-1", {"i": 0}, at=NOW)
+    agent.flush_telemetry()
+    kinds = [type(decode_record(v)).__name__ for v in sent]
+    assert kinds == ["ParsedEstablishment", "Message", "ParsedEstablishment", "Message"]
+    assert TelemetryBatch.decode(decode_batch(fleet, sent[:2])).readings[-1][1] == {"i": n - 1}
+
+
+def decode_batch(fleet: Fleet, records: list[bytes]) -> bytes:
+    """The plaintext of a batch, opened as the bus would."""
+    runner = KeyPathRunner({n: load_key_provider(n) for n in ("xwing", "x25519")})
+    opener = EpochOpener(
+        fleet.files["bus-sealer"].key_set(), fleet.directory, runner, KeyPath.parse("xwing"),
+        direction=Direction.UPLINK, clock=lambda: NOW,
+    )  # fmt: skip
+    opener.open(records[0], topic=TOPICS.telemetry_raw)
+    opened = opener.open(records[1], topic=TOPICS.telemetry_raw)
+    return opened.payload  # type: ignore[union-attr]
