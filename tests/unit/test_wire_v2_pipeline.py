@@ -25,7 +25,15 @@ from fleetbus.bus.envelope_v2 import (
     decode_record,
     record_version,
 )
-from fleetbus.bus.keys import KeyPath
+from fleetbus.bus.errors import ReasonCode
+from fleetbus.bus.keys import (
+    Encapsulation,
+    KeyPath,
+    KeyProvider,
+    KeyProviderError,
+    PrivateKeySet,
+    RecipientKeys,
+)
 from fleetbus.bus.registry import load_key_provider
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.bus.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
@@ -457,3 +465,60 @@ def decode_batch(fleet: Fleet, records: list[bytes]) -> bytes:
     opener.open(records[0], topic=TOPICS.telemetry_raw)
     opened = opener.open(records[1], topic=TOPICS.telemetry_raw)
     return opened.payload  # type: ignore[union-attr]
+
+
+class _BrokenQKD(KeyProvider):
+    """A QKD provider whose link is down."""
+
+    name = "qkd-etsi014"
+    post_quantum = True
+
+    def establish(self, recipient: RecipientKeys, *, context: bytes) -> Encapsulation:
+        raise KeyProviderError("link down", reason=ReasonCode.QKD_UNAVAILABLE)
+
+    def recover(self, key_ref: bytes, key_id: str, own: PrivateKeySet, *, context: bytes) -> bytes:
+        raise KeyProviderError("link down", reason=ReasonCode.QKD_UNAVAILABLE)
+
+
+def test_v2_keeps_failover_audit_and_enclave_refusal(fleet: Fleet) -> None:
+    runner = KeyPathRunner(
+        {"xwing": load_key_provider("xwing"), "x25519": load_key_provider("x25519"),
+         "qkd-etsi014": _BrokenQKD()}
+    )  # fmt: skip
+    profiles = {
+        name: profile_from_settings(name, p.key_paths, p.allow_fallback, p.minimum_path, SUITE)
+        for name, p in SETTINGS.profiles.items()
+    }
+    profile_sealer = ProfileSealer(runner, retries=0, sleep=lambda _: None)
+    signer = fleet.files["bus-sealer"].signer()
+    stage = SealStage(
+        topics=TOPICS,
+        directory=fleet.directory,
+        sealer=EnvelopeSealer("bus-sealer", signer, profile_sealer),
+        profiles=profiles,
+        rules=[ProfileChoice("enclave", "high"), ProfileChoice("standard")],
+        clock_skew_s=30,
+        sealer_v2=EpochSealer("bus-sealer", signer, profile_sealer, clock=lambda: NOW),
+        wire_version=2,
+    )
+    profile_sealer.add_listener(stage.on_failover)
+    routine = stage.process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    est, _message = outputs(routine, TOPICS.outbound)
+    parsed = decode_record(est.value)
+    assert isinstance(parsed, ParsedEstablishment)
+    assert parsed.establishment.key_path == "xwing"  # failed over, visibly
+    assert [e.event for e in routine.audit] == ["keypath_failover", "sealed"]
+    high = authorized(fleet, "V-1", "unlock_doors")
+    value = AuthorizedCommand.decode(high.value)
+    high = InputRecord(
+        high.topic, 0, high.offset, high.key,
+        AuthorizedCommand(
+            value.command_id, value.vehicle_id, value.issuer, value.action, "high",
+            value.issued_at, value.expires_at, value.signed_command,
+        ).encode(),
+    )  # fmt: skip
+    refused = stage.process(high, PartitionState(), NOW)
+    assert not outputs(refused, TOPICS.outbound)
+    assert DeadLetter.decode(outputs(refused, TOPICS.dlq)[0].value).reason.value == (
+        "key_path_exhausted"
+    )
