@@ -336,6 +336,10 @@ class EpochSealer:
                 self._by_id.pop(old.est.epoch_id, None)
             self._epochs[slot] = epoch
             self._by_id[epoch.est.epoch_id] = epoch
+            # Ended epochs go with their secrets (forward secrecy between epochs); swept when
+            # an epoch is established, which bounds the cost by the establishments.
+            for ended in [s for s, e in self._epochs.items() if e.est.not_after_ms <= now_ms]:
+                self._by_id.pop(self._epochs.pop(ended).est.epoch_id, None)
             while len(self._epochs) > self._max_open:
                 _, dropped = self._epochs.popitem(last=False)
                 self._by_id.pop(dropped.est.epoch_id, None)

@@ -406,3 +406,14 @@ def test_memory_store_counts(world: World) -> None:
     assert len(store) == 1
     assert RecordType.MESSAGE == 1
     assert profile().name == "standard"
+
+
+def test_sealer_forgets_ended_epochs(world: World) -> None:
+    sealer = sealer_v2(world, epochs=EpochPolicy(max_age_s=10, max_messages=100))
+    est, _ = sealer.seal(request(world))
+    first = decode_record(est)
+    assert isinstance(first, ParsedEstablishment)
+    world.clock.now += 11
+    other = make_vehicle("V-18")
+    sealer.seal(request(world, recipient=other.keys))  # any establishment sweeps
+    assert sealer.establishment(first.establishment.epoch_id) is None
