@@ -58,7 +58,9 @@ from fleetbus.processors.eos import (
 )
 from fleetbus.processors.policy import PolicyEngine
 from fleetbus.processors.uplink import (
+    EPOCH_COUNT_PREFIX,
     EPOCH_PREFIX,
+    EPOCHS_PER_SENDER,
     DeadlineIndex,
     StateEpochStore,
     UplinkLimits,
@@ -1975,7 +1977,17 @@ class TelemetryStage:
                         reason=ReasonCode.POLICY_DENIED,
                     )
                 opener = pqc if "pqc" in entry.capabilities else legacy
-                opener.open(value, topic=topic, store=store)
+                count_key = sender_key(EPOCH_COUNT_PREFIX, sender)
+                if read_count(state, count_key) >= EPOCHS_PER_SENDER:
+                    on_commit(ENVELOPE_REJECTS.labels(role="bus", reason="sender_state_full").inc)
+                    return dead_letter_result(
+                        self.name, self.topics.dlq, record, ReasonCode.SENDER_STATE_FULL,
+                        f"{sender} holds {EPOCHS_PER_SENDER} uplink epochs in this partition; "
+                        "refused until one ends", now=now, actor=sender,
+                    )  # fmt: skip
+                accepted = opener.open(value, topic=topic, store=store)
+                if accepted.new:
+                    add_to_count(state, count_key, 1)
                 return StageResult()
             if not isinstance(parsed, Message):
                 raise EnvelopeError("a status record on telemetry.raw", reason=ReasonCode.MALFORMED)
@@ -2002,6 +2014,8 @@ class TelemetryStage:
             raw = state.get(key)
             if raw is not None and epoch_until(key, raw) < _ms(now):
                 state.delete(key)  # the epoch ended: its window and record go
+                sender = cbor2.loads(raw)["sender"]
+                add_to_count(state, sender_key(EPOCH_COUNT_PREFIX, sender), -1)
         return StageResult()
 
 

@@ -20,6 +20,7 @@ from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.processors.eos import PartitionState
 
 __all__ = [
+    "EPOCHS_PER_SENDER",
     "DeadlineIndex",
     "StateEpochStore",
     "UplinkLimits",
@@ -192,6 +193,11 @@ def _sender_of(rest: str) -> str:
 #: ``<EPOCH_PREFIX><recipient key>/<epoch id hex>`` → a wire-v2 uplink epoch (CBOR map, no
 #: secret): docs/pipeline.md, "Uplink epochs (wire format v2)".
 EPOCH_PREFIX: Final = "up/ep/"
+#: ``<EPOCH_COUNT_PREFIX><sender key>`` → that sender's live uplink epochs in this partition.
+EPOCH_COUNT_PREFIX: Final = "up/epn/"
+#: Uplink epochs one sender may hold in one partition (an establishment costs the stage a key
+#: recovery and state until it ends; a vehicle needs one or two at a time).
+EPOCHS_PER_SENDER: Final = 8
 
 
 def epoch_until(_key: str, raw: bytes) -> int:

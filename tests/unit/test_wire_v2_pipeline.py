@@ -522,3 +522,34 @@ def test_v2_keeps_failover_audit_and_enclave_refusal(fleet: Fleet) -> None:
     assert DeadLetter.decode(outputs(refused, TOPICS.dlq)[0].value).reason.value == (
         "key_path_exhausted"
     )
+
+
+def test_uplink_epochs_are_bounded_per_sender(fleet: Fleet, tmp_path: Path) -> None:
+    from fleetbus.processors.uplink import EPOCHS_PER_SENDER
+
+    stage, state = telemetry_stage(fleet), PartitionState()
+    vehicles = Vehicles(fleet, tmp_path)
+    agent = vehicles.agent
+
+    def new_epoch_record() -> bytes:
+        # A fresh uplink sealer: a new epoch, so a new establishment.
+        vehicle = agent._vehicles["V-1"]
+        vehicle.uplink_v2 = EpochSealer(
+            "V-1", vehicle.identity.signer, agent._profile_sealer,
+            direction=Direction.UPLINK, clock=lambda: NOW,
+        )  # fmt: skip
+        vehicles.sent.clear()
+        agent.publish_telemetry("V-1", {"x": 1}, at=NOW)
+        return telemetry_records(vehicles)[0][1]
+
+    def feed(value: bytes, now: float = NOW) -> StageResult:
+        return stage.process(InputRecord(TOPICS.telemetry_raw, 0, 0, b"V-1", value), state, now)
+
+    for _ in range(EPOCHS_PER_SENDER):
+        assert not outputs(feed(new_epoch_record()), TOPICS.dlq)
+    full = feed(new_epoch_record())
+    assert DeadLetter.decode(outputs(full, TOPICS.dlq)[0].value).reason.value == (
+        "sender_state_full"
+    )
+    stage.tick(0, state, NOW + 400)  # the epochs end: room again
+    assert not outputs(feed(new_epoch_record(), NOW + 400), TOPICS.dlq)
