@@ -568,7 +568,9 @@ class Bench:
         self.bootstrap = bootstrap
         self.work = work
         self.broker_pids = list(broker_pids)  # the LocalKafka's, when the benchmark started it
-        self.fleet = make_test_fleet(work, vehicles=VEHICLES)
+        # --wire2: every vehicle announces wire2, so the secure modes write wire format v2.
+        caps = ["wire2"] if getattr(args, "wire2", False) else []
+        self.fleet = make_test_fleet(work, vehicles=VEHICLES, vehicle_capabilities=caps)
         self.signer = self.fleet.signer(DISPATCHER)
         self.dispatcher = DISPATCHER
         self.results: list[dict[str, Any]] = []
@@ -994,6 +996,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="saturation rounds per mode, interleaved mode by mode (default 3; full run 5)",
     )
     parser.add_argument("--backlog", type=int, help="commands per saturation round")
+    parser.add_argument(
+        "--wire2",
+        action="store_true",
+        help="vehicles announce wire2: the secure modes write wire format v2",
+    )
     args = parser.parse_args(argv)
     args.partitions = args.partitions or ([1] if args.quick else [1, 2, 4])
     args.rounds = args.rounds or (3 if args.quick else 5)

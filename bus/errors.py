@@ -31,6 +31,11 @@ class ReasonCode(StrEnum):
     DOWNGRADE = "downgrade"
     TAMPERED = "tampered"  # AEAD open failed: ciphertext, associated data or header changed
     UNKNOWN_KEY_ID = "unknown_key_id"
+    # Wire format v2: a message of an epoch the recipient does not hold (it answers with a
+    # status so that the sender delivers the establishment again), and a sequence number
+    # beyond the epoch's announced limit.
+    EPOCH_UNKNOWN = "epoch_unknown"
+    EPOCH_EXHAUSTED = "epoch_exhausted"
     # Key paths
     KEY_PROVIDER_FAILED = "key_provider_failed"
     KEY_PATH_EXHAUSTED = "key_path_exhausted"

@@ -212,6 +212,13 @@ class FleetbusSettings(BaseSettings):
     batch_signing: bool = Field(
         default=False, description="one signature over a Merkle root per sealed batch"
     )
+    wire_version: int = Field(
+        default=2,
+        ge=1,
+        le=2,
+        description="2: the bus writes wire format v2 to vehicles whose directory record has the "
+        "capability wire2, v1 to the others; 1: v1 to all (docs/wire-format.md V2.10)",
+    )
     profiles: dict[str, ProfileSettings] = Field(
         default_factory=_default_profiles, description="security profiles by name"
     )
@@ -242,6 +249,18 @@ class FleetbusSettings(BaseSettings):
     )
     audit_checkpoint_every: int = Field(
         default=100, ge=1, description="records between signed audit checkpoints"
+    )
+    telemetry_batch_readings: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description="vehicle SDK, wire v2 uplink: readings per telemetry batch (flushed then)",
+    )
+    telemetry_batch_bytes: int = Field(
+        default=8192, ge=256, description="... or when the batch's readings reach this many bytes"
+    )
+    telemetry_batch_age_s: float = Field(
+        default=5.0, gt=0, description="... or when its oldest reading is this old"
     )
     telemetry_consumer: str = Field(
         default="analytics", description="consumer the telemetry export policy is evaluated for"

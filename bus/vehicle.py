@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -25,6 +26,7 @@ from fleetbus.bus.commands import (
     Response,
     SignedCommand,
     Telemetry,
+    TelemetryBatch,
     new_command_id,
 )
 from fleetbus.bus.directory import (
@@ -38,6 +40,7 @@ from fleetbus.bus.directory import (
     vehicle_agent_scope,
 )
 from fleetbus.bus.envelope import DEFAULT_MAX_SIZE, MessageKind, decode_envelope
+from fleetbus.bus.envelope_v2 import ParsedEstablishment, decode_record, record_version
 from fleetbus.bus.errors import ConfigError, FleetbusError, KafkaUnavailableError, ReasonCode
 from fleetbus.bus.keys import KeyPath, KeyProvider, PrivateKeySet, SecurityProfile, Signer
 from fleetbus.bus.settings import FleetbusSettings
@@ -56,7 +59,8 @@ if TYPE_CHECKING:
 
     from fleetbus.bus.keytopic import KeyTopicReader, KeyTopicRefusal
     from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
-    from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy
+    from fleetbus.providers.sealing import EnvelopeSealer, EpochPolicy
+    from fleetbus.providers.sealing_v2 import EpochOpener, EpochSealer, EpochUnknownError
 
 __all__ = [
     "ExecutedStore",
@@ -76,6 +80,12 @@ DEFAULT_UPLINK_PATHS: Final = (KeyPath(("xwing",)),)
 DEFAULT_KEM_PROVIDERS: Final = ("x25519", "mlkem768", "xwing")
 #: Lifetime of a response / telemetry envelope.
 UPLINK_TTL_S: Final = 300.0
+#: Wire format v2 messages of an unknown epoch kept per vehicle while the establishment is asked
+#: for again (docs/wire-format.md V2.7), and the seconds between two statuses of one vehicle.
+HELD_PER_VEHICLE: Final = 64
+STATUS_INTERVAL_S: Final = 5.0
+#: Directory capability of the bus sealer (and vehicles) announcing wire format v2.
+WIRE2_CAPABILITY: Final = "wire2"
 #: How long an executed command id is remembered after its expiry (envelopes expire first).
 STORE_GRACE_S: Final = 3600.0
 
@@ -287,15 +297,21 @@ class AgentStats:
     telemetry: int = 0
     errors: int = 0
     consumer_resets: int = 0
+    epochs: int = 0  # v2 establishments accepted
+    epoch_statuses: int = 0  # epoch_unknown statuses sent
     by_status: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
 class _Vehicle:
     identity: VehicleIdentity
-    opener: EnvelopeOpener
+    opener: EpochOpener  # v2 records, and v1 envelopes through its v1 opener
     sealer: EnvelopeSealer
     profile: SecurityProfile
+    uplink_v2: EpochSealer  # telemetry batches when the bus announces wire2
+    readings: list[tuple[float, dict[str, ParamValue]]] = field(default_factory=list)
+    batch_bytes: int = 0
+    batch_started: float = 0.0
 
 
 @dataclass
@@ -397,6 +413,7 @@ class VehicleAgent:
         from fleetbus.bus.registry import load_key_provider
         from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
         from fleetbus.providers.sealing import VerifiedRoots
+        from fleetbus.providers.sealing_v2 import SqliteEpochStore
 
         self.settings = settings
         self.directory = directory
@@ -426,6 +443,11 @@ class VehicleAgent:
         # One cache of verified batch-signature roots for all vehicles of this process: a batch
         # that reaches several of them is verified once (each envelope's proof still is).
         self._roots = VerifiedRoots(4096)
+        # Wire format v2 epochs live in the same durable file as the executed commands.
+        self.epochs = SqliteEpochStore(store_path)
+        # (epoch id, sequence, expires-at, record, topic) of v2 messages whose epoch is unknown.
+        self._held: dict[str, list[tuple[bytes, int, float, bytes, str]]] = {}
+        self._status_at: dict[str, float] = {}
         self._vehicles: dict[str, _Vehicle] = {}
         for item in vehicles:
             identity = (
@@ -475,11 +497,13 @@ class VehicleAgent:
         return sorted(self._vehicles)
 
     def _make_vehicle(self, identity: VehicleIdentity) -> _Vehicle:
+        from fleetbus.bus.envelope_v2 import Direction
         from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, ReplayCache
+        from fleetbus.providers.sealing_v2 import EpochOpener, EpochSealer
 
         if identity.keys.principal_id != identity.vehicle_id:
             raise ConfigError(f"keys of {identity.keys.principal_id!r} given for a different id")
-        opener = EnvelopeOpener(
+        v1_opener = EnvelopeOpener(
             identity.keys,
             self.directory,
             self._runner,
@@ -491,6 +515,19 @@ class VehicleAgent:
             # Per sender inside, no eviction (a full sender is refused); lifetimes bounded by
             # the longest command lifetime the bus accepts, so entries always drain.
             replay_cache=ReplayCache(max_per_sender=10_000, clock=self._clock),
+            max_lifetime_s=self.settings.replay_ttl_s,
+            root_cache=self._roots,
+        )
+        opener = EpochOpener(
+            identity.keys,
+            self.directory,
+            self._runner,
+            self._minimum,
+            store=self.epochs,
+            v1=v1_opener,
+            max_size=self._max_size,
+            clock=self._clock,
+            skew_s=self._skew_s,
             max_lifetime_s=self.settings.replay_ttl_s,
             root_cache=self._roots,
         )
@@ -508,7 +545,15 @@ class VehicleAgent:
             allow_fallback=True,
             minimum_path=self._uplink_paths[-1],
         )
-        return _Vehicle(identity, opener, sealer, profile)
+        uplink_v2 = EpochSealer(
+            identity.vehicle_id,
+            identity.signer,
+            self._profile_sealer,
+            direction=Direction.UPLINK,
+            epochs=self._uplink_epochs,
+            clock=self._clock,
+        )
+        return _Vehicle(identity, opener, sealer, profile, uplink_v2)
 
     # -- Kafka ----------------------------------------------------------------------------
 
@@ -664,9 +709,18 @@ class VehicleAgent:
                 )
                 self.stats.errors += 1
         now = self._clock()
+        # Batches whose oldest reading waited long enough go now; their delivery is the
+        # producer's, as for every telemetry record.
+        try:
+            self.flush_telemetry(older_than_s=self.settings.telemetry_batch_age_s)
+        except FleetbusError as exc:
+            # Sealing failed (the bus's keys, a key provider): the readings stay queued.
+            _log.warning("telemetry batch not sent (%s); kept for the next poll", exc.reason.value)
+            self.stats.errors += 1
         if now - self._last_prune > 60:
             self._last_prune = now
             self.store.prune(now)
+            self.epochs.prune(now, self._skew_s)
         return count
 
     def _watch_spin(self, got_records: bool, wall_s: float, cpu_s: float) -> bool:
@@ -736,6 +790,7 @@ class VehicleAgent:
             self._producer.close(timeout=10)
             self._producer = None
         self.store.close()
+        self.epochs.close()
 
     def __enter__(self) -> VehicleAgent:
         return self
@@ -776,16 +831,26 @@ class VehicleAgent:
         _log.warning("vehicle rejected an envelope: %s (%s)", reason.value, detail)
 
     def _handle(self, vehicle: _Vehicle, value: object, topic: str) -> list[Any]:
-        from fleetbus.providers.sealing import OpenedEnvelope
+        from fleetbus.providers.sealing_v2 import AcceptedEpoch
 
         vid = vehicle.identity.vehicle_id
         if type(value) is not bytes:
             self._reject(ReasonCode.MALFORMED, "record without a value")
             return []
         try:
-            opened: OpenedEnvelope = vehicle.opener.open(value, topic=topic)
+            opened = vehicle.opener.open(value, topic=topic)
         except FleetbusError as exc:
-            return self._rejected_envelope(vehicle, value, exc)
+            return self._rejected_envelope(vehicle, value, exc, topic)
+        if isinstance(opened, AcceptedEpoch):
+            if opened.sender != self.sealer_principal:
+                # Verified, but only the bus sealer sends commands: its epochs are the only
+                # ones that can ever carry one.
+                self._forget_epoch(vehicle, opened.epoch_id)
+                self._reject(ReasonCode.WRONG_RECIPIENT, "an epoch not from the bus sealer")
+                return []
+            if opened.new:
+                self.stats.epochs += 1
+            return self._release_held(vehicle, opened.epoch_id)
         if opened.sender != self.sealer_principal or opened.kind is not MessageKind.COMMAND:
             self._reject(ReasonCode.WRONG_RECIPIENT, "not a command from the bus sealer")
             return self._answer(vehicle, opened.message_id, None, 400, "not a command envelope")
@@ -820,24 +885,108 @@ class VehicleAgent:
         if command.is_expired(self._clock() - self._skew_s):
             raise FleetbusError("command has expired", reason=ReasonCode.EXPIRED)
 
-    def _rejected_envelope(self, vehicle: _Vehicle, value: bytes, exc: FleetbusError) -> list[Any]:
+    def _forget_epoch(self, vehicle: _Vehicle, epoch_id: bytes) -> None:
+        self.epochs.erase(vehicle.identity.vehicle_id, epoch_id)
+
+    def _hold_for_epoch(
+        self, vehicle: _Vehicle, value: bytes, topic: str, exc: EpochUnknownError
+    ) -> list[Any]:
+        """Keep a v2 message whose epoch is unknown and ask the bus for the establishment
+        (docs/wire-format.md V2.7). Nothing of it is trusted yet: it is bounded in number,
+        kept only until its clear expiry, and executed only once its epoch is verified."""
+        from fleetbus.providers.sealing_v2 import make_status, sign_status
+
         vid = vehicle.identity.vehicle_id
+        now = self._clock()
+        held = [h for h in self._held.get(vid, []) if h[2] + self._skew_s >= now]
+        if len(held) >= HELD_PER_VEHICLE:
+            self._reject(ReasonCode.EPOCH_UNKNOWN, f"{vid}: held messages full; dropped")
+            self._held[vid] = held
+            return []
+        held.append((exc.epoch_id, exc.sequence, exc.expires_at, value, topic))
+        self._held[vid] = held
+        self._reject(ReasonCode.EPOCH_UNKNOWN, f"{vid}: held until its epoch is delivered again")
+        _log.info("%s: message of unknown epoch %s held", vid, exc.epoch_id.hex())
+        if now - self._status_at.get(vid, float("-inf")) < STATUS_INTERVAL_S:
+            return []
+        self._status_at[vid] = now
+        status = make_status(
+            topic=self._responses,
+            recipient=self.sealer_principal,
+            epoch_id=exc.epoch_id,
+            sequence=exc.sequence,
+            at=now,
+        )
+        record = sign_status(vehicle.identity.signer, vid, status)
+        self.stats.epoch_statuses += 1
+        return [self._send(self._responses, vid, record, [])]
+
+    def _release_held(self, vehicle: _Vehicle, epoch_id: bytes) -> list[Any]:
+        vid = vehicle.identity.vehicle_id
+        held = self._held.get(vid, [])
+        ready = sorted((h for h in held if h[0] == epoch_id), key=lambda h: h[1])
+        if not ready:
+            return []
+        self._held[vid] = [h for h in held if h[0] != epoch_id]
+        self._status_at.pop(vid, None)
+        out: list[Any] = []
+        for _epoch, _seq, _expires, value, topic in ready:
+            out.extend(self._handle(vehicle, value, topic))
+        return out
+
+    def _version_of(self, value: bytes) -> int:
+        """The record's format version; 0 for a record that has none we read."""
+        try:
+            return record_version(value, max_size=self._max_size)
+        except FleetbusError:
+            return 0
+
+    def _authenticated_id(self, value: bytes, exc: FleetbusError) -> str | None:
+        """The message id of a refused record whose sender is authenticated, else None."""
+        from fleetbus.providers.sealing_v2 import AuthenticatedRejectError
+
+        if isinstance(exc, AuthenticatedRejectError):
+            return exc.message_id
+        if self._version_of(value) != 1:
+            return None  # v2: only a message that passed the AEAD names its sender's id
+        if exc.reason is not ReasonCode.REPLAYED and exc.reason not in _AUTHENTICATED_REJECTS:
+            return None
+        return decode_envelope(value, max_size=self._max_size).header.message_id
+
+    def _rejected_envelope(
+        self, vehicle: _Vehicle, value: bytes, exc: FleetbusError, topic: str
+    ) -> list[Any]:
+        from fleetbus.providers.sealing_v2 import EpochUnknownError
+
+        vid = vehicle.identity.vehicle_id
+        if isinstance(exc, EpochUnknownError):
+            return self._hold_for_epoch(vehicle, value, topic, exc)
+        if exc.reason is ReasonCode.QKD_UNAVAILABLE and self._version_of(value) == 2:
+            parsed = decode_record(value, max_size=self._max_size)
+            if (
+                isinstance(parsed, ParsedEstablishment)
+                and self._clock() * 1000 < parsed.establishment.not_after_ms
+            ):
+                raise _RetryLater("QKD key of an epoch establishment unavailable; retrying")
         if exc.reason is ReasonCode.REPLAYED:
-            # Authentic (the replay check follows the signature check) and seen before in this
-            # process: a redelivery. Answer it again if we have an answer.
-            message_id = decode_envelope(value, max_size=self._max_size).header.message_id
-            return self._answer_again(vehicle, message_id)
-        if exc.reason is ReasonCode.QKD_UNAVAILABLE:
+            replayed_id = self._authenticated_id(value, exc)
+            if replayed_id is None:
+                self._reject(exc.reason, str(exc))
+                return []
+            # Authentic (the replay check follows the signature check, or the AEAD in v2) and
+            # seen before: a redelivery. Answer it again if we have an answer.
+            return self._answer_again(vehicle, replayed_id)
+        if exc.reason is ReasonCode.QKD_UNAVAILABLE and self._version_of(value) == 1:
             # The key exists at our KME but cannot be fetched now (link or KME down): the
             # command is authentic and still valid, so wait for the KME rather than fail it.
             header = decode_envelope(value, max_size=self._max_size).header
             if self._clock() * 1000 < header.expires_at_ms:
                 raise _RetryLater(f"QKD key for {header.message_id} unavailable; retrying")
         self._reject(exc.reason, str(exc))
-        if exc.reason not in _AUTHENTICATED_REJECTS:
+        message_id = self._authenticated_id(value, exc)
+        if message_id is None:
             # An unauthenticated sender must not be able to make vehicles talk.
             return []
-        message_id = decode_envelope(value, max_size=self._max_size).header.message_id
         status = _STATUS_FOR_REJECT.get(exc.reason, 400)
         _log.info("answering %s for %s: %s", status, vid, exc.reason.value)
         return self._answer(vehicle, message_id, None, status, exc.reason.value)
@@ -1117,6 +1266,14 @@ class VehicleAgent:
         telemetry = Telemetry(
             vehicle_id=vehicle_id, at=self._clock() if at is None else at, fields=dict(fields)
         )
+        if self._uplink_v2(self._clock()) is not None:
+            # v2: this reading and any queued ones go now, as one batch.
+            vehicle.readings.append((telemetry.at, dict(telemetry.fields)))
+            return self._flush_readings(vehicle)
+        return self._publish_v1(vehicle, telemetry)
+
+    def _publish_v1(self, vehicle: _Vehicle, telemetry: Telemetry) -> Any:
+        vehicle_id = vehicle.identity.vehicle_id
         try:
             envelope = self._seal(
                 vehicle,
@@ -1132,7 +1289,105 @@ class VehicleAgent:
         self.stats.telemetry += 1
         return future
 
+    def add_reading(
+        self, vehicle_id: str, fields: Mapping[str, ParamValue], *, at: float | None = None
+    ) -> Any:
+        """Queue one reading of ``vehicle_id``. With wire format v2 (the bus sealer's record
+        announces ``wire2``) readings are batched — flushed as one v2 message when the batch
+        reaches ``telemetry_batch_readings`` readings or ``telemetry_batch_bytes`` bytes, or its
+        oldest reading ``telemetry_batch_age_s`` (``poll_once`` and ``flush_telemetry`` check
+        the age) — and the future of the batch that this reading completed is returned, else
+        None. Without v2 every reading is sent at once (``publish_telemetry``)."""
+        vehicle = self._vehicles.get(vehicle_id)
+        if vehicle is None:
+            raise ConfigError(f"vehicle {vehicle_id!r} is not served by this agent")
+        now = self._clock()
+        when = now if at is None else at
+        # Validated here, so that one bad reading is refused alone and never sinks its batch.
+        reading = Telemetry(vehicle_id=vehicle_id, at=when, fields=dict(fields))
+        if self._uplink_v2(now) is None:
+            return self.publish_telemetry(vehicle_id, fields, at=when)
+        if not vehicle.readings:
+            vehicle.batch_started = now
+        vehicle.readings.append((reading.at, dict(reading.fields)))
+        vehicle.batch_bytes += len(reading.encode()) - len(vehicle_id)
+        settings = self.settings
+        if (
+            len(vehicle.readings) >= settings.telemetry_batch_readings
+            or vehicle.batch_bytes >= settings.telemetry_batch_bytes
+        ):
+            return self._flush_readings(vehicle)
+        return None
+
+    def flush_telemetry(self, *, older_than_s: float | None = None) -> list[Any]:
+        """Send every queued batch (or only those whose oldest reading is older than
+        ``older_than_s``); returns the futures of the batches sent."""
+        now = self._clock()
+        futures = []
+        for vehicle in self._vehicles.values():
+            if vehicle.readings and (
+                older_than_s is None or now - vehicle.batch_started >= older_than_s
+            ):
+                futures.append(self._flush_readings(vehicle))
+        return futures
+
+    def _uplink_v2(self, now: float) -> Any:
+        """The bus sealer's keys when it announces wire format v2, else None."""
+        try:
+            keys = self.directory.recipient_keys(self.sealer_principal, at=now)
+        except FleetbusError:
+            return None
+        return keys if WIRE2_CAPABILITY in keys.capabilities else None
+
+    def _flush_readings(self, vehicle: _Vehicle) -> Any:
+        """Send the queued readings of ``vehicle`` as one v2 batch; on a sealing failure they
+        stay queued (``KafkaUnavailableError``), so none is lost."""
+        from fleetbus.providers.sealing import SealRequest
+
+        vid = vehicle.identity.vehicle_id
+        readings = vehicle.readings
+        now = self._clock()
+        recipient = self._uplink_v2(now)
+        if recipient is None:
+            # The bus stopped announcing wire2 (its record was re-issued): v1, one by one.
+            vehicle.readings, vehicle.batch_bytes = [], 0
+            future = None
+            for at, fields in readings:
+                future = self._publish_v1(vehicle, Telemetry(vid, at, fields))
+            return future
+        batch = TelemetryBatch(vid, tuple(readings))
+        try:
+            prepared = vehicle.uplink_v2.prepare(
+                SealRequest(
+                    MessageKind.TELEMETRY,
+                    self._telemetry,
+                    recipient,
+                    new_command_id(),
+                    "",
+                    batch.encode(),
+                    now,
+                    now + UPLINK_TTL_S,
+                    vehicle.profile,
+                )
+            )
+            [records] = vehicle.uplink_v2.records_for([prepared])
+        except FleetbusError as exc:
+            raise KafkaUnavailableError(f"telemetry of {vid}: {exc.reason.value}") from exc
+        vehicle.readings, vehicle.batch_bytes = [], 0
+        futures = [self._send(self._telemetry, vid, value, _trace_headers()) for value in records]
+        if len(records) > 1:
+            # Batches go without the establishment only once the broker acknowledged it; until
+            # then every batch carries it again.
+            announce = partial(_announce, vehicle.uplink_v2, prepared.epoch_id)
+            if futures[0] is None:
+                announce(None)
+            else:
+                futures[0].add_callback(announce)
+        self.stats.telemetry += len(readings)
+        return futures[-1]
+
     def flush(self, timeout_s: float = 30.0) -> None:
+        self.flush_telemetry()
         if self._producer is not None:
             self._producer.flush(timeout=timeout_s)
 
@@ -1141,6 +1396,10 @@ def _key_refused(refusal: KeyTopicRefusal) -> None:
     """A vehicle has no DLQ: a refused key-topic item is a reject event on the trace (and the
     follower's metric and log line), as for an envelope it refuses."""
     record_reject(None, stage="vehicle-keys", reason=refusal.reason.value, detail=refusal.detail)
+
+
+def _announce(sealer: EpochSealer, epoch_id: bytes, _metadata: object) -> None:
+    sealer.announced([epoch_id])
 
 
 @contextlib.contextmanager

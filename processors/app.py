@@ -252,6 +252,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         load_directory,
         load_key_file,
     )
+    from fleetbus.bus.envelope_v2 import Direction
     from fleetbus.bus.keys import KeyPath
     from fleetbus.bus.registry import load_key_provider
     from fleetbus.processors.fleet_registry import FleetRegistry
@@ -270,6 +271,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     from fleetbus.processors.uplink import UplinkLimits
     from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
     from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy
+    from fleetbus.providers.sealing_v2 import EpochOpener, EpochSealer
 
     keys_dir = Path(settings.keys_dir).expanduser()
     warn_if_root_private_key(keys_dir)
@@ -348,6 +350,20 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         batch_signing=settings.batch_signing,
     )
 
+    # Wire format v2 (docs/wire-format.md V2.10): written only to vehicles announcing wire2.
+    # Epochs always bound here: v2's per-message saving is the epoch.
+    epoch_sealer = (
+        EpochSealer(
+            settings.sealer_principal,
+            signer,
+            profile_sealer,
+            epochs=EpochPolicy(settings.epoch_max_age_s, settings.epoch_max_messages),
+            batch_signing=settings.batch_signing,
+        )
+        if settings.wire_version == 2
+        else None
+    )
+
     def opener() -> UplinkOpener:
         def one(minimum: str) -> EnvelopeOpener:
             return EnvelopeOpener(
@@ -365,6 +381,18 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
             directory, one(settings.response_minimum_path), one(settings.legacy_minimum_path)
         )
 
+    def v2_opener(minimum: str) -> EpochOpener:
+        # Stores come per partition from the stage (StateEpochStore); this one is never used.
+        return EpochOpener(
+            sealer_file.key_set(),
+            directory,
+            runner,
+            KeyPath.parse(minimum),
+            direction=Direction.UPLINK,
+            skew_s=settings.clock_skew_s,
+            max_lifetime_s=settings.uplink_max_lifetime_s,
+        )
+
     uplink_limits = UplinkLimits(
         max_lifetime_s=settings.uplink_max_lifetime_s,
         ids_per_sender=settings.uplink_ids_per_sender,
@@ -378,6 +406,8 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         rules=rules,
         clock_skew_s=settings.clock_skew_s,
         unservable=unservable,
+        sealer_v2=epoch_sealer,
+        wire_version=settings.wire_version,
     )
     profile_sealer.add_listener(seal.on_failover)
     logics: list[Any] = [
@@ -398,6 +428,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
             clock_skew_s=settings.clock_skew_s,
             max_message_bytes=settings.max_message_bytes,
             limits=uplink_limits,
+            sealer_principal=settings.sealer_principal,
         ),
         TelemetryStage(
             topics=topics,
@@ -407,6 +438,10 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
             max_message_bytes=settings.max_message_bytes,
             clock_skew_s=settings.clock_skew_s,
             limits=uplink_limits,
+            v2_openers=(
+                v2_opener(settings.response_minimum_path),
+                v2_opener(settings.legacy_minimum_path),
+            ),
         ),
     ]
     stages = [stage_runner(settings, logic, audit_signer=signer) for logic in logics]

@@ -27,9 +27,18 @@ from fleetbus.bus.commands import (
     SignedCommand,
     StatusEvent,
     Telemetry,
+    TelemetryBatch,
     uuid7_timestamp_ms,
 )
-from fleetbus.bus.envelope import EnvelopeError, decode_envelope
+from fleetbus.bus.envelope import EnvelopeError, MessageKind, decode_envelope
+from fleetbus.bus.envelope_v2 import (
+    Direction,
+    Message,
+    ParsedEstablishment,
+    ParsedStatus,
+    decode_record,
+    record_version,
+)
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
 from fleetbus.bus.keys import KeyPath, RecipientKeys, SecurityProfile
 from fleetbus.observability.metrics import (
@@ -50,15 +59,26 @@ from fleetbus.processors.eos import (
 )
 from fleetbus.processors.policy import PolicyEngine
 from fleetbus.processors.uplink import (
+    EPOCH_COUNT_PREFIX,
+    EPOCH_PREFIX,
+    EPOCHS_PER_SENDER,
     DeadlineIndex,
+    StateEpochStore,
     UplinkLimits,
     UplinkReplay,
     add_to_count,
+    epoch_until,
     read_count,
     sender_key,
 )
 from fleetbus.providers.keypath import REASON_NOT_CONFIGURED, FailoverEvent
-from fleetbus.providers.sealing import PreparedEnvelope, SealRequest
+from fleetbus.providers.sealing import PreparedEnvelope, SealRequest, VerifiedRoots
+from fleetbus.providers.sealing_v2 import (
+    PreparedMessage,
+    directory_verifier,
+    open_status,
+    verify_signed_record,
+)
 
 __all__ = [
     "AuthorizeStage",
@@ -1012,12 +1032,28 @@ class _Prepared:
     auth: AuthorizedCommand
     recipient: RecipientKeys
     profile: SecurityProfile
-    envelope: PreparedEnvelope
+    envelope: PreparedEnvelope | PreparedMessage
     failovers: list[AuditEvent]
+
+    @property
+    def v2(self) -> bool:
+        return isinstance(self.envelope, PreparedMessage)
+
+
+#: Directory capability by which a vehicle announces that it reads wire format v2.
+WIRE2_CAPABILITY: Final = "wire2"
 
 
 class SealStage:
-    """commands.authorized → commands.outbound (key: vehicle id) + a "sealed" status event."""
+    """commands.authorized → commands.outbound (key: vehicle id) + a "sealed" status event.
+
+    With ``sealer_v2`` and ``wire_version`` 2, a vehicle whose directory record announces
+    ``wire2`` gets wire format v2: the establishment of a new epoch goes in front of the first
+    message on the vehicle's partition, and a copy of it to ``commands.responses`` under the
+    vehicle's key, where the track stage keeps it to answer the vehicle's ``epoch_unknown``
+    status (docs/wire-format.md V2.7). An epoch counts as announced once the transaction that
+    carried its establishment committed; until then every batch carries it again.
+    """
 
     name = "seal"
 
@@ -1031,10 +1067,13 @@ class SealStage:
         rules: Sequence[ProfileChoice],
         clock_skew_s: float,
         unservable: Mapping[str, SecurityProfile] | None = None,
+        sealer_v2: Any = None,  # EpochSealer
+        wire_version: int = 1,
     ) -> None:
         self.topics = topics
         self.directory = directory
         self.sealer = sealer
+        self.sealer_v2: Any = sealer_v2 if wire_version == 2 else None
         self.profiles = dict(profiles)
         # Profiles as declared whose providers this worker lacks (``servable_profiles``).
         self.unservable = dict(unservable or {})
@@ -1112,20 +1151,35 @@ class SealStage:
                 results[index] = outcome
             else:
                 prepared.append((index, outcome))
+        v1 = [(i, p) for i, p in prepared if not p.v2]
+        v2 = [(i, p) for i, p in prepared if p.v2]
         try:
-            envelopes = self.sealer.sign_prepared([p.envelope for _, p in prepared])
+            envelopes = self.sealer.sign_prepared([p.envelope for _, p in v1])
         except FleetbusError as exc:
-            if len(prepared) == 1:
-                index, item = prepared[0]
+            if len(v1) == 1:
+                index, item = v1[0]
                 results[index] = self._refused(item, exc, now)
             else:
                 # One envelope of the batch cannot be completed (e.g. oversize): seal each
                 # record on its own so that only that one is refused.
-                for index, item in prepared:
+                for index, item in v1:
                     results[index] = self.process_batch([item.record], state, now)[0]
-            prepared, envelopes = [], []
-        for (index, item), envelope in zip(prepared, envelopes, strict=True):
-            results[index] = self._sealed(item, envelope, now)
+            v1, envelopes = [], []
+        for (index, item), envelope in zip(v1, envelopes, strict=True):
+            results[index] = self._sealed(item, [envelope], now)
+        if v2:
+            messages = [p.envelope for _, p in v2 if isinstance(p.envelope, PreparedMessage)]
+            batches: list[list[bytes]] = []
+            try:
+                batches = self.sealer_v2.records_for(messages)
+            except FleetbusError as exc:
+                for index, item in v2:
+                    results[index] = self._refused(item, exc, now)
+            for (index, item), sealed in zip(v2, batches, strict=False):
+                results[index] = self._sealed(item, sealed, now)
+            if batches:
+                # Messages go without their establishment only once it is on the topic.
+                on_commit(partial(self.sealer_v2.announced, [m.epoch_id for m in messages]))
         return [r if r is not None else RuntimeError("unprocessed record") for r in results]
 
     def _prepare(self, record: InputRecord, now: float) -> StageResult | _Prepared:
@@ -1152,19 +1206,22 @@ class SealStage:
         try:
             recipient = self.directory.recipient_keys(vehicle, at=now)
             profile = self.choose_profile(auth.criticality, recipient, now)
-            envelope = self.sealer.prepare(
-                SealRequest(
-                    "cmd",
-                    self.topics.outbound,
-                    recipient,
-                    cid,
-                    auth.action,
-                    auth.signed_command,
-                    auth.issued_at,
-                    auth.expires_at,
-                    profile,
-                )
+            request = SealRequest(
+                "cmd",
+                self.topics.outbound,
+                recipient,
+                cid,
+                auth.action,
+                auth.signed_command,
+                auth.issued_at,
+                auth.expires_at,
+                profile,
             )
+            envelope: PreparedEnvelope | PreparedMessage
+            if self.sealer_v2 is not None and WIRE2_CAPABILITY in recipient.capabilities:
+                envelope = self.sealer_v2.prepare(request)
+            else:
+                envelope = self.sealer.prepare(request)
         except FleetbusError as exc:
             result = _reject(
                 self.name,
@@ -1199,7 +1256,9 @@ class SealStage:
         result.audit = item.failovers + result.audit
         return result
 
-    def _sealed(self, item: _Prepared, envelope: bytes, now: float) -> StageResult:
+    def _sealed(self, item: _Prepared, records: Sequence[bytes], now: float) -> StageResult:
+        """``records``: what goes on the vehicle's partition, in order (v2: an establishment
+        may precede the message)."""
         auth, profile, path = item.auth, item.profile, item.envelope.key_path
         cid, vehicle = auth.command_id, auth.vehicle_id
         on_commit(KEYPATH_SELECTED.labels(profile=profile.name, path=path).inc)
@@ -1207,31 +1266,42 @@ class SealStage:
         detail = f"profile {profile.name}, key path {path}" + (
             " (legacy: vehicle has no pqc capability)" if legacy else ""
         )
-        return StageResult(
-            outputs=[
+        audit_detail: dict[str, Any] = {
+            "vehicle": vehicle,
+            "profile": profile.name,
+            "key_path": path,
+            "legacy": legacy,
+        }
+        outputs: list[Output] = []
+        if isinstance(item.envelope, PreparedMessage):
+            # v2: the command id stays inside the ciphertext, so no Kafka header names it; the
+            # audit record ties the command to its epoch and sequence number instead.
+            audit_detail.update(
+                wire=2, epoch=item.envelope.epoch_id.hex(), sequence=item.envelope.sequence
+            )
+            for value in records[:-1]:
+                outputs.append(Output(self.topics.outbound, vehicle.encode(), value))
+                outputs.append(Output(self.topics.responses, vehicle.encode(), value))
+            outputs.append(Output(self.topics.outbound, vehicle.encode(), records[-1]))
+        else:
+            outputs.append(
                 Output(
                     self.topics.outbound,
                     vehicle.encode(),
-                    envelope,
+                    records[-1],
                     headers=(("fleetbus-command-id", cid.encode()),),
-                ),
+                )
+            )
+        return StageResult(
+            outputs=[
+                *outputs,
                 _status(
                     self.topics, cid, CommandState.SEALED, now, detail=detail, vehicle_id=vehicle
                 ),
             ],
             audit=[
                 *item.failovers,
-                AuditEvent(
-                    actor="bus",
-                    event="sealed",
-                    command_id=cid,
-                    detail={
-                        "vehicle": vehicle,
-                        "profile": profile.name,
-                        "key_path": path,
-                        "legacy": legacy,
-                    },
-                ),
+                AuditEvent(actor="bus", event="sealed", command_id=cid, detail=audit_detail),
             ],
         )
 
@@ -1333,6 +1403,13 @@ _FINAL: Final = frozenset({"succeeded", "failed", "rejected", "expired"})
 _HOLD: Final = "hold/"
 #: ``up/h/<vehicle key>``: held responses of that vehicle in this partition.
 _HELD_COUNT: Final = "up/h/"
+#: ``est/<vehicle key>/<epoch id hex>``: a v2 establishment the seal stage sent to that vehicle,
+#: kept until the epoch ends to be sent again when the vehicle reports it unknown.
+_EST: Final = "est/"
+#: ``est-sent/<vehicle key>/<epoch id hex>``: when it was last sent again (one per interval).
+_EST_SENT: Final = "est-sent/"
+#: Seconds between two re-deliveries of one establishment, however many statuses ask for it.
+EST_RESEND_INTERVAL_S: Final = 10.0
 
 
 def _held_until(_key: str, raw: bytes) -> int:
@@ -1368,10 +1445,16 @@ class TrackStage:
         max_message_bytes: int,
         retention_s: float = 300.0,
         limits: UplinkLimits | None = None,
+        sealer_principal: str | None = None,
     ) -> None:
         _stage_owns_replay(self.name, opener)
         self.topics = topics
         self.opener = opener
+        # The bus's sealer id: whose v2 establishments this stage keeps for re-delivery, and
+        # to whom vehicles address their epoch statuses. None: v2 records are not read here.
+        self.sealer_principal = sealer_principal
+        self._ests = DeadlineIndex((_EST,), _held_until)
+        self._roots = VerifiedRoots(1024)
         self.skew_s = clock_skew_s
         self.max_bytes = max_message_bytes
         self.retention_s = retention_s
@@ -1460,6 +1543,12 @@ class TrackStage:
         if record.value is None:
             return dlq(ReasonCode.MALFORMED, "empty record")
         try:
+            version = record_version(record.value, max_size=self.max_bytes)
+        except EnvelopeError:
+            version = 1  # the opener refuses it with its own reason
+        if version == 2:
+            return self._v2(record, state, now)
+        try:
             opened = self.opener.open(record.value, topic=self.topics.responses)
         except EnvelopeError as exc:
             on_commit(ENVELOPE_REJECTS.labels(role="bus", reason=exc.reason.value).inc)
@@ -1492,6 +1581,97 @@ class TrackStage:
                 command_id=cid,
             )
         return self._hold(record, state, response, opened, now)
+
+    def _v2(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
+        """A v2 record on commands.responses: the seal stage's copy of an establishment (kept),
+        or a vehicle's ``epoch_unknown`` status (answered with that establishment)."""
+
+        def dlq(reason: ReasonCode, detail: str, **kw: Any) -> StageResult:
+            on_commit(ENVELOPE_REJECTS.labels(role="bus", reason=reason.value).inc)
+            return dead_letter_result(
+                self.name, self.topics.dlq, record, reason, detail, now=now, **kw
+            )
+
+        value = record.value or b""
+        directory = self.opener.directory
+        if self.sealer_principal is None:
+            return dlq(ReasonCode.UNSUPPORTED_VERSION, "wire format v2 is not read by this stage")
+        try:
+            parsed = decode_record(value, max_size=self.max_bytes)
+            if isinstance(parsed, Message):
+                raise EnvelopeError(
+                    "v2 responses are not written by this release's vehicle agents",
+                    reason=ReasonCode.UNSUPPORTED_VERSION,
+                )
+            if isinstance(parsed, ParsedEstablishment):
+                est = parsed.establishment
+                if (
+                    est.sender != self.sealer_principal
+                    or est.direction is not Direction.DOWNLINK
+                    or est.topic != self.topics.outbound
+                    or record.key != est.recipient.encode()
+                ):
+                    raise EnvelopeError(
+                        "not a downlink establishment of this bus under its vehicle's key",
+                        reason=ReasonCode.WRONG_RECIPIENT,
+                    )
+                verifier = directory_verifier(
+                    directory, est.sender, est.sender_key_id, est.signature_suite, now
+                )
+                verify_signed_record(
+                    parsed, verifier, est.sender, est.sender_key_id, self._roots, now
+                )
+                key = f"{sender_key(_EST, est.recipient)}/{est.epoch_id.hex()}"
+                until = est.not_after_ms + _ms(self.skew_s)
+                state.put(key, _dumps({"until": until, "record": value}))
+                self._ests.add(state, key, until)
+                return StageResult()
+            assert isinstance(parsed, ParsedStatus)
+            status = open_status(
+                value,
+                topic=self.topics.responses,
+                own_id=self.sealer_principal,
+                directory=directory,
+                clock=lambda: now,
+                skew_s=self.skew_s,
+                max_size=self.max_bytes,
+                roots=self._roots,
+            )
+            if record.key != status.sender.encode():
+                raise EnvelopeError(
+                    "a status must be keyed by its sender", reason=ReasonCode.MALFORMED
+                )
+            if directory.current(status.sender, at=now).kind not in _UPLINK_KINDS:
+                raise EnvelopeError(
+                    f"{status.sender!r} is not a vehicle or edge unit",
+                    reason=ReasonCode.POLICY_DENIED,
+                )
+        except EnvelopeError as exc:
+            return dlq(exc.reason, f"v2 record rejected: {exc.reason.value}")
+        except FleetbusError as exc:
+            return dlq(exc.reason, f"v2 record rejected: {exc.reason.value}")
+        vid, epoch = status.sender, status.epoch_id.hex()
+        detail: dict[str, str | int] = {
+            "vehicle": vid,
+            "epoch": epoch,
+            "sequence": status.sequence,
+        }
+        raw = state.get(f"{sender_key(_EST, vid)}/{epoch}")
+        if raw is None:
+            # Past its end, or never sent by this bus: the vehicle's held messages expire
+            # and their commands are reported expired; the next command opens a new epoch.
+            return StageResult(
+                audit=[AuditEvent("bus", "epoch_unknown", None, ReasonCode.EPOCH_UNKNOWN, detail)]
+            )
+        sent_key = f"{sender_key(_EST_SENT, vid)}/{epoch}"
+        last = state.get(sent_key)
+        if last is not None and now - cbor2.loads(last) < EST_RESEND_INTERVAL_S:
+            return StageResult()
+        state.put(sent_key, _dumps(now))
+        return StageResult(
+            outputs=[Output(self.topics.outbound, vid.encode(), cbor2.loads(raw)["record"])],
+            audit=[AuditEvent("bus", "epoch_redelivered", None, None, detail)],
+        )
 
     def _hold(
         self,
@@ -1662,6 +1842,11 @@ class TrackStage:
             held = cbor2.loads(raw)
             if held["until"] < now_ms:
                 result.extend(self._judge_held(state, key, held, now))
+        for key in self._ests.due(state, now_ms):
+            raw = state.get(key)
+            if raw is not None and cbor2.loads(raw)["until"] < now_ms:
+                state.delete(key)
+                state.delete(_EST_SENT + key.removeprefix(_EST))
         self.replay.expire(state, now)
         for key in state.due(now, self.deadline):
             raw = state.get(key)
@@ -1725,6 +1910,7 @@ class TelemetryStage:
         max_message_bytes: int,
         clock_skew_s: float = 30.0,
         limits: UplinkLimits | None = None,
+        v2_openers: tuple[Any, Any] | None = None,  # EpochOpener (pqc minimum, legacy minimum)
     ) -> None:
         _stage_owns_replay(self.name, opener)
         self.topics = topics
@@ -1734,6 +1920,11 @@ class TelemetryStage:
         self.max_bytes = max_message_bytes
         self.limits = limits or UplinkLimits()
         self.replay = UplinkReplay(limits=self.limits, skew_s=clock_skew_s)
+        # Wire format v2 uplink: epochs in the partition state, secrets only in memory.
+        self.v2_openers = v2_openers
+        self.skew_ms = _ms(clock_skew_s)
+        self._secrets: dict[bytes, bytes] = {}
+        self._epochs = DeadlineIndex((EPOCH_PREFIX,), epoch_until)
 
     def input_topics(self) -> Sequence[str]:
         return [self.topics.telemetry_raw]
@@ -1746,6 +1937,12 @@ class TelemetryStage:
 
         if record.value is None:
             return dlq(ReasonCode.MALFORMED, "empty record")
+        try:
+            version = record_version(record.value, max_size=self.max_bytes)
+        except EnvelopeError:
+            version = 1  # the opener refuses it with its own reason
+        if version == 2:
+            return self._v2(record, state, now)
         try:
             opened = self.opener.open(record.value, topic=self.topics.telemetry_raw)
         except EnvelopeError as exc:
@@ -1767,21 +1964,93 @@ class TelemetryStage:
             ENVELOPE_REJECTS.labels(role="bus", reason=refused.value).inc()
             detail = _refusal_detail(refused, sender, opened.message_id, self.limits)
             return dlq(refused, detail, actor=sender)
+        return StageResult(outputs=[self._export(telemetry, opened.key_path.name)])
+
+    def _export(self, telemetry: Telemetry, key_path: str) -> Output:
         exported = self.policy.export(self.consumer, telemetry.fields)
         doc = {
             "vehicle_id": telemetry.vehicle_id,
             "at": telemetry.at,
             "consumer": self.consumer,
-            "key_path": opened.key_path.name,
+            "key_path": key_path,
             "fields": exported,
         }
         value = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-        return StageResult(
-            outputs=[Output(self.topics.telemetry_verified, telemetry.vehicle_id.encode(), value)]
+        return Output(self.topics.telemetry_verified, telemetry.vehicle_id.encode(), value)
+
+    def _v2(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
+        """A wire-v2 uplink record: a vehicle's establishment (its epoch goes into this
+        partition's state) or a message carrying a ``TelemetryBatch`` (exported per reading).
+        The replay window of the epoch, in the same state, replaces ``UplinkReplay`` here."""
+
+        def dlq(reason: ReasonCode, detail: str, **kw: Any) -> StageResult:
+            on_commit(ENVELOPE_REJECTS.labels(role="bus", reason=reason.value).inc)
+            return dead_letter_result(
+                self.name, self.topics.dlq, record, reason, detail, now=now, **kw
+            )
+
+        if self.v2_openers is None:
+            return dlq(ReasonCode.UNSUPPORTED_VERSION, "wire format v2 is not read by this stage")
+        value, topic = record.value or b"", self.topics.telemetry_raw
+        directory = self.opener.directory
+        pqc, legacy = self.v2_openers
+        store = StateEpochStore(
+            state, self._secrets, pqc.rederive, skew_ms=self.skew_ms, index=self._epochs
         )
+        try:
+            parsed = decode_record(value, max_size=self.max_bytes)
+            if isinstance(parsed, ParsedEstablishment):
+                sender = parsed.establishment.sender
+                if record.key != sender.encode():
+                    raise EnvelopeError(
+                        "record key must be the sending vehicle", reason=ReasonCode.MALFORMED
+                    )
+                entry = directory.current(sender, at=now)
+                if entry.kind not in _UPLINK_KINDS:
+                    raise EnvelopeError(
+                        f"uplink sender {sender!r} is a {entry.kind}, not a vehicle or edge unit",
+                        reason=ReasonCode.POLICY_DENIED,
+                    )
+                opener = pqc if "pqc" in entry.capabilities else legacy
+                count_key = sender_key(EPOCH_COUNT_PREFIX, sender)
+                if read_count(state, count_key) >= EPOCHS_PER_SENDER:
+                    on_commit(ENVELOPE_REJECTS.labels(role="bus", reason="sender_state_full").inc)
+                    return dead_letter_result(
+                        self.name, self.topics.dlq, record, ReasonCode.SENDER_STATE_FULL,
+                        f"{sender} holds {EPOCHS_PER_SENDER} uplink epochs in this partition; "
+                        "refused until one ends", now=now, actor=sender,
+                    )  # fmt: skip
+                accepted = opener.open(value, topic=topic, store=store)
+                if accepted.new:
+                    add_to_count(state, count_key, 1)
+                return StageResult()
+            if not isinstance(parsed, Message):
+                raise EnvelopeError("a status record on telemetry.raw", reason=ReasonCode.MALFORMED)
+            opened = pqc.open(value, topic=topic, store=store)
+        except FleetbusError as exc:
+            return dlq(exc.reason, f"telemetry v2 record rejected: {exc.reason.value}")
+        sender = opened.sender
+        if record.key != sender.encode():
+            return dlq(ReasonCode.MALFORMED, "record key must be the sending vehicle")
+        if opened.kind is not MessageKind.TELEMETRY:
+            return dlq(ReasonCode.WRONG_RECIPIENT, "not a telemetry message")
+        try:
+            batch = TelemetryBatch.decode(opened.payload, max_size=self.max_bytes)
+        except FleetbusError as exc:
+            return dlq(exc.reason, f"telemetry batch: {exc}", actor=sender)
+        if batch.vehicle_id != sender:
+            return dlq(ReasonCode.WRONG_RECIPIENT, "telemetry names another vehicle")
+        path = opened.key_path.name
+        return StageResult(outputs=[self._export(t, path) for t in batch.telemetry()])
 
     def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
         self.replay.expire(state, now)
+        for key in self._epochs.due(state, _ms(now)):
+            raw = state.get(key)
+            if raw is not None and epoch_until(key, raw) < _ms(now):
+                state.delete(key)  # the epoch ended: its window and record go
+                sender = cbor2.loads(raw)["sender"]
+                add_to_count(state, sender_key(EPOCH_COUNT_PREFIX, sender), -1)
         return StageResult()
 
 

@@ -11,7 +11,8 @@ import heapq
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from types import SimpleNamespace
+from typing import Any, Final
 
 import cbor2
 
@@ -19,7 +20,9 @@ from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.processors.eos import PartitionState
 
 __all__ = [
+    "EPOCHS_PER_SENDER",
     "DeadlineIndex",
+    "StateEpochStore",
     "UplinkLimits",
     "UplinkReplay",
     "add_to_count",
@@ -185,3 +188,133 @@ def _sender_of(rest: str) -> str:
     """The sender id of ``<len>:<sender>/...``."""
     length, _, tail = rest.partition(":")
     return tail[: int(length)]
+
+
+#: ``<EPOCH_PREFIX><recipient key>/<epoch id hex>`` → a wire-v2 uplink epoch (CBOR map, no
+#: secret): docs/pipeline.md, "Uplink epochs (wire format v2)".
+EPOCH_PREFIX: Final = "up/ep/"
+#: ``<EPOCH_COUNT_PREFIX><sender key>`` → that sender's live uplink epochs in this partition.
+EPOCH_COUNT_PREFIX: Final = "up/epn/"
+#: Uplink epochs one sender may hold in one partition (an establishment costs the stage a key
+#: recovery and state until it ends; a vehicle needs one or two at a time).
+EPOCHS_PER_SENDER: Final = 8
+
+
+def epoch_until(_key: str, raw: bytes) -> int:
+    until: int = cbor2.loads(raw)["until"]
+    return until
+
+
+class StateEpochStore:
+    """Wire-v2 uplink epochs in a stage's partition state (an ``EpochStore``).
+
+    The state — and so its changelog topic — holds no secret: only the epoch's public fields,
+    its replay window and its establishment record. The epoch secret lives in ``secrets``, the
+    stage's in-memory cache, and is re-derived from the record (``rederive``: the bus sealer
+    recovers the key path again) after a restart or a rebalance. The window is committed and
+    rolled back with the records' transaction, like ``UplinkReplay``.
+    """
+
+    def __init__(
+        self,
+        state: PartitionState,
+        secrets: dict[bytes, bytes],
+        rederive: Callable[[bytes], bytes],
+        *,
+        skew_ms: int,
+        index: DeadlineIndex | None = None,
+        max_secrets: int = 65_536,
+    ) -> None:
+        self._state = state
+        self._secrets = secrets
+        self._rederive = rederive
+        self._skew_ms = skew_ms
+        self._index = index
+        self._max_secrets = max_secrets
+
+    @staticmethod
+    def key(recipient: str, epoch_id: bytes) -> str:
+        return f"{sender_key(EPOCH_PREFIX, recipient)}/{epoch_id.hex()}"
+
+    def get(self, recipient: str, epoch_id: bytes) -> Any:
+        from fleetbus.providers.sealing_v2 import StoredEpoch
+
+        raw = self._state.get(self.key(recipient, epoch_id))
+        if raw is None:
+            return None
+        m = cbor2.loads(raw)
+        digest = m["est_digest"]
+        secret = self._secrets.get(digest)
+        if secret is None:
+            secret = self._rederive(m["record"])
+            self._remember(digest, secret)
+        return StoredEpoch(
+            recipient=recipient,
+            epoch_id=epoch_id,
+            sender=m["sender"],
+            sender_key_id=m["sender_key_id"],
+            signature_suite=m["suite"],
+            topic=m["topic"],
+            direction=m["direction"],
+            key_path=m["key_path"],
+            key_ids=tuple((p, k) for p, k in m["key_ids"]),
+            not_after_ms=m["until"] - self._skew_ms,
+            max_messages=m["max_messages"],
+            est_digest=digest,
+            secret=secret,
+            highest=m["highest"],
+            window=m["window"],
+            record=m["record"],
+        )
+
+    def put(self, epoch: Any) -> None:
+        key = self.key(epoch.recipient, epoch.epoch_id)
+        until = epoch.not_after_ms + self._skew_ms
+        self._state.put(
+            key,
+            cbor2.dumps(
+                {
+                    "sender": epoch.sender,
+                    "sender_key_id": epoch.sender_key_id,
+                    "suite": epoch.signature_suite,
+                    "topic": epoch.topic,
+                    "direction": epoch.direction,
+                    "key_path": epoch.key_path,
+                    "key_ids": [list(pair) for pair in epoch.key_ids],
+                    "until": until,
+                    "max_messages": epoch.max_messages,
+                    "est_digest": epoch.est_digest,
+                    "highest": epoch.highest,
+                    "window": epoch.window,
+                    "record": epoch.record,
+                },
+                canonical=True,
+            ),
+        )
+        self._remember(epoch.est_digest, epoch.secret)
+        if self._index is not None:
+            self._index.add(self._state, key, until)
+
+    def record(self, recipient: str, epoch_id: bytes, sequence: int) -> bool:
+        from fleetbus.providers.sealing_v2 import window_admits, window_record
+
+        key = self.key(recipient, epoch_id)
+        raw = self._state.get(key)
+        if raw is None:
+            return False
+        m = dict(cbor2.loads(raw))
+        probe = SimpleNamespace(highest=m["highest"], window=m["window"])
+        if not window_admits(probe, sequence):  # type: ignore[arg-type]
+            return False
+        window_record(probe, sequence)  # type: ignore[arg-type]
+        m["highest"], m["window"] = probe.highest, probe.window
+        self._state.put(key, cbor2.dumps(m, canonical=True))
+        return True
+
+    def erase(self, recipient: str, epoch_id: bytes) -> None:
+        self._state.delete(self.key(recipient, epoch_id))
+
+    def _remember(self, digest: bytes, secret: bytes) -> None:
+        if len(self._secrets) >= self._max_secrets:
+            self._secrets.pop(next(iter(self._secrets)))
+        self._secrets[digest] = secret

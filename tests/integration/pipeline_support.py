@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,8 @@ def make_test_fleet(
     vehicle_suite: str = "ed25519",
     sealer_suite: str = ROOT_SUITE,
     now: float | None = None,
+    vehicle_capabilities: Sequence[str] = (),
+    sealer_capabilities: Sequence[str] = (),
 ) -> TestFleet:
     """Create the keys folder ``tmp_path / "keys"`` and return the fleet (see module doc).
 
@@ -207,6 +210,7 @@ def make_test_fleet(
             kind="sealer",
             signature_suite=sealer_suite,
             kems=KEMS,
+            capabilities=sealer_capabilities,
             **window,
         ),
         issue_key(
@@ -233,6 +237,7 @@ def make_test_fleet(
                 signature_suite=vehicle_suite,
                 kems=KEMS,
                 groups=[group],
+                capabilities=vehicle_capabilities,
                 **window,
             )
         )

@@ -29,6 +29,7 @@ from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEv
 from fleetbus.bus.dev.kafka import free_port
 from fleetbus.bus.dev.smoke import WorkerProcess
 from fleetbus.bus.dispatch import CommandPublisher
+from fleetbus.bus.envelope_v2 import Message, decode_record
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.bus.topics import ensure_topics
 from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
@@ -56,7 +57,8 @@ def pipeline(
     kafka_bootstrap: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[dict[str, Any]]:
     extra: dict[str, str] = getattr(request, "param", {})
-    fleet = make_test_fleet(tmp_path, vehicles=4)
+    # The pipeline runs on wire format v2 (the default): every vehicle announces wire2.
+    fleet = make_test_fleet(tmp_path, vehicles=4, vehicle_capabilities=["wire2"])
     settings = fleet.settings_for(kafka_bootstrap)
     worker = WorkerProcess(worker_env(settings, tmp_path, **extra), tmp_path / "worker.log")
     executions = Executions()
@@ -146,12 +148,87 @@ def test_group_command_reaches_every_vehicle_of_the_group(pipeline: dict[str, An
     assert {v: e.state for v, e in outcome.vehicles.items()} == dict.fromkeys(
         members, CommandState.SUCCEEDED
     )
-    outbound = [
-        r
-        for r in read_topic(settings.kafka_bootstrap, topic(settings, "commands_outbound"))
-        if dict(r.headers).get("fleetbus-command-id") == handle.command_id.encode()
+    # Sealed once per member (wire v2 names no command on commands.outbound: the bus's status
+    # events and audit records do).
+    sealed = [
+        e.vehicle_id
+        for e in status_events(settings, handle.command_id)
+        if e.state is CommandState.SEALED
     ]
-    assert sorted(r.key.decode() for r in outbound) == sorted(members)
+    assert sorted(v or "" for v in sealed) == sorted(members)
+
+
+def test_wire_v2_commands_run_exactly_once_with_one_establishment_per_vehicle(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The worker writes wire format v2 to vehicles whose records announce wire2: routine and
+    group commands succeed, each runs once, and each vehicle's partition carries one
+    establishment followed by small messages that name no command in clear."""
+    from fleetbus.bus.envelope_v2 import Message, ParsedEstablishment, decode_record
+
+    fleet = make_test_fleet(
+        tmp_path, vehicles=4, vehicle_capabilities=["wire2"], sealer_capabilities=["wire2"]
+    )
+    settings = fleet.settings_for(kafka_bootstrap)
+    worker = WorkerProcess(
+        worker_env(settings, tmp_path, FLEETBUS_WIRE_VERSION="2"), tmp_path / "worker.log"
+    )
+    executions = Executions()
+    agent = VehicleAgent(
+        settings,
+        vehicles=fleet.vehicles(),
+        directory=fleet.directory,
+        minimum_path="xwing",
+        handlers={a: executions.handler for a in ("ping", "lock_doors")},
+        store_path=tmp_path / "agent.sqlite",
+    ).start()
+    publisher = CommandPublisher(
+        settings, principal_id=DISPATCHER, private_key_file=fleet.key_file_path(DISPATCHER)
+    )
+    try:
+        handles = [
+            publisher.send(Target(vehicle="V-0001"), "ping"),
+            publisher.send(Target(vehicle="V-0001"), "ping"),
+            publisher.send(Target(group="north"), "lock_doors"),
+        ]
+        for handle in handles:
+            outcome = wait_final(handle, worker)
+            assert outcome.state is CommandState.SUCCEEDED, handle.events
+        time.sleep(2)
+        assert executions.counts[(handles[0].command_id, "V-0001")] == 1
+        assert executions.counts[(handles[1].command_id, "V-0001")] == 1
+        members = fleet.groups["north"]
+        assert executions.counts[(handles[2].command_id, "north")] == len(members)
+        records = read_topic(settings.kafka_bootstrap, topic(settings, "commands_outbound"))
+        kinds: Counter[tuple[str, str]] = Counter()
+        for r in records:
+            parsed = decode_record(r.value)
+            kinds[
+                (r.key.decode(), "est" if isinstance(parsed, ParsedEstablishment) else "msg")
+            ] += 1
+            assert isinstance(parsed, ParsedEstablishment | Message)
+            assert "fleetbus-command-id" not in dict(r.headers)
+            assert handles[0].command_id.encode() not in r.value
+        assert kinds[("V-0001", "est")] == 1
+        assert kinds[("V-0001", "msg")] == 2 + ("V-0001" in members)
+        # Telemetry: ten readings, one v2 batch (after the vehicle's uplink establishment),
+        # exported per reading.
+        for i in range(10):
+            agent.add_reading("V-0002", {"speed_kmh": 50 + i})
+        agent.flush()
+        deadline = time.monotonic() + 60
+        verified: list[Any] = []
+        while time.monotonic() < deadline and len(verified) < 10:
+            verified = read_topic(
+                settings.kafka_bootstrap, topic(settings, "telemetry_verified"), idle_s=2
+            )
+        assert len(verified) == 10, worker.output()[-3000:]
+        raw = read_topic(settings.kafka_bootstrap, topic(settings, "telemetry_raw"), idle_s=1)
+        assert len(raw) == 2  # establishment + one batch
+    finally:
+        publisher.close()
+        agent.close()
+        worker.stop()
 
 
 def test_rejections_reach_status_rejected_and_the_dlq(pipeline: dict[str, Any]) -> None:
@@ -333,11 +410,13 @@ def test_exactly_once_outbound_across_a_worker_sigkill(pipeline: dict[str, Any])
         counts: Counter[str] = Counter()
         while time.monotonic() < deadline:
             records = read_topic(settings.kafka_bootstrap, out_topic, idle_s=2)
-            counts = Counter(
-                dict(r.headers).get("fleetbus-command-id", b"").decode() for r in records
-            )
-            if all(counts[c] >= 1 for c in ids):
+            # Wire v2: commands are the messages (establishments aside); which command each
+            # carries is inside the ciphertext, so the vehicles' executions name them.
+            messages = [r for r in records if isinstance(decode_record(r.value), Message)]
+            counts = Counter(c for (c, _v) in pipeline["executions"].counts.elements())
+            if all(counts[c] >= 1 for c in ids) and len(messages) >= n:
                 break
+        assert len(messages) == n, (len(messages), restarted.output()[-3000:])
         assert all(counts[c] == 1 for c in ids), (
             {c: counts[c] for c in ids if counts[c] != 1},
             restarted.output()[-3000:],

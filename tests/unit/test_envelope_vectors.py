@@ -35,7 +35,7 @@ from fleetbus.bus.keys import KeyPath, PrivateKeySet
 from fleetbus.providers.keypath import KeyPathRunner
 from fleetbus.providers.merkle import leaf_hash, merkle_root, root_from_inclusion_proof
 from fleetbus.providers.sealing import EnvelopeOpener, derive_message_key
-from fleetbus.providers.signers import CompositeMLDSA65Ed25519Suite, Ed25519Suite
+from fleetbus.providers.signers import CompositeMLDSA65Ed25519Suite, Ed25519Suite, MLDSA65Suite
 
 HERE = Path(__file__).parents[1] / "vectors" / "envelope"
 FILES = sorted(p for p in HERE.glob("*.json") if p.name != "merkle_rfc6962.json")
@@ -47,10 +47,13 @@ def h(value: str) -> bytes:
     return bytes.fromhex(value)
 
 
-def suite_of(doc: dict[str, Any]) -> Ed25519Suite | CompositeMLDSA65Ed25519Suite:
-    if doc["sender"]["suite"] == "ed25519":
-        return Ed25519Suite()
-    return CompositeMLDSA65Ed25519Suite()
+def suite_of(doc: dict[str, Any]) -> Ed25519Suite | MLDSA65Suite | CompositeMLDSA65Ed25519Suite:
+    suites = {
+        "ed25519": Ed25519Suite,
+        "mldsa65": MLDSA65Suite,
+        "composite-mldsa65-ed25519": CompositeMLDSA65Ed25519Suite,
+    }
+    return suites[doc["sender"]["suite"]]()
 
 
 def header_of(case: dict[str, Any]) -> ProtectedHeader:
@@ -76,7 +79,14 @@ def header_of(case: dict[str, Any]) -> ProtectedHeader:
 
 
 def test_vector_files_are_present() -> None:
-    assert {"x25519-ed25519", "xwing-composite", "batch-x25519-ed25519"} <= set(VECTORS)
+    assert {
+        "x25519-ed25519",
+        "xwing-composite",
+        "batch-x25519-ed25519",
+        "mlkem768-mldsa65-rsp",
+        "x25519-ed25519-tel",
+        "batch-xwing-composite",
+    } <= set(VECTORS)
 
 
 @pytest.mark.parametrize(("name", "index"), CASES)

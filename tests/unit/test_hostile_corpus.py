@@ -142,6 +142,7 @@ class Bus:
             clock_skew_s=30,
             max_message_bytes=32 * 1024,
             limits=limits,
+            sealer_principal="bus-sealer",
         )
         self.telemetry = TelemetryStage(
             topics=TOPICS,

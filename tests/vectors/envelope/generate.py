@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from fleetbus.providers.sealing import (
 from fleetbus.providers.signers import (
     CompositeMLDSA65Ed25519Suite,
     Ed25519Suite,
+    MLDSA65Suite,
 )
 
 HERE = Path(__file__).parent
@@ -84,7 +86,7 @@ def sender_keys(principal: str, suite: str) -> tuple[dict[str, bytes], dict[str,
         .public_key()
         .public_bytes_raw()
     }
-    if suite.startswith("composite"):
+    if suite in ("composite-mldsa65-ed25519", "mldsa65"):
         ml_priv = seed(f"{principal}/mldsa65")
         private["mldsa65"] = ml_priv
         public["mldsa65"] = (
@@ -97,10 +99,26 @@ def hexmap(values: dict[str, bytes]) -> dict[str, str]:
     return {k: v.hex() for k, v in sorted(values.items())}
 
 
+SUITES = {
+    "ed25519": Ed25519Suite,
+    "mldsa65": MLDSA65Suite,
+    "composite-mldsa65-ed25519": CompositeMLDSA65Ed25519Suite,
+}
+
+
 def build(
-    name: str, description: str, path: str, suite_name: str, payloads: list[bytes], batch: bool
+    name: str,
+    description: str,
+    path: str,
+    suite_name: str,
+    payloads: list[bytes],
+    batch: bool,
+    *,
+    kind: str = "cmd",
+    topic: str = TOPIC,
+    action: str = "doors.unlock",
 ) -> None:
-    suite = CompositeMLDSA65Ed25519Suite() if suite_name.startswith("composite") else Ed25519Suite()
+    suite = SUITES[suite_name]()
     sender = "bus-sealer-1"
     sender_private, sender_public = sender_keys(sender, suite_name)
     signer = suite.signer(sender_private, f"{sender}/sig/1")
@@ -122,11 +140,11 @@ def build(
     )
     requests = [
         SealRequest(
-            "cmd",
-            TOPIC,
+            kind,
+            topic,
             recipient,
-            f"cmd-{i + 1:04d}",
-            "doors.unlock",
+            f"{kind}-{i + 1:04d}",
+            action,
             payload,
             ISSUED_AT,
             ISSUED_AT + 300,
@@ -190,7 +208,7 @@ def build(
     document: dict[str, Any] = {
         "description": description,
         "open_at": OPEN_AT,
-        "topic": TOPIC,
+        "topic": topic,
         "deterministic_signature": suite_name == "ed25519",
         "sender": {
             "principal": sender,
@@ -223,33 +241,45 @@ def build(
     print(f"wrote {name}.json ({len(cases)} envelope(s))")
 
 
-def main() -> None:
-    build(
-        "x25519-ed25519",
-        "One command, key path x25519, Ed25519 (deterministic) single signature.",
-        "x25519",
-        "ed25519",
-        [b'{"doors":"unlock"}'],
-        batch=False,
-    )
-    build(
-        "xwing-composite",
-        "One command, key path xwing, composite ML-DSA-65+Ed25519 single signature.",
-        "xwing",
-        "composite-mldsa65-ed25519",
-        [b'{"route":"R-42"}'],
-        batch=False,
-    )
-    build(
-        "batch-x25519-ed25519",
-        "Three commands of one key epoch (seq 0..2), batch-signed: one Ed25519 signature over "
-        "the Merkle root.",
-        "x25519",
-        "ed25519",
-        [b"first", b"second", b""],
-        batch=True,
-    )
+def main(names: list[str]) -> None:
+    """Build every vector file, or only those named (adding a file must not rewrite the
+    others: their HPKE encapsulations would change)."""
+    for name, (args, kwargs) in VECTORS.items():
+        if not names or name in names:
+            build(name, *args, **kwargs)
+
+
+VECTORS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+
+VECTORS.update(
+    {
+        "x25519-ed25519": (
+            ("One command, key path x25519, Ed25519 (deterministic) single signature.",
+             "x25519", "ed25519", [b'{"doors":"unlock"}'], False), {}),
+        "xwing-composite": (
+            ("One command, key path xwing, composite ML-DSA-65+Ed25519 single signature.",
+             "xwing", "composite-mldsa65-ed25519", [b'{"route":"R-42"}'], False), {}),
+        "batch-x25519-ed25519": (
+            ("Three commands of one key epoch (seq 0..2), batch-signed: one Ed25519 signature "
+             "over the Merkle root.", "x25519", "ed25519", [b"first", b"second", b""], True),
+            {}),
+        "mlkem768-mldsa65-rsp": (
+            ("One response (kind rsp), key path mlkem768 (ML-KEM-768 only), ML-DSA-65 single "
+             "signature (randomized: verify only).", "mlkem768", "mldsa65",
+             [b'{"status":200}'], False),
+            {"kind": "rsp", "topic": "fleet.commands.responses", "action": "response"}),
+        "x25519-ed25519-tel": (
+            ("One telemetry envelope (kind tel), key path x25519, Ed25519 single signature.",
+             "x25519", "ed25519", [b'{"speed_kmh":42}'], False),
+            {"kind": "tel", "topic": "fleet.telemetry.raw", "action": "telemetry"}),
+        "batch-xwing-composite": (
+            ("Two commands of one key epoch on xwing, batch-signed with one composite "
+             "ML-DSA-65+Ed25519 root signature (randomized: verify only).", "xwing",
+             "composite-mldsa65-ed25519", [b"one", b"two"], True), {}),
+    }
+)  # fmt: skip
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -611,6 +611,7 @@ def build(fleet: Fleet) -> Corpus:
         build_keys(c)
         build_approval_races(c)
         build_not_yet_valid_signers(c)
+        build_wire_v2(c)
     return c
 
 
@@ -908,8 +909,9 @@ def build_responses(c: Corpus) -> None:
     other = c.response()
     add("rsp-swapped-signature", "the signature of another envelope of the same vehicle",
         "bad_signature", join_envelope(prot, ct, split_envelope(other)[2]))  # fmt: skip
-    add("rsp-unknown-outer-version", "outer version 2", "unsupported_version",
-        join_envelope(prot, ct, block, version=2), category="version")  # fmt: skip
+    add("rsp-unknown-outer-version", "outer version 3 (2 is wire format v2 since issue 13)",
+        "unsupported_version", join_envelope(prot, ct, block, version=3),
+        category="version")  # fmt: skip
     add("rsp-unknown-header-version", "protected-header version 2, re-signed by the vehicle",
         "unsupported_version",
         with_header(base, {LABEL["version"]: 2}, signer=signer_v1), category="version")  # fmt: skip
@@ -1260,6 +1262,98 @@ def build_keys(c: Corpus) -> None:
           key=HEAD_KAFKA_KEY)  # fmt: skip
     c.add(t, "keys-tombstone", "parse", "a null value (deleting a record would un-revoke it)",
           "malformed", value=None, key=key)  # fmt: skip
+
+
+# --- wire format v2 (issue 13): records decided before an epoch is accepted ----------------
+# Kept in its own block, drawn last. Cases that need an accepted epoch (wrong epoch, reused
+# sequence, sequence far ahead) depend on the epoch's validity window and the clock, which the
+# unit and integration runs of this corpus do not share; they are in tests/unit/
+# test_envelope_v2.py.
+
+
+def v2_records(c: Corpus, *, recipient: str = V1, topic_name: str = OUTBOUND,
+               path: str = "xwing") -> tuple[bytes, bytes]:  # fmt: skip
+    from fleetbus.providers.sealing_v2 import EpochSealer
+
+    sealer = EpochSealer(
+        SEALER, c.fleet.signer(SEALER), ProfileSealer(runner()), clock=lambda: OPEN_AT
+    )
+    signed = c.command(vehicle=recipient)
+    est, message = sealer.seal(
+        SealRequest("cmd", topic(topic_name), c.fleet.recipient(recipient), signed.command.id,
+                    signed.command.action, signed.encode(), ISSUED, EXPIRES, profile(path))
+    )  # fmt: skip
+    return est, message
+
+
+def build_wire_v2(c: Corpus) -> None:
+    from fleetbus.bus.envelope import ENVELOPE_TAG
+    from fleetbus.providers.sealing_v2 import make_status, sign_status
+
+    key = V1.encode()
+    est, message = v2_records(c)
+    add = lambda name, desc, expect, value, **kw: c.add(  # noqa: E731
+        OUTBOUND, name, kw.pop("category", "wire-v2"), desc, expect, value=value,
+        key=kw.pop("key", key), **kw,
+    )  # fmt: skip
+    add("veh-v2-truncated-establishment", "a v2 establishment cut after half its bytes",
+        "malformed", est[: len(est) // 2])  # fmt: skip
+    add("veh-v2-unknown-epoch", "a v2 message whose establishment never arrived (held, and "
+        "the vehicle asks for the epoch)", "epoch_unknown", message)  # fmt: skip
+    other_est, other_msg = v2_records(c, recipient=V2)
+    add("veh-v2-establishment-of-other-vehicle", "V-0002's establishment delivered under "
+        "V-0001's key", "wrong_recipient", other_est)  # fmt: skip
+    add("veh-v2-message-readdressed", "V-0002's v2 message, recipient field intact, under "
+        "V-0001's key", "wrong_recipient", other_msg)  # fmt: skip
+    resp_est, _ = v2_records(c, topic_name=RESPONSES)
+    add("veh-v2-establishment-for-responses-topic", "an establishment made for "
+        "commands.responses replayed on commands.outbound", "wrong_recipient",
+        resp_est)  # fmt: skip
+    body = cbor2.loads(message).value
+    v1_protected = split_envelope(c.outbound())[0]
+    add("veh-v2-v1-header-in-v2-record", "a v1 protected header inside a v2 message",
+        "malformed",
+        dumps(cbor2.CBORTag(ENVELOPE_TAG, [2, 1, cbor2.CBORTag(16, [dumps(v1_protected), {},
+                                                                    body[2].value[2]])])),
+        category="version-confusion")  # fmt: skip
+    add("veh-v2-record-type-unknown", "v2 record type 9", "malformed",
+        dumps(cbor2.CBORTag(ENVELOPE_TAG, [2, 9, body[2]])),
+        category="version-confusion")  # fmt: skip
+    add("veh-v2-version-as-text", "outer version \"2\" (text)", "malformed",
+        dumps(cbor2.CBORTag(ENVELOPE_TAG, ["2", 1, body[2]])),
+        category="version-confusion")  # fmt: skip
+    status = sign_status(
+        c.fleet.signer(V1), V1,
+        make_status(topic=topic(RESPONSES), recipient=SEALER, epoch_id=bytes(8), sequence=0,
+                    at=OPEN_AT),
+    )  # fmt: skip
+    add("veh-v2-status-on-outbound", "a vehicle's signed status record fed to a vehicle",
+        "malformed", status)  # fmt: skip
+    misaddressed = sign_status(
+        c.fleet.signer(V1), V1,
+        make_status(topic=topic(RESPONSES), recipient=DISPATCHER, epoch_id=bytes(8),
+                    sequence=0, at=OPEN_AT),
+    )  # fmt: skip
+    c.add(RESPONSES, "rsp-v2-status-for-another-principal", "wire-v2", "V-0001's status "
+          "addressed to dispatch-1, not the bus sealer", "wrong_recipient", value=misaddressed,
+          key=key)  # fmt: skip
+    c.add(RESPONSES, "rsp-v2-establishment-from-vehicle", "wire-v2", "a downlink-shaped "
+          "establishment signed by V-0001 (only the bus's copies are kept)", "wrong_recipient",
+          value=v2_vehicle_establishment(c), key=key)  # fmt: skip
+    c.add(RESPONSES, "rsp-v2-establishment-under-other-key", "wire-v2", "the bus's copy of "
+          "V-0001's establishment under V-0002's key", "wrong_recipient", value=est,
+          key=V2.encode())  # fmt: skip
+
+
+def v2_vehicle_establishment(c: Corpus) -> bytes:
+    from fleetbus.providers.sealing_v2 import EpochSealer
+
+    sealer = EpochSealer(V1, c.fleet.signer(V1), ProfileSealer(runner()), clock=lambda: OPEN_AT)
+    est, _ = sealer.seal(
+        SealRequest("cmd", topic(OUTBOUND), c.fleet.recipient(V2), "x", "ping", b"",
+                    ISSUED, EXPIRES, profile("xwing"))
+    )  # fmt: skip
+    return est
 
 
 # --- writing -------------------------------------------------------------------------------

@@ -1,0 +1,516 @@
+"""The fleetbus wire format version 2: establishment, message and status records (pure format).
+
+One signed establishment per (sender, recipient, direction, epoch), then small AEAD messages
+whose protected header holds only what routing and the recipient's pre-decryption checks need.
+No keys and no crypto calls here: ``fleetbus.providers.sealing_v2`` seals and opens. Every byte
+is specified in ``docs/wire-format.md``, "version 2".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Final
+
+import cbor2
+
+from fleetbus.bus.envelope import (
+    ALG_A256GCM,
+    COSE_ENCRYPT0_TAG,
+    DEFAULT_MAX_SIZE,
+    ENVELOPE_TAG,
+    MAX_KEY_REF,
+    MAX_KEY_REFS,
+    MAX_TEXT,
+    MAX_TOPIC,
+    EnvelopeError,
+    KeyRef,
+    MessageKind,
+    SignatureBlock,
+    _array,
+    _bytes,
+    _decode_signature_block,
+    _encode_signature_block,
+    _is_map,
+    _malformed,
+    _strict_loads,
+    _text,
+    _uint,
+    canonical_dumps,
+)
+from fleetbus.bus.errors import ReasonCode
+
+__all__ = [
+    "EPOCH_ID_LENGTH_V2",
+    "EPOCH_SECRET_INFO",
+    "MESSAGE_INFO_V2",
+    "V2",
+    "Direction",
+    "Establishment",
+    "Message",
+    "MessageHeader",
+    "MessagePlaintext",
+    "RecordType",
+    "Status",
+    "StatusCode",
+    "decode_plaintext",
+    "decode_record",
+    "encode_establishment",
+    "encode_message",
+    "encode_message_header",
+    "encode_plaintext",
+    "encode_status",
+    "epoch_context_v2",
+    "establishment_bytes",
+    "message_aad",
+    "record_version",
+    "signed_to_be_signed",
+    "status_bytes",
+]
+
+V2: Final = 2
+EPOCH_ID_LENGTH_V2: Final = 8
+#: HKDF ``info`` prefixes (docs/wire-format.md V2.2, V2.3).
+EPOCH_SECRET_INFO: Final = b"fleetbus/v2/epoch-secret"
+MESSAGE_INFO_V2: Final = b"fleetbus/v2/message"
+EPOCH_CONTEXT_V2: Final = "fleetbus/v2/epoch"
+#: Sequence numbers are 0 .. max_messages - 1 and fit the 5-byte Partial IV with room to spare.
+MAX_EPOCH_MESSAGES: Final = 1 << 32
+MAX_PARTIAL_IV: Final = 5
+
+# COSE header labels of the message header (RFC 9052 section 3.1) ...
+_ALG: Final = 1
+_KID: Final = 4
+_PARTIAL_IV: Final = 6
+# ... and the v1 private-use labels it reuses.
+_KIND: Final = -65538
+_RECIPIENT: Final = -65540
+_EXPIRES_AT: Final = -65544
+_MESSAGE_LABELS: Final = frozenset({_ALG, _KID, _PARTIAL_IV, _KIND, _RECIPIENT, _EXPIRES_AT})
+
+# Establishment and status maps: fleetbus structures with small unsigned labels.
+_E_VERSION, _E_TOPIC, _E_SENDER, _E_SENDER_KID, _E_SUITE, _E_RECIPIENT = 1, 2, 3, 4, 5, 6
+_E_DIRECTION, _E_EPOCH, _E_PATH, _E_REFS, _E_NOT_BEFORE, _E_NOT_AFTER = 7, 8, 9, 10, 11, 12
+_E_MAX_MESSAGES, _E_AEAD = 13, 14
+_S_CODE, _S_SEQUENCE, _S_AT = 15, 16, 17
+_EST_LABELS: Final = frozenset(range(1, 15))
+_STS_LABELS: Final = frozenset({1, 2, 3, 4, 5, 6, _E_EPOCH, _S_CODE, _S_SEQUENCE, _S_AT})
+
+
+class RecordType(IntEnum):
+    """Second element of a v2 record."""
+
+    ESTABLISHMENT = 0
+    MESSAGE = 1
+    STATUS = 2
+
+
+class Direction(IntEnum):
+    """Which way an epoch's messages flow."""
+
+    DOWNLINK = 0  # bus -> vehicle (commands)
+    UPLINK = 1  # vehicle -> bus (responses, telemetry)
+
+
+class StatusCode(IntEnum):
+    """What a status record reports (the only code of this version)."""
+
+    EPOCH_UNKNOWN = 0
+
+
+@dataclass(frozen=True)
+class Establishment:
+    """An epoch: who, to whom, which key path (with its encapsulations), how long, how many."""
+
+    topic: str
+    sender: str
+    sender_key_id: str
+    signature_suite: str
+    recipient: str
+    direction: Direction
+    epoch_id: bytes
+    key_path: str
+    key_refs: tuple[KeyRef, ...]
+    not_before_ms: int
+    not_after_ms: int
+    max_messages: int
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return tuple(ref.provider for ref in self.key_refs)
+
+
+@dataclass(frozen=True)
+class MessageHeader:
+    """The clear, authenticated part of a v2 message."""
+
+    epoch_id: bytes
+    sequence: int
+    kind: MessageKind
+    recipient: str
+    expires_at_ms: int
+
+
+@dataclass(frozen=True)
+class MessagePlaintext:
+    """What the AEAD hides: message id, action, issue time, payload."""
+
+    message_id: str
+    action: str
+    issued_at_ms: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Status:
+    """A recipient's signed report that it cannot open a message of ``epoch_id``."""
+
+    topic: str
+    sender: str
+    sender_key_id: str
+    signature_suite: str
+    recipient: str
+    epoch_id: bytes
+    code: StatusCode
+    sequence: int
+    at_ms: int
+
+
+@dataclass(frozen=True)
+class SignedRecord:
+    """A parsed establishment or status: the exact signed bytes and the signature block."""
+
+    body: bytes
+    signature: SignatureBlock
+
+
+@dataclass(frozen=True)
+class ParsedEstablishment(SignedRecord):
+    establishment: Establishment
+
+
+@dataclass(frozen=True)
+class ParsedStatus(SignedRecord):
+    status: Status
+
+
+@dataclass(frozen=True)
+class Message:
+    """A parsed message: exact protected bytes (AEAD input), header, ciphertext."""
+
+    protected: bytes
+    header: MessageHeader
+    ciphertext: bytes
+
+
+ParsedRecord = ParsedEstablishment | Message | ParsedStatus
+
+
+def _version_error(version: int) -> EnvelopeError:
+    return EnvelopeError(
+        f"record format version {version}; this reader reads 1 and 2",
+        reason=ReasonCode.UNSUPPORTED_VERSION,
+    )
+
+
+def _outer(data: object, max_size: int) -> tuple[cbor2.CBORTag, list[Any], int]:
+    """Size, CBOR, tag, array, version (read first). Shared by every reader of both versions."""
+    if type(data) is not bytes:
+        raise _malformed("record must be bytes")
+    if len(data) > max_size:
+        raise EnvelopeError(
+            f"record is {len(data)} bytes; the limit is {max_size}", reason=ReasonCode.OVERSIZE
+        )
+    try:
+        outer = cbor2.loads(data, allow_indefinite=False, allow_duplicate_keys=False, max_depth=8)
+    except Exception as exc:
+        raise _malformed("not well-formed CBOR") from exc
+    if type(outer) is not cbor2.CBORTag or outer.tag != ENVELOPE_TAG:
+        raise _malformed("not a fleetbus record (outer tag)")
+    body = _array(outer.value, "record")
+    if not body:
+        raise _malformed("record array is empty")
+    return outer, body, _uint(body[0], "format version")
+
+
+def record_version(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> int:
+    """The format version of a record (1 or 2), read before anything else; raises
+    ``EnvelopeError`` (OVERSIZE, MALFORMED, UNSUPPORTED_VERSION) otherwise."""
+    _, _, version = _outer(data, max_size)
+    if version not in (1, V2):
+        raise _version_error(version)
+    return version
+
+
+def decode_record(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> ParsedRecord:
+    """Strictly parse a v2 record; a v1 envelope is UNSUPPORTED_VERSION here (callers dispatch
+    on ``record_version`` first). Verifies nothing cryptographic."""
+    outer, body, version = _outer(data, max_size)
+    if version != V2:
+        raise EnvelopeError(
+            f"record format version {version}; this parser reads {V2}",
+            reason=ReasonCode.UNSUPPORTED_VERSION,
+        )
+    if len(body) < 2 or type(body[1]) is not int or body[1] not in set(RecordType):
+        raise _malformed("second element must be the record type 0, 1 or 2")
+    try:
+        again = canonical_dumps(outer)
+    except Exception as exc:
+        raise _malformed("record contains unsupported CBOR items") from exc
+    if again != data:
+        raise _malformed("record is not deterministically encoded CBOR")
+    kind = RecordType(body[1])
+    if kind is RecordType.MESSAGE:
+        _array(body, "message", 3)
+        return _read_message(body[2])
+    _array(body, "signed record", 4)
+    signed = _bytes(body[2], "signed body")
+    block = _decode_signature_block(body[3])
+    if kind is RecordType.ESTABLISHMENT:
+        return ParsedEstablishment(signed, block, _read_establishment(_map(signed, "est")))
+    return ParsedStatus(signed, block, _read_status(_map(signed, "status")))
+
+
+def _map(data: bytes, what: str) -> Any:
+    fields = _strict_loads(data, what)
+    if not _is_map(fields):
+        raise _malformed(f"{what} must be a map")
+    version = fields.get(_E_VERSION)
+    if type(version) is int and version != V2:
+        raise _version_error(version)
+    return fields
+
+
+def _read_direction(value: object) -> Direction:
+    if type(value) is not int or value not in set(Direction):
+        raise _malformed("direction must be 0 or 1")
+    return Direction(value)
+
+
+def _read_refs(value: object) -> tuple[KeyRef, ...]:
+    raw_refs = _array(value, "key refs")
+    if not 1 <= len(raw_refs) <= MAX_KEY_REFS:
+        raise _malformed(f"key refs must have 1..{MAX_KEY_REFS} entries")
+    refs = []
+    for raw in raw_refs:
+        entry = _array(raw, "key ref", 3)
+        refs.append(
+            KeyRef(
+                _text(entry[0], "key ref provider"),
+                _text(entry[1], "key ref key id"),
+                _bytes(entry[2], "key ref", limit=MAX_KEY_REF),
+            )
+        )
+    return tuple(refs)
+
+
+def _read_establishment(fields: Any) -> Establishment:
+    if set(fields) != _EST_LABELS:
+        raise _malformed("establishment must have exactly the v2 labels 1..14")
+    if _uint(fields[_E_VERSION], "version") != V2:  # pragma: no cover - _map raised already
+        raise _version_error(fields[_E_VERSION])
+    if type(fields[_E_AEAD]) is not int or fields[_E_AEAD] != ALG_A256GCM:
+        raise _malformed("aead must be 3 (A256GCM)")
+    est = Establishment(
+        topic=_text(fields[_E_TOPIC], "topic", MAX_TOPIC),
+        sender=_text(fields[_E_SENDER], "sender"),
+        sender_key_id=_text(fields[_E_SENDER_KID], "sender key id"),
+        signature_suite=_text(fields[_E_SUITE], "signature suite"),
+        recipient=_text(fields[_E_RECIPIENT], "recipient"),
+        direction=_read_direction(fields[_E_DIRECTION]),
+        epoch_id=_bytes(fields[_E_EPOCH], "epoch id", size=EPOCH_ID_LENGTH_V2),
+        key_path=_text(fields[_E_PATH], "key path"),
+        key_refs=_read_refs(fields[_E_REFS]),
+        not_before_ms=_uint(fields[_E_NOT_BEFORE], "not-before"),
+        not_after_ms=_uint(fields[_E_NOT_AFTER], "not-after"),
+        max_messages=_uint(fields[_E_MAX_MESSAGES], "max messages", MAX_EPOCH_MESSAGES),
+    )
+    if est.not_after_ms <= est.not_before_ms:
+        raise _malformed("not-after must be after not-before")
+    if est.max_messages < 1:
+        raise _malformed("max messages must be at least 1")
+    if est.key_path != "+".join(est.providers):
+        raise _malformed("key path does not name the key refs' providers in order")
+    if len(set(est.providers)) != len(est.providers):
+        raise _malformed("a provider appears twice in the key path")
+    return est
+
+
+def _read_status(fields: Any) -> Status:
+    if set(fields) != _STS_LABELS:
+        raise _malformed("status must have exactly the v2 status labels")
+    if _uint(fields[_E_VERSION], "version") != V2:  # pragma: no cover - _map raised already
+        raise _version_error(fields[_E_VERSION])
+    code = fields[_S_CODE]
+    if type(code) is not int or code not in set(StatusCode):
+        raise _malformed("unknown status code")
+    return Status(
+        topic=_text(fields[_E_TOPIC], "topic", MAX_TOPIC),
+        sender=_text(fields[_E_SENDER], "sender"),
+        sender_key_id=_text(fields[_E_SENDER_KID], "sender key id"),
+        signature_suite=_text(fields[_E_SUITE], "signature suite"),
+        recipient=_text(fields[_E_RECIPIENT], "recipient"),
+        epoch_id=_bytes(fields[_E_EPOCH], "epoch id", size=EPOCH_ID_LENGTH_V2),
+        code=StatusCode(code),
+        sequence=_uint(fields[_S_SEQUENCE], "sequence", MAX_EPOCH_MESSAGES - 1),
+        at_ms=_uint(fields[_S_AT], "at"),
+    )
+
+
+def _partial_iv(sequence: int) -> bytes:
+    return sequence.to_bytes(max(1, (sequence.bit_length() + 7) // 8), "big")
+
+
+def _read_message(value: object) -> Message:
+    if type(value) is not cbor2.CBORTag or value.tag != COSE_ENCRYPT0_TAG:
+        raise _malformed("third element must be a tagged COSE_Encrypt0")
+    cose = _array(value.value, "COSE_Encrypt0", 3)
+    protected = _bytes(cose[0], "protected header")
+    if not _is_map(cose[1]) or cose[1]:
+        raise _malformed("unprotected header must be an empty map")
+    ciphertext = _bytes(cose[2], "ciphertext")
+    if len(ciphertext) < 16:
+        raise _malformed("ciphertext is shorter than the AES-GCM tag")
+    fields = _strict_loads(protected, "protected header")
+    if not _is_map(fields) or set(fields) != _MESSAGE_LABELS:
+        raise _malformed("protected header must have exactly the v2 message labels")
+    return Message(protected, _read_header(fields), ciphertext)
+
+
+def _read_header(fields: Any) -> MessageHeader:
+    if type(fields[_ALG]) is not int or fields[_ALG] != ALG_A256GCM:
+        raise _malformed("alg must be 3 (A256GCM)")
+    piv = _bytes(fields[_PARTIAL_IV], "partial IV")
+    if not 1 <= len(piv) <= MAX_PARTIAL_IV or (len(piv) > 1 and piv[0] == 0):
+        raise _malformed("partial IV must be the shortest big-endian form, 1..5 bytes")
+    try:
+        kind = MessageKind(_text(fields[_KIND], "kind"))
+    except ValueError as exc:
+        raise _malformed("kind must be cmd, rsp or tel") from exc
+    return MessageHeader(
+        epoch_id=_bytes(fields[_KID], "kid (epoch id)", size=EPOCH_ID_LENGTH_V2),
+        sequence=int.from_bytes(piv, "big"),
+        kind=kind,
+        recipient=_text(fields[_RECIPIENT], "recipient"),
+        expires_at_ms=_uint(fields[_EXPIRES_AT], "expires-at"),
+    )
+
+
+def _establishment_map(est: Establishment) -> dict[int, Any]:
+    return {
+        _E_VERSION: V2,
+        _E_TOPIC: est.topic,
+        _E_SENDER: est.sender,
+        _E_SENDER_KID: est.sender_key_id,
+        _E_SUITE: est.signature_suite,
+        _E_RECIPIENT: est.recipient,
+        _E_DIRECTION: int(est.direction),
+        _E_EPOCH: est.epoch_id,
+        _E_PATH: est.key_path,
+        _E_REFS: [[r.provider, r.key_id, r.key_ref] for r in est.key_refs],
+        _E_NOT_BEFORE: est.not_before_ms,
+        _E_NOT_AFTER: est.not_after_ms,
+        _E_MAX_MESSAGES: est.max_messages,
+        _E_AEAD: ALG_A256GCM,
+    }
+
+
+def establishment_bytes(est: Establishment) -> bytes:
+    """The signed ``est`` bytes; refuses (MALFORMED) what a recipient would reject."""
+    fields = _establishment_map(est)
+    _read_establishment(fields)
+    return canonical_dumps(fields)
+
+
+def status_bytes(status: Status) -> bytes:
+    """The signed ``sts`` bytes; refuses (MALFORMED) what the bus would reject."""
+    fields = {
+        _E_VERSION: V2,
+        _E_TOPIC: status.topic,
+        _E_SENDER: status.sender,
+        _E_SENDER_KID: status.sender_key_id,
+        _E_SUITE: status.signature_suite,
+        _E_RECIPIENT: status.recipient,
+        _E_EPOCH: status.epoch_id,
+        _S_CODE: int(status.code),
+        _S_SEQUENCE: status.sequence,
+        _S_AT: status.at_ms,
+    }
+    _read_status(fields)
+    return canonical_dumps(fields)
+
+
+def signed_to_be_signed(body: bytes) -> bytes:
+    """Signature input of an establishment or status: ``["Signature1", body, h'', h'']``."""
+    return canonical_dumps(["Signature1", body, b"", b""])
+
+
+def _record(record_type: RecordType, *items: Any) -> bytes:
+    return canonical_dumps(cbor2.CBORTag(ENVELOPE_TAG, [V2, int(record_type), *items]))
+
+
+def encode_establishment(body: bytes, signature: SignatureBlock) -> bytes:
+    return _record(RecordType.ESTABLISHMENT, body, _encode_signature_block(signature))
+
+
+def encode_status(body: bytes, signature: SignatureBlock) -> bytes:
+    return _record(RecordType.STATUS, body, _encode_signature_block(signature))
+
+
+def encode_message_header(header: MessageHeader) -> bytes:
+    """The protected-header bytes of a message; refuses (MALFORMED) an unreadable header."""
+    if not 0 <= header.sequence < MAX_EPOCH_MESSAGES:
+        raise _malformed("sequence out of range")
+    fields = {
+        _ALG: ALG_A256GCM,
+        _KID: header.epoch_id,
+        _PARTIAL_IV: _partial_iv(header.sequence),
+        _KIND: str(header.kind),
+        _RECIPIENT: header.recipient,
+        _EXPIRES_AT: header.expires_at_ms,
+    }
+    _read_header(fields)
+    return canonical_dumps(fields)
+
+
+def encode_message(protected: bytes, ciphertext: bytes) -> bytes:
+    encrypt0 = cbor2.CBORTag(COSE_ENCRYPT0_TAG, [protected, {}, ciphertext])
+    return _record(RecordType.MESSAGE, encrypt0)
+
+
+def message_aad(protected: bytes) -> bytes:
+    """COSE ``Enc_structure`` ``["Encrypt0", protected, h'']``."""
+    return canonical_dumps(["Encrypt0", protected, b""])
+
+
+def encode_plaintext(plain: MessagePlaintext) -> bytes:
+    if type(plain.payload) is not bytes:
+        raise EnvelopeError("payload must be bytes", reason=ReasonCode.CONFIG)
+    value = [plain.message_id, plain.action, plain.issued_at_ms, plain.payload]
+    _read_plaintext(value)
+    return canonical_dumps(value)
+
+
+def decode_plaintext(data: bytes, header: MessageHeader) -> MessagePlaintext:
+    plain = _read_plaintext(_strict_loads(data, "message plaintext"))
+    if plain.issued_at_ms > header.expires_at_ms:
+        raise _malformed("issued-at is after expires-at")
+    return plain
+
+
+def _read_plaintext(value: object) -> MessagePlaintext:
+    items = _array(value, "message plaintext", 4)
+    action = items[1]
+    if type(action) is not str or len(action) > MAX_TEXT:
+        raise _malformed(f"action must be a text string of at most {MAX_TEXT} characters")
+    return MessagePlaintext(
+        message_id=_text(items[0], "message id"),
+        action=action,
+        issued_at_ms=_uint(items[2], "issued-at"),
+        payload=_bytes(items[3], "payload"),
+    )
+
+
+def epoch_context_v2(sender: str, recipient: str, direction: Direction, epoch_id: bytes) -> bytes:
+    """The key-path ``context`` of a v2 epoch."""
+    return canonical_dumps([EPOCH_CONTEXT_V2, sender, recipient, int(direction), epoch_id])

@@ -1,0 +1,190 @@
+"""Known-answer tests of wire format v2 (tests/vectors/envelope_v2): every derived value is
+recomputed from docs/wire-format.md ("version 2") with cbor2, hashlib and cryptography only,
+the Ed25519 signatures are re-made byte for byte, and the records open with ``EpochOpener``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from envelope_support import Clock, StaticDirectory, providers
+
+from fleetbus.bus.envelope_v2 import Direction
+from fleetbus.bus.keys import KeyPath, PrivateKeySet
+from fleetbus.providers.keypath import KeyPathRunner
+from fleetbus.providers.sealing_v2 import AcceptedEpoch, EpochOpener, open_status
+from fleetbus.providers.signers import (
+    CompositeMLDSA65Ed25519Suite,
+    Ed25519Suite,
+    MLDSA65Suite,
+)
+
+HERE = Path(__file__).parents[1] / "vectors" / "envelope_v2"
+VECTORS = {p.stem: json.loads(p.read_text()) for p in sorted(HERE.glob("*.json"))}
+SUITES = {
+    "ed25519": Ed25519Suite,
+    "mldsa65": MLDSA65Suite,
+    "composite-mldsa65-ed25519": CompositeMLDSA65Ed25519Suite,
+}
+
+
+def h(value: str) -> bytes:
+    return bytes.fromhex(value)
+
+
+def dcbor(value: object) -> bytes:
+    return cbor2.dumps(value, canonical=True)
+
+
+def hkdf(ikm: bytes, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(ikm)
+
+
+def test_vector_files_are_present() -> None:
+    assert set(VECTORS) == {
+        "x25519-ed25519-downlink",
+        "xwing-composite-downlink",
+        "mlkem768-mldsa65-uplink",
+    }
+
+
+@pytest.mark.parametrize("name", sorted(VECTORS))
+def test_independent_derivation(name: str) -> None:
+    """Only the document's text: CBOR structures, KDF labels, AEAD inputs."""
+    doc = VECTORS[name]
+    est = doc["establishment"]
+    f = est["fields"]
+    est_map = {
+        1: 2,
+        2: f["topic"],
+        3: f["sender"],
+        4: f["sender_key_id"],
+        5: f["signature_suite"],
+        6: f["recipient"],
+        7: f["direction"],
+        8: h(f["epoch_id"]),
+        9: f["key_path"],
+        10: [[p, k, h(r)] for p, k, r in f["key_refs"]],
+        11: f["not_before_ms"],
+        12: f["not_after_ms"],
+        13: f["max_messages"],
+        14: 3,
+    }
+    assert dcbor(est_map) == h(est["est"])
+    tbs = dcbor(["Signature1", h(est["est"]), b"", b""])
+    assert tbs == h(est["to_be_signed"])
+    context = dcbor(
+        ["fleetbus/v2/epoch", f["sender"], f["recipient"], f["direction"], h(f["epoch_id"])]
+    )
+    assert context == h(est["epoch_context"])
+    secret = hkdf(
+        h(est["epoch_key"]),
+        b"fleetbus/v2/epoch-secret" + hashlib.sha256(h(est["est"])).digest(),
+        32,
+    )
+    assert secret == h(est["epoch_secret"])
+    signature = est["signature"]
+    assert signature["mode"] == 0
+    record = cbor2.CBORTag(0x66627573, [2, 0, h(est["est"]), [0, h(signature["signature"])]])
+    assert dcbor(record) == h(est["record"])
+    for message in doc["messages"]:
+        hd = message["header"]
+        seq = hd["sequence"]
+        piv = seq.to_bytes(max(1, (seq.bit_length() + 7) // 8), "big")
+        protected = dcbor(
+            {
+                1: 3,
+                4: h(hd["epoch_id"]),
+                6: piv,
+                -65538: hd["kind"],
+                -65540: hd["recipient"],
+                -65544: hd["expires_at_ms"],
+            }
+        )
+        assert protected == h(message["protected"])
+        okm = hkdf(secret, b"fleetbus/v2/message" + seq.to_bytes(8, "big"), 44)
+        assert okm[:32] == h(message["message_key"])
+        assert okm[32:] == h(message["nonce"])
+        aad = dcbor(["Encrypt0", protected, b""])
+        assert aad == h(message["aad"])
+        plaintext = AESGCM(okm[:32]).decrypt(okm[32:], h(message["ciphertext"]), aad)
+        assert plaintext == h(message["plaintext"])
+        fields = cbor2.loads(plaintext)
+        assert fields[3] == h(message["payload"])
+        assert dcbor(fields) == plaintext
+        encrypt0 = cbor2.CBORTag(16, [protected, {}, h(message["ciphertext"])])
+        wire = cbor2.CBORTag(0x66627573, [2, 1, encrypt0])
+        assert dcbor(wire) == h(message["record"])
+
+
+@pytest.mark.parametrize("name", sorted(VECTORS))
+def test_signatures_verify_and_ed25519_is_remade(name: str) -> None:
+    doc = VECTORS[name]
+    sender = doc["sender"]
+    suite = SUITES[sender["suite"]]()
+    verifier = suite.verifier({k: h(v) for k, v in sender["public"].items()})
+    tbs = h(doc["establishment"]["to_be_signed"])
+    signature = h(doc["establishment"]["signature"]["signature"])
+    assert verifier.verify(tbs, signature)
+    if doc["deterministic_signature"]:
+        key = Ed25519PrivateKey.from_private_bytes(h(sender["private"]["ed25519"]))
+        assert key.sign(tbs) == signature
+
+
+@pytest.mark.parametrize("name", sorted(VECTORS))
+def test_records_open_with_the_stored_keys(name: str) -> None:
+    doc = VECTORS[name]
+    sender, recipient = doc["sender"], doc["recipient"]
+    suite = SUITES[sender["suite"]]()
+    directory = StaticDirectory()
+    directory.add(
+        sender["principal"],
+        sender["key_id"],
+        suite.verifier({k: h(v) for k, v in sender["public"].items()}),
+    )
+    own = PrivateKeySet(
+        recipient["principal"],
+        {k: h(v) for k, v in recipient["private"].items()},
+        recipient["key_ids"],
+    )
+    fields = doc["establishment"]["fields"]
+    opener = EpochOpener(
+        own,
+        directory,
+        KeyPathRunner(providers()),
+        KeyPath.parse(fields["key_path"]),
+        direction=Direction(doc["direction"]),
+        clock=Clock(doc["open_at"]),
+    )
+    accepted = opener.open(h(doc["establishment"]["record"]), topic=doc["topic"])
+    assert isinstance(accepted, AcceptedEpoch)
+    for message in doc["messages"]:
+        opened: Any = opener.open(h(message["record"]), topic=doc["topic"])
+        assert opened.payload == h(message["payload"])
+        assert opened.epoch_seq == message["header"]["sequence"]
+    status = doc.get("status")
+    if status is not None:
+        signer = status["signer"]
+        directory.add(
+            signer["principal"],
+            signer["key_id"],
+            SUITES[signer["suite"]]().verifier({k: h(v) for k, v in signer["public"].items()}),
+        )
+        opened_status = open_status(
+            h(status["record"]),
+            topic=status["topic"],
+            own_id=sender["principal"],
+            directory=directory,
+            clock=Clock(doc["open_at"]),
+        )
+        assert opened_status.epoch_id == h(fields["epoch_id"])
+        key = Ed25519PrivateKey.from_private_bytes(h(signer["private"]["ed25519"]))
+        assert key.sign(h(status["to_be_signed"])) == h(status["signature"]["signature"])

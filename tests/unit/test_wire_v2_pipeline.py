@@ -1,0 +1,555 @@
+"""Wire format v2 in the pipeline, without Kafka: the seal stage writes establishment + message
+to vehicles announcing ``wire2``, the vehicle agent keeps epochs and answers ``epoch_unknown``,
+the track stage re-delivers the establishment, and nothing is executed twice
+(docs/wire-format.md V2.7, V2.10)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import cbor2
+import pytest
+
+from fleetbus.bus.commands import Command, SignedCommand, Target, TelemetryBatch
+from fleetbus.bus.directory import FleetRoot, KeyDirectory, PrincipalKeyFile, issue_key
+from fleetbus.bus.envelope_v2 import (
+    Direction,
+    Message,
+    ParsedEstablishment,
+    decode_record,
+    record_version,
+)
+from fleetbus.bus.errors import ReasonCode
+from fleetbus.bus.keys import (
+    Encapsulation,
+    KeyPath,
+    KeyProvider,
+    KeyProviderError,
+    PrivateKeySet,
+    RecipientKeys,
+)
+from fleetbus.bus.registry import load_key_provider
+from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.bus.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
+from fleetbus.observability.metrics import held_until_commit
+from fleetbus.processors.eos import DeadLetter, InputRecord, PartitionState, StageResult
+from fleetbus.processors.fleet_registry import FleetRegistry
+from fleetbus.processors.policy import PolicyEngine
+from fleetbus.processors.stages import (
+    AuthorizedCommand,
+    PipelineTopics,
+    ProfileChoice,
+    SealStage,
+    TelemetryStage,
+    TrackStage,
+    UplinkOpener,
+    profile_from_settings,
+)
+from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
+from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy
+from fleetbus.providers.sealing_v2 import EpochOpener, EpochSealer
+
+NOW = time.time() - 7200
+SETTINGS = FleetbusSettings()
+TOPICS = PipelineTopics.from_settings(SETTINGS.topics)
+SUITE = "ed25519"
+
+
+@dataclass
+class Fleet:
+    directory: KeyDirectory
+    files: dict[str, PrincipalKeyFile]
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Fleet:
+    root = FleetRoot.generate(SUITE)
+    w = {"not_before": NOW - 3600, "not_after": NOW + 86400}
+    kems = ["xwing", "x25519"]
+    issued = [
+        issue_key(root, principal_id="bus-sealer", kind="sealer", signature_suite=SUITE,
+                  kems=kems, capabilities=["wire2"], **w),
+        issue_key(root, principal_id="dispatch-1", kind="dispatcher", signature_suite=SUITE, **w),
+        issue_key(root, principal_id="V-1", kind="vehicle", signature_suite=SUITE, kems=kems,
+                  capabilities=["wire2"], **w),
+        issue_key(root, principal_id="V-3", kind="vehicle", signature_suite=SUITE, kems=kems,
+                  **w),
+    ]  # fmt: skip
+    directory = KeyDirectory(root.public)
+    directory.ingest_all([i.signed for i in issued])
+    return Fleet(directory, {i.key_file.principal_id: i.key_file for i in issued})
+
+
+def seal_stage(fleet: Fleet, wire_version: int = 2) -> SealStage:
+    runner = KeyPathRunner({n: load_key_provider(n) for n in ("xwing", "x25519")})
+    profiles = {
+        name: profile_from_settings(name, p.key_paths, p.allow_fallback, p.minimum_path, SUITE)
+        for name, p in SETTINGS.profiles.items()
+        if not any("qkd" in path for path in p.key_paths)
+    }
+    rules = [ProfileChoice("standard")]
+    profiles["standard"] = profile_from_settings("standard", ["xwing"], True, "xwing", SUITE)
+    profile_sealer = ProfileSealer(runner, retries=0, sleep=lambda _: None)
+    signer = fleet.files["bus-sealer"].signer()
+    return SealStage(
+        topics=TOPICS,
+        directory=fleet.directory,
+        sealer=EnvelopeSealer("bus-sealer", signer, profile_sealer),
+        profiles=profiles,
+        rules=rules,
+        clock_skew_s=30,
+        sealer_v2=EpochSealer(
+            "bus-sealer", signer, profile_sealer, epochs=EpochPolicy(300, 1000), clock=lambda: NOW
+        ),
+        wire_version=wire_version,
+    )
+
+
+def track_stage(fleet: Fleet) -> TrackStage:
+    runner = KeyPathRunner({n: load_key_provider(n) for n in ("xwing", "x25519")})
+
+    def one(minimum: str) -> EnvelopeOpener:
+        return EnvelopeOpener(
+            fleet.files["bus-sealer"].key_set(),
+            fleet.directory,
+            runner,
+            KeyPath.parse(minimum),
+            check_replay=False,
+            clock=lambda: NOW,
+        )
+
+    return TrackStage(
+        topics=TOPICS,
+        opener=UplinkOpener(fleet.directory, one("xwing"), one("x25519"), clock=lambda: NOW),
+        clock_skew_s=30,
+        max_message_bytes=64 * 1024,
+        sealer_principal="bus-sealer",
+    )
+
+
+_offsets = iter(range(10**6))
+
+
+def authorized(fleet: Fleet, vehicle: str, action: str = "ping") -> InputRecord:
+    command = Command.create(
+        issuer="dispatch-1", target=Target(vehicle=vehicle), action=action, ttl_s=600, now=NOW
+    )
+    cmd = SignedCommand.sign(command, fleet.files["dispatch-1"].signer())
+    value = AuthorizedCommand(
+        command.id, vehicle, "dispatch-1", action, "routine", command.issued_at,
+        command.expires_at, cmd.encode(),
+    ).encode()  # fmt: skip
+    return InputRecord(TOPICS.authorized, 0, next(_offsets), command.id.encode(), value)
+
+
+def outputs(result: StageResult, topic: str) -> list[Any]:
+    return [o for o in result.outputs if o.topic == topic]
+
+
+class Vehicles:
+    """A VehicleAgent fed by hand: what it executes and what it sends."""
+
+    def __init__(self, fleet: Fleet, tmp_path: Path) -> None:
+        self.executed: Counter[str] = Counter()
+        self.sent: list[tuple[str, str, bytes]] = []
+        self.agent = VehicleAgent(
+            SETTINGS,
+            vehicles=[VehicleIdentity.from_key_file(fleet.files[v]) for v in ("V-1", "V-3")],
+            directory=fleet.directory,
+            minimum_path="xwing",
+            handlers={"ping": self.handle},
+            store_path=tmp_path / "agent.sqlite",
+            clock=lambda: NOW,
+        )
+        self.agent._send = self._send  # type: ignore[method-assign]
+
+    def _send(self, topic: str, key: str, value: bytes, headers: Any) -> None:
+        self.sent.append((topic, key, value))
+
+    def handle(self, command: Any) -> HandlerResult:
+        self.executed[command.id] += 1
+        return HandlerResult(200, "ok")
+
+    def feed(self, value: bytes, key: bytes) -> None:
+        record = SimpleNamespace(
+            topic=TOPICS.outbound, key=key, value=value, headers=[], partition=0, offset=0
+        )
+        self.agent._handle_record(record)
+
+    def statuses(self) -> list[tuple[str, bytes]]:
+        return [
+            (key, value)
+            for topic, key, value in self.sent
+            if topic == TOPICS.responses and record_version(value) == 2
+        ]
+
+
+def test_seal_stage_writes_v2_to_wire2_vehicles_with_establishment_first(fleet: Fleet) -> None:
+    stage = seal_stage(fleet)
+    first = stage.process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    est, message = outputs(first, TOPICS.outbound)
+    assert (est.key, message.key) == (b"V-1", b"V-1")
+    assert isinstance(decode_record(est.value), ParsedEstablishment)
+    assert isinstance(decode_record(message.value), Message)
+    assert message.headers == ()  # the command id is not in a Kafka header any more
+    [copy] = outputs(first, TOPICS.responses)
+    assert (copy.key, copy.value) == (b"V-1", est.value)
+    assert first.audit[-1].detail["wire"] == 2
+    second = stage.process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    [only] = outputs(second, TOPICS.outbound)
+    assert isinstance(decode_record(only.value), Message)
+    assert not outputs(second, TOPICS.responses)
+    assert len(only.value) < 600  # vs ~1.3 KB + a KEM ciphertext for v1 on xwing
+    # Not announced: v1.
+    legacy = stage.process(authorized(fleet, "V-3"), PartitionState(), NOW)
+    [v1] = outputs(legacy, TOPICS.outbound)
+    assert record_version(v1.value) == 1
+    assert v1.headers[0][0] == "fleetbus-command-id"
+    # The setting off: v1 even for a wire2 vehicle.
+    [off] = outputs(
+        seal_stage(fleet, wire_version=1).process(authorized(fleet, "V-1"), PartitionState(), NOW),
+        TOPICS.outbound,
+    )
+    assert record_version(off.value) == 1
+
+
+def test_an_aborted_establishment_is_sent_again(fleet: Fleet) -> None:
+    stage = seal_stage(fleet)
+    with held_until_commit():  # the transaction aborts: the held updates are dropped
+        aborted = stage.process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    assert len(outputs(aborted, TOPICS.outbound)) == 2
+    with held_until_commit() as held:
+        again = stage.process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    for update in held:
+        update()
+    assert len(outputs(again, TOPICS.outbound)) == 2  # same epoch, establishment again
+    after = stage.process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    assert len(outputs(after, TOPICS.outbound)) == 1
+
+
+def test_vehicle_opens_executes_once_and_answers_redelivery(fleet: Fleet, tmp_path: Path) -> None:
+    stage, vehicles = seal_stage(fleet), Vehicles(fleet, tmp_path)
+    result = stage.process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    for out in outputs(result, TOPICS.outbound):
+        vehicles.feed(out.value, out.key)
+    assert list(vehicles.executed.values()) == [1]
+    assert vehicles.agent.stats.epochs == 1
+    answers = [s for s in vehicles.sent if s[0] == TOPICS.responses]
+    assert len(answers) == 1
+    vehicles.feed(outputs(result, TOPICS.outbound)[-1].value, b"V-1")  # redelivered
+    assert list(vehicles.executed.values()) == [1]
+    assert len([s for s in vehicles.sent if s[0] == TOPICS.responses]) == 2  # answered again
+
+
+def test_lost_epoch_is_recovered_through_status_and_redelivery(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    seal, track, vehicles = seal_stage(fleet), track_stage(fleet), Vehicles(fleet, tmp_path)
+    track_state = PartitionState()
+    first = seal.process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    # The track stage keeps the copy of the establishment (same key as the vehicle's status).
+    [copy] = outputs(first, TOPICS.responses)
+    kept = track.process(
+        InputRecord(TOPICS.responses, 0, 1, copy.key, copy.value), track_state, NOW
+    )
+    assert not kept.outputs
+    # The vehicle missed the establishment: it holds the message and reports the epoch.
+    message = outputs(first, TOPICS.outbound)[-1]
+    vehicles.feed(message.value, b"V-1")
+    assert not vehicles.executed
+    [(key, status)] = vehicles.statuses()
+    assert key == "V-1"
+    answer = track.process(
+        InputRecord(TOPICS.responses, 0, 2, key.encode(), status), track_state, NOW
+    )
+    [redelivered] = outputs(answer, TOPICS.outbound)
+    assert (redelivered.key, redelivered.value) == (b"V-1", copy.value)
+    assert [e.event for e in answer.audit] == ["epoch_redelivered"]
+    # A second status inside the interval is not answered again.
+    again = track.process(
+        InputRecord(TOPICS.responses, 0, 3, key.encode(), status), track_state, NOW
+    )
+    assert not again.outputs
+    vehicles.feed(redelivered.value, b"V-1")
+    assert list(vehicles.executed.values()) == [1]
+    # Establishment once more (re-delivery is idempotent) and the message again: no second run.
+    vehicles.feed(redelivered.value, b"V-1")
+    vehicles.feed(message.value, b"V-1")
+    assert list(vehicles.executed.values()) == [1]
+
+
+def test_track_stage_refuses_foreign_establishments_and_unknown_epochs(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    track, vehicles = track_stage(fleet), Vehicles(fleet, tmp_path)
+    state = PartitionState()
+    first = seal_stage(fleet).process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    [copy] = outputs(first, TOPICS.responses)
+    # Under another vehicle's key: not kept.
+    wrong = track.process(InputRecord(TOPICS.responses, 0, 1, b"V-3", copy.value), state, NOW)
+    [dlq] = outputs(wrong, TOPICS.dlq)
+    assert DeadLetter.decode(dlq.value).reason.value == "wrong_recipient"
+    # A status for an epoch this partition does not hold: audited, nothing sent.
+    vehicles.feed(outputs(first, TOPICS.outbound)[-1].value, b"V-1")
+    [(_key, status)] = vehicles.statuses()
+    result = track.process(InputRecord(TOPICS.responses, 0, 2, b"V-1", status), state, NOW)
+    assert not result.outputs
+    assert [e.event for e in result.audit] == ["epoch_unknown"]
+    # A status under another key than its signer's: dead-lettered.
+    bad = track.process(InputRecord(TOPICS.responses, 0, 3, b"V-3", status), state, NOW)
+    assert DeadLetter.decode(outputs(bad, TOPICS.dlq)[0].value).reason.value == "malformed"
+    # Tampered status: bad signature.
+    tampered = status[:-1] + bytes([status[-1] ^ 1])
+    bad = track.process(InputRecord(TOPICS.responses, 0, 4, b"V-1", tampered), state, NOW)
+    assert DeadLetter.decode(outputs(bad, TOPICS.dlq)[0].value).reason.value == "bad_signature"
+    # Held establishment copies end with their epoch.
+    track.process(InputRecord(TOPICS.responses, 0, 5, copy.key, copy.value), state, NOW)
+    assert any(k.startswith("est/") for k, _ in state.items())
+    track.tick(0, state, NOW + 400)
+    assert not any(k.startswith("est/") for k, _ in state.items())
+
+
+def test_wire_version_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEETBUS_WIRE_VERSION", "2")
+    assert FleetbusSettings().wire_version == 2
+    monkeypatch.setenv("FLEETBUS_WIRE_VERSION", "3")
+    with pytest.raises(ValueError, match="wire_version"):
+        FleetbusSettings()
+
+
+def telemetry_stage(fleet: Fleet) -> TelemetryStage:
+    runner = KeyPathRunner({n: load_key_provider(n) for n in ("xwing", "x25519")})
+
+    def v1(minimum: str) -> EnvelopeOpener:
+        return EnvelopeOpener(
+            fleet.files["bus-sealer"].key_set(), fleet.directory, runner,
+            KeyPath.parse(minimum), check_replay=False, clock=lambda: NOW,
+        )  # fmt: skip
+
+    def v2(minimum: str) -> EpochOpener:
+        return EpochOpener(
+            fleet.files["bus-sealer"].key_set(), fleet.directory, runner,
+            KeyPath.parse(minimum), direction=Direction.UPLINK, clock=lambda: NOW,
+        )  # fmt: skip
+
+    return TelemetryStage(
+        topics=TOPICS,
+        opener=UplinkOpener(fleet.directory, v1("xwing"), v1("x25519"), clock=lambda: NOW),
+        policy=PolicyEngine(
+            FleetRegistry.from_mapping({}).with_directory_records(fleet.directory.records())
+        ),
+        consumer="analytics",
+        max_message_bytes=64 * 1024,
+        v2_openers=(v2("xwing"), v2("x25519")),
+    )
+
+
+def telemetry_records(vehicles: Vehicles) -> list[tuple[str, bytes]]:
+    return [(k, v) for t, k, v in vehicles.sent if t == TOPICS.telemetry_raw]
+
+
+def test_telemetry_batches_are_exported_per_reading(fleet: Fleet, tmp_path: Path) -> None:
+    vehicles, stage, state = Vehicles(fleet, tmp_path), telemetry_stage(fleet), PartitionState()
+    agent = vehicles.agent
+    for i in range(SETTINGS.telemetry_batch_readings * 2):
+        agent.add_reading("V-1", {"speed_kmh": 40 + i, "soc_pct": 80}, at=NOW + i)
+    sent = telemetry_records(vehicles)
+    assert [record_version(v) for _, v in sent] == [2, 2, 2]  # establishment + two batches
+    assert isinstance(decode_record(sent[0][1]), ParsedEstablishment)
+    exported: list[Any] = []
+    for offset, (key, value) in enumerate(sent):
+        result = stage.process(
+            InputRecord(TOPICS.telemetry_raw, 0, offset, key.encode(), value), state, NOW
+        )
+        assert not outputs(result, TOPICS.dlq)
+        exported += outputs(result, TOPICS.telemetry_verified)
+    assert len(exported) == SETTINGS.telemetry_batch_readings * 2
+    docs = [json.loads(o.value) for o in exported]
+    assert {d["vehicle_id"] for d in docs} == {"V-1"}
+    assert [d["at"] for d in docs] == [round((NOW + i) * 1000) / 1000 for i in range(len(docs))]
+    assert agent.stats.telemetry == len(docs)
+    # The same batch again: refused by the epoch's replay window in the partition state.
+    again = stage.process(InputRecord(TOPICS.telemetry_raw, 0, 9, b"V-1", sent[1][1]), state, NOW)
+    assert DeadLetter.decode(outputs(again, TOPICS.dlq)[0].value).reason.value == "replayed"
+    # A restarted worker (no secret in memory) re-derives the epoch secret from the state.
+    agent.add_reading("V-1", {"speed_kmh": 1}, at=NOW)
+    agent.flush_telemetry()
+    key, value = telemetry_records(vehicles)[-1]
+    fresh = telemetry_stage(fleet).process(
+        InputRecord(TOPICS.telemetry_raw, 0, 10, key.encode(), value), state, NOW
+    )
+    assert len(outputs(fresh, TOPICS.telemetry_verified)) == 1
+    # The state holds the epoch's public fields and window, never its secret.
+    [(ep_key, ep_raw)] = [(k, v) for k, v in state.items() if k.startswith("up/ep/")]
+    assert "secret" not in cbor2.loads(ep_raw)
+    stage.tick(0, state, NOW + 400)
+    assert state.get(ep_key) is None
+
+
+def test_telemetry_v2_rejects(fleet: Fleet, tmp_path: Path) -> None:
+    vehicles, stage = Vehicles(fleet, tmp_path), telemetry_stage(fleet)
+    vehicles.agent.publish_telemetry("V-1", {"speed_kmh": 3}, at=NOW)
+    (_, est), (_, message) = telemetry_records(vehicles)
+
+    def reason(key: bytes, value: bytes, state: PartitionState) -> str:
+        result = stage.process(InputRecord(TOPICS.telemetry_raw, 0, 0, key, value), state, NOW)
+        return DeadLetter.decode(outputs(result, TOPICS.dlq)[0].value).reason.value
+
+    assert reason(b"V-1", message, PartitionState()) == "epoch_unknown"
+    assert reason(b"V-3", est, PartitionState()) == "malformed"  # under another vehicle's key
+    state = PartitionState()
+    stage.process(InputRecord(TOPICS.telemetry_raw, 0, 1, b"V-1", est), state, NOW)
+    flipped = message[:-1] + bytes([message[-1] ^ 1])
+    assert reason(b"V-1", flipped, state) == "tampered"
+    assert reason(b"V-3", message, state) == "malformed"
+
+
+class _Pending:
+    """A Kafka future that never completes (the broker has not acknowledged)."""
+
+    def add_callback(self, fn: Any) -> None:
+        pass
+
+
+def test_a_failed_batch_keeps_its_readings_and_an_unacknowledged_establishment_is_resent(
+    fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleetbus.bus.envelope import EnvelopeError
+    from fleetbus.bus.errors import KafkaUnavailableError, ReasonCode
+
+    vehicles = Vehicles(fleet, tmp_path)
+    agent = vehicles.agent
+    vehicle = agent._vehicles["V-1"]
+    real_prepare = vehicle.uplink_v2.prepare
+
+    def broken(request: Any) -> Any:
+        raise EnvelopeError("key path down", reason=ReasonCode.KEY_PATH_EXHAUSTED)
+
+    monkeypatch.setattr(vehicle.uplink_v2, "prepare", broken)
+    n = SETTINGS.telemetry_batch_readings
+    for i in range(n - 1):
+        agent.add_reading("V-1", {"i": i}, at=NOW)
+    with pytest.raises(KafkaUnavailableError):
+        agent.add_reading("V-1", {"i": n - 1}, at=NOW)
+    assert len(vehicle.readings) == n  # nothing lost
+    monkeypatch.setattr(vehicle.uplink_v2, "prepare", real_prepare)
+    # The broker does not acknowledge the establishment: the next batch carries it again.
+    sent: list[bytes] = []
+
+    def send(topic: str, key: str, value: bytes, headers: Any) -> _Pending:
+        sent.append(value)
+        return _Pending()
+
+    agent._send = send  # type: ignore[method-assign,assignment]
+    agent.flush_telemetry()
+    agent.add_reading("V-1", {"i": 0}, at=NOW)
+    agent.flush_telemetry()
+    kinds = [type(decode_record(v)).__name__ for v in sent]
+    assert kinds == ["ParsedEstablishment", "Message", "ParsedEstablishment", "Message"]
+    assert TelemetryBatch.decode(decode_batch(fleet, sent[:2])).readings[-1][1] == {"i": n - 1}
+
+
+def decode_batch(fleet: Fleet, records: list[bytes]) -> bytes:
+    """The plaintext of a batch, opened as the bus would."""
+    runner = KeyPathRunner({n: load_key_provider(n) for n in ("xwing", "x25519")})
+    opener = EpochOpener(
+        fleet.files["bus-sealer"].key_set(), fleet.directory, runner, KeyPath.parse("xwing"),
+        direction=Direction.UPLINK, clock=lambda: NOW,
+    )  # fmt: skip
+    opener.open(records[0], topic=TOPICS.telemetry_raw)
+    opened = opener.open(records[1], topic=TOPICS.telemetry_raw)
+    return opened.payload  # type: ignore[union-attr]
+
+
+class _BrokenQKD(KeyProvider):
+    """A QKD provider whose link is down."""
+
+    name = "qkd-etsi014"
+    post_quantum = True
+
+    def establish(self, recipient: RecipientKeys, *, context: bytes) -> Encapsulation:
+        raise KeyProviderError("link down", reason=ReasonCode.QKD_UNAVAILABLE)
+
+    def recover(self, key_ref: bytes, key_id: str, own: PrivateKeySet, *, context: bytes) -> bytes:
+        raise KeyProviderError("link down", reason=ReasonCode.QKD_UNAVAILABLE)
+
+
+def test_v2_keeps_failover_audit_and_enclave_refusal(fleet: Fleet) -> None:
+    runner = KeyPathRunner(
+        {"xwing": load_key_provider("xwing"), "x25519": load_key_provider("x25519"),
+         "qkd-etsi014": _BrokenQKD()}
+    )  # fmt: skip
+    profiles = {
+        name: profile_from_settings(name, p.key_paths, p.allow_fallback, p.minimum_path, SUITE)
+        for name, p in SETTINGS.profiles.items()
+    }
+    profile_sealer = ProfileSealer(runner, retries=0, sleep=lambda _: None)
+    signer = fleet.files["bus-sealer"].signer()
+    stage = SealStage(
+        topics=TOPICS,
+        directory=fleet.directory,
+        sealer=EnvelopeSealer("bus-sealer", signer, profile_sealer),
+        profiles=profiles,
+        rules=[ProfileChoice("enclave", "high"), ProfileChoice("standard")],
+        clock_skew_s=30,
+        sealer_v2=EpochSealer("bus-sealer", signer, profile_sealer, clock=lambda: NOW),
+        wire_version=2,
+    )
+    profile_sealer.add_listener(stage.on_failover)
+    routine = stage.process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    est, _message = outputs(routine, TOPICS.outbound)
+    parsed = decode_record(est.value)
+    assert isinstance(parsed, ParsedEstablishment)
+    assert parsed.establishment.key_path == "xwing"  # failed over, visibly
+    assert [e.event for e in routine.audit] == ["keypath_failover", "sealed"]
+    high = authorized(fleet, "V-1", "unlock_doors")
+    value = AuthorizedCommand.decode(high.value)
+    high = InputRecord(
+        high.topic, 0, high.offset, high.key,
+        AuthorizedCommand(
+            value.command_id, value.vehicle_id, value.issuer, value.action, "high",
+            value.issued_at, value.expires_at, value.signed_command,
+        ).encode(),
+    )  # fmt: skip
+    refused = stage.process(high, PartitionState(), NOW)
+    assert not outputs(refused, TOPICS.outbound)
+    assert DeadLetter.decode(outputs(refused, TOPICS.dlq)[0].value).reason.value == (
+        "key_path_exhausted"
+    )
+
+
+def test_uplink_epochs_are_bounded_per_sender(fleet: Fleet, tmp_path: Path) -> None:
+    from fleetbus.processors.uplink import EPOCHS_PER_SENDER
+
+    stage, state = telemetry_stage(fleet), PartitionState()
+    vehicles = Vehicles(fleet, tmp_path)
+    agent = vehicles.agent
+
+    def new_epoch_record() -> bytes:
+        # A fresh uplink sealer: a new epoch, so a new establishment.
+        vehicle = agent._vehicles["V-1"]
+        vehicle.uplink_v2 = EpochSealer(
+            "V-1", vehicle.identity.signer, agent._profile_sealer,
+            direction=Direction.UPLINK, clock=lambda: NOW,
+        )  # fmt: skip
+        vehicles.sent.clear()
+        agent.publish_telemetry("V-1", {"x": 1}, at=NOW)
+        return telemetry_records(vehicles)[0][1]
+
+    def feed(value: bytes, now: float = NOW) -> StageResult:
+        return stage.process(InputRecord(TOPICS.telemetry_raw, 0, 0, b"V-1", value), state, now)
+
+    for _ in range(EPOCHS_PER_SENDER):
+        assert not outputs(feed(new_epoch_record()), TOPICS.dlq)
+    full = feed(new_epoch_record())
+    assert DeadLetter.decode(outputs(full, TOPICS.dlq)[0].value).reason.value == (
+        "sender_state_full"
+    )
+    stage.tick(0, state, NOW + 400)  # the epochs end: room again
+    assert not outputs(feed(new_epoch_record(), NOW + 400), TOPICS.dlq)
