@@ -505,6 +505,27 @@ class OpenerStats:
     epoch_cache_hits: int = 0
 
 
+def check_key_ids(own: PrivateKeySet, runner: KeyPathRunner, key_refs: Sequence[KeyRef]) -> None:
+    """Each key ref (v1 header or v2 establishment) must name a configured provider and, for a
+    provider with a recipient key pair, ``own``'s key of that algorithm (``unknown_key_id``)."""
+    own_ids = own.key_ids
+    for ref in key_refs:
+        try:
+            algorithm = runner.provider(ref.provider).algorithm
+        except FleetbusError as exc:
+            raise EnvelopeError(
+                f"key path provider {ref.provider!r} is not configured here",
+                reason=ReasonCode.UNKNOWN_KEY_ID,
+            ) from exc
+        # A provider with a recipient key pair must name our key of that algorithm; the
+        # others (QKD) carry key ids of their own, which their provider checks.
+        if algorithm is not None and own_ids.get(algorithm) != ref.key_id:
+            raise EnvelopeError(
+                f"{ref.provider} key id {ref.key_id!r} is not one of {own.principal_id!r}'s keys",
+                reason=ReasonCode.UNKNOWN_KEY_ID,
+            )
+
+
 class EnvelopeOpener:
     """Opens envelopes addressed to ``own.principal_id``; checks in the documented order.
 
@@ -733,29 +754,10 @@ class EnvelopeOpener:
         except Exception:  # a verifier that raises on garbage has still said "no"
             return False
 
-    def _check_key_ids(self, header: ProtectedHeader) -> None:
-        own_ids = self._own.key_ids
-        for ref in header.key_refs:
-            try:
-                algorithm = self._runner.provider(ref.provider).algorithm
-            except FleetbusError as exc:
-                raise EnvelopeError(
-                    f"key path provider {ref.provider!r} is not configured here",
-                    reason=ReasonCode.UNKNOWN_KEY_ID,
-                ) from exc
-            # A provider with a recipient key pair must name our key of that algorithm; the
-            # others (QKD) carry key ids of their own, which their provider checks.
-            if algorithm is not None and own_ids.get(algorithm) != ref.key_id:
-                raise EnvelopeError(
-                    f"{ref.provider} key id {ref.key_id!r} is not one of "
-                    f"{self._own.principal_id!r}'s keys",
-                    reason=ReasonCode.UNKNOWN_KEY_ID,
-                )
-
     def _decrypt(self, parsed: ParsedEnvelope) -> bytes:
         """Key ids, epoch key, per-message key, AEAD. No signature check: callers do that."""
         header = parsed.header
-        self._check_key_ids(header)
+        check_key_ids(self._own, self._runner, header.key_refs)
         now = self._clock()
         slot = (
             header.sender,

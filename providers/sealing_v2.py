@@ -83,6 +83,7 @@ from fleetbus.providers.sealing import (
     SignerDirectory,
     VerifiedRoots,
     _recipient_fingerprint,
+    check_key_ids,
 )
 
 __all__ = [
@@ -735,7 +736,7 @@ class EpochOpener:
             raise EnvelopeError(
                 "an epoch with this id is already established", reason=ReasonCode.REPLAYED
             )
-        self._check_key_ids(est)
+        check_key_ids(self._own, self._runner, est.key_refs)
         secret = derive_epoch_secret(self._recover(est), parsed.body)
         epochs.put(
             StoredEpoch(
@@ -766,23 +767,6 @@ class EpochOpener:
         self, parsed: SignedRecord, verifier: Verifier, sender: str, key_id: str, now: float
     ) -> None:
         verify_signed_record(parsed, verifier, sender, key_id, self._roots, now)
-
-    def _check_key_ids(self, est: Establishment) -> None:
-        own_ids = self._own.key_ids
-        for ref in est.key_refs:
-            try:
-                algorithm = self._runner.provider(ref.provider).algorithm
-            except FleetbusError as exc:
-                raise EnvelopeError(
-                    f"key path provider {ref.provider!r} is not configured here",
-                    reason=ReasonCode.UNKNOWN_KEY_ID,
-                ) from exc
-            if algorithm is not None and own_ids.get(algorithm) != ref.key_id:
-                raise EnvelopeError(
-                    f"{ref.provider} key id {ref.key_id!r} is not one of "
-                    f"{self._own.principal_id!r}'s keys",
-                    reason=ReasonCode.UNKNOWN_KEY_ID,
-                )
 
     def _recover(self, est: Establishment) -> bytes:
         context = epoch_context_v2(est.sender, est.recipient, est.direction, est.epoch_id)
