@@ -417,3 +417,13 @@ def test_sealer_forgets_ended_epochs(world: World) -> None:
     other = make_vehicle("V-18")
     sealer.seal(request(world, recipient=other.keys))  # any establishment sweeps
     assert sealer.establishment(first.establishment.epoch_id) is None
+
+
+def test_the_sqlite_epoch_store_creates_its_folder_and_an_owner_only_file(tmp_path: Path) -> None:
+    # It holds epoch secrets, like a key file; the agent may open it before anything else
+    # created the store's folder.
+    from fleetbus.providers.sealing_v2 import SqliteEpochStore
+
+    path = tmp_path / "new" / "vehicle.sqlite"
+    SqliteEpochStore(path)
+    assert path.stat().st_mode & 0o077 == 0
