@@ -427,3 +427,13 @@ def test_the_sqlite_epoch_store_creates_its_folder_and_an_owner_only_file(tmp_pa
     path = tmp_path / "new" / "vehicle.sqlite"
     SqliteEpochStore(path)
     assert path.stat().st_mode & 0o077 == 0
+
+
+def test_an_in_memory_epoch_store_writes_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleetbus.providers.sealing_v2 import SqliteEpochStore
+
+    monkeypatch.chdir(tmp_path)
+    SqliteEpochStore(":memory:")
+    assert list(tmp_path.iterdir()) == []
