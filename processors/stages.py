@@ -66,9 +66,9 @@ from fleetbus.processors.uplink import (
     UplinkLimits,
     UplinkReplay,
     add_to_count,
-    epoch_until,
     read_count,
     sender_key,
+    stored_until,
 )
 from fleetbus.providers.keypath import REASON_NOT_CONFIGURED, FailoverEvent
 from fleetbus.providers.sealing import PreparedEnvelope, SealRequest, VerifiedRoots
@@ -1411,11 +1411,6 @@ _EST_SENT: Final = "est-sent/"
 EST_RESEND_INTERVAL_S: Final = 10.0
 
 
-def _held_until(_key: str, raw: bytes) -> int:
-    until: int = cbor2.loads(raw)["until"]
-    return until
-
-
 class TrackStage:
     """authorized + status + responses → delivered / succeeded / failed / expired events.
 
@@ -1818,7 +1813,7 @@ class TrackStage:
         active (to expire it), then at the end of the retention (to forget the command); a
         held response, a kept establishment and an uplink id when they end."""
         if key.startswith((_HOLD, _EST)):
-            return _held_until(key, value) / 1000
+            return stored_until(value) / 1000
         if not key.startswith("cmd/"):
             return self.replay.deadline(key, value)
         entry: dict[str, Any] = cbor2.loads(value)
@@ -2048,7 +2043,7 @@ class TelemetryStage:
     def deadline(self, key: str, value: bytes) -> float | None:
         """When ``tick`` must look at a state entry: an uplink id or epoch when it ends."""
         if key.startswith(EPOCH_PREFIX):
-            return epoch_until(key, value) / 1000
+            return stored_until(value) / 1000
         return self.replay.deadline(key, value)
 
     def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
@@ -2058,7 +2053,7 @@ class TelemetryStage:
             if not key.startswith(EPOCH_PREFIX):
                 continue
             raw = state.get(key)
-            if raw is not None and epoch_until(key, raw) < _ms(now):
+            if raw is not None and stored_until(raw) < _ms(now):
                 state.delete(key)  # the epoch ended: its window and record go
                 sender = cbor2.loads(raw)["sender"]
                 add_to_count(state, sender_key(EPOCH_COUNT_PREFIX, sender), -1)

@@ -147,7 +147,9 @@ EPOCH_COUNT_PREFIX: Final = "up/epn/"
 EPOCHS_PER_SENDER: Final = 8
 
 
-def epoch_until(_key: str, raw: bytes) -> int:
+def stored_until(raw: bytes) -> int:
+    """The ``until`` (ms) of a state entry that ends: an uplink epoch, a held response, a kept
+    establishment."""
     until: int = cbor2.loads(raw)["until"]
     return until
 
