@@ -62,14 +62,13 @@ from fleetbus.processors.uplink import (
     EPOCH_COUNT_PREFIX,
     EPOCH_PREFIX,
     EPOCHS_PER_SENDER,
-    DeadlineIndex,
     StateEpochStore,
     UplinkLimits,
     UplinkReplay,
     add_to_count,
-    epoch_until,
     read_count,
     sender_key,
+    stored_until,
 )
 from fleetbus.providers.keypath import REASON_NOT_CONFIGURED, FailoverEvent
 from fleetbus.providers.sealing import PreparedEnvelope, SealRequest, VerifiedRoots
@@ -1412,11 +1411,6 @@ _EST_SENT: Final = "est-sent/"
 EST_RESEND_INTERVAL_S: Final = 10.0
 
 
-def _held_until(_key: str, raw: bytes) -> int:
-    until: int = cbor2.loads(raw)["until"]
-    return until
-
-
 class TrackStage:
     """authorized + status + responses → delivered / succeeded / failed / expired events.
 
@@ -1453,14 +1447,12 @@ class TrackStage:
         # The bus's sealer id: whose v2 establishments this stage keeps for re-delivery, and
         # to whom vehicles address their epoch statuses. None: v2 records are not read here.
         self.sealer_principal = sealer_principal
-        self._ests = DeadlineIndex((_EST,), _held_until)
         self._roots = VerifiedRoots(1024)
         self.skew_s = clock_skew_s
         self.max_bytes = max_message_bytes
         self.retention_s = retention_s
         self.limits = limits or UplinkLimits()
         self.replay = UplinkReplay(limits=self.limits, skew_s=clock_skew_s)
-        self._held = DeadlineIndex((_HOLD,), _held_until)
 
     def input_topics(self) -> Sequence[str]:
         return [self.topics.authorized, self.topics.status, self.topics.responses]
@@ -1624,7 +1616,6 @@ class TrackStage:
                 key = f"{sender_key(_EST, est.recipient)}/{est.epoch_id.hex()}"
                 until = est.not_after_ms + _ms(self.skew_s)
                 state.put(key, _dumps({"until": until, "record": value}))
-                self._ests.add(state, key, until)
                 return StageResult()
             assert isinstance(parsed, ParsedStatus)
             status = open_status(
@@ -1721,7 +1712,6 @@ class TrackStage:
             "value": record.value,
         }
         state.put(key, _dumps(held))
-        self._held.add(state, key, until)
         result.audit.append(
             AuditEvent(
                 actor=vid,
@@ -1820,9 +1810,12 @@ class TrackStage:
 
     def deadline(self, key: str, value: bytes) -> float | None:
         """When ``tick`` must look at a command: at expiry + skew while a vehicle is still
-        active (to expire it), then at the end of the retention (to forget the command)."""
+        active (to expire it), then at the end of the retention (to forget the command); a
+        held response, a kept establishment and an uplink id when they end."""
+        if key.startswith((_HOLD, _EST)):
+            return stored_until(value) / 1000
         if not key.startswith("cmd/"):
-            return None
+            return self.replay.deadline(key, value)
         entry: dict[str, Any] = cbor2.loads(value)
         expires: float = entry["expires_at"] / 1000
         if not expires:
@@ -1834,21 +1827,28 @@ class TrackStage:
     def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
         result = StageResult()
         now_ms = _ms(now)
+        due = state.due(now, self.deadline)
         # Held responses first: one received before expiry counts before "expired" is decided.
-        for key in self._held.due(state, now_ms):
+        for key in due:
+            if not key.startswith(_HOLD):
+                continue
             raw = state.get(key)
             if raw is None:
                 continue
             held = cbor2.loads(raw)
             if held["until"] < now_ms:
                 result.extend(self._judge_held(state, key, held, now))
-        for key in self._ests.due(state, now_ms):
+        for key in due:
+            if not key.startswith(_EST):
+                continue
             raw = state.get(key)
             if raw is not None and cbor2.loads(raw)["until"] < now_ms:
                 state.delete(key)
                 state.delete(_EST_SENT + key.removeprefix(_EST))
-        self.replay.expire(state, now)
-        for key in state.due(now, self.deadline):
+        self.replay.expire(state, due, now)
+        for key in due:
+            if not key.startswith("cmd/"):
+                continue
             raw = state.get(key)
             if raw is None:
                 continue
@@ -1924,7 +1924,6 @@ class TelemetryStage:
         self.v2_openers = v2_openers
         self.skew_ms = _ms(clock_skew_s)
         self._secrets: dict[bytes, bytes] = {}
-        self._epochs = DeadlineIndex((EPOCH_PREFIX,), epoch_until)
 
     def input_topics(self) -> Sequence[str]:
         return [self.topics.telemetry_raw]
@@ -1994,9 +1993,7 @@ class TelemetryStage:
         value, topic = record.value or b"", self.topics.telemetry_raw
         directory = self.opener.directory
         pqc, legacy = self.v2_openers
-        store = StateEpochStore(
-            state, self._secrets, pqc.rederive, skew_ms=self.skew_ms, index=self._epochs
-        )
+        store = StateEpochStore(state, self._secrets, pqc.rederive, skew_ms=self.skew_ms)
         try:
             parsed = decode_record(value, max_size=self.max_bytes)
             if isinstance(parsed, ParsedEstablishment):
@@ -2043,11 +2040,20 @@ class TelemetryStage:
         path = opened.key_path.name
         return StageResult(outputs=[self._export(t, path) for t in batch.telemetry()])
 
+    def deadline(self, key: str, value: bytes) -> float | None:
+        """When ``tick`` must look at a state entry: an uplink id or epoch when it ends."""
+        if key.startswith(EPOCH_PREFIX):
+            return stored_until(value) / 1000
+        return self.replay.deadline(key, value)
+
     def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
-        self.replay.expire(state, now)
-        for key in self._epochs.due(state, _ms(now)):
+        due = state.due(now, self.deadline)
+        self.replay.expire(state, due, now)
+        for key in due:
+            if not key.startswith(EPOCH_PREFIX):
+                continue
             raw = state.get(key)
-            if raw is not None and epoch_until(key, raw) < _ms(now):
+            if raw is not None and stored_until(raw) < _ms(now):
                 state.delete(key)  # the epoch ended: its window and record go
                 sender = cbor2.loads(raw)["sender"]
                 add_to_count(state, sender_key(EPOCH_COUNT_PREFIX, sender), -1)

@@ -7,10 +7,8 @@ See docs/pipeline.md ("Uplink replay protection") for the layout and the decisio
 
 from __future__ import annotations
 
-import heapq
-import weakref
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Final
 
@@ -21,7 +19,6 @@ from fleetbus.processors.eos import PartitionState
 
 __all__ = [
     "EPOCHS_PER_SENDER",
-    "DeadlineIndex",
     "StateEpochStore",
     "UplinkLimits",
     "UplinkReplay",
@@ -64,62 +61,6 @@ def add_to_count(state: PartitionState, key: str, delta: int) -> int:
     return value
 
 
-@dataclass
-class _Heap:
-    items: list[tuple[int, str]] = field(default_factory=list)
-    handed_out: list[str] = field(default_factory=list)
-
-
-class DeadlineIndex:
-    """The keys of a partition state under ``prefixes``, ordered by deadline: a heap per state
-    object (a worker gets a new one per assignment), built from the state on first use.
-
-    ``add`` is O(log n); ``due`` costs O(k log n) for k due keys and never scans the state. The
-    heap is only an index: callers re-check each due key against the state's current value
-    (a rolled-back write leaves a heap entry without a state entry, a re-written key two heap
-    entries). A deletion rolled back with its transaction puts the key back into the state but
-    not into the heap, so the keys handed out by the previous ``due`` that are still in the
-    state go back into the heap first.
-    """
-
-    def __init__(self, prefixes: tuple[str, ...], deadline_of: Callable[[str, bytes], int]) -> None:
-        self._prefixes = prefixes
-        self._deadline_of = deadline_of
-        self._heaps: weakref.WeakKeyDictionary[PartitionState, _Heap] = weakref.WeakKeyDictionary()
-
-    def _heap(self, state: PartitionState) -> _Heap:
-        heap = self._heaps.get(state)
-        if heap is None:
-            heap = _Heap(
-                [
-                    (self._deadline_of(key, raw), key)
-                    for key, raw in state.items()
-                    if key.startswith(self._prefixes)
-                ]
-            )
-            heapq.heapify(heap.items)
-            self._heaps[state] = heap
-        return heap
-
-    def add(self, state: PartitionState, key: str, deadline_ms: int) -> None:
-        heapq.heappush(self._heap(state).items, (deadline_ms, key))
-
-    def due(self, state: PartitionState, now_ms: int) -> list[str]:
-        """Keys whose indexed deadline is before ``now_ms`` and that are still in the state."""
-        heap = self._heap(state)
-        for key in heap.handed_out:
-            raw = state.get(key)
-            if raw is not None:
-                heapq.heappush(heap.items, (self._deadline_of(key, raw), key))
-        out: dict[str, None] = {}
-        while heap.items and heap.items[0][0] < now_ms:
-            _, key = heapq.heappop(heap.items)
-            if state.get(key) is not None:
-                out[key] = None
-        heap.handed_out = list(out)
-        return heap.handed_out
-
-
 @dataclass(frozen=True)
 class UplinkLimits:
     """Bounds of the bus's uplink state (settings ``uplink_max_lifetime_s``,
@@ -142,7 +83,6 @@ class UplinkReplay:
     def __init__(self, *, limits: UplinkLimits, skew_s: float) -> None:
         self.limits = limits
         self._skew_ms = round(skew_s * 1000)
-        self._index = DeadlineIndex((ID_PREFIX,), lambda _key, raw: _int(raw))
 
     @staticmethod
     def id_key(sender: str, message_id: str) -> str:
@@ -166,14 +106,21 @@ class UplinkReplay:
             add_to_count(state, count_key, 1)
         deadline = round(expires_at * 1000) + self._skew_ms
         state.put(key, cbor2.dumps(deadline))
-        self._index.add(state, key, deadline)
         return None
 
-    def expire(self, state: PartitionState, now: float) -> int:
-        """Forget the ids whose deadline has passed; returns how many."""
+    @staticmethod
+    def deadline(key: str, raw: bytes) -> float | None:
+        """The deadline (s) of an id entry, for the stage's ``deadline`` (None: not an id)."""
+        return _int(raw) / 1000 if key.startswith(ID_PREFIX) else None
+
+    def expire(self, state: PartitionState, due: Iterable[str], now: float) -> int:
+        """Forget the ids among ``due`` (the state's due keys) whose deadline has passed;
+        returns how many."""
         now_ms = round(now * 1000)
         removed = 0
-        for key in self._index.due(state, now_ms):
+        for key in due:
+            if not key.startswith(ID_PREFIX):
+                continue
             raw = state.get(key)
             if raw is None or _int(raw) >= now_ms:
                 continue
@@ -200,7 +147,9 @@ EPOCH_COUNT_PREFIX: Final = "up/epn/"
 EPOCHS_PER_SENDER: Final = 8
 
 
-def epoch_until(_key: str, raw: bytes) -> int:
+def stored_until(raw: bytes) -> int:
+    """The ``until`` (ms) of a state entry that ends: an uplink epoch, a held response, a kept
+    establishment."""
     until: int = cbor2.loads(raw)["until"]
     return until
 
@@ -222,14 +171,12 @@ class StateEpochStore:
         rederive: Callable[[bytes], bytes],
         *,
         skew_ms: int,
-        index: DeadlineIndex | None = None,
         max_secrets: int = 65_536,
     ) -> None:
         self._state = state
         self._secrets = secrets
         self._rederive = rederive
         self._skew_ms = skew_ms
-        self._index = index
         self._max_secrets = max_secrets
 
     @staticmethod
@@ -292,8 +239,6 @@ class StateEpochStore:
             ),
         )
         self._remember(epoch.est_digest, epoch.secret)
-        if self._index is not None:
-            self._index.add(self._state, key, until)
 
     def record(self, recipient: str, epoch_id: bytes, sequence: int) -> bool:
         from fleetbus.providers.sealing_v2 import window_admits, window_record
