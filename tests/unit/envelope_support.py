@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fleetbus.bus.directory import FleetRoot, IssuedKey, KeyDirectory, PrincipalKeyFile
 from fleetbus.bus.envelope import (
     BatchSignature,
     ParsedEnvelope,
@@ -28,6 +29,8 @@ from fleetbus.bus.keys import (
     Signer,
     Verifier,
 )
+from fleetbus.processors.fleet_registry import FleetRegistry
+from fleetbus.processors.policy import PolicyEngine
 from fleetbus.providers.hpke import MLKEM768Provider, X25519Provider, XWingProvider
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy, ReplayCache
@@ -44,6 +47,26 @@ SUITES: dict[str, Callable[[], SignatureSuite]] = {
     "mldsa65": MLDSA65Suite,
     "composite-mldsa65-ed25519": CompositeMLDSA65Ed25519Suite,
 }
+
+
+@dataclass
+class Fleet:
+    """A directory of issued keys, every principal's key file and a policy over the fleet."""
+
+    directory: KeyDirectory
+    files: dict[str, PrincipalKeyFile]
+    policy: PolicyEngine
+
+
+def fleet_of(
+    root: FleetRoot, issued: list[IssuedKey], outsiders: list[IssuedKey] | None = None
+) -> Fleet:
+    """The fleet ``root`` issued; ``outsiders`` have key files but are not in the directory."""
+    directory = KeyDirectory(root.public)
+    directory.ingest_all([i.signed for i in issued])
+    files = {i.key_file.principal_id: i.key_file for i in [*issued, *(outsiders or [])]}
+    registry = FleetRegistry.from_mapping({}).with_directory_records(directory.records())
+    return Fleet(directory, files, PolicyEngine(registry))
 
 
 class Clock:
