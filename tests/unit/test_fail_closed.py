@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
+from envelope_support import unconnected
 from integration.pipeline_support import DISPATCHER, SEALER, TestFleet, make_test_fleet
 
 from fleetbus.bus.commands import Command, SignedCommand, Target
@@ -169,19 +170,6 @@ def raw(offset: int, value: bytes) -> Any:
         {"topic": "in", "partition": 0, "offset": offset, "key": b"k", "value": value,
          "timestamp": 0, "headers": None},
     )()  # fmt: skip
-
-
-def unconnected(logic: Any, **options: Any) -> eos.TransactionalStage:
-    """A stage runner for ``logic`` that never reaches its (unroutable) bootstrap server."""
-    return eos.TransactionalStage(
-        logic,
-        bootstrap="127.0.0.1:1",
-        app_id="t",
-        state_topic="state",
-        audit_topic="audit",
-        dlq_topic="dlq",
-        **options,
-    )
 
 
 def runner(producer: Any = None) -> eos.TransactionalStage:
