@@ -1,12 +1,15 @@
-"""Test scaffolding for the envelope tests: parties with real keys, an in-memory signer directory,
-a settable clock, and helpers that rebuild (and optionally re-sign) mutated envelopes."""
+"""Test scaffolding for the unit tests: parties with real keys, an in-memory signer directory,
+a settable clock, helpers that rebuild (and optionally re-sign) mutated envelopes, an issued
+fleet and a stage runner that never connects."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from fleetbus.bus.directory import FleetRoot, IssuedKey, KeyDirectory, PrincipalKeyFile
 from fleetbus.bus.envelope import (
     BatchSignature,
     ParsedEnvelope,
@@ -28,6 +31,9 @@ from fleetbus.bus.keys import (
     Signer,
     Verifier,
 )
+from fleetbus.processors.eos import TransactionalStage
+from fleetbus.processors.fleet_registry import FleetRegistry
+from fleetbus.processors.policy import PolicyEngine
 from fleetbus.providers.hpke import MLKEM768Provider, X25519Provider, XWingProvider
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy, ReplayCache
@@ -44,6 +50,39 @@ SUITES: dict[str, Callable[[], SignatureSuite]] = {
     "mldsa65": MLDSA65Suite,
     "composite-mldsa65-ed25519": CompositeMLDSA65Ed25519Suite,
 }
+
+
+@dataclass
+class Fleet:
+    """A directory of issued keys, every principal's key file and a policy over the fleet."""
+
+    directory: KeyDirectory
+    files: dict[str, PrincipalKeyFile]
+    policy: PolicyEngine
+
+
+def fleet_of(
+    root: FleetRoot, issued: list[IssuedKey], outsiders: list[IssuedKey] | None = None
+) -> Fleet:
+    """The fleet ``root`` issued; ``outsiders`` have key files but are not in the directory."""
+    directory = KeyDirectory(root.public)
+    directory.ingest_all([i.signed for i in issued])
+    files = {i.key_file.principal_id: i.key_file for i in [*issued, *(outsiders or [])]}
+    registry = FleetRegistry.from_mapping({}).with_directory_records(directory.records())
+    return Fleet(directory, files, PolicyEngine(registry))
+
+
+def unconnected(logic: Any, **options: Any) -> TransactionalStage:
+    """A stage runner for ``logic`` that never reaches its (unroutable) bootstrap server."""
+    return TransactionalStage(
+        logic,
+        bootstrap="127.0.0.1:1",
+        app_id="t",
+        state_topic="state",
+        audit_topic="audit",
+        dlq_topic="dlq",
+        **options,
+    )
 
 
 class Clock:

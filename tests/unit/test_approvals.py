@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
+from envelope_support import fleet_of
 
 from fleetbus.bus.commands import (
     Approval,
@@ -33,7 +34,6 @@ from fleetbus.bus.directory import (
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.processors.eos import DeadLetter, InputRecord, PartitionState, StageResult
-from fleetbus.processors.fleet_registry import FleetRegistry
 from fleetbus.processors.policy import PolicyEngine, load_policy_text
 from fleetbus.processors.stages import (
     AuthorizedCommand,
@@ -106,12 +106,9 @@ def fleet() -> Fleet:
             **w,
         ),
     ]
+    issued_fleet = fleet_of(root, issued)
     records = [i.signed for i in issued]
-    directory = KeyDirectory(root.public)
-    directory.ingest_all(records)
-    registry = FleetRegistry.from_mapping({}).with_directory_records(directory.records())
-    files = {i.key_file.principal_id: i.key_file for i in issued}
-    return Fleet(root, records, files, PolicyEngine(registry))
+    return Fleet(root, records, issued_fleet.files, issued_fleet.policy)
 
 
 def authorize(

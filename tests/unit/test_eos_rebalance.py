@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from aiokafka.structs import TopicPartition
+from envelope_support import unconnected
 
 from fleetbus.processors.audit import AuditChain, AuditEvent
 from fleetbus.processors.eos import (
@@ -99,15 +100,7 @@ class Consumer:
 
 def runner(logic: Forward, producer: Producer) -> TransactionalStage:
     """A runner that owns partition 0 of ``in`` with ``producer`` (never connected)."""
-    stage = TransactionalStage(
-        logic,
-        bootstrap="127.0.0.1:1",
-        app_id="t",
-        state_topic="state",
-        audit_topic="audit",
-        dlq_topic="dlq",
-        max_backoff_s=0.0,
-    )
+    stage = unconnected(logic, max_backoff_s=0.0)
     stage._consumer = Consumer()  # type: ignore[assignment]
     stage._assigned = {TP}
     stage._parts[0] = _Partition(0, producer, PartitionState(), AuditChain("forward-0"))  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from envelope_support import unconnected
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -40,14 +41,7 @@ class Forward:
 def runner(logic: Any) -> tuple[eos.TransactionalStage, Any]:
     """A stage runner for ``logic`` (never connected: the tests call ``_compute``) and a
     partition with empty state."""
-    stage = eos.TransactionalStage(
-        logic,
-        bootstrap="127.0.0.1:1",
-        app_id="t",
-        state_topic="state",
-        audit_topic="audit",
-        dlq_topic="dlq",
-    )
+    stage = unconnected(logic)
     return stage, type("Part", (), {"state": PartitionState()})()
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
+from envelope_support import unconnected
 from integration.pipeline_support import DISPATCHER, SEALER, TestFleet, make_test_fleet
 
 from fleetbus.bus.commands import Command, SignedCommand, Target
@@ -172,15 +173,7 @@ def raw(offset: int, value: bytes) -> Any:
 
 
 def runner(producer: Any = None) -> eos.TransactionalStage:
-    stage = eos.TransactionalStage(
-        Forward(),
-        bootstrap="127.0.0.1:1",
-        app_id="t",
-        state_topic="state",
-        audit_topic="audit",
-        dlq_topic="dlq",
-        max_backoff_s=0.0,
-    )
+    stage = unconnected(Forward(), max_backoff_s=0.0)
     if producer is not None:
         stage._parts[0] = eos._Partition(0, producer, PartitionState(), AuditChain("t-0"))
         assigned = {TopicPartition("in", 0)}
@@ -332,14 +325,7 @@ def test_a_stage_whose_inputs_differ_in_partitions_refuses_to_start(
 ) -> None:
     counts = {"authorized": 4, "status": 4, "responses": 8, "state": 4}
     monkeypatch.setattr(eos, "AIOKafkaConsumer", lambda **_: MetadataConsumer(counts))
-    stage = eos.TransactionalStage(
-        Track(),
-        bootstrap="127.0.0.1:1",
-        app_id="t",
-        state_topic="state",
-        audit_topic="audit",
-        dlq_topic="dlq",
-    )
+    stage = unconnected(Track())
     with pytest.raises(ConfigError) as refused:
         asyncio.run(stage.run())
     message = str(refused.value)
@@ -488,14 +474,7 @@ class BatchThatFails:
 def test_a_failed_batch_redone_one_by_one_counts_each_record_once() -> None:
     from fleetbus.observability.metrics import held_until_commit
 
-    stage = eos.TransactionalStage(
-        BatchThatFails(),
-        bootstrap="127.0.0.1:1",
-        app_id="t",
-        state_topic="state",
-        audit_topic="audit",
-        dlq_topic="dlq",
-    )
+    stage = unconnected(BatchThatFails())
     part = type("Part", (), {"state": PartitionState()})()
     dlq = DLQ_RECORDS.labels(stage="batch-bug-test", reason="malformed")
     internal = INTERNAL_ERRORS.labels(stage="batch-bug-test")

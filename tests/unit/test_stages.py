@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import cbor2
 import pytest
+from envelope_support import Fleet, fleet_of
 
 from fleetbus.bus.commands import (
     Approval,
@@ -21,7 +21,7 @@ from fleetbus.bus.commands import (
     Target,
     Telemetry,
 )
-from fleetbus.bus.directory import FleetRoot, KeyDirectory, PrincipalKeyFile, issue_key
+from fleetbus.bus.directory import FleetRoot, issue_key
 from fleetbus.bus.envelope import decode_envelope
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.keys import (
@@ -36,8 +36,6 @@ from fleetbus.bus.registry import load_key_provider
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.observability.metrics import KEYPATH_FAILOVER
 from fleetbus.processors.eos import DeadLetter, InputRecord, PartitionState, StageResult
-from fleetbus.processors.fleet_registry import FleetRegistry
-from fleetbus.processors.policy import PolicyEngine
 from fleetbus.processors.stages import (
     AuthorizedCommand,
     AuthorizeStage,
@@ -69,13 +67,6 @@ class BrokenQKD(KeyProvider):
 
     def recover(self, key_ref: bytes, key_id: str, own: PrivateKeySet, *, context: bytes) -> bytes:
         raise KeyProviderError("link down", reason=ReasonCode.QKD_UNAVAILABLE)
-
-
-@dataclass
-class Fleet:
-    directory: KeyDirectory
-    files: dict[str, PrincipalKeyFile]
-    policy: PolicyEngine
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +113,6 @@ def fleet() -> Fleet:
             **w,
         ),
     ]
-    directory = KeyDirectory(root.public)
-    directory.ingest_all([i.signed for i in issued])
     stranger = issue_key(
         FleetRoot.generate(SUITE),
         principal_id="intruder",
@@ -131,9 +120,7 @@ def fleet() -> Fleet:
         signature_suite=SUITE,
         **w,
     )
-    files = {i.key_file.principal_id: i.key_file for i in [*issued, stranger]}
-    registry = FleetRegistry.from_mapping({}).with_directory_records(directory.records())
-    return Fleet(directory, files, PolicyEngine(registry))
+    return fleet_of(root, issued, outsiders=[stranger])
 
 
 def authorize(fleet: Fleet, window_s: float = 60.0) -> AuthorizeStage:

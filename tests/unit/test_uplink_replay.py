@@ -5,10 +5,10 @@ state (per sender, bounded, rolled back with the transaction, restored after a r
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from envelope_support import Fleet, fleet_of
 
 from fleetbus.bus.commands import (
     Command,
@@ -19,15 +19,13 @@ from fleetbus.bus.commands import (
     Target,
     Telemetry,
 )
-from fleetbus.bus.directory import FleetRoot, KeyDirectory, PrincipalKeyFile, issue_key
+from fleetbus.bus.directory import FleetRoot, issue_key
 from fleetbus.bus.envelope import EnvelopeError
 from fleetbus.bus.errors import ConfigError, ReasonCode
 from fleetbus.bus.keys import KeyPath
 from fleetbus.bus.registry import load_key_provider
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.processors.eos import DeadLetter, InputRecord, PartitionState, StageResult
-from fleetbus.processors.fleet_registry import FleetRegistry
-from fleetbus.processors.policy import PolicyEngine
 from fleetbus.processors.stages import (
     AuthorizedCommand,
     PipelineTopics,
@@ -47,13 +45,6 @@ LIFETIME = 900.0  # the worker's default uplink_max_lifetime_s
 SKEW = 30.0
 
 
-@dataclass
-class Fleet:
-    directory: KeyDirectory
-    files: dict[str, PrincipalKeyFile]
-    policy: PolicyEngine
-
-
 @pytest.fixture(scope="module")
 def fleet() -> Fleet:
     root = FleetRoot.generate(SUITE)
@@ -69,11 +60,7 @@ def fleet() -> Fleet:
             for v in ("V-1", "V-2", "V-3")
         ],
     ]  # fmt: skip
-    directory = KeyDirectory(root.public)
-    directory.ingest_all([i.signed for i in issued])
-    registry = FleetRegistry.from_mapping({}).with_directory_records(directory.records())
-    files = {i.key_file.principal_id: i.key_file for i in issued}
-    return Fleet(directory, files, PolicyEngine(registry))
+    return fleet_of(root, issued)
 
 
 def uplink(fleet: Fleet, *, check_replay: bool = False) -> UplinkOpener:

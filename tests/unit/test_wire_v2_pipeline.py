@@ -8,16 +8,16 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import cbor2
 import pytest
+from envelope_support import Fleet, fleet_of
 
 from fleetbus.bus.commands import Command, SignedCommand, Target, TelemetryBatch
-from fleetbus.bus.directory import FleetRoot, KeyDirectory, PrincipalKeyFile, issue_key
+from fleetbus.bus.directory import FleetRoot, issue_key
 from fleetbus.bus.envelope_v2 import (
     Direction,
     Message,
@@ -61,12 +61,6 @@ TOPICS = PipelineTopics.from_settings(SETTINGS.topics)
 SUITE = "ed25519"
 
 
-@dataclass
-class Fleet:
-    directory: KeyDirectory
-    files: dict[str, PrincipalKeyFile]
-
-
 @pytest.fixture(scope="module")
 def fleet() -> Fleet:
     root = FleetRoot.generate(SUITE)
@@ -81,9 +75,7 @@ def fleet() -> Fleet:
         issue_key(root, principal_id="V-3", kind="vehicle", signature_suite=SUITE, kems=kems,
                   **w),
     ]  # fmt: skip
-    directory = KeyDirectory(root.public)
-    directory.ingest_all([i.signed for i in issued])
-    return Fleet(directory, {i.key_file.principal_id: i.key_file for i in issued})
+    return fleet_of(root, issued)
 
 
 def seal_stage(fleet: Fleet, wire_version: int = 2) -> SealStage:
