@@ -505,6 +505,33 @@ class OpenerStats:
     epoch_cache_hits: int = 0
 
 
+def recover_epoch_key(
+    runner: KeyPathRunner,
+    own: PrivateKeySet,
+    key_path: str,
+    key_refs: Sequence[KeyRef],
+    context: bytes,
+) -> bytes:
+    """Recover a 32-byte epoch key through the key path; every failure is an EnvelopeError."""
+    refs = [(r.provider, r.key_id, r.key_ref) for r in key_refs]
+    try:
+        key = runner.recover(KeyPath(tuple(r.provider for r in key_refs)), refs, own, context)
+    except FleetbusError as exc:
+        reason = exc.reason if exc.reason in _RECOVERY_PASSTHROUGH else ReasonCode.TAMPERED
+        raise EnvelopeError(
+            f"key path {key_path!r} could not recover the key: {reason.value}",
+            reason=reason,
+        ) from exc
+    except Exception as exc:
+        raise EnvelopeError(
+            f"key path {key_path!r} could not recover the key",
+            reason=ReasonCode.TAMPERED,
+        ) from exc
+    if type(key) is not bytes or len(key) != 32:
+        raise EnvelopeError("key path returned an unusable key", reason=ReasonCode.TAMPERED)
+    return key
+
+
 def check_key_ids(own: PrivateKeySet, runner: KeyPathRunner, key_refs: Sequence[KeyRef]) -> None:
     """Each key ref (v1 header or v2 establishment) must name a configured provider and, for a
     provider with a recipient key pair, ``own``'s key of that algorithm (``unknown_key_id``)."""
@@ -788,21 +815,5 @@ class EnvelopeOpener:
 
     def _recover(self, header: ProtectedHeader) -> bytes:
         context = epoch_context(header.sender, header.recipient, header.epoch_id)
-        refs = [(r.provider, r.key_id, r.key_ref) for r in header.key_refs]
         self.stats.key_recoveries += 1
-        try:
-            key = self._runner.recover(KeyPath(header.providers), refs, self._own, context)
-        except FleetbusError as exc:
-            reason = exc.reason if exc.reason in _RECOVERY_PASSTHROUGH else ReasonCode.TAMPERED
-            raise EnvelopeError(
-                f"key path {header.key_path!r} could not recover the key: {reason.value}",
-                reason=reason,
-            ) from exc
-        except Exception as exc:
-            raise EnvelopeError(
-                f"key path {header.key_path!r} could not recover the key",
-                reason=ReasonCode.TAMPERED,
-            ) from exc
-        if type(key) is not bytes or len(key) != 32:
-            raise EnvelopeError("key path returned an unusable key", reason=ReasonCode.TAMPERED)
-        return key
+        return recover_epoch_key(self._runner, self._own, header.key_path, header.key_refs, context)

@@ -74,7 +74,6 @@ from fleetbus.providers.merkle import (
 )
 from fleetbus.providers.sealing import (
     _DIRECTORY_PASSTHROUGH,
-    _RECOVERY_PASSTHROUGH,
     _SIGNER_REASONS,
     EnvelopeOpener,
     EpochPolicy,
@@ -84,6 +83,7 @@ from fleetbus.providers.sealing import (
     VerifiedRoots,
     _recipient_fingerprint,
     check_key_ids,
+    recover_epoch_key,
 )
 
 __all__ = [
@@ -774,24 +774,8 @@ class EpochOpener:
 
     def _recover(self, est: Establishment) -> bytes:
         context = epoch_context_v2(est.sender, est.recipient, est.direction, est.epoch_id)
-        refs = [(r.provider, r.key_id, r.key_ref) for r in est.key_refs]
         self.key_recoveries += 1
-        try:
-            key = self._runner.recover(KeyPath(est.providers), refs, self._own, context)
-        except FleetbusError as exc:
-            reason = exc.reason if exc.reason in _RECOVERY_PASSTHROUGH else ReasonCode.TAMPERED
-            raise EnvelopeError(
-                f"key path {est.key_path!r} could not recover the key: {reason.value}",
-                reason=reason,
-            ) from exc
-        except Exception as exc:
-            raise EnvelopeError(
-                f"key path {est.key_path!r} could not recover the key",
-                reason=ReasonCode.TAMPERED,
-            ) from exc
-        if type(key) is not bytes or len(key) != 32:
-            raise EnvelopeError("key path returned an unusable key", reason=ReasonCode.TAMPERED)
-        return key
+        return recover_epoch_key(self._runner, self._own, est.key_path, est.key_refs, context)
 
     # -- message ------------------------------------------------------------------------
 
