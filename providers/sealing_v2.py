@@ -478,10 +478,11 @@ class SqliteEpochStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Created owner-only before SQLite opens it (its WAL and shm files take the same mode):
-        # the rows hold epoch secrets.
-        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        if str(path) != ":memory:":  # SQLite's in-memory database: no file to create
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Created owner-only before SQLite opens it (its WAL and shm files take the same
+            # mode): the rows hold epoch secrets.
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")

@@ -427,3 +427,14 @@ def test_the_sqlite_epoch_store_creates_its_folder_and_an_owner_only_file(tmp_pa
     path = tmp_path / "new" / "vehicle.sqlite"
     SqliteEpochStore(path)
     assert path.stat().st_mode & 0o077 == 0
+
+
+def test_the_sqlite_epoch_store_in_memory_writes_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ":memory:" is SQLite's in-memory database, not a file name in the working folder.
+    from fleetbus.providers.sealing_v2 import SqliteEpochStore
+
+    monkeypatch.chdir(tmp_path)
+    SqliteEpochStore(":memory:").close()
+    assert list(tmp_path.iterdir()) == []
