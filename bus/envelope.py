@@ -317,6 +317,23 @@ def decode_protected(protected: bytes) -> ProtectedHeader:
     return _read_header(_strict_loads(protected, "protected header"))
 
 
+def _read_key_refs(value: object) -> tuple[KeyRef, ...]:
+    raw_refs = _array(value, "key refs")
+    if not 1 <= len(raw_refs) <= MAX_KEY_REFS:
+        raise _malformed(f"key refs must have 1..{MAX_KEY_REFS} entries")
+    refs = []
+    for raw in raw_refs:
+        entry = _array(raw, "key ref", 3)
+        refs.append(
+            KeyRef(
+                provider=_text(entry[0], "key ref provider"),
+                key_id=_text(entry[1], "key ref key id"),
+                key_ref=_bytes(entry[2], "key ref", limit=MAX_KEY_REF),
+            )
+        )
+    return tuple(refs)
+
+
 def _read_header(fields: Any) -> ProtectedHeader:
     if not _is_map(fields):
         raise _malformed("protected header must be a map")
@@ -337,19 +354,7 @@ def _read_header(fields: Any) -> ProtectedHeader:
         kind = MessageKind(kind_text)
     except ValueError as exc:
         raise _malformed("kind must be cmd, rsp or tel") from exc
-    refs: list[KeyRef] = []
-    raw_refs = _array(fields[LABEL_KEY_REFS], "key refs")
-    if not 1 <= len(raw_refs) <= MAX_KEY_REFS:
-        raise _malformed(f"key refs must have 1..{MAX_KEY_REFS} entries")
-    for raw in raw_refs:
-        entry = _array(raw, "key ref", 3)
-        refs.append(
-            KeyRef(
-                provider=_text(entry[0], "key ref provider"),
-                key_id=_text(entry[1], "key ref key id"),
-                key_ref=_bytes(entry[2], "key ref", limit=MAX_KEY_REF),
-            )
-        )
+    refs = _read_key_refs(fields[LABEL_KEY_REFS])
     header = ProtectedHeader(
         kind=kind,
         topic=_text(fields[LABEL_TOPIC], "topic", MAX_TOPIC),
@@ -359,7 +364,7 @@ def _read_header(fields: Any) -> ProtectedHeader:
         issued_at_ms=_uint(fields[LABEL_ISSUED_AT], "issued-at"),
         expires_at_ms=_uint(fields[LABEL_EXPIRES_AT], "expires-at"),
         key_path=_text(fields[LABEL_KEY_PATH], "key path"),
-        key_refs=tuple(refs),
+        key_refs=refs,
         sender=_text(fields[LABEL_SENDER], "sender"),
         sender_key_id=_text(fields[LABEL_SENDER_KEY_ID], "sender key id"),
         signature_suite=_text(fields[LABEL_SIGNATURE_SUITE], "signature suite"),

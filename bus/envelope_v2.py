@@ -19,8 +19,6 @@ from fleetbus.bus.envelope import (
     COSE_ENCRYPT0_TAG,
     DEFAULT_MAX_SIZE,
     ENVELOPE_TAG,
-    MAX_KEY_REF,
-    MAX_KEY_REFS,
     MAX_TEXT,
     MAX_TOPIC,
     EnvelopeError,
@@ -33,6 +31,7 @@ from fleetbus.bus.envelope import (
     _encode_signature_block,
     _is_map,
     _malformed,
+    _read_key_refs,
     _strict_loads,
     _text,
     _uint,
@@ -287,23 +286,6 @@ def _read_direction(value: object) -> Direction:
     return Direction(value)
 
 
-def _read_refs(value: object) -> tuple[KeyRef, ...]:
-    raw_refs = _array(value, "key refs")
-    if not 1 <= len(raw_refs) <= MAX_KEY_REFS:
-        raise _malformed(f"key refs must have 1..{MAX_KEY_REFS} entries")
-    refs = []
-    for raw in raw_refs:
-        entry = _array(raw, "key ref", 3)
-        refs.append(
-            KeyRef(
-                _text(entry[0], "key ref provider"),
-                _text(entry[1], "key ref key id"),
-                _bytes(entry[2], "key ref", limit=MAX_KEY_REF),
-            )
-        )
-    return tuple(refs)
-
-
 def _read_establishment(fields: Any) -> Establishment:
     if set(fields) != _EST_LABELS:
         raise _malformed("establishment must have exactly the v2 labels 1..14")
@@ -320,7 +302,7 @@ def _read_establishment(fields: Any) -> Establishment:
         direction=_read_direction(fields[_E_DIRECTION]),
         epoch_id=_bytes(fields[_E_EPOCH], "epoch id", size=EPOCH_ID_LENGTH_V2),
         key_path=_text(fields[_E_PATH], "key path"),
-        key_refs=_read_refs(fields[_E_REFS]),
+        key_refs=_read_key_refs(fields[_E_REFS]),
         not_before_ms=_uint(fields[_E_NOT_BEFORE], "not-before"),
         not_after_ms=_uint(fields[_E_NOT_AFTER], "not-after"),
         max_messages=_uint(fields[_E_MAX_MESSAGES], "max messages", MAX_EPOCH_MESSAGES),

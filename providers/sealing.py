@@ -505,6 +505,71 @@ class OpenerStats:
     epoch_cache_hits: int = 0
 
 
+def recover_epoch_key(
+    runner: KeyPathRunner,
+    own: PrivateKeySet,
+    key_path: str,
+    key_refs: Sequence[KeyRef],
+    context: bytes,
+) -> bytes:
+    """Recover a 32-byte epoch key through the key path; every failure is an EnvelopeError."""
+    refs = [(r.provider, r.key_id, r.key_ref) for r in key_refs]
+    try:
+        key = runner.recover(KeyPath(tuple(r.provider for r in key_refs)), refs, own, context)
+    except FleetbusError as exc:
+        reason = exc.reason if exc.reason in _RECOVERY_PASSTHROUGH else ReasonCode.TAMPERED
+        raise EnvelopeError(
+            f"key path {key_path!r} could not recover the key: {reason.value}",
+            reason=reason,
+        ) from exc
+    except Exception as exc:
+        raise EnvelopeError(
+            f"key path {key_path!r} could not recover the key",
+            reason=ReasonCode.TAMPERED,
+        ) from exc
+    if type(key) is not bytes or len(key) != 32:
+        raise EnvelopeError("key path returned an unusable key", reason=ReasonCode.TAMPERED)
+    return key
+
+
+def directory_verifier(
+    directory: SignerDirectory,
+    sender: str,
+    key_id: str,
+    suite: str,
+    now: float,
+    *,
+    named_by: str = "record",
+) -> Verifier:
+    """The directory's verifier for ``(sender, key_id)`` at ``now``, reasons as v1 step 9-10.
+
+    ``named_by``: what named the suite ("header" in v1, "record" in v2), for the message."""
+    try:
+        verifier = directory.verifier_for(sender, key_id, at=now)
+    except FleetbusError as exc:
+        # An unreachable or misconfigured directory is an operational fault to retry, not
+        # evidence against this record or envelope; anything else means "not a signer we know".
+        reason = (
+            exc.reason
+            if exc.reason in _SIGNER_REASONS or exc.reason in _DIRECTORY_PASSTHROUGH
+            else ReasonCode.UNKNOWN_SIGNER
+        )
+        raise EnvelopeError(
+            f"signer {sender!r} key {key_id!r}: {reason.value}", reason=reason
+        ) from exc
+    except Exception as exc:
+        raise EnvelopeError(
+            f"signer {sender!r} key {key_id!r}: unknown_signer", reason=ReasonCode.UNKNOWN_SIGNER
+        ) from exc
+    if verifier.suite != suite:
+        raise EnvelopeError(
+            f"{named_by} names suite {suite!r} but the directory key of {sender!r} is "
+            f"{verifier.suite!r}",
+            reason=ReasonCode.BAD_SIGNATURE,
+        )
+    return verifier
+
+
 def check_key_ids(own: PrivateKeySet, runner: KeyPathRunner, key_refs: Sequence[KeyRef]) -> None:
     """Each key ref (v1 header or v2 establishment) must name a configured provider and, for a
     provider with a recipient key pair, ``own``'s key of that algorithm (``unknown_key_id``)."""
@@ -683,32 +748,14 @@ class EnvelopeOpener:
         return path
 
     def _verifier(self, header: ProtectedHeader, now: float) -> Verifier:
-        try:
-            verifier = self._directory.verifier_for(header.sender, header.sender_key_id, at=now)
-        except FleetbusError as exc:
-            # An unreachable or misconfigured directory is an operational fault to retry, not
-            # evidence against this envelope; anything else means "not a signer we know".
-            reason = (
-                exc.reason
-                if exc.reason in _SIGNER_REASONS or exc.reason in _DIRECTORY_PASSTHROUGH
-                else ReasonCode.UNKNOWN_SIGNER
-            )
-            raise EnvelopeError(
-                f"signer {header.sender!r} key {header.sender_key_id!r}: {reason.value}",
-                reason=reason,
-            ) from exc
-        except Exception as exc:
-            raise EnvelopeError(
-                f"signer {header.sender!r} key {header.sender_key_id!r}: unknown_signer",
-                reason=ReasonCode.UNKNOWN_SIGNER,
-            ) from exc
-        if verifier.suite != header.signature_suite:
-            raise EnvelopeError(
-                f"header names suite {header.signature_suite!r} but the directory key of "
-                f"{header.sender!r} is {verifier.suite!r}",
-                reason=ReasonCode.BAD_SIGNATURE,
-            )
-        return verifier
+        return directory_verifier(
+            self._directory,
+            header.sender,
+            header.sender_key_id,
+            header.signature_suite,
+            now,
+            named_by="header",
+        )
 
     def _verify_signature(self, parsed: ParsedEnvelope, verifier: Verifier, now: float) -> None:
         header = parsed.header
@@ -788,21 +835,5 @@ class EnvelopeOpener:
 
     def _recover(self, header: ProtectedHeader) -> bytes:
         context = epoch_context(header.sender, header.recipient, header.epoch_id)
-        refs = [(r.provider, r.key_id, r.key_ref) for r in header.key_refs]
         self.stats.key_recoveries += 1
-        try:
-            key = self._runner.recover(KeyPath(header.providers), refs, self._own, context)
-        except FleetbusError as exc:
-            reason = exc.reason if exc.reason in _RECOVERY_PASSTHROUGH else ReasonCode.TAMPERED
-            raise EnvelopeError(
-                f"key path {header.key_path!r} could not recover the key: {reason.value}",
-                reason=reason,
-            ) from exc
-        except Exception as exc:
-            raise EnvelopeError(
-                f"key path {header.key_path!r} could not recover the key",
-                reason=ReasonCode.TAMPERED,
-            ) from exc
-        if type(key) is not bytes or len(key) != 32:
-            raise EnvelopeError("key path returned an unusable key", reason=ReasonCode.TAMPERED)
-        return key
+        return recover_epoch_key(self._runner, self._own, header.key_path, header.key_refs, context)

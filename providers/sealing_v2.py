@@ -73,9 +73,6 @@ from fleetbus.providers.merkle import (
     root_from_inclusion_proof,
 )
 from fleetbus.providers.sealing import (
-    _DIRECTORY_PASSTHROUGH,
-    _RECOVERY_PASSTHROUGH,
-    _SIGNER_REASONS,
     EnvelopeOpener,
     EpochPolicy,
     OpenedEnvelope,
@@ -84,6 +81,8 @@ from fleetbus.providers.sealing import (
     VerifiedRoots,
     _recipient_fingerprint,
     check_key_ids,
+    directory_verifier,
+    recover_epoch_key,
 )
 
 __all__ = [
@@ -775,24 +774,8 @@ class EpochOpener:
 
     def _recover(self, est: Establishment) -> bytes:
         context = epoch_context_v2(est.sender, est.recipient, est.direction, est.epoch_id)
-        refs = [(r.provider, r.key_id, r.key_ref) for r in est.key_refs]
         self.key_recoveries += 1
-        try:
-            key = self._runner.recover(KeyPath(est.providers), refs, self._own, context)
-        except FleetbusError as exc:
-            reason = exc.reason if exc.reason in _RECOVERY_PASSTHROUGH else ReasonCode.TAMPERED
-            raise EnvelopeError(
-                f"key path {est.key_path!r} could not recover the key: {reason.value}",
-                reason=reason,
-            ) from exc
-        except Exception as exc:
-            raise EnvelopeError(
-                f"key path {est.key_path!r} could not recover the key",
-                reason=ReasonCode.TAMPERED,
-            ) from exc
-        if type(key) is not bytes or len(key) != 32:
-            raise EnvelopeError("key path returned an unusable key", reason=ReasonCode.TAMPERED)
-        return key
+        return recover_epoch_key(self._runner, self._own, est.key_path, est.key_refs, context)
 
     # -- message ------------------------------------------------------------------------
 
@@ -886,36 +869,6 @@ class EpochOpener:
             batch_signed=False,
             payload=plain.payload,
         )
-
-
-def directory_verifier(
-    directory: SignerDirectory, sender: str, key_id: str, suite: str, now: float
-) -> Verifier:
-    """The directory's verifier for ``(sender, key_id)`` at ``now``, reasons as v1 step 9-10."""
-    try:
-        verifier = directory.verifier_for(sender, key_id, at=now)
-    except FleetbusError as exc:
-        # An unreachable or misconfigured directory is an operational fault to retry, not
-        # evidence against this record; anything else means "not a signer we know".
-        reason = (
-            exc.reason
-            if exc.reason in _SIGNER_REASONS or exc.reason in _DIRECTORY_PASSTHROUGH
-            else ReasonCode.UNKNOWN_SIGNER
-        )
-        raise EnvelopeError(
-            f"signer {sender!r} key {key_id!r}: {reason.value}", reason=reason
-        ) from exc
-    except Exception as exc:
-        raise EnvelopeError(
-            f"signer {sender!r} key {key_id!r}: unknown_signer", reason=ReasonCode.UNKNOWN_SIGNER
-        ) from exc
-    if verifier.suite != suite:
-        raise EnvelopeError(
-            f"record names suite {suite!r} but the directory key of {sender!r} is "
-            f"{verifier.suite!r}",
-            reason=ReasonCode.BAD_SIGNATURE,
-        )
-    return verifier
 
 
 def verify_signed_record(
