@@ -18,6 +18,10 @@ RUN grep -v '^setuptools==\|^wheel==' constraints.txt > /tmp/runtime.txt \
     && rm /tmp/runtime.txt
 COPY pyproject.toml README.md ./
 COPY bus ./bus
+COPY sdk ./sdk
+COPY cli ./cli
+COPY devtools ./devtools
+COPY kmesim ./kmesim
 COPY providers ./providers
 COPY processors ./processors
 COPY observability ./observability

@@ -41,7 +41,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fleetbus.bus.dev.kafka import cache_root
 from fleetbus.bus.directory import (
     DEFAULT_VEHICLE_BUCKETS,
     FleetRoot,
@@ -56,6 +55,7 @@ from fleetbus.bus.directory import (
     save_key_file,
     write_directory_file,
 )
+from fleetbus.devtools.kafka import cache_root
 
 RESULTS = Path(__file__).parent / "results" / "directory.json"
 CACHE = cache_root() / "bench-directory"
@@ -171,7 +171,7 @@ def rss_mb() -> float:
 
 
 def child(mode: str, n: int) -> dict[str, Any]:
-    from fleetbus.bus.vehicle import load_key_directory
+    from fleetbus.sdk.vehicle import load_key_directory
 
     folder = fleet_folder(n)
     root = RootPublicKey.from_bytes((folder / "root.pub").read_bytes())
@@ -230,8 +230,8 @@ def follower_process(role: str, n: int, bootstrap: str, prefix: str, readers: in
     """A worker (whole fleet) or ``readers`` vehicle agents (set 0 each) following the topic;
     prints ``{"kid", "at"}`` for every revocation in force, per reader."""
     from fleetbus.bus.directory import vehicle_agent_scope
-    from fleetbus.bus.keytopic import KeyTopicFollower, KeyTopicReader
     from fleetbus.bus.settings import FleetbusSettings, TopicNames
+    from fleetbus.sdk.keytopic import KeyTopicFollower, KeyTopicReader
 
     folder = fleet_folder(n)
     root = RootPublicKey.from_bytes((folder / "root.pub").read_bytes())
@@ -267,11 +267,11 @@ def propagation(n: int, revocations: int) -> dict[str, Any]:
     import threading
     import uuid
 
-    from fleetbus.bus.dev.kafka import LocalKafka, find_free_base_port
     from fleetbus.bus.directory import KeyDirectory, next_head, read_directory_file
-    from fleetbus.bus.keytopic import publish_key_change
     from fleetbus.bus.settings import FleetbusSettings, TopicNames
     from fleetbus.bus.topics import ensure_topics
+    from fleetbus.devtools.kafka import LocalKafka, find_free_base_port
+    from fleetbus.sdk.keytopic import publish_key_change
 
     folder = fleet_folder(n)
     root = FleetRoot.from_key_file(load_key_file(folder / "root.key"))

@@ -27,7 +27,6 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from fleetbus.bus.dev.kme import KMEPairProcess
 from fleetbus.bus.keys import (
     KeyPath,
     KeyProvider,
@@ -37,6 +36,7 @@ from fleetbus.bus.keys import (
     Verifier,
 )
 from fleetbus.bus.registry import load_signature_suite
+from fleetbus.devtools.kme import KMEPairProcess
 from fleetbus.providers.hpke import MLKEM768Provider, X25519Provider, XWingProvider
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy, SealRequest

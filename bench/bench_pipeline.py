@@ -200,8 +200,8 @@ def run_vehicle(config: dict[str, Any]) -> None:
 
     from fleetbus.bus.commands import SignedCommand
     from fleetbus.bus.directory import load_key_file
-    from fleetbus.bus.vehicle import VehicleAgent, _trace_headers, load_key_directory
     from fleetbus.providers.sealing import EpochPolicy
+    from fleetbus.sdk.vehicle import VehicleAgent, _trace_headers, load_key_directory
 
     settings = settings_from(config)
     keys_dir = Path(config["keys_dir"])
@@ -1021,7 +1021,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmp)
         bootstrap = args.bootstrap
         if bootstrap is None:
-            from fleetbus.bus.dev.kafka import LocalKafka, find_free_base_port
+            from fleetbus.devtools.kafka import LocalKafka, find_free_base_port
 
             cluster = LocalKafka(home=work / "kafka", base_port=find_free_base_port(2), heap_mb=768)
             print("starting LocalKafka ...", flush=True)

@@ -83,9 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pyinstrument import Profiler
 
     from fleetbus.bus.commands import Command, SignedCommand, Target
-    from fleetbus.bus.vehicle import VehicleAgent
     from fleetbus.processors.app import build_pipeline
     from fleetbus.providers.sealing import EpochPolicy
+    from fleetbus.sdk.vehicle import VehicleAgent
 
     with tempfile.TemporaryDirectory() as tmp:
         fleet = make_test_fleet(Path(tmp), vehicles=VEHICLES)

@@ -1,6 +1,8 @@
-"""fleetbus.bus: the API layer — message models, settings, errors, SDKs and the CLI.
+"""fleetbus.bus: the contract processors, providers and clients meet on — errors, settings,
+plugin loading, message and record formats, the envelope codecs, the key directory, topics.
 
-It imports no provider implementation; those are found by entry point at start-up.
+It imports nothing of the project but itself; provider implementations are found by entry point
+at start-up.
 """
 
 from fleetbus.bus.errors import FleetbusError, ReasonCode

@@ -59,6 +59,11 @@ HEAD_KAFKA_KEY = b"head"
 #: that holds only some vehicles' records can still check them whole against the head.
 DEFAULT_VEHICLE_BUCKETS = 16
 DIRECTORY_FILE_FORMAT = "fleetbus-directory/v2"
+#: The files of a ``fleetbus keys`` folder (``root.key`` 0600 and ``<principal>.key`` 0600 hold
+#: private keys; ``root.pub`` is the pinned root; ``directory.cbor`` the signed head and records).
+ROOT_KEY = "root.key"
+ROOT_PUB = "root.pub"
+DIRECTORY = "directory.cbor"
 ROOT_PUBLIC_FORMAT = "fleetbus-root-public/v1"
 PRIVATE_KEY_FORMAT = "fleetbus-private-key/v1"
 _KNOWN_ALGORITHMS = frozenset(a.value for a in KeyAlgorithm)

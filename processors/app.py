@@ -230,7 +230,7 @@ def warn_if_root_private_key(keys_dir: Path) -> bool:
     export``); anyone who takes over a worker holding root.key can issue keys for any
     principal. Only a warning: a one-host development folder (the demo's) holds everything.
     """
-    from fleetbus.bus.cli_keys import ROOT_KEY
+    from fleetbus.bus.directory import ROOT_KEY
 
     if not (keys_dir / ROOT_KEY).exists():
         return False
@@ -245,8 +245,9 @@ def warn_if_root_private_key(keys_dir: Path) -> bool:
 
 def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     """Load keys, registry and policies once; build the four stages and their runners."""
-    from fleetbus.bus.cli_keys import DIRECTORY, ROOT_PUB
     from fleetbus.bus.directory import (
+        DIRECTORY,
+        ROOT_PUB,
         RootPublicKey,
         head_store_for,
         load_directory,

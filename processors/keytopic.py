@@ -19,11 +19,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from fleetbus.bus.directory import HEAD_KAFKA_KEY, KeyDirectory
 from fleetbus.bus.keys import Signer
-from fleetbus.bus.keytopic import KeyTopicFollower, KeyTopicItem, KeyTopicReader, KeyTopicRefusal
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.observability.metrics import DLQ_RECORDS
 from fleetbus.processors.audit import AuditChain, AuditEvent
 from fleetbus.processors.eos import DeadLetter
+from fleetbus.sdk.keytopic import KeyTopicFollower, KeyTopicItem, KeyTopicReader, KeyTopicRefusal
 
 _log = logging.getLogger(__name__)
 

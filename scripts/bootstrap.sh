@@ -42,4 +42,4 @@ fi
 ./scripts/install-tools.sh
 
 say "resolving Apache Kafka jars from Maven Central (cached in ~/.cache/fleetbus)"
-.venv/bin/python -c 'from fleetbus.bus.dev.kafka import resolve_jars; v, p = resolve_jars(); print(f"Kafka {v}: {p}")'
+.venv/bin/python -c 'from fleetbus.devtools.kafka import resolve_jars; v, p = resolve_jars(); print(f"Kafka {v}: {p}")'

@@ -13,7 +13,7 @@ say "ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 say "mypy --strict"
-.venv/bin/mypy -p fleetbus.bus -p fleetbus.providers -p fleetbus.processors -p fleetbus.observability
+.venv/bin/mypy -p fleetbus.bus -p fleetbus.sdk -p fleetbus.cli -p fleetbus.devtools -p fleetbus.kmesim -p fleetbus.providers -p fleetbus.processors -p fleetbus.observability
 # A Docker engine and the base images for the container tests (the image, docker compose up,
 # the testcontainers Kafka). Under CI a missing engine fails those tests; locally they skip.
 say "container engine"

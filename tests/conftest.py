@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from fleetbus.bus.dev.kafka import LocalKafka, find_free_base_port
 from fleetbus.bus.topics import ensure_topics
+from fleetbus.devtools.kafka import LocalKafka, find_free_base_port
 
 pytest_plugins = ["fixtures_kme"]
 

@@ -27,7 +27,7 @@ import pytest
 from contract.sides import ProviderSides
 
 from fleetbus.bus.keys import PrivateKeySet, RecipientKeys
-from fleetbus.providers.pki import DEFAULT_KME_IDS, TestPKI, make_test_pki
+from fleetbus.kmesim.pki import DEFAULT_KME_IDS, TestPKI, make_test_pki
 from fleetbus.providers.qkd import QKDProvider
 
 READY_PREFIX = "fleetbus-kme ready "
@@ -150,11 +150,11 @@ def kme_foreign_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
 def start_kme_process(
     cert_dir: Path, log_file: Path, *extra_args: str
 ) -> tuple[subprocess.Popen[str], dict[str, str], threading.Thread]:
-    """Start ``python -m fleetbus.bus.cli_kme serve`` on free ports; wait for its ready line."""
+    """Start ``python -m fleetbus.cli.kme serve`` on free ports; wait for its ready line."""
     cmd = [
         sys.executable,
         "-m",
-        "fleetbus.bus.cli_kme",
+        "fleetbus.cli.kme",
         "serve",
         "--cert-dir",
         str(cert_dir),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetbus.bus.dev.kafka import LocalKafka, find_free_base_port
+from fleetbus.devtools.kafka import LocalKafka, find_free_base_port
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "fleetbus:0.1.0"

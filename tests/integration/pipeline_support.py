@@ -50,9 +50,9 @@ from fleetbus.bus.directory import (
 from fleetbus.bus.keys import KeyPath, PrivateKeySet, RecipientKeys, SecurityProfile, Signer
 from fleetbus.bus.settings import FleetbusSettings, TopicNames
 from fleetbus.bus.topics import ensure_topics
-from fleetbus.bus.vehicle import VehicleIdentity
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer
+from fleetbus.sdk.vehicle import VehicleIdentity
 
 SEALER = "bus-sealer"
 DISPATCHER = "dispatch-1"
@@ -319,7 +319,7 @@ def worker_env(settings: FleetbusSettings, workdir: Path, **extra: str) -> dict[
 
 def read_topic(bootstrap: str, name: str, *, idle_s: float = 3.0) -> list[Any]:
     """Every committed record of topic ``name``, read until ``idle_s`` pass without one."""
-    from fleetbus.bus.dev.demo import read_topic as read_committed
+    from fleetbus.devtools.demo import read_topic as read_committed
 
     return read_committed(bootstrap, name, idle_s=idle_s)
 

@@ -24,8 +24,8 @@ from kafka.errors import (
     TopicAuthorizationFailedError,
 )
 
-from fleetbus.bus.dev.kafka import ADMIN_PRINCIPAL, LocalKafka, find_free_base_port, fleet_acls
 from fleetbus.bus.settings import FleetbusSettings, TopicNames
+from fleetbus.devtools.kafka import ADMIN_PRINCIPAL, LocalKafka, find_free_base_port, fleet_acls
 
 APP_ID = "fleetbus"
 DISPATCHER = "dispatch-1"
@@ -273,11 +273,11 @@ def test_pipeline_runs_on_the_mtls_cluster_with_least_privilege_principals(
     from integration.pipeline_support import make_test_fleet, worker_env
 
     from fleetbus.bus.commands import CommandState, Target
-    from fleetbus.bus.dev.smoke import WorkerProcess
-    from fleetbus.bus.dispatch import CommandPublisher
     from fleetbus.bus.errors import ConfigError
     from fleetbus.bus.topics import ensure_topics
-    from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
+    from fleetbus.devtools.smoke import WorkerProcess
+    from fleetbus.sdk.dispatch import CommandPublisher
+    from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
 
     console, fire_and_forget = "dispatch-console", "dispatch-batch"
     app_id, topics = "fleetbus-mtls", TopicNames(prefix="mtls.")

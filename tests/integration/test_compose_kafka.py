@@ -36,8 +36,8 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAuthorizationFailedError
 from unit.test_deploy_files import _environment, fleetbus_command_lines, kafka_properties, services
 
-from fleetbus.bus.dev.kafka import LocalKafka, find_free_base_port, free_port
 from fleetbus.bus.topics import ensure_topics
+from fleetbus.devtools.kafka import LocalKafka, find_free_base_port, free_port
 
 COMPOSE_PKI = "/kafka-pki"
 HOSTNET = Path(__file__).with_name("compose.hostnet.yml")
@@ -76,7 +76,7 @@ def run_cli(
     argv: list[str], env: dict[str, str], timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "fleetbus.bus.cli", *argv],
+        [sys.executable, "-m", "fleetbus.cli.main", *argv],
         env={**os.environ, **env},
         capture_output=True,
         text=True,

@@ -25,8 +25,8 @@ from integration.container_support import (
 )
 from integration.test_faust_smoke import check_forwarded, run_smoke, smoke_env
 
-from fleetbus.bus.dev.kafka import free_port
 from fleetbus.bus.topics import ensure_topics
+from fleetbus.devtools.kafka import free_port
 
 IMAGE_UID = 10001
 

@@ -13,8 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fleetbus.bus.dev.demo import processes_of
-from fleetbus.bus.dev.kafka import find_free_base_port, port_is_free
+from fleetbus.devtools.demo import processes_of
+from fleetbus.devtools.kafka import find_free_base_port, port_is_free
 
 EXPECTED_REJECTIONS = {
     "policy_denied": 4,  # no approval, denied approval, approver as issuer, elevated to a group
@@ -45,7 +45,7 @@ def test_demo_plays_the_scenario_and_leaves_nothing_behind(tmp_path: Path) -> No
     summary = tmp_path / "summary.json"
     result = subprocess.run(
         [
-            sys.executable, "-m", "fleetbus.bus.cli", "demo",
+            sys.executable, "-m", "fleetbus.cli.main", "demo",
             "--vehicles", "20", "--commands", "30", "--phase-seconds", "4",
             "--base-port", str(base_port), "--kafka-home", str(kafka_home),
             "--workdir", str(workdir), "--json", str(summary),

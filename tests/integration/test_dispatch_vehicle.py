@@ -35,10 +35,10 @@ from fleetbus.bus.commands import (
     Target,
     Telemetry,
 )
-from fleetbus.bus.dispatch import CommandPublisher, StatusTimeoutError, status_partition
 from fleetbus.bus.errors import ConfigError, FleetbusError, KafkaUnavailableError, ReasonCode
 from fleetbus.bus.settings import FleetbusSettings
-from fleetbus.bus.vehicle import HandlerResult, VehicleAgent, outbound_partition
+from fleetbus.sdk.dispatch import CommandPublisher, StatusTimeoutError, status_partition
+from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent, outbound_partition
 
 V1, V2, V3 = "V-0001", "V-0002", "V-0003"  # V1, V3 north; V2 south
 
@@ -458,7 +458,7 @@ def test_fleet_simulate_answers_commands_and_exits_cleanly_on_sigterm(
         [
             sys.executable,
             "-m",
-            "fleetbus.bus.cli_fleet",
+            "fleetbus.cli.fleet",
             "fleet",
             "simulate",
             "--keys-dir",
@@ -494,7 +494,7 @@ def test_dispatch_send_prints_the_command_id(fleet: TestFleet, settings: Fleetbu
         [
             sys.executable,
             "-m",
-            "fleetbus.bus.cli_fleet",
+            "fleetbus.cli.fleet",
             "dispatch",
             "send",
             "--keys-dir",

@@ -28,8 +28,8 @@ import pytest
 from integration.pipeline_support import DISPATCHER, make_test_fleet, worker_env
 
 from fleetbus.bus.commands import Target
-from fleetbus.bus.dev.smoke import WorkerProcess
-from fleetbus.bus.dispatch import CommandPublisher
+from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.sdk.dispatch import CommandPublisher
 
 VEHICLES = 17  # the pages' examples address V-0017
 
@@ -60,7 +60,7 @@ def scenario(kafka: object, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     settings = fleet.settings_for(kafka.bootstrap)  # type: ignore[attr-defined]
     env = worker_env(settings, workdir)
     worker = WorkerProcess(env, workdir / "worker.log")
-    command = [sys.executable, "-m", "fleetbus.bus.cli", "fleet", "simulate"]
+    command = [sys.executable, "-m", "fleetbus.cli.main", "fleet", "simulate"]
     command += ["--keys-dir", str(fleet.keys_dir), "--vehicles", str(VEHICLES)]
     command += ["--store", str(workdir / "simulator.sqlite"), "--summary-every", "60"]
     with open(workdir / "simulator.log", "wb") as log:

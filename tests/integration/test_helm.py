@@ -18,7 +18,7 @@ import yaml
 from unit.test_deploy_files import check_cli, is_settings_env
 
 from fleetbus.bus.settings import FleetbusSettings
-from fleetbus.providers.pki import DEFAULT_KME_IDS
+from fleetbus.kmesim.pki import DEFAULT_KME_IDS
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "fleetbus"

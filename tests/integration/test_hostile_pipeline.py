@@ -24,15 +24,15 @@ from vectors.hostile.corpus import BUS_TARGETS, VEHICLE_TARGET, Case, copy_fleet
 from vectors.hostile.corpus import load_meta as corpus_meta
 
 from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
-from fleetbus.bus.dev.kafka import free_port
-from fleetbus.bus.dev.smoke import WorkerProcess
 from fleetbus.bus.directory import RootPublicKey, load_directory
-from fleetbus.bus.dispatch import CommandPublisher
 from fleetbus.bus.envelope import decode_envelope
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.settings import FleetbusSettings
-from fleetbus.bus.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
+from fleetbus.devtools.kafka import free_port
+from fleetbus.devtools.smoke import WorkerProcess
 from fleetbus.processors.eos import DeadLetter
+from fleetbus.sdk.dispatch import CommandPublisher
+from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
 
 CASES = load_cases()
 META = corpus_meta()

@@ -20,20 +20,20 @@ import pytest
 from integration.pipeline_support import DAY_S, make_test_fleet, worker_env
 from typer.testing import CliRunner
 
-from fleetbus.bus.cli_keys import keys_app
 from fleetbus.bus.commands import Command, CommandState, Target
-from fleetbus.bus.dev.smoke import WorkerProcess
 from fleetbus.bus.directory import (
     issue_key,
     publish_directory_file,
     read_directory_file,
     save_key_file,
 )
-from fleetbus.bus.dispatch import CommandPublisher
 from fleetbus.bus.errors import ReasonCode
-from fleetbus.bus.keytopic import publish_key_change
 from fleetbus.bus.settings import FleetbusSettings
-from fleetbus.bus.vehicle import HandlerResult, VehicleAgent, load_key_directory
+from fleetbus.cli.keys import keys_app
+from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.sdk.dispatch import CommandPublisher
+from fleetbus.sdk.keytopic import publish_key_change
+from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent, load_key_directory
 
 FINAL = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED, CommandState.EXPIRED]
 REVOCATIONS = 6
@@ -245,7 +245,7 @@ def test_cli_publish_is_refused_cleanly_without_a_broker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Kafka down: the folder is written and the error names the way to publish again."""
-    from fleetbus.bus import cli_keys
+    from fleetbus.cli import keys as cli_keys
 
     def quick(settings: FleetbusSettings, records: Any, head: Any) -> None:
         publish_key_change(settings, records, head, timeout_s=2.0)

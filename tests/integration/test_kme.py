@@ -21,10 +21,10 @@ import pytest
 from fixtures_kme import KMEPairUnderTest, start_kme_process, stop_kme_process
 from typer.testing import CliRunner
 
-from fleetbus.bus.cli_kme import kme_app
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.keys import KeyProviderError, PrivateKeySet, RecipientKeys
-from fleetbus.providers.pki import TestPKI
+from fleetbus.cli.kme import kme_app
+from fleetbus.kmesim.pki import TestPKI
 
 STATUS_FIELDS = {
     "source_KME_ID": str,
@@ -819,7 +819,7 @@ def test_a_corrupt_state_file_stops_serve_with_a_clear_error(
     state_dir.mkdir()
     (state_dir / "kme-pool.json").write_text('{"format": "fleetbus-kme-pool", "vers')
     result = subprocess.run(
-        [sys.executable, "-m", "fleetbus.bus.cli_kme", "serve", "--cert-dir",
+        [sys.executable, "-m", "fleetbus.cli.kme", "serve", "--cert-dir",
          str(kme_pki.directory), "--port-a", "0", "--port-b", "0", "--admin-port", "0",
          "--sae-a", "sae-hub", "--sae-b", "sae-edge-1", "--state-dir", str(state_dir)],
         capture_output=True, text=True, timeout=60,

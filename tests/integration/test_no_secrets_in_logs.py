@@ -24,13 +24,13 @@ from integration.pipeline_support import (
 from kafka import KafkaConsumer
 
 from fleetbus.bus.commands import CommandState, SignedCommand, Target
-from fleetbus.bus.dev.kafka import free_port
-from fleetbus.bus.dev.smoke import WorkerProcess
-from fleetbus.bus.dispatch import CommandPublisher
 from fleetbus.bus.envelope import decode_envelope
-from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
+from fleetbus.devtools.kafka import free_port
+from fleetbus.devtools.smoke import WorkerProcess
 from fleetbus.observability.logging import setup_logging
 from fleetbus.providers.sealing import derive_message_key
+from fleetbus.sdk.dispatch import CommandPublisher
+from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
 
 FINAL = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED, CommandState.EXPIRED]
 

@@ -26,15 +26,15 @@ from integration.pipeline_support import (
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
-from fleetbus.bus.dev.kafka import free_port
-from fleetbus.bus.dev.smoke import WorkerProcess
-from fleetbus.bus.dispatch import CommandPublisher
 from fleetbus.bus.envelope_v2 import Message, decode_record
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.bus.topics import ensure_topics
-from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
+from fleetbus.devtools.kafka import free_port
+from fleetbus.devtools.smoke import WorkerProcess
 from fleetbus.processors.audit import VerifyReport, verify_entries
 from fleetbus.processors.eos import DeadLetter
+from fleetbus.sdk.dispatch import CommandPublisher
+from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
 
 FINAL = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED, CommandState.EXPIRED]
 
@@ -363,7 +363,7 @@ def test_audit_trail_verifies_and_cli_reports_ok(pipeline: dict[str, Any]) -> No
 
     from typer.testing import CliRunner
 
-    from fleetbus.bus.cli import app
+    from fleetbus.cli.main import app
 
     result = CliRunner().invoke(
         app,

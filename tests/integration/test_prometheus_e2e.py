@@ -4,7 +4,7 @@ rule is evaluated against what it scraped.
 The deployment, all real and on loopback, set up once for this module:
 - Apache Kafka (the session's ``kafka`` broker) and ``fleetbus kme serve`` (``kme_pair``: two
   ETSI 014 KMEs joined by a simulated QKD link; Prometheus scrapes its admin ``/metrics``);
-- ``python -m fleetbus.bus.cli worker`` (authorize, seal, track, telemetry) with
+- ``python -m fleetbus.cli.main worker`` (authorize, seal, track, telemetry) with
   ``FLEETBUS_METRICS_PORT`` and the KME pair's master SAE as its QKD provider;
 - a ``VehicleAgent`` in this process for two PQC vehicles and an edge unit behind KME-B (its
   ``qkd_sae_id`` is the pair's slave SAE, so the worker's ``standard`` and ``enclave``
@@ -52,11 +52,11 @@ from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client import REGISTRY
 
 from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
-from fleetbus.bus.dev.kafka import free_port
-from fleetbus.bus.dev.smoke import WorkerProcess
-from fleetbus.bus.dispatch import CommandHandle, CommandPublisher
 from fleetbus.bus.settings import FleetbusSettings
-from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
+from fleetbus.devtools.kafka import free_port
+from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.sdk.dispatch import CommandHandle, CommandPublisher
+from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "observability" / "grafana" / "fleetbus.json"

@@ -12,9 +12,9 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import TopicAuthorizationFailedError
 
-from fleetbus.bus.dev.kafka import LocalKafka, find_free_base_port, fleet_acls
 from fleetbus.bus.settings import TopicNames
 from fleetbus.bus.topics import ensure_topics
+from fleetbus.devtools.kafka import LocalKafka, find_free_base_port, fleet_acls
 
 WORKER = "fleetbus-worker"
 

@@ -31,11 +31,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from fleetbus.bus.commands import Command, CommandState, StatusEvent, Target
-from fleetbus.bus.dev.smoke import WorkerProcess
-from fleetbus.bus.dispatch import CommandPublisher
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.bus.topics import ensure_topics
-from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
+from fleetbus.devtools.smoke import WorkerProcess
 from fleetbus.observability.tracing import (
     EVENT_REJECT,
     extract_context,
@@ -45,6 +43,8 @@ from fleetbus.observability.tracing import (
 )
 from fleetbus.processors.app import Pipeline, build_pipeline, pipeline_topics
 from fleetbus.processors.eos import DeadLetter
+from fleetbus.sdk.dispatch import CommandPublisher
+from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
 
 FINAL = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED, CommandState.EXPIRED]
 VEHICLE = "V-0001"
@@ -491,7 +491,7 @@ def test_fleet_simulate_writes_json_lines_with_the_trace_id_of_the_command(
     env.pop("FLEETBUS_LOG_FORMAT", None)  # the default is what is tested
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "fleetbus.bus.cli_fleet", "fleet", "simulate",
+            sys.executable, "-m", "fleetbus.cli.fleet", "fleet", "simulate",
             "--keys-dir", str(fleet.keys_dir), "--vehicles", "1",
             "--store", str(tmp_path / "sim.sqlite"), "--summary-every", "60",
         ],
@@ -523,7 +523,7 @@ def test_fleet_simulate_writes_json_lines_with_the_trace_id_of_the_command(
     assert any(str(r["message"]).startswith("simulating 1 vehicles") for r in records)
     (failed,) = [r for r in records if str(r["message"]).startswith("handler for fail failed")]
     assert failed["level"] == "error"
-    assert failed["logger"] == "fleetbus.bus.vehicle"
+    assert failed["logger"] == "fleetbus.sdk.vehicle"
     assert failed["trace_id"] == trace_id
     assert failed["error"] == {"type": "RuntimeError", "message": "simulated failure of fail"}
     assert "Traceback" not in err

@@ -81,7 +81,7 @@ def test_a_vehicle_process_frozen_past_its_session_timeout_recovers(
     with log.open("w") as sink:
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "fleetbus.bus.cli_fleet", "fleet", "simulate",
+                sys.executable, "-m", "fleetbus.cli.fleet", "fleet", "simulate",
                 "--keys-dir", str(fleet.keys_dir), "--vehicle", VEHICLES[0],
                 "--vehicle", VEHICLES[1], "--store", str(tmp_path / "sim.sqlite"),
                 "--summary-every", "600",

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from integration.pipeline_support import make_test_fleet, worker_env
 
-from fleetbus.bus.dev.kafka import free_port
-from fleetbus.bus.dev.smoke import WorkerProcess
+from fleetbus.devtools.kafka import free_port
+from fleetbus.devtools.smoke import WorkerProcess
 
 
 def probe(port: int, path: str) -> tuple[int, dict[str, Any]]:
@@ -117,7 +117,7 @@ def test_bad_policy_is_reported_with_file_and_line_before_connecting(
         FLEETBUS_KAFKA_BOOTSTRAP="127.0.0.1:9",  # nobody: connecting first would hang there
     )
     result = subprocess.run(
-        [sys.executable, "-m", "fleetbus.bus.cli", "worker"],
+        [sys.executable, "-m", "fleetbus.cli.main", "worker"],
         env={**env, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,

@@ -36,15 +36,15 @@ from integration.pipeline_support import DISPATCHER, TestFleet, make_test_fleet,
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
-from fleetbus.bus.dev.kafka import LocalKafka, find_free_base_port, free_port
-from fleetbus.bus.dev.smoke import WorkerProcess
-from fleetbus.bus.dispatch import CommandPublisher
 from fleetbus.bus.errors import KafkaUnavailableError
 from fleetbus.bus.settings import FleetbusSettings, TopicNames
 from fleetbus.bus.topics import ensure_topics
-from fleetbus.bus.vehicle import HandlerResult, VehicleAgent
+from fleetbus.devtools.kafka import LocalKafka, find_free_base_port, free_port
+from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.kmesim.pki import DEFAULT_KME_IDS
 from fleetbus.processors.app import state_topic
-from fleetbus.providers.pki import DEFAULT_KME_IDS
+from fleetbus.sdk.dispatch import CommandPublisher
+from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
 
 MASTER_SAE = "sae-hub"
 EDGE_SAE = "sae-edge-1"
@@ -57,7 +57,7 @@ class KMEProcess:
     state directory (the key pool and keys reserved but not yet fetched)."""
 
     def __init__(self, workdir: Path) -> None:
-        from fleetbus.providers.pki import make_test_pki
+        from fleetbus.kmesim.pki import make_test_pki
 
         self.workdir = workdir
         self.pki = make_test_pki(workdir / "pki", [MASTER_SAE, EDGE_SAE])
@@ -76,7 +76,7 @@ class KMEProcess:
     def start(self, timeout_s: float = 60.0) -> None:
         log = self.workdir / "kme.out"
         args = [
-            sys.executable, "-m", "fleetbus.bus.cli_kme", "serve",
+            sys.executable, "-m", "fleetbus.cli.kme", "serve",
             "--cert-dir", str(self.pki.directory),
             "--port-a", str(self.ports["a"]), "--port-b", str(self.ports["b"]),
             "--admin-port", str(self.ports["admin"]),

@@ -406,9 +406,9 @@ def test_the_cli_fails_a_stripped_chain_and_reports_the_unsigned_tail(
 ) -> None:
     from typer.testing import CliRunner
 
-    from fleetbus.bus import cli_audit
-    from fleetbus.bus.cli import app
-    from fleetbus.bus.cli_keys import DIRECTORY, ROOT_PUB
+    from fleetbus.bus.directory import DIRECTORY, ROOT_PUB
+    from fleetbus.cli import audit as cli_audit
+    from fleetbus.cli.main import app
 
     (tmp_path / ROOT_PUB).write_bytes(fleet.directory.root.to_bytes())
     publish_directory_file(tmp_path / DIRECTORY, fleet.root, fleet.directory.signed_records())

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from fleetbus.bus.cli_keys import keys_app
 from fleetbus.bus.directory import (
     RootPublicKey,
     head_store_for,
@@ -20,6 +19,7 @@ from fleetbus.bus.directory import (
     read_directory_file,
 )
 from fleetbus.bus.errors import FleetbusError, ReasonCode
+from fleetbus.cli.keys import keys_app
 
 runner = CliRunner()
 

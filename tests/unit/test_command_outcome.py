@@ -7,8 +7,8 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from fleetbus.bus.commands import CommandState, StatusEvent, new_command_id
-from fleetbus.bus.dispatch import CommandOutcome, status_partition
 from fleetbus.bus.errors import ReasonCode
+from fleetbus.sdk.dispatch import CommandOutcome, status_partition
 
 
 @pytest.mark.parametrize("partitions", [1, 2, 3, 12, 50])

@@ -21,9 +21,9 @@ import typer
 import yaml
 from pydantic import BaseModel
 
-from fleetbus.bus.cli import app as cli_app
 from fleetbus.bus.settings import FleetbusSettings
-from fleetbus.providers.pki import DEFAULT_KME_IDS
+from fleetbus.cli.main import app as cli_app
+from fleetbus.kmesim.pki import DEFAULT_KME_IDS
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -143,9 +143,9 @@ def _needs_fleet_cli(argv: list[str]) -> None:
     # build, the compose file names it ahead of time.
     if argv and argv[0] == "fleet":
         try:
-            import fleetbus.bus.cli_fleet  # noqa: F401
+            import fleetbus.cli.fleet  # noqa: F401
         except ModuleNotFoundError:
-            pytest.skip("fleetbus.bus.cli_fleet (fleet simulate) is not in this build yet")
+            pytest.skip("fleetbus.cli.fleet (fleet simulate) is not in this build yet")
 
 
 # -- tests ------------------------------------------------------------------------------------

@@ -549,7 +549,7 @@ def test_directory_file_without_the_revocation_is_refused(
 def test_restart_with_an_older_directory_file_is_refused(
     tmp_path: Path, root: FleetRoot, history: History
 ) -> None:
-    from fleetbus.bus.vehicle import load_key_directory
+    from fleetbus.sdk.vehicle import load_key_directory
 
     (tmp_path / "root.pub").write_bytes(root.public.to_bytes())
     path = tmp_path / "directory.cbor"

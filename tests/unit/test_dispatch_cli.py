@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from fleetbus.bus import cli_fleet, dispatch
 from fleetbus.bus.commands import (
     Command,
     CommandState,
@@ -22,9 +21,11 @@ from fleetbus.bus.commands import (
     StatusEvent,
     Target,
 )
-from fleetbus.bus.dispatch import CommandHandle
 from fleetbus.bus.registry import load_signature_suite
 from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.cli import fleet as cli_fleet
+from fleetbus.sdk import dispatch
+from fleetbus.sdk.dispatch import CommandHandle
 
 
 def handle_with(events: list[tuple[CommandState, str]]) -> CommandHandle:

@@ -13,10 +13,10 @@ from typing import Any
 import kafka
 import pytest
 
-from fleetbus.bus.dispatch import CommandPublisher, read_status_events
 from fleetbus.bus.errors import KafkaUnavailableError
 from fleetbus.bus.registry import load_signature_suite
 from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.sdk.dispatch import CommandPublisher, read_status_events
 
 #: Settings that bound how long a constructor or a call may block.
 BLOCKING_WAITS = ("bootstrap_timeout_ms", "max_block_ms")

@@ -15,11 +15,11 @@ import pytest
 from envelope_support import make_vehicle
 from kafka.errors import CommitFailedError
 
-from fleetbus.bus import vehicle as vehicle_module
 from fleetbus.bus.commands import Command, Response, Target
 from fleetbus.bus.settings import FleetbusSettings
-from fleetbus.bus.vehicle import ExecutedStore, HandlerResult, VehicleAgent, VehicleIdentity
 from fleetbus.providers.signers import Ed25519Suite
+from fleetbus.sdk import vehicle as vehicle_module
+from fleetbus.sdk.vehicle import ExecutedStore, HandlerResult, VehicleAgent, VehicleIdentity
 
 V1, V2 = "V-1", "V-2"
 
@@ -274,7 +274,7 @@ def test_a_refused_commit_keeps_the_agent_serving_and_the_redelivery_is_answered
     agent._consumer = _EvictedConsumer([_batch(commands), _batch(commands)])
     agent.commands = {c.id.encode(): c for c in commands}
 
-    with caplog.at_level(logging.WARNING, logger="fleetbus.bus.vehicle"):
+    with caplog.at_level(logging.WARNING, logger="fleetbus.sdk.vehicle"):
         assert agent.poll_once(0.01) == 2
     assert any("offsets not committed (CommitFailedError)" in r.message for r in caplog.records)
     assert agent.stats.errors == 1

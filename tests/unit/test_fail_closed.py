@@ -347,7 +347,7 @@ def test_equal_counts_and_missing_topics_are_not_a_mismatch() -> None:
 def test_outbound_partition_is_where_the_seal_stages_producer_puts_a_vehicle() -> None:
     from aiokafka.partitioner import DefaultPartitioner
 
-    from fleetbus.bus.vehicle import outbound_partition
+    from fleetbus.sdk.vehicle import outbound_partition
 
     for partitions in (1, 2, 3, 4, 12, 64):
         everything = list(range(partitions))
@@ -381,7 +381,7 @@ def test_a_confined_agent_assigns_only_its_vehicles_partitions_and_follows_repar
 ) -> None:
     import kafka
 
-    from fleetbus.bus.vehicle import VehicleAgent, outbound_partition
+    from fleetbus.sdk.vehicle import VehicleAgent, outbound_partition
 
     fleet = make_test_fleet(tmp_path, vehicles=3)
     monkeypatch.setattr(kafka, "KafkaConsumer", FakeConsumer)
@@ -433,7 +433,7 @@ def test_a_kme_url_without_its_ca_and_client_files_is_refused() -> None:
 
 def test_the_qkd_provider_never_falls_back_to_the_system_trust_store(tmp_path: Path) -> None:
     from fleetbus.bus.keys import KeyProviderError
-    from fleetbus.providers.pki import make_test_pki
+    from fleetbus.kmesim.pki import make_test_pki
     from fleetbus.providers.qkd import QKDProvider
 
     client = make_test_pki(tmp_path, ["sae-hub"], admin=False).saes["sae-hub"]

@@ -41,7 +41,6 @@ from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.bus.keys import KeyPath
 from fleetbus.bus.registry import load_key_provider
 from fleetbus.bus.settings import FleetbusSettings, TopicNames
-from fleetbus.bus.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
 from fleetbus.processors.eos import DeadLetter, InputRecord, PartitionState, StageResult
 from fleetbus.processors.fleet_registry import FleetRegistry
 from fleetbus.processors.policy import PolicyEngine
@@ -55,6 +54,7 @@ from fleetbus.processors.stages import (
 from fleetbus.processors.uplink import UplinkLimits
 from fleetbus.providers.keypath import KeyPathRunner
 from fleetbus.providers.sealing import EnvelopeOpener
+from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
 
 CASES = load_cases()
 META = load_meta()

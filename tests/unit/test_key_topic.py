@@ -30,13 +30,13 @@ from fleetbus.bus.directory import (
     write_directory_file,
 )
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
-from fleetbus.bus.keytopic import (
+from fleetbus.observability.metrics import KEY_TOPIC_ITEMS
+from fleetbus.sdk.keytopic import (
     KeyTopicFollower,
     KeyTopicItem,
     KeyTopicRefusal,
     key_topic_items,
 )
-from fleetbus.observability.metrics import KEY_TOPIC_ITEMS
 
 T0 = 1_800_000_000.0
 DAY = 86400.0
@@ -287,7 +287,7 @@ def test_publication_order_is_records_then_head(root: FleetRoot, fleet: dict[str
 def test_keys_revoke_publishes_the_revocation_and_the_new_head(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fleetbus.bus import cli_keys
+    from fleetbus.cli import keys as cli_keys
 
     sent: list[tuple[str, list[SignedKeyRecord], Any]] = []
 
@@ -420,8 +420,8 @@ def test_a_vehicle_agent_does_not_parse_other_vehicles_records(
 
 
 def test_acls_let_vehicles_read_and_only_key_publishers_write_the_key_topic() -> None:
-    from fleetbus.bus.dev.kafka import fleet_acls
     from fleetbus.bus.settings import TopicNames
+    from fleetbus.devtools.kafka import fleet_acls
 
     topics = TopicNames(prefix="f.")
     grants = fleet_acls(

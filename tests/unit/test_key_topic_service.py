@@ -10,11 +10,11 @@ import pytest
 
 from fleetbus.bus.directory import FleetRoot, KeyDirectory, issue_key, sign_directory
 from fleetbus.bus.errors import ReasonCode
-from fleetbus.bus.keytopic import KeyTopicItem
 from fleetbus.bus.settings import FleetbusSettings, TopicNames
 from fleetbus.processors.audit import verify_entries
 from fleetbus.processors.eos import DeadLetter
 from fleetbus.processors.keytopic import KeyTopicService
+from fleetbus.sdk.keytopic import KeyTopicItem
 
 T0 = 1_800_000_000.0
 

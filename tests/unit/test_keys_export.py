@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from fleetbus.bus.cli_keys import keys_app
 from fleetbus.bus.directory import RootPublicKey, load_directory
 from fleetbus.bus.errors import ConfigError
+from fleetbus.cli.keys import keys_app
 from fleetbus.processors.app import warn_if_root_private_key
 
 runner = CliRunner()

@@ -11,10 +11,10 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
-from fleetbus.bus.cli_kme import kme_app
 from fleetbus.bus.errors import ConfigError
-from fleetbus.providers.kme import KMEPair, KMEPairConfig
-from fleetbus.providers.pki import make_test_pki, parse_san
+from fleetbus.cli.kme import kme_app
+from fleetbus.kmesim.pki import make_test_pki, parse_san
+from fleetbus.kmesim.server import KMEPair, KMEPairConfig
 
 
 def sans_of(cert_file: Path) -> tuple[set[str], set[str]]:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from fleetbus.providers.kme import (
+from fleetbus.kmesim.server import (
     KeyPool,
     KMEBadRequest,
     KMEPairConfig,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fleetbus.bus.dev import kafka
-from fleetbus.bus.dev.kafka import LocalKafka, find_free_base_port, free_port
 from fleetbus.bus.errors import ConfigError
+from fleetbus.devtools import kafka
+from fleetbus.devtools.kafka import LocalKafka, find_free_base_port, free_port
 
 
 def _props(text: str) -> dict[str, str]:
@@ -87,7 +87,7 @@ def test_recorded_cluster_is_the_one_up_configured(tmp_path: Path) -> None:
 def test_status_reports_the_recorded_port_and_exits_1_when_not_ready(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from fleetbus.bus.cli import app
+    from fleetbus.cli.main import app
 
     _set_up(LocalKafka(home=tmp_path, base_port=31010))
     result = CliRunner().invoke(app, ["dev", "kafka", "status", "--home", str(tmp_path)])

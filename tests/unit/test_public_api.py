@@ -17,7 +17,7 @@ def test_bus_imports_no_provider() -> None:
     import sys
 
     code = (
-        "import sys, fleetbus.bus, fleetbus.bus.cli; "
+        "import sys, fleetbus.bus, fleetbus.cli.main; "
         "print(any(m.startswith('fleetbus.providers') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

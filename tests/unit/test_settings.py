@@ -8,8 +8,8 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from fleetbus.bus.dev.kafka import LocalKafka
 from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.devtools.kafka import LocalKafka
 from fleetbus.processors.app import faust_config
 
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from fleetbus.bus import cli
 from fleetbus.bus.errors import ConfigError
 from fleetbus.bus.settings import load_settings, unknown_variables
+from fleetbus.cli import main as cli
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from fleetbus.bus.cli import app
 from fleetbus.bus.settings import FleetbusSettings, settings_reference, settings_rows
+from fleetbus.cli.main import app
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
 

@@ -36,7 +36,6 @@ from fleetbus.bus.keys import (
 )
 from fleetbus.bus.registry import load_key_provider
 from fleetbus.bus.settings import FleetbusSettings
-from fleetbus.bus.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
 from fleetbus.observability.metrics import held_until_commit
 from fleetbus.processors.eos import DeadLetter, InputRecord, PartitionState, StageResult
 from fleetbus.processors.fleet_registry import FleetRegistry
@@ -54,6 +53,7 @@ from fleetbus.processors.stages import (
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy
 from fleetbus.providers.sealing_v2 import EpochOpener, EpochSealer
+from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
 
 NOW = time.time() - 7200
 SETTINGS = FleetbusSettings()

@@ -57,10 +57,10 @@ from fleetbus.observability.tracing import (
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-    from fleetbus.bus.keytopic import KeyTopicReader, KeyTopicRefusal
     from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
     from fleetbus.providers.sealing import EnvelopeSealer, EpochPolicy
     from fleetbus.providers.sealing_v2 import EpochOpener, EpochSealer, EpochUnknownError
+    from fleetbus.sdk.keytopic import KeyTopicReader, KeyTopicRefusal
 
 __all__ = [
     "ExecutedStore",
@@ -409,11 +409,11 @@ class VehicleAgent:
         metrics_bind: str = "127.0.0.1",
         follow_key_topic: bool = False,
     ) -> None:
-        from fleetbus.bus.keytopic import KeyTopicFollower, KeyTopicReader
         from fleetbus.bus.registry import load_key_provider
         from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
         from fleetbus.providers.sealing import VerifiedRoots
         from fleetbus.providers.sealing_v2 import SqliteEpochStore
+        from fleetbus.sdk.keytopic import KeyTopicFollower, KeyTopicReader
 
         self.settings = settings
         self.directory = directory

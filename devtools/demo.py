@@ -3,7 +3,7 @@
 ``run_demo`` starts (or reuses) a local Apache Kafka, a KME pair joined by a simulated QKD link,
 a ``fleetbus worker`` (authorize, seal, track, telemetry) and a simulated fleet process, then
 plays routine traffic, high-criticality commands, attacks and a QKD link outage, and checks
-every expectation. ``python -m fleetbus.bus.dev.demo fleet SPEC`` is the fleet process.
+every expectation. ``python -m fleetbus.devtools.demo fleet SPEC`` is the fleet process.
 See ``docs/demo.md``.
 """
 
@@ -271,8 +271,8 @@ class ExecutionJournal:
 
 
 def _journaled_handlers(journal: ExecutionJournal) -> dict[str, Any]:
-    from fleetbus.bus.cli_fleet import default_handlers
-    from fleetbus.bus.vehicle import HandlerResult
+    from fleetbus.cli.fleet import default_handlers
+    from fleetbus.sdk.vehicle import HandlerResult
 
     def wrap(handler: Callable[[Command], HandlerResult | None]) -> Any:
         def run(command: Command) -> HandlerResult | None:
@@ -289,8 +289,8 @@ def _journaled_handlers(journal: ExecutionJournal) -> dict[str, Any]:
 def run_fleet(spec_path: Path) -> int:
     """The simulated fleet: one VehicleAgent for the PQC vehicles, one for the legacy vehicles,
     one per QKD edge unit (each with its own SAE at KME-B). Runs until SIGTERM."""
-    from fleetbus.bus.vehicle import VehicleAgent, VehicleIdentity, load_key_directory
     from fleetbus.providers.qkd import QKDProvider
+    from fleetbus.sdk.vehicle import VehicleAgent, VehicleIdentity, load_key_directory
 
     class JournaledAgent(VehicleAgent):
         """Tells the journal which vehicle a handler runs for (handlers see only the command)."""
@@ -519,7 +519,7 @@ class Scenario:
         progress: Progress,
     ) -> None:
         from fleetbus.bus.directory import load_key_file
-        from fleetbus.bus.dispatch import CommandPublisher
+        from fleetbus.sdk.dispatch import CommandPublisher
 
         self.settings = settings
         self.fleet = fleet
@@ -889,9 +889,9 @@ def evaluate(
     """Fill ``report`` from the status events, topics, journal and metrics; one Check per
     expectation of the scenario."""
     from fleetbus.bus.envelope import decode_envelope
-    from fleetbus.bus.vehicle import load_key_directory
     from fleetbus.processors.audit import verify_entries
     from fleetbus.processors.eos import DeadLetter
+    from fleetbus.sdk.vehicle import load_key_directory
 
     bootstrap = settings.kafka_bootstrap
     t = settings.topics
@@ -1132,8 +1132,8 @@ def run_demo(
     keep_workdir: bool = False,
 ) -> DemoReport:
     """Run the whole demo and return its report. Everything started here is stopped here."""
-    from fleetbus.bus.dev.kafka import LocalKafka, cache_root, free_port
-    from fleetbus.bus.dev.kme import KMEPairProcess
+    from fleetbus.devtools.kafka import LocalKafka, cache_root, free_port
+    from fleetbus.devtools.kme import KMEPairProcess
     from fleetbus.processors.app import ensure_pipeline_topics
 
     options.check()
@@ -1222,7 +1222,7 @@ def run_demo(
                           f"seal, track, telemetry; /metrics on :{metrics_port})")  # fmt: skip
             worker = ChildProcess(
                 "worker",
-                [sys.executable, "-m", "fleetbus.bus.cli", "worker"],
+                [sys.executable, "-m", "fleetbus.cli.main", "worker"],
                 worker_env,
                 work / "worker.log",
             )
@@ -1247,7 +1247,7 @@ def run_demo(
                           f"({len(fleet.vehicles) + len(fleet.edge)} vehicle agents)")  # fmt: skip
             fleet_proc = ChildProcess(
                 "fleet",
-                [sys.executable, "-m", "fleetbus.bus.dev.demo", "fleet", str(work / "fleet.json")],
+                [sys.executable, "-m", "fleetbus.devtools.demo", "fleet", str(work / "fleet.json")],
                 env,
                 work / "fleet.log",
             )
@@ -1349,4 +1349,4 @@ def processes_of(workdir: Path) -> Iterator[int]:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "fleet":
         sys.exit(run_fleet(Path(sys.argv[2])))
-    sys.exit("usage: python -m fleetbus.bus.dev.demo fleet SPEC.json")
+    sys.exit("usage: python -m fleetbus.devtools.demo fleet SPEC.json")

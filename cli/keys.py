@@ -24,7 +24,10 @@ from typing import Annotated, Any
 import typer
 
 from fleetbus.bus.directory import (
+    DIRECTORY,
     KINDS,
+    ROOT_KEY,
+    ROOT_PUB,
     ROOT_SUITE,
     FleetRoot,
     KeyDirectory,
@@ -42,7 +45,7 @@ from fleetbus.bus.directory import (
     write_directory_file,
 )
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
-from fleetbus.bus.keytopic import publish_key_change
+from fleetbus.sdk.keytopic import publish_key_change
 
 keys_app = typer.Typer(no_args_is_help=True, help=__doc__)
 
@@ -58,9 +61,6 @@ BootstrapOpt = Annotated[
     ),
 ]
 
-ROOT_KEY = "root.key"
-ROOT_PUB = "root.pub"
-DIRECTORY = "directory.cbor"
 #: Used with ``fullmatch`` (``$`` would let a trailing newline through).
 _PRINCIPAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 DAY_S = 86400.0

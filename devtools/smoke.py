@@ -25,7 +25,7 @@ class WorkerProcess:
         self.log = log
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fleetbus.bus.cli", "worker"],
+                [sys.executable, "-m", "fleetbus.cli.main", "worker"],
                 env={**os.environ, **env},
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from fleetbus.bus.dev.pki import cn_name, issue_cert, key_pem, make_ca, san_list, write_private
 from fleetbus.bus.errors import ConfigError, KafkaUnavailableError
+from fleetbus.devtools.pki import cn_name, issue_cert, key_pem, make_ca, san_list, write_private
 
 #: Tried in order until one resolves from Maven Central. 4.1.1 is the one we run and test on.
 KAFKA_VERSIONS: tuple[str, ...] = ("4.1.1", "4.1.0", "4.0.1")

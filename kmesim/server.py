@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fleetbus.bus.errors import ConfigError
-from fleetbus.providers.pki import ADMIN_CN, KME_NAMES
+from fleetbus.kmesim.pki import ADMIN_CN, KME_NAMES
 from fleetbus.providers.qkd import kme_id_of_certificate
 
 API_PREFIX = "/api/v1/keys"

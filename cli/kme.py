@@ -105,7 +105,7 @@ def serve(
     from pydantic import ValidationError
 
     from fleetbus.bus.errors import ConfigError
-    from fleetbus.providers.kme import KMEPairConfig, PairEndpoints, serve_pair
+    from fleetbus.kmesim.server import KMEPairConfig, PairEndpoints, serve_pair
 
     try:
         config = KMEPairConfig.from_cert_dir(
@@ -178,7 +178,7 @@ def certs(
     `serve` reports the KME IDs the server certificates name; SAEs check them (ETSI 014 5.1).
     """
     from fleetbus.bus.errors import FleetbusError
-    from fleetbus.providers.pki import make_test_pki
+    from fleetbus.kmesim.pki import make_test_pki
 
     try:
         pki = make_test_pki(

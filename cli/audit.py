@@ -89,8 +89,7 @@ def verify(
 ) -> None:
     """Verify every chain: OK, or the exact chain / seq / offset where it breaks (exit 1).
     Prints, per chain, how many records at the tail no signed checkpoint covers."""
-    from fleetbus.bus.cli_keys import DIRECTORY, ROOT_PUB
-    from fleetbus.bus.directory import RootPublicKey, load_directory
+    from fleetbus.bus.directory import DIRECTORY, ROOT_PUB, RootPublicKey, load_directory
     from fleetbus.processors.audit import verify_entries
 
     settings = FleetbusSettings()

@@ -17,10 +17,10 @@ from typing import Annotated
 import typer
 
 from fleetbus.bus.commands import Command, ParamValue, StatusEvent, Target
-from fleetbus.bus.dispatch import CommandPublisher, StatusTimeoutError
 from fleetbus.bus.errors import ConfigError, FleetbusError
 from fleetbus.bus.settings import FleetbusSettings
-from fleetbus.bus.vehicle import (
+from fleetbus.sdk.dispatch import CommandPublisher, StatusTimeoutError
+from fleetbus.sdk.vehicle import (
     Handler,
     HandlerResult,
     VehicleAgent,

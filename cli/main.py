@@ -13,10 +13,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fleetbus.bus.cli_audit import audit_app
-from fleetbus.bus.cli_keys import keys_app
-from fleetbus.bus.cli_kme import kme_app
-from fleetbus.bus.dev.kafka import ADMIN_PRINCIPAL, LocalKafka, cache_root
 from fleetbus.bus.errors import FleetbusError
 from fleetbus.bus.settings import (
     FleetbusSettings,
@@ -24,6 +20,10 @@ from fleetbus.bus.settings import (
     settings_reference,
     settings_rows,
 )
+from fleetbus.cli.audit import audit_app
+from fleetbus.cli.keys import keys_app
+from fleetbus.cli.kme import kme_app
+from fleetbus.devtools.kafka import ADMIN_PRINCIPAL, LocalKafka, cache_root
 
 console = Console(stderr=True)
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -74,12 +74,12 @@ def _settings_epilog() -> str:
 
 
 def _register_fleet_cli() -> None:
-    # `fleetbus.bus.cli_fleet` (from fleetbus.bus.cli_fleet import fleet_app, dispatch_app)
+    # `fleetbus.cli.fleet` (from fleetbus.cli.fleet import fleet_app, dispatch_app)
     # belongs to the dispatch/vehicle SDK; register it when this build has it.
     try:
-        module = importlib.import_module("fleetbus.bus.cli_fleet")
+        module = importlib.import_module("fleetbus.cli.fleet")
     except ModuleNotFoundError as exc:
-        if exc.name != "fleetbus.bus.cli_fleet":
+        if exc.name != "fleetbus.cli.fleet":
             raise
         return
     app.add_typer(module.fleet_app, name="fleet")
@@ -165,7 +165,7 @@ def kafka_certs(
 ) -> None:
     """A test PKI for a broker with mutual TLS (docker-compose): CA, broker certificate,
     client certificates and PEM key stores. Keeps files that exist. Not for production."""
-    from fleetbus.bus.dev.kafka import write_pki
+    from fleetbus.devtools.kafka import write_pki
 
     files = write_pki(
         out,
@@ -195,7 +195,7 @@ def kafka_acls(
 ) -> None:
     """Create the least-privilege ACLs of docs/reliability.md for the topic prefix and app id
     of FLEETBUS_* settings, connecting with FLEETBUS_KAFKA_SSL_* as a super user."""
-    from fleetbus.bus.dev.kafka import create_acls, fleet_acls
+    from fleetbus.devtools.kafka import create_acls, fleet_acls
 
     settings = FleetbusSettings()
     grants = fleet_acls(
@@ -322,7 +322,7 @@ def demo(
     """
     import signal
 
-    from fleetbus.bus.dev.demo import DemoOptions, run_demo, summary_tables
+    from fleetbus.devtools.demo import DemoOptions, run_demo, summary_tables
 
     def on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

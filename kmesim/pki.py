@@ -15,7 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fleetbus.bus.dev.pki import (
+from fleetbus.bus.errors import ConfigError
+from fleetbus.devtools.pki import (
     cn_name,
     issue_cert,
     key_pem,
@@ -23,8 +24,7 @@ from fleetbus.bus.dev.pki import (
     san_list,
     write_private,
 )
-from fleetbus.bus.dev.pki import parse_san as parse_san  # `kme certs --san` checks, re-exported
-from fleetbus.bus.errors import ConfigError
+from fleetbus.devtools.pki import parse_san as parse_san  # `kme certs --san` checks, re-exported
 
 #: Names of the two simulated KMEs; their server certs are ``kme-a.pem`` / ``kme-b.pem``.
 KME_NAMES: tuple[str, str] = ("kme-a", "kme-b")

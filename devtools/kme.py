@@ -48,7 +48,7 @@ class KMEPairProcess:
 
     def start(self, timeout_s: float = 60.0) -> KMEPairProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        cli = [sys.executable, "-m", "fleetbus.bus.cli_kme"]
+        cli = [sys.executable, "-m", "fleetbus.cli.kme"]
         saes = [arg for sae in (*self.sae_a, *self.sae_b) for arg in ("--sae", sae)]
         if not (self.durable and (self.pki / "ca.pem").is_file()):
             subprocess.run(  # noqa: S603
@@ -98,7 +98,7 @@ class KMEPairProcess:
 
     def kme_id(self, side: str) -> str:
         """The KME ID of ``side`` ("kme_a" or "kme_b"), read from its server certificate."""
-        from fleetbus.providers.kme import certificate_kme_id
+        from fleetbus.kmesim.server import certificate_kme_id
 
         return certificate_kme_id(self.pki / f"{side.replace('_', '-')}.pem")
 

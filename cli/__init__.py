@@ -1,0 +1,1 @@
+"""fleetbus.cli: the ``fleetbus`` command, one module per command group (``main`` wires them)."""
