@@ -80,7 +80,8 @@ def plain_stages(settings: Any) -> list[Any]:
     from fleetbus.bus.errors import FleetbusError, ReasonCode
     from fleetbus.processors.app import stage_runner
     from fleetbus.processors.eos import InputRecord, Output, PartitionState, StageResult
-    from fleetbus.processors.stages import AuthorizedCommand, PipelineTopics, _status
+    from fleetbus.processors.stages import AuthorizedCommand, PipelineTopics
+    from fleetbus.processors.stages import status_output as _status
 
     topics = PipelineTopics.from_settings(settings.topics)
 

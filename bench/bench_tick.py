@@ -34,15 +34,11 @@ from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.processors.audit import AuditEvent
 from fleetbus.processors.eos import InputRecord, PartitionState, StageResult
-from fleetbus.processors.stages import (
-    _ACTIVE,
-    AuthorizeStage,
-    PipelineTopics,
-    TrackStage,
-    _CommandEntry,
-    _reject,
-    _status,
-)
+from fleetbus.processors.stages import ACTIVE_STATES as _ACTIVE
+from fleetbus.processors.stages import AuthorizeStage, PipelineTopics, TrackStage
+from fleetbus.processors.stages import CommandEntry as _CommandEntry
+from fleetbus.processors.stages import reject as _reject
+from fleetbus.processors.stages import status_output as _status
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tick.json"
 DAY_S = 86400.0

@@ -1,0 +1,226 @@
+"""The telemetry stage: opens vehicles' telemetry and applies the export policy
+(telemetry.raw → telemetry.verified)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import cbor2
+
+from fleetbus.bus.commands import (
+    Telemetry,
+    TelemetryBatch,
+)
+from fleetbus.bus.envelope import EnvelopeError, MessageKind
+from fleetbus.bus.envelope_v2 import (
+    Message,
+    ParsedEstablishment,
+    decode_record,
+)
+from fleetbus.bus.errors import FleetbusError, ReasonCode
+from fleetbus.observability.metrics import (
+    ENVELOPE_REJECTS,
+    on_commit,
+)
+from fleetbus.processors.eos import (
+    InputRecord,
+    Output,
+    PartitionState,
+    StageResult,
+    dead_letter_result,
+)
+from fleetbus.processors.policy import PolicyEngine
+from fleetbus.processors.stages.common import (
+    PipelineTopics,
+    to_ms,
+)
+from fleetbus.processors.stages.opening import (
+    UPLINK_KINDS,
+    UplinkKey,
+    admit_v1_uplink,
+    check_stage_owns_replay,
+)
+from fleetbus.processors.uplink import (
+    EPOCH_COUNT_PREFIX,
+    EPOCH_PREFIX,
+    EPOCHS_PER_SENDER,
+    StateEpochStore,
+    UplinkLimits,
+    UplinkReplay,
+    add_to_count,
+    read_count,
+    sender_key,
+    stored_until,
+)
+
+# --- telemetry -----------------------------------------------------------------------------
+
+
+class TelemetryStage:
+    """telemetry.raw (envelopes of kind tel) → telemetry.verified (JSON after export policy).
+
+    Records must be keyed by the sending vehicle: its replay state (``UplinkReplay``, in this
+    stage's changelogged partition state) lives on that partition, so a captured envelope
+    re-published later, after a restart or a rebalance, is refused as ``replayed``.
+    """
+
+    name = "telemetry"
+
+    def __init__(
+        self,
+        *,
+        topics: PipelineTopics,
+        opener: Any,  # UplinkOpener without its own replay check
+        policy: PolicyEngine,
+        consumer: str,
+        max_message_bytes: int,
+        clock_skew_s: float = 30.0,
+        limits: UplinkLimits | None = None,
+        v2_openers: tuple[Any, Any] | None = None,  # EpochOpener (pqc minimum, legacy minimum)
+    ) -> None:
+        check_stage_owns_replay(self.name, opener)
+        self.topics = topics
+        self.opener = opener
+        self.policy = policy
+        self.consumer = consumer
+        self.max_bytes = max_message_bytes
+        self.limits = limits or UplinkLimits()
+        self.replay = UplinkReplay(limits=self.limits, skew_s=clock_skew_s)
+        # Wire format v2 uplink: epochs in the partition state, secrets only in memory.
+        self.v2_openers = v2_openers
+        self.skew_ms = to_ms(clock_skew_s)
+        self._secrets: dict[bytes, bytes] = {}
+
+    def input_topics(self) -> Sequence[str]:
+        return [self.topics.telemetry_raw]
+
+    def process(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
+        def dlq(reason: ReasonCode, detail: str, **kw: Any) -> StageResult:
+            return dead_letter_result(
+                self.name, self.topics.dlq, record, reason, detail, now=now, **kw
+            )
+
+        admitted = admit_v1_uplink(
+            record,
+            state,
+            now,
+            opener=self.opener,
+            replay=self.replay,
+            limits=self.limits,
+            max_bytes=self.max_bytes,
+            topic=self.topics.telemetry_raw,
+            what="telemetry",
+            decode=partial(Telemetry.decode, max_size=self.max_bytes),
+            identify=self._identify,
+            v2=partial(self._v2, record, state, now),
+            dlq=dlq,
+        )
+        if isinstance(admitted, StageResult):
+            return admitted
+        opened, telemetry = admitted
+        return StageResult(outputs=[self._export(telemetry, opened.key_path.name)])
+
+    @staticmethod
+    def _identify(telemetry: Telemetry, opened: Any) -> UplinkKey | str:
+        if telemetry.vehicle_id != opened.sender:
+            return "telemetry names another vehicle"
+        # The replay state is per partition: under another key the envelope would land on a
+        # partition that has not seen it.
+        return UplinkKey(opened.sender, "record key must be the sending vehicle")
+
+    def _export(self, telemetry: Telemetry, key_path: str) -> Output:
+        exported = self.policy.export(self.consumer, telemetry.fields)
+        doc = {
+            "vehicle_id": telemetry.vehicle_id,
+            "at": telemetry.at,
+            "consumer": self.consumer,
+            "key_path": key_path,
+            "fields": exported,
+        }
+        value = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        return Output(self.topics.telemetry_verified, telemetry.vehicle_id.encode(), value)
+
+    def _v2(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
+        """A wire-v2 uplink record: a vehicle's establishment (its epoch goes into this
+        partition's state) or a message carrying a ``TelemetryBatch`` (exported per reading).
+        The replay window of the epoch, in the same state, replaces ``UplinkReplay`` here."""
+
+        def dlq(reason: ReasonCode, detail: str, **kw: Any) -> StageResult:
+            on_commit(ENVELOPE_REJECTS.labels(role="bus", reason=reason.value).inc)
+            return dead_letter_result(
+                self.name, self.topics.dlq, record, reason, detail, now=now, **kw
+            )
+
+        if self.v2_openers is None:
+            return dlq(ReasonCode.UNSUPPORTED_VERSION, "wire format v2 is not read by this stage")
+        value, topic = record.value or b"", self.topics.telemetry_raw
+        directory = self.opener.directory
+        pqc, legacy = self.v2_openers
+        store = StateEpochStore(state, self._secrets, pqc.rederive, skew_ms=self.skew_ms)
+        try:
+            parsed = decode_record(value, max_size=self.max_bytes)
+            if isinstance(parsed, ParsedEstablishment):
+                sender = parsed.establishment.sender
+                if record.key != sender.encode():
+                    raise EnvelopeError(
+                        "record key must be the sending vehicle", reason=ReasonCode.MALFORMED
+                    )
+                entry = directory.current(sender, at=now)
+                if entry.kind not in UPLINK_KINDS:
+                    raise EnvelopeError(
+                        f"uplink sender {sender!r} is a {entry.kind}, not a vehicle or edge unit",
+                        reason=ReasonCode.POLICY_DENIED,
+                    )
+                opener = pqc if "pqc" in entry.capabilities else legacy
+                count_key = sender_key(EPOCH_COUNT_PREFIX, sender)
+                if read_count(state, count_key) >= EPOCHS_PER_SENDER:
+                    on_commit(ENVELOPE_REJECTS.labels(role="bus", reason="sender_state_full").inc)
+                    return dead_letter_result(
+                        self.name, self.topics.dlq, record, ReasonCode.SENDER_STATE_FULL,
+                        f"{sender} holds {EPOCHS_PER_SENDER} uplink epochs in this partition; "
+                        "refused until one ends", now=now, actor=sender,
+                    )  # fmt: skip
+                accepted = opener.open(value, topic=topic, store=store)
+                if accepted.new:
+                    add_to_count(state, count_key, 1)
+                return StageResult()
+            if not isinstance(parsed, Message):
+                raise EnvelopeError("a status record on telemetry.raw", reason=ReasonCode.MALFORMED)
+            opened = pqc.open(value, topic=topic, store=store)
+        except FleetbusError as exc:
+            return dlq(exc.reason, f"telemetry v2 record rejected: {exc.reason.value}")
+        sender = opened.sender
+        if record.key != sender.encode():
+            return dlq(ReasonCode.MALFORMED, "record key must be the sending vehicle")
+        if opened.kind is not MessageKind.TELEMETRY:
+            return dlq(ReasonCode.WRONG_RECIPIENT, "not a telemetry message")
+        try:
+            batch = TelemetryBatch.decode(opened.payload, max_size=self.max_bytes)
+        except FleetbusError as exc:
+            return dlq(exc.reason, f"telemetry batch: {exc}", actor=sender)
+        if batch.vehicle_id != sender:
+            return dlq(ReasonCode.WRONG_RECIPIENT, "telemetry names another vehicle")
+        path = opened.key_path.name
+        return StageResult(outputs=[self._export(t, path) for t in batch.telemetry()])
+
+    def deadline(self, key: str, value: bytes) -> float | None:
+        """When ``tick`` must look at a state entry: an uplink id or epoch when it ends."""
+        if key.startswith(EPOCH_PREFIX):
+            return stored_until(value) / 1000
+        return self.replay.deadline(key, value)
+
+    def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
+        due = state.due(now, self.deadline)
+        self.replay.expire(state, due, now)
+        for key in due:
+            if not key.startswith(EPOCH_PREFIX):
+                continue
+            raw = state.get(key)
+            if raw is not None and stored_until(raw) < to_ms(now):
+                state.delete(key)  # the epoch ended: its window and record go
+                sender = cbor2.loads(raw)["sender"]
+                add_to_count(state, sender_key(EPOCH_COUNT_PREFIX, sender), -1)
+        return StageResult()
