@@ -1,54 +1,59 @@
 """Exactly-once consume-transform-produce for the stages that re-key their records.
 
+Over 500 lines because ``TransactionalStage`` is one object whose rebalance, restore and commit
+paths share its assignment lock and partition table; what a batch produces is in ``engine``.
+
 ``TransactionalStage`` reads its input topics with a read_committed consumer (manual commits,
 range assignment so that co-partitioned inputs land together) and keeps one transactional
 producer per assigned input partition number (``transactional.id = {app_id}-{stage}-{p}``):
 starting it fences any zombie of an earlier worker. Each batch of a partition's records —
 their outputs, DLQ and audit records, state-changelog writes and the input offsets — is
 committed in one Kafka transaction, and a revocation waits for the transaction in flight. See
-docs/pipeline.md ("Delivery guarantees", "Rebalances").
+docs/pipeline.md ("Delivery guarantees", "Rebalances"). What a batch produces is computed
+without Kafka in ``fleetbus.processors.engine`` (re-exported here).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import heapq
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-import cbor2
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
-from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.bus.keys import Signer
 from fleetbus.bus.topics import check_copartitioned
 from fleetbus.observability.metrics import (
     CONSUMER_LAG,
-    DLQ_RECORDS,
-    INTERNAL_ERRORS,
     PRODUCE_ERRORS,
     PRODUCE_RETRIES,
-    RECORDS,
-    STAGE_LATENCY,
     held_until_commit,
-    on_commit,
 )
-from fleetbus.observability.tracing import (
-    consume_span,
-    get_tracer,
-    inject_headers,
-    record_failover,
-    record_reject,
-)
+from fleetbus.observability.tracing import consume_span, get_tracer
 from fleetbus.processors.audit import AuditChain, AuditEvent, ChainHead
+from fleetbus.processors.engine import (
+    AUDIT_HEAD_KEY,
+    BatchStageLogic,
+    DeadLetter,
+    DeadlineOf,
+    InputRecord,
+    Output,
+    PartitionState,
+    StageLogic,
+    StageResult,
+    audit_outputs,
+    changelog_outputs,
+    compute,
+    dead_letter_result,
+    record_events,
+)
 
 __all__ = [
     "AUDIT_HEAD_KEY",
@@ -58,359 +63,15 @@ __all__ = [
     "InputRecord",
     "Output",
     "PartitionState",
+    "StageHealth",
     "StageLogic",
     "StageResult",
     "TransactionalStage",
     "dead_letter_result",
+    "record_events",
 ]
 
 _log = logging.getLogger(__name__)
-
-#: The state key under which a partition's audit chain head is kept.
-AUDIT_HEAD_KEY = "__audit_head__"
-
-#: A stage's expiry rule: the time after which ``tick`` must look at an entry, from its key and
-#: value alone (None: never).
-DeadlineOf = Callable[[str, bytes], float | None]
-
-
-@dataclass(frozen=True)
-class InputRecord:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp_ms: int = 0
-    headers: tuple[tuple[str, bytes], ...] = ()
-
-
-@dataclass(frozen=True)
-class Output:
-    """One record to produce. ``partition`` None: the producer's default partitioner."""
-
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...] = ()
-    partition: int | None = None
-
-
-@dataclass
-class StageResult:
-    outputs: list[Output] = field(default_factory=list)
-    audit: list[AuditEvent] = field(default_factory=list)
-    outcome: str = "ok"  # ok | rejected | dlq | pending (metrics label)
-
-    def extend(self, other: StageResult) -> None:
-        self.outputs.extend(other.outputs)
-        self.audit.extend(other.audit)
-
-
-def _record_events(stage: str, result: StageResult) -> None:
-    """Failovers and the reject (if any) of one record's result as events of the current span
-    (the record's CONSUMER span), read from its audit events so that the batch path, which
-    computes results before the record spans exist, gets them too."""
-    rejected = False
-    for event in result.audit:
-        if event.event == "keypath_failover":
-            to_path = event.detail.get("to_path")
-            record_failover(
-                None,
-                profile=str(event.detail.get("profile", "")),
-                from_path=str(event.detail.get("from_path", "")),
-                to_path=str(to_path) if to_path else None,
-                reason=event.reason or "",
-            )
-        elif event.event in ("rejected", "dead_lettered") and not rejected:
-            rejected = True
-            detail = event.detail.get("detail")
-            record_reject(
-                None,
-                stage=stage,
-                reason=event.reason or "",
-                detail=str(detail) if detail else None,
-            )
-
-
-def _with_trace_context(result: StageResult) -> StageResult:
-    """Carry the current span's W3C trace context in the headers of every output of a record,
-    so that dispatcher → authorize → seal → vehicle → track is one trace."""
-    carrier = tuple(inject_headers())
-    if not carrier:
-        return result
-    names = {name for name, _ in carrier}
-    result.outputs = [
-        dataclasses.replace(
-            out, headers=tuple(h for h in out.headers if h[0] not in names) + carrier
-        )
-        for out in result.outputs
-    ]
-    return result
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """A DLQ record: where the input came from, why it was refused, and its original bytes."""
-
-    stage: str
-    source_topic: str
-    partition: int
-    offset: int
-    reason: ReasonCode
-    detail: str
-    key: bytes | None
-    value: bytes | None
-    at: float
-
-    def encode(self) -> bytes:
-        return cbor2.dumps(
-            {
-                "stage": self.stage,
-                "source_topic": self.source_topic,
-                "partition": self.partition,
-                "offset": self.offset,
-                "reason": str(self.reason),
-                "detail": self.detail[:1024],
-                "key": self.key,
-                "value": self.value,
-                "at": round(self.at * 1000),
-            },
-            canonical=True,
-        )
-
-    @classmethod
-    def decode(cls, data: bytes) -> DeadLetter:
-        m = cbor2.loads(data)
-        return cls(
-            stage=m["stage"],
-            source_topic=m["source_topic"],
-            partition=m["partition"],
-            offset=m["offset"],
-            reason=ReasonCode(m["reason"]),
-            detail=m["detail"],
-            key=m["key"],
-            value=m["value"],
-            at=m["at"] / 1000,
-        )
-
-
-def dead_letter_result(
-    stage: str,
-    dlq_topic: str,
-    record: InputRecord,
-    reason: ReasonCode,
-    detail: str,
-    *,
-    now: float,
-    actor: str = "bus",
-    command_id: str | None = None,
-) -> StageResult:
-    """The DLQ record plus its audit event for an input that cannot be processed."""
-    on_commit(DLQ_RECORDS.labels(stage=stage, reason=reason.value).inc)
-    # The runner turns the audit event below into the span's reject event (_record_events).
-    # Logged inside the record's span on the one-by-one path, so the line carries its trace id.
-    _log.info(
-        "stage %s: %s[%d]@%d dead-lettered (%s)",
-        stage,
-        record.topic,
-        record.partition,
-        record.offset,
-        reason.value,
-    )
-    letter = DeadLetter(
-        stage,
-        record.topic,
-        record.partition,
-        record.offset,
-        reason,
-        detail,
-        record.key,
-        record.value,
-        now,
-    )
-    return StageResult(
-        outputs=[Output(dlq_topic, record.key, letter.encode())],
-        audit=[
-            AuditEvent(
-                actor=actor,
-                event="dead_lettered",
-                command_id=command_id,
-                reason=reason.value,
-                detail={
-                    "stage": stage,
-                    "topic": record.topic,
-                    "partition": record.partition,
-                    "offset": record.offset,
-                    "detail": detail[:256],
-                },
-            )
-        ],
-        outcome="dlq",
-    )
-
-
-class PartitionState:
-    """Key-value state of one input partition, changelogged to a compacted topic.
-
-    Writes go to an overlay that becomes visible to later reads at once and is committed or
-    rolled back with the Kafka transaction that carries its changelog records.
-
-    Timers: ``due(now, deadline_of)`` lists the keys whose deadline has passed, from an index
-    ordered by deadline (a heap), so that a stage's ``tick`` costs O(due · log n) instead of a
-    decode of every entry. The deadline of an entry is a function of its value alone
-    (``deadline_of(key, value)``, the stage's), so the index needs no changelog records of its
-    own: the first ``due`` builds it from the committed entries (a state is made afresh from
-    the changelog on every assignment), ``commit`` updates it for the keys the transaction
-    wrote, ``rollback`` restores the entries ``due`` took out of it, and entries written by
-    the open transaction are read from the overlay.
-    """
-
-    def __init__(self, committed: Mapping[str, bytes] | None = None) -> None:
-        self._committed: dict[str, bytes] = dict(committed or {})
-        self._pending: dict[str, bytes | None] = {}
-        self._deadline_of: DeadlineOf | None = None
-        # The committed deadline of every indexed key; the heap holds one (deadline, key) pair
-        # for each, plus stale pairs of keys whose deadline changed since (skipped when popped,
-        # dropped when the heap outgrows the index twice over).
-        self._deadlines: dict[str, float] = {}
-        self._heap: list[tuple[float, str]] = []
-        # Pairs popped by ``due`` in the open transaction: back on the heap on rollback, and on
-        # commit those still current.
-        self._taken: list[tuple[float, str]] = []
-
-    def get(self, key: str) -> bytes | None:
-        if key in self._pending:
-            return self._pending[key]
-        return self._committed.get(key)
-
-    def put(self, key: str, value: bytes) -> None:
-        self._pending[key] = value
-
-    def delete(self, key: str) -> None:
-        if self.get(key) is not None:
-            self._pending[key] = None
-
-    def items(self) -> Iterator[tuple[str, bytes]]:
-        for key, value in self._committed.items():
-            if key not in self._pending:
-                yield key, value
-        for key, pending in list(self._pending.items()):
-            if pending is not None:
-                yield key, pending
-
-    def changes(self) -> dict[str, bytes | None]:
-        return dict(self._pending)
-
-    def due(self, now: float, deadline_of: DeadlineOf) -> list[str]:
-        """Keys whose deadline is before ``now``, soonest first (this transaction's own writes
-        last). A due key stays due until the transaction that sees it rewrites or deletes it
-        and commits. ``deadline_of`` must be the same function at every call."""
-        if self._deadline_of is None:
-            self._build(deadline_of)
-        self._restore_taken()  # an earlier call of this transaction took them out
-        keys: list[str] = []
-        seen: set[str] = set()
-        while self._heap and self._heap[0][0] < now:
-            deadline, key = heapq.heappop(self._heap)
-            self._taken.append((deadline, key))
-            current = self._deadlines.get(key) == deadline and key not in self._pending
-            if current and key not in seen:
-                seen.add(key)
-                keys.append(key)
-        for key, value in self._pending.items():
-            if value is None or key in seen:
-                continue
-            written = _deadline(deadline_of, key, value)
-            if written is not None and written < now:
-                seen.add(key)
-                keys.append(key)
-        return keys
-
-    def _build(self, deadline_of: DeadlineOf) -> None:
-        for key, value in self._committed.items():
-            deadline = _deadline(deadline_of, key, value)
-            if deadline is not None:
-                self._deadlines[key] = deadline
-        self._heap = [(deadline, key) for key, deadline in self._deadlines.items()]
-        heapq.heapify(self._heap)
-        self._deadline_of = deadline_of
-
-    def commit(self) -> None:
-        for key, value in self._pending.items():
-            if value is None:
-                self._committed.pop(key, None)
-            else:
-                self._committed[key] = value
-        if self._deadline_of is not None:
-            self._index(self._deadline_of)
-        self._pending.clear()
-
-    def _index(self, deadline_of: DeadlineOf) -> None:
-        for key, value in self._pending.items():
-            deadline = None if value is None else _deadline(deadline_of, key, value)
-            if deadline is None:
-                self._deadlines.pop(key, None)
-            elif self._deadlines.get(key) != deadline:
-                self._deadlines[key] = deadline
-                heapq.heappush(self._heap, (deadline, key))
-        for pair in set(self._taken):
-            if self._deadlines.get(pair[1]) == pair[0]:
-                heapq.heappush(self._heap, pair)
-        self._taken.clear()
-        if len(self._heap) > 2 * len(self._deadlines) + 1024:
-            self._heap = [(deadline, key) for key, deadline in self._deadlines.items()]
-            heapq.heapify(self._heap)
-
-    def rollback(self) -> None:
-        self._pending.clear()
-        self._restore_taken()
-
-    def _restore_taken(self) -> None:
-        for pair in self._taken:
-            heapq.heappush(self._heap, pair)
-        self._taken.clear()
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self.items())
-
-
-def _deadline(deadline_of: DeadlineOf, key: str, value: bytes) -> float | None:
-    """``deadline_of(key, value)``; an entry it cannot read is logged and left without a timer
-    rather than failing the commit that wrote it (the stage wrote it: that is a bug, not input)."""
-    try:
-        return deadline_of(key, value)
-    except Exception:
-        _log.exception("state entry %r has no readable deadline; not indexed", key)
-        return None
-
-
-class StageLogic(Protocol):
-    """A stage's business logic: plain functions over records and partition state."""
-
-    name: str
-
-    def input_topics(self) -> Sequence[str]: ...
-
-    def process(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
-        """Outputs for one input record. Raising sends the record to the DLQ."""
-        ...
-
-    def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
-        """Timer work (expiry, approval windows); called every tick interval per partition."""
-        ...
-
-
-class BatchStageLogic(StageLogic, Protocol):
-    """A stage that can also process a whole batch at once (the runner prefers this for
-    batches of more than one record): one result per record, in order — a ``StageResult``, or
-    the exception that sends that record to the DLQ. Raising fails the whole batch: the runner
-    rolls its state back and processes the records one by one with ``process``. Used by the
-    seal stage to sign all envelopes of one transaction with one batch signature."""
-
-    def process_batch(
-        self, records: Sequence[InputRecord], state: PartitionState, now: float
-    ) -> Sequence[StageResult | Exception]: ...
 
 
 @dataclass
@@ -780,65 +441,14 @@ class TransactionalStage:
     # -- processing -----------------------------------------------------------------------
 
     def _compute(self, part: _Partition, records: Sequence[Any]) -> StageResult:
-        inputs = [
-            InputRecord(
-                topic=raw.topic,
-                partition=raw.partition,
-                offset=raw.offset,
-                key=raw.key,
-                value=raw.value,
-                timestamp_ms=raw.timestamp,
-                headers=tuple((k, v) for k, v in (raw.headers or ())),
-            )
-            for raw in records
-        ]
-        total = StageResult()
-        process_batch = getattr(self.logic, "process_batch", None)
-        if process_batch is not None and len(inputs) > 1:
-            started = time.perf_counter()
-            now = self._clock()
-            try:
-                with held_until_commit() as batch_metrics:
-                    results: Sequence[StageResult | Exception] = process_batch(
-                        inputs, part.state, now
-                    )
-                if len(results) != len(inputs):
-                    raise RuntimeError("process_batch returned the wrong number of results")
-            except Exception:
-                # The batch as a whole failed: nothing of it counts (its outcome metrics are
-                # dropped too); redo it record by record. process_batch must return an
-                # exception per bad record, so this is our bug.
-                _log.exception("stage %s: batch processing failed; one by one", self.stage)
-                INTERNAL_ERRORS.labels(stage=self.stage).inc()
-                part.state.rollback()
-            else:
-                for update in batch_metrics:
-                    on_commit(update)
-                each = (time.perf_counter() - started) / len(inputs)
-                for record, outcome in zip(inputs, results, strict=True):
-                    with self._record_span(record):
-                        if isinstance(outcome, Exception):
-                            outcome = self._dead_letter(record, outcome, now)
-                        _record_events(self.stage, outcome)
-                        outcome = _with_trace_context(outcome)
-                    STAGE_LATENCY.labels(stage=self.stage).observe(each)
-                    on_commit(RECORDS.labels(stage=self.stage, outcome=outcome.outcome).inc)
-                    total.extend(outcome)
-                return total
-        for record in inputs:
-            started = time.perf_counter()
-            now = self._clock()
-            with self._record_span(record):
-                try:
-                    result = self.logic.process(record, part.state, now)
-                except Exception as exc:
-                    result = self._dead_letter(record, exc, now)
-                _record_events(self.stage, result)
-                result = _with_trace_context(result)
-            STAGE_LATENCY.labels(stage=self.stage).observe(time.perf_counter() - started)
-            on_commit(RECORDS.labels(stage=self.stage, outcome=result.outcome).inc)
-            total.extend(result)
-        return total
+        return compute(
+            self.logic,
+            part.state,
+            records,
+            dlq_topic=self._dlq_topic,
+            clock=self._clock,
+            record_span=self._record_span,
+        )
 
     def _record_span(self, record: InputRecord) -> contextlib.AbstractContextManager[Any]:
         """A CONSUMER span for one input record, child of the trace context in its headers."""
@@ -853,45 +463,13 @@ class TransactionalStage:
             client_id=f"{self.group_id}-consumer",
         )
 
-    def _dead_letter(self, record: InputRecord, exc: Exception, now: float) -> StageResult:
-        """The DLQ result of a record whose logic raised. Stages turn bad input into typed
-        rejects themselves; an exception that is not a ``FleetbusError`` (or one without a
-        reason) is a fault of ours, filed as ``internal``, never as ``malformed``."""
-        reason = exc.reason if isinstance(exc, FleetbusError) else ReasonCode.INTERNAL
-        detail = str(exc) if isinstance(exc, FleetbusError) else type(exc).__name__
-        if reason is ReasonCode.INTERNAL:
-            # Counted as it happens, not on commit: the fault occurred whether or not the
-            # transaction commits.
-            INTERNAL_ERRORS.labels(stage=self.stage).inc()
-            _log.error(
-                "stage %s: internal error on %s[%d]@%d",
-                self.stage,
-                record.topic,
-                record.partition,
-                record.offset,
-                exc_info=(type(exc), exc, exc.__traceback__),
-            )
-        return dead_letter_result(self.stage, self._dlq_topic, record, reason, detail, now=now)
-
     def _audit_outputs(
         self, part: _Partition, events: Sequence[AuditEvent], *, seal: bool = False
     ) -> list[Output]:
-        """The audit values of ``events``; with ``seal``, then a checkpoint over any unsigned
-        records (ticks and the end of a run: the chain's tail is signed while the writer
-        lives, not only every ``checkpoint_every`` records)."""
-        values = [value for event in events for value in part.chain.append(event)]
-        if seal:
-            values += part.chain.seal()
-        if values:
-            part.state.put(AUDIT_HEAD_KEY, part.chain.head.to_cbor())
-        key = part.chain.chain.encode()
-        return [Output(self._audit_topic, key, value, partition=0) for value in values]
+        return audit_outputs(part.chain, part.state, events, self._audit_topic, seal=seal)
 
     def _changelog(self, part: _Partition) -> list[Output]:
-        return [
-            Output(self._state_topic, key.encode(), value, partition=part.number)
-            for key, value in part.state.changes().items()
-        ]
+        return changelog_outputs(part.state, self._state_topic, part.number)
 
     async def _process_batch(
         self, tp: TopicPartition, records: Sequence[Any], generation: int

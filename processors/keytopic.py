@@ -22,7 +22,7 @@ from fleetbus.bus.keys import Signer
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.observability.metrics import DLQ_RECORDS
 from fleetbus.processors.audit import AuditChain, AuditEvent
-from fleetbus.processors.eos import DeadLetter
+from fleetbus.processors.engine import DeadLetter
 from fleetbus.sdk.keytopic import KeyTopicFollower, KeyTopicItem, KeyTopicReader, KeyTopicRefusal
 
 _log = logging.getLogger(__name__)

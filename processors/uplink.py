@@ -15,7 +15,7 @@ from typing import Any, Final
 import cbor2
 
 from fleetbus.bus.errors import FleetbusError, ReasonCode
-from fleetbus.processors.eos import PartitionState
+from fleetbus.processors.state import PartitionState
 
 __all__ = [
     "EPOCHS_PER_SENDER",

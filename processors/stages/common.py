@@ -14,7 +14,7 @@ from fleetbus.bus.commands import (
 )
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.processors.audit import AuditEvent
-from fleetbus.processors.eos import (
+from fleetbus.processors.engine import (
     InputRecord,
     Output,
     StageResult,

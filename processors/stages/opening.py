@@ -12,7 +12,7 @@ from fleetbus.bus.envelope import EnvelopeError, decode_envelope
 from fleetbus.bus.envelope_v2 import record_version
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
 from fleetbus.observability.metrics import ENVELOPE_REJECTS, on_commit
-from fleetbus.processors.eos import InputRecord, PartitionState, StageResult
+from fleetbus.processors.engine import InputRecord, PartitionState, StageResult
 from fleetbus.processors.uplink import UplinkLimits, UplinkReplay
 
 P = TypeVar("P")

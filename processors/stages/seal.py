@@ -19,7 +19,7 @@ from fleetbus.observability.metrics import (
     on_commit,
 )
 from fleetbus.processors.audit import AuditEvent
-from fleetbus.processors.eos import (
+from fleetbus.processors.engine import (
     InputRecord,
     Output,
     PartitionState,

@@ -25,7 +25,7 @@ from fleetbus.observability.metrics import (
     ENVELOPE_REJECTS,
     on_commit,
 )
-from fleetbus.processors.eos import (
+from fleetbus.processors.engine import (
     InputRecord,
     Output,
     PartitionState,

@@ -208,14 +208,14 @@ def test_a_dead_letter_is_a_reject_event_on_its_records_span(
     tracer: Tracer, exporter: InMemorySpanExporter
 ) -> None:
     from fleetbus.bus.errors import ReasonCode
-    from fleetbus.processors.eos import InputRecord, _record_events, dead_letter_result
+    from fleetbus.processors.engine import InputRecord, dead_letter_result, record_events
 
     record = InputRecord("fleet.commands.requested", 0, 7, b"cmd-1", b"\x00junk")
     with tracer.start_as_current_span("process fleet.commands.requested"):
         result = dead_letter_result(
             "authorize", "fleet.dlq", record, ReasonCode.MALFORMED, "not a command", now=0.0
         )
-        _record_events("authorize", result)  # what the runner does in the record's span
+        record_events("authorize", result)  # what the runner does in the record's span
     assert [o.topic for o in result.outputs] == ["fleet.dlq"]
     (span,) = exporter.get_finished_spans()
     (event,) = span.events
