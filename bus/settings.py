@@ -130,15 +130,29 @@ class FleetbusSettings(BaseSettings):
     kafka_ssl_check_hostname: bool = Field(
         default=True, description="check the broker certificate names the host connected to"
     )
-    app_id: str = Field(default="fleetbus", description="faust application id / consumer group")
+    app_id: str = Field(
+        default="fleetbus",
+        description="faust application id; prefixes the stages' consumer groups, transactional "
+        "ids and state topics",
+    )
     partitions: int = Field(default=4, ge=1, description="partitions of the topics we create")
-    processing_guarantee: Literal["exactly_once", "at_least_once"] = Field(
-        default="exactly_once", description="Kafka transactions per stage batch, or not"
+    processing_guarantee: Literal["exactly_once"] = Field(
+        default="exactly_once",
+        description="always exactly_once: every stage commits each batch in one Kafka "
+        "transaction (at_least_once, which reached only the smoke forwarder, is refused)",
     )
     data_dir: str = Field(
-        default="~/.local/state/fleetbus", description="faust table state directory"
+        default="~/.local/state/fleetbus",
+        description="the worker's state folder: the highest key-directory head it accepted, "
+        "and faust's files",
     )
-    web_port: int = Field(default=6066, ge=0, le=65535, description="faust web / metrics port")
+    web_port: int = Field(
+        default=6066,
+        ge=0,
+        le=65535,
+        description="faust's own web server in the worker, on 127.0.0.1 (0: off); metrics "
+        "and probes are on metrics_port",
+    )
     broker_session_timeout_s: float = Field(
         default=10.0, gt=0, description="consumer-group session timeout"
     )
@@ -147,9 +161,9 @@ class FleetbusSettings(BaseSettings):
     )
     topics: TopicNames = Field(default_factory=TopicNames, description="topic names")
     smoke_source: str = Field(
-        default="fleet.smoke.in", description="the smoke pipeline's input (forwarded as is)"
+        default="fleet.smoke.in", description="the smoke forwarder's input (forwarded as is)"
     )
-    smoke_sink: str = Field(default="fleet.smoke.out", description="the smoke pipeline's output")
+    smoke_sink: str = Field(default="fleet.smoke.out", description="the smoke forwarder's output")
 
     # --- command pipeline ------------------------------------------------------------------
     pipeline: Literal["auto", "on", "off"] = Field(

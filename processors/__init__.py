@@ -1,6 +1,8 @@
-"""fleetbus.processors: the faust app factory and its agents.
+"""fleetbus.processors: the command pipeline's stream processors.
 
-Business logic lives in plain functions the agents call, testable without Kafka.
+The stages' logic (``stages``) is plain functions over records, testable without Kafka
+(``engine`` computes what a batch produces); ``eos`` runs each stage exactly once against Kafka;
+``app`` builds the pipeline and hosts it in the worker's faust app (``create_app``).
 """
 
 from fleetbus.processors.app import create_app

@@ -1,8 +1,9 @@
-"""The faust application factory. There is no module-level app: every process builds its own.
+"""The worker: the command pipeline built from settings, and the faust app that hosts it.
 
-``create_app(settings)`` wires the smoke forwarder (a faust agent) and, when a key directory is
-configured, the command pipeline: authorize, seal, track and telemetry, each a
-``TransactionalStage`` started and stopped with the faust worker as a ``mode.Service``.
+``build_pipeline(settings)`` loads keys, registry and policies and builds the authorize, seal,
+track and telemetry stages, each in a ``TransactionalStage`` runner. ``create_app(settings)`` is
+the host: a faust app (no module-level app: every process builds its own) that starts and stops
+each runner with the faust worker as a ``mode.Service``, beside the smoke forwarder.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from mode import Service
 
 from fleetbus.bus.errors import ConfigError
 from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.processors.smoke import add_smoke_forwarder
 
 if TYPE_CHECKING:
     from fleetbus.bus.keys import SecurityProfile
@@ -470,28 +472,12 @@ def create_app(
     *,
     pipeline_factory: Callable[[FleetbusSettings], Pipeline] | None = None,
 ) -> faust.App:
-    """Build the faust app with its agents wired to the configured topics."""
+    """The worker's faust app: the smoke forwarder (``processors.smoke``) and, when the
+    pipeline is enabled, each stage runner and service as a ``mode.Service``."""
     settings = settings or FleetbusSettings()
     app = faust.App(settings.app_id, **faust_config(settings))
 
-    source = app.topic(settings.smoke_source, value_type=bytes, value_serializer="raw")
-    sink = app.topic(settings.smoke_sink, value_type=bytes, value_serializer="raw")
-
-    @app.agent(source)
-    async def forward(stream: faust.StreamT[bytes]) -> None:
-        """Smoke pipeline: forward every record, key and value unchanged."""
-        async for event in stream.events():
-            await sink.send(key=event.key, value=event.value)
-
-    # faust only sends inside a transaction to topics that the worker subscribes to and that
-    # are co-partitioned with the source (it needs their partition metadata and assignor group
-    # to pick the transactional producer); to any other topic it silently sends without one.
-    # Subscribing to the sink makes the forward exactly-once. See docs/kafka.md.
-    @app.agent(sink)
-    async def observe_forwarded(stream: faust.StreamT[bytes]) -> None:
-        async for _ in stream:
-            pass
-
+    add_smoke_forwarder(app, settings)
     if pipeline_enabled(settings):
         pipeline = (pipeline_factory or build_pipeline)(settings)
         for stage in [*pipeline.stages, *pipeline.services]:
