@@ -8,18 +8,10 @@ from typing import Any
 
 import cbor2
 
-from fleetbus.bus.commands import (
-    CommandState,
-    StatusEvent,
-)
+from fleetbus.bus.commands import CommandState, StatusEvent
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.processors.audit import AuditEvent
-from fleetbus.processors.engine import (
-    InputRecord,
-    Output,
-    StageResult,
-    dead_letter_result,
-)
+from fleetbus.processors.engine import InputRecord, Output, StageResult, dead_letter_result
 
 
 def keyed_by(record: InputRecord, command_id: str) -> bool:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from fleetbus.bus.envelope import EnvelopeError, decode_envelope
 from fleetbus.bus.envelope_v2 import record_version
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
 from fleetbus.observability.metrics import ENVELOPE_REJECTS, on_commit
-from fleetbus.processors.engine import InputRecord, PartitionState, StageResult
+from fleetbus.processors.engine import InputRecord, PartitionState, StageResult, dead_letter_result
+from fleetbus.processors.stages.common import PipelineTopics
 from fleetbus.processors.uplink import UplinkLimits, UplinkReplay
 
 P = TypeVar("P")
@@ -95,53 +96,75 @@ class UplinkKey:
     command_id: str | None = None
 
 
+@dataclass(frozen=True)
+class V1Uplink(Generic[P]):
+    """What sets one stage's v1 uplink records apart: the topic it reads (the envelopes' AAD),
+    what they carry (for DLQ details), how their payload decodes, and ``identify``: the key
+    a record must have given its payload and opened envelope, or why it names someone else."""
+
+    topic: Callable[[PipelineTopics], str]
+    what: str
+    decode: Callable[..., P]  # (payload, max_size=...)
+    identify: Callable[[P, Any], UplinkKey | str]
+
+
+class UplinkStage(Protocol):
+    """What ``admit_v1_uplink`` reads of the stage it runs for."""
+
+    name: str
+    topics: PipelineTopics
+    opener: Any  # UplinkOpener without its own replay check
+    replay: UplinkReplay
+    limits: UplinkLimits
+    max_bytes: int
+
+
 def admit_v1_uplink(
+    stage: UplinkStage,
     record: InputRecord,
     state: PartitionState,
     now: float,
-    *,
-    opener: Any,  # UplinkOpener without its own replay check
-    replay: UplinkReplay,
-    limits: UplinkLimits,
-    max_bytes: int,
-    topic: str,
-    what: str,
-    decode: Callable[[bytes], P],
-    identify: Callable[[P, Any], UplinkKey | str],
-    v2: Callable[[], StageResult],
-    dlq: Callable[..., StageResult],
+    kind: V1Uplink[P],
+    v2: Callable[[InputRecord, PartitionState, float], StageResult],
 ) -> tuple[Any, P] | StageResult:
     """The prelude of an uplink record that the track and telemetry stages share: a v2 record
-    goes to ``v2``; a v1 envelope is opened (``topic`` is its AAD), its payload decoded, checked
-    to name its authenticated sender (``identify``: the key the record must have, or why it
-    names another) and keyed as it must be, and its message id admitted to the partition's
-    replay state. Returns the opened envelope and its payload, or the stage's result (DLQ)."""
+    goes to ``v2``; a v1 envelope is opened, its payload decoded, checked to name its
+    authenticated sender and to be keyed as it must be (``kind.identify``), and its message id
+    admitted to the partition's replay state. Returns the opened envelope and its payload, or
+    the stage's result (a DLQ record)."""
+
+    def dlq(reason: ReasonCode, detail: str, **kw: Any) -> StageResult:
+        return dead_letter_result(
+            stage.name, stage.topics.dlq, record, reason, detail, now=now, **kw
+        )
+
     if record.value is None:
         return dlq(ReasonCode.MALFORMED, "empty record")
     try:
-        version = record_version(record.value, max_size=max_bytes)
+        version = record_version(record.value, max_size=stage.max_bytes)
     except EnvelopeError:
         version = 1  # the opener refuses it with its own reason
     if version == 2:
-        return v2()
+        return v2(record, state, now)
+    what = kind.what
     try:
-        opened = opener.open(record.value, topic=topic)
+        opened = stage.opener.open(record.value, topic=kind.topic(stage.topics))
     except EnvelopeError as exc:
         on_commit(ENVELOPE_REJECTS.labels(role="bus", reason=exc.reason.value).inc)
         return dlq(exc.reason, f"{what} envelope rejected: {exc.reason.value}")
     try:
-        payload = decode(opened.payload)
+        payload = kind.decode(opened.payload, max_size=stage.max_bytes)
     except FleetbusError as exc:
         return dlq(exc.reason, f"{what} payload: {exc}")
-    keyed = identify(payload, opened)
+    keyed = kind.identify(payload, opened)
     if isinstance(keyed, str):
         return dlq(ReasonCode.WRONG_RECIPIENT, keyed)
     if record.key != keyed.key.encode():
         return dlq(ReasonCode.MALFORMED, keyed.detail)
     sender = opened.sender
-    refused = replay.admit(state, sender, opened.message_id, opened.expires_at, now)
+    refused = stage.replay.admit(state, sender, opened.message_id, opened.expires_at, now)
     if refused is not None:
         ENVELOPE_REJECTS.labels(role="bus", reason=refused.value).inc()
-        detail = refusal_detail(refused, sender, opened.message_id, limits)
+        detail = refusal_detail(refused, sender, opened.message_id, stage.limits)
         return dlq(refused, detail, actor=sender, command_id=keyed.command_id)
     return opened, payload

@@ -8,16 +8,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final
 
-from fleetbus.bus.commands import (
-    CommandState,
-)
+from fleetbus.bus.commands import CommandState
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.bus.keys import KeyPath, RecipientKeys, SecurityProfile
-from fleetbus.observability.metrics import (
-    KEYPATH_FAILOVER,
-    KEYPATH_SELECTED,
-    on_commit,
-)
+from fleetbus.observability.metrics import KEYPATH_FAILOVER, KEYPATH_SELECTED, on_commit
 from fleetbus.processors.audit import AuditEvent
 from fleetbus.processors.engine import (
     InputRecord,
@@ -34,9 +28,7 @@ from fleetbus.processors.stages.common import (
 )
 from fleetbus.providers.keypath import REASON_NOT_CONFIGURED, FailoverEvent
 from fleetbus.providers.sealing import PreparedEnvelope, SealRequest
-from fleetbus.providers.sealing_v2 import (
-    PreparedMessage,
-)
+from fleetbus.providers.sealing_v2 import PreparedMessage
 
 
 @dataclass(frozen=True)

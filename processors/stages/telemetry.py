@@ -5,26 +5,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from functools import partial
-from typing import Any
+from typing import Any, Final
 
 import cbor2
 
-from fleetbus.bus.commands import (
-    Telemetry,
-    TelemetryBatch,
-)
+from fleetbus.bus.commands import Telemetry, TelemetryBatch
 from fleetbus.bus.envelope import EnvelopeError, MessageKind
-from fleetbus.bus.envelope_v2 import (
-    Message,
-    ParsedEstablishment,
-    decode_record,
-)
+from fleetbus.bus.envelope_v2 import Message, ParsedEstablishment, decode_record
 from fleetbus.bus.errors import FleetbusError, ReasonCode
-from fleetbus.observability.metrics import (
-    ENVELOPE_REJECTS,
-    on_commit,
-)
+from fleetbus.observability.metrics import ENVELOPE_REJECTS, on_commit
 from fleetbus.processors.engine import (
     InputRecord,
     Output,
@@ -33,13 +22,11 @@ from fleetbus.processors.engine import (
     dead_letter_result,
 )
 from fleetbus.processors.policy import PolicyEngine
-from fleetbus.processors.stages.common import (
-    PipelineTopics,
-    to_ms,
-)
+from fleetbus.processors.stages.common import PipelineTopics, to_ms
 from fleetbus.processors.stages.opening import (
     UPLINK_KINDS,
     UplinkKey,
+    V1Uplink,
     admit_v1_uplink,
     check_stage_owns_replay,
 )
@@ -98,38 +85,11 @@ class TelemetryStage:
         return [self.topics.telemetry_raw]
 
     def process(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
-        def dlq(reason: ReasonCode, detail: str, **kw: Any) -> StageResult:
-            return dead_letter_result(
-                self.name, self.topics.dlq, record, reason, detail, now=now, **kw
-            )
-
-        admitted = admit_v1_uplink(
-            record,
-            state,
-            now,
-            opener=self.opener,
-            replay=self.replay,
-            limits=self.limits,
-            max_bytes=self.max_bytes,
-            topic=self.topics.telemetry_raw,
-            what="telemetry",
-            decode=partial(Telemetry.decode, max_size=self.max_bytes),
-            identify=self._identify,
-            v2=partial(self._v2, record, state, now),
-            dlq=dlq,
-        )
+        admitted = admit_v1_uplink(self, record, state, now, TELEMETRY, self._v2)
         if isinstance(admitted, StageResult):
             return admitted
         opened, telemetry = admitted
         return StageResult(outputs=[self._export(telemetry, opened.key_path.name)])
-
-    @staticmethod
-    def _identify(telemetry: Telemetry, opened: Any) -> UplinkKey | str:
-        if telemetry.vehicle_id != opened.sender:
-            return "telemetry names another vehicle"
-        # The replay state is per partition: under another key the envelope would land on a
-        # partition that has not seen it.
-        return UplinkKey(opened.sender, "record key must be the sending vehicle")
 
     def _export(self, telemetry: Telemetry, key_path: str) -> Output:
         exported = self.policy.export(self.consumer, telemetry.fields)
@@ -224,3 +184,20 @@ class TelemetryStage:
                 sender = cbor2.loads(raw)["sender"]
                 add_to_count(state, sender_key(EPOCH_COUNT_PREFIX, sender), -1)
         return StageResult()
+
+
+def _identify_telemetry(telemetry: Telemetry, opened: Any) -> UplinkKey | str:
+    if telemetry.vehicle_id != opened.sender:
+        return "telemetry names another vehicle"
+    # The replay state is per partition: under another key the envelope would land on a
+    # partition that has not seen it.
+    return UplinkKey(opened.sender, "record key must be the sending vehicle")
+
+
+#: The v1 records this stage reads (``admit_v1_uplink``).
+TELEMETRY: Final = V1Uplink(
+    topic=lambda topics: topics.telemetry_raw,
+    what="telemetry",
+    decode=Telemetry.decode,
+    identify=_identify_telemetry,
+)

@@ -30,12 +30,7 @@ from fleetbus.bus.envelope_v2 import (
     decode_record,
 )
 from fleetbus.bus.errors import FleetbusError, ReasonCode
-from fleetbus.observability.metrics import (
-    BUS_LATENCY,
-    COMMAND_LATENCY,
-    ENVELOPE_REJECTS,
-    on_commit,
-)
+from fleetbus.observability.metrics import BUS_LATENCY, COMMAND_LATENCY, ENVELOPE_REJECTS, on_commit
 from fleetbus.processors.audit import AuditEvent
 from fleetbus.processors.engine import (
     InputRecord,
@@ -54,6 +49,7 @@ from fleetbus.processors.stages.common import (
 from fleetbus.processors.stages.opening import (
     UPLINK_KINDS,
     UplinkKey,
+    V1Uplink,
     admit_v1_uplink,
     check_stage_owns_replay,
 )
@@ -66,11 +62,7 @@ from fleetbus.processors.uplink import (
     stored_until,
 )
 from fleetbus.providers.sealing import VerifiedRoots
-from fleetbus.providers.sealing_v2 import (
-    directory_verifier,
-    open_status,
-    verify_signed_record,
-)
+from fleetbus.providers.sealing_v2 import directory_verifier, open_status, verify_signed_record
 
 # --- track ---------------------------------------------------------------------------------
 
@@ -204,36 +196,13 @@ class TrackStage:
             return
         on_commit(partial(COMMAND_LATENCY.labels(outcome=outcome).observe, max(0.0, now - issued)))
 
-    @staticmethod
-    def _identify(response: Response, opened: Any) -> UplinkKey | str:
-        if response.vehicle_id != opened.sender or response.command_id != opened.message_id:
-            return "response names another vehicle or command"
-        # The command's state and the response's replay state live on the partition of the
-        # command id: under another key the response would meet neither.
-        cid = response.command_id
-        return UplinkKey(cid, "record key must be the command id", command_id=cid)
-
     def _response(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
         def dlq(reason: ReasonCode, detail: str, **kw: Any) -> StageResult:
             return dead_letter_result(
                 self.name, self.topics.dlq, record, reason, detail, now=now, **kw
             )
 
-        admitted = admit_v1_uplink(
-            record,
-            state,
-            now,
-            opener=self.opener,
-            replay=self.replay,
-            limits=self.limits,
-            max_bytes=self.max_bytes,
-            topic=self.topics.responses,
-            what="response",
-            decode=partial(Response.decode, max_size=self.max_bytes),
-            identify=self._identify,
-            v2=partial(self._v2, record, state, now),
-            dlq=dlq,
-        )
+        admitted = admit_v1_uplink(self, record, state, now, RESPONSES, self._v2)
         if isinstance(admitted, StageResult):
             return admitted
         opened, response = admitted
@@ -562,3 +531,21 @@ class TrackStage:
             elif now > expires + self.skew_s + self.retention_s:
                 state.delete(key)
         return result
+
+
+def _identify_responses(response: Response, opened: Any) -> UplinkKey | str:
+    if response.vehicle_id != opened.sender or response.command_id != opened.message_id:
+        return "response names another vehicle or command"
+    # The command's state and the response's replay state live on the partition of the
+    # command id: under another key the response would meet neither.
+    cid = response.command_id
+    return UplinkKey(cid, "record key must be the command id", command_id=cid)
+
+
+#: The v1 records this stage reads (``admit_v1_uplink``).
+RESPONSES: Final = V1Uplink(
+    topic=lambda topics: topics.responses,
+    what="response",
+    decode=Response.decode,
+    identify=_identify_responses,
+)
