@@ -2,7 +2,7 @@
 approvals (commands.requested + commands.approvals → commands.authorized | rejected).
 
 Over 500 lines because the authorize stage is one state machine (commands, approvals, timers)
-whose methods share one partition-state layout; its records are in the first 100 lines.
+whose methods share one partition-state layout; its state records come first.
 """
 
 from __future__ import annotations
