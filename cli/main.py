@@ -229,7 +229,7 @@ def worker(log_format: LogFormatOpt = None, log_level: LogLevelOpt = None) -> No
 
     from fleetbus.bus.topics import ensure_topics
     from fleetbus.observability.logging import LogFormat, configure_logging, resolve_log_format
-    from fleetbus.observability.tracing import setup_tracing
+    from fleetbus.observability.tracing_setup import setup_tracing
     from fleetbus.processors.app import (
         Pipeline,
         build_pipeline,
