@@ -1,6 +1,6 @@
 """fleetbus.devtools: local developer tooling — a provisioned Apache Kafka, a KME pair in a
 child process, the test PKI, the demo and the smoke agent. Only the CLI, devtools itself, tests
-and benchmarks import it; it is left out of the production image.
+and benchmarks import it; no production room depends on it.
 """
 
 import importlib as _importlib
