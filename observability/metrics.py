@@ -187,8 +187,8 @@ def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - scr
 
 
 def build_info() -> dict[str, str]:
-    """The labels of ``fleetbus_build_info``: package version, Python version, the crypto
-    backend (``cryptography`` and its OpenSSL). Nothing secret."""
+    """The labels of ``fleetbus_build_info``: ``version`` (of fleetbus), ``version_python`` and
+    ``version_crypto`` (the crypto backend: ``cryptography`` and its OpenSSL). Nothing secret."""
     try:
         version = metadata.version("fleetbus")
     except metadata.PackageNotFoundError:  # running from a source tree without install
@@ -201,7 +201,12 @@ def build_info() -> dict[str, str]:
         )
     except Exception:  # a label, never a reason to fail start-up
         crypto = "unknown"
-    return {"version": version, "python": platform.python_version(), "crypto_backend": crypto}
+    # ``version_*``: the exposition sorts label names, and ``{version="`` stays the first.
+    return {
+        "version": version,
+        "version_python": platform.python_version(),
+        "version_crypto": crypto,
+    }
 
 
 def set_build_info(registry: CollectorRegistry | None = None) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
 from fleetbus.observability import metrics
@@ -263,14 +263,16 @@ def test_circuit_state() -> None:
 def test_build_info_names_versions_and_the_crypto_backend() -> None:
     """fleetbus_build_info is set, in the process registry and in a server's own registry."""
     info = metrics.build_info()
-    assert set(info) == {"version", "python", "crypto_backend"}
-    assert info["python"] == platform.python_version()
-    assert "OpenSSL" in info["crypto_backend"]
+    assert set(info) == {"version", "version_python", "version_crypto"}
+    assert info["version_python"] == platform.python_version()
+    assert "OpenSSL" in info["version_crypto"]
     metrics.set_build_info()
     assert _value("fleetbus_build_info", info) == 1
     own = CollectorRegistry()
     metrics.set_build_info(own)
     assert own.get_sample_value("fleetbus_build_info", info) == 1
+    exposition = generate_latest(own).decode()
+    assert 'fleetbus_build_info{version="' in exposition  # what scrapers and tests match on
 
 
 def test_metric_names_are_stable() -> None:
