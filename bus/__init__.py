@@ -6,8 +6,9 @@ at start-up. The names below are its public API, loaded on first use (``import f
 stays light); other names of its modules are internal to the rooms that meet here.
 """
 
-import importlib as _importlib
 import typing as _typing
+
+from fleetbus.bus.exports import lazy_exports as _lazy_exports
 
 if _typing.TYPE_CHECKING:
     from fleetbus.bus.commands import (
@@ -160,15 +161,4 @@ _MODULE_OF: dict[str, str] = {
     "ensure_topics": "fleetbus.bus.topics",
 }
 
-
-def __getattr__(name: str) -> object:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(_importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = _lazy_exports(__name__, _MODULE_OF)

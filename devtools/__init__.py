@@ -3,8 +3,9 @@ child process, the test PKI, the demo and the smoke agent. Only the CLI, devtool
 and benchmarks import it; no production room depends on it.
 """
 
-import importlib as _importlib
 import typing as _typing
+
+from fleetbus.bus.exports import lazy_exports as _lazy_exports
 
 if _typing.TYPE_CHECKING:
     from fleetbus.devtools.demo import DemoOptions, run_demo
@@ -26,15 +27,4 @@ _MODULE_OF: dict[str, str] = {
     "KMEPairProcess": "fleetbus.devtools.kme",
 }
 
-
-def __getattr__(name: str) -> object:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(_importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = _lazy_exports(__name__, _MODULE_OF)

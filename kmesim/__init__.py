@@ -5,8 +5,9 @@ client. The demo, the compose stack and the tests run it; a real deployment poin
 at real KMEs instead.
 """
 
-import importlib as _importlib
 import typing as _typing
+
+from fleetbus.bus.exports import lazy_exports as _lazy_exports
 
 if _typing.TYPE_CHECKING:
     from fleetbus.kmesim.pki import make_test_pki
@@ -27,15 +28,4 @@ _MODULE_OF: dict[str, str] = {
     "serve_pair": "fleetbus.kmesim.server",
 }
 
-
-def __getattr__(name: str) -> object:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(_importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = _lazy_exports(__name__, _MODULE_OF)

@@ -2,11 +2,12 @@
 
 Library code uses ``tracing`` (OpenTelemetry API only) and ``metrics``; the OpenTelemetry SDK is
 set up once per process by ``tracing_setup.setup_tracing`` (the CLI calls it). It imports
-nothing of the project but ``fleetbus.bus.errors``.
+nothing of the project but ``fleetbus.bus.errors`` (and ``fleetbus.bus.exports`` here).
 """
 
-import importlib as _importlib
 import typing as _typing
+
+from fleetbus.bus.exports import lazy_exports as _lazy_exports
 
 if _typing.TYPE_CHECKING:
     from fleetbus.observability.logging import LogFormat, configure_logging, setup_logging
@@ -52,15 +53,4 @@ _MODULE_OF: dict[str, str] = {
     "setup_tracing": "fleetbus.observability.tracing_setup",
 }
 
-
-def __getattr__(name: str) -> object:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(_importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = _lazy_exports(__name__, _MODULE_OF)

@@ -5,8 +5,9 @@ Business logic lives in plain functions the stages call, testable without Kafka.
 use: importing the package starts nothing and imports neither faust nor Kafka clients.
 """
 
-import importlib as _importlib
 import typing as _typing
+
+from fleetbus.bus.exports import lazy_exports as _lazy_exports
 
 if _typing.TYPE_CHECKING:
     from fleetbus.processors.app import Pipeline, build_pipeline, create_app, ensure_pipeline_topics
@@ -41,15 +42,4 @@ _MODULE_OF: dict[str, str] = {
     "serve_probes": "fleetbus.processors.probes",
 }
 
-
-def __getattr__(name: str) -> object:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(_importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = _lazy_exports(__name__, _MODULE_OF)

@@ -3,8 +3,9 @@
 envelope sealing engines. Loaded on first use: importing the package loads no provider.
 """
 
-import importlib as _importlib
 import typing as _typing
+
+from fleetbus.bus.exports import lazy_exports as _lazy_exports
 
 if _typing.TYPE_CHECKING:
     from fleetbus.providers.hpke import MLKEM768Provider, X25519Provider, XWingProvider
@@ -72,15 +73,4 @@ _MODULE_OF: dict[str, str] = {
     "MLDSA65Suite": "fleetbus.providers.signers",
 }
 
-
-def __getattr__(name: str) -> object:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(_importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = _lazy_exports(__name__, _MODULE_OF)
