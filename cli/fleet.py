@@ -111,7 +111,7 @@ def simulate(
     the summary lines go to stdout.
     """
     from fleetbus.observability.logging import configure_logging
-    from fleetbus.observability.tracing import setup_tracing
+    from fleetbus.observability.tracing_setup import setup_tracing
 
     configure_logging("fleetbus-fleet-sim", log_format=log_format, level=log_level)
     # Real span ids for the vehicles' spans (exported when OTEL_* asks for it), as in the worker.

@@ -1,2 +1,30 @@
 """fleetbus.devtools: local developer tooling — a provisioned Apache Kafka, a KME pair in a
-child process, the test PKI, the demo and the smoke agent. Production code never imports it."""
+child process, the test PKI, the demo and the smoke agent. Only the CLI, devtools itself, tests
+and benchmarks import it; no production room depends on it.
+"""
+
+import typing as _typing
+
+from fleetbus.bus.exports import lazy_exports as _lazy_exports
+
+if _typing.TYPE_CHECKING:
+    from fleetbus.devtools.demo import DemoOptions, run_demo
+    from fleetbus.devtools.kafka import LocalKafka
+    from fleetbus.devtools.kme import KMEPairProcess
+
+__all__ = [
+    "DemoOptions",
+    "KMEPairProcess",
+    "LocalKafka",
+    "run_demo",
+]
+
+#: Where each public name lives; imported on first use (PEP 562).
+_MODULE_OF: dict[str, str] = {
+    "DemoOptions": "fleetbus.devtools.demo",
+    "run_demo": "fleetbus.devtools.demo",
+    "LocalKafka": "fleetbus.devtools.kafka",
+    "KMEPairProcess": "fleetbus.devtools.kme",
+}
+
+__getattr__, __dir__ = _lazy_exports(__name__, _MODULE_OF)

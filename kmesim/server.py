@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fleetbus.bus.errors import ConfigError
 from fleetbus.kmesim.pki import ADMIN_CN, KME_NAMES
+from fleetbus.observability.metrics import set_build_info
 from fleetbus.providers.qkd import kme_id_of_certificate
 
 API_PREFIX = "/api/v1/keys"
@@ -1129,6 +1130,7 @@ class KMEPair:
         )
         self.registry = CollectorRegistry()
         self.registry.register(_PairCollector(self.pool, (config.kme_a_id, config.kme_b_id)))
+        set_build_info(self.registry)
         requests_total = Counter(
             "fleetbus_qkd_kme_requests",
             "ETSI 014 requests answered, by KME, endpoint and HTTP status code.",

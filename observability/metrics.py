@@ -7,12 +7,12 @@ never vehicle, command or principal ids.
 
 from __future__ import annotations
 
-import time
+import platform
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from importlib import metadata
-from typing import Final, Protocol
+from typing import Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client import start_http_server as _start_http_server
@@ -133,28 +133,13 @@ KEY_DIRECTORY_HEAD = Gauge(
     "Sequence number of the highest key-directory head this process accepted.",
     ["role"],
 )
-BUILD_INFO = Info("fleetbus_build", "Version of the fleetbus package this process runs.")
+BUILD_INFO = Info(
+    "fleetbus_build",
+    "Versions this process runs: fleetbus, Python and the crypto backend.",
+)
 
 #: ``fleetbus_provider_circuit_state`` values by breaker state name.
 CIRCUIT_STATE_VALUES: Final = {"closed": 0, "half_open": 1, "open": 2}
-
-
-class _KeyPathLike(Protocol):
-    @property
-    def name(self) -> str: ...
-
-
-class FailoverEventLike(Protocol):
-    """What ``record_failover`` reads (``fleetbus.providers.keypath.FailoverEvent`` fits)."""
-
-    @property
-    def profile(self) -> str: ...
-    @property
-    def from_path(self) -> _KeyPathLike: ...
-    @property
-    def to_path(self) -> _KeyPathLike | None: ...
-    @property
-    def reason(self) -> str: ...
 
 
 #: Metric updates held back until the transaction that carries their records commits.
@@ -187,30 +172,10 @@ def held_until_commit() -> Iterator[list[Callable[[], None]]]:
         _on_commit.reset(token)
 
 
-def record_failover(event: FailoverEventLike) -> None:
-    """A ``ProfileSealer`` listener: count the failover (``to_path`` "none" when exhausted)."""
-    KEYPATH_FAILOVER.labels(
-        profile=event.profile,
-        from_path=event.from_path.name,
-        to_path=event.to_path.name if event.to_path is not None else "none",
-        reason=event.reason,
-    ).inc()
-
-
 def set_circuit_state(provider: str, state: str) -> None:
     """Publish a breaker state (``closed``, ``half_open``, ``open``) and the provider's health."""
     value = CIRCUIT_STATE_VALUES[str(state)]
     CIRCUIT_STATE.labels(provider=provider).set(value)
-
-
-@contextmanager
-def observe_stage(stage: str) -> Iterator[None]:
-    """Time the block into ``fleetbus_stage_duration_seconds{stage}`` (also when it raises)."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        STAGE_LATENCY.labels(stage=stage).observe(time.perf_counter() - start)
 
 
 def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - scraped from pods
@@ -221,10 +186,35 @@ def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - scr
     _start_http_server(port, addr=addr)
 
 
-def set_build_info() -> None:
-    """``fleetbus_build_info{version}``: every process that serves metrics calls this."""
+def build_info() -> dict[str, str]:
+    """The labels of ``fleetbus_build_info``: ``version`` (of fleetbus), ``version_python`` and
+    ``version_crypto`` (the crypto backend: ``cryptography`` and its OpenSSL). Nothing secret."""
     try:
         version = metadata.version("fleetbus")
     except metadata.PackageNotFoundError:  # running from a source tree without install
         version = "unknown"
-    BUILD_INFO.info({"version": version})
+    try:
+        from cryptography.hazmat.backends.openssl.backend import backend
+
+        crypto = (
+            f"cryptography {metadata.version('cryptography')}, {backend.openssl_version_text()}"
+        )
+    except Exception:  # a label, never a reason to fail start-up
+        crypto = "unknown"
+    # ``version_*``: the exposition sorts label names, and ``{version="`` stays the first.
+    return {
+        "version": version,
+        "version_python": platform.python_version(),
+        "version_crypto": crypto,
+    }
+
+
+def set_build_info(registry: CollectorRegistry | None = None) -> None:
+    """Set ``fleetbus_build_info`` (see :func:`build_info`) in ``registry`` (default: the
+    process's). Every process that serves metrics calls this when it starts: the worker's
+    probe server, the vehicle agent's metrics server, the KME simulator."""
+    if registry is None or registry is REGISTRY:
+        BUILD_INFO.info(build_info())
+        return
+    info = Info("fleetbus_build", BUILD_INFO._documentation, registry=registry)
+    info.info(build_info())

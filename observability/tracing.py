@@ -1,4 +1,8 @@
-"""OpenTelemetry tracing: SDK set-up, W3C trace context in Kafka headers, Kafka span helpers.
+"""OpenTelemetry tracing for library code: W3C trace context in Kafka headers, Kafka span helpers.
+
+API only (``opentelemetry.trace``, ``opentelemetry.propagate``): the SDK clients, the processors
+and the runner import this module; which ``TracerProvider`` and exporters stand behind it is
+set once per process by ``fleetbus.observability.tracing_setup`` (the CLI does that).
 
 Spans follow the OpenTelemetry messaging semantic conventions for Kafka. The trace context
 travels in Kafka headers (``traceparent``/``tracestate``, plus ``baggage`` if the global
@@ -8,7 +12,6 @@ trace and never fails a record.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, MutableSequence, Sequence
 from contextlib import contextmanager
 from typing import Final
@@ -16,17 +19,7 @@ from typing import Final
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter, Setter
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SimpleSpanProcessor,
-    SpanExporter,
-)
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
-
-from fleetbus.bus.errors import ConfigError
 
 #: Instrumentation scope name of every fleetbus tracer.
 TRACER_NAME: Final = "fleetbus"
@@ -87,48 +80,6 @@ class _HeaderGetter(Getter[Sequence[tuple[str, bytes]]]):
 
 _SETTER: Final = _HeaderSetter()
 _GETTER: Final = _HeaderGetter()
-
-
-def setup_tracing(
-    service_name: str,
-    *,
-    exporter: SpanExporter | None = None,
-    set_global: bool = True,
-    environ: dict[str, str] | None = None,
-) -> TracerProvider:
-    """Create the process's TracerProvider.
-
-    Export goes to ``exporter`` if one is given (synchronously: meant for tests); otherwise to
-    OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is
-    set (the exporter reads the remaining ``OTEL_EXPORTER_OTLP_*`` variables itself), to stdout
-    when ``OTEL_TRACES_EXPORTER=console``, else nowhere — spans still get ids, so log lines
-    carry trace ids either way. ``OTEL_RESOURCE_ATTRIBUTES`` is honoured by the SDK.
-    """
-    env = os.environ if environ is None else environ
-    resource = Resource.create({"service.name": service_name})
-    provider = TracerProvider(resource=resource)
-    if exporter is not None:
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-    elif env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
-        pass
-    elif env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        provider.add_span_processor(BatchSpanProcessor(_otlp_exporter()))
-    elif env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "console":
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-    if set_global:
-        trace.set_tracer_provider(provider)
-    return provider
-
-
-def _otlp_exporter() -> SpanExporter:
-    try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    except ImportError as exc:
-        raise ConfigError(
-            "OTEL_EXPORTER_OTLP_ENDPOINT is set but the OTLP exporter is not installed: "
-            "pip install opentelemetry-exporter-otlp-proto-http"
-        ) from exc
-    return OTLPSpanExporter()
 
 
 def get_tracer(provider: trace.TracerProvider | None = None) -> Tracer:

@@ -513,7 +513,9 @@ def test_promtool_check_metrics_passes_on_every_live_scrape(deployment: Deployme
         )
         assert result.returncode == 0, (job, result.stdout + result.stderr)
     worker = urllib.request.urlopen(deployment.scrape_urls["fleetbus-worker"], timeout=10)
-    assert re.search(rb'^fleetbus_build_info\{version="[^"]+"\} 1', worker.read(), re.MULTILINE)
+    assert re.search(
+        rb'^fleetbus_build_info\{version="[^"]+"(,\w+="[^"]*")*\} 1', worker.read(), re.MULTILINE
+    )
 
 
 def test_dashboard_variables_cover_every_placeholder() -> None:

@@ -39,8 +39,8 @@ from fleetbus.observability.tracing import (
     extract_context,
     get_tracer,
     inject_headers,
-    setup_tracing,
 )
+from fleetbus.observability.tracing_setup import setup_tracing
 from fleetbus.processors.app import Pipeline, build_pipeline, pipeline_topics
 from fleetbus.processors.eos import DeadLetter
 from fleetbus.sdk.dispatch import CommandPublisher

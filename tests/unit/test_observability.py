@@ -5,17 +5,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import platform
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
-from fleetbus.bus.keys import KeyPath
 from fleetbus.observability import metrics
 from fleetbus.observability.logging import (
     REDACTED,
@@ -27,7 +26,8 @@ from fleetbus.observability.logging import (
     redact,
     resolve_log_format,
 )
-from fleetbus.observability.tracing import get_tracer, setup_tracing
+from fleetbus.observability.tracing import get_tracer
+from fleetbus.observability.tracing_setup import setup_tracing
 
 FAKE_PRIVATE_KEY = "-----BEGIN PRIVATE KEY-----MC4CAQAwBQYDK2VwBCIEIFAKEFAKEFAKE-----END"
 FAKE_KEY_BYTES = bytes(range(32))
@@ -246,42 +246,12 @@ def test_redact_is_bounded_in_depth() -> None:
 # -- metric helpers ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Event:
-    profile: str
-    from_path: KeyPath
-    to_path: KeyPath | None
-    reason: str
-
-
 def _value(name: str, labels: dict[str, str]) -> float:
     value = REGISTRY.get_sample_value(name, labels)
     return 0.0 if value is None else value
 
 
-def test_record_failover_counts_with_bounded_labels() -> None:
-    labels = {
-        "profile": "standard-unit",
-        "from_path": "qkd-etsi014+xwing",
-        "to_path": "xwing",
-        "reason": "qkd_unavailable",
-    }
-    before = _value("fleetbus_keypath_failover_total", labels)
-    metrics.record_failover(
-        _Event(
-            "standard-unit",
-            KeyPath.parse("qkd-etsi014+xwing"),
-            KeyPath.parse("xwing"),
-            "qkd_unavailable",
-        )
-    )
-    assert _value("fleetbus_keypath_failover_total", labels) == before + 1
-    exhausted = {**labels, "from_path": "xwing", "to_path": "none", "reason": "timeout"}
-    metrics.record_failover(_Event("standard-unit", KeyPath.parse("xwing"), None, "timeout"))
-    assert _value("fleetbus_keypath_failover_total", exhausted) >= 1
-
-
-def test_circuit_state_and_stage_timer() -> None:
+def test_circuit_state() -> None:
     metrics.set_circuit_state("unit-provider", "open")
     assert _value("fleetbus_provider_circuit_state", {"provider": "unit-provider"}) == 2
     metrics.set_circuit_state("unit-provider", "half_open")
@@ -289,10 +259,20 @@ def test_circuit_state_and_stage_timer() -> None:
     with pytest.raises(KeyError):
         metrics.set_circuit_state("unit-provider", "ajar")
 
-    before = _value("fleetbus_stage_duration_seconds_count", {"stage": "unit-stage"})
-    with pytest.raises(RuntimeError), metrics.observe_stage("unit-stage"):
-        raise RuntimeError("boom")
-    assert _value("fleetbus_stage_duration_seconds_count", {"stage": "unit-stage"}) == before + 1
+
+def test_build_info_names_versions_and_the_crypto_backend() -> None:
+    """fleetbus_build_info is set, in the process registry and in a server's own registry."""
+    info = metrics.build_info()
+    assert set(info) == {"version", "version_python", "version_crypto"}
+    assert info["version_python"] == platform.python_version()
+    assert "OpenSSL" in info["version_crypto"]
+    metrics.set_build_info()
+    assert _value("fleetbus_build_info", info) == 1
+    own = CollectorRegistry()
+    metrics.set_build_info(own)
+    assert own.get_sample_value("fleetbus_build_info", info) == 1
+    exposition = generate_latest(own).decode()
+    assert 'fleetbus_build_info{version="' in exposition  # what scrapers and tests match on
 
 
 def test_metric_names_are_stable() -> None:

@@ -22,9 +22,9 @@ from fleetbus.observability.tracing import (
     record_failover,
     record_reject,
     send_span,
-    setup_tracing,
     stage_span,
 )
+from fleetbus.observability.tracing_setup import exporter_names, setup_tracing
 
 
 @pytest.fixture
@@ -226,3 +226,42 @@ def test_a_dead_letter_is_a_reject_event_on_its_records_span(
         "fleetbus.detail": "not a command",
     }
     assert span.status.status_code is StatusCode.ERROR
+
+
+def test_otel_traces_exporter_names_exporters_by_entry_point() -> None:
+    console = setup_tracing("svc", set_global=False, environ={"OTEL_TRACES_EXPORTER": "console"})
+    try:
+        (batch,) = console._active_span_processor._span_processors
+        assert type(batch.span_exporter).__name__ == "ConsoleSpanExporter"  # type: ignore[attr-defined]
+    finally:
+        console.shutdown()
+    with pytest.raises(ConfigError, match=r"'carrier-pigeon'.*opentelemetry_traces_exporter"):
+        setup_tracing("svc", set_global=False, environ={"OTEL_TRACES_EXPORTER": "carrier-pigeon"})
+    with pytest.raises(ConfigError, match="OTLP protocol 'smtp'"):
+        exporter_names({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "smtp"})
+
+
+def test_exporter_names_follow_the_sdk_conventions() -> None:
+    assert exporter_names({}) == []
+    assert exporter_names({"OTEL_TRACES_EXPORTER": "none"}) == []
+    assert exporter_names({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}) == ["otlp_proto_http"]
+    assert (
+        exporter_names(
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"}
+        )
+        == []
+    )
+    assert exporter_names({"OTEL_TRACES_EXPORTER": "otlp, console"}) == [
+        "otlp_proto_http",
+        "console",
+    ]
+    grpc = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"}
+    assert exporter_names(grpc) == ["otlp_proto_grpc"]
+
+
+def test_otel_service_name_overrides_the_default_service_name() -> None:
+    provider = setup_tracing("svc", set_global=False, environ={"OTEL_SERVICE_NAME": "edge-7"})
+    try:
+        assert provider.resource.attributes["service.name"] == "edge-7"
+    finally:
+        provider.shutdown()
