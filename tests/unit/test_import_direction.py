@@ -61,14 +61,8 @@ KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset(
         # (r-devtools: "bench imports none of the tests").
         ("bench/bench_pipeline.py", "integration"),
         ("bench/profile_secure.py", "integration"),
-        # bench -> private names of processors and sdk (r-devtools, with r-processors and
-        # r-sdk: the bench uses the stages' and the agent's public API instead).
-        ("bench/bench_pipeline.py", "fleetbus.processors.stages._status"),
+        # bench -> a private name of the sdk (the bench uses the agent's public API instead).
         ("bench/bench_pipeline.py", "fleetbus.sdk.vehicle._trace_headers"),
-        ("bench/bench_tick.py", "fleetbus.processors.stages._ACTIVE"),
-        ("bench/bench_tick.py", "fleetbus.processors.stages._CommandEntry"),
-        ("bench/bench_tick.py", "fleetbus.processors.stages._reject"),
-        ("bench/bench_tick.py", "fleetbus.processors.stages._status"),
     }
 )
 
