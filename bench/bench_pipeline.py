@@ -59,9 +59,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the test fleet builder (integration.pipeline_support)
-
 RESULTS = Path(__file__).parent / "results"
 STAGES = ("authorize", "seal")
 MODES = ("raw", "plaintext", "secure", "secure-epochs")
@@ -196,10 +193,9 @@ def run_vehicle(config: dict[str, Any]) -> None:
     """Subprocess: a VehicleAgent (plaintext: PlainVehicleAgent) for the fleet until SIGTERM."""
     import threading
 
-    from integration.pipeline_support import vehicle_id
-
     from fleetbus.bus.commands import SignedCommand
     from fleetbus.bus.directory import load_key_file
+    from fleetbus.devtools.fleet import vehicle_id
     from fleetbus.providers.sealing import EpochPolicy
     from fleetbus.sdk.vehicle import VehicleAgent, _trace_headers, load_key_directory
 
@@ -562,7 +558,7 @@ class Bench:
         work: Path,
         broker_pids: Sequence[int] = (),
     ) -> None:
-        from integration.pipeline_support import DISPATCHER, make_test_fleet
+        from fleetbus.devtools.fleet import DISPATCHER, make_test_fleet
 
         self.args = args
         self.bootstrap = bootstrap
@@ -578,9 +574,8 @@ class Bench:
 
     def commands(self, count: int) -> list[tuple[bytes, bytes]]:
         """Signed ping commands round-robin over the vehicles (signing is not measured)."""
-        from integration.pipeline_support import vehicle_id
-
         from fleetbus.bus.commands import Command, SignedCommand, Target
+        from fleetbus.devtools.fleet import vehicle_id
 
         out = []
         for i in range(count):

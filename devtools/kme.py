@@ -1,5 +1,5 @@
 """A KME pair (``fleetbus kme serve``) in a child process, with its test PKI, for the demo and
-the benchmarks. Tests use the fixtures in ``tests/fixtures_kme.py`` instead."""
+the benchmarks. Tests use the fixtures in ``tests/support/fixtures_kme.py`` instead."""
 
 from __future__ import annotations
 

@@ -24,7 +24,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from integration.container_support import (
+from kafka import KafkaProducer
+from kafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAuthorizationFailedError
+
+from fleetbus.bus.topics import ensure_topics
+from fleetbus.devtools.kafka import LocalKafka, find_free_base_port, free_port
+from tests.support.containers import (
     REPO,
     compose_cli,
     docker,
@@ -32,12 +37,12 @@ from integration.container_support import (
     require_engine,
     wait_for,
 )
-from kafka import KafkaProducer
-from kafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAuthorizationFailedError
-from unit.test_deploy_files import _environment, fleetbus_command_lines, kafka_properties, services
-
-from fleetbus.bus.topics import ensure_topics
-from fleetbus.devtools.kafka import LocalKafka, find_free_base_port, free_port
+from tests.unit.test_deploy_files import (
+    _environment,
+    fleetbus_command_lines,
+    kafka_properties,
+    services,
+)
 
 COMPOSE_PKI = "/kafka-pki"
 HOSTNET = Path(__file__).with_name("compose.hostnet.yml")

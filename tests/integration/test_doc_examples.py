@@ -7,7 +7,7 @@ approver), with the ``FLEETBUS_*`` variables of the run set. Python blocks of a 
 namespace and must not raise; shell blocks run under ``bash -euo pipefail`` with ``fleetbus`` on
 the PATH and must exit 0. A block may declare text its output must contain
 (``<!-- run; prints: ... -->``); blocks that cannot run are marked with the reason
-(``tests/doc_blocks.py``; ``tests/unit/test_doc_example_marks.py`` checks the marks).
+(``tests/support/doc_blocks.py``; ``tests/unit/test_doc_example_marks.py`` checks the marks).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import doc_blocks
 import pytest
-from integration.pipeline_support import DISPATCHER, make_test_fleet, worker_env
 
 from fleetbus.bus.commands import Target
 from fleetbus.devtools.smoke import WorkerProcess
 from fleetbus.sdk.dispatch import CommandPublisher
+from tests.support import doc_blocks
+from tests.support.pipeline import DISPATCHER, make_test_fleet, worker_env
 
 VEHICLES = 17  # the pages' examples address V-0017
 

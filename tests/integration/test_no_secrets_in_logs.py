@@ -15,12 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.pipeline_support import (
-    DISPATCHER,
-    make_test_fleet,
-    qkd_worker_env,
-    worker_env,
-)
 from kafka import KafkaConsumer
 
 from fleetbus.bus.commands import CommandState, SignedCommand, Target
@@ -31,6 +25,12 @@ from fleetbus.observability.logging import setup_logging
 from fleetbus.providers.sealing import derive_message_key
 from fleetbus.sdk.dispatch import CommandPublisher
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
+from tests.support.pipeline import (
+    DISPATCHER,
+    make_test_fleet,
+    qkd_worker_env,
+    worker_env,
+)
 
 FINAL = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED, CommandState.EXPIRED]
 

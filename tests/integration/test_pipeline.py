@@ -13,16 +13,6 @@ from typing import Any
 
 import cbor2
 import pytest
-from integration.pipeline_support import (
-    APPROVER,
-    DISPATCHER,
-    INTRUDER,
-    TestFleet,
-    make_test_fleet,
-    qkd_worker_env,
-    read_topic,
-    worker_env,
-)
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
@@ -35,6 +25,16 @@ from fleetbus.processors.audit import VerifyReport, verify_entries
 from fleetbus.processors.eos import DeadLetter
 from fleetbus.sdk.dispatch import CommandPublisher
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
+from tests.support.pipeline import (
+    APPROVER,
+    DISPATCHER,
+    INTRUDER,
+    TestFleet,
+    make_test_fleet,
+    qkd_worker_env,
+    read_topic,
+    worker_env,
+)
 
 FINAL = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED, CommandState.EXPIRED]
 

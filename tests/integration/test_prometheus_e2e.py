@@ -38,16 +38,6 @@ from typing import Any
 
 import pytest
 import yaml
-from integration.pipeline_support import (
-    APPROVER,
-    DAY_S,
-    DISPATCHER,
-    INTRUDER,
-    TestFleet,
-    make_test_fleet,
-    qkd_worker_env,
-    worker_env,
-)
 from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client import REGISTRY
 
@@ -57,6 +47,16 @@ from fleetbus.devtools.kafka import free_port
 from fleetbus.devtools.smoke import WorkerProcess
 from fleetbus.sdk.dispatch import CommandHandle, CommandPublisher
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
+from tests.support.pipeline import (
+    APPROVER,
+    DAY_S,
+    DISPATCHER,
+    INTRUDER,
+    TestFleet,
+    make_test_fleet,
+    qkd_worker_env,
+    worker_env,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "observability" / "grafana" / "fleetbus.json"

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.pipeline_support import DISPATCHER, make_test_fleet, seal_command, worker_env
 from kafka import KafkaConsumer, KafkaProducer
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -45,6 +44,7 @@ from fleetbus.processors.app import Pipeline, build_pipeline, pipeline_topics
 from fleetbus.processors.eos import DeadLetter
 from fleetbus.sdk.dispatch import CommandPublisher
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
+from tests.support.pipeline import DISPATCHER, make_test_fleet, seal_command, worker_env
 
 FINAL = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED, CommandState.EXPIRED]
 VEHICLE = "V-0001"

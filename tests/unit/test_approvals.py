@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from envelope_support import fleet_of
 
 from fleetbus.bus.commands import (
     Approval,
@@ -41,6 +40,7 @@ from fleetbus.processors.stages import (
     PipelineTopics,
     RejectedCommand,
 )
+from tests.support.envelope import fleet_of
 
 NOW = time.time() - 7200
 TOPICS = PipelineTopics.from_settings(FleetbusSettings().topics)

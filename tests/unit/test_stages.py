@@ -8,7 +8,6 @@ from typing import Any
 
 import cbor2
 import pytest
-from envelope_support import Fleet, fleet_of
 
 from fleetbus.bus.commands import (
     Approval,
@@ -50,6 +49,7 @@ from fleetbus.processors.stages import (
 )
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer
+from tests.support.envelope import Fleet, fleet_of
 
 NOW = time.time() - 7200  # the openers get this clock too: results do not depend on run time
 TOPICS = PipelineTopics.from_settings(FleetbusSettings().topics)

@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import pytest
-from envelope_support import Fleet, fleet_of
 
 from fleetbus.bus.commands import (
     Command,
@@ -37,6 +36,7 @@ from fleetbus.processors.stages import (
 from fleetbus.processors.uplink import UplinkLimits
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, ReplayCache
+from tests.support.envelope import Fleet, fleet_of
 
 NOW = time.time() - 7200  # every clock below is fixed: results do not depend on run time
 TOPICS = PipelineTopics.from_settings(FleetbusSettings().topics)

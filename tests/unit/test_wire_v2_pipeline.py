@@ -14,7 +14,6 @@ from typing import Any
 
 import cbor2
 import pytest
-from envelope_support import Fleet, fleet_of
 
 from fleetbus.bus.commands import Command, SignedCommand, Target, TelemetryBatch
 from fleetbus.bus.directory import FleetRoot, issue_key
@@ -54,6 +53,7 @@ from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy
 from fleetbus.providers.sealing_v2 import EpochOpener, EpochSealer
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
+from tests.support.envelope import Fleet, fleet_of
 
 NOW = time.time() - 7200
 SETTINGS = FleetbusSettings()

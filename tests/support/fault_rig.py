@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from integration.pipeline_support import DISPATCHER, TestFleet, make_test_fleet, read_topic
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
@@ -45,6 +44,7 @@ from fleetbus.kmesim.pki import DEFAULT_KME_IDS
 from fleetbus.processors.app import state_topic
 from fleetbus.sdk.dispatch import CommandPublisher
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
+from tests.support.pipeline import DISPATCHER, TestFleet, make_test_fleet, read_topic
 
 MASTER_SAE = "sae-hub"
 EDGE_SAE = "sae-edge-1"
