@@ -30,6 +30,7 @@ from typing import Any, Final, Literal
 
 from fleetbus.bus.errors import ConfigError, KafkaUnavailableError
 from fleetbus.devtools.pki import cn_name, issue_cert, key_pem, make_ca, san_list, write_private
+from fleetbus.devtools.process import alive, signal_group, spawn
 
 #: Tried in order until one resolves from Maven Central. 4.1.1 is the one we run and test on.
 KAFKA_VERSIONS: tuple[str, ...] = ("4.1.1", "4.1.0", "4.0.1")
@@ -364,7 +365,7 @@ class LocalKafka:
             except (OSError, ValueError):
                 pids.append(None)
                 continue
-            pids.append(pid if _alive(pid) else None)
+            pids.append(pid if alive(pid) else None)
         return pids
 
     def status(self) -> dict[str, object]:
@@ -440,7 +441,7 @@ class LocalKafka:
                 if fmt.returncode != 0:
                     raise ConfigError(f"kafka storage format failed: {fmt.stdout}{fmt.stderr}")
             with open(ndir / "stdout.log", "ab") as out:
-                proc = subprocess.Popen(  # noqa: S603
+                proc = spawn(
                     [
                         java,
                         f"-Xms{min(256, self.heap_mb)}m",
@@ -455,9 +456,6 @@ class LocalKafka:
                         str(ndir / "server.properties"),
                     ],
                     stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
                 )
             self.pid_file(i).write_text(f"{proc.pid}\n")
         (self.home / "version").write_text(version + "\n")
@@ -495,15 +493,13 @@ class LocalKafka:
         """Stop every node (SIGTERM, then SIGKILL after ``timeout_s``) and remove pid files."""
         pids = [p for p in self._pids() if p is not None]
         for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
+            signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
         for pid in pids:
-            if _alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
+            if alive(pid):
+                signal_group(pid, signal.SIGKILL)
         for i in range(self.brokers):
             self.pid_file(i).unlink(missing_ok=True)
 
@@ -512,7 +508,7 @@ class LocalKafka:
         pid = self._pids()[index]
         if pid is not None:
             os.killpg(pid, sig)
-            while _alive(pid):
+            while alive(pid):
                 time.sleep(0.1)
             self.pid_file(index).unlink(missing_ok=True)
 
@@ -816,25 +812,6 @@ def _issue_pair(
     write_private(key_path, key_pem(key))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours counts as dead.
-    with contextlib.suppress(ChildProcessError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def _port_accepts(port: int) -> bool:
