@@ -94,7 +94,7 @@ class KMEPairProcess:
 
     def kme_id(self, side: str) -> str:
         """The KME ID of ``side`` ("kme_a" or "kme_b"), read from its server certificate."""
-        from fleetbus.kmesim.server import certificate_kme_id
+        from fleetbus.kmesim.config import certificate_kme_id
 
         return certificate_kme_id(self.pki / f"{side.replace('_', '-')}.pem")
 

@@ -16,17 +16,11 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from fleetbus.kmesim.server import (
-    KeyPool,
-    KMEBadRequest,
-    KMEPairConfig,
-    KMEService,
-    KMEStateError,
-    KMEUnauthorized,
-    KMEUnavailable,
-    PoolStateFile,
-    caller_sae_id,
-)
+from fleetbus.kmesim.api import KMEService, caller_sae_id
+from fleetbus.kmesim.config import KMEPairConfig
+from fleetbus.kmesim.errors import KMEBadRequest, KMEUnauthorized, KMEUnavailable
+from fleetbus.kmesim.pool import KeyPool
+from fleetbus.kmesim.state import KMEStateError, PoolStateFile
 
 A, B = "KME-A", "KME-B"
 HUB, EDGE, EDGE2 = "sae-hub", "sae-edge-1", "sae-edge-2"
