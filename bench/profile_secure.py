@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_pipeline import VEHICLES, settings_from
+from pipeline_measure import VEHICLES, settings_from
 
 RESULTS = Path(__file__).parent / "results"
 
