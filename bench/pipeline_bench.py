@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from pipeline_measure import (
     load_average,
     settings_from,
 )
+
+from fleetbus.devtools.process import signal_group, spawn
 
 #: The script whose ``_worker`` / ``_vehicle`` commands run a mode's processes.
 ROLES_SCRIPT = Path(__file__).with_name("bench_pipeline.py")
@@ -89,13 +90,10 @@ class Bench:
 
     def spawn(self, role: str, config: dict[str, Any], index: int) -> subprocess.Popen[bytes]:
         log = open(self.work / f"{config['app_id']}-{role}-{index}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen(  # noqa: S603 (this script, with our own JSON)
+        proc = spawn(
             [sys.executable, str(ROLES_SCRIPT), f"_{role}", json.dumps(config)],
+            env={"PYTHONUNBUFFERED": "1"},
             stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         log.close()
         return proc
@@ -191,12 +189,12 @@ class Bench:
     def stop_mode(self, run: ModeRun) -> None:
         for p in run.procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
+                signal_group(p.pid, signal.SIGTERM)
         for p in run.procs:
             try:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+                signal_group(p.pid, signal.SIGKILL)
                 p.wait()
         run.procs = []
 

@@ -1,5 +1,6 @@
-"""Child processes of the dev tools (Kafka brokers, the KME pair, the demo's worker and fleet):
-each in its own session (process group), stopped as a group: SIGTERM, then SIGKILL."""
+"""Child processes of the dev tools and the tests (Kafka brokers, the KME pair, ``fleetbus
+worker``, the demo's fleet): each in its own session (process group), stopped as a group:
+SIGTERM, then SIGKILL."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -58,11 +60,13 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def stop_group(proc: subprocess.Popen[Any], timeout_s: float) -> int:
-    """End ``proc``'s group: SIGTERM, SIGKILL after ``timeout_s``; then whatever else the
-    child left in its group. Returns the exit code."""
+def stop_group(
+    proc: subprocess.Popen[Any], timeout_s: float, sig: signal.Signals = signal.SIGTERM
+) -> int:
+    """End ``proc``'s group: ``sig`` (SIGTERM), SIGKILL after ``timeout_s``; then whatever else
+    the child left in its group. Returns the exit code."""
     if proc.poll() is None:
-        signal_group(proc.pid, signal.SIGTERM)
+        signal_group(proc.pid, sig)
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -95,3 +99,20 @@ class ChildProcess:
 
     def output(self, tail: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-tail:]
+
+
+class WorkerProcess(ChildProcess):
+    """A ``fleetbus worker`` in its own process group, with its output in a log file."""
+
+    def __init__(self, env: Mapping[str, str], log: Path) -> None:
+        super().__init__("worker", [sys.executable, "-m", "fleetbus.cli.main", "worker"], env, log)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            signal_group(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def output(self, tail: int | None = None) -> str:
+        """The whole log, or its last ``tail`` characters."""
+        text = self.log.read_text(errors="replace")
+        return text if tail is None else text[-tail:]

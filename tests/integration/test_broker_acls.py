@@ -272,7 +272,7 @@ def test_pipeline_runs_on_the_mtls_cluster_with_least_privilege_principals(
     from fleetbus.bus.commands import CommandState, Target
     from fleetbus.bus.errors import ConfigError
     from fleetbus.bus.topics import ensure_topics
-    from fleetbus.devtools.smoke import WorkerProcess
+    from fleetbus.devtools.process import WorkerProcess
     from fleetbus.sdk.dispatch import CommandPublisher
     from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
     from tests.support.pipeline import DISPATCHER as SIGNER

@@ -26,7 +26,7 @@ from fleetbus.bus.envelope import decode_envelope
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.devtools.kafka import free_port
-from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.devtools.process import WorkerProcess
 from fleetbus.processors.eos import DeadLetter
 from fleetbus.sdk.dispatch import CommandPublisher
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent, VehicleIdentity

@@ -29,7 +29,7 @@ from fleetbus.bus.directory import (
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.cli.keys import keys_app
-from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.devtools.process import WorkerProcess
 from fleetbus.sdk.dispatch import CommandPublisher
 from fleetbus.sdk.keytopic import publish_key_change
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent, load_key_directory

@@ -20,7 +20,7 @@ from kafka import KafkaConsumer
 from fleetbus.bus.commands import CommandState, SignedCommand, Target
 from fleetbus.bus.envelope import decode_envelope
 from fleetbus.devtools.kafka import free_port
-from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.devtools.process import WorkerProcess
 from fleetbus.observability.logging import setup_logging
 from fleetbus.providers.sealing import derive_message_key
 from fleetbus.sdk.dispatch import CommandPublisher

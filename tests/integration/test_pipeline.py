@@ -20,7 +20,7 @@ from fleetbus.bus.envelope_v2 import Message, decode_record
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.bus.topics import ensure_topics
 from fleetbus.devtools.kafka import free_port
-from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.devtools.process import WorkerProcess
 from fleetbus.processors.audit import VerifyReport, verify_entries
 from fleetbus.processors.eos import DeadLetter
 from fleetbus.sdk.dispatch import CommandPublisher

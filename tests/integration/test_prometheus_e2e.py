@@ -44,7 +44,7 @@ from prometheus_client import REGISTRY
 from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.devtools.kafka import free_port
-from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.devtools.process import WorkerProcess
 from fleetbus.sdk.dispatch import CommandHandle, CommandPublisher
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
 from tests.support.pipeline import (

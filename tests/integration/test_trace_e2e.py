@@ -32,7 +32,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from fleetbus.bus.commands import Command, CommandState, StatusEvent, Target
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.bus.topics import ensure_topics
-from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.devtools.process import WorkerProcess
 from fleetbus.observability.tracing import (
     EVENT_REJECT,
     extract_context,

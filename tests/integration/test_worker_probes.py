@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from fleetbus.devtools.kafka import free_port
-from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.devtools.process import WorkerProcess
 from tests.support.pipeline import make_test_fleet, worker_env
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -39,7 +38,7 @@ from fleetbus.bus.errors import KafkaUnavailableError
 from fleetbus.bus.settings import FleetbusSettings, TopicNames
 from fleetbus.bus.topics import ensure_topics
 from fleetbus.devtools.kafka import LocalKafka, find_free_base_port, free_port
-from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.devtools.process import WorkerProcess, spawn, stop_group
 from fleetbus.kmesim.pki import DEFAULT_KME_IDS
 from fleetbus.processors.app import state_topic
 from fleetbus.sdk.dispatch import CommandPublisher
@@ -85,9 +84,7 @@ class KMEProcess:
             "--key-rate", "2000000", "--pool-size", "4096", "--max-key-per-request", "128",
         ]  # fmt: skip
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            self.proc = spawn(args, stdout=out)
         deadline = time.monotonic() + timeout_s
         while b"fleetbus-kme ready" not in log.read_bytes():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -96,12 +93,7 @@ class KMEProcess:
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            stop_group(self.proc, 15, sig)
 
     def reserved_in_state(self) -> int:
         """Reserved, unfetched keys in the state file (read while the KME is down)."""
