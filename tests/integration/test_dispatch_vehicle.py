@@ -2,6 +2,9 @@
 
 The test plays the bus: it reads what ``CommandPublisher`` publishes, writes status events, and
 seals outbound envelopes itself as ``bus-sealer`` for ``VehicleAgent``.
+
+Over 500 lines because both SDKs are tested against one broker fixture set in which the test
+plays the bus.
 """
 
 from __future__ import annotations

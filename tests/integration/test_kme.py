@@ -1,4 +1,8 @@
-"""The ETSI GS QKD 014 KME simulator over real TLS, and the qkd-etsi014 provider against it."""
+"""The ETSI GS QKD 014 KME simulator over real TLS, and the qkd-etsi014 provider against it.
+
+Over 500 lines because it is the whole ETSI 014 interface and the provider against it, case by
+case, on one real KME pair (its fixtures are in tests/support/fixtures_kme.py).
+"""
 
 from __future__ import annotations
 

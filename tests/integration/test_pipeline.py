@@ -1,5 +1,8 @@
 """The command pipeline end to end on the real broker: `fleetbus worker` (authorize, seal,
-track, telemetry) between a CommandPublisher and a VehicleAgent."""
+track, telemetry) between a CommandPublisher and a VehicleAgent.
+
+Over 500 lines because its cases share one running worker and fleet against the real broker.
+"""
 
 from __future__ import annotations
 

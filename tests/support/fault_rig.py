@@ -11,6 +11,9 @@ and one for the edge unit, and a ``CommandPublisher``.
 ``run(fault, commands)`` streams commands while ``fault`` runs and returns ``FaultCounts``:
 counted from the handlers (every invocation), the agents' durable executed stores, and the
 ``commands.responses`` / ``commands.status`` topics.
+
+Over 500 lines because the rig is one object: its faults, processes and counts share the
+cluster, KME pair and fleet it starts.
 """
 
 from __future__ import annotations

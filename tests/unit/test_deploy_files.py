@@ -6,6 +6,9 @@ options and all its required ones, mounted host files exist, host ports are uniq
 loopback, healthchecks are present and depends_on names existing services; key material goes
 only where it is needed; the image installs from the dependency lock. The file runs for real
 in tests/integration/test_compose_kafka.py.
+
+Over 500 lines because it is one checker of the two deployment files, whose helpers the
+integration tests reuse.
 """
 
 from __future__ import annotations

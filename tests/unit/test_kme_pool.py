@@ -1,5 +1,9 @@
 """The simulated QKD link's key pool, without network: once-only handout, bounds, rate, and
-its state file (a restart keeps unfetched keys; a corrupt file stops the start)."""
+its state file (a restart keeps unfetched keys; a corrupt file stops the start).
+
+Over 500 lines because it covers the pool and its state file together: the state cases drive the
+same pool API.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Stage logic without Kafka: authorize, seal (with failover), track and telemetry."""
+"""Stage logic without Kafka: authorize, seal (with failover), track and telemetry.
+
+Over 500 lines because the four stages' cases share one fleet and the stage builders that
+test_expiry and test_bus_latency import.
+"""
 
 from __future__ import annotations
 
