@@ -297,3 +297,19 @@ def settings_for(
         bootstrap, [keys_topic], partitions=partitions, configs={"cleanup.policy": "compact"}
     )
     return settings
+
+
+def process_env(settings: FleetbusSettings, workdir: Path) -> dict[str, str]:
+    """The ``FLEETBUS_*`` variables every fleetbus process of a local run shares: the broker, app
+    id, partitions, topic prefix and keys folder of ``settings``, state under ``workdir``."""
+    prefix = settings.topics.prefix
+    return {
+        "FLEETBUS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "FLEETBUS_APP_ID": settings.app_id,
+        "FLEETBUS_PARTITIONS": str(settings.partitions),
+        "FLEETBUS_TOPICS__PREFIX": prefix,
+        "FLEETBUS_SMOKE_SOURCE": prefix + "smoke.in",
+        "FLEETBUS_SMOKE_SINK": prefix + "smoke.out",
+        "FLEETBUS_KEYS_DIR": str(settings.keys_dir),
+        "FLEETBUS_DATA_DIR": str(workdir / "state"),
+    }

@@ -25,22 +25,8 @@ from fleetbus.devtools.demo.fleet import HUB_SAE, DemoOptions, build_demo_keys
 from fleetbus.devtools.demo.observe import StatusFollower, scrape_failovers
 from fleetbus.devtools.demo.report import DemoReport, evaluate
 from fleetbus.devtools.demo.scenario import Scenario
+from fleetbus.devtools.fleet import process_env
 from fleetbus.devtools.process import ChildProcess
-
-
-def base_env(settings: FleetbusSettings, workdir: Path) -> dict[str, str]:
-    """The FLEETBUS_* variables every demo process shares."""
-    prefix = settings.topics.prefix
-    return {
-        "FLEETBUS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "FLEETBUS_APP_ID": settings.app_id,
-        "FLEETBUS_PARTITIONS": str(settings.partitions),
-        "FLEETBUS_TOPICS__PREFIX": prefix,
-        "FLEETBUS_SMOKE_SOURCE": prefix + "smoke.in",
-        "FLEETBUS_SMOKE_SINK": prefix + "smoke.out",
-        "FLEETBUS_KEYS_DIR": str(settings.keys_dir),
-        "FLEETBUS_DATA_DIR": str(workdir / "state"),
-    }
 
 
 def _delete_topics(bootstrap: str, prefix: str, app_id: str) -> None:
@@ -154,7 +140,7 @@ def run_demo(
             # The topics the worker creates, created up front so the status follower can start.
             ensure_pipeline_topics(settings)
             metrics_port = free_port()
-            env = base_env(settings, work)
+            env = process_env(settings, work)
             pki = kme.pki
             worker_env = {
                 **env,

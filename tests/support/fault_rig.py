@@ -40,6 +40,7 @@ from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEv
 from fleetbus.bus.errors import KafkaUnavailableError
 from fleetbus.bus.settings import FleetbusSettings, TopicNames
 from fleetbus.bus.topics import ensure_topics
+from fleetbus.devtools.fleet import process_env
 from fleetbus.devtools.kafka import LocalKafka, find_free_base_port, free_port
 from fleetbus.devtools.process import WorkerProcess, spawn, stop_group
 from fleetbus.kmesim.pki import DEFAULT_KME_IDS
@@ -231,13 +232,7 @@ class FaultRig:
         s = self.settings
         master = self.kme.pki.saes[MASTER_SAE]
         return {
-            "FLEETBUS_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-            "FLEETBUS_APP_ID": s.app_id,
-            "FLEETBUS_PARTITIONS": str(s.partitions),
-            "FLEETBUS_TOPICS__PREFIX": s.topics.prefix,
-            "FLEETBUS_SMOKE_SOURCE": s.topics.prefix + "smoke.in",
-            "FLEETBUS_SMOKE_SINK": s.topics.prefix + "smoke.out",
-            "FLEETBUS_DATA_DIR": str(self.workdir / "state"),
+            **process_env(s, self.workdir),
             "FLEETBUS_WEB_PORT": "0",
             "FLEETBUS_KEYS_DIR": str(self.fleet.keys_dir),
             "FLEETBUS_PIPELINE": "on",

@@ -26,6 +26,7 @@ from fleetbus.devtools.fleet import (
     SEALER,
     TestFleet,
     make_test_fleet,
+    process_env,
     settings_for,
     topic_names,
     vehicle_id,
@@ -56,15 +57,8 @@ def worker_env(settings: FleetbusSettings, workdir: Path, **extra: str) -> dict[
     ``settings.keys_dir``, state under ``workdir``, half-second ticks); ``extra`` adds or
     overrides."""
     env = {
-        "FLEETBUS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "FLEETBUS_APP_ID": settings.app_id,
-        "FLEETBUS_PARTITIONS": str(settings.partitions),
-        "FLEETBUS_TOPICS__PREFIX": settings.topics.prefix,
-        "FLEETBUS_SMOKE_SOURCE": settings.topics.prefix + "smoke.in",
-        "FLEETBUS_SMOKE_SINK": settings.topics.prefix + "smoke.out",
-        "FLEETBUS_DATA_DIR": str(workdir / "state"),
+        **process_env(settings, workdir),
         "FLEETBUS_WEB_PORT": "0",
-        "FLEETBUS_KEYS_DIR": settings.keys_dir,
         "FLEETBUS_PIPELINE": "on",
         "FLEETBUS_TICK_INTERVAL_S": "0.5",
         "FLEETBUS_AUDIT_CHECKPOINT_EVERY": "5",
