@@ -21,7 +21,7 @@ import yaml
 
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.kmesim.pki import DEFAULT_KME_IDS
-from tests.unit.test_deploy_files import check_cli, is_settings_env
+from tests.support.deploy import check_cli, is_settings_env
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "fleetbus"
