@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleetbus.kmesim.server import KeyPool, PoolStateFile
+from fleetbus.kmesim.pool import KeyPool
+from fleetbus.kmesim.state import PoolStateFile
 
 CASES = [(1000, 0), (1000, 100), (4096, 0), (4096, 1000)]
 RESULTS = Path(__file__).resolve().parent / "results" / "kme_state.json"

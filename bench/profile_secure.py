@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from bench_pipeline import VEHICLES, settings_from
+from pipeline_measure import VEHICLES, settings_from
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -79,10 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-profile", action="store_true", help="time only (CPU ms/command)")
     args = parser.parse_args(argv)
 
-    from integration.pipeline_support import DISPATCHER, make_test_fleet, vehicle_id
     from pyinstrument import Profiler
 
     from fleetbus.bus.commands import Command, SignedCommand, Target
+    from fleetbus.devtools.fleet import DISPATCHER, make_test_fleet, vehicle_id
     from fleetbus.processors.app import build_pipeline
     from fleetbus.providers.sealing import EpochPolicy
     from fleetbus.sdk.vehicle import VehicleAgent

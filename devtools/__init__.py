@@ -1,6 +1,11 @@
-"""fleetbus.devtools: local developer tooling — a provisioned Apache Kafka, a KME pair in a
-child process, the test PKI, the demo and the smoke agent. Only the CLI, devtools itself, tests
-and benchmarks import it; no production room depends on it.
+"""fleetbus.devtools: local developer tooling. Only the CLI, devtools itself, tests and
+benchmarks import it; no production room depends on it.
+
+Modules: ``kafka`` (a provisioned Apache Kafka: ``LocalKafka``, ports, mTLS PKI, ACLs), ``kme``
+(a KME pair in a child process), ``pki`` (certificate helpers), ``fleet`` (the test fleet on
+disk and its settings, shared by the tests and the benchmarks), ``process`` (the one child-process
+wrapper: ``ChildProcess``, ``WorkerProcess``, ``spawn``, ``stop_group``) and ``demo`` (the
+``fleetbus demo`` scenario, runner and report).
 """
 
 import typing as _typing

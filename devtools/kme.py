@@ -1,11 +1,9 @@
 """A KME pair (``fleetbus kme serve``) in a child process, with its test PKI, for the demo and
-the benchmarks. Tests use the fixtures in ``tests/fixtures_kme.py`` instead."""
+the benchmarks. Tests use the fixtures in ``tests/support/fixtures_kme.py`` instead."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetbus.bus.errors import ConfigError
+from fleetbus.devtools.process import spawn, stop_group
 
 READY_PREFIX = "fleetbus-kme ready "
 
@@ -65,11 +64,8 @@ class KMEPairProcess:
             *[a for sae in self.sae_a for a in ("--sae-a", sae)],
             *[a for sae in self.sae_b for a in ("--sae-b", sae)],
         ]  # fmt: skip
-        log = open(self.workdir / "kme.log", "w")  # noqa: SIM115 - the child keeps it
-        self._proc = subprocess.Popen(  # noqa: S603
-            args, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
-        )
-        log.close()
+        with open(self.workdir / "kme.log", "w") as log:  # the child keeps its own copy
+            self._proc = spawn(args, stdout=subprocess.PIPE, stderr=log, text=True)
         found: dict[str, Any] = {}
 
         stdout = self._proc.stdout
@@ -98,7 +94,7 @@ class KMEPairProcess:
 
     def kme_id(self, side: str) -> str:
         """The KME ID of ``side`` ("kme_a" or "kme_b"), read from its server certificate."""
-        from fleetbus.kmesim.server import certificate_kme_id
+        from fleetbus.kmesim.config import certificate_kme_id
 
         return certificate_kme_id(self.pki / f"{side.replace('_', '-')}.pem")
 
@@ -130,9 +126,4 @@ class KMEPairProcess:
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
+            stop_group(self._proc, timeout_s=15)

@@ -2,7 +2,7 @@
 
 Broker resolution order: ``FLEETBUS_KAFKA_BOOTSTRAP`` (an existing cluster); a broker in the
 apache/kafka container through testcontainers when ``FLEETBUS_KAFKA_FIXTURE=testcontainers``
-(integration/container_support.py); else the Kafka this project provisions from Maven, which
+(support/containers.py); else the Kafka this project provisions from Maven, which
 needs no Docker engine. The container path also runs in every suite run, in
 ``integration/test_containers.py``. Under CI=true a missing broker fails the run; it never
 silently skips.
@@ -22,7 +22,7 @@ import pytest
 from fleetbus.bus.topics import ensure_topics
 from fleetbus.devtools.kafka import LocalKafka, find_free_base_port
 
-pytest_plugins = ["fixtures_kme"]
+pytest_plugins = ["tests.support.fixtures_kme"]
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -68,7 +68,7 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaUnderTest]:
         yield KafkaUnderTest(existing, "env")
         return
     if os.environ.get("FLEETBUS_KAFKA_FIXTURE") == "testcontainers":
-        from integration.container_support import kafka_container, require_engine
+        from tests.support.containers import kafka_container, require_engine
 
         require_engine()
         with kafka_container() as bootstrap:

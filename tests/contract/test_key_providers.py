@@ -2,7 +2,7 @@
 
 Providers are loaded by entry-point name through ``fleetbus.bus.registry``. ``oqs`` skips with
 the detector's reason when liboqs is absent; ``qkd-etsi014`` uses the ``qkd_provider_sides``
-fixture (a real ETSI 014 KME pair, from ``tests/fixtures_kme.py``).
+fixture (a real ETSI 014 KME pair, from ``tests/support/fixtures_kme.py``).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from contract.sides import ProviderSides
 from fleetbus.bus.errors import ConfigError, ReasonCode
 from fleetbus.bus.keys import KeyProviderError, PrivateKeySet, RecipientKeys
 from fleetbus.bus.registry import KEY_PROVIDER_GROUP, available, load_key_provider
 from fleetbus.providers.oqs import liboqs_available
+from tests.support.sides import ProviderSides
 
 PROVIDERS = ["x25519", "mlkem768", "xwing", "oqs", "qkd-etsi014"]
 QKD = "qkd-etsi014"

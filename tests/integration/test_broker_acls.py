@@ -269,15 +269,14 @@ def test_pipeline_runs_on_the_mtls_cluster_with_least_privilege_principals(
     ``fleet_acls`` grants — take a command from request to a succeeded status over mTLS.
     The console may wait on ``commands.status`` because it is a status reader; a
     dispatcher that is not is refused that topic."""
-    from integration.pipeline_support import DISPATCHER as SIGNER
-    from integration.pipeline_support import make_test_fleet, worker_env
-
     from fleetbus.bus.commands import CommandState, Target
     from fleetbus.bus.errors import ConfigError
     from fleetbus.bus.topics import ensure_topics
-    from fleetbus.devtools.smoke import WorkerProcess
+    from fleetbus.devtools.process import WorkerProcess
     from fleetbus.sdk.dispatch import CommandPublisher
     from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
+    from tests.support.pipeline import DISPATCHER as SIGNER
+    from tests.support.pipeline import make_test_fleet, worker_env
 
     console, fire_and_forget = "dispatch-console", "dispatch-batch"
     app_id, topics = "fleetbus-mtls", TopicNames(prefix="mtls.")

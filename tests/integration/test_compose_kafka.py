@@ -24,7 +24,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from integration.container_support import (
+from kafka import KafkaProducer
+from kafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAuthorizationFailedError
+
+from fleetbus.bus.topics import ensure_topics
+from fleetbus.devtools.kafka import LocalKafka, find_free_base_port, free_port
+from tests.support.containers import (
     REPO,
     compose_cli,
     docker,
@@ -32,12 +37,12 @@ from integration.container_support import (
     require_engine,
     wait_for,
 )
-from kafka import KafkaProducer
-from kafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAuthorizationFailedError
-from unit.test_deploy_files import _environment, fleetbus_command_lines, kafka_properties, services
-
-from fleetbus.bus.topics import ensure_topics
-from fleetbus.devtools.kafka import LocalKafka, find_free_base_port, free_port
+from tests.support.deploy import (
+    environment,
+    fleetbus_command_lines,
+    kafka_properties,
+    services,
+)
 
 COMPOSE_PKI = "/kafka-pki"
 HOSTNET = Path(__file__).with_name("compose.hostnet.yml")
@@ -96,7 +101,7 @@ def compose_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Co
     assert done.returncode == 0, done.stderr
     overrides = {
         k: localise(v, probe, base + 2)
-        for k, v in kafka_properties(_environment(services()["kafka"])).items()
+        for k, v in kafka_properties(environment(services()["kafka"])).items()
         if k != "log.dirs"  # the kafka-data volume's mount point; the node's own folder here
     }
     cluster = ComposeKafka(
@@ -142,7 +147,7 @@ def test_compose_acls_confine_each_principal(compose_kafka: tuple[ComposeKafka, 
     cluster, external = compose_kafka
     (argv,) = [argv for name, argv in fleetbus_command_lines() if name == "kafka-acls"]
     env = {
-        k: localise(v, cluster, external) for k, v in _environment(services()["kafka-acls"]).items()
+        k: localise(v, cluster, external) for k, v in environment(services()["kafka-acls"]).items()
     }
     for _ in range(2):  # the one-shot runs again on every `docker compose up`
         done = run_cli(argv, env)

@@ -13,7 +13,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from integration.container_support import (
+
+from fleetbus.bus.topics import ensure_topics
+from fleetbus.devtools.kafka import free_port
+from tests.integration.test_faust_smoke import check_forwarded, run_smoke, smoke_env
+from tests.support.containers import (
     TEST_LABEL,
     build_image,
     docker,
@@ -23,10 +27,6 @@ from integration.container_support import (
     require_engine,
     wait_for,
 )
-from integration.test_faust_smoke import check_forwarded, run_smoke, smoke_env
-
-from fleetbus.bus.topics import ensure_topics
-from fleetbus.devtools.kafka import free_port
 
 IMAGE_UID = 10001
 

@@ -2,6 +2,9 @@
 
 The test plays the bus: it reads what ``CommandPublisher`` publishes, writes status events, and
 seals outbound envelopes itself as ``bus-sealer`` for ``VehicleAgent``.
+
+Over 500 lines because both SDKs are tested against one broker fixture set in which the test
+plays the bus.
 """
 
 from __future__ import annotations
@@ -13,15 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.pipeline_support import (
-    APPROVER,
-    DISPATCHER,
-    INTRUDER,
-    SEALER,
-    TestFleet,
-    make_test_fleet,
-    seal_command,
-)
 from kafka import KafkaConsumer, KafkaProducer
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY
@@ -39,6 +33,15 @@ from fleetbus.bus.errors import ConfigError, FleetbusError, KafkaUnavailableErro
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.sdk.dispatch import CommandPublisher, StatusTimeoutError, status_partition
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent, outbound_partition
+from tests.support.pipeline import (
+    APPROVER,
+    DISPATCHER,
+    INTRUDER,
+    SEALER,
+    TestFleet,
+    make_test_fleet,
+    seal_command,
+)
 
 V1, V2, V3 = "V-0001", "V-0002", "V-0003"  # V1, V3 north; V2 south
 

@@ -7,7 +7,7 @@ approver), with the ``FLEETBUS_*`` variables of the run set. Python blocks of a 
 namespace and must not raise; shell blocks run under ``bash -euo pipefail`` with ``fleetbus`` on
 the PATH and must exit 0. A block may declare text its output must contain
 (``<!-- run; prints: ... -->``); blocks that cannot run are marked with the reason
-(``tests/doc_blocks.py``; ``tests/unit/test_doc_example_marks.py`` checks the marks).
+(``tests/support/doc_blocks.py``; ``tests/unit/test_doc_example_marks.py`` checks the marks).
 """
 
 from __future__ import annotations
@@ -16,20 +16,19 @@ import contextlib
 import io
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import doc_blocks
 import pytest
-from integration.pipeline_support import DISPATCHER, make_test_fleet, worker_env
 
 from fleetbus.bus.commands import Target
-from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.devtools.process import WorkerProcess, spawn, stop_group
 from fleetbus.sdk.dispatch import CommandPublisher
+from tests.support import doc_blocks
+from tests.support.pipeline import DISPATCHER, make_test_fleet, worker_env
 
 VEHICLES = 17  # the pages' examples address V-0017
 
@@ -64,14 +63,7 @@ def scenario(kafka: object, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     command += ["--keys-dir", str(fleet.keys_dir), "--vehicles", str(VEHICLES)]
     command += ["--store", str(workdir / "simulator.sqlite"), "--summary-every", "60"]
     with open(workdir / "simulator.log", "wb") as log:
-        simulator = subprocess.Popen(
-            command,
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        simulator = spawn(command, env=env, stdout=log)
     running = Scenario(workdir, fleet.keys_dir, env, worker, simulator)
     try:
         # One routine command end to end first, so that the pages' own timeouts measure the
@@ -85,12 +77,7 @@ def scenario(kafka: object, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield running
     finally:
         if simulator.poll() is None:
-            os.killpg(simulator.pid, signal.SIGTERM)
-            try:
-                simulator.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(simulator.pid, signal.SIGKILL)
-                simulator.wait()
+            stop_group(simulator, 30)
         worker.stop()
 
 

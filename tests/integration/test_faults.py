@@ -4,7 +4,7 @@ Commands stream to 500 simulated vehicles (one ``VehicleAgent``) and a QKD edge 
 real ``fleetbus worker`` while a broker, the worker or the KME fails. Every run counts, per
 command: handler invocations (executed / executed twice / lost), the agents' durable executed
 stores, ``commands.responses`` and ``commands.status``. Expected: every sent command executed
-exactly once, none lost. The rig lives in ``tests/soak/fault_rig.py``; the longer run is
+exactly once, none lost. The rig lives in ``tests/support/fault_rig.py``; the longer run is
 ``python tests/soak/run_soak.py``. Typical module runtime here: about 4 minutes.
 """
 
@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from soak.fault_rig import FaultCounts, FaultRig, peak_rss_mb
+
+from tests.support.fault_rig import FaultCounts, FaultRig, peak_rss_mb
 
 COMMANDS = 200  # per fault run; the soak run sends more
 RSS_BOUND_MB = 600.0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.devtools.process import WorkerProcess
 
 
 def _read_all(topic: str, bootstrap: str, want: int, isolation: str) -> list[bytes]:

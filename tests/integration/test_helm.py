@@ -1,6 +1,9 @@
 """The Helm chart: `helm lint`, `helm template` (default values and existingSecret), every
 rendered manifest validated against the Kubernetes schemas (kubernetes-validate), CRD objects
-checked by hand, and the chart's copies of rules, dashboard and policies equal to the sources."""
+checked by hand, and the chart's copies of rules, dashboard and policies equal to the sources.
+
+Over 500 lines because one rendering of the chart feeds every check.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +18,10 @@ from typing import Any
 
 import pytest
 import yaml
-from unit.test_deploy_files import check_cli, is_settings_env
 
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.kmesim.pki import DEFAULT_KME_IDS
+from tests.support.deploy import check_cli, is_settings_env
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "fleetbus"

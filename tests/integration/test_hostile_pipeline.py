@@ -18,10 +18,7 @@ from typing import Any
 
 import cbor2
 import pytest
-from integration.pipeline_support import read_topic, settings_for, worker_env
 from kafka import KafkaProducer
-from vectors.hostile.corpus import BUS_TARGETS, VEHICLE_TARGET, Case, copy_fleet, load_cases
-from vectors.hostile.corpus import load_meta as corpus_meta
 
 from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
 from fleetbus.bus.directory import RootPublicKey, load_directory
@@ -29,10 +26,13 @@ from fleetbus.bus.envelope import decode_envelope
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.devtools.kafka import free_port
-from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.devtools.process import WorkerProcess
 from fleetbus.processors.eos import DeadLetter
 from fleetbus.sdk.dispatch import CommandPublisher
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
+from tests.support.pipeline import read_topic, settings_for, worker_env
+from tests.vectors.hostile.corpus import BUS_TARGETS, VEHICLE_TARGET, Case, copy_fleet, load_cases
+from tests.vectors.hostile.corpus import load_meta as corpus_meta
 
 CASES = load_cases()
 META = corpus_meta()

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.pipeline_support import DAY_S, make_test_fleet, worker_env
 from typer.testing import CliRunner
 
 from fleetbus.bus.commands import Command, CommandState, Target
@@ -30,10 +29,11 @@ from fleetbus.bus.directory import (
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.cli.keys import keys_app
-from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.devtools.process import WorkerProcess
 from fleetbus.sdk.dispatch import CommandPublisher
 from fleetbus.sdk.keytopic import publish_key_change
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent, load_key_directory
+from tests.support.pipeline import DAY_S, make_test_fleet, worker_env
 
 FINAL = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED, CommandState.EXPIRED]
 REVOCATIONS = 6

@@ -1,4 +1,8 @@
-"""The ETSI GS QKD 014 KME simulator over real TLS, and the qkd-etsi014 provider against it."""
+"""The ETSI GS QKD 014 KME simulator over real TLS, and the qkd-etsi014 provider against it.
+
+Over 500 lines because it is the whole ETSI 014 interface and the provider against it, case by
+case, on one real KME pair (its fixtures are in tests/support/fixtures_kme.py).
+"""
 
 from __future__ import annotations
 
@@ -18,13 +22,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from fixtures_kme import KMEPairUnderTest, start_kme_process, stop_kme_process
 from typer.testing import CliRunner
 
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.keys import KeyProviderError, PrivateKeySet, RecipientKeys
 from fleetbus.cli.kme import kme_app
 from fleetbus.kmesim.pki import TestPKI
+from tests.support.fixtures_kme import KMEPairUnderTest, start_kme_process, stop_kme_process
 
 STATUS_FIELDS = {
     "source_KME_ID": str,

@@ -15,22 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.pipeline_support import (
-    DISPATCHER,
-    make_test_fleet,
-    qkd_worker_env,
-    worker_env,
-)
 from kafka import KafkaConsumer
 
 from fleetbus.bus.commands import CommandState, SignedCommand, Target
 from fleetbus.bus.envelope import decode_envelope
 from fleetbus.devtools.kafka import free_port
-from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.devtools.process import WorkerProcess
 from fleetbus.observability.logging import setup_logging
 from fleetbus.providers.sealing import derive_message_key
 from fleetbus.sdk.dispatch import CommandPublisher
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
+from tests.support.pipeline import (
+    DISPATCHER,
+    make_test_fleet,
+    qkd_worker_env,
+    worker_env,
+)
 
 FINAL = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED, CommandState.EXPIRED]
 

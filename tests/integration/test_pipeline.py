@@ -1,5 +1,8 @@
 """The command pipeline end to end on the real broker: `fleetbus worker` (authorize, seal,
-track, telemetry) between a CommandPublisher and a VehicleAgent."""
+track, telemetry) between a CommandPublisher and a VehicleAgent.
+
+Over 500 lines because its cases share one running worker and fleet against the real broker.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,19 @@ from typing import Any
 
 import cbor2
 import pytest
-from integration.pipeline_support import (
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
+from fleetbus.bus.envelope_v2 import Message, decode_record
+from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.bus.topics import ensure_topics
+from fleetbus.devtools.kafka import free_port
+from fleetbus.devtools.process import WorkerProcess
+from fleetbus.processors.audit import VerifyReport, verify_entries
+from fleetbus.processors.eos import DeadLetter
+from fleetbus.sdk.dispatch import CommandPublisher
+from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
+from tests.support.pipeline import (
     APPROVER,
     DISPATCHER,
     INTRUDER,
@@ -23,18 +38,6 @@ from integration.pipeline_support import (
     read_topic,
     worker_env,
 )
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-
-from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
-from fleetbus.bus.envelope_v2 import Message, decode_record
-from fleetbus.bus.settings import FleetbusSettings
-from fleetbus.bus.topics import ensure_topics
-from fleetbus.devtools.kafka import free_port
-from fleetbus.devtools.smoke import WorkerProcess
-from fleetbus.processors.audit import VerifyReport, verify_entries
-from fleetbus.processors.eos import DeadLetter
-from fleetbus.sdk.dispatch import CommandPublisher
-from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
 
 FINAL = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED, CommandState.EXPIRED]
 

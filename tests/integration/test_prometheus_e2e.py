@@ -18,6 +18,9 @@ down (KME admin switch): a routine command to the edge unit fails over to ``xwin
 approved enclave commands are rejected with ``key_path_exhausted``.
 
 Bounded: one worker and one Prometheus for the module; about a minute (< 150 s) in all.
+
+Over 500 lines because one deployment, set up once for the module, is scraped for every
+dashboard query and alert rule.
 """
 
 from __future__ import annotations
@@ -38,7 +41,16 @@ from typing import Any
 
 import pytest
 import yaml
-from integration.pipeline_support import (
+from kafka import KafkaConsumer, KafkaProducer
+from prometheus_client import REGISTRY
+
+from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
+from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.devtools.kafka import free_port
+from fleetbus.devtools.process import WorkerProcess
+from fleetbus.sdk.dispatch import CommandHandle, CommandPublisher
+from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
+from tests.support.pipeline import (
     APPROVER,
     DAY_S,
     DISPATCHER,
@@ -48,15 +60,6 @@ from integration.pipeline_support import (
     qkd_worker_env,
     worker_env,
 )
-from kafka import KafkaConsumer, KafkaProducer
-from prometheus_client import REGISTRY
-
-from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
-from fleetbus.bus.settings import FleetbusSettings
-from fleetbus.devtools.kafka import free_port
-from fleetbus.devtools.smoke import WorkerProcess
-from fleetbus.sdk.dispatch import CommandHandle, CommandPublisher
-from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "observability" / "grafana" / "fleetbus.json"

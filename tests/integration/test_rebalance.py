@@ -19,7 +19,6 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import TopicPartition
-from integration.pipeline_support import read_topic
 
 from fleetbus.bus.directory import FleetRoot, KeyDirectory, issue_key
 from fleetbus.processors.audit import AuditEvent, verify_entries
@@ -30,6 +29,7 @@ from fleetbus.processors.eos import (
     StageResult,
     TransactionalStage,
 )
+from tests.support.pipeline import read_topic
 
 PARTITIONS = 4
 PER_PHASE = 120

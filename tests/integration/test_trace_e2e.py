@@ -5,6 +5,9 @@ The stages are the ``TransactionalStage`` runners ``build_pipeline`` makes for `
 worker`` (the worker runs the same objects as faust services), driven here by an asyncio loop in
 a thread so that their spans reach this process's in-memory exporter. Typical runtime: 15 s
 once Kafka is up.
+
+Over 500 lines because one trace runs across every hop; the in-process stage runners and the
+exporter are its fixture.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.pipeline_support import DISPATCHER, make_test_fleet, seal_command, worker_env
 from kafka import KafkaConsumer, KafkaProducer
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -33,7 +35,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from fleetbus.bus.commands import Command, CommandState, StatusEvent, Target
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.bus.topics import ensure_topics
-from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.devtools.process import WorkerProcess
 from fleetbus.observability.tracing import (
     EVENT_REJECT,
     extract_context,
@@ -45,6 +47,7 @@ from fleetbus.processors.app import Pipeline, build_pipeline, pipeline_topics
 from fleetbus.processors.eos import DeadLetter
 from fleetbus.sdk.dispatch import CommandPublisher
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
+from tests.support.pipeline import DISPATCHER, make_test_fleet, seal_command, worker_env
 
 FINAL = [CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED, CommandState.EXPIRED]
 VEHICLE = "V-0001"

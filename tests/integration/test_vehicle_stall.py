@@ -18,16 +18,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from integration.pipeline_support import (
+from kafka import KafkaProducer
+
+from fleetbus.bus.settings import FleetbusSettings
+from tests.support.pipeline import (
     TestFleet,
     make_test_fleet,
     read_topic,
     seal_command,
     vehicle_id,
 )
-from kafka import KafkaProducer
-
-from fleetbus.bus.settings import FleetbusSettings
 
 SESSION_TIMEOUT_S = 6  # the broker's group.min.session.timeout.ms
 VEHICLES = [vehicle_id(1), vehicle_id(2)]

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.pipeline_support import make_test_fleet, worker_env
 
 from fleetbus.devtools.kafka import free_port
-from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.devtools.process import WorkerProcess
+from tests.support.pipeline import make_test_fleet, worker_env
 
 
 def probe(port: int, path: str) -> tuple[int, dict[str, Any]]:

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # for tests.support
 
-from soak.fault_rig import FaultCounts, FaultRig, peak_rss_mb  # noqa: E402
+from tests.support.fault_rig import FaultCounts, FaultRig, peak_rss_mb  # noqa: E402
 
 COLUMNS = (
     "fault", "sent", "executed", "executed_twice", "lost", "failed_qkd_unavailable",

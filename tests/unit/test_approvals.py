@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from envelope_support import fleet_of
 
 from fleetbus.bus.commands import (
     Approval,
@@ -41,6 +40,7 @@ from fleetbus.processors.stages import (
     PipelineTopics,
     RejectedCommand,
 )
+from tests.support.envelope import fleet_of, issuer
 
 NOW = time.time() - 7200
 TOPICS = PipelineTopics.from_settings(FleetbusSettings().topics)
@@ -69,42 +69,16 @@ class Fleet:
 @pytest.fixture(scope="module")
 def fleet() -> Fleet:
     root = FleetRoot.generate(SUITE)
-    w = {"not_before": NOW - 3600, "not_after": NOW + 86400}
+    issue = issuer(root, SUITE, NOW)
     issued = [
-        issue_key(root, principal_id="dispatch-1", kind="dispatcher", signature_suite=SUITE, **w),
-        issue_key(root, principal_id="dispatch-4", kind="dispatcher", signature_suite=SUITE, **w),
-        issue_key(root, principal_id="dispatch-2", kind="approver", signature_suite=SUITE, **w),
-        issue_key(root, principal_id="dispatch-3", kind="approver", signature_suite=SUITE, **w),
+        issue("dispatch-1", "dispatcher"),
+        issue("dispatch-4", "dispatcher"),
+        issue("dispatch-2", "approver"),
+        issue("dispatch-3", "approver"),
         # An approver whose key expires 30 s after NOW: valid when it signs, not later.
-        issue_key(
-            root,
-            principal_id="approver-short",
-            kind="approver",
-            signature_suite=SUITE,
-            not_before=NOW - 3600,
-            not_after=NOW + 30,
-        ),
-        *(
-            issue_key(
-                root,
-                principal_id=vehicle,
-                kind="vehicle",
-                signature_suite=SUITE,
-                kems=["x25519"],
-                groups=["north"],
-                **w,
-            )
-            for vehicle in ("V-1", "V-2")
-        ),
-        issue_key(
-            root,
-            principal_id="V-3",
-            kind="vehicle",
-            signature_suite=SUITE,
-            kems=["x25519"],
-            groups=["south"],
-            **w,
-        ),
+        issue("approver-short", "approver", not_after=NOW + 30),
+        *(issue(v, "vehicle", kems=["x25519"], groups=["north"]) for v in ("V-1", "V-2")),
+        issue("V-3", "vehicle", kems=["x25519"], groups=["south"]),
     ]
     issued_fleet = fleet_of(root, issued)
     records = [i.signed for i in issued]

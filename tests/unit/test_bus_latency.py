@@ -4,7 +4,11 @@ command was authorized) counts in the end-to-end histogram, not in the SLO's."""
 from __future__ import annotations
 
 from prometheus_client import REGISTRY
-from unit.test_stages import (
+
+from fleetbus.bus.commands import Response
+from fleetbus.processors.eos import PartitionState
+from fleetbus.processors.stages import AuthorizedCommand, TrackStage
+from tests.unit.test_stages import (
     NOW,
     TOPICS,
     Fleet,
@@ -14,10 +18,6 @@ from unit.test_stages import (
     uplink,
     vehicle_envelope,
 )
-
-from fleetbus.bus.commands import Response
-from fleetbus.processors.eos import PartitionState
-from fleetbus.processors.stages import AuthorizedCommand, TrackStage
 
 
 def sample(name: str, outcome: str) -> float:

@@ -17,17 +17,23 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import typer
 import yaml
-from pydantic import BaseModel
 
 from fleetbus.bus.settings import FleetbusSettings
-from fleetbus.cli.main import app as cli_app
 from fleetbus.kmesim.pki import DEFAULT_KME_IDS
+from tests.support.deploy import (
+    DOCKERFILE,
+    ROOT,
+    check_cli,
+    compose,
+    environment,
+    fleetbus_command_lines,
+    is_settings_env,
+    kafka_properties,
+    services,
+    settings_env_names,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-COMPOSE = ROOT / "docker-compose.yml"
-DOCKERFILE = ROOT / "Dockerfile"
 EXPECTED_SERVICES = {
     "kafka-pki",
     "kafka",
@@ -45,97 +51,6 @@ EXPECTED_SERVICES = {
 NO_HEALTHCHECK = {"fleet", "otel-collector"}
 #: One-shot services (restart "no"): no healthcheck; others wait for completion instead.
 ONE_SHOT = {"init", "kafka-pki", "kafka-acls"}
-
-
-def settings_env_names(
-    model: type[BaseModel] = FleetbusSettings, prefix: str = "FLEETBUS_"
-) -> tuple[set[str], set[str]]:
-    """(exact env names, prefixes of free-form dict fields) derived from the pydantic model."""
-    exact: set[str] = set()
-    open_prefixes: set[str] = set()
-    for name, field in model.model_fields.items():
-        env = prefix + name.upper()
-        exact.add(env)
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            sub_exact, sub_open = settings_env_names(annotation, env + "__")
-            exact |= sub_exact
-            open_prefixes |= sub_open
-        elif getattr(annotation, "__origin__", None) in (dict, list):
-            open_prefixes.add(env + "__")
-    return exact, open_prefixes
-
-
-def is_settings_env(name: str) -> bool:
-    exact, open_prefixes = settings_env_names()
-    return name in exact or any(name.startswith(p) for p in open_prefixes)
-
-
-def compose() -> dict[str, Any]:
-    doc: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
-    return doc
-
-
-def services() -> dict[str, dict[str, Any]]:
-    result: dict[str, dict[str, Any]] = compose()["services"]
-    return result
-
-
-def _environment(service: dict[str, Any]) -> dict[str, str]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        return dict(item.split("=", 1) for item in env)
-    return {str(k): str(v) for k, v in env.items()}
-
-
-def resolve_cli(args: list[str]) -> tuple[Any, list[str]]:
-    """Walk `fleetbus <group> <command> ...` down the Typer app; return the command and the rest.
-
-    Duck-typed: Typer ships its own copy of click, so isinstance checks against click fail.
-    """
-    command: Any = typer.main.get_command(cli_app)
-    rest = list(args)
-    while hasattr(command, "commands") and rest and not rest[0].startswith("-"):
-        sub = command.commands.get(rest[0])
-        assert sub is not None, f"`fleetbus {' '.join(args)}`: no command {rest[0]!r}"
-        command, rest = sub, rest[1:]
-    assert not hasattr(command, "commands"), f"`fleetbus {' '.join(args)}` names a group"
-    return command, rest
-
-
-def check_cli(args: list[str]) -> None:
-    command, rest = resolve_cli(args)
-    known = {opt for p in command.params for opt in (*p.opts, *p.secondary_opts)}
-    given = {token.split("=", 1)[0] for token in rest if token.startswith("--")}
-    for option in given:
-        assert option in known, f"`fleetbus {' '.join(args)}`: unknown option {option}"
-    # The CLI refuses a command line without its required options (an environment variable
-    # does not stand in for one unless the option names it).
-    for param in command.params:
-        if param.required and not param.envvar and param.opts[0].startswith("--"):
-            assert given & set(param.opts), (
-                f"`fleetbus {' '.join(args)}`: missing required option {param.opts[0]}"
-            )
-
-
-def fleetbus_command_lines() -> list[tuple[str, list[str]]]:
-    """(service, argv after `fleetbus`) for every fleetbus invocation in the compose file."""
-    out: list[tuple[str, list[str]]] = []
-    for name, service in services().items():
-        if not str(service.get("image", "")).startswith("fleetbus:"):
-            continue
-        entrypoint = service.get("entrypoint")
-        command = service.get("command")
-        if entrypoint is None:
-            argv = command if isinstance(command, list) else shlex.split(command or "worker")
-            out.append((name, argv))
-            continue
-        script = "\n".join(command) if isinstance(command, list) else str(command)
-        for line in script.splitlines():
-            match = re.search(r"(?:^|\s)fleetbus\s+(.*)$", line)
-            if match:
-                out.append((name, shlex.split(match.group(1))))
-    return out
 
 
 def _needs_fleet_cli(argv: list[str]) -> None:
@@ -166,7 +81,7 @@ def test_images_pinned() -> None:
 
 
 def test_kafka_is_kraft_without_auto_create() -> None:
-    env = _environment(services()["kafka"])
+    env = environment(services()["kafka"])
     assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
     assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
 
@@ -182,7 +97,7 @@ def test_settings_env_names_are_derived_from_the_model() -> None:
 def test_every_fleetbus_env_var_is_a_settings_field() -> None:
     seen = 0
     for name, service in services().items():
-        for key in _environment(service):
+        for key in environment(service):
             if key.startswith("FLEETBUS_"):
                 seen += 1
                 assert is_settings_env(key), f"{name}: {key} is not a FleetbusSettings field"
@@ -190,7 +105,7 @@ def test_every_fleetbus_env_var_is_a_settings_field() -> None:
 
 
 def test_worker_metrics_port_is_what_prometheus_scrapes() -> None:
-    env = _environment(services()["worker"])
+    env = environment(services()["worker"])
     prom = yaml.safe_load((ROOT / "observability/prometheus/prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in prom["scrape_configs"]}
     assert jobs["fleetbus-worker"]["dns_sd_configs"][0]["port"] == int(env["FLEETBUS_METRICS_PORT"])
@@ -225,7 +140,7 @@ def test_kme_keeps_its_pool_in_a_named_volume() -> None:
 
 
 def test_kme_server_certs_name_the_host_workers_dial() -> None:
-    host = urlsplit(_environment(services()["worker"])["FLEETBUS_QKD_KME_URL"]).hostname
+    host = urlsplit(environment(services()["worker"])["FLEETBUS_QKD_KME_URL"]).hostname
     init = "\n".join(services()["init"]["command"])
     (certs,) = [shlex.split(m) for m in re.findall(r"fleetbus (kme certs .*)", init)]
     sans = [certs[i + 1] for i, arg in enumerate(certs) if arg == "--san"]
@@ -234,7 +149,7 @@ def test_kme_server_certs_name_the_host_workers_dial() -> None:
 
 
 def test_workers_expect_the_kme_id_of_the_kme_they_dial() -> None:
-    env = _environment(services()["worker"])
+    env = environment(services()["worker"])
     port = urlsplit(env["FLEETBUS_QKD_KME_URL"]).port
     init = "\n".join(services()["init"]["command"])
     (certs,) = [shlex.split(m) for m in re.findall(r"fleetbus (kme certs .*)", init)]
@@ -355,22 +270,8 @@ def test_dockerignore_keeps_secrets_and_state_out() -> None:
     assert {".git", ".venv", "keys", "pki", "tests"} <= ignored
 
 
-def kafka_properties(env: dict[str, str]) -> dict[str, str]:
-    """The apache/kafka image's rendering of KAFKA_* variables into server.properties:
-    drop the prefix, lower-case, ``___`` → ``-``, ``__`` → ``_``, ``_`` → ``.``."""
-    skip = {"KAFKA_HEAP_OPTS", "KAFKA_OPTS", "KAFKA_JMX_OPTS", "KAFKA_LOG4J_OPTS"}
-    props: dict[str, str] = {}
-    for key, value in env.items():
-        if not key.startswith("KAFKA_") or key in skip:
-            continue
-        name = key[len("KAFKA_") :].lower()
-        name = name.replace("___", "-").replace("__", "\0").replace("_", ".").replace("\0", "_")
-        props[name] = value.replace("$$", "$")
-    return props
-
-
 def test_kafka_accepts_only_mutual_tls_and_authorizes_every_request() -> None:
-    props = kafka_properties(_environment(services()["kafka"]))
+    props = kafka_properties(environment(services()["kafka"]))
     protocols = dict(item.split(":") for item in props["listener.security.protocol.map"].split(","))
     listeners = [item.split("://")[0] for item in props["listeners"].split(",")]
     assert set(listeners) == set(protocols)
@@ -402,7 +303,7 @@ def test_every_kafka_client_connects_as_its_own_principal_over_tls() -> None:
     expected_role = {"worker": "--worker", "fleet": "--vehicles", "kafka-acls": None}
     clients = 0
     for name, service in services().items():
-        env = _environment(service)
+        env = environment(service)
         if "FLEETBUS_KAFKA_BOOTSTRAP" not in env or name not in expected_role:
             continue
         clients += 1
@@ -491,7 +392,7 @@ def test_the_fleet_simulates_the_vehicles_init_issues_and_exports() -> None:
 
 def test_the_worker_pki_holds_its_own_client_key_and_no_ca_key() -> None:
     worker = services()["worker"]
-    env = _environment(worker)
+    env = environment(worker)
     wanted = {Path(env[f"FLEETBUS_QKD_{kind}_FILE"]).name for kind in ("CA", "CERT", "KEY")}
     pki_volume = _volume_at("worker", "/pki")
     out_dir = _mounts(services()["init"])[pki_volume]
@@ -509,7 +410,7 @@ def test_published_ports_bind_loopback_only() -> None:
 
 def test_dev_services_expose_no_admin_surface() -> None:
     assert "--web.enable-lifecycle" not in services()["prometheus"]["command"]
-    grafana = _environment(services()["grafana"])
+    grafana = environment(services()["grafana"])
     # No login form and no basic auth: the image's default admin password opens nothing.
     assert grafana["GF_AUTH_DISABLE_LOGIN_FORM"] == "true"
     assert grafana["GF_AUTH_BASIC_ENABLED"] == "false"
@@ -532,7 +433,7 @@ def test_kafka_pki_keeps_an_existing_pki() -> None:
 
 def test_kafka_data_is_on_its_volume() -> None:
     kafka = services()["kafka"]
-    assert _environment(kafka)["KAFKA_LOG_DIRS"] == _mounts(kafka)["kafka-data"]
+    assert environment(kafka)["KAFKA_LOG_DIRS"] == _mounts(kafka)["kafka-data"]
 
 
 def _requirement_name(spec: str) -> str:

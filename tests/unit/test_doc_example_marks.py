@@ -1,9 +1,9 @@
 """Every code block of README.md and docs/ is either run by the doc-example test or marked as
-not runnable with a reason (``tests/doc_blocks.py`` describes the marks)."""
+not runnable with a reason (``tests/support/doc_blocks.py`` describes the marks)."""
 
 from __future__ import annotations
 
-import doc_blocks
+from tests.support import doc_blocks
 
 
 def test_every_block_is_run_or_marked_with_a_reason() -> None:

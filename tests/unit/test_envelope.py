@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from envelope_support import TOPIC, Vehicle, World, make_vehicle, make_world
 
 from fleetbus.bus.envelope import (
     ALG_A256GCM,
@@ -23,6 +22,7 @@ from fleetbus.bus.envelope import (
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.keys import KeyPath
 from fleetbus.providers.sealing import EpochPolicy, SealRequest
+from tests.support.envelope import TOPIC, Vehicle, World, make_vehicle, make_world
 
 
 def requests(

@@ -7,7 +7,6 @@ from functools import cache
 
 import cbor2
 import pytest
-from envelope_support import TOPIC, World, make_world
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +15,7 @@ from fleetbus.bus.errors import ReasonCode
 from fleetbus.providers.keypath import ProfileSealer
 from fleetbus.providers.merkle import inclusion_proofs, leaf_hash, root_from_inclusion_proof
 from fleetbus.providers.sealing import EnvelopeSealer, EpochPolicy, SealRequest
+from tests.support.envelope import TOPIC, World, make_world
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -6,15 +6,6 @@ import dataclasses
 
 import cbor2
 import pytest
-from envelope_support import (
-    TOPIC,
-    World,
-    flip,
-    make_vehicle,
-    make_world,
-    rebuild,
-    with_header,
-)
 
 from fleetbus.bus.envelope import (
     ENVELOPE_TAG,
@@ -28,6 +19,15 @@ from fleetbus.bus.envelope import (
 from fleetbus.bus.errors import FleetbusError, KafkaUnavailableError, ReasonCode
 from fleetbus.bus.keys import PrivateKeySet, Verifier
 from fleetbus.providers.sealing import EnvelopeOpener, EpochPolicy, SealRequest
+from tests.support.envelope import (
+    TOPIC,
+    World,
+    flip,
+    make_vehicle,
+    make_world,
+    rebuild,
+    with_header,
+)
 
 
 def reason_of(world: World, envelope: bytes, *, topic: str = TOPIC, **opener: object) -> ReasonCode:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import cbor2
 import pytest
-from envelope_support import TOPIC, World, make_vehicle, make_world, profile
 
 from fleetbus.bus.envelope import ENVELOPE_TAG, EnvelopeError, MessageKind, canonical_dumps
 from fleetbus.bus.envelope_v2 import (
@@ -40,6 +39,7 @@ from fleetbus.providers.sealing_v2 import (
     open_status,
     sign_status,
 )
+from tests.support.envelope import TOPIC, World, make_vehicle, make_world, profile
 
 
 def sealer_v2(world: World, **kw: object) -> EpochSealer:

@@ -15,7 +15,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from envelope_support import Clock, StaticDirectory, providers
 
 from fleetbus.bus.envelope_v2 import Direction
 from fleetbus.bus.keys import KeyPath, PrivateKeySet
@@ -26,6 +25,7 @@ from fleetbus.providers.signers import (
     Ed25519Suite,
     MLDSA65Suite,
 )
+from tests.support.envelope import Clock, StaticDirectory, providers
 
 HERE = Path(__file__).parents[1] / "vectors" / "envelope_v2"
 VECTORS = {p.stem: json.loads(p.read_text()) for p in sorted(HERE.glob("*.json"))}

@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from envelope_support import Clock, StaticDirectory, providers
 
 from fleetbus.bus.envelope import (
     BatchSignature,
@@ -36,6 +35,7 @@ from fleetbus.providers.keypath import KeyPathRunner
 from fleetbus.providers.merkle import leaf_hash, merkle_root, root_from_inclusion_proof
 from fleetbus.providers.sealing import EnvelopeOpener, derive_message_key
 from fleetbus.providers.signers import CompositeMLDSA65Ed25519Suite, Ed25519Suite, MLDSA65Suite
+from tests.support.envelope import Clock, StaticDirectory, providers
 
 HERE = Path(__file__).parents[1] / "vectors" / "envelope"
 FILES = sorted(p for p in HERE.glob("*.json") if p.name != "merkle_rfc6962.json")

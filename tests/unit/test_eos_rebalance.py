@@ -15,7 +15,6 @@ from types import TracebackType
 from typing import Any
 
 from aiokafka.structs import TopicPartition
-from envelope_support import unconnected
 
 from fleetbus.processors.audit import AuditChain, AuditEvent
 from fleetbus.processors.eos import (
@@ -26,6 +25,7 @@ from fleetbus.processors.eos import (
     TransactionalStage,
     _Partition,
 )
+from tests.support.envelope import unconnected
 
 TP = TopicPartition("in", 0)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from envelope_support import unconnected
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -22,6 +21,7 @@ from fleetbus.observability.tracing import (
 from fleetbus.processors import eos
 from fleetbus.processors.audit import AuditEvent
 from fleetbus.processors.eos import InputRecord, Output, PartitionState, StageResult
+from tests.support.envelope import unconnected
 
 
 class Forward:

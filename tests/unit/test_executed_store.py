@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from envelope_support import make_vehicle
 from kafka.errors import CommitFailedError
 
 from fleetbus.bus.commands import Command, Response, Target
@@ -20,6 +19,7 @@ from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.providers.signers import Ed25519Suite
 from fleetbus.sdk import vehicle as vehicle_module
 from fleetbus.sdk.vehicle import ExecutedStore, HandlerResult, VehicleAgent, VehicleIdentity
+from tests.support.envelope import make_vehicle
 
 V1, V2 = "V-1", "V-2"
 

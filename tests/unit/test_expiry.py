@@ -13,7 +13,12 @@ from typing import Any
 
 import cbor2
 import pytest
-from unit.test_stages import (
+
+from fleetbus.bus.commands import Response, StatusEvent, Target
+from fleetbus.bus.errors import ReasonCode
+from fleetbus.processors.eos import AUDIT_HEAD_KEY, PartitionState
+from fleetbus.processors.stages import AuthorizedCommand, RejectedCommand, TrackStage
+from tests.unit.test_stages import (
     NOW,
     TOPICS,
     Fleet,
@@ -26,12 +31,7 @@ from unit.test_stages import (
     uplink,
     vehicle_envelope,
 )
-from unit.test_stages import fleet as fleet
-
-from fleetbus.bus.commands import Response, StatusEvent, Target
-from fleetbus.bus.errors import ReasonCode
-from fleetbus.processors.eos import AUDIT_HEAD_KEY, PartitionState
-from fleetbus.processors.stages import AuthorizedCommand, RejectedCommand, TrackStage
+from tests.unit.test_stages import fleet as fleet
 
 MS = 0.001  # state times are kept in milliseconds: "just after" a deadline is one ms later
 

@@ -19,8 +19,6 @@ from typing import Any
 import pytest
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
-from envelope_support import unconnected
-from integration.pipeline_support import DISPATCHER, SEALER, TestFleet, make_test_fleet
 
 from fleetbus.bus.commands import Command, SignedCommand, Target
 from fleetbus.bus.directory import FleetRoot, KeyDirectory, issue_key
@@ -40,6 +38,8 @@ from fleetbus.processors.eos import DeadLetter, InputRecord, Output, PartitionSt
 from fleetbus.processors.fleet_registry import FleetRegistry
 from fleetbus.processors.policy import PolicyEngine
 from fleetbus.processors.stages import AuthorizedCommand, AuthorizeStage, PipelineTopics
+from tests.support.envelope import unconnected
+from tests.support.pipeline import DISPATCHER, SEALER, TestFleet, make_test_fleet
 
 EDGE = "EDGE-1"
 

@@ -18,15 +18,6 @@ from typing import Any
 
 import pytest
 from kafka.partitioner import murmur2
-from vectors.hostile.corpus import (
-    BUS_TARGETS,
-    FLEET,
-    KEYS_TARGET,
-    VEHICLE_TARGET,
-    Case,
-    load_cases,
-    load_meta,
-)
 
 from fleetbus.bus.commands import SignedApproval, SignedCommand
 from fleetbus.bus.directory import (
@@ -55,6 +46,15 @@ from fleetbus.processors.uplink import UplinkLimits
 from fleetbus.providers.keypath import KeyPathRunner
 from fleetbus.providers.sealing import EnvelopeOpener
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
+from tests.vectors.hostile.corpus import (
+    BUS_TARGETS,
+    FLEET,
+    KEYS_TARGET,
+    VEHICLE_TARGET,
+    Case,
+    load_cases,
+    load_meta,
+)
 
 CASES = load_cases()
 META = load_meta()

@@ -56,11 +56,7 @@ KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset(
         ("kmesim/pki.py", "fleetbus.devtools.pki"),
         # devtools -> cli: the demo builds its fleet with the CLI's fleet builder (r-devtools:
         # "shared fleet builder" goes to devtools; cli then imports it from there).
-        ("devtools/demo.py", "fleetbus.cli.fleet"),
-        # bench -> tests: the pipeline bench and the profiler use the test fleet builder
-        # (r-devtools: "bench imports none of the tests").
-        ("bench/bench_pipeline.py", "integration"),
-        ("bench/profile_secure.py", "integration"),
+        ("devtools/demo/agents.py", "fleetbus.cli.fleet"),
         # bench -> a private name of the sdk (the bench uses the agent's public API instead).
         ("bench/bench_pipeline.py", "fleetbus.sdk.vehicle._trace_headers"),
     }

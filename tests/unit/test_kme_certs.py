@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from fleetbus.bus.errors import ConfigError
 from fleetbus.cli.kme import kme_app
+from fleetbus.kmesim.config import KMEPairConfig
 from fleetbus.kmesim.pki import make_test_pki, parse_san
-from fleetbus.kmesim.server import KMEPair, KMEPairConfig
+from fleetbus.kmesim.server import KMEPair
 
 
 def sans_of(cert_file: Path) -> tuple[set[str], set[str]]:

@@ -1,5 +1,9 @@
 """The simulated QKD link's key pool, without network: once-only handout, bounds, rate, and
-its state file (a restart keeps unfetched keys; a corrupt file stops the start)."""
+its state file (a restart keeps unfetched keys; a corrupt file stops the start).
+
+Over 500 lines because it covers the pool and its state file together: the state cases drive the
+same pool API.
+"""
 
 from __future__ import annotations
 
@@ -16,17 +20,11 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from fleetbus.kmesim.server import (
-    KeyPool,
-    KMEBadRequest,
-    KMEPairConfig,
-    KMEService,
-    KMEStateError,
-    KMEUnauthorized,
-    KMEUnavailable,
-    PoolStateFile,
-    caller_sae_id,
-)
+from fleetbus.kmesim.api import KMEService, caller_sae_id
+from fleetbus.kmesim.config import KMEPairConfig
+from fleetbus.kmesim.errors import KMEBadRequest, KMEUnauthorized, KMEUnavailable
+from fleetbus.kmesim.pool import KeyPool
+from fleetbus.kmesim.state import KMEStateError, PoolStateFile
 
 A, B = "KME-A", "KME-B"
 HUB, EDGE, EDGE2 = "sae-hub", "sae-edge-1", "sae-edge-2"

@@ -58,7 +58,7 @@ def test_ports_are_chosen_outside_the_ephemeral_range(
     and the broker's bind; base ports that overlap the kernel's range are never chosen."""
     port_range = tmp_path / "ip_local_port_range"
     port_range.write_text("20000\t20999\n")
-    monkeypatch.setattr(kafka, "EPHEMERAL_PORT_RANGE", port_range)
+    monkeypatch.setattr(kafka.ports, "EPHEMERAL_PORT_RANGE", port_range)
     assert kafka.ephemeral_ports() == range(20000, 21000)
     base = find_free_base_port(6, start=19996, stop=22000)
     assert base >= 21000  # 19996-20001 overlaps the range, and so does everything to 20996

@@ -86,15 +86,3 @@ def test_static_imports_match_the_lazy_loader(name: str) -> None:
 def test_an_unknown_name_is_an_attribute_error(name: str) -> None:
     with pytest.raises(AttributeError, match="no_such_name"):
         _package(name).no_such_name  # noqa: B018
-
-
-def test_bus_imports_no_provider() -> None:
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, fleetbus.bus, fleetbus.cli.main; "
-        "print(any(m.startswith('fleetbus.providers') for m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"

@@ -1,4 +1,8 @@
-"""Stage logic without Kafka: authorize, seal (with failover), track and telemetry."""
+"""Stage logic without Kafka: authorize, seal (with failover), track and telemetry.
+
+Over 500 lines because the four stages' cases share one fleet and the stage builders that
+test_expiry and test_bus_latency import.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ from typing import Any
 
 import cbor2
 import pytest
-from envelope_support import Fleet, fleet_of
 
 from fleetbus.bus.commands import (
     Approval,
@@ -21,7 +24,7 @@ from fleetbus.bus.commands import (
     Target,
     Telemetry,
 )
-from fleetbus.bus.directory import FleetRoot, issue_key
+from fleetbus.bus.directory import FleetRoot
 from fleetbus.bus.envelope import decode_envelope
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.keys import (
@@ -50,6 +53,7 @@ from fleetbus.processors.stages import (
 )
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer
+from tests.support.envelope import Fleet, fleet_of, issuer
 
 NOW = time.time() - 7200  # the openers get this clock too: results do not depend on run time
 TOPICS = PipelineTopics.from_settings(FleetbusSettings().topics)
@@ -72,54 +76,17 @@ class BrokenQKD(KeyProvider):
 @pytest.fixture(scope="module")
 def fleet() -> Fleet:
     root = FleetRoot.generate(SUITE)
-    w = {"not_before": NOW - 3600, "not_after": NOW + 86400}
+    issue = issuer(root, SUITE, NOW)
+    kems = ["xwing", "x25519"]
     issued = [
-        issue_key(
-            root,
-            principal_id="bus-sealer",
-            kind="sealer",
-            signature_suite=SUITE,
-            kems=["xwing", "x25519"],
-            **w,
-        ),
-        issue_key(root, principal_id="dispatch-1", kind="dispatcher", signature_suite=SUITE, **w),
-        issue_key(root, principal_id="dispatch-2", kind="approver", signature_suite=SUITE, **w),
-        issue_key(
-            root,
-            principal_id="V-1",
-            kind="vehicle",
-            signature_suite=SUITE,
-            kems=["xwing", "x25519"],
-            groups=["north"],
-            **w,
-        ),
-        issue_key(
-            root,
-            principal_id="V-2",
-            kind="vehicle",
-            signature_suite=SUITE,
-            kems=["xwing", "x25519"],
-            groups=["north"],
-            qkd_sae_id="sae-v2",
-            **w,
-        ),
-        issue_key(
-            root,
-            principal_id="V-3",
-            kind="vehicle",
-            signature_suite=SUITE,
-            kems=["x25519"],
-            groups=["south"],
-            **w,
-        ),
+        issue("bus-sealer", "sealer", kems=kems),
+        issue("dispatch-1", "dispatcher"),
+        issue("dispatch-2", "approver"),
+        issue("V-1", "vehicle", kems=kems, groups=["north"]),
+        issue("V-2", "vehicle", kems=kems, groups=["north"], qkd_sae_id="sae-v2"),
+        issue("V-3", "vehicle", kems=["x25519"], groups=["south"]),
     ]
-    stranger = issue_key(
-        FleetRoot.generate(SUITE),
-        principal_id="intruder",
-        kind="dispatcher",
-        signature_suite=SUITE,
-        **w,
-    )
+    stranger = issuer(FleetRoot.generate(SUITE), SUITE, NOW)("intruder", "dispatcher")
     return fleet_of(root, issued, outsiders=[stranger])
 
 

@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import pytest
-from envelope_support import Fleet, fleet_of
 
 from fleetbus.bus.commands import (
     Command,
@@ -19,7 +18,7 @@ from fleetbus.bus.commands import (
     Target,
     Telemetry,
 )
-from fleetbus.bus.directory import FleetRoot, issue_key
+from fleetbus.bus.directory import FleetRoot
 from fleetbus.bus.envelope import EnvelopeError
 from fleetbus.bus.errors import ConfigError, ReasonCode
 from fleetbus.bus.keys import KeyPath
@@ -37,6 +36,7 @@ from fleetbus.processors.stages import (
 from fleetbus.processors.uplink import UplinkLimits
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, ReplayCache
+from tests.support.envelope import Fleet, fleet_of, issuer
 
 NOW = time.time() - 7200  # every clock below is fixed: results do not depend on run time
 TOPICS = PipelineTopics.from_settings(FleetbusSettings().topics)
@@ -48,18 +48,13 @@ SKEW = 30.0
 @pytest.fixture(scope="module")
 def fleet() -> Fleet:
     root = FleetRoot.generate(SUITE)
-    w = {"not_before": NOW - 3600, "not_after": NOW + 86400}
+    issue = issuer(root, SUITE, NOW)
     kems = ["xwing", "x25519"]
     issued = [
-        issue_key(root, principal_id="bus-sealer", kind="sealer", signature_suite=SUITE,
-                  kems=kems, **w),
-        issue_key(root, principal_id="dispatch-1", kind="dispatcher", signature_suite=SUITE, **w),
-        *[
-            issue_key(root, principal_id=v, kind="vehicle", signature_suite=SUITE, kems=kems,
-                      groups=["north"], **w)
-            for v in ("V-1", "V-2", "V-3")
-        ],
-    ]  # fmt: skip
+        issue("bus-sealer", "sealer", kems=kems),
+        issue("dispatch-1", "dispatcher"),
+        *[issue(v, "vehicle", kems=kems, groups=["north"]) for v in ("V-1", "V-2", "V-3")],
+    ]
     return fleet_of(root, issued)
 
 

@@ -1,7 +1,10 @@
 """Wire format v2 in the pipeline, without Kafka: the seal stage writes establishment + message
 to vehicles announcing ``wire2``, the vehicle agent keeps epochs and answers ``epoch_unknown``,
 the track stage re-delivers the establishment, and nothing is executed twice
-(docs/wire-format.md V2.7, V2.10)."""
+(docs/wire-format.md V2.7, V2.10).
+
+Over 500 lines because the v2 cases share one fleet, the stage builders and a recording vehicle.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +17,9 @@ from typing import Any
 
 import cbor2
 import pytest
-from envelope_support import Fleet, fleet_of
 
 from fleetbus.bus.commands import Command, SignedCommand, Target, TelemetryBatch
-from fleetbus.bus.directory import FleetRoot, issue_key
+from fleetbus.bus.directory import FleetRoot
 from fleetbus.bus.envelope_v2 import (
     Direction,
     Message,
@@ -54,6 +56,7 @@ from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy
 from fleetbus.providers.sealing_v2 import EpochOpener, EpochSealer
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
+from tests.support.envelope import Fleet, fleet_of, issuer
 
 NOW = time.time() - 7200
 SETTINGS = FleetbusSettings()
@@ -64,17 +67,14 @@ SUITE = "ed25519"
 @pytest.fixture(scope="module")
 def fleet() -> Fleet:
     root = FleetRoot.generate(SUITE)
-    w = {"not_before": NOW - 3600, "not_after": NOW + 86400}
+    issue = issuer(root, SUITE, NOW)
     kems = ["xwing", "x25519"]
     issued = [
-        issue_key(root, principal_id="bus-sealer", kind="sealer", signature_suite=SUITE,
-                  kems=kems, capabilities=["wire2"], **w),
-        issue_key(root, principal_id="dispatch-1", kind="dispatcher", signature_suite=SUITE, **w),
-        issue_key(root, principal_id="V-1", kind="vehicle", signature_suite=SUITE, kems=kems,
-                  capabilities=["wire2"], **w),
-        issue_key(root, principal_id="V-3", kind="vehicle", signature_suite=SUITE, kems=kems,
-                  **w),
-    ]  # fmt: skip
+        issue("bus-sealer", "sealer", kems=kems, capabilities=["wire2"]),
+        issue("dispatch-1", "dispatcher"),
+        issue("V-1", "vehicle", kems=kems, capabilities=["wire2"]),
+        issue("V-3", "vehicle", kems=kems),
+    ]
     return fleet_of(root, issued)
 
 

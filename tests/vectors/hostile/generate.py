@@ -28,6 +28,9 @@ Targets: ``commands.requested`` / ``commands.approvals`` (authorize stage),
 and ``commands.outbound`` (a VehicleAgent); ``keys`` (a ``KeyDirectory`` following the key
 topic from the fleet's ``directory.cbor``). Topic names carry the fixed prefix ``hostile.``
 because envelopes bind the full topic name.
+
+Over 500 lines because it is one deterministic generator: every case shares the seeded DRBG, the
+fleet and the encoders, and the committed corpus is its output.
 """
 
 from __future__ import annotations

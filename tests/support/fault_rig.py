@@ -11,13 +11,15 @@ and one for the edge unit, and a ``CommandPublisher``.
 ``run(fault, commands)`` streams commands while ``fault`` runs and returns ``FaultCounts``:
 counted from the handlers (every invocation), the agents' durable executed stores, and the
 ``commands.responses`` / ``commands.status`` topics.
+
+Over 500 lines because the rig is one object: its faults, processes and counts share the
+cluster, KME pair and fleet it starts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -32,19 +34,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from integration.pipeline_support import DISPATCHER, TestFleet, make_test_fleet, read_topic
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEvent, Target
 from fleetbus.bus.errors import KafkaUnavailableError
 from fleetbus.bus.settings import FleetbusSettings, TopicNames
 from fleetbus.bus.topics import ensure_topics
+from fleetbus.devtools.fleet import process_env
 from fleetbus.devtools.kafka import LocalKafka, find_free_base_port, free_port
-from fleetbus.devtools.smoke import WorkerProcess
+from fleetbus.devtools.process import WorkerProcess, spawn, stop_group
 from fleetbus.kmesim.pki import DEFAULT_KME_IDS
 from fleetbus.processors.app import state_topic
 from fleetbus.sdk.dispatch import CommandPublisher
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
+from tests.support.pipeline import DISPATCHER, TestFleet, make_test_fleet, read_topic
 
 MASTER_SAE = "sae-hub"
 EDGE_SAE = "sae-edge-1"
@@ -85,9 +88,7 @@ class KMEProcess:
             "--key-rate", "2000000", "--pool-size", "4096", "--max-key-per-request", "128",
         ]  # fmt: skip
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            self.proc = spawn(args, stdout=out)
         deadline = time.monotonic() + timeout_s
         while b"fleetbus-kme ready" not in log.read_bytes():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -96,12 +97,7 @@ class KMEProcess:
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            stop_group(self.proc, 15, sig)
 
     def reserved_in_state(self) -> int:
         """Reserved, unfetched keys in the state file (read while the KME is down)."""
@@ -236,13 +232,7 @@ class FaultRig:
         s = self.settings
         master = self.kme.pki.saes[MASTER_SAE]
         return {
-            "FLEETBUS_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-            "FLEETBUS_APP_ID": s.app_id,
-            "FLEETBUS_PARTITIONS": str(s.partitions),
-            "FLEETBUS_TOPICS__PREFIX": s.topics.prefix,
-            "FLEETBUS_SMOKE_SOURCE": s.topics.prefix + "smoke.in",
-            "FLEETBUS_SMOKE_SINK": s.topics.prefix + "smoke.out",
-            "FLEETBUS_DATA_DIR": str(self.workdir / "state"),
+            **process_env(s, self.workdir),
             "FLEETBUS_WEB_PORT": "0",
             "FLEETBUS_KEYS_DIR": str(self.fleet.keys_dir),
             "FLEETBUS_PIPELINE": "on",

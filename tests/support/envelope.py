@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetbus.bus.directory import FleetRoot, IssuedKey, KeyDirectory, PrincipalKeyFile
+from fleetbus.bus.directory import FleetRoot, IssuedKey, KeyDirectory, PrincipalKeyFile, issue_key
 from fleetbus.bus.envelope import (
     BatchSignature,
     ParsedEnvelope,
@@ -59,6 +59,20 @@ class Fleet:
     directory: KeyDirectory
     files: dict[str, PrincipalKeyFile]
     policy: PolicyEngine
+
+
+def issuer(root: FleetRoot, suite: str, now: float) -> Callable[..., IssuedKey]:
+    """``issue(principal_id, kind, **extra)``: a key of ``root``'s fleet signed with ``suite``,
+    valid from an hour before ``now`` to a day after unless ``extra`` says otherwise (``kems``,
+    ``groups``, ``capabilities``, ``qkd_sae_id``, ``not_before``, ``not_after``). The unit tests
+    build their fleets with it and ``fleet_of``."""
+
+    def issue(principal_id: str, kind: str, **extra: Any) -> IssuedKey:
+        extra.setdefault("not_before", now - 3600)
+        extra.setdefault("not_after", now + 86400)
+        return issue_key(root, principal_id=principal_id, kind=kind, signature_suite=suite, **extra)
+
+    return issue
 
 
 def fleet_of(

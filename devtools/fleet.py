@@ -1,5 +1,4 @@
-"""Shared scaffolding for pipeline tests: a complete test fleet on disk, and settings with
-fresh topics on the real broker.
+"""A complete fleet on disk for tests, benchmarks and local runs, and settings with fresh topics.
 
 ``make_test_fleet(tmp_path, vehicles=4)`` writes a ``fleetbus keys``-style folder — ``root.key``,
 ``root.pub``, ``directory.cbor`` and one ``<principal>.key`` (0600) per principal — and returns a
@@ -20,10 +19,7 @@ principal         kind        keys
 
 ``settings_for(bootstrap)`` makes ``FleetbusSettings`` with a unique topic prefix and app id and
 creates every topic of ``TopicNames`` on the broker (``keys`` compacted).
-
-For a ``fleetbus worker`` subprocess: ``worker_env(settings, workdir)`` is its
-``FLEETBUS_*`` environment, ``qkd_worker_env(kme_pair)`` adds the bus's QKD provider (the KME
-pair's master SAE at KME-A) and ``TestFleet.add_edge_unit`` issues a QKD-connected edge unit.
+``TestFleet.add_edge_unit`` issues a QKD-connected edge unit.
 """
 
 from __future__ import annotations
@@ -35,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetbus.bus.commands import Command, SignedCommand, Target
 from fleetbus.bus.directory import (
     ROOT_SUITE,
     FleetRoot,
@@ -196,7 +191,7 @@ def make_test_fleet(
     pass ``"composite-mldsa65-ed25519"`` to exercise the hybrid suite.
     """
     at = time.time() if now is None else now
-    window = {"not_before": at - DAY_S, "not_after": at + 30 * DAY_S}
+    not_before, not_after = at - DAY_S, at + 30 * DAY_S
     keys_dir = tmp_path / "keys"
     keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     root = FleetRoot.generate(ROOT_SUITE)
@@ -211,17 +206,24 @@ def make_test_fleet(
             signature_suite=sealer_suite,
             kems=KEMS,
             capabilities=sealer_capabilities,
-            **window,
+            not_before=not_before,
+            not_after=not_after,
         ),
         issue_key(
             root,
             principal_id=DISPATCHER,
             kind="dispatcher",
             signature_suite=dispatcher_suite,
-            **window,
+            not_before=not_before,
+            not_after=not_after,
         ),
         issue_key(
-            root, principal_id=APPROVER, kind="approver", signature_suite=dispatcher_suite, **window
+            root,
+            principal_id=APPROVER,
+            kind="approver",
+            signature_suite=dispatcher_suite,
+            not_before=not_before,
+            not_after=not_after,
         ),
     ]
     groups: dict[str, list[str]] = {g: [] for g in GROUPS}
@@ -238,7 +240,8 @@ def make_test_fleet(
                 kems=KEMS,
                 groups=[group],
                 capabilities=vehicle_capabilities,
-                **window,
+                not_before=not_before,
+                not_after=not_after,
             )
         )
     # The intruder has a well-formed key whose record another root signed.
@@ -248,7 +251,8 @@ def make_test_fleet(
         principal_id=INTRUDER,
         kind="dispatcher",
         signature_suite=dispatcher_suite,
-        **window,
+        not_before=not_before,
+        not_after=not_after,
     )
     publish_directory_file(keys_dir / "directory.cbor", root, [i.signed for i in issued])
     key_files: dict[str, PrincipalKeyFile] = {}
@@ -295,82 +299,17 @@ def settings_for(
     return settings
 
 
-def worker_env(settings: FleetbusSettings, workdir: Path, **extra: str) -> dict[str, str]:
-    """The environment of a ``fleetbus worker`` running the pipeline on ``settings`` (keys from
-    ``settings.keys_dir``, state under ``workdir``, half-second ticks); ``extra`` adds or
-    overrides."""
-    env = {
+def process_env(settings: FleetbusSettings, workdir: Path) -> dict[str, str]:
+    """The ``FLEETBUS_*`` variables every fleetbus process of a local run shares: the broker, app
+    id, partitions, topic prefix and keys folder of ``settings``, state under ``workdir``."""
+    prefix = settings.topics.prefix
+    return {
         "FLEETBUS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
         "FLEETBUS_APP_ID": settings.app_id,
         "FLEETBUS_PARTITIONS": str(settings.partitions),
-        "FLEETBUS_TOPICS__PREFIX": settings.topics.prefix,
-        "FLEETBUS_SMOKE_SOURCE": settings.topics.prefix + "smoke.in",
-        "FLEETBUS_SMOKE_SINK": settings.topics.prefix + "smoke.out",
+        "FLEETBUS_TOPICS__PREFIX": prefix,
+        "FLEETBUS_SMOKE_SOURCE": prefix + "smoke.in",
+        "FLEETBUS_SMOKE_SINK": prefix + "smoke.out",
+        "FLEETBUS_KEYS_DIR": str(settings.keys_dir),
         "FLEETBUS_DATA_DIR": str(workdir / "state"),
-        "FLEETBUS_WEB_PORT": "0",
-        "FLEETBUS_KEYS_DIR": settings.keys_dir,
-        "FLEETBUS_PIPELINE": "on",
-        "FLEETBUS_TICK_INTERVAL_S": "0.5",
-        "FLEETBUS_AUDIT_CHECKPOINT_EVERY": "5",
     }
-    env.update(extra)
-    return env
-
-
-def read_topic(bootstrap: str, name: str, *, idle_s: float = 3.0) -> list[Any]:
-    """Every committed record of topic ``name``, read until ``idle_s`` pass without one."""
-    from fleetbus.devtools.demo import read_topic as read_committed
-
-    return read_committed(bootstrap, name, idle_s=idle_s)
-
-
-def qkd_worker_env(kme_pair: Any) -> dict[str, str]:
-    """``FLEETBUS_QKD_*`` for a worker that is the master SAE of a ``kme_pair`` (fixtures_kme):
-    profiles with ``qkd-etsi014`` paths then work for edge units behind KME-B."""
-    master = kme_pair.pki.saes[kme_pair.master_sae]
-    return {
-        "FLEETBUS_QKD_KME_URL": kme_pair.kme_a_url,
-        "FLEETBUS_QKD_KME_ID": kme_pair.kme_a_id,
-        "FLEETBUS_QKD_SAE_ID": kme_pair.master_sae,
-        "FLEETBUS_QKD_CA_FILE": str(kme_pair.pki.ca_cert),
-        "FLEETBUS_QKD_CERT_FILE": str(master.cert),
-        "FLEETBUS_QKD_KEY_FILE": str(master.key),
-    }
-
-
-def seal_command(
-    fleet: TestFleet,
-    settings: FleetbusSettings,
-    vehicle: str,
-    *,
-    action: str = "unlock_doors",
-    target: Target | None = None,
-    issuer: str = DISPATCHER,
-    sender: str = SEALER,
-    path: str = "xwing",
-    age_s: float = 0.0,
-    ttl_s: float = 60.0,
-) -> tuple[Command, bytes]:
-    """A command to ``vehicle`` signed by ``issuer`` and sealed by ``sender`` as the seal stage
-    writes it to ``commands.outbound`` (created ``age_s`` ago)."""
-    now = time.time() - age_s
-    command = Command.create(
-        issuer=issuer,
-        target=target or Target(vehicle=vehicle),
-        action=action,
-        now=now,
-        ttl_s=ttl_s,
-    )
-    signed = SignedCommand.sign(command, fleet.signer(issuer))
-    envelope = fleet.sealer(sender).seal(
-        "cmd",
-        settings.topics.full(settings.topics.commands_outbound),
-        fleet.recipient_keys(vehicle),
-        command.id,
-        command.action,
-        signed.encode(),
-        now,
-        command.expires_at,
-        fleet.profile(path, principal=sender),
-    )
-    return command, envelope

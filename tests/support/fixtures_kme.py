@@ -1,8 +1,8 @@
 """Pytest plugin: a real ``fleetbus kme serve`` subprocess (two ETSI 014 KMEs, mutual TLS).
 
-Load it as ``pytest_plugins = ["fixtures_kme"]`` with ``tests/`` on ``sys.path`` (or
-``-p fixtures_kme``). Fixtures: ``kme_pki``, ``kme_foreign_pki``, ``kme_pair`` (session) and
-``qkd_provider_sides`` (per test, link reset to its start state).
+Load it as ``pytest_plugins = ["tests.support.fixtures_kme"]`` (``tests/conftest.py`` does) or
+``-p tests.support.fixtures_kme``. Fixtures: ``kme_pki``, ``kme_foreign_pki``, ``kme_pair``
+(session) and ``qkd_provider_sides`` (per test, link reset to its start state).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from contract.sides import ProviderSides
 
 from fleetbus.bus.keys import PrivateKeySet, RecipientKeys
 from fleetbus.kmesim.pki import DEFAULT_KME_IDS, TestPKI, make_test_pki
 from fleetbus.providers.qkd import QKDProvider
+from tests.support.sides import ProviderSides
 
 READY_PREFIX = "fleetbus-kme ready "
 START_TIMEOUT_S = 60.0
