@@ -37,6 +37,8 @@ from fleetbus.bus.directory import load_key_file
 from fleetbus.bus.errors import ConfigError, FleetbusError, KafkaUnavailableError, ReasonCode
 from fleetbus.bus.keys import Signer
 from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.sdk.kafka_transport import KafkaTransport
+from fleetbus.sdk.transport import Transport
 
 __all__ = [
     "CommandHandle",
@@ -75,6 +77,9 @@ class CommandPublisher:
     Give either ``private_key_file`` (a ``fleetbus keys`` ``<principal>.key`` file, mode 0600)
     or an already loaded ``signer``. The Kafka producer is idempotent with ``acks=all``: a
     retried send never duplicates a record and a confirmed send is on every in-sync replica.
+    ``transport``: where records go (default: a ``KafkaTransport`` of the settings, connected
+    here); ``MemoryTransport`` for tests. ``CommandHandle.wait`` reads ``commands.status`` from
+    Kafka whatever the transport.
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class CommandPublisher:
         signer: Signer | None = None,
         timeout_s: float = 10.0,
         client_id: str | None = None,
+        transport: Transport | None = None,
     ) -> None:
         if (private_key_file is None) == (signer is None):
             raise ConfigError("give exactly one of private_key_file or signer")
@@ -104,30 +110,30 @@ class CommandPublisher:
         self.timeout_s = timeout_s
         self._bootstrap = settings.kafka_bootstrap
         self.client_id = client_id or f"fleetbus-dispatch-{principal_id}"
-        from kafka import KafkaProducer
         from kafka.errors import KafkaError
 
-        try:
-            self._producer = KafkaProducer(
-                bootstrap_servers=self._bootstrap,
-                client_id=self.client_id,
-                acks="all",
-                enable_idempotence=True,
+        self.transport: Transport = transport or KafkaTransport(
+            settings,
+            client_id=self.client_id,
+            producer_options={
                 # kafka-python waits bootstrap_timeout_ms (30 s) for the first metadata answer
                 # unless told otherwise: the constructor too must give up within timeout_s.
-                bootstrap_timeout_ms=int(timeout_s * 1000),
-                max_block_ms=int(timeout_s * 1000),
-                request_timeout_ms=int(timeout_s * 1000),
-                linger_ms=5,
-                **settings.kafka_client_config(),
-            )
+                "bootstrap_timeout_ms": int(timeout_s * 1000),
+                "max_block_ms": int(timeout_s * 1000),
+                "request_timeout_ms": int(timeout_s * 1000),
+                "linger_ms": 5,
+            },
+            close_timeout_s=timeout_s,
+        )
+        try:
+            self.transport.connect()
         except (KafkaError, OSError) as exc:
             raise _kafka_error("connecting the command producer", self._bootstrap, exc) from exc
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._producer.close(timeout=self.timeout_s)
+        self.transport.close()
 
     def __enter__(self) -> CommandPublisher:
         return self
@@ -160,7 +166,7 @@ class CommandPublisher:
                 bootstrap=self._bootstrap,
                 client_id=self.client_id,
             ) as span:
-                future = self._producer.send(topic, key=key.encode(), value=value, headers=headers)
+                future = self.transport.send(topic, key.encode(), value, headers)
                 metadata = future.get(timeout=self.timeout_s)
                 record_delivery(span, partition=metadata.partition, offset=metadata.offset)
                 return metadata

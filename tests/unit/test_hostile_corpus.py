@@ -54,6 +54,7 @@ from fleetbus.processors.stages import (
 from fleetbus.processors.uplink import UplinkLimits
 from fleetbus.providers.keypath import KeyPathRunner
 from fleetbus.providers.sealing import EnvelopeOpener
+from fleetbus.sdk.transport import MemoryTransport
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
 
 CASES = load_cases()
@@ -207,9 +208,9 @@ class Vehicles:
             handlers={a: self.handle for a in ("ping", "unlock_doors")},
             store_path=":memory:",
             clock=lambda: NOW,
+            transport=MemoryTransport(),  # what it sends stays in memory
         )
         self.reasons: list[str] = []
-        self.sent: list[tuple[str, str]] = []
         real_reject = self.agent._reject
 
         def reject(reason: ReasonCode, detail: str) -> None:
@@ -217,7 +218,6 @@ class Vehicles:
             real_reject(reason, detail)
 
         self.agent._reject = reject  # type: ignore[method-assign]
-        self.agent._send = lambda topic, key, value, headers: self.sent.append((topic, key))  # type: ignore[method-assign,assignment,func-returns-value]
         self.offset = 0
 
     def handle(self, command: Any) -> HandlerResult:
