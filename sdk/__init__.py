@@ -1,6 +1,11 @@
 """fleetbus.sdk: the client libraries — the dispatch SDK (publish commands, follow their
 outcomes) and the vehicle agent (verify, open, execute, answer), over a transport (Kafka, or
-in memory for tests). What docs/sdk.md uses is importable from here."""
+in memory for tests). What docs/sdk.md uses is importable from here; the two key-provider
+names an agent may need (``QKDProvider`` for an edge unit on a QKD link, ``EpochPolicy`` for
+uplink key epochs) are loaded on first use, so that importing the SDK loads no provider."""
+
+from importlib import import_module
+from typing import Any
 
 from fleetbus.bus.commands import Command, Decision, Target
 from fleetbus.bus.settings import FleetbusSettings
@@ -27,6 +32,7 @@ __all__ = [
     "CommandOutcome",
     "CommandPublisher",
     "Decision",
+    "EpochPolicy",
     "ExecutedStore",
     "FleetbusSettings",
     "Handler",
@@ -35,6 +41,7 @@ __all__ = [
     "MemoryRecord",
     "MemoryTransport",
     "PlaintextCodec",
+    "QKDProvider",
     "RecordCodec",
     "StatusTimeoutError",
     "Target",
@@ -47,3 +54,18 @@ __all__ = [
     "read_status_events",
     "status_partition",
 ]
+
+#: Public names that live in ``fleetbus.providers``, imported on first access.
+_FROM_PROVIDERS = {
+    "EpochPolicy": "fleetbus.providers.sealing",
+    "QKDProvider": "fleetbus.providers.qkd",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _FROM_PROVIDERS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fleetbus.sdk' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
