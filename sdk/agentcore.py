@@ -1,6 +1,7 @@
-"""The state a vehicle agent's parts share: per-vehicle crypto state, the executions of a poll
-batch, counters, constants, the trace-context helpers and ``AgentCore``, the attributes and the
-cross-part methods that ``VehicleAgent``'s parts (``inbound``, ``execution``, ``uplink``) use."""
+"""The state a vehicle agent's parts share: per-vehicle crypto state (made by
+``AgentCore._make_vehicle``), the executions of a poll batch, counters, constants, the
+trace-context helpers, and ``AgentCore``: the attributes and the cross-part methods that
+``VehicleAgent``'s parts (``inbound``, ``execution``, ``uplink``) use."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from fleetbus.bus.commands import Command, ParamValue, Response
 from fleetbus.bus.directory import KeyDirectory
+from fleetbus.bus.errors import ConfigError
 from fleetbus.bus.keys import KeyPath, SecurityProfile
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.observability.tracing import record_delivery
@@ -21,7 +23,8 @@ from fleetbus.sdk.identity import VehicleIdentity
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-    from fleetbus.providers.sealing import EnvelopeSealer
+    from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
+    from fleetbus.providers.sealing import EnvelopeSealer, EpochPolicy, VerifiedRoots
     from fleetbus.providers.sealing_v2 import EpochOpener, EpochSealer, SqliteEpochStore
     from fleetbus.sdk.codec import RecordCodec
     from fleetbus.sdk.transport import Transport
@@ -154,6 +157,71 @@ class AgentCore:
     _retry_at: float  # monotonic time before which a redelivered record is not retried
     _batch: list[Execution] | None  # executions of the poll batch being read
     _position: tuple[Any, int] | None  # the record being handled
+    _minimum: KeyPath  # the weakest key path accepted for commands
+    _uplink_paths: list[KeyPath]
+    _uplink_epochs: EpochPolicy | None
+    _runner: KeyPathRunner
+    _profile_sealer: ProfileSealer
+    _roots: VerifiedRoots  # verified batch-signature roots, shared by the vehicles
+
+    def _make_vehicle(self, identity: VehicleIdentity) -> ServedVehicle:
+        from fleetbus.bus.envelope_v2 import Direction
+        from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, ReplayCache
+        from fleetbus.providers.sealing_v2 import EpochOpener, EpochSealer
+
+        if identity.keys.principal_id != identity.vehicle_id:
+            raise ConfigError(f"keys of {identity.keys.principal_id!r} given for a different id")
+        v1_opener = EnvelopeOpener(
+            identity.keys,
+            self.directory,
+            self._runner,
+            self._minimum,
+            max_size=self._max_size,
+            clock=self._clock,
+            skew_s=self._skew_s,
+            # Per vehicle: a group command reaches every member under the same message id.
+            # Per sender inside, no eviction (a full sender is refused); lifetimes bounded by
+            # the longest command lifetime the bus accepts, so entries always drain.
+            replay_cache=ReplayCache(max_per_sender=10_000, clock=self._clock),
+            max_lifetime_s=self.settings.replay_ttl_s,
+            root_cache=self._roots,
+        )
+        opener = EpochOpener(
+            identity.keys,
+            self.directory,
+            self._runner,
+            self._minimum,
+            store=self.epochs,
+            v1=v1_opener,
+            max_size=self._max_size,
+            clock=self._clock,
+            skew_s=self._skew_s,
+            max_lifetime_s=self.settings.replay_ttl_s,
+            root_cache=self._roots,
+        )
+        sealer = EnvelopeSealer(
+            identity.vehicle_id,
+            identity.signer,
+            self._profile_sealer,
+            epochs=self._uplink_epochs,
+            clock=self._clock,
+        )
+        profile = SecurityProfile(
+            name="vehicle-uplink",
+            key_paths=tuple(self._uplink_paths),
+            signature_suite=identity.signer.suite,
+            allow_fallback=True,
+            minimum_path=self._uplink_paths[-1],
+        )
+        uplink_v2 = EpochSealer(
+            identity.vehicle_id,
+            identity.signer,
+            self._profile_sealer,
+            direction=Direction.UPLINK,
+            epochs=self._uplink_epochs,
+            clock=self._clock,
+        )
+        return ServedVehicle(identity, opener, sealer, profile, uplink_v2)
 
     def _send(self, topic: str, key: str, value: bytes, headers: list[tuple[str, bytes]]) -> Any:
         raise NotImplementedError
@@ -167,16 +235,6 @@ class AgentCore:
         raise NotImplementedError
 
     def _republish(self, vehicle: ServedVehicle, command_id: str) -> list[Any]:
-        raise NotImplementedError
-
-    def _answer(
-        self,
-        vehicle: ServedVehicle,
-        command_id: str,
-        correlation_id: str | None,
-        status: int,
-        detail: str,
-    ) -> list[Any]:
         raise NotImplementedError
 
     def _publish_response(self, vehicle: ServedVehicle, response: Response) -> list[Any]:

@@ -246,3 +246,21 @@ class InboundPart(AgentCore):
         if found is None or found[1] is None:
             return []
         return self._publish_response(vehicle, Response.decode(found[1]))
+
+    def _answer(
+        self,
+        vehicle: ServedVehicle,
+        command_id: str,
+        correlation_id: str | None,
+        status: int,
+        detail: str,
+    ) -> list[Any]:
+        response = Response(
+            command_id=command_id,
+            correlation_id=correlation_id,
+            vehicle_id=vehicle.identity.vehicle_id,
+            status=status,
+            detail=detail,
+            executed_at=self._clock(),
+        )
+        return self._publish_response(vehicle, response)

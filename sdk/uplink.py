@@ -31,24 +31,6 @@ __all__ = ["UplinkPart"]
 class UplinkPart(AgentCore):
     """Answers and telemetry (a part of ``VehicleAgent``)."""
 
-    def _answer(
-        self,
-        vehicle: ServedVehicle,
-        command_id: str,
-        correlation_id: str | None,
-        status: int,
-        detail: str,
-    ) -> list[Any]:
-        response = Response(
-            command_id=command_id,
-            correlation_id=correlation_id,
-            vehicle_id=vehicle.identity.vehicle_id,
-            status=status,
-            detail=detail,
-            executed_at=self._clock(),
-        )
-        return self._publish_response(vehicle, response)
-
     def _publish_response(self, vehicle: ServedVehicle, response: Response) -> list[Any]:
         self.stats.answered += 1
         self.stats.by_status[response.status] = self.stats.by_status.get(response.status, 0) + 1

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 from fleetbus.bus.directory import KeyDirectory, PrincipalKeyFile
 from fleetbus.bus.envelope import DEFAULT_MAX_SIZE
 from fleetbus.bus.errors import ConfigError, FleetbusError, KafkaUnavailableError
-from fleetbus.bus.keys import KeyPath, KeyProvider, SecurityProfile
+from fleetbus.bus.keys import KeyPath, KeyProvider
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.observability.tracing import OP_PROCESS, consume_span, get_tracer, record_reject
 from fleetbus.sdk.agentcore import (
@@ -243,65 +243,6 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
     @property
     def vehicle_ids(self) -> list[str]:
         return sorted(self._vehicles)
-
-    def _make_vehicle(self, identity: VehicleIdentity) -> ServedVehicle:
-        from fleetbus.bus.envelope_v2 import Direction
-        from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, ReplayCache
-        from fleetbus.providers.sealing_v2 import EpochOpener, EpochSealer
-
-        if identity.keys.principal_id != identity.vehicle_id:
-            raise ConfigError(f"keys of {identity.keys.principal_id!r} given for a different id")
-        v1_opener = EnvelopeOpener(
-            identity.keys,
-            self.directory,
-            self._runner,
-            self._minimum,
-            max_size=self._max_size,
-            clock=self._clock,
-            skew_s=self._skew_s,
-            # Per vehicle: a group command reaches every member under the same message id.
-            # Per sender inside, no eviction (a full sender is refused); lifetimes bounded by
-            # the longest command lifetime the bus accepts, so entries always drain.
-            replay_cache=ReplayCache(max_per_sender=10_000, clock=self._clock),
-            max_lifetime_s=self.settings.replay_ttl_s,
-            root_cache=self._roots,
-        )
-        opener = EpochOpener(
-            identity.keys,
-            self.directory,
-            self._runner,
-            self._minimum,
-            store=self.epochs,
-            v1=v1_opener,
-            max_size=self._max_size,
-            clock=self._clock,
-            skew_s=self._skew_s,
-            max_lifetime_s=self.settings.replay_ttl_s,
-            root_cache=self._roots,
-        )
-        sealer = EnvelopeSealer(
-            identity.vehicle_id,
-            identity.signer,
-            self._profile_sealer,
-            epochs=self._uplink_epochs,
-            clock=self._clock,
-        )
-        profile = SecurityProfile(
-            name="vehicle-uplink",
-            key_paths=tuple(self._uplink_paths),
-            signature_suite=identity.signer.suite,
-            allow_fallback=True,
-            minimum_path=self._uplink_paths[-1],
-        )
-        uplink_v2 = EpochSealer(
-            identity.vehicle_id,
-            identity.signer,
-            self._profile_sealer,
-            direction=Direction.UPLINK,
-            epochs=self._uplink_epochs,
-            clock=self._clock,
-        )
-        return ServedVehicle(identity, opener, sealer, profile, uplink_v2)
 
     # -- the transport -------------------------------------------------------------------
 
