@@ -9,7 +9,6 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import cbor2
@@ -172,10 +171,10 @@ class Vehicles:
         return HandlerResult(200, "ok")
 
     def feed(self, value: bytes, key: bytes) -> None:
-        record = SimpleNamespace(
-            topic=TOPICS.outbound, key=key, value=value, headers=[], partition=0, offset=0
-        )
-        self.agent._handle_record(record)
+        errors = self.agent.stats.errors
+        self.transport.feed(TOPICS.outbound, key, value)
+        assert self.agent.poll_once(0) == 1
+        assert self.agent.stats.errors == errors  # nothing raised inside the agent
 
     def statuses(self) -> list[tuple[str, bytes]]:
         return [
