@@ -108,7 +108,8 @@ class KafkaTransport:
     def send(
         self, topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
     ) -> Any:
-        self.connect()
+        if self.producer is None:
+            self.connect()
         return self.producer.send(topic, key=key, value=value, headers=list(headers))
 
     def poll(self, timeout_s: float, max_records: int) -> Any:

@@ -128,16 +128,15 @@ class MemoryTransport:
         [answer] = transport.sent
     """
 
-    partitions: int = 1
     clock: Callable[[], float] = time.time
     sent: list[MemoryRecord] = field(default_factory=list)
     commits: list[dict[int, int]] = field(default_factory=list)
     seeks: list[tuple[Partition, int]] = field(default_factory=list)
     closed: bool = False
-    _logs: dict[Partition, list[MemoryRecord]] = field(default_factory=dict)
-    _positions: dict[Partition, int] = field(default_factory=dict)
-    _committed: dict[Partition, int] = field(default_factory=dict)
-    _sent_offsets: dict[Partition, itertools.count[int]] = field(default_factory=dict)
+    _logs: dict[Partition, list[MemoryRecord]] = field(default_factory=dict, init=False)
+    _positions: dict[Partition, int] = field(default_factory=dict, init=False)
+    _committed: dict[Partition, int] = field(default_factory=dict, init=False)
+    _sent_offsets: dict[Partition, itertools.count[int]] = field(default_factory=dict, init=False)
 
     def feed(
         self,
