@@ -104,18 +104,22 @@ class CommandPublisher:
         self.client_id = client_id or f"fleetbus-dispatch-{principal_id}"
         from kafka.errors import KafkaError
 
-        self.transport: Transport = transport or KafkaTransport(
-            settings,
-            client_id=self.client_id,
-            producer_options={
-                # kafka-python waits bootstrap_timeout_ms (30 s) for the first metadata answer
-                # unless told otherwise: the constructor too must give up within timeout_s.
-                "bootstrap_timeout_ms": int(timeout_s * 1000),
-                "max_block_ms": int(timeout_s * 1000),
-                "request_timeout_ms": int(timeout_s * 1000),
-                "linger_ms": 5,
-            },
-            close_timeout_s=timeout_s,
+        self.transport: Transport = (
+            transport
+            if transport is not None
+            else KafkaTransport(
+                settings,
+                client_id=self.client_id,
+                producer_options={
+                    # kafka-python waits bootstrap_timeout_ms (30 s) for the first metadata answer
+                    # unless told otherwise: the constructor too must give up within timeout_s.
+                    "bootstrap_timeout_ms": int(timeout_s * 1000),
+                    "max_block_ms": int(timeout_s * 1000),
+                    "request_timeout_ms": int(timeout_s * 1000),
+                    "linger_ms": 5,
+                },
+                close_timeout_s=timeout_s,
+            )
         )
         try:
             self.transport.connect()

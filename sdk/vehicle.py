@@ -206,22 +206,26 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
         self._responses = settings.topics.full(settings.topics.commands_responses)
         self._telemetry = settings.topics.full(settings.topics.telemetry_raw)
         self.codec = codec
-        self.transport = transport or KafkaTransport(
-            settings,
-            client_id=self._client_id,
-            producer_options={"linger_ms": 5, "max_block_ms": 10_000},
-            topic=self._outbound,
-            group_id=self.group_id,
-            consumer_options={
-                "enable_auto_commit": False,
-                # Only sealed records of committed seal transactions, never aborted ones.
-                "isolation_level": "read_committed",
-                "auto_offset_reset": auto_offset_reset,
-                "max_partition_fetch_bytes": max(self._max_size * 4, 1 << 20),
-                "session_timeout_ms": int(settings.broker_session_timeout_s * 1000),
-                "heartbeat_interval_ms": int(settings.broker_heartbeat_interval_s * 1000),
-            },
-            assign=self._own_partitions if confine else None,
+        self.transport = (
+            transport
+            if transport is not None
+            else KafkaTransport(
+                settings,
+                client_id=self._client_id,
+                producer_options={"linger_ms": 5, "max_block_ms": 10_000},
+                topic=self._outbound,
+                group_id=self.group_id,
+                consumer_options={
+                    "enable_auto_commit": False,
+                    # Only sealed records of committed seal transactions, never aborted ones.
+                    "isolation_level": "read_committed",
+                    "auto_offset_reset": auto_offset_reset,
+                    "max_partition_fetch_bytes": max(self._max_size * 4, 1 << 20),
+                    "session_timeout_ms": int(settings.broker_session_timeout_s * 1000),
+                    "heartbeat_interval_ms": int(settings.broker_heartbeat_interval_s * 1000),
+                },
+                assign=self._own_partitions if confine else None,
+            )
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
