@@ -112,7 +112,8 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
       first command, then between polls), so a revocation reaches the vehicles within seconds;
       give it a directory from ``load_key_directory(..., vehicles=ids)`` to hold set 0 only.
     - ``transport``: where records come from and answers go (default: a ``KafkaTransport`` of
-      the settings, group ``group_id``); ``MemoryTransport`` for tests.
+      the settings, which ``group_id``, ``auto_offset_reset`` and ``confine_partitions``
+      configure); ``MemoryTransport`` for tests.
     - ``codec``: replaces the envelope (opening commands, sealing answers) for a plaintext
       baseline or a test (``PlaintextCodec``); None, the default: the envelope. Never in
       production: a codec skips every check the envelope makes.
