@@ -19,8 +19,8 @@ size and Kafka path in every mode) and a ``VehicleAgent`` process answering on
 - ``plaintext``: benchmark-only stage logic (``PlainAuthorize`` / ``PlainSeal``, below) on the
   same topics: strict CBOR decode of the signed command, routing by target vehicle, the
   authorized / outbound / status records. No signature check, no Cedar, no replay state, no
-  audit chain, no envelope. The vehicle (``PlainVehicleAgent``) decodes the command, records it
-  in the same execute-once SQLite store and answers with the plain response.
+  audit chain, no envelope. The vehicle (``VehicleAgent`` with a ``PlaintextCodec``) decodes the
+  command, records it in the same execute-once SQLite store and answers with the plain response.
 - ``secure``: the production stages from ``processors.app.build_pipeline`` with key epochs and
   batch signing off: per-message X-Wing KEM and composite ML-DSA-65+Ed25519 signature.
 - ``secure-epochs``: the same with ``seal_epochs`` and ``batch_signing`` on (and the vehicles'
@@ -172,33 +172,21 @@ def run_worker(config: dict[str, Any]) -> None:
 
 
 def run_vehicle(config: dict[str, Any]) -> None:
-    """Subprocess: a VehicleAgent (plaintext: PlainVehicleAgent) for the fleet until SIGTERM."""
+    """Subprocess: a VehicleAgent (plaintext: with a PlaintextCodec) for the fleet until
+    SIGTERM."""
     import threading
 
-    from fleetbus.bus.commands import SignedCommand
     from fleetbus.bus.directory import load_key_file
     from fleetbus.devtools.fleet import vehicle_id
     from fleetbus.providers.sealing import EpochPolicy
-    from fleetbus.sdk.vehicle import VehicleAgent, _trace_headers, load_key_directory
+    from fleetbus.sdk import PlaintextCodec, VehicleAgent, load_key_directory
 
     settings = settings_from(config)
     keys_dir = Path(config["keys_dir"])
 
-    class PlainVehicleAgent(VehicleAgent):
-        """Same consumer/producer loop and execute-once store; no envelope, no signature."""
-
-        def _handle(self, vehicle: Any, value: object, topic: str) -> list[Any]:
-            assert isinstance(value, bytes)
-            command = SignedCommand.decode(value, max_size=self._max_size).command
-            return self._execute(vehicle, command, command.expires_at)
-
-        def _publish_response(self, vehicle: Any, response: Any) -> list[Any]:
-            self.stats.answered += 1
-            value = response.encode()
-            return [self._send(self._responses, response.command_id, value, _trace_headers())]
-
-    cls = PlainVehicleAgent if config["mode"] == "plaintext" else VehicleAgent
-    agent = cls(
+    # Plaintext: the same consumer/producer loop and execute-once store; no envelope, no
+    # signature (the codec reads bare SignedCommands and writes bare Responses).
+    agent = VehicleAgent(
         settings,
         vehicles=[load_key_file(keys_dir / f"{vehicle_id(n)}.key") for n in range(1, VEHICLES + 1)],
         directory=load_key_directory(keys_dir),
@@ -209,6 +197,7 @@ def run_vehicle(config: dict[str, Any]) -> None:
         uplink_epochs=EpochPolicy(settings.epoch_max_age_s, settings.epoch_max_messages)
         if settings.seal_epochs
         else None,
+        codec=PlaintextCodec() if config["mode"] == "plaintext" else None,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fleetbus.devtools.fleet import DISPATCHER, make_test_fleet, vehicle_id
     from fleetbus.processors.app import build_pipeline
     from fleetbus.providers.sealing import EpochPolicy
-    from fleetbus.sdk.vehicle import VehicleAgent
+    from fleetbus.sdk import MemoryTransport, VehicleAgent
 
     with tempfile.TemporaryDirectory() as tmp:
         fleet = make_test_fleet(Path(tmp), vehicles=VEHICLES)
@@ -100,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from(config)
         stages = {s.stage: s for s in build_pipeline(settings).stages}
         authorize, seal = _Runner(stages["authorize"]), _Runner(stages["seal"])
+        transport = MemoryTransport()  # outbound records fed in memory; answers kept there
         agent = VehicleAgent(
             settings,
             vehicles=fleet.vehicles(),
@@ -108,9 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             handlers={"ping": lambda command: None},
             store_path=Path(tmp) / "agent.sqlite",
             uplink_epochs=EpochPolicy() if args.epochs else None,
+            transport=transport,
         )
-        sent: list[tuple[str, bytes]] = []
-        agent._send = lambda topic, key, value, headers: sent.append((key, value))  # type: ignore[method-assign]
         signer = fleet.signer(DISPATCHER)
         t = settings.topics
         requested, authorized = t.full(t.commands_requested), t.full(t.commands_authorized)
@@ -142,20 +142,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             auth = [_Raw(authorized, i, o.key, o.value) for i, o in enumerate(outs)]
             auth = [r for r, o in zip(auth, outs, strict=True) if o.topic == authorized]
             outs = seal.batch(auth)
-            # As the agent's poll loop does: open and check the batch's records, then claim,
-            # execute, record and answer them together (VehicleAgent._run_executions).
-            agent._batch = []
+            # The agent's poll loop: open and check the batch's records, then claim, execute,
+            # record and answer them together (sdk/execution.py).
             for o in (o for o in outs if o.topic == outbound):
-                agent._handle(agent._vehicles[o.key.decode()], o.value, outbound)
-            executions, agent._batch = agent._batch, None
-            agent._run_executions(executions, {})
+                transport.feed(outbound, o.key, o.value)
+            while agent.poll_once(0):
+                pass
         elapsed = time.perf_counter() - started
         cpu = time.process_time() - cpu_started
         if not args.no_profile:
             profiler.stop()
         agent.close()
 
-    answered = len(sent)
+    answered = len(transport.sent)
     print(
         f"{mode}, batch {args.batch}: {answered} of {len(commands)} answered; "
         f"{1000 * elapsed / max(1, answered):.2f} ms/command wall, "

@@ -16,13 +16,12 @@ from typing import Annotated
 
 import typer
 
-from fleetbus.bus.commands import Command, ParamValue, StatusEvent, Target
+from fleetbus.bus.commands import ParamValue, StatusEvent, Target
 from fleetbus.bus.errors import ConfigError, FleetbusError
 from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.devtools.fleet import default_handlers
 from fleetbus.sdk.dispatch import CommandPublisher, StatusTimeoutError
 from fleetbus.sdk.vehicle import (
-    Handler,
-    HandlerResult,
     VehicleAgent,
     VehicleIdentity,
     load_key_directory,
@@ -38,40 +37,6 @@ _log = logging.getLogger(__name__)
 
 
 # --- fleet simulate ------------------------------------------------------------------------
-
-
-def default_handlers(fail_action: str = "fail") -> dict[str, Handler]:
-    """The simulator's handlers: the usual actions answer 200, ``fail_action`` raises."""
-
-    def ok(command: Command) -> HandlerResult:
-        return HandlerResult(200, f"{command.action} done")
-
-    def fail(command: Command) -> HandlerResult:
-        raise RuntimeError(f"simulated failure of {command.action}")
-
-    handlers: dict[str, Handler] = {
-        action: ok
-        for action in (
-            # The bus's built-in action catalogue (docs/policy.md) first, then extras that a
-            # registry file may list.
-            "ping",
-            "unlock_doors",
-            "lock_doors",
-            "set_battery_profile",
-            "push_route",
-            "disable_vehicle",
-            "push_firmware",
-            "honk",
-            "flash_lights",
-            "set_climate",
-            "start_charging",
-            "stop_charging",
-            "immobilize",
-            "release_immobilizer",
-        )
-    }
-    handlers[fail_action] = fail
-    return handlers
 
 
 @fleet_app.command("simulate")

@@ -29,7 +29,10 @@ fi
 # Reinstall when pyproject.toml or the set of modules changes (strict editable installs link
 # each file, so a new module needs a reinstall to become importable).
 stamp=".venv/.fleetbus-install-stamp"
-want=$( { cat pyproject.toml; find bus providers processors observability -name '*.py' | sort; } \
+# The rooms are the folders pyproject.toml maps to fleetbus.* packages (`package-dir`).
+rooms=$(sed -n '/^\[tool.setuptools.package-dir\]/,/^\[/s/^"fleetbus\.[a-z_]*" = "\([a-z_]*\)"$/\1/p' pyproject.toml)
+# shellcheck disable=SC2086 # one word per room
+want=$( { cat pyproject.toml; find $rooms -name '*.py' | sort; } \
         | sha256sum | cut -d' ' -f1)
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
     say "installing fleetbus and its dependencies into .venv"

@@ -13,9 +13,8 @@ outcomes are read from ``commands.status``. See ``docs/sdk.md``.
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -34,9 +33,12 @@ from fleetbus.bus.commands import (
     Target,
 )
 from fleetbus.bus.directory import load_key_file
-from fleetbus.bus.errors import ConfigError, FleetbusError, KafkaUnavailableError, ReasonCode
+from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
 from fleetbus.bus.keys import Signer
 from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.sdk.kafka_transport import KafkaTransport
+from fleetbus.sdk.status import StatusReader, kafka_error, read_status_events, status_partition
+from fleetbus.sdk.transport import Transport
 
 __all__ = [
     "CommandHandle",
@@ -46,8 +48,6 @@ __all__ = [
     "read_status_events",
     "status_partition",
 ]
-
-_log = logging.getLogger(__name__)
 
 #: Status events may be stamped by another host whose clock runs a little behind ours.
 STATUS_LOOKBACK_MS: Final = 30_000
@@ -63,18 +63,15 @@ class StatusTimeoutError(FleetbusError, TimeoutError):
     reason = ReasonCode.EXPIRED
 
 
-def _kafka_error(action: str, bootstrap: str, exc: BaseException) -> KafkaUnavailableError:
-    return KafkaUnavailableError(
-        f"{action}: Kafka at {bootstrap} did not answer ({type(exc).__name__}: {exc})"
-    )
-
-
 class CommandPublisher:
     """Signs commands (and approvals) as ``principal_id`` and publishes them.
 
     Give either ``private_key_file`` (a ``fleetbus keys`` ``<principal>.key`` file, mode 0600)
     or an already loaded ``signer``. The Kafka producer is idempotent with ``acks=all``: a
     retried send never duplicates a record and a confirmed send is on every in-sync replica.
+    ``transport``: where records go (default: a ``KafkaTransport`` of the settings, connected
+    here); ``MemoryTransport`` for tests. ``CommandHandle.wait`` reads ``commands.status`` from
+    Kafka whatever the transport.
     """
 
     def __init__(
@@ -86,6 +83,7 @@ class CommandPublisher:
         signer: Signer | None = None,
         timeout_s: float = 10.0,
         client_id: str | None = None,
+        transport: Transport | None = None,
     ) -> None:
         if (private_key_file is None) == (signer is None):
             raise ConfigError("give exactly one of private_key_file or signer")
@@ -104,30 +102,34 @@ class CommandPublisher:
         self.timeout_s = timeout_s
         self._bootstrap = settings.kafka_bootstrap
         self.client_id = client_id or f"fleetbus-dispatch-{principal_id}"
-        from kafka import KafkaProducer
         from kafka.errors import KafkaError
 
-        try:
-            self._producer = KafkaProducer(
-                bootstrap_servers=self._bootstrap,
+        self.transport: Transport = (
+            transport
+            if transport is not None
+            else KafkaTransport(
+                settings,
                 client_id=self.client_id,
-                acks="all",
-                enable_idempotence=True,
-                # kafka-python waits bootstrap_timeout_ms (30 s) for the first metadata answer
-                # unless told otherwise: the constructor too must give up within timeout_s.
-                bootstrap_timeout_ms=int(timeout_s * 1000),
-                max_block_ms=int(timeout_s * 1000),
-                request_timeout_ms=int(timeout_s * 1000),
-                linger_ms=5,
-                **settings.kafka_client_config(),
+                producer_options={
+                    # kafka-python waits bootstrap_timeout_ms (30 s) for the first metadata answer
+                    # unless told otherwise: the constructor too must give up within timeout_s.
+                    "bootstrap_timeout_ms": int(timeout_s * 1000),
+                    "max_block_ms": int(timeout_s * 1000),
+                    "request_timeout_ms": int(timeout_s * 1000),
+                    "linger_ms": 5,
+                },
+                close_timeout_s=timeout_s,
             )
+        )
+        try:
+            self.transport.connect()
         except (KafkaError, OSError) as exc:
-            raise _kafka_error("connecting the command producer", self._bootstrap, exc) from exc
+            raise kafka_error("connecting the command producer", self._bootstrap, exc) from exc
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._producer.close(timeout=self.timeout_s)
+        self.transport.close()
 
     def __enter__(self) -> CommandPublisher:
         return self
@@ -160,12 +162,12 @@ class CommandPublisher:
                 bootstrap=self._bootstrap,
                 client_id=self.client_id,
             ) as span:
-                future = self._producer.send(topic, key=key.encode(), value=value, headers=headers)
+                future = self.transport.send(topic, key.encode(), value, headers)
                 metadata = future.get(timeout=self.timeout_s)
                 record_delivery(span, partition=metadata.partition, offset=metadata.offset)
                 return metadata
         except (KafkaError, OSError) as exc:
-            raise _kafka_error(f"publishing to {topic}", self._bootstrap, exc) from exc
+            raise kafka_error(f"publishing to {topic}", self._bootstrap, exc) from exc
 
     def sign(
         self,
@@ -362,7 +364,7 @@ class CommandHandle:
         targets: set[str] = {single} if single is not None else set()
         reached: dict[str, StatusEvent] = {}
         command_event: StatusEvent | None = None
-        with _StatusReader(
+        with StatusReader(
             self.settings,
             self.command_id,
             since_ms=self.published_at_ms - STATUS_LOOKBACK_MS,
@@ -397,138 +399,3 @@ class CommandHandle:
             f"no status in {sorted(wanted)} for every vehicle of command {self.command_id} "
             f"within {timeout_s} s (reached: {sorted(reached) or 'none'}; {last})"
         )
-
-
-def status_partition(command_id: str, partitions: Iterable[int]) -> int:
-    """The partition of ``commands.status`` that holds ``command_id``'s events: Kafka's default
-    partitioner (murmur2 of the key, as the bus's aiokafka producers use it)."""
-    from kafka.partitioner.default import murmur2
-
-    ordered = sorted(partitions)
-    index: int = (murmur2(command_id.encode()) & 0x7FFFFFFF) % len(ordered)
-    return ordered[index]
-
-
-class _StatusReader:
-    """The committed status events of one command, from its partition of ``commands.status``."""
-
-    def __init__(
-        self, settings: FleetbusSettings, command_id: str, *, since_ms: int, timeout_s: float
-    ) -> None:
-        self._settings = settings
-        self._command_id = command_id
-        self._key = command_id.encode()
-        self._since_ms = since_ms
-        self._timeout_s = timeout_s
-        self._topic = settings.topics.full(settings.topics.commands_status)
-        self._deadline = time.monotonic() + timeout_s
-        self._consumer: Any = None
-        self._tp: Any = None
-
-    def __enter__(self) -> _StatusReader:
-        from kafka import KafkaConsumer, TopicPartition
-        from kafka.errors import KafkaError
-
-        bootstrap = self._settings.kafka_bootstrap
-        try:
-            self._consumer = KafkaConsumer(
-                bootstrap_servers=bootstrap,
-                group_id=None,
-                enable_auto_commit=False,
-                # Events of aborted bus transactions never happened: they are written again.
-                isolation_level="read_committed",
-                client_id="fleetbus-dispatch-status",
-                bootstrap_timeout_ms=max(int(self._timeout_s * 1000), 1),
-                request_timeout_ms=max(int(self._timeout_s * 1000), 5000) + 1000,
-                **self._settings.kafka_client_config(),
-            )
-        except (KafkaError, OSError) as exc:
-            raise _kafka_error("reading command status", bootstrap, exc) from exc
-        try:
-            partitions = self._consumer.partitions_for_topic(self._topic)
-            if not partitions:
-                # The broker answers the same for a topic that is missing and for one this
-                # principal may not describe (ACLs): say both.
-                raise ConfigError(
-                    f"topic {self._topic} does not exist or this principal is not authorized to "
-                    "read it (create the pipeline topics; a dispatcher that waits needs READ and "
-                    "DESCRIBE on it, see docs/reliability.md)"
-                )
-            tp = TopicPartition(self._topic, status_partition(self._command_id, partitions))
-            self._tp = tp
-            self._consumer.assign([tp])
-            # End offset first: a record appended after this call is at or beyond it, so a
-            # partition without records since ``since_ms`` can safely start there.
-            end = self._consumer.end_offsets([tp])[tp]
-            found = self._consumer.offsets_for_times({tp: max(self._since_ms, 0)}).get(tp)
-            self._consumer.seek(tp, found.offset if found is not None else end)
-        except KafkaError as exc:
-            self.close()
-            raise _kafka_error("reading command status", bootstrap, exc) from exc
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
-            self._consumer = None
-
-    def time_left(self) -> float:
-        return max(0.0, self._deadline - time.monotonic())
-
-    def poll(self) -> list[StatusEvent]:
-        """The command's events of one poll (at most 500 ms or the time left)."""
-        from kafka.errors import KafkaError
-
-        left = self.time_left()
-        out: list[StatusEvent] = []
-        try:
-            batches = self._consumer.poll(timeout_ms=max(1, min(int(left * 1000), 500)))
-        except KafkaError as exc:
-            raise _kafka_error(
-                "reading command status", self._settings.kafka_bootstrap, exc
-            ) from exc
-        for records in batches.values():
-            for record in records:
-                if record.key != self._key or record.value is None:
-                    continue
-                try:
-                    event = StatusEvent.decode(record.value)
-                except FleetbusError as exc:
-                    _log.warning("skipping unreadable status record: %s", exc.reason.value)
-                    continue
-                if event.command_id == self._command_id:
-                    out.append(event)
-        return out
-
-    def caught_up(self) -> bool:
-        """Whether every committed record of the partition so far has been read."""
-        from kafka.errors import KafkaError
-
-        try:
-            end = self._consumer.end_offsets([self._tp])[self._tp]
-            return bool(self._consumer.position(self._tp) >= end)
-        except KafkaError as exc:
-            raise _kafka_error(
-                "reading command status", self._settings.kafka_bootstrap, exc
-            ) from exc
-
-
-def read_status_events(
-    settings: FleetbusSettings,
-    command_id: str,
-    *,
-    since_ms: int,
-    timeout_s: float,
-) -> Iterator[StatusEvent]:
-    """Yield the committed status events of ``command_id`` stamped at or after ``since_ms``
-    (read from the command's partition only), until ``timeout_s`` has passed (a generator;
-    closing it closes the consumer)."""
-    with _StatusReader(settings, command_id, since_ms=since_ms, timeout_s=timeout_s) as reader:
-        while reader.time_left():
-            yield from reader.poll()

@@ -48,7 +48,7 @@ class ExecutionJournal:
 
 
 def _journaled_handlers(journal: ExecutionJournal) -> dict[str, Any]:
-    from fleetbus.cli.fleet import default_handlers
+    from fleetbus.devtools.fleet import default_handlers
     from fleetbus.sdk.vehicle import HandlerResult
 
     def wrap(handler: Callable[[Command], HandlerResult | None]) -> Any:
@@ -67,20 +67,23 @@ def run_fleet(spec_path: Path) -> int:
     """The simulated fleet: one VehicleAgent for the PQC vehicles, one for the legacy vehicles,
     one per QKD edge unit (each with its own SAE at KME-B). Runs until SIGTERM."""
     from fleetbus.providers.qkd import QKDProvider
-    from fleetbus.sdk.vehicle import VehicleAgent, VehicleIdentity, load_key_directory
+    from fleetbus.sdk.vehicle import (
+        Handler,
+        HandlerResult,
+        VehicleAgent,
+        VehicleHandler,
+        VehicleIdentity,
+        load_key_directory,
+    )
 
-    class JournaledAgent(VehicleAgent):
-        """Tells the journal which vehicle a handler runs for (handlers see only the command)."""
+    def journaled(handler: Handler) -> VehicleHandler:
+        """Tells the journal which vehicle a handler runs for (the handler sees the command)."""
 
-        def __init__(self, journal: ExecutionJournal, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self._journal = journal
+        def run(vid: str, command: Command) -> HandlerResult | None:
+            journal.current.vehicle_id = vid
+            return handler(command)
 
-        def _run_handler(self, vid: str, command: Command) -> Any:
-            # Handlers of a poll batch run after the whole batch was read and claimed: name
-            # the vehicle right where its handler runs.
-            self._journal.current.vehicle_id = vid
-            return super()._run_handler(vid, command)
+        return VehicleHandler(run)
 
     spec = json.loads(spec_path.read_text())
     keys_dir = Path(spec["keys_dir"])
@@ -88,11 +91,10 @@ def run_fleet(spec_path: Path) -> int:
     settings = FleetbusSettings()
     directory = load_key_directory(keys_dir)
     journal = ExecutionJournal(Path(spec["journal"]))
-    handlers = _journaled_handlers(journal)
+    handlers = {action: journaled(h) for action, h in _journaled_handlers(journal).items()}
 
     def agent(name: str, ids: list[str], minimum: str, **extra: Any) -> VehicleAgent:
-        return JournaledAgent(
-            journal,
+        return VehicleAgent(
             settings=settings,
             vehicles=[VehicleIdentity.load(keys_dir, v) for v in ids],
             directory=directory,

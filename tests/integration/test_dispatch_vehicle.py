@@ -571,4 +571,4 @@ def test_a_confined_agent_reads_only_its_vehicles_partitions(
         read += agent.poll_once(0.5)
     assert calls.count(command.id) == 1
     assert read == 1  # V1's record only: the other partition was never fetched
-    assert {tp.partition for tp in agent._consumer.assignment()} == {landed[V1]}
+    assert {tp.partition for tp in agent.transport.consumer.assignment()} == {landed[V1]}

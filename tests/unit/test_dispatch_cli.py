@@ -93,7 +93,7 @@ def run_send(monkeypatch: pytest.MonkeyPatch, handle: CommandHandle) -> Any:
     def reader(settings: Any, command_id: str, *, since_ms: int, timeout_s: float) -> Any:
         return ScriptedReader(handle.script, timeout_s)  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(dispatch, "_StatusReader", reader)
+    monkeypatch.setattr(dispatch, "StatusReader", reader)
     monkeypatch.setattr(cli_fleet, "_publisher", lambda keys_dir, principal: FakePublisher(handle))
     args = ["send", "--keys-dir", str(Path("keys")), "--principal", "dispatch-1"]
     args += ["--vehicle", "V-0017", "--action", "unlock_doors", "--timeout", "1"]

@@ -1,5 +1,6 @@
 """The vehicle's execute-once store and the agent's per-poll-batch claim / finish (no Kafka: a
-fake consumer hands the agent records; commands skip the envelope, which other tests cover)."""
+scripted transport hands the agent records; commands skip the envelope through a codec, which
+other tests cover)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kafka
 import pytest
 from kafka.errors import CommitFailedError
 
@@ -18,6 +20,8 @@ from fleetbus.bus.commands import Command, Response, Target
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.providers.signers import Ed25519Suite
 from fleetbus.sdk import vehicle as vehicle_module
+from fleetbus.sdk.kafka_transport import KafkaTransport
+from fleetbus.sdk.transport import MemoryTransport
 from fleetbus.sdk.vehicle import ExecutedStore, HandlerResult, VehicleAgent, VehicleIdentity
 from tests.support.envelope import make_vehicle
 
@@ -82,41 +86,52 @@ class _Record:
     headers: list[tuple[str, bytes]] = field(default_factory=list)
 
 
+class _Scripted(MemoryTransport):
+    """A transport whose polls hand out the given batches, one per poll."""
+
+    def __init__(self, batches: list[dict[_TP, list[_Record]]]) -> None:
+        super().__init__()
+        self.batches = batches
+
+    def poll(self, timeout_s: float, max_records: int) -> Any:
+        return self.batches.pop(0) if self.batches else {}
+
+
 class _Consumer:
+    """A kafka-python consumer stand-in (behind the real ``KafkaTransport``) that never has
+    records."""
+
     def __init__(self, batches: list[dict[_TP, list[_Record]]]) -> None:
         self.batches = batches
-        self.commits: list[dict[Any, Any]] = []
-        self.seeks: list[tuple[_TP, int]] = []
 
     def poll(self, timeout_ms: int, max_records: int) -> dict[_TP, list[_Record]]:
         return self.batches.pop(0) if self.batches else {}
 
-    def commit(self, offsets: dict[Any, Any]) -> None:
-        self.commits.append({tp.partition: meta.offset for tp, meta in offsets.items()})
-
-    def seek(self, tp: _TP, offset: int) -> None:
-        self.seeks.append((tp, offset))
-
 
 class _Agent(VehicleAgent):
     """The real loop and store; records carry a command id instead of an envelope, answers are
-    recorded instead of sealed and produced."""
+    recorded instead of sealed (``_Codec``)."""
 
     commands: dict[bytes, Command]
     answers: list[Response]
     events: list[str]
 
-    def _handle(self, vehicle: Any, value: object, topic: str) -> list[Any]:
-        assert isinstance(value, bytes)
-        command = self.commands[value]
-        self.events.append(f"open {command.params['n']}")
-        return self._execute(vehicle, command, command.expires_at)
 
-    def _publish_response(self, vehicle: Any, response: Response) -> list[Any]:
-        self.stats.answered += 1
-        self.events.append(f"answer {response.status}")
-        self.answers.append(response)
-        return []
+class _Codec:
+    """The agent's codec seam: a record's value is the id of a command of ``agent.commands``;
+    an answer is recorded in ``agent.answers``."""
+
+    agent: _Agent
+
+    def open_command(self, vehicle_id: str, value: bytes, topic: str) -> Command:
+        command = self.agent.commands[value]
+        self.agent.events.append(f"open {command.params['n']}")
+        return command
+
+    def encode_response(self, vehicle_id: str, response: Response) -> bytes:
+        self.agent.events.append(f"answer {response.status}")
+        self.agent.answers.append(response)
+        return response.encode()
 
 
 class _CountingStore(ExecutedStore):
@@ -139,9 +154,13 @@ def _identity(vid: str) -> VehicleIdentity:
 
 
 def _make_agent(
-    tmp_path: Path, handler: Callable[[Command], HandlerResult | None], batches: list[Any]
+    tmp_path: Path,
+    handler: Callable[[Command], HandlerResult | None],
+    batches: list[Any],
+    transport: Any = None,
 ) -> _Agent:
     settings = FleetbusSettings(kafka_bootstrap="127.0.0.1:1", app_id="unit")
+    codec = _Codec()
     agent = _Agent(
         settings,
         vehicles=[_identity(V1), _identity(V2)],
@@ -149,14 +168,15 @@ def _make_agent(
         minimum_path="xwing",
         handlers={"ping": handler},
         store_path=tmp_path / "executed.sqlite",
+        transport=transport if transport is not None else _Scripted(batches),
+        codec=codec,
     )
+    codec.agent = agent
     agent.events = []
     agent.store.close()
     agent.store = _CountingStore(tmp_path / "executed.sqlite", agent.events)
     agent.commands = {}
     agent.answers = []
-    agent._consumer = _Consumer(batches)
-    agent._producer = object()
     return agent
 
 
@@ -218,7 +238,7 @@ def test_a_poll_batch_is_claimed_before_any_handler_and_finished_before_any_answ
     ]
     assert calls == [c.id for c in commands]
     assert agent.stats.executed == 4
-    assert agent._consumer.commits == [{0: 4}]
+    assert agent.transport.commits == [{0: 4}]
     for c in commands:
         vid = c.target.vehicle or ""
         state, stored = agent.store.lookup(vid, c.id) or ("", None)
@@ -248,10 +268,10 @@ def test_redelivery_in_the_same_and_a_later_batch_is_answered_from_the_store(
         (a.command_id, a.status, a.executed_at) for a in agent.answers[:2]
     }
     assert agent.stats.duplicates == 3
-    assert agent._consumer.commits == [{0: 3}, {0: 5}]
+    assert agent.transport.commits == [{0: 3}, {0: 5}]
 
 
-class _EvictedConsumer(_Consumer):
+class _EvictedConsumer(_Scripted):
     """A consumer the group has evicted: its first commit is refused, as kafka-python refuses
     it after a stall past the session timeout (it then rejoins on the next poll)."""
 
@@ -270,8 +290,8 @@ def test_a_refused_commit_keeps_the_agent_serving_and_the_redelivery_is_answered
     commands = _commands(2)
     calls: list[str] = []
     # After the refused commit the group hands the same records out again.
-    agent = _make_agent(tmp_path, lambda c: calls.append(c.id) and None, [])
-    agent._consumer = _EvictedConsumer([_batch(commands), _batch(commands)])
+    evicted = _EvictedConsumer([_batch(commands), _batch(commands)])
+    agent = _make_agent(tmp_path, lambda c: calls.append(c.id) and None, [], evicted)
     agent.commands = {c.id.encode(): c for c in commands}
 
     with caplog.at_level(logging.WARNING, logger="fleetbus.sdk.vehicle"):
@@ -282,7 +302,7 @@ def test_a_refused_commit_keeps_the_agent_serving_and_the_redelivery_is_answered
     assert calls == [c.id for c in commands]  # executed once
     assert len(agent.answers) == 4  # answered again from the store
     assert agent.stats.duplicates == 2
-    assert agent._consumer.commits == [{0: 2}]
+    assert agent.transport.commits == [{0: 2}]
 
 
 class _Crash(BaseException):
@@ -303,7 +323,7 @@ def test_a_crash_after_the_claim_never_runs_the_claimed_commands_again(tmp_path:
     with pytest.raises(_Crash):
         agent.poll_once(0.01)
     assert calls == [0, 1]
-    assert agent._consumer.commits == []  # nothing committed: the batch comes again
+    assert agent.transport.commits == []  # nothing committed: the batch comes again
     assert agent.answers == []
     agent.store.close()
 
@@ -314,7 +334,7 @@ def test_a_crash_after_the_claim_never_runs_the_claimed_commands_again(tmp_path:
     assert calls == [0, 1]  # none of the claimed commands runs again, not even the third
     assert [(a.command_id, a.status) for a in restarted.answers] == [(c.id, 500) for c in commands]
     assert all("interrupted" in a.detail for a in restarted.answers)
-    assert restarted._consumer.commits == [{0: 3}]
+    assert restarted.transport.commits == [{0: 3}]
     restarted.store.close()
 
 
@@ -332,8 +352,8 @@ def test_a_failing_store_claims_nothing_and_redelivers_the_batch(tmp_path: Path)
     assert calls == []
     assert agent.answers == []
     assert agent.stats.errors == 1
-    assert [(tp.partition, offset) for tp, offset in agent._consumer.seeks] == [(0, 0)]
-    assert agent._consumer.commits == [{0: 0}]  # nothing of the batch counted as done
+    assert [(tp.partition, offset) for tp, offset in agent.transport.seeks] == [(0, 0)]
+    assert agent.transport.commits == [{0: 0}]  # nothing of the batch counted as done
 
 
 class _StuckConsumer(_Consumer):
@@ -370,26 +390,26 @@ def test_a_consumer_spinning_without_records_is_replaced(
     alone."""
     monkeypatch.setattr(vehicle_module, "SPIN_RESET_S", 0.3)
     busy = share > 0
-    agent = _make_agent(tmp_path, lambda c: None, [])
+    transport = KafkaTransport(FleetbusSettings(), client_id="unit", topic="outbound")
+    agent = _make_agent(tmp_path, lambda c: None, [], transport)
     stuck = _StuckConsumer(share)
     made: list[_Consumer] = []
 
-    def connect() -> None:
-        if agent._consumer is None:
-            agent._consumer = _Consumer([])
-            made.append(agent._consumer)
+    def new_consumer(*topics: str, **options: Any) -> _Consumer:
+        made.append(_Consumer([]))
+        return made[-1]
 
-    agent._consumer = stuck
-    monkeypatch.setattr(agent, "_connect", connect)
+    transport.consumer, transport.producer = stuck, object()
+    monkeypatch.setattr(kafka, "KafkaConsumer", new_consumer)
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
         agent.poll_once(0.06)
     if busy:
         assert stuck.closed == [False]
         assert agent.stats.consumer_resets == 1
-        assert agent._consumer is made[0]
+        assert transport.consumer is made[0]
     else:
         assert stuck.closed == []
         assert agent.stats.consumer_resets == 0
-        assert agent._consumer is stuck
+        assert transport.consumer is stuck
     agent.store.close()

@@ -398,17 +398,17 @@ def test_a_confined_agent_assigns_only_its_vehicles_partitions_and_follows_repar
         store_path=tmp_path / "agent.sqlite",
     )
     try:
-        agent._connect()
-        consumer = agent._consumer
+        agent.transport.connect()
+        consumer = agent.transport.consumer  # type: ignore[attr-defined]
         assert consumer.topics == ()  # no group subscription to the whole topic
         [first] = consumer.assigned
         assert {(tp.topic, tp.partition) for tp in first} == {
             (outbound, outbound_partition(v, 4)) for v in mine
         }
-        agent._connect()
+        agent.transport.connect()
         assert len(consumer.assigned) == 1  # unchanged topic: no reassignment
         FakeConsumer.partitions = 7
-        agent._connect()
+        agent.transport.connect()
         assert {tp.partition for tp in consumer.assigned[-1]} == {
             outbound_partition(v, 7) for v in mine
         }

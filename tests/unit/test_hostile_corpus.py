@@ -13,7 +13,6 @@ from __future__ import annotations
 import tracemalloc
 from collections import Counter
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -45,6 +44,7 @@ from fleetbus.processors.stages import (
 from fleetbus.processors.uplink import UplinkLimits
 from fleetbus.providers.keypath import KeyPathRunner
 from fleetbus.providers.sealing import EnvelopeOpener
+from fleetbus.sdk.transport import MemoryTransport
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
 from tests.vectors.hostile.corpus import (
     BUS_TARGETS,
@@ -199,6 +199,7 @@ class Vehicles:
             topics=TopicNames(prefix=META["prefix"]), replay_ttl_s=WORKER["replay_ttl_s"]
         )
         self.executed: Counter[str] = Counter()
+        self.transport = MemoryTransport()
         self.agent = VehicleAgent(
             settings,
             vehicles=[VehicleIdentity.from_key_file(world.files[v]) for v in ("V-0001", "V-0002")],
@@ -207,9 +208,9 @@ class Vehicles:
             handlers={a: self.handle for a in ("ping", "unlock_doors")},
             store_path=":memory:",
             clock=lambda: NOW,
+            transport=self.transport,  # records fed in memory; what it sends stays there
         )
         self.reasons: list[str] = []
-        self.sent: list[tuple[str, str]] = []
         real_reject = self.agent._reject
 
         def reject(reason: ReasonCode, detail: str) -> None:
@@ -217,8 +218,6 @@ class Vehicles:
             real_reject(reason, detail)
 
         self.agent._reject = reject  # type: ignore[method-assign]
-        self.agent._send = lambda topic, key, value, headers: self.sent.append((topic, key))  # type: ignore[method-assign,assignment,func-returns-value]
-        self.offset = 0
 
     def handle(self, command: Any) -> HandlerResult:
         self.executed[command.id] += 1
@@ -227,16 +226,16 @@ class Vehicles:
     def feed(self, case: Case) -> Outcome:
         before_dup, before_exec = self.agent.stats.duplicates, sum(self.executed.values())
         self.reasons.clear()
-        record = SimpleNamespace(
-            topic=f"{META['prefix']}{case.target}",
+        errors = self.agent.stats.errors
+        self.transport.feed(
+            f"{META['prefix']}{case.target}",
+            case.key,
+            case.value,
             partition=partition_of(case.key),
-            offset=self.offset,
-            key=case.key,
-            value=case.value,
             headers=list(case.headers),
         )
-        self.offset += 1
-        self.agent._handle_record(record)
+        assert self.agent.poll_once(0) == 1
+        assert self.agent.stats.errors == errors  # nothing raised inside the agent
         executed = sum(self.executed.values()) - before_exec
         if self.reasons:
             return Outcome(self.reasons[0], executed=executed)

@@ -54,11 +54,6 @@ KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset(
         # kmesim -> devtools: the KME's test PKI is built by devtools.pki (r-devtools splits
         # kmesim/ and devtools/: the shared PKI code belongs to one of them, not both).
         ("kmesim/pki.py", "fleetbus.devtools.pki"),
-        # devtools -> cli: the demo builds its fleet with the CLI's fleet builder (r-devtools:
-        # "shared fleet builder" goes to devtools; cli then imports it from there).
-        ("devtools/demo/agents.py", "fleetbus.cli.fleet"),
-        # bench -> a private name of the sdk (the bench uses the agent's public API instead).
-        ("bench/bench_pipeline.py", "fleetbus.sdk.vehicle._trace_headers"),
     }
 )
 

@@ -12,7 +12,6 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import cbor2
@@ -55,6 +54,7 @@ from fleetbus.processors.stages import (
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy
 from fleetbus.providers.sealing_v2 import EpochOpener, EpochSealer
+from fleetbus.sdk.transport import MemoryTransport
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
 from tests.support.envelope import Fleet, fleet_of, issuer
 
@@ -149,7 +149,7 @@ class Vehicles:
 
     def __init__(self, fleet: Fleet, tmp_path: Path) -> None:
         self.executed: Counter[str] = Counter()
-        self.sent: list[tuple[str, str, bytes]] = []
+        self.transport = MemoryTransport()
         self.agent = VehicleAgent(
             SETTINGS,
             vehicles=[VehicleIdentity.from_key_file(fleet.files[v]) for v in ("V-1", "V-3")],
@@ -158,21 +158,23 @@ class Vehicles:
             handlers={"ping": self.handle},
             store_path=tmp_path / "agent.sqlite",
             clock=lambda: NOW,
+            transport=self.transport,
         )
-        self.agent._send = self._send  # type: ignore[method-assign]
 
-    def _send(self, topic: str, key: str, value: bytes, headers: Any) -> None:
-        self.sent.append((topic, key, value))
+    @property
+    def sent(self) -> list[tuple[str, str, bytes]]:
+        """What the agent sent: (topic, key, value)."""
+        return [(r.topic, (r.key or b"").decode(), r.value or b"") for r in self.transport.sent]
 
     def handle(self, command: Any) -> HandlerResult:
         self.executed[command.id] += 1
         return HandlerResult(200, "ok")
 
     def feed(self, value: bytes, key: bytes) -> None:
-        record = SimpleNamespace(
-            topic=TOPICS.outbound, key=key, value=value, headers=[], partition=0, offset=0
-        )
-        self.agent._handle_record(record)
+        errors = self.agent.stats.errors
+        self.transport.feed(TOPICS.outbound, key, value)
+        assert self.agent.poll_once(0) == 1
+        assert self.agent.stats.errors == errors  # nothing raised inside the agent
 
     def statuses(self) -> list[tuple[str, bytes]]:
         return [
@@ -434,11 +436,12 @@ def test_a_failed_batch_keeps_its_readings_and_an_unacknowledged_establishment_i
     # The broker does not acknowledge the establishment: the next batch carries it again.
     sent: list[bytes] = []
 
-    def send(topic: str, key: str, value: bytes, headers: Any) -> _Pending:
-        sent.append(value)
-        return _Pending()
+    class Unacknowledged(MemoryTransport):
+        def send(self, topic: str, key: bytes, value: bytes, headers: Any) -> Any:
+            sent.append(value)
+            return _Pending()
 
-    agent._send = send  # type: ignore[method-assign,assignment]
+    agent.transport = Unacknowledged()
     agent.flush_telemetry()
     agent.add_reading("V-1", {"i": 0}, at=NOW)
     agent.flush_telemetry()
@@ -530,7 +533,7 @@ def test_uplink_epochs_are_bounded_per_sender(fleet: Fleet, tmp_path: Path) -> N
             "V-1", vehicle.identity.signer, agent._profile_sealer,
             direction=Direction.UPLINK, clock=lambda: NOW,
         )  # fmt: skip
-        vehicles.sent.clear()
+        vehicles.transport.sent.clear()
         agent.publish_telemetry("V-1", {"x": 1}, at=NOW)
         return telemetry_records(vehicles)[0][1]
 
