@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final
 
-import cbor2
-
+from fleetbus.bus import cbor
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 
 if TYPE_CHECKING:
@@ -146,7 +145,7 @@ def _malformed(what: str) -> FleetbusError:
 
 
 def _dumps(value: object) -> bytes:
-    return cbor2.dumps(value, canonical=True)
+    return cbor.dumps(value)
 
 
 def _strict_loads(data: object, what: str, max_size: int) -> Any:
@@ -157,26 +156,17 @@ def _strict_loads(data: object, what: str, max_size: int) -> Any:
             f"{what} is {len(data)} bytes; the limit is {max_size}", reason=ReasonCode.OVERSIZE
         )
     try:
-        value = cbor2.loads(
-            data,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-            max_depth=_MAX_DEPTH,
-            str_errors="strict",
-        )
-    except Exception as exc:  # CBORDecodeError, ValueError, RecursionError, ...
-        raise _malformed(f"{what} is not well-formed CBOR") from exc
-    try:
-        again = _dumps(value)
-    except Exception as exc:
-        raise _malformed(f"{what} contains unsupported CBOR items") from exc
-    if again != data:
-        raise _malformed(f"{what} is not deterministically encoded CBOR")
-    return value
+        return cbor.decode_deterministic(data, max_depth=_MAX_DEPTH)
+    except cbor.NotWellFormedCBOR as exc:
+        raise _malformed(f"{what} is not well-formed CBOR") from exc.__cause__
+    except cbor.UnsupportedCBORItem as exc:
+        raise _malformed(f"{what} contains unsupported CBOR items") from exc.__cause__
+    except cbor.NonDeterministicCBOR:
+        raise _malformed(f"{what} is not deterministically encoded CBOR") from None
 
 
 def _map(value: object, what: str, keys: frozenset[str]) -> Mapping[str, Any]:
-    if type(value) not in (dict, cbor2.frozendict):
+    if not cbor.is_map(value):
         raise _malformed(f"{what} must be a map")
     assert isinstance(value, Mapping)
     if set(value) != keys:
@@ -185,7 +175,7 @@ def _map(value: object, what: str, keys: frozenset[str]) -> Mapping[str, Any]:
 
 
 def _array(value: object, what: str, length: int) -> list[Any]:
-    if type(value) not in (list, tuple):
+    if not cbor.is_array(value):
         raise _malformed(f"{what} must be an array")
     assert isinstance(value, list | tuple)
     if len(value) != length:
@@ -236,7 +226,7 @@ def _check_time(value: object, what: str) -> float:
 
 
 def _check_params(params: object, what: str) -> dict[str, ParamValue]:
-    if type(params) not in (dict, cbor2.frozendict):
+    if not cbor.is_map(params):
         raise _malformed(f"{what} must be a map")
     assert isinstance(params, Mapping)
     if len(params) > MAX_PARAMS:
@@ -290,7 +280,7 @@ class Target:
 
     @classmethod
     def from_wire(cls, value: object) -> Target:
-        if type(value) not in (dict, cbor2.frozendict):
+        if not cbor.is_map(value):
             raise _malformed("target must be a map")
         assert isinstance(value, Mapping)
         if set(value) == {"vehicle"}:
@@ -508,7 +498,7 @@ class SignedCommand:
 
 
 def _signed_items(value: object, what: str) -> list[Any]:
-    if type(value) not in (list, tuple):
+    if not cbor.is_array(value):
         raise _malformed(f"{what} must be an array")
     assert isinstance(value, list | tuple)
     if value and type(value[0]) is int and value[0] != FORMAT_VERSION:

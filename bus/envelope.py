@@ -14,6 +14,7 @@ from typing import Any, Final
 
 import cbor2
 
+from fleetbus.bus import cbor
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 
 __all__ = [
@@ -205,7 +206,7 @@ class ParsedEnvelope:
 
 def canonical_dumps(value: object) -> bytes:
     """Deterministic CBOR (definite lengths, shortest ints, sorted map keys)."""
-    return cbor2.dumps(value, canonical=True)
+    return cbor.dumps(value)
 
 
 def _malformed(what: str) -> EnvelopeError:
@@ -214,22 +215,25 @@ def _malformed(what: str) -> EnvelopeError:
 
 def _strict_loads(data: bytes, what: str) -> Any:
     """Decode one CBOR item and insist that ``data`` is exactly its deterministic encoding."""
+    return _require_deterministic(_loads(data, what, _MAX_DEPTH), data, what)
+
+
+def _loads(data: bytes, what: str | None, max_depth: int) -> Any:
+    """One well-formed CBOR item (``what`` None: the outer record, named by no prefix)."""
     try:
-        value = cbor2.loads(
-            data,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-            max_depth=_MAX_DEPTH,
-            str_errors="strict",
-        )
-    except Exception as exc:  # cbor2 raises CBORDecodeError, ValueError, RecursionError, ...
-        raise _malformed(f"{what} is not well-formed CBOR") from exc
+        return cbor.decode(data, max_depth=max_depth)
+    except cbor.NotWellFormedCBOR as exc:
+        prefix = "" if what is None else f"{what} is "
+        raise _malformed(f"{prefix}not well-formed CBOR") from exc.__cause__
+
+
+def _require_deterministic(value: Any, data: bytes, what: str) -> Any:
     try:
-        again = canonical_dumps(value)
-    except Exception as exc:  # a decoded value cbor2 cannot re-encode is not ours either
-        raise _malformed(f"{what} contains unsupported CBOR items") from exc
-    if again != data:
-        raise _malformed(f"{what} is not deterministically encoded CBOR")
+        cbor.require_deterministic(value, data)
+    except cbor.UnsupportedCBORItem as exc:
+        raise _malformed(f"{what} contains unsupported CBOR items") from exc.__cause__
+    except cbor.NonDeterministicCBOR:
+        raise _malformed(f"{what} is not deterministically encoded CBOR") from None
     return value
 
 
@@ -258,7 +262,7 @@ def _uint(value: object, what: str, limit: int = _UINT64_MAX) -> int:
 
 def _array(value: object, what: str, length: int | None = None) -> list[Any]:
     # cbor2 decodes arrays inside tags as tuples and maps as frozendicts; both are fine here.
-    if type(value) not in (list, tuple) or not isinstance(value, list | tuple):
+    if not cbor.is_array(value) or not isinstance(value, list | tuple):
         raise _malformed(f"{what} must be an array")
     items: list[Any] = list(value)
     if length is not None and len(items) != length:
@@ -266,8 +270,7 @@ def _array(value: object, what: str, length: int | None = None) -> list[Any]:
     return items
 
 
-def _is_map(value: object) -> bool:
-    return type(value) in (dict, cbor2.frozendict)
+_is_map = cbor.is_map
 
 
 def _seconds_to_ms(value: float, what: str) -> int:
@@ -435,12 +438,7 @@ def decode_envelope(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> ParsedE
         raise EnvelopeError(
             f"envelope is {len(data)} bytes; the limit is {max_size}", reason=ReasonCode.OVERSIZE
         )
-    try:
-        outer = cbor2.loads(
-            data, allow_indefinite=False, allow_duplicate_keys=False, max_depth=_MAX_DEPTH
-        )
-    except Exception as exc:
-        raise _malformed("not well-formed CBOR") from exc
+    outer = _loads(data, None, _MAX_DEPTH)
     if type(outer) is not cbor2.CBORTag or outer.tag != ENVELOPE_TAG:
         raise _malformed("not a fleetbus envelope (outer tag)")
     body = _array(outer.value, "envelope")
@@ -452,12 +450,7 @@ def decode_envelope(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> ParsedE
             f"envelope format version {version}; this build reads {FORMAT_VERSION}",
             reason=ReasonCode.UNSUPPORTED_VERSION,
         )
-    try:
-        again = canonical_dumps(outer)
-    except Exception as exc:
-        raise _malformed("envelope contains unsupported CBOR items") from exc
-    if again != data:  # duplicate keys, long-form ints, indefinite lengths, trailing bytes ...
-        raise _malformed("envelope is not deterministically encoded CBOR")
+    _require_deterministic(outer, data, "envelope")
     _array(body, "envelope", 3)
     encrypt0 = body[1]
     if type(encrypt0) is not cbor2.CBORTag or encrypt0.tag != COSE_ENCRYPT0_TAG:

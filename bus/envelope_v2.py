@@ -30,8 +30,10 @@ from fleetbus.bus.envelope import (
     _decode_signature_block,
     _encode_signature_block,
     _is_map,
+    _loads,
     _malformed,
     _read_key_refs,
+    _require_deterministic,
     _strict_loads,
     _text,
     _uint,
@@ -220,10 +222,7 @@ def _outer(data: object, max_size: int) -> tuple[cbor2.CBORTag, list[Any], int]:
         raise EnvelopeError(
             f"record is {len(data)} bytes; the limit is {max_size}", reason=ReasonCode.OVERSIZE
         )
-    try:
-        outer = cbor2.loads(data, allow_indefinite=False, allow_duplicate_keys=False, max_depth=8)
-    except Exception as exc:
-        raise _malformed("not well-formed CBOR") from exc
+    outer = _loads(data, None, 8)
     if type(outer) is not cbor2.CBORTag or outer.tag != ENVELOPE_TAG:
         raise _malformed("not a fleetbus record (outer tag)")
     body = _array(outer.value, "record")
@@ -252,12 +251,7 @@ def decode_record(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> ParsedRec
         )
     if len(body) < 2 or type(body[1]) is not int or body[1] not in set(RecordType):
         raise _malformed("second element must be the record type 0, 1 or 2")
-    try:
-        again = canonical_dumps(outer)
-    except Exception as exc:
-        raise _malformed("record contains unsupported CBOR items") from exc
-    if again != data:
-        raise _malformed("record is not deterministically encoded CBOR")
+    _require_deterministic(outer, data, "record")
     kind = RecordType(body[1])
     if kind is RecordType.MESSAGE:
         _array(body, "message", 3)
