@@ -59,6 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fleetbus.bus.keyfolder import KeyFolder
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test fleet builder (integration.pipeline_support)
 
@@ -222,7 +224,10 @@ def run_vehicle(config: dict[str, Any]) -> None:
     cls = PlainVehicleAgent if config["mode"] == "plaintext" else VehicleAgent
     agent = cls(
         settings,
-        vehicles=[load_key_file(keys_dir / f"{vehicle_id(n)}.key") for n in range(1, VEHICLES + 1)],
+        vehicles=[
+            load_key_file(KeyFolder(keys_dir).private_key(vehicle_id(n)))
+            for n in range(1, VEHICLES + 1)
+        ],
         directory=load_key_directory(keys_dir),
         minimum_path="xwing",
         handlers={"ping": lambda command: None},

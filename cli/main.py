@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fleetbus.bus.errors import FleetbusError
+from fleetbus.bus.keyfolder import KeyFolder
 from fleetbus.bus.settings import (
     FleetbusSettings,
     load_settings,
@@ -259,8 +260,8 @@ def worker(log_format: LogFormatOpt = None, log_level: LogLevelOpt = None) -> No
     not_ready = None
     if settings.pipeline == "auto" and not pipelines:
         not_ready = (
-            f"pipeline=auto found no key directory ({settings.keys_dir}/root.pub): this worker "
-            "runs no command pipeline; mount the keys or set FLEETBUS_PIPELINE=off"
+            f"pipeline=auto found no key directory ({KeyFolder(settings.keys_dir).root_pub}): "
+            "this worker runs no command pipeline; mount the keys or set FLEETBUS_PIPELINE=off"
         )
         logging.getLogger("fleetbus.worker").warning("not ready: %s", not_ready)
     if settings.metrics_port:

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from fleetbus.bus.errors import ConfigError, KafkaUnavailableError
-from fleetbus.devtools.pki import cn_name, issue_cert, key_pem, make_ca, san_list, write_private
+from fleetbus.bus.files import write_private_file
+from fleetbus.devtools.pki import cn_name, issue_cert, key_pem, make_ca, san_list
 
 #: Tried in order until one resolves from Maven Central. 4.1.1 is the one we run and test on.
 KAFKA_VERSIONS: tuple[str, ...] = ("4.1.1", "4.1.0", "4.0.1")
@@ -404,7 +405,7 @@ class LocalKafka:
             cert, key = _issue_pair(self.tls_dir, BROKER_PRINCIPAL, server=True)
             # Kafka's PEM key store: the private key followed by its certificate.
             keystore = self.tls_dir / "broker.keystore.pem"
-            write_private(keystore, key.read_bytes() + cert.read_bytes())
+            write_private_file(keystore, key.read_bytes() + cert.read_bytes())
         classpath = f"{libs}/*"
         for i, pid in enumerate(pids):
             if pid is not None:
@@ -747,7 +748,7 @@ def write_pki(
         cert, key = _issue_pair(out, cn, server=server, sans=broker_sans if server else ())
         keystore = out / f"{cn}.keystore.pem"
         if not keystore.exists():
-            write_private(keystore, key.read_bytes() + cert.read_bytes())
+            write_private_file(keystore, key.read_bytes() + cert.read_bytes())
         written += [cert, key, keystore]
         if not server:
             config = out / f"{cn}.properties"
@@ -773,7 +774,7 @@ def _ensure_ca(tls_dir: Path) -> None:
 
     tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     cert, key = make_ca(cn_name("fleetbus dev Kafka CA"), 30)
-    write_private(tls_dir / "ca.key", key_pem(key))
+    write_private_file(tls_dir / "ca.key", key_pem(key))
     (tls_dir / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
@@ -813,7 +814,7 @@ def _issue_pair(
         valid_days=30,
         sans=names,
     )
-    write_private(key_path, key_pem(key))
+    write_private_file(key_path, key_pem(key))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
 
