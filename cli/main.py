@@ -15,12 +15,8 @@ from rich.markup import escape
 
 from fleetbus.bus.errors import FleetbusError
 from fleetbus.bus.keyfolder import KeyFolder
-from fleetbus.bus.settings import (
-    FleetbusSettings,
-    load_settings,
-    settings_reference,
-    settings_rows,
-)
+from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.bus.settings_env import load_settings, settings_reference, settings_rows
 from fleetbus.cli.audit import audit_app
 from fleetbus.cli.keys import keys_app
 from fleetbus.cli.kme import kme_app
@@ -363,7 +359,7 @@ def main() -> None:
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
-    from fleetbus.bus.settings import describe_settings_error
+    from fleetbus.bus.settings_env import describe_settings_error
 
     try:
         app()

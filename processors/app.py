@@ -73,19 +73,7 @@ def pipeline_topics(settings: FleetbusSettings) -> tuple[list[str], list[str]]:
     """(regular topics, compacted topics: the stages' state changelogs and the key topic) the
     pipeline needs."""
     t = settings.topics
-    names = [
-        t.commands_requested,
-        t.commands_authorized,
-        t.commands_rejected,
-        t.commands_outbound,
-        t.commands_responses,
-        t.commands_approvals,
-        t.commands_status,
-        t.telemetry_raw,
-        t.telemetry_verified,
-        t.dlq,
-    ]
-    regular = [t.full(n) for n in names]
+    regular = t.fleet_topics()
     compacted = [state_topic(settings, s) for s in ("authorize", "seal", "track", "telemetry")]
     return regular, [*compacted, t.full(t.keys)]
 
