@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import sys
@@ -18,6 +17,7 @@ from fleetbus.bus.keyfolder import KeyFolder
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.bus.settings_env import load_settings, settings_reference, settings_rows
 from fleetbus.cli.audit import audit_app
+from fleetbus.cli.fleet import dispatch_app, fleet_app
 from fleetbus.cli.keys import keys_app
 from fleetbus.cli.kme import kme_app
 from fleetbus.devtools.kafka import ADMIN_PRINCIPAL, LocalKafka, cache_root
@@ -70,20 +70,8 @@ def _settings_epilog() -> str:
     )
 
 
-def _register_fleet_cli() -> None:
-    # `fleetbus.cli.fleet` (from fleetbus.cli.fleet import fleet_app, dispatch_app)
-    # belongs to the dispatch/vehicle SDK; register it when this build has it.
-    try:
-        module = importlib.import_module("fleetbus.cli.fleet")
-    except ModuleNotFoundError as exc:
-        if exc.name != "fleetbus.cli.fleet":
-            raise
-        return
-    app.add_typer(module.fleet_app, name="fleet")
-    app.add_typer(module.dispatch_app, name="dispatch")
-
-
-_register_fleet_cli()
+app.add_typer(fleet_app, name="fleet")
+app.add_typer(dispatch_app, name="dispatch")
 
 HomeOpt = Annotated[
     Path | None,
