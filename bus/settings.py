@@ -15,6 +15,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleetbus.bus.topics import FLEET_TOPICS
 
+__all__ = [
+    "FleetbusSettings",
+    "ProfileRule",
+    "ProfileSettings",
+    "TopicNames",
+]
+
 
 class TopicNames(BaseModel):
     """Kafka topic names. The prefix lets several fleets share one cluster."""
@@ -131,7 +138,11 @@ class FleetbusSettings(BaseSettings):
     kafka_ssl_check_hostname: bool = Field(
         default=True, description="check the broker certificate names the host connected to"
     )
-    app_id: str = Field(default="fleetbus", description="faust application id / consumer group")
+    app_id: str = Field(
+        default="fleetbus",
+        description="names the worker's consumer groups, transactional ids and state topics "
+        "(and the faust app); vehicle agents' groups start with it",
+    )
     partitions: int = Field(default=4, ge=1, description="partitions of the topics we create")
     processing_guarantee: Literal["exactly_once", "at_least_once"] = Field(
         default="exactly_once", description="Kafka transactions per stage batch, or not"

@@ -21,6 +21,17 @@ from pydantic_settings import SettingsError
 from fleetbus.bus.errors import ConfigError
 from fleetbus.bus.settings import FleetbusSettings
 
+__all__ = [
+    "ENV_PREFIX",
+    "OTHER_PREFIXES",
+    "OTHER_VARIABLES",
+    "describe_settings_error",
+    "load_settings",
+    "settings_reference",
+    "settings_rows",
+    "unknown_variables",
+]
+
 # --- the settings reference (docs/settings.md) ---------------------------------------------
 
 ENV_PREFIX: typing.Final = "FLEETBUS_"

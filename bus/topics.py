@@ -10,6 +10,14 @@ from typing import Any, Final
 
 from fleetbus.bus.errors import ConfigError, KafkaUnavailableError
 
+__all__ = [
+    "COMPACTED_TOPICS",
+    "FLEET_TOPICS",
+    "SINGLE_PARTITION_TOPICS",
+    "check_copartitioned",
+    "ensure_topics",
+]
+
 # The catalogue, by ``TopicNames`` field; every field but ``prefix`` is in exactly one group
 # (tests/unit/test_topics.py).
 #: Regular topics with the fleet's partition count (``FleetbusSettings.partitions``), in the
