@@ -380,9 +380,6 @@ class KeyDirectory:
         signed.sort(key=lambda s: (s.record.principal_id, s.record.version, s.record.key_id))
         return [s.record for s in signed]
 
-    def principals(self) -> list[str]:
-        return sorted({r.principal_id for r in self.records()})
-
     def latest(self, principal_id: str) -> KeyRecord:
         records = self.records(principal_id)
         if not records:

@@ -21,7 +21,6 @@ from fleetbus.bus.keys import (
 KINDS = frozenset({"dispatcher", "sealer", "vehicle", "edge", "approver", "root"})
 #: Public-key algorithms that are KEM (recipient) keys rather than signature keys.
 KEM_ALGORITHMS = (KeyAlgorithm.X25519.value, KeyAlgorithm.MLKEM768.value, KeyAlgorithm.XWING.value)
-SIGNATURE_ALGORITHMS = (KeyAlgorithm.ED25519.value, KeyAlgorithm.MLDSA65.value)
 #: Algorithms that resist a quantum adversary (for the automatic "pqc" capability).
 POST_QUANTUM_ALGORITHMS = frozenset(
     {KeyAlgorithm.MLKEM768.value, KeyAlgorithm.XWING.value, KeyAlgorithm.MLDSA65.value}
