@@ -9,20 +9,16 @@ from typing import TYPE_CHECKING, Any, Final
 from fleetbus.bus.commands.wire import (
     _UUID_RE,
     APPROVAL_CONTEXT,
-    FORMAT_VERSION,
     MAX_MESSAGE_SIZE,
-    MAX_SIGNATURE,
-    _bytes,
     _check_model_text,
     _check_signature,
     _check_time,
-    _dumps,
+    _decode_signed,
+    _encode_signed,
     _malformed,
     _map,
     _ms,
-    _signed_items,
     _signing_input,
-    _strict_loads,
     _text,
     _to_ms,
 )
@@ -116,24 +112,14 @@ class SignedApproval:
         return _signing_input(APPROVAL_CONTEXT, self.key_id, self.suite, self.approval.to_wire())
 
     def encode(self) -> bytes:
-        return _dumps(
-            [FORMAT_VERSION, self.approval.to_wire(), self.key_id, self.suite, self.signature]
-        )
+        return _encode_signed(self.approval.to_wire(), self.key_id, self.suite, self.signature)
 
     @classmethod
     def decode(cls, data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> SignedApproval:
-        value = _strict_loads(data, "signed approval", max_size)
-        items = _signed_items(value, "signed approval")
-        try:
-            approval = Approval.from_wire(items[1])
-        except FleetbusError as exc:
-            raise _malformed(str(exc).removeprefix("malformed message: ")) from None
-        return cls(
-            approval=approval,
-            key_id=_text(items[2], "approver key id"),
-            suite=_text(items[3], "signature suite"),
-            signature=_bytes(items[4], "signature", MAX_SIGNATURE),
+        approval, key_id, suite, signature = _decode_signed(
+            data, "signed approval", max_size, Approval.from_wire, "approver key id"
         )
+        return cls(approval=approval, key_id=key_id, suite=suite, signature=signature)
 
     def verify(self, directory: KeyDirectory, *, at: float) -> Approval:
         """The approval, if the approver's key is valid at ``at`` and signed it."""

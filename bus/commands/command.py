@@ -14,24 +14,20 @@ from fleetbus.bus.commands.wire import (
     _ACTION_RE,
     _UUID_RE,
     COMMAND_CONTEXT,
-    FORMAT_VERSION,
     MAX_MESSAGE_SIZE,
-    MAX_SIGNATURE,
     ParamValue,
-    _bytes,
     _check_model_text,
     _check_params,
     _check_signature,
     _check_time,
-    _dumps,
+    _decode_signed,
+    _encode_signed,
     _int,
     _malformed,
     _map,
     _ms,
     _opt_text,
-    _signed_items,
     _signing_input,
-    _strict_loads,
     _text,
     _to_ms,
 )
@@ -245,25 +241,15 @@ class SignedCommand:
         return _signing_input(COMMAND_CONTEXT, self.key_id, self.suite, self.command.to_wire())
 
     def encode(self) -> bytes:
-        return _dumps(
-            [FORMAT_VERSION, self.command.to_wire(), self.key_id, self.suite, self.signature]
-        )
+        return _encode_signed(self.command.to_wire(), self.key_id, self.suite, self.signature)
 
     @classmethod
     def decode(cls, data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> SignedCommand:
         """Strict parse (no signature check): MALFORMED, OVERSIZE or UNSUPPORTED_VERSION."""
-        value = _strict_loads(data, "signed command", max_size)
-        items = _signed_items(value, "signed command")
-        try:
-            command = Command.from_wire(items[1])
-        except FleetbusError as exc:
-            raise _malformed(str(exc).removeprefix("malformed message: ")) from None
-        return cls(
-            command=command,
-            key_id=_text(items[2], "issuer key id"),
-            suite=_text(items[3], "signature suite"),
-            signature=_bytes(items[4], "signature", MAX_SIGNATURE),
+        command, key_id, suite, signature = _decode_signed(
+            data, "signed command", max_size, Command.from_wire, "issuer key id"
         )
+        return cls(command=command, key_id=key_id, suite=suite, signature=signature)
 
     def verify(self, directory: KeyDirectory, *, at: float) -> Command:
         """The command, if its issuer's key ``key_id`` is valid at ``at`` and signed it.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from fleetbus.bus import cbor
 from fleetbus.bus.errors import FleetbusError, ReasonCode
@@ -180,6 +180,36 @@ def _signed_items(value: object, what: str) -> list[Any]:
     items = _array(value, what, 5)
     _int(items[0], f"{what} version", FORMAT_VERSION, FORMAT_VERSION)
     return items
+
+
+_Body = TypeVar("_Body")
+
+
+def _encode_signed(body: Mapping[str, Any], key_id: str, suite: str, signature: bytes) -> bytes:
+    """``[1, body map, key id, suite, signature]`` in canonical CBOR."""
+    return _dumps([FORMAT_VERSION, body, key_id, suite, signature])
+
+
+def _decode_signed(
+    data: object,
+    what: str,
+    max_size: int,
+    read_body: Callable[[object], _Body],
+    key_what: str,
+) -> tuple[_Body, str, str, bytes]:
+    """Strict parse of a signed structure: (body, key id, suite, signature); no signature check.
+    ``key_what`` names the key id in errors ("issuer key id", "approver key id")."""
+    items = _signed_items(_strict_loads(data, what, max_size), what)
+    try:
+        body = read_body(items[1])
+    except FleetbusError as exc:
+        raise _malformed(str(exc).removeprefix("malformed message: ")) from None
+    return (
+        body,
+        _text(items[2], key_what),
+        _text(items[3], "signature suite"),
+        _bytes(items[4], "signature", MAX_SIGNATURE),
+    )
 
 
 def _check_signature(
