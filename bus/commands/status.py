@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     pass
 
 
-# --- responses, status, telemetry ----------------------------------------------------------
+# --- responses and status -----------------------------------------------------------------
 
 _RESPONSE_FIELDS: Final = frozenset(
     {"command_id", "correlation_id", "vehicle_id", "status", "detail", "executed_at"}

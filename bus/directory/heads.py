@@ -55,7 +55,7 @@ def peek_record(value: bytes) -> tuple[str, str] | None:
     """``(principal id, kind)`` named by a signed record's bytes, unchecked (None: not a
     readable record). Only for skipping records outside a scope: a skipped record has no
     effect, so a lie here can only make its own record ignored."""
-    try:
+    try:  # lenient on purpose (not bus.cbor): whatever it cannot read is parsed strictly later
         inner = cbor2.loads(cbor2.loads(value)["record"])
         principal, kind = inner["principal"], inner["kind"]
     except Exception:

@@ -19,7 +19,7 @@ from fleetbus.bus.keys import (
 )
 from fleetbus.bus.registry import load_signature_suite
 
-# --- issuing keys --------------------------------------------------------------------------
+# --- private key files ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

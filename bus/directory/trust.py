@@ -137,6 +137,9 @@ def verify_signed_record(
     return signed.record
 
 
+# --- issuing keys --------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class IssuedKey:
     """A freshly issued key: the signed record to publish and the private file to hand over."""
