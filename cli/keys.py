@@ -389,7 +389,7 @@ def export(
     Never root.key or another principal's key. Private keys of earlier exports that this one
     does not name are removed from OUT, so a service loses a key by exporting again.
     """
-    from fleetbus.bus.directory import write_private_file
+    from fleetbus.bus.files import write_private_file
 
     if out.resolve() == directory.resolve():
         raise ConfigError("--out must be another folder than --dir")
