@@ -55,6 +55,7 @@ from fleetbus.bus.directory import (
     save_key_file,
     write_directory_file,
 )
+from fleetbus.bus.keyfolder import KeyFolder
 from fleetbus.devtools.kafka import cache_root
 
 RESULTS = Path(__file__).parent / "results" / "directory.json"
@@ -96,7 +97,7 @@ def _sign_chunk(args: tuple[dict[str, bytes], dict[str, Any], int, int]) -> list
 def fleet_folder(n: int) -> Path:
     """The cached synthetic fleet of ``n`` vehicles (generated on first use)."""
     folder = CACHE / f"fleet-{n}"
-    if (folder / "directory.cbor").exists():
+    if KeyFolder(folder).directory.exists():
         return folder
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -151,12 +152,12 @@ def fleet_folder(n: int) -> Path:
             (r.record for r in records), seq=1, at=T0, vehicle_buckets=DEFAULT_VEHICLE_BUCKETS
         )
     )
-    save_key_file(folder / "root.key", root.key_file())
-    (folder / "root.pub").write_bytes(root.public.to_bytes())
+    save_key_file(KeyFolder(folder).root_key, root.key_file())
+    KeyFolder(folder).root_pub.write_bytes(root.public.to_bytes())
     for item in common:
-        save_key_file(folder / f"{item.key_file.principal_id}.key", item.key_file)
+        save_key_file(KeyFolder(folder).private_key(item.key_file.principal_id), item.key_file)
     # Last: its presence means the fleet is complete.
-    write_directory_file(folder / "directory.cbor", head, records)
+    write_directory_file(KeyFolder(folder).directory, head, records)
     print(f"generated fleet {n} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return folder
 
@@ -174,7 +175,7 @@ def child(mode: str, n: int) -> dict[str, Any]:
     from fleetbus.sdk.vehicle import load_key_directory
 
     folder = fleet_folder(n)
-    root = RootPublicKey.from_bytes((folder / "root.pub").read_bytes())
+    root = RootPublicKey.from_bytes(KeyFolder(folder).root_pub.read_bytes())
     base = rss_mb()
     started = time.perf_counter()
     if mode == "agent":
@@ -183,7 +184,7 @@ def child(mode: str, n: int) -> dict[str, Any]:
         )
     else:
         directory = load_directory(
-            folder / "directory.cbor", root, verify_each=mode == "worker-verify-each"
+            KeyFolder(folder).directory, root, verify_each=mode == "worker-verify-each"
         )
     seconds = time.perf_counter() - started
     held = directory.signed_records()
@@ -234,15 +235,15 @@ def follower_process(role: str, n: int, bootstrap: str, prefix: str, readers: in
     from fleetbus.sdk.keytopic import KeyTopicFollower, KeyTopicReader
 
     folder = fleet_folder(n)
-    root = RootPublicKey.from_bytes((folder / "root.pub").read_bytes())
+    root = RootPublicKey.from_bytes(KeyFolder(folder).root_pub.read_bytes())
     settings = FleetbusSettings(kafka_bootstrap=bootstrap, topics=TopicNames(prefix=prefix))
     scope = vehicle_agent_scope(["V-0000001"]) if role == "agent" else None
     started = []
     for _ in range(readers):
         directory = (
-            load_directory(folder / "directory.cbor", root, scope=scope)
+            load_directory(KeyFolder(folder).directory, root, scope=scope)
             if scope is not None
-            else load_directory(folder / "directory.cbor", root)
+            else load_directory(KeyFolder(folder).directory, root)
         )
         reader = KeyTopicReader(settings, KeyTopicFollower(directory, role=role))
         reader.start()
@@ -274,8 +275,8 @@ def propagation(n: int, revocations: int) -> dict[str, Any]:
     from fleetbus.sdk.keytopic import publish_key_change
 
     folder = fleet_folder(n)
-    root = FleetRoot.from_key_file(load_key_file(folder / "root.key"))
-    content = read_directory_file(folder / "directory.cbor")
+    root = FleetRoot.from_key_file(load_key_file(KeyFolder(folder).root_key))
+    content = read_directory_file(KeyFolder(folder).directory)
     assert content.head is not None
     holder = KeyDirectory(root.public)
     holder.ingest_committed(content.records, content.head)

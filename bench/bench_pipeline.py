@@ -177,6 +177,7 @@ def run_vehicle(config: dict[str, Any]) -> None:
     import threading
 
     from fleetbus.bus.directory import load_key_file
+    from fleetbus.bus.keyfolder import KeyFolder
     from fleetbus.devtools.fleet import vehicle_id
     from fleetbus.providers.sealing import EpochPolicy
     from fleetbus.sdk import PlaintextCodec, VehicleAgent, load_key_directory
@@ -188,7 +189,10 @@ def run_vehicle(config: dict[str, Any]) -> None:
     # signature (the codec reads bare SignedCommands and writes bare Responses).
     agent = VehicleAgent(
         settings,
-        vehicles=[load_key_file(keys_dir / f"{vehicle_id(n)}.key") for n in range(1, VEHICLES + 1)],
+        vehicles=[
+            load_key_file(KeyFolder(keys_dir).private_key(vehicle_id(n)))
+            for n in range(1, VEHICLES + 1)
+        ],
         directory=load_key_directory(keys_dir),
         minimum_path="xwing",
         handlers={"ping": lambda command: None},

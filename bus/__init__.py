@@ -37,6 +37,7 @@ if _typing.TYPE_CHECKING:
     )
     from fleetbus.bus.envelope import EnvelopeError, MessageKind, decode_envelope
     from fleetbus.bus.errors import ConfigError, FleetbusError, KafkaUnavailableError, ReasonCode
+    from fleetbus.bus.keyfolder import KeyFolder
     from fleetbus.bus.keys import (
         Encapsulation,
         KeyAlgorithm,
@@ -56,8 +57,8 @@ if _typing.TYPE_CHECKING:
         ProfileRule,
         ProfileSettings,
         TopicNames,
-        load_settings,
     )
+    from fleetbus.bus.settings_env import load_settings
     from fleetbus.bus.topics import ensure_topics
 
 __all__ = [
@@ -74,6 +75,7 @@ __all__ = [
     "KafkaUnavailableError",
     "KeyAlgorithm",
     "KeyDirectory",
+    "KeyFolder",
     "KeyPath",
     "KeyProvider",
     "KeyProviderError",
@@ -112,6 +114,7 @@ __all__ = [
 
 #: Where each public name lives; imported on first use (PEP 562).
 _MODULE_OF: dict[str, str] = {
+    "KeyFolder": "fleetbus.bus.keyfolder",
     "Approval": "fleetbus.bus.commands",
     "Command": "fleetbus.bus.commands",
     "CommandState": "fleetbus.bus.commands",
@@ -157,7 +160,7 @@ _MODULE_OF: dict[str, str] = {
     "ProfileRule": "fleetbus.bus.settings",
     "ProfileSettings": "fleetbus.bus.settings",
     "TopicNames": "fleetbus.bus.settings",
-    "load_settings": "fleetbus.bus.settings",
+    "load_settings": "fleetbus.bus.settings_env",
     "ensure_topics": "fleetbus.bus.topics",
 }
 

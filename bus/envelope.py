@@ -9,12 +9,39 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Final
 
 import cbor2
 
-from fleetbus.bus.errors import FleetbusError, ReasonCode
+from fleetbus.bus.envelope_base import (
+    ALG_A256GCM,
+    COSE_ENCRYPT0_TAG,
+    DEFAULT_MAX_SIZE,
+    ENVELOPE_TAG,
+    IV_LENGTH,
+    MAX_DEPTH,
+    MAX_TOPIC,
+    BatchSignature,
+    EnvelopeError,
+    KeyRef,
+    MessageKind,
+    SignatureBlock,
+    SingleSignature,
+    canonical_dumps,
+    decode_signature_block,
+    encode_signature_block,
+    is_map,
+    loads,
+    malformed,
+    read_array,
+    read_bytes,
+    read_key_refs,
+    read_text,
+    read_uint,
+    require_deterministic,
+    strict_loads,
+)
+from fleetbus.bus.errors import ReasonCode
 
 __all__ = [
     "ALG_A256GCM",
@@ -47,16 +74,6 @@ __all__ = [
 
 #: Wire format version carried in the outer array and in the protected header.
 FORMAT_VERSION: Final = 1
-#: CBOR tag of the outer envelope: ASCII "fbus" (0x66627573); first-come-first-served range,
-#: not IANA-registered.
-ENVELOPE_TAG: Final = 0x66627573
-#: CBOR tag of COSE_Encrypt0 (RFC 9052).
-COSE_ENCRYPT0_TAG: Final = 16
-#: COSE algorithm id of AES-256-GCM with a 128-bit tag (RFC 9053).
-ALG_A256GCM: Final = 3
-IV_LENGTH: Final = 12
-#: Default upper bound of an encoded envelope; larger input is rejected before parsing.
-DEFAULT_MAX_SIZE: Final = 64 * 1024
 
 #: HKDF ``info`` prefix of the per-message key: ``MESSAGE_KEY_INFO || SHA-256(protected)``.
 MESSAGE_KEY_INFO: Final = b"fleetbus/v1/message"
@@ -109,42 +126,8 @@ _HEADER_LABELS: Final = frozenset(
     }
 )
 
-SIG_MODE_SINGLE: Final = 0
-SIG_MODE_BATCH: Final = 1
 
-# Bounds that keep a hostile envelope cheap to reject (all documented in docs/wire-format.md).
-MAX_TEXT: Final = 256  # characters of any id, action or name
-MAX_TOPIC: Final = 249  # Kafka's own limit on topic names
-MAX_KEY_REFS: Final = 8
-MAX_KEY_REF: Final = 8192
-MAX_SIGNATURE: Final = 16384
-MAX_TREE_SIZE: Final = 1 << 20
-MAX_PATH: Final = 64
 EPOCH_ID_LENGTH: Final = 16
-HASH_LENGTH: Final = 32
-_UINT64_MAX: Final = (1 << 64) - 1
-_MAX_DEPTH: Final = 8
-
-
-class EnvelopeError(FleetbusError):
-    """An envelope could not be sealed or opened; ``reason`` says why (never secret)."""
-
-
-class MessageKind(StrEnum):
-    """What an envelope carries."""
-
-    COMMAND = "cmd"
-    RESPONSE = "rsp"
-    TELEMETRY = "tel"
-
-
-@dataclass(frozen=True)
-class KeyRef:
-    """One key-path provider's entry: provider name, key id, and what the recipient needs."""
-
-    provider: str
-    key_id: str
-    key_ref: bytes
 
 
 @dataclass(frozen=True)
@@ -174,26 +157,6 @@ class ProtectedHeader:
 
 
 @dataclass(frozen=True)
-class SingleSignature:
-    """One signature over this envelope's ToBeSigned."""
-
-    signature: bytes
-
-
-@dataclass(frozen=True)
-class BatchSignature:
-    """One signature over a Merkle root, plus this envelope's inclusion proof."""
-
-    root_signature: bytes
-    tree_size: int
-    leaf_index: int
-    path: tuple[bytes, ...]
-
-
-SignatureBlock = SingleSignature | BatchSignature
-
-
-@dataclass(frozen=True)
 class ParsedEnvelope:
     """A structurally valid envelope: nothing about it has been verified yet."""
 
@@ -201,73 +164,6 @@ class ParsedEnvelope:
     header: ProtectedHeader
     ciphertext: bytes  # AES-256-GCM ciphertext || 16-byte tag
     signature: SignatureBlock
-
-
-def canonical_dumps(value: object) -> bytes:
-    """Deterministic CBOR (definite lengths, shortest ints, sorted map keys)."""
-    return cbor2.dumps(value, canonical=True)
-
-
-def _malformed(what: str) -> EnvelopeError:
-    return EnvelopeError(f"malformed envelope: {what}", reason=ReasonCode.MALFORMED)
-
-
-def _strict_loads(data: bytes, what: str) -> Any:
-    """Decode one CBOR item and insist that ``data`` is exactly its deterministic encoding."""
-    try:
-        value = cbor2.loads(
-            data,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-            max_depth=_MAX_DEPTH,
-            str_errors="strict",
-        )
-    except Exception as exc:  # cbor2 raises CBORDecodeError, ValueError, RecursionError, ...
-        raise _malformed(f"{what} is not well-formed CBOR") from exc
-    try:
-        again = canonical_dumps(value)
-    except Exception as exc:  # a decoded value cbor2 cannot re-encode is not ours either
-        raise _malformed(f"{what} contains unsupported CBOR items") from exc
-    if again != data:
-        raise _malformed(f"{what} is not deterministically encoded CBOR")
-    return value
-
-
-# Field readers: exact Python types (bool is not an int here, bytearray is not bytes).
-def _text(value: object, what: str, limit: int = MAX_TEXT) -> str:
-    if type(value) is not str or not value or len(value) > limit:
-        raise _malformed(f"{what} must be a non-empty text string of at most {limit} characters")
-    return value
-
-
-def _bytes(value: object, what: str, *, size: int | None = None, limit: int = 0) -> bytes:
-    if type(value) is not bytes:
-        raise _malformed(f"{what} must be a byte string")
-    if size is not None and len(value) != size:
-        raise _malformed(f"{what} must be {size} bytes")
-    if limit and (not value or len(value) > limit):
-        raise _malformed(f"{what} must be 1..{limit} bytes")
-    return value
-
-
-def _uint(value: object, what: str, limit: int = _UINT64_MAX) -> int:
-    if type(value) is not int or value < 0 or value > limit:
-        raise _malformed(f"{what} must be an unsigned integer of at most {limit}")
-    return value
-
-
-def _array(value: object, what: str, length: int | None = None) -> list[Any]:
-    # cbor2 decodes arrays inside tags as tuples and maps as frozendicts; both are fine here.
-    if type(value) not in (list, tuple) or not isinstance(value, list | tuple):
-        raise _malformed(f"{what} must be an array")
-    items: list[Any] = list(value)
-    if length is not None and len(items) != length:
-        raise _malformed(f"{what} must have {length} elements")
-    return items
-
-
-def _is_map(value: object) -> bool:
-    return type(value) in (dict, cbor2.frozendict)
 
 
 def _seconds_to_ms(value: float, what: str) -> int:
@@ -314,29 +210,12 @@ def seal_protected(header: ProtectedHeader) -> bytes:
 
 def decode_protected(protected: bytes) -> ProtectedHeader:
     """Strictly parse protected-header bytes; raises ``EnvelopeError`` (MALFORMED / version)."""
-    return _read_header(_strict_loads(protected, "protected header"))
-
-
-def _read_key_refs(value: object) -> tuple[KeyRef, ...]:
-    raw_refs = _array(value, "key refs")
-    if not 1 <= len(raw_refs) <= MAX_KEY_REFS:
-        raise _malformed(f"key refs must have 1..{MAX_KEY_REFS} entries")
-    refs = []
-    for raw in raw_refs:
-        entry = _array(raw, "key ref", 3)
-        refs.append(
-            KeyRef(
-                provider=_text(entry[0], "key ref provider"),
-                key_id=_text(entry[1], "key ref key id"),
-                key_ref=_bytes(entry[2], "key ref", limit=MAX_KEY_REF),
-            )
-        )
-    return tuple(refs)
+    return _read_header(strict_loads(protected, "protected header"))
 
 
 def _read_header(fields: Any) -> ProtectedHeader:
-    if not _is_map(fields):
-        raise _malformed("protected header must be a map")
+    if not is_map(fields):
+        raise malformed("protected header must be a map")
     version = fields.get(LABEL_VERSION)
     if type(version) is int and version != FORMAT_VERSION:
         raise EnvelopeError(
@@ -344,85 +223,48 @@ def _read_header(fields: Any) -> ProtectedHeader:
             reason=ReasonCode.UNSUPPORTED_VERSION,
         )
     if set(fields) != _HEADER_LABELS:
-        raise _malformed("protected header must have exactly the fleetbus v1 labels")
-    if _uint(version, "version") != FORMAT_VERSION:  # pragma: no cover - handled above
-        raise _malformed("version")
+        raise malformed("protected header must have exactly the fleetbus v1 labels")
+    if read_uint(version, "version") != FORMAT_VERSION:  # pragma: no cover - handled above
+        raise malformed("version")
     if type(fields[LABEL_ALG]) is not int or fields[LABEL_ALG] != ALG_A256GCM:
-        raise _malformed("alg must be 3 (A256GCM)")
-    kind_text = _text(fields[LABEL_KIND], "kind")
+        raise malformed("alg must be 3 (A256GCM)")
+    kind_text = read_text(fields[LABEL_KIND], "kind")
     try:
         kind = MessageKind(kind_text)
     except ValueError as exc:
-        raise _malformed("kind must be cmd, rsp or tel") from exc
-    refs = _read_key_refs(fields[LABEL_KEY_REFS])
+        raise malformed("kind must be cmd, rsp or tel") from exc
+    refs = read_key_refs(fields[LABEL_KEY_REFS])
     header = ProtectedHeader(
         kind=kind,
-        topic=_text(fields[LABEL_TOPIC], "topic", MAX_TOPIC),
-        recipient=_text(fields[LABEL_RECIPIENT], "recipient"),
-        message_id=_text(fields[LABEL_MESSAGE_ID], "message id"),
-        action=_text(fields[LABEL_ACTION], "action"),
-        issued_at_ms=_uint(fields[LABEL_ISSUED_AT], "issued-at"),
-        expires_at_ms=_uint(fields[LABEL_EXPIRES_AT], "expires-at"),
-        key_path=_text(fields[LABEL_KEY_PATH], "key path"),
+        topic=read_text(fields[LABEL_TOPIC], "topic", MAX_TOPIC),
+        recipient=read_text(fields[LABEL_RECIPIENT], "recipient"),
+        message_id=read_text(fields[LABEL_MESSAGE_ID], "message id"),
+        action=read_text(fields[LABEL_ACTION], "action"),
+        issued_at_ms=read_uint(fields[LABEL_ISSUED_AT], "issued-at"),
+        expires_at_ms=read_uint(fields[LABEL_EXPIRES_AT], "expires-at"),
+        key_path=read_text(fields[LABEL_KEY_PATH], "key path"),
         key_refs=refs,
-        sender=_text(fields[LABEL_SENDER], "sender"),
-        sender_key_id=_text(fields[LABEL_SENDER_KEY_ID], "sender key id"),
-        signature_suite=_text(fields[LABEL_SIGNATURE_SUITE], "signature suite"),
-        epoch_id=_bytes(fields[LABEL_EPOCH_ID], "epoch id", size=EPOCH_ID_LENGTH),
-        epoch_seq=_uint(fields[LABEL_EPOCH_SEQ], "epoch sequence"),
-        iv=_bytes(fields[LABEL_IV], "iv", size=IV_LENGTH),
+        sender=read_text(fields[LABEL_SENDER], "sender"),
+        sender_key_id=read_text(fields[LABEL_SENDER_KEY_ID], "sender key id"),
+        signature_suite=read_text(fields[LABEL_SIGNATURE_SUITE], "signature suite"),
+        epoch_id=read_bytes(fields[LABEL_EPOCH_ID], "epoch id", size=EPOCH_ID_LENGTH),
+        epoch_seq=read_uint(fields[LABEL_EPOCH_SEQ], "epoch sequence"),
+        iv=read_bytes(fields[LABEL_IV], "iv", size=IV_LENGTH),
     )
     if header.expires_at_ms < header.issued_at_ms:
-        raise _malformed("expires-at is before issued-at")
+        raise malformed("expires-at is before issued-at")
     if header.key_path != "+".join(header.providers):
-        raise _malformed("key path does not name the key refs' providers in order")
+        raise malformed("key path does not name the key refs' providers in order")
     if len(set(header.providers)) != len(header.providers):
-        raise _malformed("a provider appears twice in the key path")
+        raise malformed("a provider appears twice in the key path")
     return header
-
-
-def _encode_signature_block(block: SignatureBlock) -> list[Any]:
-    if isinstance(block, SingleSignature):
-        return [SIG_MODE_SINGLE, block.signature]
-    return [
-        SIG_MODE_BATCH,
-        block.root_signature,
-        block.tree_size,
-        block.leaf_index,
-        list(block.path),
-    ]
-
-
-def _decode_signature_block(value: object) -> SignatureBlock:
-    block = _array(value, "signature block")
-    if not block or type(block[0]) is not int:
-        raise _malformed("signature block must start with its mode")
-    if block[0] == SIG_MODE_SINGLE:
-        _array(block, "single signature block", 2)
-        return SingleSignature(_bytes(block[1], "signature", limit=MAX_SIGNATURE))
-    if block[0] == SIG_MODE_BATCH:
-        _array(block, "batch signature block", 5)
-        tree_size = _uint(block[2], "tree size", MAX_TREE_SIZE)
-        leaf_index = _uint(block[3], "leaf index", MAX_TREE_SIZE)
-        if tree_size == 0 or leaf_index >= tree_size:
-            raise _malformed("leaf index must be below a non-zero tree size")
-        path = _array(block[4], "inclusion path")
-        if len(path) > MAX_PATH:
-            raise _malformed(f"inclusion path is longer than {MAX_PATH}")
-        return BatchSignature(
-            root_signature=_bytes(block[1], "root signature", limit=MAX_SIGNATURE),
-            tree_size=tree_size,
-            leaf_index=leaf_index,
-            path=tuple(_bytes(node, "path node", size=HASH_LENGTH) for node in path),
-        )
-    raise _malformed("unknown signature mode")
 
 
 def encode_envelope(protected: bytes, ciphertext: bytes, signature: SignatureBlock) -> bytes:
     """The envelope bytes: ``#6.ENVELOPE_TAG([1, COSE_Encrypt0, signature block])``."""
     encrypt0 = cbor2.CBORTag(COSE_ENCRYPT0_TAG, [protected, {}, ciphertext])
     return canonical_dumps(
-        cbor2.CBORTag(ENVELOPE_TAG, [FORMAT_VERSION, encrypt0, _encode_signature_block(signature)])
+        cbor2.CBORTag(ENVELOPE_TAG, [FORMAT_VERSION, encrypt0, encode_signature_block(signature)])
     )
 
 
@@ -430,51 +272,41 @@ def decode_envelope(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> ParsedE
     """Size check, then strict parse. Raises ``EnvelopeError`` with OVERSIZE, MALFORMED or
     UNSUPPORTED_VERSION; verifies nothing cryptographic."""
     if type(data) is not bytes:
-        raise _malformed("envelope must be bytes")
+        raise malformed("envelope must be bytes")
     if len(data) > max_size:
         raise EnvelopeError(
             f"envelope is {len(data)} bytes; the limit is {max_size}", reason=ReasonCode.OVERSIZE
         )
-    try:
-        outer = cbor2.loads(
-            data, allow_indefinite=False, allow_duplicate_keys=False, max_depth=_MAX_DEPTH
-        )
-    except Exception as exc:
-        raise _malformed("not well-formed CBOR") from exc
+    outer = loads(data, None, MAX_DEPTH)
     if type(outer) is not cbor2.CBORTag or outer.tag != ENVELOPE_TAG:
-        raise _malformed("not a fleetbus envelope (outer tag)")
-    body = _array(outer.value, "envelope")
+        raise malformed("not a fleetbus envelope (outer tag)")
+    body = read_array(outer.value, "envelope")
     if not body:
-        raise _malformed("envelope array is empty")
-    version = _uint(body[0], "format version")
+        raise malformed("envelope array is empty")
+    version = read_uint(body[0], "format version")
     if version != FORMAT_VERSION:
         raise EnvelopeError(
             f"envelope format version {version}; this build reads {FORMAT_VERSION}",
             reason=ReasonCode.UNSUPPORTED_VERSION,
         )
-    try:
-        again = canonical_dumps(outer)
-    except Exception as exc:
-        raise _malformed("envelope contains unsupported CBOR items") from exc
-    if again != data:  # duplicate keys, long-form ints, indefinite lengths, trailing bytes ...
-        raise _malformed("envelope is not deterministically encoded CBOR")
-    _array(body, "envelope", 3)
+    require_deterministic(outer, data, "envelope")
+    read_array(body, "envelope", 3)
     encrypt0 = body[1]
     if type(encrypt0) is not cbor2.CBORTag or encrypt0.tag != COSE_ENCRYPT0_TAG:
-        raise _malformed("second element must be a tagged COSE_Encrypt0")
-    cose = _array(encrypt0.value, "COSE_Encrypt0", 3)
-    protected = _bytes(cose[0], "protected header")
-    if not _is_map(cose[1]) or cose[1]:
-        raise _malformed("unprotected header must be an empty map")
-    ciphertext = _bytes(cose[2], "ciphertext")
+        raise malformed("second element must be a tagged COSE_Encrypt0")
+    cose = read_array(encrypt0.value, "COSE_Encrypt0", 3)
+    protected = read_bytes(cose[0], "protected header")
+    if not is_map(cose[1]) or cose[1]:
+        raise malformed("unprotected header must be an empty map")
+    ciphertext = read_bytes(cose[2], "ciphertext")
     if len(ciphertext) < 16:
-        raise _malformed("ciphertext is shorter than the AES-GCM tag")
+        raise malformed("ciphertext is shorter than the AES-GCM tag")
     header = decode_protected(protected)
     return ParsedEnvelope(
         protected=protected,
         header=header,
         ciphertext=ciphertext,
-        signature=_decode_signature_block(body[2]),
+        signature=decode_signature_block(body[2]),
     )
 
 

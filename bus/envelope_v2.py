@@ -14,28 +14,31 @@ from typing import Any, Final
 
 import cbor2
 
-from fleetbus.bus.envelope import (
+from fleetbus.bus.envelope_base import (
     ALG_A256GCM,
     COSE_ENCRYPT0_TAG,
     DEFAULT_MAX_SIZE,
     ENVELOPE_TAG,
+    MAX_DEPTH,
     MAX_TEXT,
     MAX_TOPIC,
     EnvelopeError,
     KeyRef,
     MessageKind,
     SignatureBlock,
-    _array,
-    _bytes,
-    _decode_signature_block,
-    _encode_signature_block,
-    _is_map,
-    _malformed,
-    _read_key_refs,
-    _strict_loads,
-    _text,
-    _uint,
     canonical_dumps,
+    decode_signature_block,
+    encode_signature_block,
+    is_map,
+    loads,
+    malformed,
+    read_array,
+    read_bytes,
+    read_key_refs,
+    read_text,
+    read_uint,
+    require_deterministic,
+    strict_loads,
 )
 from fleetbus.bus.errors import ReasonCode
 
@@ -215,21 +218,18 @@ def _version_error(version: int) -> EnvelopeError:
 def _outer(data: object, max_size: int) -> tuple[cbor2.CBORTag, list[Any], int]:
     """Size, CBOR, tag, array, version (read first). Shared by every reader of both versions."""
     if type(data) is not bytes:
-        raise _malformed("record must be bytes")
+        raise malformed("record must be bytes")
     if len(data) > max_size:
         raise EnvelopeError(
             f"record is {len(data)} bytes; the limit is {max_size}", reason=ReasonCode.OVERSIZE
         )
-    try:
-        outer = cbor2.loads(data, allow_indefinite=False, allow_duplicate_keys=False, max_depth=8)
-    except Exception as exc:
-        raise _malformed("not well-formed CBOR") from exc
+    outer = loads(data, None, MAX_DEPTH)
     if type(outer) is not cbor2.CBORTag or outer.tag != ENVELOPE_TAG:
-        raise _malformed("not a fleetbus record (outer tag)")
-    body = _array(outer.value, "record")
+        raise malformed("not a fleetbus record (outer tag)")
+    body = read_array(outer.value, "record")
     if not body:
-        raise _malformed("record array is empty")
-    return outer, body, _uint(body[0], "format version")
+        raise malformed("record array is empty")
+    return outer, body, read_uint(body[0], "format version")
 
 
 def record_version(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> int:
@@ -251,29 +251,24 @@ def decode_record(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> ParsedRec
             reason=ReasonCode.UNSUPPORTED_VERSION,
         )
     if len(body) < 2 or type(body[1]) is not int or body[1] not in set(RecordType):
-        raise _malformed("second element must be the record type 0, 1 or 2")
-    try:
-        again = canonical_dumps(outer)
-    except Exception as exc:
-        raise _malformed("record contains unsupported CBOR items") from exc
-    if again != data:
-        raise _malformed("record is not deterministically encoded CBOR")
+        raise malformed("second element must be the record type 0, 1 or 2")
+    require_deterministic(outer, data, "record")
     kind = RecordType(body[1])
     if kind is RecordType.MESSAGE:
-        _array(body, "message", 3)
+        read_array(body, "message", 3)
         return _read_message(body[2])
-    _array(body, "signed record", 4)
-    signed = _bytes(body[2], "signed body")
-    block = _decode_signature_block(body[3])
+    read_array(body, "signed record", 4)
+    signed = read_bytes(body[2], "signed body")
+    block = decode_signature_block(body[3])
     if kind is RecordType.ESTABLISHMENT:
         return ParsedEstablishment(signed, block, _read_establishment(_map(signed, "est")))
     return ParsedStatus(signed, block, _read_status(_map(signed, "status")))
 
 
 def _map(data: bytes, what: str) -> Any:
-    fields = _strict_loads(data, what)
-    if not _is_map(fields):
-        raise _malformed(f"{what} must be a map")
+    fields = strict_loads(data, what)
+    if not is_map(fields):
+        raise malformed(f"{what} must be a map")
     version = fields.get(_E_VERSION)
     if type(version) is int and version != V2:
         raise _version_error(version)
@@ -282,60 +277,60 @@ def _map(data: bytes, what: str) -> Any:
 
 def _read_direction(value: object) -> Direction:
     if type(value) is not int or value not in set(Direction):
-        raise _malformed("direction must be 0 or 1")
+        raise malformed("direction must be 0 or 1")
     return Direction(value)
 
 
 def _read_establishment(fields: Any) -> Establishment:
     if set(fields) != _EST_LABELS:
-        raise _malformed("establishment must have exactly the v2 labels 1..14")
-    if _uint(fields[_E_VERSION], "version") != V2:  # pragma: no cover - _map raised already
+        raise malformed("establishment must have exactly the v2 labels 1..14")
+    if read_uint(fields[_E_VERSION], "version") != V2:  # pragma: no cover - _map raised already
         raise _version_error(fields[_E_VERSION])
     if type(fields[_E_AEAD]) is not int or fields[_E_AEAD] != ALG_A256GCM:
-        raise _malformed("aead must be 3 (A256GCM)")
+        raise malformed("aead must be 3 (A256GCM)")
     est = Establishment(
-        topic=_text(fields[_E_TOPIC], "topic", MAX_TOPIC),
-        sender=_text(fields[_E_SENDER], "sender"),
-        sender_key_id=_text(fields[_E_SENDER_KID], "sender key id"),
-        signature_suite=_text(fields[_E_SUITE], "signature suite"),
-        recipient=_text(fields[_E_RECIPIENT], "recipient"),
+        topic=read_text(fields[_E_TOPIC], "topic", MAX_TOPIC),
+        sender=read_text(fields[_E_SENDER], "sender"),
+        sender_key_id=read_text(fields[_E_SENDER_KID], "sender key id"),
+        signature_suite=read_text(fields[_E_SUITE], "signature suite"),
+        recipient=read_text(fields[_E_RECIPIENT], "recipient"),
         direction=_read_direction(fields[_E_DIRECTION]),
-        epoch_id=_bytes(fields[_E_EPOCH], "epoch id", size=EPOCH_ID_LENGTH_V2),
-        key_path=_text(fields[_E_PATH], "key path"),
-        key_refs=_read_key_refs(fields[_E_REFS]),
-        not_before_ms=_uint(fields[_E_NOT_BEFORE], "not-before"),
-        not_after_ms=_uint(fields[_E_NOT_AFTER], "not-after"),
-        max_messages=_uint(fields[_E_MAX_MESSAGES], "max messages", MAX_EPOCH_MESSAGES),
+        epoch_id=read_bytes(fields[_E_EPOCH], "epoch id", size=EPOCH_ID_LENGTH_V2),
+        key_path=read_text(fields[_E_PATH], "key path"),
+        key_refs=read_key_refs(fields[_E_REFS]),
+        not_before_ms=read_uint(fields[_E_NOT_BEFORE], "not-before"),
+        not_after_ms=read_uint(fields[_E_NOT_AFTER], "not-after"),
+        max_messages=read_uint(fields[_E_MAX_MESSAGES], "max messages", MAX_EPOCH_MESSAGES),
     )
     if est.not_after_ms <= est.not_before_ms:
-        raise _malformed("not-after must be after not-before")
+        raise malformed("not-after must be after not-before")
     if est.max_messages < 1:
-        raise _malformed("max messages must be at least 1")
+        raise malformed("max messages must be at least 1")
     if est.key_path != "+".join(est.providers):
-        raise _malformed("key path does not name the key refs' providers in order")
+        raise malformed("key path does not name the key refs' providers in order")
     if len(set(est.providers)) != len(est.providers):
-        raise _malformed("a provider appears twice in the key path")
+        raise malformed("a provider appears twice in the key path")
     return est
 
 
 def _read_status(fields: Any) -> Status:
     if set(fields) != _STS_LABELS:
-        raise _malformed("status must have exactly the v2 status labels")
-    if _uint(fields[_E_VERSION], "version") != V2:  # pragma: no cover - _map raised already
+        raise malformed("status must have exactly the v2 status labels")
+    if read_uint(fields[_E_VERSION], "version") != V2:  # pragma: no cover - _map raised already
         raise _version_error(fields[_E_VERSION])
     code = fields[_S_CODE]
     if type(code) is not int or code not in set(StatusCode):
-        raise _malformed("unknown status code")
+        raise malformed("unknown status code")
     return Status(
-        topic=_text(fields[_E_TOPIC], "topic", MAX_TOPIC),
-        sender=_text(fields[_E_SENDER], "sender"),
-        sender_key_id=_text(fields[_E_SENDER_KID], "sender key id"),
-        signature_suite=_text(fields[_E_SUITE], "signature suite"),
-        recipient=_text(fields[_E_RECIPIENT], "recipient"),
-        epoch_id=_bytes(fields[_E_EPOCH], "epoch id", size=EPOCH_ID_LENGTH_V2),
+        topic=read_text(fields[_E_TOPIC], "topic", MAX_TOPIC),
+        sender=read_text(fields[_E_SENDER], "sender"),
+        sender_key_id=read_text(fields[_E_SENDER_KID], "sender key id"),
+        signature_suite=read_text(fields[_E_SUITE], "signature suite"),
+        recipient=read_text(fields[_E_RECIPIENT], "recipient"),
+        epoch_id=read_bytes(fields[_E_EPOCH], "epoch id", size=EPOCH_ID_LENGTH_V2),
         code=StatusCode(code),
-        sequence=_uint(fields[_S_SEQUENCE], "sequence", MAX_EPOCH_MESSAGES - 1),
-        at_ms=_uint(fields[_S_AT], "at"),
+        sequence=read_uint(fields[_S_SEQUENCE], "sequence", MAX_EPOCH_MESSAGES - 1),
+        at_ms=read_uint(fields[_S_AT], "at"),
     )
 
 
@@ -345,36 +340,36 @@ def _partial_iv(sequence: int) -> bytes:
 
 def _read_message(value: object) -> Message:
     if type(value) is not cbor2.CBORTag or value.tag != COSE_ENCRYPT0_TAG:
-        raise _malformed("third element must be a tagged COSE_Encrypt0")
-    cose = _array(value.value, "COSE_Encrypt0", 3)
-    protected = _bytes(cose[0], "protected header")
-    if not _is_map(cose[1]) or cose[1]:
-        raise _malformed("unprotected header must be an empty map")
-    ciphertext = _bytes(cose[2], "ciphertext")
+        raise malformed("third element must be a tagged COSE_Encrypt0")
+    cose = read_array(value.value, "COSE_Encrypt0", 3)
+    protected = read_bytes(cose[0], "protected header")
+    if not is_map(cose[1]) or cose[1]:
+        raise malformed("unprotected header must be an empty map")
+    ciphertext = read_bytes(cose[2], "ciphertext")
     if len(ciphertext) < 16:
-        raise _malformed("ciphertext is shorter than the AES-GCM tag")
-    fields = _strict_loads(protected, "protected header")
-    if not _is_map(fields) or set(fields) != _MESSAGE_LABELS:
-        raise _malformed("protected header must have exactly the v2 message labels")
+        raise malformed("ciphertext is shorter than the AES-GCM tag")
+    fields = strict_loads(protected, "protected header")
+    if not is_map(fields) or set(fields) != _MESSAGE_LABELS:
+        raise malformed("protected header must have exactly the v2 message labels")
     return Message(protected, _read_header(fields), ciphertext)
 
 
 def _read_header(fields: Any) -> MessageHeader:
     if type(fields[_ALG]) is not int or fields[_ALG] != ALG_A256GCM:
-        raise _malformed("alg must be 3 (A256GCM)")
-    piv = _bytes(fields[_PARTIAL_IV], "partial IV")
+        raise malformed("alg must be 3 (A256GCM)")
+    piv = read_bytes(fields[_PARTIAL_IV], "partial IV")
     if not 1 <= len(piv) <= MAX_PARTIAL_IV or (len(piv) > 1 and piv[0] == 0):
-        raise _malformed("partial IV must be the shortest big-endian form, 1..5 bytes")
+        raise malformed("partial IV must be the shortest big-endian form, 1..5 bytes")
     try:
-        kind = MessageKind(_text(fields[_KIND], "kind"))
+        kind = MessageKind(read_text(fields[_KIND], "kind"))
     except ValueError as exc:
-        raise _malformed("kind must be cmd, rsp or tel") from exc
+        raise malformed("kind must be cmd, rsp or tel") from exc
     return MessageHeader(
-        epoch_id=_bytes(fields[_KID], "kid (epoch id)", size=EPOCH_ID_LENGTH_V2),
+        epoch_id=read_bytes(fields[_KID], "kid (epoch id)", size=EPOCH_ID_LENGTH_V2),
         sequence=int.from_bytes(piv, "big"),
         kind=kind,
-        recipient=_text(fields[_RECIPIENT], "recipient"),
-        expires_at_ms=_uint(fields[_EXPIRES_AT], "expires-at"),
+        recipient=read_text(fields[_RECIPIENT], "recipient"),
+        expires_at_ms=read_uint(fields[_EXPIRES_AT], "expires-at"),
     )
 
 
@@ -432,17 +427,17 @@ def _record(record_type: RecordType, *items: Any) -> bytes:
 
 
 def encode_establishment(body: bytes, signature: SignatureBlock) -> bytes:
-    return _record(RecordType.ESTABLISHMENT, body, _encode_signature_block(signature))
+    return _record(RecordType.ESTABLISHMENT, body, encode_signature_block(signature))
 
 
 def encode_status(body: bytes, signature: SignatureBlock) -> bytes:
-    return _record(RecordType.STATUS, body, _encode_signature_block(signature))
+    return _record(RecordType.STATUS, body, encode_signature_block(signature))
 
 
 def encode_message_header(header: MessageHeader) -> bytes:
     """The protected-header bytes of a message; refuses (MALFORMED) an unreadable header."""
     if not 0 <= header.sequence < MAX_EPOCH_MESSAGES:
-        raise _malformed("sequence out of range")
+        raise malformed("sequence out of range")
     fields = {
         _ALG: ALG_A256GCM,
         _KID: header.epoch_id,
@@ -474,22 +469,22 @@ def encode_plaintext(plain: MessagePlaintext) -> bytes:
 
 
 def decode_plaintext(data: bytes, header: MessageHeader) -> MessagePlaintext:
-    plain = _read_plaintext(_strict_loads(data, "message plaintext"))
+    plain = _read_plaintext(strict_loads(data, "message plaintext"))
     if plain.issued_at_ms > header.expires_at_ms:
-        raise _malformed("issued-at is after expires-at")
+        raise malformed("issued-at is after expires-at")
     return plain
 
 
 def _read_plaintext(value: object) -> MessagePlaintext:
-    items = _array(value, "message plaintext", 4)
+    items = read_array(value, "message plaintext", 4)
     action = items[1]
     if type(action) is not str or len(action) > MAX_TEXT:
-        raise _malformed(f"action must be a text string of at most {MAX_TEXT} characters")
+        raise malformed(f"action must be a text string of at most {MAX_TEXT} characters")
     return MessagePlaintext(
-        message_id=_text(items[0], "message id"),
+        message_id=read_text(items[0], "message id"),
         action=action,
-        issued_at_ms=_uint(items[2], "issued-at"),
-        payload=_bytes(items[3], "payload"),
+        issued_at_ms=read_uint(items[2], "issued-at"),
+        payload=read_bytes(items[3], "payload"),
     )
 
 

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+__all__ = [
+    "ConfigError",
+    "FleetbusError",
+    "KafkaUnavailableError",
+    "ReasonCode",
+]
+
 
 class ReasonCode(StrEnum):
     """Why a record was rejected. Values are stable: they appear in DLQ records and metrics."""

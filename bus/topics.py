@@ -1,12 +1,43 @@
-"""Explicit topic creation: the broker never auto-creates, so every process declares its own."""
+"""The topic catalogue, and explicit topic creation: the broker never auto-creates, so every
+process declares its own. Topic *names* are settings (``TopicNames``); which topics exist and how
+each is created is said here, once."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from fleetbus.bus.errors import ConfigError, KafkaUnavailableError
+
+__all__ = [
+    "COMPACTED_TOPICS",
+    "FLEET_TOPICS",
+    "SINGLE_PARTITION_TOPICS",
+    "check_copartitioned",
+    "ensure_topics",
+]
+
+# The catalogue, by ``TopicNames`` field; every field but ``prefix`` is in exactly one group
+# (tests/unit/test_topics.py).
+#: Regular topics with the fleet's partition count (``FleetbusSettings.partitions``), in the
+#: order the worker creates them.
+FLEET_TOPICS: Final = (
+    "commands_requested",
+    "commands_authorized",
+    "commands_rejected",
+    "commands_outbound",
+    "commands_responses",
+    "commands_approvals",
+    "commands_status",
+    "telemetry_raw",
+    "telemetry_verified",
+    "dlq",
+)
+#: Compacted (``cleanup.policy=compact``): the key directory, read whole by every process.
+COMPACTED_TOPICS: Final = ("keys",)
+#: One partition, so each audit chain's order is the log's (docs/audit.md).
+SINGLE_PARTITION_TOPICS: Final = ("audit",)
 
 
 def ensure_topics(

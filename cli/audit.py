@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from fleetbus.bus.errors import ConfigError
+from fleetbus.bus.keyfolder import KeyFolder
 from fleetbus.bus.settings import FleetbusSettings
 
 audit_app = typer.Typer(no_args_is_help=True, help=__doc__)
@@ -89,17 +90,18 @@ def verify(
 ) -> None:
     """Verify every chain: OK, or the exact chain / seq / offset where it breaks (exit 1).
     Prints, per chain, how many records at the tail no signed checkpoint covers."""
-    from fleetbus.bus.directory import DIRECTORY, ROOT_PUB, RootPublicKey, load_directory
+    from fleetbus.bus.directory import RootPublicKey, load_directory
     from fleetbus.processors.audit import verify_entries
 
     settings = FleetbusSettings()
     bootstrap = bootstrap or settings.kafka_bootstrap
     topic = topic or settings.topics.full(settings.topics.audit)
     folder = (keys_dir or Path(settings.keys_dir)).expanduser()
-    if not (folder / ROOT_PUB).exists():
-        raise ConfigError(f"{folder / ROOT_PUB} not found: checkpoints cannot be verified")
+    if not KeyFolder(folder).root_pub.exists():
+        raise ConfigError(f"{KeyFolder(folder).root_pub} not found: checkpoints cannot be verified")
     directory = load_directory(
-        folder / DIRECTORY, RootPublicKey.from_bytes((folder / ROOT_PUB).read_bytes())
+        KeyFolder(folder).directory,
+        RootPublicKey.from_bytes(KeyFolder(folder).root_pub.read_bytes()),
     )
     entries = read_audit_topic(bootstrap, topic, client_config=settings.kafka_client_config())
     report = verify_entries(

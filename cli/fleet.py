@@ -18,6 +18,7 @@ import typer
 
 from fleetbus.bus.commands import ParamValue, StatusEvent, Target
 from fleetbus.bus.errors import ConfigError, FleetbusError
+from fleetbus.bus.keyfolder import KeyFolder
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.devtools.fleet import default_handlers
 from fleetbus.sdk.dispatch import CommandPublisher, StatusTimeoutError
@@ -173,7 +174,7 @@ def _publisher(keys_dir: Path, principal: str) -> CommandPublisher:
     return CommandPublisher(
         FleetbusSettings(),
         principal_id=principal,
-        private_key_file=keys_dir / f"{principal}.key",
+        private_key_file=KeyFolder(keys_dir).private_key(principal),
     )
 
 

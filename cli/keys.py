@@ -24,10 +24,7 @@ from typing import Annotated, Any
 import typer
 
 from fleetbus.bus.directory import (
-    DIRECTORY,
     KINDS,
-    ROOT_KEY,
-    ROOT_PUB,
     ROOT_SUITE,
     FleetRoot,
     KeyDirectory,
@@ -45,6 +42,7 @@ from fleetbus.bus.directory import (
     write_directory_file,
 )
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
+from fleetbus.bus.keyfolder import DIRECTORY, ROOT_PUB, KeyFolder
 from fleetbus.sdk.keytopic import publish_key_change
 
 keys_app = typer.Typer(no_args_is_help=True, help=__doc__)
@@ -79,11 +77,11 @@ def _check_principal(principal: str) -> None:
 
 
 def _load_root(directory: Path) -> FleetRoot:
-    root = FleetRoot.from_key_file(load_key_file(directory / ROOT_KEY))
-    pinned = RootPublicKey.from_bytes((directory / ROOT_PUB).read_bytes())
+    root = FleetRoot.from_key_file(load_key_file(KeyFolder(directory).root_key))
+    pinned = RootPublicKey.from_bytes(KeyFolder(directory).root_pub.read_bytes())
     if pinned != root.public:
         raise FleetbusError(
-            f"{directory / ROOT_KEY} does not match {directory / ROOT_PUB}",
+            f"{KeyFolder(directory).root_key} does not match {KeyFolder(directory).root_pub}",
             reason=ReasonCode.BAD_SIGNATURE,
         )
     return root
@@ -91,12 +89,17 @@ def _load_root(directory: Path) -> FleetRoot:
 
 def _load_public(directory: Path) -> KeyDirectory:
     try:
-        root = RootPublicKey.from_bytes((directory / ROOT_PUB).read_bytes())
+        root = RootPublicKey.from_bytes(KeyFolder(directory).root_pub.read_bytes())
     except FileNotFoundError:
-        raise ConfigError(f"{directory / ROOT_PUB} not found; run `fleetbus keys init`") from None
+        raise ConfigError(
+            f"{KeyFolder(directory).root_pub} not found; run `fleetbus keys init`"
+        ) from None
     # The root holder writes these records on (the next file, the topic): each is verified.
     return load_directory(
-        directory / DIRECTORY, root, head_store=head_store_for(directory, root), verify_each=True
+        KeyFolder(directory).directory,
+        root,
+        head_store=head_store_for(directory, root),
+        verify_each=True,
     )
 
 
@@ -111,7 +114,7 @@ def _publish(
     then, with a bootstrap, send the record and the head to the key topic."""
     current.ingest(signed)
     head = next_head(root, current, previous=current.head)
-    write_directory_file(directory / DIRECTORY, head, current.signed_records())
+    write_directory_file(KeyFolder(directory).directory, head, current.signed_records())
     current.ingest_head(head)
     if bootstrap:
         publish_key_change(_settings(bootstrap), [signed], head)
@@ -124,21 +127,23 @@ def _settings(bootstrap: str) -> Any:
 
 
 def _key_path(directory: Path, principal: str) -> Path:
-    return directory / f"{principal}.key"
+    return KeyFolder(directory).private_key(principal)
 
 
 @keys_app.command("init")
 def init(directory: DirOpt) -> None:
     """Create the hybrid fleet root key (root.key 0600, root.pub) and an empty directory."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if (directory / ROOT_KEY).exists():
-        raise ConfigError(f"{directory / ROOT_KEY} already exists; refusing to replace the root")
+    if KeyFolder(directory).root_key.exists():
+        raise ConfigError(
+            f"{KeyFolder(directory).root_key} already exists; refusing to replace the root"
+        )
     root = FleetRoot.generate(ROOT_SUITE)
-    save_key_file(directory / ROOT_KEY, root.key_file())
-    (directory / ROOT_PUB).write_bytes(root.public.to_bytes())
-    if not (directory / DIRECTORY).exists():
+    save_key_file(KeyFolder(directory).root_key, root.key_file())
+    KeyFolder(directory).root_pub.write_bytes(root.public.to_bytes())
+    if not KeyFolder(directory).directory.exists():
         head, records = sign_directory(root, [])
-        write_directory_file(directory / DIRECTORY, head, records)
+        write_directory_file(KeyFolder(directory).directory, head, records)
         head_store_for(directory, root.public).save(head)
     typer.echo(f"fleet root {root.key_id} ({root.public.suite}) created in {directory}")
 
@@ -228,7 +233,7 @@ def rotate(
     key_path = _key_path(directory, principal)
     if key_path.exists():
         # Keep the previous private key: messages sealed to it may arrive during the overlap.
-        os.replace(key_path, directory / f"{principal}.v{latest.version}.key")
+        os.replace(key_path, KeyFolder(directory).retired_key(principal, latest.version))
     save_key_file(key_path, issued.key_file)
     _publish(directory, root, current, issued.signed, bootstrap)
     typer.echo(
@@ -289,25 +294,25 @@ def migrate(directory: DirOpt) -> None:
     so a copy missing a revocation would make the missing revocation permanent.
     """
     root = _load_root(directory)
-    content = read_directory_file(directory / DIRECTORY)
+    content = read_directory_file(KeyFolder(directory).directory)
     if content.head is not None:
         raise ConfigError(
-            f"{directory / DIRECTORY} already has a head (seq {content.head.head.seq})"
+            f"{KeyFolder(directory).directory} already has a head (seq {content.head.head.seq})"
         )
     store = head_store_for(directory, root.public)
     if store.load(root.public) is not None:
         raise FleetbusError(
-            f"{store.path} holds a head although {directory / DIRECTORY} has none: "
+            f"{store.path} holds a head although {KeyFolder(directory).directory} has none: "
             "the file was replaced by an older copy",
             reason=ReasonCode.DIRECTORY_ROLLBACK,
         )
     head, records = sign_directory(root, content.records)
-    write_directory_file(directory / DIRECTORY, head, records)
+    write_directory_file(KeyFolder(directory).directory, head, records)
     store.save(head)
     revoked = sum(1 for signed in records if signed.record.revoked)
     typer.echo(
         f"signed directory head 1 over {len(records)} records ({revoked} revoked) in "
-        f"{directory / DIRECTORY}"
+        f"{KeyFolder(directory).directory}"
     )
 
 
@@ -384,7 +389,7 @@ def export(
     Never root.key or another principal's key. Private keys of earlier exports that this one
     does not name are removed from OUT, so a service loses a key by exporting again.
     """
-    from fleetbus.bus.directory import write_private_file
+    from fleetbus.bus.files import write_private_file
 
     if out.resolve() == directory.resolve():
         raise ConfigError("--out must be another folder than --dir")
@@ -395,12 +400,12 @@ def export(
         if not current.records(name):
             raise ConfigError(f"principal {name!r} has no keys in {directory}")
         # Rotated predecessors too: messages sealed to them may still arrive in the overlap.
-        for path in [_key_path(directory, name), *directory.glob(f"{name}.v*.key")]:
+        for path in [_key_path(directory, name), *KeyFolder(directory).retired_keys(name)]:
             if load_key_file(path).principal_id != name:  # also refuses group/other access
                 raise ConfigError(f"{path} holds another principal's key")
             keys[path.name] = path.read_bytes()
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for stale in out.glob("*.key"):
+    for stale in KeyFolder(out).private_keys():
         if stale.name not in keys:
             stale.unlink()
     for name in (ROOT_PUB, DIRECTORY):

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fleetbus.bus.errors import FleetbusError
-from fleetbus.bus.settings import settings_reference
+from fleetbus.bus.settings_env import settings_reference
 from fleetbus.cli.audit import audit_app
 from fleetbus.cli.demo import demo
 from fleetbus.cli.dev import dev_app
@@ -68,7 +68,7 @@ def main() -> None:
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
-    from fleetbus.bus.settings import describe_settings_error
+    from fleetbus.bus.settings_env import describe_settings_error
 
     try:
         app()

@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from fleetbus.bus.settings import FleetbusSettings, load_settings, settings_rows
+from fleetbus.bus.keyfolder import KeyFolder
+from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.bus.settings_env import load_settings, settings_rows
 
 
 def settings_epilog() -> str:
@@ -67,8 +69,8 @@ def worker(log_format: LogFormatOpt = None, log_level: LogLevelOpt = None) -> No
     not_ready = None
     if settings.pipeline == "auto" and not pipelines:
         not_ready = (
-            f"pipeline=auto found no key directory ({settings.keys_dir}/root.pub): this worker "
-            "runs no command pipeline; mount the keys or set FLEETBUS_PIPELINE=off"
+            f"pipeline=auto found no key directory ({KeyFolder(settings.keys_dir).root_pub}): "
+            "this worker runs no command pipeline; mount the keys or set FLEETBUS_PIPELINE=off"
         )
         logging.getLogger("fleetbus.worker").warning("not ready: %s", not_ready)
     if settings.metrics_port:

@@ -43,6 +43,7 @@ from fleetbus.bus.directory import (
     read_directory_file,
     save_key_file,
 )
+from fleetbus.bus.keyfolder import KeyFolder
 from fleetbus.bus.keys import KeyPath, PrivateKeySet, RecipientKeys, SecurityProfile, Signer
 from fleetbus.bus.settings import FleetbusSettings, TopicNames
 from fleetbus.bus.topics import ensure_topics
@@ -80,7 +81,7 @@ class TestFleet:
     # -- keys -------------------------------------------------------------------------------
 
     def key_file_path(self, principal: str) -> Path:
-        return self.keys_dir / f"{principal}.key"
+        return KeyFolder(self.keys_dir).private_key(principal)
 
     def key_set(self, principal: str) -> PrivateKeySet:
         return self.key_files[principal].key_set()
@@ -120,7 +121,7 @@ class TestFleet:
             not_before=now - DAY_S,
             not_after=now + 30 * DAY_S if not_after is None else not_after,
         )
-        path = self.keys_dir / "directory.cbor"
+        path = KeyFolder(self.keys_dir).directory
         publish_directory_file(path, self.root, [*read_directory_file(path).records, edge.signed])
         save_key_file(self.key_file_path(principal_id), edge.key_file)
         self.key_files[principal_id] = edge.key_file
@@ -129,7 +130,7 @@ class TestFleet:
 
     def reload_directory(self) -> KeyDirectory:
         """Read ``directory.cbor`` again (after a test appended records to it)."""
-        self.directory = load_directory(self.keys_dir / "directory.cbor", self.root.public)
+        self.directory = load_directory(KeyFolder(self.keys_dir).directory, self.root.public)
         return self.directory
 
     # -- the bus sealer's side of envelopes ---------------------------------------------
@@ -196,8 +197,8 @@ def make_test_fleet(
     keys_dir = tmp_path / "keys"
     keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     root = FleetRoot.generate(ROOT_SUITE)
-    save_key_file(keys_dir / "root.key", root.key_file())
-    (keys_dir / "root.pub").write_bytes(root.public.to_bytes())
+    save_key_file(KeyFolder(keys_dir).root_key, root.key_file())
+    KeyFolder(keys_dir).root_pub.write_bytes(root.public.to_bytes())
 
     issued = [
         issue_key(
@@ -255,12 +256,12 @@ def make_test_fleet(
         not_before=not_before,
         not_after=not_after,
     )
-    publish_directory_file(keys_dir / "directory.cbor", root, [i.signed for i in issued])
+    publish_directory_file(KeyFolder(keys_dir).directory, root, [i.signed for i in issued])
     key_files: dict[str, PrincipalKeyFile] = {}
     for item in [*issued, intruder]:
         key_files[item.key_file.principal_id] = item.key_file
-        save_key_file(keys_dir / f"{item.key_file.principal_id}.key", item.key_file)
-    directory = load_directory(keys_dir / "directory.cbor", root.public)
+        save_key_file(KeyFolder(keys_dir).private_key(item.key_file.principal_id), item.key_file)
+    directory = load_directory(KeyFolder(keys_dir).directory, root.public)
     return TestFleet(
         keys_dir=keys_dir,
         root=root,

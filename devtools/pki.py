@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -22,17 +20,6 @@ from fleetbus.bus.errors import ConfigError
 
 #: Used with ``fullmatch``: ``$`` would let a label end in a newline ("kme\n.fleet").
 _DNS_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600 from the moment the file exists."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        # The mode argument only applies on creation; an existing file keeps its old mode.
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

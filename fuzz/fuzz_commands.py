@@ -13,6 +13,8 @@ import contextlib
 import sys
 from pathlib import Path
 
+from fleetbus.bus.keyfolder import KeyFolder
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Crash, instrumented, main, note
@@ -31,7 +33,7 @@ with instrumented():
 
 FLEET = Path(__file__).resolve().parents[1] / "tests" / "vectors" / "hostile" / "fleet"
 DIRECTORY = load_directory(
-    FLEET / "directory.cbor", RootPublicKey.from_bytes((FLEET / "root.pub").read_bytes())
+    KeyFolder(FLEET).directory, RootPublicKey.from_bytes(KeyFolder(FLEET).root_pub.read_bytes())
 )
 OPEN_AT = 1_800_000_000.0
 CODECS = (SignedCommand, SignedApproval, Response, StatusEvent, Telemetry)

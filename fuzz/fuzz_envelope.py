@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from fleetbus.bus.keyfolder import KeyFolder
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Crash, instrumented, main, note
@@ -37,9 +39,12 @@ TOPICS = ["hostile.commands.responses", "hostile.telemetry.raw", "hostile.comman
 
 def _opener(principal: str, minimum: str) -> EnvelopeOpener:
     directory = load_directory(
-        FLEET / "directory.cbor", RootPublicKey.from_bytes((FLEET / "root.pub").read_bytes())
+        KeyFolder(FLEET).directory,
+        RootPublicKey.from_bytes(KeyFolder(FLEET).root_pub.read_bytes()),
     )
-    keys = PrincipalKeyFile.from_json((FLEET / f"{principal}.key").read_bytes()).key_set()
+    keys = PrincipalKeyFile.from_json(
+        (KeyFolder(FLEET).private_key(principal)).read_bytes()
+    ).key_set()
     runner = KeyPathRunner({n: load_key_provider(n) for n in ("x25519", "xwing")})
     return EnvelopeOpener(keys, directory, runner, KeyPath.parse(minimum), clock=lambda: OPEN_AT)
 

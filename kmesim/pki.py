@@ -16,13 +16,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleetbus.bus.errors import ConfigError
+from fleetbus.bus.files import write_private_file
 from fleetbus.devtools.pki import (
     cn_name,
     issue_cert,
     key_pem,
     make_ca,
     san_list,
-    write_private,
 )
 from fleetbus.devtools.pki import parse_san as parse_san  # `kme certs --san` checks, re-exported
 
@@ -117,7 +117,7 @@ def make_test_pki(
     ca_pem = out_dir / "ca.pem"
     ca_key_path = out_dir / "ca.key"
     ca_pem.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    write_private(ca_key_path, key_pem(ca_key))
+    write_private_file(ca_key_path, key_pem(ca_key))
 
     def issue(file_stem: str, cn: str, server: bool) -> CertKeyPair:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -132,7 +132,7 @@ def make_test_pki(
             sans=sans,
         )
         pair = CertKeyPair(out_dir / f"{file_stem}.pem", out_dir / f"{file_stem}.key")
-        write_private(pair.key, key_pem(key))
+        write_private_file(pair.key, key_pem(key))
         pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return pair
 

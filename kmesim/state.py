@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetbus.bus.errors import ConfigError
+from fleetbus.bus.files import write_atomic
 
 
 class KMEStateError(ConfigError):
@@ -99,22 +100,7 @@ class PoolStateFile:
             {"format": STATE_FORMAT, "version": STATE_VERSION, "sha256": _digest(canonical_state)}
         )
         data = (head[:-1] + ',"state":' + canonical_state + "}").encode()
-        tmp = self.directory / f".{self.FILE_NAME}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # the mode argument applies on creation only
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self.path, data, 0o600, sync_folder=True)
         self.writes += 1
         self.write_seconds += time.perf_counter() - began
 

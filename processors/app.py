@@ -20,6 +20,7 @@ from faust import SSLCredentials
 from mode import Service
 
 from fleetbus.bus.errors import ConfigError
+from fleetbus.bus.keyfolder import ROOT_KEY, KeyFolder
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.processors.smoke import add_smoke_forwarder
 
@@ -62,7 +63,7 @@ def pipeline_enabled(settings: FleetbusSettings) -> bool:
         return False
     if settings.pipeline == "on":
         return True
-    return (Path(settings.keys_dir).expanduser() / "root.pub").exists()
+    return (KeyFolder(Path(settings.keys_dir).expanduser()).root_pub).exists()
 
 
 def state_topic(settings: FleetbusSettings, stage: str) -> str:
@@ -74,19 +75,7 @@ def pipeline_topics(settings: FleetbusSettings) -> tuple[list[str], list[str]]:
     """(regular topics, compacted topics: the stages' state changelogs and the key topic) the
     pipeline needs."""
     t = settings.topics
-    names = [
-        t.commands_requested,
-        t.commands_authorized,
-        t.commands_rejected,
-        t.commands_outbound,
-        t.commands_responses,
-        t.commands_approvals,
-        t.commands_status,
-        t.telemetry_raw,
-        t.telemetry_verified,
-        t.dlq,
-    ]
-    regular = [t.full(n) for n in names]
+    regular = t.fleet_topics()
     compacted = [state_topic(settings, s) for s in ("authorize", "seal", "track", "telemetry")]
     return regular, [*compacted, t.full(t.keys)]
 
@@ -232,9 +221,7 @@ def warn_if_root_private_key(keys_dir: Path) -> bool:
     export``); anyone who takes over a worker holding root.key can issue keys for any
     principal. Only a warning: a one-host development folder (the demo's) holds everything.
     """
-    from fleetbus.bus.directory import ROOT_KEY
-
-    if not (keys_dir / ROOT_KEY).exists():
+    if not KeyFolder(keys_dir).root_key.exists():
         return False
     _log.warning(
         "%s holds the fleet root's private key; a worker needs only a public export "
@@ -248,8 +235,6 @@ def warn_if_root_private_key(keys_dir: Path) -> bool:
 def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     """Load keys, registry and policies once; build the four stages and their runners."""
     from fleetbus.bus.directory import (
-        DIRECTORY,
-        ROOT_PUB,
         RootPublicKey,
         head_store_for,
         load_directory,
@@ -279,13 +264,15 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     keys_dir = Path(settings.keys_dir).expanduser()
     warn_if_root_private_key(keys_dir)
     try:
-        root = RootPublicKey.from_bytes((keys_dir / ROOT_PUB).read_bytes())
+        root = RootPublicKey.from_bytes(KeyFolder(keys_dir).root_pub.read_bytes())
     except FileNotFoundError:
-        raise ConfigError(f"{keys_dir / ROOT_PUB} not found; set FLEETBUS_KEYS_DIR") from None
+        raise ConfigError(
+            f"{KeyFolder(keys_dir).root_pub} not found; set FLEETBUS_KEYS_DIR"
+        ) from None
     # The keys folder may be a read-only mount: the highest accepted head lives with the state.
     head_store = head_store_for(Path(settings.data_dir).expanduser(), root)
-    directory = load_directory(keys_dir / DIRECTORY, root, head_store=head_store)
-    sealer_file = load_key_file(keys_dir / f"{settings.sealer_principal}.key")
+    directory = load_directory(KeyFolder(keys_dir).directory, root, head_store=head_store)
+    sealer_file = load_key_file(KeyFolder(keys_dir).private_key(settings.sealer_principal))
     signer = sealer_file.signer()
     # Live key changes (docs/key-management.md): the worker reads the topic up to now before
     # any stage starts (Pipeline.catch_up), so a revocation already published is in force for

@@ -18,6 +18,7 @@ from fleetbus.bus.directory import (
     vehicle_agent_scope,
 )
 from fleetbus.bus.errors import ConfigError
+from fleetbus.bus.keyfolder import KeyFolder
 from fleetbus.bus.keys import PrivateKeySet, Signer
 
 __all__ = ["VehicleIdentity", "load_key_directory"]
@@ -38,7 +39,7 @@ class VehicleIdentity:
     @classmethod
     def load(cls, keys_dir: str | Path, vehicle_id: str) -> VehicleIdentity:
         """Load ``<keys_dir>/<vehicle_id>.key`` (a ``fleetbus keys`` private key file)."""
-        key_file = load_key_file(Path(keys_dir).expanduser() / f"{vehicle_id}.key")
+        key_file = load_key_file(KeyFolder(Path(keys_dir).expanduser()).private_key(vehicle_id))
         if key_file.principal_id != vehicle_id:
             raise ConfigError(f"{vehicle_id}.key holds the keys of {key_file.principal_id!r}")
         return cls.from_key_file(key_file)
@@ -59,11 +60,13 @@ def load_key_directory(
     """
     folder = Path(keys_dir).expanduser()
     try:
-        root = RootPublicKey.from_bytes((folder / "root.pub").read_bytes())
+        root = RootPublicKey.from_bytes(KeyFolder(folder).root_pub.read_bytes())
     except FileNotFoundError:
-        raise ConfigError(f"{folder / 'root.pub'} not found; run `fleetbus keys init`") from None
+        raise ConfigError(
+            f"{KeyFolder(folder).root_pub} not found; run `fleetbus keys init`"
+        ) from None
     state = Path(state_dir).expanduser() if state_dir else folder
     scope = WHOLE_DIRECTORY if vehicles is None else vehicle_agent_scope(vehicles)
     return load_directory(
-        folder / "directory.cbor", root, head_store=head_store_for(state, root), scope=scope
+        KeyFolder(folder).directory, root, head_store=head_store_for(state, root), scope=scope
     )

@@ -17,6 +17,7 @@ from fleetbus.bus.directory import (
     write_directory_file,
 )
 from fleetbus.bus.errors import ConfigError
+from fleetbus.bus.keyfolder import KeyFolder
 
 SEALER: Final = "bus-sealer"
 DISPATCHER: Final = "dispatch-1"
@@ -80,8 +81,8 @@ def build_demo_keys(keys_dir: Path, options: DemoOptions) -> DemoFleet:
     now = time.time()
     keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     root = FleetRoot.generate(ROOT_SUITE)
-    save_key_file(keys_dir / "root.key", root.key_file())
-    (keys_dir / "root.pub").write_bytes(root.public.to_bytes())
+    save_key_file(KeyFolder(keys_dir).root_key, root.key_file())
+    KeyFolder(keys_dir).root_pub.write_bytes(root.public.to_bytes())
 
     def issue(principal: str, kind: str, suite: str, *, by: FleetRoot = root, **extra: Any) -> Any:
         return issue_key(
@@ -117,9 +118,9 @@ def build_demo_keys(keys_dir: Path, options: DemoOptions) -> DemoFleet:
     intruder = issue(INTRUDER, "dispatcher", "ed25519", by=FleetRoot.generate("ed25519"))
     # A new root starts a new history: head 1, whatever an earlier demo left in the folder.
     head, records = sign_directory(root, [i.signed for i in issued])
-    write_directory_file(keys_dir / "directory.cbor", head, records)
+    write_directory_file(KeyFolder(keys_dir).directory, head, records)
     for item in [*issued, intruder]:
-        save_key_file(keys_dir / f"{item.key_file.principal_id}.key", item.key_file)
+        save_key_file(KeyFolder(keys_dir).private_key(item.key_file.principal_id), item.key_file)
     return DemoFleet(
         keys_dir=keys_dir,
         pqc=[v for v in ids if v not in legacy],

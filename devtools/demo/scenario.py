@@ -24,6 +24,7 @@ from fleetbus.bus.commands import (
     Target,
 )
 from fleetbus.bus.errors import ConfigError, ReasonCode
+from fleetbus.bus.keyfolder import KeyFolder
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.devtools.demo.fleet import APPROVER, DISPATCHER, INTRUDER, DemoFleet, DemoOptions
 from fleetbus.devtools.demo.observe import StatusFollower
@@ -117,15 +118,17 @@ class Scenario:
         self.enclave_ok = ""
         keys = fleet.keys_dir
         self.dispatch = CommandPublisher(
-            settings, principal_id=DISPATCHER, private_key_file=keys / f"{DISPATCHER}.key"
+            settings,
+            principal_id=DISPATCHER,
+            private_key_file=KeyFolder(keys).private_key(DISPATCHER),
         )
         self.approver = CommandPublisher(
-            settings, principal_id=APPROVER, private_key_file=keys / f"{APPROVER}.key"
+            settings, principal_id=APPROVER, private_key_file=KeyFolder(keys).private_key(APPROVER)
         )
         self.intruder = CommandPublisher(
             settings,
             principal_id=INTRUDER,
-            signer=load_key_file(keys / f"{INTRUDER}.key").signer(),
+            signer=load_key_file(KeyFolder(keys).private_key(INTRUDER)).signer(),
         )
         self.task = progress.add_task("starting", total=0)
         self.phase = "ready"

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetbus.bus.errors import ConfigError, KafkaUnavailableError
+from fleetbus.bus.files import write_private_file
 from fleetbus.devtools.kafka.acls import AclGrant, create_acls
 from fleetbus.devtools.kafka.jars import KAFKA_VERSIONS, cache_root, require_tool, resolve_jars
 from fleetbus.devtools.kafka.ports import port_accepts, port_is_free
@@ -37,7 +38,6 @@ from fleetbus.devtools.kafka.tls import (
     ensure_ca,
     issue_pair,
 )
-from fleetbus.devtools.pki import write_private
 from fleetbus.devtools.process import alive, signal_group, spawn
 
 _LOG4J2 = """status = warn
@@ -264,7 +264,7 @@ class LocalKafka:
             cert, key = issue_pair(self.tls_dir, BROKER_PRINCIPAL, server=True)
             # Kafka's PEM key store: the private key followed by its certificate.
             keystore = self.tls_dir / "broker.keystore.pem"
-            write_private(keystore, key.read_bytes() + cert.read_bytes())
+            write_private_file(keystore, key.read_bytes() + cert.read_bytes())
         classpath = f"{libs}/*"
         for i, pid in enumerate(pids):
             if pid is not None:

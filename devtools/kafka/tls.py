@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Final, Literal
 
 from fleetbus.bus.errors import ConfigError
-from fleetbus.devtools.pki import cn_name, issue_cert, key_pem, make_ca, san_list, write_private
+from fleetbus.bus.files import write_private_file
+from fleetbus.devtools.pki import cn_name, issue_cert, key_pem, make_ca, san_list
 
 #: Principal (certificate CN) of the brokers themselves in ``security="mtls"`` mode.
 BROKER_PRINCIPAL: Final = "broker"
@@ -41,7 +42,7 @@ def write_pki(
         cert, key = issue_pair(out, cn, server=server, sans=broker_sans if server else ())
         keystore = out / f"{cn}.keystore.pem"
         if not keystore.exists():
-            write_private(keystore, key.read_bytes() + cert.read_bytes())
+            write_private_file(keystore, key.read_bytes() + cert.read_bytes())
         written += [cert, key, keystore]
         if not server:
             config = out / f"{cn}.properties"
@@ -67,7 +68,7 @@ def ensure_ca(tls_dir: Path) -> None:
 
     tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     cert, key = make_ca(cn_name("fleetbus dev Kafka CA"), 30)
-    write_private(tls_dir / "ca.key", key_pem(key))
+    write_private_file(tls_dir / "ca.key", key_pem(key))
     (tls_dir / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
@@ -107,6 +108,6 @@ def issue_pair(
         valid_days=30,
         sans=names,
     )
-    write_private(key_path, key_pem(key))
+    write_private_file(key_path, key_pem(key))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path

@@ -24,6 +24,7 @@ from fleetbus.bus.commands import Command, CommandState, SignedCommand, StatusEv
 from fleetbus.bus.directory import RootPublicKey, load_directory
 from fleetbus.bus.envelope import decode_envelope
 from fleetbus.bus.errors import ReasonCode
+from fleetbus.bus.keyfolder import KeyFolder
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.devtools.kafka import free_port
 from fleetbus.devtools.process import WorkerProcess
@@ -58,8 +59,8 @@ def hostile(kafka: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[An
     kafka_bootstrap: str = kafka.bootstrap
     tmp_path = tmp_path_factory.mktemp("hostile")
     keys = copy_fleet(tmp_path / "keys")
-    root = RootPublicKey.from_bytes((keys / "root.pub").read_bytes())
-    directory = load_directory(keys / "directory.cbor", root)
+    root = RootPublicKey.from_bytes(KeyFolder(keys).root_pub.read_bytes())
+    directory = load_directory(KeyFolder(keys).directory, root)
     settings: FleetbusSettings = settings_for(
         kafka_bootstrap,
         META["prefix"],

@@ -27,6 +27,7 @@ from fleetbus.bus.directory import (
     save_key_file,
 )
 from fleetbus.bus.errors import ReasonCode
+from fleetbus.bus.keyfolder import KeyFolder
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.cli.keys import keys_app
 from fleetbus.devtools.process import WorkerProcess
@@ -95,7 +96,7 @@ def test_a_revocation_is_in_force_at_the_bus_and_the_vehicles_within_seconds(
         )
         for pid in dispatchers
     ]
-    path = fleet.keys_dir / "directory.cbor"
+    path = KeyFolder(fleet.keys_dir).directory
     publish_directory_file(
         path, fleet.root, [*read_directory_file(path).records, *(i.signed for i in issued)]
     )

@@ -12,7 +12,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from fleetbus.bus.settings import FleetbusSettings, settings_rows
+from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.bus.settings_env import settings_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "helm" / "fleetbus" / "values.schema.json"

@@ -323,7 +323,7 @@ def test_a_file_set_matching_its_head_is_authenticated_by_the_head(
 ) -> None:
     """Per-record signatures are not checked one by one where the root-signed head commits to
     the records' digests; the root holder (verify_each) and a mismatching set still check."""
-    from fleetbus.bus import directory as directory_module
+    from fleetbus.bus.directory import keydirectory as directory_module
 
     path = tmp_path / "directory.cbor"
     head = publish_directory_file(path, root, fleet["records"])
@@ -370,7 +370,7 @@ def test_a_file_set_matching_its_head_is_authenticated_by_the_head(
 def test_an_identical_topic_value_is_not_parsed_again(
     root: FleetRoot, fleet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fleetbus.bus import directory as directory_module
+    from fleetbus.bus.directory import keydirectory as directory_module
 
     follower, _ = _follower(root, fleet)
     parsed: list[bytes] = []

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from fleetbus.bus.errors import ConfigError
-from fleetbus.bus.settings import load_settings, unknown_variables
+from fleetbus.bus.settings_env import load_settings, unknown_variables
 from fleetbus.cli import main as cli
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from fleetbus.bus.settings import FleetbusSettings, settings_reference, settings_rows
+from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.bus.settings_env import settings_reference, settings_rows
 from fleetbus.cli.main import app
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "settings.md"

@@ -1,0 +1,68 @@
+"""Command-bus message models: signed commands and approvals, responses, status and telemetry.
+
+Every model has a strict canonical-CBOR codec: ``decode`` accepts exactly the bytes ``encode``
+would produce (deterministic encoding, exact field set, exact types, bounded sizes) and raises
+``FleetbusError`` with reason MALFORMED or OVERSIZE for anything else. Times are float epoch
+seconds in Python and integer milliseconds on the wire. The formats are described in
+``docs/sdk.md`` ("Message formats").
+
+One module per message family: ``command``, ``approval``, ``status`` (responses, lifecycle),
+``telemetry``; ``ids`` (UUIDv7) and ``wire`` (constants and strict field readers). Import
+from here.
+"""
+
+from __future__ import annotations
+
+from fleetbus.bus.commands.approval import (
+    Approval,
+    Decision,
+    SignedApproval,
+)
+from fleetbus.bus.commands.command import (
+    Command,
+    SignedCommand,
+    Target,
+)
+from fleetbus.bus.commands.ids import (
+    UUIDv7Generator,
+    new_command_id,
+    uuid7_timestamp_ms,
+)
+from fleetbus.bus.commands.status import (
+    FINAL_STATES,
+    CommandState,
+    Response,
+    StatusEvent,
+)
+from fleetbus.bus.commands.telemetry import (
+    Telemetry,
+    TelemetryBatch,
+)
+from fleetbus.bus.commands.wire import (
+    APPROVAL_CONTEXT,
+    COMMAND_CONTEXT,
+    MAX_MESSAGE_SIZE,
+    ParamValue,
+)
+
+__all__ = [
+    "APPROVAL_CONTEXT",
+    "COMMAND_CONTEXT",
+    "FINAL_STATES",
+    "MAX_MESSAGE_SIZE",
+    "Approval",
+    "Command",
+    "CommandState",
+    "Decision",
+    "ParamValue",
+    "Response",
+    "SignedApproval",
+    "SignedCommand",
+    "StatusEvent",
+    "Target",
+    "Telemetry",
+    "TelemetryBatch",
+    "UUIDv7Generator",
+    "new_command_id",
+    "uuid7_timestamp_ms",
+]

@@ -1,0 +1,128 @@
+"""Approvals: a second principal's signed decision about one command id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Final
+
+from fleetbus.bus.commands.wire import (
+    _UUID_RE,
+    APPROVAL_CONTEXT,
+    MAX_MESSAGE_SIZE,
+    _check_model_text,
+    _check_signature,
+    _check_time,
+    _decode_signed,
+    _encode_signed,
+    _malformed,
+    _map,
+    _ms,
+    _signing_input,
+    _text,
+    _to_ms,
+)
+from fleetbus.bus.errors import FleetbusError, ReasonCode
+
+if TYPE_CHECKING:
+    from fleetbus.bus.directory import KeyDirectory
+    from fleetbus.bus.keys import Signer
+
+
+# --- approvals -----------------------------------------------------------------------------
+
+
+class Decision(StrEnum):
+    APPROVE = "approve"
+    DENY = "deny"
+
+
+_APPROVAL_FIELDS: Final = frozenset({"command_id", "approver", "decision", "issued_at"})
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A second principal's decision about exactly one command id."""
+
+    command_id: str
+    approver: str
+    decision: Decision
+    issued_at: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.command_id, str) or not _UUID_RE.fullmatch(self.command_id):
+            raise FleetbusError(
+                "approval command id must be a canonical lowercase UUIDv7",
+                reason=ReasonCode.MALFORMED,
+            )
+        _check_model_text(self.approver, "approver")
+        try:
+            object.__setattr__(self, "decision", Decision(self.decision))
+        except ValueError:
+            raise FleetbusError(
+                "decision must be 'approve' or 'deny'", reason=ReasonCode.MALFORMED
+            ) from None
+        object.__setattr__(self, "issued_at", _check_time(self.issued_at, "issued_at"))
+
+    def approves(self, command_id: str) -> bool:
+        """True only for an "approve" decision naming exactly ``command_id``."""
+        return self.decision is Decision.APPROVE and self.command_id == command_id
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "command_id": self.command_id,
+            "approver": self.approver,
+            "decision": str(self.decision),
+            "issued_at": _to_ms(self.issued_at),
+        }
+
+    @classmethod
+    def from_wire(cls, value: object) -> Approval:
+        m = _map(value, "approval", _APPROVAL_FIELDS)
+        command_id = _text(m["command_id"], "approval command id", 36)
+        if not _UUID_RE.fullmatch(command_id):
+            raise _malformed("approval command id must be a canonical lowercase UUIDv7")
+        decision = _text(m["decision"], "decision")
+        if decision not in {"approve", "deny"}:
+            raise _malformed("decision must be 'approve' or 'deny'")
+        return cls(
+            command_id=command_id,
+            approver=_text(m["approver"], "approver"),
+            decision=Decision(decision),
+            issued_at=_ms(m["issued_at"], "issued_at"),
+        )
+
+
+@dataclass(frozen=True)
+class SignedApproval:
+    """An approval with its approver's signature; wire and signing input like
+    ``SignedCommand`` with the domain ``"fleetbus-approval-v1"``."""
+
+    approval: Approval
+    key_id: str
+    suite: str
+    signature: bytes = field(repr=False)
+
+    @classmethod
+    def sign(cls, approval: Approval, signer: Signer) -> SignedApproval:
+        tbs = _signing_input(APPROVAL_CONTEXT, signer.key_id, signer.suite, approval.to_wire())
+        return cls(approval, signer.key_id, signer.suite, signer.sign(tbs))
+
+    def to_be_signed(self) -> bytes:
+        return _signing_input(APPROVAL_CONTEXT, self.key_id, self.suite, self.approval.to_wire())
+
+    def encode(self) -> bytes:
+        return _encode_signed(self.approval.to_wire(), self.key_id, self.suite, self.signature)
+
+    @classmethod
+    def decode(cls, data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> SignedApproval:
+        approval, key_id, suite, signature = _decode_signed(
+            data, "signed approval", max_size, Approval.from_wire, "approver key id"
+        )
+        return cls(approval=approval, key_id=key_id, suite=suite, signature=signature)
+
+    def verify(self, directory: KeyDirectory, *, at: float) -> Approval:
+        """The approval, if the approver's key is valid at ``at`` and signed it."""
+        verifier = directory.verifier_for(self.approval.approver, self.key_id, at=at)
+        _check_signature(verifier.suite, verifier.verify, self.suite, self.to_be_signed(), self)
+        return self.approval

@@ -1,0 +1,181 @@
+"""Responses of vehicles, and the lifecycle states and status events of commands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Final
+
+from fleetbus.bus.commands.wire import (
+    MAX_DETAIL,
+    MAX_MESSAGE_SIZE,
+    _check_model_text,
+    _check_time,
+    _dumps,
+    _int,
+    _malformed,
+    _map,
+    _ms,
+    _opt_text,
+    _strict_loads,
+    _text,
+    _to_ms,
+)
+from fleetbus.bus.errors import FleetbusError, ReasonCode
+
+if TYPE_CHECKING:
+    pass
+
+
+# --- responses and status -----------------------------------------------------------------
+
+_RESPONSE_FIELDS: Final = frozenset(
+    {"command_id", "correlation_id", "vehicle_id", "status", "detail", "executed_at"}
+)
+
+
+@dataclass(frozen=True)
+class Response:
+    """A vehicle's answer to one command; ``status`` uses HTTP-like codes as Eclipse Hono does
+    (2xx done, 4xx the command was refused, 5xx the vehicle failed). Carried as the payload of
+    an envelope of kind ``rsp`` from the vehicle to the bus sealer; Kafka key: command id."""
+
+    command_id: str
+    vehicle_id: str
+    status: int
+    detail: str = ""
+    correlation_id: str | None = None
+    executed_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_model_text(self.command_id, "command id")
+        _check_model_text(self.vehicle_id, "vehicle id")
+        if type(self.status) is not int or not 100 <= self.status <= 599:
+            raise FleetbusError(
+                "status must be an HTTP-like code in 100..599", reason=ReasonCode.MALFORMED
+            )
+        if not isinstance(self.detail, str) or len(self.detail) > MAX_DETAIL:
+            raise FleetbusError(
+                f"detail must be text of at most {MAX_DETAIL} characters",
+                reason=ReasonCode.MALFORMED,
+            )
+        if self.correlation_id is not None:
+            _check_model_text(self.correlation_id, "correlation id")
+        object.__setattr__(self, "executed_at", _check_time(self.executed_at, "executed_at"))
+
+    @property
+    def succeeded(self) -> bool:
+        return 200 <= self.status < 300
+
+    def encode(self) -> bytes:
+        return _dumps(
+            {
+                "command_id": self.command_id,
+                "correlation_id": self.correlation_id,
+                "vehicle_id": self.vehicle_id,
+                "status": self.status,
+                "detail": self.detail,
+                "executed_at": _to_ms(self.executed_at),
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> Response:
+        m = _map(_strict_loads(data, "response", max_size), "response", _RESPONSE_FIELDS)
+        return cls(
+            command_id=_text(m["command_id"], "command id"),
+            correlation_id=_opt_text(m["correlation_id"], "correlation id"),
+            vehicle_id=_text(m["vehicle_id"], "vehicle id"),
+            status=_int(m["status"], "status", 100, 599),
+            detail=_text(m["detail"], "detail", MAX_DETAIL, empty=True),
+            executed_at=_ms(m["executed_at"], "executed_at"),
+        )
+
+
+class CommandState(StrEnum):
+    """Lifecycle states of a command on ``commands.status``."""
+
+    REQUESTED = "requested"
+    PENDING = "pending"  # waiting for M-of-N approvals
+    AUTHORIZED = "authorized"
+    REJECTED = "rejected"
+    SEALED = "sealed"
+    DELIVERED = "delivered"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+
+#: States after which nothing more happens to a command (for one vehicle).
+FINAL_STATES: Final = frozenset(
+    {CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED, CommandState.EXPIRED}
+)
+
+_STATUS_FIELDS: Final = frozenset({"command_id", "state", "at", "detail", "reason", "vehicle_id"})
+
+
+@dataclass(frozen=True)
+class StatusEvent:
+    """One lifecycle step of a command (canonical CBOR map on ``commands.status``, key: command
+    id). ``vehicle_id`` is set once a group command has been expanded to vehicles."""
+
+    command_id: str
+    state: CommandState
+    at: float
+    detail: str = ""
+    reason: ReasonCode | None = None
+    vehicle_id: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_model_text(self.command_id, "command id")
+        try:
+            object.__setattr__(self, "state", CommandState(self.state))
+            if self.reason is not None:
+                object.__setattr__(self, "reason", ReasonCode(self.reason))
+        except ValueError:
+            raise FleetbusError(
+                "unknown state or reason code", reason=ReasonCode.MALFORMED
+            ) from None
+        object.__setattr__(self, "at", _check_time(self.at, "at"))
+        if not isinstance(self.detail, str) or len(self.detail) > MAX_DETAIL:
+            raise FleetbusError(
+                f"detail must be text of at most {MAX_DETAIL} characters",
+                reason=ReasonCode.MALFORMED,
+            )
+        if self.vehicle_id is not None:
+            _check_model_text(self.vehicle_id, "vehicle id")
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def encode(self) -> bytes:
+        return _dumps(
+            {
+                "command_id": self.command_id,
+                "state": str(self.state),
+                "at": _to_ms(self.at),
+                "detail": self.detail,
+                "reason": None if self.reason is None else str(self.reason),
+                "vehicle_id": self.vehicle_id,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> StatusEvent:
+        m = _map(_strict_loads(data, "status event", max_size), "status event", _STATUS_FIELDS)
+        state = _text(m["state"], "state")
+        reason = _opt_text(m["reason"], "reason")
+        try:
+            state_value = CommandState(state)
+            reason_value = None if reason is None else ReasonCode(reason)
+        except ValueError:
+            raise _malformed("unknown state or reason code") from None
+        return cls(
+            command_id=_text(m["command_id"], "command id"),
+            state=state_value,
+            at=_ms(m["at"], "at"),
+            detail=_text(m["detail"], "detail", MAX_DETAIL, empty=True),
+            reason=reason_value,
+            vehicle_id=_opt_text(m["vehicle_id"], "vehicle id"),
+        )

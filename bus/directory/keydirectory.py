@@ -1,0 +1,470 @@
+"""``KeyDirectory``: verified key records with rotation overlap, revocation, expiry and head
+anchoring; what sealers, openers and verifiers ask for keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import threading
+from collections.abc import Iterable
+
+from fleetbus.bus.directory.heads import (
+    WHOLE_DIRECTORY,
+    DirectoryHead,
+    DirectoryScope,
+    SignedDirectoryHead,
+    from_kafka,
+    kafka_key,
+    peek_record,
+    principal_set,
+    record_set,
+    set_digest,
+    verify_signed_head,
+)
+from fleetbus.bus.directory.headstore import HeadStore
+from fleetbus.bus.directory.records import (
+    DEFAULT_VEHICLE_BUCKETS,
+    HEAD_KAFKA_KEY,
+    KEM_ALGORITHMS,
+    KeyRecord,
+    SignedKeyRecord,
+    _malformed,
+)
+from fleetbus.bus.directory.trust import RootPublicKey, verify_signed_record
+from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
+from fleetbus.bus.keys import (
+    RecipientKeys,
+    Verifier,
+)
+from fleetbus.bus.registry import load_signature_suite
+
+# --- the directory -------------------------------------------------------------------------
+
+
+class KeyDirectory:
+    """Verified key records, with rotation overlap, immediate revocation and expiry.
+
+    A directory is *anchored* once it has a head (from a file, the key topic, or ``head_store``,
+    which also keeps the highest accepted head across restarts), once it reads the key topic, or
+    with ``require_head``. An anchored directory answers only from record sets whose records
+    match the current head exactly; a set that does not match (records missing, or replayed
+    older records) raises ``DIRECTORY_ROLLBACK`` until it does. A revocation is in force as soon
+    as it is verified, head or not. Unanchored (a root holder building records in memory), every
+    verified record is used.
+
+    ``scope`` limits what is held: a record of a set outside it is neither verified nor kept
+    (``ingest`` returns None) and its keys are unknown here, and only held sets must match the
+    head. Readers and the one writer (a key-topic follower) may be on different threads.
+    """
+
+    def __init__(
+        self,
+        root: RootPublicKey,
+        *,
+        head_store: HeadStore | None = None,
+        require_head: bool = False,
+        scope: DirectoryScope = WHOLE_DIRECTORY,
+    ) -> None:
+        self.root = root
+        self.scope = scope
+        self._lock = threading.RLock()
+        self._root_verifier = root.verifier()
+        self._by_key_id: dict[str, SignedKeyRecord] = {}
+        self._by_principal: dict[str, set[str]] = {}
+        # Parsing public keys costs more than a signature check; a key id names one set of
+        # public keys (it is their hash, checked on ingest), so its verifier never changes.
+        self._verifiers: dict[str, Verifier] = {}
+        self._digests: dict[str, bytes] = {}
+        self._signed_head: SignedDirectoryHead | None = None
+        self._anchored = require_head or head_store is not None
+        self._store = head_store
+        self._buckets = DEFAULT_VEHICLE_BUCKETS
+        self._members: dict[int, set[str]] = {}
+        self._index: dict[str, int] = {}  # key id -> its set (a hash per vehicle: cache it)
+        # Sets whose records matched the current head, as they were then; a set whose records
+        # changed since is re-checked lazily (at the next lookup), so a burst of records costs
+        # one digest per set, not one per record.
+        self._accepted: dict[int, dict[str, SignedKeyRecord]] = {}
+        self._dirty: set[int] = set()
+        if head_store is not None:
+            stored = head_store.load(root)
+            if stored is not None:
+                self._set_head(stored)
+
+    @property
+    def head(self) -> DirectoryHead | None:
+        """The highest head accepted (None: no head yet)."""
+        return None if self._signed_head is None else self._signed_head.head
+
+    @property
+    def signed_head(self) -> SignedDirectoryHead | None:
+        return self._signed_head
+
+    def holds(self, record: KeyRecord) -> bool:
+        """Whether ``record`` is in this directory's scope (its set, or one of ``scope.own``)."""
+        return self.wants(record.principal_id, record.kind)
+
+    def wants(self, principal_id: str, kind: str) -> bool:
+        """Whether a record of ``principal_id`` of ``kind`` would be in this directory's scope."""
+        if self.scope.buckets is None or principal_id in self.scope.own or kind != "vehicle":
+            return True
+        return bool(self.scope.buckets) and self.scope.holds(
+            principal_set(principal_id, kind, self._buckets)
+        )
+
+    def ingest(self, signed: SignedKeyRecord) -> KeyRecord | None:
+        """Verify and merge a record; revocation is sticky, a higher version of a key wins.
+
+        In an anchored directory a record the current head does not cover is held, without
+        effect, until a head covers it (records are published before their head). A record
+        outside ``scope`` is ignored (None), unverified.
+        """
+        with self._lock:
+            if not self.holds(signed.record):
+                return None
+            existing = self._by_key_id.get(signed.record.key_id)
+            if existing is not None and existing == signed:
+                # Already verified, byte for byte (re-reading the topic from its start).
+                return existing.record
+            return self._merge(verify_signed_record(signed, self.root, self._root_verifier), signed)
+
+    def ingest_committed(
+        self, records: Iterable[SignedKeyRecord], signed_head: SignedDirectoryHead
+    ) -> None:
+        """Bulk-load ``records`` under the head that covers them (a directory file).
+
+        The head is verified first. A held set whose records match it exactly is authenticated
+        by the head — the root signed the digest of each of its records — so its records are
+        not verified one by one (that is most of a large fleet's start-up time). The records of
+        a set that does not match, and ``scope.own`` records outside the held sets, are
+        verified one by one as ``ingest`` does; a set that does not match stays refused.
+        """
+        with self._lock:
+            head = verify_signed_head(signed_head, self.root, self._root_verifier)
+            buckets = head.vehicle_buckets
+            by_set: dict[int, dict[str, tuple[SignedKeyRecord, bytes]]] = {}
+            for signed in records:
+                record = signed.record
+                index = record_set(record, buckets)
+                if self.scope.holds(index) or record.principal_id in self.scope.own:
+                    digest = hashlib.sha256(signed.record_cbor).digest()
+                    by_set.setdefault(index, {})[record.key_id] = (signed, digest)
+            for index, items in sorted(by_set.items()):
+                count, expected = head.sets[index]
+                committed = (
+                    buckets == self._buckets
+                    and self.scope.holds(index)
+                    and not self._members.get(index)
+                    and len(items) == count
+                    and hmac.compare_digest(
+                        set_digest((k, d) for k, (_, d) in items.items()), expected
+                    )
+                )
+                for signed, digest in items.values():
+                    if committed:
+                        self._merge(signed.record, signed, digest=digest, index=index)
+                    else:
+                        self.ingest(signed)
+
+    def _merge(
+        self,
+        record: KeyRecord,
+        signed: SignedKeyRecord,
+        *,
+        digest: bytes | None = None,
+        index: int | None = None,
+    ) -> KeyRecord:
+        existing = self._by_key_id.get(record.key_id)
+        if existing is not None:
+            old = existing.record
+            if old.principal_id != record.principal_id:
+                raise _malformed(f"key id {record.key_id} already belongs to another principal")
+            if old.revoked:
+                return old
+            if not (record.revoked or record.version > old.version):
+                return old
+            self._members[self._index[old.key_id]].discard(old.key_id)
+            self._dirty.add(self._index[old.key_id])
+        self._by_key_id[record.key_id] = signed
+        self._by_principal.setdefault(record.principal_id, set()).add(record.key_id)
+        self._digests[record.key_id] = digest or hashlib.sha256(signed.record_cbor).digest()
+        if index is None:
+            index = record_set(record, self._buckets)
+        self._index[record.key_id] = index
+        self._members.setdefault(index, set()).add(record.key_id)
+        self._dirty.add(index)
+        return record
+
+    def ingest_head(self, signed: SignedDirectoryHead) -> DirectoryHead:
+        """Verify and accept a head; one older than the highest accepted is DIRECTORY_ROLLBACK.
+
+        The same ``seq`` is accepted again only with the same content: two different heads with
+        one sequence number mean the root's history forked (an issuing folder restored from an
+        old copy), and neither can be trusted over the other.
+        """
+        with self._lock:
+            return self._ingest_head(signed)
+
+    def _ingest_head(self, signed: SignedDirectoryHead) -> DirectoryHead:
+        head = verify_signed_head(signed, self.root, self._root_verifier)
+        current = self.head
+        if current is not None:
+            if head.seq < current.seq:
+                raise FleetbusError(
+                    f"directory head {head.seq} is older than head {current.seq} already "
+                    "accepted: refusing rolled-back key material",
+                    reason=ReasonCode.DIRECTORY_ROLLBACK,
+                )
+            if head.seq == current.seq:
+                if head.to_cbor() != current.to_cbor():
+                    raise FleetbusError(
+                        f"two different directory heads carry seq {head.seq}: the issuing "
+                        "root's history forked",
+                        reason=ReasonCode.DIRECTORY_ROLLBACK,
+                    )
+                return current
+        self._set_head(signed)
+        if self._store is not None:
+            self._store.save(signed)
+        return head
+
+    def _set_head(self, signed: SignedDirectoryHead) -> None:
+        previous = self.head
+        head = signed.head
+        self._signed_head = signed
+        self._anchored = True
+        if head.vehicle_buckets != self._buckets:
+            self._buckets = head.vehicle_buckets
+            self._members = {}
+            for key_id, stored in self._by_key_id.items():
+                index = self._index[key_id] = record_set(stored.record, self._buckets)
+                self._members.setdefault(index, set()).add(key_id)
+            self._accepted = {}
+            self._dirty = set(range(1 + head.vehicle_buckets))
+        else:
+            for index in range(1 + head.vehicle_buckets):
+                if previous is None or previous.sets[index] != head.sets[index]:
+                    self._accepted.pop(index, None)
+                    self._dirty.add(index)
+        # Settle now what already matches, so records that arrive after this head are held
+        # (not used) rather than making their set unusable until the next head.
+        for index in sorted(self._dirty):
+            if self.scope.holds(index):
+                self._settle(index)
+
+    def _settle(self, index: int) -> dict[str, SignedKeyRecord] | None:
+        """The records of set ``index`` that match the current head, or None if they do not."""
+        head = self.head
+        if head is None:
+            return None
+        if index in self._dirty:
+            self._dirty.discard(index)
+            members = self._members.get(index, set())
+            count, digest = head.sets[index]
+            if len(members) == count and hmac.compare_digest(
+                set_digest((k, self._digests[k]) for k in members), digest
+            ):
+                self._accepted[index] = {k: self._by_key_id[k] for k in members}
+        return self._accepted.get(index)
+
+    def unsettled_sets(self) -> list[int]:
+        """Sets whose records do not match the current head (all of them when there is none)."""
+        with self._lock:
+            head = self.head
+            buckets = self._buckets if head is None else head.vehicle_buckets
+            held = [i for i in range(1 + buckets) if self.scope.holds(i)]
+            if head is None:
+                return held
+            return [i for i in held if self._settle(i) is None]
+
+    def compute_head(self, *, seq: int, at: float, vehicle_buckets: int) -> DirectoryHead:
+        """The head over every verified record held (for the root holder signing the next one);
+        uses the record digests computed on ingest."""
+        if self.scope != WHOLE_DIRECTORY:
+            raise ConfigError("only a directory holding every record can compute a head")
+        entries: list[list[tuple[str, bytes]]] = [[] for _ in range(1 + vehicle_buckets)]
+        for key_id, signed in self._by_key_id.items():
+            index = (
+                self._index[key_id]
+                if vehicle_buckets == self._buckets
+                else record_set(signed.record, vehicle_buckets)
+            )
+            entries[index].append((key_id, self._digests[key_id]))
+        sets = tuple((len(items), set_digest(items)) for items in entries)
+        return DirectoryHead(seq, float(at), vehicle_buckets, sets)
+
+    def _usable(self, key_id: str) -> SignedKeyRecord | None:
+        with self._lock:
+            return self._usable_locked(key_id)
+
+    def _usable_locked(self, key_id: str) -> SignedKeyRecord | None:
+        signed = self._by_key_id.get(key_id)
+        if signed is None or not self._anchored or signed.record.revoked:
+            return signed
+        index = self._index[key_id]
+        if not self.scope.holds(index):
+            return signed  # one of scope.own: verified by signature, not against the head
+        accepted = self._settle(index)
+        if accepted is None:
+            seq = "none" if self.head is None else str(self.head.seq)
+            raise FleetbusError(
+                f"key records of set {index} do not match directory head {seq} (records missing "
+                "or replayed from before a newer head); refusing their keys",
+                reason=ReasonCode.DIRECTORY_ROLLBACK,
+            )
+        return accepted.get(key_id)
+
+    def ingest_kafka(
+        self, value: bytes | None, key: bytes | None = None
+    ) -> KeyRecord | DirectoryHead | None:
+        """Ingest one value of the key topic (a record or a head); ``key``, if given, must match.
+
+        The topic is untrusted storage (compaction, re-publication): reading it anchors the
+        directory, so nothing read from it is used until a head covers it.
+        """
+        self._anchored = True
+        if key is not None and value:
+            # Re-reading the topic from its start (every restart): a value identical to the
+            # record held under its key id was parsed and verified before.
+            held = self._by_key_id.get(bytes(key).rpartition(b"/")[2].decode(errors="replace"))
+            if (
+                held is not None
+                and kafka_key(held.record) == bytes(key)
+                and held.to_cbor() == bytes(value)
+            ):
+                return held.record
+        if value and self.scope.buckets is not None and bytes(key or b"") != HEAD_KAFKA_KEY:
+            # Outside the scope: skipped before parsing (a vehicle agent reading a fleet's topic).
+            named = peek_record(bytes(value))
+            if named is not None and not self.wants(*named):
+                return None
+        item = from_kafka(value)
+        expected = (
+            HEAD_KAFKA_KEY if isinstance(item, SignedDirectoryHead) else kafka_key(item.record)
+        )
+        if key is not None and bytes(key) != expected:
+            raise _malformed("key topic: the Kafka key does not name the record it carries")
+        if isinstance(item, SignedDirectoryHead):
+            return self.ingest_head(item)
+        return self.ingest(item)
+
+    def ingest_all(self, records: Iterable[SignedKeyRecord]) -> None:
+        for signed in records:
+            self.ingest(signed)
+
+    def signed_records(self) -> list[SignedKeyRecord]:
+        """Every verified record held (merged per key id), covered by the head or not yet."""
+        with self._lock:
+            held = list(self._by_key_id.values())
+        return sorted(
+            held,
+            key=lambda s: (s.record.principal_id, s.record.version, s.record.key_id),
+        )
+
+    def record(self, key_id: str) -> KeyRecord | None:
+        signed = self._usable(key_id)
+        return None if signed is None else signed.record
+
+    def records(self, principal_id: str | None = None) -> list[KeyRecord]:
+        with self._lock:
+            if principal_id is None:
+                key_ids: Iterable[str] = list(self._by_key_id)
+            else:
+                # Only this principal's records (called per message: not a sort of the fleet).
+                key_ids = list(self._by_principal.get(principal_id, ()))
+        # The lock is taken per record: a thread listing the whole fleet (the policy refresh)
+        # must not hold up the stages' lookups for the length of the list.
+        signed = [s for s in map(self._usable, key_ids) if s is not None]
+        signed.sort(key=lambda s: (s.record.principal_id, s.record.version, s.record.key_id))
+        return [s.record for s in signed]
+
+    def latest(self, principal_id: str) -> KeyRecord:
+        records = self.records(principal_id)
+        if not records:
+            raise FleetbusError(
+                f"no key record for principal {principal_id!r}", reason=ReasonCode.UNKNOWN_SIGNER
+            )
+        return max(records, key=lambda r: r.version)
+
+    def superseded_at(self, record: KeyRecord) -> float:
+        """When a newer version ends this one's validity (``math.inf`` if none does yet)."""
+        ends = [
+            newer.not_before + newer.overlap_s
+            for newer in self.records(record.principal_id)
+            if newer.version > record.version
+        ]
+        return min(ends, default=math.inf)
+
+    def _check_valid(self, record: KeyRecord, at: float) -> None:
+        if record.revoked:
+            raise FleetbusError(
+                f"key {record.key_id} of {record.principal_id!r} is revoked",
+                reason=ReasonCode.SIGNER_REVOKED,
+            )
+        if at < record.not_before:
+            raise FleetbusError(
+                f"key {record.key_id} of {record.principal_id!r} is not valid yet",
+                reason=ReasonCode.NOT_YET_VALID,
+            )
+        if at >= record.not_after:
+            raise FleetbusError(
+                f"key {record.key_id} of {record.principal_id!r} has expired",
+                reason=ReasonCode.SIGNER_EXPIRED,
+            )
+        if at >= self.superseded_at(record):
+            raise FleetbusError(
+                f"key {record.key_id} of {record.principal_id!r} was rotated out",
+                reason=ReasonCode.SIGNER_EXPIRED,
+            )
+
+    def verifier_for(self, principal_id: str, key_id: str, *, at: float) -> Verifier:
+        """A verifier for ``principal_id``'s key ``key_id`` if it is valid at time ``at``.
+
+        Raises ``FleetbusError`` with UNKNOWN_SIGNER, SIGNER_REVOKED, NOT_YET_VALID or
+        SIGNER_EXPIRED (expired, or rotated out after the overlap window).
+        """
+        record = self.record(key_id)
+        if record is None or record.principal_id != principal_id:
+            raise FleetbusError(
+                f"no key {key_id!r} for principal {principal_id!r}",
+                reason=ReasonCode.UNKNOWN_SIGNER,
+            )
+        self._check_valid(record, at)
+        verifier = self._verifiers.get(key_id)
+        if verifier is None:
+            suite = load_signature_suite(record.signature_suite)
+            verifier = self._verifiers[key_id] = suite.verifier(record.public_keys)
+        return verifier
+
+    def current(self, principal_id: str, *, at: float) -> KeyRecord:
+        """The highest-version record of ``principal_id`` that is valid at ``at``."""
+        records = sorted(self.records(principal_id), key=lambda r: r.version, reverse=True)
+        if not records:
+            raise FleetbusError(
+                f"no key record for principal {principal_id!r}", reason=ReasonCode.UNKNOWN_KEY_ID
+            )
+        first_error: FleetbusError | None = None
+        for record in records:
+            if record.revoked or not (record.not_before <= at < record.not_after):
+                try:
+                    self._check_valid(record, at)
+                except FleetbusError as exc:
+                    first_error = first_error or exc
+                continue
+            return record
+        assert first_error is not None
+        raise first_error
+
+    def recipient_keys(self, principal_id: str, *, at: float) -> RecipientKeys:
+        """What a sealer needs to encrypt to ``principal_id`` at time ``at``."""
+        record = self.current(principal_id, at=at)
+        kem = {alg: raw for alg, raw in record.public_keys.items() if alg in KEM_ALGORITHMS}
+        return RecipientKeys(
+            principal_id=record.principal_id,
+            public_keys=kem,
+            key_ids={alg: record.key_id for alg in kem},
+            qkd_sae_id=record.qkd_sae_id,
+            capabilities=record.capabilities,
+        )
