@@ -33,17 +33,21 @@ from fleetbus.bus.keys import (
     Signer,
     Verifier,
 )
-from fleetbus.bus.registry import load_key_provider, load_signature_suite
+from fleetbus.bus.registry import (
+    is_kem_algorithm,
+    kem_provider_for_algorithm,
+    kem_providers,
+    key_provider_traits,
+    load_key_provider,
+    load_signature_suite,
+)
 
 #: The principal kinds a record may name.
 KINDS = frozenset({"dispatcher", "sealer", "vehicle", "edge", "approver", "root"})
-#: Public-key algorithms that are KEM (recipient) keys rather than signature keys.
-KEM_ALGORITHMS = (KeyAlgorithm.X25519.value, KeyAlgorithm.MLKEM768.value, KeyAlgorithm.XWING.value)
 SIGNATURE_ALGORITHMS = (KeyAlgorithm.ED25519.value, KeyAlgorithm.MLDSA65.value)
-#: Algorithms that resist a quantum adversary (for the automatic "pqc" capability).
-POST_QUANTUM_ALGORITHMS = frozenset(
-    {KeyAlgorithm.MLKEM768.value, KeyAlgorithm.XWING.value, KeyAlgorithm.MLDSA65.value}
-)
+#: Signature algorithms that resist a quantum adversary (for the automatic "pqc" capability);
+#: which KEM keys do is each key provider's declared trait (``fleetbus.bus.registry``).
+POST_QUANTUM_SIGNATURE_ALGORITHMS = frozenset({KeyAlgorithm.MLDSA65.value})
 ROOT_SUITE = "composite-mldsa65-ed25519"
 RECORD_FORMAT = 1
 #: Domain separation: the root signs ``RECORD_SIGNING_PREFIX || canonical CBOR(record)``.
@@ -1059,7 +1063,7 @@ class KeyDirectory:
     def recipient_keys(self, principal_id: str, *, at: float) -> RecipientKeys:
         """What a sealer needs to encrypt to ``principal_id`` at time ``at``."""
         record = self.current(principal_id, at=at)
-        kem = {alg: raw for alg, raw in record.public_keys.items() if alg in KEM_ALGORITHMS}
+        kem = {alg: raw for alg, raw in record.public_keys.items() if is_kem_algorithm(alg)}
         return RecipientKeys(
             principal_id=record.principal_id,
             public_keys=kem,
@@ -1205,12 +1209,22 @@ def generate_principal_keys(
     """Fresh private/public keys: signature keys from the suite, KEM keys from the providers."""
     private, public = load_signature_suite(signature_suite).generate()
     for name in kems:
-        if name not in KEM_ALGORITHMS:
-            raise ConfigError(f"unknown KEM {name!r}; choose from {', '.join(KEM_ALGORITHMS)}")
+        if name not in kem_providers():
+            raise ConfigError(f"unknown KEM {name!r}; choose from {', '.join(kem_providers())}")
         provider = load_key_provider(name)
         alg = provider.algorithm or name
         private[alg], public[alg] = provider.generate_keypair()
     return private, public
+
+
+def _any_post_quantum(public: Mapping[str, bytes]) -> bool:
+    for alg in public:
+        if alg in POST_QUANTUM_SIGNATURE_ALGORITHMS:
+            return True
+        provider = kem_provider_for_algorithm(alg)
+        if provider is not None and key_provider_traits(provider).post_quantum_kem:
+            return True
+    return False
 
 
 def issue_key(
@@ -1234,7 +1248,7 @@ def issue_key(
     """
     private, public = generate_principal_keys(signature_suite, kems)
     caps = set(capabilities)
-    if POST_QUANTUM_ALGORITHMS & set(public):
+    if _any_post_quantum(public):
         caps.add("pqc")
     if qkd_sae_id:
         caps.add("qkd")

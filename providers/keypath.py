@@ -23,9 +23,11 @@ from fleetbus.bus.keys import (
     KeyProvider,
     KeyProviderError,
     PrivateKeySet,
+    ProviderTraits,
     RecipientKeys,
     SecurityProfile,
 )
+from fleetbus.bus.registry import provider_traits_or_none
 from fleetbus.providers.combiner import combine
 
 __all__ = [
@@ -52,8 +54,6 @@ REASON_RECIPIENT_INCAPABLE = "recipient_incapable"
 REASON_TIMEOUT = "timeout"
 #: The profile needs a provider this process does not have (e.g. no KME configured for QKD).
 REASON_NOT_CONFIGURED = "provider_not_configured"
-
-_QKD_PROVIDERS = frozenset({"qkd-etsi014"})
 
 
 class KeyPathRunner:
@@ -385,26 +385,24 @@ class ProfileSealer:
         )
 
 
+def _traits(provider: KeyProvider) -> ProviderTraits:
+    """The registry's answer for a registered name, else what the class itself declares."""
+    return provider_traits_or_none(provider.name) or type(provider).traits
+
+
 def _recipient_can_use(provider: KeyProvider, recipient: RecipientKeys) -> bool:
     if provider.algorithm is not None:
         return (
             provider.algorithm in recipient.public_keys and provider.algorithm in recipient.key_ids
         )
-    if provider.name in _QKD_PROVIDERS:
+    if _traits(provider).needs_sae_id:
         return recipient.qkd_sae_id is not None
     return True
 
 
-# -- downgrade ordering ---------------------------------------------------------------------
+# -- downgrade ordering: from the providers' declared traits (fleetbus.bus.registry) ----------
 
-#: What each known provider contributes: (quantum-safe KEM, classical KEM, QKD).
-_PROPERTIES: Mapping[str, tuple[bool, bool, bool]] = {
-    "x25519": (False, True, False),
-    "mlkem768": (True, False, False),
-    "oqs": (True, False, False),
-    "xwing": (True, True, False),
-    "qkd-etsi014": (False, False, True),
-}
+_UNKNOWN = ProviderTraits()
 
 
 def path_strength(path: KeyPath) -> int:
@@ -413,22 +411,15 @@ def path_strength(path: KeyPath) -> int:
     nothing. Downgrade checks use ``is_at_least``, not this number."""
     pq = classical = qkd = False
     for name in path.providers:
-        p, c, q = _PROPERTIES.get(name, (False, False, False))
-        pq, classical, qkd = pq or p, classical or c, qkd or q
+        t = provider_traits_or_none(name) or _UNKNOWN
+        pq, classical, qkd = pq or t.post_quantum_kem, classical or t.classical_kem, qkd or t.qkd
     return 4 * qkd + 2 * pq + 1 * classical
-
-
-#: The key-establishment components each provider contributes. X-Wing is, by construction,
-#: ML-KEM-768 and X25519 combined, so it covers both; any other provider is its own component.
-_COMPONENTS: dict[str, frozenset[str]] = {
-    "xwing": frozenset({"mlkem768", "x25519"}),
-}
 
 
 def _components(path: KeyPath) -> frozenset[str]:
     parts: set[str] = set()
     for name in path.providers:
-        parts |= _COMPONENTS.get(name, frozenset({name}))
+        parts |= (provider_traits_or_none(name) or _UNKNOWN).covers(name)
     return frozenset(parts)
 
 

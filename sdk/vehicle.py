@@ -76,8 +76,6 @@ _log = logging.getLogger(__name__)
 
 #: Default uplink (response, telemetry) key path to the bus sealer.
 DEFAULT_UPLINK_PATHS: Final = (KeyPath(("xwing",)),)
-#: KEM providers every agent can recover with; QKD is added per edge unit.
-DEFAULT_KEM_PROVIDERS: Final = ("x25519", "mlkem768", "xwing")
 #: Lifetime of a response / telemetry envelope.
 UPLINK_TTL_S: Final = 300.0
 #: Wire format v2 messages of an unknown epoch kept per vehicle while the establishment is asked
@@ -409,7 +407,7 @@ class VehicleAgent:
         metrics_bind: str = "127.0.0.1",
         follow_key_topic: bool = False,
     ) -> None:
-        from fleetbus.bus.registry import load_key_provider
+        from fleetbus.bus.registry import load_key_providers
         from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
         from fleetbus.providers.sealing import VerifiedRoots
         from fleetbus.providers.sealing_v2 import SqliteEpochStore
@@ -431,10 +429,18 @@ class VehicleAgent:
             raise ConfigError("uplink_paths must name at least one key path")
         self._uplink_paths = paths
         self._uplink_epochs = uplink_epochs
+        # The default providers and each one a key path names (its uplink paths, the
+        # profiles commands are sealed under); a per-SAE provider (QKD) is ``qkd_provider``.
+        named = {n for p in paths for n in p.providers} | {
+            n
+            for spec in settings.profiles.values()
+            for p in spec.key_paths
+            for n in KeyPath.parse(p).providers
+        }
         providers: dict[str, KeyProvider] = (
             dict(key_providers)
             if key_providers is not None
-            else {name: load_key_provider(name) for name in DEFAULT_KEM_PROVIDERS}
+            else load_key_providers(settings, named, own_sae=False)
         )
         if qkd_provider is not None:
             providers[qkd_provider.name] = qkd_provider

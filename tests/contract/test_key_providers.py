@@ -1,8 +1,10 @@
 """One contract suite for every key provider registered under ``fleetbus.key_providers``.
 
-Providers are loaded by entry-point name through ``fleetbus.bus.registry``. ``oqs`` skips with
-the detector's reason when liboqs is absent; ``qkd-etsi014`` uses the ``qkd_provider_sides``
-fixture (a real ETSI 014 KME pair, from ``tests/fixtures_kme.py``).
+The suite is parametrised from the registry: a new entry point is tested automatically. A
+provider with a recipient key pair (``traits.key_algorithm``) is run against itself; one that
+needs a server names a fixture in ``SIDES_FIXTURES`` (``qkd-etsi014``: ``qkd_provider_sides``, a
+real ETSI 014 KME pair from ``tests/fixtures_kme.py``). An optional provider (not
+``traits.default``) that cannot run here skips with its own reason (``oqs`` without liboqs).
 """
 
 from __future__ import annotations
@@ -21,17 +23,29 @@ from hypothesis import strategies as st
 from contract.sides import ProviderSides
 from fleetbus.bus.errors import ConfigError, ReasonCode
 from fleetbus.bus.keys import KeyProviderError, PrivateKeySet, RecipientKeys
-from fleetbus.bus.registry import KEY_PROVIDER_GROUP, available, load_key_provider
+from fleetbus.bus.registry import (
+    KEY_PROVIDER_GROUP,
+    available,
+    key_provider_traits,
+    load_key_provider,
+)
 from fleetbus.providers.oqs import liboqs_available
 
-PROVIDERS = ["x25519", "mlkem768", "xwing", "oqs", "qkd-etsi014"]
+PROVIDERS = available(KEY_PROVIDER_GROUP)
+#: Providers that need a server (no recipient key pair): the fixture that builds both sides.
+SIDES_FIXTURES = {"qkd-etsi014": "qkd_provider_sides"}
 QKD = "qkd-etsi014"
 KEY_ID = "vehicle-0001/kem/1"
 CONTEXT = b"fleetbus/v1 protected header of command 1"
 
 
 def _kem_sides(name: str) -> ProviderSides:
-    provider = load_key_provider(name)
+    try:
+        provider = load_key_provider(name)
+    except ConfigError as exc:
+        if key_provider_traits(name).default:
+            raise  # a default provider must run everywhere
+        pytest.skip(str(exc))
     assert provider.algorithm is not None
     private, public = provider.generate_keypair()
     alg = provider.algorithm
@@ -46,13 +60,9 @@ def _kem_sides(name: str) -> ProviderSides:
 @pytest.fixture(params=PROVIDERS)
 def provider_sides(request: pytest.FixtureRequest) -> ProviderSides:
     name: str = request.param
-    if name == "oqs":
-        ok, reason = liboqs_available()
-        if not ok:
-            pytest.skip(reason)
-    if name == QKD:
+    if name in SIDES_FIXTURES:
         try:
-            sides = request.getfixturevalue("qkd_provider_sides")
+            sides = request.getfixturevalue(SIDES_FIXTURES[name])
         except pytest.FixtureLookupError:
             pytest.skip("qkd fixture not available yet")
         assert isinstance(sides, ProviderSides)
@@ -62,6 +72,9 @@ def provider_sides(request: pytest.FixtureRequest) -> ProviderSides:
 
 def test_every_registered_provider_is_covered() -> None:
     assert set(available(KEY_PROVIDER_GROUP)) == set(PROVIDERS)
+    for name in PROVIDERS:
+        # Either it has a recipient key pair to run against itself, or a fixture builds it.
+        assert key_provider_traits(name).key_algorithm is not None or name in SIDES_FIXTURES, name
 
 
 def test_round_trip(provider_sides: ProviderSides) -> None:
