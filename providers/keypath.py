@@ -9,14 +9,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from enum import StrEnum
-from functools import partial
-from typing import TypeVar
 
-from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
+from fleetbus.bus.errors import ConfigError, ReasonCode
 from fleetbus.bus.keys import (
     Encapsulation,
     KeyPath,
@@ -29,6 +24,15 @@ from fleetbus.bus.keys import (
 )
 from fleetbus.bus.registry import provider_traits_or_none
 from fleetbus.providers.combiner import combine
+from fleetbus.providers.resilience import (
+    REASON_CIRCUIT_OPEN,
+    REASON_TIMEOUT,
+    BreakerState,
+    CircuitBreaker,
+    InstrumentedProvider,
+    ProviderUnavailable,
+    ResilientProvider,
+)
 
 __all__ = [
     "REASON_CIRCUIT_OPEN",
@@ -46,12 +50,10 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
-#: Failover reasons that are not a provider's own ``ReasonCode`` (bounded set, metric-safe).
-REASON_CIRCUIT_OPEN = "circuit_open"
+#: Failover reasons that are not a provider's own ``ReasonCode`` (bounded set, metric-safe);
+#: ``circuit_open`` and ``timeout`` come from the resilience layer.
 REASON_RECIPIENT_INCAPABLE = "recipient_incapable"
-REASON_TIMEOUT = "timeout"
 #: The profile needs a provider this process does not have (e.g. no KME configured for QKD).
 REASON_NOT_CONFIGURED = "provider_not_configured"
 
@@ -107,61 +109,6 @@ class KeyPathRunner:
         return combine(encapsulations, context)
 
 
-class BreakerState(StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
-
-
-class CircuitBreaker:
-    """Per-provider breaker: opens after ``failure_threshold`` consecutive failures, lets a trial
-    call through (half-open) once ``reset_timeout_s`` has passed, and closes on a success."""
-
-    def __init__(
-        self,
-        *,
-        failure_threshold: int = 3,
-        reset_timeout_s: float = 30.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if failure_threshold < 1:
-            raise ConfigError("failure_threshold must be at least 1")
-        self.failure_threshold = failure_threshold
-        self.reset_timeout_s = reset_timeout_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._failures = 0
-        self._opened_at: float | None = None
-
-    @property
-    def state(self) -> BreakerState:
-        with self._lock:
-            return self._state_locked()
-
-    def _state_locked(self) -> BreakerState:
-        if self._opened_at is None:
-            return BreakerState.CLOSED
-        if self._clock() - self._opened_at >= self.reset_timeout_s:
-            return BreakerState.HALF_OPEN
-        return BreakerState.OPEN
-
-    def allow(self) -> bool:
-        """Whether a call may be attempted now (closed or half-open)."""
-        return self.state is not BreakerState.OPEN
-
-    def record_success(self) -> None:
-        with self._lock:
-            self._failures = 0
-            self._opened_at = None
-
-    def record_failure(self) -> None:
-        with self._lock:
-            state = self._state_locked()
-            self._failures += 1
-            if state is BreakerState.HALF_OPEN or self._failures >= self.failure_threshold:
-                self._opened_at = self._clock()  # (re)open; a failed trial restarts the wait
-
-
 @dataclass(frozen=True)
 class FailoverEvent:
     """A key path was skipped or failed. ``to_path`` is the path tried next (the same path when
@@ -188,17 +135,20 @@ class KeyPathResult:
 
 
 class _PathFailed(Exception):
-    def __init__(self, provider: str, reason: str) -> None:
-        super().__init__(f"{provider}: {reason}")
-        self.provider = provider
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
         self.reason = reason
 
 
 class ProfileSealer:
-    """Chooses and runs a key path of a ``SecurityProfile``, with breakers, timeouts, failover.
+    """Chooses and runs a key path of a ``SecurityProfile``: the failover layer.
 
-    ``listeners`` receive every ``FailoverEvent`` (metrics, tracing, audit hook in here); a
-    listener that raises is logged and ignored so it cannot break sealing.
+    Each provider is called through its resilience layers (``fleetbus.providers.resilience``:
+    instrumented -> resilient (timeout, breaker) -> the provider); on top of them this class
+    skips incapable or broken paths, fails over along the profile's paths, or, for a profile
+    without fallback, retries its one path with exponential backoff. ``listeners`` receive every
+    ``FailoverEvent`` (metrics, tracing, audit hook in here); a listener that raises is logged
+    and ignored so it cannot break sealing.
     """
 
     def __init__(
@@ -228,6 +178,7 @@ class ProfileSealer:
         self._wall_clock = wall_clock
         self._sleep = sleep
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._layered: dict[str, KeyProvider] = {}
         self._breakers_lock = threading.Lock()
 
     def add_listener(self, listener: Callable[[FailoverEvent], None]) -> None:
@@ -242,6 +193,20 @@ class ProfileSealer:
                     clock=self._clock,
                 )
             return self._breakers[provider]
+
+    def layered(self, name: str) -> KeyProvider:
+        """The configured provider ``name`` inside its resilience layers (built once)."""
+        provider = self.runner.provider(name)
+        with self._breakers_lock:
+            layered = self._layered.get(name)
+        if layered is None:
+            resilient = ResilientProvider(
+                provider, self.breaker(name), timeout_s=self.provider_timeout_s
+            )
+            layered = InstrumentedProvider(resilient)
+            with self._breakers_lock:
+                layered = self._layered.setdefault(name, layered)
+        return layered
 
     # -- public API -----------------------------------------------------------------------
 
@@ -311,48 +276,13 @@ class ProfileSealer:
     def _run_path(self, path: KeyPath, recipient: RecipientKeys, context: bytes) -> KeyPathResult:
         encapsulations: list[Encapsulation] = []
         for name in path.providers:
-            provider = self.runner.provider(name)
-            breaker = self.breaker(name)
             try:
-                if not provider.may_block:
-                    # Inline: a thread per call cost more than the KEM itself (see _call).
-                    enc = provider.establish(recipient, context=context)
-                else:
-                    enc = self._call(partial(provider.establish, recipient, context=context))
-            except FutureTimeout:
-                breaker.record_failure()
-                raise _PathFailed(name, REASON_TIMEOUT) from None
-            except FleetbusError as exc:
-                breaker.record_failure()
-                raise _PathFailed(name, str(exc.reason)) from None
-            except Exception as exc:  # a provider bug must not take sealing down with it
-                breaker.record_failure()
-                _log.warning("key provider %s raised %s", name, type(exc).__name__)
-                raise _PathFailed(name, ReasonCode.KEY_PROVIDER_FAILED.value) from None
-            breaker.record_success()
+                enc = self.layered(name).establish(recipient, context=context)
+            except ProviderUnavailable as failure:
+                raise _PathFailed(failure.failover_reason) from None
             encapsulations.append(enc)
         key = combine(encapsulations, context)
         return KeyPathResult(path=path, encapsulations=tuple(encapsulations), key=key)
-
-    def _call(self, fn: Callable[[], _T]) -> _T:
-        """Run ``fn`` under the provider timeout. A timed-out call keeps running in its daemon
-        thread (Python cannot cancel it); its result is discarded. A fresh thread per call, not a
-        pool: a hung network provider (a KME that never answers) must not take a pool worker
-        that the next call waits for; only providers that can block come here."""
-        if self.provider_timeout_s is None:
-            return fn()
-        future: Future[_T] = Future()
-
-        def work() -> None:
-            if not future.set_running_or_notify_cancel():
-                return
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        threading.Thread(target=work, name="fleetbus-key-provider", daemon=True).start()
-        return future.result(timeout=self.provider_timeout_s)
 
     def _emit(
         self, profile: SecurityProfile, from_path: KeyPath, to_path: KeyPath | None, reason: str
