@@ -134,12 +134,6 @@ class KeyPathResult:
     key: bytes = field(repr=False)
 
 
-class _PathFailed(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 class ProfileSealer:
     """Chooses and runs a key path of a ``SecurityProfile``: the failover layer.
 
@@ -179,13 +173,13 @@ class ProfileSealer:
         self._sleep = sleep
         self._breakers: dict[str, CircuitBreaker] = {}
         self._layered: dict[str, KeyProvider] = {}
-        self._breakers_lock = threading.Lock()
+        self._lock = threading.Lock()
 
     def add_listener(self, listener: Callable[[FailoverEvent], None]) -> None:
         self._listeners.append(listener)
 
     def breaker(self, provider: str) -> CircuitBreaker:
-        with self._breakers_lock:
+        with self._lock:
             if provider not in self._breakers:
                 self._breakers[provider] = CircuitBreaker(
                     failure_threshold=self._failure_threshold,
@@ -197,14 +191,14 @@ class ProfileSealer:
     def layered(self, name: str) -> KeyProvider:
         """The configured provider ``name`` inside its resilience layers (built once)."""
         provider = self.runner.provider(name)
-        with self._breakers_lock:
+        with self._lock:
             layered = self._layered.get(name)
         if layered is None:
             resilient = ResilientProvider(
                 provider, self.breaker(name), timeout_s=self.provider_timeout_s
             )
             layered = InstrumentedProvider(resilient)
-            with self._breakers_lock:
+            with self._lock:
                 layered = self._layered.setdefault(name, layered)
         return layered
 
@@ -236,8 +230,8 @@ class ProfileSealer:
             if reason is None:
                 try:
                     return self._run_path(path, recipient, context)
-                except _PathFailed as failure:
-                    reason = failure.reason
+                except ProviderUnavailable as failure:
+                    reason = failure.failover_reason
             last_reason = reason
             self._emit(profile, path, next_path, reason)
         raise self._exhausted(profile, last_reason)
@@ -253,8 +247,8 @@ class ProfileSealer:
             if reason is None:
                 try:
                     return self._run_path(path, recipient, context)
-                except _PathFailed as failure:
-                    reason = failure.reason
+                except ProviderUnavailable as failure:
+                    reason = failure.failover_reason
             last_reason = reason
             final = attempt == attempts - 1 or reason == REASON_RECIPIENT_INCAPABLE
             self._emit(profile, path, None if final else path, reason)
@@ -276,11 +270,8 @@ class ProfileSealer:
     def _run_path(self, path: KeyPath, recipient: RecipientKeys, context: bytes) -> KeyPathResult:
         encapsulations: list[Encapsulation] = []
         for name in path.providers:
-            try:
-                enc = self.layered(name).establish(recipient, context=context)
-            except ProviderUnavailable as failure:
-                raise _PathFailed(failure.failover_reason) from None
-            encapsulations.append(enc)
+            # Raises ProviderUnavailable with one bounded reason (resilience layers).
+            encapsulations.append(self.layered(name).establish(recipient, context=context))
         key = combine(encapsulations, context)
         return KeyPathResult(path=path, encapsulations=tuple(encapsulations), key=key)
 
