@@ -9,6 +9,7 @@ import fleetbus.providers
 
 def test_all_is_sorted_and_importable() -> None:
     names = fleetbus.providers.__all__
+
     # isort style, as ruff's RUF022 keeps it: constants, then classes, then functions.
     def kind(name: str) -> tuple[int, str]:
         return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
