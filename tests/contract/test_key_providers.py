@@ -1,10 +1,8 @@
 """One contract suite for every key provider registered under ``fleetbus.key_providers``.
 
-The suite is parametrised from the registry: a new entry point is tested automatically. A
-provider with a recipient key pair (``traits.key_algorithm``) is run against itself; one that
-needs a server names a fixture in ``SIDES_FIXTURES`` (``qkd-etsi014``: ``qkd_provider_sides``, a
-real ETSI 014 KME pair from ``tests/fixtures_kme.py``). An optional provider (not
-``traits.default``) that cannot run here skips with its own reason (``oqs`` without liboqs).
+Providers are loaded by entry-point name through ``fleetbus.bus.registry``. ``oqs`` skips with
+the detector's reason when liboqs is absent; ``qkd-etsi014`` uses the ``qkd_provider_sides``
+fixture (a real ETSI 014 KME pair, from ``tests/fixtures_kme.py``).
 """
 
 from __future__ import annotations
@@ -23,15 +21,14 @@ from hypothesis import strategies as st
 from contract.sides import ProviderSides
 from fleetbus.bus.errors import ConfigError, ReasonCode
 from fleetbus.bus.keys import KeyProviderError, PrivateKeySet, RecipientKeys
-from fleetbus.bus.registry import (
-    KEY_PROVIDER_GROUP,
-    available,
-    key_provider_traits,
-    load_key_provider,
-)
+from fleetbus.bus.registry import KEY_PROVIDER_GROUP, available, load_key_provider
 from fleetbus.providers.oqs import liboqs_available
 
 PROVIDERS = available(KEY_PROVIDER_GROUP)
+# Parametrised from the registry: a new entry point is tested automatically. A provider with a
+# recipient key pair (``traits.key_algorithm``) runs against itself; one that needs a server
+# names its sides fixture here; an optional provider (not ``traits.default``) that cannot run
+# here skips with its own reason (``oqs`` without liboqs).
 #: Providers that need a server (no recipient key pair): the fixture that builds both sides.
 SIDES_FIXTURES = {"qkd-etsi014": "qkd_provider_sides"}
 QKD = "qkd-etsi014"
@@ -40,6 +37,8 @@ CONTEXT = b"fleetbus/v1 protected header of command 1"
 
 
 def _kem_sides(name: str) -> ProviderSides:
+    from fleetbus.bus.registry import key_provider_traits
+
     try:
         provider = load_key_provider(name)
     except ConfigError as exc:
@@ -71,6 +70,8 @@ def provider_sides(request: pytest.FixtureRequest) -> ProviderSides:
 
 
 def test_every_registered_provider_is_covered() -> None:
+    from fleetbus.bus.registry import key_provider_traits
+
     assert set(available(KEY_PROVIDER_GROUP)) == set(PROVIDERS)
     for name in PROVIDERS:
         # Either it has a recipient key pair to run against itself, or a fixture builds it.
