@@ -10,8 +10,12 @@ import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fleetbus.bus.errors import FleetbusError, ReasonCode
+
+if TYPE_CHECKING:
+    from fleetbus.bus.settings import FleetbusSettings
 
 
 class KeyAlgorithm(StrEnum):
@@ -67,18 +71,77 @@ class Encapsulation:
     shared_secret: bytes = field(repr=False)
 
 
+@dataclass(frozen=True)
+class ProviderTraits:
+    """What a key provider is, declared once on its class and read without instantiating it
+    (``fleetbus.bus.registry.key_provider_traits``). Every consumer (downgrade ordering, the
+    worker, the vehicle agent, the key directory, the CLI) asks this instead of keeping a table.
+    """
+
+    #: Contributes a KEM believed to resist a quantum adversary (ML-KEM, X-Wing, a liboqs KEM).
+    post_quantum_kem: bool = False
+    #: Contributes a classical KEM (X25519, or the X25519 half of X-Wing).
+    classical_kem: bool = False
+    #: Contributes a QKD key (information-theoretic between *trusted* KMEs; docs/qkd.md).
+    qkd: bool = False
+    #: The key-establishment components it covers for ``is_at_least``; empty means just itself
+    #: (X-Wing covers ``mlkem768`` and ``x25519`` because it is their hybrid).
+    components: frozenset[str] = frozenset()
+    #: The ``KeyAlgorithm`` of the recipient key pair in the key directory, or a family prefix
+    #: ending in ``:`` (``oqs:`` + KEM name), or None when there is no recipient key (QKD).
+    key_algorithm: str | None = None
+    #: The recipient's key record must carry an ETSI 014 SAE id, and one instance speaks for one
+    #: SAE (so the vehicle agent takes it as its own ``qkd_provider``, never from the settings).
+    needs_sae_id: bool = False
+    #: Loaded by every worker and agent without a key path naming it (cheap, always present).
+    default: bool = False
+
+    @property
+    def quantum_safe(self) -> bool:
+        """Its secret rests on no assumption a quantum computer is known to break."""
+        return self.post_quantum_kem or self.qkd
+
+    def covers(self, name: str) -> frozenset[str]:
+        """The components of the provider registered as ``name``."""
+        return self.components or frozenset({name})
+
+    def owns_algorithm(self, algorithm: str) -> bool:
+        """Whether a directory key of ``algorithm`` is this provider's recipient key."""
+        if self.key_algorithm is None:
+            return False
+        if self.key_algorithm.endswith(":"):
+            return algorithm.startswith(self.key_algorithm) and algorithm != self.key_algorithm
+        return algorithm == self.key_algorithm
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """The configuration of a provider that needs nothing from the settings."""
+
+
 class KeyProvider(abc.ABC):
-    """A source of shared secrets between the sealer and one recipient."""
+    """A source of shared secrets between the sealer and one recipient.
+
+    A provider class declares ``traits`` (what it is) and ``config_from_settings`` (what it
+    needs); both are read by the registry without instantiating it (docs/key-paths.md §0).
+    """
 
     #: Entry-point name, e.g. ``"xwing"``; also the name used in key paths and envelopes.
     name: str
-    #: Whether the provider's secret resists a quantum adversary (for downgrade ordering).
-    post_quantum: bool = False
+    #: What the provider is; see ``ProviderTraits``.
+    traits: ClassVar[ProviderTraits] = ProviderTraits()
     #: The ``KeyAlgorithm`` of the recipient key pair, or None when there is none (QKD).
     algorithm: str | None = None
     #: False only for a pure in-process computation (no I/O, nothing to wait on): the sealer
     #: then calls it inline instead of in a thread under the provider timeout.
     may_block: bool = True
+
+    @classmethod
+    def config_from_settings(cls, settings: FleetbusSettings) -> Any:
+        """The typed keyword configuration (a dataclass) this provider takes from ``settings``,
+        or None when the settings do not configure it (then no process loads it). The default:
+        it needs nothing."""
+        return NoConfig()
 
     def generate_keypair(self) -> tuple[bytes, bytes]:
         """Return ``(private_bytes, public_bytes)`` in the raw form the provider reads."""

@@ -43,6 +43,7 @@ from fleetbus.bus.directory import (
 )
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
 from fleetbus.bus.keyfolder import DIRECTORY, ROOT_PUB, KeyFolder
+from fleetbus.bus.registry import kem_provider_for_algorithm
 from fleetbus.sdk.keytopic import publish_key_change
 
 keys_app = typer.Typer(no_args_is_help=True, help=__doc__)
@@ -155,7 +156,8 @@ def issue(
     kind: Annotated[str, typer.Option(help=f"one of: {', '.join(sorted(KINDS - {'root'}))}")],
     suite: Annotated[str, typer.Option(help="signature suite")] = ROOT_SUITE,
     kem: Annotated[
-        list[str] | None, typer.Option(help="KEM key to add (repeatable): xwing, x25519, mlkem768")
+        list[str] | None,
+        typer.Option(help="KEM key to add (repeatable): a key provider with a recipient key"),
     ] = None,
     qkd_sae_id: Annotated[str | None, typer.Option(help="ETSI 014 SAE id of the principal")] = None,
     valid_days: Annotated[float, typer.Option(help="validity from now, in days")] = 365.0,
@@ -215,7 +217,11 @@ def rotate(
     lifetime = valid_days * DAY_S if valid_days else latest.not_after - latest.not_before
     if not math.isfinite(lifetime) or lifetime <= 0:
         lifetime = 365 * DAY_S
-    kems = [alg for alg in latest.public_keys if alg in ("x25519", "mlkem768", "xwing")]
+    kems = [
+        name
+        for name in (kem_provider_for_algorithm(alg) for alg in latest.public_keys)
+        if name is not None
+    ]
     issued = issue_key(
         root,
         principal_id=principal,

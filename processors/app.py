@@ -30,9 +30,6 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-QKD_PROVIDER = "qkd-etsi014"
-KEM_PROVIDERS = ("x25519", "mlkem768", "xwing")
-
 
 def faust_config(settings: FleetbusSettings) -> dict[str, Any]:
     """faust settings derived from ours; kept in one place so tests and workers agree."""
@@ -242,7 +239,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     )
     from fleetbus.bus.envelope_v2 import Direction
     from fleetbus.bus.keys import KeyPath
-    from fleetbus.bus.registry import load_key_provider
+    from fleetbus.bus.registry import load_key_providers
     from fleetbus.processors.fleet_registry import FleetRegistry
     from fleetbus.processors.health import HealthReporter, init_stage_counters
     from fleetbus.processors.keytopic import KeyTopicService
@@ -303,18 +300,15 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
 
     key_topic.on_head = refresh_policy
 
-    providers: dict[str, Any] = {name: load_key_provider(name) for name in KEM_PROVIDERS}
-    if settings.qkd_kme_url:
-        providers[QKD_PROVIDER] = load_key_provider(
-            QKD_PROVIDER,
-            kme_url=settings.qkd_kme_url,
-            kme_id=settings.qkd_kme_id,
-            sae_id=settings.qkd_sae_id or settings.sealer_principal,
-            ca_file=settings.qkd_ca_file or "",
-            cert_file=settings.qkd_cert_file or "",
-            key_file=settings.qkd_key_file or "",
-            timeout_s=min(settings.provider_timeout_s, 5.0),
-        )
+    # The default providers, and each one a profile's key path names that the settings
+    # configure (each provider says what it needs: fleetbus.bus.registry).
+    named = {
+        name
+        for spec in settings.profiles.values()
+        for p in spec.key_paths
+        for name in KeyPath.parse(p).providers
+    }
+    providers = load_key_providers(settings, named)
     runner = KeyPathRunner(providers)
 
     profiles, unservable = servable_profiles(settings, providers, signer.suite)

@@ -20,6 +20,7 @@ from fleetbus.bus.keys import (
     KeyProvider,
     KeyProviderError,
     PrivateKeySet,
+    ProviderTraits,
     RecipientKeys,
 )
 
@@ -164,7 +165,7 @@ class X25519Provider(_HPKEWrapProvider):
 
     name = "x25519"
     algorithm = KeyAlgorithm.X25519.value
-    post_quantum = False
+    traits = ProviderTraits(classical_kem=True, key_algorithm=algorithm, default=True)
     kem = hpke.KEM.X25519
     private_length = 32
     public_length = 32
@@ -188,7 +189,7 @@ class MLKEM768Provider(_HPKEWrapProvider):
 
     name = "mlkem768"
     algorithm = KeyAlgorithm.MLKEM768.value
-    post_quantum = True
+    traits = ProviderTraits(post_quantum_kem=True, key_algorithm=algorithm, default=True)
     kem = hpke.KEM.MLKEM768
     private_length = 64
     public_length = 1184
@@ -213,7 +214,14 @@ class XWingProvider(_HPKEWrapProvider):
 
     name = "xwing"
     algorithm = KeyAlgorithm.XWING.value
-    post_quantum = True
+    #: X-Wing is, by construction, ML-KEM-768 and X25519 combined, so it covers both.
+    traits = ProviderTraits(
+        post_quantum_kem=True,
+        classical_kem=True,
+        components=frozenset({"mlkem768", "x25519"}),
+        key_algorithm=algorithm,
+        default=True,
+    )
     kem = hpke.KEM.MLKEM768_X25519
     private_length = 32
     public_length = 1216

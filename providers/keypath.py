@@ -9,24 +9,30 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from enum import StrEnum
-from functools import partial
-from typing import TypeVar
 
-from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
+from fleetbus.bus.errors import ConfigError, ReasonCode
 from fleetbus.bus.keys import (
     Encapsulation,
     KeyPath,
     KeyProvider,
     KeyProviderError,
     PrivateKeySet,
+    ProviderTraits,
     RecipientKeys,
     SecurityProfile,
 )
+from fleetbus.bus.registry import provider_traits_or_none
 from fleetbus.providers.combiner import combine
+from fleetbus.providers.resilience import (
+    REASON_CIRCUIT_OPEN,
+    REASON_TIMEOUT,
+    BreakerState,
+    CircuitBreaker,
+    InstrumentedProvider,
+    ProviderUnavailable,
+    ResilientProvider,
+)
 
 __all__ = [
     "REASON_CIRCUIT_OPEN",
@@ -44,16 +50,12 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
-#: Failover reasons that are not a provider's own ``ReasonCode`` (bounded set, metric-safe).
-REASON_CIRCUIT_OPEN = "circuit_open"
+#: Failover reasons that are not a provider's own ``ReasonCode`` (bounded set, metric-safe);
+#: ``circuit_open`` and ``timeout`` come from the resilience layer.
 REASON_RECIPIENT_INCAPABLE = "recipient_incapable"
-REASON_TIMEOUT = "timeout"
 #: The profile needs a provider this process does not have (e.g. no KME configured for QKD).
 REASON_NOT_CONFIGURED = "provider_not_configured"
-
-_QKD_PROVIDERS = frozenset({"qkd-etsi014"})
 
 
 class KeyPathRunner:
@@ -107,61 +109,6 @@ class KeyPathRunner:
         return combine(encapsulations, context)
 
 
-class BreakerState(StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
-
-
-class CircuitBreaker:
-    """Per-provider breaker: opens after ``failure_threshold`` consecutive failures, lets a trial
-    call through (half-open) once ``reset_timeout_s`` has passed, and closes on a success."""
-
-    def __init__(
-        self,
-        *,
-        failure_threshold: int = 3,
-        reset_timeout_s: float = 30.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if failure_threshold < 1:
-            raise ConfigError("failure_threshold must be at least 1")
-        self.failure_threshold = failure_threshold
-        self.reset_timeout_s = reset_timeout_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._failures = 0
-        self._opened_at: float | None = None
-
-    @property
-    def state(self) -> BreakerState:
-        with self._lock:
-            return self._state_locked()
-
-    def _state_locked(self) -> BreakerState:
-        if self._opened_at is None:
-            return BreakerState.CLOSED
-        if self._clock() - self._opened_at >= self.reset_timeout_s:
-            return BreakerState.HALF_OPEN
-        return BreakerState.OPEN
-
-    def allow(self) -> bool:
-        """Whether a call may be attempted now (closed or half-open)."""
-        return self.state is not BreakerState.OPEN
-
-    def record_success(self) -> None:
-        with self._lock:
-            self._failures = 0
-            self._opened_at = None
-
-    def record_failure(self) -> None:
-        with self._lock:
-            state = self._state_locked()
-            self._failures += 1
-            if state is BreakerState.HALF_OPEN or self._failures >= self.failure_threshold:
-                self._opened_at = self._clock()  # (re)open; a failed trial restarts the wait
-
-
 @dataclass(frozen=True)
 class FailoverEvent:
     """A key path was skipped or failed. ``to_path`` is the path tried next (the same path when
@@ -187,18 +134,15 @@ class KeyPathResult:
     key: bytes = field(repr=False)
 
 
-class _PathFailed(Exception):
-    def __init__(self, provider: str, reason: str) -> None:
-        super().__init__(f"{provider}: {reason}")
-        self.provider = provider
-        self.reason = reason
-
-
 class ProfileSealer:
-    """Chooses and runs a key path of a ``SecurityProfile``, with breakers, timeouts, failover.
+    """Chooses and runs a key path of a ``SecurityProfile``: the failover layer.
 
-    ``listeners`` receive every ``FailoverEvent`` (metrics, tracing, audit hook in here); a
-    listener that raises is logged and ignored so it cannot break sealing.
+    Each provider is called through its resilience layers (``fleetbus.providers.resilience``:
+    instrumented -> resilient (timeout, breaker) -> the provider); on top of them this class
+    skips incapable or broken paths, fails over along the profile's paths, or, for a profile
+    without fallback, retries its one path with exponential backoff. ``listeners`` receive every
+    ``FailoverEvent`` (metrics, tracing, audit hook in here); a listener that raises is logged
+    and ignored so it cannot break sealing.
     """
 
     def __init__(
@@ -228,13 +172,14 @@ class ProfileSealer:
         self._wall_clock = wall_clock
         self._sleep = sleep
         self._breakers: dict[str, CircuitBreaker] = {}
-        self._breakers_lock = threading.Lock()
+        self._layered: dict[str, KeyProvider] = {}
+        self._lock = threading.Lock()
 
     def add_listener(self, listener: Callable[[FailoverEvent], None]) -> None:
         self._listeners.append(listener)
 
     def breaker(self, provider: str) -> CircuitBreaker:
-        with self._breakers_lock:
+        with self._lock:
             if provider not in self._breakers:
                 self._breakers[provider] = CircuitBreaker(
                     failure_threshold=self._failure_threshold,
@@ -242,6 +187,20 @@ class ProfileSealer:
                     clock=self._clock,
                 )
             return self._breakers[provider]
+
+    def layered(self, name: str) -> KeyProvider:
+        """The configured provider ``name`` inside its resilience layers (built once)."""
+        provider = self.runner.provider(name)
+        with self._lock:
+            layered = self._layered.get(name)
+        if layered is None:
+            resilient = ResilientProvider(
+                provider, self.breaker(name), timeout_s=self.provider_timeout_s
+            )
+            layered = InstrumentedProvider(resilient)
+            with self._lock:
+                layered = self._layered.setdefault(name, layered)
+        return layered
 
     # -- public API -----------------------------------------------------------------------
 
@@ -271,8 +230,8 @@ class ProfileSealer:
             if reason is None:
                 try:
                     return self._run_path(path, recipient, context)
-                except _PathFailed as failure:
-                    reason = failure.reason
+                except ProviderUnavailable as failure:
+                    reason = failure.failover_reason
             last_reason = reason
             self._emit(profile, path, next_path, reason)
         raise self._exhausted(profile, last_reason)
@@ -288,8 +247,8 @@ class ProfileSealer:
             if reason is None:
                 try:
                     return self._run_path(path, recipient, context)
-                except _PathFailed as failure:
-                    reason = failure.reason
+                except ProviderUnavailable as failure:
+                    reason = failure.failover_reason
             last_reason = reason
             final = attempt == attempts - 1 or reason == REASON_RECIPIENT_INCAPABLE
             self._emit(profile, path, None if final else path, reason)
@@ -311,48 +270,10 @@ class ProfileSealer:
     def _run_path(self, path: KeyPath, recipient: RecipientKeys, context: bytes) -> KeyPathResult:
         encapsulations: list[Encapsulation] = []
         for name in path.providers:
-            provider = self.runner.provider(name)
-            breaker = self.breaker(name)
-            try:
-                if not provider.may_block:
-                    # Inline: a thread per call cost more than the KEM itself (see _call).
-                    enc = provider.establish(recipient, context=context)
-                else:
-                    enc = self._call(partial(provider.establish, recipient, context=context))
-            except FutureTimeout:
-                breaker.record_failure()
-                raise _PathFailed(name, REASON_TIMEOUT) from None
-            except FleetbusError as exc:
-                breaker.record_failure()
-                raise _PathFailed(name, str(exc.reason)) from None
-            except Exception as exc:  # a provider bug must not take sealing down with it
-                breaker.record_failure()
-                _log.warning("key provider %s raised %s", name, type(exc).__name__)
-                raise _PathFailed(name, ReasonCode.KEY_PROVIDER_FAILED.value) from None
-            breaker.record_success()
-            encapsulations.append(enc)
+            # Raises ProviderUnavailable with one bounded reason (resilience layers).
+            encapsulations.append(self.layered(name).establish(recipient, context=context))
         key = combine(encapsulations, context)
         return KeyPathResult(path=path, encapsulations=tuple(encapsulations), key=key)
-
-    def _call(self, fn: Callable[[], _T]) -> _T:
-        """Run ``fn`` under the provider timeout. A timed-out call keeps running in its daemon
-        thread (Python cannot cancel it); its result is discarded. A fresh thread per call, not a
-        pool: a hung network provider (a KME that never answers) must not take a pool worker
-        that the next call waits for; only providers that can block come here."""
-        if self.provider_timeout_s is None:
-            return fn()
-        future: Future[_T] = Future()
-
-        def work() -> None:
-            if not future.set_running_or_notify_cancel():
-                return
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        threading.Thread(target=work, name="fleetbus-key-provider", daemon=True).start()
-        return future.result(timeout=self.provider_timeout_s)
 
     def _emit(
         self, profile: SecurityProfile, from_path: KeyPath, to_path: KeyPath | None, reason: str
@@ -385,26 +306,24 @@ class ProfileSealer:
         )
 
 
+def _traits(provider: KeyProvider) -> ProviderTraits:
+    """The registry's answer for a registered name, else what the class itself declares."""
+    return provider_traits_or_none(provider.name) or type(provider).traits
+
+
 def _recipient_can_use(provider: KeyProvider, recipient: RecipientKeys) -> bool:
     if provider.algorithm is not None:
         return (
             provider.algorithm in recipient.public_keys and provider.algorithm in recipient.key_ids
         )
-    if provider.name in _QKD_PROVIDERS:
+    if _traits(provider).needs_sae_id:
         return recipient.qkd_sae_id is not None
     return True
 
 
-# -- downgrade ordering ---------------------------------------------------------------------
+# -- downgrade ordering: from the providers' declared traits (fleetbus.bus.registry) ----------
 
-#: What each known provider contributes: (quantum-safe KEM, classical KEM, QKD).
-_PROPERTIES: Mapping[str, tuple[bool, bool, bool]] = {
-    "x25519": (False, True, False),
-    "mlkem768": (True, False, False),
-    "oqs": (True, False, False),
-    "xwing": (True, True, False),
-    "qkd-etsi014": (False, False, True),
-}
+_UNKNOWN = ProviderTraits()
 
 
 def path_strength(path: KeyPath) -> int:
@@ -413,22 +332,15 @@ def path_strength(path: KeyPath) -> int:
     nothing. Downgrade checks use ``is_at_least``, not this number."""
     pq = classical = qkd = False
     for name in path.providers:
-        p, c, q = _PROPERTIES.get(name, (False, False, False))
-        pq, classical, qkd = pq or p, classical or c, qkd or q
+        t = provider_traits_or_none(name) or _UNKNOWN
+        pq, classical, qkd = pq or t.post_quantum_kem, classical or t.classical_kem, qkd or t.qkd
     return 4 * qkd + 2 * pq + 1 * classical
-
-
-#: The key-establishment components each provider contributes. X-Wing is, by construction,
-#: ML-KEM-768 and X25519 combined, so it covers both; any other provider is its own component.
-_COMPONENTS: dict[str, frozenset[str]] = {
-    "xwing": frozenset({"mlkem768", "x25519"}),
-}
 
 
 def _components(path: KeyPath) -> frozenset[str]:
     parts: set[str] = set()
     for name in path.providers:
-        parts |= _COMPONENTS.get(name, frozenset({name}))
+        parts |= (provider_traits_or_none(name) or _UNKNOWN).covers(name)
     return frozenset(parts)
 
 

@@ -16,8 +16,9 @@ import glob
 import importlib
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -30,11 +31,15 @@ from fleetbus.bus.keys import (
     KeyProvider,
     KeyProviderError,
     PrivateKeySet,
+    ProviderTraits,
     RecipientKeys,
 )
 from fleetbus.providers.hpke import INFO_PREFIX, SECRET_LENGTH
 
-__all__ = ["DEFAULT_KEM", "OQSProvider", "liboqs_available"]
+if TYPE_CHECKING:
+    from fleetbus.bus.settings import FleetbusSettings
+
+__all__ = ["DEFAULT_KEM", "OQSConfig", "OQSProvider", "liboqs_available"]
 
 DEFAULT_KEM = "FrodoKEM-640-AES"
 _TAG = 16
@@ -71,6 +76,13 @@ def liboqs_available() -> tuple[bool, str]:
     )
 
 
+@dataclass(frozen=True)
+class OQSConfig:
+    """What ``OQSProvider`` takes: the liboqs KEM (no setting names another yet)."""
+
+    kem_name: str = DEFAULT_KEM
+
+
 def _import_oqs() -> Any:
     """The ``oqs`` module, typed ``Any`` (it ships no stubs); call only after the check."""
     return importlib.import_module("oqs")
@@ -84,7 +96,11 @@ class OQSProvider(KeyProvider):
     """
 
     name = "oqs"
-    post_quantum = True
+    traits = ProviderTraits(post_quantum_kem=True, key_algorithm="oqs:")
+
+    @classmethod
+    def config_from_settings(cls, settings: FleetbusSettings) -> OQSConfig:
+        return OQSConfig()
 
     def __init__(self, kem_name: str = DEFAULT_KEM) -> None:
         ok, reason = liboqs_available()

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from cryptography import x509
@@ -32,8 +32,12 @@ from fleetbus.bus.keys import (
     KeyProvider,
     KeyProviderError,
     PrivateKeySet,
+    ProviderTraits,
     RecipientKeys,
 )
+
+if TYPE_CHECKING:
+    from fleetbus.bus.settings import FleetbusSettings
 
 API_PREFIX = "/api/v1/keys"
 #: How long a status answer is trusted for the fail-fast check before ``enc_keys``.
@@ -62,6 +66,19 @@ def kme_id_of_certificate(cert: x509.Certificate | bytes) -> str | None:
 
 
 @dataclass(frozen=True)
+class QKDConfig:
+    """What ``QKDProvider`` takes from the bus's settings (``FLEETBUS_QKD_*``)."""
+
+    kme_url: str
+    kme_id: str | None
+    sae_id: str
+    ca_file: str
+    cert_file: str
+    key_file: str
+    timeout_s: float
+
+
+@dataclass(frozen=True)
 class _Status:
     at: float
     stored_key_count: int
@@ -79,8 +96,24 @@ class QKDProvider(KeyProvider):
     name = "qkd-etsi014"
     algorithm = None
     # Information-theoretic key distribution between trusted KMEs: no computational assumption
-    # a quantum computer could break. The KMEs themselves must be trusted (docs/qkd.md).
-    post_quantum = True
+    # a quantum computer could break (``traits.quantum_safe``), but not a post-quantum KEM. The
+    # KMEs themselves must be trusted (docs/qkd.md).
+    traits = ProviderTraits(qkd=True, needs_sae_id=True)
+
+    @classmethod
+    def config_from_settings(cls, settings: FleetbusSettings) -> QKDConfig | None:
+        """The bus's own SAE at its KME; None (not loaded) when no KME URL is set."""
+        if not settings.qkd_kme_url:
+            return None
+        return QKDConfig(
+            kme_url=settings.qkd_kme_url,
+            kme_id=settings.qkd_kme_id,
+            sae_id=settings.qkd_sae_id or settings.sealer_principal,
+            ca_file=settings.qkd_ca_file or "",
+            cert_file=settings.qkd_cert_file or "",
+            key_file=settings.qkd_key_file or "",
+            timeout_s=min(settings.provider_timeout_s, 5.0),
+        )
 
     def __init__(
         self,

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 #: Default uplink (response, telemetry) key path to the bus sealer.
 DEFAULT_UPLINK_PATHS: Final = (KeyPath(("xwing",)),)
 #: KEM providers every agent can recover with; QKD is added per edge unit.
-DEFAULT_KEM_PROVIDERS: Final = ("x25519", "mlkem768", "xwing")
 #: Lifetime of a response / telemetry envelope.
 UPLINK_TTL_S: Final = 300.0
 #: Wire format v2 messages of an unknown epoch kept per vehicle while the establishment is asked

@@ -27,7 +27,6 @@ from fleetbus.bus.keys import KeyPath, KeyProvider
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.observability.tracing import OP_PROCESS, consume_span, get_tracer, record_reject
 from fleetbus.sdk.agentcore import (
-    DEFAULT_KEM_PROVIDERS,
     DEFAULT_UPLINK_PATHS,
     RETRY_BACKOFF_S,
     AgentStats,
@@ -145,7 +144,7 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
         transport: Transport | None = None,
         codec: RecordCodec | None = None,
     ) -> None:
-        from fleetbus.bus.registry import load_key_provider
+        from fleetbus.bus.registry import load_key_providers
         from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
         from fleetbus.providers.sealing import VerifiedRoots
         from fleetbus.providers.sealing_v2 import SqliteEpochStore
@@ -167,10 +166,18 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
             raise ConfigError("uplink_paths must name at least one key path")
         self._uplink_paths = paths
         self._uplink_epochs = uplink_epochs
+        # The default providers and each one a key path names (its uplink paths, the
+        # profiles commands are sealed under); a per-SAE provider (QKD) is ``qkd_provider``.
+        named = {n for p in paths for n in p.providers} | {
+            n
+            for spec in settings.profiles.values()
+            for p in spec.key_paths
+            for n in KeyPath.parse(p).providers
+        }
         providers: dict[str, KeyProvider] = (
             dict(key_providers)
             if key_providers is not None
-            else {name: load_key_provider(name) for name in DEFAULT_KEM_PROVIDERS}
+            else load_key_providers(settings, named, own_sae=False)
         )
         if qkd_provider is not None:
             providers[qkd_provider.name] = qkd_provider

@@ -27,7 +27,6 @@ from fleetbus.bus.directory.headstore import HeadStore
 from fleetbus.bus.directory.records import (
     DEFAULT_VEHICLE_BUCKETS,
     HEAD_KAFKA_KEY,
-    KEM_ALGORITHMS,
     KeyRecord,
     SignedKeyRecord,
     _malformed,
@@ -38,7 +37,7 @@ from fleetbus.bus.keys import (
     RecipientKeys,
     Verifier,
 )
-from fleetbus.bus.registry import load_signature_suite
+from fleetbus.bus.registry import is_kem_algorithm, load_signature_suite
 
 # --- the directory -------------------------------------------------------------------------
 
@@ -460,7 +459,7 @@ class KeyDirectory:
     def recipient_keys(self, principal_id: str, *, at: float) -> RecipientKeys:
         """What a sealer needs to encrypt to ``principal_id`` at time ``at``."""
         record = self.current(principal_id, at=at)
-        kem = {alg: raw for alg, raw in record.public_keys.items() if alg in KEM_ALGORITHMS}
+        kem = {alg: raw for alg, raw in record.public_keys.items() if is_kem_algorithm(alg)}
         return RecipientKeys(
             principal_id=record.principal_id,
             public_keys=kem,

@@ -19,12 +19,9 @@ from fleetbus.bus.keys import (
 
 #: The principal kinds a record may name.
 KINDS = frozenset({"dispatcher", "sealer", "vehicle", "edge", "approver", "root"})
-#: Public-key algorithms that are KEM (recipient) keys rather than signature keys.
-KEM_ALGORITHMS = (KeyAlgorithm.X25519.value, KeyAlgorithm.MLKEM768.value, KeyAlgorithm.XWING.value)
-#: Algorithms that resist a quantum adversary (for the automatic "pqc" capability).
-POST_QUANTUM_ALGORITHMS = frozenset(
-    {KeyAlgorithm.MLKEM768.value, KeyAlgorithm.XWING.value, KeyAlgorithm.MLDSA65.value}
-)
+#: Signature algorithms that resist a quantum adversary (for the automatic "pqc" capability);
+#: which KEM keys do is each key provider's declared trait (``fleetbus.bus.registry``).
+POST_QUANTUM_SIGNATURE_ALGORITHMS = frozenset({KeyAlgorithm.MLDSA65.value})
 ROOT_SUITE = "composite-mldsa65-ed25519"
 RECORD_FORMAT = 1
 #: Domain separation: the root signs ``RECORD_SIGNING_PREFIX || canonical CBOR(record)``.

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from fleetbus.bus.directory.heads import DirectoryHead, SignedDirectoryHead, head_signing_input
 from fleetbus.bus.directory.keyfiles import PrincipalKeyFile
 from fleetbus.bus.directory.records import (
-    KEM_ALGORITHMS,
-    POST_QUANTUM_ALGORITHMS,
+    POST_QUANTUM_SIGNATURE_ALGORITHMS,
     RECORD_SIGNING_PREFIX,
     ROOT_PUBLIC_FORMAT,
     ROOT_SUITE,
@@ -27,7 +26,13 @@ from fleetbus.bus.keys import (
     Signer,
     Verifier,
 )
-from fleetbus.bus.registry import load_key_provider, load_signature_suite
+from fleetbus.bus.registry import (
+    kem_provider_for_algorithm,
+    kem_providers,
+    key_provider_traits,
+    load_key_provider,
+    load_signature_suite,
+)
 
 # --- root of trust -------------------------------------------------------------------------
 
@@ -154,12 +159,22 @@ def generate_principal_keys(
     """Fresh private/public keys: signature keys from the suite, KEM keys from the providers."""
     private, public = load_signature_suite(signature_suite).generate()
     for name in kems:
-        if name not in KEM_ALGORITHMS:
-            raise ConfigError(f"unknown KEM {name!r}; choose from {', '.join(KEM_ALGORITHMS)}")
+        if name not in kem_providers():
+            raise ConfigError(f"unknown KEM {name!r}; choose from {', '.join(kem_providers())}")
         provider = load_key_provider(name)
         alg = provider.algorithm or name
         private[alg], public[alg] = provider.generate_keypair()
     return private, public
+
+
+def _any_post_quantum(public: Mapping[str, bytes]) -> bool:
+    for alg in public:
+        if alg in POST_QUANTUM_SIGNATURE_ALGORITHMS:
+            return True
+        provider = kem_provider_for_algorithm(alg)
+        if provider is not None and key_provider_traits(provider).post_quantum_kem:
+            return True
+    return False
 
 
 def issue_key(
@@ -183,7 +198,7 @@ def issue_key(
     """
     private, public = generate_principal_keys(signature_suite, kems)
     caps = set(capabilities)
-    if POST_QUANTUM_ALGORITHMS & set(public):
+    if _any_post_quantum(public):
         caps.add("pqc")
     if qkd_sae_id:
         caps.add("qkd")
