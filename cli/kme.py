@@ -178,7 +178,7 @@ def certs(
     `serve` reports the KME IDs the server certificates name; SAEs check them (ETSI 014 5.1).
     """
     from fleetbus.bus.errors import FleetbusError
-    from fleetbus.kmesim.pki import make_test_pki
+    from fleetbus.devtools.kme_pki import make_test_pki
 
     try:
         pki = make_test_pki(

@@ -12,9 +12,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from fleetbus.kmesim.api import _json, caller_sae_id, json_body
-from fleetbus.kmesim.config import MAX_BODY_BYTES
+from fleetbus.kmesim.config import ADMIN_CN, MAX_BODY_BYTES
 from fleetbus.kmesim.errors import KMEError
-from fleetbus.kmesim.pki import ADMIN_CN
 from fleetbus.kmesim.pool import KeyPool
 
 

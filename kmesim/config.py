@@ -10,8 +10,14 @@ from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fleetbus.bus.errors import ConfigError
-from fleetbus.kmesim.pki import KME_NAMES
 from fleetbus.providers.qkd import kme_id_of_certificate
+
+#: Names of the two simulated KMEs; their server certs are ``kme-a.pem`` / ``kme-b.pem``.
+KME_NAMES: tuple[str, str] = ("kme-a", "kme-b")
+#: Their default KME IDs: the subject CN of each server certificate, which SAEs check.
+DEFAULT_KME_IDS: tuple[str, str] = ("KME-A", "KME-B")
+#: Subject CN of the admin client certificate.
+ADMIN_CN = "kme-admin"
 
 API_PREFIX = "/api/v1/keys"
 #: Largest request body a KME or the admin endpoint reads, in bytes.

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.keys import KeyProviderError, PrivateKeySet, RecipientKeys
 from fleetbus.cli.kme import kme_app
-from fleetbus.kmesim.pki import TestPKI
+from fleetbus.devtools.kme_pki import TestPKI
 from tests.support.fixtures_kme import KMEPairUnderTest, start_kme_process, stop_kme_process
 
 STATUS_FIELDS = {

@@ -42,8 +42,8 @@ from fleetbus.bus.settings import FleetbusSettings, TopicNames
 from fleetbus.bus.topics import ensure_topics
 from fleetbus.devtools.fleet import process_env
 from fleetbus.devtools.kafka import LocalKafka, find_free_base_port, free_port
+from fleetbus.devtools.kme_pki import DEFAULT_KME_IDS
 from fleetbus.devtools.process import WorkerProcess, spawn, stop_group
-from fleetbus.kmesim.pki import DEFAULT_KME_IDS
 from fleetbus.processors.app import state_topic
 from fleetbus.sdk.dispatch import CommandPublisher
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
@@ -60,7 +60,7 @@ class KMEProcess:
     state directory (the key pool and keys reserved but not yet fetched)."""
 
     def __init__(self, workdir: Path) -> None:
-        from fleetbus.kmesim.pki import make_test_pki
+        from fleetbus.devtools.kme_pki import make_test_pki
 
         self.workdir = workdir
         self.pki = make_test_pki(workdir / "pki", [MASTER_SAE, EDGE_SAE])

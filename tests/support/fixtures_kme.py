@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from fleetbus.bus.keys import PrivateKeySet, RecipientKeys
-from fleetbus.kmesim.pki import DEFAULT_KME_IDS, TestPKI, make_test_pki
+from fleetbus.devtools.kme_pki import DEFAULT_KME_IDS, TestPKI, make_test_pki
 from fleetbus.providers.qkd import QKDProvider
 from tests.support.sides import ProviderSides
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from fleetbus.bus.settings import FleetbusSettings
-from fleetbus.kmesim.pki import DEFAULT_KME_IDS
+from fleetbus.devtools.kme_pki import DEFAULT_KME_IDS
 from tests.support.deploy import (
     DOCKERFILE,
     ROOT,

@@ -433,7 +433,7 @@ def test_a_kme_url_without_its_ca_and_client_files_is_refused() -> None:
 
 def test_the_qkd_provider_never_falls_back_to_the_system_trust_store(tmp_path: Path) -> None:
     from fleetbus.bus.keys import KeyProviderError
-    from fleetbus.kmesim.pki import make_test_pki
+    from fleetbus.devtools.kme_pki import make_test_pki
     from fleetbus.providers.qkd import QKDProvider
 
     client = make_test_pki(tmp_path, ["sae-hub"], admin=False).saes["sae-hub"]

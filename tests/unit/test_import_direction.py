@@ -3,8 +3,8 @@
 An AST check over the source tree, without importing it: module-level imports, imports inside
 functions (hidden imports were how the arrows went wrong before) and ``import_module("...")``
 calls with a literal name all count; a private name (leading underscore) of one room imported
-by another is a violation too. Known violations, which their owners are moving, are in
-``KNOWN_VIOLATIONS`` below: the list only shrinks, and an entry that no longer occurs fails too.
+by another is a violation too. There is no allow-list: the restructuring (issue 15) moved the
+last violation away.
 """
 
 from __future__ import annotations
@@ -46,16 +46,6 @@ FORBIDDEN: dict[str, frozenset[str]] = {
 #: What observability may import of another room: the errors, and the lazy-export helper its
 #: ``__init__`` shares with every package.
 OBSERVABILITY_MAY_IMPORT = ("fleetbus.bus.errors", "fleetbus.bus.exports")
-
-#: Known violations, as (importing file, imported module): each is being moved by the owner of
-#: the importing file (issue 15); delete the entry with the import.
-KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset(
-    {
-        # kmesim -> devtools: the KME's test PKI is built by devtools.pki (r-devtools splits
-        # kmesim/ and devtools/: the shared PKI code belongs to one of them, not both).
-        ("kmesim/pki.py", "fleetbus.devtools.pki"),
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -166,27 +156,11 @@ def violations() -> list[tuple[Edge, str]]:
     return found
 
 
-def _known(edge: Edge) -> tuple[str, str] | None:
-    """The KNOWN_VIOLATIONS entry that covers ``edge`` (its module or a package above it)."""
-    for path, module in KNOWN_VIOLATIONS:
-        if edge.path == path and (edge.module == module or edge.module.startswith(module + ".")):
-            return path, module
-    return None
-
-
 def test_every_arrow_points_the_documented_way() -> None:
     unexpected = [
-        f"{edge.path}:{edge.line} imports {edge.module} ({rule})"
-        for edge, rule in violations()
-        if _known(edge) is None
+        f"{edge.path}:{edge.line} imports {edge.module} ({rule})" for edge, rule in violations()
     ]
     assert unexpected == []
-
-
-def test_known_violations_still_exist() -> None:
-    """An entry whose import is gone is deleted from the list, so that it only shrinks."""
-    seen = {_known(edge) for edge, _ in violations()}
-    assert sorted(KNOWN_VIOLATIONS - seen) == []
 
 
 #: Rooms whose code is library code: the OpenTelemetry API only, never the SDK.

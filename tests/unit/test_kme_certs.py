@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from fleetbus.bus.errors import ConfigError
 from fleetbus.cli.kme import kme_app
+from fleetbus.devtools.kme_pki import make_test_pki, parse_san
 from fleetbus.kmesim.config import KMEPairConfig
-from fleetbus.kmesim.pki import make_test_pki, parse_san
 from fleetbus.kmesim.server import KMEPair
 
 

@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.keys import KeyProviderError, PrivateKeySet
-from fleetbus.kmesim.pki import TestPKI
+from fleetbus.devtools.kme_pki import TestPKI
 from fleetbus.providers.qkd import QKDProvider, kme_id_of_certificate
 
 

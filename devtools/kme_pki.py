@@ -1,4 +1,5 @@
-"""A throw-away test PKI for the QKD KME simulator: one CA, KME server certs, SAE client certs.
+"""A throw-away test PKI for the QKD KME simulator (``fleetbus kme certs``): one CA, KME server
+certs, SAE client certs.
 
 Not for production: the CA key sits next to the certificates and nothing is revocable. Private
 keys are written with mode 0600 (created that way, never chmod-ed after the fact).
@@ -25,13 +26,8 @@ from fleetbus.devtools.pki import (
     san_list,
 )
 from fleetbus.devtools.pki import parse_san as parse_san  # `kme certs --san` checks, re-exported
+from fleetbus.kmesim.config import ADMIN_CN, DEFAULT_KME_IDS, KME_NAMES
 
-#: Names of the two simulated KMEs; their server certs are ``kme-a.pem`` / ``kme-b.pem``.
-KME_NAMES: tuple[str, str] = ("kme-a", "kme-b")
-#: Their default KME IDs: the subject CN of each server certificate, which SAEs check.
-DEFAULT_KME_IDS: tuple[str, str] = ("KME-A", "KME-B")
-#: Subject CN of the admin client certificate.
-ADMIN_CN = "kme-admin"
 #: SAE ids become file names and certificate CNs, so they are restricted to a safe alphabet.
 #: Used with ``fullmatch`` (``$`` would let a trailing newline through).
 _SAE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
