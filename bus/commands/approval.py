@@ -64,10 +64,6 @@ class Approval:
             ) from None
         object.__setattr__(self, "issued_at", _check_time(self.issued_at, "issued_at"))
 
-    def approves(self, command_id: str) -> bool:
-        """True only for an "approve" decision naming exactly ``command_id``."""
-        return self.decision is Decision.APPROVE and self.command_id == command_id
-
     def to_wire(self) -> dict[str, Any]:
         return {
             "command_id": self.command_id,

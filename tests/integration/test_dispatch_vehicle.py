@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 
 from fleetbus.bus.commands import (
     Command,
+    Decision,
     Response,
     SignedApproval,
     SignedCommand,
@@ -194,7 +195,8 @@ def test_approve_publishes_a_signed_approval_bound_to_the_command(
     assert record.key == handle.command_id.encode()
     approval = SignedApproval.decode(record.value).verify(fleet.directory, at=time.time())
     assert approval.approver == APPROVER
-    assert approval.approves(handle.command_id)
+    assert approval.decision is Decision.APPROVE
+    assert approval.command_id == handle.command_id
 
 
 def test_clear_errors_for_a_missing_key_file_a_foreign_key_file_and_no_kafka(

@@ -310,15 +310,19 @@ def test_approval_round_trip_verifies_and_is_bound_to_its_command_id(fleet: Any)
     decoded = SignedApproval.decode(data)
     assert decoded.encode() == data
     verified = decoded.verify(directory, at=NOW)
-    assert verified.approves(command_id)
-    assert not verified.approves(other_id)
+    assert verified.decision is Decision.APPROVE
+    assert verified.command_id == command_id
     # Re-pointing the approval at another command breaks the signature.
     moved = _reencode(data, lambda i: i[1].__setitem__("command_id", other_id))
     assert _reason(lambda: SignedApproval.decode(moved).verify(directory, at=NOW)) is (
         ReasonCode.BAD_SIGNATURE
     )
-    deny = Approval(command_id, "dispatch-2", Decision.DENY, NOW)
-    assert not deny.approves(command_id)
+    deny = SignedApproval.decode(
+        SignedApproval.sign(
+            Approval(command_id, "dispatch-2", Decision.DENY, NOW), files["dispatch-2"].signer()
+        ).encode()
+    ).verify(directory, at=NOW)
+    assert deny.decision is Decision.DENY
 
 
 def test_an_approval_for_the_wrong_principal_key_is_unknown_signer(fleet: Any) -> None:
