@@ -20,7 +20,7 @@ from fleetbus.bus.commands import ParamValue, StatusEvent, Target
 from fleetbus.bus.errors import ConfigError, FleetbusError
 from fleetbus.bus.keyfolder import KeyFolder
 from fleetbus.bus.settings import FleetbusSettings
-from fleetbus.devtools.fleet import default_handlers
+from fleetbus.devtools.handlers import default_handlers
 from fleetbus.sdk.dispatch import CommandPublisher, StatusTimeoutError
 from fleetbus.sdk.vehicle import (
     VehicleAgent,

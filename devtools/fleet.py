@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetbus.bus.commands import Command
 from fleetbus.bus.directory import (
     ROOT_SUITE,
     FleetRoot,
@@ -49,7 +48,7 @@ from fleetbus.bus.settings import FleetbusSettings, TopicNames
 from fleetbus.bus.topics import ensure_topics
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer
-from fleetbus.sdk.vehicle import Handler, HandlerResult, VehicleIdentity
+from fleetbus.sdk.vehicle import VehicleIdentity
 
 SEALER = "bus-sealer"
 DISPATCHER = "dispatch-1"
@@ -315,38 +314,3 @@ def process_env(settings: FleetbusSettings, workdir: Path) -> dict[str, str]:
         "FLEETBUS_KEYS_DIR": str(settings.keys_dir),
         "FLEETBUS_DATA_DIR": str(workdir / "state"),
     }
-
-
-def default_handlers(fail_action: str = "fail") -> dict[str, Handler]:
-    """The simulated fleet's handlers (``fleetbus fleet simulate``, the demo): the usual actions
-    answer 200, ``fail_action`` raises."""
-
-    def ok(command: Command) -> HandlerResult:
-        return HandlerResult(200, f"{command.action} done")
-
-    def fail(command: Command) -> HandlerResult:
-        raise RuntimeError(f"simulated failure of {command.action}")
-
-    handlers: dict[str, Handler] = {
-        action: ok
-        for action in (
-            # The bus's built-in action catalogue (docs/policy.md) first, then extras that a
-            # registry file may list.
-            "ping",
-            "unlock_doors",
-            "lock_doors",
-            "set_battery_profile",
-            "push_route",
-            "disable_vehicle",
-            "push_firmware",
-            "honk",
-            "flash_lights",
-            "set_climate",
-            "start_charging",
-            "stop_charging",
-            "immobilize",
-            "release_immobilizer",
-        )
-    }
-    handlers[fail_action] = fail
-    return handlers

@@ -48,7 +48,7 @@ class ExecutionJournal:
 
 
 def _journaled_handlers(journal: ExecutionJournal) -> dict[str, Any]:
-    from fleetbus.devtools.fleet import default_handlers
+    from fleetbus.devtools.handlers import default_handlers
     from fleetbus.sdk.vehicle import HandlerResult
 
     def wrap(handler: Callable[[Command], HandlerResult | None]) -> Any:
