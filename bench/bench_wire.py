@@ -8,6 +8,7 @@ and its load (the sizes do not, except for a few bytes of varint lengths).
 * Downlink: one routine command (a dispatcher-signed ``push_route``), sealed by the bus on the
   ``xwing`` key path: v1 envelope vs v2 message after establishment, with the establishment
   amortised over an epoch of 100 commands, for each pair of bus and dispatcher suites.
+  The v2 message's overhead over its payload is printed field by field.
 * A routine command's records, request to final status (requested, authorized, outbound,
   response, status events): the sum for plaintext, v1 and v2.
 * Telemetry: bytes per reading on the uplink (plaintext CBOR record per reading, v1 envelope
@@ -37,7 +38,8 @@ from fleetbus.bus.commands import (
     Telemetry,
     TelemetryBatch,
 )
-from fleetbus.bus.envelope_v2 import Direction
+from fleetbus.bus.envelope import ENVELOPE_TAG
+from fleetbus.bus.envelope_v2 import Direction, Message, decode_record
 from fleetbus.bus.keys import KeyPath, PrivateKeySet, RecipientKeys, SecurityProfile
 from fleetbus.bus.registry import load_signature_suite
 from fleetbus.processors.stages import AuthorizedCommand
@@ -111,6 +113,49 @@ def command(dispatcher: Any) -> tuple[bytes, bytes, Command]:
     )
     plain = cbor2.dumps(cmd.to_wire(), canonical=True)  # what a bus without security carries
     return plain, SignedCommand.sign(cmd, dispatcher).encode(), cmd
+
+
+HEADER_NAMES = {
+    1: "alg",
+    4: "kid (epoch id)",
+    6: "Partial IV (sequence)",
+    -65538: "kind",
+    -65540: "recipient",
+    -65544: "expires-at",
+}
+
+
+def head(length: int) -> int:
+    """Bytes of a CBOR item head announcing ``length`` (or a uint's whole encoding)."""
+    return 1 if length < 24 else 2 if length < 256 else 3 if length < 65536 else 5
+
+
+def message_breakdown(message: bytes, payload: bytes) -> dict[str, int]:
+    """Bytes of a v2 message that are not its payload, field by field (sums to the overhead)."""
+    parsed = decode_record(message)
+    assert isinstance(parsed, Message)
+    fields = cbor2.loads(parsed.protected)
+    parts = {
+        # An array head of 0..23 items is one byte, so these heads match the 3-item arrays.
+        "record tag, array head, version, type": len(
+            cbor2.dumps(cbor2.CBORTag(ENVELOPE_TAG, [2, 1]))
+        ),
+        "COSE_Encrypt0 tag and array head": len(cbor2.dumps(cbor2.CBORTag(16, []))),
+        "protected: bstr head": head(len(parsed.protected)),
+        "protected: map head": head(len(fields)),
+    }
+    for label, value in fields.items():
+        parts[f"protected: {HEADER_NAMES[label]}"] = len(cbor2.dumps(label)) + len(
+            cbor2.dumps(value)
+        )
+    parts["unprotected: empty map"] = 1
+    parts["ciphertext: bstr head"] = head(len(parsed.ciphertext))
+    inner = len(parsed.ciphertext) - 16 - len(payload)
+    if inner:
+        parts["plaintext fields besides the payload"] = inner
+    parts["AES-GCM tag"] = 16
+    assert sum(parts.values()) == len(message) - len(payload), parts
+    return parts
 
 
 def downlink(sealer_suite: str, dispatcher_suite: str) -> dict[str, Any]:
@@ -191,6 +236,7 @@ def downlink(sealer_suite: str, dispatcher_suite: str) -> dict[str, Any]:
         "command_total_v1": total_v1,
         "command_total_v2": total_v2,
         "first_message_bytes": len(first),
+        "v2_message_breakdown": message_breakdown(second, payload),
     }
 
 
@@ -302,6 +348,9 @@ def main() -> None:
             f"{r['signed_command']:>6} {r['v1_envelope']:>6} {r['v2_establishment']:>6} "
             f"{r['v2_message']:>6} {r['v2_overhead']:>6} {r['v2_per_command_in_epoch']:>6}"
         )
+    print("\nv2 message overhead, field by field (bytes)")
+    for name, size in down[0]["v2_message_breakdown"].items():
+        print(f"  {name:<40} {size:>4}")
     print("\nrecords of one routine command, request to final status (bytes, keys included)")
     for r in down:
         plain, v1, v2 = r["command_total_plain"], r["command_total_v1"], r["command_total_v2"]

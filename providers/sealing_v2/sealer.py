@@ -169,7 +169,9 @@ class EpochSealer:
         issued_ms, expires_ms = header_times(request.issued_at, request.expires_at)
         try:
             plaintext = encode_plaintext(
-                MessagePlaintext(request.message_id, request.action, issued_ms, request.payload)
+                MessagePlaintext(request.message_id, request.action, issued_ms, request.payload),
+                kind,
+                expires_ms,
             )
         except EnvelopeError as exc:
             raise EnvelopeError(f"cannot seal: {exc}", reason=ReasonCode.CONFIG) from exc

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import cbor2
 import pytest
 
+from fleetbus.bus.commands import Command, SignedCommand, Target
 from fleetbus.bus.envelope import ENVELOPE_TAG, EnvelopeError, MessageKind, canonical_dumps
 from fleetbus.bus.envelope_v2 import (
     Direction,
@@ -20,6 +22,7 @@ from fleetbus.bus.envelope_v2 import (
     encode_message,
     encode_message_header,
     establishment_bytes,
+    message_aad,
     record_version,
 )
 from fleetbus.bus.errors import ReasonCode
@@ -35,6 +38,7 @@ from fleetbus.providers.sealing_v2 import (
     EpochUnknownError,
     MemoryEpochStore,
     SqliteEpochStore,
+    derive_message_key_nonce,
     make_status,
     open_status,
     sign_status,
@@ -65,14 +69,34 @@ def opener_v2(world: World, **kw: object) -> EpochOpener:
     )
 
 
+def cid(label: str) -> str:
+    """A command id (a canonical UUIDv7) named by a short test label."""
+    return f"0190f3a0-0000-7000-8000-{hashlib.sha256(label.encode()).hexdigest()[:12]}"
+
+
+def signed_command(world: World, label: str, action: str = "doors.unlock") -> bytes:
+    """What a `cmd` message carries: a dispatcher-signed command (here signed by the test's
+    sender key; the opener leaves the issuer's signature to the vehicle)."""
+    command = Command(
+        id=cid(label),
+        issuer="dispatch-1",
+        target=Target(vehicle="V-17"),
+        action=action,
+        params={},
+        issued_at=world.clock.now,
+        expires_at=world.clock.now + 60,
+    )
+    return SignedCommand.sign(command, world.signer).encode()
+
+
 def request(world: World, message_id: str = "cmd-1", **kw: object) -> SealRequest:
     args: dict[str, object] = {
         "kind": "cmd",
         "topic": TOPIC,
         "recipient": world.vehicle.keys,
-        "message_id": message_id,
+        "message_id": cid(message_id),
         "action": "doors.unlock",
-        "payload": b"signed command bytes",
+        "payload": signed_command(world, message_id),
         "issued_at": world.clock.now,
         "expires_at": world.clock.now + 60,
         "profile": world.profile,
@@ -103,9 +127,9 @@ def test_round_trip_establishment_then_small_messages(world: World) -> None:
     opened = opener.open(first[1], topic=TOPIC)
     assert not isinstance(opened, AcceptedEpoch)
     assert (opened.message_id, opened.action, opened.payload) == (
-        "cmd-1",
+        cid("cmd-1"),
         "doors.unlock",
-        b"signed command bytes",
+        signed_command(world, "cmd-1"),
     )
     assert opened.sender == world.sender
     assert opened.key_path.name == "xwing"
@@ -114,12 +138,55 @@ def test_round_trip_establishment_then_small_messages(world: World) -> None:
     assert len(second) == 1  # same epoch: no establishment, no KEM, no signature
     assert sealer.establishes == 1
     assert sealer.signatures == 1
-    assert opener.open(second[0], topic=TOPIC).message_id == "cmd-2"  # type: ignore[union-attr]
+    assert opener.open(second[0], topic=TOPIC).message_id == cid("cmd-2")  # type: ignore[union-attr]
     # The action and the command id are not on the wire in clear.
     assert b"doors.unlock" not in second[0]
-    assert b"cmd-2" not in second[0]
-    # OSCORE class: header + tag, independent of the key path's KEM and the signature suite.
-    assert len(second[0]) - len(b"signed command bytes") <= 96 + 2 + len("cmd-2") + 12 + 9
+    assert cid("cmd-2").encode() not in second[0]
+    # OSCORE class: header + tag, independent of the key path's KEM and the signature suite;
+    # the command's id, action and times travel once, inside its signed form (issue 13).
+    assert len(second[0]) - len(signed_command(world, "cmd-2")) <= 96
+
+
+def test_a_cmd_message_carries_its_command_once_and_is_bound_to_it(world: World) -> None:
+    # Issue 13: the cmd plaintext is the signed command itself; the sealer refuses to name
+    # another command than it carries, the opener reads id, action and times from the command
+    # and refuses a clear expiry that differs from the signed one.
+    sealer = sealer_v2(world)
+    for wrong in (
+        {"message_id": cid("other")},
+        {"action": "doors.lock"},
+        {"expires_at": world.clock.now + 61},
+        {"issued_at": world.clock.now - 1},
+        {"payload": b"not a signed command"},
+    ):
+        with pytest.raises(EnvelopeError) as info:
+            sealer.prepare(dataclasses.replace(request(world), **wrong))  # type: ignore[arg-type]
+        assert info.value.reason is ReasonCode.CONFIG
+    est, message = sealer.seal(request(world))
+    parsed = decode_record(message)
+    assert isinstance(parsed, Message)
+    epoch = sealer._by_id[parsed.header.epoch_id]
+    key, nonce = derive_message_key_nonce(epoch.secret, 0)
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    assert AESGCM(key).decrypt(nonce, parsed.ciphertext, message_aad(parsed.protected)) == (
+        signed_command(world, "cmd-1")
+    )
+
+    def forged(plaintext: bytes, expires_at_ms: int, sequence: int) -> bytes:
+        # What only a holder of the epoch secret (the bus) can make: it authenticates.
+        header = dataclasses.replace(parsed.header, sequence=sequence, expires_at_ms=expires_at_ms)
+        protected = encode_message_header(header)
+        k, n = derive_message_key_nonce(epoch.secret, sequence)
+        return encode_message(protected, AESGCM(k).encrypt(n, plaintext, message_aad(protected)))
+
+    opener = opener_v2(world)
+    opener.open(est, topic=TOPIC)
+    expires = parsed.header.expires_at_ms
+    assert reason_of(opener, forged(b"\xa0", expires, 1)) is ReasonCode.MALFORMED
+    later = forged(signed_command(world, "cmd-1"), expires + 1000, 2)
+    assert reason_of(opener, later) is ReasonCode.MALFORMED
+    assert opener.open(message, topic=TOPIC).issued_at == world.clock.now  # type: ignore[union-attr]
 
 
 def test_reestablished_delivery_is_idempotent_and_a_different_est_is_replayed(
@@ -142,7 +209,7 @@ def test_reestablished_delivery_is_idempotent_and_a_different_est_is_replayed(
 
     record = encode_establishment(body, SingleSignature(forged(signed_to_be_signed(body))))
     assert reason_of(opener, record) is ReasonCode.REPLAYED
-    assert opener.open(message, topic=TOPIC).message_id == "cmd-1"  # type: ignore[union-attr]
+    assert opener.open(message, topic=TOPIC).message_id == cid("cmd-1")  # type: ignore[union-attr]
 
 
 def test_unknown_epoch_is_epoch_unknown_with_what_the_status_needs(world: World) -> None:
@@ -168,7 +235,7 @@ def test_reused_sequence_is_replayed_and_window_allows_reordering(world: World) 
         opener.open(messages[1], topic=TOPIC)
     # Refused after authentication: the recipient may answer the redelivery by its id.
     assert info.value.reason is ReasonCode.REPLAYED
-    assert info.value.message_id == "cmd-1"
+    assert info.value.message_id == cid("cmd-1")
     opener.open(messages[-1], topic=TOPIC)  # jumps ahead: 0 falls out of the window
     assert reason_of(opener, messages[0]) is ReasonCode.REPLAYED
 
@@ -340,7 +407,7 @@ def test_batch_signed_establishments_for_many_recipients(world: World) -> None:
     for vehicle, (est, message) in zip(vehicles, records, strict=True):
         opener = opener_v2(world, own=vehicle.own)
         assert isinstance(opener.open(est, topic=TOPIC), AcceptedEpoch)
-        assert opener.open(message, topic=TOPIC).payload == b"signed command bytes"  # type: ignore[union-attr]
+        assert opener.open(message, topic=TOPIC).payload == signed_command(world, "cmd-1")  # type: ignore[union-attr]
 
 
 def test_durable_store_survives_a_restart(world: World, tmp_path: Path) -> None:
@@ -354,7 +421,7 @@ def test_durable_store_survives_a_restart(world: World, tmp_path: Path) -> None:
     again = SqliteEpochStore(tmp_path / "epochs.db")
     reopened = opener_v2(world, store=again)
     assert reason_of(reopened, m0) is ReasonCode.REPLAYED  # the window is durable too
-    assert reopened.open(m1, topic=TOPIC).message_id == "b"  # type: ignore[union-attr]
+    assert reopened.open(m1, topic=TOPIC).message_id == cid("b")  # type: ignore[union-attr]
     world.clock.now += 400
     assert again.prune(world.clock.now) == 1  # ended epochs are erased with their secret
     assert again.get("V-17", m0[0:0] or decode_record(m0).header.epoch_id) is None  # type: ignore[union-attr]

@@ -117,9 +117,24 @@ def test_independent_derivation(name: str) -> None:
         assert aad == h(message["aad"])
         plaintext = AESGCM(okm[:32]).decrypt(okm[32:], h(message["ciphertext"]), aad)
         assert plaintext == h(message["plaintext"])
-        fields = cbor2.loads(plaintext)
-        assert fields[3] == h(message["payload"])
-        assert dcbor(fields) == plaintext
+        if hd["kind"] == "cmd":
+            # The plaintext is the dispatcher-signed command itself, which alone names the
+            # command id, action and times; its expiry is the header's.
+            assert plaintext == h(message["payload"])
+            version, body, key_id, suite, signature = cbor2.loads(plaintext)
+            assert (version, suite) == (1, "ed25519")
+            assert body["expires_at"] == hd["expires_at_ms"]
+            assert body["target"]["vehicle"] == hd["recipient"]
+            dispatcher = doc["dispatcher"]
+            assert key_id == dispatcher["key_id"]
+            signed = cbor2.dumps(["fleetbus-command-v1", key_id, suite, body], canonical=True)
+            Ed25519PrivateKey.from_private_bytes(
+                h(dispatcher["private"]["ed25519"])
+            ).public_key().verify(signature, signed)
+        else:
+            fields = cbor2.loads(plaintext)
+            assert fields[3] == h(message["payload"])
+            assert dcbor(fields) == plaintext
         encrypt0 = cbor2.CBORTag(16, [protected, {}, h(message["ciphertext"])])
         wire = cbor2.CBORTag(0x66627573, [2, 1, encrypt0])
         assert dcbor(wire) == h(message["record"])

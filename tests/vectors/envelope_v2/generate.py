@@ -5,7 +5,8 @@
 Keys come from fixed labels (test keys only); HPKE encapsulations and epoch ids are fresh each
 run, so a regeneration changes the files. Every derived value (context, epoch key, epoch secret,
 ToBeSigned, per-message key and nonce, AAD, plaintext, ciphertext) is recorded with the private
-keys needed to open the records; see docs/wire-format.md, "V2.11 Test vectors".
+keys needed to open the records (and, for commands, the dispatcher's key that signed the command
+a `cmd` message carries); see docs/wire-format.md, "V2.11 Test vectors".
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa, mlkem, x25519
 
+from fleetbus.bus.commands import Command, SignedCommand, Target
 from fleetbus.bus.envelope import BatchSignature, SingleSignature
 from fleetbus.bus.envelope_v2 import (
     Direction,
@@ -97,6 +99,25 @@ def signing_keys(principal: str, suite: str) -> tuple[dict[str, bytes], dict[str
             .public_bytes_raw()
         )
     return private, public
+
+
+DISPATCHER = "dispatch-1"
+
+
+def command(message_id: str, action: str, params: dict[str, Any]) -> bytes:
+    """A `cmd` message's payload and whole plaintext: a command signed by the dispatcher."""
+    private, _ = signing_keys(DISPATCHER, "ed25519")
+    signer = Ed25519Suite().signer(private, f"{DISPATCHER}/sig/1")
+    cmd = Command(
+        id=message_id,
+        issuer=DISPATCHER,
+        target=Target(vehicle="V-17"),
+        action=action,
+        params=params,
+        issued_at=ISSUED_AT,
+        expires_at=ISSUED_AT + 300,
+    )
+    return SignedCommand.sign(cmd, signer).encode()
 
 
 def hexmap(values: dict[str, bytes]) -> dict[str, str]:
@@ -208,6 +229,15 @@ def build(
         },
         "messages": [],
     }
+    if any(kind == "cmd" for kind, *_ in messages):
+        d_private, d_public = signing_keys(DISPATCHER, "ed25519")
+        document["dispatcher"] = {
+            "principal": DISPATCHER,
+            "key_id": f"{DISPATCHER}/sig/1",
+            "suite": "ed25519",
+            "private": hexmap(d_private),
+            "public": hexmap(d_public),
+        }
     for record, (_kind, _mid, _action, payload) in zip(records[1:], messages, strict=True):
         parsed = decode_record(record)
         assert isinstance(parsed, Message)
@@ -267,6 +297,9 @@ def build(
     print(f"wrote {name}.json ({len(records)} records)")
 
 
+CMD1, CMD2, CMD3, CMD4 = (f"0190f3a0-0000-7000-8000-00000000000{i}" for i in range(1, 5))
+
+
 def main() -> None:
     build(
         "x25519-ed25519-downlink",
@@ -277,9 +310,9 @@ def main() -> None:
         direction=Direction.DOWNLINK,
         topic="fleet.commands.outbound",
         messages=[
-            ("cmd", "0190f3a0-0000-7000-8000-000000000001", "doors.unlock", b'{"doors":"unlock"}'),
-            ("cmd", "0190f3a0-0000-7000-8000-000000000002", "route.push", b'{"route":"R-42"}'),
-            ("cmd", "0190f3a0-0000-7000-8000-000000000003", "doors.lock", b""),
+            ("cmd", CMD1, "doors.unlock", command(CMD1, "doors.unlock", {"doors": "all"})),
+            ("cmd", CMD2, "route.push", command(CMD2, "route.push", {"route": "R-42"})),
+            ("cmd", CMD3, "doors.lock", command(CMD3, "doors.lock", {})),
         ],
         status_suite="ed25519",
     )
@@ -291,7 +324,7 @@ def main() -> None:
         suite_name="composite-mldsa65-ed25519",
         direction=Direction.DOWNLINK,
         topic="fleet.commands.outbound",
-        messages=[("cmd", "0190f3a0-0000-7000-8000-000000000004", "route.push", b"R-42")],
+        messages=[("cmd", CMD4, "route.push", command(CMD4, "route.push", {"route": "R-42"}))],
     )
     build(
         "mlkem768-mldsa65-uplink",
@@ -303,7 +336,7 @@ def main() -> None:
         topic="fleet.telemetry.raw",
         messages=[
             ("tel", "tel-V-17-1", "", b"\x82\xa2aa\x01ab\x02\xa2aa\x03ab\x04"),
-            ("rsp", "0190f3a0-0000-7000-8000-000000000001", "doors.unlock", b"ok"),
+            ("rsp", CMD1, "doors.unlock", b"ok"),
         ],
     )
 

@@ -1353,7 +1353,7 @@ def v2_vehicle_establishment(c: Corpus) -> bytes:
 
     sealer = EpochSealer(V1, c.fleet.signer(V1), ProfileSealer(runner()), clock=lambda: OPEN_AT)
     est, _ = sealer.seal(
-        SealRequest("cmd", topic(OUTBOUND), c.fleet.recipient(V2), "x", "ping", b"",
+        SealRequest("rsp", topic(OUTBOUND), c.fleet.recipient(V2), "x", "ping", b"",
                     ISSUED, EXPIRES, profile("xwing"))
     )  # fmt: skip
     return est
