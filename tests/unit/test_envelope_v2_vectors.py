@@ -28,6 +28,7 @@ from fleetbus.providers.signers import (
     MLDSA65Suite,
 )
 from tests.support.envelope import Clock, RecordedKME, StaticDirectory, providers
+from tests.support.independent import independent_verify
 
 HERE = Path(__file__).parents[1] / "vectors" / "envelope_v2"
 VECTORS = {p.stem: json.loads(p.read_text()) for p in sorted(HERE.glob("*.json"))}
@@ -145,6 +146,8 @@ def test_signatures_verify_and_ed25519_is_remade(name: str) -> None:
     else:
         signature = h(block["signature"])
     assert verifier.verify(tbs, signature)
+    public = {k: h(v) for k, v in sender["public"].items()}
+    independent_verify(sender["suite"], public, tbs, signature)
     if doc["deterministic_signature"]:
         key = Ed25519PrivateKey.from_private_bytes(h(sender["private"]["ed25519"]))
         assert key.sign(tbs) == signature

@@ -14,7 +14,6 @@ from typing import Any
 import cbor2
 import pytest
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -38,6 +37,7 @@ from fleetbus.providers.merkle import leaf_hash, merkle_root, root_from_inclusio
 from fleetbus.providers.sealing import EnvelopeOpener, derive_message_key
 from fleetbus.providers.signers import CompositeMLDSA65Ed25519Suite, Ed25519Suite, MLDSA65Suite
 from tests.support.envelope import Clock, RecordedKME, StaticDirectory, providers
+from tests.support.independent import independent_verify
 
 HERE = Path(__file__).parents[1] / "vectors" / "envelope"
 FILES = sorted(p for p in HERE.glob("*.json") if p.name != "merkle_rfc6962.json")
@@ -239,26 +239,26 @@ def test_independent_verifier(name: str, index: int) -> None:
     assert fields[-65539] == doc["topic"]
     assert fields[-65545] == "+".join(ref[0] for ref in fields[-65546])
 
-    # Signature (Ed25519 suite only here; composite needs the LAMPS construction).
+    # Signature: Ed25519, ML-DSA-65 or the LAMPS composite (docs/key-management.md).
     tbs = cbor2.dumps(["Signature1", protected, b"", ciphertext])
-    if doc["sender"]["suite"] == "ed25519":
-        key = Ed25519PublicKey.from_public_bytes(h(doc["sender"]["public"]["ed25519"]))
-        if sig_block[0] == 0:
-            key.verify(sig_block[1], tbs)
-        else:
-            _, root_sig, size, index_, path = sig_block
-            node = hashlib.sha256(b"\x00" + tbs).digest()
-            fn, sn = index_, size - 1
-            for p in path:
-                if fn & 1 or fn == sn:
-                    node = hashlib.sha256(b"\x01" + p + node).digest()
-                    while not fn & 1 and fn:
-                        fn, sn = fn >> 1, sn >> 1
-                else:
-                    node = hashlib.sha256(b"\x01" + node + p).digest()
-                fn, sn = fn >> 1, sn >> 1
-            assert sn == 0
-            key.verify(root_sig, cbor2.dumps(["fleetbus-batch-v1", node, size]))
+    public = {k: h(v) for k, v in doc["sender"]["public"].items()}
+    suite = doc["sender"]["suite"]
+    if sig_block[0] == 0:
+        independent_verify(suite, public, tbs, sig_block[1])
+    else:
+        _, root_sig, size, index_, path = sig_block
+        node = hashlib.sha256(b"\x00" + tbs).digest()
+        fn, sn = index_, size - 1
+        for p in path:
+            if fn & 1 or fn == sn:
+                node = hashlib.sha256(b"\x01" + p + node).digest()
+                while not fn & 1 and fn:
+                    fn, sn = fn >> 1, sn >> 1
+            else:
+                node = hashlib.sha256(b"\x01" + node + p).digest()
+            fn, sn = fn >> 1, sn >> 1
+        assert sn == 0
+        independent_verify(suite, public, cbor2.dumps(["fleetbus-batch-v1", node, size]), root_sig)
 
     # AEAD layer, given the epoch key (the key path layer is in docs/key-paths.md).
     info = b"fleetbus/v1/message" + hashlib.sha256(protected).digest()
