@@ -204,11 +204,11 @@ def _check_sealable(record: KeyRecord) -> None:
     every command routed there would be refused (``key_path_exhausted``) for the record's whole
     life. The profiles and rules are this process's ``FLEETBUS_*`` settings, the workers' own
     (docs/key-paths.md §3, "Keys a profile can seal to")."""
-    from fleetbus.bus.settings import FleetbusSettings
+    from fleetbus.bus.settings_env import load_settings
     from fleetbus.providers.keypath import profiles_unable_to_seal
 
     unable = profiles_unable_to_seal(
-        FleetbusSettings(),
+        load_settings(),
         record.public_keys,
         record.capabilities,
         has_sae_id=record.qkd_sae_id is not None,
