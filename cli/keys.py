@@ -24,6 +24,7 @@ from typing import Annotated, Any
 import typer
 
 from fleetbus.bus.directory import (
+    COMMAND_RECIPIENT_KINDS,
     KINDS,
     ROOT_SUITE,
     FleetRoot,
@@ -43,7 +44,7 @@ from fleetbus.bus.directory import (
 )
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
 from fleetbus.bus.keyfolder import DIRECTORY, ROOT_PUB, KeyFolder
-from fleetbus.bus.registry import kem_provider_for_algorithm
+from fleetbus.bus.registry import is_kem_algorithm, kem_provider_for_algorithm
 from fleetbus.sdk.keytopic import publish_key_change
 
 keys_app = typer.Typer(no_args_is_help=True, help=__doc__)
@@ -190,10 +191,36 @@ def issue(
         not_after=now + valid_days * DAY_S,
         groups=group or [],
     )
+    record = issued.signed.record
+    if kem and kind in COMMAND_RECIPIENT_KINDS:
+        _check_sealable(record)
     save_key_file(_key_path(directory, principal), issued.key_file)
     _publish(directory, root, current, issued.signed, bootstrap)
-    record = issued.signed.record
     typer.echo(f"issued {principal} v{record.version} key {record.key_id}")
+
+
+def _check_sealable(record: KeyRecord) -> None:
+    """Refuse KEM keys that a profile the rules would choose for this record cannot seal to:
+    every command routed there would be refused (``key_path_exhausted``) for the record's whole
+    life. The profiles and rules are this process's ``FLEETBUS_*`` settings, the workers' own
+    (docs/key-paths.md §3, "Keys a profile can seal to")."""
+    from fleetbus.bus.settings_env import load_settings
+    from fleetbus.providers.keypath import profiles_unable_to_seal
+
+    unable = profiles_unable_to_seal(
+        load_settings(),
+        record.public_keys,
+        record.capabilities,
+        has_sae_id=record.qkd_sae_id is not None,
+    )
+    if unable:
+        raise ConfigError(
+            f"refusing to issue {record.principal_id}: its KEM keys "
+            f"({', '.join(sorted(a for a in record.public_keys if is_kem_algorithm(a)))}) and "
+            f"capabilities ({', '.join(sorted(record.capabilities)) or 'none'}) cannot be sealed "
+            f"to by {'; '.join(unable.values())}. Issue keys one of those paths takes, or add a "
+            "profile and a rule for these keys (docs/key-paths.md §3)"
+        )
 
 
 @keys_app.command("rotate")

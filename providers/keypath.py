@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fleetbus.bus.errors import ConfigError, ReasonCode
 from fleetbus.bus.keys import (
@@ -34,6 +35,9 @@ from fleetbus.providers.resilience import (
     ResilientProvider,
 )
 
+if TYPE_CHECKING:
+    from fleetbus.bus.settings import FleetbusSettings
+
 __all__ = [
     "REASON_CIRCUIT_OPEN",
     "REASON_NOT_CONFIGURED",
@@ -47,6 +51,7 @@ __all__ = [
     "ProfileSealer",
     "is_at_least",
     "path_strength",
+    "profiles_unable_to_seal",
 ]
 
 _log = logging.getLogger(__name__)
@@ -352,3 +357,66 @@ def is_at_least(path: KeyPath, minimum: KeyPath) -> bool:
     Paths that merely have an equal or higher ``path_strength`` do not qualify.
     """
     return _components(minimum) <= _components(path)
+
+
+# -- which profiles can seal to a key set: `keys issue` asks before it signs a record ---------
+
+
+def _path_takes(path: KeyPath, key_algorithms: Collection[str], has_sae_id: bool) -> bool:
+    """``_recipient_can_use`` for every provider of ``path``, from the registry's traits alone
+    (no provider is built). An unregistered name can take nothing."""
+    for name in path.providers:
+        traits = provider_traits_or_none(name)
+        if traits is None:
+            return False
+        if traits.key_algorithm is not None:
+            if not any(traits.owns_algorithm(alg) for alg in key_algorithms):
+                return False
+        elif traits.needs_sae_id and not has_sae_id:
+            return False
+    return True
+
+
+def profiles_unable_to_seal(
+    settings: FleetbusSettings,
+    key_algorithms: Collection[str],
+    capabilities: Collection[str],
+    has_sae_id: bool,
+) -> dict[str, str]:
+    """The profiles ``settings.profile_rules`` can choose for a recipient with these directory
+    keys and capabilities whose key paths none of its keys can take, each with a line that says
+    why (``"(no rule)"`` when, for some criticality, no rule matches at all).
+
+    Every criticality a rule names is tried, and one no rule names; a profile without fallback
+    only ever uses its first path (§3). A command routed to any of them would be refused at seal
+    time (``key_path_exhausted``) for as long as the record lives; see docs/key-paths.md §3.
+    """
+    caps = frozenset(capabilities)
+    named = sorted({r.criticality for r in settings.profile_rules if r.criticality is not None})
+    unable: dict[str, str] = {}
+    for criticality in [*named, None]:
+        rule = next(
+            (
+                r
+                for r in settings.profile_rules
+                if (r.criticality is None or r.criticality == criticality)
+                and (r.capability is None or r.capability in caps)
+            ),
+            None,
+        )
+        what = f"criticality {criticality}" if criticality else "any other criticality"
+        if rule is None:
+            unable["(no rule)"] = f"no profile rule matches {what}"
+            continue
+        spec = settings.profiles.get(rule.profile)
+        if spec is None or rule.profile in unable:
+            continue
+        paths = [KeyPath.parse(p) for p in spec.key_paths]
+        usable = paths if spec.allow_fallback else paths[:1]
+        if not any(_path_takes(p, key_algorithms, has_sae_id) for p in usable):
+            unable[rule.profile] = (
+                f"profile {rule.profile} (chosen for {what}"
+                f"{f' and capability {rule.capability}' if rule.capability else ''}) seals only "
+                f"on {', '.join(p.name for p in usable)}"
+            )
+    return unable

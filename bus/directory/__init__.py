@@ -55,6 +55,7 @@ from fleetbus.bus.directory.keyfiles import (
     save_key_file,
 )
 from fleetbus.bus.directory.records import (
+    COMMAND_RECIPIENT_KINDS,
     DEFAULT_VEHICLE_BUCKETS,
     DIRECTORY_FILE_FORMAT,
     HEAD_FORMAT,
@@ -93,6 +94,7 @@ from fleetbus.bus.keyfolder import (
 )
 
 __all__ = [
+    "COMMAND_RECIPIENT_KINDS",
     "DEFAULT_VEHICLE_BUCKETS",
     "DIRECTORY",
     "DIRECTORY_FILE_FORMAT",

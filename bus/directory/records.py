@@ -19,6 +19,8 @@ from fleetbus.bus.keys import (
 
 #: The principal kinds a record may name.
 KINDS = frozenset({"dispatcher", "sealer", "vehicle", "edge", "approver", "root"})
+#: The kinds the bus seals commands to (the security profiles apply to their KEM keys).
+COMMAND_RECIPIENT_KINDS = frozenset({"vehicle", "edge"})
 #: Signature algorithms that resist a quantum adversary (for the automatic "pqc" capability);
 #: which KEM keys do is each key provider's declared trait (``fleetbus.bus.registry``).
 POST_QUANTUM_SIGNATURE_ALGORITHMS = frozenset({KeyAlgorithm.MLDSA65.value})

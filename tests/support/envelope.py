@@ -5,7 +5,7 @@ fleet and a stage runner that never connects."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,11 +31,13 @@ from fleetbus.bus.keys import (
     Signer,
     Verifier,
 )
+from fleetbus.devtools.kme_pki import TestPKI
 from fleetbus.processors.eos import TransactionalStage
 from fleetbus.processors.fleet_registry import FleetRegistry
 from fleetbus.processors.policy import PolicyEngine
 from fleetbus.providers.hpke import MLKEM768Provider, X25519Provider, XWingProvider
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
+from fleetbus.providers.qkd import API_PREFIX, QKDProvider
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, EpochPolicy, ReplayCache
 from fleetbus.providers.signers import (
     CompositeMLDSA65Ed25519Suite,
@@ -139,6 +141,37 @@ class StaticDirectory:
 
 def providers() -> dict[str, KeyProvider]:
     return {"x25519": X25519Provider(), "mlkem768": MLKEM768Provider(), "xwing": XWingProvider()}
+
+
+class RecordedKME(QKDProvider):
+    """The recipient's ``qkd-etsi014`` provider with its HTTPS exchange replaced by a recorded
+    one (a vector's ``qkd`` block): the ``dec_keys`` request the recording names gets the
+    recorded answer, through the provider's own checks of key_ID, size and encoding; any other
+    request gets the 400 a KME gives an unknown key_ID."""
+
+    def __init__(self, recording: dict[str, Any], pki: TestPKI) -> None:
+        pair = next(iter(pki.saes.values()))  # TLS material only: no connection is made
+        super().__init__(
+            kme_url="https://kme.recorded.invalid",
+            kme_id="KME-RECORDED",
+            sae_id=recording["slave_sae_id"],
+            master_sae_id=recording["master_sae_id"],
+            ca_file=pki.ca_cert,
+            cert_file=pair.cert,
+            key_file=pair.key,
+            key_size_bits=recording["key_size_bits"],
+        )
+        self.recording = recording
+        self.requests: list[tuple[str, str, Any]] = []
+
+    def _request(
+        self, method: str, path: str, body: Mapping[str, Any] | None
+    ) -> tuple[int, dict[str, Any]]:
+        self.requests.append((method, path, body))
+        expected = f"{API_PREFIX}/{self.recording['master_sae_id']}/dec_keys"
+        if (method, path, body) == ("POST", expected, self.recording["dec_keys_request"]):
+            return 200, dict(self.recording["dec_keys_response"])
+        return 400, {"message": "key_ID not in the recording"}
 
 
 @dataclass

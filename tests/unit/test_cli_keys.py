@@ -264,3 +264,58 @@ def test_migrate_signs_the_first_head_of_a_headless_directory(keydir: Path) -> N
     result = _run("migrate", "--dir", d)
     assert isinstance(result.exception, FleetbusError)
     assert result.exception.reason is ReasonCode.DIRECTORY_ROLLBACK
+
+
+def test_issue_refuses_kem_keys_no_chosen_profile_can_seal_to(keydir: Path) -> None:
+    """Issue 13: mlkem768 + x25519 earns pqc, whose default profile seals only on xwing, so
+    every command to the vehicle would fail key_path_exhausted. The CLI says so and writes
+    nothing."""
+    d = str(keydir)
+    before = (keydir / "directory.cbor").read_bytes()
+    result = _run("issue", "--dir", d, "--principal", "veh-ml", "--kind", "vehicle",
+                  "--kem", "mlkem768", "--kem", "x25519")  # fmt: skip
+    assert isinstance(result.exception, FleetbusError)
+    assert result.exception.reason is ReasonCode.CONFIG
+    assert "profile pqc" in str(result.exception)
+    assert "mlkem768, x25519" in str(result.exception)
+    assert not (keydir / "veh-ml.key").exists()
+    assert (keydir / "directory.cbor").read_bytes() == before
+    # The same for an x25519 key under the default composite (ML-DSA) suite, which earns pqc;
+    # under Ed25519 it is a legacy vehicle and the legacy profile seals to it.
+    legacy = ("issue", "--dir", d, "--principal", "veh-old", "--kind", "vehicle",
+              "--kem", "x25519")  # fmt: skip
+    assert "profile pqc" in str(_run(*legacy).exception)
+    _ok(*legacy, "--suite", "ed25519")
+    # Edge units are recipients too; a sealer's KEM keys are for uplink, no profile applies.
+    edge = _run("issue", "--dir", d, "--principal", "edge-1", "--kind", "edge",
+                "--kem", "mlkem768", "--kem", "x25519", "--qkd-sae-id", "SAE_EDGE_1")  # fmt: skip
+    assert "profile enclave" in str(edge.exception)
+    assert "profile standard" in str(edge.exception)
+    _ok("issue", "--dir", d, "--principal", "sealer-2", "--kind", "sealer", "--kem", "mlkem768")
+
+
+def test_issue_accepts_kem_keys_a_configured_profile_seals_to(
+    keydir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recipe of docs/key-paths.md §3: a profile on mlkem768+x25519 and a rule for a
+    capability given at issue, ahead of the pqc rule."""
+    profiles = {
+        "pqc": {"key_paths": ["xwing"], "minimum_path": "xwing"},
+        "mlkem-hybrid": {"key_paths": ["mlkem768+x25519"], "minimum_path": "xwing"},
+        "legacy": {"key_paths": ["x25519"], "minimum_path": "x25519"},
+    }
+    rules = [
+        {"profile": "mlkem-hybrid", "capability": "mlkem-hybrid"},
+        {"profile": "pqc", "capability": "pqc"},
+        {"profile": "legacy"},
+    ]
+    monkeypatch.setenv("FLEETBUS_PROFILES", json.dumps(profiles))
+    monkeypatch.setenv("FLEETBUS_PROFILE_RULES", json.dumps(rules))
+    d = str(keydir)
+    args = ("issue", "--dir", d, "--principal", "veh-ml", "--kind", "vehicle",
+            "--kem", "mlkem768", "--kem", "x25519")  # fmt: skip
+    assert "profile pqc" in str(_run(*args).exception)
+    _ok(*args, "--capability", "mlkem-hybrid")
+    record = load_directory(keydir / "directory.cbor", RootPublicKey.from_bytes(
+        (keydir / "root.pub").read_bytes())).latest("veh-ml")  # fmt: skip
+    assert {"pqc", "mlkem-hybrid"} <= record.capabilities

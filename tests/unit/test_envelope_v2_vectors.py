@@ -4,6 +4,7 @@ the Ed25519 signatures are re-made byte for byte, and the records open with ``Ep
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fleetbus.bus.envelope_v2 import Direction
 from fleetbus.bus.keys import KeyPath, PrivateKeySet
+from fleetbus.devtools.kme_pki import TestPKI
 from fleetbus.providers.keypath import KeyPathRunner
 from fleetbus.providers.sealing_v2 import AcceptedEpoch, EpochOpener, open_status
 from fleetbus.providers.signers import (
@@ -25,7 +27,8 @@ from fleetbus.providers.signers import (
     Ed25519Suite,
     MLDSA65Suite,
 )
-from tests.support.envelope import Clock, StaticDirectory, providers
+from tests.support.envelope import Clock, RecordedKME, StaticDirectory, providers
+from tests.support.independent import independent_verify
 
 HERE = Path(__file__).parents[1] / "vectors" / "envelope_v2"
 VECTORS = {p.stem: json.loads(p.read_text()) for p in sorted(HERE.glob("*.json"))}
@@ -53,6 +56,7 @@ def test_vector_files_are_present() -> None:
         "x25519-ed25519-downlink",
         "xwing-composite-downlink",
         "mlkem768-mldsa65-uplink",
+        "qkd+xwing-composite-batch-downlink",
     }
 
 
@@ -92,8 +96,12 @@ def test_independent_derivation(name: str) -> None:
     )
     assert secret == h(est["epoch_secret"])
     signature = est["signature"]
-    assert signature["mode"] == 0
-    record = cbor2.CBORTag(0x66627573, [2, 0, h(est["est"]), [0, h(signature["signature"])]])
+    if signature["mode"] == 0:
+        block = [0, h(signature["signature"])]
+    else:
+        block = [1, h(signature["root_signature"]), signature["tree_size"],
+                 signature["leaf_index"], [h(p) for p in signature["path"]]]  # fmt: skip
+    record = cbor2.CBORTag(0x66627573, [2, 0, h(est["est"]), block])
     assert dcbor(record) == h(est["record"])
     for message in doc["messages"]:
         hd = message["header"]
@@ -147,15 +155,75 @@ def test_signatures_verify_and_ed25519_is_remade(name: str) -> None:
     suite = SUITES[sender["suite"]]()
     verifier = suite.verifier({k: h(v) for k, v in sender["public"].items()})
     tbs = h(doc["establishment"]["to_be_signed"])
-    signature = h(doc["establishment"]["signature"]["signature"])
+    block = doc["establishment"]["signature"]
+    if block["mode"] == 1:
+        tbs, signature = _batch_root_to_be_signed(doc), h(block["root_signature"])
+    else:
+        signature = h(block["signature"])
     assert verifier.verify(tbs, signature)
+    public = {k: h(v) for k, v in sender["public"].items()}
+    independent_verify(sender["suite"], public, tbs, signature)
     if doc["deterministic_signature"]:
         key = Ed25519PrivateKey.from_private_bytes(h(sender["private"]["ed25519"]))
         assert key.sign(tbs) == signature
 
 
+def _leaf(est: bytes) -> bytes:
+    return hashlib.sha256(b"\x00" + dcbor(["Signature1", est, b"", b""])).digest()
+
+
+def _batch_root_to_be_signed(doc: dict[str, Any]) -> bytes:
+    """A batch-signed establishment, from the document alone: RFC 6962 leaf hashes of this
+    establishment's and the peer's ToBeSigned, their root by the inclusion path, and the
+    root's ToBeSigned (wire-format "Batch signing")."""
+    est, batch = doc["establishment"], doc["batch"]
+    block = est["signature"]
+    peer = cbor2.loads(h(batch["peer_establishment"])).value
+    assert list(peer[:2]) == [2, 0]
+    leaves = [_leaf(h(est["est"])), _leaf(peer[2])]
+    assert [leaf.hex() for leaf in leaves] == batch["leaves"]
+    assert block["tree_size"] == batch["tree_size"] == 2
+    # Two leaves: the path is the other leaf, and the root hashes them in tree order.
+    (sibling,) = (h(p) for p in block["path"])
+    assert sibling == leaves[1 - block["leaf_index"]]
+    root = hashlib.sha256(b"\x01" + leaves[0] + leaves[1]).digest()
+    assert root.hex() == batch["root"]
+    # The peer's block carries the same root signature, at the other index.
+    assert list(peer[3][:4]) == [1, h(block["root_signature"]), 2, 1 - block["leaf_index"]]
+    root_tbs = dcbor(["fleetbus-batch-v1", root, 2])
+    assert root_tbs.hex() == batch["root_to_be_signed"]
+    return root_tbs
+
+
+def _lp(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + data
+
+
+@pytest.mark.parametrize("name", [n for n, d in VECTORS.items() if "secrets" in d["establishment"]])
+def test_independent_catkdf(name: str) -> None:
+    """The epoch key from docs/key-paths.md section 2 alone: CatKDF over the recorded
+    per-provider secrets (for QKD, the recorded ETSI 014 key itself)."""
+    doc = VECTORS[name]
+    est = doc["establishment"]
+    refs, secrets = est["fields"]["key_refs"], [h(s) for s in est["secrets"]]
+    if "qkd" in doc:
+        recorded = doc["qkd"]["dec_keys_response"]["keys"][0]
+        assert refs[0] == ["qkd-etsi014", recorded["key_ID"], recorded["key_ID"].encode().hex()]
+        assert secrets[0] == base64.b64decode(recorded["key"]) == h(doc["qkd"]["key"])
+    label = b"fleetbus-catkdf-v1"
+    info = _lp(label) + (32).to_bytes(2, "big") + len(refs).to_bytes(2, "big")
+    for (provider, key_id, key_ref), secret in zip(refs, secrets, strict=True):
+        info += _lp(provider.encode()) + _lp(key_id.encode()) + _lp(h(key_ref))
+        info += len(secret).to_bytes(2, "big")
+    info += _lp(h(est["epoch_context"]))
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=label, info=info).derive(
+        b"".join(secrets)
+    )
+    assert key.hex() == est["epoch_key"]
+
+
 @pytest.mark.parametrize("name", sorted(VECTORS))
-def test_records_open_with_the_stored_keys(name: str) -> None:
+def test_records_open_with_the_stored_keys(name: str, kme_pki: TestPKI) -> None:
     doc = VECTORS[name]
     sender, recipient = doc["sender"], doc["recipient"]
     suite = SUITES[sender["suite"]]()
@@ -169,18 +237,27 @@ def test_records_open_with_the_stored_keys(name: str) -> None:
         recipient["principal"],
         {k: h(v) for k, v in recipient["private"].items()},
         recipient["key_ids"],
+        qkd_sae_id=recipient.get("qkd_sae_id"),
     )
     fields = doc["establishment"]["fields"]
+    found = providers()
+    if "qkd" in doc:  # QKDProvider itself, its KME answered by the vector's recording
+        found["qkd-etsi014"] = RecordedKME(doc["qkd"], kme_pki)
     opener = EpochOpener(
         own,
         directory,
-        KeyPathRunner(providers()),
+        KeyPathRunner(found),
         KeyPath.parse(fields["key_path"]),
         direction=Direction(doc["direction"]),
         clock=Clock(doc["open_at"]),
     )
     accepted = opener.open(h(doc["establishment"]["record"]), topic=doc["topic"])
     assert isinstance(accepted, AcceptedEpoch)
+    if "qkd" in doc:
+        kme = found["qkd-etsi014"]
+        assert isinstance(kme, RecordedKME)
+        path = f"/api/v1/keys/{doc['qkd']['master_sae_id']}/dec_keys"
+        assert kme.requests == [("POST", path, doc["qkd"]["dec_keys_request"])]
     for message in doc["messages"]:
         opened: Any = opener.open(h(message["record"]), topic=doc["topic"])
         assert opened.payload == h(message["payload"])

@@ -5,6 +5,7 @@ constants of docs/wire-format.md, as a vehicle-side implementer would."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from pathlib import Path
@@ -13,7 +14,6 @@ from typing import Any
 import cbor2
 import pytest
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -30,12 +30,14 @@ from fleetbus.bus.envelope import (
     epoch_context,
     to_be_signed,
 )
-from fleetbus.bus.keys import KeyPath, PrivateKeySet
+from fleetbus.bus.keys import KeyPath, KeyProvider, PrivateKeySet
+from fleetbus.devtools.kme_pki import TestPKI
 from fleetbus.providers.keypath import KeyPathRunner
 from fleetbus.providers.merkle import leaf_hash, merkle_root, root_from_inclusion_proof
 from fleetbus.providers.sealing import EnvelopeOpener, derive_message_key
 from fleetbus.providers.signers import CompositeMLDSA65Ed25519Suite, Ed25519Suite, MLDSA65Suite
-from tests.support.envelope import Clock, StaticDirectory, providers
+from tests.support.envelope import Clock, RecordedKME, StaticDirectory, providers
+from tests.support.independent import independent_verify
 
 HERE = Path(__file__).parents[1] / "vectors" / "envelope"
 FILES = sorted(p for p in HERE.glob("*.json") if p.name != "merkle_rfc6962.json")
@@ -86,6 +88,8 @@ def test_vector_files_are_present() -> None:
         "mlkem768-mldsa65-rsp",
         "x25519-ed25519-tel",
         "batch-xwing-composite",
+        "qkd+xwing-composite",
+        "mlkem768+x25519-ed25519",
     } <= set(VECTORS)
 
 
@@ -147,24 +151,40 @@ def test_batch_merkle_root_of_fixed_leaves() -> None:
 def _own(doc: dict[str, Any]) -> PrivateKeySet:
     r = doc["recipient"]
     return PrivateKeySet(
-        r["principal"], {k: h(v) for k, v in r["private"].items()}, dict(r["key_ids"])
+        r["principal"],
+        {k: h(v) for k, v in r["private"].items()},
+        dict(r["key_ids"]),
+        qkd_sae_id=r.get("qkd_sae_id"),
     )
 
 
+def _providers(doc: dict[str, Any], pki: TestPKI) -> dict[str, KeyProvider]:
+    """The production providers; for a QKD vector, ``QKDProvider`` answered by its recording."""
+    found = providers()
+    if "qkd" in doc:
+        found["qkd-etsi014"] = RecordedKME(doc["qkd"], pki)
+    return found
+
+
 @pytest.mark.parametrize(("name", "index"), CASES)
-def test_key_path_recovers_the_stored_epoch_key(name: str, index: int) -> None:
+def test_key_path_recovers_the_stored_epoch_key(name: str, index: int, kme_pki: TestPKI) -> None:
     doc = VECTORS[name]
     case = doc["cases"][index]
     header = header_of(case)
     refs = [(r.provider, r.key_id, r.key_ref) for r in header.key_refs]
-    key = KeyPathRunner(providers()).recover(
+    found = _providers(doc, kme_pki)
+    key = KeyPathRunner(found).recover(
         KeyPath(header.providers), refs, _own(doc), h(case["epoch_context"])
     )
     assert key.hex() == case["epoch_key"]
+    if "secrets" in case:  # files from before issue 13 record only the epoch key
+        context = h(case["epoch_context"])
+        recovered = [found[p].recover(r, k, _own(doc), context=context) for p, k, r in refs]
+        assert [secret.hex() for secret in recovered] == case["secrets"]
 
 
 @pytest.mark.parametrize("name", sorted(VECTORS))
-def test_stored_envelopes_open(name: str) -> None:
+def test_stored_envelopes_open(name: str, kme_pki: TestPKI) -> None:
     doc = VECTORS[name]
     directory = StaticDirectory()
     public = {k: h(v) for k, v in doc["sender"]["public"].items()}
@@ -172,10 +192,11 @@ def test_stored_envelopes_open(name: str) -> None:
         doc["sender"]["principal"], doc["sender"]["key_id"], suite_of(doc).verifier(public)
     )
     first = header_of(doc["cases"][0])
+    found = _providers(doc, kme_pki)
     opener = EnvelopeOpener(
         _own(doc),
         directory,
-        KeyPathRunner(providers()),
+        KeyPathRunner(found),
         KeyPath(first.providers),
         clock=Clock(doc["open_at"]),
     )
@@ -184,6 +205,12 @@ def test_stored_envelopes_open(name: str) -> None:
         assert opened.payload.hex() == case["payload"]
         assert opened.message_id == case["header"]["message_id"]
         assert opened.key_path.name == case["header"]["key_path"]
+    if "qkd" in doc:
+        kme = found["qkd-etsi014"]
+        assert isinstance(kme, RecordedKME)
+        master = doc["qkd"]["master_sae_id"]
+        request = ("POST", f"/api/v1/keys/{master}/dec_keys", doc["qkd"]["dec_keys_request"])
+        assert kme.requests == [request] * len(doc["cases"])
 
 
 # --- an independent verifier: cbor2 + cryptography + the numbers in docs/wire-format.md ------
@@ -212,26 +239,26 @@ def test_independent_verifier(name: str, index: int) -> None:
     assert fields[-65539] == doc["topic"]
     assert fields[-65545] == "+".join(ref[0] for ref in fields[-65546])
 
-    # Signature (Ed25519 suite only here; composite needs the LAMPS construction).
+    # Signature: Ed25519, ML-DSA-65 or the LAMPS composite (docs/key-management.md).
     tbs = cbor2.dumps(["Signature1", protected, b"", ciphertext])
-    if doc["sender"]["suite"] == "ed25519":
-        key = Ed25519PublicKey.from_public_bytes(h(doc["sender"]["public"]["ed25519"]))
-        if sig_block[0] == 0:
-            key.verify(sig_block[1], tbs)
-        else:
-            _, root_sig, size, index_, path = sig_block
-            node = hashlib.sha256(b"\x00" + tbs).digest()
-            fn, sn = index_, size - 1
-            for p in path:
-                if fn & 1 or fn == sn:
-                    node = hashlib.sha256(b"\x01" + p + node).digest()
-                    while not fn & 1 and fn:
-                        fn, sn = fn >> 1, sn >> 1
-                else:
-                    node = hashlib.sha256(b"\x01" + node + p).digest()
-                fn, sn = fn >> 1, sn >> 1
-            assert sn == 0
-            key.verify(root_sig, cbor2.dumps(["fleetbus-batch-v1", node, size]))
+    public = {k: h(v) for k, v in doc["sender"]["public"].items()}
+    suite = doc["sender"]["suite"]
+    if sig_block[0] == 0:
+        independent_verify(suite, public, tbs, sig_block[1])
+    else:
+        _, root_sig, size, index_, path = sig_block
+        node = hashlib.sha256(b"\x00" + tbs).digest()
+        fn, sn = index_, size - 1
+        for p in path:
+            if fn & 1 or fn == sn:
+                node = hashlib.sha256(b"\x01" + p + node).digest()
+                while not fn & 1 and fn:
+                    fn, sn = fn >> 1, sn >> 1
+            else:
+                node = hashlib.sha256(b"\x01" + node + p).digest()
+            fn, sn = fn >> 1, sn >> 1
+        assert sn == 0
+        independent_verify(suite, public, cbor2.dumps(["fleetbus-batch-v1", node, size]), root_sig)
 
     # AEAD layer, given the epoch key (the key path layer is in docs/key-paths.md).
     info = b"fleetbus/v1/message" + hashlib.sha256(protected).digest()
@@ -240,3 +267,39 @@ def test_independent_verifier(name: str, index: int) -> None:
     )
     aad = cbor2.dumps(["Encrypt0", protected, b""])
     assert AESGCM(message_key).decrypt(iv, ciphertext, aad).hex() == case["payload"]
+
+
+SECRET_CASES = [(n, i) for n, i in CASES if "secrets" in VECTORS[n]["cases"][i]]
+
+
+def _lp(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + data
+
+
+@pytest.mark.parametrize(("name", "index"), SECRET_CASES)
+def test_independent_catkdf(name: str, index: int) -> None:
+    """The key path layer from docs/key-paths.md section 2 alone: the epoch key is CatKDF over
+    the recorded per-provider secrets (for QKD, the recorded 014 key itself)."""
+    doc = VECTORS[name]
+    case = doc["cases"][index]
+    refs = case["header"]["key_refs"]
+    secrets = [h(s) for s in case["secrets"]]
+    if "qkd" in doc:
+        (qkd_secret,) = [
+            s for (p, _, _), s in zip(refs, secrets, strict=True) if p == "qkd-etsi014"
+        ]
+        recorded = doc["qkd"]["dec_keys_response"]["keys"][0]
+        assert qkd_secret == base64.b64decode(recorded["key"]) == h(doc["qkd"]["key"])
+        assert [r for r in refs if r[0] == "qkd-etsi014"] == [
+            ["qkd-etsi014", recorded["key_ID"], recorded["key_ID"].encode().hex()]
+        ]
+    label = b"fleetbus-catkdf-v1"
+    info = _lp(label) + (32).to_bytes(2, "big") + len(refs).to_bytes(2, "big")
+    for (provider, key_id, key_ref), secret in zip(refs, secrets, strict=True):
+        info += _lp(provider.encode()) + _lp(key_id.encode()) + _lp(h(key_ref))
+        info += len(secret).to_bytes(2, "big")
+    info += _lp(h(case["epoch_context"]))
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=label, info=info).derive(
+        b"".join(secrets)
+    )
+    assert key.hex() == case["epoch_key"]

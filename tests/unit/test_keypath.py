@@ -18,6 +18,9 @@ from fleetbus.bus.keys import (
     RecipientKeys,
     SecurityProfile,
 )
+from fleetbus.bus.settings import FleetbusSettings, ProfileRule, ProfileSettings
+from fleetbus.processors.stages.common import PipelineTopics
+from fleetbus.processors.stages.seal import ProfileChoice, SealStage, profile_from_settings
 from fleetbus.providers.hpke import X25519Provider, XWingProvider
 from fleetbus.providers.keypath import (
     BreakerState,
@@ -27,6 +30,7 @@ from fleetbus.providers.keypath import (
     ProfileSealer,
     is_at_least,
     path_strength,
+    profiles_unable_to_seal,
 )
 
 QKD_XWING = KeyPath.parse("qkd-etsi014+xwing")
@@ -440,3 +444,93 @@ def test_empty_profile_is_config_error() -> None:
     empty = SecurityProfile("p", [], "ed25519", True, XWING)
     with pytest.raises(ConfigError):
         ProfileSealer(KeyPathRunner({})).establish(empty, RECIPIENT, b"c")
+
+
+# -- which profiles can seal to a key set (keys issue refuses the rest) -----------------------
+
+KEY_SETS = [
+    ("xwing",),
+    ("xwing", "x25519"),
+    ("x25519",),
+    ("mlkem768",),
+    ("mlkem768", "x25519"),
+]
+
+
+def _caps(keys: tuple[str, ...], sae: bool, pq_signature: bool) -> frozenset[str]:
+    """The capabilities ``issue_key`` gives (pqc from a PQ key or an ML-DSA signature key)."""
+    pqc = pq_signature or any(k in ("xwing", "mlkem768") for k in keys)
+    return frozenset({"pqc"} if pqc else set()) | frozenset({"qkd"} if sae else set())
+
+
+def test_default_profiles_cannot_seal_to_mlkem768_keys() -> None:
+    """Issue 13: a vehicle with mlkem768 + x25519 gets pqc, and the pqc profile seals only on
+    xwing; with a QKD SAE id, enclave and standard need xwing too."""
+    settings = FleetbusSettings()
+    hybrid = ("mlkem768", "x25519")
+    assert set(profiles_unable_to_seal(settings, hybrid, _caps(hybrid, False, True), False)) == {
+        "pqc"
+    }
+    with_qkd = profiles_unable_to_seal(settings, hybrid, _caps(hybrid, True, True), True)
+    assert set(with_qkd) == {"enclave", "standard"}
+    assert "seals only on qkd-etsi014+xwing" in with_qkd["enclave"]
+    # An x25519-only key under a composite (ML-DSA) signature key earns pqc as well.
+    assert set(profiles_unable_to_seal(settings, ("x25519",), {"pqc"}, False)) == {"pqc"}
+    assert profiles_unable_to_seal(settings, ("x25519",), frozenset(), False) == {}
+    assert profiles_unable_to_seal(settings, ("xwing",), {"pqc", "qkd"}, True) == {}
+
+
+def test_a_profile_without_fallback_is_judged_by_its_first_path_only() -> None:
+    settings = FleetbusSettings(
+        profiles={"strict": ProfileSettings(key_paths=["xwing", "x25519"], allow_fallback=False,
+                                            minimum_path="x25519")},
+        profile_rules=[ProfileRule(profile="strict")],
+    )  # fmt: skip
+    assert set(profiles_unable_to_seal(settings, ("x25519",), frozenset(), False)) == {"strict"}
+    settings.profiles["strict"].allow_fallback = True
+    assert profiles_unable_to_seal(settings, ("x25519",), frozenset(), False) == {}
+
+
+def test_no_matching_rule_is_reported() -> None:
+    settings = FleetbusSettings(profile_rules=[ProfileRule(profile="pqc", capability="pqc")])
+    assert "(no rule)" in profiles_unable_to_seal(settings, ("x25519",), frozenset(), False)
+
+
+@pytest.mark.parametrize("keys", KEY_SETS)
+@pytest.mark.parametrize("sae", [False, True])
+def test_the_check_agrees_with_the_profile_sealer(keys: tuple[str, ...], sae: bool) -> None:
+    """What ``profiles_unable_to_seal`` predicts from the traits is what ``ProfileSealer`` does
+    with the default profiles: it exhausts exactly the profiles named."""
+    settings = FleetbusSettings()
+    caps = _caps(keys, sae, True)
+    unable = profiles_unable_to_seal(settings, keys, caps, sae)
+    recipient = RecipientKeys(
+        "vehicle-1",
+        {k: b"pk" for k in keys},
+        {k: "kid-" + k for k in keys},
+        capabilities=caps,
+        qkd_sae_id="SAE_1" if sae else None,
+    )
+    provs = providers(mlkem768=FakeProvider("mlkem768", "mlkem768"))
+    stage = SealStage(
+        topics=PipelineTopics.from_settings(settings.topics),
+        directory=None,
+        sealer=None,
+        profiles={
+            name: profile_from_settings(name, spec.key_paths, spec.allow_fallback,
+                                        spec.minimum_path, "ed25519")
+            for name, spec in settings.profiles.items()
+        },
+        rules=[ProfileChoice(r.profile, r.criticality, r.capability)
+               for r in settings.profile_rules],
+        clock_skew_s=0.0,
+    )  # fmt: skip
+    for criticality in ("high", "normal"):
+        chosen = stage.choose_profile(criticality, recipient, 0.0)
+        runner = sealer(provs, Recorder(), retries=0)
+        if chosen.name in unable:
+            with pytest.raises(KeyProviderError) as info:
+                runner.establish(chosen, recipient, b"ctx")
+            assert info.value.reason is ReasonCode.KEY_PATH_EXHAUSTED
+        else:
+            assert runner.establish(chosen, recipient, b"ctx").key

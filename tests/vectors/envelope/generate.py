@@ -11,6 +11,7 @@ step; see docs/wire-format.md, "Test vectors".
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import sys
@@ -28,7 +29,14 @@ from fleetbus.bus.envelope import (
     epoch_context,
     to_be_signed,
 )
-from fleetbus.bus.keys import KeyPath, PrivateKeySet, RecipientKeys, SecurityProfile
+from fleetbus.bus.keys import (
+    Encapsulation,
+    KeyPath,
+    KeyProvider,
+    PrivateKeySet,
+    RecipientKeys,
+    SecurityProfile,
+)
 from fleetbus.providers.hpke import MLKEM768Provider, X25519Provider, XWingProvider
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.merkle import leaf_hash, merkle_root
@@ -48,6 +56,11 @@ HERE = Path(__file__).parent
 ISSUED_AT = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 OPEN_AT = ISSUED_AT + 5
 TOPIC = "fleet.commands.outbound"
+#: The QKD side of the qkd-etsi014 vectors: the bus's SAE (master), the vehicle's (slave), and
+#: one recorded ETSI GS QKD 014 key (what the KME pair handed both SAEs).
+QKD_MASTER_SAE = "sae-bus-sealer-1"
+QKD_SLAVE_SAE = "sae-V-17"
+QKD_KEY_ID = "0b1c7e4a-5d2f-4e61-9a83-2f6c0d9e1a57"
 
 
 def seed(label: str, size: int = 32) -> bytes:
@@ -95,6 +108,38 @@ def sender_keys(principal: str, suite: str) -> tuple[dict[str, bytes], dict[str,
     return private, public
 
 
+class RecordedQKD(KeyProvider):
+    """``qkd-etsi014`` with its KME replaced by one recorded key: ``enc_keys`` hands it out on
+    the sender's side, ``dec_keys`` by its key_ID on the recipient's. Generation only; the test
+    opens through ``QKDProvider`` itself, answering its ``dec_keys`` call from the recording."""
+
+    name = "qkd-etsi014"
+
+    def establish(self, recipient: RecipientKeys, *, context: bytes) -> Encapsulation:
+        assert recipient.qkd_sae_id == QKD_SLAVE_SAE
+        return Encapsulation(self.name, QKD_KEY_ID, QKD_KEY_ID.encode(), seed("qkd/key"))
+
+    def recover(self, key_ref: bytes, key_id: str, own: PrivateKeySet, *, context: bytes) -> bytes:
+        assert key_ref == QKD_KEY_ID.encode() == key_id.encode()
+        return seed("qkd/key")
+
+
+def qkd_recording() -> dict[str, Any]:
+    """The recorded 014 exchange, as the vehicle's SAE sees it (docs/qkd.md)."""
+    key = seed("qkd/key")
+    return {
+        "master_sae_id": QKD_MASTER_SAE,
+        "slave_sae_id": QKD_SLAVE_SAE,
+        "key_size_bits": 8 * len(key),
+        "key_ID": QKD_KEY_ID,
+        "key": key.hex(),
+        "dec_keys_request": {"key_IDs": [{"key_ID": QKD_KEY_ID}]},
+        "dec_keys_response": {
+            "keys": [{"key_ID": QKD_KEY_ID, "key": base64.b64encode(key).decode()}]
+        },
+    }
+
+
 def hexmap(values: dict[str, bytes]) -> dict[str, str]:
     return {k: v.hex() for k, v in sorted(values.items())}
 
@@ -123,12 +168,19 @@ def build(
     sender_private, sender_public = sender_keys(sender, suite_name)
     signer = suite.signer(sender_private, f"{sender}/sig/1")
     v_private, v_public, v_ids = vehicle_keys("V-17")
-    recipient = RecipientKeys("V-17", v_public, v_ids)
-    own = PrivateKeySet("V-17", v_private, v_ids)
-    runner = KeyPathRunner(
-        {"x25519": X25519Provider(), "mlkem768": MLKEM768Provider(), "xwing": XWingProvider()}
-    )
     key_path = KeyPath.parse(path)
+    qkd = RecordedQKD.name in key_path.providers
+    sae = QKD_SLAVE_SAE if qkd else None
+    recipient = RecipientKeys("V-17", v_public, v_ids, qkd_sae_id=sae)
+    own = PrivateKeySet("V-17", v_private, v_ids, qkd_sae_id=sae)
+    runner = KeyPathRunner(
+        {
+            "x25519": X25519Provider(),
+            "mlkem768": MLKEM768Provider(),
+            "xwing": XWingProvider(),
+            RecordedQKD.name: RecordedQKD(),
+        }
+    )
     profile = SecurityProfile("vectors", [key_path], suite_name, False, key_path)
     sealer = EnvelopeSealer(
         sender,
@@ -161,6 +213,7 @@ def build(
         context = epoch_context(h.sender, h.recipient, h.epoch_id)
         refs = [(r.provider, r.key_id, r.key_ref) for r in h.key_refs]
         epoch_key = runner.recover(key_path, refs, own, context)
+        secrets = [runner.provider(p).recover(r, k, own, context=context) for p, k, r in refs]
         tbs = to_be_signed(parsed.protected, parsed.ciphertext)
         case: dict[str, Any] = {
             "header": {
@@ -183,6 +236,7 @@ def build(
             },
             "payload": payload.hex(),
             "epoch_context": context.hex(),
+            "secrets": [secret.hex() for secret in secrets],
             "epoch_key": epoch_key.hex(),
             "protected": parsed.protected.hex(),
             "enc_structure": enc_structure(parsed.protected).hex(),
@@ -225,6 +279,9 @@ def build(
         },
         "cases": cases,
     }
+    if qkd:
+        document["recipient"]["qkd_sae_id"] = QKD_SLAVE_SAE
+        document["qkd"] = qkd_recording()
     if batch:
         first = decode_envelope(envelopes[0]).signature
         assert isinstance(first, BatchSignature)
@@ -277,6 +334,24 @@ VECTORS.update(
             ("Two commands of one key epoch on xwing, batch-signed with one composite "
              "ML-DSA-65+Ed25519 root signature (randomized: verify only).", "xwing",
              "composite-mldsa65-ed25519", [b"one", b"two"], True), {}),
+    }
+)  # fmt: skip
+
+
+# -- issue 13: the QKD + X-Wing combined path, and ML-KEM-768 with X25519 as two providers ----
+VECTORS.update(
+    {
+        "qkd+xwing-composite": (
+            ("One high-criticality command on key path qkd-etsi014+xwing (the enclave profile): "
+             "a recorded ETSI 014 QKD key and an X-Wing encapsulation, combined by CatKDF; "
+             "composite ML-DSA-65+Ed25519 single signature (randomized: verify only).",
+             "qkd-etsi014+xwing", "composite-mldsa65-ed25519", [b'{"doors":"lock"}'], False),
+            {"action": "doors.lock"}),
+        "mlkem768+x25519-ed25519": (
+            ("One command on key path mlkem768+x25519: ML-KEM-768 and X25519 as two providers, "
+             "combined by CatKDF (a profile for vehicles issued with both keys, "
+             "docs/key-paths.md section 3); Ed25519 single signature.",
+             "mlkem768+x25519", "ed25519", [b'{"route":"R-7"}'], False), {}),
     }
 )  # fmt: skip
 

@@ -11,15 +11,17 @@ a `cmd` message carries); see docs/wire-format.md, "V2.11 Test vectors".
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa, mlkem, x25519
 
 from fleetbus.bus.commands import Command, SignedCommand, Target
-from fleetbus.bus.envelope import BatchSignature, SingleSignature
+from fleetbus.bus.envelope import BatchSignature, SingleSignature, batch_root_to_be_signed
 from fleetbus.bus.envelope_v2 import (
     Direction,
     Message,
@@ -30,9 +32,17 @@ from fleetbus.bus.envelope_v2 import (
     message_aad,
     signed_to_be_signed,
 )
-from fleetbus.bus.keys import KeyPath, PrivateKeySet, RecipientKeys, SecurityProfile
+from fleetbus.bus.keys import (
+    Encapsulation,
+    KeyPath,
+    KeyProvider,
+    PrivateKeySet,
+    RecipientKeys,
+    SecurityProfile,
+)
 from fleetbus.providers.hpke import MLKEM768Provider, X25519Provider, XWingProvider
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
+from fleetbus.providers.merkle import leaf_hash, merkle_root
 from fleetbus.providers.sealing import EpochPolicy, SealRequest
 from fleetbus.providers.sealing_v2 import (
     EpochSealer,
@@ -46,6 +56,11 @@ from fleetbus.providers.signers import CompositeMLDSA65Ed25519Suite, Ed25519Suit
 HERE = Path(__file__).parent
 ISSUED_AT = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 OPEN_AT = ISSUED_AT + 5
+#: The QKD side of the qkd-etsi014 vector: the bus's SAE (master), the vehicle's (slave), and
+#: one recorded ETSI GS QKD 014 key.
+QKD_MASTER_SAE = "sae-bus-sealer-1"
+QKD_SLAVE_SAE = "sae-V-17"
+QKD_KEY_ID = "7f3e9b20-8c4d-4a15-b6e2-91d05c3a4f88"
 SUITES = {
     "ed25519": Ed25519Suite,
     "mldsa65": MLDSA65Suite,
@@ -104,20 +119,50 @@ def signing_keys(principal: str, suite: str) -> tuple[dict[str, bytes], dict[str
 DISPATCHER = "dispatch-1"
 
 
-def command(message_id: str, action: str, params: dict[str, Any]) -> bytes:
+def command(message_id: str, action: str, params: dict[str, Any], vehicle: str = "V-17") -> bytes:
     """A `cmd` message's payload and whole plaintext: a command signed by the dispatcher."""
     private, _ = signing_keys(DISPATCHER, "ed25519")
     signer = Ed25519Suite().signer(private, f"{DISPATCHER}/sig/1")
     cmd = Command(
         id=message_id,
         issuer=DISPATCHER,
-        target=Target(vehicle="V-17"),
+        target=Target(vehicle=vehicle),
         action=action,
         params=params,
         issued_at=ISSUED_AT,
         expires_at=ISSUED_AT + 300,
     )
     return SignedCommand.sign(cmd, signer).encode()
+
+
+class RecordedQKD(KeyProvider):
+    """``qkd-etsi014`` with its KME replaced by one recorded key (generation only; the test
+    opens through ``QKDProvider`` answered from the recording, tests/support/envelope.py)."""
+
+    name = "qkd-etsi014"
+
+    def establish(self, recipient: RecipientKeys, *, context: bytes) -> Encapsulation:
+        assert recipient.qkd_sae_id == QKD_SLAVE_SAE
+        return Encapsulation(self.name, QKD_KEY_ID, QKD_KEY_ID.encode(), seed("qkd/key"))
+
+    def recover(self, key_ref: bytes, key_id: str, own: PrivateKeySet, *, context: bytes) -> bytes:
+        assert key_ref == QKD_KEY_ID.encode() == key_id.encode()
+        return seed("qkd/key")
+
+
+def qkd_recording() -> dict[str, Any]:
+    key = seed("qkd/key")
+    return {
+        "master_sae_id": QKD_MASTER_SAE,
+        "slave_sae_id": QKD_SLAVE_SAE,
+        "key_size_bits": 8 * len(key),
+        "key_ID": QKD_KEY_ID,
+        "key": key.hex(),
+        "dec_keys_request": {"key_IDs": [{"key_ID": QKD_KEY_ID}]},
+        "dec_keys_response": {
+            "keys": [{"key_ID": QKD_KEY_ID, "key": base64.b64encode(key).decode()}]
+        },
+    }
 
 
 def hexmap(values: dict[str, bytes]) -> dict[str, str]:
@@ -147,19 +192,29 @@ def build(
     topic: str,
     messages: list[tuple[str, str, str, bytes]],  # kind, message id, action, payload
     status_suite: str | None = None,
+    batch_peer: str | None = None,
 ) -> None:
+    """``batch_peer``: the establishment is batch-signed (one Merkle root) together with the
+    establishment of an epoch to ``batch_peer``, sealed in the same batch (wire-format V2.4)."""
     suite = SUITES[suite_name]()
     down = direction is Direction.DOWNLINK
     sender, recipient_id = ("bus-sealer-1", "V-17") if down else ("V-17", "bus-sealer-1")
     sender_private, sender_public = signing_keys(sender, suite_name)
     signer = suite.signer(sender_private, f"{sender}/sig/1")
     r_private, r_public, r_ids = kem_keys(recipient_id)
-    recipient = RecipientKeys(recipient_id, r_public, r_ids)
-    own = PrivateKeySet(recipient_id, r_private, r_ids)
-    runner = KeyPathRunner(
-        {"x25519": X25519Provider(), "mlkem768": MLKEM768Provider(), "xwing": XWingProvider()}
-    )
     key_path = KeyPath.parse(path)
+    qkd = RecordedQKD.name in key_path.providers
+    sae = QKD_SLAVE_SAE if qkd else None
+    recipient = RecipientKeys(recipient_id, r_public, r_ids, qkd_sae_id=sae)
+    own = PrivateKeySet(recipient_id, r_private, r_ids, qkd_sae_id=sae)
+    runner = KeyPathRunner(
+        {
+            "x25519": X25519Provider(),
+            "mlkem768": MLKEM768Provider(),
+            "xwing": XWingProvider(),
+            RecordedQKD.name: RecordedQKD(),
+        }
+    )
     profile = SecurityProfile("vectors", [key_path], suite_name, False, key_path)
     sealer = EpochSealer(
         sender,
@@ -167,16 +222,35 @@ def build(
         ProfileSealer(runner, provider_timeout_s=None),
         direction=direction,
         epochs=EpochPolicy(max_age_s=300, max_messages=1000),
+        batch_signing=batch_peer is not None,
         clock=lambda: ISSUED_AT,
     )
+    requests = [
+        SealRequest(kind, topic, recipient, message_id, action, payload, ISSUED_AT,
+                    ISSUED_AT + 300, profile)
+        for kind, message_id, action, payload in messages
+    ]  # fmt: skip
     records: list[bytes] = []
-    for kind, message_id, action, payload in messages:
-        records += sealer.seal(
-            SealRequest(
-                kind, topic, recipient, message_id, action, payload, ISSUED_AT, ISSUED_AT + 300,
-                profile,
-            )
+    peer_record = b""
+    if batch_peer is not None:
+        _, p_public, p_ids = kem_keys(batch_peer)
+        peer = RecipientKeys(batch_peer, p_public, p_ids)
+        peer_request = SealRequest(
+            "cmd", topic, peer, "0190f3a0-0000-7000-8000-0000000000ff", "doors.lock",
+            command("0190f3a0-0000-7000-8000-0000000000ff", "doors.lock", {}, batch_peer),
+            ISSUED_AT, ISSUED_AT + 300,
+            # The peer has no QKD link: one batch signs epochs of different profiles.
+            SecurityProfile("vectors-peer", [KeyPath.parse("xwing")], suite_name, False,
+                            KeyPath.parse("xwing")),
         )  # fmt: skip
+        prepared = [sealer.prepare(r) for r in [requests[0], peer_request]]
+        batch = sealer.records_for(prepared)
+        sealer.announced([p.epoch_id for p in prepared])
+        records += batch[0]
+        peer_record = batch[1][0]
+        requests = requests[1:]
+    for request in requests:
+        records += sealer.seal(request)
     est = decode_record(records[0])
     assert isinstance(est, ParsedEstablishment)
     e = est.establishment
@@ -185,6 +259,8 @@ def build(
         key_path, [(r.provider, r.key_id, r.key_ref) for r in e.key_refs], own, context
     )
     secret = derive_epoch_secret(epoch_key, est.body)
+    refs = [(r.provider, r.key_id, r.key_ref) for r in e.key_refs]
+    secrets = [runner.provider(p).recover(r, k, own, context=context) for p, k, r in refs]
     document: dict[str, Any] = {
         "description": description,
         "open_at": OPEN_AT,
@@ -223,6 +299,7 @@ def build(
             "to_be_signed": signed_to_be_signed(est.body).hex(),
             "signature": block_json(est.signature),
             "epoch_context": context.hex(),
+            "secrets": [s.hex() for s in secrets],
             "epoch_key": epoch_key.hex(),
             "epoch_secret": secret.hex(),
             "record": records[0].hex(),
@@ -237,6 +314,21 @@ def build(
             "suite": "ed25519",
             "private": hexmap(d_private),
             "public": hexmap(d_public),
+        }
+    if qkd:
+        document["recipient"]["qkd_sae_id"] = QKD_SLAVE_SAE
+        document["qkd"] = qkd_recording()
+    if batch_peer is not None:
+        peer_est = decode_record(peer_record)
+        assert isinstance(peer_est, ParsedEstablishment)
+        leaves = [leaf_hash(signed_to_be_signed(b)) for b in (est.body, peer_est.body)]
+        root = merkle_root(leaves)
+        document["batch"] = {
+            "tree_size": len(leaves),
+            "leaves": [leaf.hex() for leaf in leaves],
+            "root": root.hex(),
+            "root_to_be_signed": batch_root_to_be_signed(root, len(leaves)).hex(),
+            "peer_establishment": peer_record.hex(),
         }
     for record, (_kind, _mid, _action, payload) in zip(records[1:], messages, strict=True):
         parsed = decode_record(record)
@@ -297,49 +389,70 @@ def build(
     print(f"wrote {name}.json ({len(records)} records)")
 
 
-CMD1, CMD2, CMD3, CMD4 = (f"0190f3a0-0000-7000-8000-00000000000{i}" for i in range(1, 5))
+CMD1, CMD2, CMD3, CMD4, CMD5, CMD6 = (
+    f"0190f3a0-0000-7000-8000-00000000000{i}" for i in range(1, 7)
+)
 
 
-def main() -> None:
-    build(
-        "x25519-ed25519-downlink",
-        "Downlink epoch on x25519, Ed25519 (deterministic) establishment, three commands "
-        "(sequence 0..2), and the vehicle's epoch_unknown status (Ed25519).",
-        path="x25519",
-        suite_name="ed25519",
-        direction=Direction.DOWNLINK,
-        topic="fleet.commands.outbound",
-        messages=[
-            ("cmd", CMD1, "doors.unlock", command(CMD1, "doors.unlock", {"doors": "all"})),
-            ("cmd", CMD2, "route.push", command(CMD2, "route.push", {"route": "R-42"})),
-            ("cmd", CMD3, "doors.lock", command(CMD3, "doors.lock", {})),
-        ],
-        status_suite="ed25519",
-    )
-    build(
-        "xwing-composite-downlink",
-        "Downlink epoch on xwing, composite ML-DSA-65+Ed25519 establishment (randomized "
-        "ML-DSA: verify only), one command.",
-        path="xwing",
-        suite_name="composite-mldsa65-ed25519",
-        direction=Direction.DOWNLINK,
-        topic="fleet.commands.outbound",
-        messages=[("cmd", CMD4, "route.push", command(CMD4, "route.push", {"route": "R-42"}))],
-    )
-    build(
-        "mlkem768-mldsa65-uplink",
-        "Uplink epoch of vehicle V-17 to the bus on mlkem768, ML-DSA-65 establishment (verify "
-        "only), one telemetry batch and one response.",
-        path="mlkem768",
-        suite_name="mldsa65",
-        direction=Direction.UPLINK,
-        topic="fleet.telemetry.raw",
-        messages=[
-            ("tel", "tel-V-17-1", "", b"\x82\xa2aa\x01ab\x02\xa2aa\x03ab\x04"),
-            ("rsp", CMD1, "doors.unlock", b"ok"),
-        ],
-    )
+def main(names: list[str]) -> None:
+    """Build every vector file, or only those named (adding a file must not rewrite the
+    others: their HPKE encapsulations would change)."""
+    for name, (args, kwargs) in VECTORS.items():
+        if not names or name in names:
+            build(name, *args, **kwargs)
+
+
+VECTORS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
+    "x25519-ed25519-downlink": (
+        ("Downlink epoch on x25519, Ed25519 (deterministic) establishment, three commands "
+         "(sequence 0..2), and the vehicle's epoch_unknown status (Ed25519).",),
+        {"path": "x25519", "suite_name": "ed25519", "direction": Direction.DOWNLINK,
+         "topic": "fleet.commands.outbound",
+         "messages": [
+             ("cmd", CMD1, "doors.unlock", command(CMD1, "doors.unlock", {"doors": "all"})),
+             ("cmd", CMD2, "route.push", command(CMD2, "route.push", {"route": "R-42"})),
+             ("cmd", CMD3, "doors.lock", command(CMD3, "doors.lock", {})),
+         ],
+         "status_suite": "ed25519"}),
+    "xwing-composite-downlink": (
+        ("Downlink epoch on xwing, composite ML-DSA-65+Ed25519 establishment (randomized "
+         "ML-DSA: verify only), one command.",),
+        {"path": "xwing", "suite_name": "composite-mldsa65-ed25519",
+         "direction": Direction.DOWNLINK, "topic": "fleet.commands.outbound",
+         "messages": [
+             ("cmd", CMD4, "route.push", command(CMD4, "route.push", {"route": "R-42"})),
+         ]}),
+    "mlkem768-mldsa65-uplink": (
+        ("Uplink epoch of vehicle V-17 to the bus on mlkem768, ML-DSA-65 establishment (verify "
+         "only), one telemetry batch and one response.",),
+        {"path": "mlkem768", "suite_name": "mldsa65", "direction": Direction.UPLINK,
+         "topic": "fleet.telemetry.raw",
+         "messages": [
+             ("tel", "tel-V-17-1", "", b"\x82\xa2aa\x01ab\x02\xa2aa\x03ab\x04"),
+             ("rsp", CMD1, "doors.unlock", b"ok"),
+         ]}),
+}  # fmt: skip
+
+
+# -- issue 13: the QKD + X-Wing combined path; a batch-signed (composite) establishment -------
+VECTORS.update(
+    {
+        "qkd+xwing-composite-batch-downlink": (
+            ("Downlink epoch on qkd-etsi014+xwing (a recorded ETSI 014 QKD key and an X-Wing "
+             "encapsulation, combined by CatKDF), its establishment batch-signed with one "
+             "composite ML-DSA-65+Ed25519 root signature over itself and the establishment of "
+             "an xwing epoch to V-18 sealed in the same batch (randomized: verify only); two "
+             "commands.",),
+            {"path": "qkd-etsi014+xwing", "suite_name": "composite-mldsa65-ed25519",
+             "direction": Direction.DOWNLINK, "topic": "fleet.commands.outbound",
+             "messages": [
+                 ("cmd", CMD5, "doors.lock", command(CMD5, "doors.lock", {"doors": "all"})),
+                 ("cmd", CMD6, "doors.unlock", command(CMD6, "doors.unlock", {})),
+             ],
+             "batch_peer": "V-18"}),
+    }
+)  # fmt: skip
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
