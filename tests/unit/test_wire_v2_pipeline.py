@@ -278,6 +278,27 @@ def test_lost_epoch_is_recovered_through_status_and_redelivery(
     assert list(vehicles.executed.values()) == [1]
 
 
+def test_a_held_message_survives_a_restart_of_the_agent(fleet: Fleet, tmp_path: Path) -> None:
+    """Issue 13: the held message's offset is committed once held, so the hold must be on disk:
+    a new agent on the same store runs it once when the establishment comes again."""
+    first = seal_stage(fleet).process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    establishment, message = outputs(first, TOPICS.outbound)
+    before = Vehicles(fleet, tmp_path)
+    before.feed(message.value, b"V-1")  # missed the establishment: held, status sent
+    assert len(before.statuses()) == 1
+    assert not before.executed
+    before.agent.close()
+    after = Vehicles(fleet, tmp_path)  # same store file, nothing read again from Kafka
+    after.feed(establishment.value, b"V-1")
+    assert list(after.executed.values()) == [1]
+    assert [topic for topic, _key, _value in after.sent] == [TOPICS.responses]  # its answer
+    # Released once: the establishment again runs nothing, nor does the message itself.
+    after.feed(establishment.value, b"V-1")
+    after.feed(message.value, b"V-1")
+    assert list(after.executed.values()) == [1]
+    after.agent.close()
+
+
 def test_track_stage_refuses_foreign_establishments_and_unknown_epochs(
     fleet: Fleet, tmp_path: Path
 ) -> None:
