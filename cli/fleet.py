@@ -70,6 +70,15 @@ def simulate(
         typer.Option(help="serve /metrics (vehicle-side rejects) on this port; default: none"),
     ] = None,
     metrics_bind: Annotated[str, typer.Option(help="address of --metrics-port")] = "127.0.0.1",
+    follow_key_topic: Annotated[
+        bool,
+        typer.Option(
+            "--follow-key-topic/--no-follow-key-topic",
+            help="read the key topic before serving, then follow it, so that a revocation "
+            "reaches the vehicles without a restart (the topic must exist: the worker creates "
+            "it); --no-follow-key-topic: only the directory file, as loaded at start-up",
+        ),
+    ] = True,
 ) -> None:
     """Run simulated vehicles in one process until SIGTERM / Ctrl-C (or --duration).
 
@@ -86,21 +95,16 @@ def simulate(
     ids = list(vehicle or [f"V-{n:04d}" for n in range(1, vehicles + 1)])
     if not ids:
         raise ConfigError("no vehicles to simulate")
-    store_path = store or keys_dir / "fleet-sim.sqlite"
-    # The highest directory head accepted lives with the executed store (writable, kept across
-    # restarts), not in the keys folder, which a deployment mounts read-only.
-    directory = load_key_directory(keys_dir, state_dir=store_path.parent)
-    identities = [VehicleIdentity.load(keys_dir, vid) for vid in ids]
-    agent = VehicleAgent(
+    agent = simulator_agent(
         settings,
-        vehicles=identities,
-        directory=directory,
+        keys_dir,
+        ids,
+        store_path=store or keys_dir / "fleet-sim.sqlite",
         minimum_path=minimum_path,
-        handlers=default_handlers(),
-        store_path=store_path,
-        sealer_principal=sealer,
+        sealer=sealer,
         metrics_port=metrics_port,
         metrics_bind=metrics_bind,
+        follow_key_topic=follow_key_topic,
     )
     stop = threading.Event()
 
@@ -127,6 +131,38 @@ def simulate(
     finally:
         agent.close()
         typer.echo(_summary(agent))
+
+
+def simulator_agent(
+    settings: FleetbusSettings,
+    keys_dir: Path,
+    ids: list[str],
+    *,
+    store_path: Path,
+    minimum_path: str = "xwing",
+    sealer: str = "bus-sealer",
+    metrics_port: int | None = None,
+    metrics_bind: str = "127.0.0.1",
+    follow_key_topic: bool = True,
+) -> VehicleAgent:
+    """The ``VehicleAgent`` of ``fleet simulate`` for vehicles ``ids`` of a keys folder."""
+    # The highest directory head accepted lives with the executed store (writable, kept across
+    # restarts), not in the keys folder, which a deployment mounts read-only. Only set 0 and
+    # the simulated vehicles' own records are held: following the key topic then verifies
+    # those, not every vehicle of the fleet.
+    directory = load_key_directory(keys_dir, state_dir=store_path.parent, vehicles=ids)
+    return VehicleAgent(
+        settings,
+        vehicles=[VehicleIdentity.load(keys_dir, vid) for vid in ids],
+        directory=directory,
+        minimum_path=minimum_path,
+        handlers=default_handlers(),
+        store_path=store_path,
+        sealer_principal=sealer,
+        metrics_port=metrics_port,
+        metrics_bind=metrics_bind,
+        follow_key_topic=follow_key_topic,
+    )
 
 
 def _telemetry_sample(vid: str, elapsed: float) -> dict[str, ParamValue]:

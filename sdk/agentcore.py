@@ -147,8 +147,6 @@ class AgentCore:
     _skew_s: float
     _max_size: int
     _vehicles: dict[str, ServedVehicle]
-    # (epoch id, sequence, expires-at, record, topic) of v2 messages whose epoch is unknown.
-    _held: dict[str, list[tuple[bytes, int, float, bytes, str]]]
     _status_at: dict[str, float]
     _responses: str
     _telemetry: str

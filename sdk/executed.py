@@ -1,15 +1,27 @@
 """The execute-once store of a vehicle agent: which commands each vehicle started and finished,
-and the response it gave (SQLite, fsync'ed on every commit)."""
+the response it gave, and the wire-format-v2 messages it holds until their epoch is delivered
+again (SQLite, fsync'ed on every commit)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ExecutedStore"]
+__all__ = ["ExecutedStore", "HeldMessage"]
+
+
+@dataclass(frozen=True)
+class HeldMessage:
+    """A v2 message of an unknown epoch, kept unopened (docs/wire-format.md V2.7)."""
+
+    digest: bytes  # SHA-256 of ``record``: identifies it (a redelivery is the same message)
+    record: bytes
+    topic: str
 
 
 class ExecutedStore:
@@ -20,6 +32,11 @@ class ExecutedStore:
     ``finish`` before producing the answer lets a redelivery be answered with the same response.
     ``begin_many`` / ``finish_many`` do the same for many commands in one transaction (one
     fsync): ``VehicleAgent`` claims a whole poll batch at once and records its results at once.
+
+    The same file holds the v2 messages a vehicle cannot open yet (``hold``): their offsets are
+    committed once held, so they must survive a restart until the establishment comes again.
+    They are unauthenticated bytes: a message is identified by its digest, not by the epoch
+    id and sequence in its clear header, so a forged header cannot displace a genuine message.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -35,6 +52,12 @@ class ExecutedStore:
             " state TEXT NOT NULL CHECK (state IN ('started', 'finished')),"
             " response BLOB, keep_until REAL NOT NULL,"
             " PRIMARY KEY (vehicle_id, command_id))"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS held ("
+            " vehicle_id TEXT NOT NULL, digest BLOB NOT NULL, epoch_id BLOB NOT NULL,"
+            " sequence INTEGER NOT NULL, expires_at REAL NOT NULL, record BLOB NOT NULL,"
+            " topic TEXT NOT NULL, PRIMARY KEY (vehicle_id, digest))"
         )
 
     def lookup(self, vehicle_id: str, command_id: str) -> tuple[str, bytes | None] | None:
@@ -92,10 +115,69 @@ class ExecutedStore:
             raise
         self._db.execute("COMMIT")
 
-    def prune(self, now: float) -> int:
-        """Forget commands whose envelopes can no longer be opened (expired + grace)."""
+    def hold(
+        self,
+        vehicle_id: str,
+        epoch_id: bytes,
+        sequence: int,
+        expires_at: float,
+        record: bytes,
+        topic: str,
+        *,
+        expired_before: float,
+        limit: int,
+    ) -> bool:
+        """Keep a message of an unknown epoch (durable when this returns); False when the
+        vehicle already holds ``limit`` unexpired messages. Messages of the vehicle that expired
+        before ``expired_before`` are dropped first; holding the same record again is a no-op."""
+        digest = hashlib.sha256(record).digest()
+        with self._lock, self._transaction():
+            self._db.execute(
+                "DELETE FROM held WHERE vehicle_id = ? AND expires_at < ?",
+                (vehicle_id, expired_before),
+            )
+            if self._db.execute(
+                "SELECT 1 FROM held WHERE vehicle_id = ? AND digest = ?", (vehicle_id, digest)
+            ).fetchone():
+                return True
+            (count,) = self._db.execute(
+                "SELECT COUNT(*) FROM held WHERE vehicle_id = ?", (vehicle_id,)
+            ).fetchone()
+            if count >= limit:
+                return False
+            self._db.execute(
+                "INSERT INTO held VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (vehicle_id, digest, epoch_id, sequence, expires_at, record, topic),
+            )
+        return True
+
+    def held(self, vehicle_id: str, epoch_id: bytes, *, expired_before: float) -> list[HeldMessage]:
+        """The unexpired messages the vehicle holds for ``epoch_id``, in sequence order."""
         with self._lock:
-            return self._db.execute("DELETE FROM executed WHERE keep_until < ?", (now,)).rowcount
+            rows = self._db.execute(
+                "SELECT digest, record, topic FROM held WHERE vehicle_id = ? AND epoch_id = ?"
+                " AND expires_at >= ? ORDER BY sequence, digest",
+                (vehicle_id, epoch_id, expired_before),
+            ).fetchall()
+        return [HeldMessage(bytes(d), bytes(r), str(t)) for d, r, t in rows]
+
+    def release(self, vehicle_id: str, digests: Sequence[bytes]) -> None:
+        """Forget held messages that were handled (one transaction)."""
+        if not digests:
+            return
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "DELETE FROM held WHERE vehicle_id = ? AND digest = ?",
+                [(vehicle_id, d) for d in digests],
+            )
+
+    def prune(self, now: float, *, skew_s: float = 0.0) -> int:
+        """Forget commands whose envelopes can no longer be opened (expired + grace) and held
+        messages past their expiry (+ ``skew_s``, the clock skew the opener allows)."""
+        with self._lock:
+            executed = self._db.execute("DELETE FROM executed WHERE keep_until < ?", (now,))
+            held = self._db.execute("DELETE FROM held WHERE expires_at < ?", (now - skew_s,))
+            return executed.rowcount + held.rowcount
 
     def close(self) -> None:
         with self._lock:

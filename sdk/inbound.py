@@ -6,6 +6,7 @@ vehicle talk)."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import TYPE_CHECKING, Any, Final
 
 from fleetbus.bus.commands import Command, Response, SignedCommand
@@ -140,13 +141,25 @@ class InboundPart(AgentCore):
 
         vid = vehicle.identity.vehicle_id
         now = self._clock()
-        held = [h for h in self._held.get(vid, []) if h[2] + self._skew_s >= now]
-        if len(held) >= HELD_PER_VEHICLE:
+        # Durable before the record's offset is committed (after this poll's answers): a
+        # restart before the establishment comes again does not lose it.
+        try:
+            kept = self.store.hold(
+                vid,
+                exc.epoch_id,
+                exc.sequence,
+                exc.expires_at,
+                value,
+                topic,
+                expired_before=now - self._skew_s,
+                limit=HELD_PER_VEHICLE,
+            )
+        except sqlite3.Error as error:
+            # Not held, so its offset must not be committed: read it again after a back-off.
+            raise RetryLater(f"holding a message: {type(error).__name__}") from error
+        if not kept:
             self._reject(ReasonCode.EPOCH_UNKNOWN, f"{vid}: held messages full; dropped")
-            self._held[vid] = held
             return []
-        held.append((exc.epoch_id, exc.sequence, exc.expires_at, value, topic))
-        self._held[vid] = held
         self._reject(ReasonCode.EPOCH_UNKNOWN, f"{vid}: held until its epoch is delivered again")
         _log.info("%s: message of unknown epoch %s held", vid, exc.epoch_id.hex())
         if now - self._status_at.get(vid, float("-inf")) < STATUS_INTERVAL_S:
@@ -165,15 +178,20 @@ class InboundPart(AgentCore):
 
     def _release_held(self, vehicle: ServedVehicle, epoch_id: bytes) -> list[Any]:
         vid = vehicle.identity.vehicle_id
-        held = self._held.get(vid, [])
-        ready = sorted((h for h in held if h[0] == epoch_id), key=lambda h: h[1])
+        ready = self.store.held(vid, epoch_id, expired_before=self._clock() - self._skew_s)
         if not ready:
             return []
-        self._held[vid] = [h for h in held if h[0] != epoch_id]
         self._status_at.pop(vid, None)
         out: list[Any] = []
-        for _epoch, _seq, _expires, value, topic in ready:
-            out.extend(self._handle(vehicle, value, topic))
+        handled: list[bytes] = []
+        try:
+            for message in ready:
+                out.extend(self._handle(vehicle, message.record, message.topic))
+                handled.append(message.digest)
+        finally:
+            # Those not handled (a retry of the establishment's record) stay held; a handled
+            # one that came again would be a replay of its epoch, answered from the store.
+            self.store.release(vid, handled)
         return out
 
     def _version_of(self, value: bytes) -> int:

@@ -91,7 +91,8 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
     - ``directory``: the verified key directory (issuers, the bus sealer, the vehicles).
     - ``minimum_path``: the weakest key path the vehicles accept for commands.
     - ``handlers``: action name -> handler; an action without a handler is answered 404.
-    - ``store_path``: the agent's SQLite file of executed commands.
+    - ``store_path``: the agent's SQLite file: executed commands, v2 epochs and the v2
+      messages held until their epoch is delivered again.
     - ``qkd_provider``: for QKD-connected edge units, a ``QKDProvider`` configured for the unit's
       SAE (``sae_id`` = the unit, ``master_sae_id`` = the bus sealer's SAE), so that envelopes
       sealed on a ``qkd-etsi014+...`` key path can be opened.
@@ -188,7 +189,6 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
         self._roots = VerifiedRoots(4096)
         # Wire format v2 epochs live in the same durable file as the executed commands.
         self.epochs = SqliteEpochStore(store_path)
-        self._held = {}
         self._status_at: dict[str, float] = {}
         self._vehicles: dict[str, ServedVehicle] = {}
         for item in vehicles:
@@ -366,7 +366,7 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
             self.stats.errors += 1
         if now - self._last_prune > 60:
             self._last_prune = now
-            self.store.prune(now)
+            self.store.prune(now, skew_s=self._skew_s)
             self.epochs.prune(now, self._skew_s)
         return count
 

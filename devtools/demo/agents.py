@@ -89,7 +89,6 @@ def run_fleet(spec_path: Path) -> int:
     keys_dir = Path(spec["keys_dir"])
     store_dir = Path(spec["store_dir"])
     settings = FleetbusSettings()
-    directory = load_key_directory(keys_dir)
     journal = ExecutionJournal(Path(spec["journal"]))
     handlers = {action: journaled(h) for action, h in _journaled_handlers(journal).items()}
 
@@ -97,7 +96,10 @@ def run_fleet(spec_path: Path) -> int:
         return VehicleAgent(
             settings=settings,
             vehicles=[VehicleIdentity.load(keys_dir, v) for v in ids],
-            directory=directory,
+            # Its own directory (set 0 and its vehicles), which its own thread updates from the
+            # key topic: a revocation reaches the demo's vehicles without a restart.
+            directory=load_key_directory(keys_dir, vehicles=ids),
+            follow_key_topic=True,
             minimum_path=minimum,
             handlers=handlers,
             store_path=store_dir / f"{name}.sqlite",

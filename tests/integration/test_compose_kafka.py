@@ -27,8 +27,12 @@ import yaml
 from kafka import KafkaProducer
 from kafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAuthorizationFailedError
 
+from fleetbus.bus.directory import FleetRoot, KeyDirectory
+from fleetbus.bus.errors import KafkaUnavailableError
+from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.bus.topics import ensure_topics
 from fleetbus.devtools.kafka import LocalKafka, find_free_base_port, free_port
+from fleetbus.sdk.keytopic import KeyTopicFollower, KeyTopicReader
 from tests.support.containers import (
     REPO,
     compose_cli,
@@ -129,6 +133,18 @@ def send(cluster: LocalKafka, principal: str, topic: str, port: int | None = Non
         p.close(timeout=5)
 
 
+def as_settings(cluster: LocalKafka, principal: str) -> FleetbusSettings:
+    """FLEETBUS_* settings of a client connecting as ``principal`` (compose's environment)."""
+    config = cluster.client_config(principal)
+    return FleetbusSettings(
+        kafka_bootstrap=cluster.bootstrap,
+        kafka_security_protocol="SSL",
+        kafka_ssl_cafile=config["ssl_cafile"],
+        kafka_ssl_certfile=config["ssl_certfile"],
+        kafka_ssl_keyfile=config["ssl_keyfile"],
+    )
+
+
 def test_compose_broker_refuses_clients_without_a_certificate(
     compose_kafka: tuple[ComposeKafka, int],
 ) -> None:
@@ -168,6 +184,24 @@ def test_compose_acls_confine_each_principal(compose_kafka: tuple[ComposeKafka, 
     send(cluster, "vehicle-gateway", "fleet.commands.responses")
     with pytest.raises(TopicAuthorizationFailedError):
         send(cluster, "vehicle-gateway", "fleet.commands.requested")
+    # The fleet follows the key topic (`fleet simulate`'s default) as vehicle-gateway: its
+    # catch-up, which runs before its first command, must be allowed; writing it must not.
+    ensure_topics(cluster.bootstrap, ["fleet.keys"], partitions=1, client_config=worker)
+    send(cluster, "fleetbus-worker", "fleet.keys")  # one item to read (refused: not a record)
+    follower = KeyTopicFollower(KeyDirectory(FleetRoot.generate("ed25519").public), role="vehicle")
+    reader = KeyTopicReader(as_settings(cluster, "vehicle-gateway"), follower)
+    try:
+        reader.start(timeout_s=30)
+        assert not follower.catching_up
+        assert reader.positions() == {0: 1}
+    finally:
+        reader.close()
+    with pytest.raises(TopicAuthorizationFailedError):
+        send(cluster, "vehicle-gateway", "fleet.keys")
+    # The grant is what lets it read: the dispatch console, without one, never catches up.
+    refused = KeyTopicReader(as_settings(cluster, "dispatch-console"), follower)
+    with pytest.raises((KafkaUnavailableError, TopicAuthorizationFailedError)):
+        refused.start(timeout_s=5)
 
 
 # --- docker compose up, for real ------------------------------------------------------------

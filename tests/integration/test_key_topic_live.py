@@ -1,7 +1,8 @@
 """Key changes live on the real broker: `fleetbus keys revoke --bootstrap` while commands flow.
 
-A running `fleetbus worker` and a running `VehicleAgent` (holding set 0 and its own vehicle,
-following the key topic) must have the revocation in force within 5 s: the revoked dispatcher's
+A running `fleetbus worker` and a running `fleetbus fleet simulate` agent (its defaults:
+holding set 0 and its own vehicle, following the key topic) must have the revocation in force
+within 5 s, without a restart: the revoked dispatcher's
 next command is rejected `signer_revoked` at the bus, and a command the bus sealed before the
 revocation is refused by the vehicle's own check. Prints the propagation times measured.
 """
@@ -29,6 +30,7 @@ from fleetbus.bus.directory import (
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.bus.keyfolder import KeyFolder
 from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.cli.fleet import simulator_agent
 from fleetbus.cli.keys import keys_app
 from fleetbus.devtools.process import WorkerProcess
 from fleetbus.sdk.dispatch import CommandPublisher
@@ -133,7 +135,10 @@ def test_a_revocation_is_in_force_at_the_bus_and_the_vehicles_within_seconds(
             follow_key_topic=True,
         )
 
-    running = agent_for("V-0001").start()
+    # Built as `fleetbus fleet simulate --vehicle V-0001` builds it, with its defaults.
+    running = simulator_agent(
+        settings, fleet.keys_dir, ["V-0001"], store_path=tmp_path / "sim" / "fleet-sim.sqlite"
+    ).start()
     late = agent_for("V-0002")  # started only after a revocation (below)
     publishers = {
         pid: CommandPublisher(settings, principal_id=pid, private_key_file=fleet.key_file_path(pid))

@@ -53,6 +53,36 @@ def test_begin_many_claims_each_command_once_in_one_transaction(tmp_path: Path) 
     reopened.close()
 
 
+def test_held_messages_are_durable_bounded_and_expire(tmp_path: Path) -> None:
+    store = ExecutedStore(tmp_path / "agent.sqlite")
+    epoch, other = b"E" * 8, b"F" * 8
+
+    def hold(record: bytes, sequence: int, expires_at: float, now: float = 100.0) -> bool:
+        return store.hold(V1, epoch, sequence, expires_at, record, "t", expired_before=now, limit=2)
+
+    assert hold(b"second", 2, 200.0)
+    assert hold(b"second", 2, 200.0)  # a redelivery: the same message, counted once
+    # A forged copy of the clear header (same epoch and sequence) is a message of its own.
+    assert hold(b"forged", 2, 150.0)
+    assert not hold(b"third", 3, 200.0)  # full
+    assert store.hold(V2, other, 1, 200.0, b"v2's", "t", expired_before=100.0, limit=2)
+    store.close()
+    store = ExecutedStore(tmp_path / "agent.sqlite")  # a restart keeps them
+    kept = store.held(V1, epoch, expired_before=100.0)
+    assert sorted(m.record for m in kept) == [b"forged", b"second"]
+    assert store.held(V1, other, expired_before=100.0) == []
+    # The forged one expires first and makes room; an expired one is never handed out.
+    assert [m.record for m in store.held(V1, epoch, expired_before=160.0)] == [b"second"]
+    assert hold(b"first", 1, 200.0, now=160.0)
+    ready = store.held(V1, epoch, expired_before=160.0)
+    assert [m.record for m in ready] == [b"first", b"second"]  # sequence order
+    store.release(V1, [ready[0].digest])
+    assert [m.record for m in store.held(V1, epoch, expired_before=160.0)] == [b"second"]
+    assert store.prune(201.0, skew_s=0.5) == 2  # V-1's "second" and V-2's
+    assert store.held(V1, epoch, expired_before=0.0) == []
+    store.close()
+
+
 def test_a_failing_claim_records_nothing(tmp_path: Path) -> None:
     store = ExecutedStore(tmp_path / "executed.sqlite")
     with pytest.raises(sqlite3.Error):

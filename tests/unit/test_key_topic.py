@@ -434,3 +434,48 @@ def test_acls_let_vehicles_read_and_only_key_publishers_write_the_key_topic() ->
     )
     on_keys = {(g.principal, g.operation) for g in grants if g.name == "f.keys"}
     assert on_keys == {("v", "READ"), ("v", "DESCRIBE"), ("k", "WRITE"), ("k", "DESCRIBE")}
+
+
+def test_fleet_simulate_follows_the_key_topic_unless_told_not_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12: the simulated fleet (compose's and the CLI's) follows the key topic by default,
+    holding set 0 and its own vehicles; ``--no-follow-key-topic`` keeps the file only."""
+    from fleetbus.bus.settings import FleetbusSettings
+    from fleetbus.cli import fleet as cli_fleet
+    from fleetbus.cli.main import app as main_app
+    from fleetbus.observability import logging as fb_logging
+    from fleetbus.observability import tracing_setup
+    from tests.support.pipeline import make_test_fleet
+
+    fleet = make_test_fleet(tmp_path, vehicles=3)
+    agent = cli_fleet.simulator_agent(
+        FleetbusSettings(kafka_bootstrap="127.0.0.1:9"),
+        fleet.keys_dir,
+        ["V-0001"],
+        store_path=tmp_path / "state" / "sim.sqlite",
+    )
+    try:
+        assert agent._key_reader is not None  # nothing read yet: the catch-up is at start
+        held = {r.principal_id for r in agent.directory.records() if r.kind == "vehicle"}
+        assert held == {"V-0001"}
+    finally:
+        agent.close()
+
+    asked: list[bool] = []
+
+    class Built(Exception):
+        pass
+
+    def capture(*args: Any, follow_key_topic: bool, **kwargs: Any) -> Any:
+        asked.append(follow_key_topic)
+        raise Built
+
+    monkeypatch.setattr(cli_fleet, "simulator_agent", capture)
+    monkeypatch.setattr(fb_logging, "configure_logging", lambda *a, **k: None)
+    monkeypatch.setattr(tracing_setup, "setup_tracing", lambda *a, **k: None)
+    args = ["fleet", "simulate", "--keys-dir", str(fleet.keys_dir), "--vehicles", "1"]
+    for extra in ([], ["--no-follow-key-topic"], ["--follow-key-topic"]):
+        result = CliRunner().invoke(main_app, [*args, *extra])
+        assert isinstance(result.exception, Built), result.output
+    assert asked == [True, False, True]

@@ -9,6 +9,7 @@ Over 500 lines because the v2 cases share one fleet, the stage builders and a re
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
@@ -276,6 +277,49 @@ def test_lost_epoch_is_recovered_through_status_and_redelivery(
     vehicles.feed(redelivered.value, b"V-1")
     vehicles.feed(message.value, b"V-1")
     assert list(vehicles.executed.values()) == [1]
+
+
+def test_a_held_message_survives_a_restart_of_the_agent(fleet: Fleet, tmp_path: Path) -> None:
+    """Issue 13: the held message's offset is committed once held, so the hold must be on disk:
+    a new agent on the same store runs it once when the establishment comes again."""
+    first = seal_stage(fleet).process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    establishment, message = outputs(first, TOPICS.outbound)
+    before = Vehicles(fleet, tmp_path)
+    before.feed(message.value, b"V-1")  # missed the establishment: held, status sent
+    assert len(before.statuses()) == 1
+    assert not before.executed
+    before.agent.close()
+    after = Vehicles(fleet, tmp_path)  # same store file, nothing read again from Kafka
+    after.feed(establishment.value, b"V-1")
+    assert list(after.executed.values()) == [1]
+    assert [topic for topic, _key, _value in after.sent] == [TOPICS.responses]  # its answer
+    # Released once: the establishment again runs nothing, nor does the message itself.
+    after.feed(establishment.value, b"V-1")
+    after.feed(message.value, b"V-1")
+    assert list(after.executed.values()) == [1]
+    after.agent.close()
+
+
+def test_a_hold_the_store_cannot_write_is_read_again_not_committed(
+    fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = seal_stage(fleet).process(authorized(fleet, "V-1"), PartitionState(), NOW)
+    establishment, message = outputs(first, TOPICS.outbound)
+    vehicles = Vehicles(fleet, tmp_path)
+
+    def disk_full(*args: Any, **kwargs: Any) -> bool:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(vehicles.agent.store, "hold", disk_full)
+        vehicles.transport.feed(TOPICS.outbound, b"V-1", message.value)
+        assert vehicles.agent.poll_once(0) == 1
+    assert vehicles.transport.commits == []  # not held, so not committed
+    assert vehicles.agent.stats.errors == 1
+    assert vehicles.agent.poll_once(0) == 1  # the same record again (no wait: timeout 0), held
+    vehicles.feed(establishment.value, b"V-1")
+    assert list(vehicles.executed.values()) == [1]
+    vehicles.agent.close()
 
 
 def test_track_stage_refuses_foreign_establishments_and_unknown_epochs(
