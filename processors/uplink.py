@@ -23,6 +23,7 @@ __all__ = [
     "UplinkLimits",
     "UplinkReplay",
     "add_to_count",
+    "expire_epochs",
     "read_count",
     "sender_key",
 ]
@@ -147,6 +148,19 @@ EPOCH_COUNT_PREFIX: Final = "up/epn/"
 EPOCHS_PER_SENDER: Final = 8
 
 
+def expire_epochs(state: PartitionState, due: Iterable[str], now: float) -> None:
+    """Forget the uplink epochs among ``due`` (the state's due keys) that have ended: their
+    window and record go, and their sender's epoch count drops."""
+    now_ms = round(now * 1000)
+    for key in due:
+        if not key.startswith(EPOCH_PREFIX):
+            continue
+        raw = state.get(key)
+        if raw is not None and stored_until(raw) < now_ms:
+            state.delete(key)
+            add_to_count(state, sender_key(EPOCH_COUNT_PREFIX, cbor2.loads(raw)["sender"]), -1)
+
+
 def stored_until(raw: bytes) -> int:
     """The ``until`` (ms) of a state entry that ends: an uplink epoch, a held response, a kept
     establishment."""
@@ -213,6 +227,16 @@ class StateEpochStore:
             window=m["window"],
             record=m["record"],
         )
+
+    def check_keyed_by_sender(self, key: bytes | None, recipient: str, epoch_id: bytes) -> None:
+        """Refuse a message of a known epoch under another key than its sender's before it is
+        opened: opening records its sequence in the epoch's window, which must not be spent by
+        a copy that is refused anyway (the sender's own copy would then be a "replay")."""
+        raw = self._state.get(self.key(recipient, epoch_id))
+        if raw is not None and key != str(cbor2.loads(raw)["sender"]).encode():
+            raise FleetbusError(
+                "record key must be the sending vehicle", reason=ReasonCode.MALFORMED
+            )
 
     def put(self, epoch: Any) -> None:
         key = self.key(epoch.recipient, epoch.epoch_id)
