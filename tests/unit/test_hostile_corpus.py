@@ -4,8 +4,8 @@
 through ``ResponseStage`` then ``TrackStage`` and telemetry through ``TelemetryStage`` (both
 with the worker's ``UplinkOpener``), ``commands.outbound`` through a ``VehicleAgent``'s record
 handler, ``keys`` through a ``KeyDirectory`` loaded from the corpus fleet's ``directory.cbor``.
-Kafka's partitioning is simulated (murmur2 of the key over 2 partitions, each with its own state), as the
-integration test's worker sees it. The clock is the corpus's fixed ``open_at``.
+Kafka's partitioning is simulated (murmur2 of the key over 2 partitions, each with its own
+state), as the integration test's worker sees it. The clock is the corpus's fixed ``open_at``.
 """
 
 from __future__ import annotations
