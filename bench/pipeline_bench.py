@@ -45,9 +45,12 @@ class Bench:
         self.bootstrap = bootstrap
         self.work = work
         self.broker_pids = list(broker_pids)  # the LocalKafka's, when the benchmark started it
-        # --wire2: every vehicle announces wire2, so the secure modes write wire format v2.
+        # --wire2: every vehicle and the bus sealer announce wire2, so the secure modes write
+        # wire format v2 both ways (commands to the vehicles, their answers to the bus).
         caps = ["wire2"] if getattr(args, "wire2", False) else []
-        self.fleet = make_test_fleet(work, vehicles=VEHICLES, vehicle_capabilities=caps)
+        self.fleet = make_test_fleet(
+            work, vehicles=VEHICLES, vehicle_capabilities=caps, sealer_capabilities=caps
+        )
         self.signer = self.fleet.signer(DISPATCHER)
         self.dispatcher = DISPATCHER
         self.results: list[dict[str, Any]] = []

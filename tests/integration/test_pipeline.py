@@ -510,14 +510,14 @@ def test_qkd_link_outage_fails_over_to_xwing_visibly(
 def test_worker_refuses_to_start_when_co_partitioned_topics_differ(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    """commands.responses made earlier with other partitions than commands.authorized and
-    commands.status, which the track stage joins by partition: the worker must not start."""
+    """commands.responses.verified made earlier with other partitions than commands.authorized
+    and commands.status, which the track stage joins by partition: the worker must not start."""
     fleet = make_test_fleet(tmp_path, vehicles=1)
     prefix = f"t{uuid.uuid4().hex[:10]}."
     wide = 3  # settings_for makes the others with 2
-    ensure_topics(kafka_bootstrap, [f"{prefix}commands.responses"], partitions=wide)
+    ensure_topics(kafka_bootstrap, [f"{prefix}commands.responses.verified"], partitions=wide)
     settings = fleet.settings_for(kafka_bootstrap, prefix)
-    responses = topic(settings, "commands_responses")
+    responses = topic(settings, "commands_responses_verified")
     assert settings.partitions != wide
     worker = WorkerProcess(worker_env(settings, tmp_path), tmp_path / "worker.log")
     try:
