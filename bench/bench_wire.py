@@ -177,7 +177,7 @@ def downlink(sealer_suite: str, dispatcher_suite: str) -> dict[str, Any]:
     total_plain += (cid + len(response)) + status_bytes + cid * len(statuses)
     common = (cid + len(payload)) + (cid + len(authorized)) + status_bytes + cid * len(statuses)
     header = len("fleetbus-command-id") + cid  # v1 outbound Kafka header
-    # v1 answers are keyed by command id, v2 answers by vehicle id (docs/wire-format.md V2.11);
+    # v1 answers are keyed by command id, v2 answers by vehicle id (docs/wire-format.md V2.10);
     # both pass the response stage, whose verified record a plaintext bus does not have.
     total_v1 = common + (key + len(v1_envelope) + header) + (cid + len(up_v1))
     total_v1 += cid + len(verified[1])

@@ -24,7 +24,7 @@ __all__ = [
 #: order the worker creates them. One count for all: a stage joins its inputs and its state by
 #: partition number (``check_copartitioned``). Keys: ``commands_outbound`` and
 #: ``telemetry_*`` by vehicle id; ``commands_responses`` by vehicle id (wire v2) or, from agents
-#: without v2, by command id (v1, docs/wire-format.md V2.11), read by the response stage; every
+#: without v2, by command id (v1, docs/wire-format.md V2.10), read by the response stage; every
 #: other command topic, ``commands_responses_verified`` included, by command id — the track
 #: stage joins ``commands_authorized``, ``commands_status`` and ``commands_responses_verified``.
 FLEET_TOPICS: Final = (

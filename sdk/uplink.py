@@ -54,7 +54,7 @@ class UplinkPart(AgentCore):
             except FleetbusError as exc:
                 raise RetryLater(f"sealing to {self.sealer_principal}: {exc.reason.value}") from exc
         else:
-            # v1 stays keyed by command id, where its replay state lives (wire-format V2.11).
+            # v1 stays keyed by command id, where its replay state lives (wire-format.md V2.10).
             key = response.command_id
             records = [
                 self._seal(

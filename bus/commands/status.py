@@ -39,7 +39,8 @@ _RESPONSE_FIELDS: Final = frozenset(
 class Response:
     """A vehicle's answer to one command; ``status`` uses HTTP-like codes as Eclipse Hono does
     (2xx done, 4xx the command was refused, 5xx the vehicle failed). Carried as the payload of
-    an envelope of kind ``rsp`` from the vehicle to the bus sealer; Kafka key: command id."""
+    an envelope of kind ``rsp`` from the vehicle to the bus sealer; Kafka key: the vehicle id
+    (wire v2) or the command id (v1)."""
 
     command_id: str
     vehicle_id: str

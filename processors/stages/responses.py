@@ -5,7 +5,7 @@ It reads the topic where the vehicles' records are keyed: wire-v2 records by veh
 vehicle's uplink epochs, its responses in them, its ``epoch_unknown`` statuses and the seal
 stage's copies of the establishments sent to it all meet one partition, so a worker needs the
 keys and epochs of the vehicles of its own partitions only) and, during the migration window,
-v1 envelopes of agents that do not speak v2, keyed by command id (docs/wire-format.md V2.11).
+v1 envelopes of agents that do not speak v2, keyed by command id (docs/wire-format.md V2.10).
 """
 
 from __future__ import annotations

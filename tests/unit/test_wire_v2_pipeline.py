@@ -1,7 +1,7 @@
 """Wire format v2 in the pipeline, without Kafka: the seal stage writes establishment + message
 to vehicles announcing ``wire2``, the vehicle agent keeps epochs, answers ``epoch_unknown`` and
 answers in v2 keyed by vehicle id, the response stage verifies those answers and re-delivers
-the establishment, and nothing is executed twice (docs/wire-format.md V2.7, V2.10, V2.11).
+the establishment, and nothing is executed twice (docs/wire-format.md V2.7, V2.10).
 
 Over 500 lines because the v2 cases share one fleet, the stage builders and a recording vehicle.
 """
