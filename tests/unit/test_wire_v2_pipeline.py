@@ -470,6 +470,20 @@ def test_telemetry_v2_rejects(fleet: Fleet, tmp_path: Path) -> None:
     assert reason(b"V-3", message, state) == "malformed"
 
 
+def test_a_mis_keyed_copy_does_not_spend_the_senders_sequence(fleet: Fleet, tmp_path: Path) -> None:
+    """A copy of a batch under another vehicle's key is refused before it is opened: opening
+    would record its sequence number, and the sender's own batch would then be "replayed"."""
+    vehicles, stage, state = Vehicles(fleet, tmp_path), telemetry_stage(fleet), PartitionState()
+    vehicles.agent.publish_telemetry("V-1", {"speed_kmh": 3}, at=NOW)
+    (_, est), (_, message) = telemetry_records(vehicles)
+    stage.process(InputRecord(TOPICS.telemetry_raw, 0, 1, b"V-1", est), state, NOW)
+    copy = stage.process(InputRecord(TOPICS.telemetry_raw, 0, 2, b"V-3", message), state, NOW)
+    assert DeadLetter.decode(outputs(copy, TOPICS.dlq)[0].value).reason.value == "malformed"
+    own = stage.process(InputRecord(TOPICS.telemetry_raw, 0, 3, b"V-1", message), state, NOW)
+    assert not outputs(own, TOPICS.dlq)
+    assert len(outputs(own, TOPICS.telemetry_verified)) == 1
+
+
 class _Pending:
     """A Kafka future that never completes (the broker has not acknowledged)."""
 
