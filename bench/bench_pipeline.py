@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--wire2",
         action="store_true",
-        help="vehicles announce wire2: the secure modes write wire format v2",
+        help="vehicles and the bus sealer announce wire2: v2 commands and v2 answers",
     )
     args = parser.parse_args(argv)
     args.partitions = args.partitions or ([1] if args.quick else [1, 2, 4])
