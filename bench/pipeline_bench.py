@@ -88,7 +88,11 @@ class Bench:
         settings = settings_from(config)
         config["all_topics"] = ensure_pipeline_topics(settings)
         config["requested"] = settings.topics.full(settings.topics.commands_requested)
-        config["responses"] = settings.topics.full(settings.topics.commands_responses)
+        # Where a command's answer is seen, keyed by command id: the vehicle's own record in
+        # plaintext; in the secure modes the response stage's verified record (v2 answers are
+        # keyed by vehicle id, and an answer counts for the bus only once verified).
+        answers = "commands_responses" if mode == "plaintext" else "commands_responses_verified"
+        config["responses"] = settings.topics.full(getattr(settings.topics, answers))
         return config
 
     def spawn(self, role: str, config: dict[str, Any], index: int) -> subprocess.Popen[bytes]:
