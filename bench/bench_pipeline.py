@@ -12,7 +12,10 @@ temporary folder) and stops it at the end.
 Modes, each the same topology — a worker process (or several) running the ``authorize`` and
 ``seal`` stages in ``processors.eos.TransactionalStage`` (the same runner, transactions, batch
 size and Kafka path in every mode) and a ``VehicleAgent`` process answering on
-``commands.responses``:
+``commands.responses``; the secure modes also run the ``responses`` stage, which verifies each
+answer and writes it keyed by command id to ``commands.responses.verified``, where the load
+generator sees it (v2 answers are keyed by vehicle id; plaintext has no such hop and is seen on
+``commands.responses``):
 
 - ``raw``: aiokafka produce → consume on one topic with the command's record size: the ceiling
   of this client stack (one hop, no transactions).
@@ -153,14 +156,18 @@ def plain_stages(settings: Any) -> list[Any]:
 
 
 def run_worker(config: dict[str, Any]) -> None:
-    """Subprocess: the authorize and seal stages of one worker until SIGTERM."""
+    """Subprocess: the authorize and seal stages (secure modes: and the response stage) of one
+    worker until SIGTERM."""
     settings = settings_from(config)
     if config["mode"] == "plaintext":
         stages = plain_stages(settings)
     else:
         from fleetbus.processors.app import build_pipeline
 
-        stages = [s for s in build_pipeline(settings).stages if s.stage in STAGES]
+        # The response stage too: v2 answers are keyed by vehicle id, and the measured answer
+        # is its verified record, keyed by command id (Bench.topics).
+        wanted = (*STAGES, "responses")
+        stages = [s for s in build_pipeline(settings).stages if s.stage in wanted]
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -229,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--wire2",
         action="store_true",
-        help="vehicles announce wire2: the secure modes write wire format v2",
+        help="vehicles and the bus sealer announce wire2: v2 commands and v2 answers",
     )
     args = parser.parse_args(argv)
     args.partitions = args.partitions or ([1] if args.quick else [1, 2, 4])

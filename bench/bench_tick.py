@@ -273,7 +273,7 @@ def main() -> None:
         max_message_bytes=32 * 1024,
     )
     track = TrackStage(
-        topics=topics, opener=None, clock_skew_s=SKEW_S, max_message_bytes=32 * 1024,
+        topics=topics, clock_skew_s=SKEW_S, max_message_bytes=32 * 1024,
         retention_s=RETENTION_S,
     )  # fmt: skip
     assert uuid7_timestamp_ms(_cid(random.Random(0), NOW)) == _ms(NOW)  # noqa: S311

@@ -10,7 +10,8 @@ and its load (the sizes do not, except for a few bytes of varint lengths).
   amortised over an epoch of 100 commands, for each pair of bus and dispatcher suites.
   The v2 message's overhead over its payload is printed field by field.
 * A routine command's records, request to final status (requested, authorized, outbound,
-  response, status events): the sum for plaintext, v1 and v2.
+  response, verified response, status events): the sum for plaintext, v1 and v2 (v2 also with
+  its establishments spread over an epoch of 100 commands).
 * Telemetry: bytes per reading on the uplink (plaintext CBOR record per reading, v1 envelope
   per batch, v2 message per batch) for 1, 10 and 100 readings per batch; and readings verified
   and decoded per second on one core with ``--vehicles`` uplink epochs open at once.
@@ -37,6 +38,7 @@ from fleetbus.bus.commands import (
     Target,
     Telemetry,
     TelemetryBatch,
+    VerifiedResponse,
 )
 from fleetbus.bus.envelope import ENVELOPE_TAG
 from fleetbus.bus.envelope_v2 import Direction, Message, decode_record
@@ -208,6 +210,11 @@ def downlink(sealer_suite: str, dispatcher_suite: str) -> dict[str, Any]:
         cmd.id, "V-0001", "dispatch-1", cmd.action, "routine", cmd.issued_at, cmd.expires_at,
         plain,
     ).encode()  # fmt: skip
+    # What the response stage forwards to the track stage, keyed by command id.
+    verified = {
+        wire: VerifiedResponse(Response.decode(response), "xwing", wire, NOW + 300).encode()
+        for wire in (1, 2)
+    }
     status_bytes = sum(len(s) for s in statuses)
     key = len(b"V-0001")
     cid = len(cmd.id)
@@ -215,8 +222,14 @@ def downlink(sealer_suite: str, dispatcher_suite: str) -> dict[str, Any]:
     total_plain += (cid + len(response)) + status_bytes + cid * len(statuses)
     common = (cid + len(payload)) + (cid + len(authorized)) + status_bytes + cid * len(statuses)
     header = len("fleetbus-command-id") + cid  # v1 outbound Kafka header
+    # v1 answers are keyed by command id, v2 answers by vehicle id (docs/wire-format.md V2.10);
+    # both pass the response stage, whose verified record a plaintext bus does not have.
     total_v1 = common + (key + len(v1_envelope) + header) + (cid + len(up_v1))
-    total_v2 = common + (key + len(second)) + (cid + len(up_msg))
+    total_v1 += cid + len(verified[1])
+    total_v2 = common + (key + len(second)) + (key + len(up_msg)) + (cid + len(verified[2]))
+    # The establishments (downlink, its copy for the response stage, uplink) spread over an
+    # epoch of EPOCH_COMMANDS commands.
+    amortised = total_v2 + round((2 * (key + len(est)) + key + len(up_est)) / EPOCH_COMMANDS)
     return {
         "sealer_suite": sealer_suite,
         "dispatcher_suite": dispatcher_suite,
@@ -235,6 +248,8 @@ def downlink(sealer_suite: str, dispatcher_suite: str) -> dict[str, Any]:
         "command_total_plain": total_plain,
         "command_total_v1": total_v1,
         "command_total_v2": total_v2,
+        "command_total_v2_amortised": amortised,
+        "verified_response": len(verified[2]),
         "first_message_bytes": len(first),
         "v2_message_breakdown": message_breakdown(second, payload),
     }
@@ -354,10 +369,17 @@ def main() -> None:
     print("\nrecords of one routine command, request to final status (bytes, keys included)")
     for r in down:
         plain, v1, v2 = r["command_total_plain"], r["command_total_v1"], r["command_total_v2"]
+        v2e = r["command_total_v2_amortised"]
         print(
             f"{r['sealer_suite']:>28} {r['dispatcher_suite']:>28} plain {plain}"
             f"  v1 {v1} ({v1 / plain:.2f}x)  v2 {v2} ({v2 / plain:.2f}x)"
+            f"  v2+est/{EPOCH_COMMANDS} {v2e} ({v2e / plain:.2f}x)"
         )
+    r = down[0]
+    print(
+        f"  answers (ed25519 vehicle): v1 {r['v1_response']} B keyed by command id, v2 "
+        f"{r['v2_response']} B keyed by vehicle id, verified record {r['verified_response']} B"
+    )
     tel = telemetry(args.vehicles, args.seconds)
     print(f"\ntelemetry, {args.vehicles} vehicles' uplink epochs open (bytes per reading)")
     for r in tel[:-1]:

@@ -45,9 +45,12 @@ class Bench:
         self.bootstrap = bootstrap
         self.work = work
         self.broker_pids = list(broker_pids)  # the LocalKafka's, when the benchmark started it
-        # --wire2: every vehicle announces wire2, so the secure modes write wire format v2.
+        # --wire2: every vehicle and the bus sealer announce wire2, so the secure modes write
+        # wire format v2 both ways (commands to the vehicles, their answers to the bus).
         caps = ["wire2"] if getattr(args, "wire2", False) else []
-        self.fleet = make_test_fleet(work, vehicles=VEHICLES, vehicle_capabilities=caps)
+        self.fleet = make_test_fleet(
+            work, vehicles=VEHICLES, vehicle_capabilities=caps, sealer_capabilities=caps
+        )
         self.signer = self.fleet.signer(DISPATCHER)
         self.dispatcher = DISPATCHER
         self.results: list[dict[str, Any]] = []
@@ -85,7 +88,11 @@ class Bench:
         settings = settings_from(config)
         config["all_topics"] = ensure_pipeline_topics(settings)
         config["requested"] = settings.topics.full(settings.topics.commands_requested)
-        config["responses"] = settings.topics.full(settings.topics.commands_responses)
+        # Where a command's answer is seen, keyed by command id: the vehicle's own record in
+        # plaintext; in the secure modes the response stage's verified record (v2 answers are
+        # keyed by vehicle id, and an answer counts for the bus only once verified).
+        answers = "commands_responses" if mode == "plaintext" else "commands_responses_verified"
+        config["responses"] = settings.topics.full(getattr(settings.topics, answers))
         return config
 
     def spawn(self, role: str, config: dict[str, Any], index: int) -> subprocess.Popen[bytes]:

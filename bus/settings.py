@@ -40,7 +40,12 @@ class TopicNames(BaseModel):
         default="commands.outbound", description="sealed envelopes, keyed by vehicle id"
     )
     commands_responses: str = Field(
-        default="commands.responses", description="sealed answers of vehicles"
+        default="commands.responses",
+        description="sealed answers of vehicles: wire v2 keyed by vehicle id, v1 by command id",
+    )
+    commands_responses_verified: str = Field(
+        default="commands.responses.verified",
+        description="answers the response stage verified, keyed by command id",
     )
     commands_approvals: str = Field(
         default="commands.approvals", description="signed approvals of high-criticality commands"

@@ -21,13 +21,19 @@ __all__ = [
 # The catalogue, by ``TopicNames`` field; every field but ``prefix`` is in exactly one group
 # (tests/unit/test_topics.py).
 #: Regular topics with the fleet's partition count (``FleetbusSettings.partitions``), in the
-#: order the worker creates them.
+#: order the worker creates them. One count for all: a stage joins its inputs and its state by
+#: partition number (``check_copartitioned``). Keys: ``commands_outbound`` and
+#: ``telemetry_*`` by vehicle id; ``commands_responses`` by vehicle id (wire v2) or, from agents
+#: without v2, by command id (v1, docs/wire-format.md V2.10), read by the response stage; every
+#: other command topic, ``commands_responses_verified`` included, by command id — the track
+#: stage joins ``commands_authorized``, ``commands_status`` and ``commands_responses_verified``.
 FLEET_TOPICS: Final = (
     "commands_requested",
     "commands_authorized",
     "commands_rejected",
     "commands_outbound",
     "commands_responses",
+    "commands_responses_verified",
     "commands_approvals",
     "commands_status",
     "telemetry_raw",

@@ -1,9 +1,10 @@
 """The worker: the command pipeline built from settings, and the faust app that hosts it.
 
 ``build_pipeline(settings)`` loads keys, registry and policies and builds the authorize, seal,
-track and telemetry stages, each in a ``TransactionalStage`` runner. ``create_app(settings)`` is
-the host: a faust app (no module-level app: every process builds its own) that starts and stops
-each runner with the faust worker as a ``mode.Service``, beside the smoke forwarder.
+response, track and telemetry stages, each in a ``TransactionalStage`` runner.
+``create_app(settings)`` is the host: a faust app (no module-level app: every process builds
+its own) that starts and stops each runner with the faust worker as a ``mode.Service``, beside
+the smoke forwarder.
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ def pipeline_topics(settings: FleetbusSettings) -> tuple[list[str], list[str]]:
     pipeline needs."""
     t = settings.topics
     regular = t.fleet_topics()
-    compacted = [state_topic(settings, s) for s in ("authorize", "seal", "track", "telemetry")]
+    compacted = [
+        state_topic(settings, s) for s in ("authorize", "seal", "responses", "track", "telemetry")
+    ]
     return regular, [*compacted, t.full(t.keys)]
 
 
@@ -248,6 +251,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         AuthorizeStage,
         PipelineTopics,
         ProfileChoice,
+        ResponseStage,
         SealStage,
         TelemetryStage,
         TrackStage,
@@ -406,13 +410,23 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
             max_message_bytes=settings.max_message_bytes,
         ),
         seal,
-        TrackStage(
+        ResponseStage(
             topics=topics,
             opener=opener(),
             clock_skew_s=settings.clock_skew_s,
             max_message_bytes=settings.max_message_bytes,
             limits=uplink_limits,
             sealer_principal=settings.sealer_principal,
+            v2_openers=(
+                v2_opener(settings.response_minimum_path),
+                v2_opener(settings.legacy_minimum_path),
+            ),
+        ),
+        TrackStage(
+            topics=topics,
+            clock_skew_s=settings.clock_skew_s,
+            max_message_bytes=settings.max_message_bytes,
+            limits=uplink_limits,
         ),
         TelemetryStage(
             topics=topics,

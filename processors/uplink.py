@@ -23,6 +23,7 @@ __all__ = [
     "UplinkLimits",
     "UplinkReplay",
     "add_to_count",
+    "expire_epochs",
     "read_count",
     "sender_key",
 ]
@@ -140,11 +141,29 @@ def _sender_of(rest: str) -> str:
 #: ``<EPOCH_PREFIX><recipient key>/<epoch id hex>`` → a wire-v2 uplink epoch (CBOR map, no
 #: secret): docs/pipeline.md, "Uplink epochs (wire format v2)".
 EPOCH_PREFIX: Final = "up/ep/"
+#: ``<EPOCH_WINDOW_PREFIX><recipient key>/<epoch id hex>`` → ``[highest, window]``: the epoch's
+#: replay window, apart from the epoch so that each message rewrites a few bytes of state (and
+#: of its changelog), not the establishment record.
+EPOCH_WINDOW_PREFIX: Final = "up/ew/"
 #: ``<EPOCH_COUNT_PREFIX><sender key>`` → that sender's live uplink epochs in this partition.
 EPOCH_COUNT_PREFIX: Final = "up/epn/"
 #: Uplink epochs one sender may hold in one partition (an establishment costs the stage a key
 #: recovery and state until it ends; a vehicle needs one or two at a time).
 EPOCHS_PER_SENDER: Final = 8
+
+
+def expire_epochs(state: PartitionState, due: Iterable[str], now: float) -> None:
+    """Forget the uplink epochs among ``due`` (the state's due keys) that have ended: their
+    window and record go, and their sender's epoch count drops."""
+    now_ms = round(now * 1000)
+    for key in due:
+        if not key.startswith(EPOCH_PREFIX):
+            continue
+        raw = state.get(key)
+        if raw is not None and stored_until(raw) < now_ms:
+            state.delete(key)
+            state.delete(EPOCH_WINDOW_PREFIX + key.removeprefix(EPOCH_PREFIX))
+            add_to_count(state, sender_key(EPOCH_COUNT_PREFIX, cbor2.loads(raw)["sender"]), -1)
 
 
 def stored_until(raw: bytes) -> int:
@@ -183,6 +202,17 @@ class StateEpochStore:
     def key(recipient: str, epoch_id: bytes) -> str:
         return f"{sender_key(EPOCH_PREFIX, recipient)}/{epoch_id.hex()}"
 
+    @staticmethod
+    def window_key(recipient: str, epoch_id: bytes) -> str:
+        return f"{sender_key(EPOCH_WINDOW_PREFIX, recipient)}/{epoch_id.hex()}"
+
+    def _window(self, recipient: str, epoch_id: bytes, m: Any) -> tuple[int, int]:
+        raw = self._state.get(self.window_key(recipient, epoch_id))
+        if raw is None:  # kept inside the epoch's map by earlier releases
+            return m["highest"], m["window"]
+        highest, window = cbor2.loads(raw)
+        return highest, window
+
     def get(self, recipient: str, epoch_id: bytes) -> Any:
         from fleetbus.providers.sealing_v2 import StoredEpoch
 
@@ -195,6 +225,7 @@ class StateEpochStore:
         if secret is None:
             secret = self._rederive(m["record"])
             self._remember(digest, secret)
+        highest, window = self._window(recipient, epoch_id, m)
         return StoredEpoch(
             recipient=recipient,
             epoch_id=epoch_id,
@@ -209,10 +240,20 @@ class StateEpochStore:
             max_messages=m["max_messages"],
             est_digest=digest,
             secret=secret,
-            highest=m["highest"],
-            window=m["window"],
+            highest=highest,
+            window=window,
             record=m["record"],
         )
+
+    def check_keyed_by_sender(self, key: bytes | None, recipient: str, epoch_id: bytes) -> None:
+        """Refuse a message of a known epoch under another key than its sender's before it is
+        opened: opening records its sequence in the epoch's window, which must not be spent by
+        a copy that is refused anyway (the sender's own copy would then be a "replay")."""
+        raw = self._state.get(self.key(recipient, epoch_id))
+        if raw is not None and key != str(cbor2.loads(raw)["sender"]).encode():
+            raise FleetbusError(
+                "record key must be the sending vehicle", reason=ReasonCode.MALFORMED
+            )
 
     def put(self, epoch: Any) -> None:
         key = self.key(epoch.recipient, epoch.epoch_id)
@@ -231,33 +272,34 @@ class StateEpochStore:
                     "until": until,
                     "max_messages": epoch.max_messages,
                     "est_digest": epoch.est_digest,
-                    "highest": epoch.highest,
-                    "window": epoch.window,
                     "record": epoch.record,
                 },
                 canonical=True,
             ),
         )
+        self._put_window(epoch.recipient, epoch.epoch_id, epoch.highest, epoch.window)
         self._remember(epoch.est_digest, epoch.secret)
+
+    def _put_window(self, recipient: str, epoch_id: bytes, highest: int, window: int) -> None:
+        self._state.put(self.window_key(recipient, epoch_id), cbor2.dumps([highest, window]))
 
     def record(self, recipient: str, epoch_id: bytes, sequence: int) -> bool:
         from fleetbus.providers.sealing_v2 import window_admits, window_record
 
-        key = self.key(recipient, epoch_id)
-        raw = self._state.get(key)
+        raw = self._state.get(self.key(recipient, epoch_id))
         if raw is None:
             return False
-        m = dict(cbor2.loads(raw))
-        probe = SimpleNamespace(highest=m["highest"], window=m["window"])
+        highest, window = self._window(recipient, epoch_id, cbor2.loads(raw))
+        probe = SimpleNamespace(highest=highest, window=window)
         if not window_admits(probe, sequence):  # type: ignore[arg-type]
             return False
         window_record(probe, sequence)  # type: ignore[arg-type]
-        m["highest"], m["window"] = probe.highest, probe.window
-        self._state.put(key, cbor2.dumps(m, canonical=True))
+        self._put_window(recipient, epoch_id, probe.highest, probe.window)
         return True
 
     def erase(self, recipient: str, epoch_id: bytes) -> None:
         self._state.delete(self.key(recipient, epoch_id))
+        self._state.delete(self.window_key(recipient, epoch_id))
 
     def _remember(self, digest: bytes, secret: bytes) -> None:
         if len(self._secrets) >= self._max_secrets:

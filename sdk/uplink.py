@@ -1,9 +1,10 @@
 """The uplink part of the vehicle agent: answers (``Response``) and telemetry sealed to the bus
-sealer, telemetry batched in wire format v2 when the bus announces it."""
+sealer; when the bus announces wire format v2, both go in v2 keyed by vehicle id (telemetry
+batched), else in v1 (answers keyed by command id)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -40,27 +41,46 @@ class UplinkPart(AgentCore):
             return [self._send(self._responses, response.command_id, value, trace_headers())]
         # The envelope's message id is the command id (the bus checks that they match), so the
         # bus's replay check drops a re-sent answer it already has and takes one it missed.
-        envelope = self._seal(
-            vehicle,
-            MessageKind.RESPONSE,
-            self._responses,
-            response.command_id,
-            "response",
-            response.encode(),
-        )
+        now = self._clock()
+        recipient = self._uplink_v2(now)
+        if recipient is not None:
+            # v2, keyed by vehicle id: the bus verifies it where the vehicle's epochs live.
+            key = vehicle.identity.vehicle_id
+            try:
+                records, announce = self._seal_v2(
+                    vehicle, MessageKind.RESPONSE, self._responses, response.command_id,
+                    response.encode(), recipient, now,
+                )  # fmt: skip
+            except FleetbusError as exc:
+                raise RetryLater(f"sealing to {self.sealer_principal}: {exc.reason.value}") from exc
+        else:
+            # v1 stays keyed by command id, where its replay state lives (wire-format.md V2.10).
+            key = response.command_id
+            records = [
+                self._seal(
+                    vehicle,
+                    MessageKind.RESPONSE,
+                    self._responses,
+                    response.command_id,
+                    "response",
+                    response.encode(),
+                )
+            ]
+            announce = None
+        futures = [self._send(self._responses, key, value, []) for value in records[:-1]]
         headers: list[tuple[str, bytes]] = []
         # The span ends when the broker acknowledged the answer, with its partition and offset.
         with send_span(
             get_tracer(),
             self._responses,
             headers,
-            key=response.command_id,
+            key=key,
             bootstrap=self.settings.kafka_bootstrap,
             client_id=self._client_id,
             end_on_exit=False,
         ) as span:
             try:
-                future = self._send(self._responses, response.command_id, envelope, headers)
+                future = self._send(self._responses, key, records[-1], headers)
             except BaseException:
                 span.end()
                 raise
@@ -68,7 +88,38 @@ class UplinkPart(AgentCore):
             future.add_callback(_end_delivered, span).add_errback(_end_failed, span)
         else:
             span.end()  # a stand-in producer without delivery reports: nothing to wait for
-        return [future]
+        futures.append(future)
+        if announce is not None:
+            _after_ack(futures[0], announce)
+        return futures
+
+    def _seal_v2(
+        self,
+        vehicle: ServedVehicle,
+        kind: MessageKind,
+        topic: str,
+        message_id: str,
+        payload: bytes,
+        recipient: Any,
+        now: float,
+    ) -> tuple[list[bytes], Callable[[object], None] | None]:
+        """One v2 message to the bus sealer in the vehicle's uplink epoch for ``topic``,
+        preceded by the epoch's establishment until the broker acknowledged one: the records,
+        and what to call once the first is acknowledged (None: no establishment sent)."""
+        from fleetbus.providers.sealing import SealRequest
+
+        prepared = vehicle.uplink_v2.prepare(
+            SealRequest(
+                kind, topic, recipient, message_id, "", payload, now, now + UPLINK_TTL_S,
+                vehicle.profile,
+            )
+        )  # fmt: skip
+        [records] = vehicle.uplink_v2.records_for([prepared])
+        if len(records) == 1:
+            return records, None
+        # Messages go without the establishment only once the broker acknowledged it; until
+        # then every message carries it again.
+        return records, partial(_announce, vehicle.uplink_v2, prepared.epoch_id)
 
     def _seal(
         self,
@@ -185,8 +236,6 @@ class UplinkPart(AgentCore):
     def _flush_readings(self, vehicle: ServedVehicle) -> Any:
         """Send the queued readings of ``vehicle`` as one v2 batch; on a sealing failure they
         stay queued (``KafkaUnavailableError``), so none is lost."""
-        from fleetbus.providers.sealing import SealRequest
-
         vid = vehicle.identity.vehicle_id
         readings = vehicle.readings
         now = self._clock()
@@ -200,32 +249,16 @@ class UplinkPart(AgentCore):
             return future
         batch = TelemetryBatch(vid, tuple(readings))
         try:
-            prepared = vehicle.uplink_v2.prepare(
-                SealRequest(
-                    MessageKind.TELEMETRY,
-                    self._telemetry,
-                    recipient,
-                    new_command_id(),
-                    "",
-                    batch.encode(),
-                    now,
-                    now + UPLINK_TTL_S,
-                    vehicle.profile,
-                )
-            )
-            [records] = vehicle.uplink_v2.records_for([prepared])
+            records, announce = self._seal_v2(
+                vehicle, MessageKind.TELEMETRY, self._telemetry, new_command_id(), batch.encode(),
+                recipient, now,
+            )  # fmt: skip
         except FleetbusError as exc:
             raise KafkaUnavailableError(f"telemetry of {vid}: {exc.reason.value}") from exc
         vehicle.readings, vehicle.batch_bytes = [], 0
         futures = [self._send(self._telemetry, vid, value, trace_headers()) for value in records]
-        if len(records) > 1:
-            # Batches go without the establishment only once the broker acknowledged it; until
-            # then every batch carries it again.
-            announce = partial(_announce, vehicle.uplink_v2, prepared.epoch_id)
-            if futures[0] is None:
-                announce(None)
-            else:
-                futures[0].add_callback(announce)
+        if announce is not None:
+            _after_ack(futures[0], announce)
         self.stats.telemetry += len(readings)
         return futures[-1]
 
@@ -236,3 +269,12 @@ class UplinkPart(AgentCore):
 
 def _announce(sealer: EpochSealer, epoch_id: bytes, _metadata: object) -> None:
     sealer.announced([epoch_id])
+
+
+def _after_ack(future: Any, then: Callable[[object], None]) -> None:
+    """``then`` once the broker acknowledged ``future`` (at once for a transport without
+    delivery reports)."""
+    if future is None or not hasattr(future, "add_callback"):
+        then(None)
+    else:
+        future.add_callback(then)

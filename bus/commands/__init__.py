@@ -33,6 +33,7 @@ from fleetbus.bus.commands.status import (
     CommandState,
     Response,
     StatusEvent,
+    VerifiedResponse,
 )
 from fleetbus.bus.commands.telemetry import (
     Telemetry,
@@ -63,6 +64,7 @@ __all__ = [
     "Telemetry",
     "TelemetryBatch",
     "UUIDv7Generator",
+    "VerifiedResponse",
     "new_command_id",
     "uuid7_timestamp_ms",
 ]

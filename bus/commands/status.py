@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Final
 from fleetbus.bus.commands.wire import (
     MAX_DETAIL,
     MAX_MESSAGE_SIZE,
+    _bytes,
     _check_model_text,
     _check_time,
     _dumps,
@@ -38,7 +39,8 @@ _RESPONSE_FIELDS: Final = frozenset(
 class Response:
     """A vehicle's answer to one command; ``status`` uses HTTP-like codes as Eclipse Hono does
     (2xx done, 4xx the command was refused, 5xx the vehicle failed). Carried as the payload of
-    an envelope of kind ``rsp`` from the vehicle to the bus sealer; Kafka key: command id."""
+    an envelope of kind ``rsp`` from the vehicle to the bus sealer; Kafka key: the vehicle id
+    (wire v2) or the command id (v1)."""
 
     command_id: str
     vehicle_id: str
@@ -178,4 +180,66 @@ class StatusEvent:
             detail=_text(m["detail"], "detail", MAX_DETAIL, empty=True),
             reason=reason_value,
             vehicle_id=_opt_text(m["vehicle_id"], "vehicle id"),
+        )
+
+
+# --- the response stage's record to the track stage ----------------------------------------
+
+_VERIFIED_FIELDS: Final = frozenset({"v", "response", "key_path", "wire", "expires_at"})
+
+
+@dataclass(frozen=True)
+class VerifiedResponse:
+    """A vehicle's response the response stage opened and verified (authenticated sender named
+    in the response, fresh, not replayed), forwarded on ``commands.responses.verified`` keyed by
+    command id to the track stage, which judges it against the command's targets.
+
+    ``key_path`` is the path the envelope was sealed on (for the audit record), ``wire`` its
+    format (1 or 2), ``expires_at`` its expiry: how long the track stage may hold it while the
+    command's authorized record is still on its way."""
+
+    response: Response
+    key_path: str
+    wire: int
+    expires_at: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.response, Response):
+            raise _malformed("response must be a Response")
+        _check_model_text(self.key_path, "key path")
+        if self.wire not in (1, 2):
+            raise _malformed("wire must be 1 or 2")
+        object.__setattr__(self, "expires_at", _check_time(self.expires_at, "expires_at"))
+
+    @property
+    def command_id(self) -> str:
+        return self.response.command_id
+
+    @property
+    def vehicle_id(self) -> str:
+        return self.response.vehicle_id
+
+    def encode(self) -> bytes:
+        return _dumps(
+            {
+                "v": 1,
+                "response": self.response.encode(),
+                "key_path": self.key_path,
+                "wire": self.wire,
+                "expires_at": _to_ms(self.expires_at),
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> VerifiedResponse:
+        what = "verified response"
+        m = _map(_strict_loads(data, what, max_size), what, _VERIFIED_FIELDS)
+        _int(m["v"], "version", 1, 1)
+        return cls(
+            response=Response.decode(
+                _bytes(m["response"], "response", max_size), max_size=max_size
+            ),
+            key_path=_text(m["key_path"], "key path"),
+            wire=_int(m["wire"], "wire", 1, 2),
+            expires_at=_ms(m["expires_at"], "expires_at"),
         )

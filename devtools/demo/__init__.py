@@ -1,9 +1,9 @@
 """The fleetbus demo: the whole command pipeline on real parts, driven through a mixed scenario.
 
 ``run_demo`` starts (or reuses) a local Apache Kafka, a KME pair joined by a simulated QKD link,
-a ``fleetbus worker`` (authorize, seal, track, telemetry) and a simulated fleet process, then
-plays routine traffic, high-criticality commands, attacks and a QKD link outage, and checks
-every expectation. ``python -m fleetbus.devtools.demo fleet SPEC`` is the fleet process.
+a ``fleetbus worker`` (authorize, seal, responses, track, telemetry) and a simulated fleet
+process, then plays routine traffic, high-criticality commands, attacks and a QKD link outage,
+and checks every expectation. ``python -m fleetbus.devtools.demo fleet SPEC`` is the fleet process.
 See ``docs/demo.md``.
 
 Modules: ``fleet`` (options, the fleet on disk), ``scenario`` (what is sent and what is

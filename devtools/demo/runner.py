@@ -160,7 +160,8 @@ def run_demo(
                 "FLEETBUS_QKD_KEY_FILE": str(pki / f"{HUB_SAE}.key"),
             }
             console.print("[bold]3/7[/bold] starting the processors (fleetbus worker: authorize, "
-                          f"seal, track, telemetry; /metrics on :{metrics_port})")  # fmt: skip
+                          "seal, responses, track, telemetry; /metrics on "
+                          f":{metrics_port})")  # fmt: skip
             worker = ChildProcess(
                 "worker",
                 [sys.executable, "-m", "fleetbus.cli.main", "worker"],

@@ -48,7 +48,9 @@ def fleet_acls(
       payloads), so READ on them is a grant of its own.
     - vehicles (or a vehicle gateway / simulator principal): READ ``commands.outbound`` with a
       consumer group named ``{app_id}.vehicles.*``; WRITE ``commands.responses`` and
-      ``telemetry.raw``; READ the key topic (no group: every agent reads all of it).
+      ``telemetry.raw``; READ the key topic (no group: every agent reads all of it). Never
+      ``commands.responses.verified``: the track stage trusts that topic's records as verified
+      by the response stage, so only the worker writes it.
     - key_publishers (whoever runs ``fleetbus keys ... --bootstrap``): WRITE and DESCRIBE the
       key topic, nothing else — the only writer besides the workers' prefix grant.
     - the worker: every topic under the prefix (it reads, writes and creates its state topics),

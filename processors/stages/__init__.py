@@ -2,10 +2,11 @@
 seal → outputs. No Kafka here; ``fleetbus.processors.eos`` runs these exactly once.
 
 One module per stage: ``authorize`` (identity, freshness, replay, Cedar policy, group
-expansion, M-of-N approvals), ``seal`` (profile choice, sealing with failover), ``track``
-(lifecycle, expiry, end-to-end latency) and ``telemetry`` (open, export policy); ``common``
-holds the topic names and the records between stages, ``opening`` the uplink opener and the
-v1 uplink prelude the track and telemetry stages share.
+expansion, M-of-N approvals), ``seal`` (profile choice, sealing with failover), ``responses``
+(open and verify the vehicles' answers), ``track`` (lifecycle, expiry, end-to-end latency) and
+``telemetry`` (open, export policy); ``common`` holds the topic names and the records between
+stages, ``opening`` the uplink opener, the v1 uplink prelude and the v2 uplink epoch acceptance
+the response and telemetry stages share.
 """
 
 from fleetbus.processors.stages.authorize import AuthorizeStage, CommandEntry
@@ -17,6 +18,7 @@ from fleetbus.processors.stages.common import (
     status_output,
 )
 from fleetbus.processors.stages.opening import UplinkOpener
+from fleetbus.processors.stages.responses import ResponseStage
 from fleetbus.processors.stages.seal import ProfileChoice, SealStage, profile_from_settings
 from fleetbus.processors.stages.telemetry import TelemetryStage
 from fleetbus.processors.stages.track import ACTIVE_STATES, TrackStage
@@ -29,6 +31,7 @@ __all__ = [
     "PipelineTopics",
     "ProfileChoice",
     "RejectedCommand",
+    "ResponseStage",
     "SealStage",
     "TelemetryStage",
     "TrackStage",

@@ -37,6 +37,7 @@ class PipelineTopics:
     rejected: str
     outbound: str
     responses: str
+    responses_verified: str
     status: str
     telemetry_raw: str
     telemetry_verified: str
@@ -53,6 +54,7 @@ class PipelineTopics:
             rejected=full(topics.commands_rejected),
             outbound=full(topics.commands_outbound),
             responses=full(topics.commands_responses),
+            responses_verified=full(topics.commands_responses_verified),
             status=full(topics.commands_status),
             telemetry_raw=full(topics.telemetry_raw),
             telemetry_verified=full(topics.telemetry_verified),

@@ -1,6 +1,6 @@
-"""Opening what vehicles send (the uplink) for the track and telemetry stages: the opener that
-picks the minimum key path by the sender's capabilities, and the v1 prelude both stages share
-(open, decode, key check, replay admission)."""
+"""Opening what vehicles send (the uplink) for the response and telemetry stages: the opener
+that picks the minimum key path by the sender's capabilities, the v1 prelude both stages share
+(open, decode, key check, replay admission) and the acceptance of a vehicle's v2 uplink epoch."""
 
 from __future__ import annotations
 
@@ -9,12 +9,21 @@ from dataclasses import dataclass
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 from fleetbus.bus.envelope import EnvelopeError, decode_envelope
-from fleetbus.bus.envelope_v2 import record_version
+from fleetbus.bus.envelope_v2 import ParsedEstablishment, record_version
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
 from fleetbus.observability.metrics import ENVELOPE_REJECTS, on_commit
 from fleetbus.processors.engine import InputRecord, PartitionState, StageResult, dead_letter_result
 from fleetbus.processors.stages.common import PipelineTopics
-from fleetbus.processors.uplink import UplinkLimits, UplinkReplay
+from fleetbus.processors.uplink import (
+    EPOCH_COUNT_PREFIX,
+    EPOCHS_PER_SENDER,
+    StateEpochStore,
+    UplinkLimits,
+    UplinkReplay,
+    add_to_count,
+    read_count,
+    sender_key,
+)
 
 P = TypeVar("P")
 
@@ -127,7 +136,7 @@ def admit_v1_uplink(
     kind: V1Uplink[P],
     v2: Callable[[InputRecord, PartitionState, float], StageResult],
 ) -> tuple[Any, P] | StageResult:
-    """The prelude of an uplink record that the track and telemetry stages share: a v2 record
+    """The prelude of an uplink record that the response and telemetry stages share: a v2 record
     goes to ``v2``; a v1 envelope is opened, its payload decoded, checked to name its
     authenticated sender and to be keyed as it must be (``kind.identify``), and its message id
     admitted to the partition's replay state. Returns the opened envelope and its payload, or
@@ -168,3 +177,50 @@ def admit_v1_uplink(
         detail = refusal_detail(refused, sender, opened.message_id, stage.limits)
         return dlq(refused, detail, actor=sender, command_id=keyed.command_id)
     return opened, payload
+
+
+class EpochStage(Protocol):
+    """What ``accept_uplink_epoch`` reads of the stage it runs for."""
+
+    name: str
+    topics: PipelineTopics
+    opener: Any  # UplinkOpener: its directory
+    v2_openers: tuple[Any, Any] | None  # EpochOpener (pqc minimum, legacy minimum)
+
+
+def accept_uplink_epoch(
+    stage: EpochStage,
+    record: InputRecord,
+    state: PartitionState,
+    now: float,
+    parsed: ParsedEstablishment,
+    store: StateEpochStore,
+) -> StageResult:
+    """A vehicle's v2 uplink establishment: verified with the minimum key path of its
+    sender's capabilities and kept in this partition's state (at most ``EPOCHS_PER_SENDER``
+    per sender). Raises ``FleetbusError`` with the reason of a refusal."""
+    assert stage.v2_openers is not None
+    sender = parsed.establishment.sender
+    if record.key != sender.encode():
+        raise EnvelopeError("record key must be the sending vehicle", reason=ReasonCode.MALFORMED)
+    entry = stage.opener.directory.current(sender, at=now)
+    if entry.kind not in UPLINK_KINDS:
+        raise EnvelopeError(
+            f"uplink sender {sender!r} is a {entry.kind}, not a vehicle or edge unit",
+            reason=ReasonCode.POLICY_DENIED,
+        )
+    pqc, legacy = stage.v2_openers
+    opener = pqc if "pqc" in entry.capabilities else legacy
+    count_key = sender_key(EPOCH_COUNT_PREFIX, sender)
+    if read_count(state, count_key) >= EPOCHS_PER_SENDER:
+        on_commit(ENVELOPE_REJECTS.labels(role="bus", reason="sender_state_full").inc)
+        return dead_letter_result(
+            stage.name, stage.topics.dlq, record, ReasonCode.SENDER_STATE_FULL,
+            f"{sender} holds {EPOCHS_PER_SENDER} uplink epochs in this partition; "
+            "refused until one ends", now=now, actor=sender,
+        )  # fmt: skip
+    topic = record.topic
+    accepted = opener.open(record.value or b"", topic=topic, store=store)
+    if accepted.new:
+        add_to_count(state, count_key, 1)
+    return StageResult()

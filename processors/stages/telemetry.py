@@ -7,8 +7,6 @@ import json
 from collections.abc import Sequence
 from typing import Any, Final
 
-import cbor2
-
 from fleetbus.bus.commands import Telemetry, TelemetryBatch
 from fleetbus.bus.envelope import EnvelopeError, MessageKind
 from fleetbus.bus.envelope_v2 import Message, ParsedEstablishment, decode_record
@@ -24,22 +22,18 @@ from fleetbus.processors.engine import (
 from fleetbus.processors.policy import PolicyEngine
 from fleetbus.processors.stages.common import PipelineTopics, to_ms
 from fleetbus.processors.stages.opening import (
-    UPLINK_KINDS,
     UplinkKey,
     V1Uplink,
+    accept_uplink_epoch,
     admit_v1_uplink,
     check_stage_owns_replay,
 )
 from fleetbus.processors.uplink import (
-    EPOCH_COUNT_PREFIX,
     EPOCH_PREFIX,
-    EPOCHS_PER_SENDER,
     StateEpochStore,
     UplinkLimits,
     UplinkReplay,
-    add_to_count,
-    read_count,
-    sender_key,
+    expire_epochs,
     stored_until,
 )
 
@@ -117,38 +111,15 @@ class TelemetryStage:
         if self.v2_openers is None:
             return dlq(ReasonCode.UNSUPPORTED_VERSION, "wire format v2 is not read by this stage")
         value, topic = record.value or b"", self.topics.telemetry_raw
-        directory = self.opener.directory
-        pqc, legacy = self.v2_openers
+        pqc = self.v2_openers[0]
         store = StateEpochStore(state, self._secrets, pqc.rederive, skew_ms=self.skew_ms)
         try:
             parsed = decode_record(value, max_size=self.max_bytes)
             if isinstance(parsed, ParsedEstablishment):
-                sender = parsed.establishment.sender
-                if record.key != sender.encode():
-                    raise EnvelopeError(
-                        "record key must be the sending vehicle", reason=ReasonCode.MALFORMED
-                    )
-                entry = directory.current(sender, at=now)
-                if entry.kind not in UPLINK_KINDS:
-                    raise EnvelopeError(
-                        f"uplink sender {sender!r} is a {entry.kind}, not a vehicle or edge unit",
-                        reason=ReasonCode.POLICY_DENIED,
-                    )
-                opener = pqc if "pqc" in entry.capabilities else legacy
-                count_key = sender_key(EPOCH_COUNT_PREFIX, sender)
-                if read_count(state, count_key) >= EPOCHS_PER_SENDER:
-                    on_commit(ENVELOPE_REJECTS.labels(role="bus", reason="sender_state_full").inc)
-                    return dead_letter_result(
-                        self.name, self.topics.dlq, record, ReasonCode.SENDER_STATE_FULL,
-                        f"{sender} holds {EPOCHS_PER_SENDER} uplink epochs in this partition; "
-                        "refused until one ends", now=now, actor=sender,
-                    )  # fmt: skip
-                accepted = opener.open(value, topic=topic, store=store)
-                if accepted.new:
-                    add_to_count(state, count_key, 1)
-                return StageResult()
+                return accept_uplink_epoch(self, record, state, now, parsed, store)
             if not isinstance(parsed, Message):
                 raise EnvelopeError("a status record on telemetry.raw", reason=ReasonCode.MALFORMED)
+            store.check_keyed_by_sender(record.key, parsed.header.recipient, parsed.header.epoch_id)
             opened = pqc.open(value, topic=topic, store=store)
         except FleetbusError as exc:
             return dlq(exc.reason, f"telemetry v2 record rejected: {exc.reason.value}")
@@ -175,14 +146,7 @@ class TelemetryStage:
     def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
         due = state.due(now, self.deadline)
         self.replay.expire(state, due, now)
-        for key in due:
-            if not key.startswith(EPOCH_PREFIX):
-                continue
-            raw = state.get(key)
-            if raw is not None and stored_until(raw) < to_ms(now):
-                state.delete(key)  # the epoch ended: its window and record go
-                sender = cbor2.loads(raw)["sender"]
-                add_to_count(state, sender_key(EPOCH_COUNT_PREFIX, sender), -1)
+        expire_epochs(state, due, now)
         return StageResult()
 
 

@@ -1,9 +1,5 @@
 """The track stage: lifecycle, expiry and end-to-end latency of each command from its
-authorized record, status events and the vehicles' responses.
-
-Over 500 lines because the track stage is one state machine over three racing topics
-(authorized, status, responses) whose held responses, kept establishments and command entries
-share one partition-state layout and one tick.
+authorized record, status events and the vehicles' responses the response stage verified.
 """
 
 from __future__ import annotations
@@ -19,22 +15,14 @@ from fleetbus.bus.commands import (
     Response,
     SignedCommand,
     StatusEvent,
+    VerifiedResponse,
     uuid7_timestamp_ms,
-)
-from fleetbus.bus.envelope import EnvelopeError
-from fleetbus.bus.envelope_v2 import (
-    Direction,
-    Message,
-    ParsedEstablishment,
-    ParsedStatus,
-    decode_record,
 )
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.observability.metrics import BUS_LATENCY, COMMAND_LATENCY, ENVELOPE_REJECTS, on_commit
 from fleetbus.processors.audit import AuditEvent
 from fleetbus.processors.engine import (
     InputRecord,
-    Output,
     PartitionState,
     StageResult,
     dead_letter_result,
@@ -46,23 +34,13 @@ from fleetbus.processors.stages.common import (
     status_output,
     to_ms,
 )
-from fleetbus.processors.stages.opening import (
-    UPLINK_KINDS,
-    UplinkKey,
-    V1Uplink,
-    admit_v1_uplink,
-    check_stage_owns_replay,
-)
 from fleetbus.processors.uplink import (
     UplinkLimits,
-    UplinkReplay,
     add_to_count,
     read_count,
     sender_key,
     stored_until,
 )
-from fleetbus.providers.sealing import VerifiedRoots
-from fleetbus.providers.sealing_v2 import directory_verifier, open_status, verify_signed_record
 
 # --- track ---------------------------------------------------------------------------------
 
@@ -72,17 +50,14 @@ _FINAL: Final = frozenset({"succeeded", "failed", "rejected", "expired"})
 _HOLD: Final = "hold/"
 #: ``up/h/<vehicle key>``: held responses of that vehicle in this partition.
 _HELD_COUNT: Final = "up/h/"
-#: ``est/<vehicle key>/<epoch id hex>``: a v2 establishment the seal stage sent to that vehicle,
-#: kept until the epoch ends to be sent again when the vehicle reports it unknown.
-_EST: Final = "est/"
-#: ``est-sent/<vehicle key>/<epoch id hex>``: when it was last sent again (one per interval).
-_EST_SENT: Final = "est-sent/"
-#: Seconds between two re-deliveries of one establishment, however many statuses ask for it.
-EST_RESEND_INTERVAL_S: Final = 10.0
+#: What releases before the response stage kept here (uplink replay ids and their counts, kept
+#: establishments and their re-delivery times): that stage keeps them now, in its own state,
+#: so an upgraded worker's track stage drops them at its first tick.
+_MOVED: Final = ("up/id/", "up/n/", "est/", "est-sent/")
 
 
 class TrackStage:
-    """authorized + status + responses → delivered / succeeded / failed / expired events.
+    """authorized + status + verified responses → delivered / succeeded / failed / expired.
 
     State ``cmd/<id>``: issued/expiry times, each target vehicle's state and ``single`` (the
     command names one vehicle, so the target set is complete with its authorized record).
@@ -92,10 +67,10 @@ class TrackStage:
     other vehicle is held (``hold/<id>/<vehicle>``, at most ``held_per_sender`` per vehicle)
     until that vehicle's authorized record or sealed event arrives (then it counts) or the
     response expires (then it goes to the DLQ as ``policy_denied``); once the target set is
-    known to be complete it is refused at once. Responses must be keyed by their command id
-    (their replay state and their command's state live on that partition); the replay state is
-    ``UplinkReplay`` in this partition state. The tick marks vehicles still active after
-    expiry + skew as expired, judges expired held responses and forgets expired replay ids.
+    known to be complete it is refused at once. The responses come from the response stage
+    (``commands.responses.verified``, keyed by command id), which opened and verified them and
+    refused replays; this stage opens no envelope. The tick marks vehicles still active after
+    expiry + skew as expired and judges expired held responses.
     """
 
     name = "track"
@@ -104,28 +79,19 @@ class TrackStage:
         self,
         *,
         topics: PipelineTopics,
-        opener: Any,  # UplinkOpener of the bus sealer principal, without its own replay check
         clock_skew_s: float,
         max_message_bytes: int,
         retention_s: float = 300.0,
         limits: UplinkLimits | None = None,
-        sealer_principal: str | None = None,
     ) -> None:
-        check_stage_owns_replay(self.name, opener)
         self.topics = topics
-        self.opener = opener
-        # The bus's sealer id: whose v2 establishments this stage keeps for re-delivery, and
-        # to whom vehicles address their epoch statuses. None: v2 records are not read here.
-        self.sealer_principal = sealer_principal
-        self._roots = VerifiedRoots(1024)
         self.skew_s = clock_skew_s
         self.max_bytes = max_message_bytes
         self.retention_s = retention_s
         self.limits = limits or UplinkLimits()
-        self.replay = UplinkReplay(limits=self.limits, skew_s=clock_skew_s)
 
     def input_topics(self) -> Sequence[str]:
-        return [self.topics.authorized, self.topics.status, self.topics.responses]
+        return [self.topics.authorized, self.topics.status, self.topics.responses_verified]
 
     @staticmethod
     def _load(state: PartitionState, cid: str) -> dict[str, Any]:
@@ -202,14 +168,18 @@ class TrackStage:
                 self.name, self.topics.dlq, record, reason, detail, now=now, **kw
             )
 
-        admitted = admit_v1_uplink(self, record, state, now, RESPONSES, self._v2)
-        if isinstance(admitted, StageResult):
-            return admitted
-        opened, response = admitted
+        try:
+            verified = VerifiedResponse.decode(record.value or b"", max_size=self.max_bytes)
+        except FleetbusError as exc:
+            return dlq(exc.reason, f"verified response: {exc}")
+        response = verified.response
         cid, vid = response.command_id, response.vehicle_id
+        if record.key != cid.encode():
+            # The command's state lives on the partition of its id.
+            return dlq(ReasonCode.MALFORMED, "a verified response must be keyed by its command id")
         entry = self._load(state, cid)
         if vid in entry["vehicles"]:
-            return self._apply(state, entry, response, opened.key_path.name, now)
+            return self._apply(state, entry, response, verified.key_path, now)
         if entry.get("single") or "" in entry["vehicles"]:
             # The target set is complete (one vehicle, or rejected before any was named).
             return dlq(
@@ -218,107 +188,16 @@ class TrackStage:
                 actor=vid,
                 command_id=cid,
             )
-        return self._hold(record, state, response, opened, now)
-
-    def _v2(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
-        """A v2 record on commands.responses: the seal stage's copy of an establishment (kept),
-        or a vehicle's ``epoch_unknown`` status (answered with that establishment)."""
-
-        def dlq(reason: ReasonCode, detail: str, **kw: Any) -> StageResult:
-            on_commit(ENVELOPE_REJECTS.labels(role="bus", reason=reason.value).inc)
-            return dead_letter_result(
-                self.name, self.topics.dlq, record, reason, detail, now=now, **kw
-            )
-
-        value = record.value or b""
-        directory = self.opener.directory
-        if self.sealer_principal is None:
-            return dlq(ReasonCode.UNSUPPORTED_VERSION, "wire format v2 is not read by this stage")
-        try:
-            parsed = decode_record(value, max_size=self.max_bytes)
-            if isinstance(parsed, Message):
-                raise EnvelopeError(
-                    "v2 responses are not written by this release's vehicle agents",
-                    reason=ReasonCode.UNSUPPORTED_VERSION,
-                )
-            if isinstance(parsed, ParsedEstablishment):
-                est = parsed.establishment
-                if (
-                    est.sender != self.sealer_principal
-                    or est.direction is not Direction.DOWNLINK
-                    or est.topic != self.topics.outbound
-                    or record.key != est.recipient.encode()
-                ):
-                    raise EnvelopeError(
-                        "not a downlink establishment of this bus under its vehicle's key",
-                        reason=ReasonCode.WRONG_RECIPIENT,
-                    )
-                verifier = directory_verifier(
-                    directory, est.sender, est.sender_key_id, est.signature_suite, now
-                )
-                verify_signed_record(
-                    parsed, verifier, est.sender, est.sender_key_id, self._roots, now
-                )
-                key = f"{sender_key(_EST, est.recipient)}/{est.epoch_id.hex()}"
-                until = est.not_after_ms + to_ms(self.skew_s)
-                state.put(key, encode_cbor({"until": until, "record": value}))
-                return StageResult()
-            assert isinstance(parsed, ParsedStatus)
-            status = open_status(
-                value,
-                topic=self.topics.responses,
-                own_id=self.sealer_principal,
-                directory=directory,
-                clock=lambda: now,
-                skew_s=self.skew_s,
-                max_size=self.max_bytes,
-                roots=self._roots,
-            )
-            if record.key != status.sender.encode():
-                raise EnvelopeError(
-                    "a status must be keyed by its sender", reason=ReasonCode.MALFORMED
-                )
-            if directory.current(status.sender, at=now).kind not in UPLINK_KINDS:
-                raise EnvelopeError(
-                    f"{status.sender!r} is not a vehicle or edge unit",
-                    reason=ReasonCode.POLICY_DENIED,
-                )
-        except EnvelopeError as exc:
-            return dlq(exc.reason, f"v2 record rejected: {exc.reason.value}")
-        except FleetbusError as exc:
-            return dlq(exc.reason, f"v2 record rejected: {exc.reason.value}")
-        vid, epoch = status.sender, status.epoch_id.hex()
-        detail: dict[str, str | int] = {
-            "vehicle": vid,
-            "epoch": epoch,
-            "sequence": status.sequence,
-        }
-        raw = state.get(f"{sender_key(_EST, vid)}/{epoch}")
-        if raw is None:
-            # Past its end, or never sent by this bus: the vehicle's held messages expire
-            # and their commands are reported expired; the next command opens a new epoch.
-            return StageResult(
-                audit=[AuditEvent("bus", "epoch_unknown", None, ReasonCode.EPOCH_UNKNOWN, detail)]
-            )
-        sent_key = f"{sender_key(_EST_SENT, vid)}/{epoch}"
-        last = state.get(sent_key)
-        if last is not None and now - cbor2.loads(last) < EST_RESEND_INTERVAL_S:
-            return StageResult()
-        state.put(sent_key, encode_cbor(now))
-        return StageResult(
-            outputs=[Output(self.topics.outbound, vid.encode(), cbor2.loads(raw)["record"])],
-            audit=[AuditEvent("bus", "epoch_redelivered", None, None, detail)],
-        )
+        return self._hold(record, state, verified, now)
 
     def _hold(
         self,
         record: InputRecord,
         state: PartitionState,
-        response: Response,
-        opened: Any,
+        verified: VerifiedResponse,
         now: float,
     ) -> StageResult:
-        cid, vid = response.command_id, response.vehicle_id
+        cid, vid = verified.command_id, verified.vehicle_id
         key = self._hold_key(cid, vid)
         result = StageResult()
         old = state.get(key)
@@ -344,13 +223,13 @@ class TrackStage:
             result.outcome = full.outcome
             return result
         add_to_count(state, count_key, 1)
-        until = to_ms(opened.expires_at + self.skew_s)
+        until = to_ms(verified.expires_at + self.skew_s)
         held = {
             "until": until,
             "command_id": cid,
             "vehicle": vid,
-            "payload": opened.payload,
-            "key_path": opened.key_path.name,
+            "payload": verified.response.encode(),
+            "key_path": verified.key_path,
             "topic": record.topic,
             "partition": record.partition,
             "offset": record.offset,
@@ -457,11 +336,13 @@ class TrackStage:
     def deadline(self, key: str, value: bytes) -> float | None:
         """When ``tick`` must look at a command: at expiry + skew while a vehicle is still
         active (to expire it), then at the end of the retention (to forget the command); a
-        held response, a kept establishment and an uplink id when they end."""
-        if key.startswith((_HOLD, _EST)):
+        held response when it ends; what an earlier release kept here at once."""
+        if key.startswith(_MOVED):
+            return 0.0
+        if key.startswith(_HOLD):
             return stored_until(value) / 1000
         if not key.startswith("cmd/"):
-            return self.replay.deadline(key, value)
+            return None
         entry: dict[str, Any] = cbor2.loads(value)
         expires: float = entry["expires_at"] / 1000
         if not expires:
@@ -485,13 +366,8 @@ class TrackStage:
             if held["until"] < now_ms:
                 result.extend(self._judge_held(state, key, held, now))
         for key in due:
-            if not key.startswith(_EST):
-                continue
-            raw = state.get(key)
-            if raw is not None and cbor2.loads(raw)["until"] < now_ms:
+            if key.startswith(_MOVED):
                 state.delete(key)
-                state.delete(_EST_SENT + key.removeprefix(_EST))
-        self.replay.expire(state, due, now)
         for key in due:
             if not key.startswith("cmd/"):
                 continue
@@ -531,21 +407,3 @@ class TrackStage:
             elif now > expires + self.skew_s + self.retention_s:
                 state.delete(key)
         return result
-
-
-def _identify_responses(response: Response, opened: Any) -> UplinkKey | str:
-    if response.vehicle_id != opened.sender or response.command_id != opened.message_id:
-        return "response names another vehicle or command"
-    # The command's state and the response's replay state live on the partition of the
-    # command id: under another key the response would meet neither.
-    cid = response.command_id
-    return UplinkKey(cid, "record key must be the command id", command_id=cid)
-
-
-#: The v1 records this stage reads (``admit_v1_uplink``).
-RESPONSES: Final = V1Uplink(
-    topic=lambda topics: topics.responses,
-    what="response",
-    decode=Response.decode,
-    identify=_identify_responses,
-)

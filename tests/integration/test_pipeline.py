@@ -214,6 +214,22 @@ def test_wire_v2_commands_run_exactly_once_with_one_establishment_per_vehicle(
             assert handles[0].command_id.encode() not in r.value
         assert kinds[("V-0001", "est")] == 1
         assert kinds[("V-0001", "msg")] == 2 + ("V-0001" in members)
+        # The answers went back in v2 keyed by vehicle id (the bus sealer announces wire2), and
+        # reached the track stage verified, keyed by command id (issues 12, 13).
+        answers = [
+            r
+            for r in read_topic(settings.kafka_bootstrap, topic(settings, "commands_responses"))
+            if isinstance(decode_record(r.value), Message)
+        ]
+        vehicles = {"V-0001", *members}
+        assert len(answers) >= 2 + len(members)  # (a redelivered command is answered again)
+        assert {r.key.decode() for r in answers} == vehicles
+        verified = read_topic(
+            settings.kafka_bootstrap, topic(settings, "commands_responses_verified")
+        )
+        assert sorted(r.key.decode() for r in verified) == sorted(
+            [handles[0].command_id, handles[1].command_id] + [handles[2].command_id] * len(members)
+        )
         # Telemetry: ten readings, one v2 batch (after the vehicle's uplink establishment),
         # exported per reading.
         for i in range(10):
@@ -510,14 +526,14 @@ def test_qkd_link_outage_fails_over_to_xwing_visibly(
 def test_worker_refuses_to_start_when_co_partitioned_topics_differ(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    """commands.responses made earlier with other partitions than commands.authorized and
-    commands.status, which the track stage joins by partition: the worker must not start."""
+    """commands.responses.verified made earlier with other partitions than commands.authorized
+    and commands.status, which the track stage joins by partition: the worker must not start."""
     fleet = make_test_fleet(tmp_path, vehicles=1)
     prefix = f"t{uuid.uuid4().hex[:10]}."
     wide = 3  # settings_for makes the others with 2
-    ensure_topics(kafka_bootstrap, [f"{prefix}commands.responses"], partitions=wide)
+    ensure_topics(kafka_bootstrap, [f"{prefix}commands.responses.verified"], partitions=wide)
     settings = fleet.settings_for(kafka_bootstrap, prefix)
-    responses = topic(settings, "commands_responses")
+    responses = topic(settings, "commands_responses_verified")
     assert settings.partitions != wide
     worker = WorkerProcess(worker_env(settings, tmp_path), tmp_path / "worker.log")
     try:

@@ -1,5 +1,6 @@
 """One trace across every real hop: CommandPublisher → authorize → seal → VehicleAgent (handler,
-signed response) → track, on the real broker, with the production stage runners in this process.
+signed response) → responses → track, on the real broker, with the production stage runners in
+this process.
 
 The stages are the ``TransactionalStage`` runners ``build_pipeline`` makes for ``fleetbus
 worker`` (the worker runs the same objects as faust services), driven here by an asyncio loop in
@@ -260,6 +261,7 @@ def test_a_command_is_one_trace_from_publisher_to_vehicle_and_back(
         full(settings, "commands_authorized"),
     )
     outbound, responses = full(settings, "commands_outbound"), full(settings, "commands_responses")
+    verified = full(settings, "commands_responses_verified")
     prefix = settings.topics.prefix
 
     # The dispatcher's PRODUCER span starts the trace (no span was current when send ran).
@@ -334,12 +336,19 @@ def test_a_command_is_one_trace_from_publisher_to_vehicle_and_back(
     assert handler.end_time is not None
     assert answer.start_time >= handler.end_time  # answered after the handler ran
     assert attrs(answer)["messaging.kafka.message.key"] == handle.command_id
-    track_response = one(
-        kafka_spans(in_trace, SpanKind.CONSUMER, responses, runners.group("track")),
-        "track of the response",
+    # The response stage verifies the answer, the track stage reads what it verified.
+    verify_response = one(
+        kafka_spans(in_trace, SpanKind.CONSUMER, responses, runners.group("responses")),
+        "response stage of the response",
         in_trace,
     )
-    assert_child_of(track_response, answer)
+    assert_child_of(verify_response, answer)
+    track_response = one(
+        kafka_spans(in_trace, SpanKind.CONSUMER, verified, runners.group("track")),
+        "track of the verified response",
+        in_trace,
+    )
+    assert_child_of(track_response, verify_response)
 
     # Messaging semantic conventions on every consumer span, pointing at real records.
     records = {
@@ -349,11 +358,12 @@ def test_a_command_is_one_trace_from_publisher_to_vehicle_and_back(
             "commands_authorized",
             "commands_outbound",
             "commands_responses",
+            "commands_responses_verified",
             "commands_status",
         )
     }
     positions = {(r.topic, r.partition, r.offset) for rs in records.values() for r in rs}
-    for span in (authorize, seal, track_authorized, receive, track_response):
+    for span in (authorize, seal, track_authorized, receive, verify_response, track_response):
         a = attrs(span)
         assert span.name == f"process {a['messaging.destination.name']}"
         assert a["messaging.system"] == "kafka"
@@ -384,7 +394,7 @@ def test_a_command_is_one_trace_from_publisher_to_vehicle_and_back(
         attrs(answer)["messaging.kafka.destination.partition"],
         attrs(answer)["messaging.kafka.offset"],
     ) == (response_record.partition, response_record.offset)
-    for span in (publish, authorize, receive, answer, track_response):
+    for span in (publish, authorize, receive, answer, verify_response, track_response):
         assert attrs(span)["server.address"] == "127.0.0.1", span.name
         assert attrs(span)["messaging.client.id"], span.name
     succeeded = [

@@ -52,7 +52,7 @@ from tests.support.pipeline import DISPATCHER, TestFleet, make_test_fleet, read_
 MASTER_SAE = "sae-hub"
 EDGE_SAE = "sae-edge-1"
 EDGE = "E-0001"
-STAGES = ("authorize", "seal", "track", "telemetry")
+STAGES = ("authorize", "seal", "responses", "track", "telemetry")
 
 
 class KMEProcess:

@@ -7,7 +7,8 @@ from prometheus_client import REGISTRY
 
 from fleetbus.bus.commands import Response
 from fleetbus.processors.eos import PartitionState
-from fleetbus.processors.stages import AuthorizedCommand, TrackStage
+from fleetbus.processors.stages import AuthorizedCommand
+from tests.support.responses import ResponsePath
 from tests.unit.test_stages import (
     NOW,
     TOPICS,
@@ -25,7 +26,7 @@ def sample(name: str, outcome: str) -> float:
 
 
 def test_bus_latency_runs_from_authorization_to_the_answer(fleet: Fleet) -> None:  # noqa: F811
-    stage = TrackStage(
+    stage = ResponsePath(
         topics=TOPICS, opener=uplink(fleet), clock_skew_s=30, max_message_bytes=32768
     )
     state = PartitionState()

@@ -14,7 +14,7 @@ from typing import Any
 import cbor2
 import pytest
 
-from fleetbus.bus.commands import Response, StatusEvent, Target
+from fleetbus.bus.commands import Response, StatusEvent, Target, VerifiedResponse
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.processors.eos import AUDIT_HEAD_KEY, PartitionState
 from fleetbus.processors.stages import AuthorizedCommand, RejectedCommand, TrackStage
@@ -28,8 +28,6 @@ from tests.unit.test_stages import (
     outs,
     rec,
     signed,
-    uplink,
-    vehicle_envelope,
 )
 from tests.unit.test_stages import fleet as fleet
 
@@ -210,7 +208,6 @@ def test_entries_that_are_no_timers_have_no_deadline(fleet: Fleet) -> None:
 def _track(fleet: Fleet) -> TrackStage:
     return TrackStage(
         topics=TOPICS,
-        opener=uplink(fleet),
         clock_skew_s=30,
         max_message_bytes=32768,
         retention_s=300,
@@ -252,12 +249,11 @@ def test_track_forgets_a_finished_command_after_retention_without_expiring_it(
     cid = AuthorizedCommand.decode(value).command_id
     stage.process(rec(TOPICS.authorized, value), state, NOW)
     response = Response(command_id=cid, vehicle_id="V-1", status=200, executed_at=NOW)
-    env = vehicle_envelope(fleet, "V-1", "rsp", TOPICS.responses, cid, response.encode())
-    stage.process(rec(TOPICS.responses, env), state, NOW + 1)
+    verified = VerifiedResponse(response, "xwing", 1, NOW + 60).encode()
+    stage.process(rec(TOPICS.responses_verified, verified), state, NOW + 1)
     state = _restored(state)
     forget = _deadline(stage, state, f"cmd/{cid}")
     assert not stage.tick(0, state, forget).outputs
-    # (The response's uplink replay entries expire on their own, earlier deadline.)
     assert commands(state.changes()) == {}
     result = stage.tick(0, state, forget + MS)
     assert not result.outputs

@@ -1,11 +1,11 @@
 """Every hostile-corpus case through the component that reads its topic, without Kafka.
 
 ``commands.requested`` / ``commands.approvals`` go through ``AuthorizeStage``, responses
-through ``TrackStage`` and telemetry through ``TelemetryStage`` (both with the worker's
-``UplinkOpener``), ``commands.outbound`` through a ``VehicleAgent``'s record handler, ``keys``
-through a ``KeyDirectory`` loaded from the corpus fleet's ``directory.cbor``. Kafka's
-partitioning is simulated (murmur2 of the key over 2 partitions, each with its own state), as the
-integration test's worker sees it. The clock is the corpus's fixed ``open_at``.
+through ``ResponseStage`` then ``TrackStage`` and telemetry through ``TelemetryStage`` (both
+with the worker's ``UplinkOpener``), ``commands.outbound`` through a ``VehicleAgent``'s record
+handler, ``keys`` through a ``KeyDirectory`` loaded from the corpus fleet's ``directory.cbor``.
+Kafka's partitioning is simulated (murmur2 of the key over 2 partitions, each with its own
+state), as the integration test's worker sees it. The clock is the corpus's fixed ``open_at``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from fleetbus.bus.directory import (
     load_directory,
 )
 from fleetbus.bus.envelope import decode_envelope
+from fleetbus.bus.envelope_v2 import Direction
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.bus.keys import KeyPath
 from fleetbus.bus.registry import load_key_provider
@@ -38,14 +39,15 @@ from fleetbus.processors.stages import (
     AuthorizeStage,
     PipelineTopics,
     TelemetryStage,
-    TrackStage,
     UplinkOpener,
 )
 from fleetbus.processors.uplink import UplinkLimits
 from fleetbus.providers.keypath import KeyPathRunner
 from fleetbus.providers.sealing import EnvelopeOpener
+from fleetbus.providers.sealing_v2 import EpochOpener
 from fleetbus.sdk.transport import MemoryTransport
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
+from tests.support.responses import ResponsePath
 from tests.vectors.hostile.corpus import (
     BUS_TARGETS,
     FLEET,
@@ -136,13 +138,24 @@ class Bus:
             max_message_bytes=32 * 1024,
         )
         limits = UplinkLimits(max_lifetime_s=WORKER["uplink_max_lifetime_s"])
-        self.track = TrackStage(
+
+        def v2(minimum: str) -> EpochOpener:
+            return EpochOpener(
+                sealer_keys, world.directory, runner(), KeyPath.parse(minimum),
+                direction=Direction.UPLINK, clock=lambda: NOW,
+                max_lifetime_s=WORKER["uplink_max_lifetime_s"],
+            )  # fmt: skip
+
+        # Responses go through the response stage, then what it verifies through the track
+        # stage, as the worker runs them.
+        self.track = ResponsePath(
             topics=TOPICS,
             opener=uplink(),
             clock_skew_s=30,
             max_message_bytes=32 * 1024,
             limits=limits,
             sealer_principal="bus-sealer",
+            v2_openers=(v2("xwing"), v2("x25519")),
         )
         self.telemetry = TelemetryStage(
             topics=TOPICS,

@@ -23,6 +23,7 @@ from fleetbus.bus.commands import (
     StatusEvent,
     Target,
     Telemetry,
+    VerifiedResponse,
 )
 from fleetbus.bus.directory import FleetRoot
 from fleetbus.bus.envelope import decode_envelope
@@ -47,13 +48,13 @@ from fleetbus.processors.stages import (
     RejectedCommand,
     SealStage,
     TelemetryStage,
-    TrackStage,
     UplinkOpener,
     profile_from_settings,
 )
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer
 from tests.support.envelope import Fleet, fleet_of, issuer
+from tests.support.responses import ResponsePath
 
 NOW = time.time() - 7200  # the openers get this clock too: results do not depend on run time
 TOPICS = PipelineTopics.from_settings(FleetbusSettings().topics)
@@ -129,6 +130,8 @@ def _command_id_key(topic: str, value: bytes | None) -> bytes:
             return SignedApproval.decode(value).approval.command_id.encode()
         if topic == TOPICS.responses and value is not None:
             return decode_envelope(value).header.message_id.encode()
+        if topic == TOPICS.responses_verified and value is not None:
+            return VerifiedResponse.decode(value).command_id.encode()
         if topic == TOPICS.telemetry_raw and value is not None:
             return decode_envelope(value).header.sender.encode()
     except Exception:  # junk stays junk; the stage under test reports it
@@ -450,7 +453,7 @@ def vehicle_envelope(
 
 def test_track_turns_responses_into_final_states_and_expires_the_rest(fleet: Fleet) -> None:
     stage, state = (
-        TrackStage(topics=TOPICS, opener=uplink(fleet), clock_skew_s=30, max_message_bytes=32768),
+        ResponsePath(topics=TOPICS, opener=uplink(fleet), clock_skew_s=30, max_message_bytes=32768),
         PartitionState(),
     )
     value = authorized(fleet, "V-1")

@@ -1,4 +1,4 @@
-"""Uplink (vehicle → bus) guarantees of the track and telemetry stages, without Kafka:
+"""Uplink (vehicle → bus) guarantees of the response, track and telemetry stages, without Kafka:
 outcomes only from target vehicles whatever the topic order, replay state in the partition
 state (per sender, bounded, rolled back with the transaction, restored after a restart)."""
 
@@ -17,6 +17,7 @@ from fleetbus.bus.commands import (
     StatusEvent,
     Target,
     Telemetry,
+    VerifiedResponse,
 )
 from fleetbus.bus.directory import FleetRoot
 from fleetbus.bus.envelope import EnvelopeError
@@ -28,8 +29,8 @@ from fleetbus.processors.eos import DeadLetter, InputRecord, PartitionState, Sta
 from fleetbus.processors.stages import (
     AuthorizedCommand,
     PipelineTopics,
+    ResponseStage,
     TelemetryStage,
-    TrackStage,
     UplinkOpener,
     profile_from_settings,
 )
@@ -37,6 +38,7 @@ from fleetbus.processors.uplink import UplinkLimits
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer, ReplayCache
 from tests.support.envelope import Fleet, fleet_of, issuer
+from tests.support.responses import ResponsePath
 
 NOW = time.time() - 7200  # every clock below is fixed: results do not depend on run time
 TOPICS = PipelineTopics.from_settings(FleetbusSettings().topics)
@@ -77,8 +79,9 @@ def uplink(fleet: Fleet, *, check_replay: bool = False) -> UplinkOpener:
     return UplinkOpener(fleet.directory, one("xwing"), one("x25519"), clock=lambda: NOW)
 
 
-def track(fleet: Fleet, limits: UplinkLimits | None = None) -> TrackStage:
-    return TrackStage(
+def track(fleet: Fleet, limits: UplinkLimits | None = None) -> ResponsePath:
+    """The response stage feeding the track stage (their states apart, as in the worker)."""
+    return ResponsePath(
         topics=TOPICS,
         opener=uplink(fleet),
         clock_skew_s=SKEW,
@@ -202,7 +205,8 @@ def test_a_non_target_answering_before_the_authorized_record_does_not_succeed(
     # The held forgery is judged when it expires: DLQ with its own bytes, never an outcome.
     judged = stage.tick(0, state, NOW + 300 + SKEW + 1)
     [letter] = letters(judged)
-    assert (letter.reason, letter.value) == (ReasonCode.POLICY_DENIED, forged)
+    assert letter.reason is ReasonCode.POLICY_DENIED
+    assert VerifiedResponse.decode(letter.value or b"").vehicle_id == "V-2"
     assert ("succeeded", "V-2") not in statuses(judged)
     assert [k for k, _ in state.items() if k.startswith(("hold/", "up/h/"))] == []
 
@@ -234,7 +238,8 @@ def test_a_targets_early_response_counts_when_its_authorized_record_arrives(
     )
     assert statuses(released) == [("succeeded", "V-2")]
     later = stage.tick(0, state, NOW + 300 + SKEW + 1)
-    assert [(d.reason.value, d.value) for d in letters(later)] == [("policy_denied", stranger)]
+    judged = [(d.reason.value, VerifiedResponse.decode(d.value or b"")) for d in letters(later)]
+    assert [(reason, v.vehicle_id) for reason, v in judged] == [("policy_denied", "V-3")]
     assert ("succeeded", "V-3") not in statuses(later)
 
 
@@ -301,23 +306,30 @@ def test_telemetry_under_another_key_is_refused(fleet: Fleet) -> None:
 
 def test_an_aborted_transaction_loses_no_response(fleet: Fleet) -> None:
     """The batch is read again after PartitionState.rollback (what the runner does when the
-    Kafka transaction fails): its responses count, none is refused as replayed."""
-    stage, state = track(fleet), PartitionState()
-    commands = [authorized(fleet, Target(vehicle="V-1"), "V-1") for _ in range(3)]
-    for cid, auth in commands:
-        stage.process(rec(TOPICS.authorized, auth, cid), state, NOW)
-    state.commit()
-    batch = [rec(TOPICS.responses, response(fleet, "V-1", cid), cid) for cid, _ in commands]
-    for record in batch:
-        assert statuses(stage.process(record, state, NOW + 1)) == [("succeeded", "V-1")]
+    Kafka transaction fails): each response is verified and forwarded again, none is refused
+    as replayed; once committed, the same envelope is."""
+    stage, state = track(fleet).responses, PartitionState()
+    cids = [authorized(fleet, Target(vehicle="V-1"), "V-1")[0] for _ in range(3)]
+    batch = [rec(TOPICS.responses, response(fleet, "V-1", cid), cid) for cid in cids]
+
+    def forwarded(result: StageResult) -> list[str]:
+        return [
+            VerifiedResponse.decode(o.value or b"").command_id
+            for o in result.outputs
+            if o.topic == TOPICS.responses_verified
+        ]
+
+    for record, cid in zip(batch, cids, strict=True):
+        assert forwarded(stage.process(record, state, NOW + 1)) == [cid]
     state.rollback()  # the transaction aborted mid-batch
-    for record in batch:
+    for record, cid in zip(batch, cids, strict=True):
         result = stage.process(record, state, NOW + 2)
         assert reasons(result) == []
-        assert statuses(result) == [("succeeded", "V-1")]
+        assert forwarded(result) == [cid]
     state.commit()
     replay = stage.process(batch[0], state, NOW + 3)
     assert reasons(replay) == ["replayed"]
+    assert forwarded(replay) == []
 
 
 def test_an_aborted_transaction_loses_no_telemetry(fleet: Fleet) -> None:
@@ -382,7 +394,7 @@ def test_a_rolled_back_expiry_is_done_again(fleet: Fleet) -> None:
 
 def test_the_stages_refuse_an_opener_with_its_own_replay_set(fleet: Fleet) -> None:
     with pytest.raises(ConfigError):
-        TrackStage(
+        ResponseStage(
             topics=TOPICS,
             opener=uplink(fleet, check_replay=True),
             clock_skew_s=SKEW,

@@ -1,7 +1,7 @@
 """Wire format v2 in the pipeline, without Kafka: the seal stage writes establishment + message
-to vehicles announcing ``wire2``, the vehicle agent keeps epochs and answers ``epoch_unknown``,
-the track stage re-delivers the establishment, and nothing is executed twice
-(docs/wire-format.md V2.7, V2.10).
+to vehicles announcing ``wire2``, the vehicle agent keeps epochs, answers ``epoch_unknown`` and
+answers in v2 keyed by vehicle id, the response stage verifies those answers and re-delivers
+the establishment, and nothing is executed twice (docs/wire-format.md V2.7, V2.10).
 
 Over 500 lines because the v2 cases share one fleet, the stage builders and a recording vehicle.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import cbor2
 import pytest
 
-from fleetbus.bus.commands import Command, SignedCommand, Target, TelemetryBatch
+from fleetbus.bus.commands import Command, SignedCommand, StatusEvent, Target, TelemetryBatch
 from fleetbus.bus.directory import FleetRoot
 from fleetbus.bus.envelope_v2 import (
     Direction,
@@ -46,9 +46,9 @@ from fleetbus.processors.stages import (
     AuthorizedCommand,
     PipelineTopics,
     ProfileChoice,
+    ResponseStage,
     SealStage,
     TelemetryStage,
-    TrackStage,
     UplinkOpener,
     profile_from_settings,
 )
@@ -58,6 +58,7 @@ from fleetbus.providers.sealing_v2 import EpochOpener, EpochSealer
 from fleetbus.sdk.transport import MemoryTransport
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent, VehicleIdentity
 from tests.support.envelope import Fleet, fleet_of, issuer
+from tests.support.responses import ResponsePath
 
 NOW = time.time() - 7200
 SETTINGS = FleetbusSettings()
@@ -104,7 +105,7 @@ def seal_stage(fleet: Fleet, wire_version: int = 2) -> SealStage:
     )
 
 
-def track_stage(fleet: Fleet) -> TrackStage:
+def response_stage(fleet: Fleet) -> ResponseStage:
     runner = KeyPathRunner({n: load_key_provider(n) for n in ("xwing", "x25519")})
 
     def one(minimum: str) -> EnvelopeOpener:
@@ -117,12 +118,19 @@ def track_stage(fleet: Fleet) -> TrackStage:
             clock=lambda: NOW,
         )
 
-    return TrackStage(
+    def v2(minimum: str) -> EpochOpener:
+        return EpochOpener(
+            fleet.files["bus-sealer"].key_set(), fleet.directory, runner,
+            KeyPath.parse(minimum), direction=Direction.UPLINK, clock=lambda: NOW,
+        )  # fmt: skip
+
+    return ResponseStage(
         topics=TOPICS,
         opener=UplinkOpener(fleet.directory, one("xwing"), one("x25519"), clock=lambda: NOW),
         clock_skew_s=30,
         max_message_bytes=64 * 1024,
         sealer_principal="bus-sealer",
+        v2_openers=(v2("xwing"), v2("x25519")),
     )
 
 
@@ -236,19 +244,77 @@ def test_vehicle_opens_executes_once_and_answers_redelivery(fleet: Fleet, tmp_pa
     assert list(vehicles.executed.values()) == [1]
     assert vehicles.agent.stats.epochs == 1
     answers = [s for s in vehicles.sent if s[0] == TOPICS.responses]
-    assert len(answers) == 1
+    # The bus announces wire2: the vehicle's uplink epoch for answers, then the answer.
+    assert [(key, type(decode_record(v))) for _, key, v in answers] == [
+        ("V-1", ParsedEstablishment),
+        ("V-1", Message),
+    ]
     vehicles.feed(outputs(result, TOPICS.outbound)[-1].value, b"V-1")  # redelivered
     assert list(vehicles.executed.values()) == [1]
-    assert len([s for s in vehicles.sent if s[0] == TOPICS.responses]) == 2  # answered again
+    again = [s for s in vehicles.sent if s[0] == TOPICS.responses][2:]
+    # Answered again, without the establishment the broker has acknowledged.
+    assert [(key, type(decode_record(v))) for _, key, v in again] == [("V-1", Message)]
+
+
+def test_v2_answers_are_verified_by_vehicle_and_reach_the_track_stage_by_command(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """Issue 13: the answer travels in v2 keyed by vehicle id; the response stage opens it in
+    the vehicle's uplink epoch, refuses its copies and forwards it keyed by command id; the
+    track stage turns it into the command's outcome."""
+    seal, vehicles = seal_stage(fleet), Vehicles(fleet, tmp_path)
+    path = ResponsePath(
+        topics=TOPICS,
+        opener=response_stage(fleet).opener,
+        clock_skew_s=30,
+        max_message_bytes=64 * 1024,
+        sealer_principal="bus-sealer",
+        v2_openers=response_stage(fleet).v2_openers,
+    )
+    track_state = PartitionState()
+    auth = authorized(fleet, "V-1")
+    cid = (auth.key or b"").decode()
+    assert not path.process(auth, track_state, NOW).outputs
+    for out in outputs(seal.process(auth, PartitionState(), NOW), TOPICS.outbound):
+        vehicles.feed(out.value, out.key)
+    (_, _, est), (_, _, message) = [s for s in vehicles.sent if s[0] == TOPICS.responses]
+
+    def feed(key: bytes, value: bytes) -> StageResult:
+        return path.process(
+            InputRecord(TOPICS.responses, 0, next(_offsets), key, value), track_state, NOW
+        )
+
+    def reason(result: StageResult) -> str:
+        return DeadLetter.decode(outputs(result, TOPICS.dlq)[0].value).reason.value
+
+    assert reason(feed(b"V-1", message)) == "epoch_unknown"  # before its establishment
+    assert feed(b"V-1", est).outputs == []
+    assert reason(feed(cid.encode(), message)) == "malformed"  # v2 is keyed by the vehicle
+    flipped = message[:-1] + bytes([message[-1] ^ 1])
+    assert reason(feed(b"V-1", flipped)) == "tampered"
+    answered = feed(b"V-1", message)
+    [status] = outputs(answered, TOPICS.status)
+    event = StatusEvent.decode(status.value)
+    assert (event.command_id, str(event.state), event.vehicle_id) == (cid, "succeeded", "V-1")
+    assert [a.detail.get("key_path") for a in answered.audit] == ["xwing"]
+    assert reason(feed(b"V-1", message)) == "replayed"  # the epoch's window
+    # The same answer sealed again (after a redelivery): a new sequence, the same message id.
+    vehicles.feed(
+        outputs(seal.process(auth, PartitionState(), NOW), TOPICS.outbound)[-1].value, b"V-1"
+    )
+    (_, key, resent) = [s for s in vehicles.sent if s[0] == TOPICS.responses][-1]
+    assert reason(feed(key.encode(), resent)) == "replayed"
+    # The response stage's state holds the vehicle's epoch and ids, keyed by the vehicle.
+    assert all("V-1" in k or "bus-sealer" in k for k, _ in path.response_state().items())
 
 
 def test_lost_epoch_is_recovered_through_status_and_redelivery(
     fleet: Fleet, tmp_path: Path
 ) -> None:
-    seal, track, vehicles = seal_stage(fleet), track_stage(fleet), Vehicles(fleet, tmp_path)
+    seal, track, vehicles = seal_stage(fleet), response_stage(fleet), Vehicles(fleet, tmp_path)
     track_state = PartitionState()
     first = seal.process(authorized(fleet, "V-1"), PartitionState(), NOW)
-    # The track stage keeps the copy of the establishment (same key as the vehicle's status).
+    # The response stage keeps the copy of the establishment (same key as the vehicle's status).
     [copy] = outputs(first, TOPICS.responses)
     kept = track.process(
         InputRecord(TOPICS.responses, 0, 1, copy.key, copy.value), track_state, NOW
@@ -292,7 +358,8 @@ def test_a_held_message_survives_a_restart_of_the_agent(fleet: Fleet, tmp_path: 
     after = Vehicles(fleet, tmp_path)  # same store file, nothing read again from Kafka
     after.feed(establishment.value, b"V-1")
     assert list(after.executed.values()) == [1]
-    assert [topic for topic, _key, _value in after.sent] == [TOPICS.responses]  # its answer
+    # Its answer only: in v2, the uplink epoch's establishment and the message, on responses.
+    assert {topic for topic, _key, _value in after.sent} == {TOPICS.responses}
     # Released once: the establishment again runs nothing, nor does the message itself.
     after.feed(establishment.value, b"V-1")
     after.feed(message.value, b"V-1")
@@ -322,10 +389,10 @@ def test_a_hold_the_store_cannot_write_is_read_again_not_committed(
     vehicles.agent.close()
 
 
-def test_track_stage_refuses_foreign_establishments_and_unknown_epochs(
+def test_response_stage_refuses_foreign_establishments_and_unknown_epochs(
     fleet: Fleet, tmp_path: Path
 ) -> None:
-    track, vehicles = track_stage(fleet), Vehicles(fleet, tmp_path)
+    track, vehicles = response_stage(fleet), Vehicles(fleet, tmp_path)
     state = PartitionState()
     first = seal_stage(fleet).process(authorized(fleet, "V-1"), PartitionState(), NOW)
     [copy] = outputs(first, TOPICS.responses)
@@ -446,6 +513,45 @@ def test_telemetry_v2_rejects(fleet: Fleet, tmp_path: Path) -> None:
     flipped = message[:-1] + bytes([message[-1] ^ 1])
     assert reason(b"V-1", flipped, state) == "tampered"
     assert reason(b"V-3", message, state) == "malformed"
+
+
+def test_a_mis_keyed_copy_does_not_spend_the_senders_sequence(fleet: Fleet, tmp_path: Path) -> None:
+    """A copy of a batch under another vehicle's key is refused before it is opened: opening
+    would record its sequence number, and the sender's own batch would then be "replayed"."""
+    vehicles, stage, state = Vehicles(fleet, tmp_path), telemetry_stage(fleet), PartitionState()
+    vehicles.agent.publish_telemetry("V-1", {"speed_kmh": 3}, at=NOW)
+    (_, est), (_, message) = telemetry_records(vehicles)
+    stage.process(InputRecord(TOPICS.telemetry_raw, 0, 1, b"V-1", est), state, NOW)
+    copy = stage.process(InputRecord(TOPICS.telemetry_raw, 0, 2, b"V-3", message), state, NOW)
+    assert DeadLetter.decode(outputs(copy, TOPICS.dlq)[0].value).reason.value == "malformed"
+    own = stage.process(InputRecord(TOPICS.telemetry_raw, 0, 3, b"V-1", message), state, NOW)
+    assert not outputs(own, TOPICS.dlq)
+    assert len(outputs(own, TOPICS.telemetry_verified)) == 1
+
+
+def test_a_v2_answer_rewrites_its_window_not_its_epoch(fleet: Fleet, tmp_path: Path) -> None:
+    """Each message moves its epoch's replay window; the window is kept apart from the epoch
+    (which holds the 1-5 kB establishment record), so a message writes a few bytes of state and
+    of its changelog, not the establishment again (measured: docs/performance.md)."""
+    seal, vehicles, stage = seal_stage(fleet), Vehicles(fleet, tmp_path), response_stage(fleet)
+    state = PartitionState()
+    for out in outputs(
+        seal.process(authorized(fleet, "V-1"), PartitionState(), NOW), TOPICS.outbound
+    ):
+        vehicles.feed(out.value, out.key)
+    (_, _, est), (_, _, message) = [s for s in vehicles.sent if s[0] == TOPICS.responses]
+    stage.process(InputRecord(TOPICS.responses, 0, 1, b"V-1", est), state, NOW)
+    state.commit()
+    answered = stage.process(InputRecord(TOPICS.responses, 0, 2, b"V-1", message), state, NOW)
+    assert outputs(answered, TOPICS.responses_verified)
+    written = state.changes()
+    assert not [k for k in written if k.startswith("up/ep/")]
+    assert [k for k in written if k.startswith("up/ew/")]
+    assert sum(len(k) + len(v or b"") for k, v in written.items()) < 200
+    state.commit()
+    stage.tick(0, state, NOW + 4000)  # the epoch ends: its window goes with it
+    state.commit()
+    assert not [k for k, _ in state.items() if k.startswith(("up/ep/", "up/ew/"))]
 
 
 class _Pending:

@@ -615,6 +615,7 @@ def build(fleet: Fleet) -> Corpus:
         build_approval_races(c)
         build_not_yet_valid_signers(c)
         build_wire_v2(c)
+        build_vehicle_keyed_responses(c)
     return c
 
 
@@ -1357,6 +1358,48 @@ def v2_vehicle_establishment(c: Corpus) -> bytes:
                     ISSUED, EXPIRES, profile("xwing"))
     )  # fmt: skip
     return est
+
+
+# --- vehicle-keyed v2 responses (issues 12, 13; f-uplink) ----------------------------------
+# Vehicles answer in wire v2 keyed by their id, in an uplink epoch bound to commands.responses;
+# the response stage verifies them. Only records decided before an epoch is accepted (as for
+# build_wire_v2); the accepted-epoch cases are in tests/unit/test_wire_v2_pipeline.py.
+
+
+def v2_uplink_records(c: Corpus, *, sender: str = V1, topic_name: str = RESPONSES,
+                      kind: str = "rsp") -> tuple[bytes, bytes]:  # fmt: skip
+    from fleetbus.bus.envelope_v2 import Direction
+    from fleetbus.providers.sealing_v2 import EpochSealer
+
+    sealer = EpochSealer(sender, c.fleet.signer(sender), ProfileSealer(runner()),
+                         direction=Direction.UPLINK, clock=lambda: OPEN_AT)  # fmt: skip
+    cid = c.ids.new()
+    payload = Response(command_id=cid, vehicle_id=sender, status=200, detail="ok",
+                       executed_at=ISSUED).encode()  # fmt: skip
+    est, message = sealer.seal(
+        SealRequest(kind, topic(topic_name), c.fleet.recipient(SEALER), cid, "", payload,
+                    ISSUED, EXPIRES, profile("xwing"))
+    )  # fmt: skip
+    return est, message
+
+
+def build_vehicle_keyed_responses(c: Corpus) -> None:
+    est, message = v2_uplink_records(c)
+    c.add(RESPONSES, "rsp-v2-uplink-establishment-under-other-key", "wire-v2", "V-0001's "
+          "uplink establishment for commands.responses under V-0002's key (its epoch would "
+          "land on a partition V-0001's answers never reach)", "malformed", value=est,
+          key=V2.encode())  # fmt: skip
+    c.add(RESPONSES, "rsp-v2-response-without-establishment", "wire-v2", "V-0001's v2 "
+          "answer whose establishment never arrived", "epoch_unknown", value=message,
+          key=V1.encode())  # fmt: skip
+    tel_est, _ = v2_uplink_records(c, topic_name=TELEMETRY, kind="tel")
+    c.add(RESPONSES, "rsp-v2-telemetry-establishment-on-responses", "wire-v2", "V-0001's "
+          "uplink establishment bound to telemetry.raw, replayed on commands.responses",
+          "wrong_recipient", value=tel_est, key=V1.encode())  # fmt: skip
+    dispatcher_est, _ = v2_uplink_records(c, sender=DISPATCHER)
+    c.add(RESPONSES, "rsp-v2-uplink-establishment-from-dispatcher", "wire-v2", "an uplink "
+          "establishment signed by dispatch-1 (only vehicles and edge units answer)",
+          "policy_denied", value=dispatcher_est, key=DISPATCHER.encode())  # fmt: skip
 
 
 # --- writing -------------------------------------------------------------------------------
