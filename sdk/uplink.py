@@ -7,7 +7,14 @@ from collections.abc import Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from fleetbus.bus.commands import ParamValue, Response, Telemetry, TelemetryBatch, new_command_id
+from fleetbus.bus.commands import (
+    ParamValue,
+    Response,
+    SignedTelemetryBatch,
+    Telemetry,
+    TelemetryBatch,
+    new_command_id,
+)
 from fleetbus.bus.envelope import MessageKind
 from fleetbus.bus.errors import ConfigError, FleetbusError, KafkaUnavailableError
 from fleetbus.observability.tracing import get_tracer, send_span
@@ -200,6 +207,13 @@ class UplinkPart(AgentCore):
             return future
         batch = TelemetryBatch(vid, tuple(readings))
         try:
+            # Signed inside the encrypted message: the bus keeps the signed bytes as evidence,
+            # and the topic shows no more than without a signature (docs/sdk.md).
+            payload = (
+                SignedTelemetryBatch.sign(batch, vehicle.identity.signer).encode()
+                if self.sign_telemetry
+                else batch.encode()
+            )
             prepared = vehicle.uplink_v2.prepare(
                 SealRequest(
                     MessageKind.TELEMETRY,
@@ -207,7 +221,7 @@ class UplinkPart(AgentCore):
                     recipient,
                     new_command_id(),
                     "",
-                    batch.encode(),
+                    payload,
                     now,
                     now + UPLINK_TTL_S,
                     vehicle.profile,

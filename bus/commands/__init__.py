@@ -35,8 +35,12 @@ from fleetbus.bus.commands.status import (
     StatusEvent,
 )
 from fleetbus.bus.commands.telemetry import (
+    SIGNED_TELEMETRY_CAPABILITY,
+    TELEMETRY_BATCH_CONTEXT,
+    SignedTelemetryBatch,
     Telemetry,
     TelemetryBatch,
+    decode_batch_payload,
 )
 from fleetbus.bus.commands.wire import (
     APPROVAL_CONTEXT,
@@ -50,6 +54,8 @@ __all__ = [
     "COMMAND_CONTEXT",
     "FINAL_STATES",
     "MAX_MESSAGE_SIZE",
+    "SIGNED_TELEMETRY_CAPABILITY",
+    "TELEMETRY_BATCH_CONTEXT",
     "Approval",
     "Command",
     "CommandState",
@@ -58,11 +64,13 @@ __all__ = [
     "Response",
     "SignedApproval",
     "SignedCommand",
+    "SignedTelemetryBatch",
     "StatusEvent",
     "Target",
     "Telemetry",
     "TelemetryBatch",
     "UUIDv7Generator",
+    "decode_batch_payload",
     "new_command_id",
     "uuid7_timestamp_ms",
 ]
