@@ -118,7 +118,8 @@ class TelemetryStage:
             try:
                 capabilities = self.opener.directory.current(sender, at=now).capabilities
             except FleetbusError as exc:
-                return self._dlq(record, now, exc.reason, "telemetry sender", actor=sender)
+                detail = f"telemetry sender's key record: {exc.reason.value}"
+                return self._dlq(record, now, exc.reason, detail, actor=sender)
             if SIGNED_TELEMETRY_CAPABILITY not in capabilities:
                 return None
         return self._dlq(
@@ -203,26 +204,29 @@ class TelemetryStage:
             payload = decode_batch_payload(opened.payload, max_size=self.max_bytes)
         except FleetbusError as exc:
             return dlq(exc.reason, f"telemetry batch: {exc}", actor=sender)
-        signed = isinstance(payload, SignedTelemetryBatch)
-        batch = payload.batch if isinstance(payload, SignedTelemetryBatch) else payload
+        signed: SignedTelemetryBatch | None = None
+        if isinstance(payload, SignedTelemetryBatch):
+            signed, batch = payload, payload.batch
+        else:
+            batch = payload
         if batch.vehicle_id != sender:
             return dlq(ReasonCode.WRONG_RECIPIENT, "telemetry names another vehicle")
         audit: list[AuditEvent] = []
-        if isinstance(payload, SignedTelemetryBatch):
+        if signed is not None:
             try:
                 # The key named must be the sender's own and valid now: revoked, expired or
                 # rotated out is refused with the directory's reason, as for any signer.
-                payload.verify(directory.verifier_for(sender, payload.key_id, at=now))
+                signed.verify(directory.verifier_for(sender, signed.key_id, at=now))
             except FleetbusError as exc:
                 detail = f"telemetry batch signature rejected: {exc.reason.value}"
                 return dlq(exc.reason, detail, actor=sender)
-            audit.append(_evidence(payload))
+            audit.append(_evidence(signed))
         else:
             refused = self._unsigned_refused(record, sender, now)
             if refused is not None:
                 return refused
         path = opened.key_path.name
-        outputs = [self._export(t, path, signed=signed) for t in batch.telemetry()]
+        outputs = [self._export(t, path, signed=signed is not None) for t in batch.telemetry()]
         return StageResult(outputs=outputs, audit=audit)
 
     def deadline(self, key: str, value: bytes) -> float | None:
