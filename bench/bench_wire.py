@@ -13,8 +13,10 @@ and its load (the sizes do not, except for a few bytes of varint lengths).
   response, verified response, status events): the sum for plaintext, v1 and v2 (v2 also with
   its establishments spread over an epoch of 100 commands).
 * Telemetry: bytes per reading on the uplink (plaintext CBOR record per reading, v1 envelope
-  per batch, v2 message per batch) for 1, 10 and 100 readings per batch; and readings verified
-  and decoded per second on one core with ``--vehicles`` uplink epochs open at once.
+  per batch, v2 message per batch, and v2 with the optional per-batch vehicle signature,
+  Ed25519 and composite, side by side) for 1, 10 and 100 readings per batch; and readings
+  verified and decoded per second on one core with ``--vehicles`` uplink epochs open at once,
+  unsigned and Ed25519-signed (the signature verified per batch, as the telemetry stage does).
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ from fleetbus.bus.commands import (
     CommandState,
     Response,
     SignedCommand,
+    SignedTelemetryBatch,
     StatusEvent,
     Target,
     Telemetry,
     TelemetryBatch,
     VerifiedResponse,
+    decode_batch_payload,
 )
 from fleetbus.bus.envelope import ENVELOPE_TAG
 from fleetbus.bus.envelope_v2 import Direction, Message, decode_record
@@ -268,6 +272,28 @@ def batch_payload(vehicle: str, items: list[dict[str, Any]]) -> bytes:
     return TelemetryBatch(vehicle, tuple((r["at"] / 1000, r["fields"]) for r in items)).encode()
 
 
+def verified_readings_per_cpu_s(
+    opener: EpochOpener, messages: list[bytes], seconds: float, directory: Directory
+) -> int:
+    """Open, decode and (when signed) verify ``messages`` for ``seconds``: readings per CPU-s."""
+    opened_readings = 0
+    start = time.perf_counter()
+    cpu = time.thread_time()
+    index = 0
+    while time.perf_counter() - start < seconds and index < len(messages):
+        opened = opener.open(messages[index], topic=TELEMETRY)
+        # What the telemetry stage does before its export policy: decode (and verify a
+        # signature against the vehicle's directory key), one ``Telemetry`` per reading.
+        payload = decode_batch_payload(opened.payload)  # type: ignore[union-attr]
+        if isinstance(payload, SignedTelemetryBatch):
+            sender = payload.batch.vehicle_id
+            payload.verify(directory.verifier_for(sender, payload.key_id, at=NOW))
+            payload = payload.batch
+        opened_readings += len(payload.telemetry())
+        index += 1
+    return round(opened_readings / (time.thread_time() - cpu))
+
+
 def telemetry(vehicles: int, seconds: float) -> list[dict[str, Any]]:
     directory = Directory()
     bus_keys, bus_own = kem_party("bus-sealer")
@@ -297,6 +323,9 @@ def telemetry(vehicles: int, seconds: float) -> list[dict[str, Any]]:
         assert isinstance(opener.open(est, topic=TELEMETRY), AcceptedEpoch)
         opener.open(first, topic=TELEMETRY)
     setup_s = time.perf_counter() - setup
+    # Only its size is measured: a second key of V-00001, outside the benchmark's directory.
+    composite_suite = load_signature_suite("composite-mldsa65-ed25519")
+    composite = composite_suite.signer(composite_suite.generate()[0], "V-00001/sig/2")
     for per_batch in BATCHES:
         sample = readings(per_batch, NOW)
         plain = sum(len(Telemetry("V-00001", r["at"] / 1000, r["fields"]).encode()) for r in sample)
@@ -319,17 +348,30 @@ def telemetry(vehicles: int, seconds: float) -> list[dict[str, Any]]:
             (msg,) = sealers[n].seal(req)
             messages.append(msg)
         v2_bytes = len(messages[0])
-        opened_readings = 0
-        start = time.perf_counter()
-        cpu = time.thread_time()
-        index = 0
-        while time.perf_counter() - start < seconds and index < len(messages):
-            opened = opener.open(messages[index], topic=TELEMETRY)
-            # What the telemetry stage does before its export policy: decode, one per reading.
-            batch = TelemetryBatch.decode(opened.payload)  # type: ignore[union-attr]
-            opened_readings += len(batch.telemetry())
-            index += 1
-        cpu_s = time.thread_time() - cpu
+        # The same batch signed by its vehicle (docs/sdk.md, "Signed telemetry"), in the
+        # same epoch: the signature is all that differs.
+        signed_bytes = {}
+        for suite, signer in (("ed25519", signers["V-00001"]), ("composite", composite)):
+            batch = TelemetryBatch.decode(batch_payload("V-00001", sample))
+            req = SealRequest(
+                "tel", TELEMETRY, bus_keys, f"tel-{suite}", "",
+                SignedTelemetryBatch.sign(batch, signer).encode(), NOW, NOW + 300, profile_ed,
+            )  # fmt: skip
+            (msg,) = sealers["V-00001"].seal(req)
+            signed_bytes[suite] = len(msg)
+        signed_messages: list[bytes] = []
+        for i in range(budget):
+            n = names[i % vehicles]
+            batch = TelemetryBatch.decode(batch_payload(n, sample))
+            req = SealRequest(
+                "tel", TELEMETRY, bus_keys, f"tel-s-{i}", "",
+                SignedTelemetryBatch.sign(batch, signers[n]).encode(), NOW, NOW + 300,
+                profile_ed,
+            )  # fmt: skip
+            (msg,) = sealers[n].seal(req)
+            signed_messages.append(msg)
+        rate = verified_readings_per_cpu_s(opener, messages, seconds, directory)
+        signed_rate = verified_readings_per_cpu_s(opener, signed_messages, seconds, directory)
         rows.append(
             {
                 "readings_per_batch": per_batch,
@@ -338,7 +380,14 @@ def telemetry(vehicles: int, seconds: float) -> list[dict[str, Any]]:
                 "v1_bytes_per_reading": round(v1_bytes / per_batch, 1),
                 "v2_bytes_per_reading": round(v2_bytes / per_batch, 1),
                 "v2_vs_plain": round(v2_bytes / plain, 3),
-                "verified_readings_per_cpu_s": round(opened_readings / cpu_s),
+                "v2_signed_ed25519_bytes_per_reading": round(
+                    signed_bytes["ed25519"] / per_batch, 1
+                ),
+                "v2_signed_composite_bytes_per_reading": round(
+                    signed_bytes["composite"] / per_batch, 1
+                ),
+                "verified_readings_per_cpu_s": rate,
+                "verified_signed_ed25519_readings_per_cpu_s": signed_rate,
                 "open_epochs": len(store),
             }
         )
@@ -386,7 +435,11 @@ def main() -> None:
         print(
             f"  {r['readings_per_batch']:>3}/batch  plain {r['plain_bytes_per_reading']:>6}  "
             f"v1 {r['v1_bytes_per_reading']:>7}  v2 {r['v2_bytes_per_reading']:>6} "
-            f"({r['v2_vs_plain']}x plain)  {r['verified_readings_per_cpu_s']:>7} readings/cpu-s"
+            f"({r['v2_vs_plain']}x plain)  signed: ed25519 "
+            f"{r['v2_signed_ed25519_bytes_per_reading']:>6} composite "
+            f"{r['v2_signed_composite_bytes_per_reading']:>7}  "
+            f"{r['verified_readings_per_cpu_s']:>7} readings/cpu-s "
+            f"({r['verified_signed_ed25519_readings_per_cpu_s']} signed ed25519)"
         )
     print(f"  setup: {tel[-1]['setup_epochs']} epochs established in {tel[-1]['setup_s']} s")
     RESULTS.parent.mkdir(exist_ok=True)

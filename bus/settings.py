@@ -289,6 +289,16 @@ class FleetbusSettings(BaseSettings):
     telemetry_batch_age_s: float = Field(
         default=5.0, gt=0, description="... or when its oldest reading is this old"
     )
+    telemetry_sign: bool = Field(
+        default=False,
+        description="vehicle SDK, wire v2 uplink: sign each telemetry batch with the vehicle's "
+        "own directory key (non-repudiation; docs/sdk.md, 'Signed telemetry')",
+    )
+    telemetry_require_signed: bool = Field(
+        default=False,
+        description="telemetry stage: refuse unsigned telemetry from every vehicle, not only "
+        "from those whose record carries the signed-telemetry capability",
+    )
     telemetry_consumer: str = Field(
         default="analytics", description="consumer the telemetry export policy is evaluated for"
     )

@@ -440,6 +440,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
                 v2_opener(settings.response_minimum_path),
                 v2_opener(settings.legacy_minimum_path),
             ),
+            require_signed=settings.telemetry_require_signed,
         ),
     ]
     stages = [stage_runner(settings, logic, audit_signer=signer) for logic in logics]

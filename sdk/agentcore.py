@@ -143,6 +143,7 @@ class AgentCore:
     transport: Transport
     codec: RecordCodec | None
     group_id: str
+    sign_telemetry: bool  # wire-v2 telemetry batches go signed (SignedTelemetryBatch)
     _clock: Callable[[], float]
     _skew_s: float
     _max_size: int

@@ -8,7 +8,14 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from fleetbus.bus.commands import ParamValue, Response, Telemetry, TelemetryBatch, new_command_id
+from fleetbus.bus.commands import (
+    ParamValue,
+    Response,
+    SignedTelemetryBatch,
+    Telemetry,
+    TelemetryBatch,
+    new_command_id,
+)
 from fleetbus.bus.envelope import MessageKind
 from fleetbus.bus.errors import ConfigError, FleetbusError, KafkaUnavailableError
 from fleetbus.observability.tracing import get_tracer, send_span
@@ -249,8 +256,15 @@ class UplinkPart(AgentCore):
             return future
         batch = TelemetryBatch(vid, tuple(readings))
         try:
+            # Signed inside the encrypted message: the bus keeps the signed bytes as evidence,
+            # and the topic shows no more than without a signature (docs/sdk.md).
+            payload = (
+                SignedTelemetryBatch.sign(batch, vehicle.identity.signer).encode()
+                if self.sign_telemetry
+                else batch.encode()
+            )
             records, announce = self._seal_v2(
-                vehicle, MessageKind.TELEMETRY, self._telemetry, new_command_id(), batch.encode(),
+                vehicle, MessageKind.TELEMETRY, self._telemetry, new_command_id(), payload,
                 recipient, now,
             )  # fmt: skip
         except FleetbusError as exc:

@@ -111,6 +111,9 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
     - ``follow_key_topic``: read the compacted key topic into ``directory`` (catch up before the
       first command, then between polls), so a revocation reaches the vehicles within seconds;
       give it a directory from ``load_key_directory(..., vehicles=ids)`` to hold set 0 only.
+    - ``sign_telemetry``: sign every wire-v2 telemetry batch with the vehicle's own directory
+      key, inside the encrypted message, so that the bus can keep evidence a third party
+      verifies (default: the setting ``telemetry_sign``, off). docs/sdk.md, "Signed telemetry".
     - ``transport``: where records come from and answers go (default: a ``KafkaTransport`` of
       the settings, which ``group_id``, ``auto_offset_reset`` and ``confine_partitions``
       configure); ``MemoryTransport`` for tests.
@@ -142,6 +145,7 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
         metrics_port: int | None = None,
         metrics_bind: str = "127.0.0.1",
         follow_key_topic: bool = False,
+        sign_telemetry: bool | None = None,
         transport: Transport | None = None,
         codec: RecordCodec | None = None,
     ) -> None:
@@ -167,6 +171,7 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
             raise ConfigError("uplink_paths must name at least one key path")
         self._uplink_paths = paths
         self._uplink_epochs = uplink_epochs
+        self.sign_telemetry = settings.telemetry_sign if sign_telemetry is None else sign_telemetry
         # The default providers and each one a key path names (its uplink paths, the
         # profiles commands are sealed under); a per-SAE provider (QKD) is ``qkd_provider``.
         named = {n for p in paths for n in p.providers} | {

@@ -36,8 +36,12 @@ from fleetbus.bus.commands.status import (
     VerifiedResponse,
 )
 from fleetbus.bus.commands.telemetry import (
+    SIGNED_TELEMETRY_CAPABILITY,
+    TELEMETRY_BATCH_CONTEXT,
+    SignedTelemetryBatch,
     Telemetry,
     TelemetryBatch,
+    decode_batch_payload,
 )
 from fleetbus.bus.commands.wire import (
     APPROVAL_CONTEXT,
@@ -51,6 +55,8 @@ __all__ = [
     "COMMAND_CONTEXT",
     "FINAL_STATES",
     "MAX_MESSAGE_SIZE",
+    "SIGNED_TELEMETRY_CAPABILITY",
+    "TELEMETRY_BATCH_CONTEXT",
     "Approval",
     "Command",
     "CommandState",
@@ -59,12 +65,14 @@ __all__ = [
     "Response",
     "SignedApproval",
     "SignedCommand",
+    "SignedTelemetryBatch",
     "StatusEvent",
     "Target",
     "Telemetry",
     "TelemetryBatch",
     "UUIDv7Generator",
     "VerifiedResponse",
+    "decode_batch_payload",
     "new_command_id",
     "uuid7_timestamp_ms",
 ]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
+from fleetbus.bus import cbor
 from fleetbus.bus.commands.wire import (
     MAX_MESSAGE_SIZE,
     ParamValue,
@@ -13,18 +15,21 @@ from fleetbus.bus.commands.wire import (
     _check_model_text,
     _check_params,
     _check_time,
+    _decode_signed,
     _dumps,
+    _encode_signed,
     _malformed,
     _map,
     _ms,
+    _signing_input,
     _strict_loads,
     _text,
     _to_ms,
 )
-from fleetbus.bus.errors import FleetbusError
+from fleetbus.bus.errors import FleetbusError, ReasonCode
 
 if TYPE_CHECKING:
-    pass
+    from fleetbus.bus.keys import Signer, Verifier
 
 
 _TELEMETRY_FIELDS: Final = frozenset({"vehicle_id", "at", "fields"})
@@ -90,16 +95,21 @@ class TelemetryBatch:
         object.__setattr__(self, "readings", tuple(checked))
 
     def encode(self) -> bytes:
-        return _dumps(
-            {
-                "vehicle_id": self.vehicle_id,
-                "readings": [[_to_ms(at), dict(fields)] for at, fields in self.readings],
-            }
-        )
+        return _dumps(self.to_wire())
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "vehicle_id": self.vehicle_id,
+            "readings": [[_to_ms(at), dict(fields)] for at, fields in self.readings],
+        }
 
     @classmethod
     def decode(cls, data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> TelemetryBatch:
-        m = _map(_strict_loads(data, "telemetry batch", max_size), "telemetry batch", _BATCH_FIELDS)
+        return cls.from_wire(_strict_loads(data, "telemetry batch", max_size))
+
+    @classmethod
+    def from_wire(cls, value: object) -> TelemetryBatch:
+        m = _map(value, "telemetry batch", _BATCH_FIELDS)
         raw = m["readings"]
         if type(raw) not in (list, tuple):
             raise _malformed("readings must be an array")
@@ -112,3 +122,69 @@ class TelemetryBatch:
     def telemetry(self) -> list[Telemetry]:
         """One ``Telemetry`` per reading (what the telemetry stage exports)."""
         return [Telemetry(self.vehicle_id, at, fields) for at, fields in self.readings]
+
+
+#: Domain separator of a telemetry batch's ToBeSigned (docs/wire-format.md, "V2.3.1").
+TELEMETRY_BATCH_CONTEXT: Final = "fleetbus-telemetry-batch-v1"
+#: A vehicle whose directory record carries this capability must sign every telemetry batch:
+#: the telemetry stage refuses its unsigned telemetry (docs/sdk.md, "Signed telemetry").
+SIGNED_TELEMETRY_CAPABILITY: Final = "signed-telemetry"
+
+
+@dataclass(frozen=True)
+class SignedTelemetryBatch:
+    """A ``TelemetryBatch`` signed by its vehicle's own directory key (non-repudiation).
+
+    ``[1, batch map, key id, suite, signature]``, the shape of a signed command, over
+    ``canonical CBOR([TELEMETRY_BATCH_CONTEXT, key id, suite, batch map])``. It travels as the
+    payload of the v2 message (encrypted); its bytes (``encode``) are what the audit trail keeps
+    for a third party to verify with the vehicle's public key alone.
+    """
+
+    batch: TelemetryBatch
+    key_id: str
+    suite: str
+    signature: bytes
+
+    @classmethod
+    def sign(cls, batch: TelemetryBatch, signer: Signer) -> SignedTelemetryBatch:
+        tbs = _signing_input(TELEMETRY_BATCH_CONTEXT, signer.key_id, signer.suite, batch.to_wire())
+        return cls(batch, signer.key_id, signer.suite, signer.sign(tbs))
+
+    def to_be_signed(self) -> bytes:
+        return _signing_input(
+            TELEMETRY_BATCH_CONTEXT, self.key_id, self.suite, self.batch.to_wire()
+        )
+
+    def encode(self) -> bytes:
+        return _encode_signed(self.batch.to_wire(), self.key_id, self.suite, self.signature)
+
+    @classmethod
+    def decode(cls, data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> SignedTelemetryBatch:
+        batch, key_id, suite, signature = _decode_signed(
+            data, "signed telemetry batch", max_size, TelemetryBatch.from_wire, "vehicle key id"
+        )
+        return cls(batch, key_id, suite, signature)
+
+    def verify(self, verifier: Verifier) -> None:
+        """BAD_SIGNATURE unless ``verifier`` (the vehicle's key ``key_id``, from the directory)
+        is of this suite and accepts the signature."""
+        if verifier.suite != self.suite or not verifier.verify(self.to_be_signed(), self.signature):
+            raise FleetbusError(
+                "telemetry batch: signature does not verify", reason=ReasonCode.BAD_SIGNATURE
+            )
+
+    def digest(self) -> bytes:
+        """SHA-256 of ``encode()``: what the audit record names the evidence by."""
+        return hashlib.sha256(self.encode()).digest()
+
+
+def decode_batch_payload(
+    data: bytes, *, max_size: int = MAX_MESSAGE_SIZE
+) -> TelemetryBatch | SignedTelemetryBatch:
+    """The payload of a v2 ``tel`` message: a batch (a CBOR map) or a signed batch (an array).
+    Strict like every decoder here; no signature is checked."""
+    value = _strict_loads(data, "telemetry batch", max_size)
+    if cbor.is_array(value):
+        return SignedTelemetryBatch.decode(data, max_size=max_size)
+    return TelemetryBatch.from_wire(value)

@@ -3,15 +3,22 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Sequence
 from typing import Any, Final
 
-from fleetbus.bus.commands import Telemetry, TelemetryBatch
+from fleetbus.bus.commands import (
+    SIGNED_TELEMETRY_CAPABILITY,
+    SignedTelemetryBatch,
+    Telemetry,
+    decode_batch_payload,
+)
 from fleetbus.bus.envelope import EnvelopeError, MessageKind
 from fleetbus.bus.envelope_v2 import Message, ParsedEstablishment, decode_record
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.observability.metrics import ENVELOPE_REJECTS, on_commit
+from fleetbus.processors.audit import AuditEvent
 from fleetbus.processors.engine import (
     InputRecord,
     Output,
@@ -46,6 +53,12 @@ class TelemetryStage:
     Records must be keyed by the sending vehicle: its replay state (``UplinkReplay``, in this
     stage's changelogged partition state) lives on that partition, so a captured envelope
     re-published later, after a restart or a rebalance, is refused as ``replayed``.
+
+    A v2 batch may be signed by its vehicle (``SignedTelemetryBatch``): the signature is checked
+    against the vehicle's key in the directory, each reading is exported with ``signed`` true
+    and the signed bytes go into the audit trail as evidence (docs/sdk.md, "Signed telemetry").
+    Unsigned telemetry is refused from vehicles whose record carries the
+    ``signed-telemetry`` capability, and from every vehicle with ``require_signed``.
     """
 
     name = "telemetry"
@@ -61,6 +74,7 @@ class TelemetryStage:
         clock_skew_s: float = 30.0,
         limits: UplinkLimits | None = None,
         v2_openers: tuple[Any, Any] | None = None,  # EpochOpener (pqc minimum, legacy minimum)
+        require_signed: bool = False,
     ) -> None:
         check_stage_owns_replay(self.name, opener)
         self.topics = topics
@@ -74,6 +88,7 @@ class TelemetryStage:
         self.v2_openers = v2_openers
         self.skew_ms = to_ms(clock_skew_s)
         self._secrets: dict[bytes, bytes] = {}
+        self.require_signed = require_signed
 
     def input_topics(self) -> Sequence[str]:
         return [self.topics.telemetry_raw]
@@ -83,15 +98,46 @@ class TelemetryStage:
         if isinstance(admitted, StageResult):
             return admitted
         opened, telemetry = admitted
-        return StageResult(outputs=[self._export(telemetry, opened.key_path.name)])
+        # A v1 envelope's signature covers its ciphertext, not the readings a third party could
+        # check without the bus's key: v1 telemetry is unsigned here, and refused where a
+        # signature is required (else sending v1 would strip the requirement).
+        refused = self._unsigned_refused(record, opened.sender, now)
+        if refused is not None:
+            return refused
+        return StageResult(outputs=[self._export(telemetry, opened.key_path.name, signed=False)])
 
-    def _export(self, telemetry: Telemetry, key_path: str) -> Output:
+    def _unsigned_refused(self, record: InputRecord, sender: str, now: float) -> StageResult | None:
+        """The DLQ result for unsigned telemetry of ``sender`` when it must sign, else None."""
+        if not self.require_signed:
+            try:
+                capabilities = self.opener.directory.current(sender, at=now).capabilities
+            except FleetbusError as exc:
+                detail = f"telemetry sender's key record: {exc.reason.value}"
+                return self._dlq(record, now, exc.reason, detail, actor=sender)
+            if SIGNED_TELEMETRY_CAPABILITY not in capabilities:
+                return None
+        return self._dlq(
+            record,
+            now,
+            ReasonCode.POLICY_DENIED,
+            f"unsigned telemetry from {sender}, which must sign its telemetry batches",
+            actor=sender,
+        )
+
+    def _dlq(
+        self, record: InputRecord, now: float, reason: ReasonCode, detail: str, **kw: Any
+    ) -> StageResult:
+        on_commit(ENVELOPE_REJECTS.labels(role="bus", reason=reason.value).inc)
+        return dead_letter_result(self.name, self.topics.dlq, record, reason, detail, now=now, **kw)
+
+    def _export(self, telemetry: Telemetry, key_path: str, *, signed: bool) -> Output:
         exported = self.policy.export(self.consumer, telemetry.fields)
         doc = {
             "vehicle_id": telemetry.vehicle_id,
             "at": telemetry.at,
             "consumer": self.consumer,
             "key_path": key_path,
+            "signed": signed,
             "fields": exported,
         }
         value = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
@@ -103,10 +149,7 @@ class TelemetryStage:
         The replay window of the epoch, in the same state, replaces ``UplinkReplay`` here."""
 
         def dlq(reason: ReasonCode, detail: str, **kw: Any) -> StageResult:
-            on_commit(ENVELOPE_REJECTS.labels(role="bus", reason=reason.value).inc)
-            return dead_letter_result(
-                self.name, self.topics.dlq, record, reason, detail, now=now, **kw
-            )
+            return self._dlq(record, now, reason, detail, **kw)
 
         if self.v2_openers is None:
             return dlq(ReasonCode.UNSUPPORTED_VERSION, "wire format v2 is not read by this stage")
@@ -129,13 +172,33 @@ class TelemetryStage:
         if opened.kind is not MessageKind.TELEMETRY:
             return dlq(ReasonCode.WRONG_RECIPIENT, "not a telemetry message")
         try:
-            batch = TelemetryBatch.decode(opened.payload, max_size=self.max_bytes)
+            payload = decode_batch_payload(opened.payload, max_size=self.max_bytes)
         except FleetbusError as exc:
             return dlq(exc.reason, f"telemetry batch: {exc}", actor=sender)
+        signed: SignedTelemetryBatch | None = None
+        if isinstance(payload, SignedTelemetryBatch):
+            signed, batch = payload, payload.batch
+        else:
+            batch = payload
         if batch.vehicle_id != sender:
             return dlq(ReasonCode.WRONG_RECIPIENT, "telemetry names another vehicle")
+        audit: list[AuditEvent] = []
+        if signed is not None:
+            try:
+                # The key named must be the sender's own and valid now: revoked, expired or
+                # rotated out is refused with the directory's reason, as for any signer.
+                signed.verify(self.opener.directory.verifier_for(sender, signed.key_id, at=now))
+            except FleetbusError as exc:
+                detail = f"telemetry batch signature rejected: {exc.reason.value}"
+                return dlq(exc.reason, detail, actor=sender)
+            audit.append(_evidence(signed))
+        else:
+            refused = self._unsigned_refused(record, sender, now)
+            if refused is not None:
+                return refused
         path = opened.key_path.name
-        return StageResult(outputs=[self._export(t, path) for t in batch.telemetry()])
+        outputs = [self._export(t, path, signed=signed is not None) for t in batch.telemetry()]
+        return StageResult(outputs=outputs, audit=audit)
 
     def deadline(self, key: str, value: bytes) -> float | None:
         """When ``tick`` must look at a state entry: an uplink id or epoch when it ends."""
@@ -148,6 +211,24 @@ class TelemetryStage:
         self.replay.expire(state, due, now)
         expire_epochs(state, due, now)
         return StageResult()
+
+
+def _evidence(signed: SignedTelemetryBatch) -> AuditEvent:
+    """The audit record of a verified signed batch: its exact signed bytes (base64), so that a
+    third party re-verifies them with the vehicle's public key from the key directory and
+    nothing of the bus (docs/audit.md, "Signed telemetry")."""
+    evidence = signed.encode()
+    return AuditEvent(
+        actor=signed.batch.vehicle_id,
+        event="telemetry_signed",
+        detail={
+            "key_id": signed.key_id,
+            "suite": signed.suite,
+            "readings": len(signed.batch.readings),
+            "sha256": signed.digest().hex(),
+            "signed_batch": base64.b64encode(evidence).decode("ascii"),
+        },
+    )
 
 
 def _identify_telemetry(telemetry: Telemetry, opened: Any) -> UplinkKey | str:

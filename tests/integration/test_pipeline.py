@@ -6,6 +6,7 @@ Over 500 lines because its cases share one running worker and fleet against the 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -244,6 +245,28 @@ def test_wire_v2_commands_run_exactly_once_with_one_establishment_per_vehicle(
         assert len(verified) == 10, worker.output()[-3000:]
         raw = read_topic(settings.kafka_bootstrap, topic(settings, "telemetry_raw"), idle_s=1)
         assert len(raw) == 2  # establishment + one batch
+        # Signed telemetry (off until now): V-0003's batch goes signed, is exported signed, and
+        # its signed bytes are in the audit trail.
+        agent.sign_telemetry = True
+        for i in range(10):
+            agent.add_reading("V-0003", {"speed_kmh": 60 + i})
+        agent.flush()
+        while time.monotonic() < deadline and len(verified) < 20:
+            verified = read_topic(
+                settings.kafka_bootstrap, topic(settings, "telemetry_verified"), idle_s=2
+            )
+        docs = [json.loads(r.value) for r in verified]
+        assert (
+            sorted((d["vehicle_id"], d["signed"]) for d in docs)
+            == [("V-0002", False)] * 10 + [("V-0003", True)] * 10
+        ), worker.output()[-3000:]
+        audit = [
+            cbor2.loads(r.value) for r in read_topic(kafka_bootstrap, topic(settings, "audit"))
+        ]
+        events = [cbor2.loads(o["record"]) for o in audit if "record" in o]
+        [evidence] = [e for e in events if e["event"] == "telemetry_signed"]
+        assert evidence["actor"] == "V-0003"
+        assert evidence["detail"]["readings"] == 10
     finally:
         publisher.close()
         agent.close()
