@@ -94,7 +94,7 @@ def test_pipeline_worker_becomes_ready_with_every_stage(
     try:
         body = wait_for(port, "/readyz", 200, worker)
         stages = {s["stage"]: s for s in body["stages"]}
-        assert set(stages) == {"authorize", "seal", "track", "telemetry"}
+        assert set(stages) == {"authorize", "seal", "responses", "track", "telemetry"}
         assert all(s["assigned"] == s["producers"] == [0, 1] for s in stages.values())
         assert probe(port, "/healthz") == (200, {"live": True, "stalled_stages": []})
     finally:
