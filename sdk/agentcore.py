@@ -148,7 +148,9 @@ class AgentCore:
     _skew_s: float
     _max_size: int
     _vehicles: dict[str, ServedVehicle]
-    _status_at: dict[str, float]
+    _status_at: dict[str, float]  # when each vehicle last sent an epoch_unknown status
+    _asked: dict[str, dict[bytes, float]]  # when each of its held epochs was last asked about
+    _status_owed: set[str]  # vehicles whose status the interval held back
     _responses: str
     _telemetry: str
     _client_id: str

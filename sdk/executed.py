@@ -161,6 +161,17 @@ class ExecutedStore:
             ).fetchall()
         return [HeldMessage(bytes(d), bytes(r), str(t)) for d, r, t in rows]
 
+    def held_epochs(self, vehicle_id: str, *, expired_before: float) -> list[tuple[bytes, int]]:
+        """``(epoch id, lowest sequence)`` of each epoch the vehicle holds unexpired messages of,
+        ordered by epoch id."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT epoch_id, MIN(sequence) FROM held WHERE vehicle_id = ? AND expires_at >= ?"
+                " GROUP BY epoch_id ORDER BY epoch_id",
+                (vehicle_id, expired_before),
+            ).fetchall()
+        return [(bytes(e), int(q)) for e, q in rows]
+
     def release(self, vehicle_id: str, digests: Sequence[bytes]) -> None:
         """Forget held messages that were handled (one transaction)."""
         if not digests:

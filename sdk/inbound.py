@@ -137,8 +137,6 @@ class InboundPart(AgentCore):
         """Keep a v2 message whose epoch is unknown and ask the bus for the establishment
         (docs/wire-format.md V2.7). Nothing of it is trusted yet: it is bounded in number,
         kept only until its clear expiry, and executed only once its epoch is verified."""
-        from fleetbus.providers.sealing_v2 import make_status, sign_status
-
         vid = vehicle.identity.vehicle_id
         now = self._clock()
         # Durable before the record's offset is committed (after this poll's answers): a
@@ -162,19 +160,56 @@ class InboundPart(AgentCore):
             return []
         self._reject(ReasonCode.EPOCH_UNKNOWN, f"{vid}: held until its epoch is delivered again")
         _log.info("%s: message of unknown epoch %s held", vid, exc.epoch_id.hex())
+        return self._ask_for_epoch(vehicle)
+
+    def _ask_for_epoch(self, vehicle: ServedVehicle) -> list[Any]:
+        """Send one signed ``epoch_unknown`` status for the held epoch of ``vehicle`` asked about
+        least recently, at most one per ``STATUS_INTERVAL_S``; a status the interval holds back
+        is owed, and ``poll_once`` sends it once the interval has passed.
+
+        Per vehicle, not per epoch: unauthenticated records never make a vehicle talk faster.
+        Least recently asked first: a held record repeated (a redelivery, or one forged with a
+        made-up epoch) cannot take every status and starve the other held epochs."""
+        from fleetbus.providers.sealing_v2 import make_status, sign_status
+
+        vid = vehicle.identity.vehicle_id
+        now = self._clock()
         if now - self._status_at.get(vid, float("-inf")) < STATUS_INTERVAL_S:
+            self._status_owed.add(vid)
             return []
+        self._status_owed.discard(vid)
+        held = self.store.held_epochs(vid, expired_before=now - self._skew_s)
+        if not held:
+            self._asked.pop(vid, None)
+            return []
+        # Only the epochs still held are remembered (at most HELD_PER_VEHICLE of them).
+        before = self._asked.get(vid, {})
+        asked = {epoch_id: before.get(epoch_id, float("-inf")) for epoch_id, _ in held}
+        epoch_id, sequence = min(held, key=lambda item: asked[item[0]])
+        asked[epoch_id] = now
+        self._asked[vid] = asked
         self._status_at[vid] = now
         status = make_status(
             topic=self._responses,
             recipient=self.sealer_principal,
-            epoch_id=exc.epoch_id,
-            sequence=exc.sequence,
+            epoch_id=epoch_id,
+            sequence=sequence,
             at=now,
         )
         record = sign_status(vehicle.identity.signer, vid, status)
         self.stats.epoch_statuses += 1
         return [self._send(self._responses, vid, record, [])]
+
+    def _ask_owed(self) -> list[Any]:
+        """The statuses held back by the interval whose time has come (``_ask_for_epoch``)."""
+        out: list[Any] = []
+        for vid in sorted(self._status_owed):
+            try:
+                out.extend(self._ask_for_epoch(self._vehicles[vid]))
+            except RetryLater as exc:
+                _log.warning("%s: epoch status not sent (%s); owed", vid, exc)
+                self._status_owed.add(vid)
+        return out
 
     def _release_held(self, vehicle: ServedVehicle, epoch_id: bytes) -> list[Any]:
         vid = vehicle.identity.vehicle_id

@@ -195,6 +195,7 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
         # Wire format v2 epochs live in the same durable file as the executed commands.
         self.epochs = SqliteEpochStore(store_path)
         self._status_at: dict[str, float] = {}
+        self._asked: dict[str, dict[bytes, float]] = {}
         self._vehicles: dict[str, ServedVehicle] = {}
         for item in vehicles:
             identity = (
@@ -205,6 +206,8 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
             self._vehicles[identity.vehicle_id] = self._make_vehicle(identity)
         if not self._vehicles:
             raise ConfigError("a VehicleAgent needs at least one vehicle")
+        # Messages held before a restart may still wait for a status: the first poll asks.
+        self._status_owed: set[str] = set(self._vehicles)
         self._keys = {vid.encode(): vid for vid in self._vehicles}
         digest = hashlib.sha256("\n".join(sorted(self._vehicles)).encode()).hexdigest()[:16]
         self.group_id = group_id or f"{settings.app_id}.vehicles.{digest}"
@@ -335,6 +338,7 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
                 done[tp] = record.offset + 1
         executions, self._batch, self._position = self._batch, None, None
         pending.extend(self._run_executions(executions, done))
+        pending.extend(self._ask_owed())
         try:
             for future in pending:
                 future.get(timeout=30)

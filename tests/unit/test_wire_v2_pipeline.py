@@ -12,6 +12,7 @@ import json
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +157,9 @@ def outputs(result: StageResult, topic: str) -> list[Any]:
 class Vehicles:
     """A VehicleAgent fed by hand: what it executes and what it sends."""
 
-    def __init__(self, fleet: Fleet, tmp_path: Path) -> None:
+    def __init__(
+        self, fleet: Fleet, tmp_path: Path, clock: Callable[[], float] = lambda: NOW
+    ) -> None:
         self.executed: Counter[str] = Counter()
         self.transport = MemoryTransport()
         self.agent = VehicleAgent(
@@ -166,7 +169,7 @@ class Vehicles:
             minimum_path="xwing",
             handlers={"ping": self.handle},
             store_path=tmp_path / "agent.sqlite",
-            clock=lambda: NOW,
+            clock=clock,
             transport=self.transport,
         )
 
@@ -365,6 +368,52 @@ def test_a_held_message_survives_a_restart_of_the_agent(fleet: Fleet, tmp_path: 
     after.feed(message.value, b"V-1")
     assert list(after.executed.values()) == [1]
     after.agent.close()
+
+
+def test_a_repeated_held_record_does_not_starve_the_status_of_another_epoch(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """Statuses go at most one per vehicle per interval; one held record fed again and again
+    (a redelivery, or an insider's record with a made-up epoch) must not take every status:
+    the other held epoch is asked about when the interval has passed, even with no new record."""
+    clock = [NOW]
+    vehicles = Vehicles(fleet, tmp_path, clock=lambda: clock[0])
+    # Two sealers: two epochs, and the vehicle missed both establishments.
+    first, second = (
+        outputs(seal_stage(fleet).process(authorized(fleet, "V-1"), PartitionState(), NOW),
+                TOPICS.outbound)[-1].value
+        for _ in range(2)
+    )  # fmt: skip
+
+    def asked() -> list[bytes]:
+        return [
+            decode_record(value).status.epoch_id  # type: ignore[union-attr]
+            for _key, value in vehicles.statuses()
+        ]
+
+    def epoch_of(value: bytes) -> bytes:
+        parsed = decode_record(value)
+        assert isinstance(parsed, Message)
+        return parsed.header.epoch_id
+
+    vehicles.feed(first, b"V-1")
+    clock[0] += 1
+    vehicles.feed(second, b"V-1")  # held; its status waits for the interval
+    assert asked() == [epoch_of(first)]
+    clock[0] += 10
+    vehicles.feed(first, b"V-1")  # the first again: the second epoch is owed its status
+    assert asked() == [epoch_of(first), epoch_of(second)]
+    clock[0] += 10
+    vehicles.feed(second, b"V-1")  # asked about in turn: the first, least recently asked
+    clock[0] += 2
+    vehicles.feed(first, b"V-1")  # inside the interval: owed
+    assert len(asked()) == 3
+    vehicles.agent.poll_once(0)  # no record, interval not over: still owed
+    clock[0] += 10
+    vehicles.agent.poll_once(0)  # no record: the owed status goes
+    assert asked() == [epoch_of(first), epoch_of(second)] * 2
+    assert not vehicles.executed
+    vehicles.agent.close()
 
 
 def test_a_hold_the_store_cannot_write_is_read_again_not_committed(
