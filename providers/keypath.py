@@ -408,15 +408,19 @@ def profiles_unable_to_seal(
         if rule is None:
             unable["(no rule)"] = f"no profile rule matches {what}"
             continue
+        if rule.profile in unable:
+            continue
+        chosen = (
+            f"profile {rule.profile} (chosen for {what}"
+            f"{f' and capability {rule.capability}' if rule.capability else ''})"
+        )
         spec = settings.profiles.get(rule.profile)
-        if spec is None or rule.profile in unable:
+        if spec is None:
+            # The seal stage refuses every command a rule routes to an undefined profile.
+            unable[rule.profile] = f"{chosen} is not defined"
             continue
         paths = [KeyPath.parse(p) for p in spec.key_paths]
         usable = paths if spec.allow_fallback else paths[:1]
         if not any(_path_takes(p, key_algorithms, has_sae_id) for p in usable):
-            unable[rule.profile] = (
-                f"profile {rule.profile} (chosen for {what}"
-                f"{f' and capability {rule.capability}' if rule.capability else ''}) seals only "
-                f"on {', '.join(p.name for p in usable)}"
-            )
+            unable[rule.profile] = f"{chosen} seals only on {', '.join(p.name for p in usable)}"
     return unable

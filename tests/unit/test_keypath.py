@@ -480,6 +480,20 @@ def test_default_profiles_cannot_seal_to_mlkem768_keys() -> None:
     assert profiles_unable_to_seal(settings, ("xwing",), {"pqc", "qkd"}, True) == {}
 
 
+def test_a_rule_naming_an_undefined_profile_is_unable_to_seal() -> None:
+    """The seal stage refuses every command such a rule chooses (key_path_exhausted): the
+    check must say so rather than pass the keys (it used to skip the rule)."""
+    settings = FleetbusSettings(
+        profile_rules=[
+            ProfileRule(profile="typo", criticality="critical"),
+            ProfileRule(profile="standard"),
+        ]
+    )
+    unable = profiles_unable_to_seal(settings, ("xwing",), {"pqc"}, False)
+    assert set(unable) == {"typo"}
+    assert "not defined" in unable["typo"]
+
+
 def test_a_profile_without_fallback_is_judged_by_its_first_path_only() -> None:
     settings = FleetbusSettings(
         profiles={"strict": ProfileSettings(key_paths=["xwing", "x25519"], allow_fallback=False,
