@@ -90,6 +90,24 @@ class SealRequest:
     profile: SecurityProfile
 
 
+def request_kind(request: SealRequest, signer_suite: str) -> MessageKind:
+    """The message kind of ``request``, once its profile's signature suite is the sealer's
+    (``signer_suite``); ``EnvelopeError`` (``config``) otherwise. Both wire formats' sealers
+    check a request this way before anything else."""
+    if request.profile.signature_suite != signer_suite:
+        raise EnvelopeError(
+            f"profile {request.profile.name!r} wants signature suite "
+            f"{request.profile.signature_suite!r}; this sealer signs with {signer_suite!r}",
+            reason=ReasonCode.CONFIG,
+        )
+    try:
+        return MessageKind(request.kind)
+    except ValueError as exc:
+        raise EnvelopeError(
+            f"unknown message kind {request.kind!r}", reason=ReasonCode.CONFIG
+        ) from exc
+
+
 def recipient_fingerprint(recipient: RecipientKeys) -> bytes:
     # A rotated recipient key must start a new epoch, so the epoch slot names the keys too.
     return hashlib.sha256(

@@ -49,6 +49,7 @@ from fleetbus.providers.sealing.common import (
     SealRequest,
     derive_message_key,
     recipient_fingerprint,
+    request_kind,
 )
 
 
@@ -180,21 +181,9 @@ class EnvelopeSealer:
         return self._signer.sign(message)
 
     def _encrypt(self, request: SealRequest) -> PreparedEnvelope:
-        if request.profile.signature_suite != self._signer.suite:
-            raise EnvelopeError(
-                f"profile {request.profile.name!r} wants signature suite "
-                f"{request.profile.signature_suite!r}; this sealer signs with "
-                f"{self._signer.suite!r}",
-                reason=ReasonCode.CONFIG,
-            )
+        kind = request_kind(request, self._signer.suite)
         if type(request.payload) is not bytes:
             raise EnvelopeError("payload must be bytes", reason=ReasonCode.CONFIG)
-        try:
-            kind = MessageKind(request.kind)
-        except ValueError as exc:
-            raise EnvelopeError(
-                f"unknown message kind {request.kind!r}", reason=ReasonCode.CONFIG
-            ) from exc
         issued_ms, expires_ms = header_times(request.issued_at, request.expires_at)
         epoch, seq = self._next_in_epoch(request.recipient, request.profile)
         header = ProtectedHeader(

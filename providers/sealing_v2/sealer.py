@@ -20,7 +20,6 @@ from fleetbus.bus.envelope import (
     BatchSignature,
     EnvelopeError,
     KeyRef,
-    MessageKind,
     SignatureBlock,
     SingleSignature,
     batch_root_to_be_signed,
@@ -55,7 +54,7 @@ from fleetbus.providers.sealing import (
     SealRequest,
     recipient_fingerprint,
 )
-from fleetbus.providers.sealing.common import Clock
+from fleetbus.providers.sealing.common import Clock, request_kind
 
 
 def derive_epoch_secret(epoch_key: bytes, est: bytes) -> bytes:
@@ -153,19 +152,7 @@ class EpochSealer:
         return records
 
     def prepare(self, request: SealRequest) -> PreparedMessage:
-        if request.profile.signature_suite != self._signer.suite:
-            raise EnvelopeError(
-                f"profile {request.profile.name!r} wants signature suite "
-                f"{request.profile.signature_suite!r}; this sealer signs with "
-                f"{self._signer.suite!r}",
-                reason=ReasonCode.CONFIG,
-            )
-        try:
-            kind = MessageKind(request.kind)
-        except ValueError as exc:
-            raise EnvelopeError(
-                f"unknown message kind {request.kind!r}", reason=ReasonCode.CONFIG
-            ) from exc
+        kind = request_kind(request, self._signer.suite)
         issued_ms, expires_ms = header_times(request.issued_at, request.expires_at)
         try:
             plaintext = encode_plaintext(
