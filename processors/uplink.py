@@ -161,9 +161,15 @@ def expire_epochs(state: PartitionState, due: Iterable[str], now: float) -> None
             continue
         raw = state.get(key)
         if raw is not None and stored_until(raw) < now_ms:
-            state.delete(key)
-            state.delete(EPOCH_WINDOW_PREFIX + key.removeprefix(EPOCH_PREFIX))
-            add_to_count(state, sender_key(EPOCH_COUNT_PREFIX, cbor2.loads(raw)["sender"]), -1)
+            _forget_epoch(state, key, raw)
+
+
+def _forget_epoch(state: PartitionState, key: str, raw: bytes) -> None:
+    """Delete the uplink epoch at ``key`` (its record ``raw``) and its window, and drop its
+    sender's epoch count: every way an epoch leaves the state frees its sender's slot."""
+    state.delete(key)
+    state.delete(EPOCH_WINDOW_PREFIX + key.removeprefix(EPOCH_PREFIX))
+    add_to_count(state, sender_key(EPOCH_COUNT_PREFIX, cbor2.loads(raw)["sender"]), -1)
 
 
 def stored_until(raw: bytes) -> int:
@@ -298,8 +304,13 @@ class StateEpochStore:
         return True
 
     def erase(self, recipient: str, epoch_id: bytes) -> None:
-        self._state.delete(self.key(recipient, epoch_id))
-        self._state.delete(self.window_key(recipient, epoch_id))
+        # The opener erases an epoch that has ended when a message of it arrives before the
+        # tick does: its sender's slot must go with it, or each such message would take one of
+        # the sender's EPOCHS_PER_SENDER for good.
+        key = self.key(recipient, epoch_id)
+        raw = self._state.get(key)
+        if raw is not None:
+            _forget_epoch(self._state, key, raw)
 
     def _remember(self, digest: bytes, secret: bytes) -> None:
         if len(self._secrets) >= self._max_secrets:
