@@ -212,9 +212,12 @@ class StateEpochStore:
     def window_key(recipient: str, epoch_id: bytes) -> str:
         return f"{sender_key(EPOCH_WINDOW_PREFIX, recipient)}/{epoch_id.hex()}"
 
-    def _window(self, recipient: str, epoch_id: bytes, m: Any) -> tuple[int, int]:
+    def _window(self, recipient: str, epoch_id: bytes, epoch: Any) -> tuple[int, int]:
+        """The epoch's ``(highest, window)``; ``epoch``, its map or its stored bytes, is read
+        only for an epoch written by an earlier release, which kept the window inside it."""
         raw = self._state.get(self.window_key(recipient, epoch_id))
-        if raw is None:  # kept inside the epoch's map by earlier releases
+        if raw is None:
+            m = cbor2.loads(epoch) if isinstance(epoch, bytes) else epoch
             return m["highest"], m["window"]
         highest, window = cbor2.loads(raw)
         return highest, window
@@ -295,7 +298,9 @@ class StateEpochStore:
         raw = self._state.get(self.key(recipient, epoch_id))
         if raw is None:
             return False
-        highest, window = self._window(recipient, epoch_id, cbor2.loads(raw))
+        # Not decoded here: the epoch's map holds its establishment record (1-5 kB), and each
+        # message reads it already (``get``).
+        highest, window = self._window(recipient, epoch_id, raw)
         probe = SimpleNamespace(highest=highest, window=window)
         if not window_admits(probe, sequence):  # type: ignore[arg-type]
             return False
