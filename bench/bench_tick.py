@@ -7,11 +7,11 @@ the replay set — commands remembered until expiry + skew, a share still pendin
 approvals; track: command lifecycles, most finished, some still active), deadlines spread over a
 24-hour replay window, so that about ``size / 86400`` entries fall due per second. Each round is
 one tick a second later than the last: the full scan every tick did before the deadline index
-(the old ``tick`` bodies, kept below verbatim) runs on the state and is rolled back, then the
-indexed ``tick`` runs on the same state and is committed; both must produce the same outputs
-and the same state changes. Also measured: building the index from the committed
-entries (once per assignment: one decode of every entry) and the memory it takes (RSS growth).
-Prints a table and writes ``bench/results/tick.json``; see docs/performance.md.
+(the stage's ``tick`` on a state whose ``due`` decodes every entry) runs on the state and is
+rolled back, then the indexed ``tick`` runs on the same state and is committed; both must
+produce the same outputs and the same state changes. Also measured: building the index from the
+committed entries (once per assignment: one decode of every entry) and the memory it takes
+(RSS growth). Prints a table and writes ``bench/results/tick.json``; see docs/performance.md.
 """
 
 from __future__ import annotations
@@ -29,16 +29,10 @@ from typing import Any
 
 import cbor2
 
-from fleetbus.bus.commands import CommandState, uuid7_timestamp_ms
-from fleetbus.bus.errors import ReasonCode
+from fleetbus.bus.commands import uuid7_timestamp_ms
 from fleetbus.bus.settings import FleetbusSettings
-from fleetbus.processors.audit import AuditEvent
-from fleetbus.processors.eos import InputRecord, PartitionState, StageResult
-from fleetbus.processors.stages import ACTIVE_STATES as _ACTIVE
-from fleetbus.processors.stages import AuthorizeStage, PipelineTopics, TrackStage
-from fleetbus.processors.stages import CommandEntry as _CommandEntry
-from fleetbus.processors.stages import reject as _reject
-from fleetbus.processors.stages import status_output as _status
+from fleetbus.processors.eos import DeadlineOf, PartitionState, StageResult
+from fleetbus.processors.stages import AuthorizeStage, CommandEntry, PipelineTopics, TrackStage
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tick.json"
 DAY_S = 86400.0
@@ -50,84 +44,31 @@ NOW = 1_800_000_000.0
 SIGNED = bytes(random.Random(1).randbytes(900))  # noqa: S311
 
 
-# --- the ticks as they were before the deadline index (commit 17c3d58) ---------------------
+# --- the tick as it was before the deadline index (commit 17c3d58): a full scan -------------
 
 
-def full_scan_authorize_tick(
-    self: AuthorizeStage, partition: int, state: PartitionState, now: float
-) -> StageResult:
-    result = StageResult()
-    for key, raw in list(state.items()):
-        if key.startswith("apr/"):
-            if cbor2.loads(raw)["until"] / 1000 < now:
-                state.delete(key)
-            continue
-        if not key.startswith("cmd/"):
-            continue
-        entry = _CommandEntry.decode(raw)
-        cid = key.removeprefix("cmd/")
-        if entry.status == "pending" and now > entry.window_until:
-            entry.status = "rejected"
-            signed, entry.signed = entry.signed, b""
-            state.put(key, entry.encode())
-            record = InputRecord(
-                self.topics.requested, entry.partition, entry.offset, cid.encode(), signed
-            )
-            result.extend(
-                _reject(
-                    self.name,
-                    self.topics,
-                    record,
-                    cid,
-                    ReasonCode.POLICY_DENIED,
-                    f"approval window elapsed ({len(entry.approvers)} of "
-                    f"{self.approvals_required} approvals)",
-                    now,
-                    issuer=entry.issuer,
-                )
-            )
-        elif entry.until < now and entry.status != "pending":
-            state.delete(key)
-    return result
+class FullScan:
+    """A partition state whose ``due`` decodes every entry, as each tick did before the deadline
+    index: the stage's own ``tick`` run on it is the full-scan tick, with the same work on each
+    due entry as the indexed one (so the two stay comparable as the stages change)."""
+
+    def __init__(self, state: PartitionState) -> None:
+        self._state = state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._state, name)
+
+    def due(self, now: float, deadline_of: DeadlineOf) -> list[str]:
+        keys = []
+        for key, value in list(self._state.items()):
+            deadline = deadline_of(key, value)
+            if deadline is not None and deadline < now:
+                keys.append(key)
+        return keys
 
 
-def full_scan_track_tick(
-    self: TrackStage, partition: int, state: PartitionState, now: float
-) -> StageResult:
-    result = StageResult()
-    for key, raw in list(state.items()):
-        if not key.startswith("cmd/"):
-            continue
-        cid = key.removeprefix("cmd/")
-        entry: dict[str, Any] = cbor2.loads(raw)
-        expires = entry["expires_at"] / 1000
-        if not expires or now <= expires + self.skew_s:
-            continue
-        vehicles: dict[str, str] = entry["vehicles"]
-        changed = False
-        for vid, current in sorted(vehicles.items()):
-            if current in _ACTIVE:
-                vehicles[vid] = "expired"
-                changed = True
-                self._observe(cid, entry, "expired", now)
-                result.outputs.append(
-                    _status(
-                        self.topics,
-                        cid,
-                        CommandState.EXPIRED,
-                        now,
-                        detail=f"no final response before expiry (last: {current})",
-                        reason=ReasonCode.EXPIRED,
-                        vehicle_id=vid or None,
-                    )
-                )
-                result.audit.append(
-                    AuditEvent("bus", "expired", cid, ReasonCode.EXPIRED.value, {"vehicle": vid})
-                )
-        if changed:
-            self._store(state, cid, entry)
-        elif now > expires + self.skew_s + self.retention_s:
-            state.delete(key)
+def full_scan_tick(stage: Any, partition: int, state: PartitionState, now: float) -> StageResult:
+    result: StageResult = stage.tick(partition, FullScan(state), now)
     return result
 
 
@@ -156,13 +97,18 @@ def authorize_state(size: int, rng: random.Random) -> dict[str, bytes]:
         cid = _cid(rng, issued)
         kind = rng.random()
         if kind < 0.01:
-            state[f"apr/{cid}"] = cbor2.dumps(
-                {"approvers": ["dispatch-2"], "until": _ms(NOW + rng.uniform(0, WINDOW_S))},
-                canonical=True,
-            )
+            held = {
+                "approver": "dispatch-2",
+                "deny": False,
+                "value": SIGNED[:200],
+                "partition": 0,
+                "offset": i,
+                "until": _ms(NOW + rng.uniform(0, WINDOW_S)),
+            }
+            state[f"apr/{cid}"] = cbor2.dumps({"approvals": [held]}, canonical=True)
             continue
         pending = kind < 0.02
-        entry = _CommandEntry(
+        entry = CommandEntry(
             status="pending" if pending else rng.choice(["authorized"] * 9 + ["rejected"]),
             until=until,
             issuer="dispatch-1",
@@ -285,14 +231,12 @@ def main() -> None:
             measure(
                 "authorize",
                 authorize,
-                full_scan_authorize_tick,
+                full_scan_tick,
                 authorize_state(size, rng),
                 args.rounds,
             )
         )
-        rows.append(
-            measure("track", track, full_scan_track_tick, track_state(size, rng), args.rounds)
-        )
+        rows.append(measure("track", track, full_scan_tick, track_state(size, rng), args.rounds))
     load_after = os.getloadavg()[0]
     header = (
         f"{'stage':<10} {'entries':>9} {'changed':>8} {'full scan ms':>13} {'index ms':>9} "

@@ -161,9 +161,15 @@ def expire_epochs(state: PartitionState, due: Iterable[str], now: float) -> None
             continue
         raw = state.get(key)
         if raw is not None and stored_until(raw) < now_ms:
-            state.delete(key)
-            state.delete(EPOCH_WINDOW_PREFIX + key.removeprefix(EPOCH_PREFIX))
-            add_to_count(state, sender_key(EPOCH_COUNT_PREFIX, cbor2.loads(raw)["sender"]), -1)
+            _forget_epoch(state, key, raw)
+
+
+def _forget_epoch(state: PartitionState, key: str, raw: bytes) -> None:
+    """Delete the uplink epoch at ``key`` (its record ``raw``) and its window, and drop its
+    sender's epoch count: every way an epoch leaves the state frees its sender's slot."""
+    state.delete(key)
+    state.delete(EPOCH_WINDOW_PREFIX + key.removeprefix(EPOCH_PREFIX))
+    add_to_count(state, sender_key(EPOCH_COUNT_PREFIX, cbor2.loads(raw)["sender"]), -1)
 
 
 def stored_until(raw: bytes) -> int:
@@ -206,9 +212,12 @@ class StateEpochStore:
     def window_key(recipient: str, epoch_id: bytes) -> str:
         return f"{sender_key(EPOCH_WINDOW_PREFIX, recipient)}/{epoch_id.hex()}"
 
-    def _window(self, recipient: str, epoch_id: bytes, m: Any) -> tuple[int, int]:
+    def _window(self, recipient: str, epoch_id: bytes, epoch: Any) -> tuple[int, int]:
+        """The epoch's ``(highest, window)``; ``epoch``, its map or its stored bytes, is read
+        only for an epoch written by an earlier release, which kept the window inside it."""
         raw = self._state.get(self.window_key(recipient, epoch_id))
-        if raw is None:  # kept inside the epoch's map by earlier releases
+        if raw is None:
+            m = cbor2.loads(epoch) if isinstance(epoch, bytes) else epoch
             return m["highest"], m["window"]
         highest, window = cbor2.loads(raw)
         return highest, window
@@ -289,7 +298,9 @@ class StateEpochStore:
         raw = self._state.get(self.key(recipient, epoch_id))
         if raw is None:
             return False
-        highest, window = self._window(recipient, epoch_id, cbor2.loads(raw))
+        # Not decoded here: the epoch's map holds its establishment record (1-5 kB), and each
+        # message reads it already (``get``).
+        highest, window = self._window(recipient, epoch_id, raw)
         probe = SimpleNamespace(highest=highest, window=window)
         if not window_admits(probe, sequence):  # type: ignore[arg-type]
             return False
@@ -298,8 +309,13 @@ class StateEpochStore:
         return True
 
     def erase(self, recipient: str, epoch_id: bytes) -> None:
-        self._state.delete(self.key(recipient, epoch_id))
-        self._state.delete(self.window_key(recipient, epoch_id))
+        # The opener erases an epoch that has ended when a message of it arrives before the
+        # tick does: its sender's slot must go with it, or each such message would take one of
+        # the sender's EPOCHS_PER_SENDER for good.
+        key = self.key(recipient, epoch_id)
+        raw = self._state.get(key)
+        if raw is not None:
+            _forget_epoch(self._state, key, raw)
 
     def _remember(self, digest: bytes, secret: bytes) -> None:
         if len(self._secrets) >= self._max_secrets:

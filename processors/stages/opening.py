@@ -173,7 +173,7 @@ def admit_v1_uplink(
     sender = opened.sender
     refused = stage.replay.admit(state, sender, opened.message_id, opened.expires_at, now)
     if refused is not None:
-        ENVELOPE_REJECTS.labels(role="bus", reason=refused.value).inc()
+        on_commit(ENVELOPE_REJECTS.labels(role="bus", reason=refused.value).inc)
         detail = refusal_detail(refused, sender, opened.message_id, stage.limits)
         return dlq(refused, detail, actor=sender, command_id=keyed.command_id)
     return opened, payload

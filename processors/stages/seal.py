@@ -71,7 +71,7 @@ class SealStage:
     With ``sealer_v2`` and ``wire_version`` 2, a vehicle whose directory record announces
     ``wire2`` gets wire format v2: the establishment of a new epoch goes in front of the first
     message on the vehicle's partition, and a copy of it to ``commands.responses`` under the
-    vehicle's key, where the track stage keeps it to answer the vehicle's ``epoch_unknown``
+    vehicle's key, where the response stage keeps it to answer the vehicle's ``epoch_unknown``
     status (docs/wire-format.md V2.7). An epoch counts as announced once the transaction that
     carried its establishment committed; until then every batch carries it again.
     """

@@ -218,7 +218,7 @@ class TrackStage:
                 actor=vid,
                 command_id=cid,
             )
-            ENVELOPE_REJECTS.labels(role="bus", reason=ReasonCode.SENDER_STATE_FULL.value).inc()
+            on_commit(ENVELOPE_REJECTS.labels(role="bus", reason="sender_state_full").inc)
             result.extend(full)
             result.outcome = full.outcome
             return result

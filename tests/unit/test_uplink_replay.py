@@ -457,3 +457,20 @@ def test_only_vehicles_and_edge_units_may_send_uplink(fleet: Fleet) -> None:
     )
     assert reasons(answer) == ["policy_denied"]
     assert statuses(answer) == []
+
+
+def test_an_epoch_written_with_its_window_inside_is_read_and_moved_out() -> None:
+    """An uplink epoch an earlier release wrote keeps its replay window inside its map: its
+    first message reads it there and writes the window apart; a copy is then replayed."""
+    import cbor2
+
+    from fleetbus.processors.uplink import StateEpochStore
+
+    state, epoch_id = PartitionState(), bytes(16)
+    store = StateEpochStore(state, {}, lambda record: b"secret", skew_ms=30_000)
+    legacy = {"sender": "V-1", "until": 1, "highest": 4, "window": 0b1}
+    state.put(store.key("bus-sealer", epoch_id), cbor2.dumps(legacy, canonical=True))
+    assert store.record("bus-sealer", epoch_id, 3)
+    assert cbor2.loads(state.get(store.window_key("bus-sealer", epoch_id)) or b"") == [4, 0b11]
+    assert not store.record("bus-sealer", epoch_id, 4)  # accepted before the window moved out
+    assert not store.record("bus-sealer", epoch_id, 3)

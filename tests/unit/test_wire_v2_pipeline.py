@@ -477,7 +477,7 @@ def test_wire_version_is_read_from_the_environment(monkeypatch: pytest.MonkeyPat
         FleetbusSettings()
 
 
-def telemetry_stage(fleet: Fleet) -> TelemetryStage:
+def telemetry_stage(fleet: Fleet, clock: Any = lambda: NOW) -> TelemetryStage:
     runner = KeyPathRunner({n: load_key_provider(n) for n in ("xwing", "x25519")})
 
     def v1(minimum: str) -> EnvelopeOpener:
@@ -489,7 +489,7 @@ def telemetry_stage(fleet: Fleet) -> TelemetryStage:
     def v2(minimum: str) -> EpochOpener:
         return EpochOpener(
             fleet.files["bus-sealer"].key_set(), fleet.directory, runner,
-            KeyPath.parse(minimum), direction=Direction.UPLINK, clock=lambda: NOW,
+            KeyPath.parse(minimum), direction=Direction.UPLINK, clock=clock,
         )  # fmt: skip
 
     return TelemetryStage(
@@ -747,3 +747,34 @@ def test_uplink_epochs_are_bounded_per_sender(fleet: Fleet, tmp_path: Path) -> N
     )
     stage.tick(0, state, NOW + 400)  # the epochs end: room again
     assert not outputs(feed(new_epoch_record(), NOW + 400), TOPICS.dlq)
+
+
+def test_an_epoch_erased_when_its_late_message_arrives_frees_its_senders_slot(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """Regression: a message of an ended epoch that arrives before the tick sweeps the epoch
+    makes the opener erase it; the sender's epoch count dropped only in the tick, so each such
+    message (a vehicle's late message, or anyone's re-published copy of one) took one of the
+    sender's EPOCHS_PER_SENDER slots for good, and after eight the vehicle was locked out."""
+    from fleetbus.processors.uplink import EPOCH_COUNT_PREFIX, read_count, sender_key
+    from fleetbus.providers.sealing import EpochPolicy
+
+    clock = [NOW]
+    stage, state = telemetry_stage(fleet, clock=lambda: clock[0]), PartitionState()
+    vehicles = Vehicles(fleet, tmp_path)
+    agent = vehicles.agent
+    vehicle = agent._vehicles["V-1"]
+    vehicle.uplink_v2 = EpochSealer(
+        "V-1", vehicle.identity.signer, agent._profile_sealer, epochs=EpochPolicy(1, 1000),
+        direction=Direction.UPLINK, clock=lambda: NOW,
+    )  # fmt: skip
+    agent.publish_telemetry("V-1", {"x": 1}, at=NOW)
+    (_, est), (_, message) = telemetry_records(vehicles)
+    count_key = sender_key(EPOCH_COUNT_PREFIX, "V-1")
+    stage.process(InputRecord(TOPICS.telemetry_raw, 0, 0, b"V-1", est), state, NOW)
+    assert read_count(state, count_key) == 1
+    clock[0] = late = NOW + 32  # past the epoch's end + skew, before the message's expiry
+    result = stage.process(InputRecord(TOPICS.telemetry_raw, 0, 1, b"V-1", message), state, late)
+    assert DeadLetter.decode(outputs(result, TOPICS.dlq)[0].value).reason.value == "expired"
+    assert not [k for k, _ in state.items() if k.startswith(("up/ep/", "up/ew/"))]
+    assert read_count(state, count_key) == 0
