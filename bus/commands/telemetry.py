@@ -15,12 +15,12 @@ from fleetbus.bus.commands.wire import (
     _check_model_text,
     _check_params,
     _check_time,
-    _decode_signed,
     _dumps,
     _encode_signed,
     _malformed,
     _map,
     _ms,
+    _read_signed,
     _signing_input,
     _strict_loads,
     _text,
@@ -161,10 +161,13 @@ class SignedTelemetryBatch:
 
     @classmethod
     def decode(cls, data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> SignedTelemetryBatch:
-        batch, key_id, suite, signature = _decode_signed(
-            data, "signed telemetry batch", max_size, TelemetryBatch.from_wire, "vehicle key id"
-        )
-        return cls(batch, key_id, suite, signature)
+        return cls.from_wire(_strict_loads(data, "signed telemetry batch", max_size))
+
+    @classmethod
+    def from_wire(cls, value: object) -> SignedTelemetryBatch:
+        """``decode`` of a value already strictly decoded (no second CBOR pass)."""
+        what = "signed telemetry batch"
+        return cls(*_read_signed(value, what, TelemetryBatch.from_wire, "vehicle key id"))
 
     def verify(self, verifier: Verifier) -> None:
         """BAD_SIGNATURE unless ``verifier`` (the vehicle's key ``key_id``, from the directory)
@@ -186,5 +189,5 @@ def decode_batch_payload(
     Strict like every decoder here; no signature is checked."""
     value = _strict_loads(data, "telemetry batch", max_size)
     if cbor.is_array(value):
-        return SignedTelemetryBatch.decode(data, max_size=max_size)
+        return SignedTelemetryBatch.from_wire(value)
     return TelemetryBatch.from_wire(value)
