@@ -14,6 +14,7 @@ from fleetbus.bus.commands.wire import (
     _array,
     _check_model_text,
     _check_params,
+    _check_signature,
     _check_time,
     _dumps,
     _encode_signed,
@@ -26,7 +27,7 @@ from fleetbus.bus.commands.wire import (
     _text,
     _to_ms,
 )
-from fleetbus.bus.errors import FleetbusError, ReasonCode
+from fleetbus.bus.errors import FleetbusError
 
 if TYPE_CHECKING:
     from fleetbus.bus.keys import Signer, Verifier
@@ -172,10 +173,7 @@ class SignedTelemetryBatch:
     def verify(self, verifier: Verifier) -> None:
         """BAD_SIGNATURE unless ``verifier`` (the vehicle's key ``key_id``, from the directory)
         is of this suite and accepts the signature."""
-        if verifier.suite != self.suite or not verifier.verify(self.to_be_signed(), self.signature):
-            raise FleetbusError(
-                "telemetry batch: signature does not verify", reason=ReasonCode.BAD_SIGNATURE
-            )
+        _check_signature(verifier.suite, verifier.verify, self.suite, self.to_be_signed(), self)
 
     def digest(self) -> bytes:
         """SHA-256 of ``encode()``: what the audit record names the evidence by."""

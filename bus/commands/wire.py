@@ -14,6 +14,7 @@ from fleetbus.bus.errors import FleetbusError, ReasonCode
 if TYPE_CHECKING:
     from fleetbus.bus.commands.approval import SignedApproval
     from fleetbus.bus.commands.command import SignedCommand
+    from fleetbus.bus.commands.telemetry import SignedTelemetryBatch
 
 
 #: Domain separator of a command's ToBeSigned.
@@ -224,7 +225,7 @@ def _check_signature(
     verify: Callable[[bytes, bytes], bool],
     claimed_suite: str,
     tbs: bytes,
-    signed: SignedCommand | SignedApproval,
+    signed: SignedCommand | SignedApproval | SignedTelemetryBatch,
 ) -> None:
     if record_suite != claimed_suite or not verify(tbs, signed.signature):
         raise FleetbusError(
