@@ -19,7 +19,6 @@ from fleetbus.bus.envelope_base import (
     DEFAULT_MAX_SIZE,
     ENVELOPE_TAG,
     IV_LENGTH,
-    MAX_DEPTH,
     MAX_TOPIC,
     BatchSignature,
     EnvelopeError,
@@ -28,14 +27,17 @@ from fleetbus.bus.envelope_base import (
     SignatureBlock,
     SingleSignature,
     canonical_dumps,
+    check_key_path,
     decode_signature_block,
+    enc_structure,
     encode_signature_block,
     is_map,
-    loads,
     malformed,
     read_array,
     read_bytes,
+    read_encrypt0,
     read_key_refs,
+    read_outer,
     read_text,
     read_uint,
     require_deterministic,
@@ -253,10 +255,7 @@ def _read_header(fields: Any) -> ProtectedHeader:
     )
     if header.expires_at_ms < header.issued_at_ms:
         raise malformed("expires-at is before issued-at")
-    if header.key_path != "+".join(header.providers):
-        raise malformed("key path does not name the key refs' providers in order")
-    if len(set(header.providers)) != len(header.providers):
-        raise malformed("a provider appears twice in the key path")
+    check_key_path(header.key_path, header.providers)
     return header
 
 
@@ -271,19 +270,7 @@ def encode_envelope(protected: bytes, ciphertext: bytes, signature: SignatureBlo
 def decode_envelope(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> ParsedEnvelope:
     """Size check, then strict parse. Raises ``EnvelopeError`` with OVERSIZE, MALFORMED or
     UNSUPPORTED_VERSION; verifies nothing cryptographic."""
-    if type(data) is not bytes:
-        raise malformed("envelope must be bytes")
-    if len(data) > max_size:
-        raise EnvelopeError(
-            f"envelope is {len(data)} bytes; the limit is {max_size}", reason=ReasonCode.OVERSIZE
-        )
-    outer = loads(data, None, MAX_DEPTH)
-    if type(outer) is not cbor2.CBORTag or outer.tag != ENVELOPE_TAG:
-        raise malformed("not a fleetbus envelope (outer tag)")
-    body = read_array(outer.value, "envelope")
-    if not body:
-        raise malformed("envelope array is empty")
-    version = read_uint(body[0], "format version")
+    outer, body, version = read_outer(data, max_size, "envelope")
     if version != FORMAT_VERSION:
         raise EnvelopeError(
             f"envelope format version {version}; this build reads {FORMAT_VERSION}",
@@ -291,16 +278,7 @@ def decode_envelope(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> ParsedE
         )
     require_deterministic(outer, data, "envelope")
     read_array(body, "envelope", 3)
-    encrypt0 = body[1]
-    if type(encrypt0) is not cbor2.CBORTag or encrypt0.tag != COSE_ENCRYPT0_TAG:
-        raise malformed("second element must be a tagged COSE_Encrypt0")
-    cose = read_array(encrypt0.value, "COSE_Encrypt0", 3)
-    protected = read_bytes(cose[0], "protected header")
-    if not is_map(cose[1]) or cose[1]:
-        raise malformed("unprotected header must be an empty map")
-    ciphertext = read_bytes(cose[2], "ciphertext")
-    if len(ciphertext) < 16:
-        raise malformed("ciphertext is shorter than the AES-GCM tag")
+    protected, ciphertext = read_encrypt0(body[1], "second")
     header = decode_protected(protected)
     return ParsedEnvelope(
         protected=protected,
@@ -308,11 +286,6 @@ def decode_envelope(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> ParsedE
         ciphertext=ciphertext,
         signature=decode_signature_block(body[2]),
     )
-
-
-def enc_structure(protected: bytes) -> bytes:
-    """AEAD associated data: COSE ``Enc_structure`` ``["Encrypt0", protected, h'']``."""
-    return canonical_dumps(["Encrypt0", protected, b""])
 
 
 def to_be_signed(protected: bytes, ciphertext: bytes) -> bytes:

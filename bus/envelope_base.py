@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
+import cbor2
+
 from fleetbus.bus import cbor
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 
@@ -37,14 +39,18 @@ __all__ = [
     "SignatureBlock",
     "SingleSignature",
     "canonical_dumps",
+    "check_key_path",
     "decode_signature_block",
+    "enc_structure",
     "encode_signature_block",
     "is_map",
     "loads",
     "malformed",
     "read_array",
     "read_bytes",
+    "read_encrypt0",
     "read_key_refs",
+    "read_outer",
     "read_text",
     "read_uint",
     "require_deterministic",
@@ -186,6 +192,45 @@ def read_array(value: object, what: str, length: int | None = None) -> list[Any]
 is_map = cbor.is_map
 
 
+def read_outer(data: object, max_size: int, what: str) -> tuple[cbor2.CBORTag, list[Any], int]:
+    """Size, CBOR, outer tag, array and format version (read first): the start of every reader
+    of both versions (``what``: "envelope" or "record"). Determinism is checked by the caller,
+    once it knows the version is its own."""
+    if type(data) is not bytes:
+        raise malformed(f"{what} must be bytes")
+    if len(data) > max_size:
+        raise EnvelopeError(
+            f"{what} is {len(data)} bytes; the limit is {max_size}", reason=ReasonCode.OVERSIZE
+        )
+    outer = loads(data, None, MAX_DEPTH)
+    if type(outer) is not cbor2.CBORTag or outer.tag != ENVELOPE_TAG:
+        raise malformed(f"not a fleetbus {what} (outer tag)")
+    body = read_array(outer.value, what)
+    if not body:
+        raise malformed(f"{what} array is empty")
+    return outer, body, read_uint(body[0], "format version")
+
+
+def read_encrypt0(value: object, position: str) -> tuple[bytes, bytes]:
+    """The protected bytes and ciphertext of a tagged COSE_Encrypt0 with an empty unprotected
+    header (``position``: which element of the outer array it is, for the message)."""
+    if type(value) is not cbor2.CBORTag or value.tag != COSE_ENCRYPT0_TAG:
+        raise malformed(f"{position} element must be a tagged COSE_Encrypt0")
+    cose = read_array(value.value, "COSE_Encrypt0", 3)
+    protected = read_bytes(cose[0], "protected header")
+    if not is_map(cose[1]) or cose[1]:
+        raise malformed("unprotected header must be an empty map")
+    ciphertext = read_bytes(cose[2], "ciphertext")
+    if len(ciphertext) < 16:
+        raise malformed("ciphertext is shorter than the AES-GCM tag")
+    return protected, ciphertext
+
+
+def enc_structure(protected: bytes) -> bytes:
+    """AEAD associated data: COSE ``Enc_structure`` ``["Encrypt0", protected, h'']``."""
+    return canonical_dumps(["Encrypt0", protected, b""])
+
+
 def read_key_refs(value: object) -> tuple[KeyRef, ...]:
     raw_refs = read_array(value, "key refs")
     if not 1 <= len(raw_refs) <= MAX_KEY_REFS:
@@ -201,6 +246,14 @@ def read_key_refs(value: object) -> tuple[KeyRef, ...]:
             )
         )
     return tuple(refs)
+
+
+def check_key_path(key_path: str, providers: tuple[str, ...]) -> None:
+    """A key path must name its key refs' providers, in order, each once."""
+    if key_path != "+".join(providers):
+        raise malformed("key path does not name the key refs' providers in order")
+    if len(set(providers)) != len(providers):
+        raise malformed("a provider appears twice in the key path")
 
 
 def encode_signature_block(block: SignatureBlock) -> list[Any]:

@@ -21,7 +21,6 @@ from fleetbus.bus.envelope_base import (
     COSE_ENCRYPT0_TAG,
     DEFAULT_MAX_SIZE,
     ENVELOPE_TAG,
-    MAX_DEPTH,
     MAX_TEXT,
     MAX_TOPIC,
     EnvelopeError,
@@ -29,14 +28,17 @@ from fleetbus.bus.envelope_base import (
     MessageKind,
     SignatureBlock,
     canonical_dumps,
+    check_key_path,
     decode_signature_block,
+    enc_structure,
     encode_signature_block,
     is_map,
-    loads,
     malformed,
     read_array,
     read_bytes,
+    read_encrypt0,
     read_key_refs,
+    read_outer,
     read_text,
     read_uint,
     require_deterministic,
@@ -217,27 +219,10 @@ def _version_error(version: int) -> EnvelopeError:
     )
 
 
-def _outer(data: object, max_size: int) -> tuple[cbor2.CBORTag, list[Any], int]:
-    """Size, CBOR, tag, array, version (read first). Shared by every reader of both versions."""
-    if type(data) is not bytes:
-        raise malformed("record must be bytes")
-    if len(data) > max_size:
-        raise EnvelopeError(
-            f"record is {len(data)} bytes; the limit is {max_size}", reason=ReasonCode.OVERSIZE
-        )
-    outer = loads(data, None, MAX_DEPTH)
-    if type(outer) is not cbor2.CBORTag or outer.tag != ENVELOPE_TAG:
-        raise malformed("not a fleetbus record (outer tag)")
-    body = read_array(outer.value, "record")
-    if not body:
-        raise malformed("record array is empty")
-    return outer, body, read_uint(body[0], "format version")
-
-
 def record_version(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> int:
     """The format version of a record (1 or 2), read before anything else; raises
     ``EnvelopeError`` (OVERSIZE, MALFORMED, UNSUPPORTED_VERSION) otherwise."""
-    _, _, version = _outer(data, max_size)
+    _, _, version = read_outer(data, max_size, "record")
     if version not in (1, V2):
         raise _version_error(version)
     return version
@@ -246,7 +231,7 @@ def record_version(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> int:
 def decode_record(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> ParsedRecord:
     """Strictly parse a v2 record; a v1 envelope is UNSUPPORTED_VERSION here (callers dispatch
     on ``record_version`` first). Verifies nothing cryptographic."""
-    outer, body, version = _outer(data, max_size)
+    outer, body, version = read_outer(data, max_size, "record")
     if version != V2:
         raise EnvelopeError(
             f"record format version {version}; this parser reads {V2}",
@@ -308,10 +293,7 @@ def _read_establishment(fields: Any) -> Establishment:
         raise malformed("not-after must be after not-before")
     if est.max_messages < 1:
         raise malformed("max messages must be at least 1")
-    if est.key_path != "+".join(est.providers):
-        raise malformed("key path does not name the key refs' providers in order")
-    if len(set(est.providers)) != len(est.providers):
-        raise malformed("a provider appears twice in the key path")
+    check_key_path(est.key_path, est.providers)
     return est
 
 
@@ -341,15 +323,7 @@ def _partial_iv(sequence: int) -> bytes:
 
 
 def _read_message(value: object) -> Message:
-    if type(value) is not cbor2.CBORTag or value.tag != COSE_ENCRYPT0_TAG:
-        raise malformed("third element must be a tagged COSE_Encrypt0")
-    cose = read_array(value.value, "COSE_Encrypt0", 3)
-    protected = read_bytes(cose[0], "protected header")
-    if not is_map(cose[1]) or cose[1]:
-        raise malformed("unprotected header must be an empty map")
-    ciphertext = read_bytes(cose[2], "ciphertext")
-    if len(ciphertext) < 16:
-        raise malformed("ciphertext is shorter than the AES-GCM tag")
+    protected, ciphertext = read_encrypt0(value, "third")
     fields = strict_loads(protected, "protected header")
     if not is_map(fields) or set(fields) != _MESSAGE_LABELS:
         raise malformed("protected header must have exactly the v2 message labels")
@@ -457,9 +431,8 @@ def encode_message(protected: bytes, ciphertext: bytes) -> bytes:
     return _record(RecordType.MESSAGE, encrypt0)
 
 
-def message_aad(protected: bytes) -> bytes:
-    """COSE ``Enc_structure`` ``["Encrypt0", protected, h'']``."""
-    return canonical_dumps(["Encrypt0", protected, b""])
+#: COSE ``Enc_structure`` ``["Encrypt0", protected, h'']``, as in version 1.
+message_aad = enc_structure
 
 
 def encode_plaintext(plain: MessagePlaintext, kind: MessageKind, expires_at_ms: int) -> bytes:

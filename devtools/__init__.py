@@ -4,7 +4,8 @@ benchmarks import it; no production room depends on it.
 Modules: ``kafka`` (a provisioned Apache Kafka: ``LocalKafka``, ports, mTLS PKI, ACLs), ``kme``
 (a KME pair in a child process), ``kme_pki`` (the KME pair's test PKI:
 ``fleetbus kme certs``), ``pki`` (certificate helpers), ``fleet`` (the test fleet on
-disk and its settings, shared by the tests and the benchmarks), ``process`` (the one child-process
+disk and its settings, shared by the tests and the benchmarks), ``qkd_recording`` (the recorded
+ETSI 014 key of the QKD test vectors), ``process`` (the one child-process
 wrapper: ``ChildProcess``, ``WorkerProcess``, ``spawn``, ``stop_group``) and ``demo`` (the
 ``fleetbus demo`` scenario, runner and report).
 """

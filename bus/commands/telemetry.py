@@ -14,19 +14,20 @@ from fleetbus.bus.commands.wire import (
     _array,
     _check_model_text,
     _check_params,
+    _check_signature,
     _check_time,
-    _decode_signed,
     _dumps,
     _encode_signed,
     _malformed,
     _map,
     _ms,
+    _read_signed,
     _signing_input,
     _strict_loads,
     _text,
     _to_ms,
 )
-from fleetbus.bus.errors import FleetbusError, ReasonCode
+from fleetbus.bus.errors import FleetbusError
 
 if TYPE_CHECKING:
     from fleetbus.bus.keys import Signer, Verifier
@@ -161,18 +162,18 @@ class SignedTelemetryBatch:
 
     @classmethod
     def decode(cls, data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> SignedTelemetryBatch:
-        batch, key_id, suite, signature = _decode_signed(
-            data, "signed telemetry batch", max_size, TelemetryBatch.from_wire, "vehicle key id"
-        )
-        return cls(batch, key_id, suite, signature)
+        return cls.from_wire(_strict_loads(data, "signed telemetry batch", max_size))
+
+    @classmethod
+    def from_wire(cls, value: object) -> SignedTelemetryBatch:
+        """``decode`` of a value already strictly decoded (no second CBOR pass)."""
+        what = "signed telemetry batch"
+        return cls(*_read_signed(value, what, TelemetryBatch.from_wire, "vehicle key id"))
 
     def verify(self, verifier: Verifier) -> None:
         """BAD_SIGNATURE unless ``verifier`` (the vehicle's key ``key_id``, from the directory)
         is of this suite and accepts the signature."""
-        if verifier.suite != self.suite or not verifier.verify(self.to_be_signed(), self.signature):
-            raise FleetbusError(
-                "telemetry batch: signature does not verify", reason=ReasonCode.BAD_SIGNATURE
-            )
+        _check_signature(verifier.suite, verifier.verify, self.suite, self.to_be_signed(), self)
 
     def digest(self) -> bytes:
         """SHA-256 of ``encode()``: what the audit record names the evidence by."""
@@ -186,5 +187,5 @@ def decode_batch_payload(
     Strict like every decoder here; no signature is checked."""
     value = _strict_loads(data, "telemetry batch", max_size)
     if cbor.is_array(value):
-        return SignedTelemetryBatch.decode(data, max_size=max_size)
+        return SignedTelemetryBatch.from_wire(value)
     return TelemetryBatch.from_wire(value)

@@ -14,6 +14,7 @@ from fleetbus.bus.errors import FleetbusError, ReasonCode
 if TYPE_CHECKING:
     from fleetbus.bus.commands.approval import SignedApproval
     from fleetbus.bus.commands.command import SignedCommand
+    from fleetbus.bus.commands.telemetry import SignedTelemetryBatch
 
 
 #: Domain separator of a command's ToBeSigned.
@@ -199,7 +200,14 @@ def _decode_signed(
 ) -> tuple[_Body, str, str, bytes]:
     """Strict parse of a signed structure: (body, key id, suite, signature); no signature check.
     ``key_what`` names the key id in errors ("issuer key id", "approver key id")."""
-    items = _signed_items(_strict_loads(data, what, max_size), what)
+    return _read_signed(_strict_loads(data, what, max_size), what, read_body, key_what)
+
+
+def _read_signed(
+    value: object, what: str, read_body: Callable[[object], _Body], key_what: str
+) -> tuple[_Body, str, str, bytes]:
+    """``_decode_signed`` of a value already decoded by ``_strict_loads``."""
+    items = _signed_items(value, what)
     try:
         body = read_body(items[1])
     except FleetbusError as exc:
@@ -217,7 +225,7 @@ def _check_signature(
     verify: Callable[[bytes, bytes], bool],
     claimed_suite: str,
     tbs: bytes,
-    signed: SignedCommand | SignedApproval,
+    signed: SignedCommand | SignedApproval | SignedTelemetryBatch,
 ) -> None:
     if record_suite != claimed_suite or not verify(tbs, signed.signature):
         raise FleetbusError(

@@ -48,7 +48,9 @@ class HeadStore:
                 return
         except (FileNotFoundError, FleetbusError):
             pass  # nothing (valid) to keep; load() verifies whatever is there at the next start
-        write_atomic(self.path, signed.to_cbor(), 0o644)
+        # The folder is synced too: a rename lost to a power cut would bring back the older
+        # head, and with it the rollback window this file exists to close.
+        write_atomic(self.path, signed.to_cbor(), 0o644, sync_folder=True)
 
 
 def head_store_for(folder: Path, root: RootPublicKey) -> HeadStore:

@@ -11,7 +11,6 @@ step; see docs/wire-format.md, "Test vectors".
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import sys
@@ -29,14 +28,8 @@ from fleetbus.bus.envelope import (
     epoch_context,
     to_be_signed,
 )
-from fleetbus.bus.keys import (
-    Encapsulation,
-    KeyPath,
-    KeyProvider,
-    PrivateKeySet,
-    RecipientKeys,
-    SecurityProfile,
-)
+from fleetbus.bus.keys import KeyPath, PrivateKeySet, RecipientKeys, SecurityProfile
+from fleetbus.devtools.qkd_recording import QKDRecording, RecordedQKD
 from fleetbus.providers.hpke import MLKEM768Provider, X25519Provider, XWingProvider
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.merkle import leaf_hash, merkle_root
@@ -56,11 +49,6 @@ HERE = Path(__file__).parent
 ISSUED_AT = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 OPEN_AT = ISSUED_AT + 5
 TOPIC = "fleet.commands.outbound"
-#: The QKD side of the qkd-etsi014 vectors: the bus's SAE (master), the vehicle's (slave), and
-#: one recorded ETSI GS QKD 014 key (what the KME pair handed both SAEs).
-QKD_MASTER_SAE = "sae-bus-sealer-1"
-QKD_SLAVE_SAE = "sae-V-17"
-QKD_KEY_ID = "0b1c7e4a-5d2f-4e61-9a83-2f6c0d9e1a57"
 
 
 def seed(label: str, size: int = 32) -> bytes:
@@ -71,6 +59,13 @@ def seed(label: str, size: int = 32) -> bytes:
         out += hashlib.sha256(f"fleetbus test vector/{label}/{counter}".encode()).digest()
         counter += 1
     return out[:size]
+
+
+#: The QKD side of the qkd-etsi014 vectors: the bus's SAE (master), the vehicle's (slave), and
+#: one recorded ETSI GS QKD 014 key (what the KME pair handed both SAEs).
+QKD = QKDRecording(
+    "sae-bus-sealer-1", "sae-V-17", "0b1c7e4a-5d2f-4e61-9a83-2f6c0d9e1a57", seed("qkd/key")
+)
 
 
 def vehicle_keys(principal: str) -> tuple[dict[str, bytes], dict[str, bytes], dict[str, str]]:
@@ -108,38 +103,6 @@ def sender_keys(principal: str, suite: str) -> tuple[dict[str, bytes], dict[str,
     return private, public
 
 
-class RecordedQKD(KeyProvider):
-    """``qkd-etsi014`` with its KME replaced by one recorded key: ``enc_keys`` hands it out on
-    the sender's side, ``dec_keys`` by its key_ID on the recipient's. Generation only; the test
-    opens through ``QKDProvider`` itself, answering its ``dec_keys`` call from the recording."""
-
-    name = "qkd-etsi014"
-
-    def establish(self, recipient: RecipientKeys, *, context: bytes) -> Encapsulation:
-        assert recipient.qkd_sae_id == QKD_SLAVE_SAE
-        return Encapsulation(self.name, QKD_KEY_ID, QKD_KEY_ID.encode(), seed("qkd/key"))
-
-    def recover(self, key_ref: bytes, key_id: str, own: PrivateKeySet, *, context: bytes) -> bytes:
-        assert key_ref == QKD_KEY_ID.encode() == key_id.encode()
-        return seed("qkd/key")
-
-
-def qkd_recording() -> dict[str, Any]:
-    """The recorded 014 exchange, as the vehicle's SAE sees it (docs/qkd.md)."""
-    key = seed("qkd/key")
-    return {
-        "master_sae_id": QKD_MASTER_SAE,
-        "slave_sae_id": QKD_SLAVE_SAE,
-        "key_size_bits": 8 * len(key),
-        "key_ID": QKD_KEY_ID,
-        "key": key.hex(),
-        "dec_keys_request": {"key_IDs": [{"key_ID": QKD_KEY_ID}]},
-        "dec_keys_response": {
-            "keys": [{"key_ID": QKD_KEY_ID, "key": base64.b64encode(key).decode()}]
-        },
-    }
-
-
 def hexmap(values: dict[str, bytes]) -> dict[str, str]:
     return {k: v.hex() for k, v in sorted(values.items())}
 
@@ -170,7 +133,7 @@ def build(
     v_private, v_public, v_ids = vehicle_keys("V-17")
     key_path = KeyPath.parse(path)
     qkd = RecordedQKD.name in key_path.providers
-    sae = QKD_SLAVE_SAE if qkd else None
+    sae = QKD.slave_sae_id if qkd else None
     recipient = RecipientKeys("V-17", v_public, v_ids, qkd_sae_id=sae)
     own = PrivateKeySet("V-17", v_private, v_ids, qkd_sae_id=sae)
     runner = KeyPathRunner(
@@ -178,7 +141,7 @@ def build(
             "x25519": X25519Provider(),
             "mlkem768": MLKEM768Provider(),
             "xwing": XWingProvider(),
-            RecordedQKD.name: RecordedQKD(),
+            RecordedQKD.name: RecordedQKD(QKD),
         }
     )
     profile = SecurityProfile("vectors", [key_path], suite_name, False, key_path)
@@ -280,8 +243,8 @@ def build(
         "cases": cases,
     }
     if qkd:
-        document["recipient"]["qkd_sae_id"] = QKD_SLAVE_SAE
-        document["qkd"] = qkd_recording()
+        document["recipient"]["qkd_sae_id"] = QKD.slave_sae_id
+        document["qkd"] = QKD.to_json()
     if batch:
         first = decode_envelope(envelopes[0]).signature
         assert isinstance(first, BatchSignature)

@@ -11,7 +11,6 @@ a `cmd` message carries); see docs/wire-format.md, "V2.11 Test vectors".
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import sys
@@ -32,14 +31,8 @@ from fleetbus.bus.envelope_v2 import (
     message_aad,
     signed_to_be_signed,
 )
-from fleetbus.bus.keys import (
-    Encapsulation,
-    KeyPath,
-    KeyProvider,
-    PrivateKeySet,
-    RecipientKeys,
-    SecurityProfile,
-)
+from fleetbus.bus.keys import KeyPath, PrivateKeySet, RecipientKeys, SecurityProfile
+from fleetbus.devtools.qkd_recording import QKDRecording, RecordedQKD
 from fleetbus.providers.hpke import MLKEM768Provider, X25519Provider, XWingProvider
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.merkle import leaf_hash, merkle_root
@@ -56,11 +49,6 @@ from fleetbus.providers.signers import CompositeMLDSA65Ed25519Suite, Ed25519Suit
 HERE = Path(__file__).parent
 ISSUED_AT = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 OPEN_AT = ISSUED_AT + 5
-#: The QKD side of the qkd-etsi014 vector: the bus's SAE (master), the vehicle's (slave), and
-#: one recorded ETSI GS QKD 014 key.
-QKD_MASTER_SAE = "sae-bus-sealer-1"
-QKD_SLAVE_SAE = "sae-V-17"
-QKD_KEY_ID = "7f3e9b20-8c4d-4a15-b6e2-91d05c3a4f88"
 SUITES = {
     "ed25519": Ed25519Suite,
     "mldsa65": MLDSA65Suite,
@@ -76,6 +64,13 @@ def seed(label: str, size: int = 32) -> bytes:
         out += hashlib.sha256(f"fleetbus v2 test vector/{label}/{counter}".encode()).digest()
         counter += 1
     return out[:size]
+
+
+#: The QKD side of the qkd-etsi014 vector: the bus's SAE (master), the vehicle's (slave), and
+#: one recorded ETSI GS QKD 014 key.
+QKD = QKDRecording(
+    "sae-bus-sealer-1", "sae-V-17", "7f3e9b20-8c4d-4a15-b6e2-91d05c3a4f88", seed("qkd/key")
+)
 
 
 def kem_keys(principal: str) -> tuple[dict[str, bytes], dict[str, bytes], dict[str, str]]:
@@ -135,36 +130,6 @@ def command(message_id: str, action: str, params: dict[str, Any], vehicle: str =
     return SignedCommand.sign(cmd, signer).encode()
 
 
-class RecordedQKD(KeyProvider):
-    """``qkd-etsi014`` with its KME replaced by one recorded key (generation only; the test
-    opens through ``QKDProvider`` answered from the recording, tests/support/envelope.py)."""
-
-    name = "qkd-etsi014"
-
-    def establish(self, recipient: RecipientKeys, *, context: bytes) -> Encapsulation:
-        assert recipient.qkd_sae_id == QKD_SLAVE_SAE
-        return Encapsulation(self.name, QKD_KEY_ID, QKD_KEY_ID.encode(), seed("qkd/key"))
-
-    def recover(self, key_ref: bytes, key_id: str, own: PrivateKeySet, *, context: bytes) -> bytes:
-        assert key_ref == QKD_KEY_ID.encode() == key_id.encode()
-        return seed("qkd/key")
-
-
-def qkd_recording() -> dict[str, Any]:
-    key = seed("qkd/key")
-    return {
-        "master_sae_id": QKD_MASTER_SAE,
-        "slave_sae_id": QKD_SLAVE_SAE,
-        "key_size_bits": 8 * len(key),
-        "key_ID": QKD_KEY_ID,
-        "key": key.hex(),
-        "dec_keys_request": {"key_IDs": [{"key_ID": QKD_KEY_ID}]},
-        "dec_keys_response": {
-            "keys": [{"key_ID": QKD_KEY_ID, "key": base64.b64encode(key).decode()}]
-        },
-    }
-
-
 def hexmap(values: dict[str, bytes]) -> dict[str, str]:
     return {k: v.hex() for k, v in sorted(values.items())}
 
@@ -204,7 +169,7 @@ def build(
     r_private, r_public, r_ids = kem_keys(recipient_id)
     key_path = KeyPath.parse(path)
     qkd = RecordedQKD.name in key_path.providers
-    sae = QKD_SLAVE_SAE if qkd else None
+    sae = QKD.slave_sae_id if qkd else None
     recipient = RecipientKeys(recipient_id, r_public, r_ids, qkd_sae_id=sae)
     own = PrivateKeySet(recipient_id, r_private, r_ids, qkd_sae_id=sae)
     runner = KeyPathRunner(
@@ -212,7 +177,7 @@ def build(
             "x25519": X25519Provider(),
             "mlkem768": MLKEM768Provider(),
             "xwing": XWingProvider(),
-            RecordedQKD.name: RecordedQKD(),
+            RecordedQKD.name: RecordedQKD(QKD),
         }
     )
     profile = SecurityProfile("vectors", [key_path], suite_name, False, key_path)
@@ -316,8 +281,8 @@ def build(
             "public": hexmap(d_public),
         }
     if qkd:
-        document["recipient"]["qkd_sae_id"] = QKD_SLAVE_SAE
-        document["qkd"] = qkd_recording()
+        document["recipient"]["qkd_sae_id"] = QKD.slave_sae_id
+        document["qkd"] = QKD.to_json()
     if batch_peer is not None:
         peer_est = decode_record(peer_record)
         assert isinstance(peer_est, ParsedEstablishment)
