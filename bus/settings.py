@@ -181,8 +181,8 @@ class FleetbusSettings(BaseSettings):
     # --- command pipeline ------------------------------------------------------------------
     pipeline: Literal["auto", "on", "off"] = Field(
         default="auto",
-        description="run authorize/seal/track/telemetry in the worker; auto: when keys_dir "
-        "holds a key directory",
+        description="run the five stages (authorize, seal, responses, track, telemetry) in the "
+        "worker; auto: when keys_dir holds a key directory",
     )
     keys_dir: str = Field(
         default="~/.config/fleetbus/keys",

@@ -69,14 +69,16 @@ def state_topic(settings: FleetbusSettings, stage: str) -> str:
     return settings.topics.full(f"state.{settings.app_id}.{stage}")
 
 
+STAGES = ("authorize", "seal", "responses", "track", "telemetry")
+"""The pipeline's stages, in the order a command meets them; each has a state changelog."""
+
+
 def pipeline_topics(settings: FleetbusSettings) -> tuple[list[str], list[str]]:
     """(regular topics, compacted topics: the stages' state changelogs and the key topic) the
     pipeline needs."""
     t = settings.topics
     regular = t.fleet_topics()
-    compacted = [
-        state_topic(settings, s) for s in ("authorize", "seal", "responses", "track", "telemetry")
-    ]
+    compacted = [state_topic(settings, s) for s in STAGES]
     return regular, [*compacted, t.full(t.keys)]
 
 
@@ -233,7 +235,7 @@ def warn_if_root_private_key(keys_dir: Path) -> bool:
 
 
 def build_pipeline(settings: FleetbusSettings) -> Pipeline:
-    """Load keys, registry and policies once; build the four stages and their runners."""
+    """Load keys, registry and policies once; build the five stages and their runners."""
     from fleetbus.bus.directory import (
         RootPublicKey,
         head_store_for,

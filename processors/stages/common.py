@@ -1,4 +1,4 @@
-"""What the four stages share: the topic names they read and write, the records between
+"""What the stages share: the topic names they read and write, the records between
 stages (authorized, rejected) and the status and reject outputs every stage writes."""
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from fleetbus.devtools.fleet import process_env
 from fleetbus.devtools.kafka import LocalKafka, find_free_base_port, free_port
 from fleetbus.devtools.kme_pki import DEFAULT_KME_IDS
 from fleetbus.devtools.process import WorkerProcess, spawn, stop_group
-from fleetbus.processors.app import state_topic
+from fleetbus.processors.app import STAGES, state_topic
 from fleetbus.sdk.dispatch import CommandPublisher
 from fleetbus.sdk.vehicle import HandlerResult, VehicleAgent
 from tests.support.pipeline import DISPATCHER, TestFleet, make_test_fleet, read_topic
@@ -52,7 +52,6 @@ from tests.support.pipeline import DISPATCHER, TestFleet, make_test_fleet, read_
 MASTER_SAE = "sae-hub"
 EDGE_SAE = "sae-edge-1"
 EDGE = "E-0001"
-STAGES = ("authorize", "seal", "responses", "track", "telemetry")
 
 
 class KMEProcess:

@@ -107,7 +107,7 @@ class Outcome:
 
 
 class Bus:
-    """The worker's four stages on partition states, as the integration test runs them."""
+    """The worker's five stages on partition states, as the integration test runs them."""
 
     def __init__(self, world: World) -> None:
         self.world = world
