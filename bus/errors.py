@@ -50,6 +50,9 @@ class ReasonCode(StrEnum):
     # Policy
     POLICY_DENIED = "policy_denied"
     TOO_MANY_APPROVALS = "too_many_approvals"  # a command id's early-approval slots are full
+    # A valid approval signed for another command under the same id (its command digest
+    # differs): a replayed or misdirected approval; it counts for nothing.
+    APPROVAL_MISMATCH = "approval_mismatch"
     # Operations
     CONFIG = "config"
     KAFKA_UNAVAILABLE = "kafka_unavailable"

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from fleetbus.bus.commands import ParamValue, StatusEvent, Target
+from fleetbus.bus.commands import ParamValue, SignedCommand, StatusEvent, Target
 from fleetbus.bus.errors import ConfigError, FleetbusError
 from fleetbus.bus.keyfolder import KeyFolder
 from fleetbus.bus.settings import FleetbusSettings
@@ -226,6 +226,10 @@ def send(
     priority: Annotated[int, typer.Option(help="-1000..1000")] = 0,
     correlation_id: Annotated[str | None, typer.Option(help="your correlation id")] = None,
     wait: Annotated[bool, typer.Option(help="wait for the final status")] = True,
+    save_command: Annotated[
+        Path | None,
+        typer.Option(help="also write the signed command here (what `approve` signs for)"),
+    ] = None,
     timeout: Annotated[
         float | None, typer.Option(help="seconds to wait [default: ttl + 30]")
     ] = None,
@@ -246,6 +250,8 @@ def send(
             priority=priority,
             correlation_id=correlation_id,
         )
+    if save_command is not None:
+        save_command.write_bytes(handle.signed.encode())
     typer.echo(handle.command_id)
     if not wait:
         return
@@ -276,14 +282,27 @@ def _describe(event: StatusEvent) -> str:
 def approve(
     keys_dir: KeysDirOpt,
     principal: Annotated[str, typer.Option(help="approver principal id")],
-    command_id: Annotated[str, typer.Option("--command-id", help="the command to decide on")],
+    command_file: Annotated[
+        Path,
+        typer.Option(help="the signed command to decide on (written by `send --save-command`)"),
+    ],
     deny: Annotated[bool, typer.Option("--deny", help="deny instead of approve")] = False,
 ) -> None:
-    """Sign and publish an approval (or denial) of one command id."""
-
+    """Sign and publish an approval (or denial) of exactly one signed command."""
+    try:
+        signed = SignedCommand.decode(command_file.read_bytes())
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read {command_file}: {exc.strerror}") from None
+    command = signed.command
+    # What is approved is shown before it is signed: the approval binds these exact bytes.
+    typer.echo(
+        f"{command.id}: {command.action} {dict(command.params)} for {command.target} "
+        f"by {command.issuer}, digest {signed.digest().hex()}",
+        err=True,
+    )
     with _publisher(keys_dir, principal) as publisher:
-        signed = publisher.approve(command_id, "deny" if deny else "approve")
-    typer.echo(f"{signed.approval.decision} {command_id} by {principal}")
+        approval = publisher.approve(signed, "deny" if deny else "approve")
+    typer.echo(f"{approval.approval.decision} {command.id} by {principal}")
 
 
 def _run(app: typer.Typer) -> None:

@@ -235,18 +235,16 @@ class CommandPublisher:
         )
 
     def approve(
-        self, command_id: str, decision: Decision | str = Decision.APPROVE
+        self, command: SignedCommand, decision: Decision | str = Decision.APPROVE
     ) -> SignedApproval:
-        """Sign and publish this principal's decision about ``command_id`` to
-        ``commands.approvals`` (key: command id). The approval is valid for that id only."""
-        approval = Approval(
-            command_id=command_id,
-            approver=self.principal_id,
-            decision=Decision(decision),
-            issued_at=time.time(),
+        """Sign and publish this principal's decision about exactly ``command`` (its id and
+        digest: no other command under that id can use it) to ``commands.approvals`` (key:
+        command id). ``handle.signed`` is the command of a ``CommandHandle``."""
+        approval = Approval.for_command(
+            command, approver=self.principal_id, decision=decision, issued_at=time.time()
         )
         signed = SignedApproval.sign(approval, self.signer)
-        self._publish(self.settings.topics.commands_approvals, command_id, signed.encode())
+        self._publish(self.settings.topics.commands_approvals, approval.command_id, signed.encode())
         return signed
 
 

@@ -1,4 +1,5 @@
-"""Command-bus message models: signed commands and approvals, responses, status and telemetry.
+"""Command-bus message models: signed commands and the approvals that bind them, responses,
+status and telemetry.
 
 Every model has a strict canonical-CBOR codec: ``decode`` accepts exactly the bytes ``encode``
 would produce (deterministic encoding, exact field set, exact types, bounded sizes) and raises
@@ -25,6 +26,7 @@ from fleetbus.bus.commands.command import (
 )
 from fleetbus.bus.commands.ids import (
     UUIDv7Generator,
+    command_id_at,
     new_command_id,
     uuid7_timestamp_ms,
 )
@@ -46,6 +48,7 @@ from fleetbus.bus.commands.telemetry import (
 from fleetbus.bus.commands.wire import (
     APPROVAL_CONTEXT,
     COMMAND_CONTEXT,
+    COMMAND_DIGEST_CONTEXT,
     MAX_MESSAGE_SIZE,
     ParamValue,
 )
@@ -53,6 +56,7 @@ from fleetbus.bus.commands.wire import (
 __all__ = [
     "APPROVAL_CONTEXT",
     "COMMAND_CONTEXT",
+    "COMMAND_DIGEST_CONTEXT",
     "FINAL_STATES",
     "MAX_MESSAGE_SIZE",
     "SIGNED_TELEMETRY_CAPABILITY",
@@ -72,6 +76,7 @@ __all__ = [
     "TelemetryBatch",
     "UUIDv7Generator",
     "VerifiedResponse",
+    "command_id_at",
     "decode_batch_payload",
     "new_command_id",
     "uuid7_timestamp_ms",

@@ -1,15 +1,20 @@
-"""Approvals: a second principal's signed decision about one command id."""
+"""Approvals: a second principal's signed decision about one exact command."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
+from fleetbus.bus import cbor
 from fleetbus.bus.commands.wire import (
     _UUID_RE,
     APPROVAL_CONTEXT,
     MAX_MESSAGE_SIZE,
+    _bytes,
     _check_model_text,
     _check_signature,
     _check_time,
@@ -25,6 +30,7 @@ from fleetbus.bus.commands.wire import (
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 
 if TYPE_CHECKING:
+    from fleetbus.bus.commands.command import SignedCommand
     from fleetbus.bus.directory import KeyDirectory
     from fleetbus.bus.keys import Signer
 
@@ -37,17 +43,26 @@ class Decision(StrEnum):
     DENY = "deny"
 
 
-_APPROVAL_FIELDS: Final = frozenset({"command_id", "approver", "decision", "issued_at"})
+#: Bytes of a command digest (SHA-256, ``SignedCommand.digest``).
+DIGEST_SIZE: Final = hashlib.sha256().digest_size
+_APPROVAL_FIELDS: Final = frozenset(
+    {"command_id", "command_digest", "approver", "decision", "issued_at"}
+)
+#: The fields of a v1 approval, which named only a command id: refused, never upgraded.
+_V1_APPROVAL_FIELDS: Final = _APPROVAL_FIELDS - {"command_digest"}
 
 
 @dataclass(frozen=True)
 class Approval:
-    """A second principal's decision about exactly one command id."""
+    """A second principal's decision about exactly one command: its id and its digest
+    (``SignedCommand.digest``), so that no other command under that id can use it. Build one
+    with ``Approval.for_command``."""
 
     command_id: str
     approver: str
     decision: Decision
     issued_at: float
+    command_digest: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.command_id, str) or not _UUID_RE.fullmatch(self.command_id):
@@ -63,10 +78,40 @@ class Approval:
                 "decision must be 'approve' or 'deny'", reason=ReasonCode.MALFORMED
             ) from None
         object.__setattr__(self, "issued_at", _check_time(self.issued_at, "issued_at"))
+        if type(self.command_digest) is not bytes or len(self.command_digest) != DIGEST_SIZE:
+            raise FleetbusError(
+                f"command digest must be {DIGEST_SIZE} bytes", reason=ReasonCode.MALFORMED
+            )
+
+    @classmethod
+    def for_command(
+        cls,
+        signed: SignedCommand,
+        *,
+        approver: str,
+        decision: Decision | str = Decision.APPROVE,
+        issued_at: float,
+    ) -> Approval:
+        """``approver``'s decision about exactly this signed command."""
+        return cls(
+            command_id=signed.command.id,
+            approver=approver,
+            decision=Decision(decision),
+            issued_at=issued_at,
+            command_digest=signed.digest(),
+        )
+
+    def is_for(self, signed: SignedCommand) -> bool:
+        """Whether this approval is about exactly ``signed``: its id and, compared in constant
+        time, its digest."""
+        return self.command_id == signed.command.id and hmac.compare_digest(
+            self.command_digest, signed.digest()
+        )
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "command_id": self.command_id,
+            "command_digest": self.command_digest,
             "approver": self.approver,
             "decision": str(self.decision),
             "issued_at": _to_ms(self.issued_at),
@@ -74,10 +119,19 @@ class Approval:
 
     @classmethod
     def from_wire(cls, value: object) -> Approval:
+        if cbor.is_map(value) and set(cast("Mapping[str, Any]", value)) == _V1_APPROVAL_FIELDS:
+            raise FleetbusError(
+                "a v1 approval names only a command id, not the command: refused; approve "
+                "again with the command",
+                reason=ReasonCode.UNSUPPORTED_VERSION,
+            )
         m = _map(value, "approval", _APPROVAL_FIELDS)
         command_id = _text(m["command_id"], "approval command id", 36)
         if not _UUID_RE.fullmatch(command_id):
             raise _malformed("approval command id must be a canonical lowercase UUIDv7")
+        digest = _bytes(m["command_digest"], "command digest", DIGEST_SIZE)
+        if len(digest) != DIGEST_SIZE:
+            raise _malformed(f"command digest must be {DIGEST_SIZE} bytes")
         decision = _text(m["decision"], "decision")
         if decision not in {"approve", "deny"}:
             raise _malformed("decision must be 'approve' or 'deny'")
@@ -86,13 +140,14 @@ class Approval:
             approver=_text(m["approver"], "approver"),
             decision=Decision(decision),
             issued_at=_ms(m["issued_at"], "issued_at"),
+            command_digest=digest,
         )
 
 
 @dataclass(frozen=True)
 class SignedApproval:
     """An approval with its approver's signature; wire and signing input like
-    ``SignedCommand`` with the domain ``"fleetbus-approval-v1"``."""
+    ``SignedCommand`` with the domain ``"fleetbus-approval-v2"``."""
 
     approval: Approval
     key_id: str

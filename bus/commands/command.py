@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Mapping
@@ -9,11 +10,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from fleetbus.bus import cbor
-from fleetbus.bus.commands.ids import new_command_id
+from fleetbus.bus.commands.ids import command_id_at, new_command_id
 from fleetbus.bus.commands.wire import (
     _ACTION_RE,
     _UUID_RE,
     COMMAND_CONTEXT,
+    COMMAND_DIGEST_CONTEXT,
     MAX_MESSAGE_SIZE,
     ParamValue,
     _check_model_text,
@@ -21,6 +23,7 @@ from fleetbus.bus.commands.wire import (
     _check_signature,
     _check_time,
     _decode_signed,
+    _dumps,
     _encode_signed,
     _int,
     _malformed,
@@ -161,8 +164,11 @@ class Command:
                 "ttl_s must be a positive number of seconds", reason=ReasonCode.MALFORMED
             )
         issued = time.time() if now is None else now
+        if command_id is None:
+            # The id carries the issue time: the bus refuses ids older than its replay window.
+            command_id = new_command_id() if now is None else command_id_at(issued)
         return cls(
-            id=command_id or new_command_id(),
+            id=command_id,
             issuer=issuer,
             target=target,
             action=action,
@@ -239,6 +245,13 @@ class SignedCommand:
 
     def to_be_signed(self) -> bytes:
         return _signing_input(COMMAND_CONTEXT, self.key_id, self.suite, self.command.to_wire())
+
+    def digest(self) -> bytes:
+        """What an approval binds: SHA-256 of ``canonical CBOR(["fleetbus-command-digest-v1",
+        ToBeSigned])`` (docs/wire-format.md, "Approvals"). Everything the issuer signed (body,
+        key id, suite) and nothing else: a re-signature of the same command has the same
+        digest, any other command under the same id has another."""
+        return hashlib.sha256(_dumps([COMMAND_DIGEST_CONTEXT, self.to_be_signed()])).digest()
 
     def encode(self) -> bytes:
         return _encode_signed(self.command.to_wire(), self.key_id, self.suite, self.signature)

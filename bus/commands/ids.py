@@ -71,6 +71,14 @@ def new_command_id() -> str:
     return _DEFAULT_GENERATOR.new()
 
 
+def command_id_at(at: float) -> str:
+    """A fresh UUIDv7 whose timestamp is ``at`` (epoch seconds), for a command issued then."""
+    ms = round(at * 1000)
+    if not 0 <= ms < 1 << 48:
+        raise FleetbusError("time outside the UUIDv7 range", reason=ReasonCode.MALFORMED)
+    return UUIDv7Generator(clock_ms=lambda: ms).new()
+
+
 def uuid7_timestamp_ms(value: str) -> int:
     """The Unix millisecond timestamp embedded in a UUIDv7 text id."""
     if not _UUID_RE.fullmatch(value):

@@ -19,8 +19,11 @@ if TYPE_CHECKING:
 
 #: Domain separator of a command's ToBeSigned.
 COMMAND_CONTEXT: Final = "fleetbus-command-v1"
-#: Domain separator of an approval's ToBeSigned.
-APPROVAL_CONTEXT: Final = "fleetbus-approval-v1"
+#: Domain separator of an approval's ToBeSigned. v2: the approval binds its command's digest;
+#: a v1 approval (command id only) is refused (``unsupported_version``), never upgraded.
+APPROVAL_CONTEXT: Final = "fleetbus-approval-v2"
+#: Domain separator of a command digest: SHA-256 over ``[this, the command's ToBeSigned]``.
+COMMAND_DIGEST_CONTEXT: Final = "fleetbus-command-digest-v1"
 #: Wire format version, first element of every signed structure.
 FORMAT_VERSION: Final = 1
 #: Default upper bound of one encoded message (a composite signature alone is 3,373 bytes).
@@ -211,6 +214,8 @@ def _read_signed(
     try:
         body = read_body(items[1])
     except FleetbusError as exc:
+        if exc.reason is ReasonCode.UNSUPPORTED_VERSION:
+            raise
         raise _malformed(str(exc).removeprefix("malformed message: ")) from None
     return (
         body,

@@ -210,7 +210,7 @@ class Scenario:
         sent_at = time.time()
         self._publish(self.dispatch, signed, "high-criticality commands")
         if decision is not None:
-            self.approver.approve(signed.command.id, decision)
+            self.approver.approve(signed, decision)
         self._expect(
             case,
             signed,

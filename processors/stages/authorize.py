@@ -15,11 +15,11 @@ import cbor2
 
 from fleetbus.bus.commands import (
     Approval,
-    Command,
     CommandState,
     Decision,
     SignedApproval,
     SignedCommand,
+    uuid7_timestamp_ms,
 )
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.processors.audit import AuditEvent
@@ -115,7 +115,7 @@ class CommandEntry:
     """What the authorize stage remembers per command id (state value, CBOR)."""
 
     status: str  # pending | authorized | rejected
-    until: float  # forget after (expiry + skew): the replay window
+    until: float  # expiry + skew (the id is kept longer: ``AuthorizeStage._forget_at``)
     issuer: str
     window_until: float = 0.0
     signed: bytes = b""
@@ -162,14 +162,16 @@ class AuthorizeStage:
     """commands.requested + commands.approvals → authorized (one per vehicle) | rejected.
 
     State per partition (changelogged): ``cmd/<id>`` for every command id whose signature
-    verified (the replay set, kept until expiry + skew; a pending command with its signed
-    approvals) and ``apr/<id>`` for signed approvals and denies that arrived before their
-    command (at most ``max_early_approvals``, one per approver, each held for one window).
+    verified (the replay set, kept until expiry + skew and at least until the id, by its UUIDv7
+    time, is too old to be accepted; a pending command with its signed approvals) and
+    ``apr/<id>`` for signed approvals and denies that arrived before their command (at most
+    ``max_early_approvals``, one per approver, each held for one window).
 
     The two topics race, so an approval is never trusted for having been checked once: every
     decision judges every held approval again, at that moment, against that command (signature
-    and key validity, not the issuer, Cedar ``approve`` on its vehicle or group, window). A
-    valid deny vetoes; what fails is dead-lettered with its reason when it is judged.
+    and key validity, its digest of exactly that command, not the issuer, Cedar ``approve`` on
+    its vehicle or group, window). A valid deny vetoes; what fails is dead-lettered with its
+    reason when it is judged.
     """
 
     name = "authorize"
@@ -194,6 +196,9 @@ class AuthorizeStage:
         self.window_s = approval_window_s
         self.skew_s = clock_skew_s
         self.max_lifetime_s = max_lifetime_s
+        # How long after its UUIDv7 time a command id is accepted, and so how long the replay
+        # set keeps it at least: once forgotten, an id can never be accepted again.
+        self.id_window_s = max_lifetime_s + clock_skew_s
         self.max_bytes = max_message_bytes
         # Never fewer slots than a quorum: M approvers publishing early must all fit.
         self.max_early = max(max_early_approvals, approvals_required)
@@ -260,6 +265,32 @@ class AuthorizeStage:
                 cid,
                 ReasonCode.NOT_YET_VALID,
                 "command is issued in the future (beyond the clock-skew allowance)",
+                now,
+                issuer=issuer,
+            )
+        id_at = uuid7_timestamp_ms(cid) / 1000
+        if id_at > now + self.skew_s:
+            # Refused so that no entry of the replay set is kept further ahead than the window.
+            return reject(
+                self.name,
+                self.topics,
+                record,
+                cid,
+                ReasonCode.NOT_YET_VALID,
+                "command id is from the future (its UUIDv7 time, beyond the clock-skew allowance)",
+                now,
+                issuer=issuer,
+            )
+        if now > id_at + self.id_window_s:
+            # An id this old may have been seen and forgotten: it is never accepted again.
+            return reject(
+                self.name,
+                self.topics,
+                record,
+                cid,
+                ReasonCode.EXPIRED,
+                f"command id is older than the replay window ({self.max_lifetime_s:.0f} s + "
+                "skew by its UUIDv7 time)",
                 now,
                 issuer=issuer,
             )
@@ -500,7 +531,7 @@ class AuthorizeStage:
             )
         signed_command = SignedCommand.decode(entry.signed, max_size=self.max_bytes)
         # Signature, key and issue time were checked above at this same ``now``.
-        refusal = self._rules(approval, signed_command.command, entry, now)
+        refusal = self._rules(approval, signed_command, entry, now)
         if refusal is not None:
             return self._dlq(record, *refusal, now, actor=approver, command_id=cid)
         duplicate = any(h.approver == approver for h in entry.approvals)
@@ -571,14 +602,19 @@ class AuthorizeStage:
         )
 
     def _judge(
-        self, value: bytes, command: Command, entry: CommandEntry, now: float
+        self, value: bytes, command: SignedCommand, entry: CommandEntry, now: float
     ) -> tuple[ReasonCode, str] | None:
         """Why this signed approval does not count for ``command`` now (None: it counts).
 
         Every approval goes through here each time approvals are counted, whenever it arrived.
         """
         try:
+            # Held bytes written before an upgrade of the approval format fail here with their
+            # own reason (``unsupported_version``): they never count.
             signed = SignedApproval.decode(value, max_size=self.max_bytes)
+        except FleetbusError as exc:
+            return exc.reason, str(exc)
+        try:
             signed.verify(self.directory, at=now)
         except FleetbusError as exc:
             reason = exc.reason if exc.reason in _SIGNER_REASONS else ReasonCode.UNKNOWN_SIGNER
@@ -586,9 +622,15 @@ class AuthorizeStage:
         return self._rules(signed.approval, command, entry, now)
 
     def _rules(
-        self, approval: Approval, command: Command, entry: CommandEntry, now: float
+        self, approval: Approval, signed: SignedCommand, entry: CommandEntry, now: float
     ) -> tuple[ReasonCode, str] | None:
-        """``_judge`` after the signature: issue time, issuer, Cedar ``approve``, window."""
+        """``_judge`` after the signature: the command it approves, issue time, issuer, Cedar
+        ``approve``, window."""
+        if not approval.is_for(signed):
+            # The same id, another command: an approval replayed onto a command published
+            # under a reused id, or one its approver signed for a different command.
+            return ReasonCode.APPROVAL_MISMATCH, "approval is for another command (digest differs)"
+        command = signed.command
         if approval.issued_at > now + self.skew_s:
             return ReasonCode.NOT_YET_VALID, "approval issued in the future"
         if approval.approver == command.issuer:
@@ -630,7 +672,7 @@ class AuthorizeStage:
         counted: list[_HeldApproval] = []
         veto: _HeldApproval | None = None
         for held in entry.approvals:
-            refusal = None if held is judged else self._judge(held.value, command, entry, now)
+            refusal = None if held is judged else self._judge(held.value, signed, entry, now)
             if refusal is not None:
                 dlq_record = held.record(self.topics.approvals, cid)
                 result.extend(
@@ -681,7 +723,13 @@ class AuthorizeStage:
         entry = CommandEntry.decode(value)
         if entry.status == "pending":  # rejected when its window closes or it expires
             return min(entry.window_until, entry.until)
-        return entry.until
+        return self._forget_at(key.removeprefix("cmd/"), entry)
+
+    def _forget_at(self, cid: str, entry: CommandEntry) -> float:
+        """When a decided command's id leaves the replay set: after its expiry plus skew, and
+        never before its id is too old to be accepted (computed, so that entries written by
+        earlier versions are kept as long)."""
+        return max(entry.until, uuid7_timestamp_ms(cid) / 1000 + self.id_window_s)
 
     def tick(self, partition: int, state: PartitionState, now: float) -> StageResult:
         result = StageResult()
@@ -729,6 +777,6 @@ class AuthorizeStage:
                         issuer=entry.issuer,
                     )
                 )
-            elif entry.until < now and entry.status != "pending":
+            elif entry.status != "pending" and self._forget_at(cid, entry) < now:
                 state.delete(key)
         return result

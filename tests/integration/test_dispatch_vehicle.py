@@ -190,13 +190,14 @@ def test_approve_publishes_a_signed_approval_bound_to_the_command(
         ) as approver,
     ):
         handle = dispatcher.send(Target(group="north"), "push_route", {"route": "R-7"})
-        approver.approve(handle.command_id)
+        approver.approve(handle.signed)
     (record,) = read_all(settings, settings.topics.commands_approvals, want=1)
     assert record.key == handle.command_id.encode()
     approval = SignedApproval.decode(record.value).verify(fleet.directory, at=time.time())
     assert approval.approver == APPROVER
     assert approval.decision is Decision.APPROVE
     assert approval.command_id == handle.command_id
+    assert approval.is_for(handle.signed)
 
 
 def test_clear_errors_for_a_missing_key_file_a_foreign_key_file_and_no_kafka(

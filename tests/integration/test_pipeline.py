@@ -374,7 +374,7 @@ def test_high_criticality_waits_for_an_approval(pipeline: dict[str, Any]) -> Non
     approved = publisher.send(Target(vehicle="V-0001"), "unlock_doors")
     approver = CommandPublisher(settings, principal_id=APPROVER, signer=fleet.signer(APPROVER))
     try:
-        approver.approve(approved.command_id)
+        approver.approve(approved.signed)
     finally:
         approver.close()
     assert wait_final(approved, worker).state is CommandState.SUCCEEDED

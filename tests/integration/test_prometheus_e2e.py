@@ -244,7 +244,7 @@ class Traffic:
 
     def approved(self, target: str, action: str = "unlock_doors") -> CommandHandle:
         handle = self.dispatch.send(Target(vehicle=target), action)
-        self.approver.approve(handle.command_id)
+        self.approver.approve(handle.signed)
         return handle
 
     def expired(self, target: str) -> CommandHandle:

@@ -13,15 +13,19 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import cbor2
 import pytest
 
 from fleetbus.bus.commands import (
     Approval,
     Command,
     Decision,
+    ParamValue,
     SignedApproval,
     SignedCommand,
     Target,
+    command_id_at,
+    uuid7_timestamp_ms,
 )
 from fleetbus.bus.directory import (
     FleetRoot,
@@ -91,6 +95,7 @@ def authorize(
     required: int = 1,
     max_early: int = 8,
     directory: KeyDirectory | None = None,
+    max_lifetime_s: float = 86400,
 ) -> AuthorizeStage:
     return AuthorizeStage(
         topics=TOPICS,
@@ -99,21 +104,30 @@ def authorize(
         approvals_required=required,
         approval_window_s=WINDOW_S,
         clock_skew_s=30,
-        max_lifetime_s=86400,
+        max_lifetime_s=max_lifetime_s,
         max_message_bytes=32 * 1024,
         max_early_approvals=max_early,
     )
 
 
 def command(
-    fleet: Fleet, target: Target | None = None, *, action: str = HIGH, ttl_s: float = 600
+    fleet: Fleet,
+    target: Target | None = None,
+    *,
+    action: str = HIGH,
+    ttl_s: float = 600,
+    now: float = NOW,
+    command_id: str | None = None,
+    params: dict[str, ParamValue] | None = None,
 ) -> SignedCommand:
     cmd = Command.create(
         issuer="dispatch-1",
         target=target or Target(vehicle="V-1"),
         action=action,
+        params=params,
         ttl_s=ttl_s,
-        now=NOW,
+        now=now,
+        command_id=command_id,
     )
     return SignedCommand.sign(cmd, fleet.files["dispatch-1"].signer())
 
@@ -124,7 +138,7 @@ def approval(
     approver: str = "dispatch-2",
     decision: Decision = Decision.APPROVE,
 ) -> bytes:
-    a = Approval(command_id=cmd.command.id, approver=approver, decision=decision, issued_at=NOW)
+    a = Approval.for_command(cmd, approver=approver, decision=decision, issued_at=NOW)
     return SignedApproval.sign(a, fleet.files[approver].signer()).encode()
 
 
@@ -468,9 +482,131 @@ def test_an_approvers_newer_approval_replaces_one_whose_key_lapsed(fleet: Fleet)
     run.command(cmd)
     run.approval(approval(fleet, cmd, "approver-short"), cmd, NOW + 1)
     directory.ingest(renewed.signed)  # rotation: version 1 is superseded from now on
-    again = Approval(cmd.command.id, "approver-short", Decision.APPROVE, NOW + 20)
+    again = Approval.for_command(cmd, approver="approver-short", issued_at=NOW + 20)
     run.approval(SignedApproval.sign(again, renewed.key_file.signer()).encode(), cmd, NOW + 20)
     run.approval(approval(fleet, cmd, "dispatch-3"), cmd, NOW + 40)
     [auth] = run.authorized()
     assert sorted(auth.approvers) == ["approver-short", "dispatch-3"]
     assert not run.letters()
+
+
+# --- an approval binds exactly one command (its digest), and an id is never reused ---------
+
+
+def test_approvals_of_a_forgotten_command_do_not_approve_another_under_its_id(
+    fleet: Fleet,
+) -> None:
+    """Regression: the bus once forgot a command id at its expiry + skew; an insider could then
+    publish a different command under the same id and replay the old signed approvals."""
+    run = Run(authorize(fleet))
+    first = command(fleet, ttl_s=10)
+    approved = approval(fleet, first)
+    run.command(first)
+    run.approval(approved, first, NOW + 1)
+    assert [a.action for a in run.authorized()] == [HIGH]
+    later = NOW + 100  # long past the first command's expiry + skew
+    run.tick(later)
+    other = command(
+        fleet,
+        Target(vehicle="V-2"),
+        action="disable_vehicle",
+        now=later,
+        command_id=first.command.id,
+    )
+    run.command(other, later)
+    run.approval(approved, other, later)
+    assert [a.action for a in run.authorized()] == [HIGH]
+    [rejected] = run.rejected()
+    assert rejected.reason is ReasonCode.REPLAYED
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"params": {"door": "all"}},
+        {"target": Target(vehicle="V-2")},
+        {"action": "disable_vehicle"},
+    ],
+)
+@pytest.mark.parametrize("order", ["approval first", "command first"])
+def test_an_approval_counts_only_for_the_exact_command_it_signed(
+    fleet: Fleet, change: dict[str, object], order: str
+) -> None:
+    """The approver saw one command; another under the same id is published (or reaches the bus
+    first): the approval is ``approval_mismatch`` for it, whichever topic comes first."""
+    shown = command(fleet, params={"door": "driver"})
+    kw: dict[str, object] = {"params": {"door": "driver"}, **change}
+    sent = command(fleet, command_id=shown.command.id, **kw)  # type: ignore[arg-type]
+    run = Run(authorize(fleet))
+    value = approval(fleet, shown)
+    if order == "approval first":
+        run.approval(value, sent)
+        run.command(sent, NOW + 1)
+    else:
+        run.command(sent)
+        run.approval(value, sent, NOW + 1)
+    assert not run.authorized()
+    [letter] = run.letters()
+    assert (letter.reason, letter.value) == (ReasonCode.APPROVAL_MISMATCH, value)
+    run.approval(approval(fleet, sent), sent, NOW + 2)  # an approval of what was sent counts
+    assert [a.command_id for a in run.authorized()] == [sent.command.id]
+
+
+def test_a_command_id_older_than_the_replay_window_is_refused(fleet: Fleet) -> None:
+    """Once the replay set may have forgotten an id, no command under it is accepted."""
+    run = Run(authorize(fleet, max_lifetime_s=600))
+    first = command(fleet, action="ping", ttl_s=10)
+    run.command(first)
+    late = NOW + 600 + 30 + 1  # the id's time + max lifetime + skew has passed
+    run.tick(late)
+    assert run.state.get(f"cmd/{first.command.id}") is None
+    again = command(fleet, action="ping", now=late, command_id=first.command.id)
+    run.command(again, late)
+    assert len(run.authorized()) == 1
+    [rejected] = run.rejected()
+    assert rejected.reason is ReasonCode.EXPIRED
+    assert "older than the replay window" in rejected.detail
+
+
+def test_the_replay_set_keeps_an_id_until_it_is_too_old(fleet: Fleet) -> None:
+    run = Run(authorize(fleet, max_lifetime_s=600))
+    first = command(fleet, action="ping", ttl_s=10)
+    run.command(first)
+    # The last moment a command under this id is accepted: its time + max lifetime + skew.
+    just_before = uuid7_timestamp_ms(first.command.id) / 1000 + 600 + 30
+    run.tick(just_before)
+    again = command(fleet, action="ping", now=just_before, command_id=first.command.id)
+    run.command(again, just_before)
+    [rejected] = run.rejected()
+    assert rejected.reason is ReasonCode.REPLAYED
+
+
+def test_a_command_id_from_the_future_is_refused(fleet: Fleet) -> None:
+    """Else one entry of the replay set could be kept for as long as the id's time says."""
+    ahead = command(fleet, action="ping", command_id=command_id_at(NOW + 3600))
+    run = Run(authorize(fleet))
+    run.command(ahead)
+    [rejected] = run.rejected()
+    assert rejected.reason is ReasonCode.NOT_YET_VALID
+    assert run.state.get(f"cmd/{ahead.command.id}") is None
+
+
+def test_a_held_approval_of_the_old_format_never_counts(fleet: Fleet) -> None:
+    """Migration: a v1 approval (command id only, no digest) held in state or published by an
+    old client is refused ``unsupported_version``; the command needs a new approval."""
+    cmd = command(fleet)
+    body = {"command_id": cmd.command.id, "approver": "dispatch-2", "decision": "approve",
+            "issued_at": round(NOW * 1000)}  # fmt: skip
+    signer = fleet.files["dispatch-2"].signer()
+    tbs = cbor2.dumps(["fleetbus-approval-v1", signer.key_id, signer.suite, body], canonical=True)
+    old = cbor2.dumps([1, body, signer.key_id, signer.suite, signer.sign(tbs)], canonical=True)
+    for order in ("approval first", "command first"):
+        run = Run(authorize(fleet))
+        if order == "approval first":
+            run.approval(old, cmd)
+            run.command(cmd, NOW + 1)
+        else:
+            run.command(cmd)
+            run.approval(old, cmd, NOW + 1)
+        assert not run.authorized()
+        assert [letter.reason for letter in run.letters()] == [ReasonCode.UNSUPPORTED_VERSION]

@@ -32,6 +32,7 @@ from fleetbus.bus.directory import FleetRoot, KeyDirectory, PrincipalKeyFile, is
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 
 NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+DIGEST = bytes(range(32))  # a command digest for approvals whose command does not matter
 
 
 # --- UUIDv7 --------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ def test_a_command_signature_does_not_verify_as_an_approval(fleet: Any) -> None:
     signed = _signed(fleet)
     assert cbor2.loads(signed.to_be_signed())[0] == "fleetbus-command-v1"
     approval = SignedApproval(
-        Approval(signed.command.id, "dispatch-1", Decision.APPROVE, NOW),
+        Approval.for_command(signed, approver="dispatch-1", issued_at=NOW),
         signed.key_id,
         signed.suite,
         signed.signature,
@@ -304,7 +305,7 @@ def test_a_command_signature_does_not_verify_as_an_approval(fleet: Any) -> None:
 def test_approval_round_trip_verifies_and_is_bound_to_its_command_id(fleet: Any) -> None:
     directory, files = fleet
     command_id, other_id = new_command_id(), new_command_id()
-    approval = Approval(command_id, "dispatch-2", "approve", NOW)  # type: ignore[arg-type]
+    approval = Approval(command_id, "dispatch-2", "approve", NOW, DIGEST)  # type: ignore[arg-type]
     signed = SignedApproval.sign(approval, files["dispatch-2"].signer())
     data = signed.encode()
     decoded = SignedApproval.decode(data)
@@ -319,7 +320,8 @@ def test_approval_round_trip_verifies_and_is_bound_to_its_command_id(fleet: Any)
     )
     deny = SignedApproval.decode(
         SignedApproval.sign(
-            Approval(command_id, "dispatch-2", Decision.DENY, NOW), files["dispatch-2"].signer()
+            Approval(command_id, "dispatch-2", Decision.DENY, NOW, DIGEST),
+            files["dispatch-2"].signer(),
         ).encode()
     ).verify(directory, at=NOW)
     assert deny.decision is Decision.DENY
@@ -327,7 +329,7 @@ def test_approval_round_trip_verifies_and_is_bound_to_its_command_id(fleet: Any)
 
 def test_an_approval_for_the_wrong_principal_key_is_unknown_signer(fleet: Any) -> None:
     directory, files = fleet
-    approval = Approval(new_command_id(), "dispatch-1", Decision.APPROVE, NOW)
+    approval = Approval(new_command_id(), "dispatch-1", Decision.APPROVE, NOW, DIGEST)
     signed = SignedApproval.sign(approval, files["dispatch-2"].signer())  # dispatch-2's key
     assert _reason(lambda: signed.verify(directory, at=NOW)) is ReasonCode.UNKNOWN_SIGNER
 

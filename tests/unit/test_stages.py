@@ -245,38 +245,40 @@ def test_oversize_input_is_oversize(fleet: Fleet) -> None:
 
 
 def approval(
-    fleet: Fleet, cid: str, approver: str = "dispatch-2", decision: Decision = Decision.APPROVE
+    fleet: Fleet,
+    cmd: SignedCommand,
+    approver: str = "dispatch-2",
+    decision: Decision = Decision.APPROVE,
 ) -> bytes:
-    a = Approval(command_id=cid, approver=approver, decision=decision, issued_at=NOW)
+    a = Approval.for_command(cmd, approver=approver, decision=decision, issued_at=NOW)
     return SignedApproval.sign(a, fleet.files[approver].signer()).encode()
 
 
 def test_high_criticality_waits_and_an_approval_completes_it(fleet: Fleet) -> None:
     stage, state = authorize(fleet), PartitionState()
     cmd = signed(fleet, Target(vehicle="V-1"), "unlock_doors")
-    cid = cmd.command.id
     result = stage.process(rec(TOPICS.requested, cmd.encode()), state, NOW)
     assert result.outcome == "pending"
     assert not outs(result, TOPICS.authorized)
     assert "pending" in StatusEvent.decode(outs(result, TOPICS.status)[0]).detail
     # The issuer cannot approve itself, a dispatcher is no approver.
-    self_approval = approval(fleet, cid, "dispatch-1")
+    self_approval = approval(fleet, cmd, "dispatch-1")
     assert reasons(stage.process(rec(TOPICS.approvals, self_approval), state, NOW)) == [
         "policy_denied"
     ]
-    result = stage.process(rec(TOPICS.approvals, approval(fleet, cid)), state, NOW + 1)
+    result = stage.process(rec(TOPICS.approvals, approval(fleet, cmd)), state, NOW + 1)
     [auth] = [AuthorizedCommand.decode(v) for v in outs(result, TOPICS.authorized)]
     assert auth.approvers == ("dispatch-2",)
     assert [e.event for e in result.audit][:2] == ["approved", "authorized"]
     # A late duplicate approval changes nothing.
-    late = stage.process(rec(TOPICS.approvals, approval(fleet, cid)), state, NOW + 2)
+    late = stage.process(rec(TOPICS.approvals, approval(fleet, cmd)), state, NOW + 2)
     assert not late.outputs
 
 
 def test_an_approval_before_its_command_is_kept(fleet: Fleet) -> None:
     stage, state = authorize(fleet), PartitionState()
     cmd = signed(fleet, Target(vehicle="V-1"), "unlock_doors")
-    stage.process(rec(TOPICS.approvals, approval(fleet, cmd.command.id)), state, NOW)
+    stage.process(rec(TOPICS.approvals, approval(fleet, cmd)), state, NOW)
     result = stage.process(rec(TOPICS.requested, cmd.encode()), state, NOW)
     assert outs(result, TOPICS.authorized)
 
@@ -292,22 +294,27 @@ def test_the_window_elapses_into_a_rejection_and_a_deny_rejects(fleet: Fleet) ->
     assert "approval window elapsed" in rejected.detail
     [letter] = [DeadLetter.decode(v) for v in outs(result, TOPICS.dlq)]
     assert letter.value == cmd.encode()  # the DLQ keeps the command's original bytes
-    late = stage.process(rec(TOPICS.approvals, approval(fleet, cmd.command.id)), state, NOW + 7)
+    late = stage.process(rec(TOPICS.approvals, approval(fleet, cmd)), state, NOW + 7)
     assert not outs(late, TOPICS.authorized)
 
     other = signed(fleet, Target(vehicle="V-1"), "disable_vehicle")
     stage.process(rec(TOPICS.requested, other.encode()), state, NOW)
-    deny = approval(fleet, other.command.id, decision=Decision.DENY)
+    deny = approval(fleet, other, decision=Decision.DENY)
     result = stage.process(rec(TOPICS.approvals, deny), state, NOW + 1)
     assert "denied by approver" in RejectedCommand.decode(outs(result, TOPICS.rejected)[0]).detail
 
 
-def test_state_is_forgotten_after_expiry(fleet: Fleet) -> None:
+def test_state_is_forgotten_once_the_id_is_too_old_to_be_accepted(fleet: Fleet) -> None:
+    """Not at expiry + skew: until the id's UUIDv7 time is older than the replay window (the
+    lifetime limit plus skew), when a command under it is refused for its age anyway."""
     stage, state = authorize(fleet), PartitionState()
     cmd = signed(fleet, Target(vehicle="V-1"), ttl_s=10)
     stage.process(rec(TOPICS.requested, cmd.encode()), state, NOW)
     state.commit()
     stage.tick(0, state, NOW + 100)
+    assert state.changes() == {}
+    forgotten = NOW + 86400 + 30 + 1  # max_lifetime_s + clock_skew_s of ``authorize``
+    stage.tick(0, state, forgotten)
     assert state.changes() == {f"cmd/{cmd.command.id}": None}
 
 
@@ -513,6 +520,6 @@ def test_command_or_approval_under_another_key_goes_to_the_dlq(fleet: Fleet) -> 
     assert reasons(result) == ["malformed"]
     assert not outs(result, TOPICS.authorized)
     result = stage.process(
-        rec(TOPICS.approvals, approval(fleet, cmd.command.id), key=b"other"), PartitionState(), NOW
+        rec(TOPICS.approvals, approval(fleet, cmd), key=b"other"), PartitionState(), NOW
     )
     assert reasons(result) == ["malformed"]

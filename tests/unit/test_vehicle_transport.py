@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fleetbus.bus.commands import Command, Response, SignedCommand, Target
+from fleetbus.bus.commands import Command, Response, SignedApproval, SignedCommand, Target
 from fleetbus.providers.signers import Ed25519Suite
 from fleetbus.sdk import (
     CommandPublisher,
@@ -98,12 +98,13 @@ def test_a_publisher_over_the_memory_transport(tmp_path: Path) -> None:
         SETTINGS, principal_id="dispatch-1", signer=signer, transport=transport
     ) as publisher:
         handle = publisher.send(Target(vehicle=V1), "ping", {"n": 1})
-        publisher.approve(handle.command_id)
+        publisher.approve(handle.signed)
     command, approval = transport.sent
     assert command.topic == SETTINGS.topics.full(SETTINGS.topics.commands_requested)
     assert command.key == approval.key == handle.command_id.encode()
     assert SignedCommand.decode(command.value or b"").command.id == handle.command_id
     assert approval.topic == SETTINGS.topics.full(SETTINGS.topics.commands_approvals)
+    assert SignedApproval.decode(approval.value or b"").approval.is_for(handle.signed)
     assert (handle.partition, handle.offset) == (0, 0)
     assert handle.published_at_ms == command.timestamp
     assert transport.closed
