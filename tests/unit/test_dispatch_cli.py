@@ -1,4 +1,5 @@
-"""``fleetbus dispatch send`` shows each state while it waits and names the last one on timeout.
+"""``fleetbus dispatch send`` shows each state while it waits and names the last one on timeout;
+``approve`` signs exactly the command ``send --save-command`` wrote.
 
 The publisher is replaced by one whose handle replays a fixed list of status events through
 ``CommandHandle.wait`` itself (only the Kafka read is replaced), so the CLI's own output is what
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 from fleetbus.bus.commands import (
     Command,
     CommandState,
+    SignedApproval,
     SignedCommand,
     StatusEvent,
     Target,
@@ -25,7 +27,8 @@ from fleetbus.bus.registry import load_signature_suite
 from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.cli import fleet as cli_fleet
 from fleetbus.sdk import dispatch
-from fleetbus.sdk.dispatch import CommandHandle
+from fleetbus.sdk.dispatch import CommandHandle, CommandPublisher
+from fleetbus.sdk.transport import MemoryTransport
 
 
 def handle_with(events: list[tuple[CommandState, str]]) -> CommandHandle:
@@ -126,3 +129,41 @@ def test_send_names_the_last_state_on_timeout(monkeypatch: pytest.MonkeyPatch) -
     result = run_send(monkeypatch, handle)
     assert result.exit_code == 1
     assert "last state seen: pending" in result.stderr.splitlines()[-1]
+
+
+def test_send_saves_the_command_and_approve_signs_exactly_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``approve`` needs the signed command itself (not only its id), shows what it approves
+    and signs its digest."""
+    handle = handle_with([(CommandState.SUCCEEDED, "")])
+    saved = tmp_path / "command.cbor"
+    monkeypatch.setattr(dispatch, "StatusReader", lambda *a, **k: ScriptedReader([], 0))
+    monkeypatch.setattr(cli_fleet, "_publisher", lambda keys_dir, principal: FakePublisher(handle))
+    args = ["send", "--keys-dir", "keys", "--principal", "dispatch-1", "--vehicle", "V-0017"]
+    args += ["--action", "unlock_doors", "--no-wait", "--save-command", str(saved)]
+    assert CliRunner().invoke(cli_fleet.dispatch_app, args).exit_code == 0
+    assert saved.read_bytes() == handle.signed.encode()
+
+    suite = load_signature_suite("ed25519")
+    private, _ = suite.generate()
+    transport = MemoryTransport()
+    approver = CommandPublisher(
+        FleetbusSettings(),
+        principal_id="dispatch-2",
+        signer=suite.signer(private, "k2"),
+        transport=transport,
+    )
+    monkeypatch.setattr(cli_fleet, "_publisher", lambda keys_dir, principal: approver)
+    args = ["approve", "--keys-dir", "keys", "--principal", "dispatch-2"]
+    result = CliRunner().invoke(cli_fleet.dispatch_app, [*args, "--command-file", str(saved)])
+    assert result.exit_code == 0, result.output
+    assert handle.signed.digest().hex() in result.stderr
+    [record] = transport.sent
+    assert record.key == handle.command_id.encode()
+    approval = SignedApproval.decode(record.value or b"").approval
+    assert approval.is_for(handle.signed)
+    assert str(approval.decision) == "approve"
+    # Without the command there is nothing to approve.
+    result = CliRunner().invoke(cli_fleet.dispatch_app, [*args, "--command-id", handle.command_id])
+    assert result.exit_code != 0
