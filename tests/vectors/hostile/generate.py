@@ -53,6 +53,7 @@ import cbor2
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
 from fleetbus.bus.commands import (
+    APPROVAL_CONTEXT,
     Approval,
     Command,
     Decision,
@@ -434,9 +435,9 @@ class Corpus:
         return SignedCommand.sign(command, self.fleet.signer(signer or issuer))
 
     def approval(
-        self, command_id: str, *, approver: str = APPROVER, issued: float = ISSUED
+        self, command: SignedCommand, *, approver: str = APPROVER, issued: float = ISSUED
     ) -> SignedApproval:
-        approval = Approval(command_id, approver, Decision.APPROVE, issued)
+        approval = Approval.for_command(command, approver=approver, issued_at=issued)
         return SignedApproval.sign(approval, self.fleet.signer(approver))
 
     def envelope(
@@ -616,6 +617,7 @@ def build(fleet: Fleet) -> Corpus:
         build_not_yet_valid_signers(c)
         build_wire_v2(c)
         build_vehicle_keyed_responses(c)
+        build_approval_binding(c)
     return c
 
 
@@ -743,7 +745,7 @@ def build_commands(c: Corpus) -> None:
     good("cmd-replayed-as-group", "the base command re-targeted at group north",
          "bad_signature", dumps([1, {**body, "target": {"group": "north"}}, *items[2:]]),
          category=r)  # fmt: skip
-    apr = c.approval(base.command.id)
+    apr = c.approval(base)
     good("cmd-approval-on-requested", "a valid approval published on commands.requested",
          "malformed", apr.encode(), category=r)  # fmt: skip
     env = c.outbound(base)
@@ -777,7 +779,7 @@ def build_approvals(c: Corpus) -> None:
           "a high-criticality command (unlock_doors V-0001) that waits for one approval; "
           "rejected with policy_denied when its approval window elapses", "pending",
           value=victim.encode(), key=vid)  # fmt: skip
-    apr = c.approval(victim.command.id)
+    apr = c.approval(victim)
     a = cbor2.loads(apr.encode())
     body = dict(a[1])
     add = lambda name, desc, expect, value, **kw: c.add(  # noqa: E731
@@ -786,21 +788,21 @@ def build_approvals(c: Corpus) -> None:
     )  # fmt: skip
     add("apr-forged-signature", "approval with a flipped signature byte", "bad_signature",
         dumps([*a[:4], flip(a[4], 0)]), setup=["apr-setup-pending-command"])  # fmt: skip
-    intr = c.approval(victim.command.id, approver=INTRUDER)
+    intr = c.approval(victim, approver=INTRUDER)
     add("apr-unknown-signer", "approval by the intruder", "unknown_signer", intr.encode())
     rev = SignedApproval.sign(
-        Approval(victim.command.id, APPROVER, Decision.APPROVE, ISSUED),
+        Approval.for_command(victim, approver=APPROVER, issued_at=ISSUED),
         c.fleet.signer(REVOKED_DISPATCHER),
     )
     add("apr-resigned-by-revoked-key", "dispatch-2's approval signed with dispatch-revoked's "
         "revoked key and key id", "unknown_signer", rev.encode())  # fmt: skip
     rev2 = SignedApproval.sign(
-        Approval(victim.command.id, REVOKED_DISPATCHER, Decision.APPROVE, ISSUED),
+        Approval.for_command(victim, approver=REVOKED_DISPATCHER, issued_at=ISSUED),
         c.fleet.signer(REVOKED_DISPATCHER),
     )
     add("apr-revoked-approver", "approval by dispatch-revoked (revoked key)", "signer_revoked",
         rev2.encode())  # fmt: skip
-    other = c.approval(c.ids.new())
+    other = c.approval(c.command())
     o = cbor2.loads(other.encode())
     moved = {**dict(o[1]), "command_id": victim.command.id}
     add("apr-from-another-command", "an approval of another command with its command id "
@@ -813,9 +815,9 @@ def build_approvals(c: Corpus) -> None:
     add("apr-command-on-approvals", "the pending signed command published on "
         "commands.approvals", "malformed", victim.encode(), category="replay")  # fmt: skip
     add("apr-self-approval", "the issuer approves its own pending command", "policy_denied",
-        c.approval(victim.command.id, approver=DISPATCHER).encode(), category="policy",
+        c.approval(victim, approver=DISPATCHER).encode(), category="policy",
         setup=["apr-setup-pending-command"])  # fmt: skip
-    future = c.approval(victim.command.id, issued=FUTURE_ISSUED)
+    future = c.approval(victim, issued=FUTURE_ISSUED)
     add("apr-not-yet-valid", "approval issued in 2098", "not_yet_valid", future.encode(),
         category="freshness")  # fmt: skip
     add("apr-truncated", "approval without its last byte", "malformed", apr.encode()[:-1],
@@ -845,7 +847,8 @@ def build_approval_races(c: Corpus) -> None:
                           EXPIRES)  # fmt: skip
         victim = SignedCommand.sign(command, c.fleet.signer(DISPATCHER))
         signed = SignedApproval.sign(
-            Approval(victim.command.id, approver, decision, ISSUED), c.fleet.signer(approver)
+            Approval.for_command(victim, approver=approver, decision=decision, issued_at=ISSUED),
+            c.fleet.signer(approver),
         )
         c.add(APPROVALS, name, "control", desc, "ok", value=signed.encode(),
               key=victim.command.id.encode())  # fmt: skip
@@ -1402,6 +1405,66 @@ def build_vehicle_keyed_responses(c: Corpus) -> None:
           "policy_denied", value=dispatcher_est, key=DISPATCHER.encode())  # fmt: skip
 
 
+# --- approvals bind the exact command; command ids are never reused (s-approve) ------------
+
+
+def build_approval_binding(c: Corpus) -> None:
+    """An approval names its command by id *and* digest (docs/wire-format.md, "Approvals"):
+    approvals of another command under the same id, of the old format (id only) and command ids
+    the replay set could not keep. Own id stream, so that other blocks keep their bytes."""
+    ids = UUIDv7Generator(clock_ms=lambda: ms(ISSUED), random_bytes=Drbg(b"approval binding"))
+    pending = SignedCommand.decode(bytes.fromhex(c.cases["apr-setup-pending-command"]["value"]))
+    pid = pending.command.id.encode()
+    swapped = SignedCommand.sign(
+        dataclasses.replace(pending.command, params={"door": "all"}), c.fleet.signer(DISPATCHER)
+    )
+    c.add(APPROVALS, "apr-for-another-command-same-id", "replay", "a valid approval by "
+          "dispatch-2 of another command under the pending command's id (door=all): its "
+          "command_digest differs, it approves nothing", "approval_mismatch",
+          value=c.approval(swapped).encode(), key=pid,
+          setup=["apr-setup-pending-command"])  # fmt: skip
+    signer = c.fleet.signer(APPROVER)
+    v1_body = {"command_id": pending.command.id, "approver": APPROVER, "decision": "approve",
+               "issued_at": ms(ISSUED)}  # fmt: skip
+    v1_tbs = dumps(["fleetbus-approval-v1", signer.key_id, signer.suite, v1_body])
+    c.add(APPROVALS, "apr-v1-without-digest", "version", "a correctly signed approval of the "
+          "old format (command id only, context fleetbus-approval-v1): refused, never "
+          "upgraded", "unsupported_version",
+          value=dumps([1, v1_body, signer.key_id, signer.suite, signer.sign(v1_tbs)]),
+          key=pid)  # fmt: skip
+    good = c.approval(pending)
+    short = {**cbor2.loads(good.encode())[1], "command_digest": pending.digest()[:31]}
+    short_tbs = dumps([APPROVAL_CONTEXT, signer.key_id, signer.suite, short])
+    c.add(APPROVALS, "apr-digest-31-bytes", "wrong-type", "a signed approval whose "
+          "command_digest is 31 bytes", "malformed",
+          value=dumps([1, short, signer.key_id, signer.suite, signer.sign(short_tbs)]),
+          key=pid)  # fmt: skip
+    shown = SignedCommand.sign(
+        Command(ids.new(), DISPATCHER, Target(vehicle=V1), "unlock_doors", {"door": "driver"},
+                ISSUED, EXPIRES), c.fleet.signer(DISPATCHER))  # fmt: skip
+    sent = SignedCommand.sign(
+        dataclasses.replace(shown.command, target=Target(vehicle=V2)), c.fleet.signer(DISPATCHER)
+    )
+    c.add(APPROVALS, "bind-setup-approval-of-shown-command", "control", "dispatch-2 approves "
+          "the command it was shown (unlock_doors V-0001) before any command arrives: held",
+          "ok", value=c.approval(shown).encode(), key=shown.command.id.encode())  # fmt: skip
+    c.add(REQUESTED, "bind-swapped-command-after-approval", "ordering-race", "a command "
+          "under the approved id but for V-0002 arrives: the held approval is dead-lettered "
+          "approval_mismatch and the command waits for an approval of itself",
+          "approval_mismatch", value=sent.encode(), key=sent.command.id.encode(),
+          setup=["bind-setup-approval-of-shown-command"],
+          dlq_of="bind-setup-approval-of-shown-command")  # fmt: skip
+    future_id = UUIDv7Generator(clock_ms=lambda: ms(FUTURE_ISSUED),
+                                random_bytes=Drbg(b"future id")).new()  # fmt: skip
+    ahead = SignedCommand.sign(
+        Command(future_id, DISPATCHER, Target(vehicle=V1), "ping", {}, ISSUED, EXPIRES),
+        c.fleet.signer(DISPATCHER),
+    )
+    c.add(REQUESTED, "cmd-id-from-the-future", "freshness", "a command issued in 2026 whose "
+          "UUIDv7 id carries 2098: the replay set would have to keep it until then",
+          "not_yet_valid", value=ahead.encode(), key=future_id.encode())  # fmt: skip
+
+
 # --- writing -------------------------------------------------------------------------------
 
 
@@ -1443,11 +1506,10 @@ def build_not_yet_valid_signers(c: Corpus) -> None:
           key=late.command.id.encode())  # fmt: skip
     pending = c.cases["apr-setup-pending-command"]
     early = SignedApproval.sign(
-        Approval(
-            bytes.fromhex(pending["key"]).decode(),
-            LATE_DISPATCHER,
-            Decision.APPROVE,
-            ISSUED,
+        Approval.for_command(
+            SignedCommand.decode(bytes.fromhex(pending["value"])),
+            approver=LATE_DISPATCHER,
+            issued_at=ISSUED,
         ),
         c.fleet.signer(LATE_DISPATCHER),
     )
