@@ -207,7 +207,8 @@ class FleetbusSettings(BaseSettings):
     replay_ttl_s: float = Field(
         default=86400.0,
         gt=0,
-        description="longest command lifetime accepted; seen ids are kept until expiry + skew",
+        description="longest command lifetime accepted, and how long (+ skew) after its UUIDv7 "
+        "time a command id is accepted and kept in the replay set",
     )
     clock_skew_s: float = Field(default=30.0, ge=0, description="allowed clock skew")
     uplink_max_lifetime_s: float = Field(
