@@ -616,6 +616,7 @@ def build(fleet: Fleet) -> Corpus:
         build_not_yet_valid_signers(c)
         build_wire_v2(c)
         build_vehicle_keyed_responses(c)
+        build_uplink_recovery(c)
     return c
 
 
@@ -1331,8 +1332,9 @@ def build_wire_v2(c: Corpus) -> None:
         make_status(topic=topic(RESPONSES), recipient=SEALER, epoch_id=bytes(8), sequence=0,
                     at=OPEN_AT),
     )  # fmt: skip
-    add("veh-v2-status-on-outbound", "a vehicle's signed status record fed to a vehicle",
-        "malformed", status)  # fmt: skip
+    add("veh-v2-status-on-outbound", "a vehicle's signed status record fed to a vehicle "
+        "(read as a status: addressed to the bus sealer, not to the vehicle)",
+        "wrong_recipient", status)  # fmt: skip
     misaddressed = sign_status(
         c.fleet.signer(V1), V1,
         make_status(topic=topic(RESPONSES), recipient=DISPATCHER, epoch_id=bytes(8),
@@ -1400,6 +1402,37 @@ def build_vehicle_keyed_responses(c: Corpus) -> None:
     c.add(RESPONSES, "rsp-v2-uplink-establishment-from-dispatcher", "wire-v2", "an uplink "
           "establishment signed by dispatch-1 (only vehicles and edge units answer)",
           "policy_denied", value=dispatcher_est, key=DISPATCHER.encode())  # fmt: skip
+
+
+# --- uplink recovery (issue 13): the bus's uplink_epoch_unknown status on commands.outbound --
+
+
+def build_uplink_recovery(c: Corpus) -> None:
+    from fleetbus.bus.envelope_v2 import StatusCode
+    from fleetbus.providers.sealing_v2 import make_status, sign_status
+
+    def status(signer: str = SEALER, **kw: Any) -> bytes:
+        fields: dict[str, Any] = {
+            "topic": topic(OUTBOUND), "recipient": V1, "epoch_id": bytes(8), "sequence": 0,
+            "at": OPEN_AT, "code": StatusCode.UPLINK_EPOCH_UNKNOWN,
+        }  # fmt: skip
+        return sign_status(c.fleet.signer(signer), signer, make_status(**(fields | kw)))
+
+    add = lambda name, desc, expect, value: c.add(  # noqa: E731
+        OUTBOUND, name, "uplink-recovery", desc, expect, value=value, key=V1.encode()
+    )  # fmt: skip
+    genuine = status()
+    add("veh-uplink-status-forged", "the bus's uplink_epoch_unknown with its signature's last "
+        "byte flipped", "bad_signature", flip(genuine, len(genuine) - 1))  # fmt: skip
+    add("veh-uplink-status-for-another-vehicle", "the bus's uplink status addressed to V-0002 "
+        "under V-0001's key", "wrong_recipient", status(recipient=V2))  # fmt: skip
+    add("veh-uplink-status-replayed-old", "a genuine bus uplink status an hour old (replayed)",
+        "expired", status(at=OPEN_AT - 3600))  # fmt: skip
+    add("veh-uplink-status-from-a-vehicle", "an uplink status signed by V-0002, not the bus "
+        "sealer", "wrong_recipient", status(V2))  # fmt: skip
+    add("veh-uplink-status-for-no-open-epoch", "a genuine, fresh bus uplink status for an "
+        "epoch the vehicle has not open (already renewed): nothing is sent", "replayed",
+        status())  # fmt: skip
 
 
 # --- writing -------------------------------------------------------------------------------
