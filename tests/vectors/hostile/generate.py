@@ -1421,18 +1421,17 @@ def build_uplink_recovery(c: Corpus) -> None:
     add = lambda name, desc, expect, value: c.add(  # noqa: E731
         OUTBOUND, name, "uplink-recovery", desc, expect, value=value, key=V1.encode()
     )  # fmt: skip
-    genuine = status()
-    add("veh-uplink-status-forged", "the bus's uplink_epoch_unknown with its signature's last "
-        "byte flipped", "bad_signature", flip(genuine, len(genuine) - 1))  # fmt: skip
+    # Only cases whose outcome is the same at the unit test's clock (OPEN_AT) and the wall clock
+    # of the integration test: a status is fresh for 60 s + skew, so a forged signature or a
+    # genuine status for no open epoch are unit-tested (tests/unit/test_uplink_recovery.py).
     add("veh-uplink-status-for-another-vehicle", "the bus's uplink status addressed to V-0002 "
         "under V-0001's key", "wrong_recipient", status(recipient=V2))  # fmt: skip
-    add("veh-uplink-status-replayed-old", "a genuine bus uplink status an hour old (replayed)",
-        "expired", status(at=OPEN_AT - 3600))  # fmt: skip
-    add("veh-uplink-status-from-a-vehicle", "an uplink status signed by V-0002, not the bus "
-        "sealer", "wrong_recipient", status(V2))  # fmt: skip
-    add("veh-uplink-status-for-no-open-epoch", "a genuine, fresh bus uplink status for an "
-        "epoch the vehicle has not open (already renewed): nothing is sent", "replayed",
-        status())  # fmt: skip
+    add("veh-uplink-status-replayed-old", "a bus uplink status made before the corpus's "
+        "commands were issued (an old status replayed)", "expired",
+        status(at=ISSUED - 3600))  # fmt: skip
+    add("veh-uplink-status-forged-by-a-vehicle", "an uplink status signed by V-0002 claiming "
+        "to be from it, not the bus sealer (only the sealer's statuses are read)",
+        "wrong_recipient", status(V2))  # fmt: skip
 
 
 # --- writing -------------------------------------------------------------------------------
