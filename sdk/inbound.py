@@ -240,7 +240,7 @@ class InboundPart(AgentCore):
             self._reject(exc.reason, f"{vid}: uplink epoch status refused: {exc}")
             return []
         ended = vehicle.uplink_v2.end(status.epoch_id)
-        answered = vehicle.answered_in.pop(status.epoch_id, None)
+        answered = vehicle.answered_in.get(status.epoch_id)
         if ended is None and answered is None:
             # Already renewed (a second status, or one replayed inside its freshness window),
             # or an epoch of an earlier process: nothing to do, and nothing is sent.
@@ -251,6 +251,9 @@ class InboundPart(AgentCore):
         out: list[Any] = []
         for command_id in dict.fromkeys(answered or []):
             out.extend(self._republish(vehicle, command_id))
+        # Forgotten only once all went: a failure (RetryLater) reads the status again, and the
+        # epoch, though ended, is still remembered, so its answers are sent then.
+        vehicle.answered_in.pop(status.epoch_id, None)
         return out
 
     def _release_held(self, vehicle: ServedVehicle, epoch_id: bytes) -> list[Any]:

@@ -205,3 +205,32 @@ def test_the_telemetry_stage_asks_too_and_the_next_batch_opens_a_new_epoch(
     ).outputs
     exported = stage.process(InputRecord(TOPICS.telemetry_raw, 0, 3, b"V-1", new[1]), state, NOW)
     assert outputs(exported, TOPICS.telemetry_verified)
+
+
+def test_answers_are_sent_when_the_status_is_read_again_after_a_failed_send(
+    fleet: Fleet, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A send that fails while re-sending (``RetryLater``) leaves the status unread: read
+    again, it finds the epoch's answers still remembered and sends them."""
+    from fleetbus.sdk.agentcore import RetryLater
+
+    vehicles, _auth, message = answered_vehicle(fleet, tmp_path)
+    stage = asking(response_stage(fleet), fleet)
+    [status] = outputs(feed_stage(stage, PartitionState(), "V-1", message), TOPICS.outbound)
+    agent = vehicles.agent
+    republish = agent._republish
+
+    def broken(*_args: Any) -> list[Any]:
+        raise RetryLater("broker down")
+
+    monkeypatch.setattr(agent, "_republish", broken)
+    vehicles.transport.feed(TOPICS.outbound, b"V-1", status.value)
+    agent.poll_once(0)
+    sent = len(vehicles.sent)
+    monkeypatch.setattr(agent, "_republish", republish)
+    agent._retry_at = 0.0
+    agent.poll_once(0)  # the same record, read again after the seek
+    assert len(vehicles.sent) == sent + 2  # the new establishment and the answer again
+    (_, again) = responses(vehicles)[-1]
+    assert again != message
+    assert list(vehicles.executed.values()) == [1]
