@@ -119,9 +119,11 @@ class Direction(IntEnum):
 
 
 class StatusCode(IntEnum):
-    """What a status record reports (the only code of this version)."""
+    """What a status record reports; the code also fixes who may sign it and who reads it, so a
+    status of one direction is never taken for one of the other (docs/wire-format.md V2.4)."""
 
-    EPOCH_UNKNOWN = 0
+    EPOCH_UNKNOWN = 0  # a vehicle lacks a downlink epoch of the bus (signed by the vehicle)
+    UPLINK_EPOCH_UNKNOWN = 1  # the bus lacks an uplink epoch of a vehicle (signed by the bus)
 
 
 @dataclass(frozen=True)

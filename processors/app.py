@@ -423,6 +423,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
                 v2_opener(settings.response_minimum_path),
                 v2_opener(settings.legacy_minimum_path),
             ),
+            status_signer=signer,
         ),
         TrackStage(
             topics=topics,
@@ -443,6 +444,8 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
                 v2_opener(settings.legacy_minimum_path),
             ),
             require_signed=settings.telemetry_require_signed,
+            sealer_principal=settings.sealer_principal,
+            status_signer=signer,
         ),
     ]
     stages = [stage_runner(settings, logic, audit_signer=signer) for logic in logics]

@@ -18,11 +18,14 @@ from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.processors.state import PartitionState
 
 __all__ = [
+    "ASK_INTERVAL_S",
     "EPOCHS_PER_SENDER",
     "StateEpochStore",
+    "UplinkEpochAsker",
     "UplinkLimits",
     "UplinkReplay",
     "add_to_count",
+    "expire_asked",
     "expire_epochs",
     "read_count",
     "sender_key",
@@ -321,3 +324,72 @@ class StateEpochStore:
         if len(self._secrets) >= self._max_secrets:
             self._secrets.pop(next(iter(self._secrets)))
         self._secrets[digest] = secret
+
+
+#: ``<ASKED_PREFIX><vehicle key>`` → ``{"until": ms}``: the bus asked that vehicle for a new
+#: uplink epoch and asks it again only after ``until`` (``UplinkEpochAsker``).
+ASKED_PREFIX: Final = "up/ask/"
+#: Seconds between two ``uplink_epoch_unknown`` statuses to one vehicle from one stage.
+ASK_INTERVAL_S: Final = 10.0
+
+
+@dataclass(frozen=True)
+class UplinkEpochAsker:
+    """The bus's answer to a v2 message in an uplink epoch it does not hold: a status
+    ``uplink_epoch_unknown`` signed by the bus sealer, for the vehicle's downlink partition of
+    ``commands.outbound`` (docs/wire-format.md V2.7, "Uplink recovery").
+
+    The message is unauthenticated (no epoch, no key): its record key, the only sender it
+    names, may be anybody's. So the status says nothing the record did not show in clear
+    (the epoch id, the sequence) besides "this bus does not hold it"; it goes only to a
+    vehicle or edge unit of the directory (so one state entry per real vehicle at most), at
+    most once per ``interval_s`` per vehicle however many records arrive (a forger's rate
+    never becomes the bus's), and the vehicle acts on it only for an epoch it has open."""
+
+    sealer_principal: str
+    signer: Any  # the bus sealer's Signer
+    topic: str  # commands.outbound
+    directory: Any
+    uplink_kinds: frozenset[str]
+    interval_s: float = ASK_INTERVAL_S
+
+    def ask(
+        self, state: PartitionState, key: bytes | None, exc: Any, now: float
+    ) -> tuple[str, bytes] | None:
+        """``(vehicle id, signed status)`` to publish for ``exc`` (an ``EpochUnknownError``)
+        of a record under ``key``, or None (not a vehicle, or asked within the interval). The
+        interval is written to ``state``: committed with the record's transaction."""
+        from fleetbus.bus.envelope_v2 import StatusCode
+        from fleetbus.providers.sealing_v2 import make_status, sign_status
+
+        try:
+            vid = (key or b"").decode("utf-8")
+            if self.directory.current(vid, at=now).kind not in self.uplink_kinds:
+                return None
+        except (UnicodeDecodeError, FleetbusError):
+            return None
+        slot = sender_key(ASKED_PREFIX, vid)
+        raw = state.get(slot)
+        now_ms = round(now * 1000)
+        if raw is not None and stored_until(raw) > now_ms:
+            return None
+        state.put(slot, cbor2.dumps({"until": now_ms + round(self.interval_s * 1000)}))
+        status = make_status(
+            topic=self.topic,
+            recipient=vid,
+            epoch_id=exc.epoch_id,
+            sequence=exc.sequence,
+            at=now,
+            code=StatusCode.UPLINK_EPOCH_UNKNOWN,
+        )
+        return vid, sign_status(self.signer, self.sealer_principal, status)
+
+
+def expire_asked(state: PartitionState, due: Iterable[str], now: float) -> None:
+    """Forget the ``UplinkEpochAsker`` intervals among ``due`` that have passed."""
+    now_ms = round(now * 1000)
+    for key in due:
+        if key.startswith(ASKED_PREFIX):
+            raw = state.get(key)
+            if raw is not None and stored_until(raw) <= now_ms:
+                state.delete(key)

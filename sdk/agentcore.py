@@ -6,6 +6,7 @@ trace-context helpers, and ``AgentCore``: the attributes and the cross-part meth
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -38,6 +39,8 @@ UPLINK_TTL_S: Final = 300.0
 #: for again (docs/wire-format.md V2.7), and the seconds between two statuses of one vehicle.
 HELD_PER_VEHICLE: Final = 64
 STATUS_INTERVAL_S: Final = 5.0
+#: Uplink epochs per vehicle whose answers are remembered for re-sending (``answered_in``).
+ANSWER_EPOCHS: Final = 4
 #: Directory capability of the bus sealer (and vehicles) announcing wire format v2.
 WIRE2_CAPABILITY: Final = "wire2"
 #: How long an executed command id is remembered after its expiry (envelopes expire first).
@@ -60,6 +63,7 @@ class AgentStats:
     consumer_resets: int = 0
     epochs: int = 0  # v2 establishments accepted
     epoch_statuses: int = 0  # epoch_unknown statuses sent
+    uplink_renewed: int = 0  # uplink epochs ended on the bus's uplink_epoch_unknown
     by_status: dict[int, int] = field(default_factory=dict)
 
 
@@ -75,6 +79,9 @@ class ServedVehicle:
     readings: list[tuple[float, dict[str, ParamValue]]] = field(default_factory=list)
     batch_bytes: int = 0
     batch_started: float = 0.0
+    # Command ids answered in each of the last ANSWER_EPOCHS uplink epochs, oldest first: what
+    # is sent again when the bus reports one of them unknown (docs/wire-format.md V2.7).
+    answered_in: OrderedDict[bytes, list[str]] = field(default_factory=OrderedDict)
 
 
 @dataclass

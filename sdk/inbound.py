@@ -211,6 +211,51 @@ class InboundPart(AgentCore):
                 self._status_owed.add(vid)
         return out
 
+    def _renew_uplink(self, vehicle: ServedVehicle, value: bytes, topic: str) -> list[Any]:
+        """The bus's ``uplink_epoch_unknown`` (docs/wire-format.md V2.7, "Uplink recovery"):
+        verified (the bus sealer's signature, addressed to this vehicle on this topic, fresh),
+        and acted on only for an uplink epoch this vehicle has open or answered in. That epoch
+        ends — the next message opens a new one with a new establishment, never the old epoch
+        again, whose replay window the bus lost — and the answers sent in it go again from the
+        executed-command store (answered, never executed again). Telemetry sent in it is not
+        sent again (docs/sdk.md)."""
+        from fleetbus.bus.envelope_v2 import StatusCode
+        from fleetbus.providers.sealing_v2 import open_status
+
+        vid = vehicle.identity.vehicle_id
+        try:
+            status = open_status(
+                value,
+                topic=topic,
+                own_id=vid,
+                directory=self.directory,
+                clock=self._clock,
+                skew_s=self._skew_s,
+                max_size=self._max_size,
+                roots=self._roots,
+                code=StatusCode.UPLINK_EPOCH_UNKNOWN,
+                sender=self.sealer_principal,
+            )
+        except FleetbusError as exc:
+            self._reject(exc.reason, f"{vid}: uplink epoch status refused: {exc}")
+            return []
+        ended = vehicle.uplink_v2.end(status.epoch_id)
+        answered = vehicle.answered_in.get(status.epoch_id)
+        if ended is None and answered is None:
+            # Already renewed (a second status, or one replayed inside its freshness window),
+            # or an epoch of an earlier process: nothing to do, and nothing is sent.
+            self._reject(ReasonCode.REPLAYED, f"{vid}: status for an epoch not open here")
+            return []
+        self.stats.uplink_renewed += 1
+        _log.info("%s: bus lacks uplink epoch %s; renewed", vid, status.epoch_id.hex())
+        out: list[Any] = []
+        for command_id in dict.fromkeys(answered or []):
+            out.extend(self._republish(vehicle, command_id))
+        # Forgotten only once all went: a failure (RetryLater) reads the status again, and the
+        # epoch, though ended, is still remembered, so its answers are sent then.
+        vehicle.answered_in.pop(status.epoch_id, None)
+        return out
+
     def _release_held(self, vehicle: ServedVehicle, epoch_id: bytes) -> list[Any]:
         vid = vehicle.identity.vehicle_id
         ready = self.store.held(vid, epoch_id, expired_before=self._clock() - self._skew_s)
@@ -251,11 +296,13 @@ class InboundPart(AgentCore):
     def _rejected_envelope(
         self, vehicle: ServedVehicle, value: bytes, exc: FleetbusError, topic: str
     ) -> list[Any]:
-        from fleetbus.providers.sealing_v2 import EpochUnknownError
+        from fleetbus.providers.sealing_v2 import EpochUnknownError, StatusRecordError
 
         vid = vehicle.identity.vehicle_id
         if isinstance(exc, EpochUnknownError):
             return self._hold_for_epoch(vehicle, value, topic, exc)
+        if isinstance(exc, StatusRecordError):
+            return self._renew_uplink(vehicle, value, topic)
         if exc.reason is ReasonCode.QKD_UNAVAILABLE and self._version_of(value) == 2:
             parsed = decode_record(value, max_size=self._max_size)
             if (

@@ -20,6 +20,7 @@ from fleetbus.bus.envelope import MessageKind
 from fleetbus.bus.errors import ConfigError, FleetbusError, KafkaUnavailableError
 from fleetbus.observability.tracing import get_tracer, send_span
 from fleetbus.sdk.agentcore import (
+    ANSWER_EPOCHS,
     UPLINK_TTL_S,
     WIRE2_CAPABILITY,
     AgentCore,
@@ -122,6 +123,14 @@ class UplinkPart(AgentCore):
             )
         )  # fmt: skip
         [records] = vehicle.uplink_v2.records_for([prepared])
+        if kind is MessageKind.RESPONSE:
+            # Remembered to be sent again if the bus reports this epoch unknown (bounded: the
+            # last ANSWER_EPOCHS epochs, each at most its max messages).
+            answered = vehicle.answered_in
+            answered.setdefault(prepared.epoch_id, []).append(message_id)
+            answered.move_to_end(prepared.epoch_id)
+            while len(answered) > ANSWER_EPOCHS:
+                answered.popitem(last=False)
         if len(records) == 1:
             return records, None
         # Messages go without the establishment only once the broker acknowledged it; until

@@ -45,16 +45,24 @@ from fleetbus.processors.stages.opening import (
     refusal_detail,
 )
 from fleetbus.processors.uplink import (
+    ASKED_PREFIX,
     EPOCH_PREFIX,
     StateEpochStore,
+    UplinkEpochAsker,
     UplinkLimits,
     UplinkReplay,
+    expire_asked,
     expire_epochs,
     sender_key,
     stored_until,
 )
 from fleetbus.providers.sealing import VerifiedRoots
-from fleetbus.providers.sealing_v2 import directory_verifier, open_status, verify_signed_record
+from fleetbus.providers.sealing_v2 import (
+    EpochUnknownError,
+    directory_verifier,
+    open_status,
+    verify_signed_record,
+)
 
 #: ``est/<vehicle key>/<epoch id hex>``: a v2 establishment the seal stage sent to that vehicle,
 #: kept until the epoch ends to be sent again when the vehicle reports it unknown.
@@ -91,6 +99,7 @@ class ResponseStage:
         limits: UplinkLimits | None = None,
         sealer_principal: str | None = None,
         v2_openers: tuple[Any, Any] | None = None,  # EpochOpener (pqc minimum, legacy minimum)
+        status_signer: Any = None,  # the bus sealer's Signer: ask vehicles for new epochs
     ) -> None:
         check_stage_owns_replay(self.name, opener)
         self.topics = topics
@@ -107,6 +116,7 @@ class ResponseStage:
         self.replay = UplinkReplay(limits=self.limits, skew_s=clock_skew_s)
         # Epoch secrets only in memory; the partition state holds the epochs' public part.
         self._secrets: dict[bytes, bytes] = {}
+        self.asker = uplink_asker(topics, opener, sealer_principal, status_signer)
 
     def input_topics(self) -> Sequence[str]:
         return [self.topics.responses]
@@ -152,7 +162,8 @@ class ResponseStage:
             store.check_keyed_by_sender(record.key, parsed.header.recipient, parsed.header.epoch_id)
             opened = self.v2_openers[0].open(value, topic=self.topics.responses, store=store)
         except FleetbusError as exc:
-            return self._dlq(record, now, exc.reason, f"v2 record rejected: {exc.reason.value}")
+            result = self._dlq(record, now, exc.reason, f"v2 record rejected: {exc.reason.value}")
+            return ask_for_uplink_epoch(self.asker, result, record, state, exc, now)
         if opened.kind is not MessageKind.RESPONSE:
             return self._dlq(record, now, ReasonCode.WRONG_RECIPIENT, "not a response message")
         try:
@@ -247,7 +258,7 @@ class ResponseStage:
     def deadline(self, key: str, value: bytes) -> float | None:
         """When ``tick`` must look at a state entry: an uplink id, an uplink epoch or a kept
         downlink establishment when it ends."""
-        if key.startswith((_EST, EPOCH_PREFIX)):
+        if key.startswith((_EST, EPOCH_PREFIX, ASKED_PREFIX)):
             return stored_until(value) / 1000
         return self.replay.deadline(key, value)
 
@@ -255,6 +266,7 @@ class ResponseStage:
         due = state.due(now, self.deadline)
         self.replay.expire(state, due, now)
         expire_epochs(state, due, now)
+        expire_asked(state, due, now)
         for key in due:
             if not key.startswith(_EST):
                 continue
@@ -263,6 +275,40 @@ class ResponseStage:
                 state.delete(key)
                 state.delete(_EST_SENT + key.removeprefix(_EST))
         return StageResult()
+
+
+def uplink_asker(
+    topics: PipelineTopics, opener: Any, sealer: str | None, signer: Any
+) -> UplinkEpochAsker | None:
+    """The stage's ``UplinkEpochAsker`` (None without the bus sealer's signer: no status)."""
+    if sealer is None or signer is None:
+        return None
+    return UplinkEpochAsker(sealer, signer, topics.outbound, opener.directory, UPLINK_KINDS)
+
+
+def ask_for_uplink_epoch(
+    asker: UplinkEpochAsker | None,
+    result: StageResult,
+    record: InputRecord,
+    state: PartitionState,
+    exc: FleetbusError,
+    now: float,
+) -> StageResult:
+    """``result`` (the record's DLQ result) plus, for a message of an uplink epoch this stage
+    does not hold, the bus's ``uplink_epoch_unknown`` status to the vehicle (V2.7)."""
+    if asker is None or not isinstance(exc, EpochUnknownError):
+        return result
+    asked = asker.ask(state, record.key, exc, now)
+    if asked is not None:
+        vid, status = asked
+        result.outputs.append(Output(asker.topic, vid.encode(), status))
+        detail: dict[str, str | int] = {
+            "vehicle": vid,
+            "epoch": exc.epoch_id.hex(),
+            "sequence": exc.sequence,
+        }
+        result.audit.append(AuditEvent("bus", "uplink_epoch_asked", None, None, detail))
+    return result
 
 
 def _identify_v1(response: Response, opened: Any) -> UplinkKey | str:

@@ -35,11 +35,14 @@ from fleetbus.processors.stages.opening import (
     admit_v1_uplink,
     check_stage_owns_replay,
 )
+from fleetbus.processors.stages.responses import ask_for_uplink_epoch, uplink_asker
 from fleetbus.processors.uplink import (
+    ASKED_PREFIX,
     EPOCH_PREFIX,
     StateEpochStore,
     UplinkLimits,
     UplinkReplay,
+    expire_asked,
     expire_epochs,
     stored_until,
 )
@@ -75,6 +78,8 @@ class TelemetryStage:
         limits: UplinkLimits | None = None,
         v2_openers: tuple[Any, Any] | None = None,  # EpochOpener (pqc minimum, legacy minimum)
         require_signed: bool = False,
+        sealer_principal: str | None = None,
+        status_signer: Any = None,  # the bus sealer's Signer: ask vehicles for new epochs
     ) -> None:
         check_stage_owns_replay(self.name, opener)
         self.topics = topics
@@ -89,6 +94,7 @@ class TelemetryStage:
         self.skew_ms = to_ms(clock_skew_s)
         self._secrets: dict[bytes, bytes] = {}
         self.require_signed = require_signed
+        self.asker = uplink_asker(topics, opener, sealer_principal, status_signer)
 
     def input_topics(self) -> Sequence[str]:
         return [self.topics.telemetry_raw]
@@ -165,7 +171,8 @@ class TelemetryStage:
             store.check_keyed_by_sender(record.key, parsed.header.recipient, parsed.header.epoch_id)
             opened = pqc.open(value, topic=topic, store=store)
         except FleetbusError as exc:
-            return dlq(exc.reason, f"telemetry v2 record rejected: {exc.reason.value}")
+            result = dlq(exc.reason, f"telemetry v2 record rejected: {exc.reason.value}")
+            return ask_for_uplink_epoch(self.asker, result, record, state, exc, now)
         sender = opened.sender
         if record.key != sender.encode():
             return dlq(ReasonCode.MALFORMED, "record key must be the sending vehicle")
@@ -202,7 +209,7 @@ class TelemetryStage:
 
     def deadline(self, key: str, value: bytes) -> float | None:
         """When ``tick`` must look at a state entry: an uplink id or epoch when it ends."""
-        if key.startswith(EPOCH_PREFIX):
+        if key.startswith((EPOCH_PREFIX, ASKED_PREFIX)):
             return stored_until(value) / 1000
         return self.replay.deadline(key, value)
 
@@ -210,6 +217,7 @@ class TelemetryStage:
         due = state.due(now, self.deadline)
         self.replay.expire(state, due, now)
         expire_epochs(state, due, now)
+        expire_asked(state, due, now)
         return StageResult()
 
 

@@ -21,6 +21,7 @@ from fleetbus.providers.sealing_v2.opener import (
     AuthenticatedRejectError,
     EpochOpener,
     EpochUnknownError,
+    StatusRecordError,
     verify_signed_record,
 )
 from fleetbus.providers.sealing_v2.sealer import (
@@ -42,6 +43,7 @@ __all__ = [
     "MemoryEpochStore",
     "PreparedMessage",
     "SqliteEpochStore",
+    "StatusRecordError",
     "StoredEpoch",
     "derive_epoch_secret",
     "derive_message_key_nonce",

@@ -75,6 +75,14 @@ class EpochUnknownError(EnvelopeError):
         self.recipient = recipient
 
 
+class StatusRecordError(EnvelopeError):
+    """A status record given to ``open`` (``malformed`` for a reader that takes none): a
+    vehicle agent reads the bus's ``uplink_epoch_unknown`` with ``open_status`` instead."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason=ReasonCode.MALFORMED)
+
+
 class AuthenticatedRejectError(EnvelopeError):
     """A v2 message that authenticated (AEAD) and is refused all the same: ``message_id`` is
     the sender's, so the recipient may answer it (a redelivery is answered again)."""
@@ -148,9 +156,7 @@ class EpochOpener:
                 return self._accept(parsed, topic, epochs, data)
             if isinstance(parsed, Message):
                 return self._open_message(parsed, topic, epochs)
-            raise EnvelopeError(
-                "a status record is not addressed to this reader", reason=ReasonCode.MALFORMED
-            )
+            raise StatusRecordError("a status record is not opened as a message")
         except EnvelopeError:
             raise
         except Exception as exc:

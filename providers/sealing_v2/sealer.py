@@ -227,6 +227,17 @@ class EpochSealer:
             epoch = self._by_id.get(epoch_id)
             return None if epoch is None else epoch.record
 
+    def end(self, epoch_id: bytes) -> Establishment | None:
+        """End the open epoch ``epoch_id`` (its recipient reported losing it): the next message
+        to that recipient opens a new epoch. Its establishment, or None if it is not open."""
+        with self._lock:
+            epoch = self._by_id.pop(epoch_id, None)
+            if epoch is None:
+                return None
+            for slot in [s for s, e in self._epochs.items() if e is epoch]:
+                del self._epochs[slot]
+            return epoch.est
+
     def forget(self, recipient: str) -> int:
         """End every epoch to ``recipient`` (it reported losing one); returns how many."""
         with self._lock:

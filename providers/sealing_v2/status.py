@@ -30,7 +30,7 @@ from fleetbus.providers.sealing_v2.sealer import sign_records
 
 
 def sign_status(signer: Signer, sender: str, status: Status) -> bytes:
-    """A signed status record (the vehicle's ``epoch_unknown`` answer)."""
+    """A signed status: a vehicle's ``epoch_unknown``, the bus's ``uplink_epoch_unknown``."""
     body = status_bytes(
         replace(status, sender=sender, sender_key_id=signer.key_id, signature_suite=signer.suite)
     )
@@ -47,16 +47,27 @@ def open_status(
     skew_s: float = 30.0,
     max_size: int = DEFAULT_MAX_SIZE,
     roots: VerifiedRoots | None = None,
+    code: StatusCode = StatusCode.EPOCH_UNKNOWN,
+    sender: str | None = None,
 ) -> Status:
-    """Verify a status record addressed to ``own_id`` (the bus sealer principal)."""
+    """Verify a status record addressed to ``own_id`` on ``topic`` with ``code``: the bus
+    sealer reads ``epoch_unknown`` from vehicles; a vehicle reads ``uplink_epoch_unknown``
+    from ``sender``, the bus sealer (docs/wire-format.md V2.4)."""
     try:
         parsed = decode_record(data, max_size=max_size)
         if not isinstance(parsed, ParsedStatus):
             raise EnvelopeError("not a status record", reason=ReasonCode.MALFORMED)
         status = parsed.status
-        if status.recipient != own_id or status.topic != topic:
+        if (
+            status.recipient != own_id
+            or status.topic != topic
+            or status.code is not code
+            or (sender is not None and status.sender != sender)
+        ):
+            # The code is signed: a status of the other direction, or from a principal this
+            # reader does not take statuses from, is not for this reader.
             raise EnvelopeError(
-                "status is addressed to another principal or topic",
+                "status is addressed to another principal, topic or direction",
                 reason=ReasonCode.WRONG_RECIPIENT,
             )
         now = clock()
@@ -83,8 +94,16 @@ def open_status(
         ) from exc
 
 
-def make_status(*, topic: str, recipient: str, epoch_id: bytes, sequence: int, at: float) -> Status:
-    """An unsigned ``epoch_unknown`` status (``sign_status`` fills in the sender)."""
+def make_status(
+    *,
+    topic: str,
+    recipient: str,
+    epoch_id: bytes,
+    sequence: int,
+    at: float,
+    code: StatusCode = StatusCode.EPOCH_UNKNOWN,
+) -> Status:
+    """An unsigned status (``sign_status`` fills in the sender)."""
     return Status(
         topic=topic,
         sender="-",
@@ -92,7 +111,7 @@ def make_status(*, topic: str, recipient: str, epoch_id: bytes, sequence: int, a
         signature_suite="-",
         recipient=recipient,
         epoch_id=epoch_id,
-        code=StatusCode.EPOCH_UNKNOWN,
+        code=code,
         sequence=sequence,
         at_ms=round(at * 1000),
     )

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fleetbus.bus.envelope_v2 import Direction
+from fleetbus.bus.envelope_v2 import Direction, StatusCode
 from fleetbus.bus.keys import KeyPath, PrivateKeySet
 from fleetbus.devtools.kme_pki import TestPKI
 from fleetbus.providers.keypath import KeyPathRunner
@@ -57,6 +57,7 @@ def test_vector_files_are_present() -> None:
         "xwing-composite-downlink",
         "mlkem768-mldsa65-uplink",
         "qkd+xwing-composite-batch-downlink",
+        "x25519-ed25519-uplink-recovery",
     }
 
 
@@ -276,7 +277,9 @@ def test_records_open_with_the_stored_keys(name: str, kme_pki: TestPKI) -> None:
             own_id=sender["principal"],
             directory=directory,
             clock=Clock(doc["open_at"]),
+            code=StatusCode(status.get("code", 0)),
         )
+        assert opened_status.sender == signer["principal"]
         assert opened_status.epoch_id == h(fields["epoch_id"])
         key = Ed25519PrivateKey.from_private_bytes(h(signer["private"]["ed25519"]))
         assert key.sign(h(status["to_be_signed"])) == h(status["signature"]["signature"])

@@ -26,6 +26,7 @@ from fleetbus.bus.envelope_v2 import (
     Message,
     ParsedEstablishment,
     ParsedStatus,
+    StatusCode,
     decode_record,
     epoch_context_v2,
     message_aad,
@@ -326,18 +327,27 @@ def build(
         s_suite = SUITES[status_suite]()
         s_private, s_public = signing_keys(recipient_id, status_suite)
         s_signer = s_suite.signer(s_private, f"{recipient_id}/sig/1")
-        status_topic = "fleet.commands.responses"
+        # The recipient of the epoch reports it unknown to its sender: a vehicle on the
+        # responses topic (code 0), the bus on commands.outbound (code 1, wire-format V2.7.1).
+        status_topic = "fleet.commands.responses" if down else "fleet.commands.outbound"
+        code = StatusCode.EPOCH_UNKNOWN if down else StatusCode.UPLINK_EPOCH_UNKNOWN
         record = sign_status(
             s_signer,
             recipient_id,
             make_status(
-                topic=status_topic, recipient=sender, epoch_id=e.epoch_id, sequence=1, at=OPEN_AT
+                topic=status_topic,
+                recipient=sender,
+                epoch_id=e.epoch_id,
+                sequence=1 if down else 0,
+                at=OPEN_AT,
+                code=code,
             ),
         )
         parsed_status = decode_record(record)
         assert isinstance(parsed_status, ParsedStatus)
         document["status"] = {
             "topic": status_topic,
+            "code": int(code),
             "signer": {
                 "principal": recipient_id,
                 "key_id": s_signer.key_id,
@@ -415,6 +425,21 @@ VECTORS.update(
                  ("cmd", CMD6, "doors.unlock", command(CMD6, "doors.unlock", {})),
              ],
              "batch_peer": "V-18"}),
+    }
+)  # fmt: skip
+
+
+# -- issue 13, uplink recovery: the bus's uplink_epoch_unknown status (wire-format V2.7.1) ----
+VECTORS.update(
+    {
+        "x25519-ed25519-uplink-recovery": (
+            ("Uplink epoch of vehicle V-17 to the bus on x25519, Ed25519 (deterministic) "
+             "establishment, one response, and the bus sealer's uplink_epoch_unknown status "
+             "(code 1, Ed25519) asking V-17 for a new epoch.",),
+            {"path": "x25519", "suite_name": "ed25519", "direction": Direction.UPLINK,
+             "topic": "fleet.commands.responses",
+             "messages": [("rsp", CMD2, "", b"ok")],
+             "status_suite": "ed25519"}),
     }
 )  # fmt: skip
 

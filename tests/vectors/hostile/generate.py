@@ -618,6 +618,7 @@ def build(fleet: Fleet) -> Corpus:
         build_wire_v2(c)
         build_vehicle_keyed_responses(c)
         build_approval_binding(c)
+        build_uplink_recovery(c)
     return c
 
 
@@ -1334,8 +1335,9 @@ def build_wire_v2(c: Corpus) -> None:
         make_status(topic=topic(RESPONSES), recipient=SEALER, epoch_id=bytes(8), sequence=0,
                     at=OPEN_AT),
     )  # fmt: skip
-    add("veh-v2-status-on-outbound", "a vehicle's signed status record fed to a vehicle",
-        "malformed", status)  # fmt: skip
+    add("veh-v2-status-on-outbound", "a vehicle's signed status record fed to a vehicle "
+        "(read as a status: addressed to the bus sealer, not to the vehicle)",
+        "wrong_recipient", status)  # fmt: skip
     misaddressed = sign_status(
         c.fleet.signer(V1), V1,
         make_status(topic=topic(RESPONSES), recipient=DISPATCHER, epoch_id=bytes(8),
@@ -1463,6 +1465,36 @@ def build_approval_binding(c: Corpus) -> None:
     c.add(REQUESTED, "cmd-id-from-the-future", "freshness", "a command issued in 2026 whose "
           "UUIDv7 id carries 2098: the replay set would have to keep it until then",
           "not_yet_valid", value=ahead.encode(), key=future_id.encode())  # fmt: skip
+
+
+# --- uplink recovery (issue 13): the bus's uplink_epoch_unknown status on commands.outbound --
+
+
+def build_uplink_recovery(c: Corpus) -> None:
+    from fleetbus.bus.envelope_v2 import StatusCode
+    from fleetbus.providers.sealing_v2 import make_status, sign_status
+
+    def status(signer: str = SEALER, **kw: Any) -> bytes:
+        fields: dict[str, Any] = {
+            "topic": topic(OUTBOUND), "recipient": V1, "epoch_id": bytes(8), "sequence": 0,
+            "at": OPEN_AT, "code": StatusCode.UPLINK_EPOCH_UNKNOWN,
+        }  # fmt: skip
+        return sign_status(c.fleet.signer(signer), signer, make_status(**(fields | kw)))
+
+    add = lambda name, desc, expect, value: c.add(  # noqa: E731
+        OUTBOUND, name, "uplink-recovery", desc, expect, value=value, key=V1.encode()
+    )  # fmt: skip
+    # Only cases whose outcome is the same at the unit test's clock (OPEN_AT) and the wall clock
+    # of the integration test: a status is fresh for 60 s + skew, so a forged signature or a
+    # genuine status for no open epoch are unit-tested (tests/unit/test_uplink_recovery.py).
+    add("veh-uplink-status-for-another-vehicle", "the bus's uplink status addressed to V-0002 "
+        "under V-0001's key", "wrong_recipient", status(recipient=V2))  # fmt: skip
+    add("veh-uplink-status-replayed-old", "a bus uplink status made before the corpus's "
+        "commands were issued (an old status replayed)", "expired",
+        status(at=ISSUED - 3600))  # fmt: skip
+    add("veh-uplink-status-forged-by-a-vehicle", "an uplink status signed by V-0002 claiming "
+        "to be from it, not the bus sealer (only the sealer's statuses are read)",
+        "wrong_recipient", status(V2))  # fmt: skip
 
 
 # --- writing -------------------------------------------------------------------------------
