@@ -14,7 +14,8 @@ from typing import Any
 import cbor2
 import pytest
 
-from fleetbus.bus.commands import Response, StatusEvent, Target, VerifiedResponse
+from fleetbus.bus.commands import Response, SignedCommand, StatusEvent, Target, VerifiedResponse
+from fleetbus.bus.commands.ids import uuid7_timestamp_ms
 from fleetbus.bus.errors import ReasonCode
 from fleetbus.processors.eos import AUDIT_HEAD_KEY, PartitionState
 from fleetbus.processors.stages import AuthorizedCommand, RejectedCommand, TrackStage
@@ -113,6 +114,15 @@ def _deadline(stage: Any, state: PartitionState, key: str) -> float:
     return float(deadline)
 
 
+def _id_forgotten_at(
+    cmd: SignedCommand, max_lifetime_s: float = 86400, skew_s: float = 30
+) -> float:
+    """When authorize drops a decided command's id from the replay set: after expiry + skew,
+    and never before the id itself is refused as too old (its UUIDv7 time + lifetime + skew)."""
+    id_at = uuid7_timestamp_ms(cmd.command.id) / 1000
+    return max(cmd.command.expires_at + skew_s, id_at + max_lifetime_s + skew_s)
+
+
 @pytest.mark.parametrize("restore", [False, True])
 def test_a_pending_command_is_rejected_just_after_its_approval_window(
     fleet: Fleet,
@@ -131,10 +141,11 @@ def test_a_pending_command_is_rejected_just_after_its_approval_window(
     [rejected] = [RejectedCommand.decode(v) for v in outs(result, TOPICS.rejected)]
     assert rejected.reason is ReasonCode.POLICY_DENIED
     assert "approval window elapsed" in rejected.detail
-    # Then remembered as rejected (the replay set) until expiry + skew, and forgotten after.
+    # Then remembered as rejected (the replay set) until its id is too old to be accepted
+    # (UUIDv7 time + max lifetime + skew; later than expiry + skew here), and forgotten after.
     state.commit()
     until = _deadline(stage, state, key)
-    assert abs(until - (cmd.command.expires_at + 30)) <= MS
+    assert abs(until - _id_forgotten_at(cmd)) <= MS
     assert not stage.tick(0, state, until).outputs
     state.commit()
     assert state.get(key) is not None
@@ -159,7 +170,7 @@ def test_an_expiry_seen_by_an_aborted_tick_happens_at_the_next_tick(fleet: Fleet
 
 
 @pytest.mark.parametrize("restore", [False, True])
-def test_an_authorized_command_is_forgotten_just_after_expiry_plus_skew(
+def test_an_authorized_command_is_forgotten_just_after_its_id_window(
     fleet: Fleet,
     restore: bool,
 ) -> None:
@@ -169,7 +180,7 @@ def test_an_authorized_command_is_forgotten_just_after_expiry_plus_skew(
     result = stage.process(rec(TOPICS.requested, cmd.encode()), state, NOW)
     assert outs(result, TOPICS.authorized)
     until = _deadline(stage, state, key)
-    assert abs(until - (cmd.command.expires_at + 30)) <= MS
+    assert abs(until - _id_forgotten_at(cmd)) <= MS
     state = _restored(state) if restore else state
     state.commit()
     stage.tick(0, state, until)
@@ -185,7 +196,7 @@ def test_an_early_approval_is_forgotten_just_after_its_window(fleet: Fleet) -> N
     stage, state = authorize(fleet, window_s=5), PartitionState()
     cmd = signed(fleet, Target(vehicle="V-1"), "unlock_doors")
     key = f"apr/{cmd.command.id}"
-    stage.process(rec(TOPICS.approvals, approval(fleet, cmd.command.id)), state, NOW)
+    stage.process(rec(TOPICS.approvals, approval(fleet, cmd)), state, NOW)
     until = _deadline(stage, state, key)
     state = _restored(state)
     stage.tick(0, state, until)
