@@ -6,6 +6,8 @@ Per fleet size, each in a fresh process (so resident memory is that process's ow
   record's own root signature (``verify_each``, the path every loader took before);
 * vehicle agent start-up: ``load_key_directory(..., vehicles=[one id])`` (set 0 and its own
   vehicle), time, RSS and the size of the directory state it keeps;
+* with ``--shares 1,2,8``: a seal stage serving K of the 16 partitions (set 0 and K buckets,
+  ``load_directory(..., scope=)``), time and RSS (issue 12);
 * lookups in the worker's directory: ``recipient_keys`` of a random vehicle, ``verifier_for`` of
   a dispatcher, per call;
 * with ``--propagation SIZES``: revocations published to a local Kafka broker while 2 worker
@@ -23,7 +25,7 @@ record signatures one by one when the head covers them, so that changes bytes re
 not signature work. Prints a table and writes bench/results/directory.json.
 
     .venv/bin/python bench/bench_directory.py [--sizes 10000,100000,1000000]
-        [--propagation 10000,100000] [--revocations 10]
+        [--propagation 10000,100000] [--revocations 10] [--shares 1,2,8]
 """
 
 from __future__ import annotations
