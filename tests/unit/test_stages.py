@@ -28,7 +28,7 @@ from fleetbus.bus.commands import (
 )
 from fleetbus.bus.directory import FleetRoot
 from fleetbus.bus.envelope import decode_envelope
-from fleetbus.bus.errors import ReasonCode
+from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.bus.keys import (
     Encapsulation,
     KeyPath,
@@ -567,6 +567,40 @@ def test_track_turns_responses_into_final_states_and_expires_the_rest(fleet: Fle
     expired = stage.tick(0, state, NOW + 3600)
     [event] = [StatusEvent.decode(v) for v in outs(expired, TOPICS.status)]
     assert (event.state.value, event.vehicle_id) == ("expired", "V-2")
+
+
+def test_track_learns_a_groups_targets_from_the_seal_partitions(fleet: Fleet) -> None:
+    """The track stage's copy of a group command names no vehicle: a member's answer counts once
+    its seal-stage partition named it (``sealed``), one that overtakes that event is held, and
+    the seal stage's copies (keyed by vehicle id, or on every partition) are ignored here."""
+    _, copies = group_partition_records(fleet, "north")
+    stage, state = (
+        ResponsePath(topics=TOPICS, opener=uplink(fleet), clock_skew_s=30, max_message_bytes=32768),
+        PartitionState(),
+    )
+    for out in copies:
+        record = InputRecord(TOPICS.authorized, 0, 1, out.key, out.value)
+        assert stage.process(record, state, NOW).outputs == []
+    cid = AuthorizedCommand.decode(copies[0].value).command_id
+    response = Response(command_id=cid, vehicle_id="V-1", status=200, executed_at=NOW)
+    env = vehicle_envelope(fleet, "V-1", "rsp", TOPICS.responses, cid, response.encode())
+    early = stage.process(rec(TOPICS.responses, env), state, NOW + 1)
+    assert early.outcome == "pending"  # held: no partition named V-1 yet
+    sealed = StatusEvent(cid, CommandState.SEALED, NOW + 1, vehicle_id="V-1")
+    released = stage.process(rec(TOPICS.status, sealed.encode()), state, NOW + 2)
+    [status] = [StatusEvent.decode(v) for v in outs(released, TOPICS.status)]
+    assert (status.state.value, status.vehicle_id) == ("succeeded", "V-1")
+
+
+def test_an_authorized_partition_beyond_the_configured_count_is_refused(fleet: Fleet) -> None:
+    """More partitions than configured would make groups skip the extra partitions' vehicles
+    silently: such a record is a config dead letter, not a partial expansion."""
+    _, copies = group_partition_records(fleet, "north")
+    seal = next(o for o in copies if AuthorizedCommand.decode(o.value).reader == FOR_SEAL)
+    record = InputRecord(TOPICS.authorized, PARTS, 1, seal.key, seal.value)
+    results = partitioned_seal_stage(fleet).process_batch([record], PartitionState(), NOW)
+    assert isinstance(results[0], FleetbusError)
+    assert results[0].reason is ReasonCode.CONFIG
 
 
 def test_telemetry_is_opened_and_filtered_by_the_export_policy(fleet: Fleet) -> None:
