@@ -65,7 +65,9 @@ def kafka_partition(key: bytes, partitions: int) -> int:
 #: ``telemetry_*`` by vehicle id; ``commands_responses`` by vehicle id (wire v2) or, from agents
 #: without v2, by command id (v1, docs/wire-format.md V2.10), read by the response stage; every
 #: other command topic, ``commands_responses_verified`` included, by command id — the track
-#: stage joins ``commands_authorized``, ``commands_status`` and ``commands_responses_verified``.
+#: stage joins ``commands_authorized``, ``commands_status`` and ``commands_responses_verified`` —
+#: except that ``commands_authorized`` also carries the seal stage's copies, keyed by vehicle id
+#: (a group command's: one per partition), docs/pipeline.md.
 FLEET_TOPICS: Final = (
     "commands_requested",
     "commands_authorized",
