@@ -34,6 +34,8 @@ from fleetbus.bus.commands.status import (
     Response,
     StatusEvent,
     VerifiedResponse,
+    group_targets,
+    group_targets_detail,
 )
 from fleetbus.bus.commands.telemetry import (
     SIGNED_TELEMETRY_CAPABILITY,
@@ -73,6 +75,8 @@ __all__ = [
     "UUIDv7Generator",
     "VerifiedResponse",
     "decode_batch_payload",
+    "group_targets",
+    "group_targets_detail",
     "new_command_id",
     "uuid7_timestamp_ms",
 ]

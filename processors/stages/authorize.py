@@ -20,6 +20,7 @@ from fleetbus.bus.commands import (
     Decision,
     SignedApproval,
     SignedCommand,
+    group_targets_detail,
 )
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.processors.audit import AuditEvent
@@ -427,7 +428,11 @@ class AuthorizeStage:
                 CommandState.AUTHORIZED,
                 now,
                 vehicle_id=target.vehicle,
-                detail=decision.detail,
+                detail=(
+                    decision.detail
+                    if target.vehicle
+                    else group_targets_detail(targets, decision.detail)
+                ),
             )
         )
         return StageResult(
