@@ -6,6 +6,8 @@ Per fleet size, each in a fresh process (so resident memory is that process's ow
   record's own root signature (``verify_each``, the path every loader took before);
 * vehicle agent start-up: ``load_key_directory(..., vehicles=[one id])`` (set 0 and its own
   vehicle), time, RSS and the size of the directory state it keeps;
+* with ``--shares 1,2,8``: a seal stage serving K of the 16 partitions (set 0 and K buckets,
+  ``load_directory(..., scope=)``), time and RSS (issue 12);
 * lookups in the worker's directory: ``recipient_keys`` of a random vehicle, ``verifier_for`` of
   a dispatcher, per call;
 * with ``--propagation SIZES``: revocations published to a local Kafka broker while 2 worker
@@ -23,7 +25,7 @@ record signatures one by one when the head covers them, so that changes bytes re
 not signature work. Prints a table and writes bench/results/directory.json.
 
     .venv/bin/python bench/bench_directory.py [--sizes 10000,100000,1000000]
-        [--propagation 10000,100000] [--revocations 10]
+        [--propagation 10000,100000] [--revocations 10] [--shares 1,2,8]
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import Any
 
 from fleetbus.bus.directory import (
     DEFAULT_VEHICLE_BUCKETS,
+    DirectoryScope,
     FleetRoot,
     KeyRecord,
     RootPublicKey,
@@ -52,6 +55,7 @@ from fleetbus.bus.directory import (
     issue_key,
     load_directory,
     load_key_file,
+    read_directory_file,
     save_key_file,
     write_directory_file,
 )
@@ -94,10 +98,36 @@ def _sign_chunk(args: tuple[dict[str, bytes], dict[str, Any], int, int]) -> list
     return out
 
 
-def fleet_folder(n: int) -> Path:
-    """The cached synthetic fleet of ``n`` vehicles (generated on first use)."""
+def rehead(folder: Path) -> None:
+    """Re-sign a cached fleet's head when it was built with another vehicle bucket function
+    (caches from before buckets became Kafka's partitioner): its records and their signatures
+    stay valid, only the head's per-set digests change; one root signature."""
+    path = KeyFolder(folder).directory
+    content = read_directory_file(path)
+    assert content.head is not None
+    old = content.head.head
+    head = build_head(
+        (r.record for r in content.records),
+        # One more than the cached head: an agent's head store remembers that one, and another
+        # head with its number would be a fork.
+        seq=old.seq + 1,
+        at=old.issued_at,
+        vehicle_buckets=old.vehicle_buckets,
+    )
+    if head.sets == old.sets:
+        return
+    root = FleetRoot.from_key_file(load_key_file(KeyFolder(folder).root_key))
+    write_directory_file(path, root.sign_head(head), content.records)
+    print(f"re-signed the head of {folder} for the current bucket function", file=sys.stderr)
+
+
+def fleet_folder(n: int, *, check_head: bool = False) -> Path:
+    """The cached synthetic fleet of ``n`` vehicles (generated on first use; with
+    ``check_head``, its head re-signed if it predates the current bucket function)."""
     folder = CACHE / f"fleet-{n}"
     if KeyFolder(folder).directory.exists():
+        if check_head:
+            rehead(folder)
         return folder
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -182,6 +212,13 @@ def child(mode: str, n: int) -> dict[str, Any]:
         directory = load_key_directory(
             folder, state_dir=CACHE / "state-none", vehicles=["V-0000001"]
         )
+    elif mode.startswith("worker-share-"):
+        # A seal stage holding K of the 16 partitions of commands.authorized: set 0 and the
+        # K buckets those partitions are (bucket = partition, docs/key-management.md).
+        share = int(mode.rsplit("-", 1)[1])
+        directory = load_directory(
+            KeyFolder(folder).directory, root, scope=DirectoryScope(frozenset(range(share)))
+        )
     else:
         directory = load_directory(
             KeyFolder(folder).directory, root, verify_each=mode == "worker-verify-each"
@@ -198,9 +235,11 @@ def child(mode: str, n: int) -> dict[str, Any]:
         "records_held": len(held),
         "state_bytes": sum(len(s.to_cbor()) for s in held),
     }
-    if mode == "worker":
+    if mode == "worker" or mode.startswith("worker-share-"):
         rng = random.Random(7)  # noqa: S311 - which vehicles to look up
         ids = [vehicle_id(rng.randrange(n)) for _ in range(20_000)]
+        if mode != "worker":
+            ids = [v for v in ids if directory.wants(v, "vehicle")]
         t = time.perf_counter()
         for vid in ids:
             directory.recipient_keys(vid, at=T0)
@@ -390,6 +429,11 @@ def main() -> None:
         help="fleet sizes (comma separated) at which to measure revocation propagation",
     )
     parser.add_argument("--revocations", type=int, default=10)
+    parser.add_argument(
+        "--shares",
+        default="",
+        help="partition shares (of 16, comma separated) a seal stage serves, e.g. 1,2,8",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--follow", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
@@ -404,9 +448,11 @@ def main() -> None:
         follower_process(args.follow, sizes[0], args.bootstrap, args.prefix, args.readers)
         return
     rows = []
+    shares = [f"worker-share-{k}" for k in args.shares.split(",") if k]
     for n in sizes:
-        fleet_folder(n)
+        fleet_folder(n, check_head=True)
         modes = ["worker", "agent"] + (["worker-verify-each"] if n <= args.verify_each_max else [])
+        modes += shares
         for mode in modes:
             row = run_child(mode, n)
             rows.append(row)

@@ -31,7 +31,9 @@ class TopicNames(BaseModel):
         default="commands.requested", description="signed commands from dispatchers"
     )
     commands_authorized: str = Field(
-        default="commands.authorized", description="commands the policy allowed, per vehicle"
+        default="commands.authorized",
+        description="commands the policy allowed: the seal stage's copy keyed by vehicle id (a "
+        "group's on every partition), the track stage's by command id (docs/pipeline.md)",
     )
     commands_rejected: str = Field(
         default="commands.rejected", description="commands refused, with the reason"
@@ -148,7 +150,13 @@ class FleetbusSettings(BaseSettings):
         description="names the worker's consumer groups, transactional ids and state topics "
         "(and the faust app); vehicle agents' groups start with it",
     )
-    partitions: int = Field(default=4, ge=1, description="partitions of the topics we create")
+    partitions: int = Field(
+        default=4,
+        ge=1,
+        description="partitions of the topics we create; must equal those of existing topics "
+        "(a group command goes to each partition of commands.authorized) and should equal the "
+        "directory head's buckets (docs/key-management.md)",
+    )
     processing_guarantee: Literal["exactly_once"] = Field(
         default="exactly_once",
         description="always exactly_once: every stage commits each batch in one Kafka "

@@ -16,7 +16,46 @@ __all__ = [
     "SINGLE_PARTITION_TOPICS",
     "check_copartitioned",
     "ensure_topics",
+    "kafka_partition",
+    "murmur2",
 ]
+
+_M: Final = 0x5BD1E995
+_MASK: Final = 0xFFFFFFFF
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (seed 0x9747b28c) as the Java client, kafka-python and aiokafka compute
+    it for a record key; unsigned 32 bits. Here so that the contract (the key directory's
+    vehicle buckets) needs no Kafka client library."""
+    length = len(data)
+    h = (0x9747B28C ^ length) & _MASK
+    for i in range(0, length - length % 4, 4):
+        k = int.from_bytes(data[i : i + 4], "little")
+        k = (k * _M) & _MASK
+        k ^= k >> 24
+        k = (k * _M) & _MASK
+        h = ((h * _M) & _MASK) ^ k
+    tail = length & ~3
+    extra = length % 4
+    if extra >= 3:
+        h ^= data[tail + 2] << 16
+    if extra >= 2:
+        h ^= data[tail + 1] << 8
+    if extra >= 1:
+        h ^= data[tail]
+        h = (h * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    h ^= h >> 15
+    return h
+
+
+def kafka_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives a record with ``key``: the positive part
+    of murmur2 of the key bytes, modulo the partition count."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
 
 # The catalogue, by ``TopicNames`` field; every field but ``prefix`` is in exactly one group
 # (tests/unit/test_topics.py).
@@ -26,7 +65,9 @@ __all__ = [
 #: ``telemetry_*`` by vehicle id; ``commands_responses`` by vehicle id (wire v2) or, from agents
 #: without v2, by command id (v1, docs/wire-format.md V2.10), read by the response stage; every
 #: other command topic, ``commands_responses_verified`` included, by command id — the track
-#: stage joins ``commands_authorized``, ``commands_status`` and ``commands_responses_verified``.
+#: stage joins ``commands_authorized``, ``commands_status`` and ``commands_responses_verified`` —
+#: except that ``commands_authorized`` also carries the seal stage's copies, keyed by vehicle id
+#: (a group command's: one per partition), docs/pipeline.md.
 FLEET_TOPICS: Final = (
     "commands_requested",
     "commands_authorized",

@@ -398,6 +398,10 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         unservable=unservable,
         sealer_v2=epoch_sealer,
         wire_version=settings.wire_version,
+        # Topics are created with settings.partitions; the runner checks a stage's inputs agree.
+        partitions=settings.partitions,
+        # The registry of the current head (refresh_policy swaps it).
+        group_members=lambda group, p, n: policy.registry.partition_members(group, p, n),
     )
     profile_sealer.add_listener(seal.on_failover)
     logics: list[Any] = [
@@ -410,6 +414,7 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
             clock_skew_s=settings.clock_skew_s,
             max_lifetime_s=settings.replay_ttl_s,
             max_message_bytes=settings.max_message_bytes,
+            authorized_partitions=settings.partitions,
         ),
         seal,
         ResponseStage(

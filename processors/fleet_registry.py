@@ -71,6 +71,9 @@ class FleetRegistry:
     operators: dict[str, Operator] = field(default_factory=dict)
     vehicles: dict[str, Vehicle] = field(default_factory=dict)
     actions: dict[str, ActionSpec] = field(default_factory=dict)
+    # Derived indexes (group sizes, members per partition); a registry is built whole and then
+    # only read (a refresh builds a new one), so they are computed once.
+    _cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def criticality(self, action: str) -> str | None:
         spec = self.actions.get(action)
@@ -85,6 +88,31 @@ class FleetRegistry:
 
     def group_members(self, group: str) -> list[str]:
         return self.groups().get(group, [])
+
+    def group_size(self, group: str) -> int:
+        """How many vehicles ``group`` has: what the authorize stage needs of a group (its Cedar
+        context and "no vehicles"), a count per group computed once per registry."""
+        sizes = self._cache.get("sizes")
+        if sizes is None:
+            sizes = self._cache["sizes"] = {g: len(m) for g, m in self.groups().items()}
+        return int(sizes.get(group, 0))
+
+    def partition_members(self, group: str, partition: int, partitions: int) -> list[str]:
+        """The members of ``group`` whose records Kafka puts on ``partition`` of a topic keyed
+        by vehicle id (``partitions`` partitions): what one seal-stage partition expands a
+        group command to. Indexed once per registry and partition count."""
+        from fleetbus.bus.topics import kafka_partition
+
+        key = ("members", partitions)
+        index = self._cache.get(key)
+        if index is None:
+            index = {}
+            for vehicle in sorted(self.vehicles.values(), key=lambda v: v.id):
+                p = kafka_partition(vehicle.id.encode(), partitions)
+                for g in vehicle.groups:
+                    index.setdefault((g, p), []).append(vehicle.id)
+            self._cache[key] = index
+        return list(index.get((group, partition), []))
 
     # -- construction ---------------------------------------------------------------------
 

@@ -282,7 +282,7 @@ class PolicyEngine:
             "required_approvals": required_approvals,
             "hour": math.floor(now / 3600) % 24,
             "target_kind": "vehicle" if vehicle is not None else "group",
-            "group_size": len(self.registry.group_members(group)) if group else 1,
+            "group_size": self.registry.group_size(group) if group else 1,
         }
         allowed, reasons, errors = self._decide(_uid("Operator", issuer), action, resource, context)
         if allowed:

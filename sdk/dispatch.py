@@ -31,6 +31,7 @@ from fleetbus.bus.commands import (
     SignedCommand,
     StatusEvent,
     Target,
+    group_targets,
 )
 from fleetbus.bus.directory import load_key_file
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
@@ -340,9 +341,12 @@ class CommandHandle:
         """Wait until every target vehicle of this command has a status event whose state is in
         ``until``; return each vehicle's event and the overall state (``CommandOutcome``).
 
-        The targets are the command's vehicle, or for a group command the vehicles the bus
-        authorized (one ``authorized`` event each, all written in one transaction, so they are
-        all known once the reader has caught up with them). An event without a vehicle id
+        The targets are the command's vehicle, or for a group command the vehicles the bus's
+        seal-stage partitions name (a ``sealed`` or ``rejected`` event each, in separate
+        transactions); the group's ``authorized`` event announces how many
+        (``group_targets``), so the wait settles only once that many are named (a group
+        authorized by a bus of an earlier release: one ``authorized`` event per vehicle, all in
+        one transaction, known once the reader has caught up). An event without a vehicle id
         (rejected before the bus named any vehicle, pending approval) settles every target, or
         the command itself when no target is known yet.
 
@@ -362,6 +366,7 @@ class CommandHandle:
         targets: set[str] = {single} if single is not None else set()
         reached: dict[str, StatusEvent] = {}
         command_event: StatusEvent | None = None
+        announced: int | None = None  # how many vehicles a group's authorized event names
         with StatusReader(
             self.settings,
             self.command_id,
@@ -376,6 +381,8 @@ class CommandHandle:
                     if ignore_replays and event.reason == ReasonCode.REPLAYED:
                         continue
                     vid = event.vehicle_id
+                    if vid is None and event.state is CommandState.AUTHORIZED and single is None:
+                        announced = group_targets(event.detail)
                     if vid is None:
                         if str(event.state) in wanted:
                             command_event = command_event or event
@@ -388,6 +395,8 @@ class CommandHandle:
                     if str(event.state) in wanted:
                         reached.setdefault(vid, event)
                 settled = targets <= set(reached) and (bool(targets) or command_event is not None)
+                if announced is not None and command_event is None:
+                    settled = settled and len(targets) >= announced
                 # A group's authorized events are one transaction: once the reader has caught
                 # up, every target of the command is known.
                 if settled and (single is not None or reader.caught_up()):

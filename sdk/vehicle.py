@@ -75,10 +75,11 @@ SPIN_CPU_SHARE: Final = 0.2
 def outbound_partition(vehicle_id: str, partitions: int) -> int:
     """The partition of ``commands.outbound`` that holds ``vehicle_id``'s records: the seal stage
     keys them by vehicle id and its producer uses Kafka's default partitioner, the Java client's
-    murmur2 of the key bytes (positive part) modulo the partition count."""
-    from kafka.partitioner.default import murmur2
+    murmur2 of the key bytes (positive part) modulo the partition count; the key directory
+    buckets vehicles by the same function, so this is also the vehicle's bucket."""
+    from fleetbus.bus.topics import kafka_partition
 
-    return (int(murmur2(vehicle_id.encode())) & 0x7FFFFFFF) % partitions
+    return kafka_partition(vehicle_id.encode(), partitions)
 
 
 class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):

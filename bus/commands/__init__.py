@@ -36,6 +36,8 @@ from fleetbus.bus.commands.status import (
     Response,
     StatusEvent,
     VerifiedResponse,
+    group_targets,
+    group_targets_detail,
 )
 from fleetbus.bus.commands.telemetry import (
     SIGNED_TELEMETRY_CAPABILITY,
@@ -78,6 +80,8 @@ __all__ = [
     "VerifiedResponse",
     "command_id_at",
     "decode_batch_payload",
+    "group_targets",
+    "group_targets_detail",
     "new_command_id",
     "uuid7_timestamp_ms",
 ]

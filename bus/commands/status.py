@@ -116,6 +116,25 @@ FINAL_STATES: Final = frozenset(
 _STATUS_FIELDS: Final = frozenset({"command_id", "state", "at", "detail", "reason", "vehicle_id"})
 
 
+#: How a group command's ``authorized`` event (no vehicle id) announces how many vehicles the
+#: seal-stage partitions will name: they seal in separate transactions, so a watcher cannot
+#: know from the events alone when every target has been named.
+_GROUP_TARGETS_PREFIX: Final = "targets="
+
+
+def group_targets_detail(count: int, detail: str) -> str:
+    """The detail of a group command's ``authorized`` event: ``targets=<n>; <detail>``."""
+    return f"{_GROUP_TARGETS_PREFIX}{count}; {detail}"
+
+
+def group_targets(detail: str) -> int | None:
+    """The vehicle count a group's ``authorized`` event announces (None: it announces none)."""
+    if not detail.startswith(_GROUP_TARGETS_PREFIX):
+        return None
+    number = detail[len(_GROUP_TARGETS_PREFIX) :].split(";", 1)[0]
+    return int(number) if number.isdigit() and len(number) < 10 else None
+
+
 @dataclass(frozen=True)
 class StatusEvent:
     """One lifecycle step of a command (canonical CBOR map on ``commands.status``, key: command

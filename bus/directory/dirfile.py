@@ -5,7 +5,7 @@ writing, signing the next head and loading a verified ``KeyDirectory`` from it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from fleetbus.bus.directory.heads import (
     DirectoryScope,
     SignedDirectoryHead,
     peek_record,
+    principal_set,
     verify_signed_head,
 )
 from fleetbus.bus.directory.headstore import HeadStore
@@ -42,13 +43,13 @@ class DirectoryFile:
     records: list[SignedKeyRecord]
 
 
-def read_directory_file(
-    path: Path, *, keep: Callable[[str, str], bool] | None = None
-) -> DirectoryFile:
+def read_directory_file(path: Path, *, scope: DirectoryScope = WHOLE_DIRECTORY) -> DirectoryFile:
     """Parse a directory file: ``{"fmt", "head", "records"}`` (or the headless array of v1).
 
-    ``keep(principal_id, kind)``: records it declines are skipped before they are parsed and
-    checked (a process holding part of the directory does not pay for the rest).
+    Records outside ``scope`` (their set under the file's own head's bucket count, or in a
+    headless file any vehicle not in ``scope.own`` when no bucket is held) are skipped before
+    they are parsed and checked: a process holding part of the directory does not pay for the
+    rest. A lie in a skipped record's bytes can only make that record ignored.
     """
     try:
         data = path.read_bytes()
@@ -69,7 +70,13 @@ def read_directory_file(
         raise _malformed("directory file: expected a head and an array of signed records")
     if not isinstance(items, list) or not all(isinstance(item, bytes) for item in items):
         raise _malformed("directory file: expected an array of signed records")
-    if keep is not None:
+    if scope.buckets is not None and (head is not None or not scope.buckets):
+        buckets = DEFAULT_VEHICLE_BUCKETS if head is None else head.head.vehicle_buckets
+
+        def keep(principal_id: str, kind: str) -> bool:
+            index = principal_set(principal_id, kind, buckets)
+            return principal_id in scope.own or scope.holds(index)
+
         items = [item for item in items if (named := peek_record(item)) is None or keep(*named)]
     return DirectoryFile(head, [SignedKeyRecord.from_cbor(item) for item in items])
 
@@ -158,9 +165,7 @@ def load_directory(
     a CONFIG error telling how to migrate (DIRECTORY_ROLLBACK if this loader has seen a head).
     """
     directory = KeyDirectory(root, head_store=head_store, require_head=True, scope=scope)
-    # Only when no vehicle bucket is held is the choice independent of the file's bucket count.
-    no_vehicles = scope.buckets == frozenset()
-    content = read_directory_file(path, keep=directory.wants if no_vehicles else None)
+    content = read_directory_file(path, scope=scope)
     if content.head is None:
         if directory.head is not None:
             raise FleetbusError(

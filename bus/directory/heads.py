@@ -26,6 +26,7 @@ from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.bus.keys import (
     Verifier,
 )
+from fleetbus.bus.topics import kafka_partition
 
 if TYPE_CHECKING:
     from fleetbus.bus.directory.trust import RootPublicKey
@@ -38,7 +39,9 @@ def record_set(record: KeyRecord, vehicle_buckets: int) -> int:
     """The set a record belongs to: 0 for every non-vehicle key, ``1 + bucket`` for vehicles.
 
     Set 0 is what every process needs (sealers, dispatchers, approvers, edge units); a vehicle's
-    bucket is a hash of its principal id, so all versions of one vehicle land in one set.
+    bucket is Kafka's default partition of its id over ``vehicle_buckets`` partitions, so all
+    versions of one vehicle land in one set, and with as many buckets as partitions, bucket ``i``
+    is exactly the vehicles of partition ``i`` of every topic keyed by vehicle id.
     """
     return principal_set(record.principal_id, record.kind, vehicle_buckets)
 
@@ -47,8 +50,7 @@ def principal_set(principal_id: str, kind: str, vehicle_buckets: int) -> int:
     """``record_set`` from a record's principal id and kind alone."""
     if kind != "vehicle":
         return 0
-    digest = hashlib.sha256(principal_id.encode()).digest()
-    return 1 + int.from_bytes(digest[:8], "big") % vehicle_buckets
+    return 1 + kafka_partition(principal_id.encode(), vehicle_buckets)
 
 
 def peek_record(value: bytes) -> tuple[str, str] | None:

@@ -8,7 +8,7 @@ whose methods share one partition-state layout; its state records come first.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import cbor2
@@ -19,6 +19,7 @@ from fleetbus.bus.commands import (
     Decision,
     SignedApproval,
     SignedCommand,
+    group_targets_detail,
     uuid7_timestamp_ms,
 )
 from fleetbus.bus.errors import FleetbusError, ReasonCode
@@ -32,6 +33,8 @@ from fleetbus.processors.engine import (
 )
 from fleetbus.processors.policy import PolicyEngine
 from fleetbus.processors.stages.common import (
+    FOR_SEAL,
+    FOR_TRACK,
     AuthorizedCommand,
     PipelineTopics,
     encode_cbor,
@@ -188,8 +191,11 @@ class AuthorizeStage:
         max_lifetime_s: float,
         max_message_bytes: int,
         max_early_approvals: int = MAX_EARLY_APPROVALS,
+        authorized_partitions: int = 1,
     ) -> None:
         self.topics = topics
+        # A group command's seal-stage record goes to each of them (the topic's partition count).
+        self.authorized_partitions = authorized_partitions
         self.directory = directory
         self.policy = policy
         self.approvals_required = approvals_required
@@ -348,9 +354,7 @@ class AuthorizeStage:
         cid, issuer = command.id, command.issuer
         key = f"cmd/{cid}"
         target = command.target
-        vehicles: list[str]
         if target.vehicle is not None:
-            vehicles = [target.vehicle]
             if target.vehicle not in self.policy.registry.vehicles:
                 entry.close("rejected")
                 state.put(key, entry.encode())
@@ -364,9 +368,11 @@ class AuthorizeStage:
                     now,
                     issuer=issuer,
                 )
+            targets = 1
         else:
-            vehicles = self.policy.registry.group_members(str(target.group))
-            if not vehicles:
+            # Only the count: each seal-stage partition expands the group to its own vehicles.
+            targets = self.policy.registry.group_size(str(target.group))
+            if not targets:
                 entry.close("rejected")
                 state.put(key, entry.encode())
                 return reject(
@@ -431,32 +437,35 @@ class AuthorizeStage:
         approvers = tuple(a.approver for a in entry.approvals)
         entry.close("authorized")
         state.put(key, entry.encode())
-        outputs = [
-            Output(
-                self.topics.authorized,
-                cid.encode(),
-                AuthorizedCommand(
-                    command_id=cid,
-                    vehicle_id=vehicle,
-                    issuer=issuer,
-                    action=command.action,
-                    criticality=decision.criticality,
-                    issued_at=command.issued_at,
-                    expires_at=command.expires_at,
-                    signed_command=signed.encode(),
-                    decision=decision.detail,
-                    approvers=approvers,
-                    authorized_at=now,
-                ).encode(),
-            )
-            for vehicle in vehicles
-        ]
-        outputs += [
+        authorized = AuthorizedCommand(
+            command_id=cid,
+            vehicle_id=target.vehicle or "",
+            issuer=issuer,
+            action=command.action,
+            criticality=decision.criticality,
+            issued_at=command.issued_at,
+            expires_at=command.expires_at,
+            signed_command=signed.encode(),
+            decision=decision.detail,
+            approvers=approvers,
+            authorized_at=now,
+            group="" if target.vehicle else str(target.group),
+        )
+        outputs = self._authorized_outputs(authorized)
+        outputs.append(
             status_output(
-                self.topics, cid, CommandState.AUTHORIZED, now, vehicle_id=v, detail=decision.detail
+                self.topics,
+                cid,
+                CommandState.AUTHORIZED,
+                now,
+                vehicle_id=target.vehicle,
+                detail=(
+                    decision.detail
+                    if target.vehicle
+                    else group_targets_detail(targets, decision.detail)
+                ),
             )
-            for v in vehicles
-        ]
+        )
         return StageResult(
             outputs=outputs,
             audit=[
@@ -468,13 +477,29 @@ class AuthorizeStage:
                         "action": command.action,
                         "criticality": decision.criticality,
                         "target": str(target),
-                        "vehicles": len(vehicles),
+                        "vehicles": targets,
                         "approvers": ",".join(approvers),
                         "policies": ",".join(decision.policies),
                     },
                 )
             ],
         )
+
+    def _authorized_outputs(self, authorized: AuthorizedCommand) -> list[Output]:
+        """The seal stage's copy keyed by vehicle id (a group's: one on every partition, each
+        seal-stage partition expands it to its own vehicles) and the track stage's, keyed by
+        command id (docs/pipeline.md)."""
+        cid = authorized.command_id.encode()
+        seal = replace(authorized, reader=FOR_SEAL).encode()
+        if authorized.vehicle_id:
+            outputs = [Output(self.topics.authorized, authorized.vehicle_id.encode(), seal)]
+        else:
+            outputs = [
+                Output(self.topics.authorized, cid, seal, partition=p)
+                for p in range(self.authorized_partitions)
+            ]
+        track = replace(authorized, reader=FOR_TRACK).encode()
+        return [*outputs, Output(self.topics.authorized, cid, track)]
 
     # -- approvals ------------------------------------------------------------------------
 

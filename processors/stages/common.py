@@ -66,9 +66,19 @@ class PipelineTopics:
 # --- records between stages ----------------------------------------------------------------
 
 
+#: Readers of an authorized record (v2). The seal stage's copy is keyed by vehicle id (a group
+#: command's: one per partition, explicit), so a seal-stage partition sees only its vehicles;
+#: the track stage's copy is keyed by command id, beside the command's status and responses.
+FOR_SEAL = "seal"
+FOR_TRACK = "track"
+
+
 @dataclass(frozen=True)
 class AuthorizedCommand:
-    """One (command, vehicle) the policy allowed; key: command id."""
+    """A command the policy allowed, for one vehicle (``vehicle_id``) or, not yet expanded, for
+    a group (``group``, ``vehicle_id`` empty). ``reader``: ``FOR_SEAL`` or ``FOR_TRACK`` (v2);
+    empty in a v1 record (one per vehicle, keyed by command id, read by both stages: what
+    workers of earlier releases wrote)."""
 
     command_id: str
     vehicle_id: str
@@ -81,31 +91,39 @@ class AuthorizedCommand:
     decision: str = ""
     approvers: tuple[str, ...] = ()
     authorized_at: float = 0.0
+    group: str = ""
+    reader: str = ""
 
     def encode(self) -> bytes:
-        return encode_cbor(
-            {
-                "v": 1,
-                "command_id": self.command_id,
-                "vehicle_id": self.vehicle_id,
-                "issuer": self.issuer,
-                "action": self.action,
-                "criticality": self.criticality,
-                "issued_at": to_ms(self.issued_at),
-                "expires_at": to_ms(self.expires_at),
-                "signed_command": self.signed_command,
-                "decision": self.decision,
-                "approvers": list(self.approvers),
-                "authorized_at": to_ms(self.authorized_at),
-            }
-        )
+        doc: dict[str, Any] = {
+            "v": 1,
+            "command_id": self.command_id,
+            "vehicle_id": self.vehicle_id,
+            "issuer": self.issuer,
+            "action": self.action,
+            "criticality": self.criticality,
+            "issued_at": to_ms(self.issued_at),
+            "expires_at": to_ms(self.expires_at),
+            "signed_command": self.signed_command,
+            "decision": self.decision,
+            "approvers": list(self.approvers),
+            "authorized_at": to_ms(self.authorized_at),
+        }
+        if self.reader:
+            doc.update(v=2, group=self.group, reader=self.reader)
+        return encode_cbor(doc)
 
     @classmethod
     def decode(cls, data: bytes | None) -> AuthorizedCommand:
         try:
             m = cbor2.loads(data or b"")
-            if m["v"] != 1:
+            if m["v"] not in (1, 2):
                 raise ValueError("version")
+            group, reader = ("", "") if m["v"] == 1 else (str(m["group"]), str(m["reader"]))
+            if m["v"] == 2 and (
+                reader not in (FOR_SEAL, FOR_TRACK) or (group == "") == (str(m["vehicle_id"]) == "")
+            ):
+                raise ValueError("reader, or not exactly one of vehicle and group")
             return cls(
                 command_id=str(m["command_id"]),
                 vehicle_id=str(m["vehicle_id"]),
@@ -118,6 +136,8 @@ class AuthorizedCommand:
                 decision=str(m["decision"]),
                 approvers=tuple(str(a) for a in m["approvers"]),
                 authorized_at=m["authorized_at"] / 1000,
+                group=group,
+                reader=reader,
             )
         except Exception as exc:
             raise FleetbusError("malformed authorized record", reason=ReasonCode.MALFORMED) from exc

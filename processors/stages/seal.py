@@ -3,14 +3,15 @@ transaction (commands.authorized → commands.outbound)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Final
 
 from fleetbus.bus.commands import CommandState
 from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.bus.keys import KeyPath, RecipientKeys, SecurityProfile
+from fleetbus.bus.topics import kafka_partition
 from fleetbus.observability.metrics import KEYPATH_FAILOVER, KEYPATH_SELECTED, on_commit
 from fleetbus.processors.audit import AuditEvent
 from fleetbus.processors.engine import (
@@ -21,6 +22,8 @@ from fleetbus.processors.engine import (
     dead_letter_result,
 )
 from fleetbus.processors.stages.common import (
+    FOR_SEAL,
+    FOR_TRACK,
     AuthorizedCommand,
     PipelineTopics,
     reject,
@@ -90,8 +93,15 @@ class SealStage:
         unservable: Mapping[str, SecurityProfile] | None = None,
         sealer_v2: Any = None,  # EpochSealer
         wire_version: int = 1,
+        partitions: int = 1,
+        group_members: Callable[[str, int, int], Sequence[str]] | None = None,
     ) -> None:
         self.topics = topics
+        # commands.authorized's partition count: vehicle v's records belong on partition
+        # kafka_partition(v, partitions), and a group expands there to those vehicles only
+        # (``group_members(group, partition, partitions)``).
+        self.partitions = partitions
+        self.group_members = group_members
         self.directory = directory
         self.sealer = sealer
         self.sealer_v2: Any = sealer_v2 if wire_version == 2 else None
@@ -164,14 +174,17 @@ class SealStage:
         prepared: list[tuple[int, _Prepared]] = []
         for index, record in enumerate(records):
             try:
-                outcome = self._prepare(record, now)
+                units = self._prepare(record, now)
             except Exception as exc:
                 results[index] = exc
                 continue
-            if isinstance(outcome, StageResult):
-                results[index] = outcome
-            else:
-                prepared.append((index, outcome))
+            if not units:
+                results[index] = StageResult()  # a group with no vehicle on this partition
+            for unit in units:
+                if isinstance(unit, _Prepared):
+                    prepared.append((index, unit))
+                else:
+                    self._add(results, index, unit)
         v1 = [(i, p) for i, p in prepared if not p.v2]
         v2 = [(i, p) for i, p in prepared if p.v2]
         try:
@@ -179,15 +192,15 @@ class SealStage:
         except FleetbusError as exc:
             if len(v1) == 1:
                 index, item = v1[0]
-                results[index] = self._refused(item, exc, now)
+                self._add(results, index, self._refused(item, exc, now))
             else:
                 # One envelope of the batch cannot be completed (e.g. oversize): seal each
-                # record on its own so that only that one is refused.
+                # one on its own so that only that one is refused.
                 for index, item in v1:
-                    results[index] = self.process_batch([item.record], state, now)[0]
+                    self._add(results, index, self._seal_alone(item, now))
             v1, envelopes = [], []
         for (index, item), envelope in zip(v1, envelopes, strict=True):
-            results[index] = self._sealed(item, [envelope], now)
+            self._add(results, index, self._sealed(item, [envelope], now))
         if v2:
             messages = [p.envelope for _, p in v2 if isinstance(p.envelope, PreparedMessage)]
             batches: list[list[bytes]] = []
@@ -195,21 +208,91 @@ class SealStage:
                 batches = self.sealer_v2.records_for(messages)
             except FleetbusError as exc:
                 for index, item in v2:
-                    results[index] = self._refused(item, exc, now)
+                    self._add(results, index, self._refused(item, exc, now))
             for (index, item), sealed in zip(v2, batches, strict=False):
-                results[index] = self._sealed(item, sealed, now)
+                self._add(results, index, self._sealed(item, sealed, now))
             if batches:
                 # Messages go without their establishment only once it is on the topic.
                 on_commit(partial(self.sealer_v2.announced, [m.epoch_id for m in messages]))
         return [r if r is not None else RuntimeError("unprocessed record") for r in results]
 
-    def _prepare(self, record: InputRecord, now: float) -> StageResult | _Prepared:
+    @staticmethod
+    def _add(results: list[StageResult | Exception | None], index: int, unit: StageResult) -> None:
+        """One vehicle's result into its record's (a group record has one per vehicle): the
+        record counts as sealed ("ok") when any of its vehicles was."""
+        current = results[index]
+        if not isinstance(current, StageResult):
+            results[index] = unit
+            return
+        outcome = "ok" if "ok" in (current.outcome, unit.outcome) else current.outcome
+        current.extend(unit)
+        current.outcome = outcome
+
+    def _seal_alone(self, item: _Prepared, now: float) -> StageResult:
+        """Prepare and sign one vehicle's envelope again, alone (v1)."""
+        again = self._prepare_vehicle(item.record, item.auth, now)
+        if isinstance(again, StageResult):
+            return again
+        try:
+            (envelope,) = self.sealer.sign_prepared([again.envelope])
+        except FleetbusError as exc:
+            return self._refused(again, exc, now)
+        return self._sealed(again, [envelope], now)
+
+    def _prepare(self, record: InputRecord, now: float) -> list[StageResult | _Prepared]:
+        """What one authorized record asks for: nothing (the track stage's copy), one vehicle,
+        or a group's vehicles on this record's partition."""
         try:
             auth = AuthorizedCommand.decode(record.value)
         except FleetbusError as exc:
-            return dead_letter_result(
-                self.name, self.topics.dlq, record, exc.reason, str(exc), now=now
+            return [
+                dead_letter_result(
+                    self.name, self.topics.dlq, record, exc.reason, str(exc), now=now
+                )
+            ]
+        if auth.reader == FOR_TRACK:
+            return []
+        if auth.reader and record.partition >= self.partitions:
+            # The topic has more partitions than the pipeline was configured with: groups would
+            # skip vehicles of the extra partitions, so refuse loudly rather than lose them.
+            raise FleetbusError(
+                f"commands.authorized partition {record.partition} is beyond the configured "
+                f"{self.partitions} partitions (FLEETBUS_PARTITIONS)",
+                reason=ReasonCode.CONFIG,
             )
+        if auth.group:
+            if self.group_members is None:
+                raise FleetbusError(
+                    "this seal stage has no group membership to expand a group command",
+                    reason=ReasonCode.CONFIG,
+                )
+            members = self.group_members(auth.group, record.partition, self.partitions)
+            return [
+                self._prepare_vehicle(record, replace(auth, vehicle_id=v), now) for v in members
+            ]
+        if auth.reader == FOR_SEAL and (
+            kafka_partition(auth.vehicle_id.encode(), self.partitions) != record.partition
+        ):
+            # This partition holds only its own vehicles' keys (docs/key-management.md): a
+            # record on another vehicle's partition was not written by our authorize stage.
+            return [
+                reject(
+                    self.name,
+                    self.topics,
+                    record,
+                    auth.command_id,
+                    ReasonCode.WRONG_RECIPIENT,
+                    f"{auth.vehicle_id} is not a vehicle of partition {record.partition}",
+                    now,
+                    issuer=auth.issuer,
+                    vehicle_id=auth.vehicle_id,
+                )
+            ]
+        return [self._prepare_vehicle(record, auth, now)]
+
+    def _prepare_vehicle(
+        self, record: InputRecord, auth: AuthorizedCommand, now: float
+    ) -> StageResult | _Prepared:
         cid, vehicle = auth.command_id, auth.vehicle_id
         if now > auth.expires_at + self.skew_s:
             return reject(

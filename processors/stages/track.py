@@ -28,6 +28,7 @@ from fleetbus.processors.engine import (
     dead_letter_result,
 )
 from fleetbus.processors.stages.common import (
+    FOR_SEAL,
     AuthorizedCommand,
     PipelineTopics,
     encode_cbor,
@@ -118,12 +119,19 @@ class TrackStage:
 
     def _authorized(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
         auth = AuthorizedCommand.decode(record.value)
+        if auth.reader == FOR_SEAL:
+            return StageResult()  # the seal stage's copy (keyed by vehicle id); ours has the id
         target = SignedCommand.decode(auth.signed_command, max_size=self.max_bytes).command.target
         entry = self._load(state, auth.command_id)
         entry["issued_at"] = to_ms(auth.issued_at)
         entry["expires_at"] = to_ms(auth.expires_at)
         # Where the bus's own latency starts: after any approval wait (docs/observability.md).
         entry.setdefault("authorized_at", to_ms(now))
+        if not auth.vehicle_id:
+            # A group's one record: its vehicles become targets as their seal-stage partitions
+            # name them (``sealed`` or ``rejected`` events with the vehicle).
+            self._store(state, auth.command_id, entry)
+            return StageResult()
         entry["vehicles"].setdefault(auth.vehicle_id, "authorized")
         if target.vehicle is not None:
             entry["single"] = True

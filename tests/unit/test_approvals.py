@@ -44,6 +44,7 @@ from fleetbus.processors.stages import (
     PipelineTopics,
     RejectedCommand,
 )
+from fleetbus.processors.stages.common import FOR_TRACK
 from tests.support.envelope import fleet_of, issuer
 
 NOW = time.time() - 7200
@@ -178,7 +179,8 @@ class Run:
         return [o.value for r in self.results for o in r.outputs if o.topic == topic and o.value]
 
     def authorized(self) -> list[AuthorizedCommand]:
-        return [AuthorizedCommand.decode(v) for v in self.values(TOPICS.authorized)]
+        decoded = [AuthorizedCommand.decode(v) for v in self.values(TOPICS.authorized)]
+        return [a for a in decoded if a.reader != FOR_TRACK]  # the seal stage's copies
 
     def rejected(self) -> list[RejectedCommand]:
         return [RejectedCommand.decode(v) for v in self.values(TOPICS.rejected)]

@@ -9,6 +9,7 @@ is checked.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +168,41 @@ def test_send_saves_the_command_and_approve_signs_exactly_it(
     # Without the command there is nothing to approve.
     result = CliRunner().invoke(cli_fleet.dispatch_app, [*args, "--command-id", handle.command_id])
     assert result.exit_code != 0
+
+
+def group_wait(monkeypatch: pytest.MonkeyPatch, events: list[StatusEvent]) -> Any:
+    suite = load_signature_suite("ed25519")
+    private, _ = suite.generate()
+    command = Command.create(issuer="dispatch-1", target=Target(group="north"), action="ping")
+    handle = CommandHandle(
+        signed=SignedCommand.sign(command, suite.signer(private, "k1")),
+        settings=FleetbusSettings(),
+        published_at_ms=round(time.time() * 1000),
+        partition=0,
+        offset=0,
+    )
+    script = [replace(e, command_id=command.id) for e in events]
+
+    def reader(settings: Any, command_id: str, *, since_ms: int, timeout_s: float) -> Any:
+        return ScriptedReader(script, timeout_s)
+
+    monkeypatch.setattr(dispatch, "StatusReader", reader)
+    return handle.wait(timeout_s=0.3)
+
+
+def test_a_group_wait_settles_only_once_every_announced_vehicle_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seal-stage partitions name a group's vehicles in separate transactions: one member's
+    final state must not settle the wait while the group's authorized event announces two."""
+    from fleetbus.bus.commands import group_targets_detail
+    from fleetbus.sdk.dispatch import StatusTimeoutError
+
+    now = time.time()
+    authorized = StatusEvent("x", CommandState.AUTHORIZED, now, group_targets_detail(2, "ok"))
+    v1 = StatusEvent("x", CommandState.SUCCEEDED, now, vehicle_id="V-1")
+    v2 = StatusEvent("x", CommandState.SUCCEEDED, now, vehicle_id="V-2")
+    with pytest.raises(StatusTimeoutError):
+        group_wait(monkeypatch, [authorized, v1])
+    outcome = group_wait(monkeypatch, [authorized, v1, v2])
+    assert sorted(outcome.vehicles) == ["V-1", "V-2"]

@@ -278,6 +278,33 @@ def test_load_directory_with_a_scope_checks_only_the_held_sets(
         directory.compute_head(seq=9, at=T0, vehicle_buckets=16)
 
 
+def test_a_partial_load_skips_other_buckets_before_parsing_them(
+    tmp_path: Path, root: FleetRoot, fleet: dict[str, Any]
+) -> None:
+    """A seal stage holding some buckets of a large fleet must not parse the rest of the file
+    (most of its start-up time and memory): a record of another bucket is skipped unparsed, by
+    the file's own head's bucket count (so unreadable bytes there cannot stop the load)."""
+    import cbor2
+
+    from fleetbus.bus.directory import principal_set
+
+    path = tmp_path / "directory.cbor"
+    head = publish_directory_file(path, root, fleet["records"])
+    one = fleet["vehicles"][3].signed.record
+    bucket = record_set(one, 16) - 1
+    other = next(
+        f"V-x{i}" for i in range(999) if principal_set(f"V-x{i}", "vehicle", 16) != 1 + bucket
+    )
+    # Peekable (principal and kind readable) but not a valid signed record.
+    junk = cbor2.dumps({"record": cbor2.dumps({"principal": other, "kind": "vehicle"})})
+    doc = cbor2.loads(path.read_bytes())
+    doc["records"].append(junk)
+    path.write_bytes(cbor2.dumps(doc, canonical=True))
+    directory = load_directory(path, root.public, scope=DirectoryScope(frozenset({bucket})))
+    assert directory.latest(one.principal_id).key_id == one.key_id
+    assert directory.head == head.head
+
+
 def test_publication_order_is_records_then_head(root: FleetRoot, fleet: dict[str, Any]) -> None:
     items = key_topic_items(fleet["records"][:2], fleet["head"])
     assert [k for k, _ in items][-1] == HEAD_KAFKA_KEY

@@ -16,6 +16,7 @@ import pytest
 from fleetbus.bus.commands import (
     Approval,
     Command,
+    CommandState,
     Decision,
     Response,
     SignedApproval,
@@ -27,7 +28,7 @@ from fleetbus.bus.commands import (
 )
 from fleetbus.bus.directory import FleetRoot
 from fleetbus.bus.envelope import decode_envelope
-from fleetbus.bus.errors import ReasonCode
+from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.bus.keys import (
     Encapsulation,
     KeyPath,
@@ -38,6 +39,7 @@ from fleetbus.bus.keys import (
 )
 from fleetbus.bus.registry import load_key_provider
 from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.bus.topics import kafka_partition
 from fleetbus.observability.metrics import KEYPATH_FAILOVER
 from fleetbus.processors.eos import DeadLetter, InputRecord, PartitionState, StageResult
 from fleetbus.processors.stages import (
@@ -51,6 +53,7 @@ from fleetbus.processors.stages import (
     UplinkOpener,
     profile_from_settings,
 )
+from fleetbus.processors.stages.common import FOR_SEAL, FOR_TRACK
 from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
 from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer
 from tests.support.envelope import Fleet, fleet_of, issuer
@@ -145,7 +148,12 @@ def rec(topic: str, value: bytes | None, key: bytes | None = None) -> InputRecor
 
 
 def outs(result: StageResult, topic: str) -> list[bytes]:
-    return [o.value for o in result.outputs if o.topic == topic and o.value is not None]
+    """The values ``result`` writes to ``topic``; of commands.authorized, the seal stage's copies
+    (the track stage's copy, keyed by command id, is left out)."""
+    values = [o.value for o in result.outputs if o.topic == topic and o.value is not None]
+    if topic == TOPICS.authorized:
+        values = [v for v in values if AuthorizedCommand.decode(v).reader != FOR_TRACK]
+    return values
 
 
 def reasons(result: StageResult) -> list[str]:
@@ -170,14 +178,98 @@ def test_a_routine_command_is_authorized_once_per_vehicle(fleet: Fleet) -> None:
     assert state.get(f"cmd/{cmd.command.id}") is not None
 
 
-def test_a_group_command_expands_to_every_member(fleet: Fleet) -> None:
+def test_a_vehicle_command_is_keyed_by_its_vehicle_for_the_seal_stage(fleet: Fleet) -> None:
+    """The seal stage's copy goes to the vehicle's partition (its key: the vehicle id), the
+    track stage's to the command's (key: the command id)."""
+    cmd = signed(fleet, Target(vehicle="V-1"))
+    result = authorize(fleet).process(rec(TOPICS.requested, cmd.encode()), PartitionState(), NOW)
+    copies = [o for o in result.outputs if o.topic == TOPICS.authorized]
+    by_reader = {AuthorizedCommand.decode(o.value).reader: o for o in copies}
+    assert sorted(by_reader) == [FOR_SEAL, FOR_TRACK]
+    assert len(copies) == 2
+    assert (by_reader[FOR_SEAL].key, by_reader[FOR_SEAL].partition) == (b"V-1", None)
+    assert by_reader[FOR_TRACK].key == cmd.command.id.encode()
+
+
+PARTS = 4
+
+
+def group_partition_records(fleet: Fleet, group: str) -> tuple[SignedCommand, list[Any]]:
     stage = authorize(fleet)
-    cmd = signed(fleet, Target(group="north"), "lock_doors")
+    stage.authorized_partitions = PARTS
+    cmd = signed(fleet, Target(group=group), "lock_doors")
     result = stage.process(rec(TOPICS.requested, cmd.encode()), PartitionState(), NOW)
-    vehicles = sorted(
-        AuthorizedCommand.decode(v).vehicle_id for v in outs(result, TOPICS.authorized)
+    return cmd, [o for o in result.outputs if o.topic == TOPICS.authorized]
+
+
+def test_a_group_command_is_one_record_on_every_partition_not_a_member_list(
+    fleet: Fleet,
+) -> None:
+    cmd, copies = group_partition_records(fleet, "north")
+    seal = [o for o in copies if AuthorizedCommand.decode(o.value).reader == FOR_SEAL]
+    assert sorted(o.partition for o in seal) == list(range(PARTS))
+    for out in seal:
+        auth = AuthorizedCommand.decode(out.value)
+        assert (auth.group, auth.vehicle_id) == ("north", "")
+    [track] = [o for o in copies if AuthorizedCommand.decode(o.value).reader == FOR_TRACK]
+    assert track.key == cmd.command.id.encode()
+
+
+def partitioned_seal_stage(fleet: Fleet) -> SealStage:
+    stage = seal_stage(fleet)
+    stage.partitions = PARTS
+    stage.group_members = fleet.policy.registry.partition_members
+    return stage
+
+
+def test_each_seal_partition_expands_a_group_to_its_own_vehicles(fleet: Fleet) -> None:
+    """Every member is handled exactly once, by the partition Kafka puts its vehicle id on,
+    with a status event naming it (sealed, or rejected: V-2 announces a QKD SAE this test's
+    worker has no provider for) — how the track stage learns a group's targets."""
+    _, copies = group_partition_records(fleet, "north")
+    stage = partitioned_seal_stage(fleet)
+    named: dict[str, int] = {}
+    sealed: set[str] = set()
+    for out in copies:
+        record = InputRecord(TOPICS.authorized, out.partition or 0, 1, out.key, out.value)
+        result = stage.process(record, PartitionState(), NOW)
+        if AuthorizedCommand.decode(out.value).reader == FOR_TRACK:
+            assert result.outputs == []
+            continue
+        for event in map(StatusEvent.decode, outs(result, TOPICS.status)):
+            assert event.vehicle_id is not None
+            assert event.vehicle_id not in named
+            named[event.vehicle_id] = record.partition
+            if event.state is CommandState.SEALED:
+                sealed.add(event.vehicle_id)
+        keys = {o.key for o in result.outputs if o.topic == TOPICS.outbound}
+        assert keys <= {v.encode() for v, p in named.items() if p == record.partition}
+    assert sorted(named) == ["V-1", "V-2"]
+    assert "V-1" in sealed
+    assert all(p == kafka_partition(v.encode(), PARTS) for v, p in named.items())
+
+
+def test_a_vehicle_record_on_another_partition_is_refused_not_sealed(fleet: Fleet) -> None:
+    """A seal-stage partition holds only its vehicles' keys: a record for a vehicle of another
+    partition (not written by our authorize stage) is refused, never sealed."""
+    cmd = signed(fleet, Target(vehicle="V-1"))
+    seal_copy = next(
+        o
+        for o in authorize(fleet)
+        .process(rec(TOPICS.requested, cmd.encode()), PartitionState(), NOW)
+        .outputs
+        if o.topic == TOPICS.authorized and AuthorizedCommand.decode(o.value).reader == FOR_SEAL
     )
-    assert vehicles == ["V-1", "V-2"]
+    wrong = (kafka_partition(b"V-1", PARTS) + 1) % PARTS
+    record = InputRecord(TOPICS.authorized, wrong, 1, seal_copy.key, seal_copy.value)
+    result = partitioned_seal_stage(fleet).process(record, PartitionState(), NOW)
+    assert reasons(result) == ["wrong_recipient"]
+    assert outs(result, TOPICS.outbound) == []
+    right = InputRecord(
+        TOPICS.authorized, kafka_partition(b"V-1", PARTS), 2, seal_copy.key, seal_copy.value
+    )
+    result = partitioned_seal_stage(fleet).process(right, PartitionState(), NOW)
+    assert len(outs(result, TOPICS.outbound)) == 1
 
 
 @pytest.mark.parametrize(
@@ -482,6 +574,40 @@ def test_track_turns_responses_into_final_states_and_expires_the_rest(fleet: Fle
     expired = stage.tick(0, state, NOW + 3600)
     [event] = [StatusEvent.decode(v) for v in outs(expired, TOPICS.status)]
     assert (event.state.value, event.vehicle_id) == ("expired", "V-2")
+
+
+def test_track_learns_a_groups_targets_from_the_seal_partitions(fleet: Fleet) -> None:
+    """The track stage's copy of a group command names no vehicle: a member's answer counts once
+    its seal-stage partition named it (``sealed``), one that overtakes that event is held, and
+    the seal stage's copies (keyed by vehicle id, or on every partition) are ignored here."""
+    _, copies = group_partition_records(fleet, "north")
+    stage, state = (
+        ResponsePath(topics=TOPICS, opener=uplink(fleet), clock_skew_s=30, max_message_bytes=32768),
+        PartitionState(),
+    )
+    for out in copies:
+        record = InputRecord(TOPICS.authorized, 0, 1, out.key, out.value)
+        assert stage.process(record, state, NOW).outputs == []
+    cid = AuthorizedCommand.decode(copies[0].value).command_id
+    response = Response(command_id=cid, vehicle_id="V-1", status=200, executed_at=NOW)
+    env = vehicle_envelope(fleet, "V-1", "rsp", TOPICS.responses, cid, response.encode())
+    early = stage.process(rec(TOPICS.responses, env), state, NOW + 1)
+    assert early.outcome == "pending"  # held: no partition named V-1 yet
+    sealed = StatusEvent(cid, CommandState.SEALED, NOW + 1, vehicle_id="V-1")
+    released = stage.process(rec(TOPICS.status, sealed.encode()), state, NOW + 2)
+    [status] = [StatusEvent.decode(v) for v in outs(released, TOPICS.status)]
+    assert (status.state.value, status.vehicle_id) == ("succeeded", "V-1")
+
+
+def test_an_authorized_partition_beyond_the_configured_count_is_refused(fleet: Fleet) -> None:
+    """More partitions than configured would make groups skip the extra partitions' vehicles
+    silently: such a record is a config dead letter, not a partial expansion."""
+    _, copies = group_partition_records(fleet, "north")
+    seal = next(o for o in copies if AuthorizedCommand.decode(o.value).reader == FOR_SEAL)
+    record = InputRecord(TOPICS.authorized, PARTS, 1, seal.key, seal.value)
+    results = partitioned_seal_stage(fleet).process_batch([record], PartitionState(), NOW)
+    assert isinstance(results[0], FleetbusError)
+    assert results[0].reason is ReasonCode.CONFIG
 
 
 def test_telemetry_is_opened_and_filtered_by_the_export_policy(fleet: Fleet) -> None:

@@ -46,3 +46,39 @@ def test_only_the_worker_writes_the_verified_responses() -> None:
         g.principal == "v" and g.operation == "WRITE" and g.name == t.full(t.commands_responses)
         for g in grants
     )
+
+
+# --- the partitioner the key directory buckets vehicles by (issue 12) ------------------------
+
+
+def test_murmur2_is_kafkas_default_partitioner() -> None:
+    """The contract's murmur2 gives every key the partition the Kafka clients give it (key
+    lengths 0-40 cover every tail length), so a vehicle's directory bucket is its partition."""
+    from aiokafka.partitioner import murmur2 as aiokafka_murmur2
+    from kafka.partitioner.default import murmur2 as kafka_murmur2
+
+    from fleetbus.bus.topics import kafka_partition, murmur2
+
+    keys = [bytes(range(n)) for n in range(41)]
+    keys += [f"vehicle-{i}".encode() for i in range(2000)] + ["V-ÄÖ-17".encode()]
+    for key in keys:
+        assert murmur2(key) == kafka_murmur2(key) & 0xFFFFFFFF
+        assert (murmur2(key) & 0x7FFFFFFF) == (aiokafka_murmur2(key) & 0x7FFFFFFF)
+        for partitions in (1, 2, 3, 16, 48):
+            expected = (kafka_murmur2(key) & 0x7FFFFFFF) % partitions
+            assert kafka_partition(key, partitions) == expected
+
+
+def test_a_vehicles_bucket_is_its_partition() -> None:
+    """With as many buckets as partitions, vehicle bucket i holds exactly the vehicles whose
+    records Kafka puts on partition i of a topic keyed by vehicle id (commands.outbound)."""
+    from fleetbus.bus.directory import principal_set
+    from fleetbus.sdk.vehicle import outbound_partition
+
+    for i in range(3000):
+        vid = f"V-{i}"
+        for partitions in (2, 16):
+            assert principal_set(vid, "vehicle", partitions) == 1 + outbound_partition(
+                vid, partitions
+            )
+    assert principal_set("dispatch-1", "dispatcher", 16) == 0
