@@ -224,6 +224,47 @@ class AuthorizeStage:
 
     # -- commands -------------------------------------------------------------------------
 
+    def _refusal(
+        self, signed: SignedCommand, state: PartitionState, now: float
+    ) -> tuple[ReasonCode, str] | None:
+        """Why a command is refused before any policy decision (the first failing check, in
+        this order), or None."""
+        command = signed.command
+        try:
+            signed.verify(self.directory, at=now)
+        except FleetbusError as exc:
+            reason = exc.reason if exc.reason in _SIGNER_REASONS else ReasonCode.UNKNOWN_SIGNER
+            return reason, f"issuer not verified: {reason.value}"
+        if now > command.expires_at + self.skew_s:
+            return ReasonCode.EXPIRED, "command expired before it was authorized"
+        if command.issued_at > now + self.skew_s:
+            return (
+                ReasonCode.NOT_YET_VALID,
+                "command is issued in the future (beyond the clock-skew allowance)",
+            )
+        id_at = uuid7_timestamp_ms(command.id) / 1000
+        if id_at > now + self.skew_s:
+            # Refused so that no entry of the replay set is kept further ahead than the window.
+            return (
+                ReasonCode.NOT_YET_VALID,
+                "command id is from the future (its UUIDv7 time, beyond the clock-skew allowance)",
+            )
+        if now > id_at + self.id_window_s:
+            # An id this old may have been seen and forgotten: it is never accepted again.
+            return (
+                ReasonCode.EXPIRED,
+                f"command id is older than the replay window ({self.max_lifetime_s:.0f} s + "
+                "skew by its UUIDv7 time)",
+            )
+        if command.expires_at - command.issued_at > self.max_lifetime_s:
+            return (
+                ReasonCode.POLICY_DENIED,
+                f"command lifetime exceeds the replay window ({self.max_lifetime_s:.0f} s)",
+            )
+        if state.get(f"cmd/{command.id}") is not None:
+            return ReasonCode.REPLAYED, "command id was already seen"
+        return None
+
     def _command(self, record: InputRecord, state: PartitionState, now: float) -> StageResult:
         if record.value is None:
             return self._dlq(record, ReasonCode.MALFORMED, "empty record", now)
@@ -238,91 +279,10 @@ class AuthorizeStage:
             # land on another partition and pass it. The key decides the partition, so it must
             # be the command id.
             return self._dlq(record, ReasonCode.MALFORMED, "record key must be the command id", now)
-        try:
-            signed.verify(self.directory, at=now)
-        except FleetbusError as exc:
-            reason = exc.reason if exc.reason in _SIGNER_REASONS else ReasonCode.UNKNOWN_SIGNER
-            return reject(
-                self.name,
-                self.topics,
-                record,
-                cid,
-                reason,
-                f"issuer not verified: {reason.value}",
-                now,
-                issuer=issuer,
-            )
-        if now > command.expires_at + self.skew_s:
-            return reject(
-                self.name,
-                self.topics,
-                record,
-                cid,
-                ReasonCode.EXPIRED,
-                "command expired before it was authorized",
-                now,
-                issuer=issuer,
-            )
-        if command.issued_at > now + self.skew_s:
-            return reject(
-                self.name,
-                self.topics,
-                record,
-                cid,
-                ReasonCode.NOT_YET_VALID,
-                "command is issued in the future (beyond the clock-skew allowance)",
-                now,
-                issuer=issuer,
-            )
-        id_at = uuid7_timestamp_ms(cid) / 1000
-        if id_at > now + self.skew_s:
-            # Refused so that no entry of the replay set is kept further ahead than the window.
-            return reject(
-                self.name,
-                self.topics,
-                record,
-                cid,
-                ReasonCode.NOT_YET_VALID,
-                "command id is from the future (its UUIDv7 time, beyond the clock-skew allowance)",
-                now,
-                issuer=issuer,
-            )
-        if now > id_at + self.id_window_s:
-            # An id this old may have been seen and forgotten: it is never accepted again.
-            return reject(
-                self.name,
-                self.topics,
-                record,
-                cid,
-                ReasonCode.EXPIRED,
-                f"command id is older than the replay window ({self.max_lifetime_s:.0f} s + "
-                "skew by its UUIDv7 time)",
-                now,
-                issuer=issuer,
-            )
-        if command.expires_at - command.issued_at > self.max_lifetime_s:
-            return reject(
-                self.name,
-                self.topics,
-                record,
-                cid,
-                ReasonCode.POLICY_DENIED,
-                f"command lifetime exceeds the replay window ({self.max_lifetime_s:.0f} s)",
-                now,
-                issuer=issuer,
-            )
-        key = f"cmd/{cid}"
-        if state.get(key) is not None:
-            return reject(
-                self.name,
-                self.topics,
-                record,
-                cid,
-                ReasonCode.REPLAYED,
-                "command id was already seen",
-                now,
-                issuer=issuer,
-            )
+        refusal = self._refusal(signed, state, now)
+        if refusal is not None:
+            reason, detail = refusal
+            return reject(self.name, self.topics, record, cid, reason, detail, now, issuer=issuer)
         entry = CommandEntry(
             status="pending",
             until=command.expires_at + self.skew_s,
