@@ -456,6 +456,8 @@ class TransactionalStage:
             get_tracer(),
             record.topic,
             record.headers,
+            # Command or vehicle ids; a hostile key is cut short and never decoded strictly.
+            key=None if record.key is None else record.key[:128].decode("utf-8", "replace"),
             partition=record.partition,
             offset=record.offset,
             consumer_group=self.group_id,
