@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
@@ -57,6 +57,7 @@ from fleetbus.processors.engine import (
 
 __all__ = [
     "AUDIT_HEAD_KEY",
+    "AssignmentListener",
     "BatchStageLogic",
     "DeadLetter",
     "DeadlineOf",
@@ -109,6 +110,15 @@ def _holding_metrics(fn: Callable[..., _T], *args: Any) -> tuple[_T, list[Callab
         return fn(*args), held
 
 
+class AssignmentListener(Protocol):
+    """Told a stage's input partition numbers after each change, from its rebalance callbacks,
+    under its assignment lock: ``assigned`` returns before the stage reads a record of them."""
+
+    async def revoked(self, stage: str, partitions: frozenset[int]) -> None: ...
+
+    async def assigned(self, stage: str, partitions: frozenset[int]) -> None: ...
+
+
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, stage: TransactionalStage) -> None:
         self._stage = stage
@@ -142,8 +152,10 @@ class TransactionalStage:
         consumer_options: Mapping[str, Any] | None = None,
         producer_options: Mapping[str, Any] | None = None,
         client_options: Mapping[str, Any] | None = None,
+        assignment_listener: AssignmentListener | None = None,
     ) -> None:
         self.logic = logic
+        self._listener = assignment_listener
         self.stage = logic.name
         self.group_id = f"{app_id}-{self.stage}"
         self._app_id = app_id
@@ -300,11 +312,21 @@ class TransactionalStage:
             kept = {tp.partition for tp in self._assigned}
             for number in sorted({tp.partition for tp in revoked} - kept):
                 await self._close(number)
+            if self._listener is not None:
+                await self._listener.revoked(self.stage, frozenset(kept))
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         # One producer per transactional id in this process: two would fence each other.
         async with self._assign_lock:
             self._assigned.update(assigned)
+            if self._listener is not None:
+                # What the partitions' records need (their vehicles' keys) first.
+                try:
+                    await self._listener.assigned(
+                        self.stage, frozenset(tp.partition for tp in self._assigned)
+                    )
+                except Exception:
+                    _log.exception("stage %s: assignment listener failed", self.stage)
             for number in sorted({tp.partition for tp in assigned}):
                 if number not in self._parts:
                     await self._open(number, rewind=False)

@@ -9,19 +9,26 @@ operator roles, vehicle attributes, extra group memberships and the action catal
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cbor2
+
+from fleetbus.bus.directory import RootPublicKey, SignedKeyRecord, from_kafka, kafka_key
+from fleetbus.bus.directory.trust import verify_signed_record
 from fleetbus.bus.errors import ConfigError
 
 __all__ = [
     "CRITICALITIES",
     "DEFAULT_ACTIONS",
     "ActionSpec",
+    "DirectoryRoster",
     "FleetRegistry",
     "Operator",
+    "RosterEntry",
     "Vehicle",
 ]
 
@@ -196,3 +203,75 @@ class FleetRegistry:
                 roles = _ROLES_BY_KIND[record.kind] if extra_op is None else extra_op.roles
                 merged.operators[pid] = Operator(pid, roles)
         return merged
+
+
+@dataclass(frozen=True)
+class RosterEntry:
+    """What the registry takes from a principal's latest key record (no key material)."""
+
+    principal_id: str
+    kind: str
+    version: int
+    groups: tuple[str, ...]
+    capabilities: tuple[str, ...]
+
+
+class DirectoryRoster:
+    """Every principal's latest record, without keys: the fleet-wide input of the registry in a
+    worker whose ``KeyDirectory`` holds only its partitions' vehicles (``directory_scope`` =
+    partitions). Filled from the records of a whole directory load, then from every record of
+    the key topic that would change it, each checked against the fleet root first; a record
+    that changes nothing (an older or equal version: what a restart re-reads) is not verified.
+    Written by the key-topic follower, read by the policy refresh's thread."""
+
+    def __init__(self, root: RootPublicKey) -> None:
+        self._root = root
+        self._verifier = root.verifier()
+        self._lock = threading.Lock()
+        self._latest: dict[str, RosterEntry] = {}
+
+    def add(self, records: Iterable[Any]) -> None:
+        """Take verified ``KeyRecord``s (a directory's ``records()``)."""
+        with self._lock:
+            for record in records:
+                self._take(record)
+
+    def _take(self, record: Any) -> None:
+        current = self._latest.get(record.principal_id)
+        if current is None or record.version > current.version:
+            self._latest[record.principal_id] = RosterEntry(
+                record.principal_id,
+                record.kind,
+                record.version,
+                tuple(record.groups),
+                tuple(record.capabilities),
+            )
+
+    def note_kafka(self, key: bytes | None, value: bytes | None) -> bool:
+        """Take a key-topic record (not a head) if it is newer than what is known of its
+        principal and verifies; False if it was refused, True otherwise (also when it changes
+        nothing). Never raises: the key-topic follower reports what the directory refuses."""
+        try:  # lenient look first (the version), strict parsing only for what is news
+            inner = cbor2.loads(cbor2.loads(value or b"")["record"])
+            principal, version = inner["principal"], inner["version"]
+        except Exception:
+            return False
+        current = self._latest.get(principal) if isinstance(principal, str) else None
+        if current is not None and isinstance(version, int) and version <= current.version:
+            return True
+        try:
+            signed = from_kafka(value)
+            if not isinstance(signed, SignedKeyRecord) or (
+                key is not None and bytes(key) != kafka_key(signed.record)
+            ):
+                return False
+            record = verify_signed_record(signed, self._root, self._verifier)
+        except Exception:
+            return False
+        with self._lock:
+            self._take(record)
+        return True
+
+    def entries(self) -> list[RosterEntry]:
+        with self._lock:
+            return list(self._latest.values())
