@@ -345,6 +345,15 @@ class PartitionBuckets:
             self._load(new)
         DIRECTORY_VEHICLES_HELD.set(self.directory.vehicles_held())
 
+    def reread_topic(self, follower: KeyTopicFollower) -> None:
+        """Read the key topic from its start to its current end through ``follower``
+        (blocking; ``KafkaUnavailableError`` if that takes more than ``topic_timeout_s``)."""
+        reader = KeyTopicReader(self.settings, follower)
+        try:
+            reader.start(self.topic_timeout_s)
+        finally:
+            reader.close()
+
     def _load(self, buckets: frozenset[int]) -> None:
         started = time.monotonic()
         content = read_directory_file(self.directory_file, scope=DirectoryScope(buckets=buckets))
@@ -352,12 +361,10 @@ class PartitionBuckets:
         if content.head is not None:
             self.directory.ingest_committed(vehicles, content.head)
         from_file = time.monotonic() - started
-        reader = KeyTopicReader(
-            self.settings,
-            _BucketReload(self.directory, buckets, role="worker", on_refused=self.on_refused),
-        )
         try:
-            reader.start(self.topic_timeout_s)
+            self.reread_topic(
+                _BucketReload(self.directory, buckets, role="worker", on_refused=self.on_refused)
+            )
         except Exception as exc:
             _log.error(
                 "key directory: key topic not re-read for buckets %s (%s); their keys are "
@@ -365,8 +372,6 @@ class PartitionBuckets:
                 sorted(buckets),
                 exc,
             )
-        finally:
-            reader.close()
         unsettled = [i - 1 for i in self.directory.unsettled_sets() if i - 1 in buckets]
         _log.info(
             "key directory: buckets %s loaded (%d vehicle records from %s in %.3f s, key topic "
