@@ -275,8 +275,9 @@ class PartitionBuckets:
     partition's first record: first the bucket is taken into the scope (the running follower
     keeps its records from then on), then its records are read from ``directory.cbor`` and the
     key topic is re-read for it; its set is used once it matches the head. A bucket no stage
-    holds any more is dropped at the assignment that ends the rebalance (one always follows a
-    revocation), so a partition moving between two stages of this worker is not reloaded.
+    holds any more is dropped at the assignment that ends a rebalance (one always follows a
+    revocation) once no stage is between the two, so a bucket that stays with another stage of
+    this worker is not reloaded.
 
     If the head's bucket count is not the partition count, buckets are not partitions: every
     bucket is held (WARNING naming both counts, ``fleetbus_directory_scope_fallback`` 1).
@@ -298,20 +299,25 @@ class PartitionBuckets:
         self.topic_timeout_s = topic_timeout_s
         self.fallback = False
         self._leases: dict[str, frozenset[int]] = {}
+        self._rebalancing: set[str] = set()  # revoked, not assigned again yet
         self._lock = asyncio.Lock()
         DIRECTORY_SCOPE_FALLBACK.set(0)
         DIRECTORY_VEHICLES_HELD.set(directory.vehicles_held())
 
     async def revoked(self, stage: str, partitions: Collection[int]) -> None:
-        """``stage`` now holds only ``partitions``; its dropped buckets go at the next
-        ``assigned``."""
+        """``stage`` now holds only ``partitions``, until its next ``assigned``."""
         self._leases[stage] = frozenset(partitions)
+        self._rebalancing.add(stage)
 
     async def assigned(self, stage: str, partitions: Collection[int]) -> None:
-        """``stage`` now holds ``partitions``: load what is new, drop what nobody holds."""
+        """``stage`` now holds ``partitions``: load what is new; drop what no stage holds once
+        no stage is between a revocation and its assignment (each stage's group rebalances on
+        its own: a bucket one stage gave up may be the next one's again)."""
         self._leases[stage] = frozenset(partitions)
+        self._rebalancing.discard(stage)
         async with self._lock:
-            await asyncio.to_thread(self.reconcile)
+            wanted, settled = self.wanted(), not self._rebalancing
+            await asyncio.to_thread(self.reconcile, wanted, drop=settled)
 
     def wanted(self) -> frozenset[int]:
         """The buckets to hold: those of every stage's partitions, or all of them (fallback)."""
@@ -332,11 +338,10 @@ class PartitionBuckets:
             return frozenset(range(head.vehicle_buckets))
         return frozenset().union(*self._leases.values())
 
-    def reconcile(self) -> None:
-        """Hold exactly ``wanted()`` (blocking: file and topic reads)."""
-        wanted = self.wanted()
+    def reconcile(self, wanted: frozenset[int], *, drop: bool = True) -> None:
+        """Hold ``wanted`` (blocking: file and topic reads); with ``drop``, nothing else."""
         held = self.directory.scope.buckets or frozenset()
-        gone = held - wanted
+        gone = held - wanted if drop else frozenset()
         if gone:
             dropped = self.directory.release_buckets(gone)
             _log.info("key directory: buckets %s dropped (%d records)", sorted(gone), dropped)

@@ -132,10 +132,18 @@ def test_the_scope_is_the_union_of_the_vehicle_keyed_stages_partitions(tmp_path:
         await buckets.assigned("seal", frozenset({3}))
         # Bucket 1 stays (telemetry still holds it); bucket 0 goes.
         assert directory.scope.buckets == frozenset({1, 2, 3})
+        # While another stage's group is between revocation and assignment, nothing goes:
+        # the bucket it gave up may come back to it.
+        await buckets.revoked("telemetry", frozenset())
+        await buckets.revoked("seal", frozenset())
+        await buckets.assigned("seal", frozenset({3}))
+        assert directory.scope.buckets == frozenset({1, 2, 3})
+        await buckets.assigned("telemetry", frozenset({1}))
+        assert directory.scope.buckets == frozenset({1, 3})
 
     asyncio.run(scenario())
     held = {v for v in fleet.vehicles if _serves(directory, fleet, v)}
-    assert held == {v for v in fleet.vehicles if fleet.bucket(v) in {1, 2, 3}}
+    assert held == {v for v in fleet.vehicles if fleet.bucket(v) in {1, 3}}
     assert DIRECTORY_VEHICLES_HELD._value.get() == len(held)
     # Set 0 is always held.
     directory.verifier_for("dispatch-1", fleet.dispatcher.signed.record.key_id, at=T0)
