@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,10 +113,12 @@ def stage_runner(
     *,
     audit_signer: Any = None,
     assignment_listener: AssignmentListener | None = None,
+    worker_id: str = "",
 ) -> TransactionalStage:
     """The exactly-once runner of one stage ``logic`` as ``settings`` configure it: its state
     changelog, audit and DLQ topics, batch size, ticks, group timing and Kafka security;
-    ``assignment_listener`` is told its partitions as they change."""
+    ``assignment_listener`` is told its partitions as they change; ``worker_id`` is the same
+    for every stage of one worker (see ``TransactionalStage``)."""
     from fleetbus.processors.eos import TransactionalStage
 
     topics = settings.topics
@@ -137,6 +140,7 @@ def stage_runner(
         },
         client_options=settings.aiokafka_client_config(),
         assignment_listener=assignment_listener,
+        worker_id=worker_id,
     )
 
 
@@ -524,12 +528,14 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
             status_signer=signer,
         ),
     ]
+    worker_id = uuid.uuid4().hex[:12]
     stages = [
         stage_runner(
             settings,
             logic,
             audit_signer=signer,
             assignment_listener=buckets if logic.name in VEHICLE_KEYED_STAGES else None,
+            worker_id=worker_id,
         )
         for logic in logics
     ]

@@ -153,11 +153,16 @@ class TransactionalStage:
         producer_options: Mapping[str, Any] | None = None,
         client_options: Mapping[str, Any] | None = None,
         assignment_listener: AssignmentListener | None = None,
+        worker_id: str = "",
     ) -> None:
         self.logic = logic
         self._listener = assignment_listener
         self.stage = logic.name
         self.group_id = f"{app_id}-{self.stage}"
+        # The range assignor orders a group's members by member id, which starts with the
+        # client id: one worker id in every stage's client id orders the workers alike in every
+        # group, so a worker gets the same partition numbers in each stage.
+        self.client_id = f"{self.group_id}-consumer" + (f"-{worker_id}" if worker_id else "")
         self._app_id = app_id
         self._bootstrap = bootstrap
         self._state_topic = state_topic
@@ -210,7 +215,7 @@ class TransactionalStage:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,
             group_id=self.group_id,
-            client_id=f"{self.group_id}-consumer",
+            client_id=self.client_id,
             isolation_level="read_committed",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -482,7 +487,7 @@ class TransactionalStage:
             offset=record.offset,
             consumer_group=self.group_id,
             bootstrap=self._bootstrap,
-            client_id=f"{self.group_id}-consumer",
+            client_id=self.client_id,
         )
 
     def _audit_outputs(
