@@ -254,8 +254,8 @@ def load_worker_directory(
 
     ``directory_scope`` fleet (or partitions whose head has another bucket count than the
     partition count: WARNING, ``fleetbus_directory_scope_fallback`` 1): every record. Partitions:
-    set 0 only, the buckets come with the stages' partitions (``PartitionBuckets``); the whole
-    file is read once, into a directory dropped after filling the roster from it.
+    set 0 only, the buckets come with the stages' partitions (``PartitionBuckets``); the
+    registry's roster is read from the whole file (``DirectoryRoster.from_file``: no keys).
     """
     from fleetbus.bus.directory import (
         DirectoryScope,
@@ -272,21 +272,19 @@ def load_worker_directory(
     DIRECTORY_SCOPE_FALLBACK.set(0)
     if settings.directory_scope == "partitions":
         head = read_directory_file(path, scope=common).head
-        buckets = None if head is None else head.head.vehicle_buckets
-        if buckets is not None and buckets != settings.partitions:
+        if head is not None and head.head.vehicle_buckets != settings.partitions:
             _log.warning(
                 "key directory: head %d has %d vehicle buckets but the topics have %d "
                 "partitions: holding every vehicle (directory_scope=partitions needs a head "
                 "signed with buckets = partitions)",
-                head.head.seq if head is not None else 0,
-                buckets,
+                head.head.seq,
+                head.head.vehicle_buckets,
                 settings.partitions,
             )
             DIRECTORY_SCOPE_FALLBACK.set(1)
         else:
             directory = load_directory(path, root, head_store=head_store, scope=common)
-            roster = DirectoryRoster(root)
-            roster.add(load_directory(path, root).records())
+            roster = DirectoryRoster.from_file(path, root)
             DIRECTORY_VEHICLES_HELD.set(0)
             return directory, roster
     directory = load_directory(path, root, head_store=head_store)

@@ -8,6 +8,8 @@ operator roles, vehicle attributes, extra group memberships and the action catal
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import threading
 from collections.abc import Iterable, Mapping
@@ -17,9 +19,18 @@ from typing import Any
 
 import cbor2
 
-from fleetbus.bus.directory import RootPublicKey, SignedKeyRecord, from_kafka, kafka_key
+from fleetbus.bus.directory import (
+    RootPublicKey,
+    SignedDirectoryHead,
+    SignedKeyRecord,
+    from_kafka,
+    kafka_key,
+    principal_set,
+    set_digest,
+    verify_signed_head,
+)
 from fleetbus.bus.directory.trust import verify_signed_record
-from fleetbus.bus.errors import ConfigError
+from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
 
 __all__ = [
     "CRITICALITIES",
@@ -229,6 +240,52 @@ class DirectoryRoster:
         self._verifier = root.verifier()
         self._lock = threading.Lock()
         self._latest: dict[str, RosterEntry] = {}
+
+    @classmethod
+    def from_file(cls, path: Path, root: RootPublicKey) -> DirectoryRoster:
+        """Every principal of a directory file (``directory.cbor``), authenticated by its head:
+        each record's bytes are hashed into its set's digest, which must match the head's
+        (else ``DIRECTORY_ROLLBACK``, as ``load_directory`` refuses such a file). Only the
+        fields the registry needs are decoded: no public keys parsed, no signature but the
+        head's verified, so a worker holding a share of the fleet does not build it whole."""
+        roster = cls(root)
+        try:
+            doc = cbor2.loads(path.read_bytes())
+            signed_head = SignedDirectoryHead.from_cbor(doc["head"])
+            items = doc["records"]
+        except FleetbusError:
+            raise
+        except Exception:
+            raise ConfigError(f"directory file {path}: expected a head and records") from None
+        head = verify_signed_head(signed_head, root)
+        sets: list[list[tuple[str, bytes]]] = [[] for _ in head.sets]
+        try:
+            for item in items:
+                record_cbor = cbor2.loads(item)["record"]
+                inner = cbor2.loads(record_cbor)
+                index = principal_set(inner["principal"], inner["kind"], head.vehicle_buckets)
+                sets[index].append((inner["kid"], hashlib.sha256(record_cbor).digest()))
+                roster._take(
+                    RosterEntry(
+                        inner["principal"],
+                        inner["kind"],
+                        inner["version"],
+                        tuple(inner["groups"]),
+                        tuple(inner["caps"]),
+                    )
+                )
+        except Exception:
+            raise FleetbusError(
+                f"directory file {path}: a record is not readable", reason=ReasonCode.MALFORMED
+            ) from None
+        for index, ((count, digest), entries) in enumerate(zip(head.sets, sets, strict=True)):
+            if len(entries) != count or not hmac.compare_digest(set_digest(entries), digest):
+                raise FleetbusError(
+                    f"directory file {path}: the records of set {index} do not match head "
+                    f"{head.seq}",
+                    reason=ReasonCode.DIRECTORY_ROLLBACK,
+                )
+        return roster
 
     def add(self, records: Iterable[Any]) -> None:
         """Take verified ``KeyRecord``s (a directory's ``records()``)."""

@@ -328,3 +328,18 @@ def test_a_runner_reports_its_partitions_before_it_opens_them() -> None:
 
     asyncio.run(scenario())
     assert log == ["assigned seal [0, 2]", "open 0", "open 2", "revoked seal [2]"]
+
+
+def test_the_roster_reads_the_whole_file_against_its_head(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path)
+    roster = DirectoryRoster.from_file(fleet.path, fleet.root.public)
+    assert {e.principal_id for e in roster.entries()} == {"dispatch-1", *fleet.vehicles}
+    # A file missing one record (e.g. a newer version withheld) is refused, not half-read.
+    records = fleet.whole.signed_records()
+    write_directory_file(fleet.path, fleet.head, records[1:])
+    with pytest.raises(FleetbusError) as exc:
+        DirectoryRoster.from_file(fleet.path, fleet.root.public)
+    assert exc.value.reason is ReasonCode.DIRECTORY_ROLLBACK
+    with pytest.raises(FleetbusError) as exc:
+        DirectoryRoster.from_file(fleet.path, FleetRoot.generate().public)
+    assert exc.value.reason is ReasonCode.BAD_SIGNATURE
