@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from fleetbus.bus.directory import (
     HEAD_KAFKA_KEY,
+    WHOLE_DIRECTORY,
     DirectoryScope,
     KeyDirectory,
     peek_record,
@@ -361,7 +362,9 @@ class PartitionBuckets:
 
     def _load(self, buckets: frozenset[int]) -> None:
         started = time.monotonic()
-        content = read_directory_file(self.directory_file, scope=DirectoryScope(buckets=buckets))
+        # In the fallback the file's head may count buckets otherwise than the directory's.
+        scope = WHOLE_DIRECTORY if self.fallback else DirectoryScope(buckets=buckets)
+        content = read_directory_file(self.directory_file, scope=scope)
         vehicles = [s for s in content.records if s.record.kind == "vehicle"]  # set 0 is held
         if content.head is not None:
             self.directory.ingest_committed(vehicles, content.head)
