@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import pytest
 
+from fleetbus.bus.commands import Telemetry
 from fleetbus.bus.directory import (
     DirectoryScope,
     FleetRoot,
@@ -26,13 +28,24 @@ from fleetbus.bus.directory import (
     write_directory_file,
 )
 from fleetbus.bus.errors import FleetbusError, ReasonCode
+from fleetbus.bus.keys import KeyPath
+from fleetbus.bus.registry import load_key_provider
 from fleetbus.bus.settings import FleetbusSettings
+from fleetbus.bus.topics import kafka_partition
 from fleetbus.observability.metrics import DIRECTORY_SCOPE_FALLBACK, DIRECTORY_VEHICLES_HELD
-from fleetbus.processors.eos import InputRecord, PartitionState, StageResult
+from fleetbus.processors.eos import DeadLetter, InputRecord, PartitionState, StageResult
 from fleetbus.processors.fleet_registry import DirectoryRoster, FleetRegistry
 from fleetbus.processors.keytopic import PartitionBuckets
+from fleetbus.processors.stages import (
+    PipelineTopics,
+    TelemetryStage,
+    UplinkOpener,
+    profile_from_settings,
+)
+from fleetbus.providers.keypath import KeyPathRunner, ProfileSealer
+from fleetbus.providers.sealing import EnvelopeOpener, EnvelopeSealer
 from fleetbus.sdk.keytopic import KeyTopicFollower, KeyTopicItem
-from tests.support.envelope import unconnected
+from tests.support.envelope import fleet_of, issuer, unconnected
 
 T0 = 1_800_000_000.0
 DAY = 86400.0
@@ -343,3 +356,76 @@ def test_the_roster_reads_the_whole_file_against_its_head(tmp_path: Path) -> Non
     with pytest.raises(FleetbusError) as exc:
         DirectoryRoster.from_file(fleet.path, FleetRoot.generate().public)
     assert exc.value.reason is ReasonCode.BAD_SIGNATURE
+
+
+def test_the_telemetry_stage_refuses_a_vehicle_outside_the_scope_as_an_unknown_signer(
+    tmp_path: Path,
+) -> None:
+    now = time.time() - 7200
+    root = FleetRoot.generate("ed25519")
+    issue = issuer(root, "ed25519", now)
+    kems = ["xwing", "x25519"]
+    vehicles = [f"V-{i}" for i in range(8)]
+    fleet = fleet_of(
+        root,
+        [
+            issue("bus-sealer", "sealer", kems=kems),
+            *(issue(v, "vehicle", kems=kems) for v in vehicles),
+        ],
+    )
+    head = root.sign_head(fleet.directory.compute_head(seq=1, at=now, vehicle_buckets=PARTITIONS))
+    write_directory_file(tmp_path / "directory.cbor", head, fleet.directory.signed_records())
+    scoped = load_directory(
+        tmp_path / "directory.cbor", root.public, scope=DirectoryScope(buckets=frozenset())
+    )
+    runner = KeyPathRunner({n: load_key_provider(n) for n in kems})
+
+    def one(minimum: str) -> EnvelopeOpener:
+        return EnvelopeOpener(
+            fleet.files["bus-sealer"].key_set(),
+            scoped,
+            runner,
+            KeyPath.parse(minimum),
+            clock=lambda: now,
+            skew_s=30.0,
+            max_lifetime_s=900.0,
+            check_replay=False,
+        )
+
+    topics = PipelineTopics.from_settings(FleetbusSettings().topics)
+    stage = TelemetryStage(
+        topics=topics,
+        opener=UplinkOpener(scoped, one("xwing"), one("x25519"), clock=lambda: now),
+        policy=fleet.policy,
+        consumer="analytics",
+        max_message_bytes=32768,
+        clock_skew_s=30.0,
+    )
+
+    def bucket(vid: str) -> int:
+        return kafka_partition(vid.encode(), PARTITIONS)
+
+    held = vehicles[0]
+    scoped.hold_buckets({bucket(held)})
+    scoped.ingest_committed(
+        [s for s in fleet.directory.signed_records() if s.record.kind == "vehicle"], head
+    )
+    outside = next(v for v in vehicles if bucket(v) != bucket(held))
+
+    def telemetry(vid: str, offset: int) -> StageResult:
+        sealer = EnvelopeSealer(vid, fleet.files[vid].signer(), ProfileSealer(runner))
+        profile = profile_from_settings("up", ["xwing"], False, "xwing", "ed25519")
+        payload = Telemetry(vehicle_id=vid, at=now, fields={"speed": 1.0}).encode()
+        recipient = scoped.recipient_keys("bus-sealer", at=now)
+        value = sealer.seal(
+            "tel", topics.telemetry_raw, recipient, f"t-{offset}", "tel", payload, now,
+            now + 300, profile,
+        )  # fmt: skip
+        record = InputRecord(topics.telemetry_raw, bucket(vid), offset, vid.encode(), value)
+        return stage.process(record, PartitionState(), now)
+
+    served = telemetry(held, 0)
+    assert any(o.topic == topics.telemetry_verified for o in served.outputs), served
+    refused = telemetry(outside, 1)
+    letters = [DeadLetter.decode(o.value or b"") for o in refused.outputs if o.topic == topics.dlq]
+    assert [d.reason for d in letters] == [ReasonCode.UNKNOWN_SIGNER]
