@@ -520,10 +520,6 @@ class KeyDirectory:
     def vehicles_held(self) -> int:
         """How many vehicles have a record here (held sets and ``scope.own``)."""
         with self._lock:
-            return len(
-                {
-                    signed.record.principal_id
-                    for signed in self._by_key_id.values()
-                    if signed.record.kind == "vehicle"
-                }
-            )
+            held = list(self._by_key_id.values())
+        # Counted outside the lock: a whole fleet's records must not hold up the lookups.
+        return len({s.record.principal_id for s in held if s.record.kind == "vehicle"})
