@@ -10,6 +10,11 @@ Per fleet size, each in a fresh process (so resident memory is that process's ow
   ``load_directory(..., scope=)``), time and RSS (issue 12);
 * lookups in the worker's directory: ``recipient_keys`` of a random vehicle, ``verifier_for`` of
   a dispatcher, per call;
+* with ``--rebalance SIZES``: a worker with ``directory_scope=partitions`` (16 partitions) on
+  a local Kafka broker whose key topic holds the whole fleet (as after ``keys publish``):
+  its start (set 0, plus the whole file read once for the registry's roster), then taking
+  1 bucket, 3 more, and dropping 3 again (``PartitionBuckets``): time from ``directory.cbor``,
+  time of the key topic's filtered re-read, RSS, vehicles held;
 * with ``--propagation SIZES``: revocations published to a local Kafka broker while 2 worker
   processes (each holding the whole fleet) and 100 vehicle agents' key-topic readers (set 0,
   in 2 processes) follow the topic; the time from the revocation record's producer timestamp
@@ -26,6 +31,7 @@ not signature work. Prints a table and writes bench/results/directory.json.
 
     .venv/bin/python bench/bench_directory.py [--sizes 10000,100000,1000000]
         [--propagation 10000,100000] [--revocations 10] [--shares 1,2,8]
+        [--rebalance 10000,100000]
 """
 
 from __future__ import annotations
@@ -402,6 +408,105 @@ def propagation(n: int, revocations: int) -> dict[str, Any]:
         cluster.down()
 
 
+def scoped_worker(n: int, bootstrap: str, prefix: str) -> dict[str, Any]:
+    """A ``directory_scope=partitions`` worker's directory through bucket changes (a child)."""
+    import tempfile
+
+    from fleetbus.bus.settings import FleetbusSettings, TopicNames
+    from fleetbus.processors.app import load_worker_directory
+    from fleetbus.processors.keytopic import KeyTopicService, PartitionBuckets
+
+    folder = fleet_folder(n)
+    path = KeyFolder(folder).directory
+    root = RootPublicKey.from_bytes(KeyFolder(folder).root_pub.read_bytes())
+    settings = FleetbusSettings(
+        kafka_bootstrap=bootstrap,
+        topics=TopicNames(prefix=prefix),
+        partitions=DEFAULT_VEHICLE_BUCKETS,
+        directory_scope="partitions",
+        data_dir=tempfile.mkdtemp(prefix="bench-scope-"),
+    )
+    base = rss_mb()
+    started = time.perf_counter()
+    directory, roster = load_worker_directory(settings, root, path)
+    assert roster is not None
+    service = KeyTopicService(settings, directory, roster=roster)
+    service.catch_up()
+    out: dict[str, Any] = {
+        "vehicles": n,
+        "start_s": round(time.perf_counter() - started, 3),
+        "start_rss_mb": round(rss_mb(), 1),
+        "roster_principals": len(roster.entries()),
+    }
+    buckets = PartitionBuckets(settings, directory, path)
+    reread = buckets.reread_topic
+    spent: list[float] = []
+
+    def timed(follower: Any) -> None:
+        t = time.perf_counter()
+        reread(follower)
+        spent.append(time.perf_counter() - t)
+
+    buckets.reread_topic = timed  # type: ignore[method-assign]
+    steps = [("take_1", {0}), ("take_3_more", {0, 1, 2, 3}), ("drop_3", {0})]
+    for name, wanted in steps:
+        spent.clear()
+        t = time.perf_counter()
+        buckets.reconcile(frozenset(wanted))
+        total = time.perf_counter() - t
+        out[name] = {
+            "s": round(total, 3),
+            "topic_reread_s": round(sum(spent), 3),
+            "file_s": round(total - sum(spent), 3),
+            "vehicles_held": directory.vehicles_held(),
+            "rss_mb": round(rss_mb(), 1),
+        }
+    out["rss_growth_mb"] = round(rss_mb() - base, 1)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+def rebalance(n: int) -> dict[str, Any]:
+    """``scoped_worker`` in a child process, against a local broker holding the fleet's topic."""
+    import uuid
+
+    from fleetbus.bus.settings import FleetbusSettings, TopicNames
+    from fleetbus.bus.topics import ensure_topics
+    from fleetbus.devtools.kafka import LocalKafka, find_free_base_port
+    from fleetbus.sdk.keytopic import publish_key_change
+
+    folder = fleet_folder(n, check_head=True)
+    content = read_directory_file(KeyFolder(folder).directory)
+    assert content.head is not None
+    cluster = LocalKafka(home=CACHE / "kafka", base_port=find_free_base_port(2), heap_mb=768)
+    cluster.up(timeout_s=180)
+    try:
+        prefix = f"b{uuid.uuid4().hex[:8]}."
+        settings = FleetbusSettings(
+            kafka_bootstrap=cluster.bootstrap, topics=TopicNames(prefix=prefix)
+        )
+        topic = settings.topics.full(settings.topics.keys)
+        ensure_topics(
+            cluster.bootstrap, [topic], partitions=2, configs={"cleanup.policy": "compact"}
+        )
+        started = time.perf_counter()
+        publish_key_change(settings, content.records, content.head)
+        published_s = time.perf_counter() - started
+        command = [sys.executable, __file__, "--scoped", str(n)]
+        proc = subprocess.run(  # noqa: S603 - this script, with its own arguments
+            [*command, "--bootstrap", cluster.bootstrap, "--prefix", prefix],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        result["topic_records"] = len(content.records) + 1
+        result["publish_s"] = round(published_s, 1)
+        return result
+    finally:
+        cluster.down()
+
+
 def summary(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
 
@@ -434,15 +539,24 @@ def main() -> None:
         default="",
         help="partition shares (of 16, comma separated) a seal stage serves, e.g. 1,2,8",
     )
+    parser.add_argument(
+        "--rebalance",
+        default="",
+        help="fleet sizes (comma separated) at which to measure a scoped worker's bucket moves",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--scoped", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--follow", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     parser.add_argument("--readers", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",") if s]
     if args.child:
         print(json.dumps(child(args.child, sizes[0])))
+        return
+    if args.scoped:
+        print(json.dumps(scoped_worker(args.scoped, args.bootstrap, args.prefix)))
         return
     if args.follow:
         follower_process(args.follow, sizes[0], args.bootstrap, args.prefix, args.readers)
@@ -457,6 +571,9 @@ def main() -> None:
             row = run_child(mode, n)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
+    moves = [rebalance(n) for n in (int(s) for s in args.rebalance.split(",") if s)]
+    for item in moves:
+        print(f"scoped worker at {item['vehicles']}: {json.dumps(item)}")
     prop_sizes = [int(s) for s in args.propagation.split(",") if s]
     prop = [propagation(n, args.revocations) for n in prop_sizes]
     print(f"{'mode':<20} {'vehicles':>9} {'start s':>8} {'RSS MB':>8} {'held':>9} {'state MB':>9}")
@@ -482,6 +599,7 @@ def main() -> None:
         # A run over some sizes replaces those rows and keeps the others.
         "rows": _merged(previous.get("rows", []), rows, ("mode", "vehicles")),
         "propagation": _merged(previous.get("propagation", []), prop, ("vehicles",)),
+        "scoped_worker": _merged(previous.get("scoped_worker", []), moves, ("vehicles",)),
     }
     RESULTS.write_text(json.dumps(doc, indent=1) + "\n")
 

@@ -157,6 +157,13 @@ class FleetbusSettings(BaseSettings):
         "(a group command goes to each partition of commands.authorized) and should equal the "
         "directory head's buckets (docs/key-management.md)",
     )
+    directory_scope: Literal["fleet", "partitions"] = Field(
+        default="fleet",
+        description="which vehicles' key records the worker holds: fleet (every vehicle: the "
+        "default while agents answer in wire v1, whose answers reach any partition) or "
+        "partitions (those of the partitions its seal, response and telemetry stages are "
+        "assigned, loaded and dropped as they move; docs/key-management.md)",
+    )
     processing_guarantee: Literal["exactly_once"] = Field(
         default="exactly_once",
         description="always exactly_once: every stage commits each batch in one Kafka "

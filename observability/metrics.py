@@ -133,6 +133,16 @@ KEY_DIRECTORY_HEAD = Gauge(
     "Sequence number of the highest key-directory head this process accepted.",
     ["role"],
 )
+DIRECTORY_VEHICLES_HELD = Gauge(
+    "fleetbus_directory_vehicles_held",
+    "Vehicles whose key records the worker's key directory holds (all of them unless "
+    "directory_scope is partitions).",
+)
+DIRECTORY_SCOPE_FALLBACK = Gauge(
+    "fleetbus_directory_scope_fallback",
+    "1 when a worker set to directory_scope=partitions holds every vehicle because the "
+    "directory head's bucket count differs from the partition count, else 0.",
+)
 BUILD_INFO = Info(
     "fleetbus_build",
     "Versions this process runs: fleetbus, Python and the crypto backend.",

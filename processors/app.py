@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,10 @@ from fleetbus.bus.settings import FleetbusSettings
 from fleetbus.processors.smoke import add_smoke_forwarder
 
 if TYPE_CHECKING:
+    from fleetbus.bus.directory import KeyDirectory, RootPublicKey
     from fleetbus.bus.keys import SecurityProfile
-    from fleetbus.processors.eos import TransactionalStage
+    from fleetbus.processors.eos import AssignmentListener, TransactionalStage
+    from fleetbus.processors.fleet_registry import DirectoryRoster
 
 _log = logging.getLogger(__name__)
 
@@ -105,10 +108,17 @@ def ensure_pipeline_topics(settings: FleetbusSettings) -> list[str]:
 
 
 def stage_runner(
-    settings: FleetbusSettings, logic: Any, *, audit_signer: Any = None
+    settings: FleetbusSettings,
+    logic: Any,
+    *,
+    audit_signer: Any = None,
+    assignment_listener: AssignmentListener | None = None,
+    worker_id: str = "",
 ) -> TransactionalStage:
     """The exactly-once runner of one stage ``logic`` as ``settings`` configure it: its state
-    changelog, audit and DLQ topics, batch size, ticks, group timing and Kafka security."""
+    changelog, audit and DLQ topics, batch size, ticks, group timing and Kafka security;
+    ``assignment_listener`` is told its partitions as they change; ``worker_id`` is the same
+    for every stage of one worker (see ``TransactionalStage``)."""
     from fleetbus.processors.eos import TransactionalStage
 
     topics = settings.topics
@@ -129,6 +139,8 @@ def stage_runner(
             "heartbeat_interval_ms": int(settings.broker_heartbeat_interval_s * 1000),
         },
         client_options=settings.aiokafka_client_config(),
+        assignment_listener=assignment_listener,
+        worker_id=worker_id,
     )
 
 
@@ -234,20 +246,66 @@ def warn_if_root_private_key(keys_dir: Path) -> bool:
     return True
 
 
-def build_pipeline(settings: FleetbusSettings) -> Pipeline:
-    """Load keys, registry and policies once; build the five stages and their runners."""
+def load_worker_directory(
+    settings: FleetbusSettings, root: RootPublicKey, path: Path
+) -> tuple[KeyDirectory, DirectoryRoster | None]:
+    """The worker's ``KeyDirectory`` from ``path`` and, when it is scoped, the roster that keeps
+    the policy's registry fleet-wide.
+
+    ``directory_scope`` fleet (or partitions whose head has another bucket count than the
+    partition count: WARNING, ``fleetbus_directory_scope_fallback`` 1): every record. Partitions:
+    set 0 only, the buckets come with the stages' partitions (``PartitionBuckets``); the
+    registry's roster is read from the whole file (``DirectoryRoster.from_file``: no keys).
+    """
     from fleetbus.bus.directory import (
-        RootPublicKey,
+        DirectoryScope,
         head_store_for,
         load_directory,
-        load_key_file,
+        read_directory_file,
     )
+    from fleetbus.observability.metrics import DIRECTORY_SCOPE_FALLBACK, DIRECTORY_VEHICLES_HELD
+    from fleetbus.processors.fleet_registry import DirectoryRoster
+
+    # The keys folder may be a read-only mount: the highest accepted head lives with the state.
+    head_store = head_store_for(Path(settings.data_dir).expanduser(), root)
+    common = DirectoryScope(buckets=frozenset())
+    DIRECTORY_SCOPE_FALLBACK.set(0)
+    if settings.directory_scope == "partitions":
+        head = read_directory_file(path, scope=common).head
+        if head is not None and head.head.vehicle_buckets != settings.partitions:
+            _log.warning(
+                "key directory: head %d has %d vehicle buckets but the topics have %d "
+                "partitions: holding every vehicle (directory_scope=partitions needs a head "
+                "signed with buckets = partitions)",
+                head.head.seq,
+                head.head.vehicle_buckets,
+                settings.partitions,
+            )
+            DIRECTORY_SCOPE_FALLBACK.set(1)
+        else:
+            directory = load_directory(path, root, head_store=head_store, scope=common)
+            roster = DirectoryRoster.from_file(path, root)
+            DIRECTORY_VEHICLES_HELD.set(0)
+            return directory, roster
+    directory = load_directory(path, root, head_store=head_store)
+    DIRECTORY_VEHICLES_HELD.set(directory.vehicles_held())
+    return directory, None
+
+
+def build_pipeline(settings: FleetbusSettings) -> Pipeline:
+    """Load keys, registry and policies once; build the five stages and their runners."""
+    from fleetbus.bus.directory import RootPublicKey, load_key_file
     from fleetbus.bus.envelope_v2 import Direction
     from fleetbus.bus.keys import KeyPath
     from fleetbus.bus.registry import load_key_providers
+    from fleetbus.observability.metrics import DIRECTORY_VEHICLES_HELD
     from fleetbus.processors.fleet_registry import FleetRegistry
     from fleetbus.processors.health import HealthReporter, init_stage_counters
-    from fleetbus.processors.keytopic import KeyTopicService
+    from fleetbus.processors.keytopic import (
+        VEHICLE_KEYED_STAGES,
+        KeyTopicService,
+        PartitionBuckets,
+    )
     from fleetbus.processors.policy import PolicyEngine
     from fleetbus.processors.stages import (
         AuthorizeStage,
@@ -272,15 +330,24 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         raise ConfigError(
             f"{KeyFolder(keys_dir).root_pub} not found; set FLEETBUS_KEYS_DIR"
         ) from None
-    # The keys folder may be a read-only mount: the highest accepted head lives with the state.
-    head_store = head_store_for(Path(settings.data_dir).expanduser(), root)
-    directory = load_directory(KeyFolder(keys_dir).directory, root, head_store=head_store)
+    directory, roster = load_worker_directory(settings, root, KeyFolder(keys_dir).directory)
     sealer_file = load_key_file(KeyFolder(keys_dir).private_key(settings.sealer_principal))
     signer = sealer_file.signer()
     # Live key changes (docs/key-management.md): the worker reads the topic up to now before
     # any stage starts (Pipeline.catch_up), so a revocation already published is in force for
     # the first record. Not here: building reads only local files, before any connection.
-    key_topic = KeyTopicService(settings, directory, audit_signer=signer)
+    key_topic = KeyTopicService(settings, directory, audit_signer=signer, roster=roster)
+    # directory_scope=partitions: the vehicle-keyed stages' partitions say which buckets.
+    buckets = (
+        None
+        if roster is None
+        else PartitionBuckets(
+            settings,
+            directory,
+            KeyFolder(keys_dir).directory,
+            on_refused=key_topic.follower.on_refused,
+        )
+    )
 
     registry_path = (
         Path(settings.fleet_registry).expanduser()
@@ -288,14 +355,20 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         else keys_dir / "fleet.json"
     )
     base = FleetRegistry.load(registry_path) if registry_path.exists() else None
-    registry = (base or FleetRegistry.from_mapping({})).with_directory_records(directory.records())
+
+    def fleet_registry() -> FleetRegistry:
+        # Fleet-wide whatever the directory holds: the roster when the directory is scoped.
+        records = directory.records() if roster is None else roster.entries()
+        return (base or FleetRegistry.from_mapping({})).with_directory_records(records)
+
     policy_dir = Path(settings.policy_dir).expanduser() if settings.policy_dir else None
-    policy = PolicyEngine(registry, policy_dir=policy_dir)
+    policy = PolicyEngine(fleet_registry(), policy_dir=policy_dir)
 
     def refresh_policy() -> None:
         # A principal issued live gets its roles and groups (and a new vehicle becomes a
         # known target) with the head that covers it, not at the next restart.
-        fleet = (base or FleetRegistry.from_mapping({})).with_directory_records(directory.records())
+        fleet = fleet_registry()
+        DIRECTORY_VEHICLES_HELD.set(directory.vehicles_held())
         policy.refresh(fleet)
         _log.info(
             "policy: fleet registry refreshed after a new directory head (%d vehicles, "
@@ -453,7 +526,17 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
             status_signer=signer,
         ),
     ]
-    stages = [stage_runner(settings, logic, audit_signer=signer) for logic in logics]
+    worker_id = uuid.uuid4().hex[:12]
+    stages = [
+        stage_runner(
+            settings,
+            logic,
+            audit_signer=signer,
+            assignment_listener=buckets if logic.name in VEHICLE_KEYED_STAGES else None,
+            worker_id=worker_id,
+        )
+        for logic in logics
+    ]
     init_stage_counters(stage.stage for stage in stages)
     health = HealthReporter(providers, profile_sealer, directory)
     return Pipeline(stages, services=[key_topic, health])

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
@@ -57,6 +57,7 @@ from fleetbus.processors.engine import (
 
 __all__ = [
     "AUDIT_HEAD_KEY",
+    "AssignmentListener",
     "BatchStageLogic",
     "DeadLetter",
     "DeadlineOf",
@@ -109,6 +110,15 @@ def _holding_metrics(fn: Callable[..., _T], *args: Any) -> tuple[_T, list[Callab
         return fn(*args), held
 
 
+class AssignmentListener(Protocol):
+    """Told a stage's input partition numbers after each change, from its rebalance callbacks,
+    under its assignment lock: ``assigned`` returns before the stage reads a record of them."""
+
+    async def revoked(self, stage: str, partitions: frozenset[int]) -> None: ...
+
+    async def assigned(self, stage: str, partitions: frozenset[int]) -> None: ...
+
+
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, stage: TransactionalStage) -> None:
         self._stage = stage
@@ -142,10 +152,17 @@ class TransactionalStage:
         consumer_options: Mapping[str, Any] | None = None,
         producer_options: Mapping[str, Any] | None = None,
         client_options: Mapping[str, Any] | None = None,
+        assignment_listener: AssignmentListener | None = None,
+        worker_id: str = "",
     ) -> None:
         self.logic = logic
+        self._listener = assignment_listener
         self.stage = logic.name
         self.group_id = f"{app_id}-{self.stage}"
+        # The range assignor orders a group's members by member id, which starts with the
+        # client id: one worker id in every stage's client id orders the workers alike in every
+        # group, so a worker gets the same partition numbers in each stage.
+        self.client_id = f"{self.group_id}-consumer" + (f"-{worker_id}" if worker_id else "")
         self._app_id = app_id
         self._bootstrap = bootstrap
         self._state_topic = state_topic
@@ -198,7 +215,7 @@ class TransactionalStage:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,
             group_id=self.group_id,
-            client_id=f"{self.group_id}-consumer",
+            client_id=self.client_id,
             isolation_level="read_committed",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -300,11 +317,21 @@ class TransactionalStage:
             kept = {tp.partition for tp in self._assigned}
             for number in sorted({tp.partition for tp in revoked} - kept):
                 await self._close(number)
+            if self._listener is not None:
+                await self._listener.revoked(self.stage, frozenset(kept))
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         # One producer per transactional id in this process: two would fence each other.
         async with self._assign_lock:
             self._assigned.update(assigned)
+            if self._listener is not None:
+                # What the partitions' records need (their vehicles' keys) first.
+                try:
+                    await self._listener.assigned(
+                        self.stage, frozenset(tp.partition for tp in self._assigned)
+                    )
+                except Exception:
+                    _log.exception("stage %s: assignment listener failed", self.stage)
             for number in sorted({tp.partition for tp in assigned}):
                 if number not in self._parts:
                     await self._open(number, rewind=False)
@@ -462,7 +489,7 @@ class TransactionalStage:
             offset=record.offset,
             consumer_group=self.group_id,
             bootstrap=self._bootstrap,
-            client_id=f"{self.group_id}-consumer",
+            client_id=self.client_id,
         )
 
     def _audit_outputs(

@@ -8,20 +8,38 @@ operator roles, vehicle attributes, extra group memberships and the action catal
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetbus.bus.errors import ConfigError
+import cbor2
+
+from fleetbus.bus.directory import (
+    RootPublicKey,
+    SignedDirectoryHead,
+    SignedKeyRecord,
+    from_kafka,
+    kafka_key,
+    principal_set,
+    set_digest,
+    verify_signed_head,
+)
+from fleetbus.bus.directory.trust import verify_signed_record
+from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
 
 __all__ = [
     "CRITICALITIES",
     "DEFAULT_ACTIONS",
     "ActionSpec",
+    "DirectoryRoster",
     "FleetRegistry",
     "Operator",
+    "RosterEntry",
     "Vehicle",
 ]
 
@@ -196,3 +214,121 @@ class FleetRegistry:
                 roles = _ROLES_BY_KIND[record.kind] if extra_op is None else extra_op.roles
                 merged.operators[pid] = Operator(pid, roles)
         return merged
+
+
+@dataclass(frozen=True)
+class RosterEntry:
+    """What the registry takes from a principal's latest key record (no key material)."""
+
+    principal_id: str
+    kind: str
+    version: int
+    groups: tuple[str, ...]
+    capabilities: tuple[str, ...]
+
+
+class DirectoryRoster:
+    """Every principal's latest record, without keys: the fleet-wide input of the registry in a
+    worker whose ``KeyDirectory`` holds only its partitions' vehicles (``directory_scope`` =
+    partitions). Filled from the records of a whole directory load, then from every record of
+    the key topic that would change it, each checked against the fleet root first; a record
+    that changes nothing (an older or equal version: what a restart re-reads) is not verified.
+    Written by the key-topic follower, read by the policy refresh's thread."""
+
+    def __init__(self, root: RootPublicKey) -> None:
+        self._root = root
+        self._verifier = root.verifier()
+        self._lock = threading.Lock()
+        self._latest: dict[str, RosterEntry] = {}
+
+    @classmethod
+    def from_file(cls, path: Path, root: RootPublicKey) -> DirectoryRoster:
+        """Every principal of a directory file (``directory.cbor``), authenticated by its head:
+        each record's bytes are hashed into its set's digest, which must match the head's
+        (else ``DIRECTORY_ROLLBACK``, as ``load_directory`` refuses such a file). Only the
+        fields the registry needs are decoded: no public keys parsed, no signature but the
+        head's verified, so a worker holding a share of the fleet does not build it whole."""
+        roster = cls(root)
+        try:
+            doc = cbor2.loads(path.read_bytes())
+            signed_head = SignedDirectoryHead.from_cbor(doc["head"])
+            items = doc["records"]
+        except FleetbusError:
+            raise
+        except Exception:
+            raise ConfigError(f"directory file {path}: expected a head and records") from None
+        head = verify_signed_head(signed_head, root)
+        sets: list[list[tuple[str, bytes]]] = [[] for _ in head.sets]
+        try:
+            for item in items:
+                record_cbor = cbor2.loads(item)["record"]
+                inner = cbor2.loads(record_cbor)
+                index = principal_set(inner["principal"], inner["kind"], head.vehicle_buckets)
+                sets[index].append((inner["kid"], hashlib.sha256(record_cbor).digest()))
+                roster._take(
+                    RosterEntry(
+                        inner["principal"],
+                        inner["kind"],
+                        inner["version"],
+                        tuple(inner["groups"]),
+                        tuple(inner["caps"]),
+                    )
+                )
+        except Exception:
+            raise FleetbusError(
+                f"directory file {path}: a record is not readable", reason=ReasonCode.MALFORMED
+            ) from None
+        for index, ((count, digest), entries) in enumerate(zip(head.sets, sets, strict=True)):
+            if len(entries) != count or not hmac.compare_digest(set_digest(entries), digest):
+                raise FleetbusError(
+                    f"directory file {path}: the records of set {index} do not match head "
+                    f"{head.seq}",
+                    reason=ReasonCode.DIRECTORY_ROLLBACK,
+                )
+        return roster
+
+    def add(self, records: Iterable[Any]) -> None:
+        """Take verified ``KeyRecord``s (a directory's ``records()``)."""
+        with self._lock:
+            for record in records:
+                self._take(record)
+
+    def _take(self, record: Any) -> None:
+        current = self._latest.get(record.principal_id)
+        if current is None or record.version > current.version:
+            self._latest[record.principal_id] = RosterEntry(
+                record.principal_id,
+                record.kind,
+                record.version,
+                tuple(record.groups),
+                tuple(record.capabilities),
+            )
+
+    def note_kafka(self, key: bytes | None, value: bytes | None) -> bool:
+        """Take a key-topic record (not a head) if it is newer than what is known of its
+        principal and verifies; False if it was refused, True otherwise (also when it changes
+        nothing). Never raises: the key-topic follower reports what the directory refuses."""
+        try:  # lenient look first (the version), strict parsing only for what is news
+            inner = cbor2.loads(cbor2.loads(value or b"")["record"])
+            principal, version = inner["principal"], inner["version"]
+        except Exception:
+            return False
+        current = self._latest.get(principal) if isinstance(principal, str) else None
+        if current is not None and isinstance(version, int) and version <= current.version:
+            return True
+        try:
+            signed = from_kafka(value)
+            if not isinstance(signed, SignedKeyRecord) or (
+                key is not None and bytes(key) != kafka_key(signed.record)
+            ):
+                return False
+            record = verify_signed_record(signed, self._root, self._verifier)
+        except Exception:
+            return False
+        with self._lock:
+            self._take(record)
+        return True
+
+    def entries(self) -> list[RosterEntry]:
+        with self._lock:
+            return list(self._latest.values())

@@ -1,5 +1,7 @@
 """The worker's key-topic follower: applies the compacted key topic to the stages' shared
-``KeyDirectory`` while they run, and dead-letters and audits whatever it refuses.
+``KeyDirectory`` while they run, and dead-letters and audits whatever it refuses; and, with
+``directory_scope`` partitions, ``PartitionBuckets``: which vehicle buckets that directory
+holds as the vehicle-keyed stages' partitions move.
 
 The worker catches up with the topic before its stages start (``catch_up``, blocking, in
 ``build_pipeline``); this service then follows from where the catch-up ended, in the worker's
@@ -13,16 +15,31 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from fleetbus.bus.directory import HEAD_KAFKA_KEY, KeyDirectory
+from fleetbus.bus.directory import (
+    HEAD_KAFKA_KEY,
+    WHOLE_DIRECTORY,
+    DirectoryScope,
+    KeyDirectory,
+    peek_record,
+    principal_set,
+    read_directory_file,
+)
 from fleetbus.bus.keys import Signer
 from fleetbus.bus.settings import FleetbusSettings
-from fleetbus.observability.metrics import DLQ_RECORDS
+from fleetbus.observability.metrics import (
+    DIRECTORY_SCOPE_FALLBACK,
+    DIRECTORY_VEHICLES_HELD,
+    DLQ_RECORDS,
+)
 from fleetbus.processors.audit import AuditChain, AuditEvent
 from fleetbus.processors.engine import DeadLetter
+from fleetbus.processors.fleet_registry import DirectoryRoster
 from fleetbus.sdk.keytopic import KeyTopicFollower, KeyTopicItem, KeyTopicReader, KeyTopicRefusal
 
 _log = logging.getLogger(__name__)
@@ -38,7 +55,8 @@ class KeyTopicService:
     into the audit trail: this run's own chain ``keys-<run id>``, signed by the audit signer
     right after each refusal (refusals are rare; nothing is left unsigned). ``on_head`` runs in
     a thread after a new head is accepted (the worker refreshes its policy's entities with it),
-    never two at once: heads that arrive meanwhile make it run once more.
+    never two at once: heads that arrive meanwhile make it run once more. ``roster``, if given,
+    sees every record too (the fleet-wide registry of a worker with a scoped directory).
     """
 
     stage = STAGE
@@ -50,6 +68,7 @@ class KeyTopicService:
         *,
         audit_signer: Signer | None = None,
         on_head: Callable[[], None] | None = None,
+        roster: DirectoryRoster | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -66,7 +85,9 @@ class KeyTopicService:
             clock=clock,
         )
         self._pending: list[KeyTopicRefusal] = []
-        self.follower = KeyTopicFollower(directory, role="worker", on_refused=self._pending.append)
+        self.follower = _WorkerFollower(
+            directory, roster, role="worker", on_refused=self._pending.append
+        )
         self._positions: dict[int, int] = {}
         self._stopping = asyncio.Event()
         self._producer: AIOKafkaProducer | None = None
@@ -207,3 +228,168 @@ class KeyTopicService:
 
     async def stop(self) -> None:
         self._stopping.set()
+
+
+class _WorkerFollower(KeyTopicFollower):
+    """The worker's follower: also hands every record to the registry's ``roster``."""
+
+    def __init__(
+        self, directory: KeyDirectory, roster: DirectoryRoster | None, **kwargs: Any
+    ) -> None:
+        super().__init__(directory, **kwargs)
+        self.roster = roster
+
+    def apply(self, item: KeyTopicItem) -> str:
+        if self.roster is not None and item.key != HEAD_KAFKA_KEY:
+            self.roster.note_kafka(item.key, item.value)
+        return super().apply(item)
+
+
+class _BucketReload(KeyTopicFollower):
+    """Applies the key topic's records of vehicle ``buckets`` only (a re-read for buckets just
+    taken into the scope); heads are the running follower's business."""
+
+    def __init__(self, directory: KeyDirectory, buckets: frozenset[int], **kwargs: Any) -> None:
+        super().__init__(directory, **kwargs)
+        self.buckets = buckets
+
+    def apply(self, item: KeyTopicItem) -> str:
+        head = self.directory.head
+        named = peek_record(bytes(item.value or b""))
+        if item.key == HEAD_KAFKA_KEY or head is None or named is None:
+            return "skipped"  # unreadable values were refused by the running follower already
+        index = principal_set(*named, head.vehicle_buckets)
+        if index == 0 or index - 1 not in self.buckets:
+            return "skipped"
+        return self._apply(item)
+
+
+#: The stages whose inputs are keyed by vehicle id: partition p holds bucket p's vehicles.
+VEHICLE_KEYED_STAGES = frozenset({"seal", "responses", "telemetry"})
+
+
+class PartitionBuckets:
+    """Which vehicle buckets the worker's ``KeyDirectory`` holds (``directory_scope``
+    partitions): set 0 always, plus the buckets of the partitions its vehicle-keyed stages are
+    assigned. The stage runners report their assignment (``assigned``, ``revoked``) from their
+    rebalance callbacks, holding their assignment lock, so a new bucket is loaded before its
+    partition's first record: first the bucket is taken into the scope (the running follower
+    keeps its records from then on), then its records are read from ``directory.cbor`` and the
+    key topic is re-read for it; its set is used once it matches the head. A bucket no stage
+    holds any more is dropped at the assignment that ends a rebalance (one always follows a
+    revocation) once no stage is between the two, so a bucket that stays with another stage of
+    this worker is not reloaded.
+
+    If the head's bucket count is not the partition count, buckets are not partitions: every
+    bucket is held (WARNING naming both counts, ``fleetbus_directory_scope_fallback`` 1).
+    """
+
+    def __init__(
+        self,
+        settings: FleetbusSettings,
+        directory: KeyDirectory,
+        directory_file: Path,
+        *,
+        on_refused: Callable[[KeyTopicRefusal], None] | None = None,
+        topic_timeout_s: float = 60.0,
+    ) -> None:
+        self.settings = settings
+        self.directory = directory
+        self.directory_file = directory_file
+        self.on_refused = on_refused
+        self.topic_timeout_s = topic_timeout_s
+        self.fallback = False
+        self._leases: dict[str, frozenset[int]] = {}
+        self._rebalancing: set[str] = set()  # revoked, not assigned again yet
+        self._lock = asyncio.Lock()
+        DIRECTORY_SCOPE_FALLBACK.set(0)
+        DIRECTORY_VEHICLES_HELD.set(directory.vehicles_held())
+
+    async def revoked(self, stage: str, partitions: Collection[int]) -> None:
+        """``stage`` now holds only ``partitions``, until its next ``assigned``."""
+        self._leases[stage] = frozenset(partitions)
+        self._rebalancing.add(stage)
+
+    async def assigned(self, stage: str, partitions: Collection[int]) -> None:
+        """``stage`` now holds ``partitions``: load what is new; drop what no stage holds once
+        no stage is between a revocation and its assignment (each stage's group rebalances on
+        its own: a bucket one stage gave up may be the next one's again)."""
+        self._leases[stage] = frozenset(partitions)
+        self._rebalancing.discard(stage)
+        async with self._lock:
+            wanted, settled = self.wanted(), not self._rebalancing
+            await asyncio.to_thread(self.reconcile, wanted, drop=settled)
+
+    def wanted(self) -> frozenset[int]:
+        """The buckets to hold: those of every stage's partitions, or all of them (fallback)."""
+        head = self.directory.head
+        partitions = self.settings.partitions
+        if head is not None and head.vehicle_buckets != partitions:
+            if not self.fallback:
+                _log.warning(
+                    "key directory: head %d has %d vehicle buckets but the topics have %d "
+                    "partitions: holding every vehicle (directory_scope=partitions needs a "
+                    "head signed with buckets = partitions)",
+                    head.seq,
+                    head.vehicle_buckets,
+                    partitions,
+                )
+                self.fallback = True
+                DIRECTORY_SCOPE_FALLBACK.set(1)
+            return frozenset(range(head.vehicle_buckets))
+        return frozenset().union(*self._leases.values())
+
+    def reconcile(self, wanted: frozenset[int], *, drop: bool = True) -> None:
+        """Hold ``wanted`` (blocking: file and topic reads); with ``drop``, nothing else."""
+        held = self.directory.scope.buckets or frozenset()
+        gone = held - wanted if drop else frozenset()
+        if gone:
+            dropped = self.directory.release_buckets(gone)
+            _log.info("key directory: buckets %s dropped (%d records)", sorted(gone), dropped)
+        new = self.directory.hold_buckets(wanted)
+        if new:
+            self._load(new)
+        DIRECTORY_VEHICLES_HELD.set(self.directory.vehicles_held())
+
+    def reread_topic(self, follower: KeyTopicFollower) -> None:
+        """Read the key topic from its start to its current end through ``follower``
+        (blocking; ``KafkaUnavailableError`` if that takes more than ``topic_timeout_s``)."""
+        reader = KeyTopicReader(self.settings, follower)
+        try:
+            reader.start(self.topic_timeout_s)
+        finally:
+            reader.close()
+
+    def _load(self, buckets: frozenset[int]) -> None:
+        started = time.monotonic()
+        # In the fallback the file's head may count buckets otherwise than the directory's.
+        scope = WHOLE_DIRECTORY if self.fallback else DirectoryScope(buckets=buckets)
+        content = read_directory_file(self.directory_file, scope=scope)
+        vehicles = [s for s in content.records if s.record.kind == "vehicle"]  # set 0 is held
+        if content.head is not None:
+            self.directory.ingest_committed(vehicles, content.head)
+        from_file = time.monotonic() - started
+        try:
+            self.reread_topic(
+                _BucketReload(self.directory, buckets, role="worker", on_refused=self.on_refused)
+            )
+        except Exception as exc:
+            _log.error(
+                "key directory: key topic not re-read for buckets %s (%s); their keys are "
+                "used only while their records match the head",
+                sorted(buckets),
+                exc,
+            )
+        unsettled = [i - 1 for i in self.directory.unsettled_sets() if i - 1 in buckets]
+        _log.info(
+            "key directory: buckets %s loaded (%d vehicle records from %s in %.3f s, key topic "
+            "re-read in %.3f s)%s",
+            sorted(buckets),
+            len(vehicles),
+            self.directory_file.name,
+            from_file,
+            time.monotonic() - started - from_file,
+            f"; buckets {unsettled} do not match the head: their keys are refused"
+            if unsettled
+            else "",
+        )

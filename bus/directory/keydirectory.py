@@ -467,3 +467,59 @@ class KeyDirectory:
             qkd_sae_id=record.qkd_sae_id,
             capabilities=record.capabilities,
         )
+
+    # -- a scope that follows a worker's partitions (added for issue 12) --------------------
+
+    def hold_buckets(self, buckets: Iterable[int]) -> frozenset[int]:
+        """Add vehicle ``buckets`` to the scope; returns those that were not held. Their sets
+        hold nothing yet: until their records are ingested (a directory file's, then the key
+        topic's) they do not match the head and their keys are refused, never stale. Records
+        of them ingested from now on are kept."""
+        with self._lock:
+            held = self.scope.buckets
+            if held is None:
+                raise ConfigError("this directory holds every bucket already")
+            new = frozenset(buckets) - held
+            self.scope = DirectoryScope(buckets=held | new, own=self.scope.own)
+            self._dirty.update(1 + b for b in new)
+            return new
+
+    def release_buckets(self, buckets: Iterable[int]) -> int:
+        """Drop vehicle ``buckets`` from the scope, and their records (``scope.own`` principals'
+        are kept); their keys are unknown here from now on. Returns how many records went."""
+        with self._lock:
+            held = self.scope.buckets
+            if held is None:
+                raise ConfigError("a directory holding every bucket cannot release one")
+            gone = frozenset(buckets) & held
+            self.scope = DirectoryScope(buckets=held - gone, own=self.scope.own)
+            dropped = 0
+            for index in sorted(1 + b for b in gone):
+                kept: set[str] = set()
+                for key_id in self._members.pop(index, set()):
+                    principal = self._by_key_id[key_id].record.principal_id
+                    if principal in self.scope.own:
+                        kept.add(key_id)
+                        continue
+                    del self._by_key_id[key_id]
+                    del self._digests[key_id]
+                    del self._index[key_id]
+                    self._verifiers.pop(key_id, None)
+                    ids = self._by_principal.get(principal)
+                    if ids is not None:
+                        ids.discard(key_id)
+                        if not ids:
+                            del self._by_principal[principal]
+                    dropped += 1
+                if kept:
+                    self._members[index] = kept
+                self._accepted.pop(index, None)
+                self._dirty.discard(index)
+            return dropped
+
+    def vehicles_held(self) -> int:
+        """How many vehicles have a record here (held sets and ``scope.own``)."""
+        with self._lock:
+            held = list(self._by_key_id.values())
+        # Counted outside the lock: a whole fleet's records must not hold up the lookups.
+        return len({s.record.principal_id for s in held if s.record.kind == "vehicle"})
