@@ -458,7 +458,9 @@ class AuthorizeStage:
                 Output(self.topics.authorized, cid, seal, partition=p)
                 for p in range(self.authorized_partitions)
             ]
-        track = replace(authorized, reader=FOR_TRACK).encode()
+        # The track stage opens nothing and learns single vehicle or group from the record
+        # itself: its copy leaves the signed command out (about a third of the record).
+        track = replace(authorized, reader=FOR_TRACK, signed_command=b"").encode()
         return [*outputs, Output(self.topics.authorized, cid, track)]
 
     # -- approvals ------------------------------------------------------------------------

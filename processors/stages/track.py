@@ -29,6 +29,7 @@ from fleetbus.processors.engine import (
 )
 from fleetbus.processors.stages.common import (
     FOR_SEAL,
+    FOR_TRACK,
     AuthorizedCommand,
     PipelineTopics,
     encode_cbor,
@@ -121,7 +122,11 @@ class TrackStage:
         auth = AuthorizedCommand.decode(record.value)
         if auth.reader == FOR_SEAL:
             return StageResult()  # the seal stage's copy (keyed by vehicle id); ours has the id
-        target = SignedCommand.decode(auth.signed_command, max_size=self.max_bytes).command.target
+        if auth.reader == FOR_TRACK:  # v2: a group's one record names the group, no vehicle
+            single = not auth.group
+        else:  # a v1 record, one per vehicle: the signed command says whether it was a group's
+            signed = SignedCommand.decode(auth.signed_command, max_size=self.max_bytes)
+            single = signed.command.target.vehicle is not None
         entry = self._load(state, auth.command_id)
         entry["issued_at"] = to_ms(auth.issued_at)
         entry["expires_at"] = to_ms(auth.expires_at)
@@ -133,7 +138,7 @@ class TrackStage:
             self._store(state, auth.command_id, entry)
             return StageResult()
         entry["vehicles"].setdefault(auth.vehicle_id, "authorized")
-        if target.vehicle is not None:
+        if single:
             entry["single"] = True
         self._store(state, auth.command_id, entry)
         return self._release_held(state, auth.command_id, auth.vehicle_id, now)

@@ -50,6 +50,7 @@ from fleetbus.processors.stages import (
     RejectedCommand,
     SealStage,
     TelemetryStage,
+    TrackStage,
     UplinkOpener,
     profile_from_settings,
 )
@@ -189,6 +190,15 @@ def test_a_vehicle_command_is_keyed_by_its_vehicle_for_the_seal_stage(fleet: Fle
     assert len(copies) == 2
     assert (by_reader[FOR_SEAL].key, by_reader[FOR_SEAL].partition) == (b"V-1", None)
     assert by_reader[FOR_TRACK].key == cmd.command.id.encode()
+    # Only the seal stage's copy carries the signed command; the track stage opens nothing.
+    assert SignedCommand.decode(AuthorizedCommand.decode(by_reader[FOR_SEAL].value).signed_command)
+    assert AuthorizedCommand.decode(by_reader[FOR_TRACK].value).signed_command == b""
+    assert len(by_reader[FOR_TRACK].value) < len(by_reader[FOR_SEAL].value) - len(cmd.encode())
+    track = TrackStage(topics=TOPICS, clock_skew_s=30, max_message_bytes=32768, retention_s=300)
+    state = PartitionState()
+    track.process(rec(TOPICS.authorized, by_reader[FOR_TRACK].value), state, NOW)
+    entry = cbor2.loads(state.get(f"cmd/{cmd.command.id}") or b"")
+    assert (entry["vehicles"], entry.get("single")) == ({"V-1": "authorized"}, True)
 
 
 PARTS = 4
