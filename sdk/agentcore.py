@@ -40,7 +40,8 @@ HELD_PER_VEHICLE: Final = 64
 STATUS_INTERVAL_S: Final = 5.0
 #: Per vehicle, the answers remembered in the agent's store for re-sending if the bus reports
 #: their uplink epoch unknown (docs/wire-format.md V2.7.1): those of the last 4 uplink epochs
-#: answered in, and at most 32 KiB of their command ids (910 UUIDv7 ids), oldest dropped first.
+#: answered in, and at most 32 KiB of their command ids (910 UUIDv7 ids; past it the oldest go
+#: until 24 KiB remain).
 ANSWER_EPOCHS: Final = 4
 ANSWER_ID_BYTES: Final = 32 * 1024
 #: Directory capability of the bus sealer (and vehicles) announcing wire format v2.

@@ -209,8 +209,9 @@ class ExecutedStore:
     ) -> None:
         """Remember the uplink epoch of each ``(vehicle_id, epoch_id, command_id)`` answer sent,
         in one transaction (durable when this returns). Per vehicle only the ``epochs`` epochs
-        answered in last and ``id_bytes`` bytes of command ids are kept: beyond either, the
-        oldest answers are forgotten first."""
+        answered in last and at most ``id_bytes`` bytes of command ids are kept, the oldest
+        answers forgotten first; past ``id_bytes``, down to three quarters of it, so that the
+        trim runs once per quarter of the bound, not on every write."""
         if not answers:
             return
         with self._lock, self._transaction():
@@ -220,19 +221,26 @@ class ExecutedStore:
                 answers,
             )
             for vehicle_id in sorted({vid for vid, _, _ in answers}):
-                self._db.execute(
-                    "DELETE FROM answered WHERE vehicle_id = ? AND epoch_id NOT IN ("
-                    " SELECT epoch_id FROM answered WHERE vehicle_id = ?"
-                    " GROUP BY epoch_id ORDER BY MAX(n) DESC LIMIT ?)",
-                    (vehicle_id, vehicle_id, epochs),
-                )
-                self._db.execute(
-                    "DELETE FROM answered WHERE vehicle_id = ? AND n <= ("
-                    " SELECT MAX(n) FROM (SELECT n, SUM(length(CAST(command_id AS BLOB)))"
-                    " OVER (ORDER BY n DESC) AS newer FROM answered WHERE vehicle_id = ?)"
-                    " WHERE newer > ?)",
-                    (vehicle_id, vehicle_id, id_bytes),
-                )
+                kept, size = self._db.execute(
+                    "SELECT COUNT(DISTINCT epoch_id), SUM(length(CAST(command_id AS BLOB)))"
+                    " FROM answered WHERE vehicle_id = ?",
+                    (vehicle_id,),
+                ).fetchone()
+                if kept > epochs:
+                    self._db.execute(
+                        "DELETE FROM answered WHERE vehicle_id = ? AND epoch_id NOT IN ("
+                        " SELECT epoch_id FROM answered WHERE vehicle_id = ?"
+                        " GROUP BY epoch_id ORDER BY MAX(n) DESC LIMIT ?)",
+                        (vehicle_id, vehicle_id, epochs),
+                    )
+                if size > id_bytes:
+                    self._db.execute(
+                        "DELETE FROM answered WHERE vehicle_id = ? AND n <= ("
+                        " SELECT MAX(n) FROM (SELECT n, SUM(length(CAST(command_id AS BLOB)))"
+                        " OVER (ORDER BY n DESC) AS newer FROM answered WHERE vehicle_id = ?)"
+                        " WHERE newer > ?)",
+                        (vehicle_id, vehicle_id, id_bytes * 3 // 4),
+                    )
 
     def answers(self, vehicle_id: str, epoch_id: bytes) -> EpochAnswers:
         """The answers ``vehicle_id`` sent in uplink ``epoch_id``, as far as the store has them.

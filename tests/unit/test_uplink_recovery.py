@@ -327,12 +327,19 @@ def test_the_answers_remembered_per_vehicle_are_bounded_by_epochs_and_bytes(
     store.record_answers([("V-1", b"\x77" * 8, "new")], **bounds)
     assert store.answers("V-1", epochs[2]).command_ids == ("cmd-2", "again")
     assert not store.answers("V-1", epochs[3]).command_ids
-    # Bytes: a vehicle answering many commands in one epoch keeps its newest answers only.
+    # Bytes: a vehicle answering many commands in one epoch keeps its newest answers only,
+    # never more than the bound; past it, down to three quarters of it.
     ids = [f"{n:036d}" for n in range(2 * ANSWER_ID_BYTES // 36)]
-    store.record_answers([("V-3", b"\x42" * 8, cid) for cid in ids], **bounds)
+    for start in range(0, len(ids), 100):
+        chunk = ids[start : start + 100]
+        store.record_answers([("V-3", b"\x42" * 8, c) for c in chunk], **bounds)
+        kept_ids = store.answers("V-3", b"\x42" * 8).command_ids
+        assert 36 * len(kept_ids) <= ANSWER_ID_BYTES
+        assert kept_ids == tuple(ids[start + len(chunk) - len(kept_ids) : start + len(chunk)])
+    more = [("V-3", b"\x42" * 8, f"{n:036d}") for n in range(10**6, 10**6 + 1000)]
+    store.record_answers(more, **bounds)
     kept_ids = store.answers("V-3", b"\x42" * 8).command_ids
-    assert len(kept_ids) == ANSWER_ID_BYTES // 36
-    assert kept_ids == tuple(ids[-len(kept_ids) :])
+    assert len(kept_ids) == ANSWER_ID_BYTES * 3 // 4 // 36
     assert store.answers("V-2", epochs[-1]).command_ids == (f"cmd-{len(epochs) - 1}",)
     store.close()
 
