@@ -93,8 +93,9 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
     - ``directory``: the verified key directory (issuers, the bus sealer, the vehicles).
     - ``minimum_path``: the weakest key path the vehicles accept for commands.
     - ``handlers``: action name -> handler; an action without a handler is answered 404.
-    - ``store_path``: the agent's SQLite file: executed commands, v2 epochs and the v2
-      messages held until their epoch is delivered again.
+    - ``store_path``: the agent's SQLite file: executed commands, v2 epochs, the v2
+      messages held until their epoch is delivered again, and the uplink epoch of each v2
+      answer (sent again if the bus reports that epoch unknown, also after a restart).
     - ``qkd_provider``: for QKD-connected edge units, a ``QKDProvider`` configured for the unit's
       SAE (``sae_id`` = the unit, ``master_sae_id`` = the bus sealer's SAE), so that envelopes
       sealed on a ``qkd-etsi014+...`` key path can be opened.
