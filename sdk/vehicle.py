@@ -445,7 +445,7 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
             self._key_reader.close()
         self.transport.close()
         try:
-            self._record_answered()  # answers sent outside a poll (``publish``, tests)
+            self._record_answered()  # answers sent outside ``poll_once`` (tests, embedders)
         except sqlite3.Error as exc:
             _log.warning("uplink epochs of %d answers not recorded (%s)", len(self._answered), exc)
         self.store.close()
