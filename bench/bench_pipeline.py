@@ -39,7 +39,7 @@ when the whole backlog was on the broker before that window opened), end-to-end 
 (publish → response record read; scheduled send time, so no coordinated omission) at 25/50/80%
 of the plaintext ceiling of the same partition count (open-loop offered load), CPU seconds per
 command of the worker + vehicle processes (``/proc/<pid>/stat``) and bytes per command on every
-topic. Writes bench/results/pipeline.{json,md} and latency.png.
+topic. Writes bench/results/pipeline.{json,md} and, with matplotlib (the bench extra), latency.png.
 """
 
 from __future__ import annotations
@@ -347,11 +347,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "pipeline.md").write_text(markdown(report))
-    plot(report, args.out / "latency.png")
+    written = ["pipeline.md"]
+    try:
+        plot(report, args.out / "latency.png")
+        written.append("latency.png")
+    except ModuleNotFoundError as exc:
+        print(
+            f"latency.png not written: {exc.name} is missing (the bench extra: "
+            "pip install -e '.[bench]')",
+            flush=True,
+        )
     print_table(report)
     if "floor" in report:
         bench_floor.print_report(report["floor"])
-    print(f"wrote {args.out / 'pipeline.json'}, pipeline.md, latency.png", flush=True)
+    print(f"wrote {args.out / 'pipeline.json'}, {', '.join(written)}", flush=True)
     return 0
 
 

@@ -6,7 +6,6 @@ trace-context helpers, and ``AgentCore``: the attributes and the cross-part meth
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -39,8 +38,12 @@ UPLINK_TTL_S: Final = 300.0
 #: for again (docs/wire-format.md V2.7), and the seconds between two statuses of one vehicle.
 HELD_PER_VEHICLE: Final = 64
 STATUS_INTERVAL_S: Final = 5.0
-#: Uplink epochs per vehicle whose answers are remembered for re-sending (``answered_in``).
+#: Per vehicle, the answers remembered in the agent's store for re-sending if the bus reports
+#: their uplink epoch unknown (docs/wire-format.md V2.7.1): those of the last 4 uplink epochs
+#: answered in, and at most 32 KiB of their command ids (910 UUIDv7 ids; past it the oldest go
+#: until 24 KiB remain).
 ANSWER_EPOCHS: Final = 4
+ANSWER_ID_BYTES: Final = 32 * 1024
 #: Directory capability of the bus sealer (and vehicles) announcing wire format v2.
 WIRE2_CAPABILITY: Final = "wire2"
 #: How long an executed command id is remembered after its expiry (envelopes expire first).
@@ -79,9 +82,6 @@ class ServedVehicle:
     readings: list[tuple[float, dict[str, ParamValue]]] = field(default_factory=list)
     batch_bytes: int = 0
     batch_started: float = 0.0
-    # Command ids answered in each of the last ANSWER_EPOCHS uplink epochs, oldest first: what
-    # is sent again when the bus reports one of them unknown (docs/wire-format.md V2.7).
-    answered_in: OrderedDict[bytes, list[str]] = field(default_factory=OrderedDict)
 
 
 @dataclass
@@ -158,6 +158,9 @@ class AgentCore:
     _status_at: dict[str, float]  # when each vehicle last sent an epoch_unknown status
     _asked: dict[str, dict[bytes, float]]  # when each of its held epochs was last asked about
     _status_owed: set[str]  # vehicles whose status the interval held back
+    # (vehicle id, uplink epoch id, command id) of answers sent since the store last recorded
+    # them (``_record_answered``): written before the records' offsets are committed.
+    _answered: list[tuple[str, bytes, str]]
     _responses: str
     _telemetry: str
     _client_id: str
@@ -245,4 +248,7 @@ class AgentCore:
         raise NotImplementedError
 
     def _publish_response(self, vehicle: ServedVehicle, response: Response) -> list[Any]:
+        raise NotImplementedError
+
+    def _record_answered(self) -> None:
         raise NotImplementedError

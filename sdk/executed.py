@@ -1,6 +1,6 @@
 """The execute-once store of a vehicle agent: which commands each vehicle started and finished,
-the response it gave, and the wire-format-v2 messages it holds until their epoch is delivered
-again (SQLite, fsync'ed on every commit)."""
+the response it gave, the wire-format-v2 messages it holds until their epoch is delivered
+again, and which uplink epoch each answer went in (SQLite, fsync'ed on every commit)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
-__all__ = ["ExecutedStore", "HeldMessage"]
+__all__ = ["EpochAnswers", "ExecutedStore", "HeldMessage"]
+
+#: Longest command id the store gives back (the wire's text limit, bus.commands).
+_MAX_ID: Final = 256
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,14 @@ class HeldMessage:
     digest: bytes  # SHA-256 of ``record``: identifies it (a redelivery is the same message)
     record: bytes
     topic: str
+
+
+@dataclass(frozen=True)
+class EpochAnswers:
+    """What the store remembers of the answers sent in one uplink epoch (``answers``)."""
+
+    command_ids: tuple[str, ...]  # in the order they were sent
+    unreadable: tuple[str, ...]  # why each corrupt entry was refused
 
 
 class ExecutedStore:
@@ -37,6 +49,10 @@ class ExecutedStore:
     committed once held, so they must survive a restart until the establishment comes again.
     They are unauthenticated bytes: a message is identified by its digest, not by the epoch
     id and sequence in its clear header, so a forged header cannot displace a genuine message.
+
+    And it remembers in which uplink epoch each answer went (``record_answers``), so that the
+    answers of an epoch the bus reports unknown are sent again by this process or a later one
+    (docs/wire-format.md V2.7.1). Only command ids: the responses are the ``executed`` rows.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -58,6 +74,12 @@ class ExecutedStore:
             " vehicle_id TEXT NOT NULL, digest BLOB NOT NULL, epoch_id BLOB NOT NULL,"
             " sequence INTEGER NOT NULL, expires_at REAL NOT NULL, record BLOB NOT NULL,"
             " topic TEXT NOT NULL, PRIMARY KEY (vehicle_id, digest))"
+        )
+        # ``n`` orders the answers (SQLite gives a new row a rowid above every existing one).
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS answered ("
+            " n INTEGER PRIMARY KEY, vehicle_id TEXT NOT NULL, epoch_id BLOB NOT NULL,"
+            " command_id TEXT NOT NULL, UNIQUE (vehicle_id, epoch_id, command_id))"
         )
 
     def lookup(self, vehicle_id: str, command_id: str) -> tuple[str, bytes | None] | None:
@@ -182,13 +204,86 @@ class ExecutedStore:
                 [(vehicle_id, d) for d in digests],
             )
 
+    def record_answers(
+        self, answers: Sequence[tuple[str, bytes, str]], *, epochs: int, id_bytes: int
+    ) -> None:
+        """Remember the uplink epoch of each ``(vehicle_id, epoch_id, command_id)`` answer sent,
+        in one transaction (durable when this returns). Per vehicle only the ``epochs`` epochs
+        answered in last and at most ``id_bytes`` bytes of command ids are kept, the oldest
+        answers forgotten first; past ``id_bytes``, down to three quarters of it, so that the
+        trim runs once per quarter of the bound, not on every write."""
+        if not answers:
+            return
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "INSERT OR IGNORE INTO answered (vehicle_id, epoch_id, command_id)"
+                " VALUES (?, ?, ?)",
+                answers,
+            )
+            for vehicle_id in sorted({vid for vid, _, _ in answers}):
+                kept, size = self._db.execute(
+                    "SELECT COUNT(DISTINCT epoch_id), SUM(length(CAST(command_id AS BLOB)))"
+                    " FROM answered WHERE vehicle_id = ?",
+                    (vehicle_id,),
+                ).fetchone()
+                if kept > epochs:
+                    self._db.execute(
+                        "DELETE FROM answered WHERE vehicle_id = ? AND epoch_id NOT IN ("
+                        " SELECT epoch_id FROM answered WHERE vehicle_id = ?"
+                        " GROUP BY epoch_id ORDER BY MAX(n) DESC LIMIT ?)",
+                        (vehicle_id, vehicle_id, epochs),
+                    )
+                if size > id_bytes:
+                    self._db.execute(
+                        "DELETE FROM answered WHERE vehicle_id = ? AND n <= ("
+                        " SELECT MAX(n) FROM (SELECT n, SUM(length(CAST(command_id AS BLOB)))"
+                        " OVER (ORDER BY n DESC) AS newer FROM answered WHERE vehicle_id = ?)"
+                        " WHERE newer > ?)",
+                        (vehicle_id, vehicle_id, id_bytes * 3 // 4),
+                    )
+
+    def answers(self, vehicle_id: str, epoch_id: bytes) -> EpochAnswers:
+        """The answers ``vehicle_id`` sent in uplink ``epoch_id``, as far as the store has them.
+        An entry that is not a command id (a corrupt file, a bad write) is refused, not given
+        back, and said why in ``unreadable``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT n, command_id FROM answered WHERE vehicle_id = ? AND epoch_id = ?"
+                " ORDER BY n",
+                (vehicle_id, epoch_id),
+            ).fetchall()
+        ids: list[str] = []
+        unreadable: list[str] = []
+        for n, command_id in rows:
+            if type(command_id) is str and 0 < len(command_id) <= _MAX_ID and command_id.isascii():
+                ids.append(command_id)
+            else:
+                size = len(command_id) if isinstance(command_id, str | bytes) else 0
+                unreadable.append(
+                    f"answer entry {n} of uplink epoch {epoch_id.hex()} in {self.path} is not a"
+                    f" command id (a {type(command_id).__name__} of length {size})"
+                )
+        return EpochAnswers(tuple(ids), tuple(unreadable))
+
+    def forget_answers(self, vehicle_id: str, epoch_id: bytes) -> None:
+        """Forget the answers of an uplink epoch once they were sent again (durable)."""
+        with self._lock, self._transaction():
+            self._db.execute(
+                "DELETE FROM answered WHERE vehicle_id = ? AND epoch_id = ?", (vehicle_id, epoch_id)
+            )
+
     def prune(self, now: float, *, skew_s: float = 0.0) -> int:
-        """Forget commands whose envelopes can no longer be opened (expired + grace) and held
-        messages past their expiry (+ ``skew_s``, the clock skew the opener allows)."""
+        """Forget commands whose envelopes can no longer be opened (expired + grace), held
+        messages past their expiry (+ ``skew_s``, the clock skew the opener allows), and the
+        answers whose command is forgotten (nothing left to send again)."""
         with self._lock:
             executed = self._db.execute("DELETE FROM executed WHERE keep_until < ?", (now,))
             held = self._db.execute("DELETE FROM held WHERE expires_at < ?", (now - skew_s,))
-            return executed.rowcount + held.rowcount
+            answered = self._db.execute(
+                "DELETE FROM answered WHERE NOT EXISTS (SELECT 1 FROM executed e WHERE"
+                " e.vehicle_id = answered.vehicle_id AND e.command_id = answered.command_id)"
+            )
+            return executed.rowcount + held.rowcount + answered.rowcount
 
     def close(self) -> None:
         with self._lock:

@@ -214,11 +214,11 @@ class InboundPart(AgentCore):
     def _renew_uplink(self, vehicle: ServedVehicle, value: bytes, topic: str) -> list[Any]:
         """The bus's ``uplink_epoch_unknown`` (docs/wire-format.md V2.7, "Uplink recovery"):
         verified (the bus sealer's signature, addressed to this vehicle on this topic, fresh),
-        and acted on only for an uplink epoch this vehicle has open or answered in. That epoch
-        ends — the next message opens a new one with a new establishment, never the old epoch
-        again, whose replay window the bus lost — and the answers sent in it go again from the
-        executed-command store (answered, never executed again). Telemetry sent in it is not
-        sent again (docs/sdk.md)."""
+        and acted on only for an uplink epoch this vehicle has open or whose answers its store
+        remembers (also those of an earlier process). That epoch ends — the next message opens
+        a new one with a new establishment, never the old epoch again, whose replay window the
+        bus lost — and the answers sent in it go again from the executed-command store
+        (answered, never executed again). Telemetry sent in it is not sent again (docs/sdk.md)."""
         from fleetbus.bus.envelope_v2 import StatusCode
         from fleetbus.providers.sealing_v2 import open_status
 
@@ -239,21 +239,35 @@ class InboundPart(AgentCore):
         except FleetbusError as exc:
             self._reject(exc.reason, f"{vid}: uplink epoch status refused: {exc}")
             return []
-        ended = vehicle.uplink_v2.end(status.epoch_id)
-        answered = vehicle.answered_in.get(status.epoch_id)
-        if ended is None and answered is None:
+        epoch = status.epoch_id
+        ended = vehicle.uplink_v2.end(epoch)
+        try:
+            self._record_answered()  # answers of this poll batch may be in that epoch too
+            answers = self.store.answers(vid, epoch)
+        except sqlite3.Error as error:
+            # The status is read again after a back-off; the epoch, though ended, is still
+            # remembered in the store then.
+            raise RetryLater(f"reading the answers of an uplink epoch: {error}") from error
+        if ended is None and not answers.command_ids and not answers.unreadable:
             # Already renewed (a second status, or one replayed inside its freshness window),
-            # or an epoch of an earlier process: nothing to do, and nothing is sent.
+            # or an epoch this vehicle never answered in: nothing to do, and nothing is sent.
             self._reject(ReasonCode.REPLAYED, f"{vid}: status for an epoch not open here")
             return []
         self.stats.uplink_renewed += 1
-        _log.info("%s: bus lacks uplink epoch %s; renewed", vid, status.epoch_id.hex())
+        _log.info("%s: bus lacks uplink epoch %s; renewed", vid, epoch.hex())
+        for why in answers.unreadable:
+            # Its command's outcome is reported expired by the track stage, as for a lost answer.
+            self.stats.errors += 1
+            _log.error("%s: %s; refused, that answer is not sent again", vid, why)
         out: list[Any] = []
-        for command_id in dict.fromkeys(answered or []):
+        for command_id in answers.command_ids:
             out.extend(self._republish(vehicle, command_id))
-        # Forgotten only once all went: a failure (RetryLater) reads the status again, and the
-        # epoch, though ended, is still remembered, so its answers are sent then.
-        vehicle.answered_in.pop(status.epoch_id, None)
+        # Forgotten only once all went: a failure (RetryLater) reads the status again and
+        # finds them still there; forgotten, a replayed status finds nothing and sends nothing.
+        try:
+            self.store.forget_answers(vid, epoch)
+        except sqlite3.Error as error:
+            raise RetryLater(f"forgetting the answers of an uplink epoch: {error}") from error
         return out
 
     def _release_held(self, vehicle: ServedVehicle, epoch_id: bytes) -> list[Any]:

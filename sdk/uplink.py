@@ -21,6 +21,7 @@ from fleetbus.bus.errors import ConfigError, FleetbusError, KafkaUnavailableErro
 from fleetbus.observability.tracing import get_tracer, send_span
 from fleetbus.sdk.agentcore import (
     ANSWER_EPOCHS,
+    ANSWER_ID_BYTES,
     UPLINK_TTL_S,
     WIRE2_CAPABILITY,
     AgentCore,
@@ -124,18 +125,24 @@ class UplinkPart(AgentCore):
         )  # fmt: skip
         [records] = vehicle.uplink_v2.records_for([prepared])
         if kind is MessageKind.RESPONSE:
-            # Remembered to be sent again if the bus reports this epoch unknown (bounded: the
-            # last ANSWER_EPOCHS epochs, each at most its max messages).
-            answered = vehicle.answered_in
-            answered.setdefault(prepared.epoch_id, []).append(message_id)
-            answered.move_to_end(prepared.epoch_id)
-            while len(answered) > ANSWER_EPOCHS:
-                answered.popitem(last=False)
+            # Remembered, in the store, to be sent again if the bus reports this epoch unknown.
+            self._answered.append((vehicle.identity.vehicle_id, prepared.epoch_id, message_id))
         if len(records) == 1:
             return records, None
         # Messages go without the establishment only once the broker acknowledged it; until
         # then every message carries it again.
         return records, partial(_announce, vehicle.uplink_v2, prepared.epoch_id)
+
+    def _record_answered(self) -> None:
+        """Write the uplink epochs of the answers sent since the last call to the store, in one
+        durable transaction (raises ``sqlite3.Error``; then they stay to be written again). A
+        restarted agent then still sends them again when the bus reports their epoch unknown
+        (docs/wire-format.md V2.7.1)."""
+        if self._answered:
+            self.store.record_answers(
+                self._answered, epochs=ANSWER_EPOCHS, id_bytes=ANSWER_ID_BYTES
+            )
+            self._answered = []
 
     def _seal(
         self,

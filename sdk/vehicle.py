@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -92,8 +93,9 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
     - ``directory``: the verified key directory (issuers, the bus sealer, the vehicles).
     - ``minimum_path``: the weakest key path the vehicles accept for commands.
     - ``handlers``: action name -> handler; an action without a handler is answered 404.
-    - ``store_path``: the agent's SQLite file: executed commands, v2 epochs and the v2
-      messages held until their epoch is delivered again.
+    - ``store_path``: the agent's SQLite file: executed commands, v2 epochs, the v2
+      messages held until their epoch is delivered again, and the uplink epoch of each v2
+      answer (sent again if the bus reports that epoch unknown, also after a restart).
     - ``qkd_provider``: for QKD-connected edge units, a ``QKDProvider`` configured for the unit's
       SAE (``sae_id`` = the unit, ``master_sae_id`` = the bus sealer's SAE), so that envelopes
       sealed on a ``qkd-etsi014+...`` key path can be opened.
@@ -196,6 +198,7 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
         # Wire format v2 epochs live in the same durable file as the executed commands.
         self.epochs = SqliteEpochStore(store_path)
         self._status_at: dict[str, float] = {}
+        self._answered: list[tuple[str, bytes, str]] = []
         self._asked: dict[str, dict[bytes, float]] = {}
         self._vehicles: dict[str, ServedVehicle] = {}
         for item in vehicles:
@@ -343,9 +346,14 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
         try:
             for future in pending:
                 future.get(timeout=30)
-        except KafkaError as exc:
-            # Answers not confirmed: commit nothing; the records come again after a seek.
-            _log.warning("responses not acknowledged (%s); redelivering", type(exc).__name__)
+            # Before the offsets: an answer whose record is committed has its epoch on disk.
+            self._record_answered()
+        except (KafkaError, sqlite3.Error) as exc:
+            # Answers not confirmed or their epochs not recorded: commit nothing; the records
+            # come again after a seek and are answered again from the store.
+            _log.warning(
+                "answers not acknowledged or not recorded (%s); redelivering", type(exc).__name__
+            )
             self.stats.errors += 1
             for tp in done:
                 committed = self.transport.committed(tp)
@@ -436,6 +444,10 @@ class VehicleAgent(InboundPart, ExecutionPart, UplinkPart):
         if self._key_reader is not None:
             self._key_reader.close()
         self.transport.close()
+        try:
+            self._record_answered()  # answers sent outside ``poll_once`` (tests, embedders)
+        except sqlite3.Error as exc:
+            _log.warning("uplink epochs of %d answers not recorded (%s)", len(self._answered), exc)
         self.store.close()
         self.epochs.close()
 

@@ -1,12 +1,14 @@
 """Uplink recovery on the real broker (issue 13, docs/wire-format.md V2.7.1): the bus lacks the
 uplink epoch a vehicle answers in; the response stage asks the vehicle with a bus-signed
 ``uplink_epoch_unknown`` status on ``commands.outbound``, the vehicle opens a new epoch, sends
-its answer again, and the command's outcome is reported — executed once."""
+its answer again, and the command's outcome is reported — executed once. The agent is restarted
+between its answer and the bus's status: the new process finds the answer's epoch in the store."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from fleetbus.bus.commands import CommandState, Target
 from fleetbus.bus.envelope import MessageKind
@@ -30,23 +32,30 @@ def test_an_answer_in_an_uplink_epoch_the_bus_lacks_is_recovered(
         worker_env(settings, tmp_path, FLEETBUS_WIRE_VERSION="2"), tmp_path / "worker.log"
     )
     executions = Executions()
-    agent = VehicleAgent(
-        settings,
-        vehicles=fleet.vehicles(),
-        directory=fleet.directory,
-        minimum_path="xwing",
-        handlers={"ping": executions.handler},
-        store_path=tmp_path / "agent.sqlite",
-    ).start()
+    store = tmp_path / "agent.sqlite"
+
+    def agent_process() -> VehicleAgent:
+        return VehicleAgent(
+            settings,
+            vehicles=fleet.vehicles(),
+            directory=fleet.directory,
+            minimum_path="xwing",
+            handlers={"ping": executions.handler},
+            store_path=store,
+        )
+
+    agent = agent_process().start()
     publisher = CommandPublisher(
         settings, principal_id=DISPATCHER, private_key_file=fleet.key_file_path(DISPATCHER)
     )
+    outbound = topic(settings, "commands_outbound")
     try:
         first = publisher.send(Target(vehicle="V-0001"), "ping")
         assert wait_final(first, worker).state is CommandState.SUCCEEDED, first.events
         # The bus now holds V-0001's uplink epoch. Give the vehicle one the bus never got
         # (its establishment counted delivered but lost on the way, as when the response
         # stage's state is lost): every later answer of V-0001 is in an epoch the bus lacks.
+        agent.stop()  # polled by hand from here: the process ends right after its answer
         vehicle = agent._vehicles["V-0001"]
         now = time.time()
         sealer_keys = fleet.directory.recipient_keys(settings.sealer_principal, at=now)
@@ -61,18 +70,30 @@ def test_an_answer_in_an_uplink_epoch_the_bus_lacks_is_recovered(
         vehicle.uplink_v2.records_for([prepared])
         vehicle.uplink_v2.announced([prepared.epoch_id])
         second = publisher.send(Target(vehicle="V-0001"), "ping")
+        deadline = time.monotonic() + 60
+        while executions.counts[(second.command_id, "V-0001")] == 0:
+            assert time.monotonic() < deadline, second.events
+            agent.poll_once(0.5)
+        # Answered in the lost epoch and committed; the agent stops before the bus's status.
+        agent.close()
+        asked: list[Any] = []
+        while not asked:
+            assert time.monotonic() < deadline, dlq_letters(settings)
+            records = read_topic(kafka_bootstrap, outbound, idle_s=1.0)
+            parsed = [decode_record(r.value) for r in records if r.key == b"V-0001"]
+            asked = [s.status for s in parsed if isinstance(s, ParsedStatus)]
+        assert [(s.code, s.epoch_id) for s in asked] == [
+            (StatusCode.UPLINK_EPOCH_UNKNOWN, prepared.epoch_id)
+        ]
+        # A new process on the same store reads the status and sends the answer again.
+        agent = agent_process().start()
         outcome = wait_final(second, worker, timeout_s=90)
         assert outcome.state is CommandState.SUCCEEDED, (second.events, dlq_letters(settings))
         assert executions.counts[(second.command_id, "V-0001")] == 1
         assert agent.stats.uplink_renewed == 1
-        # The lost answer was dead-lettered epoch_unknown, and the bus's status went to V-0001.
+        assert agent.stats.executed == 0  # answered from the store, nothing executed again
+        # The lost answer was dead-lettered epoch_unknown.
         assert "epoch_unknown" in [d.reason.value for d in dlq_letters(settings)]
-        outbound = read_topic(kafka_bootstrap, topic(settings, "commands_outbound"))
-        statuses = [decode_record(r.value) for r in outbound if r.key == b"V-0001"]
-        asked = [s.status for s in statuses if isinstance(s, ParsedStatus)]
-        assert [(s.code, s.epoch_id) for s in asked] == [
-            (StatusCode.UPLINK_EPOCH_UNKNOWN, prepared.epoch_id)
-        ]
     finally:
         publisher.close()
         agent.close()

@@ -234,3 +234,142 @@ def test_answers_are_sent_when_the_status_is_read_again_after_a_failed_send(
     (_, again) = responses(vehicles)[-1]
     assert again != message
     assert list(vehicles.executed.values()) == [1]
+
+
+# -- after a restart: the answers' epochs are in the agent's store (wire-format V2.7.1) --------
+
+
+def answers_in_one_epoch(fleet: Fleet, tmp_path: Path, count: int) -> tuple[Vehicles, list[str]]:
+    """A vehicle that executed and answered ``count`` commands in one uplink epoch: the agent
+    and the commands' ids."""
+    vehicles = Vehicles(fleet, tmp_path)
+    stage = seal_stage(fleet)
+    ids = []
+    for _ in range(count):
+        auth = authorized(fleet, "V-1")
+        ids.append((auth.key or b"").decode())
+        for out in outputs(stage.process(auth, PartitionState(), NOW), TOPICS.outbound):
+            vehicles.feed(out.value, out.key)
+    return vehicles, ids
+
+
+def status_for(fleet: Fleet, message: bytes) -> bytes:
+    """The bus's ``uplink_epoch_unknown`` for the epoch of ``message`` (a fresh stage state)."""
+    stage = asking(response_stage(fleet), fleet)
+    [status] = outputs(feed_stage(stage, PartitionState(), "V-1", message), TOPICS.outbound)
+    return bytes(status.value)
+
+
+def restarted(fleet: Fleet, tmp_path: Path, before: Vehicles) -> Vehicles:
+    """A new agent process on the same store file (the old one closed)."""
+    before.agent.close()
+    return Vehicles(fleet, tmp_path)
+
+
+def test_answers_are_sent_again_by_an_agent_restarted_after_sending_them(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """Regression: the list of answers per uplink epoch lived in the process, so a status that
+    reached a restarted agent sent nothing and the bus never learnt the outcome. Now the store
+    keeps each answer's epoch; the new process sends the answer again, executing nothing."""
+    vehicles, auth, message = answered_vehicle(fleet, tmp_path)
+    cid = (auth.key or b"").decode()
+    status = status_for(fleet, message)
+    after = restarted(fleet, tmp_path, vehicles)
+    after.feed(status, b"V-1")
+    assert after.agent.stats.uplink_renewed == 1
+    (_, est), (key, again) = responses(after)
+    assert key == "V-1"
+    # The bus (a fresh response-stage state, as after its loss) verifies it: the outcome counts.
+    path = ResponsePath(
+        topics=TOPICS,
+        opener=response_stage(fleet).opener,
+        clock_skew_s=30,
+        max_message_bytes=64 * 1024,
+        sealer_principal="bus-sealer",
+        v2_openers=response_stage(fleet).v2_openers,
+    )
+    track_state = PartitionState()
+    path.process(auth, track_state, NOW)
+    assert path.process(record_of("V-1", est), track_state, NOW).outputs == []
+    answered = path.process(record_of("V-1", again), track_state, NOW)
+    [event] = [StatusEvent.decode(o.value) for o in outputs(answered, TOPICS.status)]
+    assert (event.command_id, str(event.state)) == (cid, "succeeded")
+    assert list(vehicles.executed.values()) == [1]
+    assert not after.executed  # answered from the store, never executed again
+    # Forgotten once sent, durably: the same status again, here or after another restart, is a
+    # replay and sends nothing.
+    sent = len(after.sent)
+    after.feed(status, b"V-1")
+    assert len(after.sent) == sent
+    third = restarted(fleet, tmp_path, after)
+    third.feed(status, b"V-1")
+    assert (third.sent, third.agent.stats.uplink_renewed) == ([], 0)
+
+
+def test_the_answers_remembered_per_vehicle_are_bounded_by_epochs_and_bytes(
+    tmp_path: Path,
+) -> None:
+    from fleetbus.sdk.agentcore import ANSWER_EPOCHS, ANSWER_ID_BYTES
+    from fleetbus.sdk.executed import ExecutedStore
+
+    store = ExecutedStore(tmp_path / "agent.sqlite")
+    bounds = {"epochs": ANSWER_EPOCHS, "id_bytes": ANSWER_ID_BYTES}
+    epochs = [bytes([i]) * 8 for i in range(ANSWER_EPOCHS + 2)]
+    for i, epoch in enumerate(epochs):
+        store.record_answers([("V-1", epoch, f"cmd-{i}"), ("V-2", epoch, f"cmd-{i}")], **bounds)
+    # The last ANSWER_EPOCHS epochs answered in, per vehicle; the oldest forgotten.
+    for vid in ("V-1", "V-2"):
+        kept = [e for e in epochs if store.answers(vid, e).command_ids]
+        assert kept == epochs[-ANSWER_EPOCHS:]
+    # An epoch answered in again counts as recent.
+    store.record_answers([("V-1", epochs[2], "again")], **bounds)
+    store.record_answers([("V-1", b"\x77" * 8, "new")], **bounds)
+    assert store.answers("V-1", epochs[2]).command_ids == ("cmd-2", "again")
+    assert not store.answers("V-1", epochs[3]).command_ids
+    # Bytes: a vehicle answering many commands in one epoch keeps its newest answers only,
+    # never more than the bound; past it, down to three quarters of it.
+    ids = [f"{n:036d}" for n in range(2 * ANSWER_ID_BYTES // 36)]
+    for start in range(0, len(ids), 100):
+        chunk = ids[start : start + 100]
+        store.record_answers([("V-3", b"\x42" * 8, c) for c in chunk], **bounds)
+        kept_ids = store.answers("V-3", b"\x42" * 8).command_ids
+        assert 36 * len(kept_ids) <= ANSWER_ID_BYTES
+        assert kept_ids == tuple(ids[start + len(chunk) - len(kept_ids) : start + len(chunk)])
+    more = [("V-3", b"\x42" * 8, f"{n:036d}") for n in range(10**6, 10**6 + 1000)]
+    store.record_answers(more, **bounds)
+    kept_ids = store.answers("V-3", b"\x42" * 8).command_ids
+    assert len(kept_ids) == ANSWER_ID_BYTES * 3 // 4 // 36
+    assert store.answers("V-2", epochs[-1]).command_ids == (f"cmd-{len(epochs) - 1}",)
+    store.close()
+
+
+def test_a_corrupt_answer_entry_is_refused_and_the_others_are_sent(
+    fleet: Fleet, tmp_path: Path, caplog: Any
+) -> None:
+    import logging
+    import sqlite3
+
+    vehicles, ids = answers_in_one_epoch(fleet, tmp_path, 2)
+    _est, first, _second = [v for _k, v in responses(vehicles)]
+    status = status_for(fleet, first)
+    vehicles.agent.close()
+    with sqlite3.connect(tmp_path / "agent.sqlite") as db:
+        db.execute("UPDATE answered SET command_id = X'00ff' WHERE command_id = ?", (ids[0],))
+    db.close()
+    after = Vehicles(fleet, tmp_path)
+    after.transport.feed(TOPICS.outbound, b"V-1", status)
+    with caplog.at_level(logging.ERROR, logger="fleetbus.sdk.vehicle"):
+        assert after.agent.poll_once(0) == 1
+    assert after.agent.stats.uplink_renewed == 1
+    assert after.agent.stats.errors == 1
+    [refusal] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "is not a command id (a bytes of length 2)" in refusal
+    assert "refused, that answer is not sent again" in refusal
+    # The readable answer went again (after the new epoch's establishment); the agent goes on.
+    assert len(responses(after)) == 2
+    assert not after.executed
+    nxt = authorized(fleet, "V-1")
+    for out in outputs(seal_stage(fleet).process(nxt, PartitionState(), NOW), TOPICS.outbound):
+        after.feed(out.value, out.key)
+    assert after.executed[(nxt.key or b"").decode()] == 1
