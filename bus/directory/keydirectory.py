@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from fleetbus.bus.directory.heads import (
@@ -30,6 +31,7 @@ from fleetbus.bus.directory.records import (
     KeyRecord,
     SignedKeyRecord,
     _malformed,
+    signed_record_fields,
 )
 from fleetbus.bus.directory.trust import RootPublicKey, verify_signed_record
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
@@ -40,6 +42,9 @@ from fleetbus.bus.keys import (
 from fleetbus.bus.registry import is_kem_algorithm, load_signature_suite
 
 # --- the directory -------------------------------------------------------------------------
+
+#: Records held as bytes (``ingest_committed``) kept parsed at once, most recently used first.
+PARSED_RECORDS_CACHED = 4096
 
 
 class KeyDirectory:
@@ -70,7 +75,10 @@ class KeyDirectory:
         self.scope = scope
         self._lock = threading.RLock()
         self._root_verifier = root.verifier()
-        self._by_key_id: dict[str, SignedKeyRecord] = {}
+        # A record a head authenticated in bulk is held as its signed bytes (~1.6 kB for a
+        # vehicle, against ~7 kB parsed) and parsed on use into a bounded cache.
+        self._by_key_id: dict[str, SignedKeyRecord | bytes] = {}
+        self._parsed: OrderedDict[str, tuple[bytes, SignedKeyRecord]] = OrderedDict()
         self._by_principal: dict[str, set[str]] = {}
         # Parsing public keys costs more than a signature check; a key id names one set of
         # public keys (it is their hash, checked on ingest), so its verifier never changes.
@@ -85,7 +93,7 @@ class KeyDirectory:
         # Sets whose records matched the current head, as they were then; a set whose records
         # changed since is re-checked lazily (at the next lookup), so a burst of records costs
         # one digest per set, not one per record.
-        self._accepted: dict[int, dict[str, SignedKeyRecord]] = {}
+        self._accepted: dict[int, dict[str, SignedKeyRecord | bytes]] = {}
         self._dirty: set[int] = set()
         if head_store is not None:
             stored = head_store.load(root)
@@ -124,13 +132,17 @@ class KeyDirectory:
             if not self.holds(signed.record):
                 return None
             existing = self._by_key_id.get(signed.record.key_id)
-            if existing is not None and existing == signed:
+            if existing is not None and (
+                existing == signed.to_cbor() if isinstance(existing, bytes) else existing == signed
+            ):
                 # Already verified, byte for byte (re-reading the topic from its start).
-                return existing.record
-            return self._merge(verify_signed_record(signed, self.root, self._root_verifier), signed)
+                return signed.record
+            record = verify_signed_record(signed, self.root, self._root_verifier)
+            held = self._merge(record.key_id, record.principal_id, signed, record=record)
+            return self._parse(record.key_id, held).record
 
     def ingest_committed(
-        self, records: Iterable[SignedKeyRecord], signed_head: SignedDirectoryHead
+        self, records: Iterable[SignedKeyRecord | bytes], signed_head: SignedDirectoryHead
     ) -> None:
         """Bulk-load ``records`` under the head that covers them (a directory file).
 
@@ -139,17 +151,25 @@ class KeyDirectory:
         not verified one by one (that is most of a large fleet's start-up time). The records of
         a set that does not match, and ``scope.own`` records outside the held sets, are
         verified one by one as ``ingest`` does; a set that does not match stays refused.
+
+        A record given as its signed bytes (as a directory file stores it) is checked as far as
+        ``signed_record_fields`` does and, if its set matches, held as those bytes: it is parsed
+        in full when first used.
         """
         with self._lock:
             head = verify_signed_head(signed_head, self.root, self._root_verifier)
             buckets = head.vehicle_buckets
-            by_set: dict[int, dict[str, tuple[SignedKeyRecord, bytes]]] = {}
-            for signed in records:
-                record = signed.record
-                index = record_set(record, buckets)
-                if self.scope.holds(index) or record.principal_id in self.scope.own:
-                    digest = hashlib.sha256(signed.record_cbor).digest()
-                    by_set.setdefault(index, {})[record.key_id] = (signed, digest)
+            by_set: dict[int, dict[str, tuple[SignedKeyRecord | bytes, str, bytes]]] = {}
+            for item in records:
+                if isinstance(item, SignedKeyRecord):
+                    principal, kind = item.record.principal_id, item.record.kind
+                    key_id, record_cbor = item.record.key_id, item.record_cbor
+                else:
+                    principal, kind, key_id, record_cbor = signed_record_fields(item)
+                index = principal_set(principal, kind, buckets)
+                if self.scope.holds(index) or principal in self.scope.own:
+                    digest = hashlib.sha256(record_cbor).digest()
+                    by_set.setdefault(index, {})[key_id] = (item, principal, digest)
             for index, items in sorted(by_set.items()):
                 count, expected = head.sets[index]
                 committed = (
@@ -158,43 +178,73 @@ class KeyDirectory:
                     and not self._members.get(index)
                     and len(items) == count
                     and hmac.compare_digest(
-                        set_digest((k, d) for k, (_, d) in items.items()), expected
+                        set_digest((k, d) for k, (_, _, d) in items.items()), expected
                     )
                 )
-                for signed, digest in items.values():
+                for key_id, (item, principal, digest) in items.items():
                     if committed:
-                        self._merge(signed.record, signed, digest=digest, index=index)
+                        self._merge(key_id, principal, item, digest=digest, index=index)
+                    elif isinstance(item, bytes):
+                        self.ingest(SignedKeyRecord.from_cbor(item))
                     else:
-                        self.ingest(signed)
+                        self.ingest(item)
+
+    def _parse(self, key_id: str, held: SignedKeyRecord | bytes) -> SignedKeyRecord:
+        """``held`` (the value held for ``key_id``, now or when its set was accepted) parsed;
+        the caller holds the lock."""
+        if not isinstance(held, bytes):
+            return held
+        cached = self._parsed.get(key_id)
+        if cached is not None and cached[0] is held:
+            self._parsed.move_to_end(key_id)
+            return cached[1]
+        signed = SignedKeyRecord.from_cbor(held)
+        if signed.record.key_id != key_id:  # the key id was read from these very bytes
+            raise _malformed(f"key record bytes held for {key_id} name another key id")
+        self._parsed[key_id] = (held, signed)
+        self._parsed.move_to_end(key_id)
+        if len(self._parsed) > PARSED_RECORDS_CACHED:
+            self._parsed.popitem(last=False)
+        return signed
 
     def _merge(
         self,
-        record: KeyRecord,
-        signed: SignedKeyRecord,
+        key_id: str,
+        principal_id: str,
+        held: SignedKeyRecord | bytes,
         *,
+        record: KeyRecord | None = None,
         digest: bytes | None = None,
         index: int | None = None,
-    ) -> KeyRecord:
-        existing = self._by_key_id.get(record.key_id)
+    ) -> SignedKeyRecord | bytes:
+        """Hold ``held`` (``record``, if parsed) unless the record held for its key id stays;
+        returns what is held for the key id now."""
+        existing = self._by_key_id.get(key_id)
         if existing is not None:
-            old = existing.record
-            if old.principal_id != record.principal_id:
-                raise _malformed(f"key id {record.key_id} already belongs to another principal")
+            old = self._parse(key_id, existing).record
+            if old.principal_id != principal_id:
+                raise _malformed(f"key id {key_id} already belongs to another principal")
             if old.revoked:
-                return old
-            if not (record.revoked or record.version > old.version):
-                return old
-            self._members[self._index[old.key_id]].discard(old.key_id)
-            self._dirty.add(self._index[old.key_id])
-        self._by_key_id[record.key_id] = signed
-        self._by_principal.setdefault(record.principal_id, set()).add(record.key_id)
-        self._digests[record.key_id] = digest or hashlib.sha256(signed.record_cbor).digest()
-        if index is None:
-            index = record_set(record, self._buckets)
-        self._index[record.key_id] = index
-        self._members.setdefault(index, set()).add(record.key_id)
+                return existing
+            new = record if record is not None else self._parse(key_id, held).record
+            if not (new.revoked or new.version > old.version):
+                return existing
+            self._members[self._index[key_id]].discard(key_id)
+            self._dirty.add(self._index[key_id])
+        self._by_key_id[key_id] = held
+        self._by_principal.setdefault(principal_id, set()).add(key_id)
+        if digest is None:
+            signed = self._parse(key_id, held)
+            digest = hashlib.sha256(signed.record_cbor).digest()
+            if index is None:
+                index = record_set(signed.record, self._buckets)
+        elif index is None:
+            index = record_set(self._parse(key_id, held).record, self._buckets)
+        self._digests[key_id] = digest
+        self._index[key_id] = index
+        self._members.setdefault(index, set()).add(key_id)
         self._dirty.add(index)
-        return record
+        return held
 
     def ingest_head(self, signed: SignedDirectoryHead) -> DirectoryHead:
         """Verify and accept a head; one older than the highest accepted is DIRECTORY_ROLLBACK.
@@ -238,7 +288,8 @@ class KeyDirectory:
             self._buckets = head.vehicle_buckets
             self._members = {}
             for key_id, stored in self._by_key_id.items():
-                index = self._index[key_id] = record_set(stored.record, self._buckets)
+                record = self._parse(key_id, stored).record
+                index = self._index[key_id] = record_set(record, self._buckets)
                 self._members.setdefault(index, set()).add(key_id)
             self._accepted = {}
             self._dirty = set(range(1 + head.vehicle_buckets))
@@ -253,7 +304,7 @@ class KeyDirectory:
             if self.scope.holds(index):
                 self._settle(index)
 
-    def _settle(self, index: int) -> dict[str, SignedKeyRecord] | None:
+    def _settle(self, index: int) -> dict[str, SignedKeyRecord | bytes] | None:
         """The records of set ``index`` that match the current head, or None if they do not."""
         head = self.head
         if head is None:
@@ -284,11 +335,11 @@ class KeyDirectory:
         if self.scope != WHOLE_DIRECTORY:
             raise ConfigError("only a directory holding every record can compute a head")
         entries: list[list[tuple[str, bytes]]] = [[] for _ in range(1 + vehicle_buckets)]
-        for key_id, signed in self._by_key_id.items():
+        for key_id, held in self._by_key_id.items():
             index = (
                 self._index[key_id]
                 if vehicle_buckets == self._buckets
-                else record_set(signed.record, vehicle_buckets)
+                else record_set(self._parse(key_id, held).record, vehicle_buckets)
             )
             entries[index].append((key_id, self._digests[key_id]))
         sets = tuple((len(items), set_digest(items)) for items in entries)
@@ -299,8 +350,11 @@ class KeyDirectory:
             return self._usable_locked(key_id)
 
     def _usable_locked(self, key_id: str) -> SignedKeyRecord | None:
-        signed = self._by_key_id.get(key_id)
-        if signed is None or not self._anchored or signed.record.revoked:
+        held = self._by_key_id.get(key_id)
+        if held is None:
+            return None
+        signed = self._parse(key_id, held)
+        if not self._anchored or signed.record.revoked:
             return signed
         index = self._index[key_id]
         if not self.scope.holds(index):
@@ -313,7 +367,8 @@ class KeyDirectory:
                 "or replayed from before a newer head); refusing their keys",
                 reason=ReasonCode.DIRECTORY_ROLLBACK,
             )
-        return accepted.get(key_id)
+        accepted_held = accepted.get(key_id)
+        return None if accepted_held is None else self._parse(key_id, accepted_held)
 
     def ingest_kafka(
         self, value: bytes | None, key: bytes | None = None
@@ -327,13 +382,15 @@ class KeyDirectory:
         if key is not None and value:
             # Re-reading the topic from its start (every restart): a value identical to the
             # record held under its key id was parsed and verified before.
-            held = self._by_key_id.get(bytes(key).rpartition(b"/")[2].decode(errors="replace"))
-            if (
-                held is not None
-                and kafka_key(held.record) == bytes(key)
-                and held.to_cbor() == bytes(value)
-            ):
-                return held.record
+            key_id = bytes(key).rpartition(b"/")[2].decode(errors="replace")
+            with self._lock:
+                held = self._by_key_id.get(key_id)
+                if held is not None and (
+                    held if isinstance(held, bytes) else held.to_cbor()
+                ) == bytes(value):
+                    record = self._parse(key_id, held).record
+                    if kafka_key(record) == bytes(key):
+                        return record
         if value and self.scope.buckets is not None and bytes(key or b"") != HEAD_KAFKA_KEY:
             # Outside the scope: skipped before parsing (a vehicle agent reading a fleet's topic).
             named = peek_record(bytes(value))
@@ -357,8 +414,10 @@ class KeyDirectory:
         """Every verified record held (merged per key id), covered by the head or not yet."""
         with self._lock:
             held = list(self._by_key_id.values())
+        # Parsed outside the lock and the cache: a listing of the fleet must not evict the
+        # records lookups use.
         return sorted(
-            held,
+            (SignedKeyRecord.from_cbor(s) if isinstance(s, bytes) else s for s in held),
             key=lambda s: (s.record.principal_id, s.record.version, s.record.key_id),
         )
 
