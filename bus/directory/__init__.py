@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from fleetbus.bus.directory.dirfile import (
     DirectoryFile,
+    DirectoryStream,
     load_directory,
     next_head,
+    open_directory_file,
     publish_directory_file,
     read_directory_file,
     sign_directory,
@@ -74,6 +76,7 @@ from fleetbus.bus.directory.records import (
     SignedKeyRecord,
     canonical_cbor,
     derive_key_id,
+    signed_record_fields,
     signing_input,
 )
 from fleetbus.bus.directory.trust import (
@@ -116,6 +119,7 @@ __all__ = [
     "DirectoryFile",
     "DirectoryHead",
     "DirectoryScope",
+    "DirectoryStream",
     "FleetRoot",
     "HeadStore",
     "IssuedKey",
@@ -138,6 +142,7 @@ __all__ = [
     "load_directory",
     "load_key_file",
     "next_head",
+    "open_directory_file",
     "peek_record",
     "principal_set",
     "publish_directory_file",
@@ -147,6 +152,7 @@ __all__ = [
     "save_key_file",
     "set_digest",
     "sign_directory",
+    "signed_record_fields",
     "signing_input",
     "to_kafka",
     "vehicle_agent_scope",

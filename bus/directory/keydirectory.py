@@ -79,7 +79,8 @@ class KeyDirectory:
         # vehicle, against ~7 kB parsed) and parsed on use into a bounded cache.
         self._by_key_id: dict[str, SignedKeyRecord | bytes] = {}
         self._parsed: OrderedDict[str, tuple[bytes, SignedKeyRecord]] = OrderedDict()
-        self._by_principal: dict[str, set[str]] = {}
+        # A principal's key ids: one (most vehicles: a str, not a 200-byte set) or a set.
+        self._by_principal: dict[str, str | set[str]] = {}
         # Parsing public keys costs more than a signature check; a key id names one set of
         # public keys (it is their hash, checked on ingest), so its verifier never changes.
         self._verifiers: dict[str, Verifier] = {}
@@ -232,7 +233,11 @@ class KeyDirectory:
             self._members[self._index[key_id]].discard(key_id)
             self._dirty.add(self._index[key_id])
         self._by_key_id[key_id] = held
-        self._by_principal.setdefault(principal_id, set()).add(key_id)
+        known = self._by_principal.setdefault(principal_id, key_id)
+        if isinstance(known, set):
+            known.add(key_id)
+        elif known != key_id:
+            self._by_principal[principal_id] = {known, key_id}
         if digest is None:
             signed = self._parse(key_id, held)
             digest = hashlib.sha256(signed.record_cbor).digest()
@@ -431,7 +436,8 @@ class KeyDirectory:
                 key_ids: Iterable[str] = list(self._by_key_id)
             else:
                 # Only this principal's records (called per message: not a sort of the fleet).
-                key_ids = list(self._by_principal.get(principal_id, ()))
+                known = self._by_principal.get(principal_id, ())
+                key_ids = [known] if isinstance(known, str) else list(known)
         # The lock is taken per record: a thread listing the whole fleet (the policy refresh)
         # must not hold up the stages' lookups for the length of the list.
         signed = [s for s in map(self._usable, key_ids) if s is not None]
