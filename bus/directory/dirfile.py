@@ -197,12 +197,12 @@ def write_directory_file(
     """Atomically replace the directory file with a head and its records (public, mode 0644);
     a record may be given as its signed bytes (copying a file's records on unparsed)."""
     items = [item if isinstance(item, bytes) else item.to_cbor() for item in records]
-    data = bytearray(canonical_cbor("fmt") + canonical_cbor(DIRECTORY_FILE_FORMAT))
+    data = bytearray(b"\xa3" + canonical_cbor("fmt") + canonical_cbor(DIRECTORY_FILE_FORMAT))
     data += canonical_cbor("head") + canonical_cbor(head.to_cbor()) + canonical_cbor("records")
     data += _array_header(len(items))
     for item in items:
         data += canonical_cbor(item)
-    write_atomic(path, b"\xa3" + data, 0o644)
+    write_atomic(path, bytes(data), 0o644)
 
 
 def _array_header(count: int) -> bytes:
