@@ -276,6 +276,13 @@ def child(mode: str, n: int) -> dict[str, Any]:
         names += ["bus-sealer"] + [f"dispatch-{d}" for d in range(DISPATCHERS)]
         names += [f"approver-{a}" for a in range(APPROVERS)]
         out["records_held"] = sum(len(directory.records(name)) for name in names)
+    if mode == "worker" and os.environ.get("BENCH_LISTING"):
+        # What the worker's policy refresh asks at start and after every head: every record.
+        t = time.perf_counter()
+        listed = directory.records()
+        out["records_listing_s"] = round(time.perf_counter() - t, 3)
+        out["rss_with_listing_mb"] = round(rss_mb(), 1)
+        del listed
     return out
 
 
@@ -495,6 +502,11 @@ def main() -> None:
         default="",
         help="also measure start-ups with this git revision's code (e.g. the branch point)",
     )
+    parser.add_argument(
+        "--listing",
+        action="store_true",
+        help="also time the worker's listing of every record (directory.records())",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--rehead", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--follow", help=argparse.SUPPRESS)
@@ -514,6 +526,8 @@ def main() -> None:
         return
     rows = []
     baseline = baseline_tree(args.baseline) if args.baseline else None
+    if args.listing:
+        os.environ["BENCH_LISTING"] = "1"
     shares = [f"worker-share-{k}" for k in args.shares.split(",") if k]
     for n in sizes:
         fleet_folder(n, check_head=True)

@@ -378,7 +378,9 @@ class KeyDirectory:
                 reason=ReasonCode.DIRECTORY_ROLLBACK,
             )
         accepted_held = accepted.get(key_id)
-        return None if accepted_held is None else self._parse(key_id, accepted_held, cache=cache)
+        if accepted_held is None or accepted_held is held:
+            return None if accepted_held is None else signed
+        return self._parse(key_id, accepted_held, cache=cache)  # changed since the head
 
     def ingest_kafka(
         self, value: bytes | None, key: bytes | None = None
