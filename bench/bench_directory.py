@@ -114,7 +114,7 @@ def rehead(folder: Path) -> None:
         old = stream.head.head
         entries: list[list[tuple[str, bytes]]] = [[] for _ in range(1 + old.vehicle_buckets)]
         for item in stream.records:
-            principal, kind, key_id, record_cbor = fields(item)
+            principal, kind, key_id, record_cbor = fields(item.data)
             index = principal_set(principal, kind, old.vehicle_buckets)
             entries[index].append((key_id, hashlib.sha256(record_cbor).digest()))
     sets = tuple((len(items), set_digest(items)) for items in entries)
@@ -125,7 +125,7 @@ def rehead(folder: Path) -> None:
     head = DirectoryHead(old.seq + 1, old.issued_at, old.vehicle_buckets, sets)
     root = FleetRoot.from_key_file(load_key_file(KeyFolder(folder).root_key))
     with open_directory_file(path) as stream:
-        write_directory_file(path, root.sign_head(head), stream.records)
+        write_directory_file(path, root.sign_head(head), (i.data for i in stream.records))
     print(f"re-signed the head of {folder} for the current bucket function", file=sys.stderr)
 
 

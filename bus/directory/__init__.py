@@ -50,6 +50,7 @@ from fleetbus.bus.directory.headstore import (
 )
 from fleetbus.bus.directory.keydirectory import (
     KeyDirectory,
+    StoredRecord,
 )
 from fleetbus.bus.directory.keyfiles import (
     PrincipalKeyFile,
@@ -129,6 +130,7 @@ __all__ = [
     "RootPublicKey",
     "SignedDirectoryHead",
     "SignedKeyRecord",
+    "StoredRecord",
     "build_head",
     "canonical_cbor",
     "derive_key_id",

@@ -4,6 +4,7 @@ writing, signing the next head and loading a verified ``KeyDirectory`` from it.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from fleetbus.bus.directory.heads import (
     verify_signed_head,
 )
 from fleetbus.bus.directory.headstore import HeadStore
-from fleetbus.bus.directory.keydirectory import KeyDirectory
+from fleetbus.bus.directory.keydirectory import KeyDirectory, RecordFile, StoredRecord
 from fleetbus.bus.directory.records import (
     DEFAULT_VEHICLE_BUCKETS,
     DIRECTORY_FILE_FORMAT,
@@ -53,13 +54,14 @@ class DirectoryFile:
 class DirectoryStream:
     """An open directory file: its head, read, and its records' bytes, read one at a time.
 
-    ``records`` yields each in-scope record's bytes as stored, unparsed; it refuses a malformed
+    ``records`` yields each in-scope record's bytes as stored, unparsed, with their position
+    in the file (which a ``KeyDirectory`` may hold instead of the bytes); it refuses a malformed
     file (truncated, trailing bytes, a wrong type, a non-canonical length) when it reaches the
     fault, so a reader must exhaust it before trusting what it read.
     """
 
     head: SignedDirectoryHead | None
-    records: Iterator[bytes]
+    records: Iterator[StoredRecord]
 
 
 class _ItemReader:
@@ -128,10 +130,11 @@ def open_directory_file(
     nor its parse. A lie in a skipped record's bytes can only make that record ignored.
     """
     try:
-        fh = path.open("rb")
+        file = RecordFile(path)
     except FileNotFoundError:
         raise ConfigError(f"directory file {path} does not exist (run `keys init`)") from None
-    with fh:
+    # A second descriptor of the same open file: what is read is what ``file`` reads back.
+    with os.fdopen(os.dup(file.fd), "rb") as fh:
         reader = _ItemReader(fh)
         major, count = reader.header()
         head: SignedDirectoryHead | None = None
@@ -159,11 +162,15 @@ def open_directory_file(
             raise _malformed(_SHAPE if head is not None else _RECORDS)
         keep = _scope_filter(head, scope)
 
-        def records() -> Iterator[bytes]:
+        def records() -> Iterator[StoredRecord]:
             for _ in range(count):
-                item = reader.item(_BYTES, _RECORDS)
+                major, length = reader.header()
+                if major != _BYTES:
+                    raise _malformed(_RECORDS)
+                offset = fh.tell()
+                item = reader.string(_BYTES, length, _RECORDS)
                 if keep is None or (named := peek_record(item)) is None or keep(*named):
-                    yield item
+                    yield StoredRecord(item, file, offset)
             if not reader.at_end():
                 raise _malformed("directory file: not valid CBOR (trailing bytes)")
 
@@ -188,7 +195,8 @@ def _scope_filter(
 def read_directory_file(path: Path, *, scope: DirectoryScope = WHOLE_DIRECTORY) -> DirectoryFile:
     """Head and parsed records of ``scope`` of a directory file (``open_directory_file``)."""
     with open_directory_file(path, scope=scope) as stream:
-        return DirectoryFile(stream.head, [SignedKeyRecord.from_cbor(i) for i in stream.records])
+        records = [SignedKeyRecord.from_cbor(i.data) for i in stream.records]
+        return DirectoryFile(stream.head, records)
 
 
 def write_directory_file(
@@ -298,7 +306,7 @@ def load_directory(
                 "existed); on the root's own copy run `fleetbus keys migrate --dir <folder>`"
             )
         if verify_each:
-            directory.ingest_all(SignedKeyRecord.from_cbor(item) for item in stream.records)
+            directory.ingest_all(SignedKeyRecord.from_cbor(item.data) for item in stream.records)
         else:
             directory.ingest_committed(stream.records, head)
     directory.ingest_head(head)

@@ -7,9 +7,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
 
 from fleetbus.bus.directory.heads import (
     WHOLE_DIRECTORY,
@@ -43,8 +47,45 @@ from fleetbus.bus.registry import is_kem_algorithm, load_signature_suite
 
 # --- the directory -------------------------------------------------------------------------
 
-#: Records held as bytes (``ingest_committed``) kept parsed at once, most recently used first.
+#: Records held by position (``ingest_committed``) kept parsed at once, most recently used first.
 PARSED_RECORDS_CACHED = 4096
+
+
+class RecordFile:
+    """A directory file held open, so that records held by their position in it are read back
+    on use. The descriptor keeps the content it was opened on: a file replaced atomically (as
+    every writer here does) does not change under a directory that holds records from it."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        self._closer = weakref.finalize(self, os.close, self.fd)
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise _changed()
+        return data
+
+
+class StoredRecord(NamedTuple):
+    """A signed record's bytes as read from ``file`` at ``offset``."""
+
+    data: bytes
+    file: RecordFile
+    offset: int
+
+
+def _changed() -> FleetbusError:
+    return FleetbusError(
+        "a key record held from the directory file no longer matches it (the file was changed "
+        "in place under a running process); refusing its keys",
+        reason=ReasonCode.DIRECTORY_ROLLBACK,
+    )
+
+
+#: What a directory holds for a key id: a parsed record, or its position in ``_file`` (``offset
+#: << 24 | length``: 36 bytes instead of the record's 1.6 kB).
+_Held = SignedKeyRecord | int
 
 
 class KeyDirectory:
@@ -75,10 +116,12 @@ class KeyDirectory:
         self.scope = scope
         self._lock = threading.RLock()
         self._root_verifier = root.verifier()
-        # A record a head authenticated in bulk is held as its signed bytes (~1.6 kB for a
-        # vehicle, against ~7 kB parsed) and parsed on use into a bounded cache.
-        self._by_key_id: dict[str, SignedKeyRecord | bytes] = {}
-        self._parsed: OrderedDict[str, tuple[bytes, SignedKeyRecord]] = OrderedDict()
+        # A record a head authenticated in bulk is held as its position in the directory file
+        # (~7 kB parsed) and read back, checked against its digest and parsed on use, into a
+        # bounded cache.
+        self._by_key_id: dict[str, _Held] = {}
+        self._file: RecordFile | None = None
+        self._parsed: OrderedDict[str, tuple[int, SignedKeyRecord]] = OrderedDict()
         # A principal's key ids: one (most vehicles: a str, not a 200-byte set) or a set.
         self._by_principal: dict[str, str | set[str]] = {}
         # Parsing public keys costs more than a signature check; a key id names one set of
@@ -94,7 +137,7 @@ class KeyDirectory:
         # Sets whose records matched the current head, as they were then; a set whose records
         # changed since is re-checked lazily (at the next lookup), so a burst of records costs
         # one digest per set, not one per record.
-        self._accepted: dict[int, dict[str, SignedKeyRecord | bytes]] = {}
+        self._accepted: dict[int, dict[str, _Held]] = {}
         self._dirty: set[int] = set()
         if head_store is not None:
             stored = head_store.load(root)
@@ -134,7 +177,9 @@ class KeyDirectory:
                 return None
             existing = self._by_key_id.get(signed.record.key_id)
             if existing is not None and (
-                existing == signed.to_cbor() if isinstance(existing, bytes) else existing == signed
+                self._read(existing) == signed.to_cbor()
+                if isinstance(existing, int)
+                else existing == signed
             ):
                 # Already verified, byte for byte (re-reading the topic from its start).
                 return signed.record
@@ -143,7 +188,9 @@ class KeyDirectory:
             return self._parse(record.key_id, held).record
 
     def ingest_committed(
-        self, records: Iterable[SignedKeyRecord | bytes], signed_head: SignedDirectoryHead
+        self,
+        records: Iterable[SignedKeyRecord | StoredRecord],
+        signed_head: SignedDirectoryHead,
     ) -> None:
         """Bulk-load ``records`` under the head that covers them (a directory file).
 
@@ -153,20 +200,28 @@ class KeyDirectory:
         a set that does not match, and ``scope.own`` records outside the held sets, are
         verified one by one as ``ingest`` does; a set that does not match stays refused.
 
-        A record given as its signed bytes (as a directory file stores it) is checked as far as
-        ``signed_record_fields`` does and, if its set matches, held as those bytes: it is parsed
-        in full when first used.
+        A record read from a directory file (``StoredRecord``) is checked as far as
+        ``signed_record_fields`` does and, if its set matches, held as its position in that
+        file: read back, checked against its digest and parsed in full when used. One file per
+        directory; records of another file are held parsed.
         """
         with self._lock:
             head = verify_signed_head(signed_head, self.root, self._root_verifier)
             buckets = head.vehicle_buckets
-            by_set: dict[int, dict[str, tuple[SignedKeyRecord | bytes, str, bytes]]] = {}
-            for item in records:
-                if isinstance(item, SignedKeyRecord):
+            by_set: dict[int, dict[str, tuple[_Held, str, bytes]]] = {}
+            for stored in records:
+                item: _Held
+                if isinstance(stored, SignedKeyRecord):
+                    item = stored
                     principal, kind = item.record.principal_id, item.record.kind
                     key_id, record_cbor = item.record.key_id, item.record_cbor
                 else:
-                    principal, kind, key_id, record_cbor = signed_record_fields(item)
+                    principal, kind, key_id, record_cbor = signed_record_fields(stored.data)
+                    self._file = self._file or stored.file
+                    if stored.file is self._file and len(stored.data) < 1 << 24:
+                        item = stored.offset << 24 | len(stored.data)
+                    else:
+                        item = SignedKeyRecord.from_cbor(stored.data)
                 index = principal_set(principal, kind, buckets)
                 if self.scope.holds(index) or principal in self.scope.own:
                     digest = hashlib.sha256(record_cbor).digest()
@@ -185,26 +240,37 @@ class KeyDirectory:
                 for key_id, (item, principal, digest) in items.items():
                     if committed:
                         self._merge(key_id, principal, item, digest=digest, index=index)
-                    elif isinstance(item, bytes):
-                        self.ingest(SignedKeyRecord.from_cbor(item))
+                    elif isinstance(item, int):
+                        self.ingest(SignedKeyRecord.from_cbor(self._read(item)))
                     else:
                         self.ingest(item)
 
-    def _parse(
-        self, key_id: str, held: SignedKeyRecord | bytes, *, cache: bool = True
-    ) -> SignedKeyRecord:
-        """``held`` (the value held for ``key_id``, now or when its set was accepted) parsed;
-        the caller holds the lock. Without ``cache`` (a listing of the fleet), the records in
-        the cache are used but none is added, so a listing does not evict what lookups use."""
-        if not isinstance(held, bytes):
+    def _read(self, position: int) -> bytes:
+        """The bytes of a record held by ``position`` in ``_file``."""
+        assert self._file is not None
+        return self._file.read(position >> 24, position & 0xFFFFFF)
+
+    def _load(self, key_id: str, position: int) -> SignedKeyRecord:
+        """The record held for ``key_id`` at ``position``, read back and parsed; it must be
+        the record whose digest was accepted (under the lock: the digest is the current one)."""
+        signed = SignedKeyRecord.from_cbor(self._read(position))
+        if signed.record.key_id != key_id or not hmac.compare_digest(
+            hashlib.sha256(signed.record_cbor).digest(), self._digests[key_id]
+        ):
+            raise _changed()
+        return signed
+
+    def _parse(self, key_id: str, held: _Held, *, cache: bool = True) -> SignedKeyRecord:
+        """``held`` (the value held for ``key_id``) parsed; the caller holds the lock. Without
+        ``cache`` (a listing of the fleet), the records in the cache are used but none is
+        added, so a listing does not evict what lookups use."""
+        if not isinstance(held, int):
             return held
         cached = self._parsed.get(key_id)
-        if cached is not None and cached[0] is held:
+        if cached is not None and cached[0] == held:
             self._parsed.move_to_end(key_id)
             return cached[1]
-        signed = SignedKeyRecord.from_cbor(held)
-        if signed.record.key_id != key_id:  # the key id was read from these very bytes
-            raise _malformed(f"key record bytes held for {key_id} name another key id")
+        signed = self._load(key_id, held)
         if not cache:
             return signed
         self._parsed[key_id] = (held, signed)
@@ -217,12 +283,12 @@ class KeyDirectory:
         self,
         key_id: str,
         principal_id: str,
-        held: SignedKeyRecord | bytes,
+        held: _Held,
         *,
         record: KeyRecord | None = None,
         digest: bytes | None = None,
         index: int | None = None,
-    ) -> SignedKeyRecord | bytes:
+    ) -> _Held:
         """Hold ``held`` (``record``, if parsed) unless the record held for its key id stays;
         returns what is held for the key id now."""
         existing = self._by_key_id.get(key_id)
@@ -235,6 +301,11 @@ class KeyDirectory:
             new = record if record is not None else self._parse(key_id, held).record
             if not (new.revoked or new.version > old.version):
                 return existing
+            # The set's accepted state keeps the replaced record parsed: read back by position
+            # it would be checked against the new record's digest.
+            accepted = self._accepted.get(self._index[key_id], {})
+            if key_id in accepted:
+                accepted[key_id] = self._parse(key_id, accepted[key_id])
             self._members[self._index[key_id]].discard(key_id)
             self._dirty.add(self._index[key_id])
         self._by_key_id[key_id] = held
@@ -314,7 +385,7 @@ class KeyDirectory:
             if self.scope.holds(index):
                 self._settle(index)
 
-    def _settle(self, index: int) -> dict[str, SignedKeyRecord | bytes] | None:
+    def _settle(self, index: int) -> dict[str, _Held] | None:
         """The records of set ``index`` that match the current head, or None if they do not."""
         head = self.head
         if head is None:
@@ -378,7 +449,7 @@ class KeyDirectory:
                 reason=ReasonCode.DIRECTORY_ROLLBACK,
             )
         accepted_held = accepted.get(key_id)
-        if accepted_held is None or accepted_held is held:
+        if accepted_held is None or accepted_held is held or accepted_held == held:
             return None if accepted_held is None else signed
         return self._parse(key_id, accepted_held, cache=cache)  # changed since the head
 
@@ -398,7 +469,7 @@ class KeyDirectory:
             with self._lock:
                 held = self._by_key_id.get(key_id)
                 if held is not None and (
-                    held if isinstance(held, bytes) else held.to_cbor()
+                    self._read(held) if isinstance(held, int) else held.to_cbor()
                 ) == bytes(value):
                     record = self._parse(key_id, held).record
                     if kafka_key(record) == bytes(key):
@@ -425,13 +496,18 @@ class KeyDirectory:
     def signed_records(self) -> list[SignedKeyRecord]:
         """Every verified record held (merged per key id), covered by the head or not yet."""
         with self._lock:
-            held = list(self._by_key_id.values())
-        # Parsed outside the lock and the cache: a listing of the fleet must not evict the
+            held = list(self._by_key_id)
+        # Parsed one by one outside the cache: a listing of the fleet must not evict the
         # records lookups use.
         return sorted(
-            (SignedKeyRecord.from_cbor(s) if isinstance(s, bytes) else s for s in held),
+            (s for k in held if (s := self._current(k)) is not None),
             key=lambda s: (s.record.principal_id, s.record.version, s.record.key_id),
         )
+
+    def _current(self, key_id: str) -> SignedKeyRecord | None:
+        with self._lock:
+            held = self._by_key_id.get(key_id)
+            return None if held is None else self._parse(key_id, held, cache=False)
 
     def record(self, key_id: str) -> KeyRecord | None:
         signed = self._usable(key_id)

@@ -1,5 +1,6 @@
 """``directory.cbor`` read as a stream: the same refusals as a whole-document parse, other
-buckets' records never parsed, and records held as bytes answering as parsed ones do."""
+buckets' records never parsed, records held by their position in the file answering as parsed
+ones do (and refused if the file changes in place under them)."""
 
 from __future__ import annotations
 
@@ -158,7 +159,7 @@ def test_a_scoped_load_never_parses_other_buckets_records(
     }
     assert len(in_scope) < len(fleet["records"])
     assert sorted(read) == sorted(in_scope)  # each once; nothing of other buckets
-    assert parsed == []  # held as bytes until used
+    assert parsed == []  # held by position until used
     assert {s.record.principal_id for s in directory.signed_records()} == in_scope
     assert set(parsed) == in_scope
 
@@ -185,13 +186,13 @@ def _answers(directory: KeyDirectory, fleet: dict[str, Any]) -> list[Any]:
     return out
 
 
-def test_records_held_as_bytes_answer_as_parsed_ones_after_a_revocation(
+def test_records_held_by_position_answer_as_parsed_ones_after_a_revocation(
     tmp_path: Path, root: FleetRoot, fleet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(keydirectory_module, "PARSED_RECORDS_CACHED", 3)  # evictions
     path = tmp_path / "directory.cbor"
     write_directory_file(path, fleet["head"], fleet["records"])
-    lazy = load_directory(path, root.public)  # the file's bytes, held unparsed
+    lazy = load_directory(path, root.public)  # held by position in the file, unparsed
     eager = KeyDirectory(root.public, require_head=True)
     eager.ingest_committed(fleet["records"], fleet["head"])  # parsed records
     eager.ingest_head(fleet["head"])
@@ -219,3 +220,30 @@ def test_records_held_as_bytes_answer_as_parsed_ones_after_a_revocation(
     write_directory_file(path, head, holder.signed_records())
     again = load_directory(path, root.public)
     assert _answers(again, fleet) == _answers(eager, fleet)
+
+
+def test_records_held_by_position_follow_the_file_they_were_read_from(
+    tmp_path: Path, root: FleetRoot, fleet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(keydirectory_module, "PARSED_RECORDS_CACHED", 1)
+    path = tmp_path / "directory.cbor"
+    write_directory_file(path, fleet["head"], fleet["records"])
+    vehicle = fleet["issued"][7].signed.record
+    directory = load_directory(path, root.public)
+    expected = directory.recipient_keys(vehicle.principal_id, at=T0 + 1)
+    # Replaced the way every writer replaces it (a new file renamed over it): the open file
+    # still holds what was loaded.
+    write_directory_file(path, fleet["head"], fleet["records"][:1])
+    directory.recipient_keys(fleet["issued"][3].signed.record.principal_id, at=T0 + 1)
+    assert directory.recipient_keys(vehicle.principal_id, at=T0 + 1) == expected
+    # Changed in place under the process: a record that no longer matches its digest.
+    write_directory_file(path, fleet["head"], fleet["records"])
+    directory = load_directory(path, root.public)
+    data = bytearray(path.read_bytes())
+    at = data.find(vehicle.public_keys["x25519"])
+    data[at] ^= 1
+    with path.open("r+b") as fh:
+        fh.write(data)
+    with pytest.raises(FleetbusError) as exc:
+        directory.recipient_keys(vehicle.principal_id, at=T0 + 1)
+    assert exc.value.reason is ReasonCode.DIRECTORY_ROLLBACK
