@@ -263,7 +263,7 @@ class SignedKeyRecord:
 
 def signed_record_fields(data: bytes) -> tuple[str, str, str, bytes]:
     """``(principal id, kind, key id, record CBOR)`` of a signed record's bytes, for holding the
-    bytes unparsed until first use (``KeyDirectory.ingest_committed``).
+    record unparsed until first use (``KeyDirectory.ingest_committed``).
 
     The outer map is checked as ``from_cbor`` checks it (canonical, its four fields and their
     types); the record inside only as well-formed CBOR naming a principal, kind and key id. The
