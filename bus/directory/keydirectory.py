@@ -202,30 +202,40 @@ class KeyDirectory:
 
         A record read from a directory file (``StoredRecord``) is checked as far as
         ``signed_record_fields`` does and, if its set matches, held as its position in that
-        file: read back, checked against its digest and parsed in full when used. One file per
-        directory; records of another file are held parsed.
+        file if it is in a held vehicle bucket: read back, checked against its digest and
+        parsed in full when used. One file per directory; set 0, records of another file and
+        records that are verified one by one are held parsed.
         """
         with self._lock:
             head = verify_signed_head(signed_head, self.root, self._root_verifier)
             buckets = head.vehicle_buckets
             by_set: dict[int, dict[str, tuple[_Held, str, bytes]]] = {}
             for stored in records:
+                if isinstance(stored, SignedKeyRecord):
+                    principal, kind = stored.record.principal_id, stored.record.kind
+                    key_id, record_cbor = stored.record.key_id, stored.record_cbor
+                else:
+                    principal, kind, key_id, record_cbor = signed_record_fields(stored.data)
+                index = principal_set(principal, kind, buckets)
+                if not (self.scope.holds(index) or principal in self.scope.own):
+                    continue
                 item: _Held
                 if isinstance(stored, SignedKeyRecord):
                     item = stored
-                    principal, kind = item.record.principal_id, item.record.kind
-                    key_id, record_cbor = item.record.key_id, item.record_cbor
+                elif (
+                    index != 0
+                    and self.scope.holds(index)
+                    and stored.file is (self._file or stored.file)
+                    and len(stored.data) < 1 << 24
+                ):
+                    # The vehicle buckets, the bulk of a fleet, by position; set 0 (a few dozen
+                    # records every process uses) parsed, so a vehicle agent keeps no file open.
+                    self._file = stored.file
+                    item = stored.offset << 24 | len(stored.data)
                 else:
-                    principal, kind, key_id, record_cbor = signed_record_fields(stored.data)
-                    self._file = self._file or stored.file
-                    if stored.file is self._file and len(stored.data) < 1 << 24:
-                        item = stored.offset << 24 | len(stored.data)
-                    else:
-                        item = SignedKeyRecord.from_cbor(stored.data)
-                index = principal_set(principal, kind, buckets)
-                if self.scope.holds(index) or principal in self.scope.own:
-                    digest = hashlib.sha256(record_cbor).digest()
-                    by_set.setdefault(index, {})[key_id] = (item, principal, digest)
+                    item = SignedKeyRecord.from_cbor(stored.data)
+                digest = hashlib.sha256(record_cbor).digest()
+                by_set.setdefault(index, {})[key_id] = (item, principal, digest)
             for index, items in sorted(by_set.items()):
                 count, expected = head.sets[index]
                 committed = (

@@ -159,7 +159,7 @@ def test_a_scoped_load_never_parses_other_buckets_records(
     }
     assert len(in_scope) < len(fleet["records"])
     assert sorted(read) == sorted(in_scope)  # each once; nothing of other buckets
-    assert parsed == []  # held by position until used
+    assert parsed == ["dispatch-1"]  # set 0 parsed; the bucket held by position until used
     assert {s.record.principal_id for s in directory.signed_records()} == in_scope
     assert set(parsed) == in_scope
 
@@ -247,3 +247,25 @@ def test_records_held_by_position_follow_the_file_they_were_read_from(
     with pytest.raises(FleetbusError) as exc:
         directory.recipient_keys(vehicle.principal_id, at=T0 + 1)
     assert exc.value.reason is ReasonCode.DIRECTORY_ROLLBACK
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts open descriptors in /proc")
+def test_only_a_directory_holding_vehicle_buckets_keeps_the_file_open(
+    tmp_path: Path, root: FleetRoot, fleet: dict[str, Any]
+) -> None:
+    from fleetbus.bus.directory import vehicle_agent_scope
+
+    path = tmp_path / "directory.cbor"
+    write_directory_file(path, fleet["head"], fleet["records"])
+
+    def open_files() -> int:
+        return len(list(Path("/proc/self/fd").iterdir()))
+
+    before = open_files()
+    agent = load_directory(path, root.public, scope=vehicle_agent_scope(["V-0003"]))
+    assert open_files() == before  # set 0 and its own vehicle held parsed
+    worker = load_directory(path, root.public)
+    assert open_files() == before + 1
+    del worker
+    assert open_files() == before
+    assert agent.latest("V-0003").principal_id == "V-0003"
