@@ -51,6 +51,7 @@ from typing import Any
 
 from fleetbus.bus.directory import (
     DEFAULT_VEHICLE_BUCKETS,
+    DirectoryHead,
     DirectoryScope,
     FleetRoot,
     KeyRecord,
@@ -107,23 +108,31 @@ def _sign_chunk(args: tuple[dict[str, bytes], dict[str, Any], int, int]) -> list
 def rehead(folder: Path) -> None:
     """Re-sign a cached fleet's head when it was built with another vehicle bucket function
     (caches from before buckets became Kafka's partitioner): its records and their signatures
-    stay valid, only the head's per-set digests change; one root signature."""
+    stay valid, only the head's per-set digests change; one root signature. The file is read
+    as a stream twice (the sets, then the copy); the new file is built in memory."""
+    import hashlib
+
+    from fleetbus.bus.directory import open_directory_file, principal_set, set_digest
+    from fleetbus.bus.directory import signed_record_fields as fields
+
     path = KeyFolder(folder).directory
-    content = read_directory_file(path)
-    assert content.head is not None
-    old = content.head.head
-    head = build_head(
-        (r.record for r in content.records),
-        # One more than the cached head: an agent's head store remembers that one, and another
-        # head with its number would be a fork.
-        seq=old.seq + 1,
-        at=old.issued_at,
-        vehicle_buckets=old.vehicle_buckets,
-    )
-    if head.sets == old.sets:
+    with open_directory_file(path) as stream:
+        assert stream.head is not None
+        old = stream.head.head
+        entries: list[list[tuple[str, bytes]]] = [[] for _ in range(1 + old.vehicle_buckets)]
+        for item in stream.records:
+            principal, kind, key_id, record_cbor = fields(item.data)
+            index = principal_set(principal, kind, old.vehicle_buckets)
+            entries[index].append((key_id, hashlib.sha256(record_cbor).digest()))
+    sets = tuple((len(items), set_digest(items)) for items in entries)
+    if sets == old.sets:
         return
+    # One more than the cached head: an agent's head store remembers that one, and another
+    # head with its number would be a fork.
+    head = DirectoryHead(old.seq + 1, old.issued_at, old.vehicle_buckets, sets)
     root = FleetRoot.from_key_file(load_key_file(KeyFolder(folder).root_key))
-    write_directory_file(path, root.sign_head(head), content.records)
+    with open_directory_file(path) as stream:
+        write_directory_file(path, root.sign_head(head), (i.data for i in stream.records))
     print(f"re-signed the head of {folder} for the current bucket function", file=sys.stderr)
 
 
@@ -133,7 +142,10 @@ def fleet_folder(n: int, *, check_head: bool = False) -> Path:
     folder = CACHE / f"fleet-{n}"
     if KeyFolder(folder).directory.exists():
         if check_head:
-            rehead(folder)
+            # In a child: the parent's peak RSS would be inherited by every child it starts.
+            subprocess.run(  # noqa: S603 - this script, with its own arguments
+                [sys.executable, __file__, "--rehead", "--sizes", str(n)], check=True
+            )
         return folder
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -230,16 +242,15 @@ def child(mode: str, n: int) -> dict[str, Any]:
             KeyFolder(folder).directory, root, verify_each=mode == "worker-verify-each"
         )
     seconds = time.perf_counter() - started
-    held = directory.signed_records()
     out: dict[str, Any] = {
         "mode": mode,
         "vehicles": n,
+        "code": os.environ.get("BENCH_CODE", "this"),
         "start_s": round(seconds, 3),
+        # Before anything below parses what the directory holds.
         "rss_mb": round(rss_mb(), 1),
         "rss_growth_mb": round(rss_mb() - base, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "records_held": len(held),
-        "state_bytes": sum(len(s.to_cbor()) for s in held),
     }
     if mode == "worker" or mode.startswith("worker-share-"):
         rng = random.Random(7)  # noqa: S311 - which vehicles to look up
@@ -250,20 +261,51 @@ def child(mode: str, n: int) -> dict[str, Any]:
         for vid in ids:
             directory.recipient_keys(vid, at=T0)
         out["recipient_keys_us"] = round((time.perf_counter() - t) / len(ids) * 1e6, 2)
+        # The same 500 vehicles again and again (a seal stage's busy vehicles).
+        hot = ids[:500] * 40
+        t = time.perf_counter()
+        for vid in hot:
+            directory.recipient_keys(vid, at=T0)
+        out["recipient_keys_hot_us"] = round((time.perf_counter() - t) / len(hot) * 1e6, 2)
+        out["rss_after_lookups_mb"] = round(rss_mb(), 1)
         kid = directory.latest("dispatch-3").key_id
         t = time.perf_counter()
         for _ in range(20_000):
             directory.verifier_for("dispatch-3", kid, at=T0)
         out["verifier_for_us"] = round((time.perf_counter() - t) / 20_000 * 1e6, 2)
+    if mode == "agent":
+        signed = directory.signed_records()
+        out["records_held"] = len(signed)
+        out["state_bytes"] = sum(len(s.to_cbor()) for s in signed)
+    else:
+        # Principal by principal: a list of the fleet's parsed records would be 7 kB each.
+        names = [vehicle_id(i) for i in range(n) if directory.wants(vehicle_id(i), "vehicle")]
+        names += ["bus-sealer"] + [f"dispatch-{d}" for d in range(DISPATCHERS)]
+        names += [f"approver-{a}" for a in range(APPROVERS)]
+        out["records_held"] = sum(len(directory.records(name)) for name in names)
+    if mode == "worker" and os.environ.get("BENCH_LISTING"):
+        # What the worker's policy refresh asks at start and after every head: every record.
+        t = time.perf_counter()
+        listed = directory.records()
+        out["records_listing_s"] = round(time.perf_counter() - t, 3)
+        out["rss_with_listing_mb"] = round(rss_mb(), 1)
+        del listed
     return out
 
 
-def run_child(mode: str, n: int) -> dict[str, Any]:
+def run_child(mode: str, n: int, baseline: Path | None = None) -> dict[str, Any]:
+    """One measurement in a fresh process; with ``baseline`` (a folder holding another
+    commit's ``fleetbus`` package), with that code instead of this checkout's."""
+    env = dict(os.environ)
+    if baseline is not None:
+        env["PYTHONPATH"] = str(baseline)
+        env["BENCH_CODE"] = baseline.name
     proc = subprocess.run(  # noqa: S603 - this script, with its own arguments
         [sys.executable, __file__, "--child", mode, "--sizes", str(n)],
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     )
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
@@ -524,6 +566,28 @@ def _merged(
     return sorted(kept + new, key=lambda row: tuple(row[k] for k in key[::-1]))
 
 
+def baseline_tree(rev: str) -> Path:
+    """``rev``'s ``fleetbus`` package extracted under the cache (a path entry that shadows
+    this checkout's editable install)."""
+    import io
+    import shutil
+    import tarfile
+
+    git = shutil.which("git")
+    assert git is not None
+    here = Path(__file__).resolve().parent.parent  # the repository (archive is per folder)
+
+    def run(*args: str) -> bytes:
+        return subprocess.run([git, *args], capture_output=True, check=True, cwd=here).stdout  # noqa: S603
+
+    sha = run("rev-parse", "--short", rev).decode().strip()
+    tree = CACHE / "code" / sha
+    if not (tree / "fleetbus").exists():
+        with tarfile.open(fileobj=io.BytesIO(run("archive", sha))) as archive:
+            archive.extractall(tree / "fleetbus", filter="data")
+    return tree
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
@@ -544,8 +608,19 @@ def main() -> None:
         default="",
         help="fleet sizes (comma separated) at which to measure a scoped worker's bucket moves",
     )
+    parser.add_argument(
+        "--baseline",
+        default="",
+        help="also measure start-ups with this git revision's code (e.g. the branch point)",
+    )
+    parser.add_argument(
+        "--listing",
+        action="store_true",
+        help="also time the worker's listing of every record (directory.records())",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--scoped", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rehead", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--follow", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
@@ -558,35 +633,49 @@ def main() -> None:
     if args.scoped:
         print(json.dumps(scoped_worker(args.scoped, args.bootstrap, args.prefix)))
         return
+    if args.rehead:
+        rehead(fleet_folder(sizes[0]))
+        return
     if args.follow:
         follower_process(args.follow, sizes[0], args.bootstrap, args.prefix, args.readers)
         return
     rows = []
+    baseline = baseline_tree(args.baseline) if args.baseline else None
+    if args.listing:
+        os.environ["BENCH_LISTING"] = "1"
     shares = [f"worker-share-{k}" for k in args.shares.split(",") if k]
     for n in sizes:
         fleet_folder(n, check_head=True)
         modes = ["worker", "agent"] + (["worker-verify-each"] if n <= args.verify_each_max else [])
         modes += shares
         for mode in modes:
-            row = run_child(mode, n)
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr)
+            for code in [None, baseline] if baseline is not None else [None]:
+                if code is not None and mode == "worker-verify-each":
+                    continue
+                row = run_child(mode, n, code)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
     moves = [rebalance(n) for n in (int(s) for s in args.rebalance.split(",") if s)]
     for item in moves:
         print(f"scoped worker at {item['vehicles']}: {json.dumps(item)}")
     prop_sizes = [int(s) for s in args.propagation.split(",") if s]
     prop = [propagation(n, args.revocations) for n in prop_sizes]
-    print(f"{'mode':<20} {'vehicles':>9} {'start s':>8} {'RSS MB':>8} {'held':>9} {'state MB':>9}")
+    print(
+        f"{'mode':<20} {'code':<8} {'vehicles':>9} {'start s':>8} {'RSS MB':>8} {'held':>9} "
+        f"{'state MB':>9}"
+    )
     for row in rows:
         print(
-            f"{row['mode']:<20} {row['vehicles']:>9} {row['start_s']:>8} {row['rss_mb']:>8} "
-            f"{row['records_held']:>9} {row['state_bytes'] / 2**20:>9.2f}"
+            f"{row['mode']:<20} {row['code']:<8} {row['vehicles']:>9} {row['start_s']:>8} "
+            f"{row['rss_mb']:>8} {row['records_held']:>9} "
+            + (f"{row['state_bytes'] / 2**20:>9.2f}" if "state_bytes" in row else f"{'-':>9}")
         )
     for row in rows:
         if "recipient_keys_us" in row:
             print(
-                f"lookups at {row['vehicles']}: recipient_keys {row['recipient_keys_us']} us, "
-                f"verifier_for {row['verifier_for_us']} us"
+                f"lookups, {row['mode']} {row['code']} at {row['vehicles']}: recipient_keys "
+                f"{row['recipient_keys_us']} us (the same 500 vehicles: "
+                f"{row['recipient_keys_hot_us']} us), verifier_for {row['verifier_for_us']} us"
             )
     for item in prop:
         print(f"propagation at {item['vehicles']}: {json.dumps(item)}")
@@ -597,7 +686,11 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "root": "ed25519 (synthetic fleet; see the module docstring)",
         # A run over some sizes replaces those rows and keeps the others.
-        "rows": _merged(previous.get("rows", []), rows, ("mode", "vehicles")),
+        "rows": _merged(
+            [{"code": "earlier", **row} for row in previous.get("rows", [])],
+            rows,
+            ("mode", "code", "vehicles"),
+        ),
         "propagation": _merged(previous.get("propagation", []), prop, ("vehicles",)),
         "scoped_worker": _merged(previous.get("scoped_worker", []), moves, ("vehicles",)),
     }

@@ -21,10 +21,10 @@ import cbor2
 
 from fleetbus.bus.directory import (
     RootPublicKey,
-    SignedDirectoryHead,
     SignedKeyRecord,
     from_kafka,
     kafka_key,
+    open_directory_file,
     principal_set,
     set_digest,
     verify_signed_head,
@@ -249,35 +249,34 @@ class DirectoryRoster:
         fields the registry needs are decoded: no public keys parsed, no signature but the
         head's verified, so a worker holding a share of the fleet does not build it whole."""
         roster = cls(root)
-        try:
-            doc = cbor2.loads(path.read_bytes())
-            signed_head = SignedDirectoryHead.from_cbor(doc["head"])
-            items = doc["records"]
-        except FleetbusError:
-            raise
-        except Exception:
-            raise ConfigError(f"directory file {path}: expected a head and records") from None
-        head = verify_signed_head(signed_head, root)
-        sets: list[list[tuple[str, bytes]]] = [[] for _ in head.sets]
-        try:
-            for item in items:
-                record_cbor = cbor2.loads(item)["record"]
-                inner = cbor2.loads(record_cbor)
-                index = principal_set(inner["principal"], inner["kind"], head.vehicle_buckets)
-                sets[index].append((inner["kid"], hashlib.sha256(record_cbor).digest()))
-                roster._take(
-                    RosterEntry(
-                        inner["principal"],
-                        inner["kind"],
-                        inner["version"],
-                        tuple(inner["groups"]),
-                        tuple(inner["caps"]),
+        # Streamed (bus.directory.open_directory_file): never the whole file in memory.
+        with open_directory_file(path) as stream:
+            if stream.head is None:
+                raise ConfigError(f"directory file {path}: expected a head and records")
+            head = verify_signed_head(stream.head, root)
+            sets: list[list[tuple[str, bytes]]] = [[] for _ in head.sets]
+            try:
+                for item in stream.records:
+                    record_cbor = cbor2.loads(item.data)["record"]
+                    inner = cbor2.loads(record_cbor)
+                    index = principal_set(inner["principal"], inner["kind"], head.vehicle_buckets)
+                    sets[index].append((inner["kid"], hashlib.sha256(record_cbor).digest()))
+                    roster._take(
+                        RosterEntry(
+                            inner["principal"],
+                            inner["kind"],
+                            inner["version"],
+                            tuple(inner["groups"]),
+                            tuple(inner["caps"]),
+                        )
                     )
-                )
-        except Exception:
-            raise FleetbusError(
-                f"directory file {path}: a record is not readable", reason=ReasonCode.MALFORMED
-            ) from None
+            except FleetbusError:
+                raise
+            except Exception:
+                raise FleetbusError(
+                    f"directory file {path}: a record is not readable",
+                    reason=ReasonCode.MALFORMED,
+                ) from None
         for index, ((count, digest), entries) in enumerate(zip(head.sets, sets, strict=True)):
             if len(entries) != count or not hmac.compare_digest(set_digest(entries), digest):
                 raise FleetbusError(

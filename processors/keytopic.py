@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,11 @@ from fleetbus.bus.directory import (
     WHOLE_DIRECTORY,
     DirectoryScope,
     KeyDirectory,
+    RecordFile,
+    StoredRecord,
+    open_directory_file,
     peek_record,
     principal_set,
-    read_directory_file,
 )
 from fleetbus.bus.keys import Signer
 from fleetbus.bus.settings import FleetbusSettings
@@ -296,6 +298,7 @@ class PartitionBuckets:
         self.settings = settings
         self.directory = directory
         self.directory_file = directory_file
+        self._file: RecordFile | None = None  # the directory file, open since the first load
         self.on_refused = on_refused
         self.topic_timeout_s = topic_timeout_s
         self.fallback = False
@@ -364,10 +367,22 @@ class PartitionBuckets:
         started = time.monotonic()
         # In the fallback the file's head may count buckets otherwise than the directory's.
         scope = WHOLE_DIRECTORY if self.fallback else DirectoryScope(buckets=buckets)
-        content = read_directory_file(self.directory_file, scope=scope)
-        vehicles = [s for s in content.records if s.record.kind == "vehicle"]  # set 0 is held
-        if content.head is not None:
-            self.directory.ingest_committed(vehicles, content.head)
+        # Always the file as it was at the first load: records the directory holds by their
+        # position in it stay readable. Records it lacks, or older ones, do not match the head
+        # and come from the key topic, re-read next.
+        with open_directory_file(self.directory_file, scope=scope, file=self._file) as stream:
+            self._file = stream.file
+            loaded = 0
+
+            def vehicles() -> Iterator[StoredRecord]:  # set 0 is held already
+                nonlocal loaded
+                for item in stream.records:
+                    if (named := peek_record(item.data)) is not None and named[1] == "vehicle":
+                        loaded += 1
+                        yield item
+
+            if stream.head is not None:
+                self.directory.ingest_committed(vehicles(), stream.head)
         from_file = time.monotonic() - started
         try:
             self.reread_topic(
@@ -385,7 +400,7 @@ class PartitionBuckets:
             "key directory: buckets %s loaded (%d vehicle records from %s in %.3f s, key topic "
             "re-read in %.3f s)%s",
             sorted(buckets),
-            len(vehicles),
+            loaded,
             self.directory_file.name,
             from_file,
             time.monotonic() - started - from_file,

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from fleetbus.bus.directory.dirfile import (
     DirectoryFile,
+    DirectoryStream,
     load_directory,
     next_head,
+    open_directory_file,
     publish_directory_file,
     read_directory_file,
     sign_directory,
@@ -48,6 +50,8 @@ from fleetbus.bus.directory.headstore import (
 )
 from fleetbus.bus.directory.keydirectory import (
     KeyDirectory,
+    RecordFile,
+    StoredRecord,
 )
 from fleetbus.bus.directory.keyfiles import (
     PrincipalKeyFile,
@@ -74,6 +78,7 @@ from fleetbus.bus.directory.records import (
     SignedKeyRecord,
     canonical_cbor,
     derive_key_id,
+    signed_record_fields,
     signing_input,
 )
 from fleetbus.bus.directory.trust import (
@@ -116,15 +121,18 @@ __all__ = [
     "DirectoryFile",
     "DirectoryHead",
     "DirectoryScope",
+    "DirectoryStream",
     "FleetRoot",
     "HeadStore",
     "IssuedKey",
     "KeyDirectory",
     "KeyRecord",
     "PrincipalKeyFile",
+    "RecordFile",
     "RootPublicKey",
     "SignedDirectoryHead",
     "SignedKeyRecord",
+    "StoredRecord",
     "build_head",
     "canonical_cbor",
     "derive_key_id",
@@ -138,6 +146,7 @@ __all__ = [
     "load_directory",
     "load_key_file",
     "next_head",
+    "open_directory_file",
     "peek_record",
     "principal_set",
     "publish_directory_file",
@@ -147,6 +156,7 @@ __all__ = [
     "save_key_file",
     "set_digest",
     "sign_directory",
+    "signed_record_fields",
     "signing_input",
     "to_kafka",
     "vehicle_agent_scope",

@@ -4,10 +4,13 @@ writing, signing the next head and loading a verified ``KeyDirectory`` from it.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from fleetbus.bus.directory.heads import (
     WHOLE_DIRECTORY,
@@ -19,12 +22,11 @@ from fleetbus.bus.directory.heads import (
     verify_signed_head,
 )
 from fleetbus.bus.directory.headstore import HeadStore
-from fleetbus.bus.directory.keydirectory import KeyDirectory
+from fleetbus.bus.directory.keydirectory import KeyDirectory, RecordFile, StoredRecord
 from fleetbus.bus.directory.records import (
     DEFAULT_VEHICLE_BUCKETS,
     DIRECTORY_FILE_FORMAT,
     SignedKeyRecord,
-    _loads,
     _malformed,
     canonical_cbor,
 )
@@ -33,6 +35,11 @@ from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
 from fleetbus.bus.files import write_atomic
 
 # --- directory file: the head and the signed records it covers ------------------------------
+
+#: Largest head or signed record a directory file may hold (a composite-root record is ~5 kB):
+#: a corrupt length must not make a reader allocate it.
+MAX_ITEM_BYTES = 1 << 20
+_TEXT, _BYTES, _ARRAY, _MAP = 3, 2, 4, 5
 
 
 @dataclass(frozen=True)
@@ -43,56 +50,193 @@ class DirectoryFile:
     records: list[SignedKeyRecord]
 
 
-def read_directory_file(path: Path, *, scope: DirectoryScope = WHOLE_DIRECTORY) -> DirectoryFile:
-    """Parse a directory file: ``{"fmt", "head", "records"}`` (or the headless array of v1).
+@dataclass(frozen=True)
+class DirectoryStream:
+    """An open directory file: its head, read, and its records' bytes, read one at a time.
+
+    ``records`` yields each in-scope record's bytes as stored, unparsed, with their position
+    in the file (which a ``KeyDirectory`` may hold instead of the bytes); it refuses a malformed
+    file (truncated, trailing bytes, a wrong type, a non-canonical length) when it reaches the
+    fault, so a reader must exhaust it before trusting what it read.
+    """
+
+    head: SignedDirectoryHead | None
+    records: Iterator[StoredRecord]
+    #: The open file read (pass it as ``open_directory_file(..., file=)`` to read it again).
+    file: RecordFile
+
+
+class _ItemReader:
+    """CBOR item headers and byte strings read one by one from a file (the directory file is a
+    map or an array of byte strings: nothing in it needs a whole-document decode)."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+
+    def _exact(self, size: int) -> bytes:
+        data = self._fh.read(size)
+        if len(data) != size:
+            raise _malformed("directory file: not valid CBOR (truncated)")
+        return data
+
+    def header(self) -> tuple[int, int]:
+        """``(major type, argument)`` of the next item, in the shortest (canonical) form."""
+        (initial,) = self._exact(1)
+        major, info = initial >> 5, initial & 0x1F
+        if info < 24:
+            return major, info
+        if info > 27:
+            raise _malformed("directory file: not valid CBOR (indefinite length or reserved)")
+        size = 1 << (info - 24)
+        value = int.from_bytes(self._exact(size), "big")
+        if value < (24 if size == 1 else 1 << (4 * size)):
+            raise _malformed("directory file: not in canonical CBOR form")
+        return major, value
+
+    def string(self, major: int, length: int, message: str) -> bytes:
+        if length > MAX_ITEM_BYTES:
+            raise _malformed(f"{message} (an item of {length} bytes)")
+        data = self._exact(length)
+        if major == _TEXT:
+            try:
+                data.decode()
+            except UnicodeDecodeError:
+                raise _malformed("directory file: not valid CBOR (text is not UTF-8)") from None
+        return data
+
+    def item(self, major: int, message: str) -> bytes:
+        """The next item, which must be a string of type ``major``."""
+        found, length = self.header()
+        if found != major:
+            raise _malformed(message)
+        return self.string(major, length, message)
+
+    def at_end(self) -> bool:
+        return self._fh.read(1) == b""
+
+
+_SHAPE = "directory file: expected a head and an array of signed records"
+_RECORDS = "directory file: expected an array of signed records"
+
+
+def _reopen(file: RecordFile) -> BinaryIO:
+    """A reader of ``file``'s content from its start, with an offset of its own (so that two
+    streams of one ``RecordFile`` never share one): a new open of the same inode on Linux
+    (``/proc/self/fd``), else a duplicate descriptor rewound."""
+    try:
+        return open(f"/proc/self/fd/{file.fd}", "rb")
+    except OSError:
+        fh = os.fdopen(os.dup(file.fd), "rb")
+        fh.seek(0)
+        return fh
+
+
+@contextmanager
+def open_directory_file(
+    path: Path, *, scope: DirectoryScope = WHOLE_DIRECTORY, file: RecordFile | None = None
+) -> Iterator[DirectoryStream]:
+    """Open a directory file: ``{"fmt", "head", "records"}`` in that (canonical) order, or the
+    headless array of v1; the head is read and parsed, the records are read as a stream.
 
     Records outside ``scope`` (their set under the file's own head's bucket count, or in a
     headless file any vehicle not in ``scope.own`` when no bucket is held) are skipped before
-    they are parsed and checked: a process holding part of the directory does not pay for the
-    rest. A lie in a skipped record's bytes can only make that record ignored.
+    they are parsed: a process holding part of the directory holds neither the rest's bytes
+    nor its parse. A lie in a skipped record's bytes can only make that record ignored.
+
+    ``file``: read that open file (the content ``path`` had when it was opened) instead of
+    opening ``path`` again, so that a directory holding records by their position in it can
+    take more of them (a worker's buckets loaded as its partitions move).
     """
     try:
-        data = path.read_bytes()
+        file = file or RecordFile(path)
     except FileNotFoundError:
         raise ConfigError(f"directory file {path} does not exist (run `keys init`)") from None
-    doc = _loads(data, "directory file")
-    if isinstance(doc, list):
-        items, head = doc, None
-    elif isinstance(doc, dict) and set(doc) == {"fmt", "head", "records"}:
-        if doc["fmt"] != DIRECTORY_FILE_FORMAT:
-            raise FleetbusError(
-                "directory file: unsupported format", reason=ReasonCode.UNSUPPORTED_VERSION
+    # A second descriptor of the same file: what is read is what ``file`` reads back.
+    with _reopen(file) as fh:
+        reader = _ItemReader(fh)
+        major, count = reader.header()
+        head: SignedDirectoryHead | None = None
+        if major == _MAP:
+            if count != 3 or reader.item(_TEXT, _SHAPE) != b"fmt":
+                raise _malformed(_SHAPE)
+            major, length = reader.header()
+            if major != _TEXT or length > 64:
+                raise FleetbusError(
+                    "directory file: unsupported format", reason=ReasonCode.UNSUPPORTED_VERSION
+                )
+            if reader.string(_TEXT, length, _SHAPE) != DIRECTORY_FILE_FORMAT.encode():
+                raise FleetbusError(
+                    "directory file: unsupported format", reason=ReasonCode.UNSUPPORTED_VERSION
+                )
+            if reader.item(_TEXT, _SHAPE) != b"head":
+                raise _malformed(_SHAPE)
+            head = SignedDirectoryHead.from_cbor(
+                reader.item(_BYTES, "directory file: head must be bytes")
             )
-        if not isinstance(doc["head"], bytes):
-            raise _malformed("directory file: head must be bytes")
-        items, head = doc["records"], SignedDirectoryHead.from_cbor(doc["head"])
-    else:
-        raise _malformed("directory file: expected a head and an array of signed records")
-    if not isinstance(items, list) or not all(isinstance(item, bytes) for item in items):
-        raise _malformed("directory file: expected an array of signed records")
-    if scope.buckets is not None and (head is not None or not scope.buckets):
-        buckets = DEFAULT_VEHICLE_BUCKETS if head is None else head.head.vehicle_buckets
+            if reader.item(_TEXT, _SHAPE) != b"records":
+                raise _malformed(_SHAPE)
+            major, count = reader.header()
+        if major != _ARRAY:
+            raise _malformed(_SHAPE if head is not None else _RECORDS)
+        keep = _scope_filter(head, scope)
 
-        def keep(principal_id: str, kind: str) -> bool:
-            index = principal_set(principal_id, kind, buckets)
-            return principal_id in scope.own or scope.holds(index)
+        def records() -> Iterator[StoredRecord]:
+            for _ in range(count):
+                major, length = reader.header()
+                if major != _BYTES:
+                    raise _malformed(_RECORDS)
+                offset = fh.tell()
+                item = reader.string(_BYTES, length, _RECORDS)
+                if keep is None or (named := peek_record(item)) is None or keep(*named):
+                    yield StoredRecord(item, file, offset)
+            if not reader.at_end():
+                raise _malformed("directory file: not valid CBOR (trailing bytes)")
 
-        items = [item for item in items if (named := peek_record(item)) is None or keep(*named)]
-    return DirectoryFile(head, [SignedKeyRecord.from_cbor(item) for item in items])
+        yield DirectoryStream(head, records(), file)
+
+
+def _scope_filter(
+    head: SignedDirectoryHead | None, scope: DirectoryScope
+) -> Callable[[str, str], bool] | None:
+    """Which named records of a file ``scope`` keeps (None: all of them)."""
+    if scope.buckets is None or (head is None and scope.buckets):
+        return None
+    buckets = DEFAULT_VEHICLE_BUCKETS if head is None else head.head.vehicle_buckets
+
+    def keep(principal_id: str, kind: str) -> bool:
+        index = principal_set(principal_id, kind, buckets)
+        return principal_id in scope.own or scope.holds(index)
+
+    return keep
+
+
+def read_directory_file(path: Path, *, scope: DirectoryScope = WHOLE_DIRECTORY) -> DirectoryFile:
+    """Head and parsed records of ``scope`` of a directory file (``open_directory_file``)."""
+    with open_directory_file(path, scope=scope) as stream:
+        records = [SignedKeyRecord.from_cbor(i.data) for i in stream.records]
+        return DirectoryFile(stream.head, records)
 
 
 def write_directory_file(
-    path: Path, head: SignedDirectoryHead, records: Iterable[SignedKeyRecord]
+    path: Path, head: SignedDirectoryHead, records: Iterable[SignedKeyRecord | bytes]
 ) -> None:
-    """Atomically replace the directory file with a head and its records (public, mode 0644)."""
-    data = canonical_cbor(
-        {
-            "fmt": DIRECTORY_FILE_FORMAT,
-            "head": head.to_cbor(),
-            "records": [signed.to_cbor() for signed in records],
-        }
-    )
-    write_atomic(path, data, 0o644)
+    """Atomically replace the directory file with a head and its records (public, mode 0644);
+    a record may be given as its signed bytes (copying a file's records on unparsed)."""
+    items = [item if isinstance(item, bytes) else item.to_cbor() for item in records]
+    data = bytearray(b"\xa3" + canonical_cbor("fmt") + canonical_cbor(DIRECTORY_FILE_FORMAT))
+    data += canonical_cbor("head") + canonical_cbor(head.to_cbor()) + canonical_cbor("records")
+    data += _array_header(len(items))
+    for item in items:
+        data += canonical_cbor(item)
+    write_atomic(path, bytes(data), 0o644)
+
+
+def _array_header(count: int) -> bytes:
+    """The canonical CBOR header of an array of ``count`` items."""
+    if count < 24:
+        return bytes([0x80 | count])
+    size = next(size for size in (1, 2, 4, 8) if count < 1 << (8 * size))
+    return bytes([0x80 | (24 + size.bit_length() - 1)]) + count.to_bytes(size, "big")
 
 
 def sign_directory(
@@ -137,7 +281,8 @@ def publish_directory_file(
     """
     previous = None
     if path.exists():
-        current = read_directory_file(path).head
+        with open_directory_file(path) as stream:  # the head only
+            current = stream.head
         if current is not None:
             previous = verify_signed_head(current, root.public)
     head, merged = sign_directory(root, records, previous=previous, at=at)
@@ -165,28 +310,29 @@ def load_directory(
     a CONFIG error telling how to migrate (DIRECTORY_ROLLBACK if this loader has seen a head).
     """
     directory = KeyDirectory(root, head_store=head_store, require_head=True, scope=scope)
-    content = read_directory_file(path, scope=scope)
-    if content.head is None:
-        if directory.head is not None:
-            raise FleetbusError(
-                f"directory file {path} has no signed head, but head {directory.head.seq} was "
-                "accepted before: refusing rolled-back key material",
-                reason=ReasonCode.DIRECTORY_ROLLBACK,
+    with open_directory_file(path, scope=scope) as stream:
+        head = stream.head
+        if head is None:
+            if directory.head is not None:
+                raise FleetbusError(
+                    f"directory file {path} has no signed head, but head {directory.head.seq} "
+                    "was accepted before: refusing rolled-back key material",
+                    reason=ReasonCode.DIRECTORY_ROLLBACK,
+                )
+            raise ConfigError(
+                f"directory file {path} has no signed directory head (written before heads "
+                "existed); on the root's own copy run `fleetbus keys migrate --dir <folder>`"
             )
-        raise ConfigError(
-            f"directory file {path} has no signed directory head (written before heads "
-            "existed); on the root's own copy run `fleetbus keys migrate --dir <folder>`"
-        )
-    if verify_each:
-        directory.ingest_all(content.records)
-    else:
-        directory.ingest_committed(content.records, content.head)
-    directory.ingest_head(content.head)
+        if verify_each:
+            directory.ingest_all(SignedKeyRecord.from_cbor(item.data) for item in stream.records)
+        else:
+            directory.ingest_committed(stream.records, head)
+    directory.ingest_head(head)
     unsettled = directory.unsettled_sets()
     if unsettled:
         raise FleetbusError(
             f"directory file {path}: the records of set(s) {unsettled} do not match head "
-            f"{content.head.head.seq} (a record missing or replaced by an older one)",
+            f"{head.head.seq} (a record missing or replaced by an older one)",
             reason=ReasonCode.DIRECTORY_ROLLBACK,
         )
     return directory

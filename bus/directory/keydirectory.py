@@ -7,8 +7,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import os
 import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
 
 from fleetbus.bus.directory.heads import (
     WHOLE_DIRECTORY,
@@ -30,6 +35,7 @@ from fleetbus.bus.directory.records import (
     KeyRecord,
     SignedKeyRecord,
     _malformed,
+    signed_record_fields,
 )
 from fleetbus.bus.directory.trust import RootPublicKey, verify_signed_record
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
@@ -40,6 +46,46 @@ from fleetbus.bus.keys import (
 from fleetbus.bus.registry import is_kem_algorithm, load_signature_suite
 
 # --- the directory -------------------------------------------------------------------------
+
+#: Records held by position (``ingest_committed``) kept parsed at once, most recently used first.
+PARSED_RECORDS_CACHED = 4096
+
+
+class RecordFile:
+    """A directory file held open, so that records held by their position in it are read back
+    on use. The descriptor keeps the content it was opened on: a file replaced atomically (as
+    every writer here does) does not change under a directory that holds records from it."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        self._closer = weakref.finalize(self, os.close, self.fd)
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise _changed()
+        return data
+
+
+class StoredRecord(NamedTuple):
+    """A signed record's bytes as read from ``file`` at ``offset``."""
+
+    data: bytes
+    file: RecordFile
+    offset: int
+
+
+def _changed() -> FleetbusError:
+    return FleetbusError(
+        "a key record held from the directory file no longer matches it (the file was changed "
+        "in place under a running process); refusing its keys",
+        reason=ReasonCode.DIRECTORY_ROLLBACK,
+    )
+
+
+#: What a directory holds for a key id: a parsed record, or its position in ``_file`` (``offset
+#: << 24 | length``: 36 bytes instead of the record's 1.6 kB).
+_Held = SignedKeyRecord | int
 
 
 class KeyDirectory:
@@ -70,8 +116,14 @@ class KeyDirectory:
         self.scope = scope
         self._lock = threading.RLock()
         self._root_verifier = root.verifier()
-        self._by_key_id: dict[str, SignedKeyRecord] = {}
-        self._by_principal: dict[str, set[str]] = {}
+        # A record a head authenticated in bulk is held as its position in the directory file
+        # (~7 kB parsed) and read back, checked against its digest and parsed on use, into a
+        # bounded cache.
+        self._by_key_id: dict[str, _Held] = {}
+        self._file: RecordFile | None = None
+        self._parsed: OrderedDict[str, tuple[int, SignedKeyRecord]] = OrderedDict()
+        # A principal's key ids: one (most vehicles: a str, not a 200-byte set) or a set.
+        self._by_principal: dict[str, str | set[str]] = {}
         # Parsing public keys costs more than a signature check; a key id names one set of
         # public keys (it is their hash, checked on ingest), so its verifier never changes.
         self._verifiers: dict[str, Verifier] = {}
@@ -85,7 +137,7 @@ class KeyDirectory:
         # Sets whose records matched the current head, as they were then; a set whose records
         # changed since is re-checked lazily (at the next lookup), so a burst of records costs
         # one digest per set, not one per record.
-        self._accepted: dict[int, dict[str, SignedKeyRecord]] = {}
+        self._accepted: dict[int, dict[str, _Held]] = {}
         self._dirty: set[int] = set()
         if head_store is not None:
             stored = head_store.load(root)
@@ -124,13 +176,21 @@ class KeyDirectory:
             if not self.holds(signed.record):
                 return None
             existing = self._by_key_id.get(signed.record.key_id)
-            if existing is not None and existing == signed:
+            if existing is not None and (
+                self._read(existing) == signed.to_cbor()
+                if isinstance(existing, int)
+                else existing == signed
+            ):
                 # Already verified, byte for byte (re-reading the topic from its start).
-                return existing.record
-            return self._merge(verify_signed_record(signed, self.root, self._root_verifier), signed)
+                return signed.record
+            record = verify_signed_record(signed, self.root, self._root_verifier)
+            held = self._merge(record.key_id, record.principal_id, signed, record=record)
+            return self._parse(record.key_id, held).record
 
     def ingest_committed(
-        self, records: Iterable[SignedKeyRecord], signed_head: SignedDirectoryHead
+        self,
+        records: Iterable[SignedKeyRecord | StoredRecord],
+        signed_head: SignedDirectoryHead,
     ) -> None:
         """Bulk-load ``records`` under the head that covers them (a directory file).
 
@@ -139,17 +199,43 @@ class KeyDirectory:
         not verified one by one (that is most of a large fleet's start-up time). The records of
         a set that does not match, and ``scope.own`` records outside the held sets, are
         verified one by one as ``ingest`` does; a set that does not match stays refused.
+
+        A record read from a directory file (``StoredRecord``) is checked as far as
+        ``signed_record_fields`` does and, if its set matches, held as its position in that
+        file if it is in a held vehicle bucket: read back, checked against its digest and
+        parsed in full when used. One file per directory; set 0, records of another file and
+        records that are verified one by one are held parsed.
         """
         with self._lock:
             head = verify_signed_head(signed_head, self.root, self._root_verifier)
             buckets = head.vehicle_buckets
-            by_set: dict[int, dict[str, tuple[SignedKeyRecord, bytes]]] = {}
-            for signed in records:
-                record = signed.record
-                index = record_set(record, buckets)
-                if self.scope.holds(index) or record.principal_id in self.scope.own:
-                    digest = hashlib.sha256(signed.record_cbor).digest()
-                    by_set.setdefault(index, {})[record.key_id] = (signed, digest)
+            by_set: dict[int, dict[str, tuple[_Held, str, bytes]]] = {}
+            for stored in records:
+                if isinstance(stored, SignedKeyRecord):
+                    principal, kind = stored.record.principal_id, stored.record.kind
+                    key_id, record_cbor = stored.record.key_id, stored.record_cbor
+                else:
+                    principal, kind, key_id, record_cbor = signed_record_fields(stored.data)
+                index = principal_set(principal, kind, buckets)
+                if not (self.scope.holds(index) or principal in self.scope.own):
+                    continue
+                item: _Held
+                if isinstance(stored, SignedKeyRecord):
+                    item = stored
+                elif (
+                    index != 0
+                    and self.scope.holds(index)
+                    and stored.file is (self._file or stored.file)
+                    and len(stored.data) < 1 << 24
+                ):
+                    # The vehicle buckets, the bulk of a fleet, by position; set 0 (a few dozen
+                    # records every process uses) parsed, so a vehicle agent keeps no file open.
+                    self._file = stored.file
+                    item = stored.offset << 24 | len(stored.data)
+                else:
+                    item = SignedKeyRecord.from_cbor(stored.data)
+                digest = hashlib.sha256(record_cbor).digest()
+                by_set.setdefault(index, {})[key_id] = (item, principal, digest)
             for index, items in sorted(by_set.items()):
                 count, expected = head.sets[index]
                 committed = (
@@ -158,43 +244,98 @@ class KeyDirectory:
                     and not self._members.get(index)
                     and len(items) == count
                     and hmac.compare_digest(
-                        set_digest((k, d) for k, (_, d) in items.items()), expected
+                        set_digest((k, d) for k, (_, _, d) in items.items()), expected
                     )
                 )
-                for signed, digest in items.values():
+                for key_id, (item, principal, digest) in items.items():
                     if committed:
-                        self._merge(signed.record, signed, digest=digest, index=index)
+                        self._merge(key_id, principal, item, digest=digest, index=index)
+                    elif isinstance(item, int):
+                        self.ingest(SignedKeyRecord.from_cbor(self._read(item)))
                     else:
-                        self.ingest(signed)
+                        self.ingest(item)
+
+    def _read(self, position: int) -> bytes:
+        """The bytes of a record held by ``position`` in ``_file``."""
+        assert self._file is not None
+        return self._file.read(position >> 24, position & 0xFFFFFF)
+
+    def _load(self, key_id: str, position: int) -> SignedKeyRecord:
+        """The record held for ``key_id`` at ``position``, read back and parsed; it must be
+        the record whose digest was accepted (under the lock: the digest is the current one)."""
+        signed = SignedKeyRecord.from_cbor(self._read(position))
+        if signed.record.key_id != key_id or not hmac.compare_digest(
+            hashlib.sha256(signed.record_cbor).digest(), self._digests[key_id]
+        ):
+            raise _changed()
+        return signed
+
+    def _parse(self, key_id: str, held: _Held, *, cache: bool = True) -> SignedKeyRecord:
+        """``held`` (the value held for ``key_id``) parsed; the caller holds the lock. Without
+        ``cache`` (a listing of the fleet), the records in the cache are used but none is
+        added, so a listing does not evict what lookups use."""
+        if not isinstance(held, int):
+            return held
+        cached = self._parsed.get(key_id)
+        if cached is not None and cached[0] == held:
+            self._parsed.move_to_end(key_id)
+            return cached[1]
+        signed = self._load(key_id, held)
+        if not cache:
+            return signed
+        self._parsed[key_id] = (held, signed)
+        self._parsed.move_to_end(key_id)
+        if len(self._parsed) > PARSED_RECORDS_CACHED:
+            self._parsed.popitem(last=False)
+        return signed
 
     def _merge(
         self,
-        record: KeyRecord,
-        signed: SignedKeyRecord,
+        key_id: str,
+        principal_id: str,
+        held: _Held,
         *,
+        record: KeyRecord | None = None,
         digest: bytes | None = None,
         index: int | None = None,
-    ) -> KeyRecord:
-        existing = self._by_key_id.get(record.key_id)
+    ) -> _Held:
+        """Hold ``held`` (``record``, if parsed) unless the record held for its key id stays;
+        returns what is held for the key id now."""
+        existing = self._by_key_id.get(key_id)
         if existing is not None:
-            old = existing.record
-            if old.principal_id != record.principal_id:
-                raise _malformed(f"key id {record.key_id} already belongs to another principal")
+            old = self._parse(key_id, existing).record
+            if old.principal_id != principal_id:
+                raise _malformed(f"key id {key_id} already belongs to another principal")
             if old.revoked:
-                return old
-            if not (record.revoked or record.version > old.version):
-                return old
-            self._members[self._index[old.key_id]].discard(old.key_id)
-            self._dirty.add(self._index[old.key_id])
-        self._by_key_id[record.key_id] = signed
-        self._by_principal.setdefault(record.principal_id, set()).add(record.key_id)
-        self._digests[record.key_id] = digest or hashlib.sha256(signed.record_cbor).digest()
-        if index is None:
-            index = record_set(record, self._buckets)
-        self._index[record.key_id] = index
-        self._members.setdefault(index, set()).add(record.key_id)
+                return existing
+            new = record if record is not None else self._parse(key_id, held).record
+            if not (new.revoked or new.version > old.version):
+                return existing
+            # The set's accepted state keeps the replaced record parsed: read back by position
+            # it would be checked against the new record's digest.
+            accepted = self._accepted.get(self._index[key_id], {})
+            if key_id in accepted:
+                accepted[key_id] = self._parse(key_id, accepted[key_id])
+            self._members[self._index[key_id]].discard(key_id)
+            self._dirty.add(self._index[key_id])
+        self._by_key_id[key_id] = held
+        known = self._by_principal.setdefault(principal_id, key_id)
+        if isinstance(known, set):
+            known.add(key_id)
+        elif known != key_id:
+            self._by_principal[principal_id] = {known, key_id}
+        if digest is None:
+            signed = self._parse(key_id, held)
+            digest = hashlib.sha256(signed.record_cbor).digest()
+            if index is None:
+                index = record_set(signed.record, self._buckets)
+        elif index is None:
+            index = record_set(self._parse(key_id, held).record, self._buckets)
+        self._digests[key_id] = digest
+        self._index[key_id] = index
+        self._members.setdefault(index, set()).add(key_id)
         self._dirty.add(index)
-        return record
+        return held
 
     def ingest_head(self, signed: SignedDirectoryHead) -> DirectoryHead:
         """Verify and accept a head; one older than the highest accepted is DIRECTORY_ROLLBACK.
@@ -238,7 +379,8 @@ class KeyDirectory:
             self._buckets = head.vehicle_buckets
             self._members = {}
             for key_id, stored in self._by_key_id.items():
-                index = self._index[key_id] = record_set(stored.record, self._buckets)
+                record = self._parse(key_id, stored).record
+                index = self._index[key_id] = record_set(record, self._buckets)
                 self._members.setdefault(index, set()).add(key_id)
             self._accepted = {}
             self._dirty = set(range(1 + head.vehicle_buckets))
@@ -253,7 +395,7 @@ class KeyDirectory:
             if self.scope.holds(index):
                 self._settle(index)
 
-    def _settle(self, index: int) -> dict[str, SignedKeyRecord] | None:
+    def _settle(self, index: int) -> dict[str, _Held] | None:
         """The records of set ``index`` that match the current head, or None if they do not."""
         head = self.head
         if head is None:
@@ -284,23 +426,26 @@ class KeyDirectory:
         if self.scope != WHOLE_DIRECTORY:
             raise ConfigError("only a directory holding every record can compute a head")
         entries: list[list[tuple[str, bytes]]] = [[] for _ in range(1 + vehicle_buckets)]
-        for key_id, signed in self._by_key_id.items():
+        for key_id, held in self._by_key_id.items():
             index = (
                 self._index[key_id]
                 if vehicle_buckets == self._buckets
-                else record_set(signed.record, vehicle_buckets)
+                else record_set(self._parse(key_id, held).record, vehicle_buckets)
             )
             entries[index].append((key_id, self._digests[key_id]))
         sets = tuple((len(items), set_digest(items)) for items in entries)
         return DirectoryHead(seq, float(at), vehicle_buckets, sets)
 
-    def _usable(self, key_id: str) -> SignedKeyRecord | None:
+    def _usable(self, key_id: str, *, cache: bool = True) -> SignedKeyRecord | None:
         with self._lock:
-            return self._usable_locked(key_id)
+            return self._usable_locked(key_id, cache=cache)
 
-    def _usable_locked(self, key_id: str) -> SignedKeyRecord | None:
-        signed = self._by_key_id.get(key_id)
-        if signed is None or not self._anchored or signed.record.revoked:
+    def _usable_locked(self, key_id: str, *, cache: bool = True) -> SignedKeyRecord | None:
+        held = self._by_key_id.get(key_id)
+        if held is None:
+            return None
+        signed = self._parse(key_id, held, cache=cache)
+        if not self._anchored or signed.record.revoked:
             return signed
         index = self._index[key_id]
         if not self.scope.holds(index):
@@ -313,7 +458,10 @@ class KeyDirectory:
                 "or replayed from before a newer head); refusing their keys",
                 reason=ReasonCode.DIRECTORY_ROLLBACK,
             )
-        return accepted.get(key_id)
+        accepted_held = accepted.get(key_id)
+        if accepted_held is None or accepted_held is held or accepted_held == held:
+            return None if accepted_held is None else signed
+        return self._parse(key_id, accepted_held, cache=cache)  # changed since the head
 
     def ingest_kafka(
         self, value: bytes | None, key: bytes | None = None
@@ -327,13 +475,15 @@ class KeyDirectory:
         if key is not None and value:
             # Re-reading the topic from its start (every restart): a value identical to the
             # record held under its key id was parsed and verified before.
-            held = self._by_key_id.get(bytes(key).rpartition(b"/")[2].decode(errors="replace"))
-            if (
-                held is not None
-                and kafka_key(held.record) == bytes(key)
-                and held.to_cbor() == bytes(value)
-            ):
-                return held.record
+            key_id = bytes(key).rpartition(b"/")[2].decode(errors="replace")
+            with self._lock:
+                held = self._by_key_id.get(key_id)
+                if held is not None and (
+                    self._read(held) if isinstance(held, int) else held.to_cbor()
+                ) == bytes(value):
+                    record = self._parse(key_id, held).record
+                    if kafka_key(record) == bytes(key):
+                        return record
         if value and self.scope.buckets is not None and bytes(key or b"") != HEAD_KAFKA_KEY:
             # Outside the scope: skipped before parsing (a vehicle agent reading a fleet's topic).
             named = peek_record(bytes(value))
@@ -356,11 +506,18 @@ class KeyDirectory:
     def signed_records(self) -> list[SignedKeyRecord]:
         """Every verified record held (merged per key id), covered by the head or not yet."""
         with self._lock:
-            held = list(self._by_key_id.values())
+            held = list(self._by_key_id)
+        # Parsed one by one outside the cache: a listing of the fleet must not evict the
+        # records lookups use.
         return sorted(
-            held,
+            (s for k in held if (s := self._current(k)) is not None),
             key=lambda s: (s.record.principal_id, s.record.version, s.record.key_id),
         )
+
+    def _current(self, key_id: str) -> SignedKeyRecord | None:
+        with self._lock:
+            held = self._by_key_id.get(key_id)
+            return None if held is None else self._parse(key_id, held, cache=False)
 
     def record(self, key_id: str) -> KeyRecord | None:
         signed = self._usable(key_id)
@@ -372,12 +529,16 @@ class KeyDirectory:
                 key_ids: Iterable[str] = list(self._by_key_id)
             else:
                 # Only this principal's records (called per message: not a sort of the fleet).
-                key_ids = list(self._by_principal.get(principal_id, ()))
+                known = self._by_principal.get(principal_id, ())
+                key_ids = [known] if isinstance(known, str) else list(known)
         # The lock is taken per record: a thread listing the whole fleet (the policy refresh)
-        # must not hold up the stages' lookups for the length of the list.
-        signed = [s for s in map(self._usable, key_ids) if s is not None]
-        signed.sort(key=lambda s: (s.record.principal_id, s.record.version, s.record.key_id))
-        return [s.record for s in signed]
+        # must not hold up the stages' lookups for the length of the list. Such a listing
+        # parses what is held as bytes (~30 us a record) and keeps the records, not their
+        # signed wrappers.
+        cache = principal_id is not None
+        records = [s.record for k in key_ids if (s := self._usable(k, cache=cache)) is not None]
+        records.sort(key=lambda r: (r.principal_id, r.version, r.key_id))
+        return records
 
     def latest(self, principal_id: str) -> KeyRecord:
         records = self.records(principal_id)
@@ -493,33 +654,48 @@ class KeyDirectory:
                 raise ConfigError("a directory holding every bucket cannot release one")
             gone = frozenset(buckets) & held
             self.scope = DirectoryScope(buckets=held - gone, own=self.scope.own)
+            sets = {1 + b for b in gone}
+            leaving: dict[str, int] = {}
+            for index in sets:
+                leaving.update(dict.fromkeys(self._members.pop(index, ()), index))
+                self._accepted.pop(index, None)
+                self._dirty.discard(index)
+            if not leaving:
+                return 0
             dropped = 0
-            for index in sorted(1 + b for b in gone):
-                kept: set[str] = set()
-                for key_id in self._members.pop(index, set()):
-                    principal = self._by_key_id[key_id].record.principal_id
-                    if principal in self.scope.own:
-                        kept.add(key_id)
-                        continue
+            # Principals by their key ids (records held by position name no principal).
+            for principal, known in list(self._by_principal.items()):
+                ids = {known} if isinstance(known, str) else known
+                going = ids & leaving.keys()
+                if not going:
+                    continue
+                if principal in self.scope.own:  # kept: back into their sets
+                    for key_id in going:
+                        self._members.setdefault(leaving[key_id], set()).add(key_id)
+                    continue
+                for key_id in going:
                     del self._by_key_id[key_id]
                     del self._digests[key_id]
                     del self._index[key_id]
                     self._verifiers.pop(key_id, None)
-                    ids = self._by_principal.get(principal)
-                    if ids is not None:
-                        ids.discard(key_id)
-                        if not ids:
-                            del self._by_principal[principal]
+                    self._parsed.pop(key_id, None)
                     dropped += 1
-                if kept:
-                    self._members[index] = kept
-                self._accepted.pop(index, None)
-                self._dirty.discard(index)
+                rest = ids - going
+                if not rest:
+                    del self._by_principal[principal]
+                else:
+                    self._by_principal[principal] = next(iter(rest)) if len(rest) == 1 else rest
             return dropped
 
     def vehicles_held(self) -> int:
         """How many vehicles have a record here (held sets and ``scope.own``)."""
         with self._lock:
-            held = list(self._by_key_id.values())
-        # Counted outside the lock: a whole fleet's records must not hold up the lookups.
-        return len({s.record.principal_id for s in held if s.record.kind == "vehicle"})
+            principals = list(self._by_principal.values())
+            index = self._index
+        # Counted outside the lock: a whole fleet's records must not hold up the lookups. A
+        # vehicle's records are in a vehicle set (1 + its bucket); everyone else's in set 0.
+        return sum(
+            1
+            for known in principals
+            if index.get(known if isinstance(known, str) else next(iter(known)), 0) > 0
+        )

@@ -261,5 +261,36 @@ class SignedKeyRecord:
         return signed
 
 
+def signed_record_fields(data: bytes) -> tuple[str, str, str, bytes]:
+    """``(principal id, kind, key id, record CBOR)`` of a signed record's bytes, for holding the
+    record unparsed until first use (``KeyDirectory.ingest_committed``).
+
+    The outer map is checked as ``from_cbor`` checks it (canonical, its four fields and their
+    types); the record inside only as well-formed CBOR naming a principal, kind and key id. The
+    rest of it is checked when it is first parsed (``SignedKeyRecord.from_cbor``).
+    """
+    outer = _loads(data, "signed record")
+    if not isinstance(outer, dict) or set(outer) != {"fmt", "record", "sig", "root_kid"}:
+        raise _malformed("signed record: unexpected or missing fields")
+    if outer["fmt"] != RECORD_FORMAT:
+        raise FleetbusError(
+            "signed record: unsupported format", reason=ReasonCode.UNSUPPORTED_VERSION
+        )
+    record_cbor = outer["record"]
+    if not isinstance(record_cbor, bytes) or not isinstance(outer["sig"], bytes):
+        raise _malformed("signed record: record and sig must be bytes")
+    if not isinstance(outer["root_kid"], str):
+        raise _malformed("signed record: root_kid must be text")
+    if canonical_cbor(outer) != bytes(data):
+        raise _malformed("signed record: not in canonical CBOR form")
+    inner = _loads(record_cbor, "record")
+    if not isinstance(inner, dict) or set(inner) != RECORD_FIELDS:
+        raise _malformed("record: unexpected or missing fields")
+    principal, kind, key_id = inner["principal"], inner["kind"], inner["kid"]
+    if not (isinstance(principal, str) and isinstance(kind, str) and isinstance(key_id, str)):
+        raise _malformed("record: principal, kind and kid must be text")
+    return principal, kind, key_id, record_cbor
+
+
 def signing_input(record: KeyRecord) -> bytes:
     return RECORD_SIGNING_PREFIX + record.to_cbor()

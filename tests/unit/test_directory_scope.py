@@ -429,3 +429,30 @@ def test_the_telemetry_stage_refuses_a_vehicle_outside_the_scope_as_an_unknown_s
     refused = telemetry(outside, 1)
     letters = [DeadLetter.decode(o.value or b"") for o in refused.outputs if o.topic == topics.dlq]
     assert [d.reason for d in letters] == [ReasonCode.UNKNOWN_SIGNER]
+
+
+def test_buckets_loaded_as_partitions_move_are_held_by_position_and_released_whole(
+    tmp_path: Path,
+) -> None:
+    """Each bucket load reads the same open file, so its vehicles are held as positions in it
+    (not parsed records), also for a bucket taken after the first; released, they are gone,
+    lookups and the held count agree."""
+    fleet = Fleet(tmp_path)
+    directory, buckets = _worker(fleet, [])
+    first, second = fleet.on(1), fleet.on(2)
+
+    async def take(*parts: int) -> None:
+        await buckets.assigned("seal", frozenset(parts))
+
+    asyncio.run(take(1))
+    asyncio.run(take(1, 2))
+    for vid in (first, second):
+        key_id = fleet.vehicles[vid].signed.record.key_id
+        assert isinstance(directory._by_key_id[key_id], int), vid  # a position, not a parse
+        assert _serves(directory, fleet, vid)
+    held = {v for v in fleet.vehicles if fleet.bucket(v) in {1, 2}}
+    assert directory.vehicles_held() == len(held)
+    asyncio.run(buckets.revoked("seal", frozenset()))
+    asyncio.run(take(2))
+    assert not _serves(directory, fleet, first) and _serves(directory, fleet, second)
+    assert directory.vehicles_held() == len({v for v in held if fleet.bucket(v) == 2})
