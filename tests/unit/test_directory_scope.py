@@ -454,5 +454,6 @@ def test_buckets_loaded_as_partitions_move_are_held_by_position_and_released_who
     assert directory.vehicles_held() == len(held)
     asyncio.run(buckets.revoked("seal", frozenset()))
     asyncio.run(take(2))
-    assert not _serves(directory, fleet, first) and _serves(directory, fleet, second)
+    assert not _serves(directory, fleet, first)
+    assert _serves(directory, fleet, second)
     assert directory.vehicles_held() == len({v for v in held if fleet.bucket(v) == 2})
