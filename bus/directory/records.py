@@ -243,22 +243,28 @@ class SignedKeyRecord:
 
     @classmethod
     def from_cbor(cls, data: bytes) -> SignedKeyRecord:
-        outer = _loads(data, "signed record")
-        if not isinstance(outer, dict) or set(outer) != {"fmt", "record", "sig", "root_kid"}:
-            raise _malformed("signed record: unexpected or missing fields")
-        if outer["fmt"] != RECORD_FORMAT:
-            raise FleetbusError(
-                "signed record: unsupported format", reason=ReasonCode.UNSUPPORTED_VERSION
-            )
-        if not isinstance(outer["record"], bytes) or not isinstance(outer["sig"], bytes):
-            raise _malformed("signed record: record and sig must be bytes")
-        if not isinstance(outer["root_kid"], str):
-            raise _malformed("signed record: root_kid must be text")
+        outer = _signed_record_outer(data)
         record = KeyRecord.from_cbor(outer["record"])  # checks that the bytes are canonical
         signed = cls.encoded_as(record, outer["sig"], outer["root_kid"], outer["record"])
         if signed.to_cbor() != bytes(data):
             raise _malformed("signed record: not in canonical CBOR form")
         return signed
+
+
+def _signed_record_outer(data: bytes) -> dict[str, Any]:
+    """The outer map of a signed record: its four fields, their types, the format."""
+    outer = _loads(data, "signed record")
+    if not isinstance(outer, dict) or set(outer) != {"fmt", "record", "sig", "root_kid"}:
+        raise _malformed("signed record: unexpected or missing fields")
+    if outer["fmt"] != RECORD_FORMAT:
+        raise FleetbusError(
+            "signed record: unsupported format", reason=ReasonCode.UNSUPPORTED_VERSION
+        )
+    if not isinstance(outer["record"], bytes) or not isinstance(outer["sig"], bytes):
+        raise _malformed("signed record: record and sig must be bytes")
+    if not isinstance(outer["root_kid"], str):
+        raise _malformed("signed record: root_kid must be text")
+    return outer
 
 
 def signed_record_fields(data: bytes) -> tuple[str, str, str, bytes]:
@@ -269,18 +275,8 @@ def signed_record_fields(data: bytes) -> tuple[str, str, str, bytes]:
     types); the record inside only as well-formed CBOR naming a principal, kind and key id. The
     rest of it is checked when it is first parsed (``SignedKeyRecord.from_cbor``).
     """
-    outer = _loads(data, "signed record")
-    if not isinstance(outer, dict) or set(outer) != {"fmt", "record", "sig", "root_kid"}:
-        raise _malformed("signed record: unexpected or missing fields")
-    if outer["fmt"] != RECORD_FORMAT:
-        raise FleetbusError(
-            "signed record: unsupported format", reason=ReasonCode.UNSUPPORTED_VERSION
-        )
+    outer = _signed_record_outer(data)
     record_cbor = outer["record"]
-    if not isinstance(record_cbor, bytes) or not isinstance(outer["sig"], bytes):
-        raise _malformed("signed record: record and sig must be bytes")
-    if not isinstance(outer["root_kid"], str):
-        raise _malformed("signed record: root_kid must be text")
     if canonical_cbor(outer) != bytes(data):
         raise _malformed("signed record: not in canonical CBOR form")
     inner = _loads(record_cbor, "record")

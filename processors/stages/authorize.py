@@ -459,7 +459,7 @@ class AuthorizeStage:
                 for p in range(self.authorized_partitions)
             ]
         # The track stage opens nothing and learns single vehicle or group from the record
-        # itself: its copy leaves the signed command out (about a third of the record).
+        # itself: its copy leaves the signed command out (about half of the record).
         track = replace(authorized, reader=FOR_TRACK, signed_command=b"").encode()
         return [*outputs, Output(self.topics.authorized, cid, track)]
 
