@@ -12,18 +12,27 @@ from fleetbus.bus.envelope import EnvelopeError, decode_envelope
 from fleetbus.bus.envelope_v2 import ParsedEstablishment, record_version
 from fleetbus.bus.errors import ConfigError, FleetbusError, ReasonCode
 from fleetbus.observability.metrics import ENVELOPE_REJECTS, on_commit
-from fleetbus.processors.engine import InputRecord, PartitionState, StageResult, dead_letter_result
+from fleetbus.processors.audit import AuditEvent
+from fleetbus.processors.engine import (
+    InputRecord,
+    Output,
+    PartitionState,
+    StageResult,
+    dead_letter_result,
+)
 from fleetbus.processors.stages.common import PipelineTopics
 from fleetbus.processors.uplink import (
     EPOCH_COUNT_PREFIX,
     EPOCHS_PER_SENDER,
     StateEpochStore,
+    UplinkEpochAsker,
     UplinkLimits,
     UplinkReplay,
     add_to_count,
     read_count,
     sender_key,
 )
+from fleetbus.providers.sealing_v2 import EpochUnknownError
 
 P = TypeVar("P")
 
@@ -224,3 +233,37 @@ def accept_uplink_epoch(
     if accepted.new:
         add_to_count(state, count_key, 1)
     return StageResult()
+
+
+def uplink_asker(
+    topics: PipelineTopics, opener: Any, sealer: str | None, signer: Any
+) -> UplinkEpochAsker | None:
+    """The stage's ``UplinkEpochAsker`` (None without the bus sealer's signer: no status)."""
+    if sealer is None or signer is None:
+        return None
+    return UplinkEpochAsker(sealer, signer, topics.outbound, opener.directory, UPLINK_KINDS)
+
+
+def ask_for_uplink_epoch(
+    asker: UplinkEpochAsker | None,
+    result: StageResult,
+    record: InputRecord,
+    state: PartitionState,
+    exc: FleetbusError,
+    now: float,
+) -> StageResult:
+    """``result`` (the record's DLQ result) plus, for a message of an uplink epoch this stage
+    does not hold, the bus's ``uplink_epoch_unknown`` status to the vehicle (V2.7)."""
+    if asker is None or not isinstance(exc, EpochUnknownError):
+        return result
+    asked = asker.ask(state, record.key, exc, now)
+    if asked is not None:
+        vid, status = asked
+        result.outputs.append(Output(asker.topic, vid.encode(), status))
+        detail: dict[str, str | int] = {
+            "vehicle": vid,
+            "epoch": exc.epoch_id.hex(),
+            "sequence": exc.sequence,
+        }
+        result.audit.append(AuditEvent("bus", "uplink_epoch_asked", None, None, detail))
+    return result

@@ -41,14 +41,15 @@ from fleetbus.processors.stages.opening import (
     V1Uplink,
     accept_uplink_epoch,
     admit_v1_uplink,
+    ask_for_uplink_epoch,
     check_stage_owns_replay,
     refusal_detail,
+    uplink_asker,
 )
 from fleetbus.processors.uplink import (
     ASKED_PREFIX,
     EPOCH_PREFIX,
     StateEpochStore,
-    UplinkEpochAsker,
     UplinkLimits,
     UplinkReplay,
     expire_asked,
@@ -58,7 +59,6 @@ from fleetbus.processors.uplink import (
 )
 from fleetbus.providers.sealing import VerifiedRoots
 from fleetbus.providers.sealing_v2 import (
-    EpochUnknownError,
     directory_verifier,
     open_status,
     verify_signed_record,
@@ -275,40 +275,6 @@ class ResponseStage:
                 state.delete(key)
                 state.delete(_EST_SENT + key.removeprefix(_EST))
         return StageResult()
-
-
-def uplink_asker(
-    topics: PipelineTopics, opener: Any, sealer: str | None, signer: Any
-) -> UplinkEpochAsker | None:
-    """The stage's ``UplinkEpochAsker`` (None without the bus sealer's signer: no status)."""
-    if sealer is None or signer is None:
-        return None
-    return UplinkEpochAsker(sealer, signer, topics.outbound, opener.directory, UPLINK_KINDS)
-
-
-def ask_for_uplink_epoch(
-    asker: UplinkEpochAsker | None,
-    result: StageResult,
-    record: InputRecord,
-    state: PartitionState,
-    exc: FleetbusError,
-    now: float,
-) -> StageResult:
-    """``result`` (the record's DLQ result) plus, for a message of an uplink epoch this stage
-    does not hold, the bus's ``uplink_epoch_unknown`` status to the vehicle (V2.7)."""
-    if asker is None or not isinstance(exc, EpochUnknownError):
-        return result
-    asked = asker.ask(state, record.key, exc, now)
-    if asked is not None:
-        vid, status = asked
-        result.outputs.append(Output(asker.topic, vid.encode(), status))
-        detail: dict[str, str | int] = {
-            "vehicle": vid,
-            "epoch": exc.epoch_id.hex(),
-            "sequence": exc.sequence,
-        }
-        result.audit.append(AuditEvent("bus", "uplink_epoch_asked", None, None, detail))
-    return result
 
 
 def _identify_v1(response: Response, opened: Any) -> UplinkKey | str:

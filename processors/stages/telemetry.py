@@ -33,9 +33,10 @@ from fleetbus.processors.stages.opening import (
     V1Uplink,
     accept_uplink_epoch,
     admit_v1_uplink,
+    ask_for_uplink_epoch,
     check_stage_owns_replay,
+    uplink_asker,
 )
-from fleetbus.processors.stages.responses import ask_for_uplink_epoch, uplink_asker
 from fleetbus.processors.uplink import (
     ASKED_PREFIX,
     EPOCH_PREFIX,
