@@ -261,28 +261,20 @@ def load_worker_directory(
         DirectoryScope,
         head_store_for,
         load_directory,
-        read_directory_file,
+        open_directory_file,
     )
     from fleetbus.observability.metrics import DIRECTORY_SCOPE_FALLBACK, DIRECTORY_VEHICLES_HELD
     from fleetbus.processors.fleet_registry import DirectoryRoster
+    from fleetbus.processors.keytopic import buckets_are_partitions
 
     # The keys folder may be a read-only mount: the highest accepted head lives with the state.
     head_store = head_store_for(Path(settings.data_dir).expanduser(), root)
     common = DirectoryScope(buckets=frozenset())
     DIRECTORY_SCOPE_FALLBACK.set(0)
     if settings.directory_scope == "partitions":
-        head = read_directory_file(path, scope=common).head
-        if head is not None and head.head.vehicle_buckets != settings.partitions:
-            _log.warning(
-                "key directory: head %d has %d vehicle buckets but the topics have %d "
-                "partitions: holding every vehicle (directory_scope=partitions needs a head "
-                "signed with buckets = partitions)",
-                head.head.seq,
-                head.head.vehicle_buckets,
-                settings.partitions,
-            )
-            DIRECTORY_SCOPE_FALLBACK.set(1)
-        else:
+        with open_directory_file(path) as stream:  # the head only: no record is read
+            head = stream.head
+        if head is None or buckets_are_partitions(head.head, settings.partitions):
             directory = load_directory(path, root, head_store=head_store, scope=common)
             roster = DirectoryRoster.from_file(path, root)
             DIRECTORY_VEHICLES_HELD.set(0)

@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from fleetbus.bus.directory import (
     HEAD_KAFKA_KEY,
     WHOLE_DIRECTORY,
+    DirectoryHead,
     DirectoryScope,
     KeyDirectory,
     RecordFile,
@@ -270,6 +271,24 @@ class _BucketReload(KeyTopicFollower):
 VEHICLE_KEYED_STAGES = frozenset({"seal", "responses", "telemetry"})
 
 
+def buckets_are_partitions(head: DirectoryHead, partitions: int) -> bool:
+    """Whether ``head``'s vehicle buckets are the topics' partitions, as a scoped worker needs;
+    if not, a WARNING naming both counts and ``fleetbus_directory_scope_fallback`` 1: the
+    worker then holds every vehicle."""
+    if head.vehicle_buckets == partitions:
+        return True
+    _log.warning(
+        "key directory: head %d has %d vehicle buckets but the topics have %d partitions: "
+        "holding every vehicle (directory_scope=partitions needs a head signed with buckets = "
+        "partitions)",
+        head.seq,
+        head.vehicle_buckets,
+        partitions,
+    )
+    DIRECTORY_SCOPE_FALLBACK.set(1)
+    return False
+
+
 class PartitionBuckets:
     """Which vehicle buckets the worker's ``KeyDirectory`` holds (``directory_scope``
     partitions): set 0 always, plus the buckets of the partitions its vehicle-keyed stages are
@@ -326,19 +345,10 @@ class PartitionBuckets:
     def wanted(self) -> frozenset[int]:
         """The buckets to hold: those of every stage's partitions, or all of them (fallback)."""
         head = self.directory.head
-        partitions = self.settings.partitions
-        if head is not None and head.vehicle_buckets != partitions:
-            if not self.fallback:
-                _log.warning(
-                    "key directory: head %d has %d vehicle buckets but the topics have %d "
-                    "partitions: holding every vehicle (directory_scope=partitions needs a "
-                    "head signed with buckets = partitions)",
-                    head.seq,
-                    head.vehicle_buckets,
-                    partitions,
-                )
-                self.fallback = True
-                DIRECTORY_SCOPE_FALLBACK.set(1)
+        if head is not None and (
+            self.fallback or not buckets_are_partitions(head, self.settings.partitions)
+        ):
+            self.fallback = True
             return frozenset(range(head.vehicle_buckets))
         return frozenset().union(*self._leases.values())
 
