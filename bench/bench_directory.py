@@ -37,6 +37,7 @@ not signature work. Prints a table and writes bench/results/directory.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -45,6 +46,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -351,27 +353,18 @@ def follower_process(role: str, n: int, bootstrap: str, prefix: str, readers: in
             time.sleep(0.005)
 
 
-def propagation(n: int, revocations: int) -> dict[str, Any]:
-    import threading
+@contextlib.contextmanager
+def key_topic_broker() -> Iterator[tuple[Any, Any, str]]:
+    """A local broker with a compacted key topic under a fresh prefix: ``(cluster, settings,
+    prefix)``; the broker is stopped on exit."""
     import uuid
 
-    from fleetbus.bus.directory import KeyDirectory, next_head, read_directory_file
     from fleetbus.bus.settings import FleetbusSettings, TopicNames
     from fleetbus.bus.topics import ensure_topics
     from fleetbus.devtools.kafka import LocalKafka, find_free_base_port
-    from fleetbus.sdk.keytopic import publish_key_change
 
-    folder = fleet_folder(n)
-    root = FleetRoot.from_key_file(load_key_file(KeyFolder(folder).root_key))
-    content = read_directory_file(KeyFolder(folder).directory)
-    assert content.head is not None
-    holder = KeyDirectory(root.public)
-    holder.ingest_committed(content.records, content.head)
-    holder.ingest_head(content.head)
-    home = CACHE / "kafka"
-    cluster = LocalKafka(home=home, base_port=find_free_base_port(2), heap_mb=768)
+    cluster = LocalKafka(home=CACHE / "kafka", base_port=find_free_base_port(2), heap_mb=768)
     cluster.up(timeout_s=180)
-    procs: list[subprocess.Popen[str]] = []
     try:
         prefix = f"b{uuid.uuid4().hex[:8]}."
         settings = FleetbusSettings(
@@ -381,6 +374,33 @@ def propagation(n: int, revocations: int) -> dict[str, Any]:
         ensure_topics(
             cluster.bootstrap, [topic], partitions=2, configs={"cleanup.policy": "compact"}
         )
+        yield cluster, settings, prefix
+    finally:
+        cluster.down()
+
+
+def _kill_all(procs: list[subprocess.Popen[str]]) -> None:
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def propagation(n: int, revocations: int) -> dict[str, Any]:
+    import threading
+
+    from fleetbus.bus.directory import KeyDirectory, next_head, read_directory_file
+    from fleetbus.sdk.keytopic import publish_key_change
+
+    folder = fleet_folder(n)
+    root = FleetRoot.from_key_file(load_key_file(KeyFolder(folder).root_key))
+    content = read_directory_file(KeyFolder(folder).directory)
+    assert content.head is not None
+    holder = KeyDirectory(root.public)
+    holder.ingest_committed(content.records, content.head)
+    holder.ingest_head(content.head)
+    procs: list[subprocess.Popen[str]] = []
+    with key_topic_broker() as (cluster, settings, prefix), contextlib.ExitStack() as stack:
+        stack.callback(_kill_all, procs)
         # The topic holds set 0 and the head; the workers load the vehicles from the file.
         common = [s for s in holder.signed_records() if s.record.kind != "vehicle"]
         publish_key_change(settings, common, content.head)
@@ -443,11 +463,6 @@ def propagation(n: int, revocations: int) -> dict[str, Any]:
             "expected_samples": expected,
             **{f"{role}_in_force_s": summary(values) for role, values in samples.items() if values},
         }
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-        cluster.down()
 
 
 def scoped_worker(n: int, bootstrap: str, prefix: str) -> dict[str, Any]:
@@ -510,27 +525,13 @@ def scoped_worker(n: int, bootstrap: str, prefix: str) -> dict[str, Any]:
 
 def rebalance(n: int) -> dict[str, Any]:
     """``scoped_worker`` in a child process, against a local broker holding the fleet's topic."""
-    import uuid
 
-    from fleetbus.bus.settings import FleetbusSettings, TopicNames
-    from fleetbus.bus.topics import ensure_topics
-    from fleetbus.devtools.kafka import LocalKafka, find_free_base_port
     from fleetbus.sdk.keytopic import publish_key_change
 
     folder = fleet_folder(n, check_head=True)
     content = read_directory_file(KeyFolder(folder).directory)
     assert content.head is not None
-    cluster = LocalKafka(home=CACHE / "kafka", base_port=find_free_base_port(2), heap_mb=768)
-    cluster.up(timeout_s=180)
-    try:
-        prefix = f"b{uuid.uuid4().hex[:8]}."
-        settings = FleetbusSettings(
-            kafka_bootstrap=cluster.bootstrap, topics=TopicNames(prefix=prefix)
-        )
-        topic = settings.topics.full(settings.topics.keys)
-        ensure_topics(
-            cluster.bootstrap, [topic], partitions=2, configs={"cleanup.policy": "compact"}
-        )
+    with key_topic_broker() as (cluster, settings, prefix):
         started = time.perf_counter()
         publish_key_change(settings, content.records, content.head)
         published_s = time.perf_counter() - started
@@ -545,8 +546,6 @@ def rebalance(n: int) -> dict[str, Any]:
         result["topic_records"] = len(content.records) + 1
         result["publish_s"] = round(published_s, 1)
         return result
-    finally:
-        cluster.down()
 
 
 def summary(values: list[float]) -> dict[str, float]:
