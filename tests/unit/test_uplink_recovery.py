@@ -15,7 +15,6 @@ from fleetbus.processors.stages.responses import uplink_asker
 from fleetbus.processors.uplink import ASKED_PREFIX
 from fleetbus.providers.sealing_v2 import make_status, sign_status
 from tests.support.envelope import Fleet
-from tests.support.responses import ResponsePath
 from tests.unit.test_wire_v2_pipeline import (
     NOW,
     TOPICS,
@@ -23,6 +22,7 @@ from tests.unit.test_wire_v2_pipeline import (
     authorized,
     fleet,
     outputs,
+    response_path,
     response_stage,
     seal_stage,
     telemetry_stage,
@@ -70,14 +70,7 @@ def test_an_answer_in_an_epoch_the_bus_lost_gets_through(fleet: Fleet, tmp_path:
     the command never got its outcome; now the bus asks, the vehicle renews, the answer counts."""
     vehicles, auth, message = answered_vehicle(fleet, tmp_path)
     cid = (auth.key or b"").decode()
-    path = ResponsePath(
-        topics=TOPICS,
-        opener=response_stage(fleet).opener,
-        clock_skew_s=30,
-        max_message_bytes=64 * 1024,
-        sealer_principal="bus-sealer",
-        v2_openers=response_stage(fleet).v2_openers,
-    )
+    path = response_path(fleet)
     asking(path.responses, fleet)
     track_state = PartitionState()
     path.process(auth, track_state, NOW)
@@ -281,14 +274,7 @@ def test_answers_are_sent_again_by_an_agent_restarted_after_sending_them(
     (_, est), (key, again) = responses(after)
     assert key == "V-1"
     # The bus (a fresh response-stage state, as after its loss) verifies it: the outcome counts.
-    path = ResponsePath(
-        topics=TOPICS,
-        opener=response_stage(fleet).opener,
-        clock_skew_s=30,
-        max_message_bytes=64 * 1024,
-        sealer_principal="bus-sealer",
-        v2_openers=response_stage(fleet).v2_openers,
-    )
+    path = response_path(fleet)
     track_state = PartitionState()
     path.process(auth, track_state, NOW)
     assert path.process(record_of("V-1", est), track_state, NOW).outputs == []

@@ -259,6 +259,19 @@ def test_vehicle_opens_executes_once_and_answers_redelivery(fleet: Fleet, tmp_pa
     assert [(key, type(decode_record(v))) for _, key, v in again] == [("V-1", Message)]
 
 
+def response_path(fleet: Fleet) -> ResponsePath:
+    """The response and track stages in a row, with a fresh response-stage state."""
+    stage = response_stage(fleet)
+    return ResponsePath(
+        topics=TOPICS,
+        opener=stage.opener,
+        clock_skew_s=30,
+        max_message_bytes=64 * 1024,
+        sealer_principal="bus-sealer",
+        v2_openers=stage.v2_openers,
+    )
+
+
 def test_v2_answers_are_verified_by_vehicle_and_reach_the_track_stage_by_command(
     fleet: Fleet, tmp_path: Path
 ) -> None:
@@ -266,14 +279,7 @@ def test_v2_answers_are_verified_by_vehicle_and_reach_the_track_stage_by_command
     the vehicle's uplink epoch, refuses its copies and forwards it keyed by command id; the
     track stage turns it into the command's outcome."""
     seal, vehicles = seal_stage(fleet), Vehicles(fleet, tmp_path)
-    path = ResponsePath(
-        topics=TOPICS,
-        opener=response_stage(fleet).opener,
-        clock_skew_s=30,
-        max_message_bytes=64 * 1024,
-        sealer_principal="bus-sealer",
-        v2_openers=response_stage(fleet).v2_openers,
-    )
+    path = response_path(fleet)
     track_state = PartitionState()
     auth = authorized(fleet, "V-1")
     cid = (auth.key or b"").decode()
