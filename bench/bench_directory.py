@@ -295,6 +295,74 @@ def child(mode: str, n: int) -> dict[str, Any]:
     return out
 
 
+def process_child(mode: str, n: int) -> dict[str, Any]:
+    """A whole worker process built as ``fleetbus worker`` builds it (``build_pipeline``: key
+    directory, roster, fleet registry, Cedar entities, stages), then serving ``K`` of 16
+    partitions (``process-share-K``, ``directory_scope`` partitions) or the whole fleet
+    (``process-fleet``). The key topic's re-read at an assignment is left out (no broker
+    here; ``--rebalance`` times it): this is the start-up from local files, then a group
+    command's expansion and a Cedar decision as the stages would ask them."""
+    import tempfile
+
+    from fleetbus.bus.settings import FleetbusSettings
+    from fleetbus.processors.app import build_pipeline
+
+    folder = fleet_folder(n)
+    share = None if mode == "process-fleet" else int(mode.rsplit("-", 1)[1])
+    settings = FleetbusSettings(
+        kafka_bootstrap="127.0.0.1:1",  # building connects to nothing
+        keys_dir=str(folder),
+        sealer_principal="bus-sealer",
+        partitions=DEFAULT_VEHICLE_BUCKETS,
+        directory_scope="fleet" if share is None else "partitions",
+        data_dir=tempfile.mkdtemp(prefix="bench-process-"),
+    )
+    base = rss_mb()
+    started = time.perf_counter()
+    pipeline = build_pipeline(settings)
+    built = time.perf_counter() - started
+    stages = {runner.stage: runner for runner in pipeline.stages}
+    if share is not None:
+        buckets = stages["seal"]._listener
+        buckets.reread_topic = lambda follower: None
+        buckets.reconcile(frozenset(range(share)))
+    seconds = time.perf_counter() - started
+    out: dict[str, Any] = {
+        "mode": mode,
+        "vehicles": n,
+        "code": os.environ.get("BENCH_CODE", "this"),
+        "build_s": round(built, 3),
+        "start_s": round(seconds, 3),
+        "rss_mb": round(rss_mb(), 1),
+        "rss_growth_mb": round(rss_mb() - base, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    seal, authorize = stages["seal"].logic, stages["authorize"].logic
+    # A group command on partition 0 (held in every mode): its members there.
+    t = time.perf_counter()
+    members = seal.group_members("depot-07", 0, DEFAULT_VEHICLE_BUCKETS)
+    out["group_expand_s"] = round(time.perf_counter() - t, 4)
+    out["group_members_p0"] = len(members)
+    policy = authorize.policy
+    rng = random.Random(11)  # noqa: S311 - which vehicles to decide for
+    ids = [vehicle_id(rng.randrange(n)) for _ in range(2_000)]
+    t = time.perf_counter()
+    for vid in ids:
+        policy.decide_command(
+            issuer="dispatch-3",
+            action="lock_doors",
+            vehicle=vid,
+            group=None,
+            approvals=0,
+            required_approvals=2,
+            now=T0,
+        )
+    out["decide_vehicle_us"] = round((time.perf_counter() - t) / len(ids) * 1e6, 1)
+    out["rss_after_mb"] = round(rss_mb(), 1)
+    out["peak_rss_after_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
 def run_child(mode: str, n: int, baseline: Path | None = None) -> dict[str, Any]:
     """One measurement in a fresh process; with ``baseline`` (a folder holding another
     commit's ``fleetbus`` package), with that code instead of this checkout's."""
@@ -603,6 +671,16 @@ def main() -> None:
         help="partition shares (of 16, comma separated) a seal stage serves, e.g. 1,2,8",
     )
     parser.add_argument(
+        "--process-shares",
+        default="",
+        help="partition shares (of 16) at which to start a whole worker process (build_pipeline)",
+    )
+    parser.add_argument(
+        "--process-fleet",
+        action="store_true",
+        help="also start a whole worker process with directory_scope fleet",
+    )
+    parser.add_argument(
         "--rebalance",
         default="",
         help="fleet sizes (comma separated) at which to measure a scoped worker's bucket moves",
@@ -627,7 +705,8 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if args.child:
-        print(json.dumps(child(args.child, sizes[0])))
+        measure = process_child if args.child.startswith("process-") else child
+        print(json.dumps(measure(args.child, sizes[0])))
         return
     if args.scoped:
         print(json.dumps(scoped_worker(args.scoped, args.bootstrap, args.prefix)))
@@ -643,6 +722,8 @@ def main() -> None:
     if args.listing:
         os.environ["BENCH_LISTING"] = "1"
     shares = [f"worker-share-{k}" for k in args.shares.split(",") if k]
+    shares += [f"process-share-{k}" for k in args.process_shares.split(",") if k]
+    shares += ["process-fleet"] if args.process_fleet else []
     for n in sizes:
         fleet_folder(n, check_head=True)
         modes = ["worker", "agent"] + (["worker-verify-each"] if n <= args.verify_each_max else [])

@@ -248,20 +248,22 @@ def warn_if_root_private_key(keys_dir: Path) -> bool:
 
 def load_worker_directory(
     settings: FleetbusSettings, root: RootPublicKey, path: Path
-) -> tuple[KeyDirectory, DirectoryRoster | None]:
-    """The worker's ``KeyDirectory`` from ``path`` and, when it is scoped, the roster that keeps
-    the policy's registry fleet-wide.
+) -> tuple[KeyDirectory, DirectoryRoster]:
+    """The worker's ``KeyDirectory`` from ``path`` and the roster that keeps the policy's
+    registry fleet-wide.
 
-    ``directory_scope`` fleet (or partitions whose head has another bucket count than the
-    partition count: WARNING, ``fleetbus_directory_scope_fallback`` 1): every record. Partitions:
-    set 0 only, the buckets come with the stages' partitions (``PartitionBuckets``); the
-    registry's roster is read from the whole file (``DirectoryRoster.from_file``: no keys).
+    One strict pass over the file builds the roster (every principal's groups and capabilities,
+    no keys: ``DirectoryRoster.from_file``) and notes where each record is; the directory then
+    reads only the records it holds, by position. ``directory_scope`` fleet (or partitions
+    whose head has another bucket count than the partition count: WARNING,
+    ``fleetbus_directory_scope_fallback`` 1): every record. Partitions: set 0 only, the
+    buckets come with the stages' partitions (``PartitionBuckets``).
     """
     from fleetbus.bus.directory import (
+        WHOLE_DIRECTORY,
         DirectoryScope,
         head_store_for,
         load_directory,
-        open_directory_file,
     )
     from fleetbus.observability.metrics import DIRECTORY_SCOPE_FALLBACK, DIRECTORY_VEHICLES_HELD
     from fleetbus.processors.fleet_registry import DirectoryRoster
@@ -269,19 +271,23 @@ def load_worker_directory(
 
     # The keys folder may be a read-only mount: the highest accepted head lives with the state.
     head_store = head_store_for(Path(settings.data_dir).expanduser(), root)
-    common = DirectoryScope(buckets=frozenset())
     DIRECTORY_SCOPE_FALLBACK.set(0)
-    if settings.directory_scope == "partitions":
-        with open_directory_file(path) as stream:  # the head only: no record is read
-            head = stream.head
-        if head is None or buckets_are_partitions(head.head, settings.partitions):
-            directory = load_directory(path, root, head_store=head_store, scope=common)
-            roster = DirectoryRoster.from_file(path, root)
-            DIRECTORY_VEHICLES_HELD.set(0)
-            return directory, roster
-    directory = load_directory(path, root, head_store=head_store)
+    roster = DirectoryRoster.from_file(path, root)
+    scoped = (
+        settings.directory_scope == "partitions"
+        and roster.head is not None
+        and buckets_are_partitions(roster.head, settings.partitions)
+    )
+    directory = load_directory(
+        path,
+        root,
+        head_store=head_store,
+        scope=DirectoryScope(buckets=frozenset()) if scoped else WHOLE_DIRECTORY,
+        file=roster.file,
+        index=roster.index,
+    )
     DIRECTORY_VEHICLES_HELD.set(directory.vehicles_held())
-    return directory, None
+    return directory, roster
 
 
 def build_pipeline(settings: FleetbusSettings) -> Pipeline:
@@ -332,12 +338,13 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     # directory_scope=partitions: the vehicle-keyed stages' partitions say which buckets.
     buckets = (
         None
-        if roster is None
+        if directory.scope.buckets is None
         else PartitionBuckets(
             settings,
             directory,
             KeyFolder(keys_dir).directory,
             on_refused=key_topic.follower.on_refused,
+            roster=roster,
         )
     )
 
@@ -349,9 +356,8 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
     base = FleetRegistry.load(registry_path) if registry_path.exists() else None
 
     def fleet_registry() -> FleetRegistry:
-        # Fleet-wide whatever the directory holds: the roster when the directory is scoped.
-        records = directory.records() if roster is None else roster.entries()
-        return (base or FleetRegistry.from_mapping({})).with_directory_records(records)
+        # Fleet-wide whatever the directory holds: a view of the roster, nothing per vehicle.
+        return (base or FleetRegistry.from_mapping({})).with_roster(roster)
 
     policy_dir = Path(settings.policy_dir).expanduser() if settings.policy_dir else None
     policy = PolicyEngine(fleet_registry(), policy_dir=policy_dir)
@@ -363,9 +369,9 @@ def build_pipeline(settings: FleetbusSettings) -> Pipeline:
         DIRECTORY_VEHICLES_HELD.set(directory.vehicles_held())
         policy.refresh(fleet)
         _log.info(
-            "policy: fleet registry refreshed after a new directory head (%d vehicles, "
+            "policy: fleet registry refreshed after a new directory head (%d vehicles held, "
             "%d operators)",
-            len(fleet.vehicles),
+            directory.vehicles_held(),
             len(fleet.operators),
         )
 

@@ -28,6 +28,7 @@ from fleetbus.bus.directory import (
     DirectoryScope,
     KeyDirectory,
     RecordFile,
+    RecordIndex,
     StoredRecord,
     open_directory_file,
     peek_record,
@@ -313,11 +314,15 @@ class PartitionBuckets:
         *,
         on_refused: Callable[[KeyTopicRefusal], None] | None = None,
         topic_timeout_s: float = 60.0,
+        roster: DirectoryRoster | None = None,
     ) -> None:
         self.settings = settings
         self.directory = directory
         self.directory_file = directory_file
-        self._file: RecordFile | None = None  # the directory file, open since the first load
+        # The directory file, open since the first load (the roster's pass: with where its
+        # records are, so a bucket's load reads that bucket's records only).
+        self._file: RecordFile | None = None if roster is None else roster.file
+        self._index: RecordIndex | None = None if roster is None else roster.index
         self.on_refused = on_refused
         self.topic_timeout_s = topic_timeout_s
         self.fallback = False
@@ -380,16 +385,25 @@ class PartitionBuckets:
         # Always the file as it was at the first load: records the directory holds by their
         # position in it stay readable. Records it lacks, or older ones, do not match the head
         # and come from the key topic, re-read next.
-        with open_directory_file(self.directory_file, scope=scope, file=self._file) as stream:
+        with open_directory_file(
+            self.directory_file, scope=scope, file=self._file, index=self._index
+        ) as stream:
             self._file = stream.file
             loaded = 0
 
             def vehicles() -> Iterator[StoredRecord]:  # set 0 is held already
                 nonlocal loaded
-                for item in stream.records:
-                    if (named := peek_record(item.data)) is not None and named[1] == "vehicle":
-                        loaded += 1
-                        yield item
+                if self._index is not None:  # by position: the buckets' records, none to peek at
+                    source = self._index.records(stream.file, lambda i: i != 0 and scope.holds(i))
+                else:
+                    source = (
+                        item
+                        for item in stream.records
+                        if (named := peek_record(item.data)) is not None and named[1] == "vehicle"
+                    )
+                for item in source:
+                    loaded += 1
+                    yield item
 
             if stream.head is not None:
                 self.directory.ingest_committed(vehicles(), stream.head)

@@ -1,8 +1,9 @@
 """Policy as code: Cedar (``cedarpy``) decisions for commands, approvals and telemetry export.
 
-Policies are parsed once into a ``cedarpy.PolicySet`` and the fleet's entities once into a
-``cedarpy.Entities`` handle; a decision passes only the request and its context, so nothing is
-re-parsed per command. The policy files and the entity model are described in
+Policies are parsed once into a ``cedarpy.PolicySet`` and the fleet's operators, roles, groups
+and actions once into a ``cedarpy.Entities`` handle; a decision adds only the vehicle it names
+(looked up in the registry), so nothing is re-parsed per command and no process holds an entity
+per vehicle of the fleet. The policy files and the entity model are described in
 ``docs/policy.md``.
 """
 
@@ -137,6 +138,7 @@ class PolicyEngine:
             raise ConfigError(f"fleet entities do not parse: {exc}") from None
         self._export_cache: dict[tuple[str, str], str] = {}
         self._decisions: dict[tuple[Any, ...], _Evaluation] = {}
+        self._generation: int | None = None
 
     def refresh(self, registry: FleetRegistry) -> None:
         """Decide against ``registry`` from now on (the key directory changed: a principal
@@ -163,23 +165,11 @@ class PolicyEngine:
                     "parents": [_uid("Role", r) for r in sorted(op.roles)],
                 }
             )
-        groups = sorted({g for v in reg.vehicles.values() for g in v.groups})
-        entities += [{"uid": _uid("Group", g), "attrs": {}, "parents": []} for g in groups]
-        for v in sorted(reg.vehicles.values(), key=lambda v: v.id):
-            attrs: dict[str, Any] = {
-                "pqc": "pqc" in v.capabilities,
-                "qkd": "qkd" in v.capabilities,
-            }
-            for key, value in v.attributes.items():
-                if isinstance(value, str | bool | int):
-                    attrs[str(key)] = value
-            entities.append(
-                {
-                    "uid": _uid("Vehicle", v.id),
-                    "attrs": attrs,
-                    "parents": [_uid("Group", g) for g in sorted(v.groups)],
-                }
-            )
+        # Groups, not vehicles: a vehicle is added to the request's entities when a decision
+        # names it (``_vehicle_entities``), so the fleet's size does not enter here.
+        entities += [
+            {"uid": _uid("Group", g), "attrs": {}, "parents": []} for g in reg.group_names()
+        ]
         for crit in CRITICALITIES:
             entities.append({"uid": _uid("Action", crit), "attrs": {}, "parents": []})
         for spec in sorted(reg.actions.values(), key=lambda a: a.name):
@@ -217,10 +207,14 @@ class PolicyEngine:
         resource: dict[str, str],
         context: dict[str, Any],
     ) -> _Evaluation:
-        # Policies and entities are fixed for this engine's life and Cedar evaluation is a pure
-        # function of them and the request, so a request seen before (same principal, action,
-        # resource and every context value, the hour included) has the same answer: evaluated
-        # once, not skipped. Commands of a fleet repeat few request shapes.
+        # Policies and entities are fixed until a refresh or a roster change and Cedar
+        # evaluation is a pure function of them and the request, so a request seen before (same
+        # principal, action, resource and every context value, the hour included) has the same
+        # answer: evaluated once, not skipped. Commands of a fleet repeat few request shapes.
+        roster = self.registry.roster
+        generation = None if roster is None else roster.generation
+        if generation != self._generation:
+            self._decisions, self._generation = {}, generation
         key = (
             principal["type"],
             principal["id"],
@@ -238,6 +232,34 @@ class PolicyEngine:
         self._decisions[key] = evaluation
         return evaluation
 
+    def _vehicle_entities(self, resource: dict[str, str]) -> cedarpy.Entities:
+        """The fleet's entities plus the request's vehicle (its groups and attributes from the
+        registry's lookup); a vehicle nobody knows is added with none, as Cedar treats an
+        unknown entity."""
+        if resource["type"] != "Vehicle":
+            return self._entities
+        vehicle = self.registry.vehicle(resource["id"])
+        if vehicle is None:
+            return self._entities
+        attrs: dict[str, Any] = {
+            "pqc": "pqc" in vehicle.capabilities,
+            "qkd": "qkd" in vehicle.capabilities,
+        }
+        for key, value in vehicle.attributes.items():
+            if isinstance(value, str | bool | int):
+                attrs[str(key)] = value
+        entity = {
+            "uid": resource,
+            "attrs": attrs,
+            "parents": [_uid("Group", g) for g in sorted(vehicle.groups)],
+        }
+        try:
+            return self._entities.with_added_json_str(json.dumps([entity]))
+        except ValueError as exc:
+            raise ConfigError(
+                f"fleet entity of vehicle {vehicle.id} does not parse: {exc}"
+            ) from None
+
     def _evaluate(
         self,
         principal: dict[str, str],
@@ -251,7 +273,8 @@ class PolicyEngine:
             "resource": resource,
             "context": context,
         }
-        result = cedarpy.is_authorized(request, self._policies, self._entities)
+        entities = self._vehicle_entities(resource)
+        result = cedarpy.is_authorized(request, self._policies, entities)
         diagnostics = result.diagnostics
         names = diagnostics.id_annotations_by_reason
         reasons = tuple(names.get(pid, pid) for pid in diagnostics.reasons)

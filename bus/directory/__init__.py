@@ -17,6 +17,7 @@ from __future__ import annotations
 from fleetbus.bus.directory.dirfile import (
     DirectoryFile,
     DirectoryStream,
+    RecordIndex,
     load_directory,
     next_head,
     open_directory_file,
@@ -129,6 +130,7 @@ __all__ = [
     "KeyRecord",
     "PrincipalKeyFile",
     "RecordFile",
+    "RecordIndex",
     "RootPublicKey",
     "SignedDirectoryHead",
     "SignedKeyRecord",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -115,6 +116,30 @@ class _ItemReader:
         return self._fh.read(1) == b""
 
 
+class RecordIndex:
+    """Where each record of a directory file is, by record set: what one strict pass over the
+    file (``DirectoryRoster.from_file``) notes so that later loads of some sets (a worker's set 0
+    at start, a vehicle bucket when its partition is assigned) read only those records by
+    position instead of passing over the whole file again. 12 bytes per record."""
+
+    def __init__(self) -> None:
+        self._offsets: dict[int, array[int]] = {}
+        self._lengths: dict[int, array[int]] = {}
+
+    def add(self, index: int, offset: int, length: int) -> None:
+        if index not in self._offsets:
+            self._offsets[index], self._lengths[index] = array("Q"), array("I")
+        self._offsets[index].append(offset)
+        self._lengths[index].append(length)
+
+    def records(self, file: RecordFile, keep: Callable[[int], bool]) -> Iterator[StoredRecord]:
+        """The records of the sets ``keep`` holds, read back from ``file`` (the file indexed)."""
+        for index in sorted(self._offsets):
+            if keep(index):
+                for offset, length in zip(self._offsets[index], self._lengths[index], strict=True):
+                    yield StoredRecord(file.read(offset, length), file, offset)
+
+
 _SHAPE = "directory file: expected a head and an array of signed records"
 _RECORDS = "directory file: expected an array of signed records"
 
@@ -133,7 +158,11 @@ def _reopen(file: RecordFile) -> BinaryIO:
 
 @contextmanager
 def open_directory_file(
-    path: Path, *, scope: DirectoryScope = WHOLE_DIRECTORY, file: RecordFile | None = None
+    path: Path,
+    *,
+    scope: DirectoryScope = WHOLE_DIRECTORY,
+    file: RecordFile | None = None,
+    index: RecordIndex | None = None,
 ) -> Iterator[DirectoryStream]:
     """Open a directory file: ``{"fmt", "head", "records"}`` in that (canonical) order, or the
     headless array of v1; the head is read and parsed, the records are read as a stream.
@@ -146,6 +175,9 @@ def open_directory_file(
     ``file``: read that open file (the content ``path`` had when it was opened) instead of
     opening ``path`` again, so that a directory holding records by their position in it can
     take more of them (a worker's buckets loaded as its partitions move).
+
+    ``index``: the positions of ``file``'s records (a pass over it made them): the records of
+    ``scope``'s sets are read from there, the others not at all (``scope.own`` is not used).
     """
     try:
         file = file or RecordFile(path)
@@ -179,6 +211,9 @@ def open_directory_file(
         if major != _ARRAY:
             raise _malformed(_SHAPE if head is not None else _RECORDS)
         keep = _scope_filter(head, scope)
+        if index is not None:
+            yield DirectoryStream(head, index.records(file, scope.holds), file)
+            return
 
         def records() -> Iterator[StoredRecord]:
             for _ in range(count):
@@ -297,6 +332,8 @@ def load_directory(
     head_store: HeadStore | None = None,
     scope: DirectoryScope = WHOLE_DIRECTORY,
     verify_each: bool = False,
+    file: RecordFile | None = None,
+    index: RecordIndex | None = None,
 ) -> KeyDirectory:
     """Read and verify a directory file: its head, and the records of ``scope`` (every record by
     default), which must match the head exactly.
@@ -308,9 +345,12 @@ def load_directory(
     Refused with DIRECTORY_ROLLBACK: a head older than ``head_store``'s, records that do not
     match the head (one missing, e.g. a revocation, or one replayed). A file without a head is
     a CONFIG error telling how to migrate (DIRECTORY_ROLLBACK if this loader has seen a head).
+
+    ``file`` and ``index``: read that open file's records by their positions
+    (``open_directory_file``), not the whole file again.
     """
     directory = KeyDirectory(root, head_store=head_store, require_head=True, scope=scope)
-    with open_directory_file(path, scope=scope) as stream:
+    with open_directory_file(path, scope=scope, file=file, index=index) as stream:
         head = stream.head
         if head is None:
             if directory.head is not None:

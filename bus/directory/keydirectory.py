@@ -209,6 +209,11 @@ class KeyDirectory:
         with self._lock:
             head = verify_signed_head(signed_head, self.root, self._root_verifier)
             buckets = head.vehicle_buckets
+            if not self._by_key_id:
+                # Nothing held is in a set yet: take the head's bucket count now, or the records
+                # of a held bucket under another count than the default would be verified one
+                # by one into the default's sets, dropped there, and the bucket refused.
+                self._buckets, self._members = buckets, {}
             by_set: dict[int, dict[str, tuple[_Held, str, bytes]]] = {}
             for stored in records:
                 if isinstance(stored, SignedKeyRecord):

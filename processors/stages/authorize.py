@@ -315,7 +315,7 @@ class AuthorizeStage:
         key = f"cmd/{cid}"
         target = command.target
         if target.vehicle is not None:
-            if target.vehicle not in self.policy.registry.vehicles:
+            if self.policy.registry.vehicle(target.vehicle) is None:
                 entry.close("rejected")
                 state.put(key, entry.encode())
                 return reject(

@@ -267,7 +267,7 @@ def test_the_worker_falls_back_at_start_and_keeps_the_registry_fleet_wide(
     )
     with caplog.at_level(logging.WARNING):
         directory, roster = load_worker_directory(settings, fleet.root.public, fleet.path)
-    assert roster is None
+    assert directory.scope.buckets is None
     assert directory.vehicles_held() == len(fleet.vehicles)
     assert DIRECTORY_SCOPE_FALLBACK._value.get() == 1
     assert "8 vehicle buckets but the topics have 4 partitions" in caplog.text
@@ -275,12 +275,13 @@ def test_the_worker_falls_back_at_start_and_keeps_the_registry_fleet_wide(
     scoped = Fleet(tmp_path / "p")
     settings = settings.model_copy(update={"data_dir": str(tmp_path / "p-state")})
     directory, roster = load_worker_directory(settings, scoped.root.public, scoped.path)
-    assert roster is not None
+    assert directory.scope.buckets == frozenset()
     assert directory.vehicles_held() == 0
     assert DIRECTORY_SCOPE_FALLBACK._value.get() == 0
-    registry = FleetRegistry().with_directory_records(roster.entries())
-    assert set(registry.vehicles) == set(scoped.vehicles)
+    registry = FleetRegistry().with_roster(roster)
+    assert set(registry.group_members("depot")) == set(scoped.vehicles)
     assert registry.group_size("depot") == len(scoped.vehicles)
+    assert all(registry.vehicle(v) is not None for v in scoped.vehicles)
 
 
 def test_the_roster_takes_only_newer_records_that_the_root_signed(tmp_path: Path) -> None:
