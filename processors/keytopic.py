@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterator
@@ -57,10 +58,12 @@ class KeyTopicService:
 
     A refused item goes to the DLQ (stage ``keys``, its reason code, its original bytes) and
     into the audit trail: this run's own chain ``keys-<run id>``, signed by the audit signer
-    right after each refusal (refusals are rare; nothing is left unsigned). ``on_head`` runs in
-    a thread after a new head is accepted (the worker refreshes its policy's entities with it),
-    never two at once: heads that arrive meanwhile make it run once more. ``roster``, if given,
-    sees every record too (the fleet-wide registry of a worker with a scoped directory).
+    right after each refusal (refusals are rare; nothing is left unsigned) — once per process
+    for each item (by its partition and offset), however often the topic is re-read for buckets
+    taken. ``on_head`` runs in a thread after a new head is accepted (the worker refreshes its
+    policy's entities with it), never two at once: heads that arrive meanwhile make it run once
+    more. ``roster``, if given, sees every record too (the fleet-wide registry of a worker with
+    a scoped directory).
     """
 
     stage = STAGE
@@ -89,9 +92,13 @@ class KeyTopicService:
             clock=clock,
         )
         self._pending: list[KeyTopicRefusal] = []
-        self.follower = _WorkerFollower(
-            directory, roster, role="worker", on_refused=self._pending.append
-        )
+        # The refused items already queued for the DLQ, by topic, partition and offset: a
+        # bucket's re-read of the topic (``PartitionBuckets``, which reports through
+        # ``follower.on_refused``) refuses them again, but each is dead-lettered once per
+        # process. ``_refused`` runs on the event loop and in the re-read's thread.
+        self._reported: set[tuple[str, int, int]] = set()
+        self._reported_lock = threading.Lock()
+        self.follower = _WorkerFollower(directory, roster, role="worker", on_refused=self._refused)
         self._positions: dict[int, int] = {}
         self._stopping = asyncio.Event()
         self._producer: AIOKafkaProducer | None = None
@@ -99,6 +106,16 @@ class KeyTopicService:
         self.on_head = on_head
         self._head_changed = False
         self._refresh: asyncio.Task[None] | None = None
+
+    def _refused(self, refusal: KeyTopicRefusal) -> None:
+        """Queue ``refusal`` for the DLQ and the audit trail, unless its item already was."""
+        item = refusal.item
+        where = (item.topic, item.partition, item.offset)
+        with self._reported_lock:
+            if where in self._reported:
+                return
+            self._reported.add(where)
+            self._pending.append(refusal)
 
     def catch_up(self, timeout_s: float = 60.0) -> None:
         """Read the topic up to its current end (blocking; before the stages start). What was
@@ -251,7 +268,9 @@ class _WorkerFollower(KeyTopicFollower):
 
 class _BucketReload(KeyTopicFollower):
     """Applies the key topic's records of vehicle ``buckets`` only (a re-read for buckets just
-    taken into the scope); heads are the running follower's business."""
+    taken into the scope); heads are the running follower's business. What it refuses is
+    refused again at every re-read; the worker's ``on_refused`` (``KeyTopicService``)
+    dead-letters each item once."""
 
     def __init__(self, directory: KeyDirectory, buckets: frozenset[int], **kwargs: Any) -> None:
         super().__init__(directory, **kwargs)

@@ -35,7 +35,7 @@ from fleetbus.bus.topics import kafka_partition
 from fleetbus.observability.metrics import DIRECTORY_SCOPE_FALLBACK, DIRECTORY_VEHICLES_HELD
 from fleetbus.processors.eos import DeadLetter, InputRecord, PartitionState, StageResult
 from fleetbus.processors.fleet_registry import DirectoryRoster, FleetRegistry
-from fleetbus.processors.keytopic import PartitionBuckets
+from fleetbus.processors.keytopic import KeyTopicService, PartitionBuckets
 from fleetbus.processors.stages import (
     PipelineTopics,
     TelemetryStage,
@@ -458,3 +458,68 @@ def test_buckets_loaded_as_partitions_move_are_held_by_position_and_released_who
     assert not _serves(directory, fleet, first)
     assert _serves(directory, fleet, second)
     assert directory.vehicles_held() == len({v for v in held if fleet.bucket(v) == 2})
+
+
+class _RecordingProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def send_and_wait(
+        self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
+    ) -> None:
+        self.sent.append((topic, value))
+
+
+def test_a_refused_key_topic_item_is_dead_lettered_once_however_often_it_is_re_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused item is refused at every reading: by the running follower, then by each re-read
+    of the topic for a bucket taken again. It is dead-lettered (and audited) once per process,
+    by its partition and offset; the same bytes at another offset are another item."""
+    fleet = Fleet(tmp_path)
+    vid = fleet.on(1)
+    forged = _issue(FleetRoot.generate(), vid)  # the vehicle's id, signed by another root
+    key, value = to_kafka(forged.signed)
+    topic: list[KeyTopicItem] = []
+    directory, buckets = _worker(fleet, topic)
+    settings = FleetbusSettings(partitions=PARTITIONS, directory_scope="partitions")
+    service = KeyTopicService(settings, directory, clock=lambda: T0)
+    # As build_pipeline wires them: the bucket re-reads report through the service's follower.
+    buckets.on_refused = service.follower.on_refused
+    service.follower.finish_catch_up()
+    producer = _RecordingProducer()
+    service._producer = producer  # type: ignore[assignment]
+
+    async def rebalance() -> None:
+        await buckets.revoked("seal", frozenset())
+        await buckets.assigned("seal", frozenset())  # bucket 1 dropped
+        await buckets.assigned("seal", frozenset({1}))  # taken again: the topic re-read
+        await service._report()
+
+    async def scenario() -> None:
+        await buckets.assigned("seal", frozenset({1}))
+        topic.append(KeyTopicItem("keys", 0, 0, key, value))
+        assert service.follower.apply(topic[-1]) == "refused"  # live, bucket 1 held
+        await service._report()
+        await rebalance()
+        await rebalance()
+        topic.append(KeyTopicItem("keys", 0, 1, key, value))  # published again
+        assert service.follower.apply(topic[-1]) == "refused"
+        await service._report()
+        await rebalance()
+
+    with caplog.at_level(logging.WARNING, logger="fleetbus.sdk.keytopic"):
+        asyncio.run(scenario())
+    # Refused at every reading: live, then at each re-read that came after it.
+    assert caplog.text.count("refused keys[0]@0: bad_signature") == 4
+    assert caplog.text.count("refused keys[0]@1: bad_signature") == 2
+    dlq = settings.topics.full(settings.topics.dlq)
+    letters = [DeadLetter.decode(v) for t, v in producer.sent if t == dlq]
+    assert [(d.stage, d.partition, d.offset) for d in letters] == [("keys", 0, 0), ("keys", 0, 1)]
+    assert {d.reason for d in letters} == {ReasonCode.BAD_SIGNATURE}
+    # Still refused at every re-read: never applied, the vehicle's own key still served.
+    assert directory.scope.buckets == frozenset({1})
+    with pytest.raises(FleetbusError) as exc:
+        directory.verifier_for(vid, forged.signed.record.key_id, at=T0)
+    assert exc.value.reason is ReasonCode.UNKNOWN_SIGNER
+    assert _serves(directory, fleet, vid)
