@@ -358,6 +358,12 @@ def process_child(mode: str, n: int) -> dict[str, Any]:
             now=T0,
         )
     out["decide_vehicle_us"] = round((time.perf_counter() - t) / len(ids) * 1e6, 1)
+    lookup = getattr(policy.registry, "vehicle", None)  # None: a baseline's dict registry
+    if lookup is not None:
+        t = time.perf_counter()
+        for vid in ids:
+            lookup(vid)
+        out["registry_lookup_us"] = round((time.perf_counter() - t) / len(ids) * 1e6, 1)
     out["rss_after_mb"] = round(rss_mb(), 1)
     out["peak_rss_after_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return out
@@ -744,7 +750,8 @@ def main() -> None:
         f"{'mode':<20} {'code':<8} {'vehicles':>9} {'start s':>8} {'RSS MB':>8} {'held':>9} "
         f"{'state MB':>9}"
     )
-    for row in rows:
+    processes = [row for row in rows if row["mode"].startswith("process-")]
+    for row in (row for row in rows if row not in processes):
         print(
             f"{row['mode']:<20} {row['code']:<8} {row['vehicles']:>9} {row['start_s']:>8} "
             f"{row['rss_mb']:>8} {row['records_held']:>9} "
@@ -757,6 +764,17 @@ def main() -> None:
                 f"{row['recipient_keys_us']} us (the same 500 vehicles: "
                 f"{row['recipient_keys_hot_us']} us), verifier_for {row['verifier_for_us']} us"
             )
+    if processes:
+        print(
+            f"\n{'whole worker process':<20} {'code':<8} {'vehicles':>9} {'start s':>8} "
+            f"{'RSS MB':>8} {'peak MB':>8} {'decide us':>10} {'group expand s':>15}"
+        )
+    for row in processes:
+        print(
+            f"{row['mode']:<20} {row['code']:<8} {row['vehicles']:>9} {row['start_s']:>8} "
+            f"{row['rss_mb']:>8} {row['peak_rss_mb']:>8} {row['decide_vehicle_us']:>10} "
+            f"{row['group_expand_s']:>15}"
+        )
     for item in prop:
         print(f"propagation at {item['vehicles']}: {json.dumps(item)}")
     RESULTS.parent.mkdir(exist_ok=True)

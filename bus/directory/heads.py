@@ -100,7 +100,8 @@ def record_digest(record: KeyRecord) -> bytes:
 
 def set_digest(entries: Iterable[tuple[str, bytes]]) -> bytes:
     """Digest of one record set: SHA-256 over the sorted ``[key_id, record digest]`` pairs."""
-    pairs = sorted([key_id, digest] for key_id, digest in entries)
+    # Tuples sort and encode (as CBOR arrays) as the pairs do, without a list per pair.
+    pairs = sorted((key_id, digest) for key_id, digest in entries)
     return hashlib.sha256(SET_DIGEST_PREFIX + canonical_cbor(pairs)).digest()
 
 
