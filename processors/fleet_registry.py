@@ -308,7 +308,7 @@ class _Ids:
 class DirectoryRoster:
     """Every principal's latest record, without keys: the fleet-wide input of the registry.
 
-    A directory file's vehicles (``from_file``) are held as a table of about 20 bytes per
+    A directory file's vehicles (``from_file``) are held as a table of about 30 bytes per
     vehicle: their ids in one byte string sorted by (bucket, id), a version and a profile per
     row, a profile being one (kind, groups, capabilities) the fleet's records share. Other
     principals, records ``add``-ed and every record of the key topic that would change what is
@@ -335,6 +335,7 @@ class DirectoryRoster:
         self._profiles: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
         self._profile_rows: list[int] = []
         self._bucket_rows: array[int] = array("Q", [0] * (vehicle_buckets + 1))
+        self._row_partitions: dict[int, array[int]] = {}  # partition count -> row's partition
         #: The directory file read, open, and where its records are (``load_directory``).
         self.file: RecordFile | None = None
         self.index: RecordIndex | None = None
@@ -535,12 +536,13 @@ class DirectoryRoster:
             rows: Iterable[int] = range(
                 self._bucket_rows[partition], self._bucket_rows[partition + 1]
             )
-        else:
-            rows = (
-                r
-                for r in range(len(self._versions))
-                if kafka_partition(self._ids[r], partitions) == partition
-            )
+        else:  # buckets are not the partitions: every row's partition, hashed once per count
+            of_row = self._row_partitions.get(partitions)
+            if of_row is None:
+                ids = self._ids
+                of_row = array("I", (kafka_partition(ids[r], partitions) for r in range(len(ids))))
+                self._row_partitions[partitions] = of_row
+            rows = (r for r, p in enumerate(of_row) if p == partition)
         live = dict(self._latest)
         out = [
             vid
