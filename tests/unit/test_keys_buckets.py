@@ -335,6 +335,57 @@ def test_processes_following_the_topic_take_the_rehead_live(
     assert all(not whole.latest(v).revoked for v in VEHICLES[2:])
 
 
+def test_a_scoped_worker_that_meets_another_bucket_count_never_serves_a_stale_key(
+    tmp_path: Path, published: list[Any]
+) -> None:
+    """A worker holding partition 0 of 4 under a 4-bucket head receives a head with 8 buckets:
+    vehicle ``b`` of partition 0 is in bucket 4 of 8, outside the buckets it holds. Its key is
+    refused from then on (fail closed) — a revocation of it, which the worker no longer keeps,
+    must not leave the old key in use — until the next assignment, where the worker falls back
+    to the whole fleet and loads it again, revoked."""
+    from fleetbus.processors.app import load_worker_directory
+
+    keys = _fleet(tmp_path / "keys", PARTITIONS)
+    root, path = _root(keys), keys / "directory.cbor"
+    directory, roster = load_worker_directory(_scoped(tmp_path), root, path)
+    buckets = PartitionBuckets(_scoped(tmp_path), directory, path, roster=roster)
+    topic: list[KeyTopicItem] = []
+
+    def reread(follower: KeyTopicFollower) -> None:
+        for item in topic:
+            follower.apply(item)
+        follower.finish_catch_up()
+
+    buckets.reread_topic = reread  # type: ignore[method-assign]
+    asyncio.run(buckets.assigned("seal", [0]))
+    part0 = [v for v in VEHICLES if kafka_partition(v.encode(), PARTITIONS) == 0]
+    a = next(v for v in part0 if kafka_partition(v.encode(), 8) == 0)
+    b = next(v for v in part0 if kafka_partition(v.encode(), 8) == 4)
+    assert not directory.latest(b).revoked
+
+    _ok("rehead", "--dir", str(keys), "--buckets", "8", "--bootstrap", "k:1")
+    _ok("revoke", "--dir", str(keys), "--principal", b, "--bootstrap", "k:1")
+    topic += _topic(published)
+    follower = KeyTopicFollower(directory, role="worker")
+    follower.finish_catch_up()  # the running worker's follower, live
+    for item in topic:
+        follower.apply(item)
+    assert directory.head is not None
+    assert directory.head.vehicle_buckets == 8
+    assert directory.latest(a).principal_id == a  # bucket 0 of 8: held, matches the head
+    with pytest.raises(FleetbusError) as refused:
+        directory.latest(b)
+    assert refused.value.reason is ReasonCode.UNKNOWN_SIGNER
+
+    # The next assignment: 8 buckets are not 4 partitions, every bucket is held and loaded.
+    asyncio.run(buckets.assigned("seal", [0]))
+    assert buckets.fallback
+    assert DIRECTORY_SCOPE_FALLBACK._value.get() == 1
+    assert directory.unsettled_sets() == []
+    assert directory.latest(b).revoked
+    assert directory.vehicles_held() == len(VEHICLES)
+
+
 def test_a_whole_directory_computes_any_count_from_the_records_it_holds(
     sixteen: Path,
 ) -> None:
