@@ -380,8 +380,9 @@ def rehead(
 
     The records are not changed; the head's sequence number grows by one as for any change.
     Processes that receive the head re-divide the vehicles they hold; a worker with
-    directory_scope partitions holds only its partitions' vehicles once buckets = partitions and
-    it has restarted (docs/key-management.md, "The worker's scope").
+    directory_scope partitions holds only its partitions' vehicles once buckets = partitions
+    and it has restarted with the new directory.cbor (docs/key-management.md, "Choosing the
+    bucket count").
     """
     _check_buckets(buckets)
     root = _load_root(directory)
