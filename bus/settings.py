@@ -155,7 +155,8 @@ class FleetbusSettings(BaseSettings):
         ge=1,
         description="partitions of the topics we create; must equal those of existing topics "
         "(a group command goes to each partition of commands.authorized) and should equal the "
-        "directory head's buckets (docs/key-management.md)",
+        "directory head's vehicle buckets (`fleetbus keys init` takes it as its --buckets "
+        "default, `keys rehead --buckets` changes a head's; docs/key-management.md)",
     )
     directory_scope: Literal["fleet", "partitions"] = Field(
         default="fleet",

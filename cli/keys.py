@@ -4,10 +4,16 @@ Files in the key directory ``D``: ``root.key`` (0600, the root's private keys), 
 pinned root public key), ``directory.cbor`` (the signed directory head and all signed records),
 ``directory-head.<root kid>.cbor`` (the highest head accepted here) and ``<principal>.key``
 (0600). Every change signs a new head with the next sequence number. With a Kafka bootstrap
-(``--bootstrap`` or ``FLEETBUS_KAFKA_BOOTSTRAP``), ``issue``, ``rotate`` and ``revoke`` also
-publish the change — its records, then the new head — to the compacted key topic that workers
-and vehicle agents follow; ``publish`` sends the whole folder again. ``show`` never prints
-private key material.
+(``--bootstrap`` or ``FLEETBUS_KAFKA_BOOTSTRAP``), ``issue``, ``rotate``, ``revoke`` and
+``rehead`` also publish the change — its records, then the new head — to the compacted key topic
+that workers and vehicle agents follow; ``publish`` sends the whole folder again. ``show`` never
+prints private key material.
+
+A head divides the vehicles into ``--buckets`` buckets (Kafka's partition of the vehicle id over
+that count): ``init`` takes the configured partition count (``FLEETBUS_PARTITIONS``) unless told
+otherwise, every later head keeps its predecessor's count, and ``rehead`` signs the next head
+over the same records with another count (a worker with ``directory_scope`` partitions needs
+buckets = partitions).
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ import typer
 from fleetbus.bus.directory import (
     COMMAND_RECIPIENT_KINDS,
     KINDS,
+    MAX_VEHICLE_BUCKETS,
     ROOT_SUITE,
     FleetRoot,
     KeyDirectory,
     KeyRecord,
     RootPublicKey,
+    SignedDirectoryHead,
     SignedKeyRecord,
     head_store_for,
     issue_key,
@@ -60,6 +68,12 @@ BootstrapOpt = Annotated[
         "from the FLEETBUS_* settings)",
     ),
 ]
+
+_BUCKETS_HELP = (
+    f"vehicle buckets of the directory head (1..{MAX_VEHICLE_BUCKETS}): a worker with "
+    "directory_scope partitions needs it equal to the topics' partition count "
+    "(FLEETBUS_PARTITIONS)"
+)
 
 #: Used with ``fullmatch`` (``$`` would let a trailing newline through).
 _PRINCIPAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -109,17 +123,56 @@ def _publish(
     directory: Path,
     root: FleetRoot,
     current: KeyDirectory,
-    signed: SignedKeyRecord,
+    signed: SignedKeyRecord | None,
     bootstrap: str | None,
-) -> None:
-    """Add ``signed`` and write it under the next head (file first, then the accepted head),
-    then, with a bootstrap, send the record and the head to the key topic."""
-    current.ingest(signed)
-    head = next_head(root, current, previous=current.head)
+    *,
+    vehicle_buckets: int | None = None,
+) -> SignedDirectoryHead:
+    """Add ``signed`` (if any) and write the records under the next head (file first, then the
+    accepted head), then, with a bootstrap, send the record and the head to the key topic.
+    ``vehicle_buckets``: the new head's bucket count (None: the current head's)."""
+    if signed is not None:
+        current.ingest(signed)
+    head = next_head(root, current, previous=current.head, vehicle_buckets=vehicle_buckets)
     write_directory_file(KeyFolder(directory).directory, head, current.signed_records())
     current.ingest_head(head)
     if bootstrap:
-        publish_key_change(_settings(bootstrap), [signed], head)
+        publish_key_change(_settings(bootstrap), [] if signed is None else [signed], head)
+    return head
+
+
+def _check_buckets(buckets: int, source: str = "--buckets") -> int:
+    """``buckets`` if a head may be signed with it (1..MAX_VEHICLE_BUCKETS), else a ConfigError
+    naming ``source`` (the option, or the setting it came from)."""
+    if not 1 <= buckets <= MAX_VEHICLE_BUCKETS:
+        raise ConfigError(
+            f"{source} must be a whole number from 1 to {MAX_VEHICLE_BUCKETS}, not {buckets}: "
+            "the directory head's vehicle buckets (set it to the topics' partition count, "
+            "FLEETBUS_PARTITIONS, for workers with directory_scope partitions)"
+        )
+    return buckets
+
+
+def _configured_partitions() -> int | None:
+    """``FLEETBUS_PARTITIONS`` as the settings read it here (None: the settings do not load)."""
+    from fleetbus.bus.settings_env import load_settings
+
+    try:
+        return load_settings().partitions
+    except ConfigError:
+        return None
+
+
+def _buckets_note(buckets: int) -> str:
+    """A hint when ``buckets`` is not this environment's partition count."""
+    partitions = _configured_partitions()
+    if partitions is None or partitions == buckets:
+        return ""
+    return (
+        f"\nnote: the partition count configured here (FLEETBUS_PARTITIONS) is {partitions}: a "
+        f"worker with directory_scope partitions and {partitions} partitions holds the whole "
+        f"fleet under this head (`fleetbus keys rehead --buckets {partitions}` matches it)"
+    )
 
 
 def _settings(bootstrap: str) -> Any:
@@ -133,8 +186,22 @@ def _key_path(directory: Path, principal: str) -> Path:
 
 
 @keys_app.command("init")
-def init(directory: DirOpt) -> None:
-    """Create the hybrid fleet root key (root.key 0600, root.pub) and an empty directory."""
+def init(
+    directory: DirOpt,
+    buckets: Annotated[
+        int | None,
+        typer.Option("--buckets", help=_BUCKETS_HELP + "; default: the configured partition count"),
+    ] = None,
+) -> None:
+    """Create the hybrid fleet root key (root.key 0600, root.pub) and an empty directory whose
+    head has --buckets vehicle buckets (default: FLEETBUS_PARTITIONS, so that workers with
+    directory_scope partitions hold only their partitions' vehicles)."""
+    source = "--buckets"
+    if buckets is None:
+        from fleetbus.bus.settings_env import load_settings
+
+        buckets, source = load_settings().partitions, "FLEETBUS_PARTITIONS (--buckets' default)"
+    _check_buckets(buckets, source)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     if KeyFolder(directory).root_key.exists():
         raise ConfigError(
@@ -143,11 +210,13 @@ def init(directory: DirOpt) -> None:
     root = FleetRoot.generate(ROOT_SUITE)
     save_key_file(KeyFolder(directory).root_key, root.key_file())
     KeyFolder(directory).root_pub.write_bytes(root.public.to_bytes())
+    made = ""
     if not KeyFolder(directory).directory.exists():
-        head, records = sign_directory(root, [])
+        head, records = sign_directory(root, [], vehicle_buckets=buckets)
         write_directory_file(KeyFolder(directory).directory, head, records)
         head_store_for(directory, root.public).save(head)
-    typer.echo(f"fleet root {root.key_id} ({root.public.suite}) created in {directory}")
+        made = f"; directory head 1 with {buckets} vehicle buckets"
+    typer.echo(f"fleet root {root.key_id} ({root.public.suite}) created in {directory}{made}")
 
 
 @keys_app.command("issue")
@@ -301,6 +370,40 @@ def revoke(
     typer.echo(f"revoked {principal} v{record.version} key {record.key_id}")
 
 
+@keys_app.command("rehead")
+def rehead(
+    directory: DirOpt,
+    buckets: Annotated[int, typer.Option("--buckets", help=_BUCKETS_HELP)],
+    bootstrap: BootstrapOpt = None,
+) -> None:
+    """Sign the next head over the same records with --buckets vehicle buckets.
+
+    The records are not changed; the head's sequence number grows by one as for any change.
+    Processes that receive the head re-divide the vehicles they hold; a worker with
+    directory_scope partitions holds only its partitions' vehicles once buckets = partitions
+    and it has restarted with the new directory.cbor (docs/key-management.md, "Choosing the
+    bucket count").
+    """
+    _check_buckets(buckets)
+    root = _load_root(directory)
+    current = _load_public(directory)
+    previous = current.head
+    assert previous is not None  # load_directory refuses a file without one
+    if previous.vehicle_buckets == buckets:
+        typer.echo(
+            f"directory head {previous.seq} already has {buckets} vehicle buckets; nothing "
+            "signed (`fleetbus keys publish` sends the current head again)"
+        )
+        return
+    head = _publish(directory, root, current, None, bootstrap, vehicle_buckets=buckets)
+    typer.echo(
+        f"signed directory head {head.head.seq} over the same {head.head.record_count} records "
+        f"with {buckets} vehicle buckets (head {previous.seq} had {previous.vehicle_buckets})"
+        + (f"; published to the key topic at {bootstrap}" if bootstrap else "")
+        + _buckets_note(buckets)
+    )
+
+
 @keys_app.command("publish")
 def publish(
     directory: DirOpt,
@@ -389,13 +492,20 @@ def show(
     if as_json:
         doc = {
             "root_key_id": current.root.key_id,
-            "head": {"seq": head.seq, "issued_at": _iso(head.issued_at)},
+            "head": {
+                "seq": head.seq,
+                "issued_at": _iso(head.issued_at),
+                "vehicle_buckets": head.vehicle_buckets,
+            },
             "records": rows,
         }
         typer.echo(json.dumps(doc, indent=2))
         return
     typer.echo(f"fleet root {current.root.key_id} ({current.root.suite})")
-    typer.echo(f"directory head {head.seq} of {_iso(head.issued_at)}, {head.record_count} records")
+    typer.echo(
+        f"directory head {head.seq} of {_iso(head.issued_at)}, {head.record_count} records, "
+        f"{head.vehicle_buckets} vehicle buckets"
+    )
     if not rows:
         typer.echo("no records")
     for row in rows:

@@ -280,14 +280,17 @@ def sign_directory(
     *,
     previous: DirectoryHead | None = None,
     at: float | None = None,
+    vehicle_buckets: int | None = None,
 ) -> tuple[SignedDirectoryHead, list[SignedKeyRecord]]:
     """Merge ``records`` (revocation sticky) and sign the next head over them.
 
-    Returns the head (``previous.seq + 1``, or 1) and the merged records it covers.
+    Returns the head (``previous.seq + 1``, or 1) and the merged records it covers;
+    ``vehicle_buckets`` as ``next_head``.
     """
     merged = KeyDirectory(root.public)
     merged.ingest_all(records)
-    return next_head(root, merged, previous=previous, at=at), merged.signed_records()
+    head = next_head(root, merged, previous=previous, at=at, vehicle_buckets=vehicle_buckets)
+    return head, merged.signed_records()
 
 
 def next_head(
@@ -296,12 +299,20 @@ def next_head(
     *,
     previous: DirectoryHead | None,
     at: float | None = None,
+    vehicle_buckets: int | None = None,
 ) -> SignedDirectoryHead:
-    """The root's head after ``previous`` (1 if None) over every record ``directory`` holds."""
+    """The root's head after ``previous`` (1 if None) over every record ``directory`` holds.
+
+    ``vehicle_buckets``: the head's bucket count; None keeps ``previous``'s
+    (``DEFAULT_VEHICLE_BUCKETS`` for a first head). Another count commits the same records under
+    other vehicle sets (``fleetbus keys rehead``).
+    """
+    if vehicle_buckets is None:
+        vehicle_buckets = DEFAULT_VEHICLE_BUCKETS if previous is None else previous.vehicle_buckets
     head = directory.compute_head(
         seq=1 if previous is None else previous.seq + 1,
         at=time.time() if at is None else at,
-        vehicle_buckets=DEFAULT_VEHICLE_BUCKETS if previous is None else previous.vehicle_buckets,
+        vehicle_buckets=vehicle_buckets,
     )
     return root.sign_head(head)
 

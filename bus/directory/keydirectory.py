@@ -383,10 +383,19 @@ class KeyDirectory:
         if head.vehicle_buckets != self._buckets:
             self._buckets = head.vehicle_buckets
             self._members = {}
+            outside: list[tuple[str, str]] = []
             for key_id, stored in self._by_key_id.items():
                 record = self._parse(key_id, stored).record
                 index = self._index[key_id] = record_set(record, self._buckets)
                 self._members.setdefault(index, set()).add(key_id)
+                if not self.scope.holds(index) and record.principal_id not in self.scope.own:
+                    outside.append((key_id, record.principal_id))
+            # Under the new count some held vehicles are in buckets this scope does not hold
+            # (a worker holding its partitions' buckets): dropped, as a released bucket's are.
+            # Kept, they would be used unchecked against the head (as ``scope.own`` records
+            # are), while their new bucket's records, revocations too, are no longer kept.
+            for key_id, principal_id in outside:
+                self._forget(key_id, principal_id)
             self._accepted = {}
             self._dirty = set(range(1 + head.vehicle_buckets))
         else:
@@ -399,6 +408,22 @@ class KeyDirectory:
         for index in sorted(self._dirty):
             if self.scope.holds(index):
                 self._settle(index)
+
+    def _forget(self, key_id: str, principal_id: str) -> None:
+        """Drop the record held for ``key_id`` (of ``principal_id``): its key is unknown here
+        from now on. The caller holds the lock."""
+        del self._by_key_id[key_id]
+        del self._digests[key_id]
+        self._members.get(self._index.pop(key_id), set()).discard(key_id)
+        self._verifiers.pop(key_id, None)
+        self._parsed.pop(key_id, None)
+        known = self._by_principal.get(principal_id)
+        if known == key_id:
+            del self._by_principal[principal_id]
+        elif isinstance(known, set):
+            known.discard(key_id)
+            if len(known) == 1:
+                self._by_principal[principal_id] = next(iter(known))
 
     def _settle(self, index: int) -> dict[str, _Held] | None:
         """The records of set ``index`` that match the current head, or None if they do not."""

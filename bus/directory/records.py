@@ -38,6 +38,11 @@ HEAD_KAFKA_KEY = b"head"
 #: Vehicle records are split into this many sets (a head may choose another count): a process
 #: that holds only some vehicles' records can still check them whole against the head.
 DEFAULT_VEHICLE_BUCKETS = 16
+#: The most vehicle buckets ``fleetbus keys`` signs a head with. A head parses with any count
+#: >= 1; this bound keeps a signed head (about 40 bytes a bucket: ~165 kB at 4096) well inside
+#: the directory file's item limit (1 MiB) and Kafka's default message size (1 MB), and is more
+#: partitions than one topic is usually given.
+MAX_VEHICLE_BUCKETS = 4096
 DIRECTORY_FILE_FORMAT = "fleetbus-directory/v2"
 ROOT_PUBLIC_FORMAT = "fleetbus-root-public/v1"
 PRIVATE_KEY_FORMAT = "fleetbus-private-key/v1"
