@@ -264,6 +264,7 @@ def load_worker_directory(
         DirectoryScope,
         head_store_for,
         load_directory,
+        open_directory_file,
     )
     from fleetbus.observability.metrics import DIRECTORY_SCOPE_FALLBACK, DIRECTORY_VEHICLES_HELD
     from fleetbus.processors.fleet_registry import DirectoryRoster
@@ -272,6 +273,10 @@ def load_worker_directory(
     # The keys folder may be a read-only mount: the highest accepted head lives with the state.
     head_store = head_store_for(Path(settings.data_dir).expanduser(), root)
     DIRECTORY_SCOPE_FALLBACK.set(0)
+    with open_directory_file(path) as stream:  # the head only: no record is read
+        headless = stream.head is None
+    if headless:  # load_directory says how to migrate (or, after a head, refuses a rollback)
+        load_directory(path, root, head_store=head_store)
     roster = DirectoryRoster.from_file(path, root)
     scoped = (
         settings.directory_scope == "partitions"

@@ -253,3 +253,19 @@ def test_the_roster_refuses_an_unreadable_record(tmp_path: Path) -> None:
         DirectoryRoster.from_file(fleet.path, fleet.root.public)
     assert exc.value.reason is ReasonCode.MALFORMED
     assert json.dumps(str(exc.value)).count("directory file") == 1
+
+
+def test_a_worker_on_a_headless_file_is_told_how_to_migrate(tmp_path: Path) -> None:
+    import cbor2
+
+    from fleetbus.bus.settings import FleetbusSettings
+    from fleetbus.processors.app import load_worker_directory
+
+    fleet = Fleet(tmp_path)
+    signed = fleet.directory.signed_records()
+    fleet.path.write_bytes(cbor2.dumps([s.to_cbor() for s in signed]))  # the v1 file
+    settings = FleetbusSettings(data_dir=str(tmp_path / "state"))
+    with pytest.raises(FleetbusError) as exc:
+        load_worker_directory(settings, fleet.root.public, fleet.path)
+    assert exc.value.reason is ReasonCode.CONFIG
+    assert "keys migrate" in str(exc.value)
