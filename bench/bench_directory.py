@@ -462,21 +462,23 @@ def _kill_all(procs: list[subprocess.Popen[str]]) -> None:
 def propagation(n: int, revocations: int) -> dict[str, Any]:
     import threading
 
-    from fleetbus.bus.directory import KeyDirectory, next_head, read_directory_file
+    from fleetbus.bus.directory import next_head
     from fleetbus.sdk.keytopic import publish_key_change
 
     folder = fleet_folder(n)
     root = FleetRoot.from_key_file(load_key_file(KeyFolder(folder).root_key))
-    content = read_directory_file(KeyFolder(folder).directory)
+    # The head and set 0 parsed; the root holder's whole directory held by position (parsed
+    # whole, 10^6 records would be ~7 GB of objects).
+    content = read_directory_file(
+        KeyFolder(folder).directory, scope=DirectoryScope(buckets=frozenset())
+    )
     assert content.head is not None
-    holder = KeyDirectory(root.public)
-    holder.ingest_committed(content.records, content.head)
-    holder.ingest_head(content.head)
+    holder = load_directory(KeyFolder(folder).directory, root.public)
     procs: list[subprocess.Popen[str]] = []
     with key_topic_broker() as (cluster, settings, prefix), contextlib.ExitStack() as stack:
         stack.callback(_kill_all, procs)
         # The topic holds set 0 and the head; the workers load the vehicles from the file.
-        common = [s for s in holder.signed_records() if s.record.kind != "vehicle"]
+        common = [s for s in content.records if s.record.kind != "vehicle"]
         publish_key_change(settings, common, content.head)
         layout = [("worker", 1), ("worker", 1), ("agent", 50), ("agent", 50)]
         for role, readers in layout:
@@ -539,8 +541,9 @@ def propagation(n: int, revocations: int) -> dict[str, Any]:
         }
 
 
-def scoped_worker(n: int, bootstrap: str, prefix: str) -> dict[str, Any]:
-    """A ``directory_scope=partitions`` worker's directory through bucket changes (a child)."""
+def scoped_worker(n: int, bootstrap: str, prefix: str, margin: float) -> dict[str, Any]:
+    """A ``directory_scope=partitions`` worker's directory through bucket changes (a child),
+    reading the key topic from the file's head less ``margin`` (negative: the whole topic)."""
     import tempfile
 
     from fleetbus.bus.settings import FleetbusSettings, TopicNames
@@ -556,20 +559,22 @@ def scoped_worker(n: int, bootstrap: str, prefix: str) -> dict[str, Any]:
         partitions=DEFAULT_VEHICLE_BUCKETS,
         directory_scope="partitions",
         data_dir=tempfile.mkdtemp(prefix="bench-scope-"),
+        key_topic_read_margin_s=margin,
     )
     base = rss_mb()
     started = time.perf_counter()
     directory, roster = load_worker_directory(settings, root, path)
-    assert roster is not None
+    loaded = time.perf_counter()
     service = KeyTopicService(settings, directory, roster=roster)
-    service.catch_up()
+    service.catch_up(timeout_s=1800)
     out: dict[str, Any] = {
         "vehicles": n,
+        "read": "whole topic" if margin < 0 else f"from the file's head - {margin:.0f} s",
         "start_s": round(time.perf_counter() - started, 3),
+        "catch_up_s": round(time.perf_counter() - loaded, 3),
         "start_rss_mb": round(rss_mb(), 1),
-        "roster_principals": len(roster.entries()),
     }
-    buckets = PartitionBuckets(settings, directory, path)
+    buckets = PartitionBuckets(settings, directory, path, roster=roster, topic_timeout_s=1800)
     reread = buckets.reread_topic
     spent: list[float] = []
 
@@ -600,26 +605,48 @@ def scoped_worker(n: int, bootstrap: str, prefix: str) -> dict[str, Any]:
 def rebalance(n: int) -> dict[str, Any]:
     """``scoped_worker`` in a child process, against a local broker holding the fleet's topic."""
 
-    from fleetbus.sdk.keytopic import publish_key_change
+    from kafka import KafkaProducer
+
+    from fleetbus.bus.directory import head_to_kafka, open_directory_file
+    from fleetbus.bus.directory.records import signed_record_fields
 
     folder = fleet_folder(n, check_head=True)
-    content = read_directory_file(KeyFolder(folder).directory)
-    assert content.head is not None
+    path = KeyFolder(folder).directory
+    results = []
     with key_topic_broker() as (cluster, settings, prefix):
+        # The whole fleet on the topic, as `keys issue --bootstrap` leaves it: every record
+        # published (a day) before the root signed the head of the file the workers load,
+        # with the file's head last. Streamed: the records' bytes are sent as stored.
         started = time.perf_counter()
-        publish_key_change(settings, content.records, content.head)
+        producer = KafkaProducer(bootstrap_servers=cluster.bootstrap, linger_ms=20)
+        topic = settings.topics.full(settings.topics.keys)
+        count = 0
+        with open_directory_file(path) as stream:
+            assert stream.head is not None
+            stamp = int((stream.head.head.issued_at - 86400) * 1000)
+            for item in stream.records:
+                principal, _, key_id, _ = signed_record_fields(item.data)
+                key = f"{principal}/{key_id}".encode()  # bus.directory.kafka_key
+                producer.send(topic, key=key, value=item.data, partition=0, timestamp_ms=stamp)
+                count += 1
+            producer.flush()
+            key, value = head_to_kafka(stream.head)
+            producer.send(topic, key=key, value=value, partition=0, timestamp_ms=stamp).get(60)
+        producer.close()
         published_s = time.perf_counter() - started
-        command = [sys.executable, __file__, "--scoped", str(n)]
-        proc = subprocess.run(  # noqa: S603 - this script, with its own arguments
-            [*command, "--bootstrap", cluster.bootstrap, "--prefix", prefix],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-        result["topic_records"] = len(content.records) + 1
-        result["publish_s"] = round(published_s, 1)
-        return result
+        for margin in (3600.0, -1.0):
+            command = [sys.executable, __file__, "--scoped", str(n), "--margin", str(margin)]
+            proc = subprocess.run(  # noqa: S603 - this script, with its own arguments
+                [*command, "--bootstrap", cluster.bootstrap, "--prefix", prefix],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+            result["topic_records"] = count + 1
+            result["publish_s"] = round(published_s, 1)
+            results.append(result)
+    return results
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -707,6 +734,7 @@ def main() -> None:
     parser.add_argument("--follow", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
+    parser.add_argument("--margin", type=float, default=3600.0, help=argparse.SUPPRESS)
     parser.add_argument("--readers", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -715,7 +743,7 @@ def main() -> None:
         print(json.dumps(measure(args.child, sizes[0])))
         return
     if args.scoped:
-        print(json.dumps(scoped_worker(args.scoped, args.bootstrap, args.prefix)))
+        print(json.dumps(scoped_worker(args.scoped, args.bootstrap, args.prefix, args.margin)))
         return
     if args.rehead:
         rehead(fleet_folder(sizes[0]))
@@ -741,7 +769,7 @@ def main() -> None:
                 row = run_child(mode, n, code)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
-    moves = [rebalance(n) for n in (int(s) for s in args.rebalance.split(",") if s)]
+    moves = [row for n in (int(s) for s in args.rebalance.split(",") if s) for row in rebalance(n)]
     for item in moves:
         print(f"scoped worker at {item['vehicles']}: {json.dumps(item)}")
     prop_sizes = [int(s) for s in args.propagation.split(",") if s]
@@ -790,7 +818,11 @@ def main() -> None:
             ("mode", "code", "vehicles"),
         ),
         "propagation": _merged(previous.get("propagation", []), prop, ("vehicles",)),
-        "scoped_worker": _merged(previous.get("scoped_worker", []), moves, ("vehicles",)),
+        "scoped_worker": _merged(
+            [{"read": "whole topic", **row} for row in previous.get("scoped_worker", [])],
+            moves,
+            ("vehicles", "read"),
+        ),
     }
     RESULTS.write_text(json.dumps(doc, indent=1) + "\n")
 

@@ -165,6 +165,14 @@ class FleetbusSettings(BaseSettings):
         "partitions (those of the partitions its seal, response and telemetry stages are "
         "assigned, loaded and dropped as they move; docs/key-management.md)",
     )
+    key_topic_read_margin_s: float = Field(
+        default=3600.0,
+        description="how far before its key directory's head a process starts reading the key "
+        "topic at start-up and when a worker takes a bucket: what the directory file holds "
+        "was published before the root signed its head, so only later items are read (by "
+        "their Kafka timestamps, this margin allowing for the root holder's clock); negative: "
+        "the whole topic (docs/key-management.md)",
+    )
     processing_guarantee: Literal["exactly_once"] = Field(
         default="exactly_once",
         description="always exactly_once: every stage commits each batch in one Kafka "

@@ -342,6 +342,11 @@ class PartitionBuckets:
         # records are, so a bucket's load reads that bucket's records only).
         self._file: RecordFile | None = None if roster is None else roster.file
         self._index: RecordIndex | None = None if roster is None else roster.index
+        margin = settings.key_topic_read_margin_s
+        head = None if roster is None else roster.head
+        # Where a bucket's re-read of the key topic starts: the file's head less the margin,
+        # else the topic's start (0: the first item), never the directory's current head.
+        self._since = 0.0 if head is None or margin < 0 else head.issued_at - margin
         self.on_refused = on_refused
         self.topic_timeout_s = topic_timeout_s
         self.fallback = False
@@ -389,11 +394,14 @@ class PartitionBuckets:
         DIRECTORY_VEHICLES_HELD.set(self.directory.vehicles_held())
 
     def reread_topic(self, follower: KeyTopicFollower) -> None:
-        """Read the key topic from its start to its current end through ``follower``
+        """Read the key topic from the file's head (less ``key_topic_read_margin_s``) to its
+        current end through ``follower``
         (blocking; ``KafkaUnavailableError`` if that takes more than ``topic_timeout_s``)."""
         reader = KeyTopicReader(self.settings, follower)
         try:
-            reader.start(self.topic_timeout_s)
+            # From the head of the file the buckets come from, not the directory's current
+            # head: the records of a bucket not held that arrived since were not kept.
+            reader.start(self.topic_timeout_s, since=self._since)
         finally:
             reader.close()
 

@@ -211,8 +211,24 @@ class KeyTopicReader:
         self._consumer: Any = None
         self._end: dict[Any, int] = {}
 
-    def start(self, timeout_s: float = 30.0) -> None:
-        """Assign every partition, read from the start up to the current end (catch-up)."""
+    def since(self) -> float | None:
+        """Where to start reading by default: ``key_topic_read_margin_s`` before the head of the
+        follower's directory (the head of the file it loaded), None (the topic's start) without
+        a head or with a negative margin."""
+        head = self.follower.directory.head
+        margin = self.settings.key_topic_read_margin_s
+        return None if head is None or margin < 0 else head.issued_at - margin
+
+    def start(self, timeout_s: float = 30.0, *, since: float | None = None) -> None:
+        """Assign every partition, read from ``since`` (a Unix time: the first item whose
+        Kafka timestamp is not older; by default ``self.since()``, which may be the topic's
+        start) up to the current end (catch-up).
+
+        Reading from the directory's head is what keeps a large fleet's start-up short when
+        every record is on the topic: the root holder publishes a change only after signing
+        the head that covers it, so every item a directory file lacks carries a later
+        timestamp than the file's head (docs/key-management.md, "Reading the topic from the
+        file's head")."""
         from kafka import KafkaConsumer, TopicPartition
         from kafka.errors import KafkaError
 
@@ -240,7 +256,17 @@ class KeyTopicReader:
                 raise KafkaUnavailableError(f"key topic {self.topic} does not exist")
             tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
             consumer.assign(tps)
-            consumer.seek_to_beginning(*tps)
+            start = self.since() if since is None else since
+            if start is None:
+                consumer.seek_to_beginning(*tps)
+            else:
+                found = consumer.offsets_for_times({tp: max(0, int(start * 1000)) for tp in tps})
+                for tp in tps:
+                    at = found.get(tp)
+                    if at is None:  # nothing as recent: only what arrives from now on
+                        consumer.seek_to_end(tp)
+                    else:
+                        consumer.seek(tp, at.offset)
             self._consumer = consumer
             self._end = {tp: off for tp, off in consumer.end_offsets(tps).items() if off > 0}
             while not self._caught_up() and time.monotonic() < deadline:
