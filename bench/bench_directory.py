@@ -623,7 +623,9 @@ def rebalance(n: int) -> dict[str, Any]:
         count = 0
         with open_directory_file(path) as stream:
             assert stream.head is not None
-            stamp = int((stream.head.head.issued_at - 86400) * 1000)
+            # (The synthetic head's time may be ahead of the clock; Kafka refuses timestamps
+            # more than an hour ahead.)
+            stamp = int((min(stream.head.head.issued_at, time.time()) - 86400) * 1000)
             for item in stream.records:
                 principal, _, key_id, _ = signed_record_fields(item.data)
                 key = f"{principal}/{key_id}".encode()  # bus.directory.kafka_key
