@@ -15,7 +15,6 @@ from fleetbus.bus.directory import (
     FleetRoot,
     IssuedKey,
     KeyDirectory,
-    issue_key,
     load_directory,
     open_directory_file,
     to_kafka,
@@ -25,22 +24,14 @@ from fleetbus.bus.errors import FleetbusError, ReasonCode
 from fleetbus.bus.topics import kafka_partition
 from fleetbus.processors.fleet_registry import DirectoryRoster, FleetRegistry
 from fleetbus.processors.policy import PolicyEngine
+from tests.support.envelope import issuer
 
 T0 = time.time()
-DAY = 86400.0
 BUCKETS = 4
 
 
 def _issue(root: FleetRoot, principal: str, kind: str = "vehicle", **kw: object) -> IssuedKey:
-    return issue_key(
-        root,
-        principal_id=principal,
-        kind=kind,
-        signature_suite="ed25519",
-        not_before=T0 - DAY,
-        not_after=T0 + 30 * DAY,
-        **kw,  # type: ignore[arg-type]
-    )
+    return issuer(root, "ed25519", T0)(principal, kind, **kw)
 
 
 def _group(i: int) -> str:
