@@ -260,3 +260,43 @@ def test_a_worker_on_a_headless_file_is_told_how_to_migrate(tmp_path: Path) -> N
         load_worker_directory(settings, fleet.root.public, fleet.path)
     assert exc.value.reason is ReasonCode.CONFIG
     assert "keys migrate" in str(exc.value)
+
+
+def test_the_key_topic_is_read_from_the_files_head_never_from_a_newer_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleetbus.bus.settings import FleetbusSettings
+    from fleetbus.processors.keytopic import PartitionBuckets
+    from fleetbus.sdk.keytopic import KeyTopicFollower, KeyTopicReader
+
+    fleet = Fleet(tmp_path)
+    roster = DirectoryRoster.from_file(fleet.path, fleet.root.public)
+    assert roster.head is not None
+    file_time = roster.head.issued_at
+    directory = load_directory(fleet.path, fleet.root.public, scope=DirectoryScope(frozenset()))
+    settings = FleetbusSettings(partitions=BUCKETS, key_topic_read_margin_s=600.0)
+    follower = KeyTopicFollower(directory, role="test")
+    assert KeyTopicReader(settings, follower).since() == file_time - 600.0
+    whole = settings.model_copy(update={"key_topic_read_margin_s": -1.0})
+    assert KeyTopicReader(whole, follower).since() is None
+    assert (
+        KeyTopicReader(
+            settings, KeyTopicFollower(KeyDirectory(fleet.root.public), role="t")
+        ).since()
+        is None
+    )
+
+    asked: list[float | None] = []
+    monkeypatch.setattr(
+        KeyTopicReader, "start", lambda self, timeout_s=30.0, *, since=None: asked.append(since)
+    )
+    # The directory takes a newer head from the topic; a bucket's re-read still starts at the
+    # file's head: that bucket's records published since were not kept.
+    newer = fleet.root.sign_head(
+        fleet.directory.compute_head(seq=2, at=file_time + 7200, vehicle_buckets=BUCKETS)
+    )
+    directory.ingest_head(newer)
+    PartitionBuckets(settings, directory, fleet.path, roster=roster).reread_topic(follower)
+    PartitionBuckets(whole, directory, fleet.path, roster=roster).reread_topic(follower)
+    PartitionBuckets(settings, directory, fleet.path).reread_topic(follower)  # no roster
+    assert asked == [file_time - 600.0, 0.0, 0.0]
