@@ -384,12 +384,25 @@ class KeyDirectory:
             self._buckets = head.vehicle_buckets
             self._members = {}
             outside: list[tuple[str, str]] = []
+            # Re-divided from what is held, without parsing a record (a whole fleet held by
+            # position would be read back and parsed one by one, under the lock): a key in a
+            # vehicle bucket is a vehicle's (set 0 holds every other kind, under any count).
+            principal_of = {
+                key_id: principal
+                for principal, known in self._by_principal.items()
+                for key_id in (known if isinstance(known, set) else (known,))
+            }
             for key_id, stored in self._by_key_id.items():
-                record = self._parse(key_id, stored).record
-                index = self._index[key_id] = record_set(record, self._buckets)
+                principal = principal_of.get(key_id)
+                if principal is None:  # not expected: every held key is indexed by principal
+                    record = self._parse(key_id, stored).record
+                    principal, kind = record.principal_id, record.kind
+                else:
+                    kind = "vehicle" if self._index[key_id] != 0 else ""
+                index = self._index[key_id] = principal_set(principal, kind, self._buckets)
                 self._members.setdefault(index, set()).add(key_id)
-                if not self.scope.holds(index) and record.principal_id not in self.scope.own:
-                    outside.append((key_id, record.principal_id))
+                if not self.scope.holds(index) and principal not in self.scope.own:
+                    outside.append((key_id, principal))
             # Under the new count some held vehicles are in buckets this scope does not hold
             # (a worker holding its partitions' buckets): dropped, as a released bucket's are.
             # Kept, they would be used unchecked against the head (as ``scope.own`` records

@@ -300,3 +300,24 @@ def test_the_key_topic_is_read_from_the_files_head_never_from_a_newer_one(
     PartitionBuckets(whole, directory, fleet.path, roster=roster).reread_topic(follower)
     PartitionBuckets(settings, directory, fleet.path).reread_topic(follower)  # no roster
     assert asked == [file_time - 600.0, 0.0, 0.0]
+
+
+def test_a_new_bucket_count_re_divides_a_directory_without_parsing_its_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet = Fleet(tmp_path)
+    directory = load_directory(fleet.path, fleet.root.public)  # vehicles held by position
+    head = fleet.root.sign_head(fleet.directory.compute_head(seq=2, at=T0, vehicle_buckets=7))
+    parsed: list[str] = []
+    parse = KeyDirectory._parse
+
+    def counting(self: KeyDirectory, key_id: str, held: object, **kw: bool) -> object:
+        parsed.append(key_id)
+        return parse(self, key_id, held, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(KeyDirectory, "_parse", counting)
+    directory.ingest_head(head)
+    assert parsed == []  # a 10^6 fleet held by position is not read back under the lock
+    assert directory.unsettled_sets() == []
+    for vid in fleet.ids:
+        assert directory.recipient_keys(vid, at=T0)
