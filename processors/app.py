@@ -252,7 +252,7 @@ def load_worker_directory(
     """The worker's ``KeyDirectory`` from ``path`` and the roster that keeps the policy's
     registry fleet-wide.
 
-    One strict pass over the file builds the roster (every principal's groups and capabilities,
+    One pass over the file builds the roster (every principal's groups and capabilities,
     no keys: ``DirectoryRoster.from_file``) and notes where each record is; the directory then
     reads only the records it holds, by position. ``directory_scope`` fleet (or partitions
     whose head has another bucket count than the partition count: WARNING,

@@ -344,11 +344,12 @@ class DirectoryRoster:
     @classmethod
     def from_file(cls, path: Path, root: RootPublicKey) -> DirectoryRoster:
         """Every principal of a directory file (``directory.cbor``), authenticated by its head,
-        in one strict pass over it: each record's bytes are hashed into its set's digest, which
-        must match the head's (else ``DIRECTORY_ROLLBACK``, as ``load_directory`` refuses such
-        a file). Only the fields the registry needs are decoded: no public keys parsed, no
-        signature but the head's verified. The pass also notes where each record is
-        (``index``), so the worker's directory then reads only the sets it holds."""
+        in one pass over it (its structure read strictly, ``open_directory_file``): each
+        record's bytes are hashed into its set's digest, which must match the head's (else
+        ``DIRECTORY_ROLLBACK``, as ``load_directory`` refuses such a file). Only the fields the
+        registry needs are decoded: no public keys parsed, no signature but the head's
+        verified. The pass also notes where each record is (``index``), so the worker's
+        directory then reads only the sets it holds."""
         with open_directory_file(path) as stream:  # streamed: never the whole file in memory
             if stream.head is None:
                 raise ConfigError(f"directory file {path}: expected a head and records")
