@@ -149,11 +149,15 @@ class FleetRegistry:
     def group_members(self, group: str) -> list[str]:
         return self.groups().get(group, [])
 
-    def _cached(self, key: Any, compute: Any) -> Any:
+    def _fresh(self) -> None:
+        """Empty the derived indexes if the roster changed since they were computed."""
         generation = None if self.roster is None else self.roster.generation
         if self._cache.get("generation", generation) != generation:
             self._cache.clear()
         self._cache["generation"] = generation
+
+    def _cached(self, key: Any, compute: Any) -> Any:
+        self._fresh()
         if key not in self._cache:
             self._cache[key] = compute()
         return self._cache[key]
@@ -176,7 +180,14 @@ class FleetRegistry:
             listed = 0 if self.roster is None else self.roster.group_count(group)
             return listed + len(self._file_only(group))
 
-        return int(self._cached(("size", group), count))
+        self._fresh()
+        key = ("size", group)
+        if key not in self._cache:
+            size = count()
+            if not size:  # not remembered: any name a command carries would be
+                return 0
+            self._cache[key] = size
+        return int(self._cache[key])
 
     def partition_members(self, group: str, partition: int, partitions: int) -> list[str]:
         """The members of ``group`` whose records Kafka puts on ``partition`` of a topic keyed

@@ -321,3 +321,12 @@ def test_a_new_bucket_count_re_divides_a_directory_without_parsing_its_records(
     assert directory.unsettled_sets() == []
     for vid in fleet.ids:
         assert directory.recipient_keys(vid, at=T0)
+
+
+def test_group_names_nobody_is_in_are_not_remembered(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path)
+    registry = FleetRegistry().with_roster(DirectoryRoster.from_file(fleet.path, fleet.root.public))
+    for n in range(100):
+        assert registry.group_size(f"no-such-group-{n}") == 0
+    assert registry.group_size("north") == 1
+    assert len(registry._cache) == 2  # the roster's generation and north
