@@ -263,6 +263,7 @@ def load_worker_directory(
         WHOLE_DIRECTORY,
         DirectoryScope,
         head_store_for,
+        headless_file_error,
         load_directory,
         open_directory_file,
     )
@@ -275,8 +276,9 @@ def load_worker_directory(
     DIRECTORY_SCOPE_FALLBACK.set(0)
     with open_directory_file(path) as stream:  # the head only: no record is read
         headless = stream.head is None
-    if headless:  # load_directory says how to migrate (or, after a head, refuses a rollback)
-        load_directory(path, root, head_store=head_store)
+    if headless:
+        stored = head_store.load(root)
+        raise headless_file_error(path, None if stored is None else stored.head)
     roster = DirectoryRoster.from_file(path, root)
     scoped = (
         settings.directory_scope == "partitions"

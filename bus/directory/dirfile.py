@@ -336,6 +336,21 @@ def publish_directory_file(
     return head
 
 
+def headless_file_error(path: Path, accepted: DirectoryHead | None) -> FleetbusError:
+    """Why a directory file without a signed head is refused: rolled back if a head was
+    ``accepted`` before, else written before heads existed (how to migrate it)."""
+    if accepted is not None:
+        return FleetbusError(
+            f"directory file {path} has no signed head, but head {accepted.seq} "
+            "was accepted before: refusing rolled-back key material",
+            reason=ReasonCode.DIRECTORY_ROLLBACK,
+        )
+    return ConfigError(
+        f"directory file {path} has no signed directory head (written before heads "
+        "existed); on the root's own copy run `fleetbus keys migrate --dir <folder>`"
+    )
+
+
 def load_directory(
     path: Path,
     root: RootPublicKey,
@@ -364,16 +379,7 @@ def load_directory(
     with open_directory_file(path, scope=scope, file=file, index=index) as stream:
         head = stream.head
         if head is None:
-            if directory.head is not None:
-                raise FleetbusError(
-                    f"directory file {path} has no signed head, but head {directory.head.seq} "
-                    "was accepted before: refusing rolled-back key material",
-                    reason=ReasonCode.DIRECTORY_ROLLBACK,
-                )
-            raise ConfigError(
-                f"directory file {path} has no signed directory head (written before heads "
-                "existed); on the root's own copy run `fleetbus keys migrate --dir <folder>`"
-            )
+            raise headless_file_error(path, directory.head)
         if verify_each:
             directory.ingest_all(SignedKeyRecord.from_cbor(item.data) for item in stream.records)
         else:
