@@ -45,7 +45,13 @@ from fleetbus.observability.metrics import (
 from fleetbus.processors.audit import AuditChain, AuditEvent
 from fleetbus.processors.engine import DeadLetter
 from fleetbus.processors.fleet_registry import DirectoryRoster
-from fleetbus.sdk.keytopic import KeyTopicFollower, KeyTopicItem, KeyTopicReader, KeyTopicRefusal
+from fleetbus.sdk.keytopic import (
+    KeyTopicFollower,
+    KeyTopicItem,
+    KeyTopicReader,
+    KeyTopicRefusal,
+    read_from,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -342,11 +348,10 @@ class PartitionBuckets:
         # records are, so a bucket's load reads that bucket's records only).
         self._file: RecordFile | None = None if roster is None else roster.file
         self._index: RecordIndex | None = None if roster is None else roster.index
-        margin = settings.key_topic_read_margin_s
-        head = None if roster is None else roster.head
-        # Where a bucket's re-read of the key topic starts: the file's head less the margin,
-        # else the topic's start (0: the first item), never the directory's current head.
-        self._since = 0.0 if head is None or margin < 0 else head.issued_at - margin
+        # Where a bucket's re-read of the key topic starts: from the file's head, else the
+        # topic's start (0: the first item), never from the directory's current head.
+        start = read_from(None if roster is None else roster.head, settings.key_topic_read_margin_s)
+        self._since = 0.0 if start is None else start
         self.on_refused = on_refused
         self.topic_timeout_s = topic_timeout_s
         self.fallback = False

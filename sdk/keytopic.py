@@ -199,6 +199,14 @@ def publish_key_change(
 # --- a blocking reader (vehicle agents, tools) ---------------------------------------------
 
 
+def read_from(head: DirectoryHead | None, margin_s: float) -> float | None:
+    """Where a reader of the key topic starts (a Unix time): ``margin_s`` before the time of
+    ``head``, the head of the directory file whose records the reader already has; None (the
+    topic's start) without a head or with a negative margin (docs/key-management.md, "Reading
+    the topic from the file's head")."""
+    return None if head is None or margin_s < 0 else head.issued_at - margin_s
+
+
 class KeyTopicReader:
     """Reads the whole key topic with kafka-python (no consumer group: every process reads
     every item) and applies it through a ``KeyTopicFollower``. Not thread-safe: call ``poll``
@@ -215,9 +223,7 @@ class KeyTopicReader:
         """Where to start reading by default: ``key_topic_read_margin_s`` before the head of the
         follower's directory (the head of the file it loaded), None (the topic's start) without
         a head or with a negative margin."""
-        head = self.follower.directory.head
-        margin = self.settings.key_topic_read_margin_s
-        return None if head is None or margin < 0 else head.issued_at - margin
+        return read_from(self.follower.directory.head, self.settings.key_topic_read_margin_s)
 
     def start(self, timeout_s: float = 30.0, *, since: float | None = None) -> None:
         """Assign every partition, read from ``since`` (a Unix time: the first item whose
