@@ -199,12 +199,17 @@ def publish_key_change(
 # --- a blocking reader (vehicle agents, tools) ---------------------------------------------
 
 
-def read_from(head: DirectoryHead | None, margin_s: float) -> float | None:
+def read_from(
+    head: DirectoryHead | None, margin_s: float, *, now: float | None = None
+) -> float | None:
     """Where a reader of the key topic starts (a Unix time): ``margin_s`` before the time of
-    ``head``, the head of the directory file whose records the reader already has; None (the
-    topic's start) without a head or with a negative margin (docs/key-management.md, "Reading
-    the topic from the file's head")."""
-    return None if head is None or margin_s < 0 else head.issued_at - margin_s
+    ``head``, the head of the directory file whose records the reader already has, or before
+    ``now`` if that head is dated later (a root holder's clock ahead must not make a reader skip
+    what was published until now); None (the topic's start) without a head or with a negative
+    margin (docs/key-management.md, "Reading the topic from the file's head")."""
+    if head is None or margin_s < 0:
+        return None
+    return min(head.issued_at, time.time() if now is None else now) - margin_s
 
 
 class KeyTopicReader:

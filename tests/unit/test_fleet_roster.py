@@ -330,3 +330,17 @@ def test_group_names_nobody_is_in_are_not_remembered(tmp_path: Path) -> None:
         assert registry.group_size(f"no-such-group-{n}") == 0
     assert registry.group_size("north") == 1
     assert len(registry._cache) == 2  # the roster's generation and north
+
+
+def test_a_head_dated_ahead_of_the_clock_does_not_move_the_read_past_now(tmp_path: Path) -> None:
+    from fleetbus.sdk.keytopic import read_from
+
+    fleet = Fleet(tmp_path)
+    roster = DirectoryRoster.from_file(fleet.path, fleet.root.public)
+    assert roster.head is not None
+    at = roster.head.issued_at
+    assert read_from(roster.head, 600.0, now=at + 3600) == at - 600.0
+    # A root holder's clock a day ahead: read from the reader's now less the margin.
+    assert read_from(roster.head, 600.0, now=at - 86400) == at - 86400 - 600.0
+    assert read_from(roster.head, -1.0, now=at) is None
+    assert read_from(None, 600.0, now=at) is None
